@@ -1,0 +1,168 @@
+#include "fetch.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "chunkfmt.h"
+#include "util.h"
+
+#define BACKOFF_START_NS (50ull * 1000 * 1000)
+#define BACKOFF_MAX_NS (2000ull * 1000 * 1000)
+
+struct fetcher {
+    struct cache *cache;
+    struct repo *repo;
+    struct fetch_options opts;
+    atomic_uint_fast64_t requests;
+    atomic_uint_fast64_t bytes_transferred;
+    atomic_uint_fast64_t verify_failures;
+    atomic_uint_fast64_t errors;
+    /* last_error and last_error_ns are guarded by error_lock. */
+    pthread_mutex_t error_lock;
+    char last_error[256];
+    uint64_t last_error_ns;
+};
+
+int fetcher_create(struct cache *cache, struct repo *repo, const struct fetch_options *opts,
+                   struct fetcher **out)
+{
+    struct fetcher *f = calloc(1, sizeof(*f));
+    if (!f)
+        return -ENOMEM;
+    f->cache = cache;
+    f->repo = repo;
+    f->opts = *opts;
+    if (f->opts.timeout_seconds <= 0)
+        f->opts.timeout_seconds = FETCH_DEFAULT_TIMEOUT;
+    pthread_mutex_init(&f->error_lock, NULL);
+    *out = f;
+    return 0;
+}
+
+void fetcher_destroy(struct fetcher *f)
+{
+    if (!f)
+        return;
+    pthread_mutex_destroy(&f->error_lock);
+    free(f);
+}
+
+static void note_error(struct fetcher *f, const struct chunk_hash *hash, const char *what)
+{
+    char hex[CHUNK_HASH_HEX + 1];
+    chunk_hash_to_hex(hash, hex);
+    pthread_mutex_lock(&f->error_lock);
+    snprintf(f->last_error, sizeof(f->last_error), "chunk %s: %s", hex, what);
+    f->last_error_ns = now_ns();
+    pthread_mutex_unlock(&f->error_lock);
+    log_warn("fetch of chunk %s failed: %s", hex, what);
+}
+
+static void sleep_ns(uint64_t ns)
+{
+    struct timespec ts = {(time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull)};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+/* Fetches, decodes and verifies one chunk into data. */
+static int fetch_into(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, char *data,
+                      uint64_t deadline_ns, struct fetch_counters *counters)
+{
+    uint64_t backoff = BACKOFF_START_NS;
+    int verify_attempts = 0;
+    for (;;) {
+        char *enc = NULL;
+        size_t enc_len = 0;
+        atomic_fetch_add(&f->requests, 1);
+        int rc = repo_get_chunk(f->repo, hash, chunk_size, &enc, &enc_len);
+        if (rc == 0) {
+            atomic_fetch_add(&f->bytes_transferred, enc_len);
+            rc = chunkfmt_decode(enc, enc_len, data, chunk_size, hash);
+            free(enc);
+            if (rc == 0)
+                return 0;
+            atomic_fetch_add(&f->verify_failures, 1);
+            if (counters)
+                atomic_fetch_add(&counters->verify_failures, 1);
+            note_error(f, hash, "failed verification against its hash");
+            if (++verify_attempts >= 2)
+                return -EIO;
+            continue; /* fetch it once more: a transfer may have been damaged */
+        }
+        if (rc == -EFBIG) {
+            atomic_fetch_add(&f->verify_failures, 1);
+            if (counters)
+                atomic_fetch_add(&counters->verify_failures, 1);
+            note_error(f, hash, "stored chunk is larger than any valid chunk");
+            return -EIO;
+        }
+        note_error(f, hash, rc == -ENOENT ? "missing from the repository" : strerror(-rc));
+        if (rc == -ENOENT && repo_is_local(f->repo))
+            return -EIO; /* a local directory will not grow the file by waiting */
+        if (now_ns() + backoff >= deadline_ns)
+            return -EIO;
+        sleep_ns(backoff);
+        backoff = backoff * 2 > BACKOFF_MAX_NS ? BACKOFF_MAX_NS : backoff * 2;
+    }
+}
+
+int fetch_acquire(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
+                  struct fetch_counters *counters, struct cache_pin *pin)
+{
+    uint64_t deadline = now_ns() + (uint64_t)(f->opts.timeout_seconds * 1e9);
+    int rc = cache_acquire(f->cache, hash, chunk_size, deadline, pin);
+    if (rc == CACHE_HIT) {
+        if (counters)
+            atomic_fetch_add(&counters->hits, 1);
+        return 0;
+    }
+    if (rc < 0) {
+        note_error(f, hash, rc == -ETIMEDOUT ? "timed out waiting for another fetch" : strerror(-rc));
+        goto failed;
+    }
+    if (counters)
+        atomic_fetch_add(&counters->misses, 1);
+    char *data = malloc(chunk_size);
+    if (!data) {
+        cache_abandon(f->cache, pin);
+        goto failed;
+    }
+    rc = fetch_into(f, hash, chunk_size, data, deadline, counters);
+    if (rc == 0) {
+        rc = cache_fill(f->cache, pin, data, chunk_size);
+        if (rc)
+            note_error(f, hash, "cannot store it in the cache");
+    } else {
+        cache_abandon(f->cache, pin);
+    }
+    free(data);
+    if (rc)
+        goto failed;
+    if (counters)
+        atomic_fetch_add(&counters->bytes_fetched, chunk_size);
+    return 0;
+failed:
+    atomic_fetch_add(&f->errors, 1);
+    if (counters)
+        atomic_fetch_add(&counters->errors, 1);
+    return -EIO;
+}
+
+void fetch_release(struct fetcher *f, struct cache_pin *pin) { cache_release(f->cache, pin); }
+
+void fetcher_get_totals(struct fetcher *f, struct fetch_totals *out)
+{
+    out->requests = atomic_load(&f->requests);
+    out->bytes_transferred = atomic_load(&f->bytes_transferred);
+    out->verify_failures = atomic_load(&f->verify_failures);
+    out->errors = atomic_load(&f->errors);
+    pthread_mutex_lock(&f->error_lock);
+    snprintf(out->last_error, sizeof(out->last_error), "%s", f->last_error);
+    out->last_error_age = f->last_error_ns ? (double)(now_ns() - f->last_error_ns) / 1e9 : -1;
+    pthread_mutex_unlock(&f->error_lock);
+}

@@ -1,0 +1,237 @@
+#include "options.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "util.h"
+
+/* Raw -o values as libfuse's option parser hands them to us. */
+struct raw_options {
+    char *cache;
+    char *state;
+    char *timeout;
+    char *refresh;
+    char *threads;
+    int show_help;
+    int show_version;
+    int foreground;
+    int debug;
+    int positional;
+    char *repo;
+    char *mountpoint;
+};
+
+enum { KEY_HELP, KEY_VERSION, KEY_FOREGROUND, KEY_DEBUG };
+
+#define OPT(t, p) {t, offsetof(struct raw_options, p), 1}
+static const struct fuse_opt option_spec[] = {
+    OPT("cache=%s", cache),
+    OPT("state=%s", state),
+    OPT("timeout=%s", timeout),
+    OPT("refresh=%s", refresh),
+    OPT("threads=%s", threads),
+    FUSE_OPT_KEY("-h", KEY_HELP),
+    FUSE_OPT_KEY("--help", KEY_HELP),
+    FUSE_OPT_KEY("-V", KEY_VERSION),
+    FUSE_OPT_KEY("--version", KEY_VERSION),
+    FUSE_OPT_KEY("-f", KEY_FOREGROUND),
+    FUSE_OPT_KEY("-d", KEY_DEBUG),
+    FUSE_OPT_KEY("debug", KEY_DEBUG),
+    FUSE_OPT_END,
+};
+
+static int on_option(void *data, const char *arg, int key, struct fuse_args *outargs)
+{
+    (void)outargs;
+    struct raw_options *raw = data;
+    switch (key) {
+    case KEY_HELP: raw->show_help = 1; return 0;
+    case KEY_VERSION: raw->show_version = 1; return 0;
+    case KEY_FOREGROUND: raw->foreground = 1; return 0;
+    case KEY_DEBUG: raw->debug = 1; return 0;
+    case FUSE_OPT_KEY_NONOPT:
+        if (raw->positional == 0)
+            raw->repo = strdup(arg);
+        else if (raw->positional == 1)
+            raw->mountpoint = strdup(arg);
+        else {
+            fprintf(stderr, "imgfs: unexpected argument '%s'; usage: imgfs REPO MOUNTPOINT [-o OPTIONS] [-f]\n", arg);
+            return -1;
+        }
+        raw->positional++;
+        return 0;
+    default:
+        return 1; /* keep it for libfuse */
+    }
+}
+
+static void print_help(void)
+{
+    printf("usage: imgfs REPO MOUNTPOINT [-o OPTION[,OPTION...]] [-f] [-d]\n"
+           "\n"
+           "Mounts the base images of REPO (a directory or an http(s):// URL) at MOUNTPOINT:\n"
+           "  bases/NAME.raw      newest version of NAME (a symlink to NAME@V.raw)\n"
+           "  bases/NAME@V.raw    version V of NAME, read-only\n"
+           "  .imgfs/stats        status and counters (plain text)\n"
+           "\n"
+           "imgfs options:\n"
+           "  -o cache=DIR        chunk cache directory (default " IMGFS_DEFAULT_CACHE_DIR ",\n"
+           "                      created if it is the default; a given DIR must exist)\n"
+           "  -o state=DIR        directory for VM layers (must exist)\n"
+           "  -o timeout=SECONDS  how long a read may wait for an uncached chunk before it\n"
+           "                      fails with EIO (default 30)\n"
+           "  -o refresh=SECONDS  how often the repository index is re-read (default 2)\n"
+           "  -o threads=N        maximum FUSE worker threads (default 16)\n"
+           "  -f                  stay in the foreground (logs to stderr, not syslog)\n"
+           "  -d, -o debug        debug logging (implies -f)\n"
+           "  -h, --help          this help;  -V, --version  the version\n"
+           "\n"
+           "Common FUSE options: allow_other, default_permissions (see mount.fuse3(8)).\n"
+           "fstab: REPO MOUNTPOINT fuse.imgfs allow_other,cache=/var/cache/imgfs 0 0\n");
+}
+
+static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int fail(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "imgfs: ");
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    return -1;
+}
+
+static int parse_seconds(const char *text, double max, double *out)
+{
+    char *end;
+    double v = strtod(text, &end);
+    if (end == text || *end || !(v > 0) || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int check_dir(const char *what, const char *path)
+{
+    struct stat st;
+    if (stat(path, &st) < 0) {
+        fprintf(stderr, "imgfs: %s %s does not exist\n", what, path);
+        return -1;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "imgfs: %s %s is not a directory\n", what, path);
+        return -1;
+    }
+    return 0;
+}
+
+int mount_options_parse(int argc, char **argv, struct mount_options *opts)
+{
+    memset(opts, 0, sizeof(*opts));
+    opts->fuse_args = (struct fuse_args)FUSE_ARGS_INIT(argc, argv);
+    struct raw_options raw = {0};
+    int rc = -1;
+    if (fuse_opt_parse(&opts->fuse_args, &raw, option_spec, on_option) < 0)
+        goto out;
+    if (raw.show_help) {
+        print_help();
+        rc = 1;
+        goto out;
+    }
+    if (raw.show_version) {
+        printf("imgfs %s (libfuse %d)\n", IMGFS_VERSION, fuse_version());
+        rc = 1;
+        goto out;
+    }
+    if (raw.positional < 2) {
+        fail("%s", "missing arguments; usage: imgfs REPO MOUNTPOINT [-o OPTIONS] [-f] (see imgfs --help)");
+        goto out;
+    }
+    opts->foreground = raw.foreground || raw.debug;
+    opts->debug = raw.debug;
+    opts->timeout_seconds = 30;
+    opts->refresh_seconds = IMGFS_DEFAULT_REFRESH_SECONDS;
+    opts->max_threads = 16;
+    if (raw.timeout && parse_seconds(raw.timeout, 86400, &opts->timeout_seconds) < 0) {
+        fail("timeout=%s is not a number of seconds between 0 and 86400", raw.timeout);
+        goto out;
+    }
+    if (raw.refresh && parse_seconds(raw.refresh, 86400, &opts->refresh_seconds) < 0) {
+        fail("refresh=%s is not a number of seconds between 0 and 86400", raw.refresh);
+        goto out;
+    }
+    if (raw.threads) {
+        uint64_t n;
+        if (parse_u64(raw.threads, &n) < 0 || n < 1 || n > 1024) {
+            fail("threads=%s is not a number between 1 and 1024", raw.threads);
+            goto out;
+        }
+        opts->max_threads = (unsigned)n;
+    }
+    if (check_dir("mount point", raw.mountpoint) < 0)
+        goto out;
+    opts->mountpoint = realpath(raw.mountpoint, NULL);
+    if (!opts->mountpoint) {
+        fail("cannot resolve mount point %s", raw.mountpoint);
+        goto out;
+    }
+    if (raw.cache) {
+        if (check_dir("cache directory", raw.cache) < 0)
+            goto out;
+        opts->cache_dir = realpath(raw.cache, NULL);
+    } else {
+        int err = mkdir_p(IMGFS_DEFAULT_CACHE_DIR);
+        if (err) {
+            fprintf(stderr, "imgfs: cannot create the default cache directory %s: %s\n",
+                    IMGFS_DEFAULT_CACHE_DIR, strerror(-err));
+            goto out;
+        }
+        opts->cache_dir = strdup(IMGFS_DEFAULT_CACHE_DIR);
+    }
+    if (raw.state) {
+        if (check_dir("state directory", raw.state) < 0)
+            goto out;
+        opts->state_dir = realpath(raw.state, NULL);
+    }
+    /* A local repository path is made absolute: the daemon changes to /. */
+    if (strstr(raw.repo, "://")) {
+        opts->repo = strdup(raw.repo);
+    } else {
+        if (check_dir("repository", raw.repo) < 0)
+            goto out;
+        opts->repo = realpath(raw.repo, NULL);
+    }
+    if (!opts->repo || !opts->cache_dir) {
+        fail("%s", "out of memory");
+        goto out;
+    }
+    rc = 0;
+out:
+    free(raw.cache);
+    free(raw.state);
+    free(raw.timeout);
+    free(raw.refresh);
+    free(raw.threads);
+    free(raw.repo);
+    free(raw.mountpoint);
+    if (rc != 0)
+        mount_options_free(opts);
+    return rc;
+}
+
+void mount_options_free(struct mount_options *opts)
+{
+    free(opts->repo);
+    free(opts->mountpoint);
+    free(opts->cache_dir);
+    free(opts->state_dir);
+    fuse_opt_free_args(&opts->fuse_args);
+    opts->repo = opts->mountpoint = opts->cache_dir = opts->state_dir = NULL;
+}

@@ -1,0 +1,186 @@
+#include "tree.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "util.h"
+
+/* Adds a node; called with tree->lock held for writing. */
+static struct node *add_node(struct tree *tree, fuse_ino_t parent, enum node_kind kind, const char *name)
+{
+    if (tree->count == tree->cap) {
+        size_t cap = tree->cap ? tree->cap * 2 : 64;
+        struct node **grown = realloc(tree->nodes, cap * sizeof(*grown));
+        if (!grown)
+            return NULL;
+        tree->nodes = grown;
+        tree->cap = cap;
+    }
+    struct node *n = calloc(1, sizeof(*n));
+    if (!n)
+        return NULL;
+    n->ino = tree->count + 1;
+    n->parent = parent;
+    n->kind = kind;
+    snprintf(n->name, sizeof(n->name), "%s", name);
+    tree->nodes[tree->count++] = n;
+    return n;
+}
+
+int tree_create(struct repo *repo, double refresh_seconds, struct tree **out)
+{
+    struct tree *tree = calloc(1, sizeof(*tree));
+    if (!tree)
+        return -ENOMEM;
+    pthread_rwlock_init(&tree->lock, NULL);
+    pthread_mutex_init(&tree->refresh_lock, NULL);
+    tree->repo = repo;
+    tree->refresh_seconds = refresh_seconds;
+    /* The fixed part, in the inode order of the INO_* constants. */
+    bool ok = add_node(tree, INO_ROOT, NODE_DIR, "") && add_node(tree, INO_ROOT, NODE_DIR, "bases") &&
+              add_node(tree, INO_ROOT, NODE_DIR, "vms") && add_node(tree, INO_ROOT, NODE_DIR, ".imgfs") &&
+              add_node(tree, INO_STATUS_DIR, NODE_STATUS_FILE, "stats");
+    if (!ok) {
+        tree_destroy(tree);
+        return -ENOMEM;
+    }
+    *out = tree;
+    return 0;
+}
+
+void tree_destroy(struct tree *tree)
+{
+    if (!tree)
+        return;
+    for (size_t i = 0; i < tree->count; i++) {
+        struct node *n = tree->nodes[i];
+        if (n->version) {
+            manifest_free(n->version->manifest);
+            free(n->version);
+        }
+        free(n);
+    }
+    free(tree->nodes);
+    pthread_rwlock_destroy(&tree->lock);
+    pthread_mutex_destroy(&tree->refresh_lock);
+    free(tree);
+}
+
+struct node *tree_get(struct tree *tree, fuse_ino_t ino)
+{
+    pthread_rwlock_rdlock(&tree->lock);
+    struct node *n = ino >= 1 && ino <= tree->count ? tree->nodes[ino - 1] : NULL;
+    pthread_rwlock_unlock(&tree->lock);
+    return n;
+}
+
+static struct node *lookup_locked(struct tree *tree, fuse_ino_t parent, const char *name)
+{
+    for (size_t i = 1; i < tree->count; i++) {
+        struct node *n = tree->nodes[i];
+        if (n->parent == parent && strcmp(n->name, name) == 0)
+            return n;
+    }
+    return NULL;
+}
+
+struct node *tree_lookup(struct tree *tree, fuse_ino_t parent, const char *name)
+{
+    pthread_rwlock_rdlock(&tree->lock);
+    struct node *n = lookup_locked(tree, parent, name);
+    pthread_rwlock_unlock(&tree->lock);
+    return n;
+}
+
+void tree_for_each_child(struct tree *tree, fuse_ino_t parent, fuse_ino_t after,
+                         int (*fn)(void *ctx, const struct node *n), void *ctx)
+{
+    pthread_rwlock_rdlock(&tree->lock);
+    for (size_t i = after; i < tree->count; i++) {
+        struct node *n = tree->nodes[i];
+        if (n->ino != INO_ROOT && n->parent == parent && fn(ctx, n) != 0)
+            break;
+    }
+    pthread_rwlock_unlock(&tree->lock);
+}
+
+void tree_read_link(struct tree *tree, const struct node *n, char *out, size_t len)
+{
+    pthread_rwlock_rdlock(&tree->lock);
+    snprintf(out, len, "%s", n->link_target);
+    pthread_rwlock_unlock(&tree->lock);
+}
+
+/* Adds NAME@V.raw for a loaded manifest, and points NAME.raw at the latest. */
+static int publish_version(struct tree *tree, struct manifest *m, bool latest)
+{
+    char file[80], link[80];
+    snprintf(file, sizeof(file), "%s@%" PRIu64 ".raw", m->name, m->version);
+    snprintf(link, sizeof(link), "%s.raw", m->name);
+    struct base_version *v = calloc(1, sizeof(*v));
+    if (!v)
+        return -ENOMEM;
+    v->manifest = m;
+    pthread_rwlock_wrlock(&tree->lock);
+    struct node *n = add_node(tree, INO_BASES, NODE_BASE_FILE, file);
+    if (n)
+        n->version = v;
+    struct node *l = lookup_locked(tree, INO_BASES, link);
+    if (n && !l && (l = add_node(tree, INO_BASES, NODE_BASE_LINK, link)) == NULL)
+        n = NULL;
+    if (n && latest)
+        snprintf(l->link_target, sizeof(l->link_target), "%s", file);
+    pthread_rwlock_unlock(&tree->lock);
+    if (!n) {
+        free(v);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&tree->refresh_lock);
+    uint64_t now = now_ns();
+    if (!force && tree->last_refresh_ns &&
+        now - tree->last_refresh_ns < (uint64_t)(tree->refresh_seconds * 1e9)) {
+        pthread_mutex_unlock(&tree->refresh_lock);
+        return 0;
+    }
+    tree->last_refresh_ns = now;
+    struct repo_index index;
+    int rc = repo_read_index(tree->repo, &index, err, errlen);
+    bool have_index = rc == 0;
+    for (size_t i = 0; have_index && i < index.count; i++) {
+        const struct repo_index_entry *e = &index.entries[i];
+        for (uint64_t v = 1; v <= e->latest; v++) {
+            char file[80];
+            snprintf(file, sizeof(file), "%s@%" PRIu64 ".raw", e->name, v);
+            if (tree_lookup(tree, INO_BASES, file))
+                continue;
+            struct manifest *m;
+            /* A bad version is reported and skipped; the others still show. */
+            int vrc = repo_read_manifest(tree->repo, e->name, v, &m, err, errlen);
+            if (vrc == 0 && (vrc = publish_version(tree, m, v == e->latest)) != 0) {
+                manifest_free(m);
+                snprintf(err, errlen, "out of memory");
+            }
+            if (vrc)
+                rc = vrc;
+        }
+    }
+    if (have_index)
+        repo_index_free(&index);
+    if (rc) {
+        if (strcmp(tree->last_refresh_error, err) != 0)
+            log_warn("repository refresh: %s", err);
+        snprintf(tree->last_refresh_error, sizeof(tree->last_refresh_error), "%s", err);
+    } else {
+        tree->last_refresh_error[0] = '\0';
+    }
+    pthread_mutex_unlock(&tree->refresh_lock);
+    return rc;
+}

@@ -1,0 +1,75 @@
+/* cache: the host-local, content-addressed store of chunks.
+ *
+ * Layout of the cache directory:
+ *   imgfs-cache            marker: "imgfs-cache 1\n"
+ *   chunks/XY/XYZ...       the decoded bytes of one chunk, named by its hash
+ *
+ * A chunk file is written under a temporary name and renamed into place, so a
+ * name only ever appears with complete contents from this run. Files are not
+ * fsync'd (the cache can always be refilled); instead every chunk is checked
+ * against its hash the first time this process opens it, so a file damaged by
+ * a crash, power loss or bit rot is dropped and fetched again, never served.
+ *
+ * Single flight: cache_acquire() hands the job of filling a missing chunk to
+ * exactly one caller; everyone else asking for the same chunk waits for it
+ * (up to their deadline) instead of fetching it again. No lock is held while
+ * the filler does its I/O.
+ *
+ * A pinned chunk's file descriptor stays valid until cache_release(); the
+ * cache never closes or removes a pinned chunk.
+ *
+ * Contract: every function is thread-safe.
+ */
+#ifndef IMGFS_CACHE_H
+#define IMGFS_CACHE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hash.h"
+
+struct cache;
+struct cache_entry;
+
+struct cache_pin {
+    struct cache_entry *entry;
+    int fd; /* valid while pinned and resident */
+};
+
+enum cache_acquire_status {
+    CACHE_HIT = 0,   /* resident and verified: pin->fd is readable */
+    CACHE_MUST_FILL, /* caller must call cache_fill() or cache_abandon() */
+};
+
+struct cache_usage {
+    uint64_t chunks;
+    uint64_t bytes;
+    uint64_t open_fds;
+    uint64_t dropped_damaged; /* files that failed verification on open */
+};
+
+int cache_open(const char *dir, struct cache **out, char *err, size_t errlen);
+void cache_close(struct cache *cache);
+
+/* Returns CACHE_HIT or CACHE_MUST_FILL (>= 0), or -ETIMEDOUT when another
+ * caller was filling the chunk and deadline_ns (monotonic) passed, or another
+ * negative errno. */
+int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t chunk_size,
+                  uint64_t deadline_ns, struct cache_pin *pin);
+
+/* Stores data (the verified chunk) for a pin obtained with CACHE_MUST_FILL.
+ * On success the pin becomes a normal pin with a readable fd. On failure the
+ * pin is released and waiters are woken so that one of them can try. */
+int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, size_t len);
+
+/* Gives up filling: the pin is released and a waiter may take over. */
+void cache_abandon(struct cache *cache, struct cache_pin *pin);
+
+void cache_release(struct cache *cache, struct cache_pin *pin);
+
+bool cache_contains(struct cache *cache, const struct chunk_hash *hash);
+void cache_get_usage(struct cache *cache, struct cache_usage *out);
+const char *cache_dir(const struct cache *cache);
+
+#endif

@@ -1,0 +1,38 @@
+/* options: the command line and -o options of the imgfs daemon.
+ *
+ *   imgfs REPO MOUNTPOINT [-o OPTIONS] [-f] [-d]
+ *
+ * imgfs's own -o options are consumed here; the rest (allow_other,
+ * default_permissions, ...) are left in fuse_args for libfuse, which rejects
+ * unknown ones with a clear message.
+ *
+ * Contract: mount_options_parse() either fills opts and returns 0, returns 1
+ * when --help/--version was handled (exit 0), or prints one sentence to
+ * stderr and returns -1.
+ */
+#ifndef IMGFS_OPTIONS_H
+#define IMGFS_OPTIONS_H
+
+#include <fuse_lowlevel.h>
+#include <stdbool.h>
+
+#define IMGFS_DEFAULT_CACHE_DIR "/var/cache/imgfs"
+#define IMGFS_DEFAULT_REFRESH_SECONDS 2.0
+
+struct mount_options {
+    char *repo;       /* malloc'd */
+    char *mountpoint; /* malloc'd, absolute */
+    char *cache_dir;  /* malloc'd */
+    char *state_dir;  /* malloc'd or NULL */
+    double timeout_seconds;
+    double refresh_seconds;
+    bool foreground;
+    bool debug;
+    unsigned max_threads;
+    struct fuse_args fuse_args; /* what is left for libfuse */
+};
+
+int mount_options_parse(int argc, char **argv, struct mount_options *opts);
+void mount_options_free(struct mount_options *opts);
+
+#endif

@@ -1,0 +1,47 @@
+/* publish: turns a source image into a new version of a base in a local
+ * repository.
+ *
+ * Order of writes, which is what keeps a killed publish harmless:
+ *   1. every new chunk is written to a temp name and renamed into place;
+ *   2. syncfs() makes all of them durable at once;
+ *   3. the manifest is written atomically (temp, fsync, rename, dir fsync);
+ *   4. the index is replaced atomically, which is when readers see it.
+ * A publish killed before step 4 leaves only unreferenced chunks behind.
+ * Concurrent publishers are serialised by the repository's publish lock.
+ *
+ * Contract: single-threaded; returns 0 or a negative errno with one sentence
+ * in err.
+ */
+#ifndef IMGFS_PUBLISH_H
+#define IMGFS_PUBLISH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define PUBLISH_DEFAULT_CHUNK_SIZE (256u * 1024)
+#define PUBLISH_DEFAULT_ZSTD_LEVEL 3
+
+struct publish_options {
+    const char *image_path;
+    const char *repo_path;
+    const char *name;
+    uint32_t chunk_size;
+    int zstd_level; /* 0 stores chunks uncompressed */
+};
+
+struct publish_result {
+    uint64_t version;
+    uint64_t size;
+    char format[32];
+    uint64_t bytes_read;
+    uint64_t chunks_new;
+    uint64_t chunks_reused;
+    uint64_t chunks_zero;
+    uint64_t bytes_stored;
+};
+
+int publish_image(const struct publish_options *opts, struct publish_result *result, char *err,
+                  size_t errlen);
+
+#endif

@@ -1,0 +1,90 @@
+/* tree: the namespace of the mount and the base versions behind it.
+ *
+ *   /                      inode 1
+ *   /bases/                NAME@V.raw for every version V of every base,
+ *                          NAME.raw -> NAME@LATEST.raw (a symlink)
+ *   /vms/                  VM disks (empty until layers exist)
+ *   /.imgfs/stats          plain-text status
+ *
+ * Base version files are immutable, so each keeps one inode for the life of
+ * the mount and the kernel may cache its pages forever. A new publish adds a
+ * new NAME@V.raw and re-points the NAME.raw symlink.
+ *
+ * Locking: the node table is guarded by tree->lock (a rwlock). Nodes are
+ * never freed before tree_destroy(), so a node pointer obtained under the
+ * lock stays valid afterwards; its immutable fields may be read without it.
+ * The symlink target (link_target) changes on refresh and is read and
+ * written only under the lock. Refreshes are serialised by refresh_lock and
+ * do their repository I/O without holding tree->lock.
+ */
+#ifndef IMGFS_TREE_H
+#define IMGFS_TREE_H
+
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "fetch.h"
+#include "manifest.h"
+#include "repo.h"
+
+enum {
+    INO_ROOT = FUSE_ROOT_ID,
+    INO_BASES,
+    INO_VMS,
+    INO_STATUS_DIR,
+    INO_STATS,
+    INO_FIRST_DYNAMIC,
+};
+
+enum node_kind { NODE_DIR, NODE_BASE_FILE, NODE_BASE_LINK, NODE_STATUS_FILE };
+
+struct base_version {
+    struct manifest *manifest; /* owned */
+    struct fetch_counters counters;
+};
+
+struct node {
+    fuse_ino_t ino;
+    fuse_ino_t parent;
+    enum node_kind kind;
+    char name[80];
+    struct base_version *version; /* NODE_BASE_FILE: owned */
+    char link_target[80];         /* NODE_BASE_LINK: guarded by tree->lock */
+};
+
+struct tree {
+    pthread_rwlock_t lock;
+    struct node **nodes; /* nodes[ino - 1] */
+    size_t count;
+    size_t cap;
+
+    pthread_mutex_t refresh_lock;
+    uint64_t last_refresh_ns; /* guarded by refresh_lock */
+    double refresh_seconds;
+    struct repo *repo; /* not owned */
+    char last_refresh_error[256]; /* guarded by refresh_lock */
+};
+
+int tree_create(struct repo *repo, double refresh_seconds, struct tree **out);
+void tree_destroy(struct tree *tree);
+
+/* Re-reads the repository index and adds new versions. force ignores the
+ * refresh interval. Returns 0 or a negative errno; the tree keeps working
+ * with what it had when the repository cannot be read. */
+int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen);
+
+/* Returns the node or NULL. */
+struct node *tree_get(struct tree *tree, fuse_ino_t ino);
+struct node *tree_lookup(struct tree *tree, fuse_ino_t parent, const char *name);
+
+/* Calls fn for each child of parent in inode order, starting after
+ * the child with inode `after` (0 = from the start), while fn returns 0. */
+void tree_for_each_child(struct tree *tree, fuse_ino_t parent, fuse_ino_t after,
+                         int (*fn)(void *ctx, const struct node *n), void *ctx);
+
+/* Copies a symlink's target under the lock. */
+void tree_read_link(struct tree *tree, const struct node *n, char *out, size_t len);
+
+#endif

@@ -1,0 +1,236 @@
+#include "image.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <libqcow.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "util.h"
+
+/* A chain of qcow files more than this deep is refused (and catches loops). */
+#define MAX_BACKING_DEPTH 16
+
+struct image {
+    uint64_t size;
+    int fd;                     /* raw images */
+    libqcow_file_t *qcow_chain[MAX_BACKING_DEPTH]; /* [0] is the top image */
+    int qcow_depth;
+    char format[32];
+};
+
+uint64_t image_size(const struct image *img) { return img->size; }
+const char *image_format(const struct image *img) { return img->format; }
+
+static void qcow_error_text(libqcow_error_t *qerr, char *out, size_t len)
+{
+    out[0] = '\0';
+    if (qerr) {
+        libqcow_error_sprint(qerr, out, len);
+        libqcow_error_free(&qerr);
+    }
+    /* libqcow's messages are multi-line backtraces; keep the first line. */
+    char *nl = strchr(out, '\n');
+    if (nl)
+        *nl = '\0';
+}
+
+static const char *foreign_format(const unsigned char *head, size_t len)
+{
+    if (len >= 4 && memcmp(head, "KDMV", 4) == 0)
+        return "VMDK";
+    if (len >= 8 && memcmp(head, "vhdxfile", 8) == 0)
+        return "VHDX";
+    if (len >= 8 && memcmp(head, "conectix", 8) == 0)
+        return "VHD";
+    if (len >= 4 && memcmp(head, "QED\0", 4) == 0)
+        return "QED";
+    if (len >= 0x44 && memcmp(head + 0x40, "\x7f\x10\xda\xbe", 4) == 0)
+        return "VDI";
+    return NULL;
+}
+
+void image_close(struct image *img)
+{
+    if (!img)
+        return;
+    for (int i = 0; i < img->qcow_depth; i++) {
+        libqcow_file_close(img->qcow_chain[i], NULL);
+        libqcow_file_free(&img->qcow_chain[i], NULL);
+    }
+    if (img->fd >= 0)
+        close(img->fd);
+    free(img);
+}
+
+static int is_qcow(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    unsigned char magic[4];
+    ssize_t n = pread(fd, magic, sizeof(magic), 0);
+    close(fd);
+    return n == 4 && memcmp(magic, "QFI\xfb", 4) == 0;
+}
+
+/* Opens one qcow file of the chain and, if it has a backing file, recurses. */
+static int open_qcow_chain(struct image *img, const char *path, char *err, size_t errlen)
+{
+    if (img->qcow_depth >= MAX_BACKING_DEPTH) {
+        snprintf(err, errlen, "backing chain of %s is deeper than %d files (or loops)", path,
+                 MAX_BACKING_DEPTH);
+        return -ELOOP;
+    }
+    libqcow_error_t *qerr = NULL;
+    libqcow_file_t *file = NULL;
+    char why[256];
+    if (libqcow_file_initialize(&file, &qerr) != 1) {
+        qcow_error_text(qerr, why, sizeof(why));
+        snprintf(err, errlen, "cannot initialise libqcow: %s", why);
+        return -ENOMEM;
+    }
+    if (libqcow_file_open(file, path, LIBQCOW_OPEN_READ, &qerr) != 1) {
+        qcow_error_text(qerr, why, sizeof(why));
+        libqcow_file_free(&file, NULL);
+        snprintf(err, errlen, "%s is not a readable qcow2 image (damaged or truncated?): %s", path, why);
+        return -EINVAL;
+    }
+    img->qcow_chain[img->qcow_depth++] = file;
+
+    uint32_t encryption = 0;
+    if (libqcow_file_get_encryption_method(file, &encryption, NULL) == 1 && encryption != 0) {
+        snprintf(err, errlen, "%s is encrypted; decrypt it with qemu-img convert before publishing", path);
+        return -EINVAL;
+    }
+
+    size_t name_size = 0;
+    if (libqcow_file_get_utf8_backing_filename_size(file, &name_size, NULL) != 1 || name_size <= 1)
+        return 0; /* no backing file */
+    if (name_size > PATH_MAX) {
+        snprintf(err, errlen, "%s names an absurdly long backing file", path);
+        return -ENAMETOOLONG;
+    }
+    char backing[PATH_MAX];
+    if (libqcow_file_get_utf8_backing_filename(file, (uint8_t *)backing, name_size, &qerr) != 1) {
+        qcow_error_text(qerr, why, sizeof(why));
+        snprintf(err, errlen, "cannot read the backing file name of %s: %s", path, why);
+        return -EINVAL;
+    }
+    char resolved[PATH_MAX];
+    if (backing[0] == '/') {
+        snprintf(resolved, sizeof(resolved), "%s", backing);
+    } else {
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof(dir), "%s", path);
+        if (path_join(resolved, sizeof(resolved), "%s/%s", dirname(dir), backing)) {
+            snprintf(err, errlen, "backing file path of %s is too long", path);
+            return -ENAMETOOLONG;
+        }
+    }
+    int q = is_qcow(resolved);
+    if (q < 0) {
+        snprintf(err, errlen, "backing file %s of %s cannot be opened: %s", resolved, path, strerror(-q));
+        return q;
+    }
+    if (!q) {
+        snprintf(err, errlen,
+                 "backing file %s of %s is not qcow2; flatten the image with "
+                 "'qemu-img convert -O qcow2' before publishing",
+                 resolved, path);
+        return -ENOTSUP;
+    }
+    int rc = open_qcow_chain(img, resolved, err, errlen);
+    if (rc)
+        return rc;
+    if (libqcow_file_set_parent_file(file, img->qcow_chain[img->qcow_depth - 1], &qerr) != 1) {
+        qcow_error_text(qerr, why, sizeof(why));
+        snprintf(err, errlen, "cannot attach backing file %s: %s", resolved, why);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+int image_open(const char *path, struct image **out, char *err, size_t errlen)
+{
+    struct image *img = calloc(1, sizeof(*img));
+    if (!img) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    img->fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (img->fd < 0) {
+        int rc = -errno;
+        snprintf(err, errlen, "cannot open image %s: %s", path, strerror(errno));
+        free(img);
+        return rc;
+    }
+    struct stat st;
+    unsigned char head[512];
+    ssize_t n = fstat(img->fd, &st) == 0 ? pread(img->fd, head, sizeof(head), 0) : -1;
+    int rc = 0;
+    if (n < 0) {
+        rc = -errno;
+        snprintf(err, errlen, "cannot read image %s: %s", path, strerror(errno));
+    } else if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+        rc = -EINVAL;
+        snprintf(err, errlen, "image %s is not a regular file or block device", path);
+    } else if (n == 0) {
+        rc = -EINVAL;
+        snprintf(err, errlen, "image %s is empty", path);
+    } else if (foreign_format(head, (size_t)n)) {
+        rc = -ENOTSUP;
+        snprintf(err, errlen, "image %s is %s, which imgfs does not read; convert it with 'qemu-img convert -O qcow2'",
+                 path, foreign_format(head, (size_t)n));
+    } else if (n >= 4 && memcmp(head, "QFI\xfb", 4) == 0) {
+        close(img->fd);
+        img->fd = -1;
+        rc = open_qcow_chain(img, path, err, errlen);
+        size64_t media = 0;
+        if (!rc && libqcow_file_get_media_size(img->qcow_chain[0], &media, NULL) != 1) {
+            rc = -EINVAL;
+            snprintf(err, errlen, "cannot read the virtual size of %s", path);
+        }
+        img->size = media;
+        snprintf(img->format, sizeof(img->format), "%s", img->qcow_depth > 1 ? "qcow2+backing" : "qcow2");
+    } else {
+        if (S_ISBLK(st.st_mode)) {
+            off_t end = lseek(img->fd, 0, SEEK_END);
+            img->size = end > 0 ? (uint64_t)end : 0;
+        } else {
+            img->size = (uint64_t)st.st_size;
+        }
+        snprintf(img->format, sizeof(img->format), "raw");
+    }
+    if (rc) {
+        image_close(img);
+        return rc;
+    }
+    *out = img;
+    return 0;
+}
+
+int image_read(struct image *img, void *buf, size_t len, uint64_t off)
+{
+    if (off > img->size || len > img->size - off)
+        return -EINVAL;
+    if (img->qcow_depth == 0) {
+        int rc = read_full_at(img->fd, buf, len, (off_t)off);
+        return rc == -ENODATA ? -EIO : rc;
+    }
+    char *p = buf;
+    while (len > 0) {
+        ssize_t n = libqcow_file_read_buffer_at_offset(img->qcow_chain[0], p, len, (off64_t)off, NULL);
+        if (n <= 0)
+            return -EIO;
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}

@@ -1,0 +1,123 @@
+/* imgfs: the FUSE daemon. See `imgfs --help` and fs.h. */
+#include <errno.h>
+#include <limits.h>
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "fs.h"
+#include "util.h"
+
+/* Re-reads a remote repository's index in the background (local ones are
+ * refreshed on lookup). Stops when the session exits. */
+struct refresher {
+    struct imgfs *fs;
+    struct fuse_session *se;
+    pthread_t thread;
+};
+
+static void *refresh_loop(void *arg)
+{
+    struct refresher *r = arg;
+    while (!fuse_session_exited(r->se)) {
+        struct timespec ts = {(time_t)r->fs->opts->refresh_seconds,
+                              (long)((r->fs->opts->refresh_seconds - (time_t)r->fs->opts->refresh_seconds) * 1e9)};
+        nanosleep(&ts, NULL);
+        char err[256];
+        tree_refresh(r->fs->tree, true, err, sizeof(err));
+    }
+    return NULL;
+}
+
+static int setup(struct imgfs *fs, const struct mount_options *opts)
+{
+    char err[512];
+    int rc = repo_open(opts->repo, &fs->repo, err, sizeof(err));
+    if (!rc && (rc = cache_open(opts->cache_dir, &fs->cache, err, sizeof(err))) == 0) {
+        struct fetch_options fo = {.timeout_seconds = opts->timeout_seconds};
+        rc = fetcher_create(fs->cache, fs->repo, &fo, &fs->fetcher);
+        if (rc)
+            snprintf(err, sizeof(err), "out of memory");
+    }
+    if (!rc && (rc = tree_create(fs->repo, opts->refresh_seconds, &fs->tree)) != 0)
+        snprintf(err, sizeof(err), "out of memory");
+    if (!rc)
+        rc = tree_refresh(fs->tree, true, err, sizeof(err));
+    if (rc)
+        fprintf(stderr, "imgfs: %s\n", err);
+    return rc;
+}
+
+static void teardown(struct imgfs *fs)
+{
+    tree_destroy(fs->tree);
+    fetcher_destroy(fs->fetcher);
+    cache_close(fs->cache);
+    repo_close(fs->repo);
+}
+
+int main(int argc, char **argv)
+{
+    struct mount_options opts;
+    int rc = mount_options_parse(argc, argv, &opts);
+    if (rc != 0)
+        return rc > 0 ? 0 : 1;
+    if (opts.debug)
+        log_set_level(LOG_LEVEL_DEBUG);
+
+    struct imgfs fs = {.opts = &opts, .started = now_seconds(), .mounted_at = time(NULL)};
+    int status = 1;
+    if (setup(&fs, &opts) != 0)
+        goto out;
+
+    char fsname[PATH_MAX + 16];
+    snprintf(fsname, sizeof(fsname), "-ofsname=%s,subtype=imgfs", opts.repo);
+    if (strchr(opts.repo, ',')) /* commas would split the option list */
+        snprintf(fsname, sizeof(fsname), "-ofsname=imgfs,subtype=imgfs");
+    fuse_opt_add_arg(&opts.fuse_args, fsname);
+
+    struct fuse_session *se = fuse_session_new(&opts.fuse_args, &imgfs_ops, sizeof(imgfs_ops), &fs);
+    if (!se)
+        goto out; /* libfuse has printed why (for example an unknown option) */
+    if (fuse_set_signal_handlers(se) != 0)
+        goto out_session;
+    if (fuse_session_mount(se, opts.mountpoint) != 0) {
+        fprintf(stderr, "imgfs: cannot mount on %s\n", opts.mountpoint);
+        goto out_signals;
+    }
+    if (fuse_daemonize(opts.foreground) != 0)
+        goto out_unmount;
+    if (!opts.foreground)
+        log_to_syslog("imgfs");
+    log_info("mounted %s on %s (cache %s)", opts.repo, opts.mountpoint, opts.cache_dir);
+
+    struct refresher refresher = {&fs, se, 0};
+    bool refreshing = !repo_is_local(fs.repo) &&
+                      pthread_create(&refresher.thread, NULL, refresh_loop, &refresher) == 0;
+
+    struct fuse_loop_config *cfg = fuse_loop_cfg_create();
+    fuse_loop_cfg_set_clone_fd(cfg, 1);
+    fuse_loop_cfg_set_max_threads(cfg, opts.max_threads);
+    fuse_loop_cfg_set_idle_threads(cfg, opts.max_threads / 2 ? opts.max_threads / 2 : 1);
+    status = fuse_session_loop_mt(se, cfg) == 0 ? 0 : 1;
+    fuse_loop_cfg_destroy(cfg);
+    if (refreshing) {
+        pthread_cancel(refresher.thread);
+        pthread_join(refresher.thread, NULL);
+    }
+    log_info("unmounted %s", opts.mountpoint);
+out_unmount:
+    fuse_session_unmount(se);
+out_signals:
+    fuse_remove_signal_handlers(se);
+out_session:
+    fuse_session_destroy(se);
+out:
+    teardown(&fs);
+    mount_options_free(&opts);
+    return status;
+}

@@ -1,0 +1,552 @@
+#include "repo.h"
+
+#include <curl/curl.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "util.h"
+
+#define REPO_MARKER "imgfs-repo 1\n"
+#define INDEX_HEADER "imgfs-index 1\n"
+#define MAX_IDLE_HANDLES 16
+
+struct repo {
+    char location[PATH_MAX];
+    bool local;
+    int lock_fd; /* publish lock, -1 when not held */
+    /* Idle curl handles kept for connection reuse. Guarded by handles_lock. */
+    pthread_mutex_t handles_lock;
+    CURL *idle_handles[MAX_IDLE_HANDLES];
+    int idle_count;
+};
+
+static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
+static void curl_init_once(void) { curl_global_init(CURL_GLOBAL_DEFAULT); }
+
+const char *repo_location(const struct repo *repo) { return repo->location; }
+bool repo_is_local(const struct repo *repo) { return repo->local; }
+
+void repo_chunk_relpath(const struct chunk_hash *hash, char *out, size_t len)
+{
+    char hex[CHUNK_HASH_HEX + 1];
+    chunk_hash_to_hex(hash, hex);
+    snprintf(out, len, "chunks/%.2s/%s", hex, hex);
+}
+
+static int local_path(const struct repo *repo, const char *relpath, char *out, size_t len)
+{
+    return path_join(out, len, "%s/%s", repo->location, relpath);
+}
+
+/* ---- HTTP ---------------------------------------------------------------- */
+
+struct http_body {
+    char *data;
+    size_t len;
+    size_t cap;
+    size_t max_len;
+    bool too_big;
+};
+
+static size_t http_write(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+    struct http_body *body = userdata;
+    size_t n = size * nmemb;
+    if (body->len + n > body->max_len) {
+        body->too_big = true;
+        return 0;
+    }
+    if (body->len + n + 1 > body->cap) {
+        size_t cap = body->cap ? body->cap : 65536;
+        while (cap < body->len + n + 1)
+            cap *= 2;
+        char *grown = realloc(body->data, cap);
+        if (!grown)
+            return 0;
+        body->data = grown;
+        body->cap = cap;
+    }
+    memcpy(body->data + body->len, ptr, n);
+    body->len += n;
+    return n;
+}
+
+static CURL *take_handle(struct repo *repo)
+{
+    CURL *h = NULL;
+    pthread_mutex_lock(&repo->handles_lock);
+    if (repo->idle_count > 0)
+        h = repo->idle_handles[--repo->idle_count];
+    pthread_mutex_unlock(&repo->handles_lock);
+    return h ? h : curl_easy_init();
+}
+
+static void return_handle(struct repo *repo, CURL *h)
+{
+    pthread_mutex_lock(&repo->handles_lock);
+    if (repo->idle_count < MAX_IDLE_HANDLES) {
+        repo->idle_handles[repo->idle_count++] = h;
+        h = NULL;
+    }
+    pthread_mutex_unlock(&repo->handles_lock);
+    if (h)
+        curl_easy_cleanup(h);
+}
+
+static int http_get(struct repo *repo, const char *relpath, size_t max_len, char **data, size_t *len)
+{
+    char url[PATH_MAX + 64];
+    int err = path_join(url, sizeof(url), "%s/%s", repo->location, relpath);
+    if (err)
+        return err;
+    CURL *h = take_handle(repo);
+    if (!h)
+        return -ENOMEM;
+    struct http_body body = {.max_len = max_len};
+    curl_easy_reset(h);
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, http_write);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, 5000L);
+    curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1024L);
+    curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, 10L);
+    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
+    curl_easy_setopt(h, CURLOPT_MAXREDIRS, 5L);
+    CURLcode rc = curl_easy_perform(h);
+    long status = 0;
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    if (rc == CURLE_OK && status == 200) {
+        err = 0;
+    } else if (rc == CURLE_OK && (status == 404 || status == 410)) {
+        err = -ENOENT;
+    } else if (body.too_big) {
+        err = -EFBIG;
+    } else if (rc == CURLE_OPERATION_TIMEDOUT) {
+        err = -ETIMEDOUT;
+    } else {
+        log_debug("GET %s failed: %s (HTTP %ld)", url, curl_easy_strerror(rc), status);
+        err = -EIO;
+    }
+    return_handle(repo, h);
+    if (err) {
+        free(body.data);
+        return err;
+    }
+    if (!body.data && !(body.data = malloc(1)))
+        return -ENOMEM;
+    body.data[body.len] = '\0';
+    *data = body.data;
+    *len = body.len;
+    return 0;
+}
+
+/* ---- common -------------------------------------------------------------- */
+
+int repo_get(struct repo *repo, const char *relpath, size_t max_len, char **data, size_t *len)
+{
+    if (!repo->local)
+        return http_get(repo, relpath, max_len, data, len);
+    char path[PATH_MAX];
+    int err = local_path(repo, relpath, path, sizeof(path));
+    return err ? err : read_file(path, max_len, data, len);
+}
+
+static struct repo *repo_alloc(const char *location, bool local)
+{
+    struct repo *repo = calloc(1, sizeof(*repo));
+    if (!repo)
+        return NULL;
+    snprintf(repo->location, sizeof(repo->location), "%s", location);
+    /* Trailing slashes would double up in joined paths. */
+    size_t n = strlen(repo->location);
+    while (n > 1 && repo->location[n - 1] == '/')
+        repo->location[--n] = '\0';
+    repo->local = local;
+    repo->lock_fd = -1;
+    pthread_mutex_init(&repo->handles_lock, NULL);
+    return repo;
+}
+
+void repo_close(struct repo *repo)
+{
+    if (!repo)
+        return;
+    repo_unlock_publish(repo);
+    for (int i = 0; i < repo->idle_count; i++)
+        curl_easy_cleanup(repo->idle_handles[i]);
+    pthread_mutex_destroy(&repo->handles_lock);
+    free(repo);
+}
+
+static int check_marker(struct repo *repo, char *err, size_t errlen)
+{
+    char *data;
+    size_t len;
+    int rc = repo_get(repo, "imgfs-repo", 64, &data, &len);
+    if (rc == -ENOENT || rc == -EFBIG || rc == -EINVAL) {
+        snprintf(err, errlen, "%s is not an imgfs repository (no imgfs-repo marker file)", repo->location);
+        return -ENOENT;
+    }
+    if (rc) {
+        snprintf(err, errlen, "cannot reach repository %s: %s", repo->location, strerror(-rc));
+        return rc;
+    }
+    bool ok = len == strlen(REPO_MARKER) && memcmp(data, REPO_MARKER, len) == 0;
+    free(data);
+    if (!ok) {
+        snprintf(err, errlen, "%s has an unsupported or damaged imgfs-repo marker", repo->location);
+        return -EBADMSG;
+    }
+    return 0;
+}
+
+int repo_open(const char *location, struct repo **out, char *err, size_t errlen)
+{
+    bool http = strncmp(location, "http://", 7) == 0 || strncmp(location, "https://", 8) == 0;
+    if (strlen(location) >= PATH_MAX - 80) {
+        snprintf(err, errlen, "repository location is too long");
+        return -ENAMETOOLONG;
+    }
+    if (http) {
+        pthread_once(&curl_once, curl_init_once);
+    } else {
+        struct stat st;
+        if (stat(location, &st) < 0) {
+            snprintf(err, errlen, "repository %s does not exist", location);
+            return -ENOENT;
+        }
+        if (!S_ISDIR(st.st_mode)) {
+            snprintf(err, errlen, "repository %s is not a directory", location);
+            return -ENOTDIR;
+        }
+    }
+    struct repo *repo = repo_alloc(location, !http);
+    if (!repo) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    int rc = check_marker(repo, err, errlen);
+    if (rc) {
+        repo_close(repo);
+        return rc;
+    }
+    *out = repo;
+    return 0;
+}
+
+static int create_layout(const char *path)
+{
+    char sub[PATH_MAX];
+    int err = 0;
+    for (int i = 0; i < 256 && !err; i++) {
+        err = path_join(sub, sizeof(sub), "%s/chunks/%02x", path, i);
+        if (!err)
+            err = mkdir_p(sub);
+    }
+    if (!err)
+        err = path_join(sub, sizeof(sub), "%s/bases", path);
+    if (!err)
+        err = mkdir_p(sub);
+    if (!err)
+        err = path_join(sub, sizeof(sub), "%s/index", path);
+    if (!err)
+        err = write_file_atomic(sub, INDEX_HEADER, strlen(INDEX_HEADER));
+    /* The marker goes last: a half-created repository has none. */
+    if (!err)
+        err = path_join(sub, sizeof(sub), "%s/imgfs-repo", path);
+    if (!err)
+        err = write_file_atomic(sub, REPO_MARKER, strlen(REPO_MARKER));
+    return err;
+}
+
+static bool dir_is_empty(const char *path)
+{
+    DIR *d = opendir(path);
+    if (!d)
+        return false;
+    bool empty = true;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
+            empty = false;
+            break;
+        }
+    }
+    closedir(d);
+    return empty;
+}
+
+int repo_open_for_publish(const char *path, struct repo **out, char *err, size_t errlen)
+{
+    if (strncmp(path, "http://", 7) == 0 || strncmp(path, "https://", 8) == 0) {
+        snprintf(err, errlen, "publish needs a local repository directory, not a URL; publish locally and "
+                              "serve that directory over HTTP");
+        return -EINVAL;
+    }
+    char marker[PATH_MAX];
+    int rc = path_join(marker, sizeof(marker), "%s/imgfs-repo", path);
+    if (rc) {
+        snprintf(err, errlen, "repository path is too long");
+        return rc;
+    }
+    struct stat st;
+    if (stat(path, &st) < 0) {
+        rc = mkdir_p(path);
+        if (rc) {
+            snprintf(err, errlen, "cannot create repository %s: %s", path, strerror(-rc));
+            return rc;
+        }
+    } else if (!S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen, "repository %s is not a directory", path);
+        return -ENOTDIR;
+    }
+    if (access(marker, F_OK) < 0) {
+        if (!dir_is_empty(path)) {
+            snprintf(err, errlen, "%s is not empty and not an imgfs repository; refusing to publish into it", path);
+            return -EEXIST;
+        }
+        rc = create_layout(path);
+        if (rc) {
+            snprintf(err, errlen, "cannot create repository %s: %s", path, strerror(-rc));
+            return rc;
+        }
+    }
+    return repo_open(path, out, err, errlen);
+}
+
+/* ---- index and manifests ------------------------------------------------- */
+
+void repo_index_free(struct repo_index *index)
+{
+    free(index->entries);
+    index->entries = NULL;
+    index->count = 0;
+}
+
+const struct repo_index_entry *repo_index_find(const struct repo_index *index, const char *name)
+{
+    for (size_t i = 0; i < index->count; i++)
+        if (strcmp(index->entries[i].name, name) == 0)
+            return &index->entries[i];
+    return NULL;
+}
+
+static int parse_index(const char *data, size_t len, struct repo_index *out)
+{
+    if (len < strlen(INDEX_HEADER) || memcmp(data, INDEX_HEADER, strlen(INDEX_HEADER)) != 0 ||
+        data[len - 1] != '\n' || memchr(data, '\0', len))
+        return -EBADMSG;
+    size_t lines = 0;
+    for (size_t i = 0; i < len; i++)
+        lines += data[i] == '\n';
+    struct repo_index index = {calloc(lines, sizeof(*index.entries)), 0};
+    if (!index.entries)
+        return -ENOMEM;
+    const char *p = data + strlen(INDEX_HEADER);
+    const char *end = data + len;
+    while (p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        char line[128];
+        size_t n = (size_t)(nl - p);
+        if (n >= sizeof(line))
+            goto bad;
+        memcpy(line, p, n);
+        line[n] = '\0';
+        p = nl + 1;
+        char *space = strchr(line, ' ');
+        if (!space)
+            goto bad;
+        *space = '\0';
+        struct repo_index_entry *e = &index.entries[index.count];
+        if (!name_is_valid(line) || parse_u64(space + 1, &e->latest) < 0 || e->latest == 0 ||
+            repo_index_find(&index, line))
+            goto bad;
+        memcpy(e->name, line, strlen(line) + 1); /* name_is_valid() bounds it to 64 */
+        index.count++;
+    }
+    *out = index;
+    return 0;
+bad:
+    repo_index_free(&index);
+    return -EBADMSG;
+}
+
+int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t errlen)
+{
+    char *data;
+    size_t len;
+    int rc = repo_get(repo, "index", REPO_MAX_INDEX_LEN, &data, &len);
+    if (rc) {
+        snprintf(err, errlen, "cannot read the index of repository %s: %s", repo->location,
+                 rc == -ENOENT ? "it is missing" : strerror(-rc));
+        return rc;
+    }
+    rc = parse_index(data, len, out);
+    free(data);
+    if (rc)
+        snprintf(err, errlen, "the index of repository %s is malformed", repo->location);
+    return rc;
+}
+
+int repo_read_manifest(struct repo *repo, const char *name, uint64_t version, struct manifest **out,
+                       char *err, size_t errlen)
+{
+    char rel[160];
+    if (!name_is_valid(name)) {
+        snprintf(err, errlen, "invalid base name");
+        return -EINVAL;
+    }
+    snprintf(rel, sizeof(rel), "bases/%s/%" PRIu64 ".manifest", name, version);
+    char *data;
+    size_t len;
+    int rc = repo_get(repo, rel, REPO_MAX_MANIFEST_LEN, &data, &len);
+    if (rc) {
+        snprintf(err, errlen, "cannot read manifest %s@%" PRIu64 ": %s", name, version,
+                 rc == -ENOENT ? "it does not exist" : strerror(-rc));
+        return rc;
+    }
+    char why[200];
+    rc = manifest_parse(data, len, out, why, sizeof(why));
+    free(data);
+    if (rc) {
+        snprintf(err, errlen, "manifest %s@%" PRIu64 " is malformed: %s", name, version, why);
+        return rc;
+    }
+    if (strcmp((*out)->name, name) != 0 || (*out)->version != version) {
+        snprintf(err, errlen, "manifest %s@%" PRIu64 " names another version", name, version);
+        manifest_free(*out);
+        *out = NULL;
+        return -EBADMSG;
+    }
+    return 0;
+}
+
+int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, char **enc,
+                   size_t *len)
+{
+    char rel[64];
+    repo_chunk_relpath(hash, rel, sizeof(rel));
+    /* A stored chunk never exceeds its raw size plus the header (chunkfmt
+     * stores raw when compression does not pay). */
+    return repo_get(repo, rel, (size_t)chunk_size + CHUNKFMT_MAX_OVERHEAD, enc, len);
+}
+
+/* ---- writer side ----------------------------------------------------------- */
+
+int repo_lock_publish(struct repo *repo)
+{
+    char path[PATH_MAX];
+    int err = local_path(repo, ".publish.lock", path, sizeof(path));
+    if (err)
+        return err;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    if (flock(fd, LOCK_EX) < 0) {
+        err = -errno;
+        close(fd);
+        return err;
+    }
+    repo->lock_fd = fd;
+    return 0;
+}
+
+void repo_unlock_publish(struct repo *repo)
+{
+    if (repo->lock_fd >= 0) {
+        close(repo->lock_fd); /* closing drops the flock */
+        repo->lock_fd = -1;
+    }
+}
+
+bool repo_has_chunk(struct repo *repo, const struct chunk_hash *hash)
+{
+    char rel[64], path[PATH_MAX];
+    repo_chunk_relpath(hash, rel, sizeof(rel));
+    return local_path(repo, rel, path, sizeof(path)) == 0 && access(path, F_OK) == 0;
+}
+
+int repo_put_chunk(struct repo *repo, const struct chunk_hash *hash, const void *enc, size_t len)
+{
+    char rel[64], path[PATH_MAX], tmp[PATH_MAX];
+    repo_chunk_relpath(hash, rel, sizeof(rel));
+    int err = local_path(repo, rel, path, sizeof(path));
+    if (!err)
+        err = path_join(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)getpid());
+    if (err)
+        return err;
+    if (access(path, F_OK) == 0)
+        return 0;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    err = write_full(fd, enc, len);
+    if (close(fd) < 0 && !err)
+        err = -errno;
+    if (!err && rename(tmp, path) < 0)
+        err = -errno;
+    if (err)
+        unlink(tmp);
+    return err;
+}
+
+int repo_sync(struct repo *repo)
+{
+    int fd = open(repo->location, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int err = syncfs(fd) < 0 ? -errno : 0;
+    close(fd);
+    return err;
+}
+
+int repo_put_manifest(struct repo *repo, const struct manifest *m)
+{
+    char dir[PATH_MAX], path[PATH_MAX];
+    int err = path_join(dir, sizeof(dir), "%s/bases/%s", repo->location, m->name);
+    if (!err)
+        err = path_join(path, sizeof(path), "%s/%" PRIu64 ".manifest", dir, m->version);
+    if (!err)
+        err = mkdir_p(dir);
+    if (!err)
+        err = fsync_dir_of(dir);
+    if (err)
+        return err;
+    char *text;
+    size_t len;
+    err = manifest_format(m, &text, &len);
+    if (err)
+        return err;
+    err = write_file_atomic(path, text, len);
+    free(text);
+    return err;
+}
+
+int repo_write_index(struct repo *repo, const struct repo_index *index)
+{
+    size_t cap = strlen(INDEX_HEADER) + index->count * 96 + 1;
+    char *buf = malloc(cap);
+    if (!buf)
+        return -ENOMEM;
+    size_t pos = (size_t)snprintf(buf, cap, "%s", INDEX_HEADER);
+    for (size_t i = 0; i < index->count; i++)
+        pos += (size_t)snprintf(buf + pos, cap - pos, "%s %" PRIu64 "\n", index->entries[i].name,
+                                index->entries[i].latest);
+    char path[PATH_MAX];
+    int err = local_path(repo, "index", path, sizeof(path));
+    if (!err)
+        err = write_file_atomic(path, buf, pos);
+    free(buf);
+    return err;
+}

@@ -1,0 +1,299 @@
+#include "util.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <syslog.h>
+#include <time.h>
+#include <unistd.h>
+
+static enum log_level current_level = LOG_LEVEL_INFO;
+static bool use_syslog;
+
+void log_set_level(enum log_level level) { current_level = level; }
+
+void log_to_syslog(const char *ident)
+{
+    openlog(ident, LOG_PID, LOG_DAEMON);
+    use_syslog = true;
+}
+
+void log_msg(enum log_level level, const char *fmt, ...)
+{
+    static const int syslog_priority[] = {LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG};
+    static const char *prefix[] = {"error", "warning", "info", "debug"};
+    if (level > current_level)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    if (use_syslog) {
+        vsyslog(syslog_priority[level], fmt, ap);
+    } else {
+        char line[1024];
+        vsnprintf(line, sizeof(line), fmt, ap);
+        fprintf(stderr, "imgfs: %s: %s\n", prefix[level], line);
+    }
+    va_end(ap);
+}
+
+int parse_u64(const char *text, uint64_t *out)
+{
+    if (!text || !isdigit((unsigned char)text[0]))
+        return -EINVAL;
+    errno = 0;
+    char *end;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (errno || *end)
+        return -EINVAL;
+    *out = v;
+    return 0;
+}
+
+int parse_size(const char *text, uint64_t *out)
+{
+    if (!text || !(isdigit((unsigned char)text[0]) || text[0] == '.'))
+        return -EINVAL;
+    errno = 0;
+    char *end;
+    double value = strtod(text, &end);
+    if (errno || end == text || !isfinite(value) || value < 0)
+        return -EINVAL;
+    unsigned shift = 0;
+    switch (toupper((unsigned char)*end)) {
+    case '\0': break;
+    case 'K': shift = 10; break;
+    case 'M': shift = 20; break;
+    case 'G': shift = 30; break;
+    case 'T': shift = 40; break;
+    case 'P': shift = 50; break;
+    case 'B': break;
+    default: return -EINVAL;
+    }
+    if (*end && toupper((unsigned char)*end) != 'B')
+        end++;
+    if (*end == 'i' || *end == 'I')
+        end++;
+    if (*end == 'B' || *end == 'b')
+        end++;
+    if (*end)
+        return -EINVAL;
+    double bytes = ldexp(value, (int)shift);
+    if (bytes >= 18446744073709551615.0)
+        return -EINVAL;
+    if (bytes != floor(bytes))
+        return -EINVAL;
+    *out = (uint64_t)bytes;
+    return 0;
+}
+
+const char *format_size(uint64_t bytes, char *buf, size_t len)
+{
+    static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    double v = (double)bytes;
+    unsigned u = 0;
+    while (v >= 1024 && u + 1 < ARRAY_LEN(units)) {
+        v /= 1024;
+        u++;
+    }
+    if (u == 0)
+        snprintf(buf, len, "%" PRIu64 " B", bytes);
+    else
+        snprintf(buf, len, "%.1f %s", v, units[u]);
+    return buf;
+}
+
+bool name_is_valid(const char *name)
+{
+    size_t len = strnlen(name, 65);
+    if (len == 0 || len > 64 || name[0] == '.' || name[0] == '-')
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)name[i];
+        if (!(isalnum(c) || c == '.' || c == '_' || c == '-'))
+            return false;
+    }
+    return true;
+}
+
+int read_full_at(int fd, void *buf, size_t len, off_t off)
+{
+    char *p = buf;
+    while (len > 0) {
+        ssize_t n = pread(fd, p, len, off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -ENODATA;
+        p += n;
+        len -= (size_t)n;
+        off += n;
+    }
+    return 0;
+}
+
+int write_full_at(int fd, const void *buf, size_t len, off_t off)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = pwrite(fd, p, len, off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += n;
+        len -= (size_t)n;
+        off += n;
+    }
+    return 0;
+}
+
+int write_full(int fd, const void *buf, size_t len)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+int read_file(const char *path, size_t max_len, char **data, size_t *len)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int err = -errno;
+        close(fd);
+        return err;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return -EINVAL;
+    }
+    if ((uint64_t)st.st_size > max_len) {
+        close(fd);
+        return -EFBIG;
+    }
+    size_t size = (size_t)st.st_size;
+    char *buf = malloc(size + 1);
+    if (!buf) {
+        close(fd);
+        return -ENOMEM;
+    }
+    int err = size ? read_full_at(fd, buf, size, 0) : 0;
+    close(fd);
+    if (err) {
+        free(buf);
+        return err == -ENODATA ? -EIO : err;
+    }
+    buf[size] = '\0';
+    *data = buf;
+    *len = size;
+    return 0;
+}
+
+int fsync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int err = fsync(fd) < 0 ? -errno : 0;
+    close(fd);
+    return err;
+}
+
+int fsync_dir_of(const char *path)
+{
+    char dir[PATH_MAX];
+    if (snprintf(dir, sizeof(dir), "%s", path) >= (int)sizeof(dir))
+        return -ENAMETOOLONG;
+    char *slash = strrchr(dir, '/');
+    if (!slash)
+        return fsync_dir(".");
+    if (slash == dir)
+        slash[1] = '\0';
+    else
+        *slash = '\0';
+    return fsync_dir(dir);
+}
+
+int write_file_atomic(const char *path, const void *data, size_t len)
+{
+    char tmp[PATH_MAX];
+    int err = path_join(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)getpid());
+    if (err)
+        return err;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    err = write_full(fd, data, len);
+    if (!err && fsync(fd) < 0)
+        err = -errno;
+    if (close(fd) < 0 && !err)
+        err = -errno;
+    if (!err && rename(tmp, path) < 0)
+        err = -errno;
+    if (err) {
+        unlink(tmp);
+        return err;
+    }
+    return fsync_dir_of(path);
+}
+
+int mkdir_p(const char *path)
+{
+    char buf[PATH_MAX];
+    if (snprintf(buf, sizeof(buf), "%s", path) >= (int)sizeof(buf))
+        return -ENAMETOOLONG;
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(buf, 0755) < 0 && errno != EEXIST)
+            return -errno;
+        *p = '/';
+    }
+    if (mkdir(buf, 0755) < 0 && errno != EEXIST)
+        return -errno;
+    struct stat st;
+    if (stat(buf, &st) < 0)
+        return -errno;
+    return S_ISDIR(st.st_mode) ? 0 : -ENOTDIR;
+}
+
+uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+double now_seconds(void) { return (double)now_ns() / 1e9; }
+
+int path_join(char *out, size_t len, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(out, len, fmt, ap);
+    va_end(ap);
+    return (n < 0 || (size_t)n >= len) ? -ENAMETOOLONG : 0;
+}
