@@ -243,6 +243,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         fuse_reply_err(req, EISDIR);
         return;
     }
+    maybe_refresh(fs);
     struct status_snapshot *snap = calloc(1, sizeof(*snap));
     int rc = snap ? status_render_stats(fs, &snap->text, &snap->len) : -ENOMEM;
     if (rc) {

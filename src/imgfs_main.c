@@ -102,7 +102,8 @@ int main(int argc, char **argv)
     struct fuse_loop_config *cfg = fuse_loop_cfg_create();
     fuse_loop_cfg_set_clone_fd(cfg, 1);
     fuse_loop_cfg_set_max_threads(cfg, opts.max_threads);
-    fuse_loop_cfg_set_idle_threads(cfg, opts.max_threads / 2 ? opts.max_threads / 2 : 1);
+    /* Keep every worker: libfuse otherwise ends and re-creates threads under load. */
+    fuse_loop_cfg_set_idle_threads(cfg, opts.max_threads);
     status = fuse_session_loop_mt(se, cfg) == 0 ? 0 : 1;
     fuse_loop_cfg_destroy(cfg);
     if (refreshing) {

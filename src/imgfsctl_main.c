@@ -49,7 +49,7 @@ static void publish_help(FILE *out)
             "chunks are not stored at all. Prints the new version number and a summary.\n"
             "\n"
             "  --name NAME        base name: letters, digits, '.', '_', '-' (max 64)\n"
-            "  --chunk-size SIZE  power of two from 4K to 16M (default 256K)\n"
+            "  --chunk-size SIZE  power of two from 4K to 16M (default 128K)\n"
             "  --level N          zstd level 1-19, 0 stores chunks uncompressed (default 3)\n");
 }
 

@@ -5,7 +5,6 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,38 +57,54 @@ int parse_u64(const char *text, uint64_t *out)
 
 int parse_size(const char *text, uint64_t *out)
 {
-    if (!text || !(isdigit((unsigned char)text[0]) || text[0] == '.'))
+    /* DIGITS[.DIGITS][K|M|G|T|P][i][B], parsed with integers only so that
+     * no float syntax (hex, exponents) sneaks in and nothing is rounded. */
+    const char *p = text;
+    uint64_t whole = 0, frac = 0, frac_scale = 1;
+    if (!p || !isdigit((unsigned char)*p))
         return -EINVAL;
-    errno = 0;
-    char *end;
-    double value = strtod(text, &end);
-    if (errno || end == text || !isfinite(value) || value < 0)
-        return -EINVAL;
-    unsigned shift = 0;
-    switch (toupper((unsigned char)*end)) {
-    case '\0': break;
-    case 'K': shift = 10; break;
-    case 'M': shift = 20; break;
-    case 'G': shift = 30; break;
-    case 'T': shift = 40; break;
-    case 'P': shift = 50; break;
-    case 'B': break;
-    default: return -EINVAL;
+    for (; isdigit((unsigned char)*p); p++) {
+        if (whole > (UINT64_MAX - 9) / 10)
+            return -EINVAL;
+        whole = whole * 10 + (uint64_t)(*p - '0');
     }
-    if (*end && toupper((unsigned char)*end) != 'B')
-        end++;
-    if (*end == 'i' || *end == 'I')
-        end++;
-    if (*end == 'B' || *end == 'b')
-        end++;
-    if (*end)
+    if (*p == '.') {
+        p++;
+        if (!isdigit((unsigned char)*p))
+            return -EINVAL;
+        for (; isdigit((unsigned char)*p); p++) {
+            if (frac_scale >= 1000000000ull)
+                return -EINVAL;
+            frac = frac * 10 + (uint64_t)(*p - '0');
+            frac_scale *= 10;
+        }
+    }
+    unsigned shift = 0;
+    const char *units = "KMGTP";
+    const char *u = *p ? strchr(units, toupper((unsigned char)*p)) : NULL;
+    if (u) {
+        shift = 10 * (unsigned)(u - units + 1);
+        p++;
+        if (*p == 'i')
+            p++;
+    }
+    if (*p == 'B' || *p == 'b')
+        p++;
+    if (*p)
         return -EINVAL;
-    double bytes = ldexp(value, (int)shift);
-    if (bytes >= 18446744073709551615.0)
+    if (shift && whole > (UINT64_MAX >> shift))
         return -EINVAL;
-    if (bytes != floor(bytes))
-        return -EINVAL;
-    *out = (uint64_t)bytes;
+    uint64_t bytes = whole << shift;
+    if (frac) {
+        /* The fraction must come to a whole number of bytes. */
+        uint64_t scaled = frac << shift;
+        if (scaled % frac_scale)
+            return -EINVAL;
+        if (bytes > UINT64_MAX - scaled / frac_scale)
+            return -EINVAL;
+        bytes += scaled / frac_scale;
+    }
+    *out = bytes;
     return 0;
 }
 
@@ -98,7 +113,8 @@ const char *format_size(uint64_t bytes, char *buf, size_t len)
     static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
     double v = (double)bytes;
     unsigned u = 0;
-    while (v >= 1024 && u + 1 < ARRAY_LEN(units)) {
+    /* Compare against 1023.95 so that rounding never prints "1024.0 MiB". */
+    while (v >= 1023.95 && u + 1 < ARRAY_LEN(units)) {
         v /= 1024;
         u++;
     }
@@ -239,7 +255,7 @@ int fsync_dir_of(const char *path)
 int write_file_atomic(const char *path, const void *data, size_t len)
 {
     char tmp[PATH_MAX];
-    int err = path_join(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)getpid());
+    int err = path_join(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)gettid());
     if (err)
         return err;
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);

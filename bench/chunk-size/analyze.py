@@ -32,15 +32,33 @@ def human(n):
 
 
 def load(path):
+    """Returns [(ms, offset, length)] of the reads."""
     reads = []
     with open(path) as f:
         for line in f:
             if not line.strip() or line.startswith('#'):
                 continue
-            _, op, off, ln = line.split()
+            ms, op, off, ln = line.split()
             if op == 'R' and int(ln) > 0:
-                reads.append((int(off), int(ln)))
+                reads.append((int(ms), int(off), int(ln)))
     return reads
+
+
+def touched(reads, c):
+    t = set()
+    for off, ln in reads:
+        t.update(range(off // c, (off + ln - 1) // c + 1))
+    return t
+
+
+def phases(timed):
+    """Split at the longest pause between two reads. In a boot that is the
+    time the kernel spends in the initramfs: before it the firmware and the
+    bootloader read the kernel and initrd, after it the OS reads the root fs."""
+    gaps = [(timed[i + 1][0] - timed[i][0], i + 1) for i in range(len(timed) - 1)]
+    gap, cut = max(gaps) if gaps else (0, len(timed))
+    strip = lambda rs: [(o, l) for _, o, l in rs]
+    return strip(timed[:cut]), strip(timed[cut:]), gap
 
 
 def working_set(reads):
@@ -88,9 +106,10 @@ def nonzero_blocks(image):
 def main():
     if len(sys.argv) not in (2, 3):
         sys.exit("usage: analyze.py TRACE [IMAGE]")
-    reads = load(sys.argv[1])
-    if not reads:
+    timed = load(sys.argv[1])
+    if not timed:
         sys.exit("analyze.py: no reads in the trace")
+    reads = [(o, l) for _, o, l in timed]
     ws = working_set(reads)
     total = sum(ln for _, ln in reads)
     nz = None
@@ -114,26 +133,38 @@ def main():
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for c in SIZES:
-        touched = set()
-        for off, ln in reads:
-            touched.update(range(off // c, (off + ln - 1) // c + 1))
-        fetched = len(touched) * c
-        reqs = len(touched)
+        tch = touched(reads, c)
+        fetched = len(tch) * c
+        reqs = len(tch)
         if nz is not None:
             per = c // BLK
             nzc = {b // per for b in nz}
-            real = touched & nzc
+            real = tch & nzc
             reqs = len(real)
             fetched_real = reqs * c
         else:
             fetched_real = fetched
         t = fetched_real / LINK_BPS + reqs * RTT
-        row = [human(c), str(len(touched)), f"{fetched / MIB:.1f}",
+        row = [human(c), str(len(tch)), f"{fetched / MIB:.1f}",
                f"{fetched / ws:.2f}x", str(reqs), f"{reqs / (ws / MIB):.1f}",
                f"{t:.0f}"]
         if nz is not None:
             row.append(str(len(nzc)))
         print("| " + " | ".join(row) + " |")
+
+    early, late, gap = phases(timed)
+    if early and late:
+        we, wl = working_set(early), working_set(late)
+        print()
+        print(f"By phase (split at the longest pause, {gap / 1000:.1f} s): "
+              f"bootloader phase {len(early)} reads, {we / MIB:.1f} MiB distinct; "
+              f"OS phase {len(late)} reads, {wl / MIB:.1f} MiB distinct.")
+        print()
+        print("| chunk | over-fetch bootloader phase | over-fetch OS phase | requests OS phase |")
+        print("|---|---|---|---|")
+        for c in SIZES:
+            te, tl = touched(early, c), touched(late, c)
+            print(f"| {human(c)} | {len(te) * c / we:.2f}x | {len(tl) * c / wl:.2f}x | {len(tl)} |")
 
 
 if __name__ == '__main__':

@@ -1,0 +1,124 @@
+# Shared helpers for the integration tests. Source it first thing:
+#   . "$(dirname "$0")/lib.sh"
+# Every test runs in its own temp dir, and everything it mounted or started is
+# unmounted and stopped on exit, whatever happened.
+set -euo pipefail
+
+BUILD=${IMGFS_BUILD_DIR:?IMGFS_BUILD_DIR must point at the build directory}
+IMGFS=$BUILD/imgfs
+IMGFSCTL=$BUILD/imgfsctl
+TOOLS=$BUILD/tests
+T=$(mktemp -d /var/tmp/imgfs-test.XXXXXX)
+MOUNTS=()
+declare -A DAEMON_PID DAEMON_LOG
+CHECKS=0
+
+cleanup() {
+    local status=$?
+    for m in "${MOUNTS[@]}"; do
+        if mountpoint -q "$m" 2>/dev/null; then
+            fusermount3 -uz "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+        fi
+    done
+    for pid in "${DAEMON_PID[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    if [ "$status" -ne 0 ]; then
+        for log in "${DAEMON_LOG[@]}"; do
+            [ -s "$log" ] && { echo "--- $log"; tail -n 30 "$log"; } >&2
+        done
+    fi
+    rm -rf "$T"
+    exit "$status"
+}
+trap cleanup EXIT
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+ok() { CHECKS=$((CHECKS + 1)); echo "ok $CHECKS - $*"; }
+# Ends a test: prints the closing line that ctest logs show.
+finish() { echo "$CHECKS passed, 0 failed"; }
+
+# make_image FILE SIZE_BYTES: mixed random data and zero runs, deterministic
+# per file name, with the size given exactly (need not be chunk-aligned).
+make_image() {
+    python3 - "$1" "$2" <<'PY'
+import os, random, sys
+path, size = sys.argv[1], int(sys.argv[2])
+rng = random.Random(path)
+with open(path, "wb") as f:
+    left = size
+    while left:
+        n = min(left, rng.choice([4096, 65536, 300000, 1 << 20]))
+        kind = rng.random()
+        if kind < 0.35:
+            f.write(b"\0" * n)
+        elif kind < 0.5:
+            f.write(bytes([rng.randrange(256)]) * n)   # compressible
+        else:
+            f.write(rng.randbytes(n))
+        left -= n
+PY
+}
+
+# mount_imgfs REPO MNT [EXTRA -o OPTIONS]: mounts in the foreground mode in
+# the background, so the daemon's stderr (and any sanitizer report) is kept.
+mount_imgfs() {
+    local repo=$1 mnt=$2 extra=${3:-}
+    mkdir -p "$mnt" "$T/cache"
+    local log="$T/imgfs.$(basename "$mnt").$RANDOM.log"
+    local opts="cache=$T/cache"
+    [ -n "$extra" ] && opts="$opts,$extra"
+    "$IMGFS" "$repo" "$mnt" -f -o "$opts" 2>"$log" &
+    local pid=$!
+    DAEMON_PID[$mnt]=$pid
+    DAEMON_LOG[$mnt]=$log
+    MOUNTS+=("$mnt")
+    for _ in $(seq 1 200); do
+        mountpoint -q "$mnt" && return 0
+        kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; fail "imgfs exited before mounting $mnt"; }
+        sleep 0.05
+    done
+    fail "imgfs did not mount $mnt within 10 s"
+}
+
+# Fails the test when the daemon's log holds a sanitizer report.
+check_daemon_log() {
+    local log=$1
+    if grep -qE 'ERROR: (Address|Leak|Thread|Memory)Sanitizer|runtime error:|WARNING: ThreadSanitizer' "$log"; then
+        cat "$log" >&2
+        fail "sanitizer report in $log"
+    fi
+}
+
+umount_imgfs() {
+    local mnt=$1 pid=${DAEMON_PID[$1]:-}
+    fusermount3 -u "$mnt" || fail "cannot unmount $mnt"
+    if [ -n "$pid" ]; then
+        for _ in $(seq 1 400); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+        kill -0 "$pid" 2>/dev/null && fail "imgfs for $mnt did not exit after unmount"
+        wait "$pid" || fail "imgfs for $mnt exited with status $?"
+        check_daemon_log "${DAEMON_LOG[$mnt]}"
+        unset "DAEMON_PID[$mnt]"
+    fi
+}
+
+# stat_value MNT SECTION KEY: one value from .imgfs/stats, e.g.
+#   stat_value "$M" fetch requests;  stat_value "$M" "base deb@1" cache_misses
+stat_value() {
+    awk -v section="[$2]" -v key="$3" '
+        /^\[/ { in_section = ($0 == section); next }
+        in_section && $1 == key { print $2; found = 1; exit }
+        END { if (!found) exit 1 }' "$1/.imgfs/stats" || fail "no '$3' in section [$2] of $1/.imgfs/stats"
+}
+
+# expect_error DESCRIPTION CMD...: the command must fail with a non-zero exit
+# and one clear line on stderr, within 30 s.
+expect_error() {
+    local what=$1; shift
+    local err="$T/stderr.$RANDOM"
+    local status=0
+    timeout 30 "$@" >/dev/null 2>"$err" || status=$?
+    [ "$status" -eq 0 ] && fail "$what: succeeded but should have failed"
+    [ "$status" -eq 124 ] && fail "$what: hung (timeout)"
+    [ -s "$err" ] || fail "$what: failed without an error message"
+    grep -qiE 'segmentation|sanitizer|abort|core dumped' "$err" && { cat "$err" >&2; fail "$what: crashed"; }
+    ok "$what -> $(head -n 1 "$err")"
+}
