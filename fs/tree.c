@@ -150,11 +150,12 @@ int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
         pthread_mutex_unlock(&tree->refresh_lock);
         return 0;
     }
+    bool first = tree->last_refresh_ns == 0;
     tree->last_refresh_ns = now;
     struct repo_index index;
     int rc = repo_read_index(tree->repo, &index, err, errlen);
-    bool have_index = rc == 0;
-    for (size_t i = 0; have_index && i < index.count; i++) {
+    char version_error[256] = "";
+    for (size_t i = 0; rc == 0 && i < index.count; i++) {
         const struct repo_index_entry *e = &index.entries[i];
         for (uint64_t v = 1; v <= e->latest; v++) {
             char file[80];
@@ -163,24 +164,20 @@ int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
                 continue;
             struct manifest *m;
             /* A bad version is reported and skipped; the others still show. */
-            int vrc = repo_read_manifest(tree->repo, e->name, v, &m, err, errlen);
-            if (vrc == 0 && (vrc = publish_version(tree, m, v == e->latest)) != 0) {
+            int vrc = repo_read_manifest(tree->repo, e->name, v, &m, version_error, sizeof(version_error));
+            if (vrc == 0 && publish_version(tree, m, v == e->latest) != 0) {
                 manifest_free(m);
-                snprintf(err, errlen, "out of memory");
+                snprintf(version_error, sizeof(version_error), "out of memory");
             }
-            if (vrc)
-                rc = vrc;
         }
     }
-    if (have_index)
+    if (rc == 0)
         repo_index_free(&index);
-    if (rc) {
-        if (strcmp(tree->last_refresh_error, err) != 0)
-            log_warn("repository refresh: %s", err);
-        snprintf(tree->last_refresh_error, sizeof(tree->last_refresh_error), "%s", err);
-    } else {
-        tree->last_refresh_error[0] = '\0';
-    }
+    const char *problem = rc ? err : version_error;
+    /* The first failure to read the index is the caller's to report. */
+    if (problem[0] && strcmp(tree->last_refresh_error, problem) != 0 && !(first && rc))
+        log_warn("repository refresh: %s", problem);
+    snprintf(tree->last_refresh_error, sizeof(tree->last_refresh_error), "%s", problem);
     pthread_mutex_unlock(&tree->refresh_lock);
     return rc;
 }

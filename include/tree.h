@@ -71,8 +71,9 @@ int tree_create(struct repo *repo, double refresh_seconds, struct tree **out);
 void tree_destroy(struct tree *tree);
 
 /* Re-reads the repository index and adds new versions. force ignores the
- * refresh interval. Returns 0 or a negative errno; the tree keeps working
- * with what it had when the repository cannot be read. */
+ * refresh interval. Returns a negative errno (with err set) only when the
+ * index cannot be read; the tree then keeps what it had. A version whose
+ * manifest is bad is skipped, logged and kept in last_refresh_error. */
 int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen);
 
 /* Returns the node or NULL. */

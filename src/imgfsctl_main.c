@@ -66,6 +66,7 @@ static int publish_main(int argc, char **argv)
                                    .zstd_level = PUBLISH_DEFAULT_ZSTD_LEVEL};
     int c;
     uint64_t v;
+    opterr = 0; /* one message of our own instead of getopt's */
     while ((c = getopt_long(argc, argv, "n:c:l:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'n': opts.name = optarg; break;
@@ -80,7 +81,7 @@ static int publish_main(int argc, char **argv)
             opts.zstd_level = (int)v;
             break;
         case 'h': publish_help(stdout); return 0;
-        default: return usage_error("publish", "unknown option");
+        default: return usage_error("publish", "unknown or incomplete option");
         }
     }
     if (argc - optind != 2)

@@ -28,7 +28,7 @@ static void describe_source(const char *path, const char *format, char *out, siz
 }
 
 /* Reads, hashes and stores every chunk of img into m->chunks. */
-static int store_chunks(struct image *img, struct repo *repo, struct manifest *m, int level,
+static int store_chunks(struct image *img, const char *image_path, struct repo *repo, struct manifest *m, int level,
                         struct publish_result *res, char *err, size_t errlen)
 {
     const uint32_t cs = m->chunk_size;
@@ -48,8 +48,8 @@ static int store_chunks(struct image *img, struct repo *repo, struct manifest *m
         size_t len = m->size - off < cs ? (size_t)(m->size - off) : cs;
         rc = image_read(img, data, len, off);
         if (rc) {
-            snprintf(err, errlen, "cannot read the source image at offset %" PRIu64 ": %s", off,
-                     strerror(-rc));
+            snprintf(err, errlen, "cannot read %s at offset %" PRIu64 " (truncated or damaged image?): %s",
+                     image_path, off, strerror(-rc));
             goto out;
         }
         memset(data + len, 0, cs - len); /* the last chunk is zero-padded */
@@ -163,7 +163,7 @@ int publish_image(const struct publish_options *opts, struct publish_result *res
     res->size = size;
     snprintf(res->format, sizeof(res->format), "%s", image_format(img));
 
-    rc = store_chunks(img, repo, m, opts->zstd_level, res, err, errlen);
+    rc = store_chunks(img, opts->image_path, repo, m, opts->zstd_level, res, err, errlen);
     if (rc)
         goto out;
     rc = repo_sync(repo);

@@ -1,0 +1,39 @@
+#!/bin/bash
+# imgfs mounts from an fstab line (type fuse.imgfs) through mount.fuse3, goes
+# to the background, serves the base and unmounts cleanly with umount.
+. "$(dirname "$0")/lib.sh"
+
+make_image "$T/img.raw" 5000000
+"$IMGFSCTL" publish "$T/img.raw" "$T/repo" --name fs > /dev/null
+mkdir -p "$T/mnt" "$T/cache"
+chmod 755 "$T" # let user nobody reach the mount point
+MOUNTS+=("$T/mnt")
+cat > "$T/fstab" <<EOT
+# imgfs test fstab
+$T/repo  $T/mnt  fuse.imgfs  allow_other,default_permissions,cache=$T/cache,timeout=10,nofail  0  0
+EOT
+# mount(8) runs helpers with a fixed PATH whose first entry is /usr/local/sbin;
+# point it at this build's imgfs for the duration of the test.
+LINK=/usr/local/sbin/imgfs
+[ -e "$LINK" ] && [ ! -L "$LINK" ] && fail "$LINK exists and is not our symlink"
+mkdir -p /usr/local/sbin
+ln -sfn "$IMGFS" "$LINK"
+trap 'rc=$?; rm -f "$LINK"; (exit $rc); cleanup' EXIT
+timeout 30 mount -T "$T/fstab" "$T/mnt" || fail "mount -T fstab failed"
+mountpoint -q "$T/mnt" || fail "nothing mounted at $T/mnt"
+grep " $T/mnt fuse.imgfs " /proc/mounts > /dev/null || fail "/proc/mounts does not show type fuse.imgfs"
+ok "mounted through fstab: $(grep " $T/mnt " /proc/mounts | cut -d' ' -f1-4)"
+pid=$(pgrep -f "imgfs $T/repo $T/mnt" || true)
+[ -n "$pid" ] || fail "no background imgfs process"
+[ "$(ps -o ppid= -p "$pid" | tr -d ' ')" = 1 ] || fail "imgfs did not detach into the background"
+ok "daemon detached (pid $pid)"
+cmp "$T/mnt/bases/fs.raw" "$T/img.raw" || fail "base differs when mounted through fstab"
+# allow_other: another user can read the base.
+su nobody -s /bin/sh -c "cat '$T/mnt/bases/fs.raw'" > "$T/as-nobody" || fail "user nobody cannot read with allow_other"
+cmp "$T/as-nobody" "$T/img.raw" || fail "user nobody got wrong data"
+ok "base identical, also for another user (allow_other)"
+umount "$T/mnt" || fail "umount failed"
+for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+kill -0 "$pid" 2>/dev/null && fail "daemon still running after umount"
+ok "umount stopped the daemon"
+finish
