@@ -1,0 +1,80 @@
+#!/bin/bash
+# One-command set-up of imgfs on a fresh Debian 12 machine (run as root).
+#
+#   packaging/setup.sh demo   install packages, build, install, run the demo
+#   packaging/setup.sh test   install packages, build, run the whole test suite:
+#                             normal build, ASan+UBSan build, TSan build of the
+#                             concurrent tests
+#   packaging/setup.sh deps | build | install   the individual steps
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+    # build
+    build-essential cmake pkg-config
+    libfuse3-dev fuse3 libqcow-dev libxxhash-dev libzstd-dev libcurl4-openssl-dev
+    # tests and benchmarks: real clients, servers and peers
+    python3 xxhash qemu-utils qemu-system-x86 qemu-block-extra fio nginx-light
+    libqcow-utils xmount debootstrap fdisk e2fsprogs procps util-linux
+)
+
+step() { printf '\n=== %s\n' "$*"; }
+
+deps() {
+    step "installing packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" > /var/tmp/imgfs-apt.log ||
+        { tail -n 30 /var/tmp/imgfs-apt.log; exit 1; }
+    # Debian starts nginx on install; tests start their own on other ports.
+    systemctl disable --now nginx > /dev/null 2>&1 || true
+}
+
+build_dir() { # build_dir DIR [CMAKE ARGS...]
+    local dir=$1; shift
+    cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" > /dev/null
+    cmake --build "$dir" -j "$(nproc)"
+}
+
+build() {
+    step "building"
+    build_dir build
+}
+
+install_binaries() {
+    step "installing to /usr/local"
+    cmake --install build > /dev/null
+    command -v imgfs imgfsctl
+}
+
+run_ctest() { # run_ctest DIR [CTEST ARGS...]
+    local dir=$1; shift
+    ctest --test-dir "$dir" --output-on-failure --timeout 900 "$@"
+}
+
+run_tests() {
+    # Sanitizer reports must fail the tests, and LeakSanitizer must see exits.
+    export ASAN_OPTIONS=abort_on_error=1:detect_leaks=1
+    export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+    export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
+    step "test suite (release build)"
+    run_ctest build
+    step "test suite under AddressSanitizer + UndefinedBehaviorSanitizer"
+    build_dir build-asan -DIMGFS_SANITIZE=address,undefined
+    run_ctest build-asan
+    step "concurrency tests under ThreadSanitizer"
+    build_dir build-tsan -DIMGFS_SANITIZE=thread
+    run_ctest build-tsan -L concurrency
+}
+
+case "${1:-}" in
+deps) deps ;;
+build) build ;;
+install) build && install_binaries ;;
+demo) deps && build && install_binaries && bash packaging/demo.sh ;;
+test) deps && build && install_binaries && run_tests ;;
+*)
+    echo "usage: $0 demo|test|deps|build|install" >&2
+    exit 2
+    ;;
+esac
