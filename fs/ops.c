@@ -1,5 +1,6 @@
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -216,11 +217,83 @@ done:
 
 /* ---- files ------------------------------------------------------------------ */
 
-/* A rendered status file, owned by the open file handle. */
+/* Rendered status files, one per open. The kernel may send RELEASE while a
+ * READ of the same handle is still being answered (for example when the
+ * reader was killed), so a snapshot is never touched outside open_status_lock:
+ * a read copies its slice under the lock and replies after. */
 struct status_snapshot {
+    uint64_t id;
     size_t len;
     char *text;
+    struct status_snapshot *next;
 };
+
+static pthread_mutex_t open_status_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct status_snapshot *open_status; /* guarded by open_status_lock */
+static uint64_t next_status_id = 1;         /* guarded by open_status_lock */
+
+static void open_status_file(fuse_req_t req, struct imgfs *fs, struct fuse_file_info *fi)
+{
+    maybe_refresh(fs);
+    struct status_snapshot *snap = calloc(1, sizeof(*snap));
+    int rc = snap ? status_render_stats(fs, &snap->text, &snap->len) : -ENOMEM;
+    if (rc) {
+        free(snap);
+        fuse_reply_err(req, -rc);
+        return;
+    }
+    pthread_mutex_lock(&open_status_lock);
+    snap->id = next_status_id++;
+    snap->next = open_status;
+    open_status = snap;
+    pthread_mutex_unlock(&open_status_lock);
+    fi->fh = snap->id;
+    fi->direct_io = 1;
+    fuse_reply_open(req, fi);
+}
+
+static void read_status(fuse_req_t req, uint64_t id, size_t size, off_t off)
+{
+    char *slice = NULL;
+    size_t len = 0;
+    int err = EBADF;
+    pthread_mutex_lock(&open_status_lock);
+    for (struct status_snapshot *s = open_status; s; s = s->next) {
+        if (s->id != id)
+            continue;
+        err = 0;
+        if (off >= 0 && (uint64_t)off < s->len) {
+            len = size < s->len - (size_t)off ? size : s->len - (size_t)off;
+            slice = malloc(len);
+            if (slice)
+                memcpy(slice, s->text + off, len);
+            else
+                err = ENOMEM;
+        }
+        break;
+    }
+    pthread_mutex_unlock(&open_status_lock);
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_buf(req, slice, len);
+    free(slice);
+}
+
+static void release_status(uint64_t id)
+{
+    pthread_mutex_lock(&open_status_lock);
+    for (struct status_snapshot **p = &open_status; *p; p = &(*p)->next) {
+        if ((*p)->id == id) {
+            struct status_snapshot *dead = *p;
+            *p = dead->next;
+            free(dead->text);
+            free(dead);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&open_status_lock);
+}
 
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
@@ -237,34 +310,11 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     if (n->kind == NODE_BASE_FILE) {
         fi->keep_cache = 1; /* a version's bytes never change */
         fuse_reply_open(req, fi);
-        return;
-    }
-    if (n->kind != NODE_STATUS_FILE) {
+    } else if (n->kind == NODE_STATUS_FILE) {
+        open_status_file(req, fs, fi);
+    } else {
         fuse_reply_err(req, EISDIR);
-        return;
     }
-    maybe_refresh(fs);
-    struct status_snapshot *snap = calloc(1, sizeof(*snap));
-    int rc = snap ? status_render_stats(fs, &snap->text, &snap->len) : -ENOMEM;
-    if (rc) {
-        free(snap);
-        fuse_reply_err(req, -rc);
-        return;
-    }
-    fi->fh = (uint64_t)(uintptr_t)snap;
-    fi->direct_io = 1;
-    if (fuse_reply_open(req, fi) != 0) {
-        free(snap->text);
-        free(snap);
-    }
-}
-
-static void read_status(fuse_req_t req, struct status_snapshot *snap, size_t size, off_t off)
-{
-    if ((uint64_t)off >= snap->len)
-        fuse_reply_buf(req, NULL, 0);
-    else
-        fuse_reply_buf(req, snap->text + off, size < snap->len - (size_t)off ? size : snap->len - (size_t)off);
 }
 
 static void read_base(fuse_req_t req, struct imgfs *fs, struct base_version *v, size_t size, off_t off)
@@ -328,7 +378,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     struct imgfs *fs = fs_of(req);
     struct node *n = tree_get(fs->tree, ino);
     if (n && n->kind == NODE_STATUS_FILE)
-        read_status(req, (struct status_snapshot *)(uintptr_t)fi->fh, size, off);
+        read_status(req, fi->fh, size, off);
     else if (n && n->kind == NODE_BASE_FILE)
         read_base(req, fs, n->version, size, off);
     else
@@ -338,11 +388,8 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct node *n = tree_get(fs_of(req)->tree, ino);
-    if (n && n->kind == NODE_STATUS_FILE) {
-        struct status_snapshot *snap = (struct status_snapshot *)(uintptr_t)fi->fh;
-        free(snap->text);
-        free(snap);
-    }
+    if (n && n->kind == NODE_STATUS_FILE)
+        release_status(fi->fh);
     fuse_reply_err(req, 0);
 }
 

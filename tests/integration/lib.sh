@@ -23,7 +23,7 @@ cleanup() {
     for pid in "${DAEMON_PID[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     if [ "$status" -ne 0 ]; then
         for log in "${DAEMON_LOG[@]}"; do
-            [ -s "$log" ] && { echo "--- $log"; tail -n 30 "$log"; } >&2
+            [ -s "$log" ] && { echo "--- $log"; cat "$log"; } >&2
         done
     fi
     rm -rf "$T"
