@@ -10,7 +10,7 @@ index_before=$(cat "$T/repo/index")
 
 # A big, slow-to-publish second image (level 19 zstd makes it slow).
 head -c $((192 * 1048576)) /dev/urandom > "$T/v2.raw"
-"$IMGFSCTL" publish "$T/v2.raw" "$T/repo" --name p --level 1 > /dev/null 2>&1 &
+"$IMGFSCTL" publish "$T/v2.raw" "$T/repo" --name p --level 19 > /dev/null 2>&1 &
 pid=$!
 # Kill it once it has stored some chunks but long before it can finish.
 for _ in $(seq 1 200); do
