@@ -11,11 +11,12 @@
 #include "util.h"
 
 /* Immutable names and attributes may be cached by the kernel for long;
- * names that can change (the NAME.raw symlinks, status files) only briefly. */
+ * the NAME.raw symlinks and status files only briefly. VM names are not
+ * cached at all, so that a removed and re-created VM is seen at once. */
 #define IMMUTABLE_TIMEOUT 3600.0
 #define MUTABLE_TIMEOUT 1.0
 
-/* Zero chunks are not stored anywhere: they are served from this. */
+/* Zero chunks and blank ranges are not stored anywhere: they come from this. */
 static const char zero_block[1 << 20];
 
 static struct imgfs *fs_of(fuse_req_t req) { return fuse_req_userdata(req); }
@@ -31,9 +32,20 @@ static void maybe_refresh(struct imgfs *fs)
     }
 }
 
-static double timeout_for(const struct node *n)
+static bool is_vm_node(const struct node *n) { return n->kind == NODE_VM_FILE || n->kind == NODE_VM_SNAPSHOT; }
+
+static double attr_timeout(const struct node *n)
 {
     return n->kind == NODE_BASE_FILE || n->kind == NODE_DIR ? IMMUTABLE_TIMEOUT : MUTABLE_TIMEOUT;
+}
+
+static double entry_timeout(const struct node *n) { return is_vm_node(n) ? 0 : attr_timeout(n); }
+
+/* A node that is gone (a removed VM) looks like it does not exist. */
+static struct node *live_node(struct imgfs *fs, fuse_ino_t ino)
+{
+    struct node *n = tree_get(fs->tree, ino);
+    return n && (n->ino == INO_ROOT || n->parent) ? n : NULL;
 }
 
 static void fill_attr(struct imgfs *fs, const struct node *n, struct stat *st)
@@ -43,6 +55,7 @@ static void fill_attr(struct imgfs *fs, const struct node *n, struct stat *st)
     st->st_uid = getuid();
     st->st_gid = getgid();
     st->st_blksize = 4096;
+    st->st_nlink = 1;
     time_t mtime = fs->mounted_at;
     switch (n->kind) {
     case NODE_DIR:
@@ -52,7 +65,6 @@ static void fill_attr(struct imgfs *fs, const struct node *n, struct stat *st)
     case NODE_BASE_FILE: {
         const struct manifest *m = n->version->manifest;
         st->st_mode = S_IFREG | 0444;
-        st->st_nlink = 1;
         st->st_size = (off_t)m->size;
         st->st_blocks = (blkcnt_t)((m->size + 511) / 512);
         mtime = (time_t)m->created;
@@ -62,14 +74,27 @@ static void fill_attr(struct imgfs *fs, const struct node *n, struct stat *st)
         char target[80];
         tree_read_link(fs->tree, n, target, sizeof(target));
         st->st_mode = S_IFLNK | 0777;
-        st->st_nlink = 1;
         st->st_size = (off_t)strlen(target);
         break;
     }
     case NODE_STATUS_FILE:
         st->st_mode = S_IFREG | 0444;
-        st->st_nlink = 1;
         break;
+    case NODE_CONTROL_FILE:
+        st->st_mode = S_IFREG | 0600;
+        break;
+    case NODE_VM_FILE:
+    case NODE_VM_SNAPSHOT: {
+        struct vm *vm = n->vm;
+        pthread_mutex_lock(&vm->attr_lock);
+        st->st_mode = S_IFREG | (n->kind == NODE_VM_FILE ? vm->mode : (vm->mode & 0444));
+        st->st_uid = vm->uid;
+        st->st_gid = vm->gid;
+        pthread_mutex_unlock(&vm->attr_lock);
+        st->st_size = (off_t)vm->live.size;
+        st->st_blocks = (blkcnt_t)(n->kind == NODE_VM_FILE ? vm_layer_bytes(vm) / 512 : 0);
+        break;
+    }
     }
     st->st_mtime = st->st_ctime = st->st_atime = mtime;
 }
@@ -79,7 +104,8 @@ static void reply_entry(fuse_req_t req, const struct node *n)
     struct fuse_entry_param e = {0};
     e.ino = n->ino;
     e.generation = 1;
-    e.attr_timeout = e.entry_timeout = timeout_for(n);
+    e.attr_timeout = attr_timeout(n);
+    e.entry_timeout = entry_timeout(n);
     fill_attr(fs_of(req), n, &e.attr);
     fuse_reply_entry(req, &e);
 }
@@ -87,7 +113,7 @@ static void reply_entry(fuse_req_t req, const struct node *n)
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
     (void)userdata;
-    /* Serve reads straight from cache files with splice(2). */
+    /* Serve reads straight from cache and layer files with splice(2). */
     if (conn->capable & FUSE_CAP_SPLICE_WRITE)
         conn->want |= FUSE_CAP_SPLICE_WRITE;
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS)
@@ -114,27 +140,63 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 {
     (void)fi;
     struct imgfs *fs = fs_of(req);
-    struct node *n = tree_get(fs->tree, ino);
+    struct node *n = live_node(fs, ino);
     if (!n) {
         fuse_reply_err(req, ENOENT);
         return;
     }
     struct stat st;
     fill_attr(fs, n, &st);
-    fuse_reply_attr(req, &st, timeout_for(n));
+    fuse_reply_attr(req, &st, attr_timeout(n));
 }
 
-static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
-                       struct fuse_file_info *fi)
+/* VM disks take chmod and chown (for the hypervisor's user); nothing else
+ * can change, and a disk's size is fixed. */
+static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi)
 {
-    (void)ino, (void)attr, (void)to_set, (void)fi;
-    fuse_reply_err(req, EROFS);
+    (void)fi;
+    struct imgfs *fs = fs_of(req);
+    struct node *n = live_node(fs, ino);
+    if (!n) {
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    if (n->kind != NODE_VM_FILE) {
+        fuse_reply_err(req, EROFS);
+        return;
+    }
+    if ((to_set & FUSE_SET_ATTR_SIZE) && (uint64_t)attr->st_size != n->vm->live.size) {
+        fuse_reply_err(req, EPERM);
+        return;
+    }
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    pthread_mutex_lock(&n->vm->attr_lock);
+    uid_t owner = n->vm->uid;
+    pthread_mutex_unlock(&n->vm->attr_lock);
+    if ((to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | FUSE_SET_ATTR_MODE)) && ctx->uid != 0 && ctx->uid != owner) {
+        fuse_reply_err(req, EPERM);
+        return;
+    }
+    mode_t mode = attr->st_mode & 07777;
+    uid_t uid = attr->st_uid;
+    gid_t gid = attr->st_gid;
+    int rc = 0;
+    if (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | FUSE_SET_ATTR_MODE))
+        rc = vm_set_attr(fs->vms, n->vm, (to_set & FUSE_SET_ATTR_MODE) ? &mode : NULL,
+                         (to_set & FUSE_SET_ATTR_UID) ? &uid : NULL, (to_set & FUSE_SET_ATTR_GID) ? &gid : NULL);
+    if (rc) {
+        fuse_reply_err(req, -rc);
+        return;
+    }
+    struct stat st;
+    fill_attr(fs, n, &st);
+    fuse_reply_attr(req, &st, attr_timeout(n));
 }
 
 static void op_readlink(fuse_req_t req, fuse_ino_t ino)
 {
     struct imgfs *fs = fs_of(req);
-    struct node *n = tree_get(fs->tree, ino);
+    struct node *n = live_node(fs, ino);
     if (!n || n->kind != NODE_BASE_LINK) {
         fuse_reply_err(req, EINVAL);
         return;
@@ -168,8 +230,9 @@ static int add_dirent(struct dir_fill *d, const char *name, const struct stat *s
 static int fill_child(void *ctx, const struct node *n)
 {
     struct dir_fill *d = ctx;
-    struct stat st;
-    fill_attr(d->fs, n, &st);
+    struct stat st = {0};
+    st.st_ino = n->ino;
+    st.st_mode = n->kind == NODE_DIR ? S_IFDIR : n->kind == NODE_BASE_LINK ? S_IFLNK : S_IFREG;
     /* Offsets 1 and 2 are "." and ".."; a child resumes after its inode. */
     return add_dirent(d, n->name, &st, (off_t)n->ino + 2);
 }
@@ -177,7 +240,7 @@ static int fill_child(void *ctx, const struct node *n)
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct imgfs *fs = fs_of(req);
-    struct node *n = tree_get(fs->tree, ino);
+    struct node *n = live_node(fs, ino);
     if (!n || n->kind != NODE_DIR) {
         fuse_reply_err(req, n ? ENOTDIR : ENOENT);
         return;
@@ -205,7 +268,7 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, s
     }
     if (off < 2) {
         struct node *n = tree_get(fs->tree, ino);
-        st.st_ino = n ? n->parent : INO_ROOT;
+        st.st_ino = n && n->parent ? n->parent : INO_ROOT;
         if (add_dirent(&d, "..", &st, 2))
             goto done;
     }
@@ -215,64 +278,69 @@ done:
     free(d.buf);
 }
 
-/* ---- files ------------------------------------------------------------------ */
-
-/* Rendered status files, one per open. The kernel may send RELEASE while a
+/* ---- text files: .imgfs/stats and .imgfs/control ----------------------------
+ *
+ * Each open holds a text: the rendered status, or the reply to the last
+ * command written to the control file. The kernel may send RELEASE while a
  * READ of the same handle is still being answered (for example when the
- * reader was killed), so a snapshot is never touched outside open_status_lock:
- * a read copies its slice under the lock and replies after. */
-struct status_snapshot {
+ * reader was killed), so a text is never touched outside open_texts_lock: a
+ * read copies its slice under the lock and replies after. */
+
+struct open_text {
     uint64_t id;
     size_t len;
     char *text;
-    struct status_snapshot *next;
+    struct open_text *next;
 };
 
-static pthread_mutex_t open_status_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct status_snapshot *open_status; /* guarded by open_status_lock */
-static uint64_t next_status_id = 1;         /* guarded by open_status_lock */
+static pthread_mutex_t open_texts_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct open_text *open_texts; /* guarded by open_texts_lock */
+static uint64_t next_text_id = 1;    /* guarded by open_texts_lock */
 
-static void open_status_file(fuse_req_t req, struct imgfs *fs, struct fuse_file_info *fi)
+/* Takes ownership of text; returns the handle id, or 0 when out of memory. */
+static uint64_t text_open(char *text, size_t len)
 {
-    maybe_refresh(fs);
-    struct status_snapshot *snap = calloc(1, sizeof(*snap));
-    int rc = snap ? status_render_stats(fs, &snap->text, &snap->len) : -ENOMEM;
-    if (rc) {
-        free(snap);
-        fuse_reply_err(req, -rc);
-        return;
+    struct open_text *t = calloc(1, sizeof(*t));
+    if (!t) {
+        free(text);
+        return 0;
     }
-    pthread_mutex_lock(&open_status_lock);
-    snap->id = next_status_id++;
-    snap->next = open_status;
-    open_status = snap;
-    pthread_mutex_unlock(&open_status_lock);
-    fi->fh = snap->id;
-    fi->direct_io = 1;
-    fuse_reply_open(req, fi);
+    t->text = text;
+    t->len = len;
+    pthread_mutex_lock(&open_texts_lock);
+    t->id = next_text_id++;
+    t->next = open_texts;
+    open_texts = t;
+    pthread_mutex_unlock(&open_texts_lock);
+    return t->id;
 }
 
-static void read_status(fuse_req_t req, uint64_t id, size_t size, off_t off)
+static struct open_text *find_text_locked(uint64_t id)
+{
+    for (struct open_text *t = open_texts; t; t = t->next)
+        if (t->id == id)
+            return t;
+    return NULL;
+}
+
+static void text_read(fuse_req_t req, uint64_t id, size_t size, off_t off)
 {
     char *slice = NULL;
     size_t len = 0;
     int err = EBADF;
-    pthread_mutex_lock(&open_status_lock);
-    for (struct status_snapshot *s = open_status; s; s = s->next) {
-        if (s->id != id)
-            continue;
+    pthread_mutex_lock(&open_texts_lock);
+    struct open_text *t = find_text_locked(id);
+    if (t) {
         err = 0;
-        if (off >= 0 && (uint64_t)off < s->len) {
-            len = size < s->len - (size_t)off ? size : s->len - (size_t)off;
-            slice = malloc(len);
-            if (slice)
-                memcpy(slice, s->text + off, len);
+        if (off >= 0 && (uint64_t)off < t->len) {
+            len = size < t->len - (size_t)off ? size : t->len - (size_t)off;
+            if ((slice = malloc(len)) != NULL)
+                memcpy(slice, t->text + off, len);
             else
                 err = ENOMEM;
         }
-        break;
     }
-    pthread_mutex_unlock(&open_status_lock);
+    pthread_mutex_unlock(&open_texts_lock);
     if (err)
         fuse_reply_err(req, err);
     else
@@ -280,124 +348,374 @@ static void read_status(fuse_req_t req, uint64_t id, size_t size, off_t off)
     free(slice);
 }
 
-static void release_status(uint64_t id)
+/* Replaces the text of handle id (taking ownership of text). */
+static int text_replace(uint64_t id, char *text)
 {
-    pthread_mutex_lock(&open_status_lock);
-    for (struct status_snapshot **p = &open_status; *p; p = &(*p)->next) {
+    pthread_mutex_lock(&open_texts_lock);
+    struct open_text *t = find_text_locked(id);
+    if (t) {
+        free(t->text);
+        t->text = text;
+        t->len = strlen(text);
+    }
+    pthread_mutex_unlock(&open_texts_lock);
+    if (!t)
+        free(text);
+    return t ? 0 : -EBADF;
+}
+
+static void text_release(uint64_t id)
+{
+    pthread_mutex_lock(&open_texts_lock);
+    for (struct open_text **p = &open_texts; *p; p = &(*p)->next) {
         if ((*p)->id == id) {
-            struct status_snapshot *dead = *p;
+            struct open_text *dead = *p;
             *p = dead->next;
             free(dead->text);
             free(dead);
             break;
         }
     }
-    pthread_mutex_unlock(&open_status_lock);
+    pthread_mutex_unlock(&open_texts_lock);
+}
+
+/* ---- open / read / write ------------------------------------------------------ */
+
+static void open_text_file(fuse_req_t req, struct imgfs *fs, const struct node *n, struct fuse_file_info *fi)
+{
+    char *text = NULL;
+    size_t len = 0;
+    int rc = 0;
+    if (n->kind == NODE_STATUS_FILE) {
+        maybe_refresh(fs);
+        rc = status_render_stats(fs, &text, &len);
+    } else if (fuse_req_ctx(req)->uid != 0) {
+        rc = -EACCES; /* commands change VMs: root only, with or without default_permissions */
+    } else {
+        text = strdup("");
+        rc = text ? 0 : -ENOMEM;
+    }
+    if (rc) {
+        fuse_reply_err(req, -rc);
+        return;
+    }
+    fi->fh = text_open(text, len);
+    if (!fi->fh) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    fi->direct_io = 1;
+    fuse_reply_open(req, fi);
 }
 
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct imgfs *fs = fs_of(req);
-    struct node *n = tree_get(fs->tree, ino);
+    struct node *n = live_node(fs, ino);
     if (!n) {
         fuse_reply_err(req, ENOENT);
         return;
     }
-    if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
-        fuse_reply_err(req, EROFS);
+    bool writing = (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC);
+    switch (n->kind) {
+    case NODE_BASE_FILE:
+    case NODE_VM_SNAPSHOT:
+        if (writing) {
+            fuse_reply_err(req, EROFS);
+            return;
+        }
+        if (n->kind == NODE_VM_SNAPSHOT) {
+            pthread_mutex_lock(&n->vm->attr_lock);
+            n->vm->open_count++;
+            pthread_mutex_unlock(&n->vm->attr_lock);
+        }
+        fi->keep_cache = 1; /* these bytes never change */
+        fuse_reply_open(req, fi);
+        return;
+    case NODE_VM_FILE: {
+        struct vm *vm = n->vm;
+        pthread_mutex_lock(&vm->attr_lock);
+        bool gone = vm->deleted;
+        if (!gone)
+            vm->open_count++;
+        pthread_mutex_unlock(&vm->attr_lock);
+        if (gone) {
+            fuse_reply_err(req, ENOENT);
+            return;
+        }
+        /* Every change to a VM disk passes through this kernel, so its page
+         * cache stays right and may be kept across opens. */
+        fi->keep_cache = 1;
+        fuse_reply_open(req, fi);
         return;
     }
-    if (n->kind == NODE_BASE_FILE) {
-        fi->keep_cache = 1; /* a version's bytes never change */
-        fuse_reply_open(req, fi);
-    } else if (n->kind == NODE_STATUS_FILE) {
-        open_status_file(req, fs, fi);
-    } else {
+    case NODE_STATUS_FILE:
+        if (writing) {
+            fuse_reply_err(req, EROFS);
+            return;
+        }
+        open_text_file(req, fs, n, fi);
+        return;
+    case NODE_CONTROL_FILE:
+        open_text_file(req, fs, n, fi);
+        return;
+    default:
         fuse_reply_err(req, EISDIR);
     }
 }
 
-static void read_base(fuse_req_t req, struct imgfs *fs, struct base_version *v, size_t size, off_t off)
+/* A zero-copy reply: buffers that point into pinned cache files, layer files
+ * or the zero block. Pins are released after the reply has been sent. */
+struct reply_bufs {
+    struct fuse_bufvec *bv;
+    size_t cap;
+    struct cache_pin *pins;
+    size_t npins;
+};
+
+static int bufs_init(struct reply_bufs *r, size_t cap)
 {
-    const struct manifest *m = v->manifest;
-    if (off < 0 || (uint64_t)off >= m->size || size == 0) {
-        fuse_reply_buf(req, NULL, 0);
-        return;
+    r->cap = cap;
+    r->npins = 0;
+    r->bv = calloc(1, sizeof(*r->bv) + cap * sizeof(struct fuse_buf));
+    r->pins = calloc(cap, sizeof(*r->pins));
+    return r->bv && r->pins ? 0 : -ENOMEM;
+}
+
+static void bufs_free(struct reply_bufs *r, struct fetcher *fetcher)
+{
+    for (size_t i = 0; i < r->npins; i++)
+        fetch_release(fetcher, &r->pins[i]);
+    free(r->pins);
+    free(r->bv);
+}
+
+static int bufs_add_fd(struct reply_bufs *r, int fd, uint64_t pos, uint64_t size)
+{
+    if (r->bv->count == r->cap)
+        return -E2BIG;
+    struct fuse_buf *b = &r->bv->buf[r->bv->count++];
+    b->flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    b->fd = fd;
+    b->pos = (off_t)pos;
+    b->size = (size_t)size;
+    return 0;
+}
+
+static int bufs_add_zero(struct reply_bufs *r, uint64_t size)
+{
+    for (uint64_t done = 0; done < size;) {
+        if (r->bv->count == r->cap)
+            return -E2BIG;
+        struct fuse_buf *b = &r->bv->buf[r->bv->count++];
+        b->mem = (void *)zero_block;
+        b->size = size - done < sizeof(zero_block) ? (size_t)(size - done) : sizeof(zero_block);
+        done += b->size;
     }
-    uint64_t start = (uint64_t)off;
-    uint64_t end = start + size < m->size ? start + size : m->size;
+    return 0;
+}
+
+/* Adds [start, end) of a base version. */
+static int bufs_add_base(struct reply_bufs *r, struct fetcher *fetcher, const struct vm_base *base, uint64_t start,
+                         uint64_t end)
+{
+    const struct manifest *m = base->manifest;
     uint64_t cs = m->chunk_size;
-    uint64_t first = start / cs, last = (end - 1) / cs;
-    size_t max_bufs = (size_t)(last - first + 1) + size / sizeof(zero_block) + 1;
-    struct fuse_bufvec *bv = calloc(1, sizeof(*bv) + max_bufs * sizeof(struct fuse_buf));
-    struct cache_pin *pins = calloc(max_bufs, sizeof(*pins));
-    size_t npins = 0;
-    int err = 0;
-    if (!bv || !pins) {
-        err = ENOMEM;
+    for (uint64_t i = start / cs; i * cs < end; i++) {
+        uint64_t from = start > i * cs ? start : i * cs;
+        uint64_t to = end < (i + 1) * cs ? end : (i + 1) * cs;
+        int rc;
+        if (chunk_hash_is_null(&m->chunks[i])) {
+            rc = bufs_add_zero(r, to - from);
+        } else {
+            if (r->npins == r->cap ||
+                fetch_acquire(fetcher, &m->chunks[i], m->chunk_size, base->counters, &r->pins[r->npins]) != 0)
+                return -EIO;
+            rc = bufs_add_fd(r, r->pins[r->npins++].fd, from - i * cs, to - from);
+        }
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* Adds [start, end) of a disk: its layers, base or zeros. */
+static int bufs_add_disk(struct reply_bufs *r, struct fetcher *fetcher, const struct disk *disk, uint64_t start,
+                         uint64_t end)
+{
+    while (start < end) {
+        enum disk_source source;
+        struct layer *layer;
+        uint64_t n = disk_source_at(disk, start, end - start, &source, &layer);
+        int rc = source == SOURCE_LAYER  ? bufs_add_fd(r, layer->data_fd, start, n)
+                 : source == SOURCE_BASE ? bufs_add_base(r, fetcher, disk->base, start, start + n)
+                                         : bufs_add_zero(r, n);
+        if (rc)
+            return rc;
+        start += n;
+    }
+    return 0;
+}
+
+static void read_image(fuse_req_t req, struct imgfs *fs, const struct node *n, size_t size, off_t off)
+{
+    const struct disk *disk = NULL;
+    uint64_t disk_size;
+    if (n->kind == NODE_BASE_FILE) {
+        disk_size = n->version->manifest->size;
+    } else {
+        disk = n->kind == NODE_VM_FILE ? &n->vm->live : &n->snapshot->disk;
+        disk_size = n->vm->live.size;
+        pthread_rwlock_rdlock(&n->vm->chain_lock);
+    }
+    if (off < 0 || (uint64_t)off >= disk_size || size == 0) {
+        fuse_reply_buf(req, NULL, 0);
         goto out;
     }
-    size_t nbufs = 0;
-    for (uint64_t i = first; i <= last; i++) {
-        uint64_t cstart = i * cs;
-        uint64_t from = start > cstart ? start : cstart;
-        uint64_t to = end < cstart + cs ? end : cstart + cs;
-        if (chunk_hash_is_null(&m->chunks[i])) {
-            for (uint64_t pos = from; pos < to; pos += sizeof(zero_block)) {
-                struct fuse_buf *b = &bv->buf[nbufs++];
-                b->mem = (void *)zero_block;
-                b->size = to - pos < sizeof(zero_block) ? (size_t)(to - pos) : sizeof(zero_block);
-            }
-            continue;
-        }
-        if (fetch_acquire(fs->fetcher, &m->chunks[i], m->chunk_size, &v->counters, &pins[npins]) != 0) {
-            err = EIO;
-            goto out;
-        }
-        struct fuse_buf *b = &bv->buf[nbufs++];
-        b->flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
-        b->fd = pins[npins].fd;
-        b->pos = (off_t)(from - cstart);
-        b->size = (size_t)(to - from);
-        npins++;
-    }
-    bv->count = nbufs;
-    /* The pins keep every descriptor open until the reply has been sent. */
-    fuse_reply_data(req, bv, FUSE_BUF_SPLICE_MOVE);
+    uint64_t start = (uint64_t)off;
+    uint64_t end = start + size < disk_size ? start + size : disk_size;
+    /* Worst case: every 4 KiB block from a different place, plus zero runs. */
+    struct reply_bufs r;
+    int rc = bufs_init(&r, (size_t)((end - start) / 4096 + 2) * 2 + size / sizeof(zero_block) + 2);
+    if (!rc)
+        rc = disk ? bufs_add_disk(&r, fs->fetcher, disk, start, end)
+                  : bufs_add_base(&r, fs->fetcher, &n->version->view, start, end);
+    if (rc)
+        fuse_reply_err(req, rc == -ENOMEM ? ENOMEM : EIO);
+    else
+        fuse_reply_data(req, r.bv, FUSE_BUF_SPLICE_MOVE);
+    bufs_free(&r, fs->fetcher);
 out:
-    if (err)
-        fuse_reply_err(req, err);
-    for (size_t i = 0; i < npins; i++)
-        fetch_release(fs->fetcher, &pins[i]);
-    free(pins);
-    free(bv);
+    if (disk)
+        pthread_rwlock_unlock(&n->vm->chain_lock);
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
     struct imgfs *fs = fs_of(req);
     struct node *n = tree_get(fs->tree, ino);
-    if (n && n->kind == NODE_STATUS_FILE)
-        read_status(req, fi->fh, size, off);
-    else if (n && n->kind == NODE_BASE_FILE)
-        read_base(req, fs, n->version, size, off);
+    if (n && (n->kind == NODE_STATUS_FILE || n->kind == NODE_CONTROL_FILE))
+        text_read(req, fi->fh, size, off);
+    else if (n && (n->kind == NODE_BASE_FILE || is_vm_node(n)))
+        read_image(req, fs, n, size, off);
     else
         fuse_reply_err(req, EBADF);
+}
+
+static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                     struct fuse_file_info *fi)
+{
+    struct imgfs *fs = fs_of(req);
+    struct node *n = tree_get(fs->tree, ino);
+    if (n && n->kind == NODE_CONTROL_FILE) {
+        char *answer = control_execute(fs, buf, size);
+        int rc = answer ? text_replace(fi->fh, answer) : -ENOMEM;
+        if (rc)
+            fuse_reply_err(req, -rc);
+        else
+            fuse_reply_write(req, size);
+        return;
+    }
+    if (!n || n->kind != NODE_VM_FILE) {
+        fuse_reply_err(req, EBADF);
+        return;
+    }
+    if (off < 0) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    int rc = vm_write(n->vm, fs->fetcher, buf, size, (uint64_t)off);
+    if (rc)
+        fuse_reply_err(req, -rc);
+    else
+        fuse_reply_write(req, size);
+}
+
+static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    (void)datasync, (void)fi;
+    struct node *n = tree_get(fs_of(req)->tree, ino);
+    int rc = n && n->kind == NODE_VM_FILE ? vm_flush(n->vm) : 0;
+    fuse_reply_err(req, -rc);
+}
+
+static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)ino, (void)fi;
+    fuse_reply_err(req, 0); /* durability is fsync's job */
+}
+
+static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len, struct fuse_file_info *fi)
+{
+    (void)fi;
+    struct imgfs *fs = fs_of(req);
+    struct node *n = tree_get(fs->tree, ino);
+    if (!n || n->kind != NODE_VM_FILE) {
+        fuse_reply_err(req, n && is_vm_node(n) ? EROFS : EOPNOTSUPP);
+        return;
+    }
+    if (off < 0 || len <= 0) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    int rc;
+    if (mode == (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) || mode == FALLOC_FL_ZERO_RANGE ||
+        mode == (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE))
+        rc = vm_discard(n->vm, fs->fetcher, (uint64_t)off, (uint64_t)len);
+    else if (mode == 0 || mode == FALLOC_FL_KEEP_SIZE)
+        rc = (uint64_t)off + (uint64_t)len <= n->vm->live.size ? 0 : -EFBIG; /* a disk is fully sized */
+    else
+        rc = -EOPNOTSUPP;
+    fuse_reply_err(req, -rc);
+}
+
+static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
+{
+    (void)fi;
+    struct imgfs *fs = fs_of(req);
+    struct node *n = tree_get(fs->tree, ino);
+    if (!n || (whence != SEEK_DATA && whence != SEEK_HOLE) || off < 0) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    int64_t pos;
+    if (n->kind == NODE_BASE_FILE) {
+        struct disk base_only = {.size = n->version->manifest->size, .base = &n->version->view};
+        pos = disk_seek(&base_only, (uint64_t)off, whence);
+    } else if (is_vm_node(n)) {
+        pthread_rwlock_rdlock(&n->vm->chain_lock);
+        pos = disk_seek(n->kind == NODE_VM_FILE ? &n->vm->live : &n->snapshot->disk, (uint64_t)off, whence);
+        pthread_rwlock_unlock(&n->vm->chain_lock);
+    } else {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    if (pos < 0)
+        fuse_reply_err(req, (int)-pos);
+    else
+        fuse_reply_lseek(req, (off_t)pos);
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct node *n = tree_get(fs_of(req)->tree, ino);
-    if (n && n->kind == NODE_STATUS_FILE)
-        release_status(fi->fh);
+    if (n && (n->kind == NODE_STATUS_FILE || n->kind == NODE_CONTROL_FILE)) {
+        text_release(fi->fh);
+    } else if (n && is_vm_node(n)) {
+        pthread_mutex_lock(&n->vm->attr_lock);
+        n->vm->open_count--;
+        pthread_mutex_unlock(&n->vm->attr_lock);
+    }
     fuse_reply_err(req, 0);
 }
 
 static void op_statfs(fuse_req_t req, fuse_ino_t ino)
 {
     (void)ino;
+    struct imgfs *fs = fs_of(req);
     struct statvfs sv;
-    if (statvfs(cache_dir(fs_of(req)->cache), &sv) < 0) {
+    const char *dir = fs->opts->state_dir ? fs->opts->state_dir : cache_dir(fs->cache);
+    if (statvfs(dir, &sv) < 0) {
         fuse_reply_err(req, errno);
         return;
     }
@@ -405,7 +723,7 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino)
     fuse_reply_statfs(req, &sv);
 }
 
-/* Nothing in the tree can be created, removed or renamed by users yet. */
+/* Files are created and removed with imgfsctl, not with the usual calls. */
 static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
 {
     (void)parent, (void)name, (void)mode, (void)rdev;
@@ -431,8 +749,7 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
     fuse_reply_err(req, EROFS);
 }
 
-static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
-                      struct fuse_file_info *fi)
+static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, struct fuse_file_info *fi)
 {
     (void)parent, (void)name, (void)mode, (void)fi;
     fuse_reply_err(req, EROFS);
@@ -452,8 +769,13 @@ const struct fuse_lowlevel_ops imgfs_ops = {
     .create = op_create,
     .open = op_open,
     .read = op_read,
+    .write = op_write,
+    .flush = op_flush,
+    .fsync = op_fsync,
     .release = op_release,
     .opendir = op_opendir,
     .readdir = op_readdir,
     .statfs = op_statfs,
+    .fallocate = op_fallocate,
+    .lseek = op_lseek,
 };

@@ -78,12 +78,15 @@ static void print_help(void)
            "Mounts the base images of REPO (a directory or an http(s):// URL) at MOUNTPOINT:\n"
            "  bases/NAME.raw      newest version of NAME (a symlink to NAME@V.raw)\n"
            "  bases/NAME@V.raw    version V of NAME, read-only\n"
+           "  vms/VM.raw          a VM disk (read-write), made with imgfsctl vm create\n"
+           "  vms/VM@SNAP.raw     a snapshot of a VM disk, read-only\n"
            "  .imgfs/stats        status and counters (plain text)\n"
            "\n"
            "imgfs options:\n"
            "  -o cache=DIR        chunk cache directory (default " IMGFS_DEFAULT_CACHE_DIR ",\n"
            "                      created if it is the default; a given DIR must exist)\n"
-           "  -o state=DIR        directory for VM layers (must exist)\n"
+           "  -o state=DIR        directory for VM disks and their layers (default\n"
+           "                      " IMGFS_DEFAULT_STATE_DIR ", created if it is the default)\n"
            "  -o timeout=SECONDS  how long a read may wait for an uncached chunk before it\n"
            "                      fails with EIO (default 30)\n"
            "  -o refresh=SECONDS  how often the repository index is re-read (default 2)\n"
@@ -199,6 +202,14 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
         if (check_dir("state directory", raw.state) < 0)
             goto out;
         opts->state_dir = realpath(raw.state, NULL);
+    } else {
+        int err = mkdir_p(IMGFS_DEFAULT_STATE_DIR);
+        if (err) {
+            fprintf(stderr, "imgfs: cannot create the default state directory %s: %s\n", IMGFS_DEFAULT_STATE_DIR,
+                    strerror(-err));
+            goto out;
+        }
+        opts->state_dir = strdup(IMGFS_DEFAULT_STATE_DIR);
     }
     /* A local repository path is made absolute: the daemon changes to /. */
     if (strstr(raw.repo, "://")) {
@@ -208,7 +219,7 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
             goto out;
         opts->repo = realpath(raw.repo, NULL);
     }
-    if (!opts->repo || !opts->cache_dir) {
+    if (!opts->repo || !opts->cache_dir || !opts->state_dir) {
         fail("%s", "out of memory");
         goto out;
     }

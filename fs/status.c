@@ -89,6 +89,31 @@ static int render_version(void *ctx, const struct node *n)
     return 0;
 }
 
+static void render_vm(void *ctx, struct vm *vm)
+{
+    struct text *t = ctx;
+    text_printf(t, "\n[vm %s]\nfile              vms/%s.raw\nsize              %" PRIu64 "\n", vm->name, vm->name,
+                vm->live.size);
+    if (vm->has_base)
+        text_printf(t, "base              %s@%" PRIu64 "\n", vm->base_name, vm->base_version);
+    else
+        text_printf(t, "base              none\n");
+    pthread_mutex_lock(&vm->attr_lock);
+    unsigned open_count = vm->open_count;
+    pthread_mutex_unlock(&vm->attr_lock);
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    unsigned depth = vm->live.depth, snapshots = vm->snapshot_count;
+    uint64_t owned = atomic_load(&vm->live.layers[depth - 1]->owned_blocks);
+    pthread_rwlock_unlock(&vm->chain_lock);
+    text_printf(t,
+                "layer_bytes       %" PRIu64 "\n"
+                "top_layer_blocks  %" PRIu64 "\n"
+                "layers            %u\n"
+                "snapshots         %u\n"
+                "open              %u\n",
+                vm_layer_bytes(vm), owned, depth, snapshots, open_count);
+}
+
 int status_render_stats(struct imgfs *fs, char **out, size_t *len)
 {
     struct text t = {0};
@@ -128,8 +153,14 @@ int status_render_stats(struct imgfs *fs, char **out, size_t *len)
     else
         text_printf(&t, "last_error        none\n");
 
+    char vm_errors[2048];
+    vm_registry_errors(fs->vms, vm_errors, sizeof(vm_errors));
+    text_printf(&t, "\n[vms]\nstate_directory   %s\nload_errors       %s\n", fs->opts->state_dir,
+                vm_errors[0] ? vm_errors : "none");
+
     struct version_walk walk = {fs, &t};
     tree_for_each_child(fs->tree, INO_BASES, 0, render_version, &walk);
+    vm_registry_each(fs->vms, render_vm, &t);
     if (t.failed) {
         free(t.data);
         return -ENOMEM;

@@ -42,7 +42,8 @@ int tree_create(struct repo *repo, double refresh_seconds, struct tree **out)
     /* The fixed part, in the inode order of the INO_* constants. */
     bool ok = add_node(tree, INO_ROOT, NODE_DIR, "") && add_node(tree, INO_ROOT, NODE_DIR, "bases") &&
               add_node(tree, INO_ROOT, NODE_DIR, "vms") && add_node(tree, INO_ROOT, NODE_DIR, ".imgfs") &&
-              add_node(tree, INO_STATUS_DIR, NODE_STATUS_FILE, "stats");
+              add_node(tree, INO_STATUS_DIR, NODE_STATUS_FILE, "stats") &&
+              add_node(tree, INO_STATUS_DIR, NODE_CONTROL_FILE, "control");
     if (!ok) {
         tree_destroy(tree);
         return -ENOMEM;
@@ -124,6 +125,8 @@ static int publish_version(struct tree *tree, struct manifest *m, bool latest)
     if (!v)
         return -ENOMEM;
     v->manifest = m;
+    v->view.manifest = m;
+    v->view.counters = &v->counters;
     pthread_rwlock_wrlock(&tree->lock);
     struct node *n = add_node(tree, INO_BASES, NODE_BASE_FILE, file);
     if (n)
@@ -180,4 +183,60 @@ int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
     snprintf(tree->last_refresh_error, sizeof(tree->last_refresh_error), "%s", problem);
     pthread_mutex_unlock(&tree->refresh_lock);
     return rc;
+}
+
+static bool has_vm_node(struct tree *tree, const struct vm *vm, const struct vm_snapshot *snap)
+{
+    for (size_t i = 0; i < tree->count; i++)
+        if (tree->nodes[i]->vm == vm && tree->nodes[i]->snapshot == snap && tree->nodes[i]->parent)
+            return true;
+    return false;
+}
+
+int tree_add_vm(struct tree *tree, struct vm *vm)
+{
+    int rc = 0;
+    pthread_rwlock_wrlock(&tree->lock);
+    if (!has_vm_node(tree, vm, NULL)) {
+        char name[80];
+        snprintf(name, sizeof(name), "%s.raw", vm->name);
+        struct node *n = add_node(tree, INO_VMS, NODE_VM_FILE, name);
+        if (n)
+            n->vm = vm;
+        else
+            rc = -ENOMEM;
+    }
+    for (unsigned s = 0; s < vm->snapshot_count && !rc; s++) {
+        struct vm_snapshot *snap = vm->snapshots[s];
+        if (has_vm_node(tree, vm, snap))
+            continue;
+        char name[160];
+        snprintf(name, sizeof(name), "%s@%s.raw", vm->name, snap->name);
+        struct node *n = add_node(tree, INO_VMS, NODE_VM_SNAPSHOT, name);
+        if (n) {
+            n->vm = vm;
+            n->snapshot = snap;
+        } else {
+            rc = -ENOMEM;
+        }
+    }
+    pthread_rwlock_unlock(&tree->lock);
+    return rc;
+}
+
+void tree_remove_vm(struct tree *tree, struct vm *vm)
+{
+    pthread_rwlock_wrlock(&tree->lock);
+    for (size_t i = 0; i < tree->count; i++)
+        if (tree->nodes[i]->vm == vm)
+            tree->nodes[i]->parent = 0;
+    pthread_rwlock_unlock(&tree->lock);
+}
+
+struct base_version *tree_find_version(struct tree *tree, const char *name, uint64_t version)
+{
+    char file[80];
+    snprintf(file, sizeof(file), "%s@%" PRIu64 ".raw", name, version);
+    struct node *n = tree_lookup(tree, INO_BASES, file);
+    return n && n->kind == NODE_BASE_FILE ? n->version : NULL;
 }

@@ -21,6 +21,7 @@
 #include "options.h"
 #include "repo.h"
 #include "tree.h"
+#include "vm.h"
 
 struct imgfs {
     const struct mount_options *opts;
@@ -28,6 +29,8 @@ struct imgfs {
     struct cache *cache;
     struct fetcher *fetcher;
     struct tree *tree;
+    struct vm_registry *vms;
+    int tree_error; /* set while VM nodes are added at start-up */
     double started;    /* now_seconds() at mount */
     time_t mounted_at; /* wall clock at mount, for directory times */
 };
@@ -36,5 +39,17 @@ extern const struct fuse_lowlevel_ops imgfs_ops;
 
 /* Renders .imgfs/stats into a malloc'd buffer. */
 int status_render_stats(struct imgfs *fs, char **text, size_t *len);
+
+/* Runs one imgfsctl command written to .imgfs/control and returns the reply
+ * in a malloc'd string: "ok[ DETAIL]\n" or "error SENTENCE\n". Commands are
+ * one line of tab-separated fields:
+ *   vm-create NAME BASE VERSION | vm-create NAME - SIZE
+ *   vm-snapshot NAME SNAP       | vm-clone SRC SNAP|- DST
+ *   vm-rm NAME                  | vm-export NAME ABSPATH
+ *   vm-import ABSPATH NAME|-                                              */
+char *control_execute(struct imgfs *fs, const char *command, size_t len);
+
+/* The base lookup that the VM registry uses (ctx is the struct imgfs). */
+const struct vm_base *fs_lookup_base(void *ctx, const char *name, uint64_t version);
 
 #endif

@@ -17,13 +17,14 @@
 #include <stdbool.h>
 
 #define IMGFS_DEFAULT_CACHE_DIR "/var/cache/imgfs"
+#define IMGFS_DEFAULT_STATE_DIR "/var/lib/imgfs"
 #define IMGFS_DEFAULT_REFRESH_SECONDS 2.0
 
 struct mount_options {
     char *repo;       /* malloc'd */
     char *mountpoint; /* malloc'd, absolute */
     char *cache_dir;  /* malloc'd */
-    char *state_dir;  /* malloc'd or NULL */
+    char *state_dir;  /* malloc'd */
     double timeout_seconds;
     double refresh_seconds;
     bool foreground;

@@ -3,12 +3,15 @@
  *   /                      inode 1
  *   /bases/                NAME@V.raw for every version V of every base,
  *                          NAME.raw -> NAME@LATEST.raw (a symlink)
- *   /vms/                  VM disks (empty until layers exist)
+ *   /vms/                  VM.raw for each VM (read-write), VM@SNAP.raw for
+ *                          each of its snapshots (read-only)
  *   /.imgfs/stats          plain-text status
+ *   /.imgfs/control        imgfsctl's command channel (root only)
  *
  * Base version files are immutable, so each keeps one inode for the life of
  * the mount and the kernel may cache its pages forever. A new publish adds a
- * new NAME@V.raw and re-points the NAME.raw symlink.
+ * new NAME@V.raw and re-points the NAME.raw symlink. Removing a VM detaches
+ * its nodes (parent 0) without freeing them.
  *
  * Locking: the node table is guarded by tree->lock (a rwlock). Nodes are
  * never freed before tree_destroy(), so a node pointer obtained under the
@@ -28,6 +31,7 @@
 #include "fetch.h"
 #include "manifest.h"
 #include "repo.h"
+#include "vm.h"
 
 enum {
     INO_ROOT = FUSE_ROOT_ID,
@@ -35,14 +39,24 @@ enum {
     INO_VMS,
     INO_STATUS_DIR,
     INO_STATS,
+    INO_CONTROL,
     INO_FIRST_DYNAMIC,
 };
 
-enum node_kind { NODE_DIR, NODE_BASE_FILE, NODE_BASE_LINK, NODE_STATUS_FILE };
+enum node_kind {
+    NODE_DIR,
+    NODE_BASE_FILE,
+    NODE_BASE_LINK,
+    NODE_STATUS_FILE,
+    NODE_CONTROL_FILE,
+    NODE_VM_FILE,
+    NODE_VM_SNAPSHOT,
+};
 
 struct base_version {
     struct manifest *manifest; /* owned */
     struct fetch_counters counters;
+    struct vm_base view; /* {manifest, &counters}, what VM disks read through */
 };
 
 struct node {
@@ -52,6 +66,8 @@ struct node {
     char name[80];
     struct base_version *version; /* NODE_BASE_FILE: owned */
     char link_target[80];         /* NODE_BASE_LINK: guarded by tree->lock */
+    struct vm *vm;                /* NODE_VM_FILE and NODE_VM_SNAPSHOT: not owned */
+    struct vm_snapshot *snapshot; /* NODE_VM_SNAPSHOT */
 };
 
 struct tree {
@@ -84,6 +100,14 @@ struct node *tree_lookup(struct tree *tree, fuse_ino_t parent, const char *name)
  * the child with inode `after` (0 = from the start), while fn returns 0. */
 void tree_for_each_child(struct tree *tree, fuse_ino_t parent, fuse_ino_t after,
                          int (*fn)(void *ctx, const struct node *n), void *ctx);
+
+/* Adds vms/VM.raw and vms/VM@SNAP.raw for each of vm's snapshots that has
+ * no node yet. */
+int tree_add_vm(struct tree *tree, struct vm *vm);
+/* Detaches every node of vm. */
+void tree_remove_vm(struct tree *tree, struct vm *vm);
+/* The base version NAME@VERSION, or NULL. */
+struct base_version *tree_find_version(struct tree *tree, const char *name, uint64_t version);
 
 /* Copies a symlink's target under the lock. */
 void tree_read_link(struct tree *tree, const struct node *n, char *out, size_t len);

@@ -33,6 +33,13 @@ static void *refresh_loop(void *arg)
     return NULL;
 }
 
+static void add_vm_nodes(void *ctx, struct vm *vm)
+{
+    struct imgfs *fs = ctx;
+    if (tree_add_vm(fs->tree, vm) != 0)
+        fs->tree_error = -ENOMEM;
+}
+
 static int setup(struct imgfs *fs, const struct mount_options *opts)
 {
     char err[512];
@@ -47,6 +54,15 @@ static int setup(struct imgfs *fs, const struct mount_options *opts)
         snprintf(err, sizeof(err), "out of memory");
     if (!rc)
         rc = tree_refresh(fs->tree, true, err, sizeof(err));
+    /* After the bases: every VM is checked against the base it sits on. */
+    if (!rc)
+        rc = vm_registry_open(opts->state_dir, fs_lookup_base, fs, &fs->vms, err, sizeof(err));
+    if (!rc) {
+        vm_registry_each(fs->vms, add_vm_nodes, fs);
+        rc = fs->tree_error;
+        if (rc)
+            snprintf(err, sizeof(err), "out of memory");
+    }
     if (rc)
         fprintf(stderr, "imgfs: %s\n", err);
     return rc;
@@ -54,6 +70,7 @@ static int setup(struct imgfs *fs, const struct mount_options *opts)
 
 static void teardown(struct imgfs *fs)
 {
+    vm_registry_close(fs->vms);
     tree_destroy(fs->tree);
     fetcher_destroy(fs->fetcher);
     cache_close(fs->cache);

@@ -1,5 +1,6 @@
 /* imgfsctl: administration of imgfs repositories and mounts. */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -189,12 +190,178 @@ static int versions_main(int argc, char **argv)
     return status;
 }
 
+/* ---- vm ------------------------------------------------------------------------ */
+
+static void vm_help(FILE *out)
+{
+    fprintf(out,
+            "usage: imgfsctl vm create MOUNTPOINT VM --base NAME[@VERSION]\n"
+            "       imgfsctl vm create MOUNTPOINT VM --size SIZE\n"
+            "       imgfsctl vm snapshot MOUNTPOINT VM SNAP\n"
+            "       imgfsctl vm clone MOUNTPOINT SRC[@SNAP] DST\n"
+            "       imgfsctl vm rm MOUNTPOINT VM\n"
+            "       imgfsctl vm export MOUNTPOINT VM FILE\n"
+            "       imgfsctl vm import MOUNTPOINT FILE [--name VM]\n"
+            "\n"
+            "VM disks appear as MOUNTPOINT/vms/VM.raw (read-write, the size of the base)\n"
+            "and their snapshots as MOUNTPOINT/vms/VM@SNAP.raw (read-only).\n"
+            "  create    a new disk on a base version (default: the newest), or a blank one\n"
+            "  snapshot  freeze the disk as SNAP; the VM goes on in a new layer\n"
+            "  clone     a new VM sharing SRC's frozen layers (SRC is snapshotted if no SNAP)\n"
+            "  rm        remove a VM that is not open; layers still used elsewhere stay\n"
+            "  export    write the VM's own data and its base identity to FILE\n"
+            "  import    recreate an exported VM on a mount that has the same base\n");
+}
+
+/* Sends one tab-separated command to the daemon and prints its answer. */
+static int vm_command(const char *sub, const char *mountpoint, const char *command)
+{
+    char path[PATH_MAX];
+    if (path_join(path, sizeof(path), "%s/.imgfs/control", mountpoint) < 0)
+        return usage_error("vm", "mount point path is too long");
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        fprintf(stderr, "imgfsctl vm %s: %s is not an imgfs mount or not writable by you (%s)\n", sub, mountpoint,
+                strerror(errno));
+        return 1;
+    }
+    char answer[1024];
+    int rc = write_full(fd, command, strlen(command));
+    ssize_t n = rc ? -1 : pread(fd, answer, sizeof(answer) - 1, 0);
+    int saved = errno;
+    close(fd);
+    if (rc || n < 0) {
+        fprintf(stderr, "imgfsctl vm %s: the daemon did not answer: %s\n", sub, strerror(rc ? -rc : saved));
+        return 1;
+    }
+    answer[n] = '\0';
+    answer[strcspn(answer, "\n")] = '\0';
+    if (strncmp(answer, "ok", 2) == 0)
+        return 0;
+    fprintf(stderr, "imgfsctl vm %s: %s\n", sub, strncmp(answer, "error ", 6) == 0 ? answer + 6 : answer);
+    return 1;
+}
+
+/* NAME@VERSION, or NAME alone for the newest version that the mount shows. */
+static int resolve_base(const char *mountpoint, const char *spec, char *name, size_t name_len, uint64_t *version)
+{
+    const char *at = strchr(spec, '@');
+    if (at) {
+        snprintf(name, name_len, "%.*s", (int)(at - spec), spec);
+        return parse_u64(at + 1, version) == 0 && *version > 0 && name_is_valid(name) ? 0 : -EINVAL;
+    }
+    snprintf(name, name_len, "%s", spec);
+    if (!name_is_valid(name))
+        return -EINVAL;
+    char link[PATH_MAX], target[256];
+    if (path_join(link, sizeof(link), "%s/bases/%s.raw", mountpoint, spec) < 0)
+        return -ENAMETOOLONG;
+    ssize_t n = readlink(link, target, sizeof(target) - 1);
+    if (n < 0)
+        return -errno;
+    target[n] = '\0';
+    char *v = strrchr(target, '@');
+    return v && sscanf(v + 1, "%" SCNu64 ".raw", version) == 1 ? 0 : -EBADMSG;
+}
+
+/* Absolute path for a file the daemon will read or write. */
+static int absolute_path(const char *path, char *out, size_t len)
+{
+    if (path[0] == '/')
+        return path_join(out, len, "%s", path);
+    char cwd[PATH_MAX];
+    if (!getcwd(cwd, sizeof(cwd)))
+        return -errno;
+    return path_join(out, len, "%s/%s", cwd, path);
+}
+
+static int vm_main(int argc, char **argv)
+{
+    if (argc < 2 || wants_help(argc, argv)) {
+        vm_help(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    const char *sub = argv[1];
+    char cmd[PATH_MAX * 2 + 256];
+    char file[PATH_MAX];
+    if (strcmp(sub, "create") == 0) {
+        const char *base = NULL, *size_text = NULL;
+        if (argc == 6 && strcmp(argv[4], "--base") == 0)
+            base = argv[5];
+        else if (argc == 6 && strcmp(argv[4], "--size") == 0)
+            size_text = argv[5];
+        else
+            return usage_error("vm create", "needs MOUNTPOINT VM and --base NAME[@VERSION] or --size SIZE");
+        if (base) {
+            char name[65];
+            uint64_t version;
+            int rc = resolve_base(argv[2], base, name, sizeof(name), &version);
+            if (rc) {
+                fprintf(stderr, "imgfsctl vm create: base %s is not on the mount at %s\n", base, argv[2]);
+                return 1;
+            }
+            snprintf(cmd, sizeof(cmd), "vm-create\t%s\t%s\t%" PRIu64 "\n", argv[3], name, version);
+        } else {
+            uint64_t size;
+            if (parse_size(size_text, &size) < 0)
+                return usage_error("vm create", "--size needs a size such as 20G");
+            snprintf(cmd, sizeof(cmd), "vm-create\t%s\t-\t%" PRIu64 "\n", argv[3], size);
+        }
+        return vm_command(sub, argv[2], cmd);
+    }
+    if (strcmp(sub, "snapshot") == 0) {
+        if (argc != 5)
+            return usage_error("vm snapshot", "needs MOUNTPOINT VM SNAP");
+        snprintf(cmd, sizeof(cmd), "vm-snapshot\t%s\t%s\n", argv[3], argv[4]);
+        return vm_command(sub, argv[2], cmd);
+    }
+    if (strcmp(sub, "clone") == 0) {
+        if (argc != 5)
+            return usage_error("vm clone", "needs MOUNTPOINT SRC[@SNAP] DST");
+        char src[80];
+        snprintf(src, sizeof(src), "%s", argv[3]);
+        char *at = strchr(src, '@');
+        if (at)
+            *at++ = '\0';
+        snprintf(cmd, sizeof(cmd), "vm-clone\t%s\t%s\t%s\n", src, at ? at : "-", argv[4]);
+        return vm_command(sub, argv[2], cmd);
+    }
+    if (strcmp(sub, "rm") == 0) {
+        if (argc != 4)
+            return usage_error("vm rm", "needs MOUNTPOINT VM");
+        snprintf(cmd, sizeof(cmd), "vm-rm\t%s\n", argv[3]);
+        return vm_command(sub, argv[2], cmd);
+    }
+    if (strcmp(sub, "export") == 0) {
+        if (argc != 5)
+            return usage_error("vm export", "needs MOUNTPOINT VM FILE");
+        if (absolute_path(argv[4], file, sizeof(file)) < 0 || strchr(file, '\t') || strchr(file, '\n'))
+            return usage_error("vm export", "FILE is not a usable path");
+        snprintf(cmd, sizeof(cmd), "vm-export\t%s\t%s\n", argv[3], file);
+        return vm_command(sub, argv[2], cmd);
+    }
+    if (strcmp(sub, "import") == 0) {
+        const char *name = "-";
+        if (argc == 6 && strcmp(argv[4], "--name") == 0)
+            name = argv[5];
+        else if (argc != 4)
+            return usage_error("vm import", "needs MOUNTPOINT FILE [--name VM]");
+        if (absolute_path(argv[3], file, sizeof(file)) < 0 || strchr(file, '\t') || strchr(file, '\n'))
+            return usage_error("vm import", "FILE is not a usable path");
+        snprintf(cmd, sizeof(cmd), "vm-import\t%s\t%s\n", file, name);
+        return vm_command(sub, argv[2], cmd);
+    }
+    fprintf(stderr, "imgfsctl vm: unknown subcommand '%s' (see imgfsctl vm --help)\n", sub);
+    return 2;
+}
+
 /* ---- dispatch --------------------------------------------------------------------- */
 
 static const struct subcommand subcommands[] = {
     {"publish", "publish a raw or qcow2 image as a new base version", publish_main, publish_help},
     {"status", "show the status of a mount", status_main, status_help},
     {"versions", "list the bases of a repository", versions_main, versions_help},
+    {"vm", "create, snapshot, clone, remove, export and import VM disks", vm_main, vm_help},
 };
 
 static void main_help(FILE *out)

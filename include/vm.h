@@ -1,0 +1,133 @@
+/* vm: VM disks made of a base version and a chain of differential layers.
+ *
+ * State directory (-o state=DIR):
+ *   imgfs-state          marker "imgfs-state 1"
+ *   vms/NAME.vm          one VM: its size, owner and mode, the exact identity
+ *                        of its base (name, version, manifest hash), its live
+ *                        chain of layers (bottom to top; the top one takes the
+ *                        writes) and its snapshots, each a frozen chain; a
+ *                        checksum line ends it; replaced atomically
+ *   layers/ID.data|map   layers (see layer.h), shared by VMs and snapshots
+ *
+ * A disk reads each 4 KiB block from the topmost layer that owns it, else
+ * from the base (through the chunk cache), else zeros for a blank disk.
+ * A write of a partial block first copies the block up from below. Layers
+ * below the top are frozen and never written again, which is what lets
+ * snapshots and clones share them. A layer's files are removed when no VM or
+ * snapshot references it any more.
+ *
+ * Locking, in this order: registry->lock guards the list of VMs, the layer
+ * table and every VM's chain and snapshot list changes (and is held when the
+ * attributes change, so save_vm() may read them). Each VM has write_lock,
+ * which serialises writes and discards of its top layer with chain changes,
+ * and chain_lock (a rwlock) that readers hold while they use the chain.
+ * attr_lock, held only briefly and never across I/O, guards open_count,
+ * deleted, mode, uid and gid.
+ */
+#ifndef IMGFS_VM_H
+#define IMGFS_VM_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "fetch.h"
+#include "layer.h"
+#include "manifest.h"
+
+#define VM_MAX_DEPTH 64
+#define VM_MAX_SNAPSHOTS 256
+
+/* A base version as the registry sees it; owned by the mount tree. */
+struct vm_base {
+    const struct manifest *manifest;
+    struct fetch_counters *counters;
+};
+
+/* Finds base NAME@VERSION; returns NULL when the mount does not have it. */
+typedef const struct vm_base *(*vm_base_lookup_fn)(void *ctx, const char *name, uint64_t version);
+
+struct disk {
+    uint64_t size;
+    const struct vm_base *base; /* NULL for a blank disk */
+    struct layer *layers[VM_MAX_DEPTH];
+    unsigned depth;
+};
+
+struct vm_snapshot {
+    char name[65];
+    struct disk disk;
+};
+
+struct vm {
+    char name[65];
+    char base_name[65];
+    uint64_t base_version;
+    struct chunk_hash base_id;
+    bool has_base;
+
+    pthread_mutex_t write_lock;
+    pthread_rwlock_t chain_lock;
+    pthread_mutex_t attr_lock;
+    struct disk live;
+    struct vm_snapshot *snapshots[VM_MAX_SNAPSHOTS];
+    unsigned snapshot_count;
+
+    unsigned open_count;
+    bool deleted;
+    mode_t mode;
+    uid_t uid;
+    gid_t gid;
+};
+
+struct vm_registry;
+
+/* Loads every VM of state_dir (creating the layout when it is empty). A VM
+ * that cannot be loaded (missing layer, base missing or different) is
+ * skipped and reported through vm_registry_errors(). */
+int vm_registry_open(const char *state_dir, vm_base_lookup_fn lookup, void *lookup_ctx,
+                     struct vm_registry **out, char *err, size_t errlen);
+void vm_registry_close(struct vm_registry *reg);
+
+/* Text of the per-VM load errors, "" when none. */
+void vm_registry_errors(struct vm_registry *reg, char *out, size_t len);
+
+/* Calls fn for each VM (not deleted) under the registry lock. */
+void vm_registry_each(struct vm_registry *reg, void (*fn)(void *ctx, struct vm *vm), void *ctx);
+struct vm *vm_find(struct vm_registry *reg, const char *name);
+
+/* Commands. Each returns 0 or a negative errno with one sentence in err. */
+int vm_create(struct vm_registry *reg, const char *name, const char *base_name, uint64_t base_version,
+              uint64_t size, struct vm **out, char *err, size_t errlen);
+int vm_snapshot(struct vm_registry *reg, struct vm *vm, const char *snap, char *err, size_t errlen);
+int vm_clone(struct vm_registry *reg, struct vm *src, const char *snap, const char *dst, struct vm **out,
+             char *err, size_t errlen);
+int vm_remove(struct vm_registry *reg, struct vm *vm, char *err, size_t errlen);
+int vm_set_attr(struct vm_registry *reg, struct vm *vm, const mode_t *mode, const uid_t *uid, const gid_t *gid);
+int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unused, const char *path,
+              char *err, size_t errlen);
+int vm_import(struct vm_registry *reg, const char *path, const char *name, struct vm **out, char *err,
+              size_t errlen);
+
+/* I/O on a VM's live disk. */
+int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off);
+int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len);
+int vm_flush(struct vm *vm);
+uint64_t vm_layer_bytes(struct vm *vm);
+
+/* Where the bytes of a disk at off come from, for at most max_len bytes.
+ * Caller holds chain_lock for reading. Returns the run length. */
+enum disk_source { SOURCE_LAYER, SOURCE_BASE, SOURCE_ZERO };
+uint64_t disk_source_at(const struct disk *disk, uint64_t off, uint64_t max_len, enum disk_source *source,
+                        struct layer **layer);
+
+/* Reads len bytes of disk at off into buf (copy, not zero-copy). Caller holds
+ * chain_lock for reading. */
+int disk_read(const struct disk *disk, struct fetcher *fetcher, char *buf, size_t len, uint64_t off);
+
+/* SEEK_DATA / SEEK_HOLE over the disk's layers and base. -ENXIO past the end. */
+int64_t disk_seek(const struct disk *disk, uint64_t off, int whence);
+
+#endif

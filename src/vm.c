@@ -1,0 +1,1249 @@
+#include "vm.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "util.h"
+
+#define STATE_MARKER "imgfs-state 1\n"
+#define VM_CONF_MAX (1u << 20)
+
+/* A layer shared by the disks that reference it. */
+struct layer_ref {
+    struct layer *layer;
+    unsigned refs;
+};
+
+struct vm_registry {
+    char state_dir[PATH_MAX - 128];
+    char layer_dir[PATH_MAX];
+    vm_base_lookup_fn lookup;
+    void *lookup_ctx;
+    /* Everything below is guarded by lock. VMs are never freed before
+     * vm_registry_close(): removed ones are marked deleted. */
+    pthread_mutex_t lock;
+    struct vm **vms;
+    size_t vm_count;
+    struct layer_ref *layers;
+    size_t layer_count;
+    char errors[2048];
+};
+
+/* ---- layer table (registry->lock held) ------------------------------------- */
+
+static struct layer_ref *find_layer_ref(struct vm_registry *reg, const char *id)
+{
+    for (size_t i = 0; i < reg->layer_count; i++)
+        if (strcmp(reg->layers[i].layer->id, id) == 0)
+            return &reg->layers[i];
+    return NULL;
+}
+
+static int track_layer(struct vm_registry *reg, struct layer *layer)
+{
+    struct layer_ref *grown = realloc(reg->layers, (reg->layer_count + 1) * sizeof(*grown));
+    if (!grown)
+        return -ENOMEM;
+    reg->layers = grown;
+    reg->layers[reg->layer_count++] = (struct layer_ref){layer, 0};
+    return 0;
+}
+
+/* Returns the shared layer ID (opening it if needed) with one more ref. */
+static int get_layer(struct vm_registry *reg, const char *id, uint64_t size, struct layer **out)
+{
+    struct layer_ref *ref = find_layer_ref(reg, id);
+    if (!ref) {
+        struct layer *layer;
+        int err = layer_open(reg->layer_dir, id, size, &layer);
+        if (err)
+            return err;
+        if ((err = track_layer(reg, layer)) != 0) {
+            layer_close(layer);
+            return err;
+        }
+        ref = &reg->layers[reg->layer_count - 1];
+    }
+    if (ref->layer->size != size)
+        return -EBADMSG;
+    ref->refs++;
+    *out = ref->layer;
+    return 0;
+}
+
+static int new_layer(struct vm_registry *reg, uint64_t size, struct layer **out)
+{
+    struct layer *layer;
+    int err = layer_create(reg->layer_dir, size, &layer);
+    if (err)
+        return err;
+    if ((err = track_layer(reg, layer)) != 0) {
+        layer_close(layer);
+        layer_remove(reg->layer_dir, layer->id);
+        return err;
+    }
+    reg->layers[reg->layer_count - 1].refs = 1;
+    *out = layer;
+    return 0;
+}
+
+/* Drops one ref; a layer nothing references any more is deleted. */
+static void put_layer(struct vm_registry *reg, struct layer *layer)
+{
+    struct layer_ref *ref = find_layer_ref(reg, layer->id);
+    if (!ref || --ref->refs > 0)
+        return;
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer->id);
+    layer_close(layer);
+    *ref = reg->layers[--reg->layer_count];
+    if (layer_remove(reg->layer_dir, id) == 0)
+        fsync_dir(reg->layer_dir);
+}
+
+static void put_disk(struct vm_registry *reg, struct disk *disk)
+{
+    for (unsigned i = 0; i < disk->depth; i++)
+        put_layer(reg, disk->layers[i]);
+    disk->depth = 0;
+}
+
+/* ---- VM configuration files ------------------------------------------------ */
+
+static int conf_path(const struct vm_registry *reg, const char *name, char *out, size_t len)
+{
+    return path_join(out, len, "%s/vms/%s.vm", reg->state_dir, name);
+}
+
+static size_t append(char *buf, size_t cap, size_t pos, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static size_t append(char *buf, size_t cap, size_t pos, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = pos < cap ? vsnprintf(buf + pos, cap - pos, fmt, ap) : 0;
+    va_end(ap);
+    return pos + (n > 0 ? (size_t)n : 0);
+}
+
+static size_t append_chain(char *buf, size_t cap, size_t pos, const struct disk *disk)
+{
+    for (unsigned i = 0; i < disk->depth; i++)
+        pos = append(buf, cap, pos, " %s", disk->layers[i]->id);
+    return append(buf, cap, pos, "\n");
+}
+
+/* Writes vm's configuration atomically. Caller holds registry->lock. */
+static int save_vm(struct vm_registry *reg, const struct vm *vm)
+{
+    size_t cap = 4096 + (size_t)(vm->snapshot_count + 1) * (VM_MAX_DEPTH * (LAYER_ID_LEN + 1) + 96);
+    char *buf = malloc(cap);
+    if (!buf)
+        return -ENOMEM;
+    size_t pos = append(buf, cap, 0, "imgfs-vm 1\nname %s\nsize %" PRIu64 "\n", vm->name, vm->live.size);
+    if (vm->has_base) {
+        char hex[CHUNK_HASH_HEX + 1];
+        chunk_hash_to_hex(&vm->base_id, hex);
+        pos = append(buf, cap, pos, "base %s %" PRIu64 " %s\n", vm->base_name, vm->base_version, hex);
+    } else {
+        pos = append(buf, cap, pos, "base none\n");
+    }
+    pos = append(buf, cap, pos, "owner %u %u %o\nlive", (unsigned)vm->uid, (unsigned)vm->gid,
+                 (unsigned)(vm->mode & 07777));
+    pos = append_chain(buf, cap, pos, &vm->live);
+    for (unsigned s = 0; s < vm->snapshot_count; s++) {
+        pos = append(buf, cap, pos, "snapshot %s", vm->snapshots[s]->name);
+        pos = append_chain(buf, cap, pos, &vm->snapshots[s]->disk);
+    }
+    struct chunk_hash sum;
+    char hex[CHUNK_HASH_HEX + 1];
+    chunk_hash_compute(buf, pos, &sum);
+    chunk_hash_to_hex(&sum, hex);
+    pos = append(buf, cap, pos, "end %s\n", hex);
+    int err = pos >= cap ? -ENOMEM : 0;
+    char path[PATH_MAX];
+    if (!err)
+        err = conf_path(reg, vm->name, path, sizeof(path));
+    if (!err)
+        err = write_file_atomic(path, buf, pos);
+    free(buf);
+    return err;
+}
+
+static struct vm *vm_alloc(const char *name, uint64_t size)
+{
+    struct vm *vm = calloc(1, sizeof(*vm));
+    if (!vm)
+        return NULL;
+    snprintf(vm->name, sizeof(vm->name), "%s", name);
+    vm->live.size = size;
+    vm->mode = 0644;
+    pthread_mutex_init(&vm->write_lock, NULL);
+    pthread_rwlock_init(&vm->chain_lock, NULL);
+    pthread_mutex_init(&vm->attr_lock, NULL);
+    return vm;
+}
+
+static void vm_free(struct vm *vm)
+{
+    for (unsigned s = 0; s < vm->snapshot_count; s++)
+        free(vm->snapshots[s]);
+    pthread_mutex_destroy(&vm->write_lock);
+    pthread_rwlock_destroy(&vm->chain_lock);
+    pthread_mutex_destroy(&vm->attr_lock);
+    free(vm);
+}
+
+/* Reads the layer IDs after a keyword into disk (registry->lock held). */
+static int load_chain(struct vm_registry *reg, char *ids, struct disk *disk)
+{
+    char *save = NULL;
+    for (char *id = strtok_r(ids, " ", &save); id; id = strtok_r(NULL, " ", &save)) {
+        if (strlen(id) != LAYER_ID_LEN || strspn(id, "0123456789abcdef") != LAYER_ID_LEN ||
+            disk->depth >= VM_MAX_DEPTH)
+            return -EBADMSG;
+        int err = get_layer(reg, id, disk->size, &disk->layers[disk->depth]);
+        if (err)
+            return err;
+        disk->depth++;
+    }
+    return disk->depth ? 0 : -EBADMSG;
+}
+
+#define LOAD_FAIL(...)                                                                          \
+    do {                                                                                        \
+        snprintf(err, errlen, __VA_ARGS__);                                                     \
+        goto fail;                                                                              \
+    } while (0)
+
+/* Parses and opens one VM (registry->lock held). */
+static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, char *err, size_t errlen)
+{
+    char path[PATH_MAX];
+    char *text = NULL;
+    size_t len;
+    struct vm *vm = NULL;
+    int rc = conf_path(reg, name, path, sizeof(path));
+    if (!rc)
+        rc = read_file(path, VM_CONF_MAX, &text, &len);
+    if (rc) {
+        snprintf(err, errlen, "VM %s: cannot read its VM file: %s", name, strerror(-rc));
+        return rc;
+    }
+    rc = -EBADMSG;
+    /* Checksum first: everything before the "end" line. */
+    char *end_line = len > 0 ? memmem(text, len, "end ", 4) : NULL;
+    while (end_line && end_line != text && end_line[-1] != '\n')
+        end_line = memmem(end_line + 1, len - (size_t)(end_line + 1 - text), "end ", 4);
+    struct chunk_hash want, got;
+    if (!end_line || strlen(end_line) != 4 + CHUNK_HASH_HEX + 1 || chunk_hash_from_hex(end_line + 4, &want) < 0)
+        LOAD_FAIL("VM %s: its VM file is truncated (no end line)", name);
+    chunk_hash_compute(text, (size_t)(end_line - text), &got);
+    if (!chunk_hash_equal(&got, &want))
+        LOAD_FAIL("VM %s: its VM file is damaged (checksum mismatch)", name);
+    *end_line = '\0';
+
+    char *save = NULL;
+    char *line = strtok_r(text, "\n", &save);
+    if (!line || strcmp(line, "imgfs-vm 1") != 0)
+        LOAD_FAIL("VM %s: its VM file is not a VM file", name);
+    uint64_t size = 0;
+    char base_name[65] = "", base_hex[CHUNK_HASH_HEX + 1] = "";
+    uint64_t base_version = 0;
+    bool has_base = false;
+    unsigned uid = 0, gid = 0, mode = 0644;
+    while ((line = strtok_r(NULL, "\n", &save))) {
+        char value[64];
+        if (sscanf(line, "name %64s", value) == 1) {
+            if (strcmp(value, name) != 0)
+                LOAD_FAIL("VM %s: its VM file names another VM", name);
+        } else if (sscanf(line, "size %63s", value) == 1) {
+            if (parse_u64(value, &size) < 0 || size == 0 || size > MANIFEST_MAX_DISK_SIZE)
+                LOAD_FAIL("VM %s: bad size in its VM file", name);
+            vm = vm_alloc(name, size);
+            if (!vm)
+                LOAD_FAIL("out of memory");
+        } else if (strcmp(line, "base none") == 0) {
+            has_base = false;
+        } else if (sscanf(line, "base %64s %" SCNu64 " %32s", base_name, &base_version, base_hex) == 3) {
+            has_base = true;
+        } else if (sscanf(line, "owner %u %u %o", &uid, &gid, &mode) == 3) {
+        } else if (vm && strncmp(line, "live ", 5) == 0) {
+            if (vm->live.depth || (rc = load_chain(reg, line + 5, &vm->live)) != 0)
+                LOAD_FAIL("VM %s: its live layers are missing or damaged (%s)", name,
+                          rc == -ENOENT ? "layer file missing" : "bad layer");
+        } else if (vm && strncmp(line, "snapshot ", 9) == 0 && vm->snapshot_count < VM_MAX_SNAPSHOTS) {
+            struct vm_snapshot *snap = calloc(1, sizeof(*snap));
+            char *ids = strchr(line + 9, ' ');
+            if (!snap || !ids)
+                LOAD_FAIL("VM %s: bad snapshot line in its VM file", name);
+            *ids++ = '\0';
+            snprintf(snap->name, sizeof(snap->name), "%s", line + 9);
+            snap->disk.size = size;
+            vm->snapshots[vm->snapshot_count++] = snap;
+            if (!name_is_valid(snap->name) || load_chain(reg, ids, &snap->disk) != 0)
+                LOAD_FAIL("VM %s: snapshot %s has missing or damaged layers", name, snap->name);
+        } else {
+            LOAD_FAIL("VM %s: unexpected line in its VM file", name);
+        }
+    }
+    if (!vm || !vm->live.depth)
+        LOAD_FAIL("VM %s: its VM file lacks its size or layers", name);
+    vm->uid = uid;
+    vm->gid = gid;
+    vm->mode = mode & 07777;
+    if (has_base) {
+        vm->has_base = true;
+        snprintf(vm->base_name, sizeof(vm->base_name), "%s", base_name);
+        vm->base_version = base_version;
+        if (chunk_hash_from_hex(base_hex, &vm->base_id) < 0)
+            LOAD_FAIL("VM %s: bad base identity in its VM file", name);
+        const struct vm_base *base = reg->lookup(reg->lookup_ctx, base_name, base_version);
+        if (!base)
+            LOAD_FAIL("VM %s: its base %s@%" PRIu64 " is not in the repository", name, base_name, base_version);
+        if (!chunk_hash_equal(&base->manifest->id, &vm->base_id))
+            LOAD_FAIL("VM %s: base %s@%" PRIu64 " in the repository is not the one the VM was created on "
+                      "(manifest differs)", name, base_name, base_version);
+        if (base->manifest->size != size)
+            LOAD_FAIL("VM %s: size differs from its base", name);
+        vm->live.base = base;
+        for (unsigned s = 0; s < vm->snapshot_count; s++)
+            vm->snapshots[s]->disk.base = base;
+    }
+    free(text);
+    *out = vm;
+    return 0;
+fail:
+    if (vm) {
+        put_disk(reg, &vm->live);
+        for (unsigned s = 0; s < vm->snapshot_count; s++)
+            put_disk(reg, &vm->snapshots[s]->disk);
+        vm_free(vm);
+    }
+    free(text);
+    return rc ? rc : -EBADMSG;
+}
+
+static int add_vm(struct vm_registry *reg, struct vm *vm)
+{
+    struct vm **grown = realloc(reg->vms, (reg->vm_count + 1) * sizeof(*grown));
+    if (!grown)
+        return -ENOMEM;
+    reg->vms = grown;
+    reg->vms[reg->vm_count++] = vm;
+    return 0;
+}
+
+int vm_registry_open(const char *state_dir, vm_base_lookup_fn lookup, void *lookup_ctx,
+                     struct vm_registry **out, char *err, size_t errlen)
+{
+    struct vm_registry *reg = calloc(1, sizeof(*reg));
+    if (!reg || strlen(state_dir) >= sizeof(reg->state_dir)) {
+        free(reg);
+        snprintf(err, errlen, "state directory path is too long");
+        return -ENAMETOOLONG;
+    }
+    snprintf(reg->state_dir, sizeof(reg->state_dir), "%s", state_dir);
+    snprintf(reg->layer_dir, sizeof(reg->layer_dir), "%s/layers", state_dir);
+    reg->lookup = lookup;
+    reg->lookup_ctx = lookup_ctx;
+    pthread_mutex_init(&reg->lock, NULL);
+
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/imgfs-state", state_dir);
+    char *marker = NULL;
+    size_t len;
+    int rc = read_file(path, 64, &marker, &len);
+    if (rc == 0) {
+        bool ok = len == strlen(STATE_MARKER) && memcmp(marker, STATE_MARKER, len) == 0;
+        free(marker);
+        if (!ok) {
+            snprintf(err, errlen, "state directory %s has an unsupported imgfs-state marker", state_dir);
+            vm_registry_close(reg);
+            return -EBADMSG;
+        }
+    } else {
+        char vms[PATH_MAX];
+        snprintf(vms, sizeof(vms), "%s/vms", state_dir);
+        rc = mkdir_p(vms);
+        if (!rc)
+            rc = mkdir_p(reg->layer_dir);
+        if (!rc)
+            rc = write_file_atomic(path, STATE_MARKER, strlen(STATE_MARKER));
+        if (rc) {
+            snprintf(err, errlen, "cannot set up state directory %s: %s", state_dir, strerror(-rc));
+            vm_registry_close(reg);
+            return rc;
+        }
+    }
+    snprintf(path, sizeof(path), "%s/vms", state_dir);
+    DIR *d = opendir(path);
+    if (!d) {
+        rc = -errno;
+        snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
+        vm_registry_close(reg);
+        return rc;
+    }
+    struct dirent *de;
+    pthread_mutex_lock(&reg->lock);
+    while ((de = readdir(d))) {
+        size_t n = strlen(de->d_name);
+        if (n < 4 || strcmp(de->d_name + n - 3, ".vm") != 0)
+            continue;
+        char name[80];
+        snprintf(name, sizeof(name), "%.*s", (int)(n - 3), de->d_name);
+        if (!name_is_valid(name))
+            continue;
+        struct vm *vm;
+        char why[512];
+        if (load_vm(reg, name, &vm, why, sizeof(why)) != 0 || add_vm(reg, vm) != 0) {
+            log_error("%s", why);
+            size_t used = strlen(reg->errors);
+            snprintf(reg->errors + used, sizeof(reg->errors) - used, "%s%s", used ? "; " : "", why);
+        }
+    }
+    pthread_mutex_unlock(&reg->lock);
+    closedir(d);
+    *out = reg;
+    return 0;
+}
+
+void vm_registry_close(struct vm_registry *reg)
+{
+    if (!reg)
+        return;
+    for (size_t i = 0; i < reg->vm_count; i++)
+        vm_free(reg->vms[i]);
+    for (size_t i = 0; i < reg->layer_count; i++) {
+        layer_flush(reg->layers[i].layer);
+        layer_close(reg->layers[i].layer);
+    }
+    free(reg->vms);
+    free(reg->layers);
+    pthread_mutex_destroy(&reg->lock);
+    free(reg);
+}
+
+void vm_registry_errors(struct vm_registry *reg, char *out, size_t len)
+{
+    pthread_mutex_lock(&reg->lock);
+    snprintf(out, len, "%s", reg->errors);
+    pthread_mutex_unlock(&reg->lock);
+}
+
+void vm_registry_each(struct vm_registry *reg, void (*fn)(void *ctx, struct vm *vm), void *ctx)
+{
+    pthread_mutex_lock(&reg->lock);
+    for (size_t i = 0; i < reg->vm_count; i++)
+        if (!reg->vms[i]->deleted)
+            fn(ctx, reg->vms[i]);
+    pthread_mutex_unlock(&reg->lock);
+}
+
+static struct vm *find_locked(struct vm_registry *reg, const char *name)
+{
+    for (size_t i = 0; i < reg->vm_count; i++)
+        if (!reg->vms[i]->deleted && strcmp(reg->vms[i]->name, name) == 0)
+            return reg->vms[i];
+    return NULL;
+}
+
+struct vm *vm_find(struct vm_registry *reg, const char *name)
+{
+    pthread_mutex_lock(&reg->lock);
+    struct vm *vm = find_locked(reg, name);
+    pthread_mutex_unlock(&reg->lock);
+    return vm;
+}
+
+/* ---- commands ------------------------------------------------------------------- */
+
+int vm_create(struct vm_registry *reg, const char *name, const char *base_name, uint64_t base_version,
+              uint64_t size, struct vm **out, char *err, size_t errlen)
+{
+    if (!name_is_valid(name)) {
+        snprintf(err, errlen, "invalid VM name '%s': use 1-64 letters, digits, '.', '_' or '-'", name);
+        return -EINVAL;
+    }
+    const struct vm_base *base = NULL;
+    if (base_name) {
+        base = reg->lookup(reg->lookup_ctx, base_name, base_version);
+        if (!base) {
+            snprintf(err, errlen, "base %s@%" PRIu64 " does not exist", base_name, base_version);
+            return -ENOENT;
+        }
+        size = base->manifest->size;
+    } else if (size == 0 || size > MANIFEST_MAX_DISK_SIZE || size % 512) {
+        snprintf(err, errlen, "disk size must be a multiple of 512 bytes between 512 and 1P");
+        return -EINVAL;
+    }
+    pthread_mutex_lock(&reg->lock);
+    int rc = 0;
+    struct vm *vm = NULL;
+    if (find_locked(reg, name)) {
+        snprintf(err, errlen, "VM %s already exists", name);
+        rc = -EEXIST;
+        goto out;
+    }
+    vm = vm_alloc(name, size);
+    if (!vm) {
+        rc = -ENOMEM;
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
+    if (base) {
+        vm->has_base = true;
+        snprintf(vm->base_name, sizeof(vm->base_name), "%s", base_name);
+        vm->base_version = base_version;
+        vm->base_id = base->manifest->id;
+        vm->live.base = base;
+    }
+    rc = new_layer(reg, size, &vm->live.layers[0]);
+    if (rc) {
+        snprintf(err, errlen, "cannot create a layer for VM %s: %s", name, strerror(-rc));
+        goto out;
+    }
+    vm->live.depth = 1;
+    rc = save_vm(reg, vm);
+    if (!rc)
+        rc = add_vm(reg, vm);
+    if (rc)
+        snprintf(err, errlen, "cannot save VM %s: %s", name, strerror(-rc));
+out:
+    if (rc && vm) {
+        put_disk(reg, &vm->live);
+        char path[PATH_MAX];
+        if (rc != -EEXIST && conf_path(reg, name, path, sizeof(path)) == 0)
+            unlink(path);
+        vm_free(vm);
+        vm = NULL;
+    }
+    pthread_mutex_unlock(&reg->lock);
+    if (!rc)
+        *out = vm;
+    return rc;
+}
+
+static struct vm_snapshot *find_snapshot(struct vm *vm, const char *snap)
+{
+    for (unsigned s = 0; s < vm->snapshot_count; s++)
+        if (strcmp(vm->snapshots[s]->name, snap) == 0)
+            return vm->snapshots[s];
+    return NULL;
+}
+
+/* Freezes vm's top layer as snapshot snap and continues in a new layer.
+ * Caller holds registry->lock. */
+static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *snap, char *err, size_t errlen)
+{
+    if (!name_is_valid(snap)) {
+        snprintf(err, errlen, "invalid snapshot name '%s'", snap);
+        return -EINVAL;
+    }
+    if (find_snapshot(vm, snap)) {
+        snprintf(err, errlen, "VM %s already has a snapshot %s", vm->name, snap);
+        return -EEXIST;
+    }
+    if (vm->live.depth >= VM_MAX_DEPTH || vm->snapshot_count >= VM_MAX_SNAPSHOTS) {
+        snprintf(err, errlen, "VM %s has reached %d layers or %d snapshots", vm->name, VM_MAX_DEPTH,
+                 VM_MAX_SNAPSHOTS);
+        return -EMLINK;
+    }
+    struct vm_snapshot *s = calloc(1, sizeof(*s));
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    snprintf(s->name, sizeof(s->name), "%s", snap);
+    /* No write may land in the top layer once it is frozen. */
+    pthread_mutex_lock(&vm->write_lock);
+    struct layer *top = vm->live.layers[vm->live.depth - 1];
+    struct layer *fresh = NULL;
+    int rc = layer_flush(top);
+    if (!rc)
+        rc = new_layer(reg, vm->live.size, &fresh);
+    if (rc) {
+        pthread_mutex_unlock(&vm->write_lock);
+        free(s);
+        snprintf(err, errlen, "cannot snapshot VM %s: %s", vm->name, strerror(-rc));
+        return rc;
+    }
+    s->disk = vm->live;
+    for (unsigned i = 0; i < s->disk.depth; i++)
+        find_layer_ref(reg, s->disk.layers[i]->id)->refs++;
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    vm->live.layers[vm->live.depth++] = fresh;
+    vm->snapshots[vm->snapshot_count++] = s;
+    pthread_rwlock_unlock(&vm->chain_lock);
+    rc = save_vm(reg, vm);
+    if (rc) {
+        /* Roll back: the VM file still describes the old chain. */
+        pthread_rwlock_wrlock(&vm->chain_lock);
+        vm->live.depth--;
+        vm->snapshot_count--;
+        pthread_rwlock_unlock(&vm->chain_lock);
+        put_layer(reg, fresh);
+        put_disk(reg, &s->disk);
+        free(s);
+        snprintf(err, errlen, "cannot save VM %s: %s", vm->name, strerror(-rc));
+    }
+    pthread_mutex_unlock(&vm->write_lock);
+    return rc;
+}
+
+int vm_snapshot(struct vm_registry *reg, struct vm *vm, const char *snap, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&reg->lock);
+    int rc = snapshot_locked(reg, vm, snap, err, errlen);
+    pthread_mutex_unlock(&reg->lock);
+    return rc;
+}
+
+int vm_clone(struct vm_registry *reg, struct vm *src, const char *snap, const char *dst, struct vm **out,
+             char *err, size_t errlen)
+{
+    if (!name_is_valid(dst)) {
+        snprintf(err, errlen, "invalid VM name '%s'", dst);
+        return -EINVAL;
+    }
+    pthread_mutex_lock(&reg->lock);
+    int rc = 0;
+    struct vm *vm = NULL;
+    char implicit[65];
+    if (find_locked(reg, dst)) {
+        snprintf(err, errlen, "VM %s already exists", dst);
+        rc = -EEXIST;
+        goto out;
+    }
+    if (!snap) {
+        /* Cloning a live VM freezes its current state first. */
+        snprintf(implicit, sizeof(implicit), "clone-%s", dst);
+        if ((rc = snapshot_locked(reg, src, implicit, err, errlen)) != 0)
+            goto out;
+        snap = implicit;
+    }
+    struct vm_snapshot *s = find_snapshot(src, snap);
+    if (!s) {
+        snprintf(err, errlen, "VM %s has no snapshot %s", src->name, snap);
+        rc = -ENOENT;
+        goto out;
+    }
+    if (s->disk.depth >= VM_MAX_DEPTH) {
+        snprintf(err, errlen, "snapshot %s@%s is too deep to clone", src->name, snap);
+        rc = -EMLINK;
+        goto out;
+    }
+    vm = vm_alloc(dst, s->disk.size);
+    if (!vm) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    snprintf(vm->base_name, sizeof(vm->base_name), "%s", src->base_name);
+    vm->base_version = src->base_version;
+    vm->base_id = src->base_id;
+    vm->has_base = src->has_base;
+    vm->uid = src->uid;
+    vm->gid = src->gid;
+    vm->mode = src->mode;
+    vm->live = s->disk;
+    for (unsigned i = 0; i < vm->live.depth; i++)
+        find_layer_ref(reg, vm->live.layers[i]->id)->refs++;
+    rc = new_layer(reg, vm->live.size, &vm->live.layers[vm->live.depth]);
+    if (!rc) {
+        vm->live.depth++;
+        rc = save_vm(reg, vm);
+    }
+    if (!rc)
+        rc = add_vm(reg, vm);
+    if (rc) {
+        snprintf(err, errlen, "cannot create VM %s: %s", dst, strerror(-rc));
+        put_disk(reg, &vm->live);
+        char path[PATH_MAX];
+        if (conf_path(reg, dst, path, sizeof(path)) == 0)
+            unlink(path);
+        vm_free(vm);
+        vm = NULL;
+    }
+out:
+    pthread_mutex_unlock(&reg->lock);
+    if (!rc)
+        *out = vm;
+    return rc;
+}
+
+int vm_remove(struct vm_registry *reg, struct vm *vm, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&reg->lock);
+    pthread_mutex_lock(&vm->attr_lock);
+    int rc = 0;
+    if (vm->deleted) {
+        snprintf(err, errlen, "VM %s does not exist", vm->name);
+        rc = -ENOENT;
+    } else if (vm->open_count > 0) {
+        snprintf(err, errlen, "VM %s is open (%u times); close it first", vm->name, vm->open_count);
+        rc = -EBUSY;
+    } else {
+        char path[PATH_MAX];
+        rc = conf_path(reg, vm->name, path, sizeof(path));
+        if (!rc && unlink(path) < 0)
+            rc = -errno;
+        if (!rc)
+            fsync_dir_of(path);
+        if (rc)
+            snprintf(err, errlen, "cannot remove VM %s: %s", vm->name, strerror(-rc));
+        else
+            vm->deleted = true; /* no open can succeed from here on */
+    }
+    pthread_mutex_unlock(&vm->attr_lock);
+    if (!rc) {
+        pthread_rwlock_wrlock(&vm->chain_lock);
+        put_disk(reg, &vm->live);
+        for (unsigned s = 0; s < vm->snapshot_count; s++)
+            put_disk(reg, &vm->snapshots[s]->disk);
+        pthread_rwlock_unlock(&vm->chain_lock);
+    }
+    pthread_mutex_unlock(&reg->lock);
+    return rc;
+}
+
+int vm_set_attr(struct vm_registry *reg, struct vm *vm, const mode_t *mode, const uid_t *uid, const gid_t *gid)
+{
+    pthread_mutex_lock(&reg->lock);
+    pthread_mutex_lock(&vm->attr_lock);
+    mode_t old_mode = vm->mode;
+    uid_t old_uid = vm->uid;
+    gid_t old_gid = vm->gid;
+    if (mode)
+        vm->mode = *mode & 07777;
+    if (uid)
+        vm->uid = *uid;
+    if (gid)
+        vm->gid = *gid;
+    int rc = save_vm(reg, vm);
+    if (rc) {
+        vm->mode = old_mode;
+        vm->uid = old_uid;
+        vm->gid = old_gid;
+    }
+    pthread_mutex_unlock(&vm->attr_lock);
+    pthread_mutex_unlock(&reg->lock);
+    return rc;
+}
+
+/* ---- reading -------------------------------------------------------------------- */
+
+/* Index of the topmost layer owning block, or -1. */
+static int owner_of(const struct disk *disk, uint64_t block)
+{
+    for (int i = (int)disk->depth - 1; i >= 0; i--)
+        if (layer_owns(disk->layers[i], block))
+            return i;
+    return -1;
+}
+
+uint64_t disk_source_at(const struct disk *disk, uint64_t off, uint64_t max_len, enum disk_source *source,
+                        struct layer **layer)
+{
+    uint64_t end = off + max_len < disk->size ? off + max_len : disk->size;
+    uint64_t block = off / LAYER_BLOCK_SIZE;
+    int owner = owner_of(disk, block);
+    uint64_t run_end = (block + 1) * LAYER_BLOCK_SIZE;
+    while (run_end < end && owner_of(disk, run_end / LAYER_BLOCK_SIZE) == owner)
+        run_end += LAYER_BLOCK_SIZE;
+    if (owner >= 0) {
+        *source = SOURCE_LAYER;
+        *layer = disk->layers[owner];
+    } else {
+        *source = disk->base ? SOURCE_BASE : SOURCE_ZERO;
+        *layer = NULL;
+    }
+    return (run_end < end ? run_end : end) - off;
+}
+
+static int read_base(const struct vm_base *base, struct fetcher *fetcher, char *buf, size_t len, uint64_t off)
+{
+    const struct manifest *m = base->manifest;
+    while (len > 0) {
+        uint64_t index = off / m->chunk_size;
+        uint64_t in_chunk = off % m->chunk_size;
+        size_t n = m->chunk_size - in_chunk < len ? (size_t)(m->chunk_size - in_chunk) : len;
+        if (chunk_hash_is_null(&m->chunks[index])) {
+            memset(buf, 0, n);
+        } else {
+            struct cache_pin pin;
+            if (fetch_acquire(fetcher, &m->chunks[index], m->chunk_size, base->counters, &pin) != 0)
+                return -EIO;
+            int rc = read_full_at(pin.fd, buf, n, (off_t)in_chunk);
+            fetch_release(fetcher, &pin);
+            if (rc)
+                return -EIO;
+        }
+        buf += n;
+        len -= n;
+        off += n;
+    }
+    return 0;
+}
+
+int disk_read(const struct disk *disk, struct fetcher *fetcher, char *buf, size_t len, uint64_t off)
+{
+    while (len > 0) {
+        enum disk_source source;
+        struct layer *layer;
+        size_t n = (size_t)disk_source_at(disk, off, len, &source, &layer);
+        int rc = 0;
+        if (n == 0)
+            return -EINVAL;
+        if (source == SOURCE_LAYER)
+            rc = read_full_at(layer->data_fd, buf, n, (off_t)off);
+        else if (source == SOURCE_BASE)
+            rc = read_base(disk->base, fetcher, buf, n, off);
+        else
+            memset(buf, 0, n);
+        if (rc)
+            return rc == -ENODATA ? -EIO : rc;
+        buf += n;
+        len -= n;
+        off += n;
+    }
+    return 0;
+}
+
+int64_t disk_seek(const struct disk *disk, uint64_t off, int whence)
+{
+    if (off >= disk->size)
+        return -ENXIO;
+    bool want_data = whence == SEEK_DATA;
+    uint64_t pos = off;
+    while (pos < disk->size) {
+        enum disk_source source;
+        struct layer *layer;
+        uint64_t n = disk_source_at(disk, pos, disk->size - pos, &source, &layer);
+        uint64_t run_end = pos + n;
+        while (pos < run_end) {
+            /* Find the extent of data or hole that starts at pos. */
+            bool is_data;
+            uint64_t next;
+            if (source == SOURCE_LAYER) {
+                off_t d = lseek(layer->data_fd, (off_t)pos, SEEK_DATA);
+                if (d == (off_t)pos) {
+                    is_data = true;
+                    off_t h = lseek(layer->data_fd, (off_t)pos, SEEK_HOLE);
+                    next = h < 0 ? run_end : (uint64_t)h;
+                } else {
+                    is_data = false; /* discarded blocks read as zeros */
+                    next = d < 0 ? run_end : (uint64_t)d;
+                }
+            } else if (source == SOURCE_BASE) {
+                const struct manifest *m = disk->base->manifest;
+                uint64_t index = pos / m->chunk_size;
+                is_data = !chunk_hash_is_null(&m->chunks[index]);
+                next = (index + 1) * m->chunk_size;
+            } else {
+                is_data = false;
+                next = run_end;
+            }
+            if (next > run_end)
+                next = run_end;
+            if (next <= pos)
+                next = pos + 1;
+            if (is_data == want_data)
+                return (int64_t)pos;
+            pos = next;
+        }
+    }
+    return want_data ? -ENXIO : (int64_t)disk->size;
+}
+
+/* ---- writing -------------------------------------------------------------------- */
+
+/* The disk below the top layer, for copying blocks up. */
+static struct disk below_top(const struct disk *live)
+{
+    struct disk below = *live;
+    below.depth--;
+    return below;
+}
+
+/* Writes one partial block through copy-up. write_lock held. */
+static int write_partial(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
+{
+    struct layer *top = vm->live.layers[vm->live.depth - 1];
+    uint64_t block = off / LAYER_BLOCK_SIZE;
+    uint64_t start = block * LAYER_BLOCK_SIZE;
+    if (layer_owns(top, block))
+        return write_full_at(top->data_fd, buf, len, (off_t)off);
+    size_t block_len = vm->live.size - start < LAYER_BLOCK_SIZE ? (size_t)(vm->live.size - start) : LAYER_BLOCK_SIZE;
+    char tmp[LAYER_BLOCK_SIZE];
+    struct disk below = below_top(&vm->live);
+    int rc = disk_read(&below, fetcher, tmp, block_len, start);
+    if (rc)
+        return rc;
+    memcpy(tmp + (off - start), buf, len);
+    rc = write_full_at(top->data_fd, tmp, block_len, (off_t)start);
+    if (!rc)
+        layer_mark_owned(top, block, 1);
+    return rc;
+}
+
+int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
+{
+    if (off >= vm->live.size || len > vm->live.size - off)
+        return -ENOSPC; /* a disk does not grow */
+    pthread_mutex_lock(&vm->write_lock);
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    struct layer *top = vm->live.layers[vm->live.depth - 1];
+    uint64_t end = off + len;
+    int rc = 0;
+    while (off < end && !rc) {
+        uint64_t in_block = off % LAYER_BLOCK_SIZE;
+        uint64_t whole = in_block == 0 ? (end - off) / LAYER_BLOCK_SIZE * LAYER_BLOCK_SIZE : 0;
+        if (whole == 0 && in_block == 0 && end == vm->live.size)
+            whole = end - off; /* the short last block of the disk */
+        if (whole > 0) {
+            rc = write_full_at(top->data_fd, buf, (size_t)whole, (off_t)off);
+            if (!rc)
+                layer_mark_owned(top, off / LAYER_BLOCK_SIZE, (whole + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
+        } else {
+            whole = LAYER_BLOCK_SIZE - in_block < end - off ? LAYER_BLOCK_SIZE - in_block : end - off;
+            rc = write_partial(vm, fetcher, buf, (size_t)whole, off);
+        }
+        buf += whole;
+        off += whole;
+    }
+    pthread_rwlock_unlock(&vm->chain_lock);
+    pthread_mutex_unlock(&vm->write_lock);
+    return rc;
+}
+
+int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len)
+{
+    if (off >= vm->live.size)
+        return 0;
+    if (len > vm->live.size - off)
+        len = vm->live.size - off;
+    static const char zeros[LAYER_BLOCK_SIZE];
+    uint64_t end = off + len;
+    uint64_t first = (off + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE;
+    uint64_t last = end == vm->live.size ? (end + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE : end / LAYER_BLOCK_SIZE;
+    int rc = 0;
+    /* Partial blocks at the edges are zeroed by ordinary writes. */
+    uint64_t head_end = first * LAYER_BLOCK_SIZE < end ? first * LAYER_BLOCK_SIZE : end;
+    if (off < head_end)
+        rc = vm_write(vm, fetcher, zeros, (size_t)(head_end - off), off);
+    uint64_t tail_start = last * LAYER_BLOCK_SIZE;
+    if (!rc && tail_start < end && tail_start >= head_end && last >= first)
+        rc = vm_write(vm, fetcher, zeros, (size_t)(end - tail_start), tail_start);
+    if (rc || last <= first)
+        return rc;
+    pthread_mutex_lock(&vm->write_lock);
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    struct layer *top = vm->live.layers[vm->live.depth - 1];
+    uint64_t start = first * LAYER_BLOCK_SIZE;
+    uint64_t stop = last * LAYER_BLOCK_SIZE < vm->live.size ? last * LAYER_BLOCK_SIZE : vm->live.size;
+    if (fallocate(top->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)start, (off_t)(stop - start)) < 0)
+        rc = -errno;
+    else
+        layer_mark_owned(top, first, last - first); /* owned and empty: reads as zeros */
+    pthread_rwlock_unlock(&vm->chain_lock);
+    pthread_mutex_unlock(&vm->write_lock);
+    return rc;
+}
+
+int vm_flush(struct vm *vm)
+{
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    int rc = layer_flush(vm->live.layers[vm->live.depth - 1]);
+    pthread_rwlock_unlock(&vm->chain_lock);
+    return rc;
+}
+
+uint64_t vm_layer_bytes(struct vm *vm)
+{
+    uint64_t total = 0;
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    for (unsigned i = 0; i < vm->live.depth; i++)
+        total += layer_allocated_bytes(vm->live.layers[i]);
+    pthread_rwlock_unlock(&vm->chain_lock);
+    return total;
+}
+
+/* ---- migration: export and import -------------------------------------------------
+ *
+ * An export file holds only the VM's own data and the identity of its base:
+ *   text header  "imgfs-export 1\n", name, size, base (or "base none"), owner,
+ *                then "data\n"
+ *   records      u64 LE offset, u64 LE length, u8 kind (0 data + bytes,
+ *                1 zeros); a record with offset UINT64_MAX ends them
+ *   trailer      the 16-byte xxh3-128 of every byte before it
+ * The trailer is checked over the whole file before anything is imported,
+ * so a truncated or altered file is refused without side effects.
+ */
+
+#include <xxhash.h>
+
+#define EXPORT_MAGIC "imgfs-export 1\n"
+#define EXPORT_PIECE (1u << 20)
+
+struct hashed_file {
+    FILE *f;
+    XXH3_state_t *state;
+    bool failed;
+};
+
+static void hf_write(struct hashed_file *hf, const void *data, size_t len)
+{
+    if (hf->failed)
+        return;
+    if (fwrite(data, 1, len, hf->f) != len)
+        hf->failed = true;
+    XXH3_128bits_update(hf->state, data, len);
+}
+
+static void put_le64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint64_t get_le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static void write_record(struct hashed_file *hf, uint64_t off, uint64_t len, uint8_t kind, const void *data)
+{
+    uint8_t head[17];
+    put_le64(head, off);
+    put_le64(head + 8, len);
+    head[16] = kind;
+    hf_write(hf, head, sizeof(head));
+    if (kind == 0 && data)
+        hf_write(hf, data, (size_t)len);
+}
+
+int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unused, const char *path,
+              char *err, size_t errlen)
+{
+    (void)reg, (void)unused;
+    char tmp[PATH_MAX];
+    if (path[0] != '/' || path_join(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)gettid())) {
+        snprintf(err, errlen, "export path must be absolute and not too long");
+        return -EINVAL;
+    }
+    struct hashed_file hf = {fopen(tmp, "wbx"), XXH3_createState(), false};
+    char *piece = malloc(EXPORT_PIECE);
+    if (!hf.f || !hf.state || !piece) {
+        int rc = hf.f ? -ENOMEM : -errno;
+        snprintf(err, errlen, "cannot create %s: %s", tmp, strerror(-rc));
+        if (hf.f)
+            fclose(hf.f), unlink(tmp);
+        XXH3_freeState(hf.state);
+        free(piece);
+        return rc;
+    }
+    XXH3_128bits_reset(hf.state);
+    pthread_mutex_lock(&vm->write_lock); /* a consistent image: no writes meanwhile */
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    char header[512];
+    int n = snprintf(header, sizeof(header), EXPORT_MAGIC "name %s\nsize %" PRIu64 "\n", vm->name, vm->live.size);
+    if (vm->has_base) {
+        char hex[CHUNK_HASH_HEX + 1];
+        chunk_hash_to_hex(&vm->base_id, hex);
+        n += snprintf(header + n, sizeof(header) - (size_t)n, "base %s %" PRIu64 " %s\n", vm->base_name,
+                      vm->base_version, hex);
+    } else {
+        n += snprintf(header + n, sizeof(header) - (size_t)n, "base none\n");
+    }
+    n += snprintf(header + n, sizeof(header) - (size_t)n, "owner %u %u %o\ndata\n", (unsigned)vm->uid,
+                  (unsigned)vm->gid, (unsigned)vm->mode);
+    hf_write(&hf, header, (size_t)n);
+    int rc = 0;
+    for (uint64_t pos = 0; pos < vm->live.size && !rc;) {
+        enum disk_source source;
+        struct layer *layer;
+        uint64_t len = disk_source_at(&vm->live, pos, EXPORT_PIECE, &source, &layer);
+        if (source == SOURCE_LAYER) {
+            rc = read_full_at(layer->data_fd, piece, (size_t)len, (off_t)pos);
+            if (!rc) {
+                bool zero = buffer_is_zero(piece, (size_t)len);
+                write_record(&hf, pos, len, zero ? 1 : 0, zero ? NULL : piece);
+            }
+        }
+        pos += len;
+    }
+    pthread_rwlock_unlock(&vm->chain_lock);
+    pthread_mutex_unlock(&vm->write_lock);
+    write_record(&hf, UINT64_MAX, 0, 0xff, NULL);
+    XXH128_canonical_t sum;
+    XXH128_canonicalFromHash(&sum, XXH3_128bits_digest(hf.state));
+    if (!hf.failed && fwrite(sum.digest, 1, sizeof(sum.digest), hf.f) != sizeof(sum.digest))
+        hf.failed = true;
+    if (!rc && (hf.failed || fflush(hf.f) != 0 || fsync(fileno(hf.f)) != 0))
+        rc = -errno ? -errno : -EIO;
+    if (fclose(hf.f) != 0 && !rc)
+        rc = -errno;
+    if (!rc && rename(tmp, path) < 0)
+        rc = -errno;
+    if (rc) {
+        unlink(tmp);
+        snprintf(err, errlen, "cannot export VM %s to %s: %s", vm->name, path, strerror(-rc));
+    }
+    XXH3_freeState(hf.state);
+    free(piece);
+    return rc;
+}
+
+/* Checks the trailer of an export file; leaves f positioned at the start. */
+static int verify_export(FILE *f, uint64_t *payload_len)
+{
+    if (fseeko(f, 0, SEEK_END) < 0)
+        return -errno;
+    off_t size = ftello(f);
+    if (size < (off_t)(strlen(EXPORT_MAGIC) + 16))
+        return -EBADMSG;
+    rewind(f);
+    XXH3_state_t *state = XXH3_createState();
+    char *buf = malloc(EXPORT_PIECE);
+    if (!state || !buf) {
+        XXH3_freeState(state);
+        free(buf);
+        return -ENOMEM;
+    }
+    XXH3_128bits_reset(state);
+    uint64_t left = (uint64_t)size - 16;
+    int rc = 0;
+    while (left > 0 && !rc) {
+        size_t n = left < EXPORT_PIECE ? (size_t)left : EXPORT_PIECE;
+        if (fread(buf, 1, n, f) != n)
+            rc = -EIO;
+        XXH3_128bits_update(state, buf, n);
+        left -= n;
+    }
+    XXH128_canonical_t want, got;
+    if (!rc && fread(want.digest, 1, 16, f) != 16)
+        rc = -EIO;
+    XXH128_canonicalFromHash(&got, XXH3_128bits_digest(state));
+    if (!rc && memcmp(want.digest, got.digest, 16) != 0)
+        rc = -EBADMSG;
+    XXH3_freeState(state);
+    free(buf);
+    rewind(f);
+    *payload_len = (uint64_t)size - 16;
+    return rc;
+}
+
+int vm_import(struct vm_registry *reg, const char *path, const char *name, struct vm **out, char *err,
+              size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        int rc = -errno;
+        snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
+        return rc;
+    }
+    uint64_t payload;
+    int rc = verify_export(f, &payload);
+    if (rc) {
+        snprintf(err, errlen, "%s is not a complete imgfs export (truncated or altered): %s", path,
+                 rc == -EBADMSG ? "checksum mismatch" : strerror(-rc));
+        fclose(f);
+        return rc;
+    }
+    char line[256], src_name[65] = "", base_name[65] = "", base_hex[CHUNK_HASH_HEX + 1] = "";
+    uint64_t size = 0, base_version = 0;
+    unsigned uid = 0, gid = 0, mode = 0644;
+    bool has_base = false, header_ok = fgets(line, sizeof(line), f) && strcmp(line, EXPORT_MAGIC) == 0;
+    while (header_ok && fgets(line, sizeof(line), f) && strcmp(line, "data\n") != 0) {
+        if (sscanf(line, "name %64s", src_name) == 1 || sscanf(line, "size %" SCNu64, &size) == 1 ||
+            sscanf(line, "owner %u %u %o", &uid, &gid, &mode) == 3 || strcmp(line, "base none\n") == 0)
+            continue;
+        if (sscanf(line, "base %64s %" SCNu64 " %32s", base_name, &base_version, base_hex) == 3) {
+            has_base = true;
+            continue;
+        }
+        header_ok = false;
+    }
+    if (!header_ok || strcmp(line, "data\n") != 0 || !name_is_valid(src_name) || size == 0) {
+        snprintf(err, errlen, "%s is not an imgfs export", path);
+        fclose(f);
+        return -EBADMSG;
+    }
+    struct vm *vm = NULL;
+    const char *new_name = name ? name : src_name;
+    if (has_base) {
+        struct chunk_hash want;
+        const struct vm_base *base = reg->lookup(reg->lookup_ctx, base_name, base_version);
+        if (chunk_hash_from_hex(base_hex, &want) < 0 || !base || !chunk_hash_equal(&want, &base->manifest->id)) {
+            snprintf(err, errlen, "the export needs base %s@%" PRIu64 " with manifest %s, which this mount does not have",
+                     base_name, base_version, base_hex);
+            fclose(f);
+            return -ENOENT;
+        }
+        rc = vm_create(reg, new_name, base_name, base_version, 0, &vm, err, errlen);
+    } else {
+        rc = vm_create(reg, new_name, NULL, 0, size, &vm, err, errlen);
+    }
+    if (rc) {
+        fclose(f);
+        return rc;
+    }
+    if (vm->live.size != size) {
+        snprintf(err, errlen, "the export's size does not match its base");
+        rc = -EBADMSG;
+    }
+    char *piece = malloc(EXPORT_PIECE);
+    struct layer *top = vm->live.layers[0];
+    while (!rc) {
+        uint8_t head[17];
+        if (!piece || fread(head, 1, sizeof(head), f) != sizeof(head)) {
+            rc = piece ? -EBADMSG : -ENOMEM;
+            break;
+        }
+        uint64_t off = get_le64(head), len = get_le64(head + 8);
+        if (off == UINT64_MAX && head[16] == 0xff)
+            break;
+        if (off >= size || len == 0 || len > EXPORT_PIECE || len > size - off || off % LAYER_BLOCK_SIZE ||
+            head[16] > 1) {
+            rc = -EBADMSG;
+            break;
+        }
+        if (head[16] == 0) {
+            if (fread(piece, 1, (size_t)len, f) != len)
+                rc = -EBADMSG;
+            if (!rc)
+                rc = write_full_at(top->data_fd, piece, (size_t)len, (off_t)off);
+        }
+        if (!rc)
+            layer_mark_owned(top, off / LAYER_BLOCK_SIZE, (len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
+    }
+    free(piece);
+    fclose(f);
+    if (!rc)
+        rc = layer_flush(top);
+    if (!rc && (uid || gid || mode != 0644)) {
+        mode_t m = mode;
+        uid_t u = uid;
+        gid_t g = gid;
+        rc = vm_set_attr(reg, vm, &m, &u, &g);
+    }
+    if (rc) {
+        if (!err[0] || rc != -EBADMSG)
+            snprintf(err, errlen, "cannot import %s: %s", path, rc == -EBADMSG ? "malformed records" : strerror(-rc));
+        char ignored[256];
+        vm_remove(reg, vm, ignored, sizeof(ignored));
+        return rc;
+    }
+    *out = vm;
+    return 0;
+}
