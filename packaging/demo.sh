@@ -1,7 +1,7 @@
 #!/bin/bash
 # The imgfs demo: publish a small generated disk image to a local repository,
-# mount it, create a VM disk on it, and look at everything with ls, cat and
-# qemu-img. Uses the installed imgfs and imgfsctl. Run as root.
+# mount it, create a VM disk on it, write to it, and look at everything with
+# ls, cat and qemu-img. Uses the installed imgfs and imgfsctl. Run as root.
 set -euo pipefail
 DEMO=${IMGFS_DEMO_DIR:-/var/tmp/imgfs-demo}
 MNT=$DEMO/mnt
@@ -25,12 +25,16 @@ run ls -l "$MNT" "$MNT/bases"
 run cmp "$MNT/bases/demo.raw" "$DEMO/demo.raw"
 echo "identical"
 
-# A VM disk: a qcow2 overlay whose backing file is the shared base.
-run qemu-img create -q -f qcow2 -F raw -b "$MNT/bases/demo@1.raw" "$DEMO/vm1.qcow2"
-run qemu-io -f qcow2 -c 'write -P 0x42 1M 64k' "$DEMO/vm1.qcow2"
+# A VM disk on the shared base: it appears at once and takes writes into
+# its own layer, while the base stays untouched.
+run imgfsctl vm create "$MNT" vm1 --base demo
+run ls -l "$MNT/vms"
+run qemu-io -f raw -c 'write -P 0x42 1M 64k' "$MNT/vms/vm1.raw"
+# qemu reads the whole VM disk through imgfs into a qcow2 image and checks it.
+run qemu-img convert -O qcow2 "$MNT/vms/vm1.raw" "$DEMO/vm1.qcow2"
 run qemu-img check "$DEMO/vm1.qcow2"
-run qemu-img info "$DEMO/vm1.qcow2"
+run qemu-img compare "$MNT/vms/vm1.raw" "$DEMO/vm1.qcow2"
 run cat "$MNT/.imgfs/stats"
 run umount "$MNT"
 echo
-echo "demo done: repository $DEMO/repo, cache $DEMO/cache"
+echo "demo done: repository $DEMO/repo, cache $DEMO/cache, VM layers in $DEMO/state"

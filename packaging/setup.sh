@@ -15,7 +15,7 @@ PACKAGES=(
     libfuse3-dev fuse3 libqcow-dev libxxhash-dev libzstd-dev libcurl4-openssl-dev
     # tests and benchmarks: real clients, servers and peers
     python3 xxhash qemu-utils qemu-system-x86 qemu-block-extra fio nginx-light
-    libqcow-utils xmount debootstrap fdisk e2fsprogs procps util-linux
+    libqcow-utils xmount debootstrap fdisk e2fsprogs procps util-linux grub-pc-bin
 )
 
 step() { printf '\n=== %s\n' "$*"; }
@@ -59,9 +59,9 @@ run_tests() {
     export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
     step "test suite (release build)"
     run_ctest build
-    step "test suite under AddressSanitizer + UndefinedBehaviorSanitizer"
+    step "test suite under AddressSanitizer + UndefinedBehaviorSanitizer (all but guest boots)"
     build_dir build-asan -DIMGFS_SANITIZE=address,undefined
-    run_ctest build-asan
+    run_ctest build-asan -LE guest
     step "concurrency tests under ThreadSanitizer"
     build_dir build-tsan -DIMGFS_SANITIZE=thread
     run_ctest build-tsan -L concurrency

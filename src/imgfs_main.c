@@ -92,9 +92,12 @@ int main(int argc, char **argv)
         goto out;
 
     char fsname[PATH_MAX + 16];
-    snprintf(fsname, sizeof(fsname), "-ofsname=%s,subtype=imgfs", opts.repo);
+    /* default_permissions: the kernel enforces file modes, so a VM disk
+     * chown'd to the hypervisor's user is writable by that user only, even
+     * with allow_other. */
+    snprintf(fsname, sizeof(fsname), "-ofsname=%s,subtype=imgfs,default_permissions", opts.repo);
     if (strchr(opts.repo, ',')) /* commas would split the option list */
-        snprintf(fsname, sizeof(fsname), "-ofsname=imgfs,subtype=imgfs");
+        snprintf(fsname, sizeof(fsname), "-ofsname=imgfs,subtype=imgfs,default_permissions");
     fuse_opt_add_arg(&opts.fuse_args, fsname);
 
     struct fuse_session *se = fuse_session_new(&opts.fuse_args, &imgfs_ops, sizeof(imgfs_ops), &fs);
