@@ -79,7 +79,8 @@ static int fetch_into(struct fetcher *f, const struct chunk_hash *hash, uint32_t
         char *enc = NULL;
         size_t enc_len = 0;
         atomic_fetch_add(&f->requests, 1);
-        int rc = repo_get_chunk(f->repo, hash, chunk_size, &enc, &enc_len);
+        int mirror;
+        int rc = repo_get_chunk(f->repo, hash, chunk_size, deadline_ns, &enc, &enc_len, &mirror);
         if (rc == 0) {
             atomic_fetch_add(&f->bytes_transferred, enc_len);
             rc = chunkfmt_decode(enc, enc_len, data, chunk_size, hash);
@@ -90,9 +91,10 @@ static int fetch_into(struct fetcher *f, const struct chunk_hash *hash, uint32_t
             if (counters)
                 atomic_fetch_add(&counters->verify_failures, 1);
             note_error(f, hash, "failed verification against its hash");
-            if (++verify_attempts >= 2)
+            repo_report_bad(f->repo, mirror); /* the next attempt goes elsewhere */
+            if (++verify_attempts > repo_mirror_count(f->repo)) /* each mirror, plus one retry */
                 return -EIO;
-            continue; /* fetch it once more: a transfer may have been damaged */
+            continue; /* fetch it again: a transfer or a mirror may be damaged */
         }
         if (rc == -EFBIG) {
             atomic_fetch_add(&f->verify_failures, 1);

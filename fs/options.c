@@ -18,6 +18,12 @@ struct raw_options {
     char *timeout;
     char *refresh;
     char *threads;
+    char *connect_timeout;
+    char *stall_timeout;
+    char *proxy;
+    char *mirrors[8];
+    int mirror_count;
+    int offline;
     int show_help;
     int show_version;
     int foreground;
@@ -27,7 +33,7 @@ struct raw_options {
     char *mountpoint;
 };
 
-enum { KEY_HELP, KEY_VERSION, KEY_FOREGROUND, KEY_DEBUG };
+enum { KEY_HELP, KEY_VERSION, KEY_FOREGROUND, KEY_DEBUG, KEY_MIRROR };
 
 #define OPT(t, p) {t, offsetof(struct raw_options, p), 1}
 static const struct fuse_opt option_spec[] = {
@@ -36,6 +42,11 @@ static const struct fuse_opt option_spec[] = {
     OPT("timeout=%s", timeout),
     OPT("refresh=%s", refresh),
     OPT("threads=%s", threads),
+    OPT("connect_timeout=%s", connect_timeout),
+    OPT("stall_timeout=%s", stall_timeout),
+    OPT("proxy=%s", proxy),
+    OPT("offline", offline),
+    FUSE_OPT_KEY("mirror=", KEY_MIRROR),
     FUSE_OPT_KEY("-h", KEY_HELP),
     FUSE_OPT_KEY("--help", KEY_HELP),
     FUSE_OPT_KEY("-V", KEY_VERSION),
@@ -55,6 +66,13 @@ static int on_option(void *data, const char *arg, int key, struct fuse_args *out
     case KEY_VERSION: raw->show_version = 1; return 0;
     case KEY_FOREGROUND: raw->foreground = 1; return 0;
     case KEY_DEBUG: raw->debug = 1; return 0;
+    case KEY_MIRROR:
+        if (raw->mirror_count == 8) {
+            fprintf(stderr, "imgfs: at most 7 mirrors can be given\n");
+            return -1;
+        }
+        raw->mirrors[raw->mirror_count++] = strdup(arg + strlen("mirror="));
+        return 0;
     case FUSE_OPT_KEY_NONOPT:
         if (raw->positional == 0)
             raw->repo = strdup(arg);
@@ -90,6 +108,15 @@ static void print_help(void)
            "  -o timeout=SECONDS  how long a read may wait for an uncached chunk before it\n"
            "                      fails with EIO (default 30)\n"
            "  -o refresh=SECONDS  how often the repository index is re-read (default 2)\n"
+           "  -o mirror=URL       another http(s) URL of the same repository; repeat for\n"
+           "                      more. Tried in order, with failover and a return to\n"
+           "                      the first after 60 s\n"
+           "  -o proxy=URL        HTTP proxy for the repository (default: none)\n"
+           "  -o connect_timeout=SECONDS  TCP/TLS connect timeout (default 5)\n"
+           "  -o stall_timeout=SECONDS    drop a transfer slower than 1 KiB/s for this\n"
+           "                      long (default 10)\n"
+           "  -o offline          mount even if the repository is unreachable, serving\n"
+           "                      what is cached (index and manifests are kept in the cache)\n"
            "  -o threads=N        maximum FUSE worker threads (default 16)\n"
            "  -f                  stay in the foreground (logs to stderr, not syslog)\n"
            "  -d, -o debug        debug logging (implies -f)\n"
@@ -170,6 +197,23 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
         fail("refresh=%s is not a number of seconds between 0 and 86400", raw.refresh);
         goto out;
     }
+    opts->connect_timeout = 5;
+    opts->stall_timeout = 10;
+    if (raw.connect_timeout && parse_seconds(raw.connect_timeout, 3600, &opts->connect_timeout) < 0) {
+        fail("connect_timeout=%s is not a number of seconds between 0 and 3600", raw.connect_timeout);
+        goto out;
+    }
+    if (raw.stall_timeout && parse_seconds(raw.stall_timeout, 3600, &opts->stall_timeout) < 0) {
+        fail("stall_timeout=%s is not a number of seconds between 0 and 3600", raw.stall_timeout);
+        goto out;
+    }
+    opts->offline = raw.offline;
+    opts->proxy = raw.proxy;
+    raw.proxy = NULL;
+    for (int i = 0; i < raw.mirror_count; i++) {
+        opts->mirrors[opts->mirror_count++] = raw.mirrors[i];
+        raw.mirrors[i] = NULL;
+    }
     if (raw.threads) {
         uint64_t n;
         if (parse_u64(raw.threads, &n) < 0 || n < 1 || n > 1024) {
@@ -230,6 +274,11 @@ out:
     free(raw.timeout);
     free(raw.refresh);
     free(raw.threads);
+    free(raw.connect_timeout);
+    free(raw.stall_timeout);
+    free(raw.proxy);
+    for (int i = 0; i < raw.mirror_count; i++)
+        free(raw.mirrors[i]);
     free(raw.repo);
     free(raw.mountpoint);
     if (rc != 0)
@@ -243,6 +292,11 @@ void mount_options_free(struct mount_options *opts)
     free(opts->mountpoint);
     free(opts->cache_dir);
     free(opts->state_dir);
+    free(opts->proxy);
+    for (int i = 0; i < opts->mirror_count; i++)
+        free(opts->mirrors[i]);
+    opts->mirror_count = 0;
+    opts->proxy = NULL;
     fuse_opt_free_args(&opts->fuse_args);
     opts->repo = opts->mountpoint = opts->cache_dir = opts->state_dir = NULL;
 }

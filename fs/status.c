@@ -153,6 +153,27 @@ int status_render_stats(struct imgfs *fs, char **out, size_t *len)
     else
         text_printf(&t, "last_error        none\n");
 
+    struct repo_mirror_stats mirrors[REPO_MAX_MIRRORS];
+    size_t nmirrors = repo_mirror_stats(fs->repo, mirrors, REPO_MAX_MIRRORS);
+    for (size_t i = 0; i < nmirrors; i++) {
+        const struct repo_mirror_stats *m = &mirrors[i];
+        text_printf(&t,
+                    "\n[mirror %zu]\n"
+                    "url               %s\n"
+                    "current           %s\n"
+                    "requests          %" PRIu64 "\n"
+                    "bytes             %" PRIu64 "\n"
+                    "errors            %" PRIu64 "\n"
+                    "retries           %" PRIu64 "\n"
+                    "avg_latency_ms    %.1f\n",
+                    i, m->url, m->current ? "yes" : "no", m->requests, m->bytes, m->errors, m->retries,
+                    m->avg_latency_ms);
+        if (m->last_error_age >= 0)
+            text_printf(&t, "last_error        %s (%.0f s ago)\n", m->last_error, m->last_error_age);
+        else
+            text_printf(&t, "last_error        none\n");
+    }
+
     char vm_errors[2048];
     vm_registry_errors(fs->vms, vm_errors, sizeof(vm_errors));
     text_printf(&t, "\n[vms]\nstate_directory   %s\nload_errors       %s\n", fs->opts->state_dir,

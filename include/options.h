@@ -26,6 +26,12 @@ struct mount_options {
     char *cache_dir;  /* malloc'd */
     char *state_dir;  /* malloc'd */
     double timeout_seconds;
+    double connect_timeout;
+    double stall_timeout;
+    char *mirrors[8];  /* malloc'd, from repeated -o mirror=URL */
+    int mirror_count;
+    char *proxy;       /* malloc'd or NULL */
+    bool offline;
     double refresh_seconds;
     bool foreground;
     bool debug;

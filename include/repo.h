@@ -43,9 +43,45 @@ struct repo_index {
 #define REPO_MAX_INDEX_LEN (16u << 20)
 #define REPO_MAX_MANIFEST_LEN (256u << 20)
 
+/* How an HTTP repository is reached. Mirrors are tried in order: the first
+ * one that answers becomes current; after a failover the preferred (first)
+ * mirror is tried again every failback_seconds. */
+#define REPO_MAX_MIRRORS 8
+struct repo_options {
+    const char *mirrors[REPO_MAX_MIRRORS]; /* further URLs after the location */
+    int mirror_count;
+    const char *proxy;       /* http proxy URL, or NULL for none */
+    double connect_timeout;  /* seconds (default 5) */
+    double stall_timeout;    /* seconds below 1 KiB/s before a transfer is dropped (default 10) */
+    double failback_seconds; /* default 60 */
+    bool offline;            /* open even when the repository cannot be reached */
+};
+
+struct repo_mirror_stats {
+    char url[256];
+    uint64_t requests;
+    uint64_t bytes;
+    uint64_t errors;
+    uint64_t retries; /* requests that were a retry after another mirror failed */
+    double avg_latency_ms;
+    bool current;
+    char last_error[160];
+    double last_error_age; /* seconds, or -1 */
+};
+
 /* Opens an existing repository: a local directory or an http(s):// URL.
- * Returns -ENOENT / -EBADMSG / -EIO with one sentence in err. */
+ * Returns -ENOENT / -EBADMSG / -EIO with one sentence in err. opts may be
+ * NULL for the defaults. */
 int repo_open(const char *location, struct repo **out, char *err, size_t errlen);
+int repo_open_with(const char *location, const struct repo_options *opts, struct repo **out, char *err,
+                   size_t errlen);
+
+/* Per-mirror statistics of an HTTP repository; returns how many were filled. */
+size_t repo_mirror_stats(struct repo *repo, struct repo_mirror_stats *out, size_t max);
+
+/* Reports that the bytes last fetched from mirror were bad (failed
+ * verification), so that the next attempt goes to another mirror. */
+void repo_report_bad(struct repo *repo, int mirror);
 
 /* Opens a local repository for publishing, creating it when path does not
  * exist or is an empty directory. A non-empty directory that is not a
@@ -55,6 +91,8 @@ int repo_open_for_publish(const char *path, struct repo **out, char *err, size_t
 void repo_close(struct repo *repo);
 
 const char *repo_location(const struct repo *repo);
+/* 1 for a local directory. */
+int repo_mirror_count(const struct repo *repo);
 bool repo_is_local(const struct repo *repo);
 
 /* Fetches one repository file into a malloc'd, NUL-terminated buffer.
@@ -62,6 +100,16 @@ bool repo_is_local(const struct repo *repo);
  * negative errno (typically -EIO or -ETIMEDOUT) when the repository could not
  * be reached. */
 int repo_get(struct repo *repo, const char *relpath, size_t max_len, char **data, size_t *len);
+/* The same with a deadline (monotonic ns, 0 for none) for the whole attempt
+ * over all mirrors; *mirror (may be NULL) tells which mirror answered. */
+int repo_get_from(struct repo *repo, const char *relpath, size_t max_len, uint64_t deadline_ns, char **data,
+                  size_t *len, int *mirror);
+
+/* Keeps copies of the index and of manifests in dir (which must exist).
+ * Manifests are then read from there first (versions never change). With
+ * offline_fallback the kept index stands in when the repository is
+ * unreachable, so a mount can serve what is cached. */
+void repo_set_meta_cache(struct repo *repo, const char *dir, bool offline_fallback);
 
 int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t errlen);
 void repo_index_free(struct repo_index *index);
@@ -72,8 +120,8 @@ int repo_read_manifest(struct repo *repo, const char *name, uint64_t version, st
                        char *err, size_t errlen);
 
 /* Fetches the stored (encoded) bytes of one chunk. */
-int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, char **enc,
-                   size_t *len);
+int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, uint64_t deadline_ns,
+                   char **enc, size_t *len, int *mirror);
 
 /* "chunks/ab/ab01..." for hash. out must hold at least 48 bytes. */
 void repo_chunk_relpath(const struct chunk_hash *hash, char *out, size_t len);

@@ -43,12 +43,31 @@ static void add_vm_nodes(void *ctx, struct vm *vm)
 static int setup(struct imgfs *fs, const struct mount_options *opts)
 {
     char err[512];
-    int rc = repo_open(opts->repo, &fs->repo, err, sizeof(err));
+    struct repo_options ro = {.proxy = opts->proxy,
+                              .connect_timeout = opts->connect_timeout,
+                              .stall_timeout = opts->stall_timeout,
+                              .offline = opts->offline,
+                              .mirror_count = opts->mirror_count};
+    for (int i = 0; i < opts->mirror_count; i++)
+        ro.mirrors[i] = opts->mirrors[i];
+    int rc = repo_open_with(opts->repo, &ro, &fs->repo, err, sizeof(err));
     if (!rc && (rc = cache_open(opts->cache_dir, &fs->cache, err, sizeof(err))) == 0) {
         struct fetch_options fo = {.timeout_seconds = opts->timeout_seconds};
         rc = fetcher_create(fs->cache, fs->repo, &fo, &fs->fetcher);
         if (rc)
             snprintf(err, sizeof(err), "out of memory");
+    }
+    if (!rc) {
+        /* Index and manifests are kept next to the cache: manifests are read
+         * from there first, and the index stands in when offline. */
+        char meta[PATH_MAX];
+        rc = path_join(meta, sizeof(meta), "%s/meta", opts->cache_dir);
+        if (!rc)
+            rc = mkdir_p(meta);
+        if (rc)
+            snprintf(err, sizeof(err), "cannot create %s/meta: %s", opts->cache_dir, strerror(-rc));
+        else
+            repo_set_meta_cache(fs->repo, meta, opts->offline);
     }
     if (!rc && (rc = tree_create(fs->repo, opts->refresh_seconds, &fs->tree)) != 0)
         snprintf(err, sizeof(err), "out of memory");

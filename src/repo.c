@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdatomic.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -20,10 +21,32 @@
 #define INDEX_HEADER "imgfs-index 1\n"
 #define MAX_IDLE_HANDLES 16
 
+/* One HTTP mirror and its counters. The counters are atomics; last_error
+ * and last_error_ns are guarded by the repo's stats_lock. */
+struct mirror {
+    char url[PATH_MAX / 2];
+    atomic_uint_fast64_t requests;
+    atomic_uint_fast64_t bytes;
+    atomic_uint_fast64_t errors;
+    atomic_uint_fast64_t retries;
+    atomic_uint_fast64_t latency_ns; /* total over successful requests */
+    char last_error[160];
+    uint64_t last_error_ns;
+};
+
 struct repo {
     char location[PATH_MAX];
     bool local;
     int lock_fd; /* publish lock, -1 when not held */
+    struct repo_options opts;
+    char meta_dir[PATH_MAX / 2]; /* local copies of index and manifests, "" for none */
+    bool offline_fallback;
+    char proxy[PATH_MAX / 2];
+    struct mirror mirrors[REPO_MAX_MIRRORS];
+    int mirror_count;
+    atomic_int current;               /* index of the mirror tried first */
+    atomic_uint_fast64_t failover_ns; /* when current left mirror 0 */
+    pthread_mutex_t stats_lock;
     /* Idle curl handles kept for connection reuse. Guarded by handles_lock. */
     pthread_mutex_t handles_lock;
     CURL *idle_handles[MAX_IDLE_HANDLES];
@@ -35,6 +58,7 @@ static void curl_init_once(void) { curl_global_init(CURL_GLOBAL_DEFAULT); }
 
 const char *repo_location(const struct repo *repo) { return repo->location; }
 bool repo_is_local(const struct repo *repo) { return repo->local; }
+int repo_mirror_count(const struct repo *repo) { return repo->local ? 1 : repo->mirror_count; }
 
 void repo_chunk_relpath(const struct chunk_hash *hash, char *out, size_t len)
 {
@@ -103,10 +127,53 @@ static void return_handle(struct repo *repo, CURL *h)
         curl_easy_cleanup(h);
 }
 
-static int http_get(struct repo *repo, const char *relpath, size_t max_len, char **data, size_t *len)
+/* The last HTTP failure seen by this thread, for error messages. */
+static __thread char thread_http_error[160];
+
+static const char *describe_error(int rc)
+{
+    return rc != -ENOENT && thread_http_error[0] ? thread_http_error : strerror(-rc);
+}
+
+static void note_mirror_error(struct repo *repo, int i, const char *what)
+{
+    if (i == 0)
+        snprintf(thread_http_error, sizeof(thread_http_error), "%s", what);
+    else
+        snprintf(thread_http_error, sizeof(thread_http_error), "%s (mirror %s)", what, repo->mirrors[i].url);
+    atomic_fetch_add(&repo->mirrors[i].errors, 1);
+    pthread_mutex_lock(&repo->stats_lock);
+    snprintf(repo->mirrors[i].last_error, sizeof(repo->mirrors[i].last_error), "%s", what);
+    repo->mirrors[i].last_error_ns = now_ns();
+    pthread_mutex_unlock(&repo->stats_lock);
+}
+
+/* Makes the next mirror after i current (if i still is). */
+static void fail_over(struct repo *repo, int i)
+{
+    int expected = i;
+    int next = (i + 1) % repo->mirror_count;
+    if (repo->mirror_count > 1 && atomic_compare_exchange_strong(&repo->current, &expected, next)) {
+        if (i == 0)
+            atomic_store(&repo->failover_ns, now_ns());
+        log_warn("repository: switching from mirror %s to %s", repo->mirrors[i].url, repo->mirrors[next].url);
+    }
+}
+
+void repo_report_bad(struct repo *repo, int mirror)
+{
+    if (repo->local || mirror < 0 || mirror >= repo->mirror_count)
+        return;
+    note_mirror_error(repo, mirror, "served a chunk that failed verification");
+    fail_over(repo, mirror);
+}
+
+/* One GET from one mirror. */
+static int http_get_one(struct repo *repo, int i, const char *relpath, size_t max_len, uint64_t deadline_ns,
+                        char **data, size_t *len)
 {
     char url[PATH_MAX + 64];
-    int err = path_join(url, sizeof(url), "%s/%s", repo->location, relpath);
+    int err = path_join(url, sizeof(url), "%s/%s", repo->mirrors[i].url, relpath);
     if (err)
         return err;
     CURL *h = take_handle(repo);
@@ -118,25 +185,39 @@ static int http_get(struct repo *repo, const char *relpath, size_t max_len, char
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, http_write);
     curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, 5000L);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)(repo->opts.connect_timeout * 1000));
     curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1024L);
-    curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, 10L);
+    curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, (long)(repo->opts.stall_timeout + 0.5));
     curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
     curl_easy_setopt(h, CURLOPT_MAXREDIRS, 5L);
+    curl_easy_setopt(h, CURLOPT_PROXY, repo->proxy); /* "" disables any proxy from the environment */
+    if (deadline_ns) {
+        uint64_t now = now_ns();
+        long ms = deadline_ns > now ? (long)((deadline_ns - now) / 1000000) : 1;
+        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, ms > 0 ? ms : 1L);
+    }
+    uint64_t started = now_ns();
+    atomic_fetch_add(&repo->mirrors[i].requests, 1);
     CURLcode rc = curl_easy_perform(h);
     long status = 0;
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    char what[160];
     if (rc == CURLE_OK && status == 200) {
         err = 0;
+        atomic_fetch_add(&repo->mirrors[i].bytes, body.len);
+        atomic_fetch_add(&repo->mirrors[i].latency_ns, now_ns() - started);
     } else if (rc == CURLE_OK && (status == 404 || status == 410)) {
         err = -ENOENT;
-    } else if (body.too_big) {
-        err = -EFBIG;
-    } else if (rc == CURLE_OPERATION_TIMEDOUT) {
-        err = -ETIMEDOUT;
     } else {
-        log_debug("GET %s failed: %s (HTTP %ld)", url, curl_easy_strerror(rc), status);
-        err = -EIO;
+        if (body.too_big)
+            err = -EFBIG, snprintf(what, sizeof(what), "response larger than %zu bytes", max_len);
+        else if (rc == CURLE_OK)
+            err = -EIO, snprintf(what, sizeof(what), "HTTP status %ld", status);
+        else
+            err = rc == CURLE_OPERATION_TIMEDOUT ? -ETIMEDOUT : -EIO,
+            snprintf(what, sizeof(what), "%s", curl_easy_strerror(rc));
+        note_mirror_error(repo, i, what);
+        log_debug("GET %s failed: %s", url, what);
     }
     return_handle(repo, h);
     if (err) {
@@ -151,30 +232,119 @@ static int http_get(struct repo *repo, const char *relpath, size_t max_len, char
     return 0;
 }
 
+/* Tries each mirror once, starting with the current one. */
+static int http_get(struct repo *repo, const char *relpath, size_t max_len, uint64_t deadline_ns, char **data,
+                    size_t *len, int *mirror)
+{
+    int start = atomic_load(&repo->current);
+    if (start != 0 && now_ns() - atomic_load(&repo->failover_ns) > (uint64_t)(repo->opts.failback_seconds * 1e9)) {
+        /* Time to give the preferred mirror another chance. */
+        atomic_store(&repo->current, 0);
+        start = 0;
+    }
+    int err = -EIO;
+    bool all_missing = true;
+    for (int k = 0; k < repo->mirror_count; k++) {
+        int i = (start + k) % repo->mirror_count;
+        if (k > 0)
+            atomic_fetch_add(&repo->mirrors[i].retries, 1);
+        err = http_get_one(repo, i, relpath, max_len, deadline_ns, data, len);
+        if (err == 0) {
+            if (mirror)
+                *mirror = i;
+            return 0;
+        }
+        if (err != -ENOENT) {
+            all_missing = false;
+            fail_over(repo, i);
+        }
+        if (err == -EFBIG || (deadline_ns && now_ns() >= deadline_ns))
+            break;
+    }
+    return all_missing ? -ENOENT : err;
+}
+
+size_t repo_mirror_stats(struct repo *repo, struct repo_mirror_stats *out, size_t max)
+{
+    if (repo->local)
+        return 0;
+    size_t n = 0;
+    int current = atomic_load(&repo->current);
+    pthread_mutex_lock(&repo->stats_lock);
+    for (int i = 0; i < repo->mirror_count && n < max; i++, n++) {
+        struct mirror *m = &repo->mirrors[i];
+        struct repo_mirror_stats *o = &out[n];
+        snprintf(o->url, sizeof(o->url), "%s", m->url);
+        o->requests = atomic_load(&m->requests);
+        o->bytes = atomic_load(&m->bytes);
+        o->errors = atomic_load(&m->errors);
+        o->retries = atomic_load(&m->retries);
+        uint64_t ok = o->requests > o->errors ? o->requests - o->errors : 0;
+        o->avg_latency_ms = ok ? (double)atomic_load(&m->latency_ns) / (double)ok / 1e6 : 0;
+        o->current = i == current;
+        snprintf(o->last_error, sizeof(o->last_error), "%s", m->last_error);
+        o->last_error_age = m->last_error_ns ? (double)(now_ns() - m->last_error_ns) / 1e9 : -1;
+    }
+    pthread_mutex_unlock(&repo->stats_lock);
+    return n;
+}
+
 /* ---- common -------------------------------------------------------------- */
 
-int repo_get(struct repo *repo, const char *relpath, size_t max_len, char **data, size_t *len)
+int repo_get_from(struct repo *repo, const char *relpath, size_t max_len, uint64_t deadline_ns, char **data,
+                  size_t *len, int *mirror)
 {
+    if (mirror)
+        *mirror = -1;
     if (!repo->local)
-        return http_get(repo, relpath, max_len, data, len);
+        return http_get(repo, relpath, max_len, deadline_ns, data, len, mirror);
     char path[PATH_MAX];
     int err = local_path(repo, relpath, path, sizeof(path));
     return err ? err : read_file(path, max_len, data, len);
 }
 
-static struct repo *repo_alloc(const char *location, bool local)
+int repo_get(struct repo *repo, const char *relpath, size_t max_len, char **data, size_t *len)
+{
+    return repo_get_from(repo, relpath, max_len, 0, data, len, NULL);
+}
+
+static void strip_slashes(char *url)
+{
+    /* Trailing slashes would double up in joined paths. */
+    size_t n = strlen(url);
+    while (n > 1 && url[n - 1] == '/')
+        url[--n] = '\0';
+}
+
+static struct repo *repo_alloc(const char *location, bool local, const struct repo_options *opts)
 {
     struct repo *repo = calloc(1, sizeof(*repo));
     if (!repo)
         return NULL;
     snprintf(repo->location, sizeof(repo->location), "%s", location);
-    /* Trailing slashes would double up in joined paths. */
-    size_t n = strlen(repo->location);
-    while (n > 1 && repo->location[n - 1] == '/')
-        repo->location[--n] = '\0';
+    strip_slashes(repo->location);
     repo->local = local;
     repo->lock_fd = -1;
+    if (opts)
+        repo->opts = *opts;
+    if (repo->opts.connect_timeout <= 0)
+        repo->opts.connect_timeout = 5;
+    if (repo->opts.stall_timeout <= 0)
+        repo->opts.stall_timeout = 10;
+    if (repo->opts.failback_seconds <= 0)
+        repo->opts.failback_seconds = 60;
+    snprintf(repo->proxy, sizeof(repo->proxy), "%s", repo->opts.proxy ? repo->opts.proxy : "");
+    repo->opts.proxy = NULL; /* the caller's strings are not kept */
+    snprintf(repo->mirrors[0].url, sizeof(repo->mirrors[0].url), "%s", repo->location);
+    repo->mirror_count = 1;
+    for (int i = 0; opts && i < opts->mirror_count && repo->mirror_count < REPO_MAX_MIRRORS; i++) {
+        struct mirror *m = &repo->mirrors[repo->mirror_count++];
+        snprintf(m->url, sizeof(m->url), "%s", opts->mirrors[i]);
+        strip_slashes(m->url);
+        repo->opts.mirrors[i] = NULL;
+    }
     pthread_mutex_init(&repo->handles_lock, NULL);
+    pthread_mutex_init(&repo->stats_lock, NULL);
     return repo;
 }
 
@@ -186,6 +356,7 @@ void repo_close(struct repo *repo)
     for (int i = 0; i < repo->idle_count; i++)
         curl_easy_cleanup(repo->idle_handles[i]);
     pthread_mutex_destroy(&repo->handles_lock);
+    pthread_mutex_destroy(&repo->stats_lock);
     free(repo);
 }
 
@@ -199,7 +370,7 @@ static int check_marker(struct repo *repo, char *err, size_t errlen)
         return -ENOENT;
     }
     if (rc) {
-        snprintf(err, errlen, "cannot reach repository %s: %s", repo->location, strerror(-rc));
+        snprintf(err, errlen, "cannot reach repository %s: %s", repo->location, describe_error(rc));
         return rc;
     }
     bool ok = len == strlen(REPO_MARKER) && memcmp(data, REPO_MARKER, len) == 0;
@@ -212,6 +383,12 @@ static int check_marker(struct repo *repo, char *err, size_t errlen)
 }
 
 int repo_open(const char *location, struct repo **out, char *err, size_t errlen)
+{
+    return repo_open_with(location, NULL, out, err, errlen);
+}
+
+int repo_open_with(const char *location, const struct repo_options *opts, struct repo **out, char *err,
+                   size_t errlen)
 {
     bool http = strncmp(location, "http://", 7) == 0 || strncmp(location, "https://", 8) == 0;
     if (strlen(location) >= PATH_MAX - 80) {
@@ -231,12 +408,26 @@ int repo_open(const char *location, struct repo **out, char *err, size_t errlen)
             return -ENOTDIR;
         }
     }
-    struct repo *repo = repo_alloc(location, !http);
+    for (int i = 0; opts && i < opts->mirror_count; i++) {
+        if (strncmp(opts->mirrors[i], "http://", 7) != 0 && strncmp(opts->mirrors[i], "https://", 8) != 0) {
+            snprintf(err, errlen, "mirror %s is not an http(s) URL", opts->mirrors[i]);
+            return -EINVAL;
+        }
+        if (!http) {
+            snprintf(err, errlen, "mirrors need an http(s) repository, not a directory");
+            return -EINVAL;
+        }
+    }
+    struct repo *repo = repo_alloc(location, !http, opts);
     if (!repo) {
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
     int rc = check_marker(repo, err, errlen);
+    if (rc && http && opts && opts->offline && rc != -ENOENT && rc != -EBADMSG) {
+        log_warn("%s; continuing offline with what is cached", err);
+        rc = 0;
+    }
     if (rc) {
         repo_close(repo);
         return rc;
@@ -382,15 +573,44 @@ bad:
     return -EBADMSG;
 }
 
+void repo_set_meta_cache(struct repo *repo, const char *dir, bool offline_fallback)
+{
+    snprintf(repo->meta_dir, sizeof(repo->meta_dir), "%s", dir);
+    repo->offline_fallback = offline_fallback;
+}
+
+/* Keeps a copy of a repository file in the metadata cache (best effort). */
+static void save_meta(struct repo *repo, const char *name, const char *data, size_t len)
+{
+    char path[PATH_MAX];
+    if (repo->meta_dir[0] && path_join(path, sizeof(path), "%s/%s", repo->meta_dir, name) == 0 &&
+        write_file_atomic(path, data, len) != 0)
+        log_warn("cannot keep a copy of %s in %s", name, repo->meta_dir);
+}
+
+static int load_meta(struct repo *repo, const char *name, size_t max_len, char **data, size_t *len)
+{
+    char path[PATH_MAX];
+    if (!repo->meta_dir[0] || path_join(path, sizeof(path), "%s/%s", repo->meta_dir, name) != 0)
+        return -ENOENT;
+    return read_file(path, max_len, data, len);
+}
+
 int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t errlen)
 {
     char *data;
     size_t len;
     int rc = repo_get(repo, "index", REPO_MAX_INDEX_LEN, &data, &len);
-    if (rc) {
+    if (rc && repo->offline_fallback && load_meta(repo, "index", REPO_MAX_INDEX_LEN, &data, &len) == 0) {
+        log_warn("repository %s unreachable (%s); using the index kept from the last contact", repo->location,
+                 describe_error(rc));
+        rc = 0;
+    } else if (rc) {
         snprintf(err, errlen, "cannot read the index of repository %s: %s", repo->location,
-                 rc == -ENOENT ? "it is missing" : strerror(-rc));
+                 rc == -ENOENT ? "it is missing" : describe_error(rc));
         return rc;
+    } else {
+        save_meta(repo, "index", data, len);
     }
     rc = parse_index(data, len, out);
     free(data);
@@ -402,44 +622,58 @@ int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t
 int repo_read_manifest(struct repo *repo, const char *name, uint64_t version, struct manifest **out,
                        char *err, size_t errlen)
 {
-    char rel[160];
+    char rel[160], copy[160];
     if (!name_is_valid(name)) {
         snprintf(err, errlen, "invalid base name");
         return -EINVAL;
     }
     snprintf(rel, sizeof(rel), "bases/%s/%" PRIu64 ".manifest", name, version);
+    snprintf(copy, sizeof(copy), "%s@%" PRIu64 ".manifest", name, version);
     char *data;
     size_t len;
+    char why[200];
+    /* Versions never change, so a kept copy that parses is as good as the
+     * original, and works while the repository is unreachable. */
+    if (load_meta(repo, copy, REPO_MAX_MANIFEST_LEN, &data, &len) == 0) {
+        int ok = manifest_parse(data, len, out, why, sizeof(why)) == 0;
+        free(data);
+        if (ok && strcmp((*out)->name, name) == 0 && (*out)->version == version)
+            return 0;
+        if (ok)
+            manifest_free(*out);
+    }
     int rc = repo_get(repo, rel, REPO_MAX_MANIFEST_LEN, &data, &len);
     if (rc) {
         snprintf(err, errlen, "cannot read manifest %s@%" PRIu64 ": %s", name, version,
-                 rc == -ENOENT ? "it does not exist" : strerror(-rc));
+                 rc == -ENOENT ? "it does not exist" : describe_error(rc));
         return rc;
     }
-    char why[200];
     rc = manifest_parse(data, len, out, why, sizeof(why));
-    free(data);
     if (rc) {
+        free(data);
         snprintf(err, errlen, "manifest %s@%" PRIu64 " is malformed: %s", name, version, why);
         return rc;
     }
     if (strcmp((*out)->name, name) != 0 || (*out)->version != version) {
+        free(data);
         snprintf(err, errlen, "manifest %s@%" PRIu64 " names another version", name, version);
         manifest_free(*out);
         *out = NULL;
         return -EBADMSG;
     }
+    save_meta(repo, copy, data, len);
+    free(data);
     return 0;
 }
 
-int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, char **enc,
-                   size_t *len)
+int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, uint64_t deadline_ns,
+                   char **enc, size_t *len, int *mirror)
 {
     char rel[64];
     repo_chunk_relpath(hash, rel, sizeof(rel));
     /* A stored chunk never exceeds its raw size plus the header (chunkfmt
      * stores raw when compression does not pay). */
-    return repo_get(repo, rel, (size_t)chunk_size + CHUNKFMT_MAX_OVERHEAD, enc, len);
+    return repo_get_from(repo, rel, (size_t)chunk_size + CHUNKFMT_MAX_OVERHEAD, deadline_ns, enc, len, mirror);
 }
 
 /* ---- writer side ----------------------------------------------------------- */

@@ -121,7 +121,7 @@ static void check_repo_content(const char *repo_path, const char *name, uint64_t
         }
         char *enc = NULL;
         size_t enc_len = 0;
-        if (repo_get_chunk(repo, &m->chunks[i], m->chunk_size, &enc, &enc_len) != 0) {
+        if (repo_get_chunk(repo, &m->chunks[i], m->chunk_size, 0, &enc, &enc_len, NULL) != 0) {
             errors++;
             continue;
         }
