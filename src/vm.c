@@ -260,7 +260,7 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
     bool has_base = false;
     unsigned uid = 0, gid = 0, mode = 0644;
     while ((line = strtok_r(NULL, "\n", &save))) {
-        char value[64];
+        char value[80];
         if (sscanf(line, "name %64s", value) == 1) {
             if (strcmp(value, name) != 0)
                 LOAD_FAIL("VM %s: its VM file names another VM", name);
