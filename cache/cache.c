@@ -31,6 +31,7 @@ struct cache_entry {
     struct cache_entry *next; /* bucket chain */
     uint64_t size;            /* bytes on disk when resident */
     int fd;                   /* -1 unless open */
+    uint64_t last_use;        /* LRU clock value of the last acquire */
     uint32_t pins;
     uint8_t state;
     bool verified; /* checked against its hash during this run */
@@ -52,7 +53,12 @@ struct shard {
 struct cache {
     char dir[PATH_MAX - 128]; /* leaves room for "/chunks/XY/<hash>.tmp.N" */
     uint64_t max_open_fds_per_shard;
+    uint64_t limit;                /* bytes, 0 for none; set before use */
+    atomic_uint_fast64_t used;     /* resident bytes plus fills in progress */
+    atomic_uint_fast64_t clock;    /* LRU clock; starts above every file mtime */
+    atomic_uint_fast64_t evictions;
     atomic_uint_fast64_t dropped_damaged;
+    pthread_mutex_t evict_lock;    /* one eviction pass at a time; held across unlinks */
     struct shard shards[SHARD_COUNT];
 };
 
@@ -173,8 +179,11 @@ static int scan_subdir(struct cache *cache, const char *sub)
         }
         e->state = ENTRY_RESIDENT;
         e->size = (uint64_t)st.st_size;
+        /* Across restarts, the fill time stands in for the last use. */
+        e->last_use = (uint64_t)st.st_mtime;
         s->resident_chunks++;
         s->resident_bytes += e->size;
+        atomic_fetch_add(&cache->used, e->size);
     }
     closedir(d);
     return 0;
@@ -248,6 +257,8 @@ int cache_open(const char *dir, struct cache **out, char *err, size_t errlen)
     if (limit > 1u << 20)
         limit = 1u << 20;
     cache->max_open_fds_per_shard = limit / 2 / SHARD_COUNT;
+    atomic_store(&cache->clock, (uint64_t)time(NULL) + 1);
+    pthread_mutex_init(&cache->evict_lock, NULL);
     if (cache->max_open_fds_per_shard < 4)
         cache->max_open_fds_per_shard = 4;
     for (int i = 0; i < SHARD_COUNT; i++) {
@@ -300,6 +311,7 @@ void cache_close(struct cache *cache)
         pthread_mutex_destroy(&s->lock);
         pthread_cond_destroy(&s->changed);
     }
+    pthread_mutex_destroy(&cache->evict_lock);
     free(cache);
 }
 
@@ -354,10 +366,11 @@ static int wait_until(struct shard *s, uint64_t deadline_ns)
 }
 
 /* Forgets the on-disk copy of an entry that was counted as resident. */
-static void drop_resident(struct shard *s, struct cache_entry *e)
+static void drop_resident(struct cache *cache, struct shard *s, struct cache_entry *e)
 {
     s->resident_chunks--;
     s->resident_bytes -= e->size;
+    atomic_fetch_sub(&cache->used, e->size);
     e->size = 0;
     e->verified = false;
 }
@@ -374,6 +387,7 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
     }
     for (;;) {
         if (e->state == ENTRY_RESIDENT && e->fd >= 0) {
+            e->last_use = atomic_fetch_add(&cache->clock, 1);
             e->pins++;
             pin->entry = e;
             pin->fd = e->fd;
@@ -398,6 +412,7 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
             pthread_mutex_lock(&s->lock);
             if (rc == 0) {
                 e->state = ENTRY_RESIDENT;
+                e->last_use = atomic_fetch_add(&cache->clock, 1);
                 e->verified = true;
                 e->fd = fd;
                 s->open_fds++;
@@ -408,7 +423,7 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
                 pthread_mutex_unlock(&s->lock);
                 return CACHE_HIT;
             }
-            drop_resident(s, e);
+            drop_resident(cache, s, e);
             if (rc == -EBADMSG || rc == -ENOENT) {
                 /* Damaged or vanished: this caller fetches it afresh. */
                 pin->entry = e;
@@ -430,25 +445,150 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
     }
 }
 
+/* ---- size limit and eviction ------------------------------------------------ */
+
+struct eviction_candidate {
+    struct chunk_hash hash;
+    uint64_t last_use;
+};
+
+static int by_last_use(const void *a, const void *b)
+{
+    const struct eviction_candidate *x = a, *y = b;
+    return x->last_use < y->last_use ? -1 : x->last_use > y->last_use;
+}
+
+/* Removes least recently used, unpinned chunks until at most target bytes
+ * are used. Returns the number evicted. Caller holds evict_lock. */
+static uint64_t evict_to(struct cache *cache, uint64_t target)
+{
+    size_t cap = 0, count = 0;
+    struct eviction_candidate *list = NULL;
+    for (int i = 0; i < SHARD_COUNT; i++) {
+        struct shard *s = &cache->shards[i];
+        pthread_mutex_lock(&s->lock);
+        for (size_t b = 0; b < s->bucket_count; b++) {
+            for (struct cache_entry *e = s->buckets[b]; e; e = e->next) {
+                if (e->state != ENTRY_RESIDENT || e->pins)
+                    continue;
+                if (count == cap) {
+                    size_t grown_cap = cap ? cap * 2 : 1024;
+                    struct eviction_candidate *grown = realloc(list, grown_cap * sizeof(*grown));
+                    if (!grown)
+                        break;
+                    list = grown;
+                    cap = grown_cap;
+                }
+                list[count++] = (struct eviction_candidate){e->hash, e->last_use};
+            }
+        }
+        pthread_mutex_unlock(&s->lock);
+    }
+    qsort(list, count, sizeof(*list), by_last_use);
+    uint64_t evicted = 0;
+    for (size_t i = 0; i < count && atomic_load(&cache->used) > target; i++) {
+        struct shard *s = shard_of(cache, &list[i].hash);
+        pthread_mutex_lock(&s->lock);
+        struct cache_entry *e = find_entry(s, &list[i].hash);
+        /* Skip anything that was used or pinned since the list was made. */
+        if (!e || e->state != ENTRY_RESIDENT || e->pins || e->last_use != list[i].last_use) {
+            pthread_mutex_unlock(&s->lock);
+            continue;
+        }
+        e->state = ENTRY_BUSY; /* readers wait while the file goes */
+        if (e->fd >= 0) {
+            close(e->fd);
+            e->fd = -1;
+            s->open_fds--;
+        }
+        pthread_mutex_unlock(&s->lock);
+        char path[PATH_MAX];
+        chunk_path(cache, &e->hash, path, sizeof(path));
+        unlink(path);
+        pthread_mutex_lock(&s->lock);
+        drop_resident(cache, s, e);
+        e->state = ENTRY_ABSENT;
+        pthread_cond_broadcast(&s->changed);
+        pthread_mutex_unlock(&s->lock);
+        evicted++;
+    }
+    free(list);
+    atomic_fetch_add(&cache->evictions, evicted);
+    return evicted;
+}
+
+/* Reserves len bytes under the limit, evicting down to 90% of it (the
+ * hysteresis) when needed. -ENOSPC when everything left is in use. */
+static int reserve(struct cache *cache, uint64_t len)
+{
+    if (!cache->limit) {
+        atomic_fetch_add(&cache->used, len);
+        return 0;
+    }
+    for (int attempt = 0;; attempt++) {
+        uint64_t used = atomic_load(&cache->used);
+        while (used + len <= cache->limit) {
+            if (atomic_compare_exchange_weak(&cache->used, &used, used + len))
+                return 0;
+        }
+        if (attempt == 2)
+            return -ENOSPC;
+        uint64_t low = cache->limit / 10 * 9;
+        pthread_mutex_lock(&cache->evict_lock);
+        evict_to(cache, low > len ? low - len : 0);
+        pthread_mutex_unlock(&cache->evict_lock);
+    }
+}
+
+void cache_set_limit(struct cache *cache, uint64_t limit)
+{
+    cache->limit = limit;
+    if (limit && atomic_load(&cache->used) > limit) {
+        pthread_mutex_lock(&cache->evict_lock);
+        evict_to(cache, limit / 10 * 9);
+        pthread_mutex_unlock(&cache->evict_lock);
+    }
+}
+
+static int write_chunk_file(const char *tmp, const char *path, const void *data, size_t len, int *fd_out)
+{
+    int fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    int rc = write_full_at(fd, data, len, 0);
+    if (!rc && rename(tmp, path) < 0)
+        rc = -errno;
+    if (rc) {
+        close(fd);
+        unlink(tmp);
+        return rc;
+    }
+    *fd_out = fd;
+    return 0;
+}
+
 int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, size_t len)
 {
     struct cache_entry *e = pin->entry;
     char path[PATH_MAX], tmp[PATH_MAX + 32];
     chunk_path(cache, &e->hash, path, sizeof(path));
     snprintf(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)gettid());
-    int rc = 0;
-    int fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
-        rc = -errno;
-    if (!rc)
-        rc = write_full_at(fd, data, len, 0);
-    if (!rc && rename(tmp, path) < 0)
-        rc = -errno;
-    if (rc) {
-        if (fd >= 0) {
-            close(fd);
-            unlink(tmp);
+    int fd = -1;
+    int rc = reserve(cache, len);
+    if (!rc) {
+        rc = write_chunk_file(tmp, path, data, len, &fd);
+        if (rc == -ENOSPC || rc == -EDQUOT) {
+            /* The cache's file system is full: make room and retry once. */
+            uint64_t used = atomic_load(&cache->used);
+            pthread_mutex_lock(&cache->evict_lock);
+            evict_to(cache, used - used / 10);
+            pthread_mutex_unlock(&cache->evict_lock);
+            rc = write_chunk_file(tmp, path, data, len, &fd);
         }
+        if (rc)
+            atomic_fetch_sub(&cache->used, len);
+    }
+    if (rc) {
         cache_abandon(cache, pin);
         return rc;
     }
@@ -456,6 +596,7 @@ int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, siz
     pthread_mutex_lock(&s->lock);
     e->state = ENTRY_RESIDENT;
     e->verified = true; /* the caller verified the bytes it gave us */
+    e->last_use = atomic_fetch_add(&cache->clock, 1);
     e->size = len;
     e->fd = fd;
     s->open_fds++;
@@ -516,4 +657,6 @@ void cache_get_usage(struct cache *cache, struct cache_usage *out)
         pthread_mutex_unlock(&s->lock);
     }
     out->dropped_damaged = atomic_load(&cache->dropped_damaged);
+    out->limit = cache->limit;
+    out->evictions = atomic_load(&cache->evictions);
 }

@@ -20,6 +20,7 @@ struct raw_options {
     char *threads;
     char *connect_timeout;
     char *stall_timeout;
+    char *cache_size;
     char *proxy;
     char *mirrors[8];
     int mirror_count;
@@ -43,6 +44,7 @@ static const struct fuse_opt option_spec[] = {
     OPT("refresh=%s", refresh),
     OPT("threads=%s", threads),
     OPT("connect_timeout=%s", connect_timeout),
+    OPT("cache_size=%s", cache_size),
     OPT("stall_timeout=%s", stall_timeout),
     OPT("proxy=%s", proxy),
     OPT("offline", offline),
@@ -103,6 +105,8 @@ static void print_help(void)
            "imgfs options:\n"
            "  -o cache=DIR        chunk cache directory (default " IMGFS_DEFAULT_CACHE_DIR ",\n"
            "                      created if it is the default; a given DIR must exist)\n"
+           "  -o cache_size=SIZE  cap on the cache (e.g. 50G); least recently used chunks\n"
+           "                      are evicted, down to 90%% of it (default: no cap)\n"
            "  -o state=DIR        directory for VM disks and their layers (default\n"
            "                      " IMGFS_DEFAULT_STATE_DIR ", created if it is the default)\n"
            "  -o timeout=SECONDS  how long a read may wait for an uncached chunk before it\n"
@@ -208,6 +212,10 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
         goto out;
     }
     opts->offline = raw.offline;
+    if (raw.cache_size && (parse_size(raw.cache_size, &opts->cache_size) < 0 || opts->cache_size < (1u << 20))) {
+        fail("cache_size=%s is not a size of at least 1M", raw.cache_size);
+        goto out;
+    }
     opts->proxy = raw.proxy;
     raw.proxy = NULL;
     for (int i = 0; i < raw.mirror_count; i++) {
@@ -276,6 +284,7 @@ out:
     free(raw.threads);
     free(raw.connect_timeout);
     free(raw.stall_timeout);
+    free(raw.cache_size);
     free(raw.proxy);
     for (int i = 0; i < raw.mirror_count; i++)
         free(raw.mirrors[i]);

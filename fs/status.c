@@ -137,6 +137,8 @@ int status_render_stats(struct imgfs *fs, char **out, size_t *len)
                 "directory         %s\n"
                 "chunks            %" PRIu64 "\n"
                 "bytes             %" PRIu64 "\n"
+                "limit             %" PRIu64 "\n"
+                "evictions         %" PRIu64 "\n"
                 "open_files        %" PRIu64 "\n"
                 "damaged_dropped   %" PRIu64 "\n"
                 "\n[fetch]\n"
@@ -146,7 +148,8 @@ int status_render_stats(struct imgfs *fs, char **out, size_t *len)
                 "errors            %" PRIu64 "\n",
                 IMGFS_VERSION, now_seconds() - fs->started, repo_location(fs->repo),
                 repo_is_local(fs->repo) ? "local" : "http", refresh_error[0] ? refresh_error : "none",
-                cache_dir(fs->cache), usage.chunks, usage.bytes, usage.open_fds, usage.dropped_damaged,
+                cache_dir(fs->cache), usage.chunks, usage.bytes, usage.limit, usage.evictions, usage.open_fds,
+                usage.dropped_damaged,
                 totals.requests, totals.bytes_transferred, totals.verify_failures, totals.errors);
     if (totals.last_error_age >= 0)
         text_printf(&t, "last_error        %s (%.0f s ago)\n", totals.last_error, totals.last_error_age);

@@ -16,7 +16,7 @@
  * the filler does its I/O.
  *
  * A pinned chunk's file descriptor stays valid until cache_release(); the
- * cache never closes or removes a pinned chunk.
+ * cache never closes, evicts or removes a pinned chunk.
  *
  * Contract: every function is thread-safe.
  */
@@ -47,10 +47,19 @@ struct cache_usage {
     uint64_t bytes;
     uint64_t open_fds;
     uint64_t dropped_damaged; /* files that failed verification on open */
+    uint64_t limit;           /* 0 when unlimited */
+    uint64_t evictions;
 };
 
 int cache_open(const char *dir, struct cache **out, char *err, size_t errlen);
 void cache_close(struct cache *cache);
+
+/* Caps the bytes the cache may hold (0: no cap). When a fill would go over
+ * it, the least recently used chunks that nobody has pinned are removed
+ * until 90% of the cap is used (hysteresis); a fill that still does not fit
+ * fails with -ENOSPC. A full file system (ENOSPC on write) also evicts and
+ * retries once. Call before the cache is shared between threads. */
+void cache_set_limit(struct cache *cache, uint64_t limit);
 
 /* Returns CACHE_HIT or CACHE_MUST_FILL (>= 0), or -ETIMEDOUT when another
  * caller was filling the chunk and deadline_ns (monotonic) passed, or another

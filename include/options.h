@@ -15,6 +15,7 @@
 
 #include <fuse_lowlevel.h>
 #include <stdbool.h>
+#include <stdint.h>
 
 #define IMGFS_DEFAULT_CACHE_DIR "/var/cache/imgfs"
 #define IMGFS_DEFAULT_STATE_DIR "/var/lib/imgfs"
@@ -26,6 +27,7 @@ struct mount_options {
     char *cache_dir;  /* malloc'd */
     char *state_dir;  /* malloc'd */
     double timeout_seconds;
+    uint64_t cache_size; /* 0: no cap */
     double connect_timeout;
     double stall_timeout;
     char *mirrors[8];  /* malloc'd, from repeated -o mirror=URL */

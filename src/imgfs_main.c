@@ -52,6 +52,7 @@ static int setup(struct imgfs *fs, const struct mount_options *opts)
         ro.mirrors[i] = opts->mirrors[i];
     int rc = repo_open_with(opts->repo, &ro, &fs->repo, err, sizeof(err));
     if (!rc && (rc = cache_open(opts->cache_dir, &fs->cache, err, sizeof(err))) == 0) {
+        cache_set_limit(fs->cache, opts->cache_size);
         struct fetch_options fo = {.timeout_seconds = opts->timeout_seconds};
         rc = fetcher_create(fs->cache, fs->repo, &fo, &fs->fetcher);
         if (rc)
