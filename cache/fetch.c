@@ -106,9 +106,11 @@ static int fetch_into(struct fetcher *f, const struct chunk_hash *hash, uint32_t
         note_error(f, hash, rc == -ENOENT ? "missing from the repository" : strerror(-rc));
         if (rc == -ENOENT && repo_is_local(f->repo))
             return -EIO; /* a local directory will not grow the file by waiting */
-        if (now_ns() + backoff >= deadline_ns)
+        uint64_t now = now_ns();
+        if (now + 10000000ull >= deadline_ns)
             return -EIO;
-        sleep_ns(backoff);
+        /* Back off, but keep one last try for the end of the deadline. */
+        sleep_ns(now + backoff < deadline_ns ? backoff : deadline_ns - now - 10000000ull);
         backoff = backoff * 2 > BACKOFF_MAX_NS ? BACKOFF_MAX_NS : backoff * 2;
     }
 }

@@ -122,9 +122,7 @@ int status_render_stats(struct imgfs *fs, char **out, size_t *len)
     cache_get_usage(fs->cache, &usage);
     fetcher_get_totals(fs->fetcher, &totals);
     char refresh_error[256];
-    pthread_mutex_lock(&fs->tree->refresh_lock);
-    snprintf(refresh_error, sizeof(refresh_error), "%s", fs->tree->last_refresh_error);
-    pthread_mutex_unlock(&fs->tree->refresh_lock);
+    tree_refresh_error(fs->tree, refresh_error, sizeof(refresh_error));
 
     text_printf(&t,
                 "# imgfs %s status; sizes in bytes\n"

@@ -37,6 +37,7 @@ int tree_create(struct repo *repo, double refresh_seconds, struct tree **out)
         return -ENOMEM;
     pthread_rwlock_init(&tree->lock, NULL);
     pthread_mutex_init(&tree->refresh_lock, NULL);
+    pthread_mutex_init(&tree->error_lock, NULL);
     tree->repo = repo;
     tree->refresh_seconds = refresh_seconds;
     /* The fixed part, in the inode order of the INO_* constants. */
@@ -67,6 +68,7 @@ void tree_destroy(struct tree *tree)
     free(tree->nodes);
     pthread_rwlock_destroy(&tree->lock);
     pthread_mutex_destroy(&tree->refresh_lock);
+    pthread_mutex_destroy(&tree->error_lock);
     free(tree);
 }
 
@@ -106,6 +108,13 @@ void tree_for_each_child(struct tree *tree, fuse_ino_t parent, fuse_ino_t after,
             break;
     }
     pthread_rwlock_unlock(&tree->lock);
+}
+
+void tree_refresh_error(struct tree *tree, char *out, size_t len)
+{
+    pthread_mutex_lock(&tree->error_lock);
+    snprintf(out, len, "%s", tree->last_refresh_error);
+    pthread_mutex_unlock(&tree->error_lock);
 }
 
 void tree_read_link(struct tree *tree, const struct node *n, char *out, size_t len)
@@ -177,10 +186,12 @@ int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
     if (rc == 0)
         repo_index_free(&index);
     const char *problem = rc ? err : version_error;
+    pthread_mutex_lock(&tree->error_lock);
     /* The first failure to read the index is the caller's to report. */
     if (problem[0] && strcmp(tree->last_refresh_error, problem) != 0 && !(first && rc))
         log_warn("repository refresh: %s", problem);
     snprintf(tree->last_refresh_error, sizeof(tree->last_refresh_error), "%s", problem);
+    pthread_mutex_unlock(&tree->error_lock);
     pthread_mutex_unlock(&tree->refresh_lock);
     return rc;
 }

@@ -76,11 +76,13 @@ struct tree {
     size_t count;
     size_t cap;
 
-    pthread_mutex_t refresh_lock;
-    uint64_t last_refresh_ns; /* guarded by refresh_lock */
+    pthread_mutex_t refresh_lock; /* held across a refresh's repository I/O */
+    uint64_t last_refresh_ns;     /* guarded by refresh_lock */
     double refresh_seconds;
     struct repo *repo; /* not owned */
-    char last_refresh_error[256]; /* guarded by refresh_lock */
+    /* Never held across I/O, so status readers never wait on the network. */
+    pthread_mutex_t error_lock;
+    char last_refresh_error[256]; /* guarded by error_lock */
 };
 
 int tree_create(struct repo *repo, double refresh_seconds, struct tree **out);
@@ -108,6 +110,9 @@ int tree_add_vm(struct tree *tree, struct vm *vm);
 void tree_remove_vm(struct tree *tree, struct vm *vm);
 /* The base version NAME@VERSION, or NULL. */
 struct base_version *tree_find_version(struct tree *tree, const char *name, uint64_t version);
+
+/* Copies the last refresh error ("" when the last refresh worked). */
+void tree_refresh_error(struct tree *tree, char *out, size_t len);
 
 /* Copies a symlink's target under the lock. */
 void tree_read_link(struct tree *tree, const struct node *n, char *out, size_t len);

@@ -13,24 +13,65 @@
 #include "util.h"
 
 /* Re-reads a remote repository's index in the background (local ones are
- * refreshed on lookup). Stops when the session exits. */
+ * refreshed on lookup). stop and wake are guarded by lock. */
 struct refresher {
     struct imgfs *fs;
-    struct fuse_session *se;
     pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    bool stop;
 };
 
 static void *refresh_loop(void *arg)
 {
     struct refresher *r = arg;
-    while (!fuse_session_exited(r->se)) {
-        struct timespec ts = {(time_t)r->fs->opts->refresh_seconds,
-                              (long)((r->fs->opts->refresh_seconds - (time_t)r->fs->opts->refresh_seconds) * 1e9)};
-        nanosleep(&ts, NULL);
+    pthread_mutex_lock(&r->lock);
+    while (!r->stop) {
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        double interval = r->fs->opts->refresh_seconds;
+        until.tv_sec += (time_t)interval;
+        until.tv_nsec += (long)((interval - (double)(time_t)interval) * 1e9);
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&r->wake, &r->lock, &until);
+        if (r->stop)
+            break;
+        pthread_mutex_unlock(&r->lock);
         char err[256];
         tree_refresh(r->fs->tree, true, err, sizeof(err));
+        pthread_mutex_lock(&r->lock);
     }
+    pthread_mutex_unlock(&r->lock);
     return NULL;
+}
+
+static bool refresher_start(struct refresher *r, struct imgfs *fs)
+{
+    r->fs = fs;
+    r->stop = false;
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&r->wake, &attr);
+    pthread_condattr_destroy(&attr);
+    return pthread_create(&r->thread, NULL, refresh_loop, r) == 0;
+}
+
+/* Stops the thread; a refresh in progress finishes first (bounded by the
+ * repository timeouts). */
+static void refresher_stop(struct refresher *r)
+{
+    pthread_mutex_lock(&r->lock);
+    r->stop = true;
+    pthread_cond_signal(&r->wake);
+    pthread_mutex_unlock(&r->lock);
+    pthread_join(r->thread, NULL);
+    pthread_cond_destroy(&r->wake);
+    pthread_mutex_destroy(&r->lock);
 }
 
 static void add_vm_nodes(void *ctx, struct vm *vm)
@@ -135,9 +176,8 @@ int main(int argc, char **argv)
         log_to_syslog("imgfs");
     log_info("mounted %s on %s (cache %s)", opts.repo, opts.mountpoint, opts.cache_dir);
 
-    struct refresher refresher = {&fs, se, 0};
-    bool refreshing = !repo_is_local(fs.repo) &&
-                      pthread_create(&refresher.thread, NULL, refresh_loop, &refresher) == 0;
+    struct refresher refresher;
+    bool refreshing = !repo_is_local(fs.repo) && refresher_start(&refresher, &fs);
 
     struct fuse_loop_config *cfg = fuse_loop_cfg_create();
     fuse_loop_cfg_set_clone_fd(cfg, 1);
@@ -146,10 +186,8 @@ int main(int argc, char **argv)
     fuse_loop_cfg_set_idle_threads(cfg, opts.max_threads);
     status = fuse_session_loop_mt(se, cfg) == 0 ? 0 : 1;
     fuse_loop_cfg_destroy(cfg);
-    if (refreshing) {
-        pthread_cancel(refresher.thread);
-        pthread_join(refresher.thread, NULL);
-    }
+    if (refreshing)
+        refresher_stop(&refresher);
     log_info("unmounted %s", opts.mountpoint);
 out_unmount:
     fuse_session_unmount(se);

@@ -32,7 +32,10 @@ struct mirror {
     atomic_uint_fast64_t latency_ns; /* total over successful requests */
     char last_error[160];
     uint64_t last_error_ns;
+    atomic_uint_fast64_t down_until_ns; /* failed recently: not a failover target */
 };
+
+#define MIRROR_DOWN_NS (5ull * 1000000000ull)
 
 struct repo {
     char location[PATH_MAX];
@@ -142,17 +145,27 @@ static void note_mirror_error(struct repo *repo, int i, const char *what)
     else
         snprintf(thread_http_error, sizeof(thread_http_error), "%s (mirror %s)", what, repo->mirrors[i].url);
     atomic_fetch_add(&repo->mirrors[i].errors, 1);
+    atomic_store(&repo->mirrors[i].down_until_ns, now_ns() + MIRROR_DOWN_NS);
     pthread_mutex_lock(&repo->stats_lock);
     snprintf(repo->mirrors[i].last_error, sizeof(repo->mirrors[i].last_error), "%s", what);
     repo->mirrors[i].last_error_ns = now_ns();
     pthread_mutex_unlock(&repo->stats_lock);
 }
 
-/* Makes the next mirror after i current (if i still is). */
+/* Makes the next mirror after i that has not failed recently current (if i
+ * still is); when all have failed, simply the next one. */
 static void fail_over(struct repo *repo, int i)
 {
     int expected = i;
     int next = (i + 1) % repo->mirror_count;
+    uint64_t now = now_ns();
+    for (int k = 1; k < repo->mirror_count; k++) {
+        int j = (i + k) % repo->mirror_count;
+        if (atomic_load(&repo->mirrors[j].down_until_ns) <= now) {
+            next = j;
+            break;
+        }
+    }
     if (repo->mirror_count > 1 && atomic_compare_exchange_strong(&repo->current, &expected, next)) {
         if (i == 0)
             atomic_store(&repo->failover_ns, now_ns());

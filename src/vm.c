@@ -182,7 +182,7 @@ static struct vm *vm_alloc(const char *name, uint64_t size)
     struct vm *vm = calloc(1, sizeof(*vm));
     if (!vm)
         return NULL;
-    snprintf(vm->name, sizeof(vm->name), "%s", name);
+    snprintf(vm->name, sizeof(vm->name), "%.64s", name);
     vm->live.size = size;
     vm->mode = 0644;
     pthread_mutex_init(&vm->write_lock, NULL);
