@@ -194,21 +194,21 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
     opts->refresh_seconds = IMGFS_DEFAULT_REFRESH_SECONDS;
     opts->max_threads = 16;
     if (raw.timeout && parse_seconds(raw.timeout, 86400, &opts->timeout_seconds) < 0) {
-        fail("timeout=%s is not a number of seconds between 0 and 86400", raw.timeout);
+        fail("timeout=%s is not a number of seconds above 0 and up to 86400", raw.timeout);
         goto out;
     }
     if (raw.refresh && parse_seconds(raw.refresh, 86400, &opts->refresh_seconds) < 0) {
-        fail("refresh=%s is not a number of seconds between 0 and 86400", raw.refresh);
+        fail("refresh=%s is not a number of seconds above 0 and up to 86400", raw.refresh);
         goto out;
     }
     opts->connect_timeout = 5;
     opts->stall_timeout = 10;
     if (raw.connect_timeout && parse_seconds(raw.connect_timeout, 3600, &opts->connect_timeout) < 0) {
-        fail("connect_timeout=%s is not a number of seconds between 0 and 3600", raw.connect_timeout);
+        fail("connect_timeout=%s is not a number of seconds above 0 and up to 3600", raw.connect_timeout);
         goto out;
     }
     if (raw.stall_timeout && parse_seconds(raw.stall_timeout, 3600, &opts->stall_timeout) < 0) {
-        fail("stall_timeout=%s is not a number of seconds between 0 and 3600", raw.stall_timeout);
+        fail("stall_timeout=%s is not a number of seconds above 0 and up to 3600", raw.stall_timeout);
         goto out;
     }
     opts->offline = raw.offline;

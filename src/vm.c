@@ -34,6 +34,10 @@ struct vm_registry {
     size_t vm_count;
     struct layer_ref *layers;
     size_t layer_count;
+    /* Layers named by VM files that did not load: never deleted, since the
+     * VM comes back once its base does. */
+    char (*kept)[LAYER_ID_LEN + 1];
+    size_t kept_count;
     char errors[2048];
 };
 
@@ -95,7 +99,35 @@ static int new_layer(struct vm_registry *reg, uint64_t size, struct layer **out)
     return 0;
 }
 
-/* Drops one ref; a layer nothing references any more is deleted. */
+static bool is_kept(const struct vm_registry *reg, const char *id)
+{
+    for (size_t i = 0; i < reg->kept_count; i++)
+        if (strcmp(reg->kept[i], id) == 0)
+            return true;
+    return false;
+}
+
+/* Remembers every layer ID that a VM file names (it failed to load). */
+static void keep_layers_of(struct vm_registry *reg, const char *text)
+{
+    for (const char *p = text; *p; p++) {
+        if ((p != text && p[-1] != ' ') || strspn(p, "0123456789abcdef") != LAYER_ID_LEN ||
+            (p[LAYER_ID_LEN] != ' ' && p[LAYER_ID_LEN] != '\n' && p[LAYER_ID_LEN] != '\0'))
+            continue;
+        char id[LAYER_ID_LEN + 1];
+        snprintf(id, sizeof(id), "%.*s", LAYER_ID_LEN, p);
+        if (is_kept(reg, id))
+            continue;
+        char(*grown)[LAYER_ID_LEN + 1] = realloc(reg->kept, (reg->kept_count + 1) * sizeof(*grown));
+        if (!grown)
+            return;
+        reg->kept = grown;
+        snprintf(reg->kept[reg->kept_count++], LAYER_ID_LEN + 1, "%s", id);
+    }
+}
+
+/* Drops one ref; the files of a layer nothing references any more are
+ * deleted, unless a VM that did not load names it. */
 static void put_layer(struct vm_registry *reg, struct layer *layer)
 {
     struct layer_ref *ref = find_layer_ref(reg, layer->id);
@@ -105,7 +137,7 @@ static void put_layer(struct vm_registry *reg, struct layer *layer)
     snprintf(id, sizeof(id), "%s", layer->id);
     layer_close(layer);
     *ref = reg->layers[--reg->layer_count];
-    if (layer_remove(reg->layer_dir, id) == 0)
+    if (!is_kept(reg, id) && layer_remove(reg->layer_dir, id) == 0)
         fsync_dir(reg->layer_dir);
 }
 
@@ -238,6 +270,12 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
         return rc;
     }
     rc = -EBADMSG;
+    char *original = strdup(text); /* the parse below cuts text up */
+    if (!original) {
+        free(text);
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
     /* Checksum first: everything before the "end" line. */
     char *end_line = len > 0 ? memmem(text, len, "end ", 4) : NULL;
     while (end_line && end_line != text && end_line[-1] != '\n')
@@ -318,9 +356,13 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
             vm->snapshots[s]->disk.base = base;
     }
     free(text);
+    free(original);
     *out = vm;
     return 0;
 fail:
+    /* Its layers stay on disk: the VM loads again once its base is back. */
+    keep_layers_of(reg, original);
+    free(original);
     if (vm) {
         put_disk(reg, &vm->live);
         for (unsigned s = 0; s < vm->snapshot_count; s++)
@@ -427,6 +469,7 @@ void vm_registry_close(struct vm_registry *reg)
     }
     free(reg->vms);
     free(reg->layers);
+    free(reg->kept);
     pthread_mutex_destroy(&reg->lock);
     free(reg);
 }
@@ -445,6 +488,13 @@ void vm_registry_each(struct vm_registry *reg, void (*fn)(void *ctx, struct vm *
         if (!reg->vms[i]->deleted)
             fn(ctx, reg->vms[i]);
     pthread_mutex_unlock(&reg->lock);
+}
+
+/* A VM file that did not load still owns its name. */
+static bool name_taken(struct vm_registry *reg, const char *name)
+{
+    char path[PATH_MAX];
+    return conf_path(reg, name, path, sizeof(path)) != 0 || access(path, F_OK) == 0;
 }
 
 static struct vm *find_locked(struct vm_registry *reg, const char *name)
@@ -487,7 +537,7 @@ int vm_create(struct vm_registry *reg, const char *name, const char *base_name, 
     pthread_mutex_lock(&reg->lock);
     int rc = 0;
     struct vm *vm = NULL;
-    if (find_locked(reg, name)) {
+    if (find_locked(reg, name) || name_taken(reg, name)) {
         snprintf(err, errlen, "VM %s already exists", name);
         rc = -EEXIST;
         goto out;
@@ -617,14 +667,16 @@ int vm_clone(struct vm_registry *reg, struct vm *src, const char *snap, const ch
     int rc = 0;
     struct vm *vm = NULL;
     char implicit[65];
-    if (find_locked(reg, dst)) {
+    if (find_locked(reg, dst) || name_taken(reg, dst)) {
         snprintf(err, errlen, "VM %s already exists", dst);
         rc = -EEXIST;
         goto out;
     }
     if (!snap) {
         /* Cloning a live VM freezes its current state first. */
-        snprintf(implicit, sizeof(implicit), "clone-%s", dst);
+        snprintf(implicit, sizeof(implicit), "clone-%.50s", dst);
+        for (unsigned k = 2; find_snapshot(src, implicit); k++)
+            snprintf(implicit, sizeof(implicit), "clone-%.50s-%u", dst, k);
         if ((rc = snapshot_locked(reg, src, implicit, err, errlen)) != 0)
             goto out;
         snap = implicit;

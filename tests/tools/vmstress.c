@@ -23,7 +23,8 @@
  * appended to RANGES (with write(2), so it survives this process), then the
  * shadow and the disk are written. WRITES 0 means until a write fails (the
  * daemon was killed): that is expected, and exits 3. Prints "WROTE n" every
- * 50 writes.
+ * 50 writes, and pauses 1 ms after each write so that whoever kills the
+ * daemon on "WROTE n" does so after a few more writes, not hundreds.
  *
  * --verify-except: every byte outside the ranges listed in RANGES must equal
  * SYNCED; bytes inside them are counted as equal to SYNCED, to FINAL (if
@@ -394,7 +395,9 @@ int main(int argc, char **argv)
                 size, shadow_path, file_size(shadow, shadow_path));
         return 1;
     }
-    char *buf = aligned_alloc_or_die(MAX_WRITE + BLOCK);
+    /* Static: the early exits on a failed write need not free it. */
+    static char *buf;
+    buf = aligned_alloc_or_die(MAX_WRITE + BLOCK);
     long done = 0, direct_writes = 0, past_end_writes = 0;
     for (long i = 0; writes == 0 || i < writes; i++) {
         uint64_t off;
@@ -463,6 +466,8 @@ int main(int argc, char **argv)
         done++;
         if (ranges_path && done % 50 == 0)
             printf("WROTE %ld\n", done);
+        if (ranges_path)
+            usleep(1000); /* paced, so that a kill lands after few writes */
         if (!ranges_path && fsync_every > 0 && done % fsync_every == 0) {
             if (fsync(disk) < 0) {
                 fprintf(stderr, "vmstress: fsync failed: %s\n", strerror(errno));

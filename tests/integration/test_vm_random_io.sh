@@ -1,0 +1,129 @@
+#!/bin/bash
+# VM disks under random I/O: three VMs on one base take random unaligned
+# writes concurrently (tests/tools/vmstress.c, checked byte for byte against
+# shadow files); the data survives a remount; what was fsync'd survives a
+# kill -9 of the daemon; and a kill -9 in the middle of unsynced writes leaves
+# every byte those writes did not touch as it was at the last fsync.
+. "$(dirname "$0")/lib.sh"
+
+STRESS=$TOOLS/vmstress
+[ -x "$STRESS" ] || fail "missing $STRESS (build the vmstress target)"
+M=$T/mnt
+mkdir -p "$T/state"
+
+# Not a multiple of 128 KiB nor of 4 KiB: the disk ends in a short block.
+SIZE=$((24 * 1048576 + 77777))
+make_image "$T/img.raw" $SIZE
+"$IMGFSCTL" publish "$T/img.raw" "$T/repo" --name b > /dev/null
+mount_imgfs "$T/repo" "$M" "state=$T/state"
+
+# kill9 MNT: kills the daemon with SIGKILL (no unmount, no flush) and
+# detaches its dead mount so that the path can be mounted again.
+kill9() {
+    local mnt=$1 pid=${DAEMON_PID[$1]}
+    check_daemon_log "${DAEMON_LOG[$mnt]}"
+    kill -9 "$pid"
+    wait "$pid" 2>/dev/null || true
+    unset "DAEMON_PID[$mnt]"
+    fusermount3 -uz "$mnt" 2>/dev/null || umount -l "$mnt"
+    ! mountpoint -q "$mnt" || fail "$mnt still mounted after kill -9 and lazy unmount"
+}
+
+verify_vm() { # verify_vm VM SHADOW WHAT
+    "$STRESS" --verify "$M/vms/$1.raw" "$2" > "$T/verify.out" 2>&1 || { cat "$T/verify.out"; fail "$3"; }
+}
+
+for v in v1 v2 v3; do
+    "$IMGFSCTL" vm create "$M" $v --base b
+    cp "$T/img.raw" "$T/shadow.$v"
+done
+[ "$(stat -c %s "$M/vms/v1.raw")" -eq $SIZE ] || fail "VM disk size is not the base size"
+ok "3 VMs on a $SIZE-byte base"
+
+# --- concurrent random writes --------------------------------------------------
+pids=()
+seed=11
+for v in v1 v2 v3; do
+    "$STRESS" "$M/vms/$v.raw" "$T/shadow.$v" $seed 400 --fsync-every 37 > "$T/stress.$v" 2>&1 &
+    pids+=($!)
+    seed=$((seed + 11))
+done
+i=0
+for v in v1 v2 v3; do
+    wait "${pids[$i]}" || { cat "$T/stress.$v"; fail "vmstress on $v found a mismatch or an error"; }
+    grep -q '^VERIFY OK' "$T/stress.$v" || { cat "$T/stress.$v"; fail "vmstress on $v did not verify"; }
+    i=$((i + 1))
+done
+ok "400 random writes each on 3 VMs at once: $(grep '^DONE' "$T/stress.v1")"
+for v in v1 v2 v3; do
+    [ "$(stat_value "$M" "vm $v" open)" -eq 0 ] || fail "$v still counted open after its writer exited"
+    [ "$(stat_value "$M" "vm $v" layer_bytes)" -gt 0 ] || fail "$v has no layer bytes after writes"
+done
+# The VMs did not leak into each other or into the base.
+cmp "$M/bases/b.raw" "$T/img.raw" || fail "the base changed under its VMs"
+! cmp -s "$T/shadow.v1" "$T/shadow.v2" || fail "two VMs got identical content"
+ok "base unchanged, VMs closed, each VM has its own layer"
+
+# --- remount -------------------------------------------------------------------
+umount_imgfs "$M"
+sync; echo 3 > /proc/sys/vm/drop_caches
+mount_imgfs "$T/repo" "$M" "state=$T/state"
+for v in v1 v2 v3; do verify_vm $v "$T/shadow.$v" "$v differs from its shadow after a remount"; done
+[ "$(stat_value "$M" vms load_errors)" = none ] || fail "load errors after a clean remount"
+ok "all 3 VMs read back exactly after unmount and remount"
+
+# More writes over layers that already own blocks, on a fresh mount.
+"$STRESS" "$M/vms/v1.raw" "$T/shadow.v1" 44 200 --fsync-every 50 > "$T/stress.v1b" 2>&1 ||
+    { cat "$T/stress.v1b"; fail "second round of writes on v1 mismatched"; }
+ok "second round on v1 over its existing layer: $(tail -n 1 "$T/stress.v1b")"
+
+# --- kill -9 right after the final fsync -----------------------------------------
+"$STRESS" "$M/vms/v2.raw" "$T/shadow.v2" 55 300 --fsync-every 25 --no-verify > "$T/stress.v2b" 2>&1 ||
+    { cat "$T/stress.v2b"; fail "writes to v2 before the crash failed"; }
+grep -q '^DONE' "$T/stress.v2b" || fail "vmstress did not report its final fsync"
+kill9 "$M"
+sync; echo 3 > /proc/sys/vm/drop_caches
+mount_imgfs "$T/repo" "$M" "state=$T/state"
+verify_vm v2 "$T/shadow.v2" "fsync'd writes to v2 were lost or damaged by kill -9"
+verify_vm v1 "$T/shadow.v1" "v1 changed across the kill -9"
+verify_vm v3 "$T/shadow.v3" "v3 changed across the kill -9"
+[ "$(stat_value "$M" vms load_errors)" = none ] || fail "load errors after kill -9: $(grep load_errors "$M/.imgfs/stats")"
+ok "kill -9 right after fsync: all fsync'd data intact ($(grep -c '^SYNCED' "$T/stress.v2b") intermediate fsyncs)"
+
+# --- kill -9 in the middle of unsynced writes --------------------------------------
+cp "$T/shadow.v3" "$T/synced.v3"
+"$STRESS" "$M/vms/v3.raw" "$T/shadow.v3" 66 0 --unsynced "$T/ranges.v3" > "$T/stress.v3b" 2>&1 &
+writer=$!
+for _ in $(seq 1 3000); do
+    grep -q '^WROTE 50$' "$T/stress.v3b" 2>/dev/null && break
+    kill -0 $writer 2>/dev/null || { cat "$T/stress.v3b"; fail "the unsynced writer stopped early"; }
+    sleep 0.01
+done
+grep -q '^WROTE 50$' "$T/stress.v3b" || fail "the unsynced writer did not reach 50 writes in 30 s"
+kill9 "$M"
+status=0
+timeout 30 tail --pid=$writer -f /dev/null || fail "the writer hung after the daemon was killed"
+wait $writer || status=$?
+[ "$status" -eq 3 ] || { cat "$T/stress.v3b"; fail "the writer should have stopped on a failed write (status $status)"; }
+sync; echo 3 > /proc/sys/vm/drop_caches
+mount_imgfs "$T/repo" "$M" "state=$T/state"
+"$STRESS" --verify-except "$M/vms/v3.raw" "$T/synced.v3" "$T/ranges.v3" "$T/shadow.v3" > "$T/verify.v3" 2>&1 ||
+    { cat "$T/verify.v3"; fail "kill -9 during unsynced writes damaged bytes those writes never touched"; }
+ok "kill -9 during $(wc -l < "$T/ranges.v3") unsynced writes: v3 opens, reads without error, untouched bytes intact"
+echo "    $(head -n 1 "$T/verify.v3")"
+verify_vm v1 "$T/shadow.v1" "v1 changed across the second kill -9"
+verify_vm v2 "$T/shadow.v2" "v2 changed across the second kill -9"
+[ "$(stat_value "$M" vms load_errors)" = none ] || fail "load errors after kill -9: $(grep load_errors "$M/.imgfs/stats")"
+ok "the other VMs are intact after the second kill -9"
+
+# The crashed VM keeps working: take its current content as the new shadow.
+cp "$M/vms/v3.raw" "$T/shadow.v3"
+"$STRESS" "$M/vms/v3.raw" "$T/shadow.v3" 77 150 --fsync-every 30 > "$T/stress.v3c" 2>&1 ||
+    { cat "$T/stress.v3c"; fail "writes to v3 after the crash mismatched"; }
+umount_imgfs "$M"
+sync; echo 3 > /proc/sys/vm/drop_caches
+mount_imgfs "$T/repo" "$M" "state=$T/state"
+verify_vm v3 "$T/shadow.v3" "v3 after crash recovery and more writes differs after a remount"
+ok "v3 takes new writes after the crash and keeps them across a remount"
+umount_imgfs "$M"
+finish
