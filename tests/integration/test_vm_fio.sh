@@ -123,5 +123,12 @@ run_fio d3 "verify_only after unmount and remount: fio's data survived" --verify
 [ "$(sha256sum < "$M/vms/vb.raw")" = "$sum_b" ] || fail "vb reads differently after the remount"
 outside_is_base
 ok "whole disks identical across the remount; outside fio's range still the base"
+
+# Negative control: the verify_only pass does notice one changed block.
+dd if=/dev/zero of="$M/vms/va.raw" bs=4096 count=1 seek=$(((OFF + 7 * MIB) / 4096)) conv=notrunc,fsync status=none
+status=0
+(cd "$T" && timeout 120 fio --output=/dev/null --verify_only=1 "$T/d3.fio") 2> "$T/neg.err" || status=$?
+[ "$status" -ne 0 ] || fail "fio verify_only did not notice a zeroed 4 KiB block"
+ok "negative control: verify_only fails on a zeroed block (fio exit $status)"
 umount_imgfs "$M"
 finish

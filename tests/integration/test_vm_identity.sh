@@ -166,9 +166,9 @@ rm -f "$T/cache/meta/os@1.manifest"
 
 # --- nothing of an unloaded VM is lost -------------------------------------------------
 [ "$layers_after_diff" -eq "$layers_saved" ] ||
-    fail "KNOWN PRODUCT BUG (reported): mounting while os@1 differed deleted layer files of the VMs that could not load ($layers_saved -> $layers_after_diff)"
+    fail "mounting while os@1 differed deleted layer files of the VMs that could not load ($layers_saved -> $layers_after_diff)"
 [ "$layers_after_gone" -eq "$layers_saved" ] ||
-    fail "KNOWN PRODUCT BUG (reported): mounting while os@1 was gone deleted layer files of the VMs that could not load ($layers_saved -> $layers_after_gone)"
+    fail "mounting while os@1 was gone deleted layer files of the VMs that could not load ($layers_saved -> $layers_after_gone)"
 ok "the layers of VMs that could not load are kept"
 
 # While vm1 cannot load, its name is not free: creating or importing a VM
@@ -180,7 +180,7 @@ mnt
 status=0
 "$IMGFSCTL" vm create "$M" vm1 --base other 2> "$T/create.err" || status=$?
 [ "$status" -ne 0 ] ||
-    fail "KNOWN PRODUCT BUG (reported): vm create vm1 succeeded while vm1 exists but could not load; its VM file was replaced"
+    fail "vm create vm1 succeeded while vm1 exists but could not load; its VM file was replaced"
 ok "the name of a VM that could not load is refused: $(cat "$T/create.err")"
 umount_imgfs "$M"
 mv "$T/os1.manifest" "$T/repo/bases/os/1.manifest"

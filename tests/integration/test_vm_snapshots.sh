@@ -220,7 +220,7 @@ ok "removals survive a remount"
 "$IMGFSCTL" vm clone "$M" a x
 "$IMGFSCTL" vm rm "$M" x
 "$IMGFSCTL" vm clone "$M" a x 2> "$T/reclone.err" ||
-    fail "KNOWN PRODUCT BUG (reported): re-cloning live VM a to the name of a removed clone fails: $(cat "$T/reclone.err")"
+    fail "re-cloning live VM a to the name of a removed clone fails: $(cat "$T/reclone.err")"
 same "$V/x.raw" "$T/img.raw" "re-clone x is not a's content"
 ok "a live VM can be cloned again under the name of a removed clone"
 "$IMGFSCTL" vm rm "$M" x
