@@ -999,7 +999,9 @@ int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t le
     pthread_rwlock_rdlock(&vm->chain_lock);
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     uint64_t start = first * LAYER_BLOCK_SIZE;
-    uint64_t stop = last * LAYER_BLOCK_SIZE < vm->live.size ? last * LAYER_BLOCK_SIZE : vm->live.size;
+    /* Whole blocks, even past a disk size that is not a multiple of 4 KiB:
+     * a punch cut at the file's end would leave the last block allocated. */
+    uint64_t stop = last * LAYER_BLOCK_SIZE;
     if (fallocate(top->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)start, (off_t)(stop - start)) < 0)
         rc = -errno;
     else

@@ -11,10 +11,17 @@ TOOLS=$BUILD/tests
 T=$(mktemp -d /var/tmp/imgfs-test.XXXXXX)
 MOUNTS=()
 declare -A DAEMON_PID DAEMON_LOG
+AT_EXIT=()
 CHECKS=0
+
+# at_exit CMD: runs CMD (through eval) first thing in cleanup, whatever
+# happened; for things a test sets up beyond mounts and daemons.
+at_exit() { AT_EXIT+=("$1"); }
 
 cleanup() {
     local status=$?
+    set +e
+    for cmd in "${AT_EXIT[@]}"; do eval "$cmd"; done
     for m in "${MOUNTS[@]}"; do
         if mountpoint -q "$m" 2>/dev/null; then
             fusermount3 -uz "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true

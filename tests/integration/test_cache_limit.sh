@@ -10,7 +10,7 @@ mkdir -p "$T/state" "$T/cachefs" "$T/small"
 # The cache gets a file system of its own, so that its usage can be sampled
 # atomically (a find over the files races with evictions).
 mount -t tmpfs -o size=64M tmpfs "$T/cachefs"
-trap 'rc=$?; umount -l "$T/cachefs" "$T/small" 2>/dev/null; (exit $rc); cleanup' EXIT
+at_exit 'umount -l "$T/cachefs" "$T/small" 2>/dev/null'
 LIMIT=$((8 * 1048576))
 mount_imgfs "$T/repo" "$T/mnt" "state=$T/state,cache=$T/cachefs,cache_size=8M"
 [ "$(stat_value "$T/mnt" cache limit)" -eq "$LIMIT" ] || fail "stats do not show the cache limit"

@@ -18,7 +18,7 @@ LINK=/usr/local/sbin/imgfs
 [ -e "$LINK" ] && [ ! -L "$LINK" ] && fail "$LINK exists and is not our symlink"
 mkdir -p /usr/local/sbin
 ln -sfn "$IMGFS" "$LINK"
-trap 'rc=$?; rm -f "$LINK"; (exit $rc); cleanup' EXIT
+at_exit 'rm -f "$LINK"'
 timeout 30 mount -T "$T/fstab" "$T/mnt" || fail "mount -T fstab failed"
 mountpoint -q "$T/mnt" || fail "nothing mounted at $T/mnt"
 grep " $T/mnt fuse.imgfs " /proc/mounts > /dev/null || fail "/proc/mounts does not show type fuse.imgfs"
