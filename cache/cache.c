@@ -32,7 +32,8 @@ struct cache_entry {
     uint64_t size;            /* bytes on disk when resident */
     int fd;                   /* -1 unless open */
     uint64_t last_use;        /* LRU clock value of the last acquire */
-    uint32_t pins;
+    uint32_t pins;            /* readers using it right now */
+    uint32_t holds;           /* pre-copy pin sets that include it */
     uint8_t state;
     bool verified; /* checked against its hash during this run */
 };
@@ -469,7 +470,7 @@ static uint64_t evict_to(struct cache *cache, uint64_t target)
         pthread_mutex_lock(&s->lock);
         for (size_t b = 0; b < s->bucket_count; b++) {
             for (struct cache_entry *e = s->buckets[b]; e; e = e->next) {
-                if (e->state != ENTRY_RESIDENT || e->pins)
+                if (e->state != ENTRY_RESIDENT || e->pins || e->holds)
                     continue;
                 if (count == cap) {
                     size_t grown_cap = cap ? cap * 2 : 1024;
@@ -491,7 +492,7 @@ static uint64_t evict_to(struct cache *cache, uint64_t target)
         pthread_mutex_lock(&s->lock);
         struct cache_entry *e = find_entry(s, &list[i].hash);
         /* Skip anything that was used or pinned since the list was made. */
-        if (!e || e->state != ENTRY_RESIDENT || e->pins || e->last_use != list[i].last_use) {
+        if (!e || e->state != ENTRY_RESIDENT || e->pins || e->holds || e->last_use != list[i].last_use) {
             pthread_mutex_unlock(&s->lock);
             continue;
         }
@@ -645,6 +646,21 @@ bool cache_contains(struct cache *cache, const struct chunk_hash *hash)
     return resident;
 }
 
+int cache_hold(struct cache *cache, const struct chunk_hash *hash, bool hold)
+{
+    struct shard *s = shard_of(cache, hash);
+    pthread_mutex_lock(&s->lock);
+    struct cache_entry *e = find_entry(s, hash);
+    if (!e && hold)
+        e = insert_entry(s, hash);
+    if (e && hold)
+        e->holds++;
+    else if (e && e->holds)
+        e->holds--;
+    pthread_mutex_unlock(&s->lock);
+    return e || !hold ? 0 : -ENOMEM;
+}
+
 void cache_get_usage(struct cache *cache, struct cache_usage *out)
 {
     memset(out, 0, sizeof(*out));
@@ -654,6 +670,11 @@ void cache_get_usage(struct cache *cache, struct cache_usage *out)
         out->chunks += s->resident_chunks;
         out->bytes += s->resident_bytes;
         out->open_fds += s->open_fds;
+        /* Held bytes are only needed for status, so they are counted here. */
+        for (size_t b = 0; b < s->bucket_count; b++)
+            for (struct cache_entry *e = s->buckets[b]; e; e = e->next)
+                if (e->holds && e->state == ENTRY_RESIDENT)
+                    out->held_bytes += e->size;
         pthread_mutex_unlock(&s->lock);
     }
     out->dropped_damaged = atomic_load(&cache->dropped_damaged);

@@ -118,8 +118,16 @@ static int fetch_into(struct fetcher *f, const struct chunk_hash *hash, uint32_t
 int fetch_acquire(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
                   struct fetch_counters *counters, struct cache_pin *pin)
 {
+    return fetch_acquire_ex(f, hash, chunk_size, counters, pin, NULL);
+}
+
+int fetch_acquire_ex(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
+                     struct fetch_counters *counters, struct cache_pin *pin, bool *hit)
+{
     uint64_t deadline = now_ns() + (uint64_t)(f->opts.timeout_seconds * 1e9);
     int rc = cache_acquire(f->cache, hash, chunk_size, deadline, pin);
+    if (hit)
+        *hit = rc == CACHE_HIT;
     if (rc == CACHE_HIT) {
         if (counters)
             atomic_fetch_add(&counters->hits, 1);

@@ -46,6 +46,114 @@ static struct vm *need_vm(struct imgfs *fs, const char *name, char *err, size_t 
     return vm;
 }
 
+/* NAME VERSION LIST|- to a base version and a pin key "NAME@V[+LIST]". */
+static struct base_version *need_version(struct imgfs *fs, char **f, char *key, size_t keylen, char *err,
+                                         size_t errlen)
+{
+    uint64_t version;
+    struct base_version *v = NULL;
+    if (parse_u64(f[1], &version) == 0)
+        v = tree_find_version(fs->tree, f[0], version);
+    if (!v) {
+        snprintf(err, errlen, "base %s@%s is not on this mount", f[0], f[1]);
+        return NULL;
+    }
+    if (strcmp(f[2], "-") == 0)
+        snprintf(key, keylen, "%s@%s", f[0], f[1]);
+    else
+        snprintf(key, keylen, "%s@%s+%s", f[0], f[1], f[2]);
+    return v;
+}
+
+static int start_precopy(struct imgfs *fs, char **f, char *err, size_t errlen)
+{
+    char key[160];
+    uint64_t rate;
+    struct base_version *v = need_version(fs, f + 1, key, sizeof(key), err, errlen);
+    if (!v)
+        return -ENOENT;
+    if (parse_u64(f[4], &rate) < 0) {
+        snprintf(err, errlen, "bad rate '%s'", f[4]);
+        return -EINVAL;
+    }
+    struct chunk_list *list = NULL;
+    if (strcmp(f[3], "-") != 0) {
+        char rel[256], *text = NULL;
+        size_t len;
+        int rc = list_relpath(f[1], v->manifest->version, f[3], rel, sizeof(rel));
+        if (!rc)
+            rc = repo_get(fs->repo, rel, 64u << 20, &text, &len);
+        if (rc) {
+            snprintf(err, errlen, "cannot read list %s of %s@%s: %s", f[3], f[1], f[2],
+                     rc == -ENOENT ? "it is not published" : strerror(-rc));
+            return rc;
+        }
+        rc = list_parse(text, len, &list, err, errlen);
+        free(text);
+        if (!rc)
+            rc = list_check(list, v->manifest, err, errlen);
+        if (rc) {
+            list_free(list);
+            return rc;
+        }
+    }
+    int rc = prefetch_precopy(fs->prefetcher, key, v->manifest, list, rate, err, errlen);
+    list_free(list);
+    return rc;
+}
+
+static int start_trace(struct imgfs *fs, struct vm *vm, char *err, size_t errlen)
+{
+    if (!vm->live.base) {
+        snprintf(err, errlen, "VM %s has no base to trace", vm->name);
+        return -EINVAL;
+    }
+    struct chunk_trace *t = trace_new(vm->live.base->manifest->chunk_count);
+    if (!t)
+        return -ENOMEM;
+    int rc = 0;
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    if (vm->trace) {
+        snprintf(err, errlen, "VM %s is already being traced", vm->name);
+        rc = -EBUSY;
+    } else {
+        vm->trace = t;
+    }
+    pthread_rwlock_unlock(&vm->chain_lock);
+    if (rc)
+        trace_free(t);
+    (void)fs;
+    return rc;
+}
+
+static int stop_trace(struct vm *vm, const char *path, char *err, size_t errlen)
+{
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    struct chunk_trace *t = vm->trace;
+    vm->trace = NULL;
+    pthread_rwlock_unlock(&vm->chain_lock);
+    if (!t) {
+        snprintf(err, errlen, "VM %s is not being traced", vm->name);
+        return -EINVAL;
+    }
+    struct chunk_list *list;
+    char *text = NULL;
+    size_t len;
+    int rc = trace_finish(t, vm->live.base->manifest, &list);
+    if (!rc) {
+        rc = list_format(list, &text, &len);
+        list_free(list);
+    }
+    if (!rc && path[0] != '/')
+        rc = -EINVAL;
+    if (!rc)
+        rc = write_file_atomic(path, text, len);
+    free(text);
+    if (rc)
+        snprintf(err, errlen, "cannot write the trace to %s: %s", path, strerror(-rc));
+    return rc;
+}
+
 static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
 {
     struct vm *vm = NULL, *src;
@@ -79,6 +187,24 @@ static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
         if (!(vm = need_vm(fs, f[1], err, errlen)))
             return -ENOENT;
         return vm_export(fs->vms, vm, NULL, f[2], err, errlen);
+    } else if (n == 5 && strcmp(f[0], "precopy") == 0) {
+        return start_precopy(fs, f, err, errlen);
+    } else if (n == 4 && strcmp(f[0], "unpin") == 0) {
+        char key[160];
+        if (!need_version(fs, f + 1, key, sizeof(key), err, errlen))
+            return -ENOENT;
+        rc = prefetch_unpin(fs->prefetcher, key);
+        if (rc == -ENOENT)
+            snprintf(err, errlen, "%s is not pinned", key);
+        return rc;
+    } else if (n == 2 && strcmp(f[0], "trace-start") == 0) {
+        if (!(vm = need_vm(fs, f[1], err, errlen)))
+            return -ENOENT;
+        return start_trace(fs, vm, err, errlen);
+    } else if (n == 3 && strcmp(f[0], "trace-stop") == 0) {
+        if (!(vm = need_vm(fs, f[1], err, errlen)))
+            return -ENOENT;
+        return stop_trace(vm, f[2], err, errlen);
     } else if (n == 3 && strcmp(f[0], "vm-import") == 0) {
         rc = vm_import(fs->vms, f[1], strcmp(f[2], "-") ? f[2] : NULL, &vm, err, errlen);
     } else {
@@ -90,18 +216,35 @@ static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
     return rc;
 }
 
+/* precopy-status answers with numbers rather than a plain "ok". */
+static char *precopy_status(struct imgfs *fs, char **f)
+{
+    char key[160], err[256];
+    if (!need_version(fs, f + 1, key, sizeof(key), err, sizeof(err)))
+        return reply("error %s\n", err);
+    struct job_status st;
+    if (prefetch_status(fs->prefetcher, key, &st) != 0)
+        return reply("error no pre-copy of %s in this mount\n", key);
+    struct base_version *v = tree_find_version(fs->tree, f[1], strtoull(f[2], NULL, 10));
+    return reply("ok %s %" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu32 " %s\n", st.state, st.done, st.total,
+                 st.bytes_fetched, v ? v->manifest->chunk_size : 0, st.error);
+}
+
 char *control_execute(struct imgfs *fs, const char *command, size_t len)
 {
-    if (!fs->vms)
-        return reply("error this mount has no state directory for VMs (mount with -o state=DIR)\n");
     char *line = strndup(command, len);
     if (!line)
         return NULL;
     char *fields[MAX_FIELDS];
     int n = split_fields(line, fields);
+    if (n == 4 && strcmp(fields[0], "precopy-status") == 0) {
+        char *answer = precopy_status(fs, fields);
+        free(line);
+        return answer;
+    }
     char err[512] = "";
     int rc = run(fs, fields, n, err, sizeof(err));
-    if (rc == 0)
+    if (rc == 0 && strncmp(command, "precopy", 7) != 0)
         log_info("control: %.*s done", (int)strcspn(command, "\n"), command);
     free(line);
     return rc ? reply("error %s\n", err[0] ? err : strerror(-rc)) : reply("ok\n");

@@ -443,6 +443,10 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
             fuse_reply_err(req, ENOENT);
             return;
         }
+        /* The base's recorded working set goes ahead of the guest. */
+        if (vm->live.base && strcmp(fs->opts->prefetch, "none") != 0)
+            prefetch_replay(fs->prefetcher, fs->repo, vm->live.base->manifest, fs->opts->prefetch,
+                            vm->live.base->marks);
         /* Every change to a VM disk passes through this kernel, so its page
          * cache stays right and may be kept across opens. */
         fi->keep_cache = 1;
@@ -515,9 +519,10 @@ static int bufs_add_zero(struct reply_bufs *r, uint64_t size)
     return 0;
 }
 
-/* Adds [start, end) of a base version. */
+/* Adds [start, end) of a base version; trace (may be NULL) records the
+ * chunks read. */
 static int bufs_add_base(struct reply_bufs *r, struct fetcher *fetcher, const struct vm_base *base, uint64_t start,
-                         uint64_t end)
+                         uint64_t end, struct chunk_trace *trace)
 {
     const struct manifest *m = base->manifest;
     uint64_t cs = m->chunk_size;
@@ -528,9 +533,13 @@ static int bufs_add_base(struct reply_bufs *r, struct fetcher *fetcher, const st
         if (chunk_hash_is_null(&m->chunks[i])) {
             rc = bufs_add_zero(r, to - from);
         } else {
-            if (r->npins == r->cap ||
-                fetch_acquire(fetcher, &m->chunks[i], m->chunk_size, base->counters, &r->pins[r->npins]) != 0)
+            bool hit;
+            if (trace)
+                trace_note(trace, i);
+            if (r->npins == r->cap || fetch_acquire_ex(fetcher, &m->chunks[i], m->chunk_size, base->counters,
+                                                       &r->pins[r->npins], &hit) != 0)
                 return -EIO;
+            prefetch_note_read(base->marks, i, hit);
             rc = bufs_add_fd(r, r->pins[r->npins++].fd, from - i * cs, to - from);
         }
         if (rc)
@@ -541,14 +550,14 @@ static int bufs_add_base(struct reply_bufs *r, struct fetcher *fetcher, const st
 
 /* Adds [start, end) of a disk: its layers, base or zeros. */
 static int bufs_add_disk(struct reply_bufs *r, struct fetcher *fetcher, const struct disk *disk, uint64_t start,
-                         uint64_t end)
+                         uint64_t end, struct chunk_trace *trace)
 {
     while (start < end) {
         enum disk_source source;
         struct layer *layer;
         uint64_t n = disk_source_at(disk, start, end - start, &source, &layer);
         int rc = source == SOURCE_LAYER  ? bufs_add_fd(r, layer->data_fd, start, n)
-                 : source == SOURCE_BASE ? bufs_add_base(r, fetcher, disk->base, start, start + n)
+                 : source == SOURCE_BASE ? bufs_add_base(r, fetcher, disk->base, start, start + n, trace)
                                          : bufs_add_zero(r, n);
         if (rc)
             return rc;
@@ -578,8 +587,8 @@ static void read_image(fuse_req_t req, struct imgfs *fs, const struct node *n, s
     struct reply_bufs r;
     int rc = bufs_init(&r, (size_t)((end - start) / 4096 + 2) * 2 + size / sizeof(zero_block) + 2);
     if (!rc)
-        rc = disk ? bufs_add_disk(&r, fs->fetcher, disk, start, end)
-                  : bufs_add_base(&r, fs->fetcher, &n->version->view, start, end);
+        rc = disk ? bufs_add_disk(&r, fs->fetcher, disk, start, end, n->kind == NODE_VM_FILE ? n->vm->trace : NULL)
+                  : bufs_add_base(&r, fs->fetcher, &n->version->view, start, end, NULL);
     if (rc)
         fuse_reply_err(req, rc == -ENOMEM ? ENOMEM : EIO);
     else

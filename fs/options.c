@@ -21,6 +21,7 @@ struct raw_options {
     char *connect_timeout;
     char *stall_timeout;
     char *cache_size;
+    char *prefetch;
     char *proxy;
     char *mirrors[8];
     int mirror_count;
@@ -45,6 +46,7 @@ static const struct fuse_opt option_spec[] = {
     OPT("threads=%s", threads),
     OPT("connect_timeout=%s", connect_timeout),
     OPT("cache_size=%s", cache_size),
+    OPT("prefetch=%s", prefetch),
     OPT("stall_timeout=%s", stall_timeout),
     OPT("proxy=%s", proxy),
     OPT("offline", offline),
@@ -119,6 +121,8 @@ static void print_help(void)
            "  -o connect_timeout=SECONDS  TCP/TLS connect timeout (default 5)\n"
            "  -o stall_timeout=SECONDS    drop a transfer slower than 1 KiB/s for this\n"
            "                      long (default 10)\n"
+           "  -o prefetch=none|boot|LIST  the recorded list replayed when a VM disk opens\n"
+           "                      (default boot: bases/NAME/V.lists/boot, if published)\n"
            "  -o offline          mount even if the repository is unreachable, serving\n"
            "                      what is cached (index and manifests are kept in the cache)\n"
            "  -o threads=N        maximum FUSE worker threads (default 16)\n"
@@ -212,6 +216,11 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
         goto out;
     }
     opts->offline = raw.offline;
+    opts->prefetch = strdup(raw.prefetch ? raw.prefetch : "boot");
+    if (!opts->prefetch || !name_is_valid(opts->prefetch)) {
+        fail("prefetch=%s is not none, boot or a list name", raw.prefetch ? raw.prefetch : "");
+        goto out;
+    }
     if (raw.cache_size && (parse_size(raw.cache_size, &opts->cache_size) < 0 || opts->cache_size < (1u << 20))) {
         fail("cache_size=%s is not a size of at least 1M", raw.cache_size);
         goto out;
@@ -285,6 +294,7 @@ out:
     free(raw.connect_timeout);
     free(raw.stall_timeout);
     free(raw.cache_size);
+    free(raw.prefetch);
     free(raw.proxy);
     for (int i = 0; i < raw.mirror_count; i++)
         free(raw.mirrors[i]);
@@ -302,6 +312,8 @@ void mount_options_free(struct mount_options *opts)
     free(opts->cache_dir);
     free(opts->state_dir);
     free(opts->proxy);
+    free(opts->prefetch);
+    opts->prefetch = NULL;
     for (int i = 0; i < opts->mirror_count; i++)
         free(opts->mirrors[i]);
     opts->mirror_count = 0;

@@ -81,11 +81,17 @@ static int render_version(void *ctx, const struct node *n)
                 "cache_hits        %" PRIu64 "\n"
                 "cache_misses      %" PRIu64 "\n"
                 "verify_failures   %" PRIu64 "\n"
-                "read_errors       %" PRIu64 "\n",
+                "read_errors       %" PRIu64 "\n"
+                "prefetch_list     %" PRIu64 "/%" PRIu64 "%s\n"
+                "prefetch_hits     %" PRIu64 "\n"
+                "prefetch_misses   %" PRIu64 "\n",
                 m->name, m->version, n->name, id, m->size, m->chunk_size, m->chunk_count,
                 m->chunk_count - stored, resident, stored, (uint64_t)atomic_load(&c->bytes_fetched),
                 (uint64_t)atomic_load(&c->hits), (uint64_t)atomic_load(&c->misses),
-                (uint64_t)atomic_load(&c->verify_failures), (uint64_t)atomic_load(&c->errors));
+                (uint64_t)atomic_load(&c->verify_failures), (uint64_t)atomic_load(&c->errors),
+                (uint64_t)atomic_load(&n->version->marks.list_done), (uint64_t)atomic_load(&n->version->marks.list_total),
+                atomic_load(&n->version->marks.replay_started) ? "" : " (not started)",
+                (uint64_t)atomic_load(&n->version->marks.hits), (uint64_t)atomic_load(&n->version->marks.misses));
     return 0;
 }
 
@@ -136,6 +142,7 @@ int status_render_stats(struct imgfs *fs, char **out, size_t *len)
                 "chunks            %" PRIu64 "\n"
                 "bytes             %" PRIu64 "\n"
                 "limit             %" PRIu64 "\n"
+                "pinned_bytes      %" PRIu64 "\n"
                 "evictions         %" PRIu64 "\n"
                 "open_files        %" PRIu64 "\n"
                 "damaged_dropped   %" PRIu64 "\n"
@@ -146,7 +153,7 @@ int status_render_stats(struct imgfs *fs, char **out, size_t *len)
                 "errors            %" PRIu64 "\n",
                 IMGFS_VERSION, now_seconds() - fs->started, repo_location(fs->repo),
                 repo_is_local(fs->repo) ? "local" : "http", refresh_error[0] ? refresh_error : "none",
-                cache_dir(fs->cache), usage.chunks, usage.bytes, usage.limit, usage.evictions, usage.open_fds,
+                cache_dir(fs->cache), usage.chunks, usage.bytes, usage.limit, usage.held_bytes, usage.evictions, usage.open_fds,
                 usage.dropped_damaged,
                 totals.requests, totals.bytes_transferred, totals.verify_failures, totals.errors);
     if (totals.last_error_age >= 0)

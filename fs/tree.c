@@ -60,6 +60,7 @@ void tree_destroy(struct tree *tree)
     for (size_t i = 0; i < tree->count; i++) {
         struct node *n = tree->nodes[i];
         if (n->version) {
+            free((void *)n->version->marks.brought);
             manifest_free(n->version->manifest);
             free(n->version);
         }
@@ -136,6 +137,7 @@ static int publish_version(struct tree *tree, struct manifest *m, bool latest)
     v->manifest = m;
     v->view.manifest = m;
     v->view.counters = &v->counters;
+    v->view.marks = &v->marks;
     pthread_rwlock_wrlock(&tree->lock);
     struct node *n = add_node(tree, INO_BASES, NODE_BASE_FILE, file);
     if (n)

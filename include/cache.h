@@ -49,6 +49,7 @@ struct cache_usage {
     uint64_t dropped_damaged; /* files that failed verification on open */
     uint64_t limit;           /* 0 when unlimited */
     uint64_t evictions;
+    uint64_t held_bytes;      /* resident bytes that pre-copy pinned */
 };
 
 int cache_open(const char *dir, struct cache **out, char *err, size_t errlen);
@@ -78,6 +79,10 @@ void cache_abandon(struct cache *cache, struct cache_pin *pin);
 void cache_release(struct cache *cache, struct cache_pin *pin);
 
 bool cache_contains(struct cache *cache, const struct chunk_hash *hash);
+
+/* Pins (hold = true) or unpins a chunk for pre-copy: a held chunk is never
+ * evicted, whether it is resident yet or not. Holds nest. */
+int cache_hold(struct cache *cache, const struct chunk_hash *hash, bool hold);
 void cache_get_usage(struct cache *cache, struct cache_usage *out);
 const char *cache_dir(const struct cache *cache);
 

@@ -16,6 +16,7 @@
 #define IMGFS_FETCH_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -58,6 +59,9 @@ void fetcher_destroy(struct fetcher *f);
  * -EIO. counters may be NULL. */
 int fetch_acquire(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
                   struct fetch_counters *counters, struct cache_pin *pin);
+/* The same, telling whether the chunk was already in the cache. */
+int fetch_acquire_ex(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
+                     struct fetch_counters *counters, struct cache_pin *pin, bool *hit);
 void fetch_release(struct fetcher *f, struct cache_pin *pin);
 
 void fetcher_get_totals(struct fetcher *f, struct fetch_totals *out);

@@ -18,6 +18,7 @@
 
 #include "cache.h"
 #include "fetch.h"
+#include "prefetch.h"
 #include "options.h"
 #include "repo.h"
 #include "tree.h"
@@ -30,6 +31,7 @@ struct imgfs {
     struct fetcher *fetcher;
     struct tree *tree;
     struct vm_registry *vms;
+    struct prefetcher *prefetcher;
     int tree_error; /* set while VM nodes are added at start-up */
     double started;    /* now_seconds() at mount */
     time_t mounted_at; /* wall clock at mount, for directory times */
@@ -46,7 +48,10 @@ int status_render_stats(struct imgfs *fs, char **text, size_t *len);
  *   vm-create NAME BASE VERSION | vm-create NAME - SIZE
  *   vm-snapshot NAME SNAP       | vm-clone SRC SNAP|- DST
  *   vm-rm NAME                  | vm-export NAME ABSPATH
- *   vm-import ABSPATH NAME|-                                              */
+ *   vm-import ABSPATH NAME|-
+ *   precopy NAME VERSION LIST|- RATE     | precopy-status NAME VERSION LIST|-
+ *   unpin NAME VERSION LIST|-
+ *   trace-start VM                       | trace-stop VM ABSPATH          */
 char *control_execute(struct imgfs *fs, const char *command, size_t len);
 
 /* The base lookup that the VM registry uses (ctx is the struct imgfs). */

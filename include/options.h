@@ -33,6 +33,7 @@ struct mount_options {
     char *mirrors[8];  /* malloc'd, from repeated -o mirror=URL */
     int mirror_count;
     char *proxy;       /* malloc'd or NULL */
+    char *prefetch;    /* malloc'd: "none", "boot" (default) or a list name */
     bool offline;
     double refresh_seconds;
     bool foreground;

@@ -31,6 +31,7 @@
 #include "fetch.h"
 #include "manifest.h"
 #include "repo.h"
+#include "prefetch.h"
 #include "vm.h"
 
 enum {
@@ -56,7 +57,8 @@ enum node_kind {
 struct base_version {
     struct manifest *manifest; /* owned */
     struct fetch_counters counters;
-    struct vm_base view; /* {manifest, &counters}, what VM disks read through */
+    struct prefetch_marks marks;
+    struct vm_base view; /* {manifest, &counters, &marks}, what VM disks read through */
 };
 
 struct node {

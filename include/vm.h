@@ -40,10 +40,14 @@
 #define VM_MAX_DEPTH 64
 #define VM_MAX_SNAPSHOTS 256
 
+struct prefetch_marks;
+struct chunk_trace;
+
 /* A base version as the registry sees it; owned by the mount tree. */
 struct vm_base {
     const struct manifest *manifest;
     struct fetch_counters *counters;
+    struct prefetch_marks *marks;
 };
 
 /* Finds base NAME@VERSION; returns NULL when the mount does not have it. */
@@ -74,6 +78,8 @@ struct vm {
     struct disk live;
     struct vm_snapshot *snapshots[VM_MAX_SNAPSHOTS];
     unsigned snapshot_count;
+
+    struct chunk_trace *trace; /* recording, or NULL; guarded by chain_lock */
 
     unsigned open_count;
     bool deleted;

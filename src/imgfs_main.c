@@ -111,6 +111,16 @@ static int setup(struct imgfs *fs, const struct mount_options *opts)
         else
             repo_set_meta_cache(fs->repo, meta, opts->offline);
     }
+    if (!rc) {
+        char pins[PATH_MAX];
+        rc = path_join(pins, sizeof(pins), "%s/pins", opts->cache_dir);
+        if (!rc)
+            rc = prefetcher_create(fs->cache, fs->fetcher, pins, &fs->prefetcher);
+        if (!rc)
+            rc = prefetch_load_pins(fs->prefetcher);
+        if (rc)
+            snprintf(err, sizeof(err), "cannot set up pre-copy pins in the cache directory: %s", strerror(-rc));
+    }
     if (!rc && (rc = tree_create(fs->repo, opts->refresh_seconds, &fs->tree)) != 0)
         snprintf(err, sizeof(err), "out of memory");
     if (!rc)
@@ -131,6 +141,7 @@ static int setup(struct imgfs *fs, const struct mount_options *opts)
 
 static void teardown(struct imgfs *fs)
 {
+    prefetcher_destroy(fs->prefetcher); /* its jobs use everything below */
     vm_registry_close(fs->vms);
     tree_destroy(fs->tree);
     fetcher_destroy(fs->fetcher);

@@ -9,6 +9,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "list.h"
+#include "progress.h"
 #include "publish.h"
 #include "repo.h"
 #include "util.h"
@@ -213,33 +215,50 @@ static void vm_help(FILE *out)
             "  import    recreate an exported VM on a mount that has the same base\n");
 }
 
-/* Sends one tab-separated command to the daemon and prints its answer. */
-static int vm_command(const char *sub, const char *mountpoint, const char *command)
+/* Sends one tab-separated command to the daemon; its answer (without the
+ * newline) goes to answer. Returns 0, or 1 after printing why. */
+static int control_request(const char *cmd_name, const char *mountpoint, const char *command, char *answer,
+                           size_t len)
 {
     char path[PATH_MAX];
     if (path_join(path, sizeof(path), "%s/.imgfs/control", mountpoint) < 0)
-        return usage_error("vm", "mount point path is too long");
+        return usage_error(cmd_name, "mount point path is too long");
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0) {
-        fprintf(stderr, "imgfsctl vm %s: %s is not an imgfs mount or not writable by you (%s)\n", sub, mountpoint,
+        fprintf(stderr, "imgfsctl %s: %s is not an imgfs mount or not writable by you (%s)\n", cmd_name, mountpoint,
                 strerror(errno));
         return 1;
     }
-    char answer[1024];
     int rc = write_full(fd, command, strlen(command));
-    ssize_t n = rc ? -1 : pread(fd, answer, sizeof(answer) - 1, 0);
+    ssize_t n = rc ? -1 : pread(fd, answer, len - 1, 0);
     int saved = errno;
     close(fd);
     if (rc || n < 0) {
-        fprintf(stderr, "imgfsctl vm %s: the daemon did not answer: %s\n", sub, strerror(rc ? -rc : saved));
+        fprintf(stderr, "imgfsctl %s: the daemon did not answer: %s\n", cmd_name, strerror(rc ? -rc : saved));
         return 1;
     }
     answer[n] = '\0';
     answer[strcspn(answer, "\n")] = '\0';
+    return 0;
+}
+
+/* Sends a command and turns an "error ..." answer into a message. */
+static int control_command(const char *cmd_name, const char *mountpoint, const char *command)
+{
+    char answer[1024];
+    if (control_request(cmd_name, mountpoint, command, answer, sizeof(answer)) != 0)
+        return 1;
     if (strncmp(answer, "ok", 2) == 0)
         return 0;
-    fprintf(stderr, "imgfsctl vm %s: %s\n", sub, strncmp(answer, "error ", 6) == 0 ? answer + 6 : answer);
+    fprintf(stderr, "imgfsctl %s: %s\n", cmd_name, strncmp(answer, "error ", 6) == 0 ? answer + 6 : answer);
     return 1;
+}
+
+static int vm_command(const char *sub, const char *mountpoint, const char *command)
+{
+    char name[32];
+    snprintf(name, sizeof(name), "vm %s", sub);
+    return control_command(name, mountpoint, command);
 }
 
 /* NAME@VERSION, or NAME alone for the newest version that the mount shows. */
@@ -274,6 +293,9 @@ static int absolute_path(const char *path, char *out, size_t len)
         return -errno;
     return path_join(out, len, "%s/%s", cwd, path);
 }
+
+static int list_from_files(const char *cmd, struct repo *repo, const struct manifest *m, const char *list_name,
+                           const char *paths);
 
 static int vm_main(int argc, char **argv)
 {
@@ -355,6 +377,279 @@ static int vm_main(int argc, char **argv)
     return 2;
 }
 
+/* ---- precopy, unpin, trace ----------------------------------------------------- */
+
+static void precopy_help(FILE *out)
+{
+    fprintf(out, "usage: imgfsctl precopy MOUNTPOINT NAME[@VERSION] [--list LIST] [--rate RATE]\n"
+                 "\n"
+                 "Fills the cache of the mount with a whole base version (or only the chunks of\n"
+                 "one of its published prefetch lists) and pins them, so that they are never\n"
+                 "evicted. The daemon does the work in the background at RATE bytes per second\n"
+                 "(e.g. 50M; default unlimited); this command follows it with a progress bar on\n"
+                 "a terminal. Running it again resumes: cached chunks are skipped.\n"
+                 "Release the pin with imgfsctl unpin.\n");
+}
+
+static void unpin_help(FILE *out)
+{
+    fprintf(out, "usage: imgfsctl unpin MOUNTPOINT NAME[@VERSION] [--list LIST]\n"
+                 "\n"
+                 "Releases what imgfsctl precopy pinned; the chunks stay cached until evicted.\n");
+}
+
+/* Parses MOUNTPOINT NAME[@VERSION] [--list LIST] [--rate RATE]. */
+static int parse_pin_args(const char *cmd, int argc, char **argv, char *name, uint64_t *version, const char **list,
+                          uint64_t *rate)
+{
+    if (argc < 3)
+        return usage_error(cmd, "needs MOUNTPOINT and NAME[@VERSION]");
+    *list = "-";
+    for (int i = 3; i < argc; i += 2) {
+        if (i + 1 >= argc)
+            return usage_error(cmd, "an option lacks its value");
+        if (strcmp(argv[i], "--list") == 0 && name_is_valid(argv[i + 1]))
+            *list = argv[i + 1];
+        else if (strcmp(argv[i], "--rate") == 0 && rate && parse_size(argv[i + 1], rate) == 0)
+            continue;
+        else
+            return usage_error(cmd, "unknown option or bad value");
+    }
+    if (resolve_base(argv[1], argv[2], name, 65, version) != 0) {
+        fprintf(stderr, "imgfsctl %s: base %s is not on the mount at %s\n", cmd, argv[2], argv[1]);
+        return 1;
+    }
+    return 0;
+}
+
+static int precopy_main(int argc, char **argv)
+{
+    if (wants_help(argc, argv)) {
+        precopy_help(stdout);
+        return 0;
+    }
+    char name[65], cmd[512], answer[1024];
+    uint64_t version, rate = 0;
+    const char *list;
+    int rc = parse_pin_args("precopy", argc, argv, name, &version, &list, &rate);
+    if (rc)
+        return rc;
+    snprintf(cmd, sizeof(cmd), "precopy\t%s\t%" PRIu64 "\t%s\t%" PRIu64 "\n", name, version, list, rate);
+    if (control_command("precopy", argv[1], cmd) != 0)
+        return 1;
+    snprintf(cmd, sizeof(cmd), "precopy-status\t%s\t%" PRIu64 "\t%s\n", name, version, list);
+    struct progress bar;
+    char label[96];
+    snprintf(label, sizeof(label), "pre-copy %s@%" PRIu64, name, version);
+    bool started = false;
+    for (;;) {
+        if (control_request("precopy", argv[1], cmd, answer, sizeof(answer)) != 0)
+            return 1;
+        char state[16] = "", error[512] = "";
+        uint64_t done = 0, total = 0, fetched = 0;
+        uint32_t chunk_size = 0;
+        if (strncmp(answer, "ok ", 3) != 0 ||
+            sscanf(answer + 3, "%15s %" SCNu64 " %" SCNu64 " %" SCNu64 " %" SCNu32 " %511[^\n]", state, &done, &total,
+                   &fetched, &chunk_size, error) < 5) {
+            fprintf(stderr, "imgfsctl precopy: %s\n", strncmp(answer, "error ", 6) == 0 ? answer + 6 : answer);
+            return 1;
+        }
+        if (!started) {
+            progress_start(&bar, label, total * chunk_size);
+            started = true;
+        }
+        progress_update(&bar, done * chunk_size);
+        if (strcmp(state, "running") != 0) {
+            progress_finish(&bar);
+            char size[32];
+            printf("pre-copy of %s@%" PRIu64 ": %s, %" PRIu64 "/%" PRIu64 " chunks, %s fetched, pinned\n", name, version,
+                   state, done, total, format_size(fetched, size, sizeof(size)));
+            if (strcmp(state, "done") != 0) {
+                fprintf(stderr, "imgfsctl precopy: %s\n", error[0] ? error : "the pre-copy did not finish");
+                return 1;
+            }
+            return 0;
+        }
+        usleep(200 * 1000);
+    }
+}
+
+static int unpin_main(int argc, char **argv)
+{
+    if (wants_help(argc, argv)) {
+        unpin_help(stdout);
+        return 0;
+    }
+    char name[65], cmd[512];
+    uint64_t version;
+    const char *list;
+    int rc = parse_pin_args("unpin", argc, argv, name, &version, &list, NULL);
+    if (rc)
+        return rc;
+    snprintf(cmd, sizeof(cmd), "unpin\t%s\t%" PRIu64 "\t%s\n", name, version, list);
+    return control_command("unpin", argv[1], cmd);
+}
+
+static void trace_help(FILE *out)
+{
+    fprintf(out, "usage: imgfsctl trace start MOUNTPOINT VM\n"
+                 "       imgfsctl trace stop MOUNTPOINT VM --output FILE\n"
+                 "\n"
+                 "Records, in order of first access, the base chunks that VM reads, and writes\n"
+                 "them as a prefetch list for the VM's base version. Publish it with\n"
+                 "imgfsctl list publish; a list named boot is replayed when a VM disk opens.\n");
+}
+
+static int trace_main(int argc, char **argv)
+{
+    if (argc < 2 || wants_help(argc, argv)) {
+        trace_help(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    char cmd[PATH_MAX + 128], file[PATH_MAX];
+    if (strcmp(argv[1], "start") == 0 && argc == 4) {
+        snprintf(cmd, sizeof(cmd), "trace-start\t%s\n", argv[3]);
+        return control_command("trace start", argv[2], cmd);
+    }
+    if (strcmp(argv[1], "stop") == 0 && argc == 6 && strcmp(argv[4], "--output") == 0) {
+        if (absolute_path(argv[5], file, sizeof(file)) < 0 || strchr(file, '\t') || strchr(file, '\n'))
+            return usage_error("trace stop", "--output is not a usable path");
+        snprintf(cmd, sizeof(cmd), "trace-stop\t%s\t%s\n", argv[3], file);
+        return control_command("trace stop", argv[2], cmd);
+    }
+    return usage_error("trace", "needs start MOUNTPOINT VM, or stop MOUNTPOINT VM --output FILE");
+}
+
+/* ---- list ------------------------------------------------------------------------ */
+
+static void list_help(FILE *out)
+{
+    fprintf(out, "usage: imgfsctl list publish REPO NAME[@VERSION] LISTNAME FILE\n"
+                 "       imgfsctl list from-files REPO NAME[@VERSION] LISTNAME PATHS\n"
+                 "\n"
+                 "publish     stores a prefetch list (from imgfsctl trace stop) in the local\n"
+                 "            repository REPO next to the version it belongs to; a list made\n"
+                 "            for another version is refused\n"
+                 "from-files  makes the list from the paths, inside the base's ext2/3/4\n"
+                 "            file system, in PATHS (one path a line, as readahead and preload\n"
+                 "            write them) and stores it the same way\n"
+                 "A list named boot is replayed whenever a VM disk on that version opens.\n");
+}
+
+/* Opens a local repository and the manifest of NAME[@VERSION] (newest by default). */
+static int open_version(const char *cmd, const char *repo_path, const char *spec, struct repo **repo,
+                        struct manifest **m)
+{
+    char err[512], name[65];
+    uint64_t version = 0;
+    const char *at = strchr(spec, '@');
+    snprintf(name, sizeof(name), "%.*s", at ? (int)(at - spec) : (int)strlen(spec), spec);
+    if (!name_is_valid(name) || (at && (parse_u64(at + 1, &version) < 0 || version == 0))) {
+        fprintf(stderr, "imgfsctl %s: '%s' is not NAME or NAME@VERSION\n", cmd, spec);
+        return 1;
+    }
+    if (strstr(repo_path, "://")) {
+        fprintf(stderr, "imgfsctl %s: REPO must be a local repository directory\n", cmd);
+        return 1;
+    }
+    if (repo_open(repo_path, repo, err, sizeof(err)) != 0) {
+        fprintf(stderr, "imgfsctl %s: %s\n", cmd, err);
+        return 1;
+    }
+    if (!version) {
+        struct repo_index index;
+        const struct repo_index_entry *e = NULL;
+        if (repo_read_index(*repo, &index, err, sizeof(err)) == 0) {
+            e = repo_index_find(&index, name);
+            version = e ? e->latest : 0;
+            repo_index_free(&index);
+        }
+        if (!version) {
+            fprintf(stderr, "imgfsctl %s: base %s is not in %s\n", cmd, name, repo_path);
+            repo_close(*repo);
+            return 1;
+        }
+    }
+    if (repo_read_manifest(*repo, name, version, m, err, sizeof(err)) != 0) {
+        fprintf(stderr, "imgfsctl %s: %s\n", cmd, err);
+        repo_close(*repo);
+        return 1;
+    }
+    return 0;
+}
+
+/* Checks list against m and stores it as LISTNAME of that version. */
+static int store_list(const char *cmd, struct repo *repo, const struct manifest *m, const char *list_name,
+                      const struct chunk_list *list)
+{
+    char err[512], rel[256], path[PATH_MAX], dir[PATH_MAX];
+    char *text = NULL;
+    size_t len;
+    if (list_check(list, m, err, sizeof(err)) != 0) {
+        fprintf(stderr, "imgfsctl %s: %s\n", cmd, err);
+        return 1;
+    }
+    int rc = list_relpath(m->name, m->version, list_name, rel, sizeof(rel));
+    if (!rc)
+        rc = path_join(path, sizeof(path), "%s/%s", repo_location(repo), rel);
+    if (!rc) {
+        snprintf(dir, sizeof(dir), "%s", path);
+        *strrchr(dir, '/') = '\0';
+        rc = mkdir_p(dir);
+    }
+    if (!rc)
+        rc = list_format(list, &text, &len);
+    if (!rc)
+        rc = write_file_atomic(path, text, len);
+    free(text);
+    if (rc) {
+        fprintf(stderr, "imgfsctl %s: cannot store the list: %s\n", cmd, strerror(-rc));
+        return 1;
+    }
+    printf("stored list %s of %s@%" PRIu64 " (%" PRIu64 " chunks) in %s\n", list_name, m->name, m->version,
+           list->count, path);
+    return 0;
+}
+
+static int list_main(int argc, char **argv)
+{
+    if (argc < 2 || wants_help(argc, argv)) {
+        list_help(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (argc != 6 || (strcmp(argv[1], "publish") != 0 && strcmp(argv[1], "from-files") != 0))
+        return usage_error("list", "needs publish|from-files REPO NAME[@VERSION] LISTNAME FILE");
+    const char *cmd = strcmp(argv[1], "publish") == 0 ? "list publish" : "list from-files";
+    if (!name_is_valid(argv[4])) {
+        fprintf(stderr, "imgfsctl %s: invalid list name '%s'\n", cmd, argv[4]);
+        return 1;
+    }
+    struct repo *repo;
+    struct manifest *m;
+    if (open_version(cmd, argv[2], argv[3], &repo, &m) != 0)
+        return 1;
+    char *text = NULL, err[512];
+    size_t len;
+    struct chunk_list *list = NULL;
+    int status = 1;
+    int rc = read_file(argv[5], 256u << 20, &text, &len);
+    if (rc) {
+        fprintf(stderr, "imgfsctl %s: cannot read %s: %s\n", cmd, argv[5], strerror(-rc));
+    } else if (strcmp(argv[1], "publish") == 0) {
+        if (list_parse(text, len, &list, err, sizeof(err)) != 0)
+            fprintf(stderr, "imgfsctl %s: %s: %s\n", cmd, argv[5], err);
+        else
+            status = store_list(cmd, repo, m, argv[4], list);
+    } else {
+        status = list_from_files(cmd, repo, m, argv[4], text);
+    }
+    list_free(list);
+    free(text);
+    manifest_free(m);
+    repo_close(repo);
+    return status;
+}
+
 /* ---- dispatch --------------------------------------------------------------------- */
 
 static const struct subcommand subcommands[] = {
@@ -362,6 +657,10 @@ static const struct subcommand subcommands[] = {
     {"status", "show the status of a mount", status_main, status_help},
     {"versions", "list the bases of a repository", versions_main, versions_help},
     {"vm", "create, snapshot, clone, remove, export and import VM disks", vm_main, vm_help},
+    {"precopy", "fill the cache with a base version or list, and pin it", precopy_main, precopy_help},
+    {"unpin", "release what precopy pinned", unpin_main, unpin_help},
+    {"trace", "record the base chunks a VM reads, as a prefetch list", trace_main, trace_help},
+    {"list", "publish prefetch lists, or make them from file paths", list_main, list_help},
 };
 
 static void main_help(FILE *out)
@@ -391,4 +690,12 @@ int main(int argc, char **argv)
             return subcommands[i].run(argc - 1, argv + 1);
     fprintf(stderr, "imgfsctl: unknown subcommand '%s' (see imgfsctl --help)\n", argv[1]);
     return 2;
+}
+
+static int list_from_files(const char *cmd, struct repo *repo, const struct manifest *m, const char *list_name,
+                           const char *paths)
+{
+    (void)repo, (void)m, (void)list_name, (void)paths;
+    fprintf(stderr, "imgfsctl %s: not available in this build\n", cmd);
+    return 1;
 }

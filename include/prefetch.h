@@ -1,0 +1,91 @@
+/* prefetch: background work that brings chunks into the cache ahead of the
+ * guest: replay of recorded prefetch lists, and pre-copy of whole versions
+ * or lists, which also pins what it fetched.
+ *
+ * A job walks a list of chunk indices of one base version in order with a
+ * few worker threads, skipping chunks that are cached already. Replay marks
+ * the chunks it brought in, so that a guest read of one counts as a prefetch
+ * hit. Pre-copy is rate-limited and records its pin set in
+ * CACHE/pins/KEY (one chunk hash per line, written before the fetching
+ * starts), so that pins survive restarts and a rerun resumes where it
+ * stopped. Jobs never hold a lock across repository I/O; guest reads run in
+ * their own threads and are not queued behind jobs.
+ *
+ * Contract: thread-safe. prefetcher_destroy() stops and joins every job.
+ */
+#ifndef IMGFS_PREFETCH_H
+#define IMGFS_PREFETCH_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cache.h"
+#include "fetch.h"
+#include "list.h"
+#include "manifest.h"
+#include "repo.h"
+
+/* Per base version, owned by the mount tree. */
+struct prefetch_marks {
+    _Atomic uint8_t *brought; /* per chunk: 1 if replay fetched it and no guest read it yet */
+    atomic_bool replay_started;
+    atomic_uint_fast64_t list_total;
+    atomic_uint_fast64_t list_done;
+    atomic_uint_fast64_t hits;   /* guest reads served by a chunk that replay brought */
+    atomic_uint_fast64_t misses; /* guest reads that had to fetch while a list was known */
+};
+
+struct job_status {
+    char state[16]; /* "running", "done", "failed", "stopped" */
+    uint64_t done;  /* chunks handled */
+    uint64_t total;
+    uint64_t bytes_fetched;
+    char error[160];
+};
+
+struct prefetcher;
+
+int prefetcher_create(struct cache *cache, struct fetcher *fetcher, const char *pin_dir, struct prefetcher **out);
+void prefetcher_destroy(struct prefetcher *pf);
+
+/* Starts replaying list list_name of the version of manifest m from repo,
+ * in the background (once per version and mount). A missing list is not an
+ * error; a list for another version is refused and logged. */
+int prefetch_replay(struct prefetcher *pf, struct repo *repo, const struct manifest *m, const char *list_name,
+                    struct prefetch_marks *marks);
+
+/* Called by the read path for each base chunk a guest read. */
+void prefetch_note_read(struct prefetch_marks *marks, uint64_t index, bool was_hit);
+
+/* Starts pre-copying list (NULL: every chunk of m) under key, pinning it;
+ * rate in bytes per second, 0 for unlimited. A job already running under
+ * key is left alone. */
+int prefetch_precopy(struct prefetcher *pf, const char *key, const struct manifest *m,
+                     const struct chunk_list *list, uint64_t rate, char *err, size_t errlen);
+int prefetch_status(struct prefetcher *pf, const char *key, struct job_status *out);
+/* Releases a pin set (and stops its job). -ENOENT if there is none. */
+int prefetch_unpin(struct prefetcher *pf, const char *key);
+
+/* Pinned sets found in the pin directory at start-up are held again. */
+int prefetch_load_pins(struct prefetcher *pf);
+
+/* A recording of the base chunks a VM read, in order of first access. */
+struct chunk_trace {
+    pthread_mutex_t lock; /* guards everything below */
+    uint8_t *seen;        /* per chunk of the base */
+    uint64_t chunk_count;
+    uint64_t *order;
+    uint64_t count;
+    uint64_t cap;
+};
+
+struct chunk_trace *trace_new(uint64_t chunk_count);
+void trace_note(struct chunk_trace *t, uint64_t index);
+/* Turns the recording into a list for manifest m and frees the trace. */
+int trace_finish(struct chunk_trace *t, const struct manifest *m, struct chunk_list **out);
+void trace_free(struct chunk_trace *t);
+
+#endif
