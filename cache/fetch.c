@@ -1,6 +1,8 @@
 #include "fetch.h"
 
 #include <errno.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +23,7 @@ struct fetcher {
     atomic_uint_fast64_t bytes_transferred;
     atomic_uint_fast64_t verify_failures;
     atomic_uint_fast64_t errors;
+    atomic_uint_fast64_t uncached; /* chunks served from memory: cache full */
     /* last_error and last_error_ns are guarded by error_lock. */
     pthread_mutex_t error_lock;
     char last_error[256];
@@ -67,6 +70,22 @@ static void sleep_ns(uint64_t ns)
     struct timespec ts = {(time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull)};
     while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
         ;
+}
+
+/* A pin on a memory file holding data, for a chunk the cache cannot take. */
+static int transient_pin(const char *data, size_t len, struct cache_pin *pin)
+{
+    int fd = memfd_create("imgfs-chunk", MFD_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int rc = write_full_at(fd, data, len, 0);
+    if (rc) {
+        close(fd);
+        return rc;
+    }
+    pin->entry = NULL;
+    pin->fd = fd;
+    return 0;
 }
 
 /* Fetches, decodes and verifies one chunk into data. */
@@ -147,6 +166,13 @@ int fetch_acquire_ex(struct fetcher *f, const struct chunk_hash *hash, uint32_t 
     rc = fetch_into(f, hash, chunk_size, data, deadline, counters);
     if (rc == 0) {
         rc = cache_fill(f->cache, pin, data, chunk_size);
+        if (rc == -ENOSPC || rc == -EDQUOT) {
+            /* The cache is full of chunks in use or pinned: serve this one
+             * from memory rather than fail the read. */
+            rc = transient_pin(data, chunk_size, pin);
+            if (!rc)
+                atomic_fetch_add(&f->uncached, 1);
+        }
         if (rc)
             note_error(f, hash, "cannot store it in the cache");
     } else {
@@ -165,7 +191,15 @@ failed:
     return -EIO;
 }
 
-void fetch_release(struct fetcher *f, struct cache_pin *pin) { cache_release(f->cache, pin); }
+void fetch_release(struct fetcher *f, struct cache_pin *pin)
+{
+    if (!pin->entry && pin->fd >= 0) {
+        close(pin->fd); /* a transient pin owns its memory file */
+        pin->fd = -1;
+        return;
+    }
+    cache_release(f->cache, pin);
+}
 
 void fetcher_get_totals(struct fetcher *f, struct fetch_totals *out)
 {
@@ -173,6 +207,7 @@ void fetcher_get_totals(struct fetcher *f, struct fetch_totals *out)
     out->bytes_transferred = atomic_load(&f->bytes_transferred);
     out->verify_failures = atomic_load(&f->verify_failures);
     out->errors = atomic_load(&f->errors);
+    out->uncached = atomic_load(&f->uncached);
     pthread_mutex_lock(&f->error_lock);
     snprintf(out->last_error, sizeof(out->last_error), "%s", f->last_error);
     out->last_error_age = f->last_error_ns ? (double)(now_ns() - f->last_error_ns) / 1e9 : -1;

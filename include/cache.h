@@ -33,8 +33,8 @@ struct cache;
 struct cache_entry;
 
 struct cache_pin {
-    struct cache_entry *entry;
-    int fd; /* valid while pinned and resident */
+    struct cache_entry *entry; /* NULL for a transient pin (see fetch.h) */
+    int fd;                    /* valid while pinned */
 };
 
 enum cache_acquire_status {

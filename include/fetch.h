@@ -8,6 +8,8 @@
  * (fetch_options.timeout_seconds), then reported as -EIO.
  *
  * Concurrent misses on one chunk fetch it once (see cache.h single flight).
+ * When the cache cannot take a chunk (full of chunks in use or pinned), the
+ * read is served from a memory file instead of failing.
  *
  * Contract: thread-safe. The counters are updated with atomics and may be
  * read at any time.
@@ -47,6 +49,7 @@ struct fetch_totals {
     uint64_t bytes_transferred; /* encoded bytes read from the repository */
     uint64_t verify_failures;
     uint64_t errors;
+    uint64_t uncached; /* chunks served from memory because the cache was full */
     char last_error[256];
     double last_error_age; /* seconds since, or -1 when there was none */
 };
