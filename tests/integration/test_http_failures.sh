@@ -75,8 +75,8 @@ expect_eio "uncached chunk with nginx stopped (timeout=3)" "$M" 100
 [ "$(stat_value "$M" fetch errors)" -ge 1 ] || fail "fetch errors not counted"
 [ "$(stat_value "$M" "base x@1" read_errors)" -ge 1 ] || fail "base read_errors not counted"
 [ "$(stat_value "$M" "mirror 0" errors)" -ge 1 ] || fail "mirror 0 errors not counted"
-grep -A5 '^\[fetch\]' "$M/.imgfs/stats" | grep -q '^last_error  *chunk ' ||
-    fail "[fetch] last_error does not name the chunk: $(grep -A5 '^\[fetch\]' "$M/.imgfs/stats")"
+grep -A8 '^\[fetch\]' "$M/.imgfs/stats" | grep -q '^last_error  *chunk ' ||
+    fail "[fetch] last_error does not name the chunk: $(grep -A8 '^\[fetch\]' "$M/.imgfs/stats")"
 ok "errors counted: fetch $(stat_value "$M" fetch errors), mirror 0 $(stat_value "$M" "mirror 0" errors)"
 nginx_restart www1
 timeout 30 dd if="$M/bases/x.raw" of="$T/c100" bs=$CS skip=100 count=1 iflag=direct status=none ||
