@@ -123,6 +123,10 @@ int repo_read_manifest(struct repo *repo, const char *name, uint64_t version, st
 int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, uint64_t deadline_ns,
                    char **enc, size_t *len, int *mirror);
 
+/* Reads len bytes at off of the disk that manifest m describes, straight
+ * from the repository (every chunk verified), without any cache. */
+int repo_read_range(struct repo *repo, const struct manifest *m, void *buf, size_t len, uint64_t off);
+
 /* "chunks/ab/ab01..." for hash. out must hold at least 48 bytes. */
 void repo_chunk_relpath(const struct chunk_hash *hash, char *out, size_t len);
 

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
     # build
     build-essential cmake pkg-config
-    libfuse3-dev fuse3 libqcow-dev libxxhash-dev libzstd-dev libcurl4-openssl-dev
+    libfuse3-dev fuse3 libqcow-dev libxxhash-dev libzstd-dev libcurl4-openssl-dev libext2fs-dev
     # tests and benchmarks: real clients, servers and peers
     python3 xxhash qemu-utils qemu-system-x86 qemu-block-extra fio nginx-light
     libqcow-utils xmount debootstrap fdisk e2fsprogs procps util-linux grub-pc-bin

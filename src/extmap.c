@@ -604,6 +604,25 @@ static int map_filesystem(struct disk *d, uint64_t offset, const struct path_lis
                  m->name, m->version, ext2_error_text(e, buf, sizeof(buf)));
         return 1;
     }
+    /* A filesystem whose root directory cannot be read is refused as a
+     * whole rather than with the same warning for every path. */
+    struct ext2_inode root;
+    e = ext2fs_read_inode(fs, EXT2_ROOT_INO, &root);
+    if (!e && !LINUX_S_ISDIR(root.i_mode))
+        e = EXT2_ET_NO_DIRECTORY;
+    if (e) {
+        char buf[64];
+        ext2fs_free(fs);
+        if (is_io_error(e)) {
+            snprintf(err, errlen, "cannot read the disk of %s@%" PRIu64 ": %s", m->name, m->version,
+                     strerror((int)e));
+            return -(int)e;
+        }
+        snprintf(err, errlen, "the ext filesystem at byte %" PRIu64 " of %s@%" PRIu64 " is damaged: %s", offset,
+                 m->name, m->version,
+                 e == EXT2_ET_NO_DIRECTORY ? "its root is not a directory" : ext2_error_text(e, buf, sizeof(buf)));
+        return 1;
+    }
     int rc = 0;
     for (size_t i = 0; i < pl->count; i++) {
         rc = map_path(fs, m, mp, pl->paths[i], err, errlen);
@@ -683,8 +702,10 @@ static int scan_gpt(struct disk *d, struct candidates *c, uint32_t ss)
 {
     unsigned char hdr[92];
     int rc = read_if_inside(d, hdr, sizeof(hdr), ss);
-    if (rc <= 0 || memcmp(hdr, "EFI PART", 8) != 0)
+    if (rc <= 0)
         return rc;
+    if (memcmp(hdr, "EFI PART", 8) != 0)
+        return 0;
     uint64_t lba = le64(hdr + 72);
     uint32_t n = le32(hdr + 80), esize = le32(hdr + 84);
     if (esize < 128 || esize > 4096 || esize % 8 || lba == 0 || lba > UINT64_MAX / ss)

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "extmap.h"
 #include "list.h"
 #include "progress.h"
 #include "publish.h"
@@ -692,10 +693,35 @@ int main(int argc, char **argv)
     return 2;
 }
 
+struct repo_disk {
+    struct repo *repo;
+    const struct manifest *m;
+};
+
+static int read_repo_disk(void *ctx, void *buf, size_t len, uint64_t off)
+{
+    struct repo_disk *d = ctx;
+    return repo_read_range(d->repo, d->m, buf, len, off);
+}
+
 static int list_from_files(const char *cmd, struct repo *repo, const struct manifest *m, const char *list_name,
                            const char *paths)
 {
-    (void)repo, (void)m, (void)list_name, (void)paths;
-    fprintf(stderr, "imgfsctl %s: not available in this build\n", cmd);
-    return 1;
+    struct repo_disk disk = {repo, m};
+    struct chunk_list *list = NULL;
+    char *warnings = NULL, err[512];
+    int rc = extmap_paths_to_list(m, read_repo_disk, &disk, paths, &list, &warnings, err, sizeof(err));
+    if (rc) {
+        fprintf(stderr, "imgfsctl %s: %s\n", cmd, err);
+        if (warnings)
+            fputs(warnings, stderr);
+        free(warnings);
+        return 1;
+    }
+    if (warnings)
+        fputs(warnings, stderr);
+    free(warnings);
+    int status = store_list(cmd, repo, m, list_name, list);
+    list_free(list);
+    return status;
 }

@@ -797,3 +797,36 @@ int repo_write_index(struct repo *repo, const struct repo_index *index)
     free(buf);
     return err;
 }
+
+int repo_read_range(struct repo *repo, const struct manifest *m, void *buf, size_t len, uint64_t off)
+{
+    if (off > m->size || len > m->size - off)
+        return -EINVAL;
+    char *chunk = malloc(m->chunk_size);
+    if (!chunk)
+        return -ENOMEM;
+    char *p = buf;
+    int rc = 0;
+    while (len > 0 && !rc) {
+        uint64_t index = off / m->chunk_size;
+        size_t in = (size_t)(off % m->chunk_size);
+        size_t n = m->chunk_size - in < len ? m->chunk_size - in : len;
+        if (chunk_hash_is_null(&m->chunks[index])) {
+            memset(p, 0, n);
+        } else {
+            char *enc = NULL;
+            size_t enc_len = 0;
+            rc = repo_get_chunk(repo, &m->chunks[index], m->chunk_size, 0, &enc, &enc_len, NULL);
+            if (!rc)
+                rc = chunkfmt_decode(enc, enc_len, chunk, m->chunk_size, &m->chunks[index]);
+            free(enc);
+            if (!rc)
+                memcpy(p, chunk + in, n);
+        }
+        p += n;
+        len -= n;
+        off += n;
+    }
+    free(chunk);
+    return rc;
+}
