@@ -270,6 +270,20 @@ int prefetch_replay(struct prefetcher *pf, struct repo *repo, const struct manif
     return start_job(pf, j);
 }
 
+int prefetch_background(struct prefetcher *pf, const struct manifest *m, uint64_t rate, struct prefetch_marks *marks)
+{
+    bool expected = false;
+    if (!atomic_compare_exchange_strong(&marks->background_started, &expected, true))
+        return 0;
+    struct job *j = new_job(m, NULL, 1);
+    if (!j)
+        return -ENOMEM;
+    j->rate = rate;
+    j->loaded = true;
+    log_info("background fill of %s@%" PRIu64 " at %" PRIu64 " bytes/s", m->name, m->version, rate);
+    return start_job(pf, j);
+}
+
 void prefetch_note_read(struct prefetch_marks *marks, uint64_t index, bool was_hit)
 {
     if (!atomic_load(&marks->replay_started) || !marks->brought)

@@ -424,6 +424,9 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
             fuse_reply_err(req, EROFS);
             return;
         }
+        if (n->kind == NODE_BASE_FILE && fs->opts->background_rate)
+            prefetch_background(fs->prefetcher, n->version->manifest, fs->opts->background_rate,
+                                &n->version->marks);
         if (n->kind == NODE_VM_SNAPSHOT) {
             pthread_mutex_lock(&n->vm->attr_lock);
             n->vm->open_count++;
@@ -447,6 +450,9 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         if (vm->live.base && strcmp(fs->opts->prefetch, "none") != 0)
             prefetch_replay(fs->prefetcher, fs->repo, vm->live.base->manifest, fs->opts->prefetch,
                             vm->live.base->marks);
+        if (vm->live.base && fs->opts->background_rate)
+            prefetch_background(fs->prefetcher, vm->live.base->manifest, fs->opts->background_rate,
+                                vm->live.base->marks);
         /* Every change to a VM disk passes through this kernel, so its page
          * cache stays right and may be kept across opens. */
         fi->keep_cache = 1;

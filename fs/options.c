@@ -22,6 +22,7 @@ struct raw_options {
     char *stall_timeout;
     char *cache_size;
     char *prefetch;
+    char *background;
     char *proxy;
     char *mirrors[8];
     int mirror_count;
@@ -47,6 +48,7 @@ static const struct fuse_opt option_spec[] = {
     OPT("connect_timeout=%s", connect_timeout),
     OPT("cache_size=%s", cache_size),
     OPT("prefetch=%s", prefetch),
+    OPT("background=%s", background),
     OPT("stall_timeout=%s", stall_timeout),
     OPT("proxy=%s", proxy),
     OPT("offline", offline),
@@ -123,6 +125,8 @@ static void print_help(void)
            "                      long (default 10)\n"
            "  -o prefetch=none|boot|LIST  the recorded list replayed when a VM disk opens\n"
            "                      (default boot: bases/NAME/V.lists/boot, if published)\n"
+           "  -o background=RATE  after a base is opened, fetch the rest of it at RATE\n"
+           "                      bytes/s (e.g. 2M), one chunk at a time (default off)\n"
            "  -o offline          mount even if the repository is unreachable, serving\n"
            "                      what is cached (index and manifests are kept in the cache)\n"
            "  -o threads=N        maximum FUSE worker threads (default 16)\n"
@@ -216,6 +220,10 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
         goto out;
     }
     opts->offline = raw.offline;
+    if (raw.background && (parse_size(raw.background, &opts->background_rate) < 0 || !opts->background_rate)) {
+        fail("background=%s is not a rate such as 2M", raw.background);
+        goto out;
+    }
     opts->prefetch = strdup(raw.prefetch ? raw.prefetch : "boot");
     if (!opts->prefetch || !name_is_valid(opts->prefetch)) {
         fail("prefetch=%s is not none, boot or a list name", raw.prefetch ? raw.prefetch : "");
@@ -295,6 +303,7 @@ out:
     free(raw.stall_timeout);
     free(raw.cache_size);
     free(raw.prefetch);
+    free(raw.background);
     free(raw.proxy);
     for (int i = 0; i < raw.mirror_count; i++)
         free(raw.mirrors[i]);

@@ -28,6 +28,7 @@ struct mount_options {
     char *state_dir;  /* malloc'd */
     double timeout_seconds;
     uint64_t cache_size; /* 0: no cap */
+    uint64_t background_rate; /* bytes/s of background fill, 0: off */
     double connect_timeout;
     double stall_timeout;
     char *mirrors[8];  /* malloc'd, from repeated -o mirror=URL */

@@ -32,6 +32,7 @@
 struct prefetch_marks {
     _Atomic uint8_t *brought; /* per chunk: 1 if replay fetched it and no guest read it yet */
     atomic_bool replay_started;
+    atomic_bool background_started;
     atomic_uint_fast64_t list_total;
     atomic_uint_fast64_t list_done;
     atomic_uint_fast64_t hits;   /* guest reads served by a chunk that replay brought */
@@ -56,6 +57,10 @@ void prefetcher_destroy(struct prefetcher *pf);
  * error; a list for another version is refused and logged. */
 int prefetch_replay(struct prefetcher *pf, struct repo *repo, const struct manifest *m, const char *list_name,
                     struct prefetch_marks *marks);
+
+/* Starts fetching every chunk of m not cached yet, at rate bytes per
+ * second, one at a time (once per version and mount); nothing is pinned. */
+int prefetch_background(struct prefetcher *pf, const struct manifest *m, uint64_t rate, struct prefetch_marks *marks);
 
 /* Called by the read path for each base chunk a guest read. */
 void prefetch_note_read(struct prefetch_marks *marks, uint64_t index, bool was_hit);

@@ -120,4 +120,21 @@ cmp "$T/mnt/bases/b@2.raw" "$T/img.raw" || fail "reads failed or were wrong with
 [ "$(stat_value "$T/mnt" fetch served_uncached)" -gt 0 ] || fail "nothing was served uncached"
 ok "list pre-copy pinned $count chunks that survive eviction"
 umount_imgfs "$T/mnt"
+
+# Background fill: opening a base fetches the rest of it at a capped rate.
+rm -rf "$T/cache"
+mount_imgfs "$T/repo" "$T/mnt" "state=$T/state,background=16M"
+exec 3< "$T/mnt/bases/b@1.raw"
+for _ in $(seq 1 300); do
+    resident=$(stat_value "$T/mnt" "base b@1" chunks_resident)
+    [ "${resident%/*}" = "${resident#*/}" ] && break
+    sleep 0.1
+done
+exec 3<&-
+[ "${resident%/*}" = "${resident#*/}" ] || fail "background fill did not complete: $resident"
+[ "$(stat_value "$T/mnt" "base b@1" cache_misses)" -eq 0 ] || fail "background fill counted as guest misses"
+[ "$(stat_value "$T/mnt" cache pinned_bytes)" -eq 0 ] || fail "background fill pinned chunks"
+cmp "$T/mnt/bases/b@1.raw" <(cat "$T/mnt/bases/b@1.raw") || fail "base unreadable after background fill"
+ok "background=16M filled all of b@1 after it was opened, without pinning"
+umount_imgfs "$T/mnt"
 finish
