@@ -485,7 +485,8 @@ static uint64_t evict_to(struct cache *cache, uint64_t target)
         }
         pthread_mutex_unlock(&s->lock);
     }
-    qsort(list, count, sizeof(*list), by_last_use);
+    if (count)
+        qsort(list, count, sizeof(*list), by_last_use);
     uint64_t evicted = 0;
     for (size_t i = 0; i < count && atomic_load(&cache->used) > target; i++) {
         struct shard *s = shard_of(cache, &list[i].hash);
