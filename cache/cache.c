@@ -203,17 +203,12 @@ static int prepare_dir(const char *dir, char *err, size_t errlen)
         snprintf(err, errlen, "cache directory path is too long");
         return rc;
     }
-    char *marker = NULL;
-    size_t len;
-    rc = read_file(path, 64, &marker, &len);
-    if (rc == 0) {
-        bool ok = len == strlen(CACHE_MARKER) && memcmp(marker, CACHE_MARKER, len) == 0;
-        free(marker);
-        if (!ok) {
-            snprintf(err, errlen, "cache directory %s has an unsupported imgfs-cache marker", dir);
-            return -EBADMSG;
-        }
+    rc = check_marker_file(path, CACHE_MARKER);
+    if (rc == 0)
         return 0;
+    if (rc == -EBADMSG) {
+        snprintf(err, errlen, "cache directory %s has an unsupported imgfs-cache marker", dir);
+        return rc;
     }
     if (rc != -ENOENT) {
         snprintf(err, errlen, "cannot read the imgfs-cache marker in %s: %s", dir, strerror(-rc));

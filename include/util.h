@@ -54,6 +54,11 @@ int read_file(const char *path, size_t max_len, char **data, size_t *len);
  * rename, then fsync of the directory. Readers see the old or the new file. */
 int write_file_atomic(const char *path, const void *data, size_t len);
 
+/* Compares a small marker file (like "imgfs-cache 1\n") with expected:
+ * 0 when equal, -ENOENT when missing, -EBADMSG when different, or another
+ * negative errno when it cannot be read. */
+int check_marker_file(const char *path, const char *expected);
+
 /* fsync of the directory that contains path (or of path if it is a directory). */
 int fsync_dir_of(const char *path);
 int fsync_dir(const char *dir);

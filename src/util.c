@@ -227,6 +227,18 @@ int read_file(const char *path, size_t max_len, char **data, size_t *len)
     return 0;
 }
 
+int check_marker_file(const char *path, const char *expected)
+{
+    char *data;
+    size_t len;
+    int rc = read_file(path, 256, &data, &len);
+    if (rc)
+        return rc == -EFBIG ? -EBADMSG : rc;
+    bool same = len == strlen(expected) && memcmp(data, expected, len) == 0;
+    free(data);
+    return same ? 0 : -EBADMSG;
+}
+
 int fsync_dir(const char *dir)
 {
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);

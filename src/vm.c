@@ -400,18 +400,12 @@ int vm_registry_open(const char *state_dir, vm_base_lookup_fn lookup, void *look
 
     char path[PATH_MAX];
     snprintf(path, sizeof(path), "%s/imgfs-state", state_dir);
-    char *marker = NULL;
-    size_t len;
-    int rc = read_file(path, 64, &marker, &len);
-    if (rc == 0) {
-        bool ok = len == strlen(STATE_MARKER) && memcmp(marker, STATE_MARKER, len) == 0;
-        free(marker);
-        if (!ok) {
-            snprintf(err, errlen, "state directory %s has an unsupported imgfs-state marker", state_dir);
-            vm_registry_close(reg);
-            return -EBADMSG;
-        }
-    } else {
+    int rc = check_marker_file(path, STATE_MARKER);
+    if (rc == -EBADMSG) {
+        snprintf(err, errlen, "state directory %s has an unsupported imgfs-state marker", state_dir);
+        vm_registry_close(reg);
+        return rc;
+    } else if (rc) {
         char vms[PATH_MAX];
         snprintf(vms, sizeof(vms), "%s/vms", state_dir);
         rc = mkdir_p(vms);
