@@ -135,7 +135,7 @@ static void *job_worker_main(struct prefetcher *pf, struct job *j)
                 fetch_release(pf->fetcher, &pin);
                 if (!hit) {
                     uint64_t bytes = atomic_fetch_add(&j->bytes, m->chunk_size) + m->chunk_size;
-                    if (j->marks && j->marks->brought)
+                    if (j->marks)
                         atomic_store(&j->marks->brought[index], 1);
                     if (j->rate) /* pace to the rate since the job started */
                         sleep_until(j->started_ns + (uint64_t)((double)bytes / (double)j->rate * 1e9));
@@ -264,6 +264,7 @@ int prefetch_replay(struct prefetcher *pf, struct repo *repo, const struct manif
         return -ENOMEM;
     }
     marks->brought = brought;
+    atomic_store(&marks->replay_active, true); /* readers may use brought from here on */
     j->marks = marks;
     j->repo = repo;
     snprintf(j->list_name, sizeof(j->list_name), "%s", list_name);
@@ -286,7 +287,7 @@ int prefetch_background(struct prefetcher *pf, const struct manifest *m, uint64_
 
 void prefetch_note_read(struct prefetch_marks *marks, uint64_t index, bool was_hit)
 {
-    if (!atomic_load(&marks->replay_started) || !marks->brought)
+    if (!atomic_load(&marks->replay_active))
         return;
     if (!was_hit)
         atomic_fetch_add(&marks->misses, 1);

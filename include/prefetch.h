@@ -30,8 +30,10 @@
 
 /* Per base version, owned by the mount tree. */
 struct prefetch_marks {
-    _Atomic uint8_t *brought; /* per chunk: 1 if replay fetched it and no guest read it yet */
-    atomic_bool replay_started;
+    _Atomic uint8_t *brought; /* per chunk: 1 if replay fetched it and no guest read it yet;
+                                 set once, before replay_active */
+    atomic_bool replay_started; /* claimed by the one replay of this version */
+    atomic_bool replay_active;  /* published after brought is set */
     atomic_bool background_started;
     atomic_uint_fast64_t list_total;
     atomic_uint_fast64_t list_done;
