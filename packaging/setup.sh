@@ -15,7 +15,7 @@ PACKAGES=(
     libfuse3-dev fuse3 libqcow-dev libxxhash-dev libzstd-dev libcurl4-openssl-dev libext2fs-dev
     # tests and benchmarks: real clients, servers and peers
     python3 xxhash qemu-utils qemu-system-x86 qemu-block-extra fio nginx-light
-    libqcow-utils xmount debootstrap fdisk e2fsprogs dosfstools procps util-linux
+    libqcow-utils xmount debootstrap fdisk e2fsprogs dosfstools procps util-linux gdb
 )
 
 step() { printf '\n=== %s\n' "$*"; }

@@ -99,8 +99,14 @@ umount_imgfs() {
     local mnt=$1 pid=${DAEMON_PID[$1]:-}
     fusermount3 -u "$mnt" || fail "cannot unmount $mnt"
     if [ -n "$pid" ]; then
-        for _ in $(seq 1 400); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-        kill -0 "$pid" 2>/dev/null && fail "imgfs for $mnt did not exit after unmount"
+        # Generous: a loaded CI machine (TCG guests) can be slow to schedule it.
+        for _ in $(seq 1 1200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+        if kill -0 "$pid" 2>/dev/null; then
+            # Leave the evidence: where every thread of the daemon is stuck.
+            command -v gdb > /dev/null &&
+                timeout 60 gdb -batch -p "$pid" -ex 'thread apply all bt' 2>&1 | grep -E '^(Thread|#)' >&2
+            fail "imgfs for $mnt did not exit within 60 s after unmount"
+        fi
         wait "$pid" || fail "imgfs for $mnt exited with status $?"
         check_daemon_log "${DAEMON_LOG[$mnt]}"
         unset "DAEMON_PID[$mnt]"
