@@ -1,0 +1,339 @@
+#!/usr/bin/env bash
+# bench-vm.sh: VM disks on imgfs (differential layers over a base) against a
+# local raw file and a qcow2 overlay served by qemu-storage-daemon's FUSE export.
+#
+# A benchmark, not a test: it reports numbers and never fails on timing.
+# One 2 GiB base of random (incompressible, never zero) data is published and
+# its chunk cache warmed by one full read of bases/base.raw. Then:
+#   1. VM creation: average of BENCH_CREATES (50) `imgfsctl vm create` on the
+#      base, against `qemu-img create -f qcow2 -b base.raw` (same count) and one
+#      `cp --reflink=never` full copy of the 2 GiB raw (plus fsync of the copy).
+#   2. 4 KiB random I/O with fio (psync, 1 job, time based), buffered (direct=0)
+#      and O_DIRECT (direct=1), on
+#        local  the full raw copy of the base from step 1
+#        imgfs  MNT/vms/VM.raw on the base (a fresh VM per direct mode)
+#        qsd    a qcow2 overlay on base.raw (fresh per direct mode), exported
+#               by qemu-storage-daemon as a FUSE file, writable
+#      for each: randwrite over 0-1 GiB with fsync every 32 writes, then
+#      randread over 0-1 GiB (the region just written, partly), then randread
+#      over 1-2 GiB (never written: base data). fio invalidates each target's
+#      page cache before a job (invalidate=1), so buffered reads reach the
+#      daemon; the daemons' own backing files stay in the host page cache.
+#   3. Read cost against chain depth: a VM gets 64 MiB of random 4 KiB writes
+#      spread over the disk (depth 1), then snapshots, with 1 MiB of random
+#      writes after each, up to depth 4 and 16; 4 KiB randread direct=1 over
+#      the whole disk at each depth.
+#
+# Run as root. Environment:
+#   BENCH_DIR       parent of the work directory (default /var/tmp; ~10 GB free)
+#   BENCH_TIME      seconds per fio run (default 10)
+#   BENCH_CREATES   VM creations to average (default 50)
+#   BENCH_KEEP=1    keep the work directory
+#   IMGFS_BIN_DIR   where imgfs and imgfsctl are (default <repo>/build)
+# Output: Markdown on stdout, also written to bench/results/vm-<date>.md.
+# Progress goes to stderr; fio logs are in the work directory.
+set -uo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SRC_DIR=$(dirname "$SCRIPT_DIR")
+IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
+RUNTIME=${BENCH_TIME:-10}
+CREATES=${BENCH_CREATES:-50}
+RESULTS_DIR=$SCRIPT_DIR/results
+GiB=$((1024 * 1024 * 1024))
+BASE_SIZE=$((2 * GiB))
+IMGFS=$IMGFS_BIN_DIR/imgfs
+IMGFSCTL=$IMGFS_BIN_DIR/imgfsctl
+
+log() { printf '[bench-vm] %s\n' "$*" >&2; }
+die() { printf 'bench-vm: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (FUSE mounts)."
+for t in fio qemu-img qemu-storage-daemon python3 fusermount3; do
+    command -v "$t" >/dev/null || die "$t is not installed."
+done
+[ -x "$IMGFS" ] && [ -x "$IMGFSCTL" ] || die "imgfs binaries not found in $IMGFS_BIN_DIR (build them, or set IMGFS_BIN_DIR)."
+
+mkdir -p "${BENCH_DIR:-/var/tmp}" || die "cannot create ${BENCH_DIR:-/var/tmp}."
+WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/imgfs-bench-vm.XXXXXX") || die "cannot create a work directory."
+
+# ---- cleanup: runs on exit, Ctrl-C and failure ------------------------------
+MOUNTS=() # mount points (directories, or qsd export files)
+PIDS=()   # daemons we started
+unmount_one() {
+    mountpoint -q "$1" 2>/dev/null || return 0
+    fusermount3 -u "$1" 2>/dev/null || umount "$1" 2>/dev/null || umount -l "$1" 2>/dev/null ||
+        log "warning: could not unmount $1"
+}
+stop_pid() {
+    local p=$1 i
+    kill -0 "$p" 2>/dev/null || return 0
+    kill "$p" 2>/dev/null
+    for i in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$p" 2>/dev/null && kill -9 "$p" 2>/dev/null
+    wait "$p" 2>/dev/null
+}
+cleanup() {
+    local rc=$? i p
+    trap - EXIT INT TERM HUP
+    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do unmount_one "${MOUNTS[i]}"; done
+    for p in "${PIDS[@]}"; do stop_pid "$p"; done
+    wait 2>/dev/null
+    if [ "${BENCH_KEEP:-0}" = 1 ]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'exit 143' TERM HUP
+
+wait_mounted() { # path seconds
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        mountpoint -q "$1" && return 0
+        sleep 0.1
+    done
+    return 1
+}
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+
+# ---- fio --------------------------------------------------------------------
+# run_fio LOGNAME FILE RW DIRECT OFFSET SIZE [extra fio args]: prints IOPS
+# (integer) or "n/a" when fio failed (the reason is in $WORK/fio-LOGNAME.json).
+run_fio() {
+    local name=$1 file=$2 rw=$3 direct=$4 off=$5 size=$6
+    shift 6
+    local out="$WORK/fio-$name.json"
+    local args=(--name="$name" --filename="$file" --rw="$rw" --bs=4k --ioengine=psync --numjobs=1
+        --direct="$direct" --offset="$off" --size="$size" --randrepeat=0 --output-format=json
+        --output="$out")
+    [ "$rw" = randwrite ] && args+=(--fsync=32)
+    # time based unless the caller gave an amount (--io_size=...)
+    [[ " $* " == *" --io_size="* ]] || args+=(--time_based --runtime="$RUNTIME")
+    if ! fio "${args[@]}" "$@" 2>"$WORK/fio-$name.err" >/dev/null; then
+        echo "n/a"
+        return 1
+    fi
+    python3 - "$out" "$rw" <<'PY' || { echo "n/a"; return 1; }
+import json, sys
+text = open(sys.argv[1]).read()
+doc = json.loads(text[text.index("{"):])   # fio may print notes before the JSON
+job = doc["jobs"][0]
+if job.get("error"):
+    sys.exit(1)
+side = "write" if "write" in sys.argv[2] else "read"
+print(round(job[side]["iops"]))
+PY
+}
+
+# ---- the base, the repository, the mount ------------------------------------
+START=$(date +%s)
+LOAD_START=$(cut -d" " -f1-3 /proc/loadavg)
+log "work directory $WORK"
+BASE=$WORK/base.raw
+log "generating a 2 GiB random base"
+head -c "$BASE_SIZE" /dev/urandom >"$BASE" || die "cannot write $BASE."
+log "publishing"
+t0=$(now)
+"$IMGFSCTL" publish "$BASE" "$WORK/repo" --name base >"$WORK/publish.log" 2>&1 ||
+    die "imgfsctl publish failed: $(tail -n 1 "$WORK/publish.log")"
+PUBLISH_TIME=$(elapsed "$t0")
+
+MNT=$WORK/mnt
+mkdir -p "$MNT" "$WORK/cache" "$WORK/state"
+"$IMGFS" "$WORK/repo" "$MNT" -f -o "cache=$WORK/cache,state=$WORK/state" >"$WORK/imgfs.log" 2>&1 &
+IMGFS_PID=$!
+PIDS+=("$IMGFS_PID")
+MOUNTS+=("$MNT")
+wait_mounted "$MNT" 10 || die "imgfs did not mount: $(tail -n 2 "$WORK/imgfs.log")"
+log "warming the chunk cache (full read of bases/base.raw)"
+t0=$(now)
+cmp "$MNT/bases/base.raw" "$BASE" || die "bases/base.raw differs from the published image."
+WARM_TIME=$(elapsed "$t0")
+
+# ---- 1. VM creation ------------------------------------------------------------
+log "VM creation: $CREATES x imgfsctl vm create"
+t0=$(now)
+for ((i = 1; i <= CREATES; i++)); do
+    "$IMGFSCTL" vm create "$MNT" "c$i" --base base >/dev/null 2>>"$WORK/create.err" ||
+        die "imgfsctl vm create c$i failed: $(tail -n 1 "$WORK/create.err")"
+done
+CREATE_IMGFS=$(awk -v t="$(elapsed "$t0")" -v n="$CREATES" 'BEGIN { printf "%.1f", t * 1000 / n }')
+LAYER_FILES=$(du -cB1 --apparent-size "$WORK"/state/layers/*.map 2>/dev/null | tail -n1 | cut -f1)
+LAYER_ALLOC=$(du -cB1 "$WORK"/state/layers 2>/dev/null | tail -n1 | cut -f1)
+for ((i = 1; i <= CREATES; i++)); do "$IMGFSCTL" vm rm "$MNT" "c$i" >/dev/null 2>&1; done
+
+log "VM creation: $CREATES x qemu-img create -f qcow2 -b"
+mkdir -p "$WORK/qc"
+t0=$(now)
+for ((i = 1; i <= CREATES; i++)); do
+    qemu-img create -q -f qcow2 -b "$BASE" -F raw "$WORK/qc/o$i.qcow2" >/dev/null ||
+        die "qemu-img create failed."
+done
+CREATE_QCOW=$(awk -v t="$(elapsed "$t0")" -v n="$CREATES" 'BEGIN { printf "%.1f", t * 1000 / n }')
+rm -rf "$WORK/qc"
+
+log "full copy: cp --reflink=never + fsync (2 GiB)"
+LOCAL=$WORK/local.raw
+sync
+t0=$(now)
+cp --reflink=never "$BASE" "$LOCAL" || die "cp failed."
+CP_TIME=$(elapsed "$t0")
+sync "$LOCAL"
+CP_SYNC_TIME=$(elapsed "$t0")
+
+# ---- 2. 4K random I/O ------------------------------------------------------------
+declare -A R # R[target,test,direct] = IOPS
+TESTS=(write read-written read-base)
+TARGETS=(local imgfs qsd)
+declare -A TARGET_LABEL=([local]="local raw" [imgfs]="imgfs VM" [qsd]="qcow2 via qsd FUSE")
+NOTES=()
+IMGFS_LAYER_KIB=()
+
+io_suite() { # target file direct
+    local tg=$1 f=$2 d=$3
+    log "$tg direct=$d: randwrite fsync=32"
+    R[$tg,write,$d]=$(run_fio "$tg-write-d$d" "$f" randwrite "$d" 0 1G)
+    log "$tg direct=$d: randread 0-1G (written)"
+    R[$tg,read-written,$d]=$(run_fio "$tg-readw-d$d" "$f" randread "$d" 0 1G)
+    log "$tg direct=$d: randread 1-2G (base only)"
+    R[$tg,read-base,$d]=$(run_fio "$tg-readb-d$d" "$f" randread "$d" 1G 1G)
+    log "$tg direct=$d: write ${R[$tg,write,$d]}, read written ${R[$tg,read-written,$d]}, read base ${R[$tg,read-base,$d]} IOPS"
+}
+
+QSD_PID=
+qsd_start() { # overlay export
+    : >"$2"
+    qemu-storage-daemon \
+        --blockdev "driver=file,node-name=f,filename=$1" \
+        --blockdev driver=qcow2,node-name=q,file=f \
+        --export "type=fuse,id=e,node-name=q,mountpoint=$2,writable=on" \
+        >"$WORK/qsd.log" 2>&1 &
+    QSD_PID=$!
+    PIDS+=("$QSD_PID")
+    MOUNTS+=("$2")
+    wait_mounted "$2" 10
+}
+qsd_stop() { # export
+    unmount_one "$1"
+    stop_pid "$QSD_PID"
+}
+
+for d in 0 1; do
+    io_suite local "$LOCAL" "$d"
+
+    "$IMGFSCTL" vm create "$MNT" "io$d" --base base >/dev/null || die "imgfsctl vm create io$d failed."
+    io_suite imgfs "$MNT/vms/io$d.raw" "$d"
+    IMGFS_LAYER_KIB[$d]=$(($(du -B1 "$WORK/state/layers" -c 2>/dev/null | tail -n1 | cut -f1) / 1024))
+
+    qemu-img create -q -f qcow2 -b "$BASE" -F raw "$WORK/ovl$d.qcow2" >/dev/null || die "qemu-img create failed."
+    if qsd_start "$WORK/ovl$d.qcow2" "$WORK/export$d.raw"; then
+        io_suite qsd "$WORK/export$d.raw" "$d"
+        qsd_stop "$WORK/export$d.raw"
+    else
+        NOTES+=("qemu-storage-daemon export did not appear: $(tail -n 1 "$WORK/qsd.log")")
+        for t in "${TESTS[@]}"; do R[qsd,$t,$d]=n/a; done
+    fi
+    rm -f "$WORK/ovl$d.qcow2"
+done
+
+# ---- 3. read cost against chain depth ------------------------------------------
+depth_of() { # vm: layers in its live chain
+    awk '$1 == "live" { print NF - 1; exit }' "$WORK/state/vms/$1.vm"
+}
+declare -A DEPTH_IOPS DEPTH_GOT
+CHAIN=$MNT/vms/chain.raw
+log "chain: VM with 64 MiB of random 4K writes over the disk"
+"$IMGFSCTL" vm create "$MNT" chain --base base >/dev/null || die "imgfsctl vm create chain failed."
+run_fio chain-fill "$CHAIN" randwrite 1 0 2G --io_size=64M --end_fsync=1 \
+    >/dev/null || NOTES+=("chain fill write failed (see $WORK/fio-chain-fill.err)")
+snaps=0
+for want in 1 4 16; do
+    while [ "$(depth_of chain)" -lt "$want" ]; do
+        snaps=$((snaps + 1))
+        "$IMGFSCTL" vm snapshot "$MNT" chain "s$snaps" >/dev/null || die "imgfsctl vm snapshot failed."
+        run_fio "chain-top$snaps" "$CHAIN" randwrite 1 0 2G --io_size=1M --end_fsync=1 >/dev/null || true
+    done
+    got=$(depth_of chain)
+    log "chain depth $got: randread direct=1 over the disk"
+    DEPTH_IOPS[$want]=$(run_fio "chain-read-$want" "$CHAIN" randread 1 0 2G)
+    DEPTH_GOT[$want]=$got
+    log "chain depth $got: ${DEPTH_IOPS[$want]} IOPS"
+done
+
+IMGFS_STATS=$(cat "$MNT/.imgfs/stats" 2>/dev/null)
+ELAPSED=$(($(date +%s) - START))
+LOAD_END=$(cut -d" " -f1-3 /proc/loadavg)
+
+# ---- report ------------------------------------------------------------------
+ratio() { # value base
+    if [[ $1 =~ ^[0-9]+$ && $2 =~ ^[0-9]+$ && $2 -gt 0 ]]; then
+        awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'
+    else
+        echo "-"
+    fi
+}
+report() {
+    local t d tg
+    echo "# imgfs VM disk benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "- machine: $(nproc) CPUs ($(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1)), $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM, kernel $(uname -r), work dir on $(df --output=source "$WORK" | tail -n1) ($(findmnt -no FSTYPE -T "$WORK"))"
+    echo "- $(fio --version); $(qemu-storage-daemon --version | head -n 1); imgfs $(git -C "$SRC_DIR" describe --always --dirty 2>/dev/null || echo '?')"
+    echo "- base: 2 GiB random data; publish ${PUBLISH_TIME}s, cache warm-up (full read) ${WARM_TIME}s; total run ${ELAPSED}s"
+    echo "- load average (1/5/15 min) at start: $LOAD_START, at end: $LOAD_END (other work on the host skews the numbers)"
+    echo
+    echo "## VM creation"
+    echo
+    echo "| method | time |"
+    echo "|---|---:|"
+    echo "| imgfsctl vm create (avg of $CREATES) | $CREATE_IMGFS ms |"
+    echo "| qemu-img create -f qcow2 -b base.raw (avg of $CREATES) | $CREATE_QCOW ms |"
+    echo "| cp --reflink=never of the 2 GiB raw | ${CP_TIME} s (${CP_SYNC_TIME} s with fsync) |"
+    echo
+    echo "$CREATES new imgfs VMs: layer maps $((LAYER_FILES / CREATES / 1024)) KiB each (apparent), $((LAYER_ALLOC / 1024)) KiB allocated in all."
+    echo
+    echo "## 4 KiB random I/O (fio psync, 1 job, ${RUNTIME}s each, IOPS)"
+    echo
+    echo "| test | direct | local raw | imgfs VM | imgfs/local | qcow2 via qsd FUSE | qsd/local |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    for d in 0 1; do
+        for t in "${TESTS[@]}"; do
+            case $t in
+            write) label="randwrite 0-1G, fsync=32" ;;
+            read-written) label="randread 0-1G after writes" ;;
+            read-base) label="randread 1-2G (base only)" ;;
+            esac
+            printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$d" "${R[local,$t,$d]}" \
+                "${R[imgfs,$t,$d]}" "$(ratio "${R[imgfs,$t,$d]}" "${R[local,$t,$d]}")" \
+                "${R[qsd,$t,$d]}" "$(ratio "${R[qsd,$t,$d]}" "${R[local,$t,$d]}")"
+        done
+    done
+    echo
+    echo "## imgfs read cost against chain depth (4 KiB randread, direct=1, whole disk)"
+    echo
+    echo "| depth | IOPS | vs depth 1 |"
+    echo "|---:|---:|---:|"
+    for d in 1 4 16; do
+        echo "| ${DEPTH_GOT[$d]:-?} | ${DEPTH_IOPS[$d]:-n/a} | $(ratio "${DEPTH_IOPS[$d]:-}" "${DEPTH_IOPS[1]:-}") |"
+    done
+    echo
+    echo "Notes:"
+    echo "- fio invalidates the target's page cache before each job; the local file's reads then go to the"
+    echo "  device, while imgfs (layer files, chunk cache) and qsd (qcow2, base.raw) read through the host page cache."
+    echo "- \"after writes\": the region was partly written by the ${RUNTIME}s write phase; imgfs layers held"
+    echo "  ${IMGFS_LAYER_KIB[0]:-?} KiB after the direct=0 suite and ${IMGFS_LAYER_KIB[1]:-?} KiB after both (all VMs)."
+    echo "- chain: 64 MiB of 4K writes at depth 1, 1 MiB more after each snapshot; reads cover the whole 2 GiB"
+    echo "  (mostly base blocks, which check every layer's bitmap)."
+    for t in "${NOTES[@]}"; do echo "- $t"; done
+    echo "- imgfs after the runs: $(awk '/^(cache_hits|cache_misses|read_errors) / { printf "%s %s, ", $1, $2 }' <<<"$IMGFS_STATS" | sed 's/, $//')"
+}
+
+mkdir -p "$RESULTS_DIR"
+OUT=$RESULTS_DIR/vm-$(date -u +%Y-%m-%d).md
+n=1
+while [ -e "$OUT" ]; do
+    n=$((n + 1))
+    OUT=$RESULTS_DIR/vm-$(date -u +%Y-%m-%d)-$n.md
+done
+report | tee "$OUT"
+log "report written to $OUT"
