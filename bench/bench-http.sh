@@ -227,7 +227,9 @@ http {
 }
 EOF
 : >"$WORK/access.log"
-ip netns exec "$NS" nginx -c "$WORK/nginx.conf" >"$WORK/nginx/stdout.log" 2>&1 &
+# nsenter joins only the network namespace: "ip netns exec" would also give
+# nginx a private copy of every mount, which keeps unmounted FUSE daemons alive.
+nsenter --net="/run/netns/$NS" nginx -c "$WORK/nginx.conf" >"$WORK/nginx/stdout.log" 2>&1 &
 NGINX_PID=$!
 for i in $(seq 50); do
     curl -s --noproxy '*' -o /dev/null "$BASE_URL/imgfs-repo" && break
