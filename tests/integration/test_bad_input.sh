@@ -58,7 +58,7 @@ if qemu-img create -q -f qcow2 "$T/huge.qcow2" 4P 2>/dev/null; then
 fi
 expect_error "imgfsctl unknown subcommand" "$IMGFSCTL" frobnicate
 expect_error "imgfsctl status of a directory that is not a mount" "$IMGFSCTL" status "$T/emptydir"
-for sub in publish status versions; do
+for sub in publish status versions vm precopy unpin trace list; do
     "$IMGFSCTL" "$sub" --help | grep -q "usage: imgfsctl $sub" || fail "imgfsctl $sub --help"
 done
 ok "every imgfsctl subcommand answers --help"
