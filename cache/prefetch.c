@@ -31,6 +31,7 @@ struct job {
     uint64_t count;
     uint64_t rate;                /* bytes/s, 0 = unlimited */
     struct prefetch_marks *marks; /* replay only */
+    atomic_uint_fast64_t *account; /* where fetched bytes are added up, or NULL */
     atomic_uint_fast64_t next;    /* next position to hand out */
     atomic_uint_fast64_t done;
     atomic_uint_fast64_t bytes;
@@ -125,6 +126,10 @@ static void *job_worker_main(struct prefetcher *pf, struct job *j)
         if (!chunk_hash_is_null(hash) && !cache_contains(pf->cache, hash)) {
             struct cache_pin pin;
             bool hit = false;
+            /* Marked before the fetch, so that a guest read that waits for
+             * this transfer still counts as served by the prefetch. */
+            if (j->marks)
+                atomic_store(&j->marks->brought[index], 1);
             if (fetch_acquire_ex(pf->fetcher, hash, m->chunk_size, NULL, &pin, &hit) != 0) {
                 atomic_store(&j->failed, true);
                 pthread_mutex_lock(&pf->lock);
@@ -133,10 +138,12 @@ static void *job_worker_main(struct prefetcher *pf, struct job *j)
                 pthread_mutex_unlock(&pf->lock);
             } else {
                 fetch_release(pf->fetcher, &pin);
+                if (hit && j->marks) /* somebody else brought it */
+                    atomic_store(&j->marks->brought[index], 0);
                 if (!hit) {
                     uint64_t bytes = atomic_fetch_add(&j->bytes, m->chunk_size) + m->chunk_size;
-                    if (j->marks)
-                        atomic_store(&j->marks->brought[index], 1);
+                    if (j->account)
+                        atomic_fetch_add(j->account, m->chunk_size);
                     if (j->rate) /* pace to the rate since the job started */
                         sleep_until(j->started_ns + (uint64_t)((double)bytes / (double)j->rate * 1e9));
                 }
@@ -266,6 +273,7 @@ int prefetch_replay(struct prefetcher *pf, struct repo *repo, const struct manif
     marks->brought = brought;
     atomic_store(&marks->replay_active, true); /* readers may use brought from here on */
     j->marks = marks;
+    j->account = &marks->bytes_prefetched;
     j->repo = repo;
     snprintf(j->list_name, sizeof(j->list_name), "%s", list_name);
     return start_job(pf, j);
@@ -281,6 +289,7 @@ int prefetch_background(struct prefetcher *pf, const struct manifest *m, uint64_
         return -ENOMEM;
     j->rate = rate;
     j->loaded = true;
+    j->account = &marks->bytes_prefetched;
     log_info("background fill of %s@%" PRIu64 " at %" PRIu64 " bytes/s", m->name, m->version, rate);
     return start_job(pf, j);
 }
@@ -327,7 +336,8 @@ static void hold_text(struct prefetcher *pf, const char *text, bool hold)
 }
 
 int prefetch_precopy(struct prefetcher *pf, const char *key, const struct manifest *m,
-                     const struct chunk_list *list, uint64_t rate, char *err, size_t errlen)
+                     const struct chunk_list *list, uint64_t rate, struct prefetch_marks *marks, char *err,
+                     size_t errlen)
 {
     char path[PATH_MAX];
     if (pin_path(pf, key, path, sizeof(path)) != 0) {
@@ -347,6 +357,7 @@ int prefetch_precopy(struct prefetcher *pf, const char *key, const struct manife
     }
     j->loaded = true;
     j->rate = rate;
+    j->account = &marks->bytes_prefetched;
     snprintf(j->key, sizeof(j->key), "%s", key);
     /* The pin set is written first, so nothing fetched can be evicted and
      * an interrupted pre-copy is still pinned when it is resumed. */

@@ -97,7 +97,7 @@ static int start_precopy(struct imgfs *fs, char **f, char *err, size_t errlen)
             return rc;
         }
     }
-    int rc = prefetch_precopy(fs->prefetcher, key, v->manifest, list, rate, err, errlen);
+    int rc = prefetch_precopy(fs->prefetcher, key, v->manifest, list, rate, &v->marks, err, errlen);
     list_free(list);
     return rc;
 }

@@ -78,6 +78,7 @@ static int render_version(void *ctx, const struct node *n)
                 "chunks_zero       %" PRIu64 "\n"
                 "chunks_resident   %" PRIu64 "/%" PRIu64 "\n"
                 "bytes_fetched     %" PRIu64 "\n"
+                "bytes_prefetched  %" PRIu64 "\n"
                 "cache_hits        %" PRIu64 "\n"
                 "cache_misses      %" PRIu64 "\n"
                 "verify_failures   %" PRIu64 "\n"
@@ -87,6 +88,7 @@ static int render_version(void *ctx, const struct node *n)
                 "prefetch_misses   %" PRIu64 "\n",
                 m->name, m->version, n->name, id, m->size, m->chunk_size, m->chunk_count,
                 m->chunk_count - stored, resident, stored, (uint64_t)atomic_load(&c->bytes_fetched),
+                (uint64_t)atomic_load(&n->version->marks.bytes_prefetched),
                 (uint64_t)atomic_load(&c->hits), (uint64_t)atomic_load(&c->misses),
                 (uint64_t)atomic_load(&c->verify_failures), (uint64_t)atomic_load(&c->errors),
                 (uint64_t)atomic_load(&n->version->marks.list_done), (uint64_t)atomic_load(&n->version->marks.list_total),

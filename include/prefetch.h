@@ -39,6 +39,7 @@ struct prefetch_marks {
     atomic_uint_fast64_t list_done;
     atomic_uint_fast64_t hits;   /* guest reads served by a chunk that replay brought */
     atomic_uint_fast64_t misses; /* guest reads that had to fetch while a list was known */
+    atomic_uint_fast64_t bytes_prefetched; /* fetched by replay, pre-copy and background fill */
 };
 
 struct job_status {
@@ -71,7 +72,8 @@ void prefetch_note_read(struct prefetch_marks *marks, uint64_t index, bool was_h
  * rate in bytes per second, 0 for unlimited. A job already running under
  * key is left alone. */
 int prefetch_precopy(struct prefetcher *pf, const char *key, const struct manifest *m,
-                     const struct chunk_list *list, uint64_t rate, char *err, size_t errlen);
+                     const struct chunk_list *list, uint64_t rate, struct prefetch_marks *marks, char *err,
+                     size_t errlen);
 int prefetch_status(struct prefetcher *pf, const char *key, struct job_status *out);
 /* Releases a pin set (and stops its job). -ENOENT if there is none. */
 int prefetch_unpin(struct prefetcher *pf, const char *key);
