@@ -163,7 +163,6 @@ static uint32_t fs_block_size(const char *fs_img)
 struct reader {
     struct repo *repo;
     const struct manifest *m;
-    unsigned char *chunk;
     int calls;
     int fail; /* make every read fail with EIO */
 };
@@ -171,36 +170,10 @@ struct reader {
 static int repo_read(void *ctx, void *buf, size_t len, uint64_t off)
 {
     struct reader *r = ctx;
-    const struct manifest *m = r->m;
     r->calls++;
     if (r->fail)
         return -EIO;
-    if (off > m->size || len > m->size - off)
-        return -EINVAL;
-    unsigned char *p = buf;
-    while (len) {
-        uint64_t idx = off / m->chunk_size;
-        size_t in = (size_t)(off % m->chunk_size);
-        size_t n = m->chunk_size - in < len ? m->chunk_size - in : len;
-        if (chunk_hash_is_null(&m->chunks[idx])) {
-            memset(p, 0, n);
-        } else {
-            char *enc = NULL;
-            size_t enc_len = 0;
-            int rc = repo_get_chunk(r->repo, &m->chunks[idx], m->chunk_size, 0, &enc, &enc_len, NULL);
-            if (rc < 0)
-                return rc;
-            rc = chunkfmt_decode(enc, enc_len, r->chunk, m->chunk_size, &m->chunks[idx]);
-            free(enc);
-            if (rc < 0)
-                return rc;
-            memcpy(p, r->chunk + in, n);
-        }
-        p += n;
-        off += n;
-        len -= n;
-    }
-    return 0;
+    return repo_read_range(r->repo, r->m, buf, len, off);
 }
 
 struct published {
@@ -223,13 +196,11 @@ static int publish(const char *disk, const char *name, uint32_t cs, struct publi
     }
     pub->rd.repo = pub->repo;
     pub->rd.m = pub->m;
-    pub->rd.chunk = malloc(cs);
     return 0;
 }
 
 static void unpublish(struct published *pub)
 {
-    free(pub->rd.chunk);
     manifest_free(pub->m);
     repo_close(pub->repo);
 }
