@@ -65,13 +65,14 @@ with open(path, "wb") as f:
 PY
 }
 
-# mount_imgfs REPO MNT [EXTRA -o OPTIONS]: mounts in the foreground mode in
-# the background, so the daemon's stderr (and any sanitizer report) is kept.
+# mount_imgfs REPO MNT [EXTRA -o OPTIONS] [CACHE DIR]: mounts in the
+# foreground mode in the background, so the daemon's stderr (and any
+# sanitizer report) is kept. The cache is $T/cache unless given.
 mount_imgfs() {
-    local repo=$1 mnt=$2 extra=${3:-}
-    mkdir -p "$mnt" "$T/cache"
+    local repo=$1 mnt=$2 extra=${3:-} cache=${4:-$T/cache}
+    mkdir -p "$mnt" "$cache"
     local log="$T/imgfs.$(basename "$mnt").$RANDOM.log"
-    local opts="cache=$T/cache"
+    local opts="cache=$cache"
     [ -n "$extra" ] && opts="$opts,$extra"
     "$IMGFS" "$repo" "$mnt" -f -o "$opts" 2>"$log" &
     local pid=$!
@@ -85,6 +86,22 @@ mount_imgfs() {
     done
     fail "imgfs did not mount $mnt within 10 s"
 }
+
+# put OFFSET LEN SEED FILE...: the same pseudo-random bytes into each FILE.
+put() {
+    local off=$1 len=$2 seed=$3
+    shift 3
+    python3 -c "import random, sys; sys.stdout.buffer.write(random.Random($seed).randbytes($len))" > "$T/piece"
+    for f in "$@"; do
+        dd if="$T/piece" of="$f" bs=1M seek="$off" oflag=seek_bytes conv=notrunc status=none ||
+            fail "cannot write $len bytes at $off to $f"
+    done
+}
+
+# same FILE REFERENCE WHAT: fails with WHAT unless the two files are equal.
+same() { cmp "$1" "$2" > "$T/cmp.out" 2>&1 || { cat "$T/cmp.out"; fail "$3"; }; }
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 # Fails the test when the daemon's log holds a sanitizer report.
 check_daemon_log() {

@@ -9,17 +9,6 @@
 M=$T/mnt
 S=$T/state
 mkdir -p "$S"
-put() { # put OFFSET LEN SEED FILE...: the same pseudo-random bytes into each FILE
-    local off=$1 len=$2 seed=$3
-    shift 3
-    python3 -c "import random, sys; sys.stdout.buffer.write(random.Random($seed).randbytes($len))" > "$T/piece"
-    for f in "$@"; do
-        dd if="$T/piece" of="$f" bs=1M seek="$off" oflag=seek_bytes conv=notrunc status=none ||
-            fail "cannot write $len bytes at $off to $f"
-    done
-}
-same() { cmp "$1" "$2" > "$T/cmp.out" 2>&1 || { cat "$T/cmp.out"; fail "$3"; }; }
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 layer_files() { find "$S/layers" -type f | wc -l; }
 mnt() { mount_imgfs "$T/repo" "$M" "state=$S,refresh=0.01"; }
 base_of() { stat_value "$M" "vm $1" base; }

@@ -10,34 +10,8 @@ A=$T/hostA
 B=$T/hostB
 mkdir -p "$T/cacheA" "$T/cacheB" "$T/stateA" "$T/stateB"
 
-# mount_host REPO MNT CACHE STATE: like mount_imgfs, with a cache of its own.
-mount_host() {
-    local repo=$1 mnt=$2 cache=$3 state=$4
-    mkdir -p "$mnt"
-    local log="$T/imgfs.$(basename "$mnt").$RANDOM.log"
-    "$IMGFS" "$repo" "$mnt" -f -o "cache=$cache,state=$state,refresh=0.01" 2> "$log" &
-    local pid=$!
-    DAEMON_PID[$mnt]=$pid
-    DAEMON_LOG[$mnt]=$log
-    MOUNTS+=("$mnt")
-    for _ in $(seq 1 200); do
-        mountpoint -q "$mnt" && return 0
-        kill -0 "$pid" 2> /dev/null || { cat "$log" >&2; fail "imgfs exited before mounting $mnt"; }
-        sleep 0.05
-    done
-    fail "imgfs did not mount $mnt within 10 s"
-}
-put() { # put OFFSET LEN SEED FILE...: the same pseudo-random bytes into each FILE
-    local off=$1 len=$2 seed=$3
-    shift 3
-    python3 -c "import random, sys; sys.stdout.buffer.write(random.Random($seed).randbytes($len))" > "$T/piece"
-    for f in "$@"; do
-        dd if="$T/piece" of="$f" bs=1M seek="$off" oflag=seek_bytes conv=notrunc status=none ||
-            fail "cannot write $len bytes at $off to $f"
-    done
-}
-same() { cmp "$1" "$2" > "$T/cmp.out" 2>&1 || { cat "$T/cmp.out"; fail "$3"; }; }
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# mount_host REPO MNT CACHE STATE: a host with a cache and state of its own.
+mount_host() { mount_imgfs "$1" "$2" "state=$4,refresh=0.01" "$3"; }
 # What host B holds: VMs shown, VM files and layer files in its state.
 b_state() { echo "$(ls "$B/vms" | tr '\n' ' ')| $(ls "$T/stateB/vms" | wc -l) vm files | $(ls "$T/stateB/layers" | wc -l) layer files"; }
 

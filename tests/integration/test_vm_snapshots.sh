@@ -15,19 +15,6 @@ mount_imgfs "$T/repo" "$M" "state=$S"
 
 # put OFFSET LEN SEED FILE...: writes the same LEN pseudo-random bytes at
 # OFFSET into every FILE (VM disks and their shadow copies).
-put() {
-    local off=$1 len=$2 seed=$3
-    shift 3
-    python3 -c "import random, sys; sys.stdout.buffer.write(random.Random($seed).randbytes($len))" > "$T/piece"
-    for f in "$@"; do
-        dd if="$T/piece" of="$f" bs=1M seek="$off" oflag=seek_bytes conv=notrunc status=none ||
-            fail "cannot write $len bytes at $off to $f"
-    done
-}
-same() { # same FILE REFERENCE WHAT
-    cmp "$1" "$2" > "$T/cmp.out" 2>&1 || { cat "$T/cmp.out"; fail "$3"; }
-}
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 layer_files() { find "$S/layers" -type f | wc -l; }
 # refuse PATTERN WHAT CMD...: like expect_error, and the one-line message
 # must match PATTERN (it says why).

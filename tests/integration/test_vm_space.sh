@@ -33,6 +33,8 @@ zero_shadow() {
 # is_zero FILE OFF LEN
 is_zero() { cmp -n "$3" -i "$2:0" "$1" /dev/zero > /dev/null; }
 # same FILE SHADOW WHAT: whole-file comparison, also after dropping caches.
+# Unlike lib.sh's same: compares through the page cache and again after
+# dropping it.
 same() {
     cmp "$1" "$2" || fail "$3: VM differs from the shadow (page cache)"
     echo 3 > /proc/sys/vm/drop_caches
