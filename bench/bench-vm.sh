@@ -11,7 +11,9 @@
 #   2. 4 KiB random I/O with fio (psync, 1 job, time based), buffered (direct=0)
 #      and O_DIRECT (direct=1), on
 #        local  the full raw copy of the base from step 1
-#        imgfs  MNT/vms/VM.raw on the base (a fresh VM per direct mode)
+#        imgfs  MNT/vms/VM.raw on the base (a fresh VM per direct mode), with
+#               the default -o vm_cache=direct
+#        imgfswb the same on a second daemon with -o vm_cache=writeback
 #        qsd    a qcow2 overlay on base.raw (fresh per direct mode), exported
 #               by qemu-storage-daemon as a FUSE file, writable
 #      for each: randwrite over 0-1 GiB with fsync every 32 writes, then
@@ -185,8 +187,7 @@ CP_SYNC_TIME=$(elapsed "$t0")
 # ---- 2. 4K random I/O ------------------------------------------------------------
 declare -A R # R[target,test,direct] = IOPS
 TESTS=(write read-written read-base)
-TARGETS=(local imgfs qsd)
-declare -A TARGET_LABEL=([local]="local raw" [imgfs]="imgfs VM" [qsd]="qcow2 via qsd FUSE")
+TARGETS=(local imgfs imgfswb qsd)
 NOTES=()
 IMGFS_LAYER_KIB=()
 
@@ -200,6 +201,16 @@ io_suite() { # target file direct
     R[$tg,read-base,$d]=$(run_fio "$tg-readb-d$d" "$f" randread "$d" 1G 1G)
     log "$tg direct=$d: write ${R[$tg,write,$d]}, read written ${R[$tg,read-written,$d]}, read base ${R[$tg,read-base,$d]} IOPS"
 }
+
+# A second daemon with -o vm_cache=writeback, its own cache (warmed) and state.
+MNT_WB=$WORK/mnt-wb
+mkdir -p "$MNT_WB" "$WORK/cache-wb" "$WORK/state-wb"
+"$IMGFS" "$WORK/repo" "$MNT_WB" -f -o "cache=$WORK/cache-wb,state=$WORK/state-wb,vm_cache=writeback" \
+    >"$WORK/imgfs-wb.log" 2>&1 &
+PIDS+=("$!")
+MOUNTS+=("$MNT_WB")
+wait_mounted "$MNT_WB" 10 || die "imgfs (vm_cache=writeback) did not mount: $(tail -n 2 "$WORK/imgfs-wb.log")"
+cmp "$MNT_WB/bases/base.raw" "$BASE" || die "bases/base.raw (vm_cache=writeback) differs from the published image."
 
 QSD_PID=
 qsd_start() { # overlay export
@@ -225,6 +236,9 @@ for d in 0 1; do
     "$IMGFSCTL" vm create "$MNT" "io$d" --base base >/dev/null || die "imgfsctl vm create io$d failed."
     io_suite imgfs "$MNT/vms/io$d.raw" "$d"
     IMGFS_LAYER_KIB[$d]=$(($(du -B1 "$WORK/state/layers" -c 2>/dev/null | tail -n1 | cut -f1) / 1024))
+
+    "$IMGFSCTL" vm create "$MNT_WB" "io$d" --base base >/dev/null || die "imgfsctl vm create io$d (writeback) failed."
+    io_suite imgfswb "$MNT_WB/vms/io$d.raw" "$d"
 
     qemu-img create -q -f qcow2 -b "$BASE" -F raw "$WORK/ovl$d.qcow2" >/dev/null || die "qemu-img create failed."
     if qsd_start "$WORK/ovl$d.qcow2" "$WORK/export$d.raw"; then
@@ -294,8 +308,8 @@ report() {
     echo
     echo "## 4 KiB random I/O (fio psync, 1 job, ${RUNTIME}s each, IOPS)"
     echo
-    echo "| test | direct | local raw | imgfs VM | imgfs/local | qcow2 via qsd FUSE | qsd/local |"
-    echo "|---|---:|---:|---:|---:|---:|---:|"
+    echo "| test | direct | local raw | imgfs VM | imgfs/local | imgfs vm_cache=writeback | wb/local | qcow2 via qsd FUSE | qsd/local |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     for d in 0 1; do
         for t in "${TESTS[@]}"; do
             case $t in
@@ -303,8 +317,9 @@ report() {
             read-written) label="randread 0-1G after writes" ;;
             read-base) label="randread 1-2G (base only)" ;;
             esac
-            printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$d" "${R[local,$t,$d]}" \
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$d" "${R[local,$t,$d]}" \
                 "${R[imgfs,$t,$d]}" "$(ratio "${R[imgfs,$t,$d]}" "${R[local,$t,$d]}")" \
+                "${R[imgfswb,$t,$d]}" "$(ratio "${R[imgfswb,$t,$d]}" "${R[local,$t,$d]}")" \
                 "${R[qsd,$t,$d]}" "$(ratio "${R[qsd,$t,$d]}" "${R[local,$t,$d]}")"
         done
     done

@@ -260,11 +260,7 @@ int cache_open(const char *dir, struct cache **out, char *err, size_t errlen)
     for (int i = 0; i < SHARD_COUNT; i++) {
         struct shard *s = &cache->shards[i];
         pthread_mutex_init(&s->lock, NULL);
-        pthread_condattr_t attr;
-        pthread_condattr_init(&attr);
-        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-        pthread_cond_init(&s->changed, &attr);
-        pthread_condattr_destroy(&attr);
+        cond_init_monotonic(&s->changed);
         s->bucket_count = INITIAL_BUCKETS;
         s->buckets = calloc(s->bucket_count, sizeof(*s->buckets));
         if (!s->buckets) {
@@ -356,9 +352,7 @@ static int open_and_verify(struct cache *cache, struct cache_entry *e, uint32_t 
 
 static int wait_until(struct shard *s, uint64_t deadline_ns)
 {
-    struct timespec ts = {(time_t)(deadline_ns / 1000000000ull), (long)(deadline_ns % 1000000000ull)};
-    int rc = pthread_cond_timedwait(&s->changed, &s->lock, &ts);
-    return rc == ETIMEDOUT ? -ETIMEDOUT : 0;
+    return cond_wait_until(&s->changed, &s->lock, deadline_ns) == ETIMEDOUT ? -ETIMEDOUT : 0;
 }
 
 /* Forgets the on-disk copy of an entry that was counted as resident. */
@@ -381,6 +375,7 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
         pthread_mutex_unlock(&s->lock);
         return -ENOMEM;
     }
+    pin->waited = false;
     for (;;) {
         if (e->state == ENTRY_RESIDENT && e->fd >= 0) {
             e->last_use = atomic_fetch_add(&cache->clock, 1);
@@ -434,6 +429,7 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
             return rc;
         }
         /* ENTRY_BUSY: somebody else is filling or verifying it. */
+        pin->waited = true;
         if (wait_until(s, deadline_ns) == -ETIMEDOUT && e->state == ENTRY_BUSY) {
             pthread_mutex_unlock(&s->lock);
             return -ETIMEDOUT;

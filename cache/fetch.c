@@ -28,6 +28,11 @@ struct fetcher {
     pthread_mutex_t error_lock;
     char last_error[256];
     uint64_t last_error_ns;
+    /* demand_fetching (guest reads fetching now) is guarded by demand_lock;
+     * demand_idle is signalled when it drops to zero. */
+    pthread_mutex_t demand_lock;
+    pthread_cond_t demand_idle;
+    int demand_fetching;
 };
 
 int fetcher_create(struct cache *cache, struct repo *repo, const struct fetch_options *opts,
@@ -42,6 +47,8 @@ int fetcher_create(struct cache *cache, struct repo *repo, const struct fetch_op
     if (f->opts.timeout_seconds <= 0)
         f->opts.timeout_seconds = FETCH_DEFAULT_TIMEOUT;
     pthread_mutex_init(&f->error_lock, NULL);
+    pthread_mutex_init(&f->demand_lock, NULL);
+    cond_init_monotonic(&f->demand_idle);
     *out = f;
     return 0;
 }
@@ -51,6 +58,8 @@ void fetcher_destroy(struct fetcher *f)
     if (!f)
         return;
     pthread_mutex_destroy(&f->error_lock);
+    pthread_mutex_destroy(&f->demand_lock);
+    pthread_cond_destroy(&f->demand_idle);
     free(f);
 }
 
@@ -140,8 +149,17 @@ int fetch_acquire(struct fetcher *f, const struct chunk_hash *hash, uint32_t chu
     return fetch_acquire_ex(f, hash, chunk_size, counters, pin, NULL);
 }
 
-int fetch_acquire_ex(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
-                     struct fetch_counters *counters, struct cache_pin *pin, bool *hit)
+static void count_demand(struct fetcher *f, int delta)
+{
+    pthread_mutex_lock(&f->demand_lock);
+    f->demand_fetching += delta;
+    if (f->demand_fetching == 0)
+        pthread_cond_broadcast(&f->demand_idle);
+    pthread_mutex_unlock(&f->demand_lock);
+}
+
+static int acquire(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
+                   struct fetch_counters *counters, struct cache_pin *pin, bool *hit, bool demand)
 {
     uint64_t deadline = now_ns() + (uint64_t)(f->opts.timeout_seconds * 1e9);
     int rc = cache_acquire(f->cache, hash, chunk_size, deadline, pin);
@@ -149,7 +167,7 @@ int fetch_acquire_ex(struct fetcher *f, const struct chunk_hash *hash, uint32_t 
         *hit = rc == CACHE_HIT;
     if (rc == CACHE_HIT) {
         if (counters)
-            atomic_fetch_add(&counters->hits, 1);
+            atomic_fetch_add(pin->waited ? &counters->waits : &counters->hits, 1);
         return 0;
     }
     if (rc < 0) {
@@ -163,7 +181,11 @@ int fetch_acquire_ex(struct fetcher *f, const struct chunk_hash *hash, uint32_t 
         cache_abandon(f->cache, pin);
         goto failed;
     }
+    if (demand)
+        count_demand(f, 1);
     rc = fetch_into(f, hash, chunk_size, data, deadline, counters);
+    if (demand)
+        count_demand(f, -1);
     if (rc == 0) {
         rc = cache_fill(f->cache, pin, data, chunk_size);
         if (rc == -ENOSPC || rc == -EDQUOT) {
@@ -189,6 +211,28 @@ failed:
     if (counters)
         atomic_fetch_add(&counters->errors, 1);
     return -EIO;
+}
+
+int fetch_acquire_ex(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
+                     struct fetch_counters *counters, struct cache_pin *pin, bool *hit)
+{
+    return acquire(f, hash, chunk_size, counters, pin, hit, true);
+}
+
+int fetch_acquire_background(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
+                             struct cache_pin *pin, bool *hit)
+{
+    return acquire(f, hash, chunk_size, NULL, pin, hit, false);
+}
+
+void fetch_yield_to_demand(struct fetcher *f, const atomic_bool *stop)
+{
+    pthread_mutex_lock(&f->demand_lock);
+    while (f->demand_fetching > 0 && !atomic_load(stop)) {
+        /* Bounded waits, so that a stop is seen within 100 ms. */
+        cond_wait_until(&f->demand_idle, &f->demand_lock, now_ns() + 100 * 1000 * 1000);
+    }
+    pthread_mutex_unlock(&f->demand_lock);
 }
 
 void fetch_release(struct fetcher *f, struct cache_pin *pin)

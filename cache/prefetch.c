@@ -30,6 +30,7 @@ struct job {
     uint64_t *indices;            /* owned */
     uint64_t count;
     uint64_t rate;                /* bytes/s, 0 = unlimited */
+    uint64_t ahead_chunks;        /* replay: bound on the lead over the guest, 0 = none */
     struct prefetch_marks *marks; /* replay only */
     atomic_uint_fast64_t *account; /* where fetched bytes are added up, or NULL */
     atomic_uint_fast64_t next;    /* next position to hand out */
@@ -93,6 +94,8 @@ static void load_list(struct prefetcher *pf, struct job *j)
         j->indices = list->chunks;
         j->count = list->count;
         list->chunks = NULL;
+        for (uint64_t pos = j->count; pos-- > 0;) /* the first occurrence wins */
+            atomic_store(&j->marks->list_pos[j->indices[pos]], (uint32_t)(pos + 1));
         atomic_store(&j->marks->list_total, j->count);
         log_info("replaying prefetch list %s of %s@%" PRIu64 " (%" PRIu64 " chunks)", j->list_name, j->m->name,
                  j->m->version, j->count);
@@ -104,6 +107,16 @@ static void load_list(struct prefetcher *pf, struct job *j)
         pthread_mutex_unlock(&pf->lock);
     }
     list_free(list);
+}
+
+/* Replay: waits until list position pos is within the allowed lead over
+ * the guest (or the job is stopped). */
+static void wait_for_guest(struct job *j, uint64_t pos)
+{
+    if (!j->marks || !j->ahead_chunks)
+        return;
+    while (!atomic_load(&j->stop) && pos >= atomic_load(&j->marks->guest_pos) + j->ahead_chunks)
+        sleep_until(now_ns() + 5 * 1000 * 1000);
 }
 
 static void *job_worker_main(struct prefetcher *pf, struct job *j)
@@ -126,11 +139,15 @@ static void *job_worker_main(struct prefetcher *pf, struct job *j)
         if (!chunk_hash_is_null(hash) && !cache_contains(pf->cache, hash)) {
             struct cache_pin pin;
             bool hit = false;
+            wait_for_guest(j, pos);
+            fetch_yield_to_demand(pf->fetcher, &j->stop);
+            if (atomic_load(&j->stop))
+                break;
             /* Marked before the fetch, so that a guest read that waits for
              * this transfer still counts as served by the prefetch. */
             if (j->marks)
                 atomic_store(&j->marks->brought[index], 1);
-            if (fetch_acquire_ex(pf->fetcher, hash, m->chunk_size, NULL, &pin, &hit) != 0) {
+            if (fetch_acquire_background(pf->fetcher, hash, m->chunk_size, &pin, &hit) != 0) {
                 atomic_store(&j->failed, true);
                 pthread_mutex_lock(&pf->lock);
                 snprintf(j->error, sizeof(j->error), "chunk %" PRIu64 " of %s@%" PRIu64 " could not be fetched",
@@ -256,21 +273,26 @@ void prefetcher_destroy(struct prefetcher *pf)
 }
 
 int prefetch_replay(struct prefetcher *pf, struct repo *repo, const struct manifest *m, const char *list_name,
-                    struct prefetch_marks *marks)
+                    uint64_t ahead, struct prefetch_marks *marks)
 {
     bool expected = false;
     if (!atomic_compare_exchange_strong(&marks->replay_started, &expected, true))
         return 0; /* one replay per version and mount */
     struct chunk_list none = {0};
     struct job *j = new_job(m, &none, REPLAY_WORKERS);
-    _Atomic uint8_t *brought = calloc(m->chunk_count ? m->chunk_count : 1, sizeof(*brought));
-    if (!j || !brought) {
+    size_t slots = m->chunk_count ? m->chunk_count : 1;
+    _Atomic uint8_t *brought = calloc(slots, sizeof(*brought));
+    _Atomic uint32_t *list_pos = calloc(slots, sizeof(*list_pos));
+    if (!j || !brought || !list_pos) {
         free(brought);
+        free(list_pos);
         if (j)
             free_job(j);
         return -ENOMEM;
     }
     marks->brought = brought;
+    marks->list_pos = list_pos;
+    j->ahead_chunks = ahead ? (ahead + m->chunk_size - 1) / m->chunk_size : 0;
     atomic_store(&marks->replay_active, true); /* readers may use brought from here on */
     j->marks = marks;
     j->account = &marks->bytes_prefetched;
@@ -298,6 +320,10 @@ void prefetch_note_read(struct prefetch_marks *marks, uint64_t index, bool was_h
 {
     if (!atomic_load(&marks->replay_active))
         return;
+    uint64_t reached = atomic_load(&marks->list_pos[index]);
+    uint64_t seen = atomic_load(&marks->guest_pos);
+    while (reached > seen && !atomic_compare_exchange_weak(&marks->guest_pos, &seen, reached))
+        ;
     if (!was_hit)
         atomic_fetch_add(&marks->misses, 1);
     else if (atomic_exchange(&marks->brought[index], 0))

@@ -112,7 +112,16 @@ static void reply_entry(fuse_req_t req, const struct node *n)
 
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
-    (void)userdata;
+    struct imgfs *fs = userdata;
+    /* Only VM files are ever written through the page cache (bases and
+     * snapshots refuse writers, status files are direct), so the writeback
+     * cache concerns VM disks alone. */
+    if (fs->opts->vm_writeback) {
+        if (conn->capable & FUSE_CAP_WRITEBACK_CACHE)
+            conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+        else
+            log_warn("vm_cache=writeback: the kernel has no FUSE writeback cache; VM writes go through");
+    }
     /* Serve reads straight from cache and layer files with splice(2). */
     if (conn->capable & FUSE_CAP_SPLICE_WRITE)
         conn->want |= FUSE_CAP_SPLICE_WRITE;
@@ -449,13 +458,20 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         /* The base's recorded working set goes ahead of the guest. */
         if (vm->live.base && strcmp(fs->opts->prefetch, "none") != 0)
             prefetch_replay(fs->prefetcher, fs->repo, vm->live.base->manifest, fs->opts->prefetch,
-                            vm->live.base->marks);
+                            fs->opts->prefetch_ahead, vm->live.base->marks);
         if (vm->live.base && fs->opts->background_rate)
             prefetch_background(fs->prefetcher, vm->live.base->manifest, fs->opts->background_rate,
                                 vm->live.base->marks);
-        /* Every change to a VM disk passes through this kernel, so its page
-         * cache stays right and may be kept across opens. */
-        fi->keep_cache = 1;
+        if (fs->opts->vm_writeback) {
+            /* Every change to a VM disk passes through this kernel, so its
+             * page cache stays right and may be kept across opens. */
+            fi->keep_cache = 1;
+        } else {
+            /* Each request goes to us as it is: no readahead of a guest's
+             * random reads, and no attribute round trip before every write
+             * (the kernel asks for the size before each write-through). */
+            fi->direct_io = 1;
+        }
         fuse_reply_open(req, fi);
         return;
     }
@@ -639,7 +655,21 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
         fuse_reply_err(req, EINVAL);
         return;
     }
+    /* A disk does not grow: a write that starts past the end fails, one
+     * that crosses it is cut there (a short write, as on a block device).
+     * The writeback cache ignores short writes, so there the part inside is
+     * kept and the error is reported, on fsync or close. */
+    uint64_t disk_size = n->vm->live.size;
+    if ((uint64_t)off >= disk_size) {
+        fuse_reply_err(req, ENOSPC);
+        return;
+    }
+    bool cut = size > disk_size - (uint64_t)off;
+    if (cut)
+        size = (size_t)(disk_size - (uint64_t)off);
     int rc = vm_write(n->vm, fs->fetcher, buf, size, (uint64_t)off);
+    if (!rc && cut && fs->opts->vm_writeback)
+        rc = -ENOSPC;
     if (rc)
         fuse_reply_err(req, -rc);
     else

@@ -22,11 +22,13 @@ struct raw_options {
     char *stall_timeout;
     char *cache_size;
     char *prefetch;
+    char *prefetch_ahead;
     char *background;
     char *proxy;
     char *mirrors[8];
     int mirror_count;
     int offline;
+    char *vm_cache;
     int show_help;
     int show_version;
     int foreground;
@@ -48,10 +50,12 @@ static const struct fuse_opt option_spec[] = {
     OPT("connect_timeout=%s", connect_timeout),
     OPT("cache_size=%s", cache_size),
     OPT("prefetch=%s", prefetch),
+    OPT("prefetch_ahead=%s", prefetch_ahead),
     OPT("background=%s", background),
     OPT("stall_timeout=%s", stall_timeout),
     OPT("proxy=%s", proxy),
     OPT("offline", offline),
+    OPT("vm_cache=%s", vm_cache),
     FUSE_OPT_KEY("mirror=", KEY_MIRROR),
     FUSE_OPT_KEY("-h", KEY_HELP),
     FUSE_OPT_KEY("--help", KEY_HELP),
@@ -125,10 +129,19 @@ static void print_help(void)
            "                      long (default 10)\n"
            "  -o prefetch=none|boot|LIST  the recorded list replayed when a VM disk opens\n"
            "                      (default boot: bases/NAME/V.lists/boot, if published)\n"
+           "  -o prefetch_ahead=SIZE  how far replay may run ahead of the guest's reads\n"
+           "                      in the list (default 64M; 0: no bound)\n"
            "  -o background=RATE  after a base is opened, fetch the rest of it at RATE\n"
            "                      bytes/s (e.g. 2M), one chunk at a time (default off)\n"
            "  -o offline          mount even if the repository is unreachable, serving\n"
            "                      what is cached (index and manifests are kept in the cache)\n"
+           "  -o vm_cache=direct|writeback  how VM disks use the host page cache.\n"
+           "                      direct (default): every read and write reaches imgfs\n"
+           "                      as it is, and the guest does its own caching.\n"
+           "                      writeback: writes collect in the page cache and reach\n"
+           "                      the layer in batches, at the latest on fsync; a write\n"
+           "                      past the end of a disk then fails on fsync or close,\n"
+           "                      not on write(2)\n"
            "  -o threads=N        maximum FUSE worker threads (default 16)\n"
            "  -f                  stay in the foreground (logs to stderr, not syslog)\n"
            "  -d, -o debug        debug logging (implies -f)\n"
@@ -220,6 +233,14 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
         goto out;
     }
     opts->offline = raw.offline;
+    if (!raw.vm_cache || strcmp(raw.vm_cache, "direct") == 0) {
+        opts->vm_writeback = false;
+    } else if (strcmp(raw.vm_cache, "writeback") == 0) {
+        opts->vm_writeback = true;
+    } else {
+        fail("vm_cache=%s is not direct or writeback", raw.vm_cache);
+        goto out;
+    }
     if (raw.background && (parse_size(raw.background, &opts->background_rate) < 0 || !opts->background_rate)) {
         fail("background=%s is not a rate such as 2M", raw.background);
         goto out;
@@ -227,6 +248,11 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
     opts->prefetch = strdup(raw.prefetch ? raw.prefetch : "boot");
     if (!opts->prefetch || !name_is_valid(opts->prefetch)) {
         fail("prefetch=%s is not none, boot or a list name", raw.prefetch ? raw.prefetch : "");
+        goto out;
+    }
+    opts->prefetch_ahead = IMGFS_DEFAULT_PREFETCH_AHEAD;
+    if (raw.prefetch_ahead && parse_size(raw.prefetch_ahead, &opts->prefetch_ahead) < 0) {
+        fail("prefetch_ahead=%s is not a size such as 64M (0: no bound)", raw.prefetch_ahead);
         goto out;
     }
     if (raw.cache_size && (parse_size(raw.cache_size, &opts->cache_size) < 0 || opts->cache_size < (1u << 20))) {
@@ -303,6 +329,8 @@ out:
     free(raw.stall_timeout);
     free(raw.cache_size);
     free(raw.prefetch);
+    free(raw.prefetch_ahead);
+    free(raw.vm_cache);
     free(raw.background);
     free(raw.proxy);
     for (int i = 0; i < raw.mirror_count; i++)

@@ -80,19 +80,22 @@ static int render_version(void *ctx, const struct node *n)
                 "bytes_fetched     %" PRIu64 "\n"
                 "bytes_prefetched  %" PRIu64 "\n"
                 "cache_hits        %" PRIu64 "\n"
+                "cache_waits       %" PRIu64 "\n"
                 "cache_misses      %" PRIu64 "\n"
                 "verify_failures   %" PRIu64 "\n"
                 "read_errors       %" PRIu64 "\n"
                 "prefetch_list     %" PRIu64 "/%" PRIu64 "%s\n"
+                "prefetch_guest_at %" PRIu64 "\n"
                 "prefetch_hits     %" PRIu64 "\n"
                 "prefetch_misses   %" PRIu64 "\n",
                 m->name, m->version, n->name, id, m->size, m->chunk_size, m->chunk_count,
                 m->chunk_count - stored, resident, stored, (uint64_t)atomic_load(&c->bytes_fetched),
                 (uint64_t)atomic_load(&n->version->marks.bytes_prefetched),
-                (uint64_t)atomic_load(&c->hits), (uint64_t)atomic_load(&c->misses),
+                (uint64_t)atomic_load(&c->hits), (uint64_t)atomic_load(&c->waits), (uint64_t)atomic_load(&c->misses),
                 (uint64_t)atomic_load(&c->verify_failures), (uint64_t)atomic_load(&c->errors),
                 (uint64_t)atomic_load(&n->version->marks.list_done), (uint64_t)atomic_load(&n->version->marks.list_total),
                 atomic_load(&n->version->marks.replay_started) ? "" : " (not started)",
+                (uint64_t)atomic_load(&n->version->marks.guest_pos),
                 (uint64_t)atomic_load(&n->version->marks.hits), (uint64_t)atomic_load(&n->version->marks.misses));
     return 0;
 }

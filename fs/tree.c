@@ -61,6 +61,7 @@ void tree_destroy(struct tree *tree)
         struct node *n = tree->nodes[i];
         if (n->version) {
             free((void *)n->version->marks.brought);
+            free((void *)n->version->marks.list_pos);
             manifest_free(n->version->manifest);
             free(n->version);
         }

@@ -35,6 +35,7 @@ struct cache_entry;
 struct cache_pin {
     struct cache_entry *entry; /* NULL for a transient pin (see fetch.h) */
     int fd;                    /* valid while pinned */
+    bool waited;               /* cache_acquire() waited for another caller's fill */
 };
 
 enum cache_acquire_status {

@@ -28,8 +28,9 @@
 
 /* Per-consumer counters (for example one set per base version). */
 struct fetch_counters {
-    atomic_uint_fast64_t hits;
-    atomic_uint_fast64_t misses;
+    atomic_uint_fast64_t hits;   /* the chunk was in the cache */
+    atomic_uint_fast64_t waits;  /* another fetch of it was under way; the read waited */
+    atomic_uint_fast64_t misses; /* this read fetched it */
     atomic_uint_fast64_t bytes_fetched; /* decoded bytes brought into the cache */
     atomic_uint_fast64_t verify_failures;
     atomic_uint_fast64_t errors;
@@ -62,10 +63,20 @@ void fetcher_destroy(struct fetcher *f);
  * -EIO. counters may be NULL. */
 int fetch_acquire(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
                   struct fetch_counters *counters, struct cache_pin *pin);
-/* The same, telling whether the chunk was already in the cache. */
+/* The same, telling whether this caller did not have to fetch it (it was
+ * cached, or another fetch of it was under way). */
 int fetch_acquire_ex(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
                      struct fetch_counters *counters, struct cache_pin *pin, bool *hit);
 void fetch_release(struct fetcher *f, struct cache_pin *pin);
+
+/* Background work (replay, pre-copy, fill) goes behind guest reads: it
+ * fetches with fetch_acquire_background(), which does not count as demand,
+ * and calls fetch_yield_to_demand() before each chunk, which returns once no
+ * demand fetch is under way (or *stop is set). *hit is true when the chunk
+ * needed no fetch by this caller. */
+int fetch_acquire_background(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
+                             struct cache_pin *pin, bool *hit);
+void fetch_yield_to_demand(struct fetcher *f, const atomic_bool *stop);
 
 void fetcher_get_totals(struct fetcher *f, struct fetch_totals *out);
 

@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #define IMGFS_DEFAULT_CACHE_DIR "/var/cache/imgfs"
+#define IMGFS_DEFAULT_PREFETCH_AHEAD (64ull << 20)
 #define IMGFS_DEFAULT_STATE_DIR "/var/lib/imgfs"
 #define IMGFS_DEFAULT_REFRESH_SECONDS 2.0
 
@@ -35,7 +36,9 @@ struct mount_options {
     int mirror_count;
     char *proxy;       /* malloc'd or NULL */
     char *prefetch;    /* malloc'd: "none", "boot" (default) or a list name */
+    uint64_t prefetch_ahead; /* bytes of list replay may lead the guest by, 0: no bound */
     bool offline;
+    bool vm_writeback;  /* VM disks use the kernel's writeback cache; else direct I/O */
     double refresh_seconds;
     bool foreground;
     bool debug;

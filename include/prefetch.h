@@ -3,7 +3,11 @@
  * or lists, which also pins what it fetched.
  *
  * A job walks a list of chunk indices of one base version in order with a
- * few worker threads, skipping chunks that are cached already. Replay marks
+ * few worker threads, skipping chunks that are cached already. Every job
+ * stands aside while a guest read is fetching (fetch_yield_to_demand), and
+ * replay stays at most `ahead` bytes of list ahead of the furthest list
+ * chunk the guest has read, so it does not run far past a guest that has
+ * stopped or taken another path. Replay marks
  * the chunks it brought in, so that a guest read of one counts as a prefetch
  * hit. Pre-copy is rate-limited and records its pin set in
  * CACHE/pins/KEY (one chunk hash per line, written before the fetching
@@ -35,6 +39,9 @@ struct prefetch_marks {
     atomic_bool replay_started; /* claimed by the one replay of this version */
     atomic_bool replay_active;  /* published after brought is set */
     atomic_bool background_started;
+    _Atomic uint32_t *list_pos; /* per chunk: 1 + its position in the replayed list, 0 if absent;
+                                   allocated with brought, filled when the list is loaded */
+    atomic_uint_fast64_t guest_pos; /* 1 + the furthest list position a guest read reached */
     atomic_uint_fast64_t list_total;
     atomic_uint_fast64_t list_done;
     atomic_uint_fast64_t hits;   /* guest reads served by a chunk that replay brought */
@@ -56,10 +63,11 @@ int prefetcher_create(struct cache *cache, struct fetcher *fetcher, const char *
 void prefetcher_destroy(struct prefetcher *pf);
 
 /* Starts replaying list list_name of the version of manifest m from repo,
- * in the background (once per version and mount). A missing list is not an
+ * in the background (once per version and mount), keeping at most ahead
+ * bytes (0: no bound) in front of the guest. A missing list is not an
  * error; a list for another version is refused and logged. */
 int prefetch_replay(struct prefetcher *pf, struct repo *repo, const struct manifest *m, const char *list_name,
-                    struct prefetch_marks *marks);
+                    uint64_t ahead, struct prefetch_marks *marks);
 
 /* Starts fetching every chunk of m not cached yet, at rate bytes per
  * second, one at a time (once per version and mount); nothing is pinned. */

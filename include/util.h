@@ -11,6 +11,7 @@
 #define IMGFS_UTIL_H
 
 #include <stdarg.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -69,6 +70,11 @@ int mkdir_p(const char *path);
 /* Monotonic time in nanoseconds / seconds. */
 uint64_t now_ns(void);
 double now_seconds(void);
+
+/* A condition variable timed against the monotonic clock, and a wait on it
+ * until deadline_ns (from now_ns()); returns ETIMEDOUT once it has passed. */
+void cond_init_monotonic(pthread_cond_t *cond);
+int cond_wait_until(pthread_cond_t *cond, pthread_mutex_t *lock, uint64_t deadline_ns);
 
 /* snprintf into a fixed buffer; -ENAMETOOLONG if it did not fit. */
 int path_join(char *out, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

@@ -27,16 +27,7 @@ static void *refresh_loop(void *arg)
     struct refresher *r = arg;
     pthread_mutex_lock(&r->lock);
     while (!r->stop) {
-        struct timespec until;
-        clock_gettime(CLOCK_MONOTONIC, &until);
-        double interval = r->fs->opts->refresh_seconds;
-        until.tv_sec += (time_t)interval;
-        until.tv_nsec += (long)((interval - (double)(time_t)interval) * 1e9);
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&r->wake, &r->lock, &until);
+        cond_wait_until(&r->wake, &r->lock, now_ns() + (uint64_t)(r->fs->opts->refresh_seconds * 1e9));
         if (r->stop)
             break;
         pthread_mutex_unlock(&r->lock);
@@ -53,11 +44,7 @@ static bool refresher_start(struct refresher *r, struct imgfs *fs)
     r->fs = fs;
     r->stop = false;
     pthread_mutex_init(&r->lock, NULL);
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&r->wake, &attr);
-    pthread_condattr_destroy(&attr);
+    cond_init_monotonic(&r->wake);
     return pthread_create(&r->thread, NULL, refresh_loop, r) == 0;
 }
 

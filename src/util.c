@@ -317,6 +317,21 @@ uint64_t now_ns(void)
 
 double now_seconds(void) { return (double)now_ns() / 1e9; }
 
+void cond_init_monotonic(pthread_cond_t *cond)
+{
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(cond, &attr);
+    pthread_condattr_destroy(&attr);
+}
+
+int cond_wait_until(pthread_cond_t *cond, pthread_mutex_t *lock, uint64_t deadline_ns)
+{
+    struct timespec ts = {(time_t)(deadline_ns / 1000000000ull), (long)(deadline_ns % 1000000000ull)};
+    return pthread_cond_timedwait(cond, lock, &ts);
+}
+
 int path_join(char *out, size_t len, const char *fmt, ...)
 {
     va_list ap;

@@ -68,12 +68,14 @@ PY
 # mount_imgfs REPO MNT [EXTRA -o OPTIONS] [CACHE DIR]: mounts in the
 # foreground mode in the background, so the daemon's stderr (and any
 # sanitizer report) is kept. The cache is $T/cache unless given.
+# $IMGFS_TEST_MOUNT_OPTS (set by ctest for the .writeback variants) is added.
 mount_imgfs() {
     local repo=$1 mnt=$2 extra=${3:-} cache=${4:-$T/cache}
     mkdir -p "$mnt" "$cache"
     local log="$T/imgfs.$(basename "$mnt").$RANDOM.log"
     local opts="cache=$cache"
     [ -n "$extra" ] && opts="$opts,$extra"
+    [ -n "${IMGFS_TEST_MOUNT_OPTS:-}" ] && opts="$opts,$IMGFS_TEST_MOUNT_OPTS"
     "$IMGFS" "$repo" "$mnt" -f -o "$opts" 2>"$log" &
     local pid=$!
     DAEMON_PID[$mnt]=$pid

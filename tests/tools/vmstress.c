@@ -1,7 +1,7 @@
 /* vmstress: random writes to a VM disk, mirrored in a shadow file, then a
  * byte-for-byte comparison of the two.
  *
- *   vmstress DISK SHADOW SEED WRITES [--fsync-every N] [--no-verify]
+ *   vmstress DISK SHADOW SEED WRITES [--fsync-every N] [--no-verify] [--inside]
  *   vmstress DISK SHADOW SEED WRITES --unsynced RANGES
  *   vmstress --verify DISK SHADOW
  *   vmstress --verify-except DISK SYNCED RANGES [FINAL]
@@ -11,7 +11,8 @@
  * DISK, at random unaligned offsets with random lengths (1 byte to ~300 KiB):
  * some straddle 4 KiB blocks and 128 KiB chunk boundaries, some end exactly at
  * the end of the disk, a few run past it (the disk must not grow and the part
- * that was refused must not land), some are all zeros. About a quarter go
+ * that was refused must not land; --inside leaves these out, for a page
+ * cache that takes such a write and fails it later), some are all zeros. About a quarter go
  * through a second descriptor opened with O_DIRECT, when the file allows it.
  *
  * Normal mode: DISK is fsync'd every N writes (default 0: only at the end),
@@ -268,6 +269,8 @@ static int load_ranges(const char *path, struct range **out, size_t *count)
 
 /* Picks the next write: an offset and a length within [0, size], possibly
  * running past size when past_end is set. */
+static bool stay_inside; /* --inside: no write runs past the end */
+
 static void pick(uint64_t size, uint64_t *off, size_t *len, bool *past_end)
 {
     uint64_t r = below(100);
@@ -298,7 +301,7 @@ static void pick(uint64_t size, uint64_t *off, size_t *len, bool *past_end)
         o = size - l; /* ending exactly at the end of the disk */
     } else if (where < 93) {
         o = below(2 * BLOCK); /* the very start */
-    } else if (where < 95) {
+    } else if (where < 95 && !stay_inside) {
         /* past the end: starts inside, ends outside */
         o = size - 1 - below(l < size ? l : size);
         *past_end = o + l > size;
@@ -333,7 +336,7 @@ static void fill(char *buf, size_t len)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: vmstress DISK SHADOW SEED WRITES [--fsync-every N] [--no-verify] [--unsynced RANGES]\n"
+    fprintf(stderr, "usage: vmstress DISK SHADOW SEED WRITES [--fsync-every N] [--no-verify] [--inside] [--unsynced RANGES]\n"
                     "       vmstress --verify DISK SHADOW\n"
                     "       vmstress --verify-except DISK SYNCED RANGES [FINAL]\n");
     return 2;
@@ -369,6 +372,8 @@ int main(int argc, char **argv)
             fsync_every = strtol(argv[++i], NULL, 10);
         else if (strcmp(argv[i], "--no-verify") == 0)
             do_verify = false;
+        else if (strcmp(argv[i], "--inside") == 0)
+            stay_inside = true;
         else if (strcmp(argv[i], "--unsynced") == 0 && i + 1 < argc)
             ranges_path = argv[++i];
         else

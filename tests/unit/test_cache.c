@@ -132,7 +132,7 @@ static void test_basic(const char *dir)
     CHECK(!cache_contains(cache, &ha));
 
     /* Miss: the caller must fill. */
-    struct cache_pin pin = {NULL, -1};
+    struct cache_pin pin = {.entry = NULL, .fd = -1};
     uint64_t deadline = now_ns() + LONG_DEADLINE_NS;
     CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_MUST_FILL);
     CHECK(pin.entry != NULL);
@@ -150,7 +150,7 @@ static void test_basic(const char *dir)
     CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_HIT);
     CHECK(fd_holds(pin.fd, a, CS));
     /* Two pins of one chunk at once. */
-    struct cache_pin pin2 = {NULL, -1};
+    struct cache_pin pin2 = {.entry = NULL, .fd = -1};
     CHECK(cache_acquire(cache, &ha, CS, deadline, &pin2) == CACHE_HIT);
     CHECK(fd_holds(pin2.fd, a, CS));
     cache_release(cache, &pin2);
@@ -280,7 +280,7 @@ static void *flight_worker(void *arg)
     struct worker *w = arg;
     struct flight *f = w->f;
     pthread_barrier_wait(&f->start);
-    struct cache_pin pin = {NULL, -1};
+    struct cache_pin pin = {.entry = NULL, .fd = -1};
     w->acquire_rc = cache_acquire(f->cache, &f->hash, CS, now_ns() + LONG_DEADLINE_NS, &pin);
     if (w->acquire_rc == CACHE_MUST_FILL) {
         atomic_fetch_add(&f->fills, 1);
@@ -325,7 +325,7 @@ static void test_single_flight(struct cache *cache, unsigned seed, int expect_fi
     CHECK(ok == THREADS);
     CHECK(atomic_load(&f.fills) == expect_fill);
     CHECK(cache_contains(cache, &f.hash));
-    struct cache_pin pin = {NULL, -1};
+    struct cache_pin pin = {.entry = NULL, .fd = -1};
     CHECK(cache_acquire(cache, &f.hash, CS, now_ns() + LONG_DEADLINE_NS, &pin) == CACHE_HIT);
     CHECK(fd_holds(pin.fd, data, CS));
     cache_release(cache, &pin);
@@ -348,7 +348,7 @@ struct waiter {
 static void *wait_worker(void *arg)
 {
     struct waiter *w = arg;
-    struct cache_pin pin = {NULL, -1};
+    struct cache_pin pin = {.entry = NULL, .fd = -1};
     w->acquire_rc = cache_acquire(w->cache, &w->hash, CS, w->deadline_ns, &pin);
     if (w->acquire_rc == CACHE_MUST_FILL) {
         if (w->fill) {
@@ -374,7 +374,7 @@ static void test_abandon(struct cache *cache)
     make_chunk(data, CS, 77, &w.hash);
     w.deadline_ns = now_ns() + LONG_DEADLINE_NS;
 
-    struct cache_pin pin = {NULL, -1};
+    struct cache_pin pin = {.entry = NULL, .fd = -1};
     CHECK(cache_acquire(cache, &w.hash, CS, w.deadline_ns, &pin) == CACHE_MUST_FILL);
     pthread_t th;
     CHECK(pthread_create(&th, NULL, wait_worker, &w) == 0);
@@ -405,7 +405,7 @@ static void test_deadline(struct cache *cache)
     struct waiter w = {.cache = cache, .data = data, .fill = false, .acquire_rc = -1, .fill_rc = -1};
     make_chunk(data, CS, 99, &w.hash);
 
-    struct cache_pin pin = {NULL, -1};
+    struct cache_pin pin = {.entry = NULL, .fd = -1};
     CHECK(cache_acquire(cache, &w.hash, CS, now_ns() + LONG_DEADLINE_NS, &pin) == CACHE_MUST_FILL);
 
     /* A waiter in another thread whose deadline passes while we hold the fill. */
@@ -416,7 +416,7 @@ static void test_deadline(struct cache *cache)
     CHECK(w.acquire_rc == -ETIMEDOUT);
 
     /* A deadline that has already passed. */
-    struct cache_pin other = {NULL, -1};
+    struct cache_pin other = {.entry = NULL, .fd = -1};
     CHECK(cache_acquire(cache, &w.hash, CS, now_ns() - 1, &other) == -ETIMEDOUT);
     CHECK(cache_acquire(cache, &w.hash, CS, 0, &other) == -ETIMEDOUT);
 
@@ -445,7 +445,7 @@ static void *storm_worker(void *arg)
     struct storm *s = arg;
     for (int i = 0; i < 200; i++) {
         int k = (i + s->id) % 4;
-        struct cache_pin pin = {NULL, -1};
+        struct cache_pin pin = {.entry = NULL, .fd = -1};
         int rc = cache_acquire(s->cache, &s->hash[k], CS, now_ns() + LONG_DEADLINE_NS, &pin);
         if (rc == CACHE_MUST_FILL) {
             if ((i + s->id) % 3 == 0) {
