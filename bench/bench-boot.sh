@@ -6,8 +6,8 @@
 #
 # Set-up (everything is torn down on exit, Ctrl-C or failure):
 #   - the guest image: a bootable Debian 12 raw disk from
-#     tests/guest/build-debian-image.sh (BENCH_IMAGE, or an existing one in
-#     /var/cache/imgfs-test or /var/tmp/imgfs-chunk-bench, else built), copied
+#     tests/guest/build-debian-image.sh (BENCH_IMAGE, or the one the guest
+#     boot test caches in /var/cache/imgfs-test, built if missing), copied
 #     into the work directory as www/debian.raw;
 #   - www/debian.qcow2: the same image as a compressed qcow2
 #     (qemu-img convert -c -O qcow2), and www/repo: the image published
@@ -110,12 +110,12 @@ qemu-system-x86_64 -trace help 2>/dev/null | grep -qx virtio_blk_handle_read ||
 has_case() { [[ " $BENCH_CASES " == *" $1 "* ]]; }
 
 # ---- the guest image --------------------------------------------------------
+# The image of the current build script, cached where the guest boot test
+# keeps it (the same key: a hash of the script).
+GUEST_CACHE=/var/cache/imgfs-test
 find_image() {
-    local f
     [ -n "${BENCH_IMAGE:-}" ] && { echo "$BENCH_IMAGE"; return; }
-    for f in /var/cache/imgfs-test/debian.raw /var/tmp/imgfs-chunk-bench/debian.raw /var/cache/imgfs-test/debian-*.raw; do
-        [ -s "$f" ] && { echo "$f"; return; }
-    done
+    echo "$GUEST_CACHE/debian-$(sha256sum "$BUILD_IMAGE" | cut -c1-12).raw"
 }
 
 mkdir -p "${BENCH_DIR:-/var/tmp}" || die "cannot create ${BENCH_DIR:-/var/tmp}."
@@ -188,11 +188,11 @@ stat_value() {
 START=$(date +%s)
 log "work directory $WORK"
 SRC_IMAGE=$(find_image)
-if [ -z "$SRC_IMAGE" ]; then
-    log "no Debian guest image found; building one with $BUILD_IMAGE (about a minute with a cached debootstrap)"
-    SRC_IMAGE=$WORK/built.raw
+if [ ! -s "$SRC_IMAGE" ]; then
+    log "building the Debian guest image $SRC_IMAGE with $BUILD_IMAGE (about a minute with a cached debootstrap)"
+    mkdir -p "$GUEST_CACHE" || die "cannot create $GUEST_CACHE."
     TMPDIR=$WORK bash "$BUILD_IMAGE" "$SRC_IMAGE" 2G >"$WORK/logs/build-image.log" 2>&1 ||
-        die "building the guest image failed: $(tail -n 1 "$WORK/logs/build-image.log")"
+        { rm -f "$SRC_IMAGE"; die "building the guest image failed: $(tail -n 1 "$WORK/logs/build-image.log")"; }
 fi
 [ -s "$SRC_IMAGE" ] || die "guest image $SRC_IMAGE is missing or empty."
 log "guest image $SRC_IMAGE"

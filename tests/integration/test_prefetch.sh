@@ -1,7 +1,7 @@
 #!/bin/bash
 # Recorded prefetch lists and pre-copy: a trace recorded on one mount and
 # published as "boot" is replayed on a fresh cache before the guest reads
-# (prefetch hits); a list for another version is refused; pre-copy pins a
+# (prefetch hits); replay stays within prefetch_ahead of the guest; a list for another version is refused; pre-copy pins a
 # version, survives a kill -9 and resumes; unpin releases it.
 . "$(dirname "$0")/lib.sh"
 
@@ -50,6 +50,41 @@ misses=$(stat_value "$T/mnt" "base b@1" prefetch_misses)
 [ "$misses" -eq 0 ] || fail "guest still missed $misses chunks after replay"
 [ "$(stat_value "$T/mnt" fetch requests)" -eq "$requests" ] || fail "guest reads fetched after replay"
 ok "replay fetched all $count listed chunks before the guest asked: $hits prefetch hits, 0 misses"
+umount_imgfs "$T/mnt"
+
+# Replay keeps only prefetch_ahead in front of the guest. A list of all 256
+# chunks in disk order, replayed with prefetch_ahead=1M (8 chunks of 128 KiB):
+# replay stops after 8 chunks until the guest reads further along the list.
+mount_imgfs "$T/repo" "$T/mnt" "state=$T/state"
+"$IMGFSCTL" trace start "$T/mnt" v1
+dd if="$T/mnt/vms/v1.raw" of=/dev/null bs=128k status=none
+"$IMGFSCTL" trace stop "$T/mnt" v1 --output "$T/seq.list"
+"$IMGFSCTL" list publish "$T/repo" b@1 seq "$T/seq.list" > /dev/null || fail "list publish seq"
+umount_imgfs "$T/mnt"
+rm -rf "$T/cache"
+mount_imgfs "$T/repo" "$T/mnt" "state=$T/state,prefetch=seq,prefetch_ahead=1M"
+exec 3< "$T/mnt/vms/v1.raw"
+# wait_list_done N: until the replay has handled N list positions (10 s).
+wait_list_done() {
+    for _ in $(seq 1 100); do
+        [ "$(stat_value "$T/mnt" "base b@1" prefetch_list)" = "$1/256" ] && return 0
+        sleep 0.1
+    done
+    fail "replay did not reach $1/256: $(stat_value "$T/mnt" "base b@1" prefetch_list)"
+}
+wait_list_done 8
+sleep 1
+[ "$(stat_value "$T/mnt" "base b@1" prefetch_list)" = 8/256 ] || fail "replay ran past 1M ahead of a guest that read nothing"
+[ "$(stat_value "$T/mnt" fetch requests)" -eq 8 ] || fail "replay fetched more than 8 chunks ahead"
+ok "with prefetch_ahead=1M and no guest reads, replay stops after 8 chunks"
+dd if="$T/mnt/vms/v1.raw" of=/dev/null bs=128k skip=100 count=1 status=none
+[ "$(stat_value "$T/mnt" "base b@1" prefetch_guest_at)" -eq 101 ] || fail "guest position not noted"
+wait_list_done 109
+sleep 1
+[ "$(stat_value "$T/mnt" "base b@1" prefetch_list)" = 109/256 ] || fail "replay ran past 1M ahead of the guest at chunk 100"
+[ "$(stat_value "$T/mnt" fetch requests)" -eq 109 ] || fail "fetched $(stat_value "$T/mnt" fetch requests) chunks, expected 109"
+exec 3<&-
+ok "a guest read of list chunk 100 lets replay go on to chunk 108, and no further"
 umount_imgfs "$T/mnt"
 
 # With prefetch=none nothing is replayed.
