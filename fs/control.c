@@ -177,8 +177,8 @@ static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
         if (!rc)
             rc = tree_add_vm(fs->tree, src); /* an implicit snapshot of src */
     } else if (n == 2 && strcmp(f[0], "vm-rm") == 0) {
-        if (!(vm = need_vm(fs, f[1], err, errlen)))
-            return -ENOENT;
+        if (!(vm = vm_find(fs->vms, f[1])))
+            return vm_remove_unloaded(fs->vms, f[1], err, errlen); /* or it does not exist */
         rc = vm_remove(fs->vms, vm, err, errlen);
         if (!rc)
             tree_remove_vm(fs->tree, vm);

@@ -111,6 +111,9 @@ int vm_snapshot(struct vm_registry *reg, struct vm *vm, const char *snap, char *
 int vm_clone(struct vm_registry *reg, struct vm *src, const char *snap, const char *dst, struct vm **out,
              char *err, size_t errlen);
 int vm_remove(struct vm_registry *reg, struct vm *vm, char *err, size_t errlen);
+/* Removes a VM that failed to load (its base is missing, say): its VM file,
+ * and its layers unless another VM names them. -EBUSY if it is loaded. */
+int vm_remove_unloaded(struct vm_registry *reg, const char *name, char *err, size_t errlen);
 int vm_set_attr(struct vm_registry *reg, struct vm *vm, const mode_t *mode, const uid_t *uid, const gid_t *gid);
 int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unused, const char *path,
               char *err, size_t errlen);

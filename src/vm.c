@@ -759,6 +759,78 @@ int vm_remove(struct vm_registry *reg, struct vm *vm, char *err, size_t errlen)
     return rc;
 }
 
+/* Drops the "VM NAME: ..." entries from the load errors (lock held). */
+static void forget_load_errors(struct vm_registry *reg, const char *name)
+{
+    char prefix[96], kept_text[sizeof(reg->errors)] = "";
+    snprintf(prefix, sizeof(prefix), "VM %s: ", name);
+    size_t used = 0;
+    char *save = NULL;
+    for (char *e = strtok_r(reg->errors, ";", &save); e; e = strtok_r(NULL, ";", &save)) {
+        e += strspn(e, " ");
+        if (strncmp(e, prefix, strlen(prefix)) != 0)
+            used += (size_t)snprintf(kept_text + used, sizeof(kept_text) - used, "%s%s", used ? "; " : "", e);
+    }
+    snprintf(reg->errors, sizeof(reg->errors), "%s", kept_text);
+}
+
+int vm_remove_unloaded(struct vm_registry *reg, const char *name, char *err, size_t errlen)
+{
+    char path[PATH_MAX], *text = NULL;
+    size_t len;
+    if (!name_is_valid(name)) {
+        snprintf(err, errlen, "VM %s does not exist", name);
+        return -ENOENT;
+    }
+    pthread_mutex_lock(&reg->lock);
+    int rc = find_locked(reg, name) ? -EBUSY : conf_path(reg, name, path, sizeof(path));
+    if (!rc)
+        rc = read_file(path, VM_CONF_MAX, &text, &len);
+    if (!rc && unlink(path) < 0)
+        rc = -errno;
+    if (rc) {
+        snprintf(err, errlen, rc == -ENOENT ? "VM %s does not exist" : "cannot remove VM %s: %s", name,
+                 strerror(-rc));
+        pthread_mutex_unlock(&reg->lock);
+        free(text);
+        return rc;
+    }
+    fsync_dir_of(path);
+    forget_load_errors(reg, name);
+    /* The kept set is what the remaining unloaded VM files name. */
+    reg->kept_count = 0;
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof(dir), "%s/vms", reg->state_dir);
+    DIR *d = opendir(dir);
+    struct dirent *de;
+    while (d && (de = readdir(d))) {
+        size_t n = strlen(de->d_name);
+        char other[80], *other_text;
+        size_t other_len;
+        if (n < 4 || n - 3 >= sizeof(other) || strcmp(de->d_name + n - 3, ".vm") != 0)
+            continue;
+        snprintf(other, sizeof(other), "%.*s", (int)(n - 3), de->d_name);
+        if (find_locked(reg, other) || conf_path(reg, other, path, sizeof(path)) != 0 ||
+            read_file(path, VM_CONF_MAX, &other_text, &other_len) != 0)
+            continue;
+        keep_layers_of(reg, other_text);
+        free(other_text);
+    }
+    if (d)
+        closedir(d);
+    /* Its layers go unless a loaded VM or another unloaded one uses them. */
+    size_t before = reg->kept_count;
+    keep_layers_of(reg, text);
+    for (size_t i = before; i < reg->kept_count; i++)
+        if (!find_layer_ref(reg, reg->kept[i]))
+            layer_remove(reg->layer_dir, reg->kept[i]);
+    reg->kept_count = before;
+    fsync_dir(reg->layer_dir);
+    pthread_mutex_unlock(&reg->lock);
+    free(text);
+    return 0;
+}
+
 int vm_set_attr(struct vm_registry *reg, struct vm *vm, const mode_t *mode, const uid_t *uid, const gid_t *gid)
 {
     pthread_mutex_lock(&reg->lock);

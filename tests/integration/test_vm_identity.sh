@@ -184,4 +184,33 @@ same "$M/vms/vm3.raw" "$T/os1.raw" "vm3 wrong after its base came back"
 same "$M/vms/vm2.raw" "$T/sh.vm2" "vm2 wrong after os@1 came back"
 ok "os@1 back: vm1 and vm3 are served again with all their data"
 umount_imgfs "$M"
+
+# --- a VM that cannot load can still be removed ----------------------------------------
+# vm rm of vm3 while os@1 is gone: its VM file and its own layer go; vm1's
+# layers stay, and vm1 comes back whole with its base.
+vm3_layers=$(awk '$1 == "live" { for (i = 2; i <= NF; i++) print $i }' "$S/vms/vm3.vm")
+[ -n "$vm3_layers" ] || fail "cannot read vm3's layers from its VM file"
+mv "$T/repo/bases/os/1.manifest" "$T/os1.manifest"
+rm -f "$T/cache/meta/os@1.manifest"
+mnt
+layers_before=$(layer_files)
+"$IMGFSCTL" vm rm "$M" vm3 || fail "vm rm of vm3, which could not load, failed"
+[ ! -e "$S/vms/vm3.vm" ] || fail "vm rm left vm3's VM file"
+for id in $vm3_layers; do
+    [ ! -e "$S/layers/$id.data" ] || fail "vm rm left vm3's layer $id"
+done
+[ "$(layer_files)" -eq $((layers_before - 2 * $(echo "$vm3_layers" | wc -w))) ] ||
+    fail "vm rm of vm3 removed other layers too ($layers_before -> $(layer_files) files)"
+errors=$(grep "^load_errors" "$M/.imgfs/stats")
+! echo "$errors" | grep -q 'vm3' || fail "load_errors still names the removed vm3: $errors"
+echo "$errors" | grep -q 'vm1' || fail "load_errors no longer names vm1: $errors"
+expect_error "vm rm of vm3 again" "$IMGFSCTL" vm rm "$M" vm3
+umount_imgfs "$M"
+mv "$T/os1.manifest" "$T/repo/bases/os/1.manifest"
+rm -f "$T/cache/meta/os@1.manifest"
+mnt
+[ ! -e "$M/vms/vm3.raw" ] || fail "vm3 is back after vm rm"
+same "$M/vms/vm1.raw" "$T/sh.vm1" "vm1 lost data when vm3 was removed"
+ok "vm rm of a VM whose base is gone removes it and only its layers; vm1 intact"
+umount_imgfs "$M"
 finish
