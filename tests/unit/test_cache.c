@@ -18,6 +18,7 @@
 
 #include "cache.h"
 #include "check.h"
+#include "test_files.h"
 #include "hash.h"
 #include "util.h"
 
@@ -491,14 +492,6 @@ static void test_storm(struct cache *cache)
         CHECK(cache_contains(cache, &base.hash[k]));
         free(base.data[k]);
     }
-}
-
-static void remove_tree(const char *dir)
-{
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "cannot remove %s\n", dir);
 }
 
 int main(void)

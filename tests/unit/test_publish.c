@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "test_files.h"
 #include "chunkfmt.h"
 #include "hash.h"
 #include "manifest.h"
@@ -141,20 +142,6 @@ static void check_repo_content(const char *repo_path, const char *name, uint64_t
         *out_manifest = m;
     else
         manifest_free(m);
-}
-
-static int count_entries(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return -1;
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)))
-        if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
-            n++;
-    closedir(d);
-    return n;
 }
 
 /* Counts stored chunk files (and temp files) under repo/chunks. */
@@ -380,14 +367,6 @@ static void test_refusals(const char *tmp)
     CHECK(publish_image(&opts, &r, err, sizeof(err)) == 0);
     CHECK(r.version == 1 && r.chunks_new == 2 && r.size == sizeof(data));
     check_repo_content(path, "ok", 1, data, sizeof(data), 4096, NULL);
-}
-
-static void remove_tree(const char *dir)
-{
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "cannot remove %s\n", dir);
 }
 
 int main(void)

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "test_files.h"
 #include "util.h"
 
 /* parse_size() must accept text and produce exactly want. */
@@ -186,20 +187,6 @@ static void test_format_size(void)
     CHECK(strlen(small) == 4 && small[5] == 'x');
 }
 
-static int count_entries(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return -1;
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)))
-        if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
-            n++;
-    closedir(d);
-    return n;
-}
-
 static void test_files(const char *tmp)
 {
     char path[PATH_MAX], sub[PATH_MAX];
@@ -286,14 +273,6 @@ static void test_files(const char *tmp)
         CHECK(read_full_at(fd, buf, 4, 4) == -ENODATA);
         close(fd);
     }
-}
-
-static void remove_tree(const char *dir)
-{
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "cannot remove %s\n", dir);
 }
 
 int main(void)
