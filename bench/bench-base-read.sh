@@ -33,76 +33,22 @@ IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_SIZE=${BENCH_SIZE:-1G}
 SEQ_TIME=${BENCH_SEQ_TIME:-5}
 RAND_TIME=${BENCH_RAND_TIME:-10}
-RESULTS_DIR=$SCRIPT_DIR/results
 NAME=base
 
-log() { printf '[bench] %s\n' "$*" >&2; }
-die() { printf 'bench-base-read: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=bench-base-read
+. "$SCRIPT_DIR/lib.sh"
 
-[ "$(id -u)" -eq 0 ] || die "must run as root (FUSE mounts with allow_other)."
-command -v fio >/dev/null || die "fio is not installed."
-command -v qemu-img >/dev/null || die "qemu-img is not installed (needed to make the qcow2)."
-if [ ! -x "$IMGFS_BIN_DIR/imgfs" ] || [ ! -x "$IMGFS_BIN_DIR/imgfsctl" ]; then
-    die "imgfs binaries not found in $IMGFS_BIN_DIR (build them, or set IMGFS_BIN_DIR)."
-fi
+require_root "FUSE mounts with allow_other"
+require_tools fio qemu-img
+require_imgfs "$IMGFS_BIN_DIR"
 
-to_bytes() {
-    local v=${1^^} m=1
-    case $v in
-    *K) m=1024 ;; *M) m=$((1024 ** 2)) ;; *G) m=$((1024 ** 3)) ;; *T) m=$((1024 ** 4)) ;;
-    esac
-    v=${v%[KMGT]}
-    [[ $v =~ ^[0-9]+$ ]] || die "BENCH_SIZE=$1 is not a size like 512M or 1G."
-    echo $((v * m))
-}
-SIZE_BYTES=$(to_bytes "$BENCH_SIZE")
+SIZE_BYTES=$(to_bytes "$BENCH_SIZE" BENCH_SIZE)
 EXTENT=$((1024 * 1024))
 [ "$SIZE_BYTES" -ge $((16 * EXTENT)) ] || die "BENCH_SIZE must be at least 16M."
 SIZE_BYTES=$((SIZE_BYTES / EXTENT * EXTENT))
 
-mkdir -p "${BENCH_DIR:-/var/tmp}" || die "cannot create ${BENCH_DIR:-/var/tmp}."
-WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/imgfs-bench.XXXXXX") || die "cannot create a work directory."
-
-# ---- cleanup: runs on exit, Ctrl-C and failure ------------------------------
-MOUNTS=()   # mount points (directories or the qsd export file), newest last
-PIDS=()     # daemons we started
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM HUP
-    local i m p
-    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
-        m=${MOUNTS[i]}
-        mountpoint -q "$m" 2>/dev/null || continue
-        fusermount3 -u "$m" 2>/dev/null || fusermount -u "$m" 2>/dev/null ||
-            umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null ||
-            log "warning: could not unmount $m"
-    done
-    for p in "${PIDS[@]}"; do
-        kill -0 "$p" 2>/dev/null || continue
-        kill "$p" 2>/dev/null
-        for i in $(seq 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$p" 2>/dev/null && kill -9 "$p" 2>/dev/null
-    done
-    wait 2>/dev/null
-    if [ "${BENCH_KEEP:-0}" = 1 ]; then
-        log "work directory kept: $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'exit 143' TERM HUP
-
-wait_mounted() { # path seconds
-    local i
-    for ((i = 0; i < $2 * 10; i++)); do
-        mountpoint -q "$1" && return 0
-        sleep 0.1
-    done
-    return 1
-}
+make_work imgfs-bench
+on_exit cleanup_all # unmounts MOUNTS, stops PIDS, removes WORK
 
 # The pid of a daemonizing FUSE server, found by its (unique) mount point.
 pid_of_mount() { # program mountpoint
@@ -347,12 +293,4 @@ report() {
     fi
 }
 
-mkdir -p "$RESULTS_DIR"
-OUT=$RESULTS_DIR/base-read-$(date -u +%Y-%m-%d).md
-n=1
-while [ -e "$OUT" ]; do
-    n=$((n + 1))
-    OUT=$RESULTS_DIR/base-read-$(date -u +%Y-%m-%d)-$n.md
-done
-report | tee "$OUT"
-log "report written to $OUT"
+report | save_report base-read

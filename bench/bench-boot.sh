@@ -76,9 +76,8 @@ BUILD_IMAGE=$SRC_DIR/tests/guest/build-debian-image.sh
 BENCH_RATES=${BENCH_RATES:-20 100}
 BENCH_CASES=${BENCH_CASES:-local a b c d e}
 READAHEAD=${BENCH_READAHEAD:-256K}
-RESULTS_DIR=$SCRIPT_DIR/results
 NAME=debian
-NS=imgfsboot$$
+NS_NAME=imgfsboot$$
 VETH_ROOT=ibbr$$ # interface names are limited to 15 characters
 VETH_NS=ibbn$$
 IP_ROOT=10.214.0.1
@@ -86,14 +85,12 @@ IP_NS=10.214.0.2
 PORT=8080
 URL=http://$IP_NS:$PORT
 
-log() { printf '[bench-boot %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { printf 'bench-boot: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=bench-boot
+. "$SCRIPT_DIR/lib.sh"
 
-[ "$(id -u)" -eq 0 ] || die "must run as root (network namespace, tc and FUSE)."
-for c in nginx curl ip tc nsenter fusermount3 mountpoint awk qemu-img qemu-system-x86_64; do
-    command -v "$c" >/dev/null || die "$c is not installed."
-done
-[ -x "$IMGFS" ] && [ -x "$IMGFSCTL" ] || die "imgfs binaries not found in $IMGFS_BIN_DIR (build them, or set IMGFS_BIN_DIR)."
+require_root "network namespace, tc and FUSE"
+require_tools nginx curl ip tc nsenter fusermount3 mountpoint awk qemu-img qemu-system-x86_64
+require_imgfs "$IMGFS_BIN_DIR"
 [ -r "$BOOT_GUEST" ] || die "$BOOT_GUEST is missing."
 for r in $BENCH_RATES; do
     [[ $r =~ ^[0-9]+$ && $r -gt 0 ]] || die "BENCH_RATES must be whole Mbit/s values like \"20 100\", not \"$r\"."
@@ -118,8 +115,7 @@ find_image() {
     echo "$GUEST_CACHE/debian-$(sha256sum "$BUILD_IMAGE" | cut -c1-12).raw"
 }
 
-mkdir -p "${BENCH_DIR:-/var/tmp}" || die "cannot create ${BENCH_DIR:-/var/tmp}."
-WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/imgfs-bench-boot.XXXXXX") || die "cannot create a work directory."
+make_work imgfs-bench-boot
 WWW=$WORK/www
 REPO=$WWW/repo
 MNT=$WORK/mnt
@@ -127,22 +123,10 @@ mkdir -p "$WWW" "$MNT" "$WORK/logs"
 
 # ---- cleanup: runs on exit, Ctrl-C and failure ------------------------------
 IMGFS_PID=
-NGINX_PID=
 BOOT_PID=
 CURL_PID=
-NS_CREATED=0
-stop_pid() { # pid
-    local p=$1 _
-    [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 0
-    kill "$p" 2>/dev/null
-    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$p" 2>/dev/null && kill -9 "$p" 2>/dev/null
-    wait "$p" 2>/dev/null
-}
 unmount_imgfs() {
-    if mountpoint -q "$MNT" 2>/dev/null; then
-        fusermount3 -u "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || log "warning: could not unmount $MNT"
-    fi
+    unmount_path "$MNT"
     if [ -n "$IMGFS_PID" ]; then
         local _
         for _ in $(seq 100); do kill -0 "$IMGFS_PID" 2>/dev/null || break; sleep 0.1; done
@@ -157,25 +141,16 @@ cleanup() {
     stop_pid "$CURL_PID"
     unmount_imgfs
     stop_pid "$NGINX_PID"
-    if [ "$NS_CREATED" = 1 ]; then
-        ip netns delete "$NS" 2>/dev/null || log "warning: could not delete network namespace $NS"
-    fi
-    ip link show "$VETH_ROOT" >/dev/null 2>&1 && ip link delete "$VETH_ROOT" 2>/dev/null
-    if [ "${BENCH_KEEP:-0}" = 1 ]; then
-        log "work directory kept: $WORK"
-    else
-        rm -rf "$WORK"
-    fi
+    netns_delete "$NS_NAME" "$VETH_ROOT"
+    remove_work
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'exit 143' TERM HUP
+on_exit cleanup
 
 now() { echo "$EPOCHREALTIME"; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 rx_bytes() { cat "/sys/class/net/$VETH_ROOT/statistics/rx_bytes"; }
-log_lines() { wc -l <"$WORK/access.log"; }
+log_lines() { wc -l <"$WORK/nginx/access.log"; }
 loadavg() { cut -d' ' -f1 /proc/loadavg; }
 mib() { awk -v b="$1" 'BEGIN { if (b ~ /^[0-9]+$/) printf "%.1f", b / 1048576; else printf "-" }'; }
 # stat_value SECTION KEY: one value from MNT/.imgfs/stats
@@ -230,58 +205,10 @@ REPO_CHUNK_BYTES=$(du -sb --apparent-size "$REPO/chunks" | cut -f1)
 log "$NAME@$VERSION: $N_STORED of $N_CHUNKS chunks stored ($(mib "$REPO_CHUNK_BYTES") MiB); qcow2 $(mib "$QCOW2_SIZE") MiB"
 
 # ---- network namespace, nginx ---------------------------------------------
-log "network namespace $NS, veth $VETH_ROOT <-> $VETH_NS"
-ip netns add "$NS" || die "cannot create network namespace $NS."
-NS_CREATED=1
-innet() { nsenter --net="/run/netns/$NS" "$@"; }
-ip link add "$VETH_ROOT" type veth peer name "$VETH_NS" || die "cannot create the veth pair."
-ip link set "$VETH_NS" netns "$NS" || die "cannot move $VETH_NS into $NS."
-ip addr add "$IP_ROOT/30" dev "$VETH_ROOT" && ip link set "$VETH_ROOT" up || die "cannot configure $VETH_ROOT."
-innet ip link set lo up &&
-    innet ip addr add "$IP_NS/30" dev "$VETH_NS" &&
-    innet ip link set "$VETH_NS" up || die "cannot configure $VETH_NS."
-
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx.conf" <<EOF
-daemon off;
-master_process on;
-worker_processes 2;
-user root;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-    default_type application/octet-stream;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_timeout 300s;
-    keepalive_requests 1000000;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
-    log_format bench '\$msec \$status \$body_bytes_sent \$connection \$request_method \$request_uri';
-    access_log $WORK/access.log bench;
-    server {
-        listen $IP_NS:$PORT;
-        root $WWW;
-    }
-}
-EOF
-: >"$WORK/access.log"
-# nsenter joins only the network namespace: "ip netns exec" would also give
-# nginx a private copy of every mount on the host, which keeps FUSE daemons
-# (ours and anybody else's) alive after they are unmounted. Not through the
-# innet function: $! must be nginx itself (nsenter execs it), not a subshell.
-nsenter --net="/run/netns/$NS" nginx -c "$WORK/nginx.conf" >"$WORK/nginx/stdout.log" 2>&1 &
-NGINX_PID=$!
-for _ in $(seq 50); do
-    curl -s --noproxy '*' -o /dev/null "$URL/repo/imgfs-repo" && break
-    kill -0 "$NGINX_PID" 2>/dev/null || die "nginx did not start: $(tail -n 1 "$WORK/nginx/error.log" 2>/dev/null)"
-    sleep 0.1
-done
-curl -sf --noproxy '*' -o /dev/null "$URL/repo/imgfs-repo" || die "nginx in $NS does not answer on $URL."
+log "network namespace $NS_NAME, veth $VETH_ROOT <-> $VETH_NS"
+netns_create "$NS_NAME" "$VETH_ROOT" "$VETH_NS" "$IP_ROOT" "$IP_NS"
+nginx_start_in_ns "$WORK/nginx" "$WWW" "$IP_NS:$PORT" \
+    '$msec $status $body_bytes_sent $connection $request_method $request_uri' "$URL/repo/imgfs-repo"
 # the server's page cache: the disk is never the limit
 cat "$IMAGE" >/dev/null
 [ -f "$WWW/debian.qcow2" ] && cat "$WWW/debian.qcow2" >/dev/null
@@ -370,7 +297,7 @@ mark() { M_LINE=$(log_lines) M_RX=$(rx_bytes); }
 wire() {
     local key=$1 cut=${2:-} start=${3:-} s
     sleep 0.3 # let nginx write its last log lines
-    s=$(tail -n +"$((M_LINE + 1))" "$WORK/access.log" | awk -v cut="$cut" -v start="$start" '
+    s=$(tail -n +"$((M_LINE + 1))" "$WORK/nginx/access.log" | awk -v cut="$cut" -v start="$start" '
         { n++; b += $3; c[$4] = 1
           if (cut == "" || $1 <= cut) { bm += $3; m++; t[m] = $1; cum[m] = bm } }
         END {
@@ -651,12 +578,4 @@ report() {
         "bytes fetched for the boot within 1.3x of the working set. These are reported, not enforced."
 }
 
-mkdir -p "$RESULTS_DIR"
-OUT=$RESULTS_DIR/boot-$(date -u +%Y-%m-%d).md
-n=1
-while [ -e "$OUT" ]; do
-    n=$((n + 1))
-    OUT=$RESULTS_DIR/boot-$(date -u +%Y-%m-%d)-$n.md
-done
-report | tee "$OUT"
-log "report written to $OUT"
+report | save_report boot

@@ -48,9 +48,8 @@ IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_RATES=${BENCH_RATES:-100}
 RTT_MS=${BENCH_RTT_MS:-0}
 BENCH_SIZE=${BENCH_SIZE:-256M}
-RESULTS_DIR=$SCRIPT_DIR/results
 NAME=base
-NS=imgfsbench$$
+NS_NAME=imgfsbench$$
 VETH_ROOT=ibr$$ # interface names are limited to 15 characters
 VETH_NS=ibn$$
 IP_ROOT=10.213.0.1
@@ -58,16 +57,12 @@ IP_NS=10.213.0.2
 PORT=8080
 BASE_URL=http://$IP_NS:$PORT
 
-log() { printf '[bench] %s\n' "$*" >&2; }
-die() { printf 'bench-http: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=bench-http
+. "$SCRIPT_DIR/lib.sh"
 
-[ "$(id -u)" -eq 0 ] || die "must run as root (network namespace, tc and FUSE)."
-for c in nginx curl ip tc fusermount3 mountpoint awk; do
-    command -v "$c" >/dev/null || die "$c is not installed."
-done
-if [ ! -x "$IMGFS_BIN_DIR/imgfs" ] || [ ! -x "$IMGFS_BIN_DIR/imgfsctl" ]; then
-    die "imgfs binaries not found in $IMGFS_BIN_DIR (build them, or set IMGFS_BIN_DIR)."
-fi
+require_root "network namespace, tc and FUSE"
+require_tools nginx curl ip tc nsenter fusermount3 mountpoint awk
+require_imgfs "$IMGFS_BIN_DIR"
 for r in $BENCH_RATES; do
     [[ $r =~ ^[0-9]+$ && $r -gt 0 ]] || die "BENCH_RATES must be whole Mbit/s values like \"100 20\", not \"$r\"."
 done
@@ -76,43 +71,21 @@ if ip -4 addr show | grep -q "inet 10\.213\.0\."; then
     die "10.213.0.0/30 is already in use here (another bench-http run?)."
 fi
 
-to_bytes() {
-    local v=${1^^} m=1
-    case $v in
-    *K) m=1024 ;; *M) m=$((1024 ** 2)) ;; *G) m=$((1024 ** 3)) ;;
-    esac
-    v=${v%[KMG]}
-    [[ $v =~ ^[0-9]+$ ]] || die "BENCH_SIZE=$1 is not a size like 256M or 1G."
-    echo $((v * m))
-}
-SIZE_BYTES=$(to_bytes "$BENCH_SIZE")
+SIZE_BYTES=$(to_bytes "$BENCH_SIZE" BENCH_SIZE)
 EXTENT=$((1024 * 1024))
 [ "$SIZE_BYTES" -ge $((16 * EXTENT)) ] || die "BENCH_SIZE must be at least 16M."
 SIZE_BYTES=$((SIZE_BYTES / EXTENT * EXTENT))
 
-mkdir -p "${BENCH_DIR:-/var/tmp}" || die "cannot create ${BENCH_DIR:-/var/tmp}."
-WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/imgfs-bench-http.XXXXXX") || die "cannot create a work directory."
+make_work imgfs-bench-http
 MNT=$WORK/mnt
 
 # ---- cleanup: runs on exit, Ctrl-C and failure ------------------------------
 IMGFS_PID=
-NGINX_PID=
-NS_CREATED=0
-stop_pid() { # pid
-    local p=$1 i
-    [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 0
-    kill "$p" 2>/dev/null
-    for i in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$p" 2>/dev/null && kill -9 "$p" 2>/dev/null
-    wait "$p" 2>/dev/null
-}
 unmount_imgfs() {
-    if mountpoint -q "$MNT" 2>/dev/null; then
-        fusermount3 -u "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || log "warning: could not unmount $MNT"
-    fi
+    unmount_path "$MNT"
     if [ -n "$IMGFS_PID" ]; then
-        local i
-        for i in $(seq 50); do kill -0 "$IMGFS_PID" 2>/dev/null || break; sleep 0.1; done
+        local _
+        for _ in $(seq 50); do kill -0 "$IMGFS_PID" 2>/dev/null || break; sleep 0.1; done
         stop_pid "$IMGFS_PID"
     fi
     IMGFS_PID=
@@ -122,25 +95,16 @@ cleanup() {
     trap - EXIT INT TERM HUP
     unmount_imgfs
     stop_pid "$NGINX_PID"
-    if [ "$NS_CREATED" = 1 ]; then
-        ip netns delete "$NS" 2>/dev/null || log "warning: could not delete network namespace $NS"
-    fi
-    ip link show "$VETH_ROOT" >/dev/null 2>&1 && ip link delete "$VETH_ROOT" 2>/dev/null
-    if [ "${BENCH_KEEP:-0}" = 1 ]; then
-        log "work directory kept: $WORK"
-    else
-        rm -rf "$WORK"
-    fi
+    netns_delete "$NS_NAME" "$VETH_ROOT"
+    remove_work
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'exit 143' TERM HUP
+on_exit cleanup
 
 now() { echo "$EPOCHREALTIME"; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 rx_bytes() { cat "/sys/class/net/$VETH_ROOT/statistics/rx_bytes"; }
-log_lines() { wc -l <"$WORK/access.log"; }
+log_lines() { wc -l <"$WORK/nginx/access.log"; }
 
 # ---- the image -------------------------------------------------------------
 # 1 MiB extents with a fixed seed: ~75% random (incompressible, so stored
@@ -188,66 +152,21 @@ STORED_BYTES=$(stat -c %s "$REPO/big.bin")
 log "$N_STORED stored chunks of $N_CHUNKS, $STORED_BYTES bytes; chunk size $CHUNK_SIZE"
 
 # ---- network namespace, nginx ---------------------------------------------
-log "network namespace $NS, veth $VETH_ROOT <-> $VETH_NS"
-ip netns add "$NS" || die "cannot create network namespace $NS."
-NS_CREATED=1
-ip link add "$VETH_ROOT" type veth peer name "$VETH_NS" || die "cannot create the veth pair."
-ip link set "$VETH_NS" netns "$NS" || die "cannot move $VETH_NS into $NS."
-ip addr add "$IP_ROOT/30" dev "$VETH_ROOT" && ip link set "$VETH_ROOT" up || die "cannot configure $VETH_ROOT."
-ip netns exec "$NS" ip link set lo up &&
-    ip netns exec "$NS" ip addr add "$IP_NS/30" dev "$VETH_NS" &&
-    ip netns exec "$NS" ip link set "$VETH_NS" up || die "cannot configure $VETH_NS."
-
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx.conf" <<EOF
-daemon off;
-master_process on;
-worker_processes 2;
-user root;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-    default_type application/octet-stream;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_timeout 120s;
-    keepalive_requests 1000000;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
-    log_format bench '\$msec \$request_time \$connection \$connection_requests \$status \$body_bytes_sent \$request_uri';
-    access_log $WORK/access.log bench;
-    server {
-        listen $IP_NS:$PORT;
-        root $REPO;
-    }
-}
-EOF
-: >"$WORK/access.log"
-# nsenter joins only the network namespace: "ip netns exec" would also give
-# nginx a private copy of every mount, which keeps unmounted FUSE daemons alive.
-nsenter --net="/run/netns/$NS" nginx -c "$WORK/nginx.conf" >"$WORK/nginx/stdout.log" 2>&1 &
-NGINX_PID=$!
-for i in $(seq 50); do
-    curl -s --noproxy '*' -o /dev/null "$BASE_URL/imgfs-repo" && break
-    kill -0 "$NGINX_PID" 2>/dev/null || die "nginx did not start: $(tail -n 1 "$WORK/nginx/error.log" "$WORK/nginx/stdout.log" 2>/dev/null | tail -n 1)"
-    sleep 0.1
-done
-curl -sf --noproxy '*' -o /dev/null "$BASE_URL/imgfs-repo" || die "nginx in $NS does not answer on $BASE_URL."
+log "network namespace $NS_NAME, veth $VETH_ROOT <-> $VETH_NS"
+netns_create "$NS_NAME" "$VETH_ROOT" "$VETH_NS" "$IP_ROOT" "$IP_NS"
+nginx_start_in_ns "$WORK/nginx" "$REPO" "$IP_NS:$PORT" \
+    '$msec $request_time $connection $connection_requests $status $body_bytes_sent $request_uri' "$BASE_URL/imgfs-repo"
 xargs cat <"$WORK/chunk-files.txt" >/dev/null # warm the server's page cache
 cat "$REPO/big.bin" >/dev/null
 
 set_rate() { # mbit
     local args=(tbf rate "${1}mbit" burst 64kb latency 50ms)
-    ip netns exec "$NS" tc qdisc del dev "$VETH_NS" root 2>/dev/null
+    innet tc qdisc del dev "$VETH_NS" root 2>/dev/null
     if [ "$RTT_MS" -gt 0 ]; then
-        ip netns exec "$NS" tc qdisc add dev "$VETH_NS" root handle 1: netem delay "${RTT_MS}ms" limit 100000 &&
-            ip netns exec "$NS" tc qdisc add dev "$VETH_NS" parent 1:1 handle 10: "${args[@]}"
+        innet tc qdisc add dev "$VETH_NS" root handle 1: netem delay "${RTT_MS}ms" limit 100000 &&
+            innet tc qdisc add dev "$VETH_NS" parent 1:1 handle 10: "${args[@]}"
     else
-        ip netns exec "$NS" tc qdisc add dev "$VETH_NS" root "${args[@]}"
+        innet tc qdisc add dev "$VETH_NS" root "${args[@]}"
     fi
 }
 
@@ -259,7 +178,7 @@ ROWS=()
 # Summarises nginx log lines [from, to] (1-based) for chunk or big-file requests:
 # "requests body_bytes connections".
 log_summary() { # from to
-    sed -n "${1},${2}p" "$WORK/access.log" | awk '
+    sed -n "${1},${2}p" "$WORK/nginx/access.log" | awk '
         $7 ~ /^\/(chunks\/|big\.bin)/ {
             n++; bytes += $6; conn[$3] = 1
         }
@@ -381,12 +300,4 @@ report() {
     done
 }
 
-mkdir -p "$RESULTS_DIR"
-OUT=$RESULTS_DIR/http-$(date -u +%Y-%m-%d).md
-n=1
-while [ -e "$OUT" ]; do
-    n=$((n + 1))
-    OUT=$RESULTS_DIR/http-$(date -u +%Y-%m-%d)-$n.md
-done
-report | tee "$OUT"
-log "report written to $OUT"
+report | save_report http

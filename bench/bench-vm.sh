@@ -41,61 +41,21 @@ SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 RUNTIME=${BENCH_TIME:-10}
 CREATES=${BENCH_CREATES:-50}
-RESULTS_DIR=$SCRIPT_DIR/results
 GiB=$((1024 * 1024 * 1024))
 BASE_SIZE=$((2 * GiB))
 IMGFS=$IMGFS_BIN_DIR/imgfs
 IMGFSCTL=$IMGFS_BIN_DIR/imgfsctl
 
-log() { printf '[bench-vm] %s\n' "$*" >&2; }
-die() { printf 'bench-vm: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=bench-vm
+. "$SCRIPT_DIR/lib.sh"
 
-[ "$(id -u)" -eq 0 ] || die "must run as root (FUSE mounts)."
-for t in fio qemu-img qemu-storage-daemon python3 fusermount3; do
-    command -v "$t" >/dev/null || die "$t is not installed."
-done
-[ -x "$IMGFS" ] && [ -x "$IMGFSCTL" ] || die "imgfs binaries not found in $IMGFS_BIN_DIR (build them, or set IMGFS_BIN_DIR)."
+require_root "FUSE mounts"
+require_tools fio qemu-img qemu-storage-daemon python3 fusermount3
+require_imgfs "$IMGFS_BIN_DIR"
 
-mkdir -p "${BENCH_DIR:-/var/tmp}" || die "cannot create ${BENCH_DIR:-/var/tmp}."
-WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/imgfs-bench-vm.XXXXXX") || die "cannot create a work directory."
+make_work imgfs-bench-vm
+on_exit cleanup_all # unmounts MOUNTS, stops PIDS, removes WORK
 
-# ---- cleanup: runs on exit, Ctrl-C and failure ------------------------------
-MOUNTS=() # mount points (directories, or qsd export files)
-PIDS=()   # daemons we started
-unmount_one() {
-    mountpoint -q "$1" 2>/dev/null || return 0
-    fusermount3 -u "$1" 2>/dev/null || umount "$1" 2>/dev/null || umount -l "$1" 2>/dev/null ||
-        log "warning: could not unmount $1"
-}
-stop_pid() {
-    local p=$1 i
-    kill -0 "$p" 2>/dev/null || return 0
-    kill "$p" 2>/dev/null
-    for i in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$p" 2>/dev/null && kill -9 "$p" 2>/dev/null
-    wait "$p" 2>/dev/null
-}
-cleanup() {
-    local rc=$? i p
-    trap - EXIT INT TERM HUP
-    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do unmount_one "${MOUNTS[i]}"; done
-    for p in "${PIDS[@]}"; do stop_pid "$p"; done
-    wait 2>/dev/null
-    if [ "${BENCH_KEEP:-0}" = 1 ]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'exit 143' TERM HUP
-
-wait_mounted() { # path seconds
-    local i
-    for ((i = 0; i < $2 * 10; i++)); do
-        mountpoint -q "$1" && return 0
-        sleep 0.1
-    done
-    return 1
-}
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
 
@@ -226,7 +186,7 @@ qsd_start() { # overlay export
     wait_mounted "$2" 10
 }
 qsd_stop() { # export
-    unmount_one "$1"
+    unmount_path "$1"
     stop_pid "$QSD_PID"
 }
 
@@ -343,12 +303,4 @@ report() {
     echo "- imgfs after the runs: $(awk '/^(cache_hits|cache_misses|read_errors) / { printf "%s %s, ", $1, $2 }' <<<"$IMGFS_STATS" | sed 's/, $//')"
 }
 
-mkdir -p "$RESULTS_DIR"
-OUT=$RESULTS_DIR/vm-$(date -u +%Y-%m-%d).md
-n=1
-while [ -e "$OUT" ]; do
-    n=$((n + 1))
-    OUT=$RESULTS_DIR/vm-$(date -u +%Y-%m-%d)-$n.md
-done
-report | tee "$OUT"
-log "report written to $OUT"
+report | save_report vm

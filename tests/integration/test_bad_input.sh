@@ -16,6 +16,8 @@ expect_error "imgfs with a missing cache directory" "$IMGFS" "$T/repo" "$T/mnt" 
 expect_error "imgfs with a missing mount point" "$IMGFS" "$T/repo" "$T/nomnt" -f -o cache="$T/cache"
 expect_error "imgfs with an unknown option" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/cache",bogus_option=1
 expect_error "imgfs with a bad timeout" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/cache",timeout=soon
+expect_error "imgfs with a bad vm_cache mode" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/cache",vm_cache=sometimes
+expect_error "imgfs with a bad prefetch_ahead" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/cache",prefetch_ahead=far
 expect_error "imgfs with an unreachable http repository" "$IMGFS" http://127.0.0.1:9/repo "$T/mnt" -f -o cache="$T/cache"
 mountpoint -q "$T/mnt" && fail "a failed imgfs left a mount behind"
 "$IMGFS" --help | grep -q 'cache=DIR' || fail "imgfs --help does not document cache="

@@ -1,0 +1,197 @@
+# bench/lib.sh: helpers shared by the benchmark scripts. Set BENCH_NAME
+# (the prefix of messages) before sourcing it.
+#
+#   log MSG / die MSG            progress on stderr / an error and exit 1
+#   require_root WHY             die unless root
+#   require_tools TOOL...        die unless every TOOL is on PATH
+#   require_imgfs DIR            die unless DIR has imgfs and imgfsctl
+#   to_bytes SIZE WHAT           512M, 1G, ... to bytes (WHAT names it in errors)
+#   stop_pid PID                 TERM, wait up to 10 s, then KILL, and reap
+#   unmount_path PATH            unmount a FUSE mount, lazily if it is busy
+#   wait_mounted PATH SECONDS    until PATH is a mount point (status 1 if never)
+#   netns_create NS VETH_ROOT VETH_NS IP_ROOT IP_NS
+#                                a namespace joined to this one by a veth pair
+#                                (/30 addresses); sets NS_CREATED=1
+#   netns_delete NS VETH_ROOT    undoes netns_create (safe to call always)
+#   innet CMD...                 runs CMD in $NS's network namespace only
+#   make_work NAME              WORK=a new directory $BENCH_DIR/NAME.XXXXXX
+#                               (BENCH_DIR defaults to /var/tmp)
+#   stop_all                    unmount MOUNTS (newest first), then stop PIDS
+#   cleanup_all                 stop_all and remove_work: an on_exit handler
+#   on_exit FN                  FN runs once on exit, Ctrl-C (status 130) and TERM
+#   remove_work                 rm -rf $WORK, unless BENCH_KEEP=1
+#   save_report KIND            stdin to stdout and to results/KIND-<date>[-n].md
+#   nginx_start_in_ns DIR ROOT LISTEN LOG_FORMAT CHECK_URL
+#                                nginx serving ROOT on LISTEN inside $NS, its
+#                                files in DIR, access log DIR/access.log in
+#                                LOG_FORMAT; waits for CHECK_URL; sets NGINX_PID
+
+log() { printf '[%s %s] %s\n' "$BENCH_NAME" "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf '%s: %s\n' "$BENCH_NAME" "$*" >&2; exit 1; }
+
+require_root() { [ "$(id -u)" -eq 0 ] || die "must run as root ($1)."; }
+require_tools() {
+    local t
+    for t in "$@"; do command -v "$t" >/dev/null || die "$t is not installed."; done
+}
+require_imgfs() {
+    [ -x "$1/imgfs" ] && [ -x "$1/imgfsctl" ] ||
+        die "imgfs binaries not found in $1 (build them, or set IMGFS_BIN_DIR)."
+}
+
+to_bytes() {
+    local v=${1^^} m=1
+    case $v in
+    *K) m=1024 ;; *M) m=$((1024 ** 2)) ;; *G) m=$((1024 ** 3)) ;; *T) m=$((1024 ** 4)) ;;
+    esac
+    v=${v%[KMGT]}
+    [[ $v =~ ^[0-9]+$ ]] || die "$2=$1 is not a size like 512M or 1G."
+    echo $((v * m))
+}
+
+stop_pid() {
+    local p=$1 _
+    [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 0
+    kill "$p" 2>/dev/null
+    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$p" 2>/dev/null && kill -9 "$p" 2>/dev/null
+    wait "$p" 2>/dev/null
+}
+
+unmount_path() {
+    mountpoint -q "$1" 2>/dev/null || return 0
+    fusermount3 -u "$1" 2>/dev/null || umount "$1" 2>/dev/null || umount -l "$1" 2>/dev/null ||
+        log "warning: could not unmount $1"
+}
+
+wait_mounted() {
+    local _
+    for ((_ = 0; _ < $2 * 10; _++)); do
+        mountpoint -q "$1" && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+MOUNTS=() # mount points (directories, or export files) to unmount at the end
+PIDS=()   # daemons to stop at the end
+stop_all() {
+    local i p
+    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do unmount_path "${MOUNTS[i]}"; done
+    for p in "${PIDS[@]}"; do stop_pid "$p"; done
+}
+
+make_work() {
+    mkdir -p "${BENCH_DIR:-/var/tmp}" || die "cannot create ${BENCH_DIR:-/var/tmp}."
+    WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/$1.XXXXXX") || die "cannot create a work directory."
+}
+
+cleanup_all() {
+    local rc=$?
+    trap - EXIT INT TERM HUP
+    stop_all
+    wait 2>/dev/null
+    remove_work
+    exit "$rc"
+}
+
+on_exit() {
+    trap "$1" EXIT
+    trap 'log "interrupted"; exit 130' INT
+    trap 'exit 143' TERM HUP
+}
+
+remove_work() {
+    if [ "${BENCH_KEEP:-0}" = 1 ]; then
+        log "work directory kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+
+save_report() {
+    local dir day out n=1
+    dir=$(dirname "${BASH_SOURCE[0]}")/results
+    day=$(date -u +%Y-%m-%d)
+    mkdir -p "$dir" || die "cannot create $dir."
+    out=$dir/$1-$day.md
+    while [ -e "$out" ]; do
+        n=$((n + 1))
+        out=$dir/$1-$day-$n.md
+    done
+    tee "$out"
+    log "report written to $out"
+}
+
+NS_CREATED=0
+NS=
+# nsenter joins only the network namespace: "ip netns exec" would also give
+# the command a private copy of every mount on the host, which keeps FUSE
+# daemons (ours and anybody else's) alive after they are unmounted.
+innet() { nsenter --net="/run/netns/$NS" "$@"; }
+
+netns_create() {
+    NS=$1
+    local veth_root=$2 veth_ns=$3 ip_root=$4 ip_ns=$5
+    ip netns add "$NS" || die "cannot create network namespace $NS."
+    NS_CREATED=1
+    ip link add "$veth_root" type veth peer name "$veth_ns" || die "cannot create the veth pair."
+    ip link set "$veth_ns" netns "$NS" || die "cannot move $veth_ns into $NS."
+    ip addr add "$ip_root/30" dev "$veth_root" && ip link set "$veth_root" up || die "cannot configure $veth_root."
+    innet ip link set lo up &&
+        innet ip addr add "$ip_ns/30" dev "$veth_ns" &&
+        innet ip link set "$veth_ns" up || die "cannot configure $veth_ns."
+}
+
+netns_delete() {
+    if [ "$NS_CREATED" = 1 ]; then
+        ip netns delete "$1" 2>/dev/null || log "warning: could not delete network namespace $1"
+        NS_CREATED=0
+    fi
+    ip link show "$2" >/dev/null 2>&1 && ip link delete "$2" 2>/dev/null
+    return 0
+}
+
+NGINX_PID=
+nginx_start_in_ns() {
+    local dir=$1 root=$2 listen=$3 format=$4 check=$5 _
+    mkdir -p "$dir" || die "cannot create $dir."
+    cat >"$dir/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes 2;
+user root;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 1024; }
+http {
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    log_format bench '$format';
+    access_log $dir/access.log bench;
+    server {
+        listen $listen;
+        root $root;
+    }
+}
+EOF
+    : >"$dir/access.log"
+    # Not through innet: $! must be nginx itself (nsenter execs it).
+    nsenter --net="/run/netns/$NS" nginx -c "$dir/nginx.conf" >"$dir/stdout.log" 2>&1 &
+    NGINX_PID=$!
+    for _ in $(seq 50); do
+        curl -s --noproxy '*' -o /dev/null "$check" && return 0
+        kill -0 "$NGINX_PID" 2>/dev/null ||
+            die "nginx did not start: $(tail -n 1 "$dir/error.log" "$dir/stdout.log" 2>/dev/null | tail -n 1)"
+        sleep 0.1
+    done
+    die "nginx in $NS does not answer on $check."
+}
