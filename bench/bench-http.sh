@@ -298,6 +298,7 @@ report() {
         fi
         [ -n "${ROW[$k.note]:-}" ] && echo "- ${k%%.*} Mbit/s ${ROW[$k.label]}: ${ROW[$k.note]}"
     done
+    return 0
 }
 
 report | save_report http

@@ -65,8 +65,8 @@ unmount_path() {
 }
 
 wait_mounted() {
-    local _
-    for ((_ = 0; _ < $2 * 10; _++)); do
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
         mountpoint -q "$1" && return 0
         sleep 0.1
     done
