@@ -768,8 +768,12 @@ static void forget_load_errors(struct vm_registry *reg, const char *name)
     char *save = NULL;
     for (char *e = strtok_r(reg->errors, ";", &save); e; e = strtok_r(NULL, ";", &save)) {
         e += strspn(e, " ");
-        if (strncmp(e, prefix, strlen(prefix)) != 0)
-            used += (size_t)snprintf(kept_text + used, sizeof(kept_text) - used, "%s%s", used ? "; " : "", e);
+        if (strncmp(e, prefix, strlen(prefix)) == 0)
+            continue;
+        int n = snprintf(kept_text + used, sizeof(kept_text) - used, "%s%s", used ? "; " : "", e);
+        if (n < 0 || (size_t)n >= sizeof(kept_text) - used)
+            break; /* cannot happen: what is kept is shorter than what was there */
+        used += (size_t)n;
     }
     snprintf(reg->errors, sizeof(reg->errors), "%s", kept_text);
 }
