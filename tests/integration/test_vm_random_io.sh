@@ -129,5 +129,37 @@ sync; echo 3 > /proc/sys/vm/drop_caches
 mount_imgfs "$T/repo" "$M" "state=$T/state"
 verify_vm v3 "$T/shadow.v3" "v3 after crash recovery and more writes differs after a remount"
 ok "v3 takes new writes after the crash and keeps them across a remount"
+
+# A write across the end of a disk. With direct I/O it is cut at the end (a
+# short write); with the writeback cache the kernel takes all of it and the
+# fsync fails with ENOSPC. Either way the part inside lands and the disk does
+# not grow.
+mode=direct
+[ ${#INSIDE[@]} -gt 0 ] && mode=writeback
+python3 - "$M/vms/v1.raw" "$SIZE" "$mode" <<'PY' || fail "a write across the end of the disk ($mode) behaved wrongly"
+import errno, os, sys
+path, size, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+fd = os.open(path, os.O_RDWR)
+n = os.pwrite(fd, b"E" * 300, size - 100)
+if mode == "writeback":
+    assert n == 300, f"write returned {n}"
+    try:
+        os.fsync(fd)
+        sys.exit("fsync after a write past the end succeeded")
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, f"fsync failed with {e}, want ENOSPC"
+else:
+    assert n == 100, f"a write across the end returned {n}, want the 100 bytes inside"
+    os.fsync(fd)
+try:
+    os.close(fd)
+except OSError:
+    pass
+PY
+printf 'E%.0s' $(seq 1 100) | dd of="$T/shadow.v1" bs=1 seek=$((SIZE - 100)) conv=notrunc status=none
+drop_caches
+[ "$(stat -c %s "$M/vms/v1.raw")" -eq "$SIZE" ] || fail "the disk grew after a write past its end"
+verify_vm v1 "$T/shadow.v1" "after a write across the end, v1 is not its old content plus the part inside"
+ok "a write across the end ($mode): the part inside landed, the rest was refused, the disk did not grow"
 umount_imgfs "$M"
 finish

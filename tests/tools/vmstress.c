@@ -267,10 +267,10 @@ static int load_ranges(const char *path, struct range **out, size_t *count)
     return 0;
 }
 
-/* Picks the next write: an offset and a length within [0, size], possibly
- * running past size when past_end is set. */
 static bool stay_inside; /* --inside: no write runs past the end */
 
+/* Picks the next write: an offset and a length within [0, size], possibly
+ * running past size when past_end is set. */
 static void pick(uint64_t size, uint64_t *off, size_t *len, bool *past_end)
 {
     uint64_t r = below(100);
