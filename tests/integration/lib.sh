@@ -141,6 +141,17 @@ stat_value() {
         END { if (!found) exit 1 }' "$1/.imgfs/stats" || fail "no '$3' in section [$2] of $1/.imgfs/stats"
 }
 
+# wait_stat MNT SECTION KEY VALUE [SECONDS]: waits (default 10 s) until the
+# stat reads VALUE, and fails if it never does.
+wait_stat() {
+    local i
+    for ((i = 0; i < ${5:-10} * 10; i++)); do
+        [ "$(stat_value "$1" "$2" "$3")" = "$4" ] && return 0
+        sleep 0.1
+    done
+    fail "[$2] $3 is $(stat_value "$1" "$2" "$3"), not $4, after ${5:-10} s"
+}
+
 # expect_error DESCRIPTION CMD...: the command must fail with a non-zero exit
 # and one clear line on stderr, within 30 s.
 expect_error() {

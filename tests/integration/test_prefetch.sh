@@ -35,12 +35,7 @@ umount_imgfs "$T/mnt"
 rm -rf "$T/cache"
 mount_imgfs "$T/repo" "$T/mnt" "state=$T/state"
 exec 3< "$T/mnt/vms/v1.raw"
-for _ in $(seq 1 100); do
-    progress=$(stat_value "$T/mnt" "base b@1" prefetch_list)
-    [ "$progress" = "$count/$count" ] && break
-    sleep 0.1
-done
-[ "$progress" = "$count/$count" ] || fail "replay did not finish: $progress"
+wait_stat "$T/mnt" "base b@1" prefetch_list "$count/$count" # replay finished
 requests=$(stat_value "$T/mnt" fetch requests)
 guest_reads
 exec 3<&-
@@ -64,22 +59,14 @@ umount_imgfs "$T/mnt"
 rm -rf "$T/cache"
 mount_imgfs "$T/repo" "$T/mnt" "state=$T/state,prefetch=seq,prefetch_ahead=1M"
 exec 3< "$T/mnt/vms/v1.raw"
-# wait_list_done N: until the replay has handled N list positions (10 s).
-wait_list_done() {
-    for _ in $(seq 1 100); do
-        [ "$(stat_value "$T/mnt" "base b@1" prefetch_list)" = "$1/256" ] && return 0
-        sleep 0.1
-    done
-    fail "replay did not reach $1/256: $(stat_value "$T/mnt" "base b@1" prefetch_list)"
-}
-wait_list_done 8
+wait_stat "$T/mnt" "base b@1" prefetch_list 8/256
 sleep 1
 [ "$(stat_value "$T/mnt" "base b@1" prefetch_list)" = 8/256 ] || fail "replay ran past 1M ahead of a guest that read nothing"
 [ "$(stat_value "$T/mnt" fetch requests)" -eq 8 ] || fail "replay fetched more than 8 chunks ahead"
 ok "with prefetch_ahead=1M and no guest reads, replay stops after 8 chunks"
 dd if="$T/mnt/vms/v1.raw" of=/dev/null bs=128k skip=100 count=1 status=none
 [ "$(stat_value "$T/mnt" "base b@1" prefetch_guest_at)" -eq 101 ] || fail "guest position not noted"
-wait_list_done 109
+wait_stat "$T/mnt" "base b@1" prefetch_list 109/256
 sleep 1
 [ "$(stat_value "$T/mnt" "base b@1" prefetch_list)" = 109/256 ] || fail "replay ran past 1M ahead of the guest at chunk 100"
 [ "$(stat_value "$T/mnt" fetch requests)" -eq 109 ] || fail "fetched $(stat_value "$T/mnt" fetch requests) chunks, expected 109"
