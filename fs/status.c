@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "fs.h"
+#include "trust.h"
 #include "util.h"
 
 /* A growable text buffer for rendering status files. */
@@ -166,6 +167,26 @@ int status_render_stats(struct imgfs *fs, char **out, size_t *len)
         text_printf(&t, "last_error        %s (%.0f s ago)\n", totals.last_error, totals.last_error_age);
     else
         text_printf(&t, "last_error        none\n");
+
+    struct trust_status ts;
+    trust_get_status(fs->trust, &ts);
+    text_printf(&t,
+                "\n[trust]\n"
+                "mode              %s%s\n"
+                "keys              %zu\n"
+                "index_sequence    %" PRIu64 "\n"
+                "index_signed_at   %" PRIu64 "\n"
+                "index_stale       %s\n"
+                "index_refusals    %" PRIu64 "\n"
+                "chunk_digests     %" PRIu64 "\n"
+                "chunks_refused    %" PRIu64 "\n",
+                trust_mode_name(ts.mode), ts.mode == TRUST_INSECURE ? " (NOT VERIFIED: -o insecure)" : "", ts.keys,
+                ts.index_seq, ts.index_time, ts.stale ? "yes" : "no", ts.index_refusals, ts.chunk_digests,
+                ts.chunks_refused);
+    if (ts.last_refusal_age >= 0)
+        text_printf(&t, "last_refusal      %s (%.0f s ago)\n", ts.last_refusal, ts.last_refusal_age);
+    else
+        text_printf(&t, "last_refusal      none\n");
 
     struct repo_mirror_stats mirrors[REPO_MAX_MIRRORS];
     size_t nmirrors = repo_mirror_stats(fs->repo, mirrors, REPO_MAX_MIRRORS);
