@@ -723,6 +723,7 @@ static int read_checked(struct repo *repo, const char *rel, const char *copy, si
         if (check(ctx, *data, *len, err, errlen) == 0)
             return 0;
         free(*data);
+        *data = NULL;
     }
     int rc = repo_get(repo, rel, max_len, data, len);
     if (rc) {
@@ -732,6 +733,7 @@ static int read_checked(struct repo *repo, const char *rel, const char *copy, si
     rc = check(ctx, *data, *len, err, errlen);
     if (rc) {
         free(*data);
+        *data = NULL;
         return rc;
     }
     save_meta(repo, copy, *data, *len);
