@@ -10,7 +10,7 @@ chmod 755 "$T" # let user nobody reach the mount point
 MOUNTS+=("$T/mnt")
 cat > "$T/fstab" <<EOT
 # imgfs test fstab
-$T/repo  $T/mnt  fuse.imgfs  allow_other,default_permissions,cache=$T/cache,timeout=10,nofail  0  0
+$T/repo  $T/mnt  fuse.imgfs  allow_other,default_permissions,cache=$T/cache,state=$T/state,timeout=10,nofail  0  0
 EOT
 # mount(8) runs helpers with a fixed PATH whose first entry is /usr/local/sbin;
 # point it at this build's imgfs for the duration of the test.
