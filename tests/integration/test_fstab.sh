@@ -5,7 +5,7 @@
 
 make_image "$T/img.raw" 5000000
 "$IMGFSCTL" publish "$T/img.raw" "$T/repo" --name fs > /dev/null
-mkdir -p "$T/mnt" "$T/cache"
+mkdir -p "$T/mnt" "$T/cache" "$T/state"
 chmod 755 "$T" # let user nobody reach the mount point
 MOUNTS+=("$T/mnt")
 cat > "$T/fstab" <<EOT
