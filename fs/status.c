@@ -114,7 +114,7 @@ static void render_vm(void *ctx, struct vm *vm)
     pthread_mutex_unlock(&vm->attr_lock);
     pthread_rwlock_rdlock(&vm->chain_lock);
     unsigned depth = vm->live.depth, snapshots = vm->snapshot_count;
-    uint64_t owned = atomic_load(&vm->live.layers[depth - 1]->owned_blocks);
+    uint64_t owned = layer_owned_blocks(vm->live.layers[depth - 1]);
     pthread_rwlock_unlock(&vm->chain_lock);
     text_printf(t,
                 "layer_bytes       %" PRIu64 "\n"
