@@ -535,22 +535,32 @@ struct reply_bufs {
     size_t cap;
     struct cache_pin *pins;
     size_t npins;
+    struct layer_extent *extents; /* layer data in the reply, released after it */
+    struct layer **extent_layers;
+    size_t nextents;
 };
 
 static int bufs_init(struct reply_bufs *r, size_t cap)
 {
     r->cap = cap;
     r->npins = 0;
+    r->nextents = 0;
     r->bv = calloc(1, sizeof(*r->bv) + cap * sizeof(struct fuse_buf));
     r->pins = calloc(cap, sizeof(*r->pins));
-    return r->bv && r->pins ? 0 : -ENOMEM;
+    r->extents = calloc(cap, sizeof(*r->extents));
+    r->extent_layers = calloc(cap, sizeof(*r->extent_layers));
+    return r->bv && r->pins && r->extents && r->extent_layers ? 0 : -ENOMEM;
 }
 
 static void bufs_free(struct reply_bufs *r, struct fetcher *fetcher)
 {
     for (size_t i = 0; i < r->npins; i++)
         fetch_release(fetcher, &r->pins[i]);
+    for (size_t i = 0; i < r->nextents; i++)
+        layer_extent_release(r->extent_layers[i], &r->extents[i]);
     free(r->pins);
+    free(r->extents);
+    free(r->extent_layers);
     free(r->bv);
 }
 
@@ -608,6 +618,27 @@ static int bufs_add_base(struct reply_bufs *r, struct fetcher *fetcher, const st
     return 0;
 }
 
+/* Adds [start, start+len) of a layer that owns all of it. */
+static int bufs_add_layer(struct reply_bufs *r, struct layer *layer, uint64_t start, uint64_t len)
+{
+    for (uint64_t end = start + len; start < end;) {
+        if (r->nextents == r->cap)
+            return -E2BIG;
+        struct layer_extent *e = &r->extents[r->nextents];
+        int rc = layer_extent_at(layer, start, end - start, e);
+        if (rc)
+            return rc;
+        r->extent_layers[r->nextents++] = layer;
+        rc = e->kind == LAYER_EXTENT_DATA   ? bufs_add_fd(r, e->fd, e->pos, e->len)
+             : e->kind == LAYER_EXTENT_ZERO ? bufs_add_zero(r, e->len)
+                                            : -EIO; /* not owned: the chain changed under us */
+        if (rc)
+            return rc;
+        start += e->len;
+    }
+    return 0;
+}
+
 /* Adds [start, end) of a disk: its layers, base or zeros. */
 static int bufs_add_disk(struct reply_bufs *r, struct fetcher *fetcher, const struct disk *disk, uint64_t start,
                          uint64_t end, struct chunk_trace *trace)
@@ -616,7 +647,7 @@ static int bufs_add_disk(struct reply_bufs *r, struct fetcher *fetcher, const st
         enum disk_source source;
         struct layer *layer;
         uint64_t n = disk_source_at(disk, start, end - start, &source, &layer);
-        int rc = source == SOURCE_LAYER  ? bufs_add_fd(r, layer->data_fd, start, n)
+        int rc = source == SOURCE_LAYER  ? bufs_add_layer(r, layer, start, n)
                  : source == SOURCE_BASE ? bufs_add_base(r, fetcher, disk->base, start, start + n, trace)
                                          : bufs_add_zero(r, n);
         if (rc)

@@ -287,7 +287,7 @@ static void add_vm(void *ctx, struct vm *vm)
     pthread_mutex_unlock(&vm->attr_lock);
     pthread_rwlock_rdlock(&vm->chain_lock);
     unsigned depth = vm->live.depth, snapshots = vm->snapshot_count;
-    uint64_t owned = atomic_load(&vm->live.layers[depth - 1]->owned_blocks);
+    uint64_t owned = layer_owned_blocks(vm->live.layers[depth - 1]);
     pthread_rwlock_unlock(&vm->chain_lock);
     status_gauge(s, sec, "layer_bytes", "Bytes the VM's layers hold on the state disk.", (double)vm_layer_bytes(vm), 0);
     status_gauge(s, sec, "top_layer_blocks", "4 KiB blocks the VM's writable layer owns.", (double)owned, 0);

@@ -30,6 +30,29 @@ int usage_error(const char *cmd, const char *msg)
     return 2;
 }
 
+/* After getopt_long returned '?' (with opterr = 0): names the option that
+ * was unknown or lacked its value. */
+static int option_error(const char *cmd, char **argv, const struct option *longopts)
+{
+    char msg[160];
+    const char *arg = argv[optind - 1];
+    if (optopt && !(arg[0] == '-' && arg[1] == '-')) {
+        bool known = false;
+        for (const struct option *o = longopts; o->name; o++)
+            known = known || o->val == optopt;
+        snprintf(msg, sizeof(msg), known ? "option -%c needs a value" : "unknown option -%c", optopt);
+        return usage_error(cmd, msg);
+    }
+    size_t len = strcspn(arg + 2, "=");
+    for (const struct option *o = longopts; o->name; o++)
+        if (strlen(o->name) == len && strncmp(arg + 2, o->name, len) == 0) {
+            snprintf(msg, sizeof(msg), "option --%s needs a value", o->name);
+            return usage_error(cmd, msg);
+        }
+    snprintf(msg, sizeof(msg), "unknown option '%.*s'", (int)(len + 2), arg);
+    return usage_error(cmd, msg);
+}
+
 bool wants_help(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {
@@ -86,7 +109,7 @@ static int publish_main(int argc, char **argv)
             opts.zstd_level = (int)v;
             break;
         case 'h': publish_help(stdout); return 0;
-        default: return usage_error("publish", "unknown or incomplete option");
+        default: return option_error("publish", argv, longopts);
         }
     }
     if (argc - optind != 2)
@@ -329,14 +352,22 @@ static int parse_pin_args(const char *cmd, int argc, char **argv, char *name, ui
         return usage_error(cmd, "needs MOUNTPOINT and NAME[@VERSION]");
     *list = "-";
     for (int i = 3; i < argc; i += 2) {
-        if (i + 1 >= argc)
-            return usage_error(cmd, "an option lacks its value");
-        if (strcmp(argv[i], "--list") == 0 && name_is_valid(argv[i + 1]))
+        char msg[160];
+        bool is_list = strcmp(argv[i], "--list") == 0, is_rate = rate && strcmp(argv[i], "--rate") == 0;
+        if (!is_list && !is_rate) {
+            snprintf(msg, sizeof(msg), "unknown option or argument '%s'", argv[i]);
+            return usage_error(cmd, msg);
+        }
+        if (i + 1 >= argc) {
+            snprintf(msg, sizeof(msg), "option %s needs a value", argv[i]);
+            return usage_error(cmd, msg);
+        }
+        if (is_list && !name_is_valid(argv[i + 1]))
+            return usage_error(cmd, "--list needs a list name such as boot");
+        if (is_list)
             *list = argv[i + 1];
-        else if (strcmp(argv[i], "--rate") == 0 && rate && parse_size(argv[i + 1], rate) == 0)
-            continue;
-        else
-            return usage_error(cmd, "unknown option or bad value");
+        else if (parse_size(argv[i + 1], rate) != 0)
+            return usage_error(cmd, "--rate needs a rate such as 50M");
     }
     if (resolve_base(argv[1], argv[2], name, 65, version) != 0) {
         fprintf(stderr, "imgfsctl %s: base %s is not on the mount at %s\n", cmd, argv[2], argv[1]);
