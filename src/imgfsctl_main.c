@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "extmap.h"
+#include "imgfsctl.h"
 #include "list.h"
 #include "progress.h"
 #include "publish.h"
@@ -25,13 +26,36 @@ struct subcommand {
     void (*help)(FILE *out);
 };
 
-static int usage_error(const char *cmd, const char *msg)
+int usage_error(const char *cmd, const char *msg)
 {
     fprintf(stderr, "imgfsctl %s: %s (see imgfsctl %s --help)\n", cmd, msg, cmd);
     return 2;
 }
 
-static bool wants_help(int argc, char **argv)
+/* After getopt_long returned '?' (with opterr = 0): names the option that
+ * was unknown or lacked its value. */
+static int option_error(const char *cmd, char **argv, const struct option *longopts)
+{
+    char msg[160];
+    const char *arg = argv[optind - 1];
+    if (optopt && !(arg[0] == '-' && arg[1] == '-')) {
+        bool known = false;
+        for (const struct option *o = longopts; o->name; o++)
+            known = known || o->val == optopt;
+        snprintf(msg, sizeof(msg), known ? "option -%c needs a value" : "unknown option -%c", optopt);
+        return usage_error(cmd, msg);
+    }
+    size_t len = strcspn(arg + 2, "=");
+    for (const struct option *o = longopts; o->name; o++)
+        if (strlen(o->name) == len && strncmp(arg + 2, o->name, len) == 0) {
+            snprintf(msg, sizeof(msg), "option --%s needs a value", o->name);
+            return usage_error(cmd, msg);
+        }
+    snprintf(msg, sizeof(msg), "unknown option '%.*s'", (int)(len + 2), arg);
+    return usage_error(cmd, msg);
+}
+
+bool wants_help(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--") == 0)
@@ -118,7 +142,7 @@ static int publish_main(int argc, char **argv)
             opts.zstd_level = (int)v;
             break;
         case 'h': publish_help(stdout); return 0;
-        default: return usage_error("publish", "unknown or incomplete option");
+        default: return option_error("publish", argv, longopts);
         }
     }
     if (argc - optind != 2)
@@ -147,85 +171,6 @@ static int publish_main(int argc, char **argv)
     printf("stored      %s (%" PRIu64 " bytes)\n", format_size(res.bytes_stored, stored_s, sizeof(stored_s)),
            res.bytes_stored);
     return 0;
-}
-
-/* ---- status --------------------------------------------------------------------- */
-
-static void status_help(FILE *out)
-{
-    fprintf(out, "usage: imgfsctl status MOUNTPOINT\n"
-                 "\n"
-                 "Prints the status of the imgfs mounted at MOUNTPOINT (its .imgfs/stats file).\n");
-}
-
-static int status_main(int argc, char **argv)
-{
-    if (wants_help(argc, argv)) {
-        status_help(stdout);
-        return 0;
-    }
-    if (argc != 2)
-        return usage_error("status", "needs exactly MOUNTPOINT");
-    char path[PATH_MAX];
-    if (path_join(path, sizeof(path), "%s/.imgfs/stats", argv[1]) < 0)
-        return usage_error("status", "mount point path is too long");
-    char *text;
-    size_t len;
-    int rc = read_file(path, 64u << 20, &text, &len);
-    if (rc) {
-        fprintf(stderr, "imgfsctl status: %s is not an imgfs mount (%s)\n", argv[1], strerror(-rc));
-        return 1;
-    }
-    fwrite(text, 1, len, stdout);
-    free(text);
-    return 0;
-}
-
-/* ---- versions ------------------------------------------------------------------- */
-
-static void versions_help(FILE *out)
-{
-    fprintf(out, "usage: imgfsctl versions REPO\n"
-                 "\n"
-                 "Lists the bases of the repository REPO (a directory or URL) with their newest\n"
-                 "version, size and chunk size.\n");
-}
-
-static int versions_main(int argc, char **argv)
-{
-    if (wants_help(argc, argv)) {
-        versions_help(stdout);
-        return 0;
-    }
-    if (argc != 2)
-        return usage_error("versions", "needs exactly REPO");
-    char err[512];
-    struct repo *repo;
-    struct repo_index index;
-    if (repo_open(argv[1], &repo, err, sizeof(err)) != 0) {
-        fprintf(stderr, "imgfsctl versions: %s\n", err);
-        return 1;
-    }
-    int status = 0;
-    if (repo_read_index(repo, &index, err, sizeof(err)) != 0) {
-        fprintf(stderr, "imgfsctl versions: %s\n", err);
-        repo_close(repo);
-        return 1;
-    }
-    printf("%-24s %8s %16s %10s\n", "NAME", "LATEST", "SIZE", "CHUNK");
-    for (size_t i = 0; i < index.count; i++) {
-        struct manifest *m;
-        if (repo_read_manifest(repo, index.entries[i].name, index.entries[i].latest, &m, err, sizeof(err))) {
-            fprintf(stderr, "imgfsctl versions: %s\n", err);
-            status = 1;
-            continue;
-        }
-        printf("%-24s %8" PRIu64 " %16" PRIu64 " %10" PRIu32 "\n", m->name, m->version, m->size, m->chunk_size);
-        manifest_free(m);
-    }
-    repo_index_free(&index);
-    repo_close(repo);
-    return status;
 }
 
 /* ---- vm ------------------------------------------------------------------------ */
@@ -442,14 +387,22 @@ static int parse_pin_args(const char *cmd, int argc, char **argv, char *name, ui
         return usage_error(cmd, "needs MOUNTPOINT and NAME[@VERSION]");
     *list = "-";
     for (int i = 3; i < argc; i += 2) {
-        if (i + 1 >= argc)
-            return usage_error(cmd, "an option lacks its value");
-        if (strcmp(argv[i], "--list") == 0 && name_is_valid(argv[i + 1]))
+        char msg[160];
+        bool is_list = strcmp(argv[i], "--list") == 0, is_rate = rate && strcmp(argv[i], "--rate") == 0;
+        if (!is_list && !is_rate) {
+            snprintf(msg, sizeof(msg), "unknown option or argument '%s'", argv[i]);
+            return usage_error(cmd, msg);
+        }
+        if (i + 1 >= argc) {
+            snprintf(msg, sizeof(msg), "option %s needs a value", argv[i]);
+            return usage_error(cmd, msg);
+        }
+        if (is_list && !name_is_valid(argv[i + 1]))
+            return usage_error(cmd, "--list needs a list name such as boot");
+        if (is_list)
             *list = argv[i + 1];
-        else if (strcmp(argv[i], "--rate") == 0 && rate && parse_size(argv[i + 1], rate) == 0)
-            continue;
-        else
-            return usage_error(cmd, "unknown option or bad value");
+        else if (parse_size(argv[i + 1], rate) != 0)
+            return usage_error(cmd, "--rate needs a rate such as 50M");
     }
     if (resolve_base(argv[1], argv[2], name, 65, version) != 0) {
         fprintf(stderr, "imgfsctl %s: base %s is not on the mount at %s\n", cmd, argv[2], argv[1]);
@@ -850,7 +803,7 @@ static int sign_main(int argc, char **argv)
 static const struct subcommand subcommands[] = {
     {"publish", "publish a raw or qcow2 image as a new base version", publish_main, publish_help},
     {"status", "show the status of a mount", status_main, status_help},
-    {"versions", "list the bases of a repository", versions_main, versions_help},
+    {"versions", "list every version of the bases of a repository", versions_main, versions_help},
     {"vm", "create, snapshot, clone, remove, export and import VM disks", vm_main, vm_help},
     {"precopy", "fill the cache with a base version or list, and pin it", precopy_main, precopy_help},
     {"unpin", "release what precopy pinned", unpin_main, unpin_help},

@@ -4,6 +4,8 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +18,23 @@
 #define MAP_HEADER_LEN 64
 #define MAP_MAGIC "imgfs-layer-map 1\n"
 #define MAP_PAGE 4096u
+
+struct layer {
+    char id[LAYER_ID_LEN + 1];
+    int data_fd;
+    int map_fd;
+    uint64_t size;
+    uint64_t blocks;
+    _Atomic uint64_t *bits; /* ownership, one bit per block */
+    /* dirty marks map pages (4 KiB of bits) that changed since the last
+     * flush; guarded by flush_lock (held briefly, never across I/O). */
+    pthread_mutex_t flush_lock;
+    uint8_t *dirty;
+    /* Serialises layer_flush() calls; held across their I/O. */
+    pthread_mutex_t flush_serial;
+    size_t map_pages;
+    atomic_uint_fast64_t owned_blocks;
+};
 
 static int layer_paths(const char *dir, const char *id, char *data, char *map, size_t len)
 {
@@ -157,7 +176,7 @@ int layer_remove(const char *dir, const char *id)
     return err;
 }
 
-void layer_mark_owned(struct layer *l, uint64_t first, uint64_t count)
+static void mark_owned(struct layer *l, uint64_t first, uint64_t count)
 {
     pthread_mutex_lock(&l->flush_lock);
     for (uint64_t b = first; b < first + count && b < l->blocks; b++) {
@@ -225,4 +244,99 @@ uint64_t layer_allocated_bytes(const struct layer *l)
 {
     struct stat st;
     return fstat(l->data_fd, &st) == 0 ? (uint64_t)st.st_blocks * 512 : 0;
+}
+
+const char *layer_id(const struct layer *l)
+{
+    return l->id;
+}
+
+uint64_t layer_size(const struct layer *l)
+{
+    return l->size;
+}
+
+bool layer_owns(const struct layer *l, uint64_t block)
+{
+    return block < l->blocks &&
+           ((atomic_load_explicit(&l->bits[block / 64], memory_order_acquire) >> (block % 64)) & 1);
+}
+
+uint64_t layer_owned_blocks(const struct layer *l)
+{
+    return atomic_load(&l->owned_blocks);
+}
+
+int layer_extent_at(struct layer *l, uint64_t off, uint64_t max_len, struct layer_extent *out)
+{
+    *out = (struct layer_extent){.kind = LAYER_EXTENT_UNOWNED, .fd = -1};
+    if (off >= l->size)
+        return -EINVAL;
+    uint64_t end = max_len < l->size - off ? off + max_len : l->size;
+    uint64_t block = off / LAYER_BLOCK_SIZE;
+    bool owned = layer_owns(l, block);
+    uint64_t run_end = (block + 1) * LAYER_BLOCK_SIZE;
+    while (run_end < end && layer_owns(l, run_end / LAYER_BLOCK_SIZE) == owned)
+        run_end += LAYER_BLOCK_SIZE;
+    if (run_end > end)
+        run_end = end;
+    if (owned) {
+        /* A hole in an owned run is a discarded range. */
+        off_t d = lseek(l->data_fd, (off_t)off, SEEK_DATA);
+        if (d == (off_t)off) {
+            off_t h = lseek(l->data_fd, (off_t)off, SEEK_HOLE);
+            if (h > (off_t)off && (uint64_t)h < run_end)
+                run_end = (uint64_t)h;
+            out->kind = LAYER_EXTENT_DATA;
+            out->fd = l->data_fd;
+            out->pos = off;
+        } else {
+            if (d > (off_t)off && (uint64_t)d < run_end)
+                run_end = (uint64_t)d;
+            out->kind = LAYER_EXTENT_ZERO;
+        }
+    }
+    out->len = run_end - off;
+    return 0;
+}
+
+void layer_extent_release(struct layer *l, struct layer_extent *e)
+{
+    (void)l;
+    e->fd = -1;
+}
+
+int layer_read(struct layer *l, void *buf, size_t len, uint64_t off)
+{
+    if (off > l->size || len > l->size - off)
+        return -EINVAL;
+    for (uint64_t b = off / LAYER_BLOCK_SIZE; b * LAYER_BLOCK_SIZE < off + len; b++)
+        if (!layer_owns(l, b))
+            return -EINVAL;
+    int rc = read_full_at(l->data_fd, buf, len, (off_t)off);
+    return rc == -ENODATA ? -EIO : rc;
+}
+
+int layer_write(struct layer *l, const void *buf, size_t len, uint64_t off)
+{
+    if (off % LAYER_BLOCK_SIZE || off > l->size || len > l->size - off ||
+        (len % LAYER_BLOCK_SIZE && off + len != l->size))
+        return -EINVAL;
+    int rc = write_full_at(l->data_fd, buf, len, (off_t)off);
+    if (!rc)
+        mark_owned(l, off / LAYER_BLOCK_SIZE, (len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
+    return rc;
+}
+
+int layer_punch(struct layer *l, uint64_t first, uint64_t count)
+{
+    if (first > l->blocks || count > l->blocks - first)
+        return -EINVAL;
+    /* Whole blocks, even past a disk size that is not a multiple of 4 KiB:
+     * a punch cut at the file's end would leave the last block allocated. */
+    if (fallocate(l->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(first * LAYER_BLOCK_SIZE),
+                  (off_t)(count * LAYER_BLOCK_SIZE)) < 0)
+        return -errno;
+    mark_owned(l, first, count);
+    return 0;
 }
