@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "extmap.h"
 #include "list.h"
 #include "progress.h"
@@ -759,6 +760,7 @@ static const struct subcommand subcommands[] = {
     {"unpin", "release what precopy pinned", unpin_main, unpin_help},
     {"trace", "record the base chunks a VM reads, as a prefetch list", trace_main, trace_help},
     {"list", "publish prefetch lists, or make them from file paths", list_main, list_help},
+    {"check", "say what is wrong with a mount or a repository on this host", check_main, check_help},
 };
 
 static void main_help(FILE *out)
