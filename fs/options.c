@@ -244,6 +244,27 @@ static int check_dir(const char *what, const char *path)
     return 0;
 }
 
+/* The absolute path of a mount point that cannot be stat'ed: its parent
+ * resolved, and its own name appended. */
+static char *resolve_dead_mountpoint(const char *path)
+{
+    char *copy = strdup(path);
+    if (!copy)
+        return NULL;
+    size_t n = strlen(copy);
+    while (n > 1 && copy[n - 1] == '/')
+        copy[--n] = 0;
+    char *slash = strrchr(copy, '/');
+    const char *name = slash ? slash + 1 : copy;
+    char *parent = slash ? (slash == copy ? strdup("/") : (*slash = 0, realpath(copy, NULL))) : realpath(".", NULL);
+    char *out = NULL;
+    if (parent && asprintf(&out, "%s%s%s", parent, strcmp(parent, "/") ? "/" : "", name) < 0)
+        out = NULL;
+    free(parent);
+    free(copy);
+    return out;
+}
+
 /* Calls fn on every option of every -o argument ("-o a,b" and "-oa,b") until
  * it returns non-zero. Escaped commas are not split (libfuse's rule). */
 static int each_dash_o(int argc, char **argv, int (*fn)(void *ctx, const char *option), void *ctx)
@@ -459,9 +480,16 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
         }
         opts->max_threads = (unsigned)n;
     }
-    if (check_dir("mount point", raw.mountpoint) < 0)
-        goto out;
-    opts->mountpoint = realpath(raw.mountpoint, NULL);
+    struct stat mst;
+    if (stat(raw.mountpoint, &mst) < 0 && errno == ENOTCONN) {
+        /* A dead FUSE mount left by a crash: the daemon recognises it
+         * (owner_check_mountpoint), so only the path is resolved here. */
+        opts->mountpoint = resolve_dead_mountpoint(raw.mountpoint);
+    } else {
+        if (check_dir("mount point", raw.mountpoint) < 0)
+            goto out;
+        opts->mountpoint = realpath(raw.mountpoint, NULL);
+    }
     if (!opts->mountpoint) {
         fail("cannot resolve mount point %s", raw.mountpoint);
         goto out;
