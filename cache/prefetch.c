@@ -447,6 +447,16 @@ int prefetch_status(struct prefetcher *pf, const char *key, struct job_status *o
     return j ? 0 : -ENOENT;
 }
 
+int prefetch_stop(struct prefetcher *pf, const char *key)
+{
+    pthread_mutex_lock(&pf->lock);
+    struct job *j = find_job_locked(pf, key);
+    if (j)
+        atomic_store(&j->stop, true);
+    pthread_mutex_unlock(&pf->lock);
+    return j ? 0 : -ENOENT;
+}
+
 int prefetch_unpin(struct prefetcher *pf, const char *key)
 {
     char path[PATH_MAX];

@@ -174,6 +174,14 @@ static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
         return vm_export(fs->vms, vm, NULL, f[2], err, errlen);
     } else if (n == 5 && strcmp(f[0], "precopy") == 0) {
         return start_precopy(fs, f, err, errlen);
+    } else if (n == 4 && strcmp(f[0], "precopy-stop") == 0) {
+        char key[160];
+        if (!need_version(fs, f + 1, key, sizeof(key), err, errlen))
+            return -ENOENT;
+        rc = prefetch_stop(fs->prefetcher, key);
+        if (rc == -ENOENT)
+            snprintf(err, errlen, "no pre-copy of %s in this mount", key);
+        return rc;
     } else if (n == 4 && strcmp(f[0], "unpin") == 0) {
         char key[160];
         if (!need_version(fs, f + 1, key, sizeof(key), err, errlen))

@@ -8,8 +8,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "extmap.h"
 #include "imgfsctl.h"
 #include "list.h"
@@ -363,12 +365,16 @@ static int vm_main(int argc, char **argv)
 static void precopy_help(FILE *out)
 {
     fprintf(out, "usage: imgfsctl precopy MOUNTPOINT NAME[@VERSION] [--list LIST] [--rate RATE]\n"
+                 "                        [--window HH:MM-HH:MM]\n"
                  "\n"
                  "Fills the cache of the mount with a whole base version (or only the chunks of\n"
                  "one of its published prefetch lists) and pins them, so that they are never\n"
                  "evicted. The daemon does the work in the background at RATE bytes per second\n"
                  "(e.g. 50M; default unlimited); this command follows it with a progress bar on\n"
                  "a terminal. Running it again resumes: cached chunks are skipped.\n"
+                 "With --window (local time; it may span midnight) nothing starts outside the\n"
+                 "window, and at its end the daemon stops the copy, keeping the pin, and this\n"
+                 "command exits 0; the next run resumes.\n"
                  "Release the pin with imgfsctl unpin.\n");
 }
 
@@ -379,9 +385,45 @@ static void unpin_help(FILE *out)
                  "Releases what imgfsctl precopy pinned; the chunks stay cached until evicted.\n");
 }
 
-/* Parses MOUNTPOINT NAME[@VERSION] [--list LIST] [--rate RATE]. */
+/* "HH:MM" or "HH:MM:SS" as seconds after midnight, -1 if it is not one. */
+static long parse_clock(const char *text, size_t len)
+{
+    char buf[16];
+    unsigned h, m, sec = 0;
+    char extra;
+    if (len >= sizeof(buf))
+        return -1;
+    snprintf(buf, sizeof(buf), "%.*s", (int)len, text);
+    int n = sscanf(buf, "%2u:%2u:%2u%c", &h, &m, &sec, &extra);
+    if ((n != 2 && n != 3) || h > 23 || m > 59 || sec > 59)
+        return -1;
+    return h * 3600L + m * 60L + sec;
+}
+
+/* Seconds left in the daily window "HH:MM-HH:MM" (local time, seconds
+ * optional, may span midnight; equal ends mean all day), 0 if now is
+ * outside it, -1 if the text is not a window. */
+static long window_seconds_left(const char *text)
+{
+    const char *dash = strchr(text, '-');
+    long start = dash ? parse_clock(text, (size_t)(dash - text)) : -1;
+    long end = dash ? parse_clock(dash + 1, strlen(dash + 1)) : -1;
+    if (start < 0 || end < 0)
+        return -1;
+    time_t now = time(NULL);
+    struct tm tm;
+    localtime_r(&now, &tm);
+    long day = 24 * 3600, at = tm.tm_hour * 3600L + tm.tm_min * 60L + tm.tm_sec;
+    if (start == end)
+        return day - ((at - start + day) % day);
+    bool inside = start < end ? at >= start && at < end : at >= start || at < end;
+    return inside ? (end - at + day) % day : 0;
+}
+
+/* Parses MOUNTPOINT NAME[@VERSION] [--list LIST] [--rate RATE] [--window W];
+ * rate and window are NULL for commands that do not take them. */
 static int parse_pin_args(const char *cmd, int argc, char **argv, char *name, uint64_t *version, const char **list,
-                          uint64_t *rate)
+                          uint64_t *rate, const char **window)
 {
     if (argc < 3)
         return usage_error(cmd, "needs MOUNTPOINT and NAME[@VERSION]");
@@ -389,7 +431,14 @@ static int parse_pin_args(const char *cmd, int argc, char **argv, char *name, ui
     for (int i = 3; i < argc; i += 2) {
         char msg[160];
         bool is_list = strcmp(argv[i], "--list") == 0, is_rate = rate && strcmp(argv[i], "--rate") == 0;
-        if (!is_list && !is_rate) {
+        bool is_window = window && strcmp(argv[i], "--window") == 0;
+        if (is_window && i + 1 < argc) {
+            if (window_seconds_left(argv[i + 1]) < 0)
+                return usage_error(cmd, "--window needs local times such as 01:00-05:00");
+            *window = argv[i + 1];
+            continue;
+        }
+        if (!is_list && !is_rate && !is_window) {
             snprintf(msg, sizeof(msg), "unknown option or argument '%s'", argv[i]);
             return usage_error(cmd, msg);
         }
@@ -420,9 +469,17 @@ static int precopy_main(int argc, char **argv)
     char name[65], cmd[512], answer[1024];
     uint64_t version, rate = 0;
     const char *list;
-    int rc = parse_pin_args("precopy", argc, argv, name, &version, &list, &rate);
+    const char *window = NULL;
+    int rc = parse_pin_args("precopy", argc, argv, name, &version, &list, &rate, &window);
     if (rc)
         return rc;
+    long window_left = window ? window_seconds_left(window) : 0;
+    if (window && window_left == 0) {
+        printf("pre-copy of %s@%" PRIu64 ": now is outside the window %s, nothing done\n", name, version, window);
+        return 0;
+    }
+    double deadline = window ? now_seconds() + (double)window_left : 0;
+    bool window_closed = false;
     snprintf(cmd, sizeof(cmd), "precopy\t%s\t%" PRIu64 "\t%s\t%" PRIu64 "\n", name, version, list, rate);
     if (control_command("precopy", argv[1], cmd) != 0)
         return 1;
@@ -451,13 +508,23 @@ static int precopy_main(int argc, char **argv)
         if (strcmp(state, "running") != 0) {
             progress_finish(&bar);
             char size[32];
-            printf("pre-copy of %s@%" PRIu64 ": %s, %" PRIu64 "/%" PRIu64 " chunks, %s fetched, pinned\n", name, version,
-                   state, done, total, format_size(fetched, size, sizeof(size)));
+            printf("pre-copy of %s@%" PRIu64 ": %s, %" PRIu64 "/%" PRIu64 " chunks, %s fetched, pinned%s\n", name,
+                   version, state, done, total, format_size(fetched, size, sizeof(size)),
+                   window_closed ? " (the window ended; run again to resume)" : "");
+            if (window_closed && strcmp(state, "stopped") == 0)
+                return 0;
             if (strcmp(state, "done") != 0) {
                 fprintf(stderr, "imgfsctl precopy: %s\n", error[0] ? error : "the pre-copy did not finish");
                 return 1;
             }
             return 0;
+        }
+        if (deadline && !window_closed && now_seconds() >= deadline) {
+            char stop[512];
+            snprintf(stop, sizeof(stop), "precopy-stop\t%s\t%" PRIu64 "\t%s\n", name, version, list);
+            if (control_command("precopy", argv[1], stop) != 0)
+                return 1;
+            window_closed = true;
         }
         usleep(200 * 1000);
     }
@@ -472,7 +539,7 @@ static int unpin_main(int argc, char **argv)
     char name[65], cmd[512];
     uint64_t version;
     const char *list;
-    int rc = parse_pin_args("unpin", argc, argv, name, &version, &list, NULL);
+    int rc = parse_pin_args("unpin", argc, argv, name, &version, &list, NULL, NULL);
     if (rc)
         return rc;
     snprintf(cmd, sizeof(cmd), "unpin\t%s\t%" PRIu64 "\t%s\n", name, version, list);
@@ -811,6 +878,7 @@ static const struct subcommand subcommands[] = {
     {"list", "publish prefetch lists, or make them from file paths", list_main, list_help},
     {"key", "generate a signing key pair", key_main, key_help},
     {"sign", "sign a repository (every version, the index and the lists)", sign_main, sign_help},
+    {"check", "say what is wrong with a mount or a repository on this host", check_main, check_help},
 };
 
 static void main_help(FILE *out)
