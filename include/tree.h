@@ -7,6 +7,8 @@
  *                          each of its snapshots (read-only)
  *   /.imgfs/stats          plain-text status
  *   /.imgfs/control        imgfsctl's command channel (root only)
+ *   /.imgfs/metrics        the same status in Prometheus text format
+ *   /.imgfs/status.json    the same status as JSON
  *
  * Base version files are immutable, so each keeps one inode for the life of
  * the mount and the kernel may cache its pages forever. A new publish adds a
@@ -41,6 +43,8 @@ enum {
     INO_STATUS_DIR,
     INO_STATS,
     INO_CONTROL,
+    INO_METRICS,
+    INO_STATUS_JSON,
     INO_FIRST_DYNAMIC,
 };
 

@@ -5,12 +5,12 @@
 
 make_image "$T/img.raw" 5000000
 "$IMGFSCTL" publish "$T/img.raw" "$T/repo" --name fs > /dev/null
-mkdir -p "$T/mnt" "$T/cache"
+mkdir -p "$T/mnt" "$T/cache" "$T/state"
 chmod 755 "$T" # let user nobody reach the mount point
 MOUNTS+=("$T/mnt")
 cat > "$T/fstab" <<EOT
 # imgfs test fstab
-$T/repo  $T/mnt  fuse.imgfs  allow_other,default_permissions,cache=$T/cache,timeout=10,nofail  0  0
+$T/repo  $T/mnt  fuse.imgfs  allow_other,default_permissions,cache=$T/cache,state=$T/state,timeout=10,nofail  0  0
 EOT
 # mount(8) runs helpers with a fixed PATH whose first entry is /usr/local/sbin;
 # point it at this build's imgfs for the duration of the test.
