@@ -47,6 +47,7 @@ struct repo {
     char meta_dir[PATH_MAX / 2]; /* local copies of index and manifests, "" for none */
     bool offline_fallback;
     char proxy[PATH_MAX / 2];
+    char netrc_file[PATH_MAX / 2]; /* "" for none */
     struct mirror mirrors[REPO_MAX_MIRRORS];
     int mirror_count;
     atomic_int current;               /* index of the mirror tried first */
@@ -209,6 +210,10 @@ static int http_get_one(struct repo *repo, int i, const char *relpath, size_t ma
     curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
     curl_easy_setopt(h, CURLOPT_MAXREDIRS, 5L);
     curl_easy_setopt(h, CURLOPT_PROXY, repo->proxy); /* "" disables any proxy from the environment */
+    if (repo->netrc_file[0]) {
+        curl_easy_setopt(h, CURLOPT_NETRC, (long)CURL_NETRC_REQUIRED);
+        curl_easy_setopt(h, CURLOPT_NETRC_FILE, repo->netrc_file);
+    }
     if (deadline_ns) {
         uint64_t now = now_ns();
         long ms = deadline_ns > now ? (long)((deadline_ns - now) / 1000000) : 1;
@@ -352,7 +357,8 @@ static struct repo *repo_alloc(const char *location, bool local, const struct re
     if (repo->opts.failback_seconds <= 0)
         repo->opts.failback_seconds = 60;
     snprintf(repo->proxy, sizeof(repo->proxy), "%s", repo->opts.proxy ? repo->opts.proxy : "");
-    repo->opts.proxy = NULL; /* the caller's strings are not kept */
+    snprintf(repo->netrc_file, sizeof(repo->netrc_file), "%s", repo->opts.netrc_file ? repo->opts.netrc_file : "");
+    repo->opts.proxy = repo->opts.netrc_file = NULL; /* the caller's strings are not kept */
     snprintf(repo->mirrors[0].url, sizeof(repo->mirrors[0].url), "%s", repo->location);
     repo->mirror_count = 1;
     for (int i = 0; opts && i < opts->mirror_count && repo->mirror_count < REPO_MAX_MIRRORS; i++) {
