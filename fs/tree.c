@@ -185,6 +185,7 @@ static void scan_base(struct tree *tree, const struct repo_index_entry *e, unsig
     struct base_scan *s = scan_of(tree, e->name);
     if (!s || (s->retry_ns && now_ns() < s->retry_ns))
         return;
+    uint64_t missing_from = 0; /* first version of the current run of missing ones */
     while (s->done < e->latest && *budget > 0 && !atomic_load(&tree->stopping)) {
         uint64_t v = s->done + 1;
         struct manifest *m;
@@ -198,15 +199,28 @@ static void scan_base(struct tree *tree, const struct repo_index_entry *e, unsig
         if (rc == 0 || rc == -EBADMSG || rc == -EINVAL) {
             s->done = v; /* loaded, or bad for good: versions never change */
             s->retry_ns = s->backoff_ns = 0;
+            missing_from = 0;
             continue;
         }
-        /* Missing or unreachable: try again later, not on every refresh. */
+        /* A missing version below existing ones is a hole (a removed
+         * version): skip it. A run of missing versions up to the newest, or
+         * a long one, is what the index claims but the repository does not
+         * have (yet): stop there and retry later, not on every refresh. */
+        if (!missing_from)
+            missing_from = v;
+        if (rc == -ENOENT && v < e->latest && v - missing_from + 1 < TREE_MAX_MISSING_RUN) {
+            s->done = v;
+            continue;
+        }
+        s->done = missing_from - 1;
         s->backoff_ns = s->backoff_ns ? s->backoff_ns * 2 : TREE_RETRY_START_NS;
         if (s->backoff_ns > TREE_RETRY_MAX_NS)
             s->backoff_ns = TREE_RETRY_MAX_NS;
         s->retry_ns = now_ns() + s->backoff_ns;
         return;
     }
+    if (missing_from)
+        s->done = missing_from - 1; /* cut short in a run (budget, unmount): it is tried again */
 }
 
 int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)

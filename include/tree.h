@@ -93,6 +93,7 @@ struct base_scan {
  * The rest waits for the next refresh; nothing waits for all of it. */
 #define TREE_FIRST_REFRESH_BUDGET 4096
 #define TREE_REFRESH_BUDGET 256
+#define TREE_MAX_MISSING_RUN 8
 #define TREE_RETRY_START_NS (30ull * 1000000000ull)
 #define TREE_RETRY_MAX_NS (600ull * 1000000000ull)
 

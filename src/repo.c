@@ -48,6 +48,11 @@ struct repo {
     bool offline_fallback;
     char proxy[PATH_MAX / 2];
     char netrc_file[PATH_MAX / 2]; /* "" for none */
+    /* The digest of the index last kept in meta_dir, so that an unchanged
+     * index is not written (and fsync'd) again. Guarded by meta_lock. */
+    pthread_mutex_t meta_lock;
+    struct sign_digest kept_index;
+    bool kept_index_valid;
     struct mirror mirrors[REPO_MAX_MIRRORS];
     int mirror_count;
     atomic_int current;               /* index of the mirror tried first */
@@ -369,6 +374,7 @@ static struct repo *repo_alloc(const char *location, bool local, const struct re
     }
     pthread_mutex_init(&repo->handles_lock, NULL);
     pthread_mutex_init(&repo->stats_lock, NULL);
+    pthread_mutex_init(&repo->meta_lock, NULL);
     return repo;
 }
 
@@ -381,6 +387,7 @@ void repo_close(struct repo *repo)
         curl_easy_cleanup(repo->idle_handles[i]);
     pthread_mutex_destroy(&repo->handles_lock);
     pthread_mutex_destroy(&repo->stats_lock);
+    pthread_mutex_destroy(&repo->meta_lock);
     free(repo);
 }
 
@@ -701,8 +708,17 @@ int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t
         return rc;
     }
     rc = accept_index(repo, data, len, out, err, errlen);
-    if (rc == 0)
-        save_meta(repo, "index", data, len);
+    if (rc == 0 && repo->meta_dir[0]) {
+        struct sign_digest digest;
+        sign_digest_compute(data, len, &digest);
+        pthread_mutex_lock(&repo->meta_lock);
+        bool changed = !repo->kept_index_valid || !sign_digest_equal(&digest, &repo->kept_index);
+        repo->kept_index = digest;
+        repo->kept_index_valid = true;
+        pthread_mutex_unlock(&repo->meta_lock);
+        if (changed)
+            save_meta(repo, "index", data, len);
+    }
     free(data);
     if (rc == 0 || !verifying(repo))
         return rc;
