@@ -14,6 +14,10 @@
  * file system (SEEK_DATA/SEEK_HOLE); qcow2 images use the L1/L2 tables of
  * every file of the chain (qcow2map.h), read once at open. Where neither
  * can tell (a block device, qcow v1, subclusters), everything is data.
+ * A qcow2 image is read through that map: each allocated range from the
+ * file of the chain that holds it, the rest as zeros, so libqcow never
+ * resolves a cluster through a backing file (where it ignores zero clusters
+ * and misreads compressed ones).
  *
  * Contract: image_read() is for one thread at a time per image; a second
  * thread opens its own reader with image_reopen(). image_size(),

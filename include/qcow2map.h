@@ -27,12 +27,13 @@ enum qcow2map_state { QCOW2MAP_UNALLOCATED, QCOW2MAP_ZERO, QCOW2MAP_DATA };
 struct qcow2map_run {
     uint64_t start, end;
     enum qcow2map_state state;
+    unsigned file; /* DATA: which file of the chain holds it (0: this one) */
 };
 
 struct qcow2map {
     uint64_t size; /* virtual size of the file */
     struct qcow2map_run *runs;
-    size_t count; /* adjacent runs never share a state */
+    size_t count; /* adjacent runs never share both state and file */
     size_t cap;
 };
 
@@ -41,8 +42,9 @@ int qcow2map_read(const char *path, struct qcow2map *out);
 
 /* What a reader of top sees when lower is its backing file: top's
  * UNALLOCATED runs take lower's state, and zeros past lower's size. The
- * result (top->size long) has only ZERO and DATA runs. An empty lower
- * (size 0) stands for "no backing file". */
+ * result (top->size long) has only ZERO and DATA runs; a DATA run that comes
+ * from lower has its file one deeper. An empty lower (size 0) stands for
+ * "no backing file". */
 int qcow2map_overlay(const struct qcow2map *top, const struct qcow2map *lower, struct qcow2map *out);
 
 void qcow2map_free(struct qcow2map *map);

@@ -17,9 +17,11 @@
 /* A chain of qcow files more than this deep is refused (and catches loops). */
 #define MAX_BACKING_DEPTH 16
 
-/* A piece of the virtual disk that may hold data. */
+/* A piece of the virtual disk that may hold data, and the file of the
+ * chain that holds it (0: the top). */
 struct extent {
     uint64_t start, end;
+    int file;
 };
 
 struct image {
@@ -202,7 +204,7 @@ static int map_qcow_chain(struct image *img)
         img->extents = malloc(sizeof(*img->extents));
         if (!img->extents)
             return -ENOMEM;
-        img->extents[0] = (struct extent){0, img->size};
+        img->extents[0] = (struct extent){0, img->size, 0};
         img->extent_count = 1;
         img->map_source = "none";
         return 0;
@@ -215,7 +217,8 @@ static int map_qcow_chain(struct image *img)
     for (size_t i = 0; i < below.count; i++)
         if (below.runs[i].state == QCOW2MAP_DATA && below.runs[i].start < img->size)
             img->extents[img->extent_count++] = (struct extent){
-                below.runs[i].start, below.runs[i].end < img->size ? below.runs[i].end : img->size};
+                below.runs[i].start, below.runs[i].end < img->size ? below.runs[i].end : img->size,
+                (int)below.runs[i].file};
     qcow2map_free(&below);
     img->map_source = "qcow2 tables";
     return 0;
@@ -285,6 +288,33 @@ int image_open(const char *path, struct image **out, char *err, size_t errlen)
     return 0;
 }
 
+/* The index of the first extent that ends after off (extent_count if none). */
+static size_t extent_after(const struct image *img, uint64_t off)
+{
+    size_t lo = 0, hi = img->extent_count;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (img->extents[mid].end <= off)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static int qcow_read(libqcow_file_t *file, char *p, size_t len, uint64_t off)
+{
+    while (len > 0) {
+        ssize_t n = libqcow_file_read_buffer_at_offset(file, p, len, (off64_t)off, NULL);
+        if (n <= 0)
+            return -EIO;
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
 int image_read(struct image *img, void *buf, size_t len, uint64_t off)
 {
     if (off > img->size || len > img->size - off)
@@ -293,14 +323,28 @@ int image_read(struct image *img, void *buf, size_t len, uint64_t off)
         int rc = read_full_at(img->fd, buf, len, (off_t)off);
         return rc == -ENODATA ? -EIO : rc;
     }
+    /* Each extent is read from the file that holds it, so libqcow never
+     * resolves a cluster through a backing file: it would ignore a zero
+     * cluster over backing data, misread compressed clusters of a backing
+     * file, and spin at the end of a backing file smaller than the top.
+     * The rest is zeros. */
     char *p = buf;
-    while (len > 0) {
-        ssize_t n = libqcow_file_read_buffer_at_offset(img->qcow_chain[0], p, len, (off64_t)off, NULL);
-        if (n <= 0)
-            return -EIO;
-        p += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
+    uint64_t end = off + len;
+    for (size_t i = extent_after(img, off); off < end; i++) {
+        uint64_t data = i < img->extent_count && img->extents[i].start < end ? img->extents[i].start : end;
+        if (data > off) {
+            memset(p, 0, (size_t)(data - off));
+            p += data - off;
+            off = data;
+        }
+        if (off == end)
+            break;
+        uint64_t stop = img->extents[i].end < end ? img->extents[i].end : end;
+        int rc = qcow_read(img->qcow_chain[img->extents[i].file], p, (size_t)(stop - off), off);
+        if (rc)
+            return rc;
+        p += stop - off;
+        off = stop;
     }
     return 0;
 }
@@ -336,15 +380,7 @@ int image_next_data(const struct image *img, uint64_t off, uint64_t *start, uint
         return -ENXIO;
     if (img->qcow_depth == 0)
         return raw_next_data(img, off, start, end);
-    /* The first extent that ends after off. */
-    size_t lo = 0, hi = img->extent_count;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (img->extents[mid].end <= off)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
+    size_t lo = extent_after(img, off);
     if (lo == img->extent_count)
         return -ENXIO;
     *start = img->extents[lo].start > off ? img->extents[lo].start : off;

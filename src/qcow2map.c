@@ -42,11 +42,12 @@ static uint32_t be32(const unsigned char *p)
 }
 
 /* Appends [start, end) in state, merged with the last run when it matches. */
-static int add_run(struct qcow2map *map, uint64_t start, uint64_t end, enum qcow2map_state state)
+static int add_run(struct qcow2map *map, uint64_t start, uint64_t end, enum qcow2map_state state, unsigned file)
 {
     if (start >= end)
         return 0;
-    if (map->count && map->runs[map->count - 1].state == state && map->runs[map->count - 1].end == start) {
+    struct qcow2map_run *last = map->count ? &map->runs[map->count - 1] : NULL;
+    if (last && last->state == state && last->file == file && last->end == start) {
         map->runs[map->count - 1].end = end;
         return 0;
     }
@@ -58,7 +59,7 @@ static int add_run(struct qcow2map *map, uint64_t start, uint64_t end, enum qcow
         map->runs = grown;
         map->cap = cap;
     }
-    map->runs[map->count++] = (struct qcow2map_run){start, end, state};
+    map->runs[map->count++] = (struct qcow2map_run){start, end, state, file};
     return 0;
 }
 
@@ -104,7 +105,7 @@ static int read_tables(int fd, uint64_t file_size, const unsigned char *hdr, str
         uint64_t last = first + per_l2 * cluster < map->size ? first + per_l2 * cluster : map->size;
         uint64_t l2_offset = be64(l1 + i * 8) & OFFSET_MASK;
         if (!l2_offset) {
-            rc = add_run(map, first, last, QCOW2MAP_UNALLOCATED);
+            rc = add_run(map, first, last, QCOW2MAP_UNALLOCATED, 0);
             continue;
         }
         if (!inside(l2_offset, cluster, file_size)) {
@@ -115,13 +116,13 @@ static int read_tables(int fd, uint64_t file_size, const unsigned char *hdr, str
         for (uint64_t j = 0; !rc && j < per_l2 && first + j * cluster < last; j++) {
             uint64_t start = first + j * cluster;
             uint64_t end = start + cluster < last ? start + cluster : last;
-            rc = add_run(map, start, end, l2_state(be64(l2 + j * 8), version));
+            rc = add_run(map, start, end, l2_state(be64(l2 + j * 8), version), 0);
         }
     }
     /* Clusters beyond a short L1 table are not allocated. */
     if (!rc)
         rc = add_run(map, l1_used * per_l2 * cluster < map->size ? l1_used * per_l2 * cluster : map->size,
-                     map->size, QCOW2MAP_UNALLOCATED);
+                     map->size, QCOW2MAP_UNALLOCATED, 0);
     free(l1);
     free(l2);
     return rc == -ENODATA ? -EBADMSG : rc;
@@ -164,7 +165,7 @@ int qcow2map_overlay(const struct qcow2map *top, const struct qcow2map *lower, s
     for (size_t i = 0; !rc && i < top->count; i++) {
         const struct qcow2map_run *t = &top->runs[i];
         if (t->state != QCOW2MAP_UNALLOCATED) {
-            rc = add_run(out, t->start, t->end, t->state);
+            rc = add_run(out, t->start, t->end, t->state, t->file);
             continue;
         }
         /* Both lists are sorted, so lower is walked once over all of top. */
@@ -174,12 +175,13 @@ int qcow2map_overlay(const struct qcow2map *top, const struct qcow2map *lower, s
         for (size_t k = j; !rc && k < lower->count && lower->runs[k].start < t->end; k++) {
             const struct qcow2map_run *l = &lower->runs[k];
             uint64_t end = l->end < t->end ? l->end : t->end;
-            enum qcow2map_state s = l->state == QCOW2MAP_DATA ? QCOW2MAP_DATA : QCOW2MAP_ZERO;
-            rc = add_run(out, at > l->start ? at : l->start, end, s);
+            bool data = l->state == QCOW2MAP_DATA;
+            rc = add_run(out, at > l->start ? at : l->start, end, data ? QCOW2MAP_DATA : QCOW2MAP_ZERO,
+                         data ? l->file + 1 : 0);
             at = end;
         }
         if (!rc)
-            rc = add_run(out, at, t->end, QCOW2MAP_ZERO); /* past lower's end */
+            rc = add_run(out, at, t->end, QCOW2MAP_ZERO, 0); /* past lower's end */
     }
     if (rc)
         qcow2map_free(out);
