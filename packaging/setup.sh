@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
     # build
     build-essential cmake pkg-config
-    libfuse3-dev fuse3 libqcow-dev libxxhash-dev libzstd-dev libcurl4-openssl-dev libext2fs-dev
+    libfuse3-dev fuse3 libqcow-dev libxxhash-dev libzstd-dev libcurl4-openssl-dev libext2fs-dev libsodium-dev
+    # fuzzing (libFuzzer)
+    clang libfuzzer-14-dev libclang-rt-14-dev
     # tests and benchmarks: real clients, servers and peers
     python3 xxhash qemu-utils qemu-system-x86 qemu-block-extra fio nginx-light
     libqcow-utils xmount debootstrap fdisk e2fsprogs dosfstools procps util-linux gdb tmux

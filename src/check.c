@@ -19,6 +19,7 @@
 
 #include "config.h"
 #include "repo.h"
+#include "sign.h"
 #include "util.h"
 
 /* The defaults of imgfs(8); options.h belongs to the FUSE side. */
@@ -108,21 +109,16 @@ static void check_repository(struct findings *f, const char *location)
 static void check_trust(struct findings *f, const char *trust)
 {
     if (!trust) {
-        report(f, "ok", "trust", "no trust file given or configured (repository metadata is checked by hash only)");
+        report(f, "ok", "trust", "no trust file given or configured (repository metadata is checked by hash only; http(s) needs one or -o insecure)");
         return;
     }
-    char *text;
-    size_t len;
-    int rc = read_file(trust, 1u << 20, &text, &len);
-    if (rc) {
-        report(f, "FAIL", "trust", "the trust file %s cannot be read: %s", trust, strerror(-rc));
-        return;
-    }
-    free(text);
-    if (len == 0)
-        report(f, "FAIL", "trust", "the trust file %s is empty", trust);
+    struct sign_keyring ring;
+    char err[PATH_MAX + 256];
+    if (sign_keyring_load(trust, &ring, err, sizeof(err)) != 0)
+        report(f, "FAIL", "trust", "%s", err);
     else
-        report(f, "ok", "trust", "the trust file %s is readable (%zu bytes)", trust, len);
+        report(f, "ok", "trust", "the trust file %s holds %zu public key%s", trust, ring.count,
+               ring.count == 1 ? "" : "s");
 }
 
 /* Free space of dir; limit is the configured cache_size (0: none), used

@@ -31,12 +31,18 @@ status=0
 "$IMGFSCTL" check "$T/repo" --cache "$T/cache" --state "$T/state" --trust "$T/no-such-keys" > "$T/out" || status=$?
 cat "$T/out"
 [ "$status" -eq 1 ] || fail "check with an unreadable trust file exited $status, not 1"
-grep -q "^FAIL  trust       the trust file $T/no-such-keys cannot be read" "$T/out" || fail "no trust FAIL line"
-echo "ed25519 0123" > "$T/keys"
+grep -q "^FAIL  trust       cannot read trust file $T/no-such-keys" "$T/out" || fail "no trust FAIL line"
+echo "ed25519 0123" > "$T/badkeys"
+status=0
+"$IMGFSCTL" check "$T/repo" --cache "$T/cache" --state "$T/state" --trust "$T/badkeys" > "$T/out" || status=$?
+[ "$status" -eq 1 ] || fail "check with a malformed trust file exited $status, not 1"
+grep -q "^FAIL  trust       .*line 1 is not" "$T/out" || { cat "$T/out"; fail "no FAIL line for a malformed trust file"; }
+"$IMGFSCTL" key generate "$T/key" > /dev/null
+cp "$T/key.pub" "$T/keys"
 "$IMGFSCTL" check "$T/repo" --cache "$T/cache" --state "$T/state" --trust "$T/keys" > "$T/out" ||
     { cat "$T/out"; fail "check with a readable trust file failed"; }
-grep -q "^ok    trust       the trust file $T/keys is readable" "$T/out" || fail "no trust ok line"
-ok "the trust file: FAIL when unreadable, ok when readable"
+grep -q "^ok    trust       the trust file $T/keys holds 1 public key" "$T/out" || fail "no trust ok line"
+ok "the trust file: FAIL when unreadable or malformed, ok with a key from imgfsctl key generate"
 
 # The directories of a repository check come from the config file.
 printf 'cache=%s\nstate=%s/state\n' "$T/cache" "$T" > "$T/imgfs.conf"
