@@ -44,6 +44,9 @@
 #include "rangelock.h"
 
 #define VM_MAX_DEPTH 64
+/* 16 TiB: a layer's ownership bitmap for it is 512 MiB. Larger sizes (from
+ * the command line, a VM file or a base) are refused before allocating. */
+#define VM_MAX_SIZE (16ull << 40)
 #define VM_MAX_SNAPSHOTS 256
 
 struct prefetch_marks;

@@ -309,7 +309,7 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
             if (strcmp(value, name) != 0)
                 LOAD_FAIL("VM %s: its VM file names another VM", name);
         } else if (sscanf(line, "size %63s", value) == 1) {
-            if (parse_u64(value, &size) < 0 || size == 0 || size > MANIFEST_MAX_DISK_SIZE)
+            if (parse_u64(value, &size) < 0 || size == 0 || size > VM_MAX_SIZE)
                 LOAD_FAIL("VM %s: bad size in its VM file", name);
             vm = vm_alloc(name, size);
             if (!vm)
@@ -530,8 +530,13 @@ int vm_create(struct vm_registry *reg, const char *name, const char *base_name, 
             return -ENOENT;
         }
         size = base->manifest->size;
-    } else if (size == 0 || size > MANIFEST_MAX_DISK_SIZE || size % 512) {
-        snprintf(err, errlen, "disk size must be a multiple of 512 bytes between 512 and 1P");
+        if (size > VM_MAX_SIZE) {
+            snprintf(err, errlen, "base %s@%" PRIu64 " is larger than the 16T a VM disk may have", base_name,
+                     base_version);
+            return -EFBIG;
+        }
+    } else if (size == 0 || size > VM_MAX_SIZE || size % 512) {
+        snprintf(err, errlen, "disk size must be a multiple of 512 bytes between 512 and 16T");
         return -EINVAL;
     }
     pthread_mutex_lock(&reg->lock);
