@@ -196,6 +196,12 @@ static void scan_base(struct tree *tree, const struct repo_index_entry *e, unsig
             snprintf(error, errlen, "out of memory");
             return;
         }
+        if (rc != 0 && (!s->problem_is_bad || rc == -EBADMSG || rc == -EINVAL)) {
+            snprintf(s->problem, sizeof(s->problem), "%s", error);
+            s->problem_is_bad = rc == -EBADMSG || rc == -EINVAL;
+        } else if (rc == 0 && !s->problem_is_bad) {
+            s->problem[0] = '\0'; /* what was waited for came */
+        }
         if (rc == 0 || rc == -EBADMSG || rc == -EINVAL) {
             s->done = v; /* loaded, or bad for good: versions never change */
             s->retry_ns = s->backoff_ns = 0;
@@ -245,6 +251,9 @@ int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
     /* A bad version is reported and skipped; the others still show. */
     for (size_t i = 0; rc == 0 && i < index.count; i++)
         scan_base(tree, &index.entries[i], &budget, version_error, sizeof(version_error));
+    /* A version given up on stays reported, though it is not read again. */
+    for (size_t i = 0; rc == 0 && !version_error[0] && i < tree->scan_count; i++)
+        snprintf(version_error, sizeof(version_error), "%s", tree->scans[i].problem);
     if (rc == 0)
         repo_index_free(&index);
     const char *problem = rc ? err : version_error;

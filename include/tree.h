@@ -87,6 +87,8 @@ struct base_scan {
     uint64_t done;
     uint64_t retry_ns;
     uint64_t backoff_ns;
+    char problem[256]; /* why a version was skipped or is waited for ("" if none) */
+    bool problem_is_bad; /* a bad manifest (for good), not a missing one */
 };
 
 /* Manifest reads one refresh may do: the first (at mount) and later ones.
