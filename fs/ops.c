@@ -110,9 +110,47 @@ static void reply_entry(fuse_req_t req, const struct node *n)
     fuse_reply_entry(req, &e);
 }
 
+/* Whether a takeover carries the first server's negotiation: then this
+ * session believes exactly what the kernel was told (takeover.h). */
+static bool init_from_takeover(struct takeover *t, struct fuse_conn_info *conn)
+{
+    if (!t || !t->negotiated)
+        return false;
+    if (t->want & ~conn->capable)
+        log_error("takeover: the kernel no longer offers capabilities 0x%x", t->want & ~conn->capable);
+    conn->want = t->want & conn->capable;
+    conn->max_write = t->max_write;
+    conn->max_readahead = t->max_readahead;
+    conn->max_background = t->max_background;
+    conn->congestion_threshold = t->congestion_threshold;
+    conn->time_gran = t->time_gran;
+    return true;
+}
+
+static void note_negotiated(struct takeover *t, const struct fuse_conn_info *conn)
+{
+    if (!t)
+        return;
+    t->want = conn->want;
+    t->max_write = conn->max_write;
+    t->max_readahead = conn->max_readahead;
+    t->max_background = conn->max_background;
+    t->congestion_threshold = conn->congestion_threshold;
+    t->time_gran = conn->time_gran;
+    t->negotiated = 1;
+    if (t->has_resend)
+        log_info("the kernel has FUSE_NOTIFY_RESEND: a server that crashes is replaced, and the requests it "
+                 "held are sent again");
+    else
+        log_warn("the kernel has no FUSE_NOTIFY_RESEND (Linux before 6.9): a crash of the server ends the "
+                 "mount; imgfsctl restart still hands it over");
+}
+
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
     struct imgfs *fs = userdata;
+    if (init_from_takeover(fs->takeover, conn))
+        return;
     /* Only VM files are ever written through the page cache (bases and
      * snapshots refuse writers, status files are direct), so the writeback
      * cache concerns VM disks alone. */
@@ -128,6 +166,7 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS)
         conn->want |= FUSE_CAP_PARALLEL_DIROPS;
     conn->max_readahead = 1u << 20;
+    note_negotiated(fs->takeover, conn);
 }
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
@@ -304,7 +343,9 @@ struct open_text {
 
 static pthread_mutex_t open_texts_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct open_text *open_texts; /* guarded by open_texts_lock */
-static uint64_t next_text_id = 1;    /* guarded by open_texts_lock */
+/* Ids start from this server's pid, so that a handle a previous server
+ * gave (before a takeover) never names a text of this one. */
+static uint64_t next_text_id;        /* guarded by open_texts_lock */
 
 /* Takes ownership of text; returns the handle id, or 0 when out of memory. */
 static uint64_t text_open(char *text, size_t len)
@@ -317,6 +358,8 @@ static uint64_t text_open(char *text, size_t len)
     t->text = text;
     t->len = len;
     pthread_mutex_lock(&open_texts_lock);
+    if (!next_text_id)
+        next_text_id = (uint64_t)getpid() << 32 | 1;
     t->id = next_text_id++;
     t->next = open_texts;
     open_texts = t;
