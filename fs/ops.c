@@ -34,8 +34,12 @@ static void maybe_refresh(struct imgfs *fs)
 
 static bool is_vm_node(const struct node *n) { return n->kind == NODE_VM_FILE || n->kind == NODE_VM_SNAPSHOT; }
 
+/* Status files are never cached: their size is the size of what the
+ * caller's own open handle will read (see status_file_size). */
 static double attr_timeout(const struct node *n)
 {
+    if (n->kind == NODE_STATUS_FILE)
+        return 0;
     return n->kind == NODE_BASE_FILE || n->kind == NODE_DIR ? IMMUTABLE_TIMEOUT : MUTABLE_TIMEOUT;
 }
 
@@ -99,6 +103,16 @@ static void fill_attr(struct imgfs *fs, const struct node *n, struct stat *st)
     st->st_mtime = st->st_ctime = st->st_atime = mtime;
 }
 
+static off_t status_file_size(fuse_req_t req, const struct node *n);
+
+/* fill_attr, plus what depends on who asks. */
+static void fill_attr_for(fuse_req_t req, const struct node *n, struct stat *st)
+{
+    fill_attr(fs_of(req), n, st);
+    if (n->kind == NODE_STATUS_FILE)
+        st->st_size = status_file_size(req, n);
+}
+
 static void reply_entry(fuse_req_t req, const struct node *n)
 {
     struct fuse_entry_param e = {0};
@@ -106,7 +120,7 @@ static void reply_entry(fuse_req_t req, const struct node *n)
     e.generation = 1;
     e.attr_timeout = attr_timeout(n);
     e.entry_timeout = entry_timeout(n);
-    fill_attr(fs_of(req), n, &e.attr);
+    fill_attr_for(req, n, &e.attr);
     fuse_reply_entry(req, &e);
 }
 
@@ -194,7 +208,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         return;
     }
     struct stat st;
-    fill_attr(fs, n, &st);
+    fill_attr_for(req, n, &st);
     fuse_reply_attr(req, &st, attr_timeout(n));
 }
 
@@ -332,10 +346,16 @@ done:
  * command written to the control file. The kernel may send RELEASE while a
  * READ of the same handle is still being answered (for example when the
  * reader was killed), so a text is never touched outside open_texts_lock: a
- * read copies its slice under the lock and replies after. */
+ * read copies its slice under the lock and replies after.
+ *
+ * A status file's size in stat is the length of the text that the calling
+ * thread's newest open handle of it holds (read_file() opens, fstats, then
+ * reads exactly st_size bytes), or of a fresh rendering when it has none. */
 
 struct open_text {
     uint64_t id;
+    fuse_ino_t ino;
+    pid_t pid; /* the thread that opened it */
     size_t len;
     char *text;
     struct open_text *next;
@@ -348,13 +368,15 @@ static struct open_text *open_texts; /* guarded by open_texts_lock */
 static uint64_t next_text_id;        /* guarded by open_texts_lock */
 
 /* Takes ownership of text; returns the handle id, or 0 when out of memory. */
-static uint64_t text_open(char *text, size_t len)
+static uint64_t text_open(fuse_ino_t ino, pid_t pid, char *text, size_t len)
 {
     struct open_text *t = calloc(1, sizeof(*t));
     if (!t) {
         free(text);
         return 0;
     }
+    t->ino = ino;
+    t->pid = pid;
     t->text = text;
     t->len = len;
     pthread_mutex_lock(&open_texts_lock);
@@ -373,6 +395,22 @@ static struct open_text *find_text_locked(uint64_t id)
         if (t->id == id)
             return t;
     return NULL;
+}
+
+static off_t status_file_size(fuse_req_t req, const struct node *n)
+{
+    pid_t pid = fuse_req_ctx(req)->pid;
+    bool found = false;
+    size_t len = 0;
+    pthread_mutex_lock(&open_texts_lock);
+    for (struct open_text *t = open_texts; t && !found; t = t->next) /* newest first */
+        if (t->ino == n->ino && t->pid == pid)
+            found = true, len = t->len;
+    pthread_mutex_unlock(&open_texts_lock);
+    char *text;
+    if (!found && status_render_file(fs_of(req), n->ino, &text, &len) == 0)
+        free(text);
+    return (off_t)len;
 }
 
 static void text_read(fuse_req_t req, uint64_t id, size_t size, off_t off)
@@ -440,7 +478,7 @@ static void open_text_file(fuse_req_t req, struct imgfs *fs, const struct node *
     int rc = 0;
     if (n->kind == NODE_STATUS_FILE) {
         maybe_refresh(fs);
-        rc = status_render_stats(fs, &text, &len);
+        rc = status_render_file(fs, n->ino, &text, &len);
     } else if (fuse_req_ctx(req)->uid != 0) {
         rc = -EACCES; /* commands change VMs: root only, with or without default_permissions */
     } else {
@@ -451,7 +489,7 @@ static void open_text_file(fuse_req_t req, struct imgfs *fs, const struct node *
         fuse_reply_err(req, -rc);
         return;
     }
-    fi->fh = text_open(text, len);
+    fi->fh = text_open(n->ino, fuse_req_ctx(req)->pid, text, len);
     if (!fi->fh) {
         fuse_reply_err(req, ENOMEM);
         return;
@@ -842,6 +880,61 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino)
     fuse_reply_statfs(req, &sv);
 }
 
+/* ---- extended attributes: user.imgfs.*, read-only (status.h) ------------------ */
+
+/* Replies to a getxattr/listxattr of size bytes with value (NULL: none). */
+static void reply_xattr_value(fuse_req_t req, size_t size, const char *value, size_t len)
+{
+    if (size == 0)
+        fuse_reply_xattr(req, len);
+    else if (size < len)
+        fuse_reply_err(req, ERANGE);
+    else
+        fuse_reply_buf(req, value, len);
+}
+
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    struct imgfs *fs = fs_of(req);
+    struct node *n = live_node(fs, ino);
+    char *value = NULL;
+    size_t len = 0;
+    int rc = n ? status_xattr_get(fs, n, name, &value, &len) : -ENOENT;
+    if (rc)
+        fuse_reply_err(req, -rc);
+    else
+        reply_xattr_value(req, size, value, len);
+    free(value);
+}
+
+static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+    struct imgfs *fs = fs_of(req);
+    struct node *n = live_node(fs, ino);
+    char *names = NULL;
+    size_t len = 0;
+    int rc = n ? status_xattr_list(fs, n, &names, &len) : -ENOENT;
+    if (rc)
+        fuse_reply_err(req, -rc);
+    else
+        reply_xattr_value(req, size, names, len);
+    free(names);
+}
+
+/* The user.imgfs.* values are figures of the daemon; nothing else is kept. */
+static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value, size_t size,
+                        int flags)
+{
+    (void)ino, (void)value, (void)size, (void)flags;
+    fuse_reply_err(req, strncmp(name, "user.imgfs.", 11) == 0 ? EPERM : ENOTSUP);
+}
+
+static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
+{
+    (void)ino;
+    fuse_reply_err(req, strncmp(name, "user.imgfs.", 11) == 0 ? EPERM : ENOTSUP);
+}
+
 /* Files are created and removed with imgfsctl, not with the usual calls. */
 static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
 {
@@ -897,4 +990,8 @@ const struct fuse_lowlevel_ops imgfs_ops = {
     .statfs = op_statfs,
     .fallocate = op_fallocate,
     .lseek = op_lseek,
+    .getxattr = op_getxattr,
+    .listxattr = op_listxattr,
+    .setxattr = op_setxattr,
+    .removexattr = op_removexattr,
 };

@@ -107,7 +107,9 @@ int tree_create(struct repo *repo, double refresh_seconds, struct tree **out)
     bool ok = add_node(tree, INO_ROOT, NODE_DIR, "") && add_node(tree, INO_ROOT, NODE_DIR, "bases") &&
               add_node(tree, INO_ROOT, NODE_DIR, "vms") && add_node(tree, INO_ROOT, NODE_DIR, ".imgfs") &&
               add_node(tree, INO_STATUS_DIR, NODE_STATUS_FILE, "stats") &&
-              add_node(tree, INO_STATUS_DIR, NODE_CONTROL_FILE, "control");
+              add_node(tree, INO_STATUS_DIR, NODE_CONTROL_FILE, "control") &&
+              add_node(tree, INO_STATUS_DIR, NODE_STATUS_FILE, "metrics") &&
+              add_node(tree, INO_STATUS_DIR, NODE_STATUS_FILE, "status.json");
     if (!ok) {
         tree_destroy(tree);
         return -ENOMEM;

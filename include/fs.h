@@ -21,6 +21,7 @@
 #include "prefetch.h"
 #include "options.h"
 #include "repo.h"
+#include "status.h"
 #include "tree.h"
 #include "vm.h"
 
@@ -38,9 +39,6 @@ struct imgfs {
 };
 
 extern const struct fuse_lowlevel_ops imgfs_ops;
-
-/* Renders .imgfs/stats into a malloc'd buffer. */
-int status_render_stats(struct imgfs *fs, char **text, size_t *len);
 
 /* Runs one imgfsctl command written to .imgfs/control and returns the reply
  * in a malloc'd string: "ok[ DETAIL]\n" or "error SENTENCE\n". Commands are

@@ -7,6 +7,8 @@
  *                          each of its snapshots (read-only)
  *   /.imgfs/stats          plain-text status
  *   /.imgfs/control        imgfsctl's command channel (root only)
+ *   /.imgfs/metrics        the same status in Prometheus text format
+ *   /.imgfs/status.json    the same status as JSON
  *
  * Inode numbers are given in order of first appearance and, through the
  * takeover inode map, keep their value across servers (see takeover.h).
@@ -44,6 +46,8 @@ enum {
     INO_STATUS_DIR,
     INO_STATS,
     INO_CONTROL,
+    INO_METRICS,
+    INO_STATUS_JSON,
     INO_FIRST_DYNAMIC,
 };
 

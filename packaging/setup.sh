@@ -16,6 +16,7 @@ PACKAGES=(
     # tests and benchmarks: real clients, servers and peers
     python3 xxhash qemu-utils qemu-system-x86 qemu-block-extra fio nginx-light
     libqcow-utils xmount debootstrap fdisk e2fsprogs dosfstools procps util-linux gdb
+    python3-prometheus-client jq attr libvirt-daemon-system libvirt-clients
 )
 
 step() { printf '\n=== %s\n' "$*"; }

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "extmap.h"
+#include "imgfsctl.h"
 #include "list.h"
 #include "progress.h"
 #include "publish.h"
@@ -23,7 +24,7 @@ struct subcommand {
     void (*help)(FILE *out);
 };
 
-static int usage_error(const char *cmd, const char *msg)
+int usage_error(const char *cmd, const char *msg)
 {
     fprintf(stderr, "imgfsctl %s: %s (see imgfsctl %s --help)\n", cmd, msg, cmd);
     return 2;
@@ -52,7 +53,7 @@ static int option_error(const char *cmd, char **argv, const struct option *longo
     return usage_error(cmd, msg);
 }
 
-static bool wants_help(int argc, char **argv)
+bool wants_help(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--") == 0)
@@ -135,85 +136,6 @@ static int publish_main(int argc, char **argv)
     printf("stored      %s (%" PRIu64 " bytes)\n", format_size(res.bytes_stored, stored_s, sizeof(stored_s)),
            res.bytes_stored);
     return 0;
-}
-
-/* ---- status --------------------------------------------------------------------- */
-
-static void status_help(FILE *out)
-{
-    fprintf(out, "usage: imgfsctl status MOUNTPOINT\n"
-                 "\n"
-                 "Prints the status of the imgfs mounted at MOUNTPOINT (its .imgfs/stats file).\n");
-}
-
-static int status_main(int argc, char **argv)
-{
-    if (wants_help(argc, argv)) {
-        status_help(stdout);
-        return 0;
-    }
-    if (argc != 2)
-        return usage_error("status", "needs exactly MOUNTPOINT");
-    char path[PATH_MAX];
-    if (path_join(path, sizeof(path), "%s/.imgfs/stats", argv[1]) < 0)
-        return usage_error("status", "mount point path is too long");
-    char *text;
-    size_t len;
-    int rc = read_file(path, 64u << 20, &text, &len);
-    if (rc) {
-        fprintf(stderr, "imgfsctl status: %s is not an imgfs mount (%s)\n", argv[1], strerror(-rc));
-        return 1;
-    }
-    fwrite(text, 1, len, stdout);
-    free(text);
-    return 0;
-}
-
-/* ---- versions ------------------------------------------------------------------- */
-
-static void versions_help(FILE *out)
-{
-    fprintf(out, "usage: imgfsctl versions REPO\n"
-                 "\n"
-                 "Lists the bases of the repository REPO (a directory or URL) with their newest\n"
-                 "version, size and chunk size.\n");
-}
-
-static int versions_main(int argc, char **argv)
-{
-    if (wants_help(argc, argv)) {
-        versions_help(stdout);
-        return 0;
-    }
-    if (argc != 2)
-        return usage_error("versions", "needs exactly REPO");
-    char err[512];
-    struct repo *repo;
-    struct repo_index index;
-    if (repo_open(argv[1], &repo, err, sizeof(err)) != 0) {
-        fprintf(stderr, "imgfsctl versions: %s\n", err);
-        return 1;
-    }
-    int status = 0;
-    if (repo_read_index(repo, &index, err, sizeof(err)) != 0) {
-        fprintf(stderr, "imgfsctl versions: %s\n", err);
-        repo_close(repo);
-        return 1;
-    }
-    printf("%-24s %8s %16s %10s\n", "NAME", "LATEST", "SIZE", "CHUNK");
-    for (size_t i = 0; i < index.count; i++) {
-        struct manifest *m;
-        if (repo_read_manifest(repo, index.entries[i].name, index.entries[i].latest, &m, err, sizeof(err))) {
-            fprintf(stderr, "imgfsctl versions: %s\n", err);
-            status = 1;
-            continue;
-        }
-        printf("%-24s %8" PRIu64 " %16" PRIu64 " %10" PRIu32 "\n", m->name, m->version, m->size, m->chunk_size);
-        manifest_free(m);
-    }
-    repo_index_free(&index);
-    repo_close(repo);
-    return status;
 }
 
 /* ---- vm ------------------------------------------------------------------------ */
@@ -687,7 +609,7 @@ static int list_main(int argc, char **argv)
 static const struct subcommand subcommands[] = {
     {"publish", "publish a raw or qcow2 image as a new base version", publish_main, publish_help},
     {"status", "show the status of a mount", status_main, status_help},
-    {"versions", "list the bases of a repository", versions_main, versions_help},
+    {"versions", "list every version of the bases of a repository", versions_main, versions_help},
     {"vm", "create, snapshot, clone, remove, export and import VM disks", vm_main, vm_help},
     {"precopy", "fill the cache with a base version or list, and pin it", precopy_main, precopy_help},
     {"unpin", "release what precopy pinned", unpin_main, unpin_help},
