@@ -90,6 +90,8 @@ static void *worker(void *arg)
         if (s->takeover && !(buf.flags & FUSE_BUF_IS_FD))
             takeover_note_request(s->takeover, buf.mem, (size_t)res);
         fuse_session_process_buf(s->se, &buf);
+        if (s->takeover)
+            atomic_fetch_add_explicit(&s->takeover->requests_done, 1, memory_order_relaxed);
     }
     free(buf.mem);
     close(ep);

@@ -38,6 +38,18 @@
 
 struct layer;
 
+/* Keeps every layer's ownership bitmap in DIR/ID.bits, mapped shared,
+ * instead of private memory. DIR is a tmpfs that lives exactly as long as
+ * the mount's supervisor (takeover.h): a server that takes the mount over
+ * after a crash opens the layer with the bits of the dead one, including
+ * blocks written and answered but not yet flushed, whose data is in the
+ * page cache of ID.data; it then rewrites the whole map at the next flush,
+ * so promise 1 holds for a flush that the kernel sends again to it. The
+ * map file keeps its order (no bit before its data), so promises 2 and 3
+ * are unchanged; after a reboot the tmpfs is gone and the map is read.
+ * Call once at start-up, before any layer is opened; NULL or "" for none. */
+void layer_share_bits(const char *dir);
+
 /* Creates a new, empty layer with a fresh random ID in dir. */
 int layer_create(const char *dir, uint64_t size, struct layer **out);
 /* Opens an existing layer; -EBADMSG if its files do not match size. */

@@ -109,6 +109,13 @@ struct takeover {
     _Atomic uint64_t takeovers; /* servers started after the first */
     _Atomic int32_t server_pid;
     int32_t supervisor_pid;
+    /* Requests the current server has finished: 0 when it dies means it
+     * died starting up (or on its first request), which the supervisor
+     * counts towards giving up. Zeroed by the supervisor before each start. */
+    _Atomic uint64_t requests_done;
+    /* A tmpfs directory of the supervisor's for the layers' ownership
+     * bitmaps (layer_share_bits() in layer.h), "" when there is none. */
+    char bits_dir[128];
     /* Written by the first server that read INIT. */
     uint32_t init_len;
     uint8_t init[TAKEOVER_INIT_MAX];

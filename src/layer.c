@@ -5,10 +5,12 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -34,7 +36,52 @@ struct layer {
     pthread_mutex_t flush_serial;
     size_t map_pages;
     atomic_uint_fast64_t owned_blocks;
+    size_t bits_bytes; /* the size of the mapping, when bits is shared */
+    bool bits_shared;
 };
+
+/* Where ownership bitmaps live in shared memory (see layer_share_bits()),
+ * "" for none. Set once at start-up, before any layer is opened. */
+static char shared_bits_dir[PATH_MAX];
+
+void layer_share_bits(const char *dir)
+{
+    snprintf(shared_bits_dir, sizeof(shared_bits_dir), "%s", dir ? dir : "");
+}
+
+/* Maps DIR/ID.bits (created when missing) as the bitmap; *inherited tells
+ * whether it already existed, that is, whether an earlier server of this
+ * mount had the layer open. 0 or a negative errno. */
+static int map_shared_bits(struct layer *l, size_t bytes, bool *inherited)
+{
+    char path[PATH_MAX];
+    int err = path_join(path, sizeof(path), "%s/%s.bits", shared_bits_dir, l->id);
+    if (err)
+        return err;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0) {
+        err = -errno;
+        if (fd >= 0)
+            close(fd);
+        return err;
+    }
+    *inherited = (size_t)st.st_size == bytes;
+    if ((!*inherited && ftruncate(fd, 0) < 0) || ftruncate(fd, (off_t)bytes) < 0) {
+        err = -errno;
+        close(fd);
+        return err;
+    }
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    err = p == MAP_FAILED ? -errno : 0;
+    close(fd);
+    if (err)
+        return err;
+    l->bits = p;
+    l->bits_bytes = bytes;
+    l->bits_shared = true;
+    return 0;
+}
 
 static int layer_paths(const char *dir, const char *id, char *data, char *map, size_t len)
 {
@@ -42,8 +89,9 @@ static int layer_paths(const char *dir, const char *id, char *data, char *map, s
     return err ? err : path_join(map, len, "%s/%s.map", dir, id);
 }
 
-static struct layer *layer_alloc(const char *id, uint64_t size)
+static struct layer *layer_alloc(const char *id, uint64_t size, bool *inherited)
 {
+    *inherited = false;
     struct layer *l = calloc(1, sizeof(*l));
     if (!l)
         return NULL;
@@ -54,7 +102,9 @@ static struct layer *layer_alloc(const char *id, uint64_t size)
     size_t words = (size_t)((l->blocks + 63) / 64);
     l->map_pages = (words * 8 + MAP_PAGE - 1) / MAP_PAGE;
     /* Whole pages, so that map writes never read past the array. */
-    l->bits = calloc(l->map_pages * MAP_PAGE / 8 + 1, sizeof(uint64_t));
+    size_t bits_bytes = (l->map_pages * MAP_PAGE / 8 + 1) * sizeof(uint64_t);
+    if (!shared_bits_dir[0] || map_shared_bits(l, bits_bytes, inherited) != 0)
+        l->bits = calloc(1, bits_bytes);
     l->dirty = calloc(l->map_pages + 1, 1);
     pthread_mutex_init(&l->flush_lock, NULL);
     pthread_mutex_init(&l->flush_serial, NULL);
@@ -75,7 +125,10 @@ void layer_close(struct layer *l)
         close(l->map_fd);
     pthread_mutex_destroy(&l->flush_lock);
     pthread_mutex_destroy(&l->flush_serial);
-    free(l->bits);
+    if (l->bits_shared)
+        munmap((void *)l->bits, l->bits_bytes);
+    else
+        free(l->bits);
     free(l->dirty);
     free(l);
 }
@@ -88,7 +141,8 @@ int layer_create(const char *dir, uint64_t size, struct layer **out)
     char id[LAYER_ID_LEN + 1];
     for (size_t i = 0; i < sizeof(raw); i++)
         snprintf(id + 2 * i, 3, "%02x", raw[i]);
-    struct layer *l = layer_alloc(id, size);
+    bool inherited;
+    struct layer *l = layer_alloc(id, size, &inherited);
     if (!l)
         return -ENOMEM;
     char data[PATH_MAX], map[PATH_MAX];
@@ -125,7 +179,8 @@ fail:
 
 int layer_open(const char *dir, const char *id, uint64_t size, struct layer **out)
 {
-    struct layer *l = layer_alloc(id, size);
+    bool inherited;
+    struct layer *l = layer_alloc(id, size, &inherited);
     if (!l)
         return -ENOMEM;
     char data[PATH_MAX], map[PATH_MAX];
@@ -143,8 +198,14 @@ int layer_open(const char *dir, const char *id, uint64_t size, struct layer **ou
     err = read_full_at(l->map_fd, header, sizeof(header), 0);
     if (!err && memcmp(header, want, sizeof(want)) != 0)
         err = -EBADMSG;
-    if (!err)
+    if (!err && inherited) {
+        /* An earlier server of this mount had it open and may have died
+         * between a write and its flush: its bits, shared, are the truth,
+         * and every map page is written again at the next flush. */
+        memset(l->dirty, 1, l->map_pages);
+    } else if (!err) {
         err = read_full_at(l->map_fd, (void *)l->bits, l->map_pages * MAP_PAGE, MAP_HEADER_LEN);
+    }
     if (err == -ENODATA)
         err = -EBADMSG;
     if (err)
@@ -173,6 +234,9 @@ int layer_remove(const char *dir, const char *id)
         err = -errno;
     if (unlink(map) < 0 && errno != ENOENT && !err)
         err = -errno;
+    char bits[PATH_MAX];
+    if (shared_bits_dir[0] && path_join(bits, sizeof(bits), "%s/%s.bits", shared_bits_dir, id) == 0)
+        unlink(bits);
     return err;
 }
 
