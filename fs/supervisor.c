@@ -193,8 +193,8 @@ static bool plan_restart(struct supervisor *s, int status, double *delay)
     return true;
 }
 
-/* Empties and removes the shared bitmap directory. */
-static void remove_bits_dir(const char *path)
+/* Empties and removes the shared layer directory. */
+static void remove_layer_dir(const char *path)
 {
     DIR *d = opendir(path);
     if (!d)
@@ -207,15 +207,15 @@ static void remove_bits_dir(const char *path)
     rmdir(path);
 }
 
-/* The layers' shared bitmaps live in /dev/shm for exactly as long as this
+/* The layers' pending entries live in /dev/shm for exactly as long as this
  * supervisor: a directory left by an earlier process with our pid goes. */
-static void make_bits_dir(struct takeover *t)
+static void make_layer_dir(struct takeover *t)
 {
-    char path[sizeof(t->bits_dir)];
+    char path[sizeof(t->layer_dir)];
     snprintf(path, sizeof(path), "/dev/shm/imgfs-%d", (int)getpid());
-    remove_bits_dir(path);
+    remove_layer_dir(path);
     if (mkdir(path, 0700) == 0)
-        snprintf(t->bits_dir, sizeof(t->bits_dir), "%s", path);
+        snprintf(t->layer_dir, sizeof(t->layer_dir), "%s", path);
     else
         log_warn("cannot create %s (%s): after a crash of the server, writes it had answered but not yet "
                  "flushed are lost",
@@ -372,7 +372,7 @@ int supervisor_run(struct mount_options *opts, char **argv)
     owner_set_pid(&s.cache_lock, getpid(), opts->mountpoint);
     s.t->supervisor_pid = getpid();
     s.t->started = time(NULL);
-    make_bits_dir(s.t);
+    make_layer_dir(s.t);
 
     supervisor_add_fsname(opts);
     /* The session is only for mounting: no request is ever read here. */
@@ -421,8 +421,8 @@ out_session:
 out:
     if (report_fd >= 0)
         close(report_fd); /* the waiting parent exits 1 */
-    if (s.t && s.t->bits_dir[0])
-        remove_bits_dir(s.t->bits_dir);
+    if (s.t && s.t->layer_dir[0])
+        remove_layer_dir(s.t->layer_dir);
     owner_unlock(&s.cache_lock);
     owner_unlock(&s.state_lock);
     return status;

@@ -113,9 +113,9 @@ struct takeover {
      * died starting up (or on its first request), which the supervisor
      * counts towards giving up. Zeroed by the supervisor before each start. */
     _Atomic uint64_t requests_done;
-    /* A tmpfs directory of the supervisor's for the layers' ownership
-     * bitmaps (layer_share_bits() in layer.h), "" when there is none. */
-    char bits_dir[128];
+    /* A tmpfs directory of the supervisor's for the layers' pending
+     * entries (layer_share_pending() in layer.h), "" when there is none. */
+    char layer_dir[128];
     /* Written by the first server that read INIT. */
     uint32_t init_len;
     uint8_t init[TAKEOVER_INIT_MAX];

@@ -18,12 +18,14 @@
 #include "fs.h"
 #include "layer.h"
 #include "serve.h"
+#include "sign.h"
 #include "supervisor.h"
 #include "takeover.h"
+#include "trust.h"
 #include "util.h"
 
-/* Re-reads a remote repository's index in the background (local ones are
- * refreshed on lookup). stop and wake are guarded by lock. */
+/* Re-reads the repository's index in the background (a local one is also
+ * refreshed on lookup, without waiting). stop and wake are guarded by lock. */
 struct refresher {
     struct imgfs *fs;
     pthread_t thread;
@@ -58,10 +60,11 @@ static bool refresher_start(struct refresher *r, struct imgfs *fs)
     return pthread_create(&r->thread, NULL, refresh_loop, r) == 0;
 }
 
-/* Stops the thread; a refresh in progress finishes first (bounded by the
- * repository timeouts). */
+/* Stops the thread; a refresh in progress stops at its next version, so
+ * this waits for at most one repository request (bounded by its timeouts). */
 static void refresher_stop(struct refresher *r)
 {
+    tree_stop_refresh(r->fs->tree);
     pthread_mutex_lock(&r->lock);
     r->stop = true;
     pthread_cond_signal(&r->wake);
@@ -76,6 +79,30 @@ static void add_vm_nodes(void *ctx, struct vm *vm)
     struct imgfs *fs = ctx;
     if (tree_add_vm(fs->tree, vm) != 0)
         fs->tree_error = -ENOMEM;
+}
+
+/* What the repository is checked against: -o trust=FILE, -o insecure, or a
+ * local directory as it is. The newest accepted index is remembered in
+ * meta/trust-state. */
+static int setup_trust(struct imgfs *fs, const struct mount_options *opts, const char *meta, char *err,
+                       size_t errlen)
+{
+    static struct sign_keyring ring;
+    enum trust_mode mode = opts->trust_file ? TRUST_SIGNED : opts->insecure ? TRUST_INSECURE : TRUST_UNSIGNED;
+    if (opts->trust_file && sign_keyring_load(opts->trust_file, &ring, err, errlen) != 0)
+        return -EINVAL;
+    char state[PATH_MAX];
+    int rc = path_join(state, sizeof(state), "%s/trust-state", meta);
+    if (!rc)
+        rc = trust_create(mode, opts->trust_file ? &ring : NULL, state, opts->max_index_age, &fs->trust, err, errlen);
+    if (rc)
+        return rc;
+    repo_set_trust(fs->repo, fs->trust);
+    if (mode == TRUST_INSECURE)
+        log_warn("repository %s is mounted with -o insecure: its metadata and chunks are not authenticated; "
+                 "whoever controls the network path can change what the VMs read",
+                 opts->repo);
+    return 0;
 }
 
 static int setup(struct imgfs *fs, const struct mount_options *opts)
@@ -109,6 +136,8 @@ static int setup(struct imgfs *fs, const struct mount_options *opts)
             /* A server taking over serves from the cached index when the
              * repository does not answer: the mount was set up already. */
             repo_set_meta_cache(fs->repo, meta, opts->offline || fs->takeover_server);
+        if (!rc)
+            rc = setup_trust(fs, opts, meta, err, sizeof(err));
     }
     if (!rc) {
         char pins[PATH_MAX];
@@ -148,6 +177,7 @@ static void teardown(struct imgfs *fs)
     fetcher_destroy(fs->fetcher);
     cache_close(fs->cache);
     repo_close(fs->repo);
+    trust_destroy(fs->trust);
 }
 
 /* ---- the serving process (takeover.h) ---------------------------------------- */
@@ -244,6 +274,11 @@ static int serve_main(int argc, char **argv, const char *env_text)
         log_set_level(LOG_LEVEL_DEBUG);
     if (!opts.foreground)
         log_to_syslog("imgfs");
+    if (sign_init() != 0) {
+        fprintf(stderr, "imgfs: libsodium cannot be initialised\n");
+        mount_options_free(&opts);
+        return 1;
+    }
     /* Before any thread exists, so that every thread inherits the mask. */
     block_server_signals();
     struct imgfs fs = {.opts = &opts, .started = now_seconds(), .mounted_at = time(NULL)};
@@ -255,7 +290,7 @@ static int serve_main(int argc, char **argv, const char *env_text)
         goto out;
     }
     fs.takeover_server = fs.takeover->init_len > 0;
-    layer_share_bits(fs.takeover->bits_dir);
+    layer_share_pending(fs.takeover->layer_dir);
     if (fs.takeover->started)
         fs.mounted_at = (time_t)fs.takeover->started;
     if (setup(&fs, &opts) != 0)
@@ -284,7 +319,7 @@ static int serve_main(int argc, char **argv, const char *env_text)
     log_info("serving %s (pid %d%s)", opts.mountpoint, (int)getpid(), fs.takeover_server ? ", a takeover" : "");
 
     struct refresher refresher;
-    bool refreshing = !repo_is_local(fs.repo) && refresher_start(&refresher, &fs);
+    bool refreshing = refresher_start(&refresher, &fs);
     if (env.ready_fd >= 0) {
         char ok = 1;
         if (write(env.ready_fd, &ok, 1) != 1)
