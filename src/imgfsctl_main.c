@@ -73,16 +73,20 @@ bool wants_help(int argc, char **argv)
 static void publish_help(FILE *out)
 {
     fprintf(out,
-            "usage: imgfsctl publish IMAGE REPO --name NAME [--chunk-size SIZE] [--level N]\n"
+            "usage: imgfsctl publish IMAGE REPO --name NAME [--chunk-size SIZE] [--level N] [--threads N]\n"
+            "                        [--key KEYFILE]...\n"
             "\n"
             "Publishes IMAGE (raw or qcow2, detected from its content) as a new version of\n"
             "NAME in the local repository directory REPO (created if missing or empty).\n"
             "Chunks that the repository already holds are not stored again, and all-zero\n"
-            "chunks are not stored at all. Prints the new version number and a summary.\n"
+            "chunks are not stored at all. What the image does not hold (holes of a raw\n"
+            "file, unallocated qcow2 clusters) is never read. Prints the new version\n"
+            "number and a summary.\n"
             "\n"
             "  --name NAME        base name: letters, digits, '.', '_', '-' (max 64)\n"
             "  --chunk-size SIZE  power of two from 4K to 16M (default 128K)\n"
             "  --level N          zstd level 1-19, 0 stores chunks uncompressed (default 3)\n"
+            "  --threads N        reading, hashing and compressing threads (default: one per CPU)\n"
             "  --key KEYFILE      sign the new index with this secret key (imgfsctl key\n"
             "                     generate); repeat to sign with several keys. A signed\n"
             "                     repository refuses an unsigned publish\n");
@@ -116,6 +120,7 @@ static int publish_main(int argc, char **argv)
         {"name", required_argument, NULL, 'n'},
         {"chunk-size", required_argument, NULL, 'c'},
         {"level", required_argument, NULL, 'l'},
+        {"threads", required_argument, NULL, 't'},
         {"key", required_argument, NULL, 'k'},
         {"help", no_argument, NULL, 'h'},
         {0},
@@ -126,7 +131,7 @@ static int publish_main(int argc, char **argv)
     int c;
     uint64_t v;
     opterr = 0; /* one message of our own instead of getopt's */
-    while ((c = getopt_long(argc, argv, "n:c:l:k:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:c:l:t:k:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'n': opts.name = optarg; break;
         case 'k':
@@ -142,6 +147,11 @@ static int publish_main(int argc, char **argv)
             if (parse_u64(optarg, &v) < 0 || v > 19)
                 return usage_error("publish", "--level needs a number from 0 to 19");
             opts.zstd_level = (int)v;
+            break;
+        case 't':
+            if (parse_u64(optarg, &v) < 0 || v < 1 || v > PUBLISH_MAX_THREADS)
+                return usage_error("publish", "--threads needs a number from 1 to 256");
+            opts.threads = (unsigned)v;
             break;
         case 'h': publish_help(stdout); return 0;
         default: return option_error("publish", argv, longopts);
@@ -164,10 +174,12 @@ static int publish_main(int argc, char **argv)
         return 1;
     }
     double elapsed = now_seconds() - started;
-    char read_s[32], stored_s[32];
+    char read_s[32], stored_s[32], skipped_s[32];
     printf("published %s@%" PRIu64 "\n", opts.name, res.version);
     printf("source      %s (%s), %" PRIu64 " bytes\n", opts.image_path, res.format, res.size);
-    printf("read        %s in %.1f s\n", format_size(res.bytes_read, read_s, sizeof(read_s)), elapsed);
+    printf("read        %s in %.1f s on %u threads, %s unallocated not read\n",
+           format_size(res.bytes_read, read_s, sizeof(read_s)), elapsed, res.threads,
+           format_size(res.bytes_unallocated, skipped_s, sizeof(skipped_s)));
     printf("chunks      %" PRIu64 " new, %" PRIu64 " reused, %" PRIu64 " zero (chunk size %" PRIu32 ")\n",
            res.chunks_new, res.chunks_reused, res.chunks_zero, opts.chunk_size);
     printf("stored      %s (%" PRIu64 " bytes)\n", format_size(res.bytes_stored, stored_s, sizeof(stored_s)),
