@@ -228,6 +228,14 @@ static int control_request(const char *cmd_name, const char *mountpoint, const c
     ssize_t n = rc ? -1 : pread(fd, answer, len - 1, 0);
     int saved = errno;
     close(fd);
+    if (!rc && n < 0 && saved == EBADF) {
+        /* The handle was given by a server that is gone (takeover.h). */
+        fprintf(stderr,
+                "imgfsctl %s: the serving process of %s was replaced (crash or imgfsctl restart) while it ran "
+                "this command; check its effect and run it again\n",
+                cmd_name, mountpoint);
+        return 1;
+    }
     if (rc || n < 0) {
         fprintf(stderr, "imgfsctl %s: the daemon did not answer: %s\n", cmd_name, strerror(rc ? -rc : saved));
         return 1;
@@ -741,6 +749,77 @@ static int list_main(int argc, char **argv)
     return status;
 }
 
+/* ---- restart ---------------------------------------------------------------------- */
+
+static void restart_help(FILE *out)
+{
+    fprintf(out, "usage: imgfsctl restart MOUNTPOINT\n"
+                 "\n"
+                 "Hands the mount over to a fresh serving process started from the imgfs binary\n"
+                 "on disk (so an upgraded package takes effect) with the options read again. The\n"
+                 "old process finishes the requests it holds; open files, VM disks included, keep\n"
+                 "working and see a pause, not an error. A pre-copy or trace in progress does not\n"
+                 "survive: its imgfsctl reports that. Waits until the new process serves (at most\n"
+                 "120 s) and prints its pid.\n");
+}
+
+/* The [daemon] pid of MOUNTPOINT's stats: > 0, 0 when there is none, or
+ * -errno when the file cannot be read. */
+static long serving_pid(const char *mountpoint)
+{
+    char path[PATH_MAX];
+    if (path_join(path, sizeof(path), "%s/.imgfs/stats", mountpoint) < 0)
+        return -ENAMETOOLONG;
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -errno;
+    char line[512];
+    bool in_daemon = false;
+    long pid = 0;
+    while (fgets(line, sizeof(line), f)) {
+        if (line[0] == '[')
+            in_daemon = strncmp(line, "[daemon]", 8) == 0;
+        else if (in_daemon && sscanf(line, "pid %ld", &pid) == 1)
+            break;
+    }
+    fclose(f);
+    return pid;
+}
+
+static int restart_main(int argc, char **argv)
+{
+    if (wants_help(argc, argv)) {
+        restart_help(stdout);
+        return 0;
+    }
+    if (argc != 2)
+        return usage_error("restart", "needs MOUNTPOINT");
+    long old = serving_pid(argv[1]);
+    if (old <= 0) {
+        fprintf(stderr, "imgfsctl restart: %s is not an imgfs mount with a serving process (%s)\n", argv[1],
+                old < 0 ? strerror((int)-old) : "no pid in its stats");
+        return 1;
+    }
+    if (control_command("restart", argv[1], "restart\n") != 0)
+        return 1;
+    for (int i = 0; i < 1200; i++) {
+        long now = serving_pid(argv[1]);
+        if (now < 0) {
+            fprintf(stderr, "imgfsctl restart: the mount at %s ended (%s): the new serving process did not "
+                            "start; see the system log\n",
+                    argv[1], strerror((int)-now));
+            return 1;
+        }
+        if (now > 0 && now != old) {
+            printf("%s: served by pid %ld (was %ld)\n", argv[1], now, old);
+            return 0;
+        }
+        usleep(100 * 1000);
+    }
+    fprintf(stderr, "imgfsctl restart: pid %ld still serves %s after 120 s\n", old, argv[1]);
+    return 1;
+}
+
 /* ---- key, sign ----------------------------------------------------------------- */
 
 static void key_help(FILE *out)
@@ -888,6 +967,7 @@ static const struct subcommand subcommands[] = {
     {"unpin", "release what precopy pinned", unpin_main, unpin_help},
     {"trace", "record the base chunks a VM reads, as a prefetch list", trace_main, trace_help},
     {"list", "publish prefetch lists, or make them from file paths", list_main, list_help},
+    {"restart", "hand a mount over to a fresh imgfs process, under running VMs", restart_main, restart_help},
     {"key", "generate a signing key pair", key_main, key_help},
     {"sign", "sign a repository (every version, the index and the lists)", sign_main, sign_help},
     {"check", "say what is wrong with a mount or a repository on this host", check_main, check_help},
