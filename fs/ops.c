@@ -1,6 +1,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -97,6 +98,11 @@ static void fill_attr(struct imgfs *fs, const struct node *n, struct stat *st)
         pthread_mutex_unlock(&vm->attr_lock);
         st->st_size = (off_t)vm->live.size;
         st->st_blocks = (blkcnt_t)(n->kind == NODE_VM_FILE ? vm_layer_bytes(vm) / 512 : 0);
+        /* The disk's times are its top layer's, which each write moves. */
+        if (vm_get_times(vm, n->snapshot, &st->st_atim, &st->st_mtim) == 0) {
+            st->st_ctim = st->st_mtim;
+            return;
+        }
         break;
     }
     }
@@ -113,14 +119,20 @@ static void fill_attr_for(fuse_req_t req, const struct node *n, struct stat *st)
         st->st_size = status_file_size(req, n);
 }
 
+static void fill_entry(fuse_req_t req, const struct node *n, struct fuse_entry_param *e)
+{
+    memset(e, 0, sizeof(*e));
+    e->ino = n->ino;
+    e->generation = 1;
+    e->attr_timeout = attr_timeout(n);
+    e->entry_timeout = entry_timeout(n);
+    fill_attr_for(req, n, &e->attr);
+}
+
 static void reply_entry(fuse_req_t req, const struct node *n)
 {
-    struct fuse_entry_param e = {0};
-    e.ino = n->ino;
-    e.generation = 1;
-    e.attr_timeout = attr_timeout(n);
-    e.entry_timeout = entry_timeout(n);
-    fill_attr_for(req, n, &e.attr);
+    struct fuse_entry_param e;
+    fill_entry(req, n, &e);
     fuse_reply_entry(req, &e);
 }
 
@@ -173,8 +185,34 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     fuse_reply_attr(req, &st, attr_timeout(n));
 }
 
-/* VM disks take chmod and chown (for the hypervisor's user); nothing else
- * can change, and a disk's size is fixed. */
+/* ftruncate: only a disk created as a file, before anything is written to
+ * it, takes a size (libvirt and qemu-img create do O_CREAT, then ftruncate). */
+static int set_vm_size(struct imgfs *fs, struct vm *vm, uint64_t size)
+{
+    char err[256];
+    int rc = vm_resize_blank(fs->vms, vm, size, err, sizeof(err));
+    if (rc && rc != -EPERM)
+        log_warn("%s", err);
+    return rc;
+}
+
+/* touch and utimensat: the times of the disk's top layer. */
+static int set_vm_times(struct vm *vm, const struct stat *attr, int to_set)
+{
+    struct timespec times[2] = {{.tv_nsec = UTIME_OMIT}, {.tv_nsec = UTIME_OMIT}};
+    if (to_set & FUSE_SET_ATTR_ATIME_NOW)
+        times[0].tv_nsec = UTIME_NOW;
+    else if (to_set & FUSE_SET_ATTR_ATIME)
+        times[0] = attr->st_atim;
+    if (to_set & FUSE_SET_ATTR_MTIME_NOW)
+        times[1].tv_nsec = UTIME_NOW;
+    else if (to_set & FUSE_SET_ATTR_MTIME)
+        times[1] = attr->st_mtim;
+    return vm_set_times(vm, times);
+}
+
+/* VM disks take chmod and chown (for the hypervisor's user), times, and
+ * a size only while blank; nothing else can change. */
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi)
 {
     (void)fi;
@@ -189,8 +227,11 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
         return;
     }
     if ((to_set & FUSE_SET_ATTR_SIZE) && (uint64_t)attr->st_size != n->vm->live.size) {
-        fuse_reply_err(req, EPERM);
-        return;
+        int rc = attr->st_size < 0 ? -EINVAL : set_vm_size(fs, n->vm, (uint64_t)attr->st_size);
+        if (rc) {
+            fuse_reply_err(req, -rc);
+            return;
+        }
     }
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
     pthread_mutex_lock(&n->vm->attr_lock);
@@ -207,6 +248,9 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     if (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | FUSE_SET_ATTR_MODE))
         rc = vm_set_attr(fs->vms, n->vm, (to_set & FUSE_SET_ATTR_MODE) ? &mode : NULL,
                          (to_set & FUSE_SET_ATTR_UID) ? &uid : NULL, (to_set & FUSE_SET_ATTR_GID) ? &gid : NULL);
+    if (!rc && (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW |
+                          FUSE_SET_ATTR_MTIME_NOW)))
+        rc = set_vm_times(n->vm, attr, to_set);
     if (rc) {
         fuse_reply_err(req, -rc);
         return;
@@ -455,6 +499,37 @@ static void open_text_file(fuse_req_t req, struct imgfs *fs, const struct node *
     fuse_reply_open(req, fi);
 }
 
+/* Counts an open of a VM's live disk (-ENOENT once it was removed), starts
+ * its base's prefetch and sets how the kernel caches it. */
+static int open_vm_disk(struct imgfs *fs, struct vm *vm, struct fuse_file_info *fi)
+{
+    pthread_mutex_lock(&vm->attr_lock);
+    bool gone = vm->deleted;
+    if (!gone)
+        vm->open_count++;
+    pthread_mutex_unlock(&vm->attr_lock);
+    if (gone)
+        return -ENOENT;
+    /* The base's recorded working set goes ahead of the guest. */
+    if (vm->live.base && strcmp(fs->opts->prefetch, "none") != 0)
+        prefetch_replay(fs->prefetcher, fs->repo, vm->live.base->manifest, fs->opts->prefetch,
+                        fs->opts->prefetch_ahead, vm->live.base->marks);
+    if (vm->live.base && fs->opts->background_rate)
+        prefetch_background(fs->prefetcher, vm->live.base->manifest, fs->opts->background_rate,
+                            vm->live.base->marks);
+    if (fs->opts->vm_writeback) {
+        /* Every change to a VM disk passes through this kernel, so its
+         * page cache stays right and may be kept across opens. */
+        fi->keep_cache = 1;
+    } else {
+        /* Each request goes to us as it is: no readahead of a guest's
+         * random reads, and no attribute round trip before every write
+         * (the kernel asks for the size before each write-through). */
+        fi->direct_io = 1;
+    }
+    return 0;
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct imgfs *fs = fs_of(req);
@@ -477,40 +552,18 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         if (n->kind == NODE_VM_SNAPSHOT) {
             pthread_mutex_lock(&n->vm->attr_lock);
             n->vm->open_count++;
+            n->snapshot->open_count++;
             pthread_mutex_unlock(&n->vm->attr_lock);
         }
         fi->keep_cache = 1; /* these bytes never change */
         fuse_reply_open(req, fi);
         return;
     case NODE_VM_FILE: {
-        struct vm *vm = n->vm;
-        pthread_mutex_lock(&vm->attr_lock);
-        bool gone = vm->deleted;
-        if (!gone)
-            vm->open_count++;
-        pthread_mutex_unlock(&vm->attr_lock);
-        if (gone) {
-            fuse_reply_err(req, ENOENT);
-            return;
-        }
-        /* The base's recorded working set goes ahead of the guest. */
-        if (vm->live.base && strcmp(fs->opts->prefetch, "none") != 0)
-            prefetch_replay(fs->prefetcher, fs->repo, vm->live.base->manifest, fs->opts->prefetch,
-                            fs->opts->prefetch_ahead, vm->live.base->marks);
-        if (vm->live.base && fs->opts->background_rate)
-            prefetch_background(fs->prefetcher, vm->live.base->manifest, fs->opts->background_rate,
-                                vm->live.base->marks);
-        if (fs->opts->vm_writeback) {
-            /* Every change to a VM disk passes through this kernel, so its
-             * page cache stays right and may be kept across opens. */
-            fi->keep_cache = 1;
-        } else {
-            /* Each request goes to us as it is: no readahead of a guest's
-             * random reads, and no attribute round trip before every write
-             * (the kernel asks for the size before each write-through). */
-            fi->direct_io = 1;
-        }
-        fuse_reply_open(req, fi);
+        int rc = open_vm_disk(fs, n->vm, fi);
+        if (rc)
+            fuse_reply_err(req, -rc);
+        else
+            fuse_reply_open(req, fi);
         return;
     }
     case NODE_STATUS_FILE:
@@ -818,6 +871,8 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     } else if (n && is_vm_node(n)) {
         pthread_mutex_lock(&n->vm->attr_lock);
         n->vm->open_count--;
+        if (n->snapshot)
+            n->snapshot->open_count--;
         pthread_mutex_unlock(&n->vm->attr_lock);
     }
     fuse_reply_err(req, 0);
@@ -905,7 +960,38 @@ static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
     fuse_reply_err(req, EROFS);
 }
 
+/* The VM name of "NAME.raw" in vms/ into out; -EINVAL for other names
+ * (snapshots, VM@SNAP.raw, are made with imgfsctl vm snapshot). */
+static int vm_file_name(const char *file, bool allow_snapshot, char *out, size_t len)
+{
+    size_t n = strlen(file);
+    if (n <= 4 || n - 4 >= len || strcmp(file + n - 4, ".raw") != 0)
+        return -EINVAL;
+    snprintf(out, len, "%.*s", (int)(n - 4), file);
+    return allow_snapshot || !strchr(out, '@') ? 0 : -EINVAL;
+}
+
+/* unlink of vms/VM.raw is vm rm, of vms/VM@SNAP.raw the removal of that
+ * snapshot, with the same rules (EBUSY while open or cloned from). */
 static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    struct imgfs *fs = fs_of(req);
+    char vm_name[160], err[256];
+    if (parent != INO_VMS) {
+        fuse_reply_err(req, parent == INO_BASES ? EROFS : EPERM);
+        return;
+    }
+    int rc = vm_file_name(name, true, vm_name, sizeof(vm_name));
+    if (!rc && !tree_lookup(fs->tree, INO_VMS, name))
+        rc = -ENOENT;
+    if (!rc && (rc = fs_remove_disk(fs, vm_name, err, sizeof(err))) != 0)
+        log_info("unlink vms/%s: %s", name, err);
+    else if (!rc)
+        log_info("unlink vms/%s: removed", name);
+    fuse_reply_err(req, rc == -EINVAL ? ENOENT : -rc);
+}
+
+static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     (void)parent, (void)name;
     fuse_reply_err(req, EROFS);
@@ -918,10 +1004,44 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
     fuse_reply_err(req, EROFS);
 }
 
+/* Creating vms/NAME.raw makes a blank VM disk of size 0, owned by the
+ * caller; its first ftruncate gives it its size. */
 static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, struct fuse_file_info *fi)
 {
-    (void)parent, (void)name, (void)mode, (void)fi;
-    fuse_reply_err(req, EROFS);
+    struct imgfs *fs = fs_of(req);
+    char vm_name[80], err[256];
+    if (parent != INO_VMS) {
+        fuse_reply_err(req, parent == INO_BASES ? EROFS : EPERM);
+        return;
+    }
+    if (vm_file_name(name, false, vm_name, sizeof(vm_name)) != 0 || !S_ISREG(mode)) {
+        log_info("create vms/%s: only NAME.raw files (VM disks) can be created in vms/", name);
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    struct vm *vm;
+    int rc = vm_create_empty(fs->vms, vm_name, mode & 07777, ctx->uid, ctx->gid, &vm, err, sizeof(err));
+    if (!rc && (rc = tree_add_vm(fs->tree, vm)) != 0)
+        snprintf(err, sizeof(err), "out of memory");
+    struct node *n = rc ? NULL : tree_lookup(fs->tree, INO_VMS, name);
+    if (!rc && !n)
+        rc = -ENOMEM;
+    if (!rc)
+        rc = open_vm_disk(fs, vm, fi);
+    if (rc) {
+        log_info("create vms/%s: %s", name, err);
+        fuse_reply_err(req, -rc);
+        return;
+    }
+    log_info("create vms/%s: blank VM disk %s", name, vm_name);
+    struct fuse_entry_param e;
+    fill_entry(req, n, &e);
+    if (fuse_reply_create(req, &e, fi) != 0) {
+        pthread_mutex_lock(&vm->attr_lock); /* the open never reached the caller */
+        vm->open_count--;
+        pthread_mutex_unlock(&vm->attr_lock);
+    }
 }
 
 const struct fuse_lowlevel_ops imgfs_ops = {
@@ -933,7 +1053,7 @@ const struct fuse_lowlevel_ops imgfs_ops = {
     .mknod = op_mknod,
     .mkdir = op_mkdir,
     .unlink = op_unlink,
-    .rmdir = op_unlink,
+    .rmdir = op_rmdir,
     .rename = op_rename,
     .create = op_create,
     .open = op_open,

@@ -249,6 +249,17 @@ void tree_remove_vm(struct tree *tree, struct vm *vm)
     pthread_rwlock_unlock(&tree->lock);
 }
 
+void tree_prune_snapshots(struct tree *tree)
+{
+    pthread_rwlock_wrlock(&tree->lock);
+    for (size_t i = 0; i < tree->count; i++) {
+        struct node *n = tree->nodes[i];
+        if (n->kind == NODE_VM_SNAPSHOT && atomic_load(&n->snapshot->removed))
+            n->parent = 0;
+    }
+    pthread_rwlock_unlock(&tree->lock);
+}
+
 struct base_version *tree_find_version(struct tree *tree, const char *name, uint64_t version)
 {
     char file[80];

@@ -114,6 +114,8 @@ void tree_for_each_child(struct tree *tree, fuse_ino_t parent, fuse_ino_t after,
 int tree_add_vm(struct tree *tree, struct vm *vm);
 /* Detaches every node of vm. */
 void tree_remove_vm(struct tree *tree, struct vm *vm);
+/* Detaches the nodes of snapshots that were removed (vm_snapshot.removed). */
+void tree_prune_snapshots(struct tree *tree);
 /* The base version NAME@VERSION, or NULL. */
 struct base_version *tree_find_version(struct tree *tree, const char *name, uint64_t version);
 

@@ -340,3 +340,18 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
     mark_owned(l, first, count);
     return 0;
 }
+
+int layer_get_times(const struct layer *layer, struct timespec *atime, struct timespec *mtime)
+{
+    struct stat st;
+    if (fstat(layer->data_fd, &st) < 0)
+        return -errno;
+    *atime = st.st_atim;
+    *mtime = st.st_mtim;
+    return 0;
+}
+
+int layer_set_times(struct layer *layer, const struct timespec times[2])
+{
+    return futimens(layer->data_fd, times) < 0 ? -errno : 0;
+}
