@@ -113,12 +113,16 @@ static int fetch_into(struct fetcher *f, const struct chunk_hash *hash, uint32_t
             atomic_fetch_add(&f->bytes_transferred, enc_len);
             rc = chunkfmt_decode(enc, enc_len, data, chunk_size, hash);
             free(enc);
+            bool named_right = rc == 0;
+            if (rc == 0)
+                rc = repo_verify_chunk(f->repo, hash, data, chunk_size); /* the signed digest */
             if (rc == 0)
                 return 0;
             atomic_fetch_add(&f->verify_failures, 1);
             if (counters)
                 atomic_fetch_add(&counters->verify_failures, 1);
-            note_error(f, hash, "failed verification against its hash");
+            note_error(f, hash, named_right ? "failed verification against its signed digest"
+                                            : "failed verification against its hash");
             repo_report_bad(f->repo, mirror); /* the next attempt goes elsewhere */
             if (++verify_attempts > repo_mirror_count(f->repo)) /* each mirror, plus one retry */
                 return -EIO;

@@ -30,6 +30,10 @@ struct raw_options {
     int mirror_count;
     int offline;
     char *vm_cache;
+    char *trust;
+    int insecure;
+    char *max_index_age;
+    char *credentials;
     int show_help;
     int show_version;
     int foreground;
@@ -64,6 +68,10 @@ static const struct fuse_opt option_spec[] = {
     OPT("proxy=%s", proxy),
     OPT("offline", offline),
     OPT("vm_cache=%s", vm_cache),
+    OPT("trust=%s", trust),
+    OPT("insecure", insecure),
+    OPT("max_index_age=%s", max_index_age),
+    OPT("credentials=%s", credentials),
     OPT("config=%s", config),
     FUSE_OPT_KEY("mirror=", KEY_MIRROR),
     FUSE_OPT_KEY(COMMAND_LINE_MARK, KEY_COMMAND_LINE),
@@ -197,6 +205,15 @@ static void print_help(void)
            "                      the layer in batches, at the latest on fsync; a write\n"
            "                      past the end of a disk then fails on fsync or close,\n"
            "                      not on write(2)\n"
+           "  -o trust=FILE       accept only repository metadata signed by a key in FILE\n"
+           "                      (lines from imgfsctl key generate's KEYFILE.pub); chunks\n"
+           "                      are then checked against their signed BLAKE2b-256 digest.\n"
+           "                      Required for http(s) repositories\n"
+           "  -o insecure         mount an http(s) repository without signature checks\n"
+           "                      (said so in the log and in .imgfs/stats)\n"
+           "  -o max_index_age=SECONDS  warn (log, stats) when the signed index is older\n"
+           "  -o credentials=FILE user name and password for the repository, netrc style\n"
+           "                      (\"machine HOST login USER password PASS\"); never shown\n"
            "  -o threads=N        maximum FUSE worker threads (default 16)\n"
            "  -f                  stay in the foreground (logs to stderr, not syslog)\n"
            "  -d, -o debug        debug logging (implies -f)\n"
@@ -466,6 +483,37 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
         fail("cache_size=%s is not a size of at least 1M", raw.cache_size);
         goto out;
     }
+    bool remote = strstr(raw.repo, "://") != NULL;
+    if (raw.trust && raw.insecure) {
+        fail("%s", "trust= and insecure exclude each other");
+        goto out;
+    }
+    if (remote && !raw.trust && !raw.insecure) {
+        fail("repository %s is reached over the network and needs -o trust=FILE (the public keys it is signed "
+             "with), or -o insecure to mount it without signature checks",
+             raw.repo);
+        goto out;
+    }
+    if (raw.trust && !(opts->trust_file = realpath(raw.trust, NULL))) {
+        fail("trust file %s does not exist", raw.trust);
+        goto out;
+    }
+    opts->insecure = raw.insecure;
+    if (raw.max_index_age && (!raw.trust || parse_seconds(raw.max_index_age, 10 * 365 * 86400.0,
+                                                          &opts->max_index_age) < 0)) {
+        fail("max_index_age=%s needs trust= and a number of seconds above 0 (at most 10 years)", raw.max_index_age);
+        goto out;
+    }
+    if (raw.credentials) {
+        if (!remote) {
+            fail("%s", "credentials= is for http(s) repositories");
+            goto out;
+        }
+        if (!(opts->credentials_file = realpath(raw.credentials, NULL))) {
+            fail("credentials file %s does not exist", raw.credentials);
+            goto out;
+        }
+    }
     opts->proxy = raw.proxy;
     raw.proxy = NULL;
     for (int i = 0; i < raw.mirror_count; i++) {
@@ -527,6 +575,9 @@ out:
     free(raw.prefetch);
     free(raw.prefetch_ahead);
     free(raw.vm_cache);
+    free(raw.trust);
+    free(raw.max_index_age);
+    free(raw.credentials);
     free(raw.background);
     free(raw.proxy);
     for (int i = 0; i < raw.mirror_count; i++)
@@ -547,6 +598,9 @@ void mount_options_free(struct mount_options *opts)
     free(opts->proxy);
     free(opts->prefetch);
     opts->prefetch = NULL;
+    free(opts->trust_file);
+    free(opts->credentials_file);
+    opts->trust_file = opts->credentials_file = NULL;
     for (int i = 0; i < opts->mirror_count; i++)
         free(opts->mirrors[i]);
     opts->mirror_count = 0;

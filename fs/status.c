@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "fs.h"
+#include "trust.h"
 #include "util.h"
 
 /* ---- a growable text buffer ------------------------------------------------------ */
@@ -342,6 +343,28 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     status_counter(s, sec, "served_uncached", "Chunks served from memory because the cache was full.",
                    totals.uncached);
     add_last_error(s, sec, totals.last_error, totals.last_error_age);
+
+    struct trust_status ts;
+    trust_get_status(fs->trust, &ts);
+    sec = status_add_section(s, "trust", NULL);
+    status_text(s, sec, STATUS_INFO, "mode", "%s", trust_mode_name(ts.mode));
+    if (ts.mode == TRUST_INSECURE)
+        status_text(s, sec, STATUS_TEXT, "warning", "NOT VERIFIED: mounted with -o insecure");
+    status_gauge(s, sec, "keys", "Public keys in the trust file.", (double)ts.keys, 0);
+    status_gauge(s, sec, "index_sequence", "Sequence number of the newest accepted signed index.",
+                 (double)ts.index_seq, 0);
+    status_gauge(s, sec, "index_signed_at", "Signing time (Unix seconds) of the newest accepted index.",
+                 (double)ts.index_time, 0);
+    status_text(s, sec, STATUS_TEXT, "index_stale", "%s", ts.stale ? "yes" : "no");
+    status_gauge(s, sec, "index_is_stale", "1 when the accepted index is older than max_index_age.", ts.stale, 0);
+    status_counter(s, sec, "index_refusals", "Repository metadata refused (signature, rollback, digest chain).",
+                   ts.index_refusals);
+    status_gauge(s, sec, "chunk_digests", "Chunks with a signed digest known.", (double)ts.chunk_digests, 0);
+    status_counter(s, sec, "chunks_refused", "Fetched chunks that failed their signed digest.", ts.chunks_refused);
+    if (ts.last_refusal_age >= 0)
+        status_text(s, sec, STATUS_TEXT, "last_refusal", "%s (%.0f s ago)", ts.last_refusal, ts.last_refusal_age);
+    else
+        status_text(s, sec, STATUS_TEXT, "last_refusal", "none");
 
     struct repo_mirror_stats mirrors[REPO_MAX_MIRRORS];
     size_t nmirrors = repo_mirror_stats(fs->repo, mirrors, REPO_MAX_MIRRORS);

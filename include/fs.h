@@ -33,6 +33,7 @@ struct imgfs {
     struct tree *tree;
     struct vm_registry *vms;
     struct prefetcher *prefetcher;
+    struct trust *trust; /* what the repository is checked against (trust.h) */
     int tree_error; /* set while VM nodes are added at start-up */
     double started;    /* now_seconds() at mount */
     time_t mounted_at; /* wall clock at mount, for directory times */

@@ -14,6 +14,8 @@
 
 #include "fs.h"
 #include "owner.h"
+#include "sign.h"
+#include "trust.h"
 #include "util.h"
 
 /* Re-reads a remote repository's index in the background (local ones are
@@ -168,6 +170,30 @@ static void add_vm_nodes(void *ctx, struct vm *vm)
         fs->tree_error = -ENOMEM;
 }
 
+/* What the repository is checked against: -o trust=FILE, -o insecure, or a
+ * local directory as it is. The newest accepted index is remembered in
+ * meta/trust-state. */
+static int setup_trust(struct imgfs *fs, const struct mount_options *opts, const char *meta, char *err,
+                       size_t errlen)
+{
+    static struct sign_keyring ring;
+    enum trust_mode mode = opts->trust_file ? TRUST_SIGNED : opts->insecure ? TRUST_INSECURE : TRUST_UNSIGNED;
+    if (opts->trust_file && sign_keyring_load(opts->trust_file, &ring, err, errlen) != 0)
+        return -EINVAL;
+    char state[PATH_MAX];
+    int rc = path_join(state, sizeof(state), "%s/trust-state", meta);
+    if (!rc)
+        rc = trust_create(mode, opts->trust_file ? &ring : NULL, state, opts->max_index_age, &fs->trust, err, errlen);
+    if (rc)
+        return rc;
+    repo_set_trust(fs->repo, fs->trust);
+    if (mode == TRUST_INSECURE)
+        log_warn("repository %s is mounted with -o insecure: its metadata and chunks are not authenticated; "
+                 "whoever controls the network path can change what the VMs read",
+                 opts->repo);
+    return 0;
+}
+
 static int setup(struct imgfs *fs, const struct mount_options *opts)
 {
     char err[512];
@@ -197,6 +223,8 @@ static int setup(struct imgfs *fs, const struct mount_options *opts)
             snprintf(err, sizeof(err), "cannot create %s/meta: %s", opts->cache_dir, strerror(-rc));
         else
             repo_set_meta_cache(fs->repo, meta, opts->offline);
+        if (!rc)
+            rc = setup_trust(fs, opts, meta, err, sizeof(err));
     }
     if (!rc) {
         char pins[PATH_MAX];
@@ -234,6 +262,7 @@ static void teardown(struct imgfs *fs)
     fetcher_destroy(fs->fetcher);
     cache_close(fs->cache);
     repo_close(fs->repo);
+    trust_destroy(fs->trust);
 }
 
 int main(int argc, char **argv)
@@ -245,6 +274,11 @@ int main(int argc, char **argv)
     if (opts.debug)
         log_set_level(LOG_LEVEL_DEBUG);
 
+    if (sign_init() != 0) {
+        fprintf(stderr, "imgfs: libsodium cannot be initialised\n");
+        mount_options_free(&opts);
+        return 1;
+    }
     /* Before any thread exists, so that every thread inherits the mask. */
     block_exit_signals();
     struct imgfs fs = {.opts = &opts, .started = now_seconds(), .mounted_at = time(NULL)};

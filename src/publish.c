@@ -102,7 +102,9 @@ static int set_latest(struct repo *repo, const char *name, uint64_t version, cha
     entry->latest = version;
     rc = repo_write_index(repo, &index);
     repo_index_free(&index);
-    if (rc)
+    if (rc == -EPERM)
+        snprintf(err, errlen, "the repository is signed: publish with --key KEYFILE");
+    else if (rc)
         snprintf(err, errlen, "cannot write the repository index: %s", strerror(-rc));
     return rc;
 }
@@ -149,6 +151,7 @@ int publish_image(const struct publish_options *opts, struct publish_result *res
         image_close(img);
         return rc;
     }
+    repo_set_signers(repo, opts->keys, opts->key_count);
     struct manifest *m = manifest_new((size + opts->chunk_size - 1) / opts->chunk_size);
     if (!m) {
         snprintf(err, errlen, "out of memory");

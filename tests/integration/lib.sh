@@ -82,6 +82,12 @@ mount_imgfs() {
     fi
     [ -n "$extra" ] && opts="$opts,$extra"
     [ -n "${IMGFS_TEST_MOUNT_OPTS:-}" ] && opts="$opts,$IMGFS_TEST_MOUNT_OPTS"
+    # An http(s) repository needs trust= or insecure; the tests of unsigned
+    # HTTP behaviour get insecure (test_trust checks the refusal without it).
+    case "$repo,$opts" in
+        *://*trust=* | *://*insecure*) ;;
+        *://*) opts="$opts,insecure" ;;
+    esac
     "$IMGFS" "$repo" "$mnt" -f -o "$opts" 2>"$log" &
     local pid=$!
     DAEMON_PID[$mnt]=$pid
