@@ -70,6 +70,7 @@ void tree_destroy(struct tree *tree)
         free(n);
     }
     free(tree->nodes);
+    free(tree->retired);
     pthread_rwlock_destroy(&tree->lock);
     pthread_mutex_destroy(&tree->refresh_lock);
     pthread_mutex_destroy(&tree->error_lock);
@@ -158,6 +159,31 @@ static int publish_version(struct tree *tree, struct manifest *m, bool latest)
     return 0;
 }
 
+/* Whether key ("NAME@V") is known to be retired (refresh_lock held). */
+static bool known_retired(const struct tree *tree, const char *key)
+{
+    for (size_t i = 0; i < tree->retired_count; i++)
+        if (strcmp(tree->retired[i], key) == 0)
+            return true;
+    return false;
+}
+
+/* Whether NAME@V is a retired version; asks the repository once per version.
+ * Called with refresh_lock held. */
+static bool is_retired(struct tree *tree, const char *name, uint64_t version, const char *key)
+{
+    if (known_retired(tree, key))
+        return true;
+    if (!repo_version_retired(tree->repo, name, version))
+        return false;
+    char(*grown)[80] = realloc(tree->retired, (tree->retired_count + 1) * sizeof(*grown));
+    if (grown) {
+        tree->retired = grown;
+        snprintf(tree->retired[tree->retired_count++], sizeof(*grown), "%s", key);
+    }
+    return true;
+}
+
 int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
 {
     pthread_mutex_lock(&tree->refresh_lock);
@@ -180,8 +206,13 @@ int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
             if (tree_lookup(tree, INO_BASES, file))
                 continue;
             struct manifest *m;
+            char key[80], why[256];
+            snprintf(key, sizeof(key), "%s@%" PRIu64, e->name, v);
             /* A bad version is reported and skipped; the others still show. */
-            int vrc = repo_read_manifest(tree->repo, e->name, v, &m, version_error, sizeof(version_error));
+            int vrc = known_retired(tree, key) ? -ENOENT
+                                               : repo_read_manifest(tree->repo, e->name, v, &m, why, sizeof(why));
+            if (vrc && !is_retired(tree, e->name, v, key))
+                snprintf(version_error, sizeof(version_error), "%s", why);
             if (vrc == 0 && publish_version(tree, m, v == e->latest) != 0) {
                 manifest_free(m);
                 snprintf(version_error, sizeof(version_error), "out of memory");

@@ -86,6 +86,8 @@ struct tree {
     uint64_t last_refresh_ns;     /* guarded by refresh_lock */
     double refresh_seconds;
     struct repo *repo; /* not owned */
+    char (*retired)[80]; /* "NAME@V" of retired versions seen; guarded by refresh_lock */
+    size_t retired_count;
     /* Never held across I/O, so status readers never wait on the network. */
     pthread_mutex_t error_lock;
     char last_refresh_error[256]; /* guarded by error_lock */
@@ -97,7 +99,9 @@ void tree_destroy(struct tree *tree);
 /* Re-reads the repository index and adds new versions. force ignores the
  * refresh interval. Returns a negative errno (with err set) only when the
  * index cannot be read; the tree then keeps what it had. A version whose
- * manifest is bad is skipped, logged and kept in last_refresh_error. */
+ * manifest is bad is skipped, logged and kept in last_refresh_error; a
+ * retired one (repo.h) is skipped quietly, and asked about only once. A
+ * version the tree has keeps its node after it is retired. */
 int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen);
 
 /* Returns the node or NULL. */

@@ -873,6 +873,8 @@ static const struct subcommand subcommands[] = {
     {"publish", "publish a raw or qcow2 image as a new base version", publish_main, publish_help},
     {"status", "show the status of a mount", status_main, status_help},
     {"versions", "list every version of the bases of a repository", versions_main, versions_help},
+    {"retire", "retire an old version of a base", retire_main, retire_help},
+    {"gc", "remove the chunks that no version references", gc_main, gc_help},
     {"vm", "create, snapshot, clone, remove, export and import VM disks", vm_main, vm_help},
     {"precopy", "fill the cache with a base version or list, and pin it", precopy_main, precopy_help},
     {"unpin", "release what precopy pinned", unpin_main, unpin_help},

@@ -43,6 +43,7 @@ struct repo {
     char location[PATH_MAX];
     bool local;
     int lock_fd; /* publish lock, -1 when not held */
+    int chunks_lock_fd; /* chunk lock (shared: publisher, exclusive: gc), -1 when not held */
     struct repo_options opts;
     char meta_dir[PATH_MAX / 2]; /* local copies of index and manifests, "" for none */
     bool offline_fallback;
@@ -343,6 +344,7 @@ static struct repo *repo_alloc(const char *location, bool local, const struct re
     strip_slashes(repo->location);
     repo->local = local;
     repo->lock_fd = -1;
+    repo->chunks_lock_fd = -1;
     if (opts)
         repo->opts = *opts;
     if (repo->opts.connect_timeout <= 0)
@@ -371,6 +373,7 @@ void repo_close(struct repo *repo)
     if (!repo)
         return;
     repo_unlock_publish(repo);
+    repo_unlock_chunks(repo);
     for (int i = 0; i < repo->idle_count; i++)
         curl_easy_cleanup(repo->idle_handles[i]);
     pthread_mutex_destroy(&repo->handles_lock);
@@ -959,6 +962,47 @@ void repo_unlock_publish(struct repo *repo)
         close(repo->lock_fd); /* closing drops the flock */
         repo->lock_fd = -1;
     }
+}
+
+int repo_lock_chunks(struct repo *repo, bool exclusive, bool wait)
+{
+    char path[PATH_MAX];
+    int err = local_path(repo, ".gc.lock", path, sizeof(path));
+    if (err)
+        return err;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    if (flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB)) < 0) {
+        err = errno == EWOULDBLOCK ? -EWOULDBLOCK : -errno;
+        close(fd);
+        return err;
+    }
+    repo->chunks_lock_fd = fd;
+    return 0;
+}
+
+void repo_unlock_chunks(struct repo *repo)
+{
+    if (repo->chunks_lock_fd >= 0) {
+        close(repo->chunks_lock_fd);
+        repo->chunks_lock_fd = -1;
+    }
+}
+
+int repo_retired_relpath(const char *name, uint64_t version, char *out, size_t len)
+{
+    return path_join(out, len, "bases/%s/%" PRIu64 ".retired", name, version);
+}
+
+bool repo_version_retired(struct repo *repo, const char *name, uint64_t version)
+{
+    char rel[128], *data;
+    size_t len;
+    if (repo_retired_relpath(name, version, rel, sizeof(rel)) != 0 || repo_get(repo, rel, 4096, &data, &len) != 0)
+        return false;
+    free(data);
+    return true;
 }
 
 bool repo_has_chunk(struct repo *repo, const struct chunk_hash *hash)

@@ -18,7 +18,7 @@ ok "published deb@1 and created vm1"
 
 libvirt_start
 $VIRSH pool-create-as imgfs dir --target "$M/vms" > /dev/null || fail "pool-create-as over vms/ failed"
-grep -q '^vm1.raw ' <<<"$($VIRSH vol-list imgfs)" || fail "the pool does not list vm1.raw"
+grep -qE '^ *vm1.raw ' <<<"$($VIRSH vol-list imgfs)" || fail "the pool does not list vm1.raw"
 
 # The guest's GRUB appends an SMBIOS OEM string "imgfs-cmdline:..." to the
 # kernel command line (tests/guest/build-debian-image.sh).
