@@ -22,8 +22,8 @@
  *
  * Hosts that still have a retired version mounted (or its manifest in
  * CACHE/meta) keep serving the chunks they have cached; after gc, their
- * reads of chunks they do not have fail with EIO. Move VMs off a version
- * (vm export / import onto a newer base, or remove them) before retiring it.
+ * reads of chunks they do not have fail with EIO. A VM stays on the version
+ * it was created on: retire only versions that no VM on any host uses.
  *
  * Contract: single-threaded; functions return 0 or a negative errno with one
  * sentence in err.

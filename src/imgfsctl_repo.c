@@ -82,8 +82,8 @@ void retire_help(FILE *out)
             "that no other version uses. The newest version of a base cannot be retired.\n"
             "\n"
             "Hosts that still have the version mounted keep serving what they have cached;\n"
-            "once gc has run, their reads of chunks they do not have fail with EIO. Move or\n"
-            "remove the VMs on a version before retiring it.\n");
+            "once gc has run, their reads of chunks they do not have fail with EIO. A VM\n"
+            "stays on the version it was made on: remove the VMs on a version first.\n");
 }
 
 int retire_main(int argc, char **argv)

@@ -31,6 +31,7 @@ cat > "$T/domain.xml" <<XML
     <oemStrings><entry>imgfs-cmdline:imgfs.write=1 imgfs.poweroff=1</entry></oemStrings>
   </sysinfo>
   <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/><smbios mode='sysinfo'/></os>
+  <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <devices>
@@ -40,7 +41,6 @@ cat > "$T/domain.xml" <<XML
       <target dev='vda' bus='virtio'/>
     </disk>
     <serial type='file'><source path='$T/console.log'/><target port='0'/></serial>
-    <graphics type='none'/>
     <memballoon model='none'/>
   </devices>
 </domain>
