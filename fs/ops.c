@@ -23,8 +23,9 @@ static const char zero_block[1 << 20];
 static struct imgfs *fs_of(fuse_req_t req) { return fuse_req_userdata(req); }
 
 /* Local repositories are cheap to re-read, so new versions show up on the
- * next lookup; remote ones are refreshed by the daemon's refresher thread so
- * that a slow network never stalls a directory operation. */
+ * next lookup (a bounded refresh, and none when one is under way already);
+ * remote ones only by the daemon's refresher thread, so that a slow network
+ * never stalls a directory operation. */
 static void maybe_refresh(struct imgfs *fs)
 {
     if (repo_is_local(fs->repo)) {

@@ -6,13 +6,41 @@
  * never goes back to "not owned". How a layer keeps its blocks on disk is
  * known to layer.c alone; callers use the functions below.
  *
- * On disk, in the state directory, a layer ID is two files:
- *   layers/ID.data   sparse file of the disk's size; a block the layer owns
- *                    lives at its own offset (a hole in an owned block reads
- *                    as zeros, which is how discarded ranges are kept)
- *   layers/ID.map    ownership bitmap, one bit per LAYER_BLOCK_SIZE block,
- *                    after a 64-byte header ("imgfs-layer-map 1", disk size);
- *                    preallocated, so updating it never needs new space
+ * On disk, in the state directory, a layer ID is one file, layers/ID.log,
+ * a log in 4 KiB blocks (integers little-endian):
+ *   block 0      header: "imgfs-layer-log 1\n", disk size, a random file id
+ *                and an xxh3-64 checksum of those
+ *   then         data blocks and records, only ever appended. A record block
+ *                starts with magic, entry count, sequence number (1, 2, ...),
+ *                the file id, the block of the next record, where its
+ *                continuation blocks are, and an xxh3-64 checksum over the
+ *                record and its continuations. An entry (32 bytes) says
+ *                "disk blocks [b, b+n) are data at log block L, whose bytes
+ *                hash to S" or "are owned and zero".
+ * The first record is at block 1; each names where the next one goes, so a
+ * flush is: write the data, write one record, one fdatasync(). Open replays
+ * the records in order and stops at the first that is not valid. Records
+ * are written one flush after another, so every record before the last
+ * valid one is durable with its data; the last one's data is checked
+ * against its hashes, and the whole record is dropped when any of it did
+ * not reach the disk (a torn flush whose fsync never returned).
+ *
+ * Overwritten data stays in the log as dead space. When dead space exceeds
+ * the live data and 64 MiB (IMGFS_LAYER_COMPACT_MIN overrides, for tests),
+ * a background thread compacts the layer: it copies the live blocks to
+ * ID.log.new while writes go on, then holds writes for a moment to copy what
+ * changed meanwhile, syncs, and renames it over ID.log. A crash before the
+ * rename leaves ID.log as it was (ID.log.new is deleted at open).
+ *
+ * Old layers (ID.data, a sparse file of the disk's size, and ID.map, an
+ * ownership bitmap after the header "imgfs-layer-map 1") are converted at
+ * open: the log is built as ID.log.tmp, synced and renamed, and only then
+ * are the old files removed.
+ *
+ * Memory: 8 bytes per owned block with data, in 4 KiB nodes of 512 blocks
+ * (a 2 MiB range of the disk) created when first written; ranges owned as
+ * zeros cost nothing. Nothing is allocated in proportion to the disk's
+ * size except one pointer per GiB.
  *
  * Promises (what callers and the crash tests rely on):
  *   1. After layer_flush() returns 0, every write and punch that returned
@@ -20,6 +48,9 @@
  *   2. After a crash, each block not flushed shows either its new bytes or
  *      its old ones; an unflushed write never changes any other block.
  *   3. layer_open() after a crash needs no repair step from anyone.
+ *
+ * A flush whose fdatasync() fails leaves the layer refusing writes (-EIO)
+ * until it is opened again: what reached the disk is then unknown.
  *
  * Threads: layer_owns(), layer_extent_at() and layer_read() may run from any
  * thread at any time. layer_write() and layer_punch() may run concurrently
@@ -32,6 +63,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <time.h>
 
 #define LAYER_BLOCK_SIZE 4096u
@@ -96,5 +128,28 @@ int layer_set_times(struct layer *layer, const struct timespec times[2]);
 uint64_t layer_owned_blocks(const struct layer *layer);
 /* Bytes of space the layer's files use on disk. */
 uint64_t layer_allocated_bytes(const struct layer *layer);
+
+struct layer_stats {
+    uint64_t owned_blocks;
+    uint64_t data_blocks;      /* owned blocks with data (live) */
+    uint64_t log_blocks;       /* blocks of the log: live, dead and records */
+    uint64_t compactions;      /* since open */
+    uint64_t compact_ns;       /* the last compaction, start to end */
+    uint64_t compact_pause_ns; /* of which writes were held */
+    uint64_t compact_bytes;    /* copied by compactions, in all */
+};
+void layer_stats(const struct layer *layer, struct layer_stats *out);
+
+/* Compacts now, in the caller's thread (the background thread does this on
+ * its own when dead space grows). */
+int layer_compact(struct layer *layer);
+
+/* For tests: the system calls that write and sync layer files. Replace them
+ * to inject faults (a short write, EIO, ENOSPC, or a kill at a chosen step). */
+struct layer_syscalls {
+    ssize_t (*pwrite)(int fd, const void *buf, size_t len, off_t off);
+    int (*fdatasync)(int fd);
+};
+extern struct layer_syscalls layer_syscalls;
 
 #endif

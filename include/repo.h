@@ -67,7 +67,7 @@ struct repo_index {
 
 /* Limits for reading repository files. */
 #define REPO_MAX_INDEX_LEN (16u << 20)
-#define REPO_MAX_MANIFEST_LEN (256u << 20)
+#define REPO_MAX_MANIFEST_LEN (288u << 20) /* MANIFEST_MAX_CHUNKS lines of 33 bytes */
 #define REPO_MAX_DIGESTS_LEN (2 * REPO_MAX_MANIFEST_LEN + 4096)
 #define REPO_MAX_LIST_LEN (64u << 20)
 /* Bounds of the numbers in an index. */

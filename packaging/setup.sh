@@ -103,7 +103,7 @@ run_tests() {
     run_ctest build
     step "test suite under AddressSanitizer + UndefinedBehaviorSanitizer (all but guest boots)"
     build_dir build-asan -DIMGFS_SANITIZE=address,undefined
-    run_ctest build-asan -LE guest
+    run_ctest build-asan -LE 'guest|package'
     step "concurrency tests under ThreadSanitizer"
     build_dir build-tsan -DIMGFS_SANITIZE=thread
     run_ctest build-tsan -L concurrency

@@ -18,8 +18,8 @@
 #include "trust.h"
 #include "util.h"
 
-/* Re-reads a remote repository's index in the background (local ones are
- * refreshed on lookup). stop and wake are guarded by lock. */
+/* Re-reads the repository's index in the background (a local one is also
+ * refreshed on lookup, without waiting). stop and wake are guarded by lock. */
 struct refresher {
     struct imgfs *fs;
     pthread_t thread;
@@ -54,10 +54,11 @@ static bool refresher_start(struct refresher *r, struct imgfs *fs)
     return pthread_create(&r->thread, NULL, refresh_loop, r) == 0;
 }
 
-/* Stops the thread; a refresh in progress finishes first (bounded by the
- * repository timeouts). */
+/* Stops the thread; a refresh in progress stops at its next version, so
+ * this waits for at most one repository request (bounded by its timeouts). */
 static void refresher_stop(struct refresher *r)
 {
+    tree_stop_refresh(r->fs->tree);
     pthread_mutex_lock(&r->lock);
     r->stop = true;
     pthread_cond_signal(&r->wake);
@@ -326,7 +327,7 @@ int main(int argc, char **argv)
     log_info("mounted %s on %s (cache %s)", opts.repo, opts.mountpoint, opts.cache_dir);
 
     struct refresher refresher;
-    bool refreshing = !repo_is_local(fs.repo) && refresher_start(&refresher, &fs);
+    bool refreshing = refresher_start(&refresher, &fs);
 
     struct fuse_loop_config *cfg = fuse_loop_cfg_create();
     fuse_loop_cfg_set_clone_fd(cfg, 1);

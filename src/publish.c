@@ -145,6 +145,15 @@ int publish_image(const struct publish_options *opts, struct publish_result *res
         image_close(img);
         return -EINVAL;
     }
+    /* Refused before the manifest is allocated. */
+    if ((size + opts->chunk_size - 1) / opts->chunk_size > MANIFEST_MAX_CHUNKS) {
+        snprintf(err, errlen,
+                 "image %s claims %" PRIu64 " bytes, more than %llu chunks of %" PRIu32
+                 " bytes (a manifest holds at most 1 TiB at 128K chunks, 128 TiB with --chunk-size 16M)",
+                 opts->image_path, size, MANIFEST_MAX_CHUNKS, opts->chunk_size);
+        image_close(img);
+        return -EFBIG;
+    }
     struct repo *repo;
     rc = repo_open_for_publish(opts->repo_path, &repo, err, errlen);
     if (rc) {

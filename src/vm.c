@@ -219,7 +219,12 @@ static struct vm *vm_alloc(const char *name, uint64_t size)
     snprintf(vm->name, sizeof(vm->name), "%.64s", name);
     vm->live.size = size;
     vm->mode = 0644;
-    pthread_mutex_init(&vm->write_lock, NULL);
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&vm->write_lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    range_lock_init(&vm->write_ranges);
     pthread_rwlock_init(&vm->chain_lock, NULL);
     pthread_mutex_init(&vm->attr_lock, NULL);
     return vm;
@@ -234,7 +239,8 @@ static void vm_free(struct vm *vm)
         free(vm->removed_snapshots);
         vm->removed_snapshots = next;
     }
-    pthread_mutex_destroy(&vm->write_lock);
+    pthread_rwlock_destroy(&vm->write_lock);
+    range_lock_destroy(&vm->write_ranges);
     pthread_rwlock_destroy(&vm->chain_lock);
     pthread_mutex_destroy(&vm->attr_lock);
     free(vm);
@@ -319,7 +325,7 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
                 LOAD_FAIL("VM %s: its VM file names another VM", name);
         } else if (sscanf(line, "size %63s", value) == 1) {
             /* 0: a disk created as a file whose size was never set */
-            if (parse_u64(value, &size) < 0 || size > MANIFEST_MAX_DISK_SIZE)
+            if (parse_u64(value, &size) < 0 || size > VM_MAX_SIZE)
                 LOAD_FAIL("VM %s: bad size in its VM file", name);
             vm = vm_alloc(name, size);
             if (!vm)
@@ -545,8 +551,13 @@ int vm_create(struct vm_registry *reg, const char *name, const char *base_name, 
             return -ENOENT;
         }
         size = base->manifest->size;
-    } else if (size == 0 || size > MANIFEST_MAX_DISK_SIZE || size % 512) {
-        snprintf(err, errlen, "disk size must be a multiple of 512 bytes between 512 and 1P");
+        if (size > VM_MAX_SIZE) {
+            snprintf(err, errlen, "base %s@%" PRIu64 " is larger than the 16T a VM disk may have", base_name,
+                     base_version);
+            return -EFBIG;
+        }
+    } else if (size == 0 || size > VM_MAX_SIZE || size % 512) {
+        snprintf(err, errlen, "disk size must be a multiple of 512 bytes between 512 and 16T");
         return -EINVAL;
     }
     return create_disk(reg, name, base, base_name, base_version, size, out, err, errlen);
@@ -629,7 +640,7 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
     snprintf(s->name, sizeof(s->name), "%s", snap);
     s->implicit = implicit;
     /* No write may land in the top layer once it is frozen. */
-    pthread_mutex_lock(&vm->write_lock);
+    pthread_rwlock_wrlock(&vm->write_lock);
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     struct layer *fresh = NULL;
     int rc = layer_flush(top);
@@ -640,7 +651,7 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
     if (!rc && layer_get_times(top, &times[0], &times[1]) == 0)
         layer_set_times(fresh, times);
     if (rc) {
-        pthread_mutex_unlock(&vm->write_lock);
+        pthread_rwlock_unlock(&vm->write_lock);
         free(s);
         snprintf(err, errlen, "cannot snapshot VM %s: %s", vm->name, strerror(-rc));
         return rc;
@@ -664,7 +675,7 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
         free(s);
         snprintf(err, errlen, "cannot save VM %s: %s", vm->name, strerror(-rc));
     }
-    pthread_mutex_unlock(&vm->write_lock);
+    pthread_rwlock_unlock(&vm->write_lock);
     return rc;
 }
 
@@ -914,12 +925,12 @@ int vm_create_empty(struct vm_registry *reg, const char *name, mode_t mode, uid_
 
 int vm_resize_blank(struct vm_registry *reg, struct vm *vm, uint64_t size, char *err, size_t errlen)
 {
-    if (size > MANIFEST_MAX_DISK_SIZE || size % 512) {
-        snprintf(err, errlen, "disk size must be a multiple of 512 bytes up to 1P");
+    if (size > VM_MAX_SIZE || size % 512) {
+        snprintf(err, errlen, "disk size must be a multiple of 512 bytes up to 16T");
         return -EINVAL;
     }
     pthread_mutex_lock(&reg->lock);
-    pthread_mutex_lock(&vm->write_lock);
+    pthread_rwlock_wrlock(&vm->write_lock);
     struct layer *old = vm->live.layers[0], *fresh = NULL;
     int rc = 0;
     if (size == vm->live.size)
@@ -950,7 +961,7 @@ int vm_resize_blank(struct vm_registry *reg, struct vm *vm, uint64_t size, char 
     pthread_rwlock_unlock(&vm->chain_lock);
     put_layer(reg, rc ? fresh : old);
 out:
-    pthread_mutex_unlock(&vm->write_lock);
+    pthread_rwlock_unlock(&vm->write_lock);
     pthread_mutex_unlock(&reg->lock);
     return rc;
 }
@@ -1197,7 +1208,8 @@ static struct disk below_top(const struct disk *live)
     return below;
 }
 
-/* Writes one partial block through copy-up. write_lock held. */
+/* Writes one partial block through copy-up. write_lock held shared, and
+ * the block's range in write_ranges. */
 static int write_partial(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
 {
     struct layer *top = vm->live.layers[vm->live.depth - 1];
@@ -1218,7 +1230,12 @@ int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len
 {
     if (off >= vm->live.size || len > vm->live.size - off)
         return -ENOSPC; /* a disk does not grow */
-    pthread_mutex_lock(&vm->write_lock);
+    /* Writes of other blocks go on in parallel; one that overlaps waits, so
+     * that a copy-up never mixes two writes of one block. */
+    struct range_held held;
+    range_lock_acquire(&vm->write_ranges, &held, off / LAYER_BLOCK_SIZE,
+                       (off + len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
+    pthread_rwlock_rdlock(&vm->write_lock);
     pthread_rwlock_rdlock(&vm->chain_lock);
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     uint64_t end = off + len;
@@ -1238,7 +1255,8 @@ int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len
         off += whole;
     }
     pthread_rwlock_unlock(&vm->chain_lock);
-    pthread_mutex_unlock(&vm->write_lock);
+    pthread_rwlock_unlock(&vm->write_lock);
+    range_lock_release(&vm->write_ranges, &held);
     return rc;
 }
 
@@ -1262,12 +1280,15 @@ int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t le
         rc = vm_write(vm, fetcher, zeros, (size_t)(end - tail_start), tail_start);
     if (rc || last <= first)
         return rc;
-    pthread_mutex_lock(&vm->write_lock);
+    struct range_held held;
+    range_lock_acquire(&vm->write_ranges, &held, first, last);
+    pthread_rwlock_rdlock(&vm->write_lock);
     pthread_rwlock_rdlock(&vm->chain_lock);
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     rc = layer_punch(top, first, last - first); /* owned and empty: reads as zeros */
     pthread_rwlock_unlock(&vm->chain_lock);
-    pthread_mutex_unlock(&vm->write_lock);
+    pthread_rwlock_unlock(&vm->write_lock);
+    range_lock_release(&vm->write_ranges, &held);
     return rc;
 }
 
@@ -1367,7 +1388,7 @@ int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unu
         return rc;
     }
     XXH3_128bits_reset(hf.state);
-    pthread_mutex_lock(&vm->write_lock); /* a consistent image: no writes meanwhile */
+    pthread_rwlock_wrlock(&vm->write_lock); /* a consistent image: no writes meanwhile */
     pthread_rwlock_rdlock(&vm->chain_lock);
     char header[512];
     int n = snprintf(header, sizeof(header), EXPORT_MAGIC "name %s\nsize %" PRIu64 "\n", vm->name, vm->live.size);
@@ -1397,7 +1418,7 @@ int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unu
         pos += len;
     }
     pthread_rwlock_unlock(&vm->chain_lock);
-    pthread_mutex_unlock(&vm->write_lock);
+    pthread_rwlock_unlock(&vm->write_lock);
     write_record(&hf, UINT64_MAX, 0, 0xff, NULL);
     XXH128_canonical_t sum;
     XXH128_canonicalFromHash(&sum, XXH3_128bits_digest(hf.state));
