@@ -13,7 +13,7 @@ mkdir -p "$T/state"
 mount_imgfs "$T/repo" "$T/mnt" "state=$T/state,allow_other"
 M=$T/mnt
 "$IMGFSCTL" vm create "$M" web1 --base os > /dev/null
-layers() { ls "$T/state/layers" | grep -c '\.data$'; }
+layers() { find "$T/state/layers" -name '*.log' | wc -l; }
 
 libvirt_start
 $VIRSH pool-create-as imgfs dir --target "$M/vms" > /dev/null || fail "pool-create-as over vms/ failed"
