@@ -183,7 +183,8 @@ int repo_read_range(struct repo *repo, const struct manifest *m, void *buf, size
 /* "chunks/ab/ab01..." for hash. out must hold at least 48 bytes. */
 void repo_chunk_relpath(const struct chunk_hash *hash, char *out, size_t len);
 
-/* Writer side (local repositories only). */
+/* Writer side (local repositories only). repo_has_chunk and repo_put_chunk
+ * may be called from several threads at once. */
 /* The chunk lock, an flock on "REPO/.gc.lock": a publisher holds it shared
  * from before it first looks for or stores a chunk until its index is
  * written, so that gc (exclusive) never sees, and removes, a chunk that a
