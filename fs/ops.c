@@ -24,14 +24,14 @@ static const char zero_block[1 << 20];
 static struct imgfs *fs_of(fuse_req_t req) { return fuse_req_userdata(req); }
 
 /* Local repositories are cheap to re-read, so new versions show up on the
- * next lookup (a bounded refresh, and none when one is under way already);
- * remote ones only by the daemon's refresher thread, so that a slow network
- * never stalls a directory operation. */
+ * next lookup (a refresh bounded in work: TREE_REFRESH_BUDGET manifests of a
+ * local disk); remote ones only by the daemon's refresher thread, so that a
+ * slow network never stalls a directory operation. */
 static void maybe_refresh(struct imgfs *fs)
 {
     if (repo_is_local(fs->repo)) {
         char err[256];
-        tree_refresh(fs->tree, false, err, sizeof(err));
+        tree_refresh(fs->tree, true, err, sizeof(err));
     }
 }
 

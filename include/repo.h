@@ -82,6 +82,8 @@ struct repo_options {
     const char *mirrors[REPO_MAX_MIRRORS]; /* further URLs after the location */
     int mirror_count;
     const char *proxy;       /* http proxy URL, or NULL for none */
+    const char *netrc_file;  /* user names and passwords, netrc style, or NULL: read by
+                                curl per request, never copied, logged or shown */
     double connect_timeout;  /* seconds (default 5) */
     double stall_timeout;    /* seconds below 1 KiB/s before a transfer is dropped (default 10) */
     double failback_seconds; /* default 60 */

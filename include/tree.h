@@ -91,12 +91,15 @@ struct base_scan {
     uint64_t done;
     uint64_t retry_ns;
     uint64_t backoff_ns;
+    char problem[256]; /* why a version was skipped or is waited for ("" if none) */
+    bool problem_is_bad; /* a bad manifest (for good), not a missing one */
 };
 
 /* Manifest reads one refresh may do: the first (at mount) and later ones.
  * The rest waits for the next refresh; nothing waits for all of it. */
 #define TREE_FIRST_REFRESH_BUDGET 4096
 #define TREE_REFRESH_BUDGET 256
+#define TREE_MAX_MISSING_RUN 8
 #define TREE_RETRY_START_NS (30ull * 1000000000ull)
 #define TREE_RETRY_MAX_NS (600ull * 1000000000ull)
 

@@ -55,6 +55,9 @@
 /* 16 TiB: a layer's ownership bitmap for it is 512 MiB. Larger sizes (from
  * the command line, a VM file or a base) are refused before allocating. */
 #define VM_MAX_SIZE (16ull << 40)
+/* A new VM disk is readable and writable by its owner only (root until the
+ * operator chowns it to the hypervisor's user), even with allow_other. */
+#define VM_DEFAULT_MODE 0600
 #define VM_MAX_SNAPSHOTS 256
 
 struct prefetch_marks;

@@ -48,6 +48,12 @@ struct repo {
     char meta_dir[PATH_MAX / 2]; /* local copies of index and manifests, "" for none */
     bool offline_fallback;
     char proxy[PATH_MAX / 2];
+    char netrc_file[PATH_MAX / 2]; /* "" for none */
+    /* The digest of the index last kept in meta_dir, so that an unchanged
+     * index is not written (and fsync'd) again. Guarded by meta_lock. */
+    pthread_mutex_t meta_lock;
+    struct sign_digest kept_index;
+    bool kept_index_valid;
     struct mirror mirrors[REPO_MAX_MIRRORS];
     int mirror_count;
     atomic_int current;               /* index of the mirror tried first */
@@ -210,6 +216,10 @@ static int http_get_one(struct repo *repo, int i, const char *relpath, size_t ma
     curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
     curl_easy_setopt(h, CURLOPT_MAXREDIRS, 5L);
     curl_easy_setopt(h, CURLOPT_PROXY, repo->proxy); /* "" disables any proxy from the environment */
+    if (repo->netrc_file[0]) {
+        curl_easy_setopt(h, CURLOPT_NETRC, (long)CURL_NETRC_REQUIRED);
+        curl_easy_setopt(h, CURLOPT_NETRC_FILE, repo->netrc_file);
+    }
     if (deadline_ns) {
         uint64_t now = now_ns();
         long ms = deadline_ns > now ? (long)((deadline_ns - now) / 1000000) : 1;
@@ -354,7 +364,8 @@ static struct repo *repo_alloc(const char *location, bool local, const struct re
     if (repo->opts.failback_seconds <= 0)
         repo->opts.failback_seconds = 60;
     snprintf(repo->proxy, sizeof(repo->proxy), "%s", repo->opts.proxy ? repo->opts.proxy : "");
-    repo->opts.proxy = NULL; /* the caller's strings are not kept */
+    snprintf(repo->netrc_file, sizeof(repo->netrc_file), "%s", repo->opts.netrc_file ? repo->opts.netrc_file : "");
+    repo->opts.proxy = repo->opts.netrc_file = NULL; /* the caller's strings are not kept */
     snprintf(repo->mirrors[0].url, sizeof(repo->mirrors[0].url), "%s", repo->location);
     repo->mirror_count = 1;
     for (int i = 0; opts && i < opts->mirror_count && repo->mirror_count < REPO_MAX_MIRRORS; i++) {
@@ -365,6 +376,7 @@ static struct repo *repo_alloc(const char *location, bool local, const struct re
     }
     pthread_mutex_init(&repo->handles_lock, NULL);
     pthread_mutex_init(&repo->stats_lock, NULL);
+    pthread_mutex_init(&repo->meta_lock, NULL);
     return repo;
 }
 
@@ -378,6 +390,7 @@ void repo_close(struct repo *repo)
         curl_easy_cleanup(repo->idle_handles[i]);
     pthread_mutex_destroy(&repo->handles_lock);
     pthread_mutex_destroy(&repo->stats_lock);
+    pthread_mutex_destroy(&repo->meta_lock);
     free(repo);
 }
 
@@ -698,8 +711,17 @@ int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t
         return rc;
     }
     rc = accept_index(repo, data, len, out, err, errlen);
-    if (rc == 0)
-        save_meta(repo, "index", data, len);
+    if (rc == 0 && repo->meta_dir[0]) {
+        struct sign_digest digest;
+        sign_digest_compute(data, len, &digest);
+        pthread_mutex_lock(&repo->meta_lock);
+        bool changed = !repo->kept_index_valid || !sign_digest_equal(&digest, &repo->kept_index);
+        repo->kept_index = digest;
+        repo->kept_index_valid = true;
+        pthread_mutex_unlock(&repo->meta_lock);
+        if (changed)
+            save_meta(repo, "index", data, len);
+    }
     free(data);
     if (rc == 0 || !verifying(repo))
         return rc;

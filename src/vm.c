@@ -206,7 +206,7 @@ static int save_vm(struct vm_registry *reg, const struct vm *vm)
     if (!err)
         err = conf_path(reg, vm->name, path, sizeof(path));
     if (!err)
-        err = write_file_atomic(path, buf, pos);
+        err = write_file_atomic_mode(path, buf, pos, 0600);
     free(buf);
     return err;
 }
@@ -218,7 +218,7 @@ static struct vm *vm_alloc(const char *name, uint64_t size)
         return NULL;
     snprintf(vm->name, sizeof(vm->name), "%.64s", name);
     vm->live.size = size;
-    vm->mode = 0644;
+    vm->mode = VM_DEFAULT_MODE;
     pthread_rwlockattr_t attr;
     pthread_rwlockattr_init(&attr);
     pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -317,7 +317,7 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
     char base_name[65] = "", base_hex[CHUNK_HASH_HEX + 1] = "";
     uint64_t base_version = 0;
     bool has_base = false;
-    unsigned uid = 0, gid = 0, mode = 0644;
+    unsigned uid = 0, gid = 0, mode = VM_DEFAULT_MODE;
     while ((line = strtok_r(NULL, "\n", &save))) {
         char value[80];
         if (sscanf(line, "name %64s", value) == 1) {
@@ -1372,11 +1372,20 @@ int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unu
 {
     (void)reg, (void)unused;
     char tmp[PATH_MAX];
-    if (path[0] != '/' || path_join(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)gettid())) {
-        snprintf(err, errlen, "export path must be absolute and not too long");
+    if (path[0] != '/') {
+        snprintf(err, errlen, "export path must be absolute");
         return -EINVAL;
     }
-    struct hashed_file hf = {fopen(tmp, "wbx"), XXH3_createState(), false};
+    /* A new file, private to root (it holds the guest's data): nothing
+     * planted at the temp name is written through. */
+    int fd = create_temp_file(path, 0600, tmp);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot create a file next to %s: %s", path, strerror(-fd));
+        return fd;
+    }
+    struct hashed_file hf = {fdopen(fd, "wb"), XXH3_createState(), false};
+    if (!hf.f)
+        close(fd);
     char *piece = malloc(EXPORT_PIECE);
     if (!hf.f || !hf.state || !piece) {
         int rc = hf.f ? -ENOMEM : -errno;
@@ -1481,10 +1490,22 @@ static int verify_export(FILE *f, uint64_t *payload_len)
 int vm_import(struct vm_registry *reg, const char *path, const char *name, struct vm **out, char *err,
               size_t errlen)
 {
-    FILE *f = fopen(path, "rb");
+    /* O_NONBLOCK: opening a FIFO must not wait for a writer (the control
+     * channel would wait with it); only a regular file is read. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || fcntl(fd, F_SETFL, 0) < 0) {
+        int rc = fd < 0 ? -errno : S_ISREG(st.st_mode) ? -errno : -EINVAL;
+        snprintf(err, errlen, "cannot import %s: %s", path, rc == -EINVAL ? "not a regular file" : strerror(-rc));
+        if (fd >= 0)
+            close(fd);
+        return rc;
+    }
+    FILE *f = fdopen(fd, "rb");
     if (!f) {
         int rc = -errno;
-        snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
+        close(fd);
+        snprintf(err, errlen, "cannot open %s: %s", path, strerror(-rc));
         return rc;
     }
     uint64_t payload;
@@ -1497,7 +1518,7 @@ int vm_import(struct vm_registry *reg, const char *path, const char *name, struc
     }
     char line[256], src_name[65] = "", base_name[65] = "", base_hex[CHUNK_HASH_HEX + 1] = "";
     uint64_t size = 0, base_version = 0;
-    unsigned uid = 0, gid = 0, mode = 0644;
+    unsigned uid = 0, gid = 0, mode = VM_DEFAULT_MODE;
     bool has_base = false, header_ok = fgets(line, sizeof(line), f) && strcmp(line, EXPORT_MAGIC) == 0;
     while (header_ok && fgets(line, sizeof(line), f) && strcmp(line, "data\n") != 0) {
         if (sscanf(line, "name %64s", src_name) == 1 || sscanf(line, "size %" SCNu64, &size) == 1 ||
@@ -1566,11 +1587,13 @@ int vm_import(struct vm_registry *reg, const char *path, const char *name, struc
     fclose(f);
     if (!rc)
         rc = layer_flush(top);
-    if (!rc && (uid || gid || mode != 0644)) {
-        mode_t m = mode;
-        uid_t u = uid;
-        gid_t g = gid;
-        rc = vm_set_attr(reg, vm, &m, &u, &g);
+    /* The file's permission bits are kept, but never setuid, setgid or
+     * sticky bits, nor its owner: the imported disk belongs to whoever
+     * imported it (root), until the operator chowns it. */
+    (void)uid, (void)gid;
+    if (!rc && (mode & 0666) != VM_DEFAULT_MODE) {
+        mode_t m = mode & 0666;
+        rc = vm_set_attr(reg, vm, &m, NULL, NULL);
     }
     if (rc) {
         if (!err[0] || rc != -EBADMSG)
