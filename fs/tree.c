@@ -8,8 +8,39 @@
 
 #include "util.h"
 
-/* Adds a node; called with tree->lock held for writing. */
-static struct node *add_node(struct tree *tree, fuse_ino_t parent, enum node_kind kind, const char *name)
+static void map_record(struct tree *tree, const struct node *n)
+{
+    struct takeover *t = tree->inode_map;
+    if (!t || n->ino > TAKEOVER_MAX_INODES)
+        return;
+    struct takeover_inode *e = &t->inodes[n->ino - 1];
+    e->parent = n->parent;
+    e->kind = n->kind;
+    snprintf(e->name, sizeof(e->name), "%s", n->name);
+    if (t->inode_count < n->ino)
+        t->inode_count = n->ino;
+}
+
+/* The placeholder that an earlier server gave (parent, kind, name), if any. */
+static struct node *claim_placeholder(struct tree *tree, fuse_ino_t parent, enum node_kind kind, const char *name)
+{
+    if (!tree->unclaimed)
+        return NULL;
+    for (size_t i = INO_FIRST_DYNAMIC - 1; i < tree->count; i++) {
+        struct node *n = tree->nodes[i];
+        const struct takeover_inode *e = &tree->inode_map->inodes[i];
+        if (n->kind == NODE_UNCLAIMED && e->parent == parent && e->kind == (uint32_t)kind &&
+            strcmp(n->name, name) == 0) {
+            n->kind = kind;
+            n->parent = parent;
+            tree->unclaimed--;
+            return n;
+        }
+    }
+    return NULL;
+}
+
+static struct node *append_node(struct tree *tree)
 {
     if (tree->count == tree->cap) {
         size_t cap = tree->cap ? tree->cap * 2 : 64;
@@ -23,11 +54,43 @@ static struct node *add_node(struct tree *tree, fuse_ino_t parent, enum node_kin
     if (!n)
         return NULL;
     n->ino = tree->count + 1;
+    tree->nodes[tree->count++] = n;
+    return n;
+}
+
+/* Adds a node; called with tree->lock held for writing. After a takeover
+ * a node gets the inode number the previous server gave it. */
+static struct node *add_node(struct tree *tree, fuse_ino_t parent, enum node_kind kind, const char *name)
+{
+    struct node *n = claim_placeholder(tree, parent, kind, name);
+    if (n)
+        return n;
+    if ((n = append_node(tree)) == NULL)
+        return NULL;
     n->parent = parent;
     n->kind = kind;
     snprintf(n->name, sizeof(n->name), "%s", name);
-    tree->nodes[tree->count++] = n;
+    map_record(tree, n);
     return n;
+}
+
+void tree_use_inode_map(struct tree *tree, struct takeover *t)
+{
+    pthread_rwlock_wrlock(&tree->lock);
+    tree->inode_map = t;
+    for (size_t i = 0; i < tree->count; i++) /* the fixed nodes */
+        map_record(tree, tree->nodes[i]);
+    while (tree->count < t->inode_count) {
+        const struct takeover_inode *e = &t->inodes[tree->count];
+        struct node *n = append_node(tree);
+        if (!n)
+            break; /* out of memory: those numbers stay unused */
+        n->kind = NODE_UNCLAIMED; /* parent 0: invisible until claimed */
+        snprintf(n->name, sizeof(n->name), "%s", e->name);
+        if (e->parent)
+            tree->unclaimed++;
+    }
+    pthread_rwlock_unlock(&tree->lock);
 }
 
 int tree_create(struct repo *repo, double refresh_seconds, struct tree **out)
@@ -70,6 +133,7 @@ void tree_destroy(struct tree *tree)
         free(n);
     }
     free(tree->nodes);
+    free(tree->scans);
     pthread_rwlock_destroy(&tree->lock);
     pthread_mutex_destroy(&tree->refresh_lock);
     pthread_mutex_destroy(&tree->error_lock);
@@ -158,9 +222,90 @@ static int publish_version(struct tree *tree, struct manifest *m, bool latest)
     return 0;
 }
 
+void tree_stop_refresh(struct tree *tree) { atomic_store(&tree->stopping, true); }
+
+/* Called with refresh_lock held. */
+static struct base_scan *scan_of(struct tree *tree, const char *name)
+{
+    for (size_t i = 0; i < tree->scan_count; i++)
+        if (strcmp(tree->scans[i].name, name) == 0)
+            return &tree->scans[i];
+    struct base_scan *grown = realloc(tree->scans, (tree->scan_count + 1) * sizeof(*grown));
+    if (!grown)
+        return NULL;
+    tree->scans = grown;
+    struct base_scan *s = &tree->scans[tree->scan_count++];
+    memset(s, 0, sizeof(*s));
+    snprintf(s->name, sizeof(s->name), "%s", name);
+    return s;
+}
+
+/* Reads the versions of one base that are due, within *budget manifest
+ * reads. Called with refresh_lock held. */
+static void scan_base(struct tree *tree, const struct repo_index_entry *e, unsigned *budget, char *error,
+                      size_t errlen)
+{
+    struct base_scan *s = scan_of(tree, e->name);
+    if (!s || (s->retry_ns && now_ns() < s->retry_ns))
+        return;
+    uint64_t missing_from = 0; /* first version of the current run of missing ones */
+    while (s->done < e->latest && *budget > 0 && !atomic_load(&tree->stopping)) {
+        uint64_t v = s->done + 1;
+        struct manifest *m;
+        (*budget)--;
+        char why[256];
+        int rc = repo_read_manifest(tree->repo, e->name, v, &m, why, sizeof(why));
+        if (rc != 0 && rc != -EBADMSG && rc != -EINVAL && repo_version_retired(tree->repo, e->name, v)) {
+            s->done = v; /* retired (repo.h): gone for good, and no error */
+            continue;
+        }
+        if (rc)
+            snprintf(error, errlen, "%s", why);
+        if (rc == 0 && publish_version(tree, m, v == e->latest) != 0) {
+            manifest_free(m);
+            snprintf(error, errlen, "out of memory");
+            return;
+        }
+        if (rc != 0 && (!s->problem_is_bad || rc == -EBADMSG || rc == -EINVAL)) {
+            snprintf(s->problem, sizeof(s->problem), "%s", error);
+            s->problem_is_bad = rc == -EBADMSG || rc == -EINVAL;
+        } else if (rc == 0 && !s->problem_is_bad) {
+            s->problem[0] = '\0'; /* what was waited for came */
+        }
+        if (rc == 0 || rc == -EBADMSG || rc == -EINVAL) {
+            s->done = v; /* loaded, or bad for good: versions never change */
+            s->retry_ns = s->backoff_ns = 0;
+            missing_from = 0;
+            continue;
+        }
+        /* A missing version below existing ones is a hole (a removed
+         * version): skip it. A run of missing versions up to the newest, or
+         * a long one, is what the index claims but the repository does not
+         * have (yet): stop there and retry later, not on every refresh. */
+        if (!missing_from)
+            missing_from = v;
+        if (rc == -ENOENT && v < e->latest && v - missing_from + 1 < TREE_MAX_MISSING_RUN) {
+            s->done = v;
+            continue;
+        }
+        s->done = missing_from - 1;
+        s->backoff_ns = s->backoff_ns ? s->backoff_ns * 2 : TREE_RETRY_START_NS;
+        if (s->backoff_ns > TREE_RETRY_MAX_NS)
+            s->backoff_ns = TREE_RETRY_MAX_NS;
+        s->retry_ns = now_ns() + s->backoff_ns;
+        return;
+    }
+    if (missing_from)
+        s->done = missing_from - 1; /* cut short in a run (budget, unmount): it is tried again */
+}
+
 int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
 {
-    pthread_mutex_lock(&tree->refresh_lock);
+    if (force) {
+        pthread_mutex_lock(&tree->refresh_lock);
+    } else if (pthread_mutex_trylock(&tree->refresh_lock) != 0) {
+        return 0; /* a refresh is under way: this caller does not wait for it */
+    }
     uint64_t now = now_ns();
     if (!force && tree->last_refresh_ns &&
         now - tree->last_refresh_ns < (uint64_t)(tree->refresh_seconds * 1e9)) {
@@ -172,22 +317,13 @@ int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
     struct repo_index index;
     int rc = repo_read_index(tree->repo, &index, err, errlen);
     char version_error[256] = "";
-    for (size_t i = 0; rc == 0 && i < index.count; i++) {
-        const struct repo_index_entry *e = &index.entries[i];
-        for (uint64_t v = 1; v <= e->latest; v++) {
-            char file[80];
-            snprintf(file, sizeof(file), "%s@%" PRIu64 ".raw", e->name, v);
-            if (tree_lookup(tree, INO_BASES, file))
-                continue;
-            struct manifest *m;
-            /* A bad version is reported and skipped; the others still show. */
-            int vrc = repo_read_manifest(tree->repo, e->name, v, &m, version_error, sizeof(version_error));
-            if (vrc == 0 && publish_version(tree, m, v == e->latest) != 0) {
-                manifest_free(m);
-                snprintf(version_error, sizeof(version_error), "out of memory");
-            }
-        }
-    }
+    unsigned budget = first ? TREE_FIRST_REFRESH_BUDGET : TREE_REFRESH_BUDGET;
+    /* A bad version is reported and skipped; the others still show. */
+    for (size_t i = 0; rc == 0 && i < index.count; i++)
+        scan_base(tree, &index.entries[i], &budget, version_error, sizeof(version_error));
+    /* A version given up on stays reported, though it is not read again. */
+    for (size_t i = 0; rc == 0 && !version_error[0] && i < tree->scan_count; i++)
+        snprintf(version_error, sizeof(version_error), "%s", tree->scans[i].problem);
     if (rc == 0)
         repo_index_free(&index);
     const char *problem = rc ? err : version_error;
@@ -243,9 +379,23 @@ int tree_add_vm(struct tree *tree, struct vm *vm)
 void tree_remove_vm(struct tree *tree, struct vm *vm)
 {
     pthread_rwlock_wrlock(&tree->lock);
-    for (size_t i = 0; i < tree->count; i++)
-        if (tree->nodes[i]->vm == vm)
+    for (size_t i = 0; i < tree->count; i++) {
+        if (tree->nodes[i]->vm == vm) {
             tree->nodes[i]->parent = 0;
+            map_record(tree, tree->nodes[i]);
+        }
+    }
+    pthread_rwlock_unlock(&tree->lock);
+}
+
+void tree_prune_snapshots(struct tree *tree)
+{
+    pthread_rwlock_wrlock(&tree->lock);
+    for (size_t i = 0; i < tree->count; i++) {
+        struct node *n = tree->nodes[i];
+        if (n->kind == NODE_VM_SNAPSHOT && atomic_load(&n->snapshot->removed))
+            n->parent = 0;
+    }
     pthread_rwlock_unlock(&tree->lock);
 }
 

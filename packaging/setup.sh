@@ -103,7 +103,7 @@ run_tests() {
     run_ctest build
     step "test suite under AddressSanitizer + UndefinedBehaviorSanitizer (all but guest boots)"
     build_dir build-asan -DIMGFS_SANITIZE=address,undefined
-    run_ctest build-asan -LE guest
+    run_ctest build-asan -LE 'guest|package'
     step "concurrency tests under ThreadSanitizer"
     build_dir build-tsan -DIMGFS_SANITIZE=thread
     run_ctest build-tsan -L concurrency
@@ -115,7 +115,8 @@ build) build ;;
 install) build && install_binaries ;;
 deb) deb "${2:-}" ;;
 demo) deps && build && install_binaries && bash packaging/demo.sh ;;
-test) deps && build && install_binaries && run_tests ;;
+# The tests run this build's binaries by path (test_package installs the .deb).
+test) deps && build && run_tests ;;
 *)
     echo "usage: $0 demo|test|deb [DIR]|deps|build|install" >&2
     exit 2

@@ -110,7 +110,7 @@ int digests_parse(const char *text, size_t len, struct version_digests **out, ch
     if (has_previous != (v > 1))
         BAD("digests record's previous line does not fit its version");
     if (next_line(&p, end, line, sizeof(line)) < 0 || sscanf(line, "chunks %23s", count_text) != 1 ||
-        parse_u64(count_text, &count) < 0 || count > (size_t)(end - p) / 2)
+        parse_u64(count_text, &count) < 0 || count > (size_t)(end - p) / 2 || count > MANIFEST_MAX_CHUNKS)
         BAD("digests record has a bad chunk count");
     if (!(d = digests_new(count)))
         BAD("out of memory");
