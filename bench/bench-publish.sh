@@ -60,14 +60,15 @@ content() { # file len
     { tar -cf - /usr 2>/dev/null; head -c "$2" /dev/urandom; } | head -c "$2" >"$1"
 }
 
-# Seconds (3 decimals) that a command takes; its output goes to $WORK/last.out.
+# Seconds (3 decimals) that a command takes; its output goes to
+# $WORK/last.out and its CPU seconds (user + system) to $WORK/last.cpu.
 seconds() {
-    local t0 t1
-    t0=$(date +%s.%N)
-    "$@" >"$WORK/last.out" 2>&1 || { cat "$WORK/last.out" >&2; die "failed: $*"; }
-    t1=$(date +%s.%N)
-    echo "$t0 $t1" | awk '{ printf "%.3f", $2 - $1 }'
+    /usr/bin/time -o "$WORK/last.time" -f '%e %U %S' "$@" >"$WORK/last.out" 2>&1 ||
+        { cat "$WORK/last.out" >&2; die "failed: $*"; }
+    awk '{ printf "%.2f", $2 + $3 }' "$WORK/last.time" >"$WORK/last.cpu"
+    awk '{ printf "%.3f", $1 }' "$WORK/last.time"
 }
+cpu() { cat "$WORK/last.cpu"; }
 
 # Reads a dense input once; sparse ones were just written (and reading
 # their holes would take minutes).
@@ -89,6 +90,7 @@ publish() { # VAR image [options...]
     warm "$img"
     sync
     printf -v "$var" '%s' "$(seconds "$IMGFSCTL" publish "$img" "$WORK/repo$repo_n" --name b "$@")"
+    printf -v "${var}_cpu" '%s' "$(cpu)"
 }
 ratio() { echo "$1 $2" | awk '{ printf "%.2fx", $1 / ($2 > 0 ? $2 : 0.001) }'; }
 
@@ -113,12 +115,14 @@ rm -f "$WORK/q20.raw"
 cp "$WORK/q20.qcow2" "$WORK/q100.qcow2" && qemu-img resize -q "$WORK/q100.qcow2" 100G ||
     die "qemu-img resize failed."
 
+LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 log "1. sparse against dense"
 publish t_dense64 "$WORK/data64.raw"
 publish t_sparse "$WORK/sparse.raw"
 read_line=$(grep '^read' "$WORK/last.out")
 sync
 t_convert=$(seconds qemu-img convert -f raw -O raw "$WORK/sparse.raw" "$WORK/sparse-copy.raw")
+t_convert_cpu=$(cpu)
 rm -f "$WORK/sparse-copy.raw"
 limit=$(echo "$t_dense64" | awk '{ printf "%.3f", 2 * $1 + 0.5 }')
 
@@ -128,10 +132,12 @@ threads=$(grep -o 'on [0-9]* threads' "$WORK/last.out" | grep -o '[0-9]*')
 publish t_one "$WORK/dense.raw" --threads 1
 sync
 t_zstd=$(seconds zstd -3 -T0 -q -f "$WORK/dense.raw" -o "$WORK/dense.zst")
+t_zstd_cpu=$(cpu)
 rm -f "$WORK/dense.zst"
 rm -f "$WORK/dense.zst"
 sync
 t_republish=$(seconds "$IMGFSCTL" publish "$WORK/dense.raw" "$WORK/repo$((repo_n - 1))" --name b)
+t_republish_cpu=$(cpu)
 republish_line=$(grep '^chunks' "$WORK/last.out")
 
 log "3. qcow2, 1 GiB allocated"
@@ -142,21 +148,22 @@ publish t_q100 "$WORK/q100.qcow2"
 {
     echo "# imgfs publish benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
-    echo "$(nproc) CPUs, $(uname -r), $(zstd --version | head -1). Command: \`bash bench/bench-publish.sh\`"
+    echo "$(nproc) CPUs, $(uname -r), zstd $(zstd -V | grep -o 'v[0-9.]*' | head -1), load average $LOAD."
+    echo "Command: \`bash bench/bench-publish.sh\`"
     echo "(BENCH_DENSE=${BENCH_DENSE:-2G}, BENCH_QCOW_DATA=${BENCH_QCOW_DATA:-1G}). Seconds, page cache warm."
     echo
-    echo "| input | seconds | against | target |"
-    echo "|---|---:|---|---|"
-    echo "| 64 MiB of data, dense raw file | $t_dense64 | | |"
-    echo "| the same 64 MiB in a 100 GiB sparse raw file | $t_sparse | $(ratio "$t_sparse" "$t_dense64") of dense | <= $limit s (2 x dense + 0.5 s): $(awk -v a="$t_sparse" -v b="$limit" 'BEGIN { print (a <= b) ? "met" : "missed" }') |"
-    echo "| (qemu-img convert of the sparse file) | $t_convert | | |"
-    echo "| $((DENSE / MIB)) MiB dense raw, $threads threads | $t_all | $(ratio "$t_all" "$t_zstd") of zstd | <= zstd: $(awk -v a="$t_all" -v b="$t_zstd" 'BEGIN { print (a <= b) ? "met" : "missed" }') |"
-    echo "| the same, --threads 1 | $t_one | $(ratio "$t_one" "$t_zstd") of zstd | |"
-    echo "| zstd -3 -T0 of the same file | $t_zstd | | |"
-    echo "| the same image published again (unchanged) | $t_republish | $(ratio "$t_republish" "$t_all") of the first | no chunk written |"
-    echo "| $((QDATA / MIB)) MiB of data, dense raw file | $t_qraw | | |"
-    echo "| qcow2 of 20 GiB virtual holding it | $t_q20 | $(ratio "$t_q20" "$t_qraw") of dense | proportional to the data |"
-    echo "| qcow2 of 100 GiB virtual holding it | $t_q100 | $(ratio "$t_q100" "$t_qraw") of dense | |"
+    echo "| input | seconds | CPU seconds | against | target |"
+    echo "|---|---:|---:|---|---|"
+    echo "| 64 MiB of data, dense raw file | $t_dense64 | $t_dense64_cpu | | |"
+    echo "| the same 64 MiB in a 100 GiB sparse raw file | $t_sparse | $t_sparse_cpu | $(ratio "$t_sparse" "$t_dense64") of dense | <= $limit s (2 x dense + 0.5 s): $(awk -v a="$t_sparse" -v b="$limit" 'BEGIN { print (a <= b) ? "met" : "missed" }') |"
+    echo "| (qemu-img convert of the sparse file) | $t_convert | $t_convert_cpu | | |"
+    echo "| $((DENSE / MIB)) MiB dense raw, $threads threads | $t_all | $t_all_cpu | $(ratio "$t_all" "$t_zstd") of zstd | <= zstd: $(awk -v a="$t_all" -v b="$t_zstd" 'BEGIN { print (a <= b) ? "met" : "missed" }') |"
+    echo "| the same, --threads 1 | $t_one | $t_one_cpu | $(ratio "$t_one" "$t_zstd") of zstd | |"
+    echo "| zstd -3 -T0 of the same file | $t_zstd | $t_zstd_cpu | | |"
+    echo "| the same image published again (unchanged) | $t_republish | $t_republish_cpu | $(ratio "$t_republish" "$t_all") of the first | no chunk written |"
+    echo "| $((QDATA / MIB)) MiB of data, dense raw file | $t_qraw | $t_qraw_cpu | | |"
+    echo "| qcow2 of 20 GiB virtual holding it | $t_q20 | $t_q20_cpu | $(ratio "$t_q20" "$t_qraw") of dense | proportional to the data |"
+    echo "| qcow2 of 100 GiB virtual holding it | $t_q100 | $t_q100_cpu | $(ratio "$t_q100" "$t_qraw") of dense | |"
     echo
     echo "Sparse publish: \`$read_line\`. Unchanged re-publish: \`$republish_line\`."
 } | save_report publish

@@ -5,6 +5,7 @@
 #include <inttypes.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -289,9 +290,19 @@ static void add_vm(void *ctx, struct vm *vm)
     pthread_rwlock_rdlock(&vm->chain_lock);
     unsigned depth = vm->live.depth, snapshots = vm->snapshot_count;
     uint64_t owned = layer_owned_blocks(vm->live.layers[depth - 1]);
+    struct layer_stats ls;
+    layer_stats(vm->live.layers[depth - 1], &ls);
     pthread_rwlock_unlock(&vm->chain_lock);
     status_gauge(s, sec, "layer_bytes", "Bytes the VM's layers hold on the state disk.", (double)vm_layer_bytes(vm), 0);
     status_gauge(s, sec, "top_layer_blocks", "4 KiB blocks the VM's writable layer owns.", (double)owned, 0);
+    status_gauge(s, sec, "top_layer_log_blocks", "4 KiB blocks of the writable layer's log: live, dead, records.",
+                 (double)ls.log_blocks, 0);
+    status_counter(s, sec, "top_layer_compactions", "Compactions of the writable layer's log since the mount.",
+                   ls.compactions);
+    status_gauge(s, sec, "top_layer_compact_seconds", "Duration of the writable layer's last compaction.",
+                 (double)ls.compact_ns / 1e9, 3);
+    status_gauge(s, sec, "top_layer_compact_pause_seconds", "Of which its writes were held.",
+                 (double)ls.compact_pause_ns / 1e9, 4);
     status_gauge(s, sec, "layers", "Layers in the VM's chain.", depth, 0);
     status_gauge(s, sec, "snapshots", "Snapshots of the VM.", snapshots, 0);
     status_gauge(s, sec, "open", "Open file handles of the VM disk and its snapshots.", open_count, 0);
@@ -323,6 +334,16 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     status_text(s, sec, STATUS_INFO, "repository", "%s", repo_location(fs->repo));
     status_text(s, sec, STATUS_INFO, "repository_kind", "%s", repo_is_local(fs->repo) ? "local" : "http");
     status_text(s, sec, STATUS_TEXT, "refresh_error", "%s", refresh_error[0] ? refresh_error : "none");
+    if (fs->takeover) { /* the serving process and the ones before it (takeover.h) */
+        const struct takeover *t = fs->takeover;
+        status_gauge(s, sec, "pid", "Process id of the serving process.", (double)t->server_pid, 0);
+        status_gauge(s, sec, "supervisor_pid", "Process id of the supervisor that holds the mount.",
+                     (double)t->supervisor_pid, 0);
+        status_gauge(s, sec, "started", "Unix time of the mount.", (double)t->started, 0);
+        status_counter(s, sec, "takeovers", "Serving processes that took the mount over (crash or restart).",
+                       atomic_load(&((struct takeover *)t)->takeovers));
+        status_text(s, sec, STATUS_INFO, "resend", "%s", t->has_resend ? "yes" : "no");
+    }
 
     sec = status_add_section(s, "cache", NULL);
     status_text(s, sec, STATUS_INFO, "directory", "%s", cache_dir(fs->cache));

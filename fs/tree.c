@@ -44,9 +44,10 @@ static int index_insert(struct tree *tree, struct node *n)
         free(tree->index);
         tree->index = grown;
         tree->index_cap = cap;
-        /* Re-linked in inode order, which keeps the older-first chains. */
+        /* Re-linked in inode order, which keeps the older-first chains;
+         * n itself may be in nodes already, and is linked below. */
         for (size_t i = 0; i < tree->count; i++)
-            if (tree->nodes[i]->parent && tree->nodes[i]->name[0])
+            if (tree->nodes[i]->parent && tree->nodes[i]->name[0] && tree->nodes[i] != n)
                 index_link(tree, tree->nodes[i]);
     }
     index_link(tree, n);
@@ -74,8 +75,43 @@ static struct node *lookup_locked(struct tree *tree, fuse_ino_t parent, const ch
     return NULL;
 }
 
-/* Adds a node; called with tree->lock held for writing. */
-static struct node *add_node(struct tree *tree, fuse_ino_t parent, enum node_kind kind, const char *name)
+static void map_record(struct tree *tree, const struct node *n)
+{
+    struct takeover *t = tree->inode_map;
+    if (!t || n->ino > TAKEOVER_MAX_INODES)
+        return;
+    struct takeover_inode *e = &t->inodes[n->ino - 1];
+    e->parent = n->parent;
+    e->kind = n->kind;
+    snprintf(e->name, sizeof(e->name), "%s", n->name);
+    if (t->inode_count < n->ino)
+        t->inode_count = n->ino;
+}
+
+/* The placeholder that an earlier server gave (parent, kind, name), if any. */
+static struct node *claim_placeholder(struct tree *tree, fuse_ino_t parent, enum node_kind kind, const char *name)
+{
+    if (!tree->unclaimed)
+        return NULL;
+    for (size_t i = INO_FIRST_DYNAMIC - 1; i < tree->count; i++) {
+        struct node *n = tree->nodes[i];
+        const struct takeover_inode *e = &tree->inode_map->inodes[i];
+        if (n->kind == NODE_UNCLAIMED && e->parent == parent && e->kind == (uint32_t)kind &&
+            strcmp(n->name, name) == 0) {
+            n->parent = parent;
+            if (index_insert(tree, n) != 0) {
+                n->parent = 0; /* stays unclaimed; the caller sees out of memory */
+                return NULL;
+            }
+            n->kind = kind;
+            tree->unclaimed--;
+            return n;
+        }
+    }
+    return NULL;
+}
+
+static struct node *append_node(struct tree *tree)
 {
     if (tree->count == tree->cap) {
         size_t cap = tree->cap ? tree->cap * 2 : 64;
@@ -89,16 +125,48 @@ static struct node *add_node(struct tree *tree, fuse_ino_t parent, enum node_kin
     if (!n)
         return NULL;
     n->ino = tree->count + 1;
+    tree->nodes[tree->count++] = n;
+    return n;
+}
+
+/* Adds a node; called with tree->lock held for writing. After a takeover
+ * a node gets the inode number the previous server gave it. */
+static struct node *add_node(struct tree *tree, fuse_ino_t parent, enum node_kind kind, const char *name)
+{
+    struct node *n = claim_placeholder(tree, parent, kind, name);
+    if (n)
+        return n;
+    if ((n = append_node(tree)) == NULL)
+        return NULL;
     n->parent = parent;
     n->kind = kind;
     snprintf(n->name, sizeof(n->name), "%s", name);
     /* The root has no name and is never looked up. */
     if (n->name[0] && index_insert(tree, n) != 0) {
-        free(n);
+        n->parent = 0; /* left detached: its number stays unused */
         return NULL;
     }
-    tree->nodes[tree->count++] = n;
+    map_record(tree, n);
     return n;
+}
+
+void tree_use_inode_map(struct tree *tree, struct takeover *t)
+{
+    pthread_rwlock_wrlock(&tree->lock);
+    tree->inode_map = t;
+    for (size_t i = 0; i < tree->count; i++) /* the fixed nodes */
+        map_record(tree, tree->nodes[i]);
+    while (tree->count < t->inode_count) {
+        const struct takeover_inode *e = &t->inodes[tree->count];
+        struct node *n = append_node(tree);
+        if (!n)
+            break; /* out of memory: those numbers stay unused */
+        n->kind = NODE_UNCLAIMED; /* parent 0: invisible until claimed */
+        snprintf(n->name, sizeof(n->name), "%s", e->name);
+        if (e->parent)
+            tree->unclaimed++;
+    }
+    pthread_rwlock_unlock(&tree->lock);
 }
 
 int tree_create(struct repo *repo, double refresh_seconds, struct tree **out)
@@ -247,28 +315,55 @@ static void scan_base(struct tree *tree, const struct repo_index_entry *e, unsig
     struct base_scan *s = scan_of(tree, e->name);
     if (!s || (s->retry_ns && now_ns() < s->retry_ns))
         return;
+    uint64_t missing_from = 0; /* first version of the current run of missing ones */
     while (s->done < e->latest && *budget > 0 && !atomic_load(&tree->stopping)) {
         uint64_t v = s->done + 1;
         struct manifest *m;
         (*budget)--;
-        int rc = repo_read_manifest(tree->repo, e->name, v, &m, error, errlen);
+        char why[256];
+        int rc = repo_read_manifest(tree->repo, e->name, v, &m, why, sizeof(why));
+        if (rc != 0 && rc != -EBADMSG && rc != -EINVAL && repo_version_retired(tree->repo, e->name, v)) {
+            s->done = v; /* retired (repo.h): gone for good, and no error */
+            continue;
+        }
+        if (rc)
+            snprintf(error, errlen, "%s", why);
         if (rc == 0 && publish_version(tree, m, v == e->latest) != 0) {
             manifest_free(m);
             snprintf(error, errlen, "out of memory");
             return;
         }
+        if (rc != 0 && (!s->problem_is_bad || rc == -EBADMSG || rc == -EINVAL)) {
+            snprintf(s->problem, sizeof(s->problem), "%s", error);
+            s->problem_is_bad = rc == -EBADMSG || rc == -EINVAL;
+        } else if (rc == 0 && !s->problem_is_bad) {
+            s->problem[0] = '\0'; /* what was waited for came */
+        }
         if (rc == 0 || rc == -EBADMSG || rc == -EINVAL) {
             s->done = v; /* loaded, or bad for good: versions never change */
             s->retry_ns = s->backoff_ns = 0;
+            missing_from = 0;
             continue;
         }
-        /* Missing or unreachable: try again later, not on every refresh. */
+        /* A missing version below existing ones is a hole (a removed
+         * version): skip it. A run of missing versions up to the newest, or
+         * a long one, is what the index claims but the repository does not
+         * have (yet): stop there and retry later, not on every refresh. */
+        if (!missing_from)
+            missing_from = v;
+        if (rc == -ENOENT && v < e->latest && v - missing_from + 1 < TREE_MAX_MISSING_RUN) {
+            s->done = v;
+            continue;
+        }
+        s->done = missing_from - 1;
         s->backoff_ns = s->backoff_ns ? s->backoff_ns * 2 : TREE_RETRY_START_NS;
         if (s->backoff_ns > TREE_RETRY_MAX_NS)
             s->backoff_ns = TREE_RETRY_MAX_NS;
         s->retry_ns = now_ns() + s->backoff_ns;
         return;
     }
+    if (missing_from)
+        s->done = missing_from - 1; /* cut short in a run (budget, unmount): it is tried again */
 }
 
 int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
@@ -293,6 +388,9 @@ int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
     /* A bad version is reported and skipped; the others still show. */
     for (size_t i = 0; rc == 0 && i < index.count; i++)
         scan_base(tree, &index.entries[i], &budget, version_error, sizeof(version_error));
+    /* A version given up on stays reported, though it is not read again. */
+    for (size_t i = 0; rc == 0 && !version_error[0] && i < tree->scan_count; i++)
+        snprintf(version_error, sizeof(version_error), "%s", tree->scans[i].problem);
     if (rc == 0)
         repo_index_free(&index);
     const char *problem = rc ? err : version_error;
@@ -354,11 +452,26 @@ int tree_add_vm(struct tree *tree, struct vm *vm)
 void tree_remove_vm(struct tree *tree, struct vm *vm)
 {
     pthread_rwlock_wrlock(&tree->lock);
-    for (size_t i = 0; i < tree->count; i++)
+    for (size_t i = 0; i < tree->count; i++) {
         if (tree->nodes[i]->vm == vm && tree->nodes[i]->parent) {
             index_remove(tree, tree->nodes[i]);
             tree->nodes[i]->parent = 0;
+            map_record(tree, tree->nodes[i]);
         }
+    }
+    pthread_rwlock_unlock(&tree->lock);
+}
+
+void tree_prune_snapshots(struct tree *tree)
+{
+    pthread_rwlock_wrlock(&tree->lock);
+    for (size_t i = 0; i < tree->count; i++) {
+        struct node *n = tree->nodes[i];
+        if (n->kind == NODE_VM_SNAPSHOT && atomic_load(&n->snapshot->removed) && n->parent) {
+            index_remove(tree, n);
+            n->parent = 0;
+        }
+    }
     pthread_rwlock_unlock(&tree->lock);
 }
 

@@ -10,6 +10,8 @@
  *   /.imgfs/metrics        the same status in Prometheus text format
  *   /.imgfs/status.json    the same status as JSON
  *
+ * Inode numbers are given in order of first appearance and, through the
+ * takeover inode map, keep their value across servers (see takeover.h).
  * Base version files are immutable, so each keeps one inode for the life of
  * the mount and the kernel may cache its pages forever. A new publish adds a
  * new NAME@V.raw and re-points the NAME.raw symlink. Removing a VM detaches
@@ -38,6 +40,7 @@
 #include "manifest.h"
 #include "repo.h"
 #include "prefetch.h"
+#include "takeover.h"
 #include "vm.h"
 
 enum {
@@ -60,6 +63,7 @@ enum node_kind {
     NODE_CONTROL_FILE,
     NODE_VM_FILE,
     NODE_VM_SNAPSHOT,
+    NODE_UNCLAIMED, /* after a takeover: a number an earlier server gave, not yet seen again */
 };
 
 struct base_version {
@@ -91,12 +95,15 @@ struct base_scan {
     uint64_t done;
     uint64_t retry_ns;
     uint64_t backoff_ns;
+    char problem[256]; /* why a version was skipped or is waited for ("" if none) */
+    bool problem_is_bad; /* a bad manifest (for good), not a missing one */
 };
 
 /* Manifest reads one refresh may do: the first (at mount) and later ones.
  * The rest waits for the next refresh; nothing waits for all of it. */
 #define TREE_FIRST_REFRESH_BUDGET 4096
 #define TREE_REFRESH_BUDGET 256
+#define TREE_MAX_MISSING_RUN 8
 #define TREE_RETRY_START_NS (30ull * 1000000000ull)
 #define TREE_RETRY_MAX_NS (600ull * 1000000000ull)
 
@@ -121,10 +128,18 @@ struct tree {
     /* Never held across I/O, so status readers never wait on the network. */
     pthread_mutex_t error_lock;
     char last_refresh_error[256]; /* guarded by error_lock */
+
+    struct takeover *inode_map; /* not owned; written under lock */
+    size_t unclaimed;           /* placeholders still unclaimed; guarded by lock */
 };
 
 int tree_create(struct repo *repo, double refresh_seconds, struct tree **out);
 void tree_destroy(struct tree *tree);
+
+/* Makes inode numbers outlive this server (takeover.h): every node is
+ * recorded in t's inode map, and a node that an earlier server numbered
+ * gets the same number again. Call before the first refresh. */
+void tree_use_inode_map(struct tree *tree, struct takeover *t);
 
 /* Re-reads the repository index and adds new versions, at most a budget of
  * manifest reads at a time (TREE_*_BUDGET). force ignores the refresh
@@ -132,7 +147,10 @@ void tree_destroy(struct tree *tree);
  * way is not waited for (a lookup never blocks behind the network). Returns
  * a negative errno (with err set) only when the index cannot be read; the
  * tree then keeps what it had. A version whose manifest is bad is skipped,
- * logged and kept in last_refresh_error; a missing one is retried later. */
+ * logged and kept in last_refresh_error; a missing one is retried later,
+ * unless it is retired (repo.h): that one is skipped quietly and asked
+ * about only once. A version the tree has keeps its node after it is
+ * retired. */
 int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen);
 /* Makes a refresh under way stop at its next version (for unmount). */
 void tree_stop_refresh(struct tree *tree);
@@ -151,6 +169,8 @@ void tree_for_each_child(struct tree *tree, fuse_ino_t parent, fuse_ino_t after,
 int tree_add_vm(struct tree *tree, struct vm *vm);
 /* Detaches every node of vm. */
 void tree_remove_vm(struct tree *tree, struct vm *vm);
+/* Detaches the nodes of snapshots that were removed (vm_snapshot.removed). */
+void tree_prune_snapshots(struct tree *tree);
 /* The base version NAME@VERSION, or NULL. */
 struct base_version *tree_find_version(struct tree *tree, const char *name, uint64_t version);
 

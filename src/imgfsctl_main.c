@@ -196,7 +196,7 @@ static void vm_help(FILE *out)
             "       imgfsctl vm create MOUNTPOINT VM --size SIZE\n"
             "       imgfsctl vm snapshot MOUNTPOINT VM SNAP\n"
             "       imgfsctl vm clone MOUNTPOINT SRC[@SNAP] DST\n"
-            "       imgfsctl vm rm MOUNTPOINT VM\n"
+            "       imgfsctl vm rm MOUNTPOINT VM[@SNAP]\n"
             "       imgfsctl vm export MOUNTPOINT VM FILE\n"
             "       imgfsctl vm import MOUNTPOINT FILE [--name VM]\n"
             "\n"
@@ -205,7 +205,9 @@ static void vm_help(FILE *out)
             "  create    a new disk on a base version (default: the newest), or a blank one\n"
             "  snapshot  freeze the disk as SNAP; the VM goes on in a new layer\n"
             "  clone     a new VM sharing SRC's frozen layers (SRC is snapshotted if no SNAP)\n"
-            "  rm        remove a VM that is not open; layers still used elsewhere stay\n"
+            "  rm        remove a VM that is not open; layers still used elsewhere stay;\n"
+            "            VM@SNAP removes a snapshot that is not open and no clone came from\n"
+            "            (the snapshot vm clone makes of a live VM goes with its last clone)\n"
             "  export    write the VM's own data and its base identity to FILE\n"
             "  import    recreate an exported VM on a mount that has the same base\n");
 }
@@ -228,6 +230,14 @@ static int control_request(const char *cmd_name, const char *mountpoint, const c
     ssize_t n = rc ? -1 : pread(fd, answer, len - 1, 0);
     int saved = errno;
     close(fd);
+    if (!rc && n < 0 && saved == EBADF) {
+        /* The handle was given by a server that is gone (takeover.h). */
+        fprintf(stderr,
+                "imgfsctl %s: the serving process of %s was replaced (crash or imgfsctl restart) while it ran "
+                "this command; check its effect and run it again\n",
+                cmd_name, mountpoint);
+        return 1;
+    }
     if (rc || n < 0) {
         fprintf(stderr, "imgfsctl %s: the daemon did not answer: %s\n", cmd_name, strerror(rc ? -rc : saved));
         return 1;
@@ -345,7 +355,7 @@ static int vm_main(int argc, char **argv)
     }
     if (strcmp(sub, "rm") == 0) {
         if (argc != 4)
-            return usage_error("vm rm", "needs MOUNTPOINT VM");
+            return usage_error("vm rm", "needs MOUNTPOINT VM[@SNAP]");
         snprintf(cmd, sizeof(cmd), "vm-rm\t%s\n", argv[3]);
         return vm_command(sub, argv[2], cmd);
     }
@@ -741,6 +751,77 @@ static int list_main(int argc, char **argv)
     return status;
 }
 
+/* ---- restart ---------------------------------------------------------------------- */
+
+static void restart_help(FILE *out)
+{
+    fprintf(out, "usage: imgfsctl restart MOUNTPOINT\n"
+                 "\n"
+                 "Hands the mount over to a fresh serving process started from the imgfs binary\n"
+                 "on disk (so an upgraded package takes effect) with the options read again. The\n"
+                 "old process finishes the requests it holds; open files, VM disks included, keep\n"
+                 "working and see a pause, not an error. A pre-copy or trace in progress does not\n"
+                 "survive: its imgfsctl reports that. Waits until the new process serves (at most\n"
+                 "120 s) and prints its pid.\n");
+}
+
+/* The [daemon] pid of MOUNTPOINT's stats: > 0, 0 when there is none, or
+ * -errno when the file cannot be read. */
+static long serving_pid(const char *mountpoint)
+{
+    char path[PATH_MAX];
+    if (path_join(path, sizeof(path), "%s/.imgfs/stats", mountpoint) < 0)
+        return -ENAMETOOLONG;
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -errno;
+    char line[512];
+    bool in_daemon = false;
+    long pid = 0;
+    while (fgets(line, sizeof(line), f)) {
+        if (line[0] == '[')
+            in_daemon = strncmp(line, "[daemon]", 8) == 0;
+        else if (in_daemon && sscanf(line, "pid %ld", &pid) == 1)
+            break;
+    }
+    fclose(f);
+    return pid;
+}
+
+static int restart_main(int argc, char **argv)
+{
+    if (wants_help(argc, argv)) {
+        restart_help(stdout);
+        return 0;
+    }
+    if (argc != 2)
+        return usage_error("restart", "needs MOUNTPOINT");
+    long old = serving_pid(argv[1]);
+    if (old <= 0) {
+        fprintf(stderr, "imgfsctl restart: %s is not an imgfs mount with a serving process (%s)\n", argv[1],
+                old < 0 ? strerror((int)-old) : "no pid in its stats");
+        return 1;
+    }
+    if (control_command("restart", argv[1], "restart\n") != 0)
+        return 1;
+    for (int i = 0; i < 1200; i++) {
+        long now = serving_pid(argv[1]);
+        if (now < 0) {
+            fprintf(stderr, "imgfsctl restart: the mount at %s has ended: the new serving process did not "
+                            "start; see the system log\n",
+                    argv[1]);
+            return 1;
+        }
+        if (now > 0 && now != old) {
+            printf("%s: served by pid %ld (was %ld)\n", argv[1], now, old);
+            return 0;
+        }
+        usleep(100 * 1000);
+    }
+    fprintf(stderr, "imgfsctl restart: pid %ld still serves %s after 120 s\n", old, argv[1]);
+    return 1;
+}
+
 /* ---- key, sign ----------------------------------------------------------------- */
 
 static void key_help(FILE *out)
@@ -883,11 +964,14 @@ static const struct subcommand subcommands[] = {
     {"publish", "publish a raw or qcow2 image as a new base version", publish_main, publish_help},
     {"status", "show the status of a mount", status_main, status_help},
     {"versions", "list every version of the bases of a repository", versions_main, versions_help},
+    {"retire", "retire an old version of a base", retire_main, retire_help},
+    {"gc", "remove the chunks that no version references", gc_main, gc_help},
     {"vm", "create, snapshot, clone, remove, export and import VM disks", vm_main, vm_help},
     {"precopy", "fill the cache with a base version or list, and pin it", precopy_main, precopy_help},
     {"unpin", "release what precopy pinned", unpin_main, unpin_help},
     {"trace", "record the base chunks a VM reads, as a prefetch list", trace_main, trace_help},
     {"list", "publish prefetch lists, or make them from file paths", list_main, list_help},
+    {"restart", "hand a mount over to a fresh imgfs process, under running VMs", restart_main, restart_help},
     {"key", "generate a signing key pair", key_main, key_help},
     {"sign", "sign a repository (every version, the index and the lists)", sign_main, sign_help},
     {"check", "say what is wrong with a mount or a repository on this host", check_main, check_help},
