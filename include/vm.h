@@ -23,6 +23,13 @@
  * and chain_lock (a rwlock) that readers hold while they use the chain.
  * attr_lock, held only briefly and never across I/O, guards open_count,
  * deleted, mode, uid and gid.
+ *
+ * No VM lock is ever held while the network is waited on. registry->lock
+ * (which control commands and stats take) may wait for a write_lock, and
+ * write_lock and chain_lock are held across local layer I/O only: a write
+ * that copies blocks up from the base first fetches those base chunks with
+ * no lock held (vm_write), and reads take chain_lock only to map a range
+ * and to build their reply from chunks already in hand (fs/ops.c).
  */
 #ifndef IMGFS_VM_H
 #define IMGFS_VM_H

@@ -183,6 +183,9 @@ int main(int argc, char **argv)
     /* Keep every worker: libfuse otherwise ends and re-creates threads under load. */
     fuse_loop_cfg_set_idle_threads(cfg, opts.max_threads);
     status = fuse_session_loop_mt(se, cfg) == 0 ? 0 : 1;
+    /* Reads still waiting reply from engine threads: end them while the
+     * session they reply to exists. */
+    fetcher_shutdown(fs.fetcher);
     fuse_loop_cfg_destroy(cfg);
     if (refreshing)
         refresher_stop(&refresher);
