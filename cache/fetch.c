@@ -781,6 +781,8 @@ static void add_job_locked(struct fetcher *f, struct job *job)
     enqueue(f, job, false);
 }
 
+static int start_threads_locked(struct fetcher *f);
+
 /* The common path of fetch_start and fetch_ahead. w is NULL for readahead. */
 static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
                    uint64_t deadline_ns, struct fetch_counters *counters, struct fetch_ref *ref, struct waiter *w)
@@ -805,7 +807,7 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
             return -EIO;
         }
         pthread_mutex_lock(&f->lock);
-        if (f->stop) {
+        if (f->stop || start_threads_locked(f) != 0) {
             pthread_mutex_unlock(&f->lock);
             if (rc == CACHE_MUST_FILL)
                 cache_abandon(f->cache, &pin);
@@ -984,22 +986,26 @@ int fetcher_create(struct cache *cache, struct repo *repo, const struct fetch_op
      * streams share one connection where HTTP/2 offers it. */
     curl_multi_setopt(f->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)f->slots);
     curl_multi_setopt(f->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
-    if (pthread_create(&f->dispatcher, NULL, dispatch_main, f) != 0) {
-        fetcher_destroy(f);
+    *out = f;
+    return 0;
+}
+
+/* Starts the threads on first use (engine lock held), not at creation: the
+ * daemon forks into the background after setting up, and threads do not
+ * cross a fork. */
+static int start_threads_locked(struct fetcher *f)
+{
+    if (f->dispatcher_running)
+        return 0;
+    if (pthread_create(&f->dispatcher, NULL, dispatch_main, f) != 0)
         return -EAGAIN;
-    }
     f->dispatcher_running = true;
     for (int i = 0; i < FETCH_WORKERS; i++) {
         if (pthread_create(&f->workers[i], NULL, worker_main, f) != 0)
             break;
         f->worker_count++;
     }
-    if (f->worker_count == 0) {
-        fetcher_destroy(f);
-        return -EAGAIN;
-    }
-    *out = f;
-    return 0;
+    return f->worker_count > 0 ? 0 : -EAGAIN;
 }
 
 void fetcher_shutdown(struct fetcher *f)

@@ -156,12 +156,15 @@ int status_render_stats(struct imgfs *fs, char **out, size_t *len)
                 "bytes_transferred %" PRIu64 "\n"
                 "verify_failures   %" PRIu64 "\n"
                 "errors            %" PRIu64 "\n"
-                "served_uncached   %" PRIu64 "\n",
+                "served_uncached   %" PRIu64 "\n"
+                "in_flight         %" PRIu64 "\n"
+                "queued            %" PRIu64 "\n",
                 IMGFS_VERSION, now_seconds() - fs->started, repo_location(fs->repo),
                 repo_is_local(fs->repo) ? "local" : "http", refresh_error[0] ? refresh_error : "none",
                 cache_dir(fs->cache), usage.chunks, usage.bytes, usage.limit, usage.held_bytes, usage.evictions, usage.open_fds,
                 usage.dropped_damaged,
-                totals.requests, totals.bytes_transferred, totals.verify_failures, totals.errors, totals.uncached);
+                totals.requests, totals.bytes_transferred, totals.verify_failures, totals.errors, totals.uncached,
+                totals.in_flight, totals.queued);
     if (totals.last_error_age >= 0)
         text_printf(&t, "last_error        %s (%.0f s ago)\n", totals.last_error, totals.last_error_age);
     else
