@@ -227,7 +227,7 @@ fresh_mount() {
     unmount_imgfs
     rm -rf "$WORK/cache" "$WORK/state"
     mkdir -p "$WORK/cache" "$WORK/state"
-    "$IMGFS" "$URL/repo" "$MNT" -f -o "cache=$WORK/cache,state=$WORK/state${extra:+,$extra}" \
+    "$IMGFS" "$URL/repo" "$MNT" -f -o "cache=$WORK/cache,state=$WORK/state,insecure${extra:+,$extra}" \
         >"$WORK/logs/imgfs-$label.log" 2>&1 &
     IMGFS_PID=$!
     for _ in $(seq 200); do

@@ -218,7 +218,7 @@ run_imgfs() { # key
     local key=$1 t0 t1 rx0 rx1 l0 stats
     unmount_imgfs
     rm -rf "$WORK/cache" && mkdir -p "$WORK/cache" "$MNT"
-    "$IMGFS_BIN_DIR/imgfs" "$BASE_URL" "$MNT" -f -o "cache=$WORK/cache" >"$WORK/imgfs-$key.log" 2>&1 &
+    "$IMGFS_BIN_DIR/imgfs" "$BASE_URL" "$MNT" -f -o "cache=$WORK/cache,insecure" >"$WORK/imgfs-$key.log" 2>&1 &
     IMGFS_PID=$!
     for i in $(seq 100); do
         mountpoint -q "$MNT" && break

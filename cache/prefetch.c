@@ -77,18 +77,9 @@ static struct job *find_job_locked(struct prefetcher *pf, const char *key)
 /* Fetches, parses and checks a replay's list (first worker only). */
 static void load_list(struct prefetcher *pf, struct job *j)
 {
-    char rel[256], err[256] = "";
-    char *text = NULL;
-    size_t len;
+    char err[512] = "";
     struct chunk_list *list = NULL;
-    int rc = list_relpath(j->m->name, j->m->version, j->list_name, rel, sizeof(rel));
-    if (!rc)
-        rc = repo_get(j->repo, rel, 64u << 20, &text, &len);
-    if (!rc)
-        rc = list_parse(text, len, &list, err, sizeof(err));
-    if (!rc)
-        rc = list_check(list, j->m, err, sizeof(err));
-    free(text);
+    int rc = repo_read_list(j->repo, j->m, j->list_name, &list, err, sizeof(err));
     if (!rc) {
         free(j->indices);
         j->indices = list->chunks;
@@ -479,6 +470,16 @@ int prefetch_status(struct prefetcher *pf, const char *key, struct job_status *o
         snprintf(out->state, sizeof(out->state), "%s",
                  !finished ? "running" : atomic_load(&j->failed) ? "failed" : atomic_load(&j->stop) ? "stopped" : "done");
     }
+    pthread_mutex_unlock(&pf->lock);
+    return j ? 0 : -ENOENT;
+}
+
+int prefetch_stop(struct prefetcher *pf, const char *key)
+{
+    pthread_mutex_lock(&pf->lock);
+    struct job *j = find_job_locked(pf, key);
+    if (j)
+        atomic_store(&j->stop, true);
     pthread_mutex_unlock(&pf->lock);
     return j ? 0 : -ENOENT;
 }

@@ -78,24 +78,9 @@ static int start_precopy(struct imgfs *fs, char **f, char *err, size_t errlen)
     }
     struct chunk_list *list = NULL;
     if (strcmp(f[3], "-") != 0) {
-        char rel[256], *text = NULL;
-        size_t len;
-        int rc = list_relpath(f[1], v->manifest->version, f[3], rel, sizeof(rel));
-        if (!rc)
-            rc = repo_get(fs->repo, rel, 64u << 20, &text, &len);
-        if (rc) {
-            snprintf(err, errlen, "cannot read list %s of %s@%s: %s", f[3], f[1], f[2],
-                     rc == -ENOENT ? "it is not published" : strerror(-rc));
+        int rc = repo_read_list(fs->repo, v->manifest, f[3], &list, err, errlen);
+        if (rc)
             return rc;
-        }
-        rc = list_parse(text, len, &list, err, errlen);
-        free(text);
-        if (!rc)
-            rc = list_check(list, v->manifest, err, errlen);
-        if (rc) {
-            list_free(list);
-            return rc;
-        }
     }
     int rc = prefetch_precopy(fs->prefetcher, key, v->manifest, list, rate, &v->marks, err, errlen);
     list_free(list);
@@ -189,6 +174,14 @@ static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
         return vm_export(fs->vms, vm, NULL, f[2], err, errlen);
     } else if (n == 5 && strcmp(f[0], "precopy") == 0) {
         return start_precopy(fs, f, err, errlen);
+    } else if (n == 4 && strcmp(f[0], "precopy-stop") == 0) {
+        char key[160];
+        if (!need_version(fs, f + 1, key, sizeof(key), err, errlen))
+            return -ENOENT;
+        rc = prefetch_stop(fs->prefetcher, key);
+        if (rc == -ENOENT)
+            snprintf(err, errlen, "no pre-copy of %s in this mount", key);
+        return rc;
     } else if (n == 4 && strcmp(f[0], "unpin") == 0) {
         char key[160];
         if (!need_version(fs, f + 1, key, sizeof(key), err, errlen))

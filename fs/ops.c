@@ -22,8 +22,9 @@ static const char zero_block[1 << 20];
 static struct imgfs *fs_of(fuse_req_t req) { return fuse_req_userdata(req); }
 
 /* Local repositories are cheap to re-read, so new versions show up on the
- * next lookup; remote ones are refreshed by the daemon's refresher thread so
- * that a slow network never stalls a directory operation. */
+ * next lookup (a bounded refresh, and none when one is under way already);
+ * remote ones only by the daemon's refresher thread, so that a slow network
+ * never stalls a directory operation. */
 static void maybe_refresh(struct imgfs *fs)
 {
     if (repo_is_local(fs->repo)) {
@@ -34,8 +35,12 @@ static void maybe_refresh(struct imgfs *fs)
 
 static bool is_vm_node(const struct node *n) { return n->kind == NODE_VM_FILE || n->kind == NODE_VM_SNAPSHOT; }
 
+/* Status files are never cached: their size is the size of what the
+ * caller's own open handle will read (see status_file_size). */
 static double attr_timeout(const struct node *n)
 {
+    if (n->kind == NODE_STATUS_FILE)
+        return 0;
     return n->kind == NODE_BASE_FILE || n->kind == NODE_DIR ? IMMUTABLE_TIMEOUT : MUTABLE_TIMEOUT;
 }
 
@@ -99,6 +104,16 @@ static void fill_attr(struct imgfs *fs, const struct node *n, struct stat *st)
     st->st_mtime = st->st_ctime = st->st_atime = mtime;
 }
 
+static off_t status_file_size(fuse_req_t req, const struct node *n);
+
+/* fill_attr, plus what depends on who asks. */
+static void fill_attr_for(fuse_req_t req, const struct node *n, struct stat *st)
+{
+    fill_attr(fs_of(req), n, st);
+    if (n->kind == NODE_STATUS_FILE)
+        st->st_size = status_file_size(req, n);
+}
+
 static void reply_entry(fuse_req_t req, const struct node *n)
 {
     struct fuse_entry_param e = {0};
@@ -106,7 +121,7 @@ static void reply_entry(fuse_req_t req, const struct node *n)
     e.generation = 1;
     e.attr_timeout = attr_timeout(n);
     e.entry_timeout = entry_timeout(n);
-    fill_attr(fs_of(req), n, &e.attr);
+    fill_attr_for(req, n, &e.attr);
     fuse_reply_entry(req, &e);
 }
 
@@ -155,7 +170,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         return;
     }
     struct stat st;
-    fill_attr(fs, n, &st);
+    fill_attr_for(req, n, &st);
     fuse_reply_attr(req, &st, attr_timeout(n));
 }
 
@@ -293,10 +308,16 @@ done:
  * command written to the control file. The kernel may send RELEASE while a
  * READ of the same handle is still being answered (for example when the
  * reader was killed), so a text is never touched outside open_texts_lock: a
- * read copies its slice under the lock and replies after. */
+ * read copies its slice under the lock and replies after.
+ *
+ * A status file's size in stat is the length of the text that the calling
+ * thread's newest open handle of it holds (read_file() opens, fstats, then
+ * reads exactly st_size bytes), or of a fresh rendering when it has none. */
 
 struct open_text {
     uint64_t id;
+    fuse_ino_t ino;
+    pid_t pid; /* the thread that opened it */
     size_t len;
     char *text;
     struct open_text *next;
@@ -307,13 +328,15 @@ static struct open_text *open_texts; /* guarded by open_texts_lock */
 static uint64_t next_text_id = 1;    /* guarded by open_texts_lock */
 
 /* Takes ownership of text; returns the handle id, or 0 when out of memory. */
-static uint64_t text_open(char *text, size_t len)
+static uint64_t text_open(fuse_ino_t ino, pid_t pid, char *text, size_t len)
 {
     struct open_text *t = calloc(1, sizeof(*t));
     if (!t) {
         free(text);
         return 0;
     }
+    t->ino = ino;
+    t->pid = pid;
     t->text = text;
     t->len = len;
     pthread_mutex_lock(&open_texts_lock);
@@ -330,6 +353,22 @@ static struct open_text *find_text_locked(uint64_t id)
         if (t->id == id)
             return t;
     return NULL;
+}
+
+static off_t status_file_size(fuse_req_t req, const struct node *n)
+{
+    pid_t pid = fuse_req_ctx(req)->pid;
+    bool found = false;
+    size_t len = 0;
+    pthread_mutex_lock(&open_texts_lock);
+    for (struct open_text *t = open_texts; t && !found; t = t->next) /* newest first */
+        if (t->ino == n->ino && t->pid == pid)
+            found = true, len = t->len;
+    pthread_mutex_unlock(&open_texts_lock);
+    char *text;
+    if (!found && status_render_file(fs_of(req), n->ino, &text, &len) == 0)
+        free(text);
+    return (off_t)len;
 }
 
 static void text_read(fuse_req_t req, uint64_t id, size_t size, off_t off)
@@ -397,7 +436,7 @@ static void open_text_file(fuse_req_t req, struct imgfs *fs, const struct node *
     int rc = 0;
     if (n->kind == NODE_STATUS_FILE) {
         maybe_refresh(fs);
-        rc = status_render_stats(fs, &text, &len);
+        rc = status_render_file(fs, n->ino, &text, &len);
     } else if (fuse_req_ctx(req)->uid != 0) {
         rc = -EACCES; /* commands change VMs: root only, with or without default_permissions */
     } else {
@@ -408,7 +447,7 @@ static void open_text_file(fuse_req_t req, struct imgfs *fs, const struct node *
         fuse_reply_err(req, -rc);
         return;
     }
-    fi->fh = text_open(text, len);
+    fi->fh = text_open(n->ino, fuse_req_ctx(req)->pid, text, len);
     if (!fi->fh) {
         fuse_reply_err(req, ENOMEM);
         return;
@@ -504,17 +543,33 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
  * out later). */
 
 /* A zero-copy reply: buffers that point into pinned cache files, chunks in
- * memory, layer files or the zero block. */
+ * memory, layer data or the zero block. Layer extents are released after
+ * the reply has been sent. */
 struct reply_bufs {
     struct fuse_bufvec *bv;
     size_t cap;
+    struct layer_extent *extents;
+    struct layer **extent_layers;
+    size_t nextents;
 };
 
 static int bufs_init(struct reply_bufs *r, size_t cap)
 {
     r->cap = cap;
+    r->nextents = 0;
     r->bv = calloc(1, sizeof(*r->bv) + cap * sizeof(struct fuse_buf));
-    return r->bv ? 0 : -ENOMEM;
+    r->extents = calloc(cap, sizeof(*r->extents));
+    r->extent_layers = calloc(cap, sizeof(*r->extent_layers));
+    return r->bv && r->extents && r->extent_layers ? 0 : -ENOMEM;
+}
+
+static void bufs_free(struct reply_bufs *r)
+{
+    for (size_t i = 0; i < r->nextents; i++)
+        layer_extent_release(r->extent_layers[i], &r->extents[i]);
+    free(r->extents);
+    free(r->extent_layers);
+    free(r->bv);
 }
 
 static struct fuse_buf *bufs_next(struct reply_bufs *r)
@@ -552,6 +607,27 @@ static int bufs_add_zero(struct reply_bufs *r, uint64_t size)
         if (rc)
             return rc;
         done += n;
+    }
+    return 0;
+}
+
+/* Adds [start, start+len) of a layer that owns all of it. */
+static int bufs_add_layer(struct reply_bufs *r, struct layer *layer, uint64_t start, uint64_t len)
+{
+    for (uint64_t end = start + len; start < end;) {
+        if (r->nextents == r->cap)
+            return -E2BIG;
+        struct layer_extent *e = &r->extents[r->nextents];
+        int rc = layer_extent_at(layer, start, end - start, e);
+        if (rc)
+            return rc;
+        r->extent_layers[r->nextents++] = layer;
+        rc = e->kind == LAYER_EXTENT_DATA   ? bufs_add_fd(r, e->fd, e->pos, e->len)
+             : e->kind == LAYER_EXTENT_ZERO ? bufs_add_zero(r, e->len)
+                                            : -EIO; /* not owned: the chain changed under us */
+        if (rc)
+            return rc;
+        start += e->len;
     }
     return 0;
 }
@@ -608,7 +684,7 @@ static int bufs_add_disk(struct reply_bufs *r, struct image_read *op, const stru
         enum disk_source source;
         struct layer *layer;
         uint64_t n = disk_source_at(disk, start, end - start, &source, &layer);
-        int rc = source == SOURCE_LAYER  ? bufs_add_fd(r, layer->data_fd, start, n)
+        int rc = source == SOURCE_LAYER  ? bufs_add_layer(r, layer, start, n)
                  : source == SOURCE_BASE ? bufs_add_base(r, op, start, start + n)
                                          : bufs_add_zero(r, n);
         if (rc)
@@ -661,7 +737,7 @@ static void read_reply(struct image_read *op)
         fuse_reply_data(op->req, r.bv, FUSE_BUF_SPLICE_MOVE);
     if (disk)
         pthread_rwlock_unlock(&op->n->vm->chain_lock);
-    free(r.bv);
+    bufs_free(&r);
 }
 
 static void read_finish(struct image_read *op)
@@ -890,6 +966,61 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino)
     fuse_reply_statfs(req, &sv);
 }
 
+/* ---- extended attributes: user.imgfs.*, read-only (status.h) ------------------ */
+
+/* Replies to a getxattr/listxattr of size bytes with value (NULL: none). */
+static void reply_xattr_value(fuse_req_t req, size_t size, const char *value, size_t len)
+{
+    if (size == 0)
+        fuse_reply_xattr(req, len);
+    else if (size < len)
+        fuse_reply_err(req, ERANGE);
+    else
+        fuse_reply_buf(req, value, len);
+}
+
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    struct imgfs *fs = fs_of(req);
+    struct node *n = live_node(fs, ino);
+    char *value = NULL;
+    size_t len = 0;
+    int rc = n ? status_xattr_get(fs, n, name, &value, &len) : -ENOENT;
+    if (rc)
+        fuse_reply_err(req, -rc);
+    else
+        reply_xattr_value(req, size, value, len);
+    free(value);
+}
+
+static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+    struct imgfs *fs = fs_of(req);
+    struct node *n = live_node(fs, ino);
+    char *names = NULL;
+    size_t len = 0;
+    int rc = n ? status_xattr_list(fs, n, &names, &len) : -ENOENT;
+    if (rc)
+        fuse_reply_err(req, -rc);
+    else
+        reply_xattr_value(req, size, names, len);
+    free(names);
+}
+
+/* The user.imgfs.* values are figures of the daemon; nothing else is kept. */
+static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value, size_t size,
+                        int flags)
+{
+    (void)ino, (void)value, (void)size, (void)flags;
+    fuse_reply_err(req, strncmp(name, "user.imgfs.", 11) == 0 ? EPERM : ENOTSUP);
+}
+
+static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
+{
+    (void)ino;
+    fuse_reply_err(req, strncmp(name, "user.imgfs.", 11) == 0 ? EPERM : ENOTSUP);
+}
+
 /* Files are created and removed with imgfsctl, not with the usual calls. */
 static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
 {
@@ -945,4 +1076,8 @@ const struct fuse_lowlevel_ops imgfs_ops = {
     .statfs = op_statfs,
     .fallocate = op_fallocate,
     .lseek = op_lseek,
+    .getxattr = op_getxattr,
+    .listxattr = op_listxattr,
+    .setxattr = op_setxattr,
+    .removexattr = op_removexattr,
 };

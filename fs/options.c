@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "config.h"
 #include "util.h"
 
 /* Raw -o values as libfuse's option parser hands them to us. */
@@ -29,16 +30,27 @@ struct raw_options {
     int mirror_count;
     int offline;
     char *vm_cache;
+    char *trust;
+    int insecure;
+    char *max_index_age;
+    char *credentials;
     int show_help;
     int show_version;
     int foreground;
     int debug;
     int positional;
+    int on_command_line; /* the options below come from argv, not a config file */
+    int command_line_mirrors;
+    char *config; /* read before parsing (find_config_option); ignored here */
     char *repo;
     char *mountpoint;
 };
 
-enum { KEY_HELP, KEY_VERSION, KEY_FOREGROUND, KEY_DEBUG, KEY_MIRROR };
+enum { KEY_HELP, KEY_VERSION, KEY_FOREGROUND, KEY_DEBUG, KEY_MIRROR, KEY_COMMAND_LINE };
+
+/* Put between the config file's options and argv's: mirror= lines of a file
+ * are replaced, not extended, by mirror= on the command line. */
+#define COMMAND_LINE_MARK "imgfs:command-line"
 
 #define OPT(t, p) {t, offsetof(struct raw_options, p), 1}
 static const struct fuse_opt option_spec[] = {
@@ -56,7 +68,13 @@ static const struct fuse_opt option_spec[] = {
     OPT("proxy=%s", proxy),
     OPT("offline", offline),
     OPT("vm_cache=%s", vm_cache),
+    OPT("trust=%s", trust),
+    OPT("insecure", insecure),
+    OPT("max_index_age=%s", max_index_age),
+    OPT("credentials=%s", credentials),
+    OPT("config=%s", config),
     FUSE_OPT_KEY("mirror=", KEY_MIRROR),
+    FUSE_OPT_KEY(COMMAND_LINE_MARK, KEY_COMMAND_LINE),
     FUSE_OPT_KEY("-h", KEY_HELP),
     FUSE_OPT_KEY("--help", KEY_HELP),
     FUSE_OPT_KEY("-V", KEY_VERSION),
@@ -67,6 +85,40 @@ static const struct fuse_opt option_spec[] = {
     FUSE_OPT_END,
 };
 
+/* What libfuse (3.14 and later) and mount.fuse3 take besides imgfs's own
+ * options; anything else is refused with our own sentence. */
+static const char *const fuse_option_names[] = {
+    "allow_other", "allow_root", "auto_unmount", "blkdev", "blksize", "default_permissions", "fsname", "subtype",
+    "max_read", "context", "fscontext", "defcontext", "rootcontext", "user", "rw", "ro", "suid", "nosuid", "dev",
+    "nodev", "exec", "noexec", "async", "sync", "dirsync", "atime", "noatime", "diratime", "nodiratime", "relatime",
+    "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime",
+};
+
+/* Options of fstab lines that are meant for mount(8) and systemd; libfuse
+ * refuses them, mount.fuse3 drops only some, and so imgfs drops them all. */
+static const char *const mount_only_names[] = {"nofail", "noauto", "auto", "defaults", "user", "users", "nouser",
+                                               "_netdev"};
+
+static bool name_in(const char *option, const char *const *names, size_t count)
+{
+    size_t len = strcspn(option, "=");
+    for (size_t i = 0; i < count; i++)
+        if (strlen(names[i]) == len && strncmp(option, names[i], len) == 0)
+            return true;
+    return false;
+}
+
+static bool is_mount_only_option(const char *option)
+{
+    return strncmp(option, "x-", 2) == 0 || strncmp(option, "comment=", 8) == 0 ||
+           name_in(option, mount_only_names, ARRAY_LEN(mount_only_names));
+}
+
+static bool is_fuse_option(const char *option)
+{
+    return name_in(option, fuse_option_names, ARRAY_LEN(fuse_option_names));
+}
+
 static int on_option(void *data, const char *arg, int key, struct fuse_args *outargs)
 {
     (void)outargs;
@@ -76,7 +128,14 @@ static int on_option(void *data, const char *arg, int key, struct fuse_args *out
     case KEY_VERSION: raw->show_version = 1; return 0;
     case KEY_FOREGROUND: raw->foreground = 1; return 0;
     case KEY_DEBUG: raw->debug = 1; return 0;
+    case KEY_COMMAND_LINE: raw->on_command_line = 1; return 0;
     case KEY_MIRROR:
+        if (raw->on_command_line && !raw->command_line_mirrors) {
+            for (int i = 0; i < raw->mirror_count; i++)
+                free(raw->mirrors[i]);
+            raw->mirror_count = 0;
+            raw->command_line_mirrors = 1;
+        }
         if (raw->mirror_count == 8) {
             fprintf(stderr, "imgfs: at most 7 mirrors can be given\n");
             return -1;
@@ -94,6 +153,8 @@ static int on_option(void *data, const char *arg, int key, struct fuse_args *out
         }
         raw->positional++;
         return 0;
+    case FUSE_OPT_KEY_OPT:
+        return is_mount_only_option(arg) ? 0 : 1; /* keep the rest for libfuse */
     default:
         return 1; /* keep it for libfuse */
     }
@@ -111,8 +172,10 @@ static void print_help(void)
            "  .imgfs/stats        status and counters (plain text)\n"
            "\n"
            "imgfs options:\n"
+           "  -o config=FILE      read default options from FILE and FILE.d/*.conf\n"
+           "                      (default $" IMGFS_CONFIG_ENV " or " IMGFS_DEFAULT_CONFIG "; none: no file)\n"
            "  -o cache=DIR        chunk cache directory (default " IMGFS_DEFAULT_CACHE_DIR ",\n"
-           "                      created if it is the default; a given DIR must exist)\n"
+           "                      created if it is the default; another DIR must exist)\n"
            "  -o cache_size=SIZE  cap on the cache (e.g. 50G); least recently used chunks\n"
            "                      are evicted, down to 90%% of it (default: no cap)\n"
            "  -o state=DIR        directory for VM disks and their layers (default\n"
@@ -142,13 +205,24 @@ static void print_help(void)
            "                      the layer in batches, at the latest on fsync; a write\n"
            "                      past the end of a disk then fails on fsync or close,\n"
            "                      not on write(2)\n"
+           "  -o trust=FILE       accept only repository metadata signed by a key in FILE\n"
+           "                      (lines from imgfsctl key generate's KEYFILE.pub); chunks\n"
+           "                      are then checked against their signed BLAKE2b-256 digest.\n"
+           "                      Required for http(s) repositories\n"
+           "  -o insecure         mount an http(s) repository without signature checks\n"
+           "                      (said so in the log and in .imgfs/stats)\n"
+           "  -o max_index_age=SECONDS  warn (log, stats) when the signed index is older\n"
+           "  -o credentials=FILE user name and password for the repository, netrc style\n"
+           "                      (\"machine HOST login USER password PASS\"); never shown\n"
            "  -o threads=N        maximum FUSE worker threads (default 16)\n"
            "  -f                  stay in the foreground (logs to stderr, not syslog)\n"
            "  -d, -o debug        debug logging (implies -f)\n"
            "  -h, --help          this help;  -V, --version  the version\n"
            "\n"
-           "Common FUSE options: allow_other, default_permissions (see mount.fuse3(8)).\n"
-           "fstab: REPO MOUNTPOINT fuse.imgfs allow_other,cache=/var/cache/imgfs 0 0\n");
+           "Common FUSE options: allow_other, nodev, nosuid (see mount.fuse3(8)).\n"
+           "Every option can also be a key=value line in the config file; the command\n"
+           "line overrides it. See imgfs(8) and imgfs.conf(5).\n"
+           "fstab: REPO MOUNTPOINT fuse.imgfs allow_other,nodev,nosuid,nofail 0 0\n");
 }
 
 static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -187,13 +261,163 @@ static int check_dir(const char *what, const char *path)
     return 0;
 }
 
+/* The absolute path of a mount point that cannot be stat'ed: its parent
+ * resolved, and its own name appended. */
+static char *resolve_dead_mountpoint(const char *path)
+{
+    char *copy = strdup(path);
+    if (!copy)
+        return NULL;
+    size_t n = strlen(copy);
+    while (n > 1 && copy[n - 1] == '/')
+        copy[--n] = 0;
+    char *slash = strrchr(copy, '/');
+    const char *name = slash ? slash + 1 : copy;
+    char *parent = slash ? (slash == copy ? strdup("/") : (*slash = 0, realpath(copy, NULL))) : realpath(".", NULL);
+    char *out = NULL;
+    if (parent && asprintf(&out, "%s%s%s", parent, strcmp(parent, "/") ? "/" : "", name) < 0)
+        out = NULL;
+    free(parent);
+    free(copy);
+    return out;
+}
+
+/* Calls fn on every option of every -o argument ("-o a,b" and "-oa,b") until
+ * it returns non-zero. Escaped commas are not split (libfuse's rule). */
+static int each_dash_o(int argc, char **argv, int (*fn)(void *ctx, const char *option), void *ctx)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *list = NULL;
+        if (strcmp(argv[i], "-o") == 0 && i + 1 < argc)
+            list = argv[++i];
+        else if (strncmp(argv[i], "-o", 2) == 0)
+            list = argv[i] + 2;
+        if (!list)
+            continue;
+        char option[PATH_MAX + 64];
+        size_t n = 0;
+        for (const char *p = list;; p++) {
+            if (*p == '\\' && p[1]) {
+                p++;
+            } else if (*p == ',' || *p == '\0') {
+                option[n] = '\0';
+                int rc = n ? fn(ctx, option) : 0;
+                if (rc)
+                    return rc;
+                n = 0;
+                if (!*p)
+                    break;
+                continue;
+            }
+            if (n + 1 < sizeof(option))
+                option[n++] = *p;
+        }
+    }
+    return 0;
+}
+
+struct config_choice {
+    char path[PATH_MAX];
+    bool given;
+};
+
+static int note_config(void *ctx, const char *option)
+{
+    struct config_choice *c = ctx;
+    if (strncmp(option, "config=", 7) != 0)
+        return 0;
+    snprintf(c->path, sizeof(c->path), "%s", option + 7);
+    c->given = true;
+    return 0; /* the last one wins, like any option */
+}
+
+struct unknown_check {
+    const struct config *cfg;
+};
+
+static int refuse_unknown(void *ctx, const char *option)
+{
+    struct unknown_check *u = ctx;
+    if (is_fuse_option(option))
+        return 0;
+    char name[128];
+    snprintf(name, sizeof(name), "%.*s", (int)strcspn(option, "="), option);
+    const struct config_option *from = config_find(u->cfg, name);
+    if (from)
+        fprintf(stderr, "imgfs: unknown option '%s' in %s line %u (see imgfs --help)\n", name, from->file, from->line);
+    else
+        fprintf(stderr, "imgfs: unknown option '%s' (see imgfs --help)\n", name);
+    return -1;
+}
+
+/* The config file's options, then a mark, then argv: later ones win. */
+static int build_args(int argc, char **argv, const struct config *cfg, struct fuse_args *args)
+{
+    *args = (struct fuse_args)FUSE_ARGS_INIT(0, NULL);
+    int rc = fuse_opt_add_arg(args, argv[0]);
+    for (size_t i = 0; !rc && i < cfg->count; i++) {
+        rc = fuse_opt_add_arg(args, "-o");
+        if (!rc)
+            rc = fuse_opt_add_arg(args, cfg->options[i].text);
+    }
+    if (!rc)
+        rc = fuse_opt_add_arg(args, "-o" COMMAND_LINE_MARK);
+    for (int i = 1; !rc && i < argc; i++)
+        rc = fuse_opt_add_arg(args, argv[i]);
+    return rc;
+}
+
+/* A cache or state directory: the default location is created (private to
+ * root) whether it was spelled out or not; any other must already exist, so
+ * a typo does not scatter data. */
+static char *open_dir_option(const char *what, const char *given, const char *default_dir)
+{
+    const char *dir = given ? given : default_dir;
+    if (strcmp(dir, default_dir) == 0) {
+        char parent[PATH_MAX];
+        snprintf(parent, sizeof(parent), "%s", dir);
+        *strrchr(parent, '/') = '\0';
+        int err = mkdir_p(parent);
+        if (!err && mkdir(dir, 0700) < 0 && errno != EEXIST)
+            err = -errno;
+        if (err) {
+            fprintf(stderr, "imgfs: cannot create the %s %s: %s\n", what, dir, strerror(-err));
+            return NULL;
+        }
+    }
+    if (check_dir(what, dir) < 0)
+        return NULL;
+    char *path = realpath(dir, NULL);
+    if (!path)
+        fprintf(stderr, "imgfs: cannot resolve the %s %s: %s\n", what, dir, strerror(errno));
+    return path;
+}
+
 int mount_options_parse(int argc, char **argv, struct mount_options *opts)
 {
     memset(opts, 0, sizeof(*opts));
-    opts->fuse_args = (struct fuse_args)FUSE_ARGS_INIT(argc, argv);
     struct raw_options raw = {0};
+    struct config cfg = {0};
     int rc = -1;
+    struct config_choice choice = {.given = false};
+    each_dash_o(argc, argv, note_config, &choice);
+    if (!choice.given) {
+        const char *path = config_default_path(&choice.given);
+        snprintf(choice.path, sizeof(choice.path), "%s", path);
+    }
+    char err[PATH_MAX + 256];
+    if (config_read(choice.path, choice.given, &cfg, err, sizeof(err)) != 0) {
+        fail("%s", err);
+        goto out;
+    }
+    if (build_args(argc, argv, &cfg, &opts->fuse_args) != 0) {
+        fail("%s", "out of memory");
+        goto out;
+    }
     if (fuse_opt_parse(&opts->fuse_args, &raw, option_spec, on_option) < 0)
+        goto out;
+    struct unknown_check unknown = {&cfg};
+    if (each_dash_o(opts->fuse_args.argc, opts->fuse_args.argv, refuse_unknown, &unknown) != 0)
         goto out;
     if (raw.show_help) {
         print_help();
@@ -259,6 +483,37 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
         fail("cache_size=%s is not a size of at least 1M", raw.cache_size);
         goto out;
     }
+    bool remote = strstr(raw.repo, "://") != NULL;
+    if (raw.trust && raw.insecure) {
+        fail("%s", "trust= and insecure exclude each other");
+        goto out;
+    }
+    if (remote && !raw.trust && !raw.insecure) {
+        fail("repository %s is reached over the network and needs -o trust=FILE (the public keys it is signed "
+             "with), or -o insecure to mount it without signature checks",
+             raw.repo);
+        goto out;
+    }
+    if (raw.trust && !(opts->trust_file = realpath(raw.trust, NULL))) {
+        fail("trust file %s does not exist", raw.trust);
+        goto out;
+    }
+    opts->insecure = raw.insecure;
+    if (raw.max_index_age && (!raw.trust || parse_seconds(raw.max_index_age, 10 * 365 * 86400.0,
+                                                          &opts->max_index_age) < 0)) {
+        fail("max_index_age=%s needs trust= and a number of seconds above 0 (at most 10 years)", raw.max_index_age);
+        goto out;
+    }
+    if (raw.credentials) {
+        if (!remote) {
+            fail("%s", "credentials= is for http(s) repositories");
+            goto out;
+        }
+        if (!(opts->credentials_file = realpath(raw.credentials, NULL))) {
+            fail("credentials file %s does not exist", raw.credentials);
+            goto out;
+        }
+    }
     opts->proxy = raw.proxy;
     raw.proxy = NULL;
     for (int i = 0; i < raw.mirror_count; i++) {
@@ -273,39 +528,26 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
         }
         opts->max_threads = (unsigned)n;
     }
-    if (check_dir("mount point", raw.mountpoint) < 0)
-        goto out;
-    opts->mountpoint = realpath(raw.mountpoint, NULL);
+    struct stat mst;
+    if (stat(raw.mountpoint, &mst) < 0 && errno == ENOTCONN) {
+        /* A dead FUSE mount left by a crash: the daemon recognises it
+         * (owner_check_mountpoint), so only the path is resolved here. */
+        opts->mountpoint = resolve_dead_mountpoint(raw.mountpoint);
+    } else {
+        if (check_dir("mount point", raw.mountpoint) < 0)
+            goto out;
+        opts->mountpoint = realpath(raw.mountpoint, NULL);
+    }
     if (!opts->mountpoint) {
         fail("cannot resolve mount point %s", raw.mountpoint);
         goto out;
     }
-    if (raw.cache) {
-        if (check_dir("cache directory", raw.cache) < 0)
-            goto out;
-        opts->cache_dir = realpath(raw.cache, NULL);
-    } else {
-        int err = mkdir_p(IMGFS_DEFAULT_CACHE_DIR);
-        if (err) {
-            fprintf(stderr, "imgfs: cannot create the default cache directory %s: %s\n",
-                    IMGFS_DEFAULT_CACHE_DIR, strerror(-err));
-            goto out;
-        }
-        opts->cache_dir = strdup(IMGFS_DEFAULT_CACHE_DIR);
-    }
-    if (raw.state) {
-        if (check_dir("state directory", raw.state) < 0)
-            goto out;
-        opts->state_dir = realpath(raw.state, NULL);
-    } else {
-        int err = mkdir_p(IMGFS_DEFAULT_STATE_DIR);
-        if (err) {
-            fprintf(stderr, "imgfs: cannot create the default state directory %s: %s\n", IMGFS_DEFAULT_STATE_DIR,
-                    strerror(-err));
-            goto out;
-        }
-        opts->state_dir = strdup(IMGFS_DEFAULT_STATE_DIR);
-    }
+    opts->cache_dir = open_dir_option("cache directory", raw.cache, IMGFS_DEFAULT_CACHE_DIR);
+    if (!opts->cache_dir)
+        goto out;
+    opts->state_dir = open_dir_option("state directory", raw.state, IMGFS_DEFAULT_STATE_DIR);
+    if (!opts->state_dir)
+        goto out;
     /* A local repository path is made absolute: the daemon changes to /. */
     if (strstr(raw.repo, "://")) {
         opts->repo = strdup(raw.repo);
@@ -320,6 +562,8 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
     }
     rc = 0;
 out:
+    config_free(&cfg);
+    free(raw.config);
     free(raw.cache);
     free(raw.state);
     free(raw.timeout);
@@ -331,6 +575,9 @@ out:
     free(raw.prefetch);
     free(raw.prefetch_ahead);
     free(raw.vm_cache);
+    free(raw.trust);
+    free(raw.max_index_age);
+    free(raw.credentials);
     free(raw.background);
     free(raw.proxy);
     for (int i = 0; i < raw.mirror_count; i++)
@@ -351,6 +598,9 @@ void mount_options_free(struct mount_options *opts)
     free(opts->proxy);
     free(opts->prefetch);
     opts->prefetch = NULL;
+    free(opts->trust_file);
+    free(opts->credentials_file);
+    opts->trust_file = opts->credentials_file = NULL;
     for (int i = 0; i < opts->mirror_count; i++)
         free(opts->mirrors[i]);
     opts->mirror_count = 0;

@@ -1,14 +1,20 @@
+#include "status.h"
+
+#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "fs.h"
+#include "trust.h"
 #include "util.h"
 
-/* A growable text buffer for rendering status files. */
+/* ---- a growable text buffer ------------------------------------------------------ */
+
 struct text {
     char *data;
     size_t len;
@@ -17,15 +23,15 @@ struct text {
 };
 
 static void text_printf(struct text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void text_printf(struct text *t, const char *fmt, ...)
+static void text_vprintf(struct text *t, const char *fmt, va_list ap)
 {
     if (t->failed)
         return;
     for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(t->data ? t->data + t->len : NULL, t->data ? t->cap - t->len : 0, fmt, ap);
-        va_end(ap);
+        va_list copy;
+        va_copy(copy, ap);
+        int n = vsnprintf(t->data ? t->data + t->len : NULL, t->data ? t->cap - t->len : 0, fmt, copy);
+        va_end(copy);
         if (n < 0) {
             t->failed = true;
             return;
@@ -47,87 +53,263 @@ static void text_printf(struct text *t, const char *fmt, ...)
     }
 }
 
-struct version_walk {
-    struct imgfs *fs;
-    struct text *out;
-};
-
-static int render_version(void *ctx, const struct node *n)
+static void text_printf(struct text *t, const char *fmt, ...)
 {
-    struct version_walk *w = ctx;
-    if (n->kind != NODE_BASE_FILE)
-        return 0;
-    const struct manifest *m = n->version->manifest;
-    const struct fetch_counters *c = &n->version->counters;
-    uint64_t stored = 0, resident = 0;
-    for (uint64_t i = 0; i < m->chunk_count; i++) {
-        if (chunk_hash_is_null(&m->chunks[i]))
-            continue;
-        stored++;
-        resident += cache_contains(w->fs->cache, &m->chunks[i]);
+    va_list ap;
+    va_start(ap, fmt);
+    text_vprintf(t, fmt, ap);
+    va_end(ap);
+}
+
+/* Hands the text to the caller (or frees it on failure). */
+static int text_finish(struct text *t, bool failed, char **out, size_t *len)
+{
+    if (t->failed || failed || !t->data) {
+        free(t->data);
+        return -ENOMEM;
     }
-    char id[CHUNK_HASH_HEX + 1];
-    chunk_hash_to_hex(&m->id, id);
-    text_printf(w->out,
-                "\n[base %s@%" PRIu64 "]\n"
-                "file              bases/%s\n"
-                "manifest          %s\n"
-                "size              %" PRIu64 "\n"
-                "chunk_size        %" PRIu32 "\n"
-                "chunks_total      %" PRIu64 "\n"
-                "chunks_zero       %" PRIu64 "\n"
-                "chunks_resident   %" PRIu64 "/%" PRIu64 "\n"
-                "bytes_fetched     %" PRIu64 "\n"
-                "bytes_prefetched  %" PRIu64 "\n"
-                "cache_hits        %" PRIu64 "\n"
-                "cache_waits       %" PRIu64 "\n"
-                "cache_misses      %" PRIu64 "\n"
-                "verify_failures   %" PRIu64 "\n"
-                "read_errors       %" PRIu64 "\n"
-                "prefetch_list     %" PRIu64 "/%" PRIu64 "%s\n"
-                "prefetch_guest_at %" PRIu64 "\n"
-                "prefetch_hits     %" PRIu64 "\n"
-                "prefetch_misses   %" PRIu64 "\n",
-                m->name, m->version, n->name, id, m->size, m->chunk_size, m->chunk_count,
-                m->chunk_count - stored, resident, stored, (uint64_t)atomic_load(&c->bytes_fetched),
-                (uint64_t)atomic_load(&n->version->marks.bytes_prefetched),
-                (uint64_t)atomic_load(&c->hits), (uint64_t)atomic_load(&c->waits), (uint64_t)atomic_load(&c->misses),
-                (uint64_t)atomic_load(&c->verify_failures), (uint64_t)atomic_load(&c->errors),
-                (uint64_t)atomic_load(&n->version->marks.list_done), (uint64_t)atomic_load(&n->version->marks.list_total),
-                atomic_load(&n->version->marks.replay_started) ? "" : " (not started)",
-                (uint64_t)atomic_load(&n->version->marks.guest_pos),
-                (uint64_t)atomic_load(&n->version->marks.hits), (uint64_t)atomic_load(&n->version->marks.misses));
+    *out = t->data;
+    *len = t->len;
     return 0;
 }
 
-static void render_vm(void *ctx, struct vm *vm)
+/* ---- building a snapshot ----------------------------------------------------------- */
+
+struct status_section *status_add_section(struct status_snapshot *s, const char *kind, const char *title)
 {
-    struct text *t = ctx;
-    text_printf(t, "\n[vm %s]\nfile              vms/%s.raw\nsize              %" PRIu64 "\n", vm->name, vm->name,
-                vm->live.size);
+    if (s->count == s->cap) {
+        size_t cap = s->cap ? s->cap * 2 : 16;
+        struct status_section *grown = realloc(s->sections, cap * sizeof(*grown));
+        if (!grown) {
+            s->failed = true;
+            return NULL;
+        }
+        s->sections = grown;
+        s->cap = cap;
+    }
+    struct status_section *sec = &s->sections[s->count++];
+    memset(sec, 0, sizeof(*sec));
+    snprintf(sec->kind, sizeof(sec->kind), "%s", kind);
+    snprintf(sec->title, sizeof(sec->title), "%s", title ? title : "");
+    return sec;
+}
+
+void status_add_label(struct status_snapshot *s, struct status_section *sec, const char *name, const char *value)
+{
+    if (!sec)
+        return;
+    if (sec->label_count == STATUS_MAX_LABELS) {
+        s->failed = true;
+        return;
+    }
+    struct status_label *l = &sec->labels[sec->label_count++];
+    snprintf(l->name, sizeof(l->name), "%s", name);
+    size_t n = strnlen(value, sizeof(l->value) - 1); /* a longer value is cut */
+    memcpy(l->value, value, n);
+    l->value[n] = '\0';
+}
+
+static struct status_field *add_field(struct status_snapshot *s, struct status_section *sec, const char *key,
+                                      enum status_type type)
+{
+    if (!sec)
+        return NULL;
+    if (sec->field_count == sec->field_cap) {
+        size_t cap = sec->field_cap ? sec->field_cap * 2 : 16;
+        struct status_field *grown = realloc(sec->fields, cap * sizeof(*grown));
+        if (!grown) {
+            s->failed = true;
+            return NULL;
+        }
+        sec->fields = grown;
+        sec->field_cap = cap;
+    }
+    struct status_field *f = &sec->fields[sec->field_count++];
+    memset(f, 0, sizeof(*f));
+    snprintf(f->key, sizeof(f->key), "%s", key);
+    f->type = type;
+    return f;
+}
+
+void status_counter(struct status_snapshot *s, struct status_section *sec, const char *key, const char *help,
+                    uint64_t value)
+{
+    struct status_field *f = add_field(s, sec, key, STATUS_COUNTER);
+    if (f) {
+        f->number = (double)value;
+        f->help = help;
+    }
+}
+
+void status_gauge(struct status_snapshot *s, struct status_section *sec, const char *key, const char *help,
+                  double value, int decimals)
+{
+    struct status_field *f = add_field(s, sec, key, STATUS_GAUGE);
+    if (f) {
+        f->number = value;
+        f->decimals = decimals;
+        f->help = help;
+    }
+}
+
+void status_text(struct status_snapshot *s, struct status_section *sec, enum status_type type, const char *key,
+                 const char *fmt, ...)
+{
+    struct status_field *f = add_field(s, sec, key, type);
+    if (!f)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    if (vasprintf(&f->text, fmt, ap) < 0) {
+        f->text = NULL;
+        s->failed = true;
+    }
+    va_end(ap);
+}
+
+void status_snapshot_free(struct status_snapshot *s)
+{
+    for (size_t i = 0; i < s->count; i++) {
+        for (size_t j = 0; j < s->sections[i].field_count; j++)
+            free(s->sections[i].fields[j].text);
+        free(s->sections[i].fields);
+    }
+    free(s->sections);
+    memset(s, 0, sizeof(*s));
+}
+
+static bool is_numeric(const struct status_field *f) { return f->type == STATUS_COUNTER || f->type == STATUS_GAUGE; }
+
+/* ---- the mount's snapshot -------------------------------------------------------------- */
+
+/* What the cache holds of one base version. */
+struct residency {
+    uint64_t stored; /* chunks that are not all-zero */
+    uint64_t resident;
+    uint64_t resident_bytes;
+};
+
+static void base_residency(struct imgfs *fs, const struct manifest *m, struct residency *r)
+{
+    memset(r, 0, sizeof(*r));
+    for (uint64_t i = 0; i < m->chunk_count; i++) {
+        if (chunk_hash_is_null(&m->chunks[i]))
+            continue;
+        r->stored++;
+        if (cache_contains(fs->cache, &m->chunks[i])) {
+            uint64_t start = i * m->chunk_size;
+            r->resident++;
+            r->resident_bytes += m->size - start < m->chunk_size ? m->size - start : m->chunk_size;
+        }
+    }
+}
+
+/* Reads that found their chunk in the cache (or already on its way), as a
+ * fraction of all reads of stored chunks; 0 before the first read. */
+static double hit_rate(const struct fetch_counters *c)
+{
+    double hits = (double)atomic_load(&c->hits) + (double)atomic_load(&c->waits);
+    double all = hits + (double)atomic_load(&c->misses);
+    return all > 0 ? hits / all : 0;
+}
+
+static void add_base_version(struct status_snapshot *s, struct imgfs *fs, const struct node *n)
+{
+    const struct manifest *m = n->version->manifest;
+    const struct fetch_counters *c = &n->version->counters;
+    const struct prefetch_marks *pm = &n->version->marks;
+    struct residency r;
+    base_residency(fs, m, &r);
+    char title[96], version[24], id[CHUNK_HASH_HEX + 1];
+    snprintf(title, sizeof(title), "%s@%" PRIu64, m->name, m->version);
+    snprintf(version, sizeof(version), "%" PRIu64, m->version);
+    chunk_hash_to_hex(&m->id, id);
+
+    struct status_section *sec = status_add_section(s, "base", title);
+    status_add_label(s, sec, "base", m->name);
+    status_add_label(s, sec, "version", version);
+    status_text(s, sec, STATUS_INFO, "file", "bases/%s", n->name);
+    status_text(s, sec, STATUS_INFO, "manifest", "%s", id);
+    status_gauge(s, sec, "size", "Virtual size of the base version in bytes.", (double)m->size, 0);
+    status_gauge(s, sec, "chunk_size", "Chunk size of the base version in bytes.", m->chunk_size, 0);
+    status_gauge(s, sec, "chunks_total", "Chunks of the base version, zero chunks included.", (double)m->chunk_count, 0);
+    status_gauge(s, sec, "chunks_zero", "All-zero chunks, which are never stored.", (double)(m->chunk_count - r.stored), 0);
+    status_text(s, sec, STATUS_VIEW, "chunks_resident", "%" PRIu64 "/%" PRIu64, r.resident, r.stored);
+    status_gauge(s, sec, "stored_chunks", "Chunks of the version that are stored (not all-zero).", (double)r.stored, 0);
+    status_gauge(s, sec, "resident_chunks", "Stored chunks of the version that the cache holds.", (double)r.resident, 0);
+    status_gauge(s, sec, "resident_bytes", "Bytes of the version that the cache holds.", (double)r.resident_bytes, 0);
+    status_counter(s, sec, "bytes_fetched", "Bytes brought into the cache by reads.", atomic_load(&c->bytes_fetched));
+    status_counter(s, sec, "bytes_prefetched", "Bytes brought in by replay, pre-copy and background fill.",
+                   atomic_load(&pm->bytes_prefetched));
+    status_counter(s, sec, "cache_hits", "Chunk reads that found the chunk cached.", atomic_load(&c->hits));
+    status_counter(s, sec, "cache_waits", "Chunk reads that waited for a fetch already under way.",
+                   atomic_load(&c->waits));
+    status_counter(s, sec, "cache_misses", "Chunk reads that fetched the chunk.", atomic_load(&c->misses));
+    status_gauge(s, sec, "hit_rate", "Fraction of chunk reads that needed no fetch of their own.", hit_rate(c), 4);
+    status_counter(s, sec, "verify_failures", "Fetched chunks that failed verification.",
+                   atomic_load(&c->verify_failures));
+    status_counter(s, sec, "read_errors", "Reads that failed (EIO).", atomic_load(&c->errors));
+    status_text(s, sec, STATUS_VIEW, "prefetch_list", "%" PRIu64 "/%" PRIu64 "%s", (uint64_t)atomic_load(&pm->list_done),
+                (uint64_t)atomic_load(&pm->list_total), atomic_load(&pm->replay_started) ? "" : " (not started)");
+    status_text(s, sec, STATUS_TEXT, "prefetch_started", "%s", atomic_load(&pm->replay_started) ? "yes" : "no");
+    status_gauge(s, sec, "prefetch_list_done", "Chunks of the prefetch list handled by replay.",
+                 (double)atomic_load(&pm->list_done), 0);
+    status_gauge(s, sec, "prefetch_list_total", "Chunks in the prefetch list being replayed.",
+                 (double)atomic_load(&pm->list_total), 0);
+    status_gauge(s, sec, "prefetch_guest_at", "1 + the furthest prefetch list position a guest read reached.",
+                 (double)atomic_load(&pm->guest_pos), 0);
+    status_counter(s, sec, "prefetch_hits", "Guest reads served by a chunk that replay brought.",
+                   atomic_load(&pm->hits));
+    status_counter(s, sec, "prefetch_misses", "Guest reads that fetched while a prefetch list was known.",
+                   atomic_load(&pm->misses));
+}
+
+static int walk_version(void *ctx, const struct node *n)
+{
+    void **args = ctx;
+    if (n->kind == NODE_BASE_FILE)
+        add_base_version(args[0], args[1], n);
+    return 0;
+}
+
+static void add_vm(void *ctx, struct vm *vm)
+{
+    struct status_snapshot *s = ctx;
+    struct status_section *sec = status_add_section(s, "vm", vm->name);
+    status_add_label(s, sec, "vm", vm->name);
+    status_text(s, sec, STATUS_INFO, "file", "vms/%s.raw", vm->name);
     if (vm->has_base)
-        text_printf(t, "base              %s@%" PRIu64 "\n", vm->base_name, vm->base_version);
+        status_text(s, sec, STATUS_INFO, "base", "%s@%" PRIu64, vm->base_name, vm->base_version);
     else
-        text_printf(t, "base              none\n");
+        status_text(s, sec, STATUS_INFO, "base", "none");
+    status_gauge(s, sec, "size", "Virtual size of the VM disk in bytes.", (double)vm->live.size, 0);
     pthread_mutex_lock(&vm->attr_lock);
     unsigned open_count = vm->open_count;
     pthread_mutex_unlock(&vm->attr_lock);
     pthread_rwlock_rdlock(&vm->chain_lock);
     unsigned depth = vm->live.depth, snapshots = vm->snapshot_count;
-    uint64_t owned = atomic_load(&vm->live.layers[depth - 1]->owned_blocks);
+    uint64_t owned = layer_owned_blocks(vm->live.layers[depth - 1]);
     pthread_rwlock_unlock(&vm->chain_lock);
-    text_printf(t,
-                "layer_bytes       %" PRIu64 "\n"
-                "top_layer_blocks  %" PRIu64 "\n"
-                "layers            %u\n"
-                "snapshots         %u\n"
-                "open              %u\n",
-                vm_layer_bytes(vm), owned, depth, snapshots, open_count);
+    status_gauge(s, sec, "layer_bytes", "Bytes the VM's layers hold on the state disk.", (double)vm_layer_bytes(vm), 0);
+    status_gauge(s, sec, "top_layer_blocks", "4 KiB blocks the VM's writable layer owns.", (double)owned, 0);
+    status_gauge(s, sec, "layers", "Layers in the VM's chain.", depth, 0);
+    status_gauge(s, sec, "snapshots", "Snapshots of the VM.", snapshots, 0);
+    status_gauge(s, sec, "open", "Open file handles of the VM disk and its snapshots.", open_count, 0);
 }
 
-int status_render_stats(struct imgfs *fs, char **out, size_t *len)
+static void add_last_error(struct status_snapshot *s, struct status_section *sec, const char *error, double age)
 {
-    struct text t = {0};
+    if (age >= 0)
+        status_text(s, sec, STATUS_TEXT, "last_error", "%s (%.0f s ago)", error, age);
+    else
+        status_text(s, sec, STATUS_TEXT, "last_error", "none");
+    status_gauge(s, sec, "last_error_age_seconds", "Seconds since the last error, -1 when there was none.",
+                 age >= 0 ? age : -1, 0);
+}
+
+int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
+{
+    memset(s, 0, sizeof(*s));
     struct cache_usage usage;
     struct fetch_totals totals;
     cache_get_usage(fs->cache, &usage);
@@ -135,75 +317,456 @@ int status_render_stats(struct imgfs *fs, char **out, size_t *len)
     char refresh_error[256];
     tree_refresh_error(fs->tree, refresh_error, sizeof(refresh_error));
 
-    text_printf(&t,
-                "# imgfs %s status; sizes in bytes\n"
-                "[daemon]\n"
-                "uptime_seconds    %.0f\n"
-                "repository        %s\n"
-                "repository_kind   %s\n"
-                "refresh_error     %s\n"
-                "\n[cache]\n"
-                "directory         %s\n"
-                "chunks            %" PRIu64 "\n"
-                "bytes             %" PRIu64 "\n"
-                "limit             %" PRIu64 "\n"
-                "pinned_bytes      %" PRIu64 "\n"
-                "evictions         %" PRIu64 "\n"
-                "open_files        %" PRIu64 "\n"
-                "damaged_dropped   %" PRIu64 "\n"
-                "\n[fetch]\n"
-                "requests          %" PRIu64 "\n"
-                "bytes_transferred %" PRIu64 "\n"
-                "verify_failures   %" PRIu64 "\n"
-                "errors            %" PRIu64 "\n"
-                "served_uncached   %" PRIu64 "\n"
-                "in_flight         %" PRIu64 "\n"
-                "queued            %" PRIu64 "\n",
-                IMGFS_VERSION, now_seconds() - fs->started, repo_location(fs->repo),
-                repo_is_local(fs->repo) ? "local" : "http", refresh_error[0] ? refresh_error : "none",
-                cache_dir(fs->cache), usage.chunks, usage.bytes, usage.limit, usage.held_bytes, usage.evictions, usage.open_fds,
-                usage.dropped_damaged,
-                totals.requests, totals.bytes_transferred, totals.verify_failures, totals.errors, totals.uncached,
-                totals.in_flight, totals.queued);
-    if (totals.last_error_age >= 0)
-        text_printf(&t, "last_error        %s (%.0f s ago)\n", totals.last_error, totals.last_error_age);
+    struct status_section *sec = status_add_section(s, "daemon", NULL);
+    status_text(s, sec, STATUS_INFO, "version", "%s", IMGFS_VERSION);
+    status_gauge(s, sec, "uptime_seconds", "Seconds since the mount.", now_seconds() - fs->started, 0);
+    status_text(s, sec, STATUS_INFO, "repository", "%s", repo_location(fs->repo));
+    status_text(s, sec, STATUS_INFO, "repository_kind", "%s", repo_is_local(fs->repo) ? "local" : "http");
+    status_text(s, sec, STATUS_TEXT, "refresh_error", "%s", refresh_error[0] ? refresh_error : "none");
+
+    sec = status_add_section(s, "cache", NULL);
+    status_text(s, sec, STATUS_INFO, "directory", "%s", cache_dir(fs->cache));
+    status_gauge(s, sec, "chunks", "Chunks in the cache.", (double)usage.chunks, 0);
+    status_gauge(s, sec, "bytes", "Bytes in the cache.", (double)usage.bytes, 0);
+    status_gauge(s, sec, "limit", "Cache size limit in bytes, 0 for none.", (double)usage.limit, 0);
+    status_gauge(s, sec, "pinned_bytes", "Resident bytes that pre-copy pinned.", (double)usage.held_bytes, 0);
+    status_counter(s, sec, "evictions", "Chunks evicted to stay under the limit.", usage.evictions);
+    status_gauge(s, sec, "open_files", "Open chunk files.", (double)usage.open_fds, 0);
+    status_counter(s, sec, "damaged_dropped", "Cache files dropped because they failed verification.",
+                   usage.dropped_damaged);
+
+    sec = status_add_section(s, "fetch", NULL);
+    status_counter(s, sec, "requests", "Chunk requests to the repository.", totals.requests);
+    status_counter(s, sec, "bytes_transferred", "Encoded bytes read from the repository.", totals.bytes_transferred);
+    status_counter(s, sec, "verify_failures", "Fetched chunks that failed verification.", totals.verify_failures);
+    status_counter(s, sec, "errors", "Failed chunk fetches.", totals.errors);
+    status_counter(s, sec, "served_uncached", "Chunks served from memory because the cache was full.",
+                   totals.uncached);
+    status_gauge(s, sec, "in_flight", "Chunk transfers under way.", (double)totals.in_flight, 0);
+    status_gauge(s, sec, "queued", "Chunk fetches waiting for a transfer slot or a retry.", (double)totals.queued, 0);
+    add_last_error(s, sec, totals.last_error, totals.last_error_age);
+
+    struct trust_status ts;
+    trust_get_status(fs->trust, &ts);
+    sec = status_add_section(s, "trust", NULL);
+    status_text(s, sec, STATUS_INFO, "mode", "%s", trust_mode_name(ts.mode));
+    if (ts.mode == TRUST_INSECURE)
+        status_text(s, sec, STATUS_TEXT, "warning", "NOT VERIFIED: mounted with -o insecure");
+    status_gauge(s, sec, "keys", "Public keys in the trust file.", (double)ts.keys, 0);
+    status_gauge(s, sec, "index_sequence", "Sequence number of the newest accepted signed index.",
+                 (double)ts.index_seq, 0);
+    status_gauge(s, sec, "index_signed_at", "Signing time (Unix seconds) of the newest accepted index.",
+                 (double)ts.index_time, 0);
+    status_text(s, sec, STATUS_TEXT, "index_stale", "%s", ts.stale ? "yes" : "no");
+    status_gauge(s, sec, "index_is_stale", "1 when the accepted index is older than max_index_age.", ts.stale, 0);
+    status_counter(s, sec, "index_refusals", "Repository metadata refused (signature, rollback, digest chain).",
+                   ts.index_refusals);
+    status_gauge(s, sec, "chunk_digests", "Chunks with a signed digest known.", (double)ts.chunk_digests, 0);
+    status_counter(s, sec, "chunks_refused", "Fetched chunks that failed their signed digest.", ts.chunks_refused);
+    if (ts.last_refusal_age >= 0)
+        status_text(s, sec, STATUS_TEXT, "last_refusal", "%s (%.0f s ago)", ts.last_refusal, ts.last_refusal_age);
     else
-        text_printf(&t, "last_error        none\n");
+        status_text(s, sec, STATUS_TEXT, "last_refusal", "none");
 
     struct repo_mirror_stats mirrors[REPO_MAX_MIRRORS];
     size_t nmirrors = repo_mirror_stats(fs->repo, mirrors, REPO_MAX_MIRRORS);
     for (size_t i = 0; i < nmirrors; i++) {
         const struct repo_mirror_stats *m = &mirrors[i];
-        text_printf(&t,
-                    "\n[mirror %zu]\n"
-                    "url               %s\n"
-                    "current           %s\n"
-                    "requests          %" PRIu64 "\n"
-                    "bytes             %" PRIu64 "\n"
-                    "errors            %" PRIu64 "\n"
-                    "retries           %" PRIu64 "\n"
-                    "avg_latency_ms    %.1f\n",
-                    i, m->url, m->current ? "yes" : "no", m->requests, m->bytes, m->errors, m->retries,
-                    m->avg_latency_ms);
-        if (m->last_error_age >= 0)
-            text_printf(&t, "last_error        %s (%.0f s ago)\n", m->last_error, m->last_error_age);
-        else
-            text_printf(&t, "last_error        none\n");
+        char index[16];
+        snprintf(index, sizeof(index), "%zu", i);
+        sec = status_add_section(s, "mirror", index);
+        status_add_label(s, sec, "mirror", m->url);
+        status_text(s, sec, STATUS_INFO, "url", "%s", m->url);
+        status_text(s, sec, STATUS_TEXT, "current", "%s", m->current ? "yes" : "no");
+        status_gauge(s, sec, "is_current", "1 for the mirror that requests go to.", m->current, 0);
+        status_counter(s, sec, "requests", "Requests sent to the mirror.", m->requests);
+        status_counter(s, sec, "bytes", "Bytes received from the mirror.", m->bytes);
+        status_counter(s, sec, "errors", "Failed requests to the mirror.", m->errors);
+        status_counter(s, sec, "retries", "Requests that were a retry after another mirror failed.", m->retries);
+        status_gauge(s, sec, "avg_latency_ms", "Average request latency in milliseconds.", m->avg_latency_ms, 1);
+        add_last_error(s, sec, m->last_error, m->last_error_age);
     }
 
     char vm_errors[2048];
     vm_registry_errors(fs->vms, vm_errors, sizeof(vm_errors));
-    text_printf(&t, "\n[vms]\nstate_directory   %s\nload_errors       %s\n", fs->opts->state_dir,
-                vm_errors[0] ? vm_errors : "none");
+    sec = status_add_section(s, "vms", NULL);
+    status_text(s, sec, STATUS_INFO, "state_directory", "%s", fs->opts->state_dir);
+    status_text(s, sec, STATUS_TEXT, "load_errors", "%s", vm_errors[0] ? vm_errors : "none");
 
-    struct version_walk walk = {fs, &t};
-    tree_for_each_child(fs->tree, INO_BASES, 0, render_version, &walk);
-    vm_registry_each(fs->vms, render_vm, &t);
-    if (t.failed) {
-        free(t.data);
+    void *args[2] = {s, fs};
+    tree_for_each_child(fs->tree, INO_BASES, 0, walk_version, args);
+    vm_registry_each(fs->vms, add_vm, s);
+    if (s->failed) {
+        status_snapshot_free(s);
         return -ENOMEM;
     }
-    *out = t.data;
-    *len = t.len;
+    return 0;
+}
+
+/* ---- rendering ------------------------------------------------------------------------ */
+
+static void print_number(struct text *t, const struct status_field *f)
+{
+    text_printf(t, "%.*f", f->decimals, f->number);
+}
+
+int status_render_stats(const struct status_snapshot *s, char **out, size_t *len)
+{
+    struct text t = {0};
+    text_printf(&t, "# imgfs %s status; sizes in bytes\n", IMGFS_VERSION);
+    for (size_t i = 0; i < s->count; i++) {
+        const struct status_section *sec = &s->sections[i];
+        text_printf(&t, "%s[%s%s%s]\n", i ? "\n" : "", sec->kind, sec->title[0] ? " " : "", sec->title);
+        for (size_t j = 0; j < sec->field_count; j++) {
+            const struct status_field *f = &sec->fields[j];
+            text_printf(&t, "%-17s ", f->key);
+            if (is_numeric(f))
+                print_number(&t, f);
+            else
+                text_printf(&t, "%s", f->text ? f->text : "");
+            text_printf(&t, "\n");
+        }
+    }
+    return text_finish(&t, s->failed, out, len);
+}
+
+static void json_string(struct text *t, const char *str)
+{
+    text_printf(t, "\"");
+    for (const unsigned char *p = (const unsigned char *)str; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            text_printf(t, "\\%c", *p);
+        else if (*p < 0x20)
+            text_printf(t, "\\u%04x", *p);
+        else
+            text_printf(t, "%c", *p);
+    }
+    text_printf(t, "\"");
+}
+
+static void json_fields(struct text *t, const struct status_section *sec, const char *indent)
+{
+    bool first = true;
+    for (size_t k = 0; k < sec->label_count; k++) {
+        text_printf(t, "%s\n%s", first ? "" : ",", indent);
+        json_string(t, sec->labels[k].name);
+        text_printf(t, ": ");
+        json_string(t, sec->labels[k].value);
+        first = false;
+    }
+    for (size_t j = 0; j < sec->field_count; j++) {
+        const struct status_field *f = &sec->fields[j];
+        if (f->type == STATUS_VIEW)
+            continue;
+        bool duplicate = false; /* a label of the same name said it already */
+        for (size_t k = 0; k < sec->label_count; k++)
+            duplicate |= strcmp(sec->labels[k].name, f->key) == 0;
+        if (duplicate)
+            continue;
+        text_printf(t, "%s\n%s", first ? "" : ",", indent);
+        json_string(t, f->key);
+        text_printf(t, ": ");
+        if (is_numeric(f) && isfinite(f->number))
+            print_number(t, f);
+        else if (is_numeric(f))
+            text_printf(t, "null");
+        else
+            json_string(t, f->text ? f->text : "");
+        first = false;
+    }
+}
+
+/* Untitled sections are objects under their kind; titled ones are objects
+ * under their title inside one object per kind, in order of appearance. */
+int status_render_json(const struct status_snapshot *s, char **out, size_t *len)
+{
+    struct text t = {0};
+    text_printf(&t, "{\n  \"imgfs_version\": ");
+    json_string(&t, IMGFS_VERSION);
+    for (size_t i = 0; i < s->count; i++) {
+        const struct status_section *sec = &s->sections[i];
+        bool seen = false;
+        for (size_t p = 0; p < i; p++)
+            seen |= strcmp(s->sections[p].kind, sec->kind) == 0;
+        if (seen)
+            continue;
+        text_printf(&t, ",\n  ");
+        json_string(&t, sec->kind);
+        text_printf(&t, ": {");
+        if (!sec->title[0]) {
+            json_fields(&t, sec, "    ");
+            text_printf(&t, "\n  }");
+            continue;
+        }
+        bool first = true;
+        for (size_t j = i; j < s->count; j++) {
+            const struct status_section *same = &s->sections[j];
+            if (strcmp(same->kind, sec->kind) != 0)
+                continue;
+            text_printf(&t, "%s\n    ", first ? "" : ",");
+            json_string(&t, same->title);
+            text_printf(&t, ": {");
+            json_fields(&t, same, "      ");
+            text_printf(&t, "\n    }");
+            first = false;
+        }
+        text_printf(&t, "\n  }");
+    }
+    text_printf(&t, "\n}\n");
+    return text_finish(&t, s->failed, out, len);
+}
+
+/* A metric name from KIND and KEY: [a-zA-Z0-9_] only. */
+static void metric_name(char *out, size_t len, const char *kind, const char *key, bool counter)
+{
+    size_t n = (size_t)snprintf(out, len, "imgfs_%s_%s", kind, key);
+    for (char *p = out; *p; p++)
+        if (!isalnum((unsigned char)*p) && *p != '_')
+            *p = '_';
+    size_t klen = strlen(key);
+    if (counter && !(klen >= 6 && strcmp(key + klen - 6, "_total") == 0) && n + 6 < len)
+        strcat(out, "_total");
+}
+
+static void label_value(struct text *t, const char *v)
+{
+    for (const char *p = v; *p; p++) {
+        if (*p == '\\' || *p == '"')
+            text_printf(t, "\\%c", *p);
+        else if (*p == '\n')
+            text_printf(t, "\\n");
+        else
+            text_printf(t, "%c", *p);
+    }
+}
+
+/* {labels of the section[, extra fields of type info]} */
+static void metric_labels(struct text *t, const struct status_section *sec, bool with_info)
+{
+    bool any = false;
+    for (size_t k = 0; k < sec->label_count; k++) {
+        text_printf(t, "%s%s=\"", any ? "," : "{", sec->labels[k].name);
+        label_value(t, sec->labels[k].value);
+        text_printf(t, "\"");
+        any = true;
+    }
+    for (size_t j = 0; with_info && j < sec->field_count; j++) {
+        const struct status_field *f = &sec->fields[j];
+        if (f->type != STATUS_INFO)
+            continue;
+        text_printf(t, "%s%s=\"", any ? "," : "{", f->key);
+        label_value(t, f->text ? f->text : "");
+        text_printf(t, "\"");
+        any = true;
+    }
+    if (any)
+        text_printf(t, "}");
+}
+
+static bool section_has_info(const struct status_section *sec)
+{
+    for (size_t j = 0; j < sec->field_count; j++)
+        if (sec->fields[j].type == STATUS_INFO)
+            return true;
+    return false;
+}
+
+/* One family per (kind, key), all its samples together, as the format
+ * requires; families in order of first appearance. */
+int status_render_metrics(const struct status_snapshot *s, char **out, size_t *len)
+{
+    struct text t = {0};
+    for (size_t i = 0; i < s->count; i++) {
+        const struct status_section *sec = &s->sections[i];
+        bool kind_seen = false;
+        for (size_t p = 0; p < i; p++)
+            kind_seen |= strcmp(s->sections[p].kind, sec->kind) == 0;
+        if (!kind_seen && section_has_info(sec)) {
+            text_printf(&t, "# HELP imgfs_%s_info Identity of each %s section (value 1).\n# TYPE imgfs_%s_info gauge\n",
+                        sec->kind, sec->kind, sec->kind);
+            for (size_t j = i; j < s->count; j++) {
+                if (strcmp(s->sections[j].kind, sec->kind) != 0)
+                    continue;
+                text_printf(&t, "imgfs_%s_info", sec->kind);
+                metric_labels(&t, &s->sections[j], true);
+                text_printf(&t, " 1\n");
+            }
+        }
+        for (size_t f = 0; f < sec->field_count; f++) {
+            const struct status_field *field = &sec->fields[f];
+            if (!is_numeric(field))
+                continue;
+            /* Skip a family printed already by an earlier section of the kind. */
+            bool family_seen = false;
+            for (size_t p = 0; p < i && !family_seen; p++) {
+                if (strcmp(s->sections[p].kind, sec->kind) != 0)
+                    continue;
+                for (size_t q = 0; q < s->sections[p].field_count; q++)
+                    family_seen |= is_numeric(&s->sections[p].fields[q]) &&
+                                   strcmp(s->sections[p].fields[q].key, field->key) == 0;
+            }
+            if (family_seen)
+                continue;
+            char name[128];
+            bool counter = field->type == STATUS_COUNTER;
+            metric_name(name, sizeof(name), sec->kind, field->key, counter);
+            text_printf(&t, "# HELP %s %s\n# TYPE %s %s\n", name, field->help ? field->help : field->key, name,
+                        counter ? "counter" : "gauge");
+            for (size_t j = i; j < s->count; j++) {
+                const struct status_section *same = &s->sections[j];
+                if (strcmp(same->kind, sec->kind) != 0)
+                    continue;
+                for (size_t q = 0; q < same->field_count; q++) {
+                    const struct status_field *v = &same->fields[q];
+                    if (v->type != field->type || strcmp(v->key, field->key) != 0)
+                        continue;
+                    text_printf(&t, "%s", name);
+                    metric_labels(&t, same, false);
+                    if (isfinite(v->number))
+                        text_printf(&t, " %.*f\n", v->decimals, v->number);
+                    else
+                        text_printf(&t, " NaN\n");
+                }
+            }
+        }
+    }
+    return text_finish(&t, s->failed, out, len);
+}
+
+int status_render_file(struct imgfs *fs, uint64_t ino, char **text, size_t *len)
+{
+    struct status_snapshot s;
+    int rc = status_snapshot_take(fs, &s);
+    if (rc)
+        return rc;
+    if (ino == INO_METRICS)
+        rc = status_render_metrics(&s, text, len);
+    else if (ino == INO_STATUS_JSON)
+        rc = status_render_json(&s, text, len);
+    else
+        rc = status_render_stats(&s, text, len);
+    status_snapshot_free(&s);
+    return rc;
+}
+
+/* ---- extended attributes ------------------------------------------------------------
+ *
+ * Computed for the one node asked about, not from a whole snapshot: a
+ * monitoring agent may read them of every file often. */
+
+#define XATTR_PREFIX "user.imgfs."
+
+struct xattrs {
+    struct text names;
+    const char *wanted; /* the one name asked for, or NULL to list */
+    char *value;
+    bool found;
+};
+
+/* True when name is listed or is the one asked for. */
+static bool xattr_wants(const struct xattrs *x, const char *name)
+{
+    if (!x->wanted)
+        return true;
+    return !x->found && strncmp(x->wanted, XATTR_PREFIX, strlen(XATTR_PREFIX)) == 0 &&
+           strcmp(x->wanted + strlen(XATTR_PREFIX), name) == 0;
+}
+
+static void xattr_put(struct xattrs *x, const char *name, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void xattr_put(struct xattrs *x, const char *name, const char *fmt, ...)
+{
+    if (!xattr_wants(x, name))
+        return;
+    if (!x->wanted) {
+        text_printf(&x->names, XATTR_PREFIX "%s%c", name, '\0');
+        return;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    if (vasprintf(&x->value, fmt, ap) < 0) {
+        x->value = NULL;
+        x->names.failed = true;
+    }
+    va_end(ap);
+    x->found = true;
+}
+
+static void base_xattrs(struct imgfs *fs, struct xattrs *x, const struct vm_base *base)
+{
+    const struct manifest *m = base->manifest;
+    char id[CHUNK_HASH_HEX + 1];
+    chunk_hash_to_hex(&m->id, id);
+    xattr_put(x, "base", "%s@%" PRIu64, m->name, m->version);
+    xattr_put(x, "manifest", "%s", id);
+    /* Residency walks every chunk: only when it is the value asked for. */
+    struct residency r = {0};
+    if (x->wanted && xattr_wants(x, "resident_bytes"))
+        base_residency(fs, m, &r);
+    xattr_put(x, "resident_bytes", "%" PRIu64, r.resident_bytes);
+    xattr_put(x, "hit_rate", "%.4f", hit_rate(base->counters));
+    xattr_put(x, "fetch_errors", "%" PRIu64,
+              (uint64_t)atomic_load(&base->counters->errors) + (uint64_t)atomic_load(&base->counters->verify_failures));
+}
+
+static void node_xattrs(struct imgfs *fs, const struct node *n, struct xattrs *x)
+{
+    switch (n->kind) {
+    case NODE_BASE_FILE:
+        base_xattrs(fs, x, &n->version->view);
+        break;
+    case NODE_VM_FILE:
+    case NODE_VM_SNAPSHOT: {
+        struct vm *vm = n->vm;
+        if (n->kind == NODE_VM_FILE)
+            xattr_put(x, "layer_bytes", "%" PRIu64, vm_layer_bytes(vm));
+        xattr_put(x, "vm", "%s", vm->name);
+        if (vm->live.base)
+            base_xattrs(fs, x, vm->live.base);
+        else
+            xattr_put(x, "base", "none");
+        break;
+    }
+    case NODE_DIR:
+        if (n->ino != INO_ROOT)
+            break;
+        struct fetch_totals totals;
+        struct cache_usage usage;
+        fetcher_get_totals(fs->fetcher, &totals);
+        cache_get_usage(fs->cache, &usage);
+        xattr_put(x, "version", "%s", IMGFS_VERSION);
+        xattr_put(x, "repository", "%s", repo_location(fs->repo));
+        xattr_put(x, "resident_bytes", "%" PRIu64, usage.bytes);
+        xattr_put(x, "fetch_errors", "%" PRIu64, totals.errors + totals.verify_failures);
+        xattr_put(x, "uptime", "%.0f", now_seconds() - fs->started);
+        break;
+    default:
+        break;
+    }
+}
+
+int status_xattr_list(struct imgfs *fs, const struct node *n, char **names, size_t *len)
+{
+    struct xattrs x = {0};
+    node_xattrs(fs, n, &x);
+    if (!x.names.data && !x.names.failed) {
+        *names = NULL;
+        *len = 0;
+        return 0;
+    }
+    return text_finish(&x.names, false, names, len);
+}
+
+int status_xattr_get(struct imgfs *fs, const struct node *n, const char *name, char **value, size_t *len)
+{
+    struct xattrs x = {.wanted = name};
+    node_xattrs(fs, n, &x);
+    if (x.names.failed) {
+        free(x.value);
+        return -ENOMEM;
+    }
+    if (!x.found)
+        return -ENODATA;
+    *value = x.value;
+    *len = strlen(x.value);
     return 0;
 }

@@ -44,7 +44,9 @@ int tree_create(struct repo *repo, double refresh_seconds, struct tree **out)
     bool ok = add_node(tree, INO_ROOT, NODE_DIR, "") && add_node(tree, INO_ROOT, NODE_DIR, "bases") &&
               add_node(tree, INO_ROOT, NODE_DIR, "vms") && add_node(tree, INO_ROOT, NODE_DIR, ".imgfs") &&
               add_node(tree, INO_STATUS_DIR, NODE_STATUS_FILE, "stats") &&
-              add_node(tree, INO_STATUS_DIR, NODE_CONTROL_FILE, "control");
+              add_node(tree, INO_STATUS_DIR, NODE_CONTROL_FILE, "control") &&
+              add_node(tree, INO_STATUS_DIR, NODE_STATUS_FILE, "metrics") &&
+              add_node(tree, INO_STATUS_DIR, NODE_STATUS_FILE, "status.json");
     if (!ok) {
         tree_destroy(tree);
         return -ENOMEM;
@@ -68,6 +70,7 @@ void tree_destroy(struct tree *tree)
         free(n);
     }
     free(tree->nodes);
+    free(tree->scans);
     pthread_rwlock_destroy(&tree->lock);
     pthread_mutex_destroy(&tree->refresh_lock);
     pthread_mutex_destroy(&tree->error_lock);
@@ -156,9 +159,63 @@ static int publish_version(struct tree *tree, struct manifest *m, bool latest)
     return 0;
 }
 
+void tree_stop_refresh(struct tree *tree) { atomic_store(&tree->stopping, true); }
+
+/* Called with refresh_lock held. */
+static struct base_scan *scan_of(struct tree *tree, const char *name)
+{
+    for (size_t i = 0; i < tree->scan_count; i++)
+        if (strcmp(tree->scans[i].name, name) == 0)
+            return &tree->scans[i];
+    struct base_scan *grown = realloc(tree->scans, (tree->scan_count + 1) * sizeof(*grown));
+    if (!grown)
+        return NULL;
+    tree->scans = grown;
+    struct base_scan *s = &tree->scans[tree->scan_count++];
+    memset(s, 0, sizeof(*s));
+    snprintf(s->name, sizeof(s->name), "%s", name);
+    return s;
+}
+
+/* Reads the versions of one base that are due, within *budget manifest
+ * reads. Called with refresh_lock held. */
+static void scan_base(struct tree *tree, const struct repo_index_entry *e, unsigned *budget, char *error,
+                      size_t errlen)
+{
+    struct base_scan *s = scan_of(tree, e->name);
+    if (!s || (s->retry_ns && now_ns() < s->retry_ns))
+        return;
+    while (s->done < e->latest && *budget > 0 && !atomic_load(&tree->stopping)) {
+        uint64_t v = s->done + 1;
+        struct manifest *m;
+        (*budget)--;
+        int rc = repo_read_manifest(tree->repo, e->name, v, &m, error, errlen);
+        if (rc == 0 && publish_version(tree, m, v == e->latest) != 0) {
+            manifest_free(m);
+            snprintf(error, errlen, "out of memory");
+            return;
+        }
+        if (rc == 0 || rc == -EBADMSG || rc == -EINVAL) {
+            s->done = v; /* loaded, or bad for good: versions never change */
+            s->retry_ns = s->backoff_ns = 0;
+            continue;
+        }
+        /* Missing or unreachable: try again later, not on every refresh. */
+        s->backoff_ns = s->backoff_ns ? s->backoff_ns * 2 : TREE_RETRY_START_NS;
+        if (s->backoff_ns > TREE_RETRY_MAX_NS)
+            s->backoff_ns = TREE_RETRY_MAX_NS;
+        s->retry_ns = now_ns() + s->backoff_ns;
+        return;
+    }
+}
+
 int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
 {
-    pthread_mutex_lock(&tree->refresh_lock);
+    if (force) {
+        pthread_mutex_lock(&tree->refresh_lock);
+    } else if (pthread_mutex_trylock(&tree->refresh_lock) != 0) {
+        return 0; /* a refresh is under way: this caller does not wait for it */
+    }
     uint64_t now = now_ns();
     if (!force && tree->last_refresh_ns &&
         now - tree->last_refresh_ns < (uint64_t)(tree->refresh_seconds * 1e9)) {
@@ -170,22 +227,10 @@ int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
     struct repo_index index;
     int rc = repo_read_index(tree->repo, &index, err, errlen);
     char version_error[256] = "";
-    for (size_t i = 0; rc == 0 && i < index.count; i++) {
-        const struct repo_index_entry *e = &index.entries[i];
-        for (uint64_t v = 1; v <= e->latest; v++) {
-            char file[80];
-            snprintf(file, sizeof(file), "%s@%" PRIu64 ".raw", e->name, v);
-            if (tree_lookup(tree, INO_BASES, file))
-                continue;
-            struct manifest *m;
-            /* A bad version is reported and skipped; the others still show. */
-            int vrc = repo_read_manifest(tree->repo, e->name, v, &m, version_error, sizeof(version_error));
-            if (vrc == 0 && publish_version(tree, m, v == e->latest) != 0) {
-                manifest_free(m);
-                snprintf(version_error, sizeof(version_error), "out of memory");
-            }
-        }
-    }
+    unsigned budget = first ? TREE_FIRST_REFRESH_BUDGET : TREE_REFRESH_BUDGET;
+    /* A bad version is reported and skipped; the others still show. */
+    for (size_t i = 0; rc == 0 && i < index.count; i++)
+        scan_base(tree, &index.entries[i], &budget, version_error, sizeof(version_error));
     if (rc == 0)
         repo_index_free(&index);
     const char *problem = rc ? err : version_error;

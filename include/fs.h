@@ -21,6 +21,7 @@
 #include "prefetch.h"
 #include "options.h"
 #include "repo.h"
+#include "status.h"
 #include "tree.h"
 #include "vm.h"
 
@@ -32,15 +33,13 @@ struct imgfs {
     struct tree *tree;
     struct vm_registry *vms;
     struct prefetcher *prefetcher;
+    struct trust *trust; /* what the repository is checked against (trust.h) */
     int tree_error; /* set while VM nodes are added at start-up */
     double started;    /* now_seconds() at mount */
     time_t mounted_at; /* wall clock at mount, for directory times */
 };
 
 extern const struct fuse_lowlevel_ops imgfs_ops;
-
-/* Renders .imgfs/stats into a malloc'd buffer. */
-int status_render_stats(struct imgfs *fs, char **text, size_t *len);
 
 /* Runs one imgfsctl command written to .imgfs/control and returns the reply
  * in a malloc'd string: "ok[ DETAIL]\n" or "error SENTENCE\n". Commands are

@@ -1,74 +1,148 @@
 /* layer: one differential layer of a VM disk.
  *
- * On disk, in the state directory, a layer ID is two files:
- *   layers/ID.data   sparse file of the disk's size; a block the layer owns
- *                    lives at its own offset (a hole in an owned block reads
- *                    as zeros, which is how discarded ranges are kept)
- *   layers/ID.map    ownership bitmap, one bit per LAYER_BLOCK_SIZE block,
- *                    after a 64-byte header ("imgfs-layer-map 1", disk size);
- *                    preallocated, so updating it never needs new space
+ * A layer holds some 4 KiB blocks of a disk of a fixed size. Each block is
+ * either not owned (the disk reads it from below: a lower layer or the
+ * base), owned with data, or owned and zero (a discarded range). A block
+ * never goes back to "not owned". How a layer keeps its blocks on disk is
+ * known to layer.c alone; callers use the functions below.
  *
- * Crash consistency. A bit goes from 0 to 1 only, and reaches the map file
- * only in layer_flush(), after fdatasync() of the data file. So on disk a set
- * bit always covers data that is durable: after a crash the layer shows every
- * write that was flushed, and for unflushed writes either the new bytes or
- * the old ones (of that write's blocks only). Bits are independent, so a torn
- * write of the map itself loses at most unflushed bits. Reopening needs no
- * repair.
+ * On disk, in the state directory, a layer ID is one file, layers/ID.log,
+ * a log in 4 KiB blocks (integers little-endian):
+ *   block 0      header: "imgfs-layer-log 1\n", disk size, a random file id
+ *                and an xxh3-64 checksum of those
+ *   then         data blocks and records, only ever appended. A record block
+ *                starts with magic, entry count, sequence number (1, 2, ...),
+ *                the file id, the block of the next record, where its
+ *                continuation blocks are, and an xxh3-64 checksum over the
+ *                record and its continuations. An entry (32 bytes) says
+ *                "disk blocks [b, b+n) are data at log block L, whose bytes
+ *                hash to S" or "are owned and zero".
+ * The first record is at block 1; each names where the next one goes, so a
+ * flush is: write the data, write one record, one fdatasync(). Open replays
+ * the records in order and stops at the first that is not valid. Records
+ * are written one flush after another, so every record before the last
+ * valid one is durable with its data; the last one's data is checked
+ * against its hashes, and the whole record is dropped when any of it did
+ * not reach the disk (a torn flush whose fsync never returned).
  *
- * Contract: layer_owns() may be called from any thread without locking.
- * Writes to one layer are serialised by the caller (the VM's write lock);
- * layer_flush() may run concurrently with writes.
+ * Overwritten data stays in the log as dead space. When dead space exceeds
+ * the live data and 64 MiB (IMGFS_LAYER_COMPACT_MIN overrides, for tests),
+ * a background thread compacts the layer: it copies the live blocks to
+ * ID.log.new while writes go on, then holds writes for a moment to copy what
+ * changed meanwhile, syncs, and renames it over ID.log. A crash before the
+ * rename leaves ID.log as it was (ID.log.new is deleted at open).
+ *
+ * Old layers (ID.data, a sparse file of the disk's size, and ID.map, an
+ * ownership bitmap after the header "imgfs-layer-map 1") are converted at
+ * open: the log is built as ID.log.tmp, synced and renamed, and only then
+ * are the old files removed.
+ *
+ * Memory: 8 bytes per owned block with data, in 4 KiB nodes of 512 blocks
+ * (a 2 MiB range of the disk) created when first written; ranges owned as
+ * zeros cost nothing. Nothing is allocated in proportion to the disk's
+ * size except one pointer per GiB.
+ *
+ * Promises (what callers and the crash tests rely on):
+ *   1. After layer_flush() returns 0, every write and punch that returned
+ *      before it was called survives a kill -9 of the daemon or a power loss.
+ *   2. After a crash, each block not flushed shows either its new bytes or
+ *      its old ones; an unflushed write never changes any other block.
+ *   3. layer_open() after a crash needs no repair step from anyone.
+ *
+ * A flush whose fdatasync() fails leaves the layer refusing writes (-EIO)
+ * until it is opened again: what reached the disk is then unknown.
+ *
+ * Threads: layer_owns(), layer_extent_at() and layer_read() may run from any
+ * thread at any time. layer_write() and layer_punch() may run concurrently
+ * with each other on disjoint block ranges; the caller orders writes whose
+ * blocks overlap. layer_flush() may run concurrently with all of them.
  */
 #ifndef IMGFS_LAYER_H
 #define IMGFS_LAYER_H
 
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #define LAYER_BLOCK_SIZE 4096u
 #define LAYER_ID_LEN 16
 
-struct layer {
-    char id[LAYER_ID_LEN + 1];
-    int data_fd;
-    int map_fd;
-    uint64_t size;
-    uint64_t blocks;
-    _Atomic uint64_t *bits; /* ownership, one bit per block */
-    /* dirty marks map pages (4 KiB of bits) that changed since the last
-     * flush; guarded by flush_lock (held briefly, never across I/O). */
-    pthread_mutex_t flush_lock;
-    uint8_t *dirty;
-    /* Serialises layer_flush() calls; held across their I/O. */
-    pthread_mutex_t flush_serial;
-    size_t map_pages;
-    atomic_uint_fast64_t owned_blocks;
-};
+struct layer;
 
 /* Creates a new, empty layer with a fresh random ID in dir. */
 int layer_create(const char *dir, uint64_t size, struct layer **out);
-/* Opens an existing layer; -EBADMSG if its map does not match size. */
+/* Opens an existing layer; -EBADMSG if its files do not match size. */
 int layer_open(const char *dir, const char *id, uint64_t size, struct layer **out);
 void layer_close(struct layer *layer);
 /* Removes a layer's files. */
 int layer_remove(const char *dir, const char *id);
 
-static inline bool layer_owns(const struct layer *layer, uint64_t block)
-{
-    return (atomic_load_explicit(&layer->bits[block / 64], memory_order_acquire) >> (block % 64)) & 1;
-}
+const char *layer_id(const struct layer *layer);
+/* The disk size the layer was opened with. */
+uint64_t layer_size(const struct layer *layer);
 
-/* Marks blocks [first, first+count) as owned (after their data was written). */
-void layer_mark_owned(struct layer *layer, uint64_t first, uint64_t count);
+/* True when the layer owns block (data or zero). */
+bool layer_owns(const struct layer *layer, uint64_t block);
 
-/* Makes every write and ownership change so far durable. */
+/* Where the bytes of the layer at off come from, for at most max_len bytes
+ * (clipped to the disk's size): one run of blocks of one kind.
+ *   LAYER_EXTENT_UNOWNED  read them from below the layer
+ *   LAYER_EXTENT_ZERO     owned, reads as zeros (a hole for SEEK_DATA)
+ *   LAYER_EXTENT_DATA     owned: len bytes of fd at pos (zero-copy capable)
+ * A DATA extent keeps fd open and its bytes unchanged until
+ * layer_extent_release(); release every extent, of any kind, exactly once. */
+enum layer_extent_kind { LAYER_EXTENT_UNOWNED, LAYER_EXTENT_ZERO, LAYER_EXTENT_DATA };
+struct layer_extent {
+    enum layer_extent_kind kind;
+    uint64_t len;
+    int fd;
+    uint64_t pos;
+    void *pin; /* private to layer.c */
+};
+int layer_extent_at(struct layer *layer, uint64_t off, uint64_t max_len, struct layer_extent *out);
+void layer_extent_release(struct layer *layer, struct layer_extent *extent);
+
+/* Reads len bytes at off, every block of which the layer owns (-EINVAL
+ * otherwise). */
+int layer_read(struct layer *layer, void *buf, size_t len, uint64_t off);
+
+/* Writes whole blocks: off is a multiple of LAYER_BLOCK_SIZE and len is too,
+ * unless the write ends at the disk's end. The blocks become owned. */
+int layer_write(struct layer *layer, const void *buf, size_t len, uint64_t off);
+
+/* Makes blocks [first, first+count) owned and zero, freeing their space. */
+int layer_punch(struct layer *layer, uint64_t first, uint64_t count);
+
+/* Makes every write and punch that returned before this call durable. */
 int layer_flush(struct layer *layer);
 
-/* Bytes of space the layer's data uses on disk. */
+/* Blocks the layer owns. */
+uint64_t layer_owned_blocks(const struct layer *layer);
+/* Bytes of space the layer's files use on disk. */
 uint64_t layer_allocated_bytes(const struct layer *layer);
+
+struct layer_stats {
+    uint64_t owned_blocks;
+    uint64_t data_blocks;      /* owned blocks with data (live) */
+    uint64_t log_blocks;       /* blocks of the log: live, dead and records */
+    uint64_t compactions;      /* since open */
+    uint64_t compact_ns;       /* the last compaction, start to end */
+    uint64_t compact_pause_ns; /* of which writes were held */
+    uint64_t compact_bytes;    /* copied by compactions, in all */
+};
+void layer_stats(const struct layer *layer, struct layer_stats *out);
+
+/* Compacts now, in the caller's thread (the background thread does this on
+ * its own when dead space grows). */
+int layer_compact(struct layer *layer);
+
+/* For tests: the system calls that write and sync layer files. Replace them
+ * to inject faults (a short write, EIO, ENOSPC, or a kill at a chosen step). */
+struct layer_syscalls {
+    ssize_t (*pwrite)(int fd, const void *buf, size_t len, off_t off);
+    int (*fdatasync)(int fd);
+};
+extern struct layer_syscalls layer_syscalls;
 
 #endif

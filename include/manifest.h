@@ -37,6 +37,10 @@
 #define MANIFEST_MAX_CHUNK_SIZE (16u * 1024 * 1024)
 /* 1 PiB: anything bigger is an absurd size, not a disk. */
 #define MANIFEST_MAX_DISK_SIZE (1ull << 50)
+/* At most 8 Mi chunks (128 MiB of hashes, about 270 MiB of manifest text):
+ * 1 TiB at 128K chunks, 128 TiB at 16M. Checked before anything is
+ * allocated, so a hostile or absurd size costs nothing. */
+#define MANIFEST_MAX_CHUNKS (1ull << 23)
 
 struct manifest {
     char name[65];

@@ -39,6 +39,10 @@ struct mount_options {
     uint64_t prefetch_ahead; /* bytes of list replay may lead the guest by, 0: no bound */
     bool offline;
     bool vm_writeback;  /* VM disks use the kernel's writeback cache; else direct I/O */
+    char *trust_file;   /* malloc'd, absolute, or NULL: nothing is verified */
+    bool insecure;      /* an http(s) repository without trust_file was asked for */
+    double max_index_age; /* seconds, 0: not checked */
+    char *credentials_file; /* malloc'd, absolute, or NULL */
     double refresh_seconds;
     bool foreground;
     bool debug;

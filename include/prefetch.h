@@ -98,6 +98,10 @@ int prefetch_precopy(struct prefetcher *pf, const char *key, const struct manife
                      const struct chunk_list *list, uint64_t rate, struct prefetch_marks *marks, char *err,
                      size_t errlen);
 int prefetch_status(struct prefetcher *pf, const char *key, struct job_status *out);
+/* Stops the pre-copy job under key at its next chunk, keeping the pin set:
+ * a later prefetch_precopy() resumes it (the end of a maintenance window).
+ * -ENOENT if there is no such job. */
+int prefetch_stop(struct prefetcher *pf, const char *key);
 /* Releases a pin set (and stops its job). -ENOENT if there is none. */
 int prefetch_unpin(struct prefetcher *pf, const char *key);
 

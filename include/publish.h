@@ -19,6 +19,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "sign.h"
+
 /* Chosen by measurement on a real Debian boot: bench/chunk-size/RESULTS.md. */
 #define PUBLISH_DEFAULT_CHUNK_SIZE (128u * 1024)
 #define PUBLISH_DEFAULT_ZSTD_LEVEL 3
@@ -29,6 +31,10 @@ struct publish_options {
     const char *name;
     uint32_t chunk_size;
     int zstd_level; /* 0 stores chunks uncompressed */
+    /* Keys to sign the new index with (sign.h, repo_write_index); none
+     * publishes unsigned, which a signed repository refuses. */
+    const struct sign_secret_key *keys;
+    size_t key_count;
 };
 
 struct publish_result {

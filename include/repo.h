@@ -7,10 +7,25 @@
  *   index                       "imgfs-index 1\n" then "NAME LATEST\n" per base;
  *                               replaced atomically by each publish
  *   bases/NAME/N.manifest       version N of NAME (see manifest.h); immutable
+ *   bases/NAME/N.digests        its cryptographic record (digests.h), signed repositories
+ *   bases/NAME/N.lists/LIST     prefetch lists (list.h), signed repositories: with "+sig" lines
  *   chunks/XY/XYZ...            a stored chunk named by its hash (chunkfmt.h);
  *                               immutable, written once
  *
  * Versions 1..LATEST of a base all exist; they are never modified.
+ *
+ * A signed index (sign.h, trust.h) has the digest of each base's newest
+ * record on its line, a sequence number and a signing time, then one or more
+ * signature lines over everything before them:
+ *
+ *   imgfs-index 1
+ *   debian12 3 <64 hex: digest of bases/debian12/3.digests>
+ *   +seq 17
+ *   +time 1790000000
+ *   +sig <key> <signature>
+ *
+ * Every number read from a repository is bounded (REPO_MAX_*): a hostile
+ * index cannot make a host loop, allocate or fetch without end.
  *
  * Readers (repo_get and the helpers built on it) are thread-safe and hold no
  * lock while doing I/O. The writer side (publish) is for local directories
@@ -25,23 +40,36 @@
 
 #include "chunkfmt.h"
 #include "hash.h"
+#include "list.h"
 #include "manifest.h"
+#include "sign.h"
+#include "trust.h"
 
 struct repo;
 
 struct repo_index_entry {
     char name[65];
     uint64_t latest;
+    bool has_record;           /* signed index: the digest of latest's record */
+    struct sign_digest record;
 };
 
 struct repo_index {
     struct repo_index_entry *entries;
     size_t count;
+    bool is_signed; /* it had signature lines (verified only in TRUST_SIGNED) */
+    uint64_t seq;   /* 0 when unsigned */
+    uint64_t signed_time;
 };
 
 /* Limits for reading repository files. */
 #define REPO_MAX_INDEX_LEN (16u << 20)
-#define REPO_MAX_MANIFEST_LEN (256u << 20)
+#define REPO_MAX_MANIFEST_LEN (288u << 20) /* MANIFEST_MAX_CHUNKS lines of 33 bytes */
+#define REPO_MAX_DIGESTS_LEN (2 * REPO_MAX_MANIFEST_LEN + 4096)
+#define REPO_MAX_LIST_LEN (64u << 20)
+/* Bounds of the numbers in an index. */
+#define REPO_MAX_VERSION (1u << 20)
+#define REPO_MAX_SEQ (1ull << 62)
 
 /* How an HTTP repository is reached. Mirrors are tried in order: the first
  * one that answers becomes current; after a failover the preferred (first)
@@ -111,13 +139,35 @@ int repo_get_from(struct repo *repo, const char *relpath, size_t max_len, uint64
  * unreachable, so a mount can serve what is cached. */
 void repo_set_meta_cache(struct repo *repo, const char *dir, bool offline_fallback);
 
+/* Who the repository is trusted by (trust.h; not owned, must outlive repo).
+ * Without it, or in TRUST_UNSIGNED and TRUST_INSECURE, nothing is verified
+ * beyond the xxh3-128 names. Call before the repository is shared. */
+void repo_set_trust(struct repo *repo, struct trust *trust);
+
+/* Reads the index. In TRUST_SIGNED it must carry a signature by a trusted key
+ * and be no older than the newest accepted one; a refused index is reported
+ * (trust_note_refusal) and the kept copy of the accepted one stands in when
+ * there is one, so that the host keeps serving what it had. */
 int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t errlen);
 void repo_index_free(struct repo_index *index);
 /* Returns the entry for name, or NULL. */
 const struct repo_index_entry *repo_index_find(const struct repo_index *index, const char *name);
 
+/* Reads a manifest. In TRUST_SIGNED it must match the digest chain from the
+ * accepted index, and its chunk digests are handed to the trust table. */
 int repo_read_manifest(struct repo *repo, const char *name, uint64_t version, struct manifest **out,
                        char *err, size_t errlen);
+
+/* Reads list LIST of the version m describes and checks that it belongs to
+ * it (list_check). In TRUST_SIGNED the list must be signed by a trusted key.
+ * -ENOENT when there is no such list. */
+int repo_read_list(struct repo *repo, const struct manifest *m, const char *list_name, struct chunk_list **out,
+                   char *err, size_t errlen);
+
+/* The one check of a fetched, decoded chunk against its signed digest
+ * (trust_check_chunk): 0 when it matches or the repository is not verified,
+ * -EBADMSG when it must not be used. */
+int repo_verify_chunk(struct repo *repo, const struct chunk_hash *hash, const void *data, size_t len);
 
 /* Fetches the stored (encoded) bytes of one chunk. */
 int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, uint64_t deadline_ns,
@@ -157,6 +207,18 @@ bool repo_has_chunk(struct repo *repo, const struct chunk_hash *hash);
 int repo_put_chunk(struct repo *repo, const struct chunk_hash *hash, const void *enc, size_t len);
 int repo_sync(struct repo *repo);
 int repo_put_manifest(struct repo *repo, const struct manifest *m);
+/* With signers (repo_set_signers), writes the digests records that are
+ * missing for every version of every base (reading chunks back to hash them;
+ * no chunk or manifest changes) and a signed index with sequence number
+ * index->seq + 1. Without signers, writing over a signed index is refused
+ * with -EPERM (publish with the key instead). */
 int repo_write_index(struct repo *repo, const struct repo_index *index);
+/* Keys that repo_write_index() and repo_sign_text() sign with (not copied:
+ * they must outlive the repository). */
+void repo_set_signers(struct repo *repo, const struct sign_secret_key *keys, size_t count);
+size_t repo_signer_count(const struct repo *repo);
+/* Replaces any signature lines at the end of text[0..*len) (capacity cap) by
+ * those of the signers. -ENOSPC when cap is too small. */
+int repo_sign_text(struct repo *repo, char *text, size_t *len, size_t cap);
 
 #endif

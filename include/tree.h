@@ -7,6 +7,8 @@
  *                          each of its snapshots (read-only)
  *   /.imgfs/stats          plain-text status
  *   /.imgfs/control        imgfsctl's command channel (root only)
+ *   /.imgfs/metrics        the same status in Prometheus text format
+ *   /.imgfs/status.json    the same status as JSON
  *
  * Base version files are immutable, so each keeps one inode for the life of
  * the mount and the kernel may cache its pages forever. A new publish adds a
@@ -25,6 +27,7 @@
 
 #include <fuse_lowlevel.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -41,6 +44,8 @@ enum {
     INO_STATUS_DIR,
     INO_STATS,
     INO_CONTROL,
+    INO_METRICS,
+    INO_STATUS_JSON,
     INO_FIRST_DYNAMIC,
 };
 
@@ -72,6 +77,25 @@ struct node {
     struct vm_snapshot *snapshot; /* NODE_VM_SNAPSHOT */
 };
 
+/* How far the versions of one base have been read: every version up to
+ * done is loaded or given up (a bad manifest). A missing version stalls the
+ * base until retry_ns, with a backoff, so that an index claiming versions
+ * that do not exist costs one request per backoff, not one per version per
+ * refresh. */
+struct base_scan {
+    char name[65];
+    uint64_t done;
+    uint64_t retry_ns;
+    uint64_t backoff_ns;
+};
+
+/* Manifest reads one refresh may do: the first (at mount) and later ones.
+ * The rest waits for the next refresh; nothing waits for all of it. */
+#define TREE_FIRST_REFRESH_BUDGET 4096
+#define TREE_REFRESH_BUDGET 256
+#define TREE_RETRY_START_NS (30ull * 1000000000ull)
+#define TREE_RETRY_MAX_NS (600ull * 1000000000ull)
+
 struct tree {
     pthread_rwlock_t lock;
     struct node **nodes; /* nodes[ino - 1] */
@@ -80,6 +104,9 @@ struct tree {
 
     pthread_mutex_t refresh_lock; /* held across a refresh's repository I/O */
     uint64_t last_refresh_ns;     /* guarded by refresh_lock */
+    struct base_scan *scans;      /* guarded by refresh_lock: how far each base is read */
+    size_t scan_count;
+    atomic_bool stopping;         /* set by tree_stop_refresh(): a refresh ends early */
     double refresh_seconds;
     struct repo *repo; /* not owned */
     /* Never held across I/O, so status readers never wait on the network. */
@@ -90,11 +117,16 @@ struct tree {
 int tree_create(struct repo *repo, double refresh_seconds, struct tree **out);
 void tree_destroy(struct tree *tree);
 
-/* Re-reads the repository index and adds new versions. force ignores the
- * refresh interval. Returns a negative errno (with err set) only when the
- * index cannot be read; the tree then keeps what it had. A version whose
- * manifest is bad is skipped, logged and kept in last_refresh_error. */
+/* Re-reads the repository index and adds new versions, at most a budget of
+ * manifest reads at a time (TREE_*_BUDGET). force ignores the refresh
+ * interval and waits for a refresh under way; without force a refresh under
+ * way is not waited for (a lookup never blocks behind the network). Returns
+ * a negative errno (with err set) only when the index cannot be read; the
+ * tree then keeps what it had. A version whose manifest is bad is skipped,
+ * logged and kept in last_refresh_error; a missing one is retried later. */
 int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen);
+/* Makes a refresh under way stop at its next version (for unmount). */
+void tree_stop_refresh(struct tree *tree);
 
 /* Returns the node or NULL. */
 struct node *tree_get(struct tree *tree, fuse_ino_t ino);

@@ -7,7 +7,7 @@
  *                        chain of layers (bottom to top; the top one takes the
  *                        writes) and its snapshots, each a frozen chain; a
  *                        checksum line ends it; replaced atomically
- *   layers/ID.data|map   layers (see layer.h), shared by VMs and snapshots
+ *   layers/ID.log        layers (see layer.h), shared by VMs and snapshots
  *
  * A disk reads each 4 KiB block from the topmost layer that owns it, else
  * from the base (through the chunk cache), else zeros for a blank disk.
@@ -18,9 +18,14 @@
  *
  * Locking, in this order: registry->lock guards the list of VMs, the layer
  * table and every VM's chain and snapshot list changes (and is held when the
- * attributes change, so save_vm() may read them). Each VM has write_lock,
- * which serialises writes and discards of its top layer with chain changes,
- * and chain_lock (a rwlock) that readers hold while they use the chain.
+ * attributes change, so save_vm() may read them). Each VM has write_ranges,
+ * a range lock on the blocks a write or discard covers (overlapping writes
+ * wait for each other, others run in parallel; held across the write's
+ * local I/O); then write_lock (a rwlock),
+ * held shared by writes and discards and exclusively by chain changes and
+ * export, so that no write lands in a layer being frozen (writer-preferring:
+ * a snapshot waits for the writes under way, not for every later one); and
+ * chain_lock (a rwlock) that readers hold while they use the chain.
  * attr_lock, held only briefly and never across I/O, guards open_count,
  * deleted, mode, uid and gid.
  *
@@ -43,8 +48,12 @@
 #include "fetch.h"
 #include "layer.h"
 #include "manifest.h"
+#include "rangelock.h"
 
 #define VM_MAX_DEPTH 64
+/* 16 TiB: a layer's ownership bitmap for it is 512 MiB. Larger sizes (from
+ * the command line, a VM file or a base) are refused before allocating. */
+#define VM_MAX_SIZE (16ull << 40)
 #define VM_MAX_SNAPSHOTS 256
 
 struct prefetch_marks;
@@ -79,7 +88,8 @@ struct vm {
     struct chunk_hash base_id;
     bool has_base;
 
-    pthread_mutex_t write_lock;
+    pthread_rwlock_t write_lock;
+    struct range_lock write_ranges;
     pthread_rwlock_t chain_lock;
     pthread_mutex_t attr_lock;
     struct disk live;

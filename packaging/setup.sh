@@ -5,6 +5,9 @@
 #   packaging/setup.sh test   install packages, build, run the whole test suite:
 #                             normal build, ASan+UBSan build, TSan build of the
 #                             concurrent tests
+#   packaging/setup.sh deb [DIR]  build imgfs_VERSION_ARCH.deb (into DIR, default
+#                             the top of the tree) with dpkg-buildpackage from
+#                             packaging/debian/, and check it with lintian
 #   packaging/setup.sh deps | build | install   the individual steps
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,10 +15,15 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
     # build
     build-essential cmake pkg-config
-    libfuse3-dev fuse3 libqcow-dev libxxhash-dev libzstd-dev libcurl4-openssl-dev libext2fs-dev
+    libfuse3-dev fuse3 libqcow-dev libxxhash-dev libzstd-dev libcurl4-openssl-dev libext2fs-dev libsodium-dev
+    # fuzzing (libFuzzer)
+    clang libfuzzer-14-dev libclang-rt-14-dev
     # tests and benchmarks: real clients, servers and peers
     python3 xxhash qemu-utils qemu-system-x86 qemu-block-extra fio nginx-light
-    libqcow-utils xmount debootstrap fdisk e2fsprogs dosfstools procps util-linux gdb
+    libqcow-utils xmount debootstrap fdisk e2fsprogs dosfstools procps util-linux gdb tmux
+    python3-prometheus-client jq attr libvirt-daemon-system libvirt-clients
+    # the Debian package, its man pages and completion
+    dpkg-dev debhelper lintian scdoc bash-completion
 )
 
 step() { printf '\n=== %s\n' "$*"; }
@@ -47,6 +55,40 @@ install_binaries() {
     command -v imgfs imgfsctl
 }
 
+# The package is built from a copy of the tree with packaging/debian/ as its
+# debian/ (the top level of the tree is fixed), then checked by lintian.
+deb() { # deb [OUTPUT DIR]
+    local out=${1:-$PWD}
+    step "building the Debian package"
+    local version changelog_version
+    version=$(sed -n 's/^project(imgfs VERSION \([0-9.]*\).*/\1/p' CMakeLists.txt)
+    changelog_version=$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)
+    [ "$version" = "$changelog_version" ] || {
+        echo "CMakeLists.txt says version $version, packaging/debian/changelog $changelog_version" >&2
+        exit 1
+    }
+    local work
+    work=$(mktemp -d /var/tmp/imgfs-deb.XXXXXX)
+    local src=$work/imgfs-$version
+    mkdir -p "$src" "$out"
+    tar --exclude='./build*' --exclude=./.git --exclude='./imgfs_*.deb' -cf - . | tar -C "$src" -xf -
+    rm -rf "$src/debian"
+    cp -a packaging/debian "$src/debian"
+    if ! (cd "$src" && dpkg-buildpackage -b -us -uc -j"$(nproc)") > "$work/build.log" 2>&1; then
+        tail -n 40 "$work/build.log" >&2
+        echo "dpkg-buildpackage failed; the whole log is $work/build.log" >&2
+        exit 1
+    fi
+    local deb
+    deb=$(ls "$work"/imgfs_"$version"_*.deb)
+    mv "$deb" "$out/"
+    deb=$out/${deb##*/}
+    step "lintian $deb"
+    lintian --fail-on error --info "$deb"
+    rm -rf "$work"
+    echo "built $deb"
+}
+
 run_ctest() { # run_ctest DIR [CTEST ARGS...]
     local dir=$1; shift
     ctest --test-dir "$dir" --output-on-failure --timeout 900 "$@"
@@ -61,7 +103,7 @@ run_tests() {
     run_ctest build
     step "test suite under AddressSanitizer + UndefinedBehaviorSanitizer (all but guest boots)"
     build_dir build-asan -DIMGFS_SANITIZE=address,undefined
-    run_ctest build-asan -LE guest
+    run_ctest build-asan -LE 'guest|package'
     step "concurrency tests under ThreadSanitizer"
     build_dir build-tsan -DIMGFS_SANITIZE=thread
     run_ctest build-tsan -L concurrency
@@ -71,10 +113,11 @@ case "${1:-}" in
 deps) deps ;;
 build) build ;;
 install) build && install_binaries ;;
+deb) deb "${2:-}" ;;
 demo) deps && build && install_binaries && bash packaging/demo.sh ;;
 test) deps && build && install_binaries && run_tests ;;
 *)
-    echo "usage: $0 demo|test|deps|build|install" >&2
+    echo "usage: $0 demo|test|deb [DIR]|deps|build|install" >&2
     exit 2
     ;;
 esac

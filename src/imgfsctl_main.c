@@ -1,4 +1,5 @@
 /* imgfsctl: administration of imgfs repositories and mounts. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -7,13 +8,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "extmap.h"
+#include "imgfsctl.h"
 #include "list.h"
 #include "progress.h"
 #include "publish.h"
 #include "repo.h"
+#include "sign.h"
 #include "util.h"
 
 struct subcommand {
@@ -23,13 +28,36 @@ struct subcommand {
     void (*help)(FILE *out);
 };
 
-static int usage_error(const char *cmd, const char *msg)
+int usage_error(const char *cmd, const char *msg)
 {
     fprintf(stderr, "imgfsctl %s: %s (see imgfsctl %s --help)\n", cmd, msg, cmd);
     return 2;
 }
 
-static bool wants_help(int argc, char **argv)
+/* After getopt_long returned '?' (with opterr = 0): names the option that
+ * was unknown or lacked its value. */
+static int option_error(const char *cmd, char **argv, const struct option *longopts)
+{
+    char msg[160];
+    const char *arg = argv[optind - 1];
+    if (optopt && !(arg[0] == '-' && arg[1] == '-')) {
+        bool known = false;
+        for (const struct option *o = longopts; o->name; o++)
+            known = known || o->val == optopt;
+        snprintf(msg, sizeof(msg), known ? "option -%c needs a value" : "unknown option -%c", optopt);
+        return usage_error(cmd, msg);
+    }
+    size_t len = strcspn(arg + 2, "=");
+    for (const struct option *o = longopts; o->name; o++)
+        if (strlen(o->name) == len && strncmp(arg + 2, o->name, len) == 0) {
+            snprintf(msg, sizeof(msg), "option --%s needs a value", o->name);
+            return usage_error(cmd, msg);
+        }
+    snprintf(msg, sizeof(msg), "unknown option '%.*s'", (int)(len + 2), arg);
+    return usage_error(cmd, msg);
+}
+
+bool wants_help(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--") == 0)
@@ -54,7 +82,32 @@ static void publish_help(FILE *out)
             "\n"
             "  --name NAME        base name: letters, digits, '.', '_', '-' (max 64)\n"
             "  --chunk-size SIZE  power of two from 4K to 16M (default 128K)\n"
-            "  --level N          zstd level 1-19, 0 stores chunks uncompressed (default 3)\n");
+            "  --level N          zstd level 1-19, 0 stores chunks uncompressed (default 3)\n"
+            "  --key KEYFILE      sign the new index with this secret key (imgfsctl key\n"
+            "                     generate); repeat to sign with several keys. A signed\n"
+            "                     repository refuses an unsigned publish\n");
+}
+
+/* Secret keys given with --key (repeatable). */
+#define MAX_SIGNING_KEYS 4
+struct signing_keys {
+    struct sign_secret_key keys[MAX_SIGNING_KEYS];
+    size_t count;
+};
+
+static int add_signing_key(const char *cmd, struct signing_keys *k, const char *path)
+{
+    char err[512];
+    if (k->count == MAX_SIGNING_KEYS) {
+        fprintf(stderr, "imgfsctl %s: at most %d keys can be given\n", cmd, MAX_SIGNING_KEYS);
+        return 1;
+    }
+    if (sign_key_load(path, &k->keys[k->count], err, sizeof(err)) != 0) {
+        fprintf(stderr, "imgfsctl %s: %s\n", cmd, err);
+        return 1;
+    }
+    k->count++;
+    return 0;
 }
 
 static int publish_main(int argc, char **argv)
@@ -63,17 +116,23 @@ static int publish_main(int argc, char **argv)
         {"name", required_argument, NULL, 'n'},
         {"chunk-size", required_argument, NULL, 'c'},
         {"level", required_argument, NULL, 'l'},
+        {"key", required_argument, NULL, 'k'},
         {"help", no_argument, NULL, 'h'},
         {0},
     };
     struct publish_options opts = {.chunk_size = PUBLISH_DEFAULT_CHUNK_SIZE,
                                    .zstd_level = PUBLISH_DEFAULT_ZSTD_LEVEL};
+    static struct signing_keys keys;
     int c;
     uint64_t v;
     opterr = 0; /* one message of our own instead of getopt's */
-    while ((c = getopt_long(argc, argv, "n:c:l:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:c:l:k:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'n': opts.name = optarg; break;
+        case 'k':
+            if (add_signing_key("publish", &keys, optarg) != 0)
+                return 1;
+            break;
         case 'c':
             if (parse_size(optarg, &v) < 0 || v > UINT32_MAX)
                 return usage_error("publish", "--chunk-size needs a size such as 256K");
@@ -85,7 +144,7 @@ static int publish_main(int argc, char **argv)
             opts.zstd_level = (int)v;
             break;
         case 'h': publish_help(stdout); return 0;
-        default: return usage_error("publish", "unknown or incomplete option");
+        default: return option_error("publish", argv, longopts);
         }
     }
     if (argc - optind != 2)
@@ -94,6 +153,8 @@ static int publish_main(int argc, char **argv)
         return usage_error("publish", "--name is required");
     opts.image_path = argv[optind];
     opts.repo_path = argv[optind + 1];
+    opts.keys = keys.keys;
+    opts.key_count = keys.count;
 
     struct publish_result res;
     char err[512];
@@ -112,85 +173,6 @@ static int publish_main(int argc, char **argv)
     printf("stored      %s (%" PRIu64 " bytes)\n", format_size(res.bytes_stored, stored_s, sizeof(stored_s)),
            res.bytes_stored);
     return 0;
-}
-
-/* ---- status --------------------------------------------------------------------- */
-
-static void status_help(FILE *out)
-{
-    fprintf(out, "usage: imgfsctl status MOUNTPOINT\n"
-                 "\n"
-                 "Prints the status of the imgfs mounted at MOUNTPOINT (its .imgfs/stats file).\n");
-}
-
-static int status_main(int argc, char **argv)
-{
-    if (wants_help(argc, argv)) {
-        status_help(stdout);
-        return 0;
-    }
-    if (argc != 2)
-        return usage_error("status", "needs exactly MOUNTPOINT");
-    char path[PATH_MAX];
-    if (path_join(path, sizeof(path), "%s/.imgfs/stats", argv[1]) < 0)
-        return usage_error("status", "mount point path is too long");
-    char *text;
-    size_t len;
-    int rc = read_file(path, 64u << 20, &text, &len);
-    if (rc) {
-        fprintf(stderr, "imgfsctl status: %s is not an imgfs mount (%s)\n", argv[1], strerror(-rc));
-        return 1;
-    }
-    fwrite(text, 1, len, stdout);
-    free(text);
-    return 0;
-}
-
-/* ---- versions ------------------------------------------------------------------- */
-
-static void versions_help(FILE *out)
-{
-    fprintf(out, "usage: imgfsctl versions REPO\n"
-                 "\n"
-                 "Lists the bases of the repository REPO (a directory or URL) with their newest\n"
-                 "version, size and chunk size.\n");
-}
-
-static int versions_main(int argc, char **argv)
-{
-    if (wants_help(argc, argv)) {
-        versions_help(stdout);
-        return 0;
-    }
-    if (argc != 2)
-        return usage_error("versions", "needs exactly REPO");
-    char err[512];
-    struct repo *repo;
-    struct repo_index index;
-    if (repo_open(argv[1], &repo, err, sizeof(err)) != 0) {
-        fprintf(stderr, "imgfsctl versions: %s\n", err);
-        return 1;
-    }
-    int status = 0;
-    if (repo_read_index(repo, &index, err, sizeof(err)) != 0) {
-        fprintf(stderr, "imgfsctl versions: %s\n", err);
-        repo_close(repo);
-        return 1;
-    }
-    printf("%-24s %8s %16s %10s\n", "NAME", "LATEST", "SIZE", "CHUNK");
-    for (size_t i = 0; i < index.count; i++) {
-        struct manifest *m;
-        if (repo_read_manifest(repo, index.entries[i].name, index.entries[i].latest, &m, err, sizeof(err))) {
-            fprintf(stderr, "imgfsctl versions: %s\n", err);
-            status = 1;
-            continue;
-        }
-        printf("%-24s %8" PRIu64 " %16" PRIu64 " %10" PRIu32 "\n", m->name, m->version, m->size, m->chunk_size);
-        manifest_free(m);
-    }
-    repo_index_free(&index);
-    repo_close(repo);
-    return status;
 }
 
 /* ---- vm ------------------------------------------------------------------------ */
@@ -383,12 +365,16 @@ static int vm_main(int argc, char **argv)
 static void precopy_help(FILE *out)
 {
     fprintf(out, "usage: imgfsctl precopy MOUNTPOINT NAME[@VERSION] [--list LIST] [--rate RATE]\n"
+                 "                        [--window HH:MM-HH:MM]\n"
                  "\n"
                  "Fills the cache of the mount with a whole base version (or only the chunks of\n"
                  "one of its published prefetch lists) and pins them, so that they are never\n"
                  "evicted. The daemon does the work in the background at RATE bytes per second\n"
                  "(e.g. 50M; default unlimited); this command follows it with a progress bar on\n"
                  "a terminal. Running it again resumes: cached chunks are skipped.\n"
+                 "With --window (local time; it may span midnight) nothing starts outside the\n"
+                 "window, and at its end the daemon stops the copy, keeping the pin, and this\n"
+                 "command exits 0; the next run resumes.\n"
                  "Release the pin with imgfsctl unpin.\n");
 }
 
@@ -399,22 +385,73 @@ static void unpin_help(FILE *out)
                  "Releases what imgfsctl precopy pinned; the chunks stay cached until evicted.\n");
 }
 
-/* Parses MOUNTPOINT NAME[@VERSION] [--list LIST] [--rate RATE]. */
+/* "HH:MM" or "HH:MM:SS" as seconds after midnight, -1 if it is not one. */
+static long parse_clock(const char *text, size_t len)
+{
+    char buf[16];
+    unsigned h, m, sec = 0;
+    char extra;
+    if (len >= sizeof(buf))
+        return -1;
+    snprintf(buf, sizeof(buf), "%.*s", (int)len, text);
+    int n = sscanf(buf, "%2u:%2u:%2u%c", &h, &m, &sec, &extra);
+    if ((n != 2 && n != 3) || h > 23 || m > 59 || sec > 59)
+        return -1;
+    return h * 3600L + m * 60L + sec;
+}
+
+/* Seconds left in the daily window "HH:MM-HH:MM" (local time, seconds
+ * optional, may span midnight; equal ends mean all day), 0 if now is
+ * outside it, -1 if the text is not a window. */
+static long window_seconds_left(const char *text)
+{
+    const char *dash = strchr(text, '-');
+    long start = dash ? parse_clock(text, (size_t)(dash - text)) : -1;
+    long end = dash ? parse_clock(dash + 1, strlen(dash + 1)) : -1;
+    if (start < 0 || end < 0)
+        return -1;
+    time_t now = time(NULL);
+    struct tm tm;
+    localtime_r(&now, &tm);
+    long day = 24 * 3600, at = tm.tm_hour * 3600L + tm.tm_min * 60L + tm.tm_sec;
+    if (start == end)
+        return day - ((at - start + day) % day);
+    bool inside = start < end ? at >= start && at < end : at >= start || at < end;
+    return inside ? (end - at + day) % day : 0;
+}
+
+/* Parses MOUNTPOINT NAME[@VERSION] [--list LIST] [--rate RATE] [--window W];
+ * rate and window are NULL for commands that do not take them. */
 static int parse_pin_args(const char *cmd, int argc, char **argv, char *name, uint64_t *version, const char **list,
-                          uint64_t *rate)
+                          uint64_t *rate, const char **window)
 {
     if (argc < 3)
         return usage_error(cmd, "needs MOUNTPOINT and NAME[@VERSION]");
     *list = "-";
     for (int i = 3; i < argc; i += 2) {
-        if (i + 1 >= argc)
-            return usage_error(cmd, "an option lacks its value");
-        if (strcmp(argv[i], "--list") == 0 && name_is_valid(argv[i + 1]))
-            *list = argv[i + 1];
-        else if (strcmp(argv[i], "--rate") == 0 && rate && parse_size(argv[i + 1], rate) == 0)
+        char msg[160];
+        bool is_list = strcmp(argv[i], "--list") == 0, is_rate = rate && strcmp(argv[i], "--rate") == 0;
+        bool is_window = window && strcmp(argv[i], "--window") == 0;
+        if (is_window && i + 1 < argc) {
+            if (window_seconds_left(argv[i + 1]) < 0)
+                return usage_error(cmd, "--window needs local times such as 01:00-05:00");
+            *window = argv[i + 1];
             continue;
-        else
-            return usage_error(cmd, "unknown option or bad value");
+        }
+        if (!is_list && !is_rate && !is_window) {
+            snprintf(msg, sizeof(msg), "unknown option or argument '%s'", argv[i]);
+            return usage_error(cmd, msg);
+        }
+        if (i + 1 >= argc) {
+            snprintf(msg, sizeof(msg), "option %s needs a value", argv[i]);
+            return usage_error(cmd, msg);
+        }
+        if (is_list && !name_is_valid(argv[i + 1]))
+            return usage_error(cmd, "--list needs a list name such as boot");
+        if (is_list)
+            *list = argv[i + 1];
+        else if (parse_size(argv[i + 1], rate) != 0)
+            return usage_error(cmd, "--rate needs a rate such as 50M");
     }
     if (resolve_base(argv[1], argv[2], name, 65, version) != 0) {
         fprintf(stderr, "imgfsctl %s: base %s is not on the mount at %s\n", cmd, argv[2], argv[1]);
@@ -432,9 +469,17 @@ static int precopy_main(int argc, char **argv)
     char name[65], cmd[512], answer[1024];
     uint64_t version, rate = 0;
     const char *list;
-    int rc = parse_pin_args("precopy", argc, argv, name, &version, &list, &rate);
+    const char *window = NULL;
+    int rc = parse_pin_args("precopy", argc, argv, name, &version, &list, &rate, &window);
     if (rc)
         return rc;
+    long window_left = window ? window_seconds_left(window) : 0;
+    if (window && window_left == 0) {
+        printf("pre-copy of %s@%" PRIu64 ": now is outside the window %s, nothing done\n", name, version, window);
+        return 0;
+    }
+    double deadline = window ? now_seconds() + (double)window_left : 0;
+    bool window_closed = false;
     snprintf(cmd, sizeof(cmd), "precopy\t%s\t%" PRIu64 "\t%s\t%" PRIu64 "\n", name, version, list, rate);
     if (control_command("precopy", argv[1], cmd) != 0)
         return 1;
@@ -463,13 +508,23 @@ static int precopy_main(int argc, char **argv)
         if (strcmp(state, "running") != 0) {
             progress_finish(&bar);
             char size[32];
-            printf("pre-copy of %s@%" PRIu64 ": %s, %" PRIu64 "/%" PRIu64 " chunks, %s fetched, pinned\n", name, version,
-                   state, done, total, format_size(fetched, size, sizeof(size)));
+            printf("pre-copy of %s@%" PRIu64 ": %s, %" PRIu64 "/%" PRIu64 " chunks, %s fetched, pinned%s\n", name,
+                   version, state, done, total, format_size(fetched, size, sizeof(size)),
+                   window_closed ? " (the window ended; run again to resume)" : "");
+            if (window_closed && strcmp(state, "stopped") == 0)
+                return 0;
             if (strcmp(state, "done") != 0) {
                 fprintf(stderr, "imgfsctl precopy: %s\n", error[0] ? error : "the pre-copy did not finish");
                 return 1;
             }
             return 0;
+        }
+        if (deadline && !window_closed && now_seconds() >= deadline) {
+            char stop[512];
+            snprintf(stop, sizeof(stop), "precopy-stop\t%s\t%" PRIu64 "\t%s\n", name, version, list);
+            if (control_command("precopy", argv[1], stop) != 0)
+                return 1;
+            window_closed = true;
         }
         usleep(200 * 1000);
     }
@@ -484,7 +539,7 @@ static int unpin_main(int argc, char **argv)
     char name[65], cmd[512];
     uint64_t version;
     const char *list;
-    int rc = parse_pin_args("unpin", argc, argv, name, &version, &list, NULL);
+    int rc = parse_pin_args("unpin", argc, argv, name, &version, &list, NULL, NULL);
     if (rc)
         return rc;
     snprintf(cmd, sizeof(cmd), "unpin\t%s\t%" PRIu64 "\t%s\n", name, version, list);
@@ -525,8 +580,8 @@ static int trace_main(int argc, char **argv)
 
 static void list_help(FILE *out)
 {
-    fprintf(out, "usage: imgfsctl list publish REPO NAME[@VERSION] LISTNAME FILE\n"
-                 "       imgfsctl list from-files REPO NAME[@VERSION] LISTNAME PATHS\n"
+    fprintf(out, "usage: imgfsctl list publish REPO NAME[@VERSION] LISTNAME FILE [--key KEYFILE]...\n"
+                 "       imgfsctl list from-files REPO NAME[@VERSION] LISTNAME PATHS [--key KEYFILE]...\n"
                  "\n"
                  "publish     stores a prefetch list (from imgfsctl trace stop) in the local\n"
                  "            repository REPO next to the version it belongs to; a list made\n"
@@ -534,7 +589,8 @@ static void list_help(FILE *out)
                  "from-files  makes the list from the paths, inside the base's ext2/3/4\n"
                  "            file system, in PATHS (one path a line, as readahead and preload\n"
                  "            write them) and stores it the same way\n"
-                 "A list named boot is replayed whenever a VM disk on that version opens.\n");
+                 "A list named boot is replayed whenever a VM disk on that version opens.\n"
+                 "--key signs the list (needed by hosts that mount with -o trust=FILE).\n");
 }
 
 /* Opens a local repository and the manifest of NAME[@VERSION] (newest by default). */
@@ -579,7 +635,19 @@ static int open_version(const char *cmd, const char *repo_path, const char *spec
     return 0;
 }
 
-/* Checks list against m and stores it as LISTNAME of that version. */
+/* Appends the signature lines of repo's signers to a malloc'd text. */
+static int sign_malloced_text(struct repo *repo, char **text, size_t *len)
+{
+    size_t cap = *len + repo_signer_count(repo) * SIGN_LINE_LEN + 1;
+    char *grown = realloc(*text, cap);
+    if (!grown)
+        return -ENOMEM;
+    *text = grown;
+    return repo_sign_text(repo, grown, len, cap);
+}
+
+/* Checks list against m and stores it as LISTNAME of that version, signed
+ * by repo's signers. */
 static int store_list(const char *cmd, struct repo *repo, const struct manifest *m, const char *list_name,
                       const struct chunk_list *list)
 {
@@ -600,6 +668,8 @@ static int store_list(const char *cmd, struct repo *repo, const struct manifest 
     }
     if (!rc)
         rc = list_format(list, &text, &len);
+    if (!rc && repo_signer_count(repo))
+        rc = sign_malloced_text(repo, &text, &len);
     if (!rc)
         rc = write_file_atomic(path, text, len);
     free(text);
@@ -618,9 +688,16 @@ static int list_main(int argc, char **argv)
         list_help(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
-    if (argc != 6 || (strcmp(argv[1], "publish") != 0 && strcmp(argv[1], "from-files") != 0))
-        return usage_error("list", "needs publish|from-files REPO NAME[@VERSION] LISTNAME FILE");
+    if (argc < 6 || (argc - 6) % 2 != 0 || (strcmp(argv[1], "publish") != 0 && strcmp(argv[1], "from-files") != 0))
+        return usage_error("list", "needs publish|from-files REPO NAME[@VERSION] LISTNAME FILE [--key KEYFILE]");
     const char *cmd = strcmp(argv[1], "publish") == 0 ? "list publish" : "list from-files";
+    static struct signing_keys keys;
+    for (int i = 6; i < argc; i += 2) {
+        if (strcmp(argv[i], "--key") != 0)
+            return usage_error("list", "unknown option (only --key KEYFILE may follow FILE)");
+        if (add_signing_key(cmd, &keys, argv[i + 1]) != 0)
+            return 1;
+    }
     if (!name_is_valid(argv[4])) {
         fprintf(stderr, "imgfsctl %s: invalid list name '%s'\n", cmd, argv[4]);
         return 1;
@@ -629,6 +706,7 @@ static int list_main(int argc, char **argv)
     struct manifest *m;
     if (open_version(cmd, argv[2], argv[3], &repo, &m) != 0)
         return 1;
+    repo_set_signers(repo, keys.keys, keys.count);
     char *text = NULL, err[512];
     size_t len;
     struct chunk_list *list = NULL;
@@ -637,7 +715,7 @@ static int list_main(int argc, char **argv)
     if (rc) {
         fprintf(stderr, "imgfsctl %s: cannot read %s: %s\n", cmd, argv[5], strerror(-rc));
     } else if (strcmp(argv[1], "publish") == 0) {
-        if (list_parse(text, len, &list, err, sizeof(err)) != 0)
+        if (list_parse(text, sign_body_len(text, len, NULL), &list, err, sizeof(err)) != 0)
             fprintf(stderr, "imgfsctl %s: %s: %s\n", cmd, argv[5], err);
         else
             status = store_list(cmd, repo, m, argv[4], list);
@@ -651,17 +729,156 @@ static int list_main(int argc, char **argv)
     return status;
 }
 
+/* ---- key, sign ----------------------------------------------------------------- */
+
+static void key_help(FILE *out)
+{
+    fprintf(out, "usage: imgfsctl key generate KEYFILE [--comment TEXT]\n"
+                 "\n"
+                 "Makes a new Ed25519 signing key: KEYFILE holds the secret key (mode 0600; an\n"
+                 "existing file is never overwritten) and KEYFILE.pub the public key, one line\n"
+                 "that goes into the trust files of the hosts (-o trust=FILE). A trust file\n"
+                 "may hold several such lines, which is how keys are rotated.\n");
+}
+
+static int key_main(int argc, char **argv)
+{
+    if (argc < 2 || wants_help(argc, argv)) {
+        key_help(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    const char *comment = NULL;
+    if (strcmp(argv[1], "generate") != 0 || !(argc == 3 || (argc == 5 && strcmp(argv[3], "--comment") == 0)))
+        return usage_error("key", "needs generate KEYFILE [--comment TEXT]");
+    if (argc == 5)
+        comment = argv[4];
+    char err[PATH_MAX + 128];
+    if (sign_key_generate(argv[2], comment, err, sizeof(err)) != 0) {
+        fprintf(stderr, "imgfsctl key generate: %s\n", err);
+        return 1;
+    }
+    printf("secret key  %s (keep it off the hosts)\npublic key  %s.pub (add it to the hosts' trust file)\n",
+           argv[2], argv[2]);
+    return 0;
+}
+
+static void sign_help(FILE *out)
+{
+    fprintf(out, "usage: imgfsctl sign REPO --key KEYFILE [--key KEYFILE]...\n"
+                 "\n"
+                 "Signs the local repository REPO: writes the digests record of every version\n"
+                 "that lacks one (reading each chunk back and checking it; no chunk or manifest\n"
+                 "changes, so VMs on existing versions keep working), a new signed index with\n"
+                 "the next sequence number, and signs every prefetch list again. Run it to sign\n"
+                 "an unsigned repository, to re-sign with a new key (rotation: give the old and\n"
+                 "the new key while some hosts trust only the old one), or to re-sign the index\n"
+                 "before hosts' max_index_age runs out.\n");
+}
+
+/* Signs every list of every version of the bases in index again. */
+static int sign_lists(struct repo *repo, const struct repo_index *index, unsigned *count)
+{
+    for (size_t i = 0; i < index->count; i++) {
+        for (uint64_t v = 1; v <= index->entries[i].latest; v++) {
+            char dir[PATH_MAX];
+            if (path_join(dir, sizeof(dir), "%s/bases/%s/%" PRIu64 ".lists", repo_location(repo),
+                          index->entries[i].name, v) != 0)
+                return -ENAMETOOLONG;
+            DIR *d = opendir(dir);
+            if (!d)
+                continue;
+            struct dirent *e;
+            int rc = 0;
+            while (!rc && (e = readdir(d))) {
+                char path[PATH_MAX];
+                char *text;
+                size_t len;
+                if (!name_is_valid(e->d_name) || strstr(e->d_name, ".tmp."))
+                    continue;
+                rc = path_join(path, sizeof(path), "%s/%s", dir, e->d_name);
+                if (!rc && (rc = read_file(path, REPO_MAX_LIST_LEN, &text, &len)) == 0) {
+                    len = sign_body_len(text, len, NULL);
+                    rc = sign_malloced_text(repo, &text, &len);
+                    if (!rc)
+                        rc = write_file_atomic(path, text, len);
+                    free(text);
+                    (*count)++;
+                }
+            }
+            closedir(d);
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+static int sign_main(int argc, char **argv)
+{
+    if (wants_help(argc, argv)) {
+        sign_help(stdout);
+        return 0;
+    }
+    if (argc < 4 || argc % 2 != 0)
+        return usage_error("sign", "needs REPO --key KEYFILE");
+    static struct signing_keys keys;
+    for (int i = 2; i < argc; i += 2) {
+        if (strcmp(argv[i], "--key") != 0)
+            return usage_error("sign", "unknown option");
+        if (add_signing_key("sign", &keys, argv[i + 1]) != 0)
+            return 1;
+    }
+    char err[PATH_MAX + 256];
+    struct repo *repo;
+    if (strstr(argv[1], "://")) {
+        fprintf(stderr, "imgfsctl sign: REPO must be a local repository directory\n");
+        return 1;
+    }
+    if (repo_open(argv[1], &repo, err, sizeof(err)) != 0) {
+        fprintf(stderr, "imgfsctl sign: %s\n", err);
+        return 1;
+    }
+    repo_set_signers(repo, keys.keys, keys.count);
+    struct repo_index index = {0};
+    unsigned lists = 0;
+    int rc = repo_lock_publish(repo);
+    if (rc)
+        snprintf(err, sizeof(err), "cannot lock the repository: %s", strerror(-rc));
+    if (!rc)
+        rc = repo_read_index(repo, &index, err, sizeof(err));
+    if (!rc && (rc = repo_write_index(repo, &index)) != 0)
+        snprintf(err, sizeof(err), "cannot sign the repository: %s (see the messages above)", strerror(-rc));
+    if (!rc && (rc = sign_lists(repo, &index, &lists)) != 0)
+        snprintf(err, sizeof(err), "cannot sign the prefetch lists: %s", strerror(-rc));
+    if (!rc) {
+        uint64_t versions = 0;
+        for (size_t i = 0; i < index.count; i++)
+            versions += index.entries[i].latest;
+        printf("signed %s: %zu bases, %" PRIu64 " versions, %u lists, index sequence %" PRIu64 ", %zu key%s\n",
+               argv[1], index.count, versions, lists, index.seq + 1, keys.count, keys.count == 1 ? "" : "s");
+    } else {
+        fprintf(stderr, "imgfsctl sign: %s\n", err);
+    }
+    repo_index_free(&index);
+    repo_unlock_publish(repo);
+    repo_close(repo);
+    return rc ? 1 : 0;
+}
+
 /* ---- dispatch --------------------------------------------------------------------- */
 
 static const struct subcommand subcommands[] = {
     {"publish", "publish a raw or qcow2 image as a new base version", publish_main, publish_help},
     {"status", "show the status of a mount", status_main, status_help},
-    {"versions", "list the bases of a repository", versions_main, versions_help},
+    {"versions", "list every version of the bases of a repository", versions_main, versions_help},
     {"vm", "create, snapshot, clone, remove, export and import VM disks", vm_main, vm_help},
     {"precopy", "fill the cache with a base version or list, and pin it", precopy_main, precopy_help},
     {"unpin", "release what precopy pinned", unpin_main, unpin_help},
     {"trace", "record the base chunks a VM reads, as a prefetch list", trace_main, trace_help},
     {"list", "publish prefetch lists, or make them from file paths", list_main, list_help},
+    {"key", "generate a signing key pair", key_main, key_help},
+    {"sign", "sign a repository (every version, the index and the lists)", sign_main, sign_help},
+    {"check", "say what is wrong with a mount or a repository on this host", check_main, check_help},
 };
 
 static void main_help(FILE *out)
@@ -685,6 +902,10 @@ int main(int argc, char **argv)
     if (strcmp(argv[1], "--version") == 0) {
         printf("imgfsctl %s\n", IMGFS_VERSION);
         return 0;
+    }
+    if (sign_init() != 0) {
+        fprintf(stderr, "imgfsctl: libsodium cannot be initialised\n");
+        return 1;
     }
     for (size_t i = 0; i < ARRAY_LEN(subcommands); i++)
         if (strcmp(argv[1], subcommands[i].name) == 0)

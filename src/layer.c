@@ -1,228 +1,1611 @@
+/* layer: a log of data blocks indexed by checksummed records.
+ *
+ * NOTES ON THE DESIGN (read with the format in layer.h)
+ *
+ * Invariants:
+ *   I1. Data is only ever appended: a log block, once written, is never
+ *       written again in the same file. So a reader that pinned a file can
+ *       read a location it looked up without further locking.
+ *   I2. Record k+1 is written only after the fdatasync() that followed
+ *       record k returned (flush_serial orders flushes). So when record k+1
+ *       is valid on disk, record k and all the data it names are durable;
+ *       only the data of the last valid record needs its checksums checked
+ *       at open.
+ *   I3. Every entry names data reserved before its record's position was
+ *       reserved: 1 <= loc and loc + count <= next of its record. And a
+ *       flush closes its record with no write under way, so every block
+ *       before a record's next is named by that record or an earlier one.
+ *   I4. A slot in the index goes from NONE to ZERO or DATA, and never back
+ *       to NONE. Index nodes are never freed before layer_close().
+ *   I5. A slot names its file by generation; the file of a generation stays
+ *       open while a slot or a pinned extent names it.
+ *
+ * Transitions:
+ *   write      reserve log blocks (atomic tail), pwrite, then under lock:
+ *              append a pending entry and point the slots at the new data
+ *   punch      under lock: append a zero entry, set the slots to ZERO; then
+ *              flush, and give the log space of data in earlier records
+ *              back to the file system (I2, I3: no replay needs it)
+ *   flush      take the pending entries, reserve continuation blocks and
+ *              the next record's block, write them, fdatasync once
+ *   compact    copy live data into ID.log.new (phase 1, no lock), copy what
+ *              changed meanwhile (phase 1b), then with writers and flushes
+ *              held (phase 2) copy the rest, fdatasync, rename over
+ *              ID.log, and repoint the slots at the new generation
+ *   open       replay records in order; check the last one's data
+ */
 #include "layer.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <linux/ioprio.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include "util.h"
 
-#define MAP_HEADER_LEN 64
-#define MAP_MAGIC "imgfs-layer-map 1\n"
-#define MAP_PAGE 4096u
+#define BS LAYER_BLOCK_SIZE
+#define LOG_MAGIC "imgfs-layer-log 1\n"
+#define RECORD_MAGIC 0x31434572u /* "rEC1" */
+#define RECORD_HEADER 64u
+#define ENTRY_LEN 32u
+#define INLINE_ENTRIES ((BS - RECORD_HEADER) / ENTRY_LEN)
+#define CONT_ENTRIES (BS / ENTRY_LEN)
+#define MAX_RECORD_ENTRIES 4096u           /* a flush is forced beyond this */
+#define MAX_PENDING_BYTES (64ull << 20)     /* and beyond this much data */
+#define KICK_BYTES (1ull << 20)             /* start writeback every 1 MiB */
+#define MAX_ENTRY_BLOCKS (1u << 30)
+#define OLD_MAP_HEADER_LEN 64
+#define OLD_MAP_MAGIC "imgfs-layer-map 1\n"
 
-static int layer_paths(const char *dir, const char *id, char *data, char *map, size_t len)
+/* Index slots: 0 not owned, all ones owned and zero, else generation in the
+ * top 16 bits and the log block (>= 1) below. */
+#define SLOT_NONE 0ull
+#define SLOT_ZERO UINT64_MAX
+#define GEN_LIMIT 0xffffu
+#define SLOT_DATA(gen, loc) (((uint64_t)(gen) << 48) | (loc))
+#define SLOT_GEN(s) ((unsigned)((s) >> 48))
+#define SLOT_LOC(s) ((s) & ((1ull << 48) - 1))
+#define LEAF_BITS 9
+#define LEAF_LEN (1u << LEAF_BITS)
+#define MID_BITS 9
+#define MID_LEN (1u << MID_BITS)
+#define MID_SPAN (1ull << (LEAF_BITS + MID_BITS)) /* blocks under one mid node */
+/* A node pointer: 0 none below, NODE_ZERO all owned and zero, else a node. */
+#define NODE_ZERO ((uintptr_t)1)
+
+enum entry_kind { ENTRY_DATA = 1, ENTRY_ZERO = 2 };
+struct entry {
+    uint64_t block;
+    uint32_t count;
+    uint32_t kind;
+    uint64_t loc;
+    uint64_t sum; /* xxh3-64 of the data */
+};
+
+struct log_file {
+    int fd;
+    unsigned gen;
+    unsigned refs; /* guarded by layer.files_lock */
+};
+
+struct layer {
+    char id[LAYER_ID_LEN + 1];
+    char dir[PATH_MAX];
+    uint64_t size;
+    uint64_t blocks;
+
+    /* The index: top[block / MID_SPAN] -> mid node -> leaf of slots. Written
+     * under lock, read without locks (I4). */
+    _Atomic uintptr_t *top;
+    size_t top_len;
+
+    /* files_lock guards files[] and refs; held briefly, never across I/O. */
+    pthread_mutex_t files_lock;
+    struct log_file *files[4]; /* by generation % 4 */
+    struct log_file *cur;      /* changes only in phase 2 of compaction */
+
+    /* Writers and punches hold swap_lock shared across their I/O; a flush
+     * holds it exclusively while it closes its record (no I/O), phase 2 of
+     * compaction across its I/O. */
+    pthread_rwlock_t swap_lock;
+    /* flush_serial orders flushes (I2) and is held across their I/O; taken
+     * before swap_lock. */
+    pthread_mutex_t flush_serial;
+    /* lock guards the index updates, pending, the record position and the
+     * compaction change list; held briefly, never across I/O. */
+    pthread_mutex_t lock;
+    _Atomic uint64_t tail; /* next free log block */
+    uint64_t record_at;    /* where the next record goes */
+    uint64_t seq;          /* its sequence number */
+    uint64_t file_id;
+    struct entry *pending;
+    size_t npending, pending_cap;
+    uint64_t pending_bytes;
+    struct entry *changed; /* ranges changed while compacting */
+    size_t nchanged, changed_cap;
+    bool tracking;
+    _Atomic int broken; /* a failed fdatasync: the layer refuses further writes */
+
+    _Atomic uint64_t owned;
+    _Atomic uint64_t live; /* blocks with data */
+    _Atomic uint64_t kicked;
+    _Atomic uint64_t last_io_ns;
+
+    /* Compaction: guarded by the module's compact_lock. */
+    struct layer *compact_next;
+    bool compact_queued, compact_stop;
+    _Atomic uint64_t compactions, compact_ns, compact_pause_ns, compact_bytes;
+};
+
+/* ---- system calls, replaceable by tests -------------------------------------- */
+
+static ssize_t real_pwrite(int fd, const void *buf, size_t len, off_t off)
 {
-    int err = path_join(data, len, "%s/%s.data", dir, id);
-    return err ? err : path_join(map, len, "%s/%s.map", dir, id);
+    return pwrite(fd, buf, len, off);
+}
+static int real_fdatasync(int fd)
+{
+    return fdatasync(fd);
+}
+struct layer_syscalls layer_syscalls = {real_pwrite, real_fdatasync};
+
+static int put_at(int fd, const void *buf, size_t len, uint64_t off)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = layer_syscalls.pwrite(fd, p, len, (off_t)off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -EIO;
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
 }
 
-static struct layer *layer_alloc(const char *id, uint64_t size)
+static int sync_fd(int fd)
+{
+    return layer_syscalls.fdatasync(fd) < 0 ? -errno : 0;
+}
+
+/* ---- little-endian fields ------------------------------------------------------- */
+
+static void put64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+static void put32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+static uint64_t get64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+}
+static uint32_t get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* ---- the index ------------------------------------------------------------------ */
+
+static uint64_t slot_get(const struct layer *l, uint64_t block)
+{
+    uintptr_t mid = atomic_load_explicit(&l->top[block / MID_SPAN], memory_order_acquire);
+    if (mid <= NODE_ZERO)
+        return mid == NODE_ZERO ? SLOT_ZERO : SLOT_NONE;
+    _Atomic uintptr_t *m = (_Atomic uintptr_t *)mid;
+    uintptr_t leaf = atomic_load_explicit(&m[(block >> LEAF_BITS) % MID_LEN], memory_order_acquire);
+    if (leaf <= NODE_ZERO)
+        return leaf == NODE_ZERO ? SLOT_ZERO : SLOT_NONE;
+    return atomic_load_explicit(&((_Atomic uint64_t *)leaf)[block % LEAF_LEN], memory_order_acquire);
+}
+
+/* The leaf that holds block, created (and published) if needed. lock held. */
+static _Atomic uint64_t *leaf_for(struct layer *l, uint64_t block)
+{
+    _Atomic uintptr_t *tp = &l->top[block / MID_SPAN];
+    uintptr_t mid = atomic_load_explicit(tp, memory_order_relaxed);
+    if (mid <= NODE_ZERO) {
+        _Atomic uintptr_t *m = malloc(MID_LEN * sizeof(*m));
+        if (!m)
+            return NULL;
+        for (unsigned i = 0; i < MID_LEN; i++)
+            atomic_init(&m[i], mid);
+        atomic_store_explicit(tp, (uintptr_t)m, memory_order_release);
+        mid = (uintptr_t)m;
+    }
+    _Atomic uintptr_t *lp = &((_Atomic uintptr_t *)mid)[(block >> LEAF_BITS) % MID_LEN];
+    uintptr_t leaf = atomic_load_explicit(lp, memory_order_relaxed);
+    if (leaf <= NODE_ZERO) {
+        _Atomic uint64_t *f = malloc(LEAF_LEN * sizeof(*f));
+        if (!f)
+            return NULL;
+        for (unsigned i = 0; i < LEAF_LEN; i++)
+            atomic_init(&f[i], leaf == NODE_ZERO ? SLOT_ZERO : SLOT_NONE);
+        atomic_store_explicit(lp, (uintptr_t)f, memory_order_release);
+        leaf = (uintptr_t)f;
+    }
+    return (_Atomic uint64_t *)leaf;
+}
+
+/* Creates the leaves of [first, first+count) ahead of slot_set(). lock held. */
+static int reserve_leaves(struct layer *l, uint64_t first, uint64_t count)
+{
+    for (uint64_t b = first; b < first + count; b = (b / LEAF_LEN + 1) * LEAF_LEN)
+        if (!leaf_for(l, b))
+            return -ENOMEM;
+    return 0;
+}
+
+/* Sets one slot (its leaf exists) and keeps the counters. lock held. */
+static void slot_set(struct layer *l, uint64_t block, uint64_t value)
+{
+    _Atomic uint64_t *leaf = leaf_for(l, block);
+    uint64_t old = atomic_exchange_explicit(&leaf[block % LEAF_LEN], value, memory_order_release);
+    if (old == SLOT_NONE)
+        atomic_fetch_add(&l->owned, 1);
+    if (old != SLOT_NONE && old != SLOT_ZERO)
+        atomic_fetch_sub(&l->live, 1);
+    if (value != SLOT_ZERO)
+        atomic_fetch_add(&l->live, 1);
+}
+
+/* Makes [first, first+count) owned and zero; whole nodes become NODE_ZERO
+ * without allocating (so discarding a large disk costs nothing). lock held. */
+static int zero_range(struct layer *l, uint64_t first, uint64_t count)
+{
+    uint64_t end = first + count;
+    for (uint64_t b = first; b < end;) {
+        uint64_t mid_start = b / MID_SPAN * MID_SPAN;
+        _Atomic uintptr_t *tp = &l->top[b / MID_SPAN];
+        uintptr_t mid = atomic_load(tp);
+        if (mid == NODE_ZERO) {
+            b = mid_start + MID_SPAN;
+            continue;
+        }
+        if (b == mid_start && end - b >= MID_SPAN && mid == 0) {
+            atomic_store_explicit(tp, NODE_ZERO, memory_order_release);
+            atomic_fetch_add(&l->owned, MID_SPAN);
+            b += MID_SPAN;
+            continue;
+        }
+        if (mid == 0) {
+            if (!leaf_for(l, b)) /* creates the mid node; the leaf is harmless */
+                return -ENOMEM;
+            mid = atomic_load(tp);
+        }
+        _Atomic uintptr_t *lp = &((_Atomic uintptr_t *)mid)[(b >> LEAF_BITS) % MID_LEN];
+        uint64_t leaf_start = b / LEAF_LEN * LEAF_LEN;
+        uintptr_t leaf = atomic_load(lp);
+        if (leaf == NODE_ZERO) {
+            b = leaf_start + LEAF_LEN;
+            continue;
+        }
+        if (b == leaf_start && end - b >= LEAF_LEN && leaf == 0) {
+            atomic_store_explicit(lp, NODE_ZERO, memory_order_release);
+            atomic_fetch_add(&l->owned, LEAF_LEN);
+            b += LEAF_LEN;
+            continue;
+        }
+        if (!leaf_for(l, b))
+            return -ENOMEM;
+        uint64_t stop = leaf_start + LEAF_LEN < end ? leaf_start + LEAF_LEN : end;
+        for (; b < stop; b++)
+            if (slot_get(l, b) != SLOT_ZERO)
+                slot_set(l, b, SLOT_ZERO);
+    }
+    return 0;
+}
+
+static void free_index(struct layer *l)
+{
+    for (size_t t = 0; l->top && t < l->top_len; t++) {
+        uintptr_t mid = atomic_load(&l->top[t]);
+        if (mid <= NODE_ZERO)
+            continue;
+        _Atomic uintptr_t *m = (_Atomic uintptr_t *)mid;
+        for (unsigned i = 0; i < MID_LEN; i++)
+            if (atomic_load(&m[i]) > NODE_ZERO)
+                free((void *)atomic_load(&m[i]));
+        free((void *)m);
+    }
+    free((void *)l->top);
+}
+
+/* The end of the run of blocks from block (below end) whose slots are all
+ * NONE, or all ZERO (kind says which); skips whole nodes. */
+static uint64_t run_end_of(const struct layer *l, uint64_t block, uint64_t end, uint64_t kind)
+{
+    uintptr_t want_node = kind == SLOT_ZERO ? NODE_ZERO : 0;
+    while (block < end) {
+        uintptr_t mid = atomic_load_explicit(&l->top[block / MID_SPAN], memory_order_acquire);
+        if (mid <= NODE_ZERO) {
+            if (mid != want_node)
+                return block;
+            block = (block / MID_SPAN + 1) * MID_SPAN;
+            continue;
+        }
+        uintptr_t leaf =
+            atomic_load_explicit(&((_Atomic uintptr_t *)mid)[(block >> LEAF_BITS) % MID_LEN], memory_order_acquire);
+        if (leaf <= NODE_ZERO) {
+            if (leaf != want_node)
+                return block;
+            block = (block / LEAF_LEN + 1) * LEAF_LEN;
+            continue;
+        }
+        if (atomic_load_explicit(&((_Atomic uint64_t *)leaf)[block % LEAF_LEN], memory_order_acquire) != kind)
+            return block;
+        block++;
+    }
+    return end;
+}
+
+/* ---- files ---------------------------------------------------------------------- */
+
+static struct log_file *file_get(struct layer *l, unsigned gen)
+{
+    pthread_mutex_lock(&l->files_lock);
+    struct log_file *f = l->files[gen % 4];
+    if (f && f->gen == gen)
+        f->refs++;
+    else
+        f = NULL;
+    pthread_mutex_unlock(&l->files_lock);
+    return f;
+}
+
+static void file_put(struct layer *l, struct log_file *f)
+{
+    pthread_mutex_lock(&l->files_lock);
+    bool last = --f->refs == 0;
+    if (last && l->files[f->gen % 4] == f)
+        l->files[f->gen % 4] = NULL;
+    pthread_mutex_unlock(&l->files_lock);
+    if (last) {
+        close(f->fd);
+        free(f);
+    }
+}
+
+/* Installs fd as the file of generation gen, referenced once (by cur). */
+static int file_install(struct layer *l, int fd, unsigned gen, struct log_file **out)
+{
+    struct log_file *f = malloc(sizeof(*f));
+    if (!f)
+        return -ENOMEM;
+    *f = (struct log_file){fd, gen, 1};
+    pthread_mutex_lock(&l->files_lock);
+    struct log_file *stale = l->files[gen % 4];
+    l->files[gen % 4] = f;
+    pthread_mutex_unlock(&l->files_lock);
+    /* A generation four back still pinned by a reader keeps its own
+     * reference; it only loses its place in the table. */
+    (void)stale;
+    *out = f;
+    return 0;
+}
+
+/* ---- records -------------------------------------------------------------------- */
+
+static void encode_entry(uint8_t *p, const struct entry *e)
+{
+    put64(p, e->block);
+    put32(p + 8, e->count);
+    put32(p + 12, e->kind);
+    put64(p + 16, e->loc);
+    put64(p + 24, e->sum);
+}
+
+static void decode_entry(const uint8_t *p, struct entry *e)
+{
+    e->block = get64(p);
+    e->count = get32(p + 8);
+    e->kind = get32(p + 12);
+    e->loc = get64(p + 16);
+    e->sum = get64(p + 24);
+}
+
+static size_t cont_blocks_for(size_t n)
+{
+    return n > INLINE_ENTRIES ? (n - INLINE_ENTRIES + CONT_ENTRIES - 1) / CONT_ENTRIES : 0;
+}
+
+/* Builds a record for entries[0..n): buf holds 1 + cont_blocks_for(n) blocks,
+ * the record block first, its continuation blocks (to be written at cont)
+ * after it. The checksum covers all of them. */
+static void encode_record(uint8_t *buf, const struct entry *entries, size_t n, uint64_t seq, uint64_t file_id,
+                          uint64_t next, uint64_t cont)
+{
+    size_t cb = cont_blocks_for(n);
+    memset(buf, 0, (1 + cb) * BS);
+    put32(buf, RECORD_MAGIC);
+    put32(buf + 4, (uint32_t)n);
+    put64(buf + 8, seq);
+    put64(buf + 16, file_id);
+    put64(buf + 24, next);
+    put64(buf + 32, cont);
+    put32(buf + 40, (uint32_t)cb);
+    for (size_t i = 0; i < n; i++) {
+        uint8_t *p = i < INLINE_ENTRIES ? buf + RECORD_HEADER + i * ENTRY_LEN
+                                        : buf + BS + (i - INLINE_ENTRIES) * ENTRY_LEN;
+        encode_entry(p, &entries[i]);
+    }
+    put64(buf + 48, XXH3_64bits(buf, (1 + cb) * BS));
+}
+
+/* Writes a record at record_at (continuation blocks at cont). */
+static int write_record(int fd, const struct entry *entries, size_t n, uint64_t seq, uint64_t file_id,
+                        uint64_t record_at, uint64_t next, uint64_t cont)
+{
+    size_t cb = cont_blocks_for(n);
+    uint8_t *buf = malloc((1 + cb) * BS);
+    if (!buf)
+        return -ENOMEM;
+    encode_record(buf, entries, n, seq, file_id, next, cont);
+    int rc = cb ? put_at(fd, buf + BS, cb * BS, cont * BS) : 0;
+    if (!rc)
+        rc = put_at(fd, buf, BS, record_at * BS);
+    free(buf);
+    return rc;
+}
+
+static int append_entry(struct entry **arr, size_t *n, size_t *cap, const struct entry *e)
+{
+    if (*n == *cap) {
+        size_t grown = *cap ? *cap * 2 : 64;
+        struct entry *p = realloc(*arr, grown * sizeof(*p));
+        if (!p)
+            return -ENOMEM;
+        *arr = p;
+        *cap = grown;
+    }
+    (*arr)[(*n)++] = *e;
+    return 0;
+}
+
+/* ---- the header ----------------------------------------------------------------- */
+
+static void encode_header(uint8_t *buf, uint64_t size, uint64_t file_id)
+{
+    memset(buf, 0, BS);
+    memcpy(buf, LOG_MAGIC, strlen(LOG_MAGIC));
+    put64(buf + 24, size);
+    put64(buf + 32, file_id);
+    put64(buf + 40, XXH3_64bits(buf, 40));
+}
+
+static uint64_t random_u64(void)
+{
+    uint64_t v = 0;
+    while (getrandom(&v, sizeof(v), 0) != (ssize_t)sizeof(v) || v == 0)
+        ;
+    return v;
+}
+
+/* ---- a new log file written front to back (conversion, compaction) ------------ */
+
+struct builder {
+    int fd;
+    uint64_t file_id;
+    uint64_t record_at, next, seq;
+    struct entry *batch; /* entries of the record being built */
+    size_t nbatch, batch_cap;
+    uint64_t batch_bytes;
+    struct entry *all; /* every entry, in order, when keep_all */
+    size_t nall, all_cap;
+    bool keep_all;
+};
+
+static int builder_start(struct builder *b, int fd, uint64_t size, bool keep_all)
+{
+    *b = (struct builder){.fd = fd, .file_id = random_u64(), .record_at = 1, .next = 2, .seq = 1,
+                          .keep_all = keep_all};
+    uint8_t header[BS];
+    encode_header(header, size, b->file_id);
+    return put_at(fd, header, BS, 0);
+}
+
+static int builder_close_record(struct builder *b)
+{
+    if (b->nbatch == 0)
+        return 0;
+    uint64_t cont = b->next;
+    uint64_t next = cont + cont_blocks_for(b->nbatch);
+    int rc = write_record(b->fd, b->batch, b->nbatch, b->seq, b->file_id, b->record_at, next, cont);
+    if (rc)
+        return rc;
+    b->record_at = next;
+    b->next = next + 1;
+    b->seq++;
+    b->nbatch = 0;
+    b->batch_bytes = 0;
+    return 0;
+}
+
+static int builder_add(struct builder *b, const struct entry *e, const void *data, size_t len)
+{
+    struct entry copy = *e;
+    if (e->kind == ENTRY_DATA) {
+        copy.loc = b->next;
+        copy.sum = XXH3_64bits(data, len);
+        int rc = put_at(b->fd, data, len, b->next * BS);
+        if (rc)
+            return rc;
+        b->next += e->count;
+        b->batch_bytes += len;
+    }
+    int rc = append_entry(&b->batch, &b->nbatch, &b->batch_cap, &copy);
+    if (!rc && b->keep_all)
+        rc = append_entry(&b->all, &b->nall, &b->all_cap, &copy);
+    if (!rc && (b->nbatch >= MAX_RECORD_ENTRIES || b->batch_bytes >= MAX_PENDING_BYTES))
+        rc = builder_close_record(b);
+    return rc;
+}
+
+static void builder_free(struct builder *b)
+{
+    free(b->batch);
+    free(b->all);
+}
+
+/* ---- paths ---------------------------------------------------------------------- */
+
+enum layer_file_kind { PATH_LOG, PATH_NEW, PATH_TMP, PATH_OLD_DATA, PATH_OLD_MAP };
+static int layer_path(const char *dir, const char *id, enum layer_file_kind kind, char *out)
+{
+    static const char *const suffix[] = {".log", ".log.new", ".log.tmp", ".data", ".map"};
+    return path_join(out, PATH_MAX, "%s/%s%s", dir, id, suffix[kind]);
+}
+
+/* ---- opening and closing -------------------------------------------------------- */
+
+static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
 {
     struct layer *l = calloc(1, sizeof(*l));
     if (!l)
         return NULL;
     snprintf(l->id, sizeof(l->id), "%s", id);
-    l->data_fd = l->map_fd = -1;
+    snprintf(l->dir, sizeof(l->dir), "%s", dir);
     l->size = size;
-    l->blocks = (size + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE;
-    size_t words = (size_t)((l->blocks + 63) / 64);
-    l->map_pages = (words * 8 + MAP_PAGE - 1) / MAP_PAGE;
-    /* Whole pages, so that map writes never read past the array. */
-    l->bits = calloc(l->map_pages * MAP_PAGE / 8 + 1, sizeof(uint64_t));
-    l->dirty = calloc(l->map_pages + 1, 1);
-    pthread_mutex_init(&l->flush_lock, NULL);
+    l->blocks = (size + BS - 1) / BS;
+    l->top_len = (size_t)((l->blocks + MID_SPAN - 1) / MID_SPAN) + 1;
+    l->top = calloc(l->top_len, sizeof(*l->top));
+    pthread_mutex_init(&l->files_lock, NULL);
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    /* A flush or a compaction waits for the writes under way, not for all
+     * that would follow them. */
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&l->swap_lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
     pthread_mutex_init(&l->flush_serial, NULL);
-    if (!l->bits || !l->dirty) {
-        layer_close(l);
+    pthread_mutex_init(&l->lock, NULL);
+    if (!l->top) {
+        free(l);
         return NULL;
     }
     return l;
 }
 
+static void compact_cancel(struct layer *l);
+
 void layer_close(struct layer *l)
 {
     if (!l)
         return;
-    if (l->data_fd >= 0)
-        close(l->data_fd);
-    if (l->map_fd >= 0)
-        close(l->map_fd);
-    pthread_mutex_destroy(&l->flush_lock);
+    compact_cancel(l);
+    if (l->cur)
+        file_put(l, l->cur);
+    for (int i = 0; i < 4; i++)
+        if (l->files[i]) { /* a reader that never released its extent: a bug */
+            log_error("layer %s: closed with a pinned extent", l->id);
+            close(l->files[i]->fd);
+            free(l->files[i]);
+        }
+    free_index(l);
+    free(l->pending);
+    free(l->changed);
+    pthread_mutex_destroy(&l->files_lock);
+    pthread_rwlock_destroy(&l->swap_lock);
     pthread_mutex_destroy(&l->flush_serial);
-    free(l->bits);
-    free(l->dirty);
+    pthread_mutex_destroy(&l->lock);
     free(l);
+}
+
+static void new_id(char id[LAYER_ID_LEN + 1])
+{
+    uint64_t v = random_u64();
+    snprintf(id, LAYER_ID_LEN + 1, "%016" PRIx64, v);
 }
 
 int layer_create(const char *dir, uint64_t size, struct layer **out)
 {
-    uint8_t raw[LAYER_ID_LEN / 2];
-    if (getrandom(raw, sizeof(raw), 0) != (ssize_t)sizeof(raw))
-        return -EIO;
-    char id[LAYER_ID_LEN + 1];
-    for (size_t i = 0; i < sizeof(raw); i++)
-        snprintf(id + 2 * i, 3, "%02x", raw[i]);
-    struct layer *l = layer_alloc(id, size);
+    char id[LAYER_ID_LEN + 1], path[PATH_MAX];
+    new_id(id);
+    struct layer *l = layer_alloc(dir, id, size);
     if (!l)
         return -ENOMEM;
-    char data[PATH_MAX], map[PATH_MAX];
-    int err = layer_paths(dir, id, data, map, sizeof(data));
-    if (err)
-        goto fail;
-    l->data_fd = open(data, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    l->map_fd = l->data_fd < 0 ? -1 : open(map, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (l->data_fd < 0 || l->map_fd < 0) {
+    int err = layer_path(dir, id, PATH_LOG, path);
+    int fd = err ? -1 : open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (!err && fd < 0)
         err = -errno;
-        goto fail;
-    }
-    char header[MAP_HEADER_LEN] = {0};
-    snprintf(header, sizeof(header), MAP_MAGIC "%" PRIu64 "\n", size);
-    off_t map_len = MAP_HEADER_LEN + (off_t)l->map_pages * MAP_PAGE;
-    if (ftruncate(l->data_fd, (off_t)size) < 0 || posix_fallocate(l->map_fd, 0, map_len) != 0) {
-        err = errno ? -errno : -ENOSPC;
-        goto fail;
-    }
-    err = write_full_at(l->map_fd, header, sizeof(header), 0);
-    if (!err && (fsync(l->data_fd) < 0 || fsync(l->map_fd) < 0))
-        err = -errno;
+    l->file_id = random_u64();
+    uint8_t header[BS];
+    encode_header(header, size, l->file_id);
+    if (!err)
+        err = put_at(fd, header, BS, 0);
+    if (!err)
+        err = sync_fd(fd);
     if (!err)
         err = fsync_dir(dir);
-    if (err)
-        goto fail;
+    if (!err)
+        err = file_install(l, fd, 0, &l->cur);
+    if (err) {
+        if (fd >= 0)
+            close(fd);
+        layer_close(l);
+        layer_remove(dir, id);
+        return err;
+    }
+    l->record_at = 1;
+    l->seq = 1;
+    atomic_store(&l->tail, 2);
+    atomic_store(&l->kicked, 2);
     *out = l;
     return 0;
-fail:
-    layer_close(l);
-    layer_remove(dir, id);
-    return err ? err : -EIO;
 }
+
+/* Applies one entry of a replayed record. */
+static int apply_entry(struct layer *l, const struct entry *e, unsigned gen)
+{
+    if (e->kind == ENTRY_ZERO)
+        return zero_range(l, e->block, e->count);
+    int rc = reserve_leaves(l, e->block, e->count);
+    for (uint32_t i = 0; i < e->count && !rc; i++)
+        slot_set(l, e->block + i, SLOT_DATA(gen, e->loc + i));
+    return rc;
+}
+
+static size_t entry_bytes(const struct layer *l, const struct entry *e)
+{
+    uint64_t end = (e->block + e->count) * BS < l->size ? (e->block + e->count) * BS : l->size;
+    return (size_t)(end - e->block * BS);
+}
+
+/* Reads the record at at: 1 when valid (entries in *out, malloc'd), 0 when
+ * not a valid record of this file (the end of the log), or an error. */
+static int read_record(const struct layer *l, int fd, uint64_t at, uint64_t seq, struct entry **out, size_t *nout,
+                       uint64_t *next)
+{
+    uint8_t head[BS];
+    int rc = read_full_at(fd, head, BS, (off_t)(at * BS));
+    if (rc == -ENODATA)
+        return 0;
+    if (rc)
+        return rc;
+    uint32_t n = get32(head + 4);
+    uint64_t cont = get64(head + 32);
+    uint32_t cb = get32(head + 40);
+    *next = get64(head + 24);
+    if (get32(head) != RECORD_MAGIC || get64(head + 8) != seq || get64(head + 16) != l->file_id ||
+        n > MAX_RECORD_ENTRIES || cb != cont_blocks_for(n) || *next <= at || (cb && (cont <= at || cont + cb > *next)))
+        return 0;
+    uint8_t *buf = malloc((1 + (size_t)cb) * BS);
+    struct entry *entries = malloc((n ? n : 1) * sizeof(*entries));
+    if (!buf || !entries) {
+        free(buf);
+        free(entries);
+        return -ENOMEM;
+    }
+    memcpy(buf, head, BS);
+    rc = cb ? read_full_at(fd, buf + BS, (size_t)cb * BS, (off_t)(cont * BS)) : 0;
+    int valid = 0;
+    if (rc == 0) {
+        uint64_t want = get64(buf + 48);
+        put64(buf + 48, 0);
+        valid = XXH3_64bits(buf, (1 + (size_t)cb) * BS) == want;
+    }
+    for (uint32_t i = 0; valid && i < n; i++) {
+        const uint8_t *p = i < INLINE_ENTRIES ? buf + RECORD_HEADER + i * ENTRY_LEN
+                                              : buf + BS + (i - INLINE_ENTRIES) * ENTRY_LEN;
+        decode_entry(p, &entries[i]);
+        const struct entry *e = &entries[i];
+        /* I3, and the disk's bounds: a record that breaks them is not ours. */
+        valid = e->count > 0 && e->block < l->blocks && e->count <= l->blocks - e->block &&
+                (e->kind == ENTRY_ZERO || (e->kind == ENTRY_DATA && e->loc >= 1 && e->loc + e->count <= *next));
+    }
+    free(buf);
+    if (rc == -ENODATA || !valid) {
+        free(entries);
+        return 0;
+    }
+    if (rc) {
+        free(entries);
+        return rc;
+    }
+    *out = entries;
+    *nout = n;
+    return 1;
+}
+
+/* True when the data of every entry matches its checksum. */
+static int data_matches(const struct layer *l, int fd, const struct entry *entries, size_t n)
+{
+    char *buf = NULL;
+    size_t cap = 0;
+    int rc = 1;
+    for (size_t i = 0; i < n && rc == 1; i++) {
+        if (entries[i].kind != ENTRY_DATA)
+            continue;
+        size_t len = entry_bytes(l, &entries[i]);
+        if (len > cap) {
+            char *p = realloc(buf, len);
+            if (!p) {
+                rc = -ENOMEM;
+                break;
+            }
+            buf = p;
+            cap = len;
+        }
+        int err = read_full_at(fd, buf, len, (off_t)(entries[i].loc * BS));
+        if (err && err != -ENODATA)
+            rc = err;
+        else if (err || XXH3_64bits(buf, len) != entries[i].sum)
+            rc = 0;
+    }
+    free(buf);
+    return rc;
+}
+
+/* Replays the records of the open log file cur into the index. */
+static int replay(struct layer *l, int fd)
+{
+    uint64_t at = 1, seq = 1, held_at = 0, held_next = 0;
+    struct entry *held = NULL;
+    size_t nheld = 0;
+    int rc;
+    for (;;) {
+        struct entry *entries = NULL;
+        size_t n = 0;
+        uint64_t next = 0;
+        rc = read_record(l, fd, at, seq, &entries, &n, &next);
+        if (rc <= 0)
+            break;
+        /* A valid record after it: the held one is durable (I2). */
+        for (size_t i = 0; i < nheld && rc > 0; i++)
+            rc = apply_entry(l, &held[i], 0) ? -ENOMEM : 1;
+        free(held);
+        held = entries;
+        nheld = n;
+        held_at = at;
+        held_next = next;
+        at = next;
+        seq++;
+        if (rc < 0)
+            break;
+    }
+    if (rc < 0) {
+        free(held);
+        return rc;
+    }
+    l->record_at = at;
+    l->seq = seq;
+    if (held) {
+        rc = data_matches(l, fd, held, nheld);
+        if (rc == 1) {
+            for (size_t i = 0; i < nheld && rc >= 0; i++)
+                rc = apply_entry(l, &held[i], 0);
+            l->record_at = held_next;
+        } else if (rc == 0) {
+            /* Torn before its flush returned: its writes were never promised. */
+            log_warn("layer %s: the last record (%" PRIu64 ") names data that did not reach the disk; dropped",
+                     l->id, seq - 1);
+            l->record_at = held_at;
+            l->seq = seq - 1;
+        }
+        free(held);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Converts a layer of the old format (ID.data + ID.map bitmap) to a log. */
+static int convert_old(const char *dir, const char *id, uint64_t size)
+{
+    char data_path[PATH_MAX], map_path[PATH_MAX], tmp_path[PATH_MAX], log_path[PATH_MAX];
+    int rc = layer_path(dir, id, PATH_OLD_DATA, data_path);
+    if (!rc)
+        rc = layer_path(dir, id, PATH_OLD_MAP, map_path);
+    if (!rc)
+        rc = layer_path(dir, id, PATH_TMP, tmp_path);
+    if (!rc)
+        rc = layer_path(dir, id, PATH_LOG, log_path);
+    if (rc)
+        return rc;
+    uint64_t blocks = (size + BS - 1) / BS;
+    int data_fd = open(data_path, O_RDONLY | O_CLOEXEC);
+    FILE *map = fopen(map_path, "rbe");
+    uint8_t *bits = calloc((size_t)(blocks + 7) / 8 + 1, 1);
+    int out = -1;
+    if (data_fd < 0 || !map || !bits) {
+        rc = !bits ? -ENOMEM : -errno;
+        goto done;
+    }
+    char header[OLD_MAP_HEADER_LEN], want[OLD_MAP_HEADER_LEN] = {0};
+    snprintf(want, sizeof(want), OLD_MAP_MAGIC "%" PRIu64 "\n", size);
+    if (fread(header, 1, sizeof(header), map) != sizeof(header) || memcmp(header, want, sizeof(want)) != 0 ||
+        fread(bits, 1, (size_t)(blocks + 7) / 8, map) != (size_t)(blocks + 7) / 8) {
+        rc = -EBADMSG;
+        goto done;
+    }
+    out = open(tmp_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (out < 0) {
+        rc = -errno;
+        goto done;
+    }
+    struct builder b;
+    rc = builder_start(&b, out, size, false);
+    char *piece = rc ? NULL : malloc(1u << 20);
+    if (!rc && !piece)
+        rc = -ENOMEM;
+#define OWNED(x) ((bits[(x) / 8] >> ((x) % 8)) & 1)
+    for (uint64_t blk = 0; blk < blocks && !rc;) {
+        if (!OWNED(blk)) {
+            blk++;
+            continue;
+        }
+        uint64_t end = blk;
+        while (end < blocks && OWNED(end) && end - blk < 256)
+            end++;
+        /* In the old format a hole inside an owned block reads as zeros. */
+        off_t d = lseek(data_fd, (off_t)(blk * BS), SEEK_DATA);
+        bool is_data = d == (off_t)(blk * BS);
+        uint64_t edge = is_data ? (uint64_t)lseek(data_fd, (off_t)(blk * BS), SEEK_HOLE)
+                                : (d < 0 ? UINT64_MAX : (uint64_t)d);
+        uint64_t edge_block = is_data ? (edge + BS - 1) / BS : edge / BS;
+        if (edge_block > blk && edge_block < end)
+            end = edge_block;
+        struct entry e = {.block = blk, .count = (uint32_t)(end - blk), .kind = is_data ? ENTRY_DATA : ENTRY_ZERO};
+        size_t len = (size_t)((end * BS < size ? end * BS : size) - blk * BS);
+        if (is_data && (rc = read_full_at(data_fd, piece, len, (off_t)(blk * BS))) == -ENODATA)
+            rc = -EBADMSG; /* the old data file always has the disk's size */
+        if (!rc)
+            rc = builder_add(&b, &e, piece, len);
+        blk = end;
+    }
+#undef OWNED
+    if (!rc)
+        rc = builder_close_record(&b);
+    if (!rc)
+        rc = sync_fd(out);
+    if (!rc && rename(tmp_path, log_path) < 0)
+        rc = -errno;
+    if (!rc)
+        rc = fsync_dir(dir);
+    if (!rc && (unlink(data_path) < 0 || unlink(map_path) < 0))
+        rc = -errno;
+    if (!rc)
+        rc = fsync_dir(dir);
+    free(piece);
+    builder_free(&b);
+    if (rc)
+        unlink(tmp_path);
+    else
+        log_info("layer %s: converted to the log format", id);
+done:
+    if (out >= 0)
+        close(out);
+    if (data_fd >= 0)
+        close(data_fd);
+    if (map)
+        fclose(map);
+    free(bits);
+    return rc;
+}
+
+static void maybe_compact(struct layer *l);
 
 int layer_open(const char *dir, const char *id, uint64_t size, struct layer **out)
 {
-    struct layer *l = layer_alloc(id, size);
-    if (!l)
-        return -ENOMEM;
-    char data[PATH_MAX], map[PATH_MAX];
-    int err = layer_paths(dir, id, data, map, sizeof(data));
-    if (err)
-        goto fail;
-    l->data_fd = open(data, O_RDWR | O_CLOEXEC);
-    l->map_fd = l->data_fd < 0 ? -1 : open(map, O_RDWR | O_CLOEXEC);
-    if (l->data_fd < 0 || l->map_fd < 0) {
-        err = -errno;
-        goto fail;
+    char log_path[PATH_MAX], path[PATH_MAX];
+    int rc = layer_path(dir, id, PATH_LOG, log_path);
+    if (rc)
+        return rc;
+    /* Leftovers of a compaction or a conversion that did not finish. */
+    if (layer_path(dir, id, PATH_NEW, path) == 0)
+        unlink(path);
+    if (layer_path(dir, id, PATH_TMP, path) == 0)
+        unlink(path);
+    int fd = open(log_path, O_RDWR | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT && layer_path(dir, id, PATH_OLD_MAP, path) == 0 && access(path, F_OK) == 0) {
+        if ((rc = convert_old(dir, id, size)) != 0)
+            return rc;
+        fd = open(log_path, O_RDWR | O_CLOEXEC);
     }
-    char header[MAP_HEADER_LEN], want[MAP_HEADER_LEN] = {0};
-    snprintf(want, sizeof(want), MAP_MAGIC "%" PRIu64 "\n", size);
-    err = read_full_at(l->map_fd, header, sizeof(header), 0);
-    if (!err && memcmp(header, want, sizeof(want)) != 0)
-        err = -EBADMSG;
-    if (!err)
-        err = read_full_at(l->map_fd, (void *)l->bits, l->map_pages * MAP_PAGE, MAP_HEADER_LEN);
-    if (err == -ENODATA)
-        err = -EBADMSG;
-    if (err)
-        goto fail;
-    /* Bits past the end of the disk are meaningless: clear them. */
-    for (uint64_t b = l->blocks; b < (uint64_t)l->map_pages * MAP_PAGE * 8; b++)
-        l->bits[b / 64] &= ~(1ull << (b % 64));
-    uint64_t owned = 0;
-    for (size_t w = 0; w < (l->blocks + 63) / 64; w++)
-        owned += (uint64_t)__builtin_popcountll(l->bits[w]);
-    atomic_store(&l->owned_blocks, owned);
+    if (fd < 0)
+        return -errno;
+    /* A conversion that renamed its log but did not remove the old files. */
+    bool stale = false;
+    for (enum layer_file_kind k = PATH_OLD_DATA; k <= PATH_OLD_MAP; k++)
+        if (layer_path(dir, id, k, path) == 0 && unlink(path) == 0)
+            stale = true;
+    if (stale)
+        fsync_dir(dir);
+    struct layer *l = layer_alloc(dir, id, size);
+    if (!l) {
+        close(fd);
+        return -ENOMEM;
+    }
+    uint8_t header[BS], want[BS];
+    rc = read_full_at(fd, header, BS, 0);
+    l->file_id = rc ? 0 : get64(header + 32);
+    encode_header(want, size, l->file_id);
+    if (rc == -ENODATA || (!rc && memcmp(header, want, 64) != 0))
+        rc = -EBADMSG;
+    if (!rc)
+        rc = file_install(l, fd, 0, &l->cur);
+    else
+        close(fd);
+    if (!rc)
+        rc = replay(l, fd);
+    struct stat st;
+    if (!rc && fstat(fd, &st) < 0)
+        rc = -errno;
+    /* Cut what follows the last record: nothing stale is read again. */
+    if (!rc && (uint64_t)st.st_size > l->record_at * BS) {
+        if (ftruncate(fd, (off_t)(l->record_at * BS)) < 0)
+            rc = -errno;
+        else
+            rc = sync_fd(fd);
+    }
+    if (rc) {
+        layer_close(l);
+        return rc;
+    }
+    atomic_store(&l->tail, l->record_at + 1);
+    atomic_store(&l->kicked, l->record_at + 1);
+    maybe_compact(l);
     *out = l;
     return 0;
-fail:
-    layer_close(l);
-    return err;
 }
 
 int layer_remove(const char *dir, const char *id)
 {
-    char data[PATH_MAX], map[PATH_MAX];
-    int err = layer_paths(dir, id, data, map, sizeof(data));
-    if (err)
-        return err;
-    if (unlink(data) < 0 && errno != ENOENT)
-        err = -errno;
-    if (unlink(map) < 0 && errno != ENOENT && !err)
-        err = -errno;
+    int err = 0;
+    for (enum layer_file_kind k = PATH_LOG; k <= PATH_OLD_MAP; k++) {
+        char path[PATH_MAX];
+        int rc = layer_path(dir, id, k, path);
+        if (!rc && unlink(path) < 0 && errno != ENOENT)
+            rc = -errno;
+        if (rc && !err)
+            err = rc;
+    }
     return err;
 }
 
-void layer_mark_owned(struct layer *l, uint64_t first, uint64_t count)
+/* ---- queries -------------------------------------------------------------------- */
+
+const char *layer_id(const struct layer *l)
 {
-    pthread_mutex_lock(&l->flush_lock);
-    for (uint64_t b = first; b < first + count && b < l->blocks; b++) {
-        uint64_t mask = 1ull << (b % 64);
-        uint64_t old = atomic_fetch_or_explicit(&l->bits[b / 64], mask, memory_order_release);
-        if (!(old & mask)) {
-            atomic_fetch_add(&l->owned_blocks, 1);
-            l->dirty[b / (MAP_PAGE * 8)] = 1;
-        }
-    }
-    pthread_mutex_unlock(&l->flush_lock);
+    return l->id;
 }
 
-int layer_flush(struct layer *l)
+uint64_t layer_size(const struct layer *l)
 {
-    /* One flush at a time: an older snapshot of a map page must never be
-     * written over a newer one. */
-    pthread_mutex_lock(&l->flush_serial);
-    /* Snapshot the dirty map pages first, then make the data durable, then
-     * write the snapshot: a bit set after the snapshot waits for the next
-     * flush, so no bit reaches the map before its data. */
-    pthread_mutex_lock(&l->flush_lock);
-    size_t count = 0;
-    for (size_t p = 0; p < l->map_pages; p++)
-        count += l->dirty[p];
-    size_t *pages = count ? malloc(count * sizeof(*pages)) : NULL;
-    uint64_t *copy = count ? malloc(count * MAP_PAGE) : NULL;
-    if (count && (!pages || !copy)) {
-        pthread_mutex_unlock(&l->flush_lock);
-        pthread_mutex_unlock(&l->flush_serial);
-        free(pages);
-        free(copy);
-        return -ENOMEM;
-    }
-    for (size_t p = 0, i = 0; p < l->map_pages; p++) {
-        if (!l->dirty[p])
-            continue;
-        pages[i] = p;
-        for (size_t w = 0; w < MAP_PAGE / 8; w++)
-            copy[i * (MAP_PAGE / 8) + w] = atomic_load(&l->bits[p * (MAP_PAGE / 8) + w]);
-        l->dirty[p] = 0;
-        i++;
-    }
-    pthread_mutex_unlock(&l->flush_lock);
+    return l->size;
+}
 
-    int err = fdatasync(l->data_fd) < 0 ? -errno : 0;
-    for (size_t i = 0; i < count && !err; i++)
-        err = write_full_at(l->map_fd, copy + i * (MAP_PAGE / 8), MAP_PAGE,
-                            MAP_HEADER_LEN + (off_t)pages[i] * MAP_PAGE);
-    if (!err && count && fdatasync(l->map_fd) < 0)
-        err = -errno;
-    if (err) {
-        pthread_mutex_lock(&l->flush_lock);
-        for (size_t i = 0; i < count; i++)
-            l->dirty[pages[i]] = 1;
-        pthread_mutex_unlock(&l->flush_lock);
-    }
-    pthread_mutex_unlock(&l->flush_serial);
-    free(pages);
-    free(copy);
-    return err;
+bool layer_owns(const struct layer *l, uint64_t block)
+{
+    return block < l->blocks && slot_get(l, block) != SLOT_NONE;
+}
+
+uint64_t layer_owned_blocks(const struct layer *l)
+{
+    return atomic_load(&l->owned);
 }
 
 uint64_t layer_allocated_bytes(const struct layer *l)
 {
     struct stat st;
-    return fstat(l->data_fd, &st) == 0 ? (uint64_t)st.st_blocks * 512 : 0;
+    pthread_mutex_lock((pthread_mutex_t *)&l->lock); /* cur changes under it */
+    int rc = fstat(l->cur->fd, &st);
+    pthread_mutex_unlock((pthread_mutex_t *)&l->lock);
+    return rc == 0 ? (uint64_t)st.st_blocks * 512 : 0;
+}
+
+void layer_stats(const struct layer *l, struct layer_stats *out)
+{
+    uint64_t tail = atomic_load(&l->tail);
+    out->owned_blocks = atomic_load(&l->owned);
+    out->data_blocks = atomic_load(&l->live);
+    out->log_blocks = tail > 1 ? tail - 1 : 0;
+    out->compactions = atomic_load(&l->compactions);
+    out->compact_ns = atomic_load(&l->compact_ns);
+    out->compact_pause_ns = atomic_load(&l->compact_pause_ns);
+    out->compact_bytes = atomic_load(&l->compact_bytes);
+}
+
+int layer_extent_at(struct layer *l, uint64_t off, uint64_t max_len, struct layer_extent *out)
+{
+    *out = (struct layer_extent){.kind = LAYER_EXTENT_UNOWNED, .fd = -1};
+    if (off >= l->size || max_len == 0)
+        return -EINVAL;
+    uint64_t end = max_len < l->size - off ? off + max_len : l->size;
+    uint64_t block = off / BS, end_block = (end + BS - 1) / BS, run_end;
+    for (;;) {
+        uint64_t s = slot_get(l, block);
+        if (s == SLOT_NONE || s == SLOT_ZERO) {
+            out->kind = s == SLOT_NONE ? LAYER_EXTENT_UNOWNED : LAYER_EXTENT_ZERO;
+            run_end = run_end_of(l, block + 1, end_block, s);
+            break;
+        }
+        struct log_file *f = file_get(l, SLOT_GEN(s));
+        if (!f)
+            continue; /* a compaction just moved the block: look again */
+        run_end = block + 1;
+        while (run_end < end_block && slot_get(l, run_end) == s + (run_end - block))
+            run_end++;
+        out->kind = LAYER_EXTENT_DATA;
+        out->fd = f->fd;
+        out->pos = SLOT_LOC(s) * BS + off % BS;
+        out->pin = f;
+        break;
+    }
+    out->len = (run_end * BS < end ? run_end * BS : end) - off;
+    return 0;
+}
+
+void layer_extent_release(struct layer *l, struct layer_extent *e)
+{
+    if (e->pin)
+        file_put(l, e->pin);
+    e->pin = NULL;
+    e->fd = -1;
+}
+
+int layer_read(struct layer *l, void *buf, size_t len, uint64_t off)
+{
+    if (off > l->size || len > l->size - off)
+        return -EINVAL;
+    char *p = buf;
+    while (len > 0) {
+        struct layer_extent e;
+        int rc = layer_extent_at(l, off, len, &e);
+        if (rc)
+            return rc;
+        if (e.kind == LAYER_EXTENT_DATA)
+            rc = read_full_at(e.fd, p, (size_t)e.len, (off_t)e.pos);
+        else if (e.kind == LAYER_EXTENT_ZERO)
+            memset(p, 0, (size_t)e.len);
+        else
+            rc = -EINVAL;
+        layer_extent_release(l, &e);
+        if (rc)
+            return rc == -ENODATA ? -EIO : rc;
+        p += e.len;
+        off += e.len;
+        len -= (size_t)e.len;
+    }
+    return 0;
+}
+
+/* ---- writing -------------------------------------------------------------------- */
+
+/* Starts writeback of what was appended since the last kick, so that data
+ * does not wait in the page cache for the next flush. */
+static void kick_writeback(struct layer *l, int fd, uint64_t upto)
+{
+    uint64_t from = atomic_load(&l->kicked);
+    if (upto <= from || (upto - from) * BS < KICK_BYTES)
+        return;
+    if (atomic_compare_exchange_strong(&l->kicked, &from, upto))
+        sync_file_range(fd, (off_t)(from * BS), (off_t)((upto - from) * BS), SYNC_FILE_RANGE_WRITE);
+}
+
+/* Notes a changed range for a compaction under way. lock held. */
+static int note_changed(struct layer *l, uint64_t first, uint64_t count)
+{
+    if (!l->tracking)
+        return 0;
+    struct entry e = {.block = first, .count = (uint32_t)count};
+    return append_entry(&l->changed, &l->nchanged, &l->changed_cap, &e);
+}
+
+int layer_write(struct layer *l, const void *buf, size_t len, uint64_t off)
+{
+    if (off % BS || off > l->size || len > l->size - off || len == 0 || (len % BS && off + len != l->size))
+        return -EINVAL;
+    uint64_t block = off / BS;
+    uint64_t count = (len + BS - 1) / BS;
+    if (count > MAX_ENTRY_BLOCKS)
+        return -EINVAL;
+    pthread_rwlock_rdlock(&l->swap_lock);
+    struct log_file *f = l->cur;
+    uint64_t loc = atomic_fetch_add(&l->tail, count);
+    int rc = l->broken ? -EIO : put_at(f->fd, buf, len, loc * BS);
+    struct entry e = {block, (uint32_t)count, ENTRY_DATA, loc, rc ? 0 : XXH3_64bits(buf, len)};
+    bool flush_now = false;
+    if (!rc) {
+        pthread_mutex_lock(&l->lock);
+        rc = reserve_leaves(l, block, count);
+        if (!rc)
+            rc = note_changed(l, block, count);
+        if (!rc)
+            rc = append_entry(&l->pending, &l->npending, &l->pending_cap, &e);
+        if (!rc) {
+            for (uint64_t i = 0; i < count; i++)
+                slot_set(l, block + i, SLOT_DATA(f->gen, loc + i));
+            l->pending_bytes += len;
+            flush_now = l->npending >= MAX_RECORD_ENTRIES || l->pending_bytes >= MAX_PENDING_BYTES;
+        }
+        pthread_mutex_unlock(&l->lock);
+        kick_writeback(l, f->fd, loc + count);
+    }
+    pthread_rwlock_unlock(&l->swap_lock);
+    atomic_store(&l->last_io_ns, now_ns());
+    return !rc && flush_now ? layer_flush(l) : rc;
+}
+
+/* Log blocks that a punch made dead, to be given back to the file system. */
+struct dead_runs {
+    struct entry *runs; /* loc and count */
+    size_t n, cap;
+};
+
+/* Notes the log data of [first, first+count) that is in records already
+ * closed (loc < record_at), in runs. lock held. */
+static void note_dead(struct layer *l, uint64_t first, uint64_t count, struct dead_runs *d)
+{
+    unsigned gen = l->cur->gen;
+    for (uint64_t b = first; b < first + count;) {
+        uint64_t s = slot_get(l, b);
+        if (s == SLOT_NONE || s == SLOT_ZERO) {
+            b = run_end_of(l, b + 1, first + count, s);
+            continue;
+        }
+        b++;
+        if (SLOT_GEN(s) != gen || SLOT_LOC(s) >= l->record_at)
+            continue;
+        struct entry *last = d->n ? &d->runs[d->n - 1] : NULL;
+        if (last && last->loc + last->count == SLOT_LOC(s) && last->count < MAX_ENTRY_BLOCKS) {
+            last->count++;
+        } else {
+            struct entry e = {.loc = SLOT_LOC(s), .count = 1};
+            if (append_entry(&d->runs, &d->n, &d->cap, &e))
+                return; /* out of memory: that space waits for compaction */
+        }
+    }
+}
+
+int layer_punch(struct layer *l, uint64_t first, uint64_t count)
+{
+    if (first > l->blocks || count > l->blocks - first)
+        return -EINVAL;
+    int rc = 0;
+    struct dead_runs dead = {0};
+    pthread_rwlock_rdlock(&l->swap_lock);
+    unsigned gen = l->cur->gen;
+    pthread_mutex_lock(&l->lock);
+    for (uint64_t b = first; b < first + count && !rc;) {
+        uint64_t n = first + count - b < MAX_ENTRY_BLOCKS ? first + count - b : MAX_ENTRY_BLOCKS;
+        struct entry e = {.block = b, .count = (uint32_t)n, .kind = ENTRY_ZERO};
+        rc = atomic_load(&l->broken) ? -EIO : note_changed(l, b, n);
+        if (!rc)
+            rc = append_entry(&l->pending, &l->npending, &l->pending_cap, &e);
+        if (!rc)
+            note_dead(l, b, n, &dead);
+        if (!rc)
+            rc = zero_range(l, b, n);
+        b += n;
+    }
+    pthread_mutex_unlock(&l->lock);
+    pthread_rwlock_unlock(&l->swap_lock);
+    /* The dead data is named by records before the one this punch goes in
+     * (record_at was not yet reserved when it was noted, and a flush closes
+     * its record with no write under way). Once the punch is durable, no
+     * replay can need those bytes (I2: only the last record's data is
+     * checked), so the space can go back to the file system. */
+    if (!rc)
+        rc = layer_flush(l);
+    if (!rc && dead.n) {
+        pthread_rwlock_rdlock(&l->swap_lock);
+        for (size_t i = 0; i < dead.n && l->cur->gen == gen; i++)
+            fallocate(l->cur->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(dead.runs[i].loc * BS),
+                      (off_t)((uint64_t)dead.runs[i].count * BS)); /* only space: failure loses nothing */
+        pthread_rwlock_unlock(&l->swap_lock);
+    }
+    free(dead.runs);
+    return rc;
+}
+
+int layer_flush(struct layer *l)
+{
+    pthread_mutex_lock(&l->flush_serial);
+    /* With no write under way, the record closes over every block reserved
+     * so far: data before record_at is all named by closed records. */
+    pthread_rwlock_wrlock(&l->swap_lock);
+    pthread_mutex_lock(&l->lock);
+    int rc = l->broken;
+    struct entry *entries = l->pending;
+    size_t n = l->npending;
+    uint64_t at = l->record_at, seq = l->seq, cont = 0, next = 0;
+    if (!rc && n > 0) {
+        l->pending = NULL;
+        l->npending = l->pending_cap = 0;
+        l->pending_bytes = 0;
+        /* Continuation blocks and the next record's block come after all
+         * data reserved so far (I3). */
+        size_t cb = cont_blocks_for(n);
+        cont = atomic_fetch_add(&l->tail, cb + 1);
+        next = cont + cb;
+        l->record_at = next;
+        l->seq = seq + 1;
+    }
+    int fd = l->cur->fd; /* cur changes only with flush_serial held */
+    pthread_mutex_unlock(&l->lock);
+    pthread_rwlock_unlock(&l->swap_lock);
+    if (!rc && n > 0) {
+        rc = write_record(fd, entries, n, seq, l->file_id, at, next, cont);
+        if (rc) {
+            /* Nothing was promised yet: put the entries back in front of
+             * those that came meanwhile, and write the record here again. */
+            pthread_mutex_lock(&l->lock);
+            int grown = 0;
+            size_t cap = n;
+            for (size_t i = 0; i < l->npending && !grown; i++)
+                grown = append_entry(&entries, &n, &cap, &l->pending[i]);
+            if (!grown) {
+                free(l->pending);
+                l->pending = entries;
+                l->npending = n;
+                l->pending_cap = cap;
+                entries = NULL;
+                l->record_at = at;
+                l->seq = seq;
+            } else {
+                atomic_store(&l->broken, -EIO);
+            }
+            pthread_mutex_unlock(&l->lock);
+            free(entries);
+            pthread_mutex_unlock(&l->flush_serial);
+            return rc;
+        }
+        rc = sync_fd(fd);
+        if (rc) {
+            /* What reached the disk is unknown: refuse further writes rather
+             * than build on it (the data flushed before stays readable). */
+            log_error("layer %s: flush failed: %s", l->id, strerror(-rc));
+            atomic_store(&l->broken, rc);
+        }
+    }
+    free(entries);
+    pthread_mutex_unlock(&l->flush_serial);
+    if (!rc && n > 0)
+        maybe_compact(l);
+    return rc;
+}
+
+/* ---- compaction ----------------------------------------------------------------- */
+
+static pthread_mutex_t compact_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t compact_cond = PTHREAD_COND_INITIALIZER;
+static struct layer *compact_queue; /* guarded by compact_lock */
+static struct layer *compact_running;
+static bool compact_thread_started;
+
+static uint64_t compact_min_bytes(void)
+{
+    static _Atomic uint64_t cached = UINT64_MAX;
+    uint64_t v = atomic_load(&cached);
+    if (v == UINT64_MAX) {
+        const char *env = getenv("IMGFS_LAYER_COMPACT_MIN");
+        if (!env || parse_size(env, &v) != 0)
+            v = 64ull << 20;
+        atomic_store(&cached, v);
+    }
+    return v;
+}
+
+static bool wants_compaction(const struct layer *l)
+{
+    uint64_t log = atomic_load(&l->tail) - 1, live = atomic_load(&l->live);
+    uint64_t dead = log > live ? log - live : 0;
+    return dead >= live && dead * BS >= compact_min_bytes();
+}
+
+/* Copies the current state of blocks [first, first+count) into b. Without
+ * swap_lock it may race with writes; those are noted and copied again. */
+static int copy_range(struct layer *l, struct builder *b, uint64_t first, uint64_t count, char *piece,
+                      uint64_t *copied)
+{
+    uint64_t end = first + count;
+    for (uint64_t blk = first; blk < end;) {
+        uint64_t s = slot_get(l, blk);
+        uint64_t stop;
+        if (s == SLOT_NONE || s == SLOT_ZERO) {
+            stop = run_end_of(l, blk + 1, end, s);
+            if (s == SLOT_ZERO) {
+                for (uint64_t z = blk; z < stop;) {
+                    uint64_t n = stop - z < MAX_ENTRY_BLOCKS ? stop - z : MAX_ENTRY_BLOCKS;
+                    struct entry e = {.block = z, .count = (uint32_t)n, .kind = ENTRY_ZERO};
+                    int rc = builder_add(b, &e, NULL, 0);
+                    if (rc)
+                        return rc;
+                    z += n;
+                }
+            }
+            blk = stop;
+            continue;
+        }
+        /* Up to 256 blocks of data, from wherever they are in the log. */
+        stop = blk + 1;
+        while (stop < end && stop - blk < 256) {
+            uint64_t t = slot_get(l, stop);
+            if (t == SLOT_NONE || t == SLOT_ZERO)
+                break;
+            stop++;
+        }
+        size_t len = (size_t)((stop * BS < l->size ? stop * BS : l->size) - blk * BS);
+        int rc = layer_read(l, piece, len, blk * BS);
+        if (rc)
+            return rc;
+        struct entry e = {.block = blk, .count = (uint32_t)(stop - blk), .kind = ENTRY_DATA};
+        rc = builder_add(b, &e, piece, len);
+        if (rc)
+            return rc;
+        *copied += len;
+        blk = stop;
+    }
+    return 0;
+}
+
+/* Yields to guest I/O: waits while the layer saw writes in the last 5 ms,
+ * at most 50 ms per step, so that compaction still finishes. */
+static void yield_to_guest(struct layer *l)
+{
+    for (int i = 0; i < 50 && now_ns() - atomic_load(&l->last_io_ns) < 5000000ull; i++)
+        usleep(1000);
+}
+
+/* Copies the ranges noted since the last call; lock taken inside. */
+static int copy_changed(struct layer *l, struct builder *b, char *piece, uint64_t *copied, size_t *count)
+{
+    pthread_mutex_lock(&l->lock);
+    struct entry *changed = l->changed;
+    size_t n = l->nchanged;
+    l->changed = NULL;
+    l->nchanged = l->changed_cap = 0;
+    pthread_mutex_unlock(&l->lock);
+    int rc = 0;
+    for (size_t i = 0; i < n && !rc; i++)
+        rc = copy_range(l, b, changed[i].block, changed[i].count, piece, copied);
+    free(changed);
+    *count = n;
+    return rc;
+}
+
+static int compact(struct layer *l)
+{
+    uint64_t t0 = now_ns(), copied = 0;
+    char new_path[PATH_MAX], log_path[PATH_MAX];
+    int rc = layer_path(l->dir, l->id, PATH_NEW, new_path);
+    if (!rc)
+        rc = layer_path(l->dir, l->id, PATH_LOG, log_path);
+    if (rc)
+        return rc;
+    unlink(new_path);
+    int fd = open(new_path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -errno;
+    char *piece = malloc(256 * BS);
+    struct builder b;
+    rc = piece ? builder_start(&b, fd, l->size, true) : -ENOMEM;
+    if (!piece) {
+        close(fd);
+        unlink(new_path);
+        return rc;
+    }
+    pthread_mutex_lock(&l->lock);
+    l->tracking = true;
+    pthread_mutex_unlock(&l->lock);
+
+    /* Phase 1: everything, a megabyte at a time, behind guest I/O. */
+    for (uint64_t blk = 0; blk < l->blocks && !rc; blk += 256) {
+        uint64_t n = l->blocks - blk < 256 ? l->blocks - blk : 256;
+        rc = copy_range(l, &b, blk, n, piece, &copied);
+        if (!rc && copied >= KICK_BYTES) {
+            yield_to_guest(l);
+            pthread_mutex_lock(&compact_lock);
+            if (l->compact_stop)
+                rc = -ECANCELED;
+            pthread_mutex_unlock(&compact_lock);
+        }
+    }
+    /* Phase 1b: what changed meanwhile, until little is left. */
+    size_t changed = SIZE_MAX;
+    for (int round = 0; round < 4 && !rc && changed > 64; round++)
+        rc = copy_changed(l, &b, piece, &copied, &changed);
+    if (!rc)
+        rc = sync_fd(fd);
+
+    /* Phase 2: no writes, no flushes. */
+    pthread_mutex_lock(&l->flush_serial);
+    pthread_rwlock_wrlock(&l->swap_lock);
+    uint64_t t_pause = now_ns();
+    if (!rc && l->broken)
+        rc = -EIO;
+    if (!rc)
+        rc = copy_changed(l, &b, piece, &copied, &changed);
+    if (!rc)
+        rc = builder_close_record(&b);
+    if (!rc)
+        rc = sync_fd(fd);
+    if (!rc && rename(new_path, log_path) < 0)
+        rc = -errno;
+    bool renamed = !rc;
+    if (!rc)
+        rc = fsync_dir(l->dir);
+    struct log_file *old = l->cur, *fresh = NULL;
+    if (renamed) {
+        /* From here the new file is the layer (its directory entry may still
+         * be unsynced if fsync_dir failed; the data is the same either way). */
+        unsigned gen = (old->gen + 1) % GEN_LIMIT;
+        int irc = file_install(l, fd, gen, &fresh);
+        if (irc) {
+            /* Cannot happen in practice (a malloc of 16 bytes); the old fd
+             * still reads the same data, so keep serving from it. */
+            log_error("layer %s: compaction could not switch files: %s", l->id, strerror(-irc));
+            close(fd);
+        } else {
+            pthread_mutex_lock(&l->lock);
+            for (size_t i = 0; i < b.nall; i++) {
+                const struct entry *e = &b.all[i];
+                if (e->kind == ENTRY_DATA)
+                    for (uint32_t k = 0; k < e->count; k++)
+                        slot_set(l, e->block + k, SLOT_DATA(gen, e->loc + k));
+                else
+                    zero_range(l, e->block, e->count); /* owned already: no allocation */
+            }
+            l->cur = fresh;
+            l->file_id = b.file_id;
+            l->record_at = b.record_at;
+            l->seq = b.seq;
+            free(l->pending);
+            l->pending = NULL;
+            l->npending = l->pending_cap = 0;
+            l->pending_bytes = 0;
+            atomic_store(&l->tail, b.next);
+            atomic_store(&l->kicked, b.next);
+            pthread_mutex_unlock(&l->lock);
+        }
+        fd = -1;
+    }
+    pthread_mutex_lock(&l->lock);
+    l->tracking = false;
+    free(l->changed);
+    l->changed = NULL;
+    l->nchanged = l->changed_cap = 0;
+    pthread_mutex_unlock(&l->lock);
+    uint64_t t_end = now_ns();
+    pthread_rwlock_unlock(&l->swap_lock);
+    pthread_mutex_unlock(&l->flush_serial);
+    if (fresh)
+        file_put(l, old); /* closed once the last reader lets go (I5) */
+    if (fd >= 0) {
+        close(fd);
+        unlink(new_path);
+    }
+    if (renamed) {
+        atomic_fetch_add(&l->compactions, 1);
+        atomic_store(&l->compact_ns, t_end - t0);
+        atomic_store(&l->compact_pause_ns, t_end - t_pause);
+        atomic_fetch_add(&l->compact_bytes, copied);
+        log_info("layer %s: compacted, %" PRIu64 " KiB copied in %.1f ms (writes paused %.2f ms)", l->id,
+                 copied / 1024, (double)(t_end - t0) / 1e6, (double)(t_end - t_pause) / 1e6);
+    }
+    builder_free(&b);
+    free(piece);
+    return renamed ? 0 : rc;
+}
+
+int layer_compact(struct layer *l)
+{
+    pthread_mutex_lock(&compact_lock);
+    while (compact_running)
+        pthread_cond_wait(&compact_cond, &compact_lock);
+    compact_running = l;
+    pthread_mutex_unlock(&compact_lock);
+    int rc = compact(l);
+    pthread_mutex_lock(&compact_lock);
+    compact_running = NULL;
+    pthread_cond_broadcast(&compact_cond);
+    pthread_mutex_unlock(&compact_lock);
+    return rc;
+}
+
+static void *compact_main(void *arg)
+{
+    (void)arg;
+    /* Below the guests' I/O where the I/O scheduler knows classes. */
+    syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_IDLE, 0));
+    pthread_mutex_lock(&compact_lock);
+    for (;;) {
+        while (!compact_queue || compact_running)
+            pthread_cond_wait(&compact_cond, &compact_lock);
+        struct layer *l = compact_queue;
+        compact_queue = l->compact_next;
+        l->compact_queued = false;
+        compact_running = l;
+        pthread_mutex_unlock(&compact_lock);
+        int rc = wants_compaction(l) ? compact(l) : 0;
+        if (rc && rc != -ECANCELED)
+            log_warn("layer %s: compaction failed: %s", l->id, strerror(-rc));
+        pthread_mutex_lock(&compact_lock);
+        compact_running = NULL;
+        pthread_cond_broadcast(&compact_cond);
+    }
+    return NULL;
+}
+
+static void maybe_compact(struct layer *l)
+{
+    if (!wants_compaction(l))
+        return;
+    pthread_mutex_lock(&compact_lock);
+    if (!l->compact_queued && compact_running != l && !l->compact_stop) {
+        if (!compact_thread_started) {
+            pthread_t t;
+            if (pthread_create(&t, NULL, compact_main, NULL) == 0) {
+                pthread_detach(t);
+                compact_thread_started = true;
+            }
+        }
+        if (compact_thread_started) {
+            l->compact_next = compact_queue;
+            compact_queue = l;
+            l->compact_queued = true;
+            pthread_cond_broadcast(&compact_cond);
+        }
+    }
+    pthread_mutex_unlock(&compact_lock);
+}
+
+static void compact_cancel(struct layer *l)
+{
+    pthread_mutex_lock(&compact_lock);
+    l->compact_stop = true;
+    if (l->compact_queued) {
+        for (struct layer **p = &compact_queue; *p; p = &(*p)->compact_next)
+            if (*p == l) {
+                *p = l->compact_next;
+                break;
+            }
+        l->compact_queued = false;
+    }
+    while (compact_running == l)
+        pthread_cond_wait(&compact_cond, &compact_lock);
+    pthread_mutex_unlock(&compact_lock);
 }

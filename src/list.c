@@ -87,7 +87,8 @@ int list_parse(const char *text, size_t len, struct chunk_list **out, char *err,
     if (!(line = strtok_r(NULL, "\n", &save)) || sscanf(line, "chunk-size %" SCNu32, &list->chunk_size) != 1 ||
         !manifest_chunk_size_valid(list->chunk_size))
         BAD("prefetch list has a bad chunk size");
-    if (!(line = strtok_r(NULL, "\n", &save)) || sscanf(line, "chunks %" SCNu64, &count) != 1 || count > len / 2)
+    if (!(line = strtok_r(NULL, "\n", &save)) || sscanf(line, "chunks %" SCNu64, &count) != 1 || count > len / 2 ||
+        count > MANIFEST_MAX_CHUNKS)
         BAD("prefetch list has a bad chunk count");
     list->chunks = calloc(count ? count : 1, sizeof(*list->chunks));
     if (!list->chunks)

@@ -115,6 +115,8 @@ int manifest_parse(const char *text, size_t len, struct manifest **out, char *er
         FAIL("manifest has a missing source line");
     if (keyed_u64(&r, "chunks", &count) < 0 || count != (size + chunk_size - 1) / chunk_size)
         FAIL("manifest chunk count does not match its size");
+    if (count > MANIFEST_MAX_CHUNKS)
+        FAIL("manifest has %" PRIu64 " chunks, more than the %llu a manifest may have", count, MANIFEST_MAX_CHUNKS);
     /* Each chunk line takes at least 2 bytes: refuse before allocating. */
     if (count > len / 2)
         FAIL("manifest is truncated");

@@ -102,7 +102,9 @@ static int set_latest(struct repo *repo, const char *name, uint64_t version, cha
     entry->latest = version;
     rc = repo_write_index(repo, &index);
     repo_index_free(&index);
-    if (rc)
+    if (rc == -EPERM)
+        snprintf(err, errlen, "the repository is signed: publish with --key KEYFILE");
+    else if (rc)
         snprintf(err, errlen, "cannot write the repository index: %s", strerror(-rc));
     return rc;
 }
@@ -143,12 +145,22 @@ int publish_image(const struct publish_options *opts, struct publish_result *res
         image_close(img);
         return -EINVAL;
     }
+    /* Refused before the manifest is allocated. */
+    if ((size + opts->chunk_size - 1) / opts->chunk_size > MANIFEST_MAX_CHUNKS) {
+        snprintf(err, errlen,
+                 "image %s claims %" PRIu64 " bytes, more than %llu chunks of %" PRIu32
+                 " bytes (a manifest holds at most 1 TiB at 128K chunks, 128 TiB with --chunk-size 16M)",
+                 opts->image_path, size, MANIFEST_MAX_CHUNKS, opts->chunk_size);
+        image_close(img);
+        return -EFBIG;
+    }
     struct repo *repo;
     rc = repo_open_for_publish(opts->repo_path, &repo, err, errlen);
     if (rc) {
         image_close(img);
         return rc;
     }
+    repo_set_signers(repo, opts->keys, opts->key_count);
     struct manifest *m = manifest_new((size + opts->chunk_size - 1) / opts->chunk_size);
     if (!m) {
         snprintf(err, errlen, "out of memory");

@@ -13,8 +13,10 @@
 #include <stdatomic.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "digests.h"
 #include "util.h"
 
 #define REPO_MARKER "imgfs-repo 1\n"
@@ -54,6 +56,9 @@ struct repo {
     pthread_mutex_t handles_lock;
     CURL *idle_handles[MAX_IDLE_HANDLES];
     int idle_count;
+    struct trust *trust;                  /* not owned; NULL: nothing verified */
+    const struct sign_secret_key *signers; /* not owned; writer side */
+    size_t signer_count;
 };
 
 static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
@@ -575,6 +580,10 @@ int repo_open_for_publish(const char *path, struct repo **out, char *err, size_t
 
 /* ---- index and manifests ------------------------------------------------- */
 
+void repo_set_trust(struct repo *repo, struct trust *trust) { repo->trust = trust; }
+
+static bool verifying(const struct repo *repo) { return repo->trust && trust_mode(repo->trust) == TRUST_SIGNED; }
+
 void repo_index_free(struct repo_index *index)
 {
     free(index->entries);
@@ -590,37 +599,61 @@ const struct repo_index_entry *repo_index_find(const struct repo_index *index, c
     return NULL;
 }
 
+/* "+KEY N" with N at most max, at most once. */
+static int signed_field(const char *line, const char *key, uint64_t max, uint64_t *out, bool *seen)
+{
+    size_t k = strlen(key);
+    if (strncmp(line, key, k) != 0 || line[k] != ' ')
+        return 1; /* not this field */
+    if (*seen || parse_u64(line + k + 1, out) < 0 || *out > max)
+        return -1;
+    *seen = true;
+    return 0;
+}
+
+/* Parses the part of an index before its signature lines (see repo.h). */
 static int parse_index(const char *data, size_t len, struct repo_index *out)
 {
-    if (len < strlen(INDEX_HEADER) || memcmp(data, INDEX_HEADER, strlen(INDEX_HEADER)) != 0 ||
-        data[len - 1] != '\n' || memchr(data, '\0', len))
+    unsigned sigs;
+    size_t body = sign_body_len(data, len, &sigs);
+    if (body < strlen(INDEX_HEADER) || memcmp(data, INDEX_HEADER, strlen(INDEX_HEADER)) != 0 ||
+        data[body - 1] != '\n' || memchr(data, '\0', body))
         return -EBADMSG;
     size_t lines = 0;
-    for (size_t i = 0; i < len; i++)
+    for (size_t i = 0; i < body; i++)
         lines += data[i] == '\n';
-    struct repo_index index = {calloc(lines, sizeof(*index.entries)), 0};
+    struct repo_index index = {calloc(lines, sizeof(*index.entries)), 0, sigs > 0, 0, 0};
     if (!index.entries)
         return -ENOMEM;
+    bool seen_seq = false, seen_time = false;
     const char *p = data + strlen(INDEX_HEADER);
-    const char *end = data + len;
+    const char *end = data + body;
     while (p < end) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
-        char line[128];
+        char line[192];
         size_t n = (size_t)(nl - p);
         if (n >= sizeof(line))
             goto bad;
         memcpy(line, p, n);
         line[n] = '\0';
         p = nl + 1;
-        char *space = strchr(line, ' ');
-        if (!space)
-            goto bad;
-        *space = '\0';
+        if (line[0] == '+') {
+            int a = signed_field(line, "+seq", REPO_MAX_SEQ, &index.seq, &seen_seq);
+            int b = a == 1 ? signed_field(line, "+time", UINT32_MAX * 256ull, &index.signed_time, &seen_time) : 0;
+            if (a < 0 || b != 0)
+                goto bad;
+            continue;
+        }
+        char name[80], latest[24], record[SIGN_DIGEST_HEX + 2];
+        int fields = sscanf(line, "%79s %23s %65s", name, latest, record);
         struct repo_index_entry *e = &index.entries[index.count];
-        if (!name_is_valid(line) || parse_u64(space + 1, &e->latest) < 0 || e->latest == 0 ||
-            repo_index_find(&index, line))
+        if (fields < 2 || !name_is_valid(name) || parse_u64(latest, &e->latest) < 0 || e->latest == 0 ||
+            e->latest > REPO_MAX_VERSION || repo_index_find(&index, name))
             goto bad;
-        memcpy(e->name, line, strlen(line) + 1); /* name_is_valid() bounds it to 64 */
+        if (fields == 3 && sign_digest_from_hex(record, &e->record) < 0)
+            goto bad;
+        e->has_record = fields == 3;
+        memcpy(e->name, name, strlen(name) + 1); /* name_is_valid() bounds it to 64 */
         index.count++;
     }
     *out = index;
@@ -653,6 +686,41 @@ static int load_meta(struct repo *repo, const char *name, size_t max_len, char *
     return read_file(path, max_len, data, len);
 }
 
+/* Parses an index and, when verifying, checks its signature and that it is
+ * not older than the accepted one, and hands its chains to trust. */
+static int accept_index(struct repo *repo, const char *data, size_t len, struct repo_index *out, char *err,
+                        size_t errlen)
+{
+    int rc = parse_index(data, len, out);
+    if (rc) {
+        snprintf(err, errlen, "the index of repository %s is malformed", repo->location);
+        return rc;
+    }
+    if (!verifying(repo))
+        return 0;
+    char why[256];
+    size_t body;
+    rc = sign_verify(trust_keyring(repo->trust), data, len, &body, why, sizeof(why));
+    for (size_t i = 0; !rc && i < out->count; i++)
+        if (!out->entries[i].has_record)
+            rc = -EBADMSG, snprintf(why, sizeof(why), "base %s has no signed digest", out->entries[i].name);
+    if (!rc && out->seq == 0)
+        rc = -EBADMSG, snprintf(why, sizeof(why), "it has no sequence number");
+    if (!rc) {
+        struct sign_digest digest;
+        sign_digest_compute(data, body, &digest);
+        rc = trust_accept_index(repo->trust, out->seq, out->signed_time, &digest, why, sizeof(why));
+    }
+    if (rc) {
+        repo_index_free(out);
+        snprintf(err, errlen, "the index of repository %s is refused: %s", repo->location, why);
+        return rc;
+    }
+    for (size_t i = 0; i < out->count; i++)
+        trust_set_top(repo->trust, out->entries[i].name, out->entries[i].latest, &out->entries[i].record);
+    return 0;
+}
+
 int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t errlen)
 {
     char *data;
@@ -661,18 +729,163 @@ int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t
     if (rc && repo->offline_fallback && load_meta(repo, "index", REPO_MAX_INDEX_LEN, &data, &len) == 0) {
         log_warn("repository %s unreachable (%s); using the index kept from the last contact", repo->location,
                  describe_error(rc));
-        rc = 0;
-    } else if (rc) {
+        rc = accept_index(repo, data, len, out, err, errlen);
+        free(data);
+        return rc;
+    }
+    if (rc) {
         snprintf(err, errlen, "cannot read the index of repository %s: %s", repo->location,
                  rc == -ENOENT ? "it is missing" : describe_error(rc));
         return rc;
-    } else {
-        save_meta(repo, "index", data, len);
     }
-    rc = parse_index(data, len, out);
+    rc = accept_index(repo, data, len, out, err, errlen);
+    if (rc == 0)
+        save_meta(repo, "index", data, len);
     free(data);
-    if (rc)
-        snprintf(err, errlen, "the index of repository %s is malformed", repo->location);
+    if (rc == 0 || !verifying(repo))
+        return rc;
+    /* Refused: keep serving the newest accepted state, which is the kept copy. */
+    trust_note_refusal(repo->trust, err);
+    char why[PATH_MAX + 256];
+    if (load_meta(repo, "index", REPO_MAX_INDEX_LEN, &data, &len) == 0) {
+        int kept = accept_index(repo, data, len, out, why, sizeof(why));
+        free(data);
+        if (kept == 0)
+            return 0;
+    }
+    return rc;
+}
+
+/* Reads a repository file that has a kept copy named copy in the metadata
+ * cache: the copy first when it passes check(), else the repository's. The
+ * repository's is kept when it passes. */
+static int read_checked(struct repo *repo, const char *rel, const char *copy, size_t max_len,
+                        int (*check)(void *ctx, const char *data, size_t len, char *err, size_t errlen), void *ctx,
+                        char **data, size_t *len, char *err, size_t errlen)
+{
+    if (load_meta(repo, copy, max_len, data, len) == 0) {
+        if (check(ctx, *data, *len, err, errlen) == 0)
+            return 0;
+        free(*data);
+        *data = NULL;
+    }
+    int rc = repo_get(repo, rel, max_len, data, len);
+    if (rc) {
+        snprintf(err, errlen, "%s", rc == -ENOENT ? "it does not exist" : describe_error(rc));
+        return rc;
+    }
+    rc = check(ctx, *data, *len, err, errlen);
+    if (rc) {
+        free(*data);
+        *data = NULL;
+        return rc;
+    }
+    save_meta(repo, copy, *data, *len);
+    return 0;
+}
+
+struct record_check {
+    const char *name;
+    uint64_t version;
+    struct sign_digest want;
+    struct version_digests *parsed;
+};
+
+static int check_record(void *ctx, const char *data, size_t len, char *err, size_t errlen)
+{
+    struct record_check *c = ctx;
+    struct sign_digest got;
+    sign_digest_compute(data, len, &got);
+    if (!sign_digest_equal(&got, &c->want)) {
+        snprintf(err, errlen, "its digests record does not match the signed chain (altered or from another state)");
+        return -EBADMSG;
+    }
+    char why[160];
+    if (digests_parse(data, len, &c->parsed, why, sizeof(why)) != 0) {
+        snprintf(err, errlen, "%s", why);
+        return -EBADMSG;
+    }
+    if (strcmp(c->parsed->name, c->name) != 0 || c->parsed->version != c->version) {
+        digests_free(c->parsed);
+        c->parsed = NULL;
+        snprintf(err, errlen, "its digests record names another version");
+        return -EBADMSG;
+    }
+    return 0;
+}
+
+/* Reads and verifies the record of name@version against the chain, walking
+ * down from the newest known link when needed. */
+static int read_record(struct repo *repo, const char *name, uint64_t version, struct version_digests **out,
+                       char *err, size_t errlen)
+{
+    for (;;) {
+        struct record_check c = {.name = name, .version = version};
+        uint64_t low = 0;
+        bool direct = trust_expected(repo->trust, name, version, &c.want) == 0;
+        if (!direct) {
+            if (trust_lowest_known(repo->trust, name, &low) < 0 || low <= version) {
+                snprintf(err, errlen, "it is not in the signed index");
+                return -ENOENT;
+            }
+            c.version = low;
+            trust_expected(repo->trust, name, low, &c.want);
+        }
+        char rel[160], copy[160];
+        char *data;
+        size_t len;
+        snprintf(copy, sizeof(copy), "%s@%" PRIu64 ".digests", name, c.version);
+        int rc = digests_relpath(name, c.version, rel, sizeof(rel));
+        if (!rc)
+            rc = read_checked(repo, rel, copy, REPO_MAX_DIGESTS_LEN, check_record, &c, &data, &len, err, errlen);
+        if (rc)
+            return rc;
+        free(data);
+        if (direct) {
+            rc = c.parsed->has_previous
+                     ? trust_learn_previous(repo->trust, name, version, &c.parsed->previous, err, errlen)
+                     : 0;
+            if (rc) {
+                digests_free(c.parsed);
+                return rc;
+            }
+            *out = c.parsed;
+            return 0;
+        }
+        rc = c.parsed->has_previous ? trust_learn_previous(repo->trust, name, low, &c.parsed->previous, err, errlen)
+                                    : -ENOENT;
+        digests_free(c.parsed);
+        if (rc == -ENOENT)
+            snprintf(err, errlen, "its digests chain ends early");
+        if (rc)
+            return rc;
+    }
+}
+
+struct manifest_check {
+    const char *name;
+    uint64_t version;
+    const struct version_digests *record; /* NULL when not verifying */
+    struct manifest *parsed;
+};
+
+static int check_manifest(void *ctx, const char *data, size_t len, char *err, size_t errlen)
+{
+    struct manifest_check *c = ctx;
+    char why[200];
+    if (manifest_parse(data, len, &c->parsed, why, sizeof(why)) != 0) {
+        snprintf(err, errlen, "it is malformed: %s", why);
+        return -EBADMSG;
+    }
+    int rc = 0;
+    if (strcmp(c->parsed->name, c->name) != 0 || c->parsed->version != c->version)
+        rc = -EBADMSG, snprintf(err, errlen, "it names another version");
+    else if (c->record)
+        rc = digests_check(c->record, c->parsed, data, len, err, errlen);
+    if (rc) {
+        manifest_free(c->parsed);
+        c->parsed = NULL;
+    }
     return rc;
 }
 
@@ -686,41 +899,72 @@ int repo_read_manifest(struct repo *repo, const char *name, uint64_t version, st
     }
     snprintf(rel, sizeof(rel), "bases/%s/%" PRIu64 ".manifest", name, version);
     snprintf(copy, sizeof(copy), "%s@%" PRIu64 ".manifest", name, version);
-    char *data;
+    char why[256];
+    struct version_digests *record = NULL;
+    int rc = verifying(repo) ? read_record(repo, name, version, &record, why, sizeof(why)) : 0;
+    struct manifest_check c = {name, version, record, NULL};
+    char *data = NULL;
     size_t len;
-    char why[200];
-    /* Versions never change, so a kept copy that parses is as good as the
+    /* Versions never change, so a kept copy that passes is as good as the
      * original, and works while the repository is unreachable. */
-    if (load_meta(repo, copy, REPO_MAX_MANIFEST_LEN, &data, &len) == 0) {
-        int ok = manifest_parse(data, len, out, why, sizeof(why)) == 0;
-        free(data);
-        if (ok && strcmp((*out)->name, name) == 0 && (*out)->version == version)
-            return 0;
-        if (ok)
-            manifest_free(*out);
-    }
-    int rc = repo_get(repo, rel, REPO_MAX_MANIFEST_LEN, &data, &len);
+    if (!rc)
+        rc = read_checked(repo, rel, copy, REPO_MAX_MANIFEST_LEN, check_manifest, &c, &data, &len, why, sizeof(why));
+    free(data);
+    if (!rc && record)
+        rc = trust_add_chunks(repo->trust, c.parsed, record, why, sizeof(why));
+    digests_free(record);
     if (rc) {
-        snprintf(err, errlen, "cannot read manifest %s@%" PRIu64 ": %s", name, version,
+        manifest_free(c.parsed);
+        snprintf(err, errlen, "%s manifest %s@%" PRIu64 ": %s", rc == -EBADMSG ? "refused" : "cannot read", name,
+                 version, why);
+        if (rc == -EBADMSG && verifying(repo))
+            trust_note_refusal(repo->trust, err);
+        return rc;
+    }
+    *out = c.parsed;
+    return 0;
+}
+
+int repo_read_list(struct repo *repo, const struct manifest *m, const char *list_name, struct chunk_list **out,
+                   char *err, size_t errlen)
+{
+    char rel[256], why[256];
+    int rc = list_relpath(m->name, m->version, list_name, rel, sizeof(rel));
+    if (rc) {
+        snprintf(err, errlen, "invalid list name");
+        return rc;
+    }
+    char *text;
+    size_t len, body;
+    rc = repo_get(repo, rel, REPO_MAX_LIST_LEN, &text, &len);
+    if (rc) {
+        snprintf(err, errlen, "cannot read list %s of %s@%" PRIu64 ": %s", list_name, m->name, m->version,
                  rc == -ENOENT ? "it does not exist" : describe_error(rc));
         return rc;
     }
-    rc = manifest_parse(data, len, out, why, sizeof(why));
-    if (rc) {
-        free(data);
-        snprintf(err, errlen, "manifest %s@%" PRIu64 " is malformed: %s", name, version, why);
-        return rc;
-    }
-    if (strcmp((*out)->name, name) != 0 || (*out)->version != version) {
-        free(data);
-        snprintf(err, errlen, "manifest %s@%" PRIu64 " names another version", name, version);
-        manifest_free(*out);
+    if (verifying(repo))
+        rc = sign_verify(trust_keyring(repo->trust), text, len, &body, why, sizeof(why));
+    else
+        body = sign_body_len(text, len, NULL);
+    if (!rc)
+        rc = list_parse(text, body, out, why, sizeof(why));
+    free(text);
+    if (!rc && (rc = list_check(*out, m, why, sizeof(why))) != 0) {
+        list_free(*out);
         *out = NULL;
-        return -EBADMSG;
     }
-    save_meta(repo, copy, data, len);
-    free(data);
+    if (rc) {
+        snprintf(err, errlen, "list %s of %s@%" PRIu64 " is refused: %s", list_name, m->name, m->version, why);
+        if (verifying(repo))
+            trust_note_refusal(repo->trust, err);
+        return rc == -ENOENT ? -EBADMSG : rc;
+    }
     return 0;
+}
+
+int repo_verify_chunk(struct repo *repo, const struct chunk_hash *hash, const void *data, size_t len)
+{
+    return trust_check_chunk(repo->trust, hash, data, len);
 }
 
 int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, uint64_t deadline_ns,
@@ -824,21 +1068,164 @@ int repo_put_manifest(struct repo *repo, const struct manifest *m)
     return err;
 }
 
+void repo_set_signers(struct repo *repo, const struct sign_secret_key *keys, size_t count)
+{
+    repo->signers = keys;
+    repo->signer_count = count;
+}
+
+size_t repo_signer_count(const struct repo *repo) { return repo->signer_count; }
+
+int repo_sign_text(struct repo *repo, char *text, size_t *len, size_t cap)
+{
+    size_t body = sign_body_len(text, *len, NULL);
+    if (body + repo->signer_count * SIGN_LINE_LEN + 1 > cap)
+        return -ENOSPC;
+    size_t pos = body;
+    for (size_t i = 0; i < repo->signer_count; i++) {
+        sign_line(&repo->signers[i], text, body, text + pos);
+        pos += SIGN_LINE_LEN;
+    }
+    *len = pos;
+    return 0;
+}
+
+/* The digests record of m (whose file bytes are text), from its chunks read
+ * back from the repository: each is decoded and checked against its name
+ * before it is hashed, so a damaged chunk is never signed. */
+static int compute_record(struct repo *repo, const struct manifest *m, const char *text, size_t len,
+                          const struct sign_digest *previous, struct version_digests **out)
+{
+    struct version_digests *d = digests_new(m->chunk_count);
+    char *chunk = malloc(m->chunk_size);
+    int rc = d && chunk ? 0 : -ENOMEM;
+    for (uint64_t i = 0; !rc && i < m->chunk_count; i++) {
+        if (chunk_hash_is_null(&m->chunks[i]))
+            continue;
+        char *enc = NULL;
+        size_t enc_len = 0;
+        rc = repo_get_chunk(repo, &m->chunks[i], m->chunk_size, 0, &enc, &enc_len, NULL);
+        if (!rc)
+            rc = chunkfmt_decode(enc, enc_len, chunk, m->chunk_size, &m->chunks[i]);
+        free(enc);
+        if (!rc)
+            sign_digest_compute(chunk, m->chunk_size, &d->chunks[i]);
+        else
+            log_error("chunk %" PRIu64 " of %s@%" PRIu64 " is missing or damaged: %s", i, m->name, m->version,
+                      strerror(-rc));
+    }
+    free(chunk);
+    if (rc) {
+        digests_free(d);
+        return rc;
+    }
+    snprintf(d->name, sizeof(d->name), "%s", m->name);
+    d->version = m->version;
+    sign_digest_compute(text, len, &d->manifest);
+    d->has_previous = previous != NULL;
+    if (previous)
+        d->previous = *previous;
+    *out = d;
+    return 0;
+}
+
+/* Makes sure versions 1..latest of name have records that chain, writing the
+ * missing (or broken) ones; *top gets the digest of latest's record. */
+static int ensure_records(struct repo *repo, const char *name, uint64_t latest, struct sign_digest *top)
+{
+    struct sign_digest previous;
+    for (uint64_t v = 1; v <= latest; v++) {
+        char rel[160], path[PATH_MAX];
+        char *mtext = NULL, *rtext = NULL;
+        size_t mlen, rlen;
+        struct manifest *m = NULL;
+        struct version_digests *d = NULL;
+        char why[200];
+        int rc = path_join(rel, sizeof(rel), "bases/%s/%" PRIu64 ".manifest", name, v);
+        if (!rc)
+            rc = repo_get(repo, rel, REPO_MAX_MANIFEST_LEN, &mtext, &mlen);
+        if (!rc && (rc = manifest_parse(mtext, mlen, &m, why, sizeof(why))) != 0)
+            log_error("manifest %s@%" PRIu64 " cannot be signed: %s", name, v, why);
+        if (!rc)
+            rc = digests_relpath(name, v, rel, sizeof(rel));
+        /* An existing record is kept when it still describes the manifest
+         * and its predecessor: signing again changes no record. */
+        bool keep = false;
+        if (!rc && repo_get(repo, rel, REPO_MAX_DIGESTS_LEN, &rtext, &rlen) == 0 &&
+            digests_parse(rtext, rlen, &d, why, sizeof(why)) == 0) {
+            keep = digests_check(d, m, mtext, mlen, why, sizeof(why)) == 0 && d->has_previous == (v > 1) &&
+                   (v == 1 || sign_digest_equal(&d->previous, &previous));
+            if (keep)
+                sign_digest_compute(rtext, rlen, &previous);
+        }
+        if (!rc && !keep) {
+            digests_free(d);
+            d = NULL;
+            char *text = NULL;
+            size_t len = 0;
+            rc = compute_record(repo, m, mtext, mlen, v > 1 ? &previous : NULL, &d);
+            if (!rc)
+                rc = digests_format(d, &text, &len);
+            if (!rc)
+                rc = local_path(repo, rel, path, sizeof(path));
+            if (!rc)
+                rc = write_file_atomic(path, text, len);
+            if (!rc)
+                sign_digest_compute(text, len, &previous);
+            free(text);
+        }
+        digests_free(d);
+        manifest_free(m);
+        free(mtext);
+        free(rtext);
+        if (rc)
+            return rc;
+    }
+    *top = previous;
+    return 0;
+}
+
 int repo_write_index(struct repo *repo, const struct repo_index *index)
 {
-    size_t cap = strlen(INDEX_HEADER) + index->count * 96 + 1;
-    char *buf = malloc(cap);
-    if (!buf)
+    if (index->is_signed && !repo->signer_count)
+        return -EPERM;
+    struct sign_digest *records = calloc(index->count + 1, sizeof(*records));
+    if (!records)
         return -ENOMEM;
-    size_t pos = (size_t)snprintf(buf, cap, "%s", INDEX_HEADER);
-    for (size_t i = 0; i < index->count; i++)
-        pos += (size_t)snprintf(buf + pos, cap - pos, "%s %" PRIu64 "\n", index->entries[i].name,
-                                index->entries[i].latest);
+    int err = 0;
+    for (size_t i = 0; repo->signer_count && !err && i < index->count; i++)
+        err = ensure_records(repo, index->entries[i].name, index->entries[i].latest, &records[i]);
+    size_t cap = strlen(INDEX_HEADER) + index->count * (96 + SIGN_DIGEST_HEX) + 128 +
+                 repo->signer_count * SIGN_LINE_LEN;
+    char *buf = err ? NULL : malloc(cap);
+    if (!err && !buf)
+        err = -ENOMEM;
+    size_t pos = 0;
+    if (!err) {
+        pos = (size_t)snprintf(buf, cap, "%s", INDEX_HEADER);
+        for (size_t i = 0; i < index->count; i++) {
+            pos += (size_t)snprintf(buf + pos, cap - pos, "%s %" PRIu64, index->entries[i].name,
+                                    index->entries[i].latest);
+            if (repo->signer_count) {
+                buf[pos++] = ' ';
+                sign_digest_to_hex(&records[i], buf + pos);
+                pos += SIGN_DIGEST_HEX;
+            }
+            buf[pos++] = '\n';
+        }
+        if (repo->signer_count) {
+            pos += (size_t)snprintf(buf + pos, cap - pos, "+seq %" PRIu64 "\n+time %" PRIu64 "\n", index->seq + 1,
+                                    (uint64_t)time(NULL));
+            err = repo_sign_text(repo, buf, &pos, cap);
+        }
+    }
     char path[PATH_MAX];
-    int err = local_path(repo, "index", path, sizeof(path));
+    if (!err)
+        err = local_path(repo, "index", path, sizeof(path));
     if (!err)
         err = write_file_atomic(path, buf, pos);
     free(buf);
+    free(records);
     return err;
 }
 
@@ -864,6 +1251,8 @@ int repo_read_range(struct repo *repo, const struct manifest *m, void *buf, size
             if (!rc)
                 rc = chunkfmt_decode(enc, enc_len, chunk, m->chunk_size, &m->chunks[index]);
             free(enc);
+            if (!rc)
+                rc = repo_verify_chunk(repo, &m->chunks[index], chunk, m->chunk_size);
             if (!rc)
                 memcpy(p, chunk + in, n);
         }

@@ -46,7 +46,7 @@ struct vm_registry {
 static struct layer_ref *find_layer_ref(struct vm_registry *reg, const char *id)
 {
     for (size_t i = 0; i < reg->layer_count; i++)
-        if (strcmp(reg->layers[i].layer->id, id) == 0)
+        if (strcmp(layer_id(reg->layers[i].layer), id) == 0)
             return &reg->layers[i];
     return NULL;
 }
@@ -76,7 +76,7 @@ static int get_layer(struct vm_registry *reg, const char *id, uint64_t size, str
         }
         ref = &reg->layers[reg->layer_count - 1];
     }
-    if (ref->layer->size != size)
+    if (layer_size(ref->layer) != size)
         return -EBADMSG;
     ref->refs++;
     *out = ref->layer;
@@ -91,7 +91,7 @@ static int new_layer(struct vm_registry *reg, uint64_t size, struct layer **out)
         return err;
     if ((err = track_layer(reg, layer)) != 0) {
         layer_close(layer);
-        layer_remove(reg->layer_dir, layer->id);
+        layer_remove(reg->layer_dir, layer_id(layer));
         return err;
     }
     reg->layers[reg->layer_count - 1].refs = 1;
@@ -130,11 +130,11 @@ static void keep_layers_of(struct vm_registry *reg, const char *text)
  * deleted, unless a VM that did not load names it. */
 static void put_layer(struct vm_registry *reg, struct layer *layer)
 {
-    struct layer_ref *ref = find_layer_ref(reg, layer->id);
+    struct layer_ref *ref = find_layer_ref(reg, layer_id(layer));
     if (!ref || --ref->refs > 0)
         return;
     char id[LAYER_ID_LEN + 1];
-    snprintf(id, sizeof(id), "%s", layer->id);
+    snprintf(id, sizeof(id), "%s", layer_id(layer));
     layer_close(layer);
     *ref = reg->layers[--reg->layer_count];
     if (!is_kept(reg, id) && layer_remove(reg->layer_dir, id) == 0)
@@ -168,7 +168,7 @@ static size_t append(char *buf, size_t cap, size_t pos, const char *fmt, ...)
 static size_t append_chain(char *buf, size_t cap, size_t pos, const struct disk *disk)
 {
     for (unsigned i = 0; i < disk->depth; i++)
-        pos = append(buf, cap, pos, " %s", disk->layers[i]->id);
+        pos = append(buf, cap, pos, " %s", layer_id(disk->layers[i]));
     return append(buf, cap, pos, "\n");
 }
 
@@ -217,7 +217,12 @@ static struct vm *vm_alloc(const char *name, uint64_t size)
     snprintf(vm->name, sizeof(vm->name), "%.64s", name);
     vm->live.size = size;
     vm->mode = 0644;
-    pthread_mutex_init(&vm->write_lock, NULL);
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&vm->write_lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    range_lock_init(&vm->write_ranges);
     pthread_rwlock_init(&vm->chain_lock, NULL);
     pthread_mutex_init(&vm->attr_lock, NULL);
     return vm;
@@ -227,7 +232,8 @@ static void vm_free(struct vm *vm)
 {
     for (unsigned s = 0; s < vm->snapshot_count; s++)
         free(vm->snapshots[s]);
-    pthread_mutex_destroy(&vm->write_lock);
+    pthread_rwlock_destroy(&vm->write_lock);
+    range_lock_destroy(&vm->write_ranges);
     pthread_rwlock_destroy(&vm->chain_lock);
     pthread_mutex_destroy(&vm->attr_lock);
     free(vm);
@@ -303,7 +309,7 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
             if (strcmp(value, name) != 0)
                 LOAD_FAIL("VM %s: its VM file names another VM", name);
         } else if (sscanf(line, "size %63s", value) == 1) {
-            if (parse_u64(value, &size) < 0 || size == 0 || size > MANIFEST_MAX_DISK_SIZE)
+            if (parse_u64(value, &size) < 0 || size == 0 || size > VM_MAX_SIZE)
                 LOAD_FAIL("VM %s: bad size in its VM file", name);
             vm = vm_alloc(name, size);
             if (!vm)
@@ -524,8 +530,13 @@ int vm_create(struct vm_registry *reg, const char *name, const char *base_name, 
             return -ENOENT;
         }
         size = base->manifest->size;
-    } else if (size == 0 || size > MANIFEST_MAX_DISK_SIZE || size % 512) {
-        snprintf(err, errlen, "disk size must be a multiple of 512 bytes between 512 and 1P");
+        if (size > VM_MAX_SIZE) {
+            snprintf(err, errlen, "base %s@%" PRIu64 " is larger than the 16T a VM disk may have", base_name,
+                     base_version);
+            return -EFBIG;
+        }
+    } else if (size == 0 || size > VM_MAX_SIZE || size % 512) {
+        snprintf(err, errlen, "disk size must be a multiple of 512 bytes between 512 and 16T");
         return -EINVAL;
     }
     pthread_mutex_lock(&reg->lock);
@@ -607,21 +618,21 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
     }
     snprintf(s->name, sizeof(s->name), "%s", snap);
     /* No write may land in the top layer once it is frozen. */
-    pthread_mutex_lock(&vm->write_lock);
+    pthread_rwlock_wrlock(&vm->write_lock);
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     struct layer *fresh = NULL;
     int rc = layer_flush(top);
     if (!rc)
         rc = new_layer(reg, vm->live.size, &fresh);
     if (rc) {
-        pthread_mutex_unlock(&vm->write_lock);
+        pthread_rwlock_unlock(&vm->write_lock);
         free(s);
         snprintf(err, errlen, "cannot snapshot VM %s: %s", vm->name, strerror(-rc));
         return rc;
     }
     s->disk = vm->live;
     for (unsigned i = 0; i < s->disk.depth; i++)
-        find_layer_ref(reg, s->disk.layers[i]->id)->refs++;
+        find_layer_ref(reg, layer_id(s->disk.layers[i]))->refs++;
     pthread_rwlock_wrlock(&vm->chain_lock);
     vm->live.layers[vm->live.depth++] = fresh;
     vm->snapshots[vm->snapshot_count++] = s;
@@ -638,7 +649,7 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
         free(s);
         snprintf(err, errlen, "cannot save VM %s: %s", vm->name, strerror(-rc));
     }
-    pthread_mutex_unlock(&vm->write_lock);
+    pthread_rwlock_unlock(&vm->write_lock);
     return rc;
 }
 
@@ -700,7 +711,7 @@ int vm_clone(struct vm_registry *reg, struct vm *src, const char *snap, const ch
     vm->mode = src->mode;
     vm->live = s->disk;
     for (unsigned i = 0; i < vm->live.depth; i++)
-        find_layer_ref(reg, vm->live.layers[i]->id)->refs++;
+        find_layer_ref(reg, layer_id(vm->live.layers[i]))->refs++;
     rc = new_layer(reg, vm->live.size, &vm->live.layers[vm->live.depth]);
     if (!rc) {
         vm->live.depth++;
@@ -897,9 +908,9 @@ struct held_chunks {
     int count;
 };
 
-/* Reads base bytes. Under write_lock only what is held may be used (the
- * network is never waited on under a VM lock): -EAGAIN when a chunk is not.
- * Without held, fetches as a demand read. */
+/* Reads base bytes. With held (under the VM's write locks) only what is
+ * held is used, since the network is never waited on under a VM lock:
+ * -EAGAIN when a chunk is not. Without held, fetches as a demand read. */
 static int read_base(const struct vm_base *base, struct fetcher *fetcher, const struct held_chunks *held, char *buf,
                      size_t len, uint64_t off)
 {
@@ -945,7 +956,7 @@ static int read_disk(const struct disk *disk, struct fetcher *fetcher, const str
         if (n == 0)
             return -EINVAL;
         if (source == SOURCE_LAYER)
-            rc = read_full_at(layer->data_fd, buf, n, (off_t)off);
+            rc = layer_read(layer, buf, n, off);
         else if (source == SOURCE_BASE)
             rc = read_base(disk->base, fetcher, held, buf, n, off);
         else
@@ -980,15 +991,12 @@ int64_t disk_seek(const struct disk *disk, uint64_t off, int whence)
             bool is_data;
             uint64_t next;
             if (source == SOURCE_LAYER) {
-                off_t d = lseek(layer->data_fd, (off_t)pos, SEEK_DATA);
-                if (d == (off_t)pos) {
-                    is_data = true;
-                    off_t h = lseek(layer->data_fd, (off_t)pos, SEEK_HOLE);
-                    next = h < 0 ? run_end : (uint64_t)h;
-                } else {
-                    is_data = false; /* discarded blocks read as zeros */
-                    next = d < 0 ? run_end : (uint64_t)d;
-                }
+                struct layer_extent e;
+                if (layer_extent_at(layer, pos, run_end - pos, &e) != 0)
+                    return -EIO;
+                is_data = e.kind == LAYER_EXTENT_DATA; /* discarded blocks read as zeros */
+                next = pos + e.len;
+                layer_extent_release(layer, &e);
             } else if (source == SOURCE_BASE) {
                 const struct manifest *m = disk->base->manifest;
                 uint64_t index = pos / m->chunk_size;
@@ -1021,25 +1029,21 @@ static struct disk below_top(const struct disk *live)
 }
 
 /* Writes one partial block through copy-up, reading what is below from
- * held. write_lock held. */
+ * held. write_lock held shared, and the block's range in write_ranges. */
 static int write_partial(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off)
 {
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     uint64_t block = off / LAYER_BLOCK_SIZE;
     uint64_t start = block * LAYER_BLOCK_SIZE;
-    if (layer_owns(top, block))
-        return write_full_at(top->data_fd, buf, len, (off_t)off);
     size_t block_len = vm->live.size - start < LAYER_BLOCK_SIZE ? (size_t)(vm->live.size - start) : LAYER_BLOCK_SIZE;
     char tmp[LAYER_BLOCK_SIZE];
     struct disk below = below_top(&vm->live);
-    int rc = read_disk(&below, NULL, held, tmp, block_len, start);
+    int rc = layer_owns(top, block) ? layer_read(top, tmp, block_len, start)
+                                    : read_disk(&below, NULL, held, tmp, block_len, start);
     if (rc)
         return rc;
     memcpy(tmp + (off - start), buf, len);
-    rc = write_full_at(top->data_fd, tmp, block_len, (off_t)start);
-    if (!rc)
-        layer_mark_owned(top, block, 1);
-    return rc;
+    return layer_write(top, tmp, block_len, start);
 }
 
 /* Fetches the base chunks under the partial blocks at the two edges of a
@@ -1082,7 +1086,7 @@ static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off
     return 0;
 }
 
-/* The writes themselves: write_lock and chain_lock are held, no network. */
+/* The writes themselves, with the locks held and no network. */
 static int write_locked(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off)
 {
     struct layer *top = vm->live.layers[vm->live.depth - 1];
@@ -1094,9 +1098,7 @@ static int write_locked(struct vm *vm, const struct held_chunks *held, const cha
         if (whole == 0 && in_block == 0 && end == vm->live.size)
             whole = end - off; /* the short last block of the disk */
         if (whole > 0) {
-            rc = write_full_at(top->data_fd, buf, (size_t)whole, (off_t)off);
-            if (!rc)
-                layer_mark_owned(top, off / LAYER_BLOCK_SIZE, (whole + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
+            rc = layer_write(top, buf, (size_t)whole, off);
         } else {
             whole = LAYER_BLOCK_SIZE - in_block < end - off ? LAYER_BLOCK_SIZE - in_block : end - off;
             rc = write_partial(vm, held, buf, (size_t)whole, off);
@@ -1115,18 +1117,24 @@ int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len
         return 0;
     int rc;
     for (int attempt = 0;; attempt++) {
-        struct held_chunks held;
-        rc = hold_edge_chunks(vm, fetcher, off, len, &held);
+        struct held_chunks chunks;
+        rc = hold_edge_chunks(vm, fetcher, off, len, &chunks);
         if (rc)
             return rc;
-        pthread_mutex_lock(&vm->write_lock);
+        /* Writes of other blocks go on in parallel; one that overlaps waits,
+         * so that a copy-up never mixes two writes of one block. */
+        struct range_held held;
+        range_lock_acquire(&vm->write_ranges, &held, off / LAYER_BLOCK_SIZE,
+                           (off + len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
+        pthread_rwlock_rdlock(&vm->write_lock);
         pthread_rwlock_rdlock(&vm->chain_lock);
-        rc = write_locked(vm, &held, buf, len, off);
+        rc = write_locked(vm, &chunks, buf, len, off);
         pthread_rwlock_unlock(&vm->chain_lock);
-        pthread_mutex_unlock(&vm->write_lock);
-        for (int k = 0; k < held.count; k++)
-            fetch_ref_release(fetcher, &held.refs[k]);
-        if (rc != -EAGAIN || attempt == 3)
+        pthread_rwlock_unlock(&vm->write_lock);
+        range_lock_release(&vm->write_ranges, &held);
+        for (int k = 0; k < chunks.count; k++)
+            fetch_ref_release(fetcher, &chunks.refs[k]);
+        if (rc != -EAGAIN || attempt == 3) /* -EAGAIN cannot happen (see hold_edge_chunks) */
             break;
     }
     return rc == -EAGAIN ? -EIO : rc;
@@ -1152,19 +1160,15 @@ int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t le
         rc = vm_write(vm, fetcher, zeros, (size_t)(end - tail_start), tail_start);
     if (rc || last <= first)
         return rc;
-    pthread_mutex_lock(&vm->write_lock);
+    struct range_held held;
+    range_lock_acquire(&vm->write_ranges, &held, first, last);
+    pthread_rwlock_rdlock(&vm->write_lock);
     pthread_rwlock_rdlock(&vm->chain_lock);
     struct layer *top = vm->live.layers[vm->live.depth - 1];
-    uint64_t start = first * LAYER_BLOCK_SIZE;
-    /* Whole blocks, even past a disk size that is not a multiple of 4 KiB:
-     * a punch cut at the file's end would leave the last block allocated. */
-    uint64_t stop = last * LAYER_BLOCK_SIZE;
-    if (fallocate(top->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)start, (off_t)(stop - start)) < 0)
-        rc = -errno;
-    else
-        layer_mark_owned(top, first, last - first); /* owned and empty: reads as zeros */
+    rc = layer_punch(top, first, last - first); /* owned and empty: reads as zeros */
     pthread_rwlock_unlock(&vm->chain_lock);
-    pthread_mutex_unlock(&vm->write_lock);
+    pthread_rwlock_unlock(&vm->write_lock);
+    range_lock_release(&vm->write_ranges, &held);
     return rc;
 }
 
@@ -1264,7 +1268,7 @@ int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unu
         return rc;
     }
     XXH3_128bits_reset(hf.state);
-    pthread_mutex_lock(&vm->write_lock); /* a consistent image: no writes meanwhile */
+    pthread_rwlock_wrlock(&vm->write_lock); /* a consistent image: no writes meanwhile */
     pthread_rwlock_rdlock(&vm->chain_lock);
     char header[512];
     int n = snprintf(header, sizeof(header), EXPORT_MAGIC "name %s\nsize %" PRIu64 "\n", vm->name, vm->live.size);
@@ -1285,7 +1289,7 @@ int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unu
         struct layer *layer;
         uint64_t len = disk_source_at(&vm->live, pos, EXPORT_PIECE, &source, &layer);
         if (source == SOURCE_LAYER) {
-            rc = read_full_at(layer->data_fd, piece, (size_t)len, (off_t)pos);
+            rc = layer_read(layer, piece, (size_t)len, pos);
             if (!rc) {
                 bool zero = buffer_is_zero(piece, (size_t)len);
                 write_record(&hf, pos, len, zero ? 1 : 0, zero ? NULL : piece);
@@ -1294,7 +1298,7 @@ int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unu
         pos += len;
     }
     pthread_rwlock_unlock(&vm->chain_lock);
-    pthread_mutex_unlock(&vm->write_lock);
+    pthread_rwlock_unlock(&vm->write_lock);
     write_record(&hf, UINT64_MAX, 0, 0xff, NULL);
     XXH128_canonical_t sum;
     XXH128_canonicalFromHash(&sum, XXH3_128bits_digest(hf.state));
@@ -1433,10 +1437,10 @@ int vm_import(struct vm_registry *reg, const char *path, const char *name, struc
             if (fread(piece, 1, (size_t)len, f) != len)
                 rc = -EBADMSG;
             if (!rc)
-                rc = write_full_at(top->data_fd, piece, (size_t)len, (off_t)off);
+                rc = layer_write(top, piece, (size_t)len, off);
+        } else {
+            rc = layer_punch(top, off / LAYER_BLOCK_SIZE, (len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
         }
-        if (!rc)
-            layer_mark_owned(top, off / LAYER_BLOCK_SIZE, (len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
     }
     free(piece);
     fclose(f);

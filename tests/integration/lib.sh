@@ -67,22 +67,36 @@ PY
 
 # mount_imgfs REPO MNT [EXTRA -o OPTIONS] [CACHE DIR]: mounts in the
 # foreground mode in the background, so the daemon's stderr (and any
-# sanitizer report) is kept. The cache is $T/cache unless given.
+# sanitizer report) is kept. The cache is $T/cache unless given, and the
+# state directory $T/state unless EXTRA names one: the default /var/lib/imgfs
+# is shared by everything on the machine, and a daemon locks its state.
 # $IMGFS_TEST_MOUNT_OPTS (set by ctest for the .writeback variants) is added.
 mount_imgfs() {
     local repo=$1 mnt=$2 extra=${3:-} cache=${4:-$T/cache}
     mkdir -p "$mnt" "$cache"
     local log="$T/imgfs.$(basename "$mnt").$RANDOM.log"
     local opts="cache=$cache"
+    if [[ ",$extra," != *,state=* ]]; then
+        mkdir -p "$T/state"
+        opts="$opts,state=$T/state"
+    fi
     [ -n "$extra" ] && opts="$opts,$extra"
     [ -n "${IMGFS_TEST_MOUNT_OPTS:-}" ] && opts="$opts,$IMGFS_TEST_MOUNT_OPTS"
+    # An http(s) repository needs trust= or insecure; the tests of unsigned
+    # HTTP behaviour get insecure (test_trust checks the refusal without it).
+    case "$repo,$opts" in
+        *://*trust=* | *://*insecure*) ;;
+        *://*) opts="$opts,insecure" ;;
+    esac
     "$IMGFS" "$repo" "$mnt" -f -o "$opts" 2>"$log" &
     local pid=$!
     DAEMON_PID[$mnt]=$pid
     DAEMON_LOG[$mnt]=$log
     MOUNTS+=("$mnt")
     for _ in $(seq 1 200); do
-        mountpoint -q "$mnt" && return 0
+        # statfs reaches the daemon: a dead mount left there by a crash
+        # is a mount point too, until the new daemon replaces it.
+        mountpoint -q "$mnt" && stat -f "$mnt" > /dev/null 2>&1 && return 0
         kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; fail "imgfs exited before mounting $mnt"; }
         sleep 0.05
     done

@@ -1,27 +1,24 @@
 #!/bin/bash
-# imgfs mounts from an fstab line (type fuse.imgfs) through mount.fuse3, goes
-# to the background, serves the base and unmounts cleanly with umount.
+# imgfs mounts from an fstab line through mount(8) and mount.fuse3, goes to
+# the background, serves the base and unmounts cleanly with umount. The
+# line names this build's binary ("fuse" type, PROGRAM#SOURCE), since
+# mount(8) runs helpers with its own PATH; the fuse.imgfs type, found in
+# /usr/bin, is what test_package.sh mounts with the installed package.
 . "$(dirname "$0")/lib.sh"
 
 make_image "$T/img.raw" 5000000
 "$IMGFSCTL" publish "$T/img.raw" "$T/repo" --name fs > /dev/null
-mkdir -p "$T/mnt" "$T/cache"
+mkdir -p "$T/mnt" "$T/cache" "$T/state"
 chmod 755 "$T" # let user nobody reach the mount point
 MOUNTS+=("$T/mnt")
 cat > "$T/fstab" <<EOT
 # imgfs test fstab
-$T/repo  $T/mnt  fuse.imgfs  allow_other,default_permissions,cache=$T/cache,timeout=10,nofail  0  0
+$IMGFS#$T/repo  $T/mnt  fuse  allow_other,nodev,nosuid,config=none,cache=$T/cache,state=$T/state,timeout=10,nofail,x-systemd.before=libvirtd.service  0  0
 EOT
-# mount(8) runs helpers with a fixed PATH whose first entry is /usr/local/sbin;
-# point it at this build's imgfs for the duration of the test.
-LINK=/usr/local/sbin/imgfs
-[ -e "$LINK" ] && [ ! -L "$LINK" ] && fail "$LINK exists and is not our symlink"
-mkdir -p /usr/local/sbin
-ln -sfn "$IMGFS" "$LINK"
-at_exit 'rm -f "$LINK"'
 timeout 30 mount -T "$T/fstab" "$T/mnt" || fail "mount -T fstab failed"
 mountpoint -q "$T/mnt" || fail "nothing mounted at $T/mnt"
 grep " $T/mnt fuse.imgfs " /proc/mounts > /dev/null || fail "/proc/mounts does not show type fuse.imgfs"
+grep " $T/mnt fuse.imgfs [^ ]*nosuid,nodev" /proc/mounts > /dev/null || fail "nodev,nosuid are not applied"
 ok "mounted through fstab: $(grep " $T/mnt " /proc/mounts | cut -d' ' -f1-4)"
 pid=$(pgrep -f "imgfs $T/repo $T/mnt" || true)
 [ -n "$pid" ] || fail "no background imgfs process"

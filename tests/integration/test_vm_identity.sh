@@ -9,7 +9,8 @@
 M=$T/mnt
 S=$T/state
 mkdir -p "$S"
-layer_files() { find "$S/layers" -type f | wc -l; }
+# Layers in the state directory (one ID.log each; see layer.h).
+layer_files() { find "$S/layers" -type f -name '*.log' | wc -l; }
 mnt() { mount_imgfs "$T/repo" "$M" "state=$S,refresh=0.01"; }
 base_of() { stat_value "$M" "vm $1" base; }
 
@@ -199,7 +200,7 @@ layers_before=$(layer_files)
 for id in $vm3_layers; do
     [ ! -e "$S/layers/$id.data" ] || fail "vm rm left vm3's layer $id"
 done
-[ "$(layer_files)" -eq $((layers_before - 2 * $(echo "$vm3_layers" | wc -w))) ] ||
+[ "$(layer_files)" -eq $((layers_before - $(echo "$vm3_layers" | wc -w))) ] ||
     fail "vm rm of vm3 removed other layers too ($layers_before -> $(layer_files) files)"
 errors=$(grep "^load_errors" "$M/.imgfs/stats")
 ! echo "$errors" | grep -q 'vm3' || fail "load_errors still names the removed vm3: $errors"

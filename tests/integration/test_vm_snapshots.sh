@@ -15,7 +15,8 @@ mount_imgfs "$T/repo" "$M" "state=$S"
 
 # put OFFSET LEN SEED FILE...: writes the same LEN pseudo-random bytes at
 # OFFSET into every FILE (VM disks and their shadow copies).
-layer_files() { find "$S/layers" -type f | wc -l; }
+# Layers in the state directory (one ID.log each; see layer.h).
+layer_files() { find "$S/layers" -type f -name '*.log' | wc -l; }
 # refuse PATTERN WHAT CMD...: like expect_error, and the one-line message
 # must match PATTERN (it says why).
 refuse() {
@@ -133,13 +134,13 @@ mount_imgfs "$T/repo" "$M" "state=$S"
 same "$V/busy@b5.raw" "$T/busy.b5" "snapshot busy@b5 changed across a remount"
 ok "10 snapshots while 300 random writes ran: the VM has every write, snapshots read whole"
 "$IMGFSCTL" vm rm "$M" busy
-[ "$(layer_files)" -eq 16 ] || fail "removing busy (11 unshared layers) left $(layer_files) layer files, expected 16"
+[ "$(layer_files)" -eq 8 ] || fail "removing busy (11 unshared layers) left $(layer_files) layer files, expected 8"
 
 # --- vm rm -----------------------------------------------------------------------
 # a: [A0 A1 A2 A3], snapshots s1 [A0], s2 [A0 A1], implicit [A0 A1 A2];
 # c1: [A0 C1 C1'] and its implicit snapshot [A0 C1]; c2: [A0 A1 A2 C2];
 # c3: [A0 C1 C3]. 8 layers, 2 files each.
-[ "$(layer_files)" -eq 16 ] || fail "expected 16 layer files, found $(layer_files): $(ls "$S/layers")"
+[ "$(layer_files)" -eq 8 ] || fail "expected 8 layer files, found $(layer_files): $(ls "$S/layers")"
 
 exec 3<> "$V/c1.raw"
 [ "$(stat_value "$M" "vm c1" open)" -ge 1 ] || fail "[vm c1] open does not count an open descriptor"
@@ -152,11 +153,11 @@ refuse 'open|busy|in use' "vm rm of a blank VM held open" "$IMGFSCTL" vm rm "$M"
 exec 3>&-
 "$IMGFSCTL" vm rm "$M" t || fail "vm rm right after the VM was closed failed"
 [ ! -e "$V/t.raw" ] || fail "removed VM t still listed"
-[ "$(layer_files)" -eq 16 ] || fail "removing VM t left $(layer_files) layer files, expected 16"
+[ "$(layer_files)" -eq 8 ] || fail "removing VM t left $(layer_files) layer files, expected 8"
 sleep 1000 < "$V/a@s2.raw" &
 holder=$!
 refuse 'open|busy|in use' "vm rm of a VM whose snapshot is open" "$IMGFSCTL" vm rm "$M" a
-[ -f "$S/vms/a.vm" ] && [ "$(layer_files)" -eq 16 ] || fail "a refused vm rm changed the state directory"
+[ -f "$S/vms/a.vm" ] && [ "$(layer_files)" -eq 8 ] || fail "a refused vm rm changed the state directory"
 same "$V/a.raw" "$T/sh.a" "VM a changed by a refused vm rm"
 kill $holder
 wait $holder 2>/dev/null || true
@@ -169,17 +170,17 @@ for _ in $(seq 1 100); do [ "$(stat_value "$M" "vm a" open)" -eq 0 ] && break; s
 [ ! -e "$S/vms/a.vm" ] || fail "a's VM file is still in the state directory"
 ! grep -q '^\[vm a\]' "$M/.imgfs/stats" || fail "a still in stats after vm rm"
 # Only A3 (a's own top layer) was referenced by nothing else.
-[ "$(layer_files)" -eq 14 ] || fail "after rm a: expected 14 layer files (only a's top layer deleted), found $(layer_files)"
+[ "$(layer_files)" -eq 7 ] || fail "after rm a: expected 7 layer files (only a's top layer deleted), found $(layer_files)"
 drop_caches
 for c in c1 c2 c3; do same "$V/$c.raw" "$T/sh.$c" "clone $c wrong after its source VM was removed"; done
 ok "vm rm a: its unshared top layer deleted, layers used by clones kept, clones read right"
 
 "$IMGFSCTL" vm rm "$M" c2
 # A1, A2 (only c2 still used them) and C2.
-[ "$(layer_files)" -eq 8 ] || fail "after rm c2: expected 8 layer files, found $(layer_files)"
+[ "$(layer_files)" -eq 4 ] || fail "after rm c2: expected 4 layer files, found $(layer_files)"
 "$IMGFSCTL" vm rm "$M" c1
 # Only C1' : A0 and C1 are still c3's.
-[ "$(layer_files)" -eq 6 ] || fail "after rm c1: expected 6 layer files, found $(layer_files)"
+[ "$(layer_files)" -eq 3 ] || fail "after rm c1: expected 3 layer files, found $(layer_files)"
 drop_caches
 same "$V/c3.raw" "$T/sh.c3" "clone c3 wrong after c1 and c2 were removed"
 [ "$(stat_value "$M" "vm c3" layers)" -eq 3 ] || fail "[vm c3] layers is not 3"
@@ -198,7 +199,7 @@ mount_imgfs "$T/repo" "$M" "state=$S"
 same "$V/c3.raw" "$T/sh.c3" "clone c3 wrong after remount"
 same "$V/a.raw" "$T/img.raw" "re-created a wrong after remount"
 for gone in c1 c2 a@s1 "$implicit"; do [ ! -e "$V/${gone%.raw}.raw" ] || fail "removed $gone is back after remount"; done
-[ "$(layer_files)" -eq 8 ] || fail "expected 8 layer files after remount (c3's 3 + new a's 1), found $(layer_files)"
+[ "$(layer_files)" -eq 4 ] || fail "expected 4 layer files after remount (c3's 3 + new a's 1), found $(layer_files)"
 [ "$(stat_value "$M" vms load_errors)" = none ] || fail "load errors after remount"
 ok "removals survive a remount"
 

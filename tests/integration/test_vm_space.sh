@@ -271,7 +271,7 @@ same "$E" "$T/e.shadow" "after remount of the small state dir"
 grep -q '^load_errors *none$' "$M2/.imgfs/stats" || { grep load_errors "$M2/.imgfs/stats" >&2; fail "VMs fail to load after ENOSPC"; }
 [ ! -e "$M2/vms/f.raw" ] || fail "the VM whose create failed exists after the remount"
 [ "$(ls "$SMALL/state/vms")" = e.vm ] || fail "state vms/ holds $(ls "$SMALL/state/vms" | tr '\n' ' ')"
-[ "$(ls "$SMALL/state/layers" | wc -l)" = 2 ] || fail "state layers/ holds leftovers: $(ls "$SMALL/state/layers" | tr '\n' ' ')"
+[ "$(ls "$SMALL/state/layers" | wc -l)" = 1 ] || fail "state layers/ holds leftovers: $(ls "$SMALL/state/layers" | tr '\n' ' ')"
 ok "after a remount the VM still reads right"
 umount_imgfs "$M2"
 
@@ -292,7 +292,9 @@ same "$U" "$T/shadow.u" "punch of the last 4608 bytes"
 [ "$(stat -c %s "$U")" = 41472 ] || fail "punch changed the size of a VM"
 check_map "$U" "0:36864"
 lu=$(layer_bytes u)
-[ "$lu" -le 36864 ] || fail "layer_bytes of u is $lu after punching all but its first 36864 bytes"
+# The log (layer.h) adds its header and a record per flush, and keeps the
+# blocks that the partial punches rewrote before a flush until compaction.
+[ "$lu" -le $((36864 + 6 * 4096)) ] || fail "layer_bytes of u is $lu after punching all but its first 36864 bytes"
 ok "41472-byte disk: punches to its end zero exactly, size kept, tail is a hole"
 umount_imgfs "$M"
 finish

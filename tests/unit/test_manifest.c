@@ -268,13 +268,15 @@ static void test_malformed(const char *good_text, size_t good_len)
     CHECK(body_rejected(HDR("99999999999999999999999", "262144", "1") H1));
     CHECK(body_rejected(HDR("0", "262144", "0")));
     CHECK(body_rejected(HDR("-1", "262144", "1") H1));
-    /* A huge (but in-range) disk whose chunk lines are missing must be
-     * refused without trying to allocate 64 Mi hashes. */
-    CHECK(body_rejected_because(HDR("1125899906842624", "16777216", "67108864") H1, "truncated"));
-    /* 2^38 chunks would need 4 TiB of hashes: refused from the text length,
-     * never attempted (an attempt fails as "out of memory", or aborts under
-     * ASan). */
-    CHECK(body_rejected_because(HDR("1125899906842624", "4096", "274877906944") H1, "truncated"));
+    /* A huge (but in-range) disk must be refused without trying to
+     * allocate 64 Mi hashes: more chunks than a manifest may have. */
+    CHECK(body_rejected_because(HDR("1125899906842624", "16777216", "67108864") H1, "more than"));
+    /* 2^38 chunks would need 4 TiB of hashes: refused by the bound, never
+     * attempted (an attempt fails as "out of memory", or aborts under ASan). */
+    CHECK(body_rejected_because(HDR("1125899906842624", "4096", "274877906944") H1, "more than"));
+    /* Within the bound but with the chunk lines missing: refused from the
+     * text length before allocating. */
+    CHECK(body_rejected_because(HDR("1099511627776", "131072", "8388608") H1, "truncated"));
     /* Bad fields. */
     CHECK(body_rejected("imgfs-manifest 2\nname deb\nversion 1\nsize 4096\nchunk-size 4096\ncreated 0\n"
                         "source x raw\nchunks 1\n0\n"));

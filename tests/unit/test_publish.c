@@ -87,7 +87,7 @@ static void check_repo_content(const char *repo_path, const char *name, uint64_t
     }
     CHECK(repo_is_local(repo));
 
-    struct repo_index index = {NULL, 0};
+    struct repo_index index = {0};
     CHECK(repo_read_index(repo, &index, err, sizeof(err)) == 0);
     const struct repo_index_entry *e = repo_index_find(&index, name);
     CHECK(e && e->latest == version);

@@ -1,0 +1,178 @@
+#include "owner.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "util.h"
+
+static int write_owner(int fd, pid_t pid, const char *mountpoint)
+{
+    char text[PATH_MAX + 64];
+    int n = snprintf(text, sizeof(text), "pid %ld\nmount %s\n", (long)pid, mountpoint);
+    if (n < 0 || (size_t)n >= sizeof(text))
+        return -ENAMETOOLONG;
+    if (ftruncate(fd, 0) < 0 || pwrite(fd, text, (size_t)n, 0) != n)
+        return -errno;
+    return 0;
+}
+
+int owner_lock(struct owner_lock *lock, const char *what, const char *dir, const char *mountpoint, char *err,
+               size_t errlen)
+{
+    char path[PATH_MAX];
+    int rc = path_join(path, sizeof(path), "%s/imgfs.lock", dir);
+    if (rc) {
+        snprintf(err, errlen, "the %s path %s is too long", what, dir);
+        return -1;
+    }
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot open the lock file %s of the %s: %s", path, what, strerror(errno));
+        return -1;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        int e = errno;
+        char text[PATH_MAX + 64] = "";
+        ssize_t n = e == EWOULDBLOCK ? pread(fd, text, sizeof(text) - 1, 0) : -1;
+        close(fd);
+        if (e != EWOULDBLOCK) {
+            snprintf(err, errlen, "cannot lock the %s %s: %s", what, dir, strerror(e));
+            return -1;
+        }
+        long pid = 0;
+        char owner_mount[PATH_MAX] = "?";
+        if (n > 0) {
+            text[n] = 0;
+            char *m = strstr(text, "\nmount ");
+            sscanf(text, "pid %ld", &pid);
+            if (m)
+                snprintf(owner_mount, sizeof(owner_mount), "%.*s", (int)strcspn(m + 7, "\n"), m + 7);
+        }
+        snprintf(err, errlen, "the %s %s is in use by imgfs pid %ld mounted on %s; one daemon owns it", what, dir, pid,
+                 owner_mount);
+        return -1;
+    }
+    if ((rc = write_owner(fd, getpid(), mountpoint)) != 0) {
+        close(fd);
+        snprintf(err, errlen, "cannot write the lock file %s: %s", path, strerror(-rc));
+        return -1;
+    }
+    lock->fd = fd;
+    return 0;
+}
+
+int owner_set_pid(struct owner_lock *lock, pid_t pid, const char *mountpoint)
+{
+    return lock->fd < 0 ? 0 : write_owner(lock->fd, pid, mountpoint);
+}
+
+void owner_unlock(struct owner_lock *lock)
+{
+    if (lock->fd >= 0)
+        close(lock->fd);
+    lock->fd = -1;
+}
+
+void owner_unescape_mount_path(char *path)
+{
+    char *out = path;
+    for (char *in = path; *in; in++) {
+        if (in[0] == '\\' && in[1] >= '0' && in[1] <= '3' && in[2] >= '0' && in[2] <= '7' && in[3] >= '0' &&
+            in[3] <= '7') {
+            *out++ = (char)((in[1] - '0') * 64 + (in[2] - '0') * 8 + (in[3] - '0'));
+            in += 3;
+        } else {
+            *out++ = *in;
+        }
+    }
+    *out = 0;
+}
+
+/* The file system type of the topmost mount at path ("" when none), from
+ * /proc/self/mountinfo: later lines are mounted on top of earlier ones. */
+static int top_mount_type(const char *path, char *type, size_t typelen)
+{
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    if (!f)
+        return -errno;
+    type[0] = 0;
+    char *line = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, f) > 0) {
+        /* ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [TAGS...] - TYPE SOURCE SUPEROPTS */
+        char mnt[PATH_MAX];
+        if (sscanf(line, "%*s %*s %*s %*s %4095s", mnt) != 1)
+            continue;
+        owner_unescape_mount_path(mnt);
+        char *sep = strstr(line, " - ");
+        if (!sep || strcmp(mnt, path) != 0)
+            continue;
+        snprintf(type, typelen, "%.*s", (int)strcspn(sep + 3, " \n"), sep + 3);
+    }
+    free(line);
+    fclose(f);
+    return 0;
+}
+
+/* Detaches a dead mount: umount2 as root, fusermount3 otherwise. */
+static int detach_mount(const char *mountpoint)
+{
+    if (geteuid() == 0)
+        return umount2(mountpoint, MNT_DETACH) == 0 ? 0 : -errno;
+    pid_t pid = fork();
+    if (pid < 0)
+        return -errno;
+    if (pid == 0) {
+        execlp("fusermount3", "fusermount3", "-uz", mountpoint, (char *)NULL);
+        _exit(127);
+    }
+    int status;
+    if (waitpid(pid, &status, 0) < 0)
+        return -errno;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -EPERM;
+}
+
+int owner_check_mountpoint(const char *mountpoint, char *err, size_t errlen)
+{
+    char type[64];
+    int rc = top_mount_type(mountpoint, type, sizeof(type));
+    if (rc) {
+        snprintf(err, errlen, "cannot read /proc/self/mountinfo: %s", strerror(-rc));
+        return -1;
+    }
+    bool is_fuse = strncmp(type, "fuse", 4) == 0;
+    /* statfs always asks the daemon; a stat may be answered from the
+     * attributes the kernel still caches. */
+    struct statfs sf;
+    if (is_fuse && statfs(mountpoint, &sf) < 0 && errno == ENOTCONN) {
+        /* The daemon (and whatever held its connection) is gone: nothing
+         * can be served there again. A fresh mount replaces it; the files
+         * that were open on the dead one stay broken. */
+        if ((rc = detach_mount(mountpoint)) != 0) {
+            snprintf(err, errlen,
+                     "%s holds a dead FUSE mount (its daemon is gone) that cannot be detached (%s); run "
+                     "'fusermount3 -uz %s' and mount again",
+                     mountpoint, strerror(-rc), mountpoint);
+            return -1;
+        }
+        log_warn("%s held a dead FUSE mount (its daemon was gone); detached it", mountpoint);
+        return 0;
+    }
+    if (strcmp(type, "fuse.imgfs") == 0) {
+        snprintf(err, errlen, "%s is already a live imgfs mount; mounting another imgfs on top of it is refused",
+                 mountpoint);
+        return -1;
+    }
+    return 0;
+}

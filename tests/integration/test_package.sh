@@ -1,0 +1,113 @@
+#!/bin/bash
+# The Debian package, as an operator meets it: packaging/setup.sh deb builds
+# imgfs_VERSION_ARCH.deb (lintian: no errors), apt installs it with its
+# dependencies, an fstab line of type fuse.imgfs mounts with the packaged
+# /usr/bin/imgfs (found by mount.fuse3 through mount(8)'s own PATH), a base
+# reads back, the packaged imgfsctl check, pre-copy script, man pages and
+# completion work, and apt-get remove leaves no mount and no process: it
+# refuses while a disk is open and unmounts otherwise. The package is purged
+# at the end whatever happened. Other engineers' mounts and daemons run
+# their own builds by full path and are never touched.
+. "$(dirname "$0")/lib.sh"
+SRC=${IMGFS_SOURCE_DIR:?}
+export DEBIAN_FRONTEND=noninteractive
+
+exec 9> /tmp/imgfs-package-test.lock
+flock -n 9 || fail "another package test is running"
+dpkg-query -W -f '${Status}' imgfs 2>/dev/null | grep -q "installed" &&
+    fail "an imgfs package is installed already; this test installs and purges its own"
+[ -e /usr/bin/imgfs ] && fail "/usr/bin/imgfs exists but belongs to no package"
+
+bash "$SRC/packaging/setup.sh" deb "$T/deb" > "$T/deb.log" 2>&1 || { cat "$T/deb.log"; fail "setup.sh deb failed"; }
+deb=$(ls "$T"/deb/imgfs_*_"$(dpkg --print-architecture)".deb)
+version=$(sed -n 's/^project(imgfs VERSION \([0-9.]*\).*/\1/p' "$SRC/CMakeLists.txt")
+[ "${deb##*/}" = "imgfs_${version}_$(dpkg --print-architecture).deb" ] || fail "unexpected package name ${deb##*/}"
+lintian "$deb" > "$T/lintian.out" 2>&1 || true
+grep -E '^E: ' "$T/lintian.out" && fail "lintian reports errors"
+ok "built ${deb##*/}; lintian: $(grep -c '^E: ' "$T/lintian.out") errors, $(grep -c '^W: ' "$T/lintian.out") warnings"
+
+at_exit 'flock /tmp/imgfs-apt.lock apt-get purge -y -qq imgfs > /dev/null 2>&1'
+flock /tmp/imgfs-apt.lock apt-get install -y -qq "$deb" > "$T/apt.log" 2>&1 || { cat "$T/apt.log"; fail "apt-get install failed"; }
+dpkg-query -W -f '${Status}' imgfs | grep -q "install ok installed" || fail "the package is not installed"
+for f in /usr/bin/imgfs /usr/bin/imgfsctl /etc/imgfs/imgfs.conf /etc/imgfs/precopy.list \
+    /lib/systemd/system/imgfs-precopy.service /lib/systemd/system/imgfs-precopy.timer /usr/lib/imgfs/imgfs-precopy \
+    /usr/share/bash-completion/completions/imgfsctl /usr/share/doc/imgfs/design.md.gz; do
+    [ -e "$f" ] || fail "the package did not install $f"
+done
+for page in imgfs.8 imgfsctl.8 imgfs.conf.5; do
+    man -w "${page%.*}" > /dev/null 2>&1 || [ -e "/usr/share/man/man${page##*.}/$page.gz" ] || fail "no man page $page"
+done
+zcat /usr/share/man/man8/imgfs.8.gz | grep -q 'allow_other,nodev,nosuid' || fail "imgfs(8) lacks the fstab line"
+for dir in /var/cache/imgfs /var/lib/imgfs; do
+    [ -d "$dir" ] || fail "the package did not create $dir"
+done
+ok "installed with apt: binaries in /usr/bin, config, units, man pages, completion, $(stat -c '%n %a' /var/cache/imgfs)"
+
+make_image "$T/img.raw" 3000000
+/usr/bin/imgfsctl publish "$T/img.raw" "$T/repo" --name pkg > /dev/null
+mkdir -p "$T/mnt" "$T/cache" "$T/state"
+cat > "$T/imgfs.conf" <<EOT
+cache=$T/cache
+state=$T/state
+EOT
+MOUNTS+=("$T/mnt")
+cat > "$T/fstab" <<EOT
+$T/repo  $T/mnt  fuse.imgfs  allow_other,nodev,nosuid,nofail,config=$T/imgfs.conf,x-systemd.before=libvirtd.service  0  0
+EOT
+timeout 30 mount -T "$T/fstab" "$T/mnt" || fail "mount through the fstab line failed"
+grep " $T/mnt fuse.imgfs [^ ]*nosuid,nodev" /proc/mounts > /dev/null || fail "not mounted as fuse.imgfs with nodev,nosuid"
+daemon=$(stat_value "$T/mnt" cache directory)
+[ "$daemon" = "$T/cache" ] || fail "the mount did not take cache= from its config file ($daemon)"
+pid=$(awk '/^pid/ { print $2 }' "$T/state/imgfs.lock")
+[ "$(readlink "/proc/$pid/exe")" = /usr/bin/imgfs ] || fail "the daemon is $(readlink "/proc/$pid/exe"), not /usr/bin/imgfs"
+cmp "$T/mnt/bases/pkg.raw" "$T/img.raw" || fail "the base reads back wrong"
+ok "fstab line mounted by /usr/bin/imgfs (pid $pid) with its config file; the base reads back"
+
+/usr/bin/imgfsctl check "$T/mnt" > "$T/check.out" || { cat "$T/check.out"; fail "imgfsctl check of the mount failed"; }
+grep -q "^ok    repository  $T/repo is reachable" "$T/check.out" || fail "check did not find the repository"
+grep -q "^0 problems" "$T/check.out" || fail "check found problems"
+ok "imgfsctl check: $(grep -c '^ok' "$T/check.out") ok, $(tail -n 1 "$T/check.out")"
+
+# The pre-copy script of the timer, with a window around now.
+/usr/bin/imgfsctl vm create "$T/mnt" web1 --base pkg > /dev/null
+start=$(date -d '-1 min' +%H:%M) end=$(date -d '+10 min' +%H:%M)
+printf 'rate=100M\nwindow=%s-%s\n%s pkg\n' "$start" "$end" "$T/mnt" > "$T/precopy.list"
+/usr/lib/imgfs/imgfs-precopy "$T/precopy.list" > "$T/precopy.out" 2>&1 || { cat "$T/precopy.out"; fail "imgfs-precopy failed"; }
+grep -q "pre-copy of pkg@1: done" "$T/precopy.out" || { cat "$T/precopy.out"; fail "the listed base was not pre-copied"; }
+[ "$(stat_value "$T/mnt" cache pinned_bytes)" -gt 0 ] || fail "nothing is pinned after the pre-copy"
+if command -v systemd-analyze > /dev/null; then
+    systemd-analyze verify /lib/systemd/system/imgfs-precopy.timer > "$T/verify.out" 2>&1 ||
+        { cat "$T/verify.out"; fail "systemd-analyze verify of the timer failed"; }
+fi
+ok "imgfs-precopy pins the listed base inside its window; the units verify"
+
+# Completion of VM and base names on the mount.
+out=$(bash -c "source /usr/share/bash-completion/bash_completion; source /usr/share/bash-completion/completions/imgfsctl
+    COMP_WORDS=(imgfsctl vm rm '$T/mnt' w); COMP_CWORD=4; _imgfsctl; echo \"\${COMPREPLY[*]}\"
+    COMP_WORDS=(imgfsctl precopy '$T/mnt' ''); COMP_CWORD=3; _imgfsctl; echo \"\${COMPREPLY[*]}\"")
+[ "$out" = "$(printf 'web1\npkg pkg@1')" ] || fail "completion gave '$out'"
+ok "bash completion names the VMs and bases of the mount"
+
+# Removal refuses while a disk is open, then unmounts and leaves nothing.
+exec 8< "$T/mnt/vms/web1.raw"
+if flock /tmp/imgfs-apt.lock apt-get remove -y -qq imgfs > "$T/remove.log" 2>&1; then
+    fail "apt-get remove succeeded while a VM disk was open"
+fi
+grep -q "cannot unmount $T/mnt" "$T/remove.log" || { cat "$T/remove.log"; fail "removal did not say which mount is busy"; }
+mountpoint -q "$T/mnt" || fail "a refused removal lost the mount"
+exec 8<&-
+ok "apt-get remove refuses while a VM disk is open: $(grep -m1 'cannot unmount' "$T/remove.log")"
+flock /tmp/imgfs-apt.lock apt-get remove -y -qq imgfs > "$T/remove.log" 2>&1 || { cat "$T/remove.log"; fail "apt-get remove failed"; }
+mountpoint -q "$T/mnt" && fail "the mount is still there after apt-get remove"
+# Gone, or a zombie that only waits for its parent (here PID 1) to reap it.
+state=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -c1)
+[ -z "$state" ] || [ "$state" = Z ] || fail "the daemon (pid $pid) still runs after apt-get remove (state $state)"
+for exe in /proc/[0-9]*/exe; do
+    case $(readlink "$exe" 2>/dev/null) in /usr/bin/imgfs*) fail "a packaged imgfs still runs: $exe" ;; esac
+done
+[ -e /usr/bin/imgfs ] && fail "/usr/bin/imgfs is still there"
+ok "apt-get remove unmounted $T/mnt and stopped its daemon; no packaged process is left"
+flock /tmp/imgfs-apt.lock apt-get purge -y -qq imgfs > /dev/null 2>&1 || fail "apt-get purge failed"
+[ -e /etc/imgfs/imgfs.conf ] && fail "/etc/imgfs/imgfs.conf is still there after purge"
+ok "apt-get purge removed the config"
+finish

@@ -1,0 +1,689 @@
+/* Unit tests for layer.c, below the mount: writes, punches, extents and
+ * reopening checked against a model of the disk; torn and garbled records;
+ * the conversion of an old-format layer; compaction, also with concurrent
+ * writers; and crashes (a child process killed with SIGKILL at every write
+ * of a flush and of a compaction) and faults (EIO, ENOSPC) injected through
+ * layer_syscalls. */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "layer.h"
+#include "test_files.h"
+#include "util.h"
+
+#define BS LAYER_BLOCK_SIZE
+#define DISK_SIZE (8ull * 1024 * 1024 + 1234) /* the last block is short */
+#define BLOCKS ((DISK_SIZE + BS - 1) / BS)
+
+static char dir[256];
+
+/* The model: what the layer must show. owned[b]: 0 no, 1 data, 2 zero. */
+struct model {
+    unsigned char *bytes;
+    unsigned char *owned;
+};
+
+static void model_init(struct model *m)
+{
+    m->bytes = calloc(1, DISK_SIZE);
+    m->owned = calloc(1, BLOCKS);
+}
+static void model_copy(struct model *dst, const struct model *src)
+{
+    memcpy(dst->bytes, src->bytes, DISK_SIZE);
+    memcpy(dst->owned, src->owned, BLOCKS);
+}
+static void model_free(struct model *m)
+{
+    free(m->bytes);
+    free(m->owned);
+}
+
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static uint64_t next_rand(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+}
+
+static size_t block_len(uint64_t b, uint64_t count)
+{
+    uint64_t end = (b + count) * BS < DISK_SIZE ? (b + count) * BS : DISK_SIZE;
+    return (size_t)(end - b * BS);
+}
+
+/* Writes count blocks at b with fresh random bytes, into layer and model. */
+static int write_blocks(struct layer *l, struct model *m, uint64_t b, uint64_t count)
+{
+    size_t len = block_len(b, count);
+    unsigned char *buf = malloc(len);
+    for (size_t i = 0; i < len; i++)
+        buf[i] = (unsigned char)next_rand();
+    int rc = layer_write(l, buf, len, b * BS);
+    if (rc == 0 && m) {
+        memcpy(m->bytes + b * BS, buf, len);
+        memset(m->owned + b, 1, count);
+    }
+    free(buf);
+    return rc;
+}
+
+/* Random blocks [*b, *b + *n) with *b below max_b and 1 <= *n <= max_n,
+ * inside the disk (in this order, so that a replay gets the same). */
+static void rand_range(uint64_t max_b, uint64_t max_n, uint64_t *b, uint64_t *n)
+{
+    *b = next_rand() % max_b;
+    *n = 1 + next_rand() % max_n;
+    if (*b + *n > BLOCKS)
+        *n = BLOCKS - *b;
+}
+
+static int write_random(struct layer *l, struct model *m, uint64_t max_b, uint64_t max_n)
+{
+    uint64_t b, n;
+    rand_range(max_b, max_n, &b, &n);
+    return write_blocks(l, m, b, n);
+}
+
+static int punch_blocks(struct layer *l, struct model *m, uint64_t b, uint64_t count)
+{
+    int rc = layer_punch(l, b, count);
+    if (rc == 0 && m) {
+        memset(m->bytes + b * BS, 0, block_len(b, count));
+        memset(m->owned + b, 2, count);
+    }
+    return rc;
+}
+
+/* True when the layer shows exactly the model, through reads and extents. */
+static bool matches(struct layer *l, const struct model *m)
+{
+    unsigned char *buf = malloc(BS);
+    bool ok = true;
+    for (uint64_t b = 0; b < BLOCKS && ok; b++) {
+        ok = layer_owns(l, b) == (m->owned[b] != 0);
+        if (ok && m->owned[b]) {
+            size_t len = block_len(b, 1);
+            ok = layer_read(l, buf, len, b * BS) == 0 && memcmp(buf, m->bytes + b * BS, len) == 0;
+        }
+        if (!ok)
+            fprintf(stderr, "block %" PRIu64 " differs (model: %d)\n", b, m->owned[b]);
+    }
+    /* Extents agree with the kinds, and cover the disk exactly. */
+    for (uint64_t off = 0; off < DISK_SIZE && ok;) {
+        struct layer_extent e;
+        ok = layer_extent_at(l, off, DISK_SIZE, &e) == 0 && e.len > 0;
+        for (uint64_t b = off / BS; ok && b * BS < off + e.len; b++)
+            ok = (int)e.kind == (m->owned[b] == 0 ? LAYER_EXTENT_UNOWNED
+                                 : m->owned[b] == 1 ? LAYER_EXTENT_DATA
+                                                    : LAYER_EXTENT_ZERO);
+        off += ok ? e.len : 0;
+        layer_extent_release(l, &e);
+    }
+    free(buf);
+    return ok;
+}
+
+static char *log_path(const char *id)
+{
+    static char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/%s.log", dir, id);
+    return path;
+}
+
+static off_t file_size(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 ? st.st_size : -1;
+}
+
+static struct layer *reopen(struct layer *l)
+{
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    struct layer *again = NULL;
+    int rc = layer_open(dir, id, DISK_SIZE, &again);
+    CHECK(rc == 0);
+    return again;
+}
+
+/* ---- the basics ------------------------------------------------------------------ */
+
+static void test_basics(void)
+{
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    struct model m;
+    model_init(&m);
+    CHECK(matches(l, &m));
+    CHECK(write_blocks(l, &m, 0, 1) == 0);
+    CHECK(write_blocks(l, &m, 10, 300) == 0);  /* more than one record's worth of blocks */
+    CHECK(write_blocks(l, &m, BLOCKS - 1, 1) == 0); /* the short last block */
+    CHECK(punch_blocks(l, &m, 100, 50) == 0);
+    CHECK(write_blocks(l, &m, 120, 2) == 0); /* data inside the punched range */
+    CHECK(layer_write(l, "x", 1, 5) == -EINVAL); /* not whole blocks */
+    CHECK(layer_read(l, m.bytes, BS, 5 * BS) == -EINVAL); /* not owned */
+    CHECK(matches(l, &m));
+    CHECK(layer_owned_blocks(l) == 1 + 300 + 1);
+    /* Unflushed writes are not promised; flushed ones come back. */
+    CHECK(layer_flush(l) == 0);
+    l = reopen(l);
+    CHECK(l && matches(l, &m));
+    /* Many small flushes, then reopen. */
+    for (int i = 0; i < 200; i++) {
+        CHECK(write_random(l, &m, BLOCKS, 1) == 0);
+        if (i % 7 == 0)
+            CHECK(layer_flush(l) == 0);
+    }
+    CHECK(layer_flush(l) == 0);
+    l = reopen(l);
+    CHECK(l && matches(l, &m));
+    /* A punch of the whole disk costs no index nodes and reads as zeros. */
+    CHECK(punch_blocks(l, &m, 0, BLOCKS) == 0);
+    CHECK(layer_flush(l) == 0);
+    CHECK(matches(l, &m));
+    l = reopen(l);
+    CHECK(l && matches(l, &m));
+    CHECK(layer_owned_blocks(l) == BLOCKS);
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    CHECK(layer_remove(dir, id) == 0);
+    CHECK(access(log_path(id), F_OK) != 0);
+    model_free(&m);
+}
+
+/* ---- torn records ---------------------------------------------------------------- */
+
+/* A layer with two flushes; returns the model after the first, and where
+ * the second record starts (the file's size after the first flush). */
+static struct layer *two_flushes(struct model *first, struct model *second, off_t *first_end)
+{
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    model_init(first);
+    model_init(second);
+    for (int i = 0; i < 20; i++)
+        CHECK(write_random(l, first, BLOCKS, 4) == 0);
+    CHECK(layer_flush(l) == 0);
+    *first_end = file_size(log_path(layer_id(l)));
+    model_copy(second, first);
+    for (int i = 0; i < 20; i++)
+        CHECK(write_random(l, second, BLOCKS, 4) == 0);
+    CHECK(punch_blocks(l, second, 3, 2) == 0);
+    CHECK(layer_flush(l) == 0);
+    return l;
+}
+
+static void test_torn_record(void)
+{
+    /* Garble one byte of the last record: the layer opens at the first flush. */
+    struct model first, second;
+    off_t first_end;
+    struct layer *l = two_flushes(&first, &second, &first_end);
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    /* The second record is at the block the first flush reserved for it:
+     * the file's end after the first flush. */
+    off_t rec = first_end;
+    int fd = open(log_path(id), O_RDWR);
+    unsigned char byte;
+    CHECK(pread(fd, &byte, 1, rec + 10) == 1); /* its sequence number */
+    byte ^= 0x40;
+    CHECK(pwrite(fd, &byte, 1, rec + 10) == 1);
+    close(fd);
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    CHECK(l && matches(l, &first));
+    /* It goes on from there: new writes and flushes survive a reopen. */
+    CHECK(write_blocks(l, &first, 7, 3) == 0);
+    CHECK(layer_flush(l) == 0);
+    l = reopen(l);
+    CHECK(l && matches(l, &first));
+    layer_close(l);
+    layer_remove(dir, id);
+    model_free(&first);
+    model_free(&second);
+
+    /* Truncate the file inside the last record: the same. */
+    l = two_flushes(&first, &second, &first_end);
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    CHECK(truncate(log_path(id), first_end + 40) == 0);
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    CHECK(l && matches(l, &first));
+    layer_close(l);
+    layer_remove(dir, id);
+    model_free(&first);
+    model_free(&second);
+
+    /* The last record is whole but a data block it names is not: the whole
+     * record is dropped (that flush never returned). */
+    l = two_flushes(&first, &second, &first_end);
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    fd = open(log_path(id), O_RDWR);
+    CHECK(pread(fd, &byte, 1, first_end + BS + 10) == 1); /* the second flush's first data block */
+    byte ^= 1;
+    CHECK(pwrite(fd, &byte, 1, first_end + BS + 10) == 1);
+    close(fd);
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    CHECK(l && matches(l, &first));
+    layer_close(l);
+    layer_remove(dir, id);
+    model_free(&first);
+    model_free(&second);
+
+    /* Nothing wrong: both flushes come back. */
+    l = two_flushes(&first, &second, &first_end);
+    l = reopen(l);
+    CHECK(l && matches(l, &second));
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    layer_remove(dir, id);
+    model_free(&first);
+    model_free(&second);
+
+    /* A bad header is refused, not repaired. */
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    struct layer *none = NULL;
+    CHECK(layer_open(dir, id, DISK_SIZE + BS, &none) == -EBADMSG);
+    layer_remove(dir, id);
+}
+
+/* ---- the old format -------------------------------------------------------------- */
+
+static void write_old_layer(const char *id, struct model *m)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/%s.data", dir, id);
+    int data = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    CHECK(data >= 0 && ftruncate(data, DISK_SIZE) == 0);
+    snprintf(path, sizeof(path), "%s/%s.map", dir, id);
+    int map = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    size_t map_len = 64 + (BLOCKS / 64 + 1) * 8 + 4096;
+    unsigned char *buf = calloc(1, map_len);
+    snprintf((char *)buf, 64, "imgfs-layer-map 1\n%" PRIu64 "\n", (uint64_t)DISK_SIZE);
+    model_init(m);
+    for (int i = 0; i < 40; i++) {
+        uint64_t b = next_rand() % BLOCKS, n = 1 + next_rand() % 8;
+        if (b + n > BLOCKS)
+            n = BLOCKS - b;
+        bool zero = i % 5 == 0; /* owned and a hole: a discarded range */
+        for (uint64_t k = b; k < b + n; k++) {
+            size_t len = block_len(k, 1);
+            for (size_t j = 0; j < len; j++)
+                m->bytes[k * BS + j] = zero ? 0 : (unsigned char)next_rand();
+            m->owned[k] = zero ? 2 : 1;
+            buf[64 + k / 8] |= (unsigned char)(1u << (k % 8));
+        }
+        if (zero)
+            CHECK(fallocate(data, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(b * BS), (off_t)(n * BS)) == 0);
+        else
+            CHECK(pwrite(data, m->bytes + b * BS, block_len(b, n), (off_t)(b * BS)) == (ssize_t)block_len(b, n));
+    }
+    CHECK(pwrite(map, buf, map_len, 0) == (ssize_t)map_len);
+    close(data);
+    close(map);
+    free(buf);
+}
+
+static void test_convert_old(void)
+{
+    const char *id = "00000000000000aa";
+    struct model m;
+    write_old_layer(id, &m);
+    /* A conversion that crashed before its rename left a partial .log.tmp. */
+    char tmp[PATH_MAX], path[PATH_MAX];
+    snprintf(tmp, sizeof(tmp), "%s/%s.log.tmp", dir, id);
+    int fd = open(tmp, O_RDWR | O_CREAT, 0600);
+    CHECK(fd >= 0 && write(fd, "partial", 7) == 7);
+    close(fd);
+    struct layer *l = NULL;
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    CHECK(l && matches(l, &m));
+    snprintf(path, sizeof(path), "%s/%s.map", dir, id);
+    CHECK(access(path, F_OK) != 0);
+    snprintf(path, sizeof(path), "%s/%s.data", dir, id);
+    CHECK(access(path, F_OK) != 0);
+    CHECK(access(tmp, F_OK) != 0);
+    CHECK(access(log_path(id), F_OK) == 0);
+    /* The converted layer takes writes and reopens like any other. */
+    CHECK(write_blocks(l, &m, 5, 5) == 0);
+    CHECK(layer_flush(l) == 0);
+    l = reopen(l);
+    CHECK(l && matches(l, &m));
+    layer_close(l);
+    layer_remove(dir, id);
+    model_free(&m);
+
+    /* A conversion that renamed but did not remove the old files yet. */
+    write_old_layer(id, &m);
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    layer_close(l);
+    struct model ignored;
+    write_old_layer(id, &ignored); /* different old files reappear */
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    CHECK(l && matches(l, &m)); /* the log wins */
+    CHECK(access(path, F_OK) != 0);
+    layer_close(l);
+    layer_remove(dir, id);
+    model_free(&m);
+    model_free(&ignored);
+}
+
+/* ---- compaction ------------------------------------------------------------------ */
+
+static void test_compaction(void)
+{
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    struct model m;
+    model_init(&m);
+    for (int round = 0; round < 10; round++) {
+        for (uint64_t b = 0; b < 64; b += 4)
+            CHECK(write_blocks(l, &m, b, 4) == 0);
+        CHECK(layer_flush(l) == 0);
+    }
+    CHECK(punch_blocks(l, &m, 8, 8) == 0);
+    CHECK(write_blocks(l, &m, 1000, 1) == 0); /* unflushed, still kept */
+    struct layer_stats before, after;
+    layer_stats(l, &before);
+    CHECK(layer_compact(l) == 0);
+    layer_stats(l, &after);
+    CHECK(after.compactions == before.compactions + 1);
+    CHECK(after.log_blocks < before.log_blocks / 4);
+    CHECK(after.data_blocks == before.data_blocks);
+    CHECK(matches(l, &m));
+    CHECK(write_blocks(l, &m, 30, 2) == 0);
+    CHECK(layer_flush(l) == 0);
+    l = reopen(l);
+    CHECK(l && matches(l, &m));
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    layer_remove(dir, id);
+    model_free(&m);
+}
+
+/* Writers on disjoint ranges while compactions run. */
+struct writer {
+    struct layer *layer;
+    uint64_t first;
+    unsigned char *expect; /* the writer's blocks, as last written */
+    int rc;
+};
+
+static void *writer_main(void *arg)
+{
+    struct writer *w = arg;
+    uint64_t seed = w->first * 7919 + 1;
+    unsigned char buf[BS];
+    for (int i = 0; i < 3000 && !w->rc; i++) {
+        uint64_t b = seed % 64;
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        memset(buf, (int)(seed >> 56), BS);
+        w->rc = layer_write(w->layer, buf, BS, (w->first + b) * BS);
+        memcpy(w->expect + b * BS, buf, BS);
+        if (i % 100 == 0 && !w->rc)
+            w->rc = layer_flush(w->layer);
+    }
+    return NULL;
+}
+
+static void test_parallel_compaction(void)
+{
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    struct writer w[4];
+    pthread_t t[4];
+    for (int i = 0; i < 4; i++) {
+        w[i] = (struct writer){l, (uint64_t)i * 256, calloc(64, BS), 0};
+        pthread_create(&t[i], NULL, writer_main, &w[i]);
+    }
+    int compactions = 0;
+    for (int i = 0; i < 20; i++)
+        compactions += layer_compact(l) == 0;
+    for (int i = 0; i < 4; i++)
+        pthread_join(t[i], NULL);
+    CHECK(compactions == 20);
+    CHECK(layer_flush(l) == 0);
+    for (int pass = 0; pass < 2; pass++) {
+        unsigned char buf[BS];
+        for (int i = 0; i < 4; i++) {
+            CHECK(w[i].rc == 0);
+            for (uint64_t b = 0; b < 64; b++) {
+                if (!layer_owns(l, w[i].first + b))
+                    continue;
+                CHECK(layer_read(l, buf, BS, (w[i].first + b) * BS) == 0);
+                CHECK(memcmp(buf, w[i].expect + b * BS, BS) == 0);
+            }
+        }
+        l = reopen(l);
+        CHECK(l != NULL);
+    }
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    layer_remove(dir, id);
+    for (int i = 0; i < 4; i++)
+        free(w[i].expect);
+}
+
+/* ---- crashes and faults ------------------------------------------------------- */
+
+static int kill_at = -1; /* SIGKILL the process at this pwrite (counting from 0) */
+static int fail_errno;   /* or fail it with this errno */
+static int pwrites;
+static bool fail_sync;
+
+static ssize_t hooked_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    if (pwrites++ == kill_at) {
+        if (fail_errno) {
+            errno = fail_errno;
+            return -1;
+        }
+        /* Half of this write reaches the file: a torn write, then death. */
+        if (len > 1 && pwrite(fd, buf, len / 2, off) < 0)
+            _exit(3);
+        kill(getpid(), SIGKILL);
+    }
+    return pwrite(fd, buf, len, off);
+}
+
+static int hooked_fdatasync(int fd)
+{
+    if (fail_sync) {
+        errno = EIO;
+        return -1;
+    }
+    return fdatasync(fd);
+}
+
+/* In a child: a flushed state, then more writes and a flush or compaction,
+ * killed at pwrite number k of that second part. The parent checks that the
+ * layer opens and shows, per block, the flushed state or the new one. */
+static int crash_child(const char *id, int k, bool compaction, uint64_t seed)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        rng = seed;
+        struct layer *l;
+        if (layer_open(dir, id, DISK_SIZE, &l) != 0)
+            _exit(2);
+        pwrites = 0;
+        kill_at = k;
+        for (int i = 0; i < 30; i++)
+            write_random(l, NULL, 128, 3);
+        if (compaction)
+            layer_compact(l);
+        else
+            layer_flush(l);
+        _exit(0); /* k was past the last write */
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    return WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL ? 1 : WIFEXITED(status) ? -WEXITSTATUS(status) : -9;
+}
+
+static void test_crashes(bool compaction)
+{
+    layer_syscalls.pwrite = hooked_pwrite;
+    const char *id = compaction ? "00000000000000cc" : "00000000000000fc";
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    char created[LAYER_ID_LEN + 1];
+    snprintf(created, sizeof(created), "%s", layer_id(l));
+    layer_close(l);
+    char from[PATH_MAX];
+    snprintf(from, sizeof(from), "%s", log_path(created));
+    CHECK(rename(from, log_path(id)) == 0);
+    struct model flushed, maybe;
+    model_init(&flushed);
+    model_init(&maybe);
+    int kills = 0;
+    for (int k = 0; k < 400; k++) {
+        /* The flushed state: reopen, overwrite the same blocks, flush. */
+        CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+        if (!l)
+            break;
+        for (int i = 0; i < 40; i++)
+            CHECK(write_random(l, &flushed, 128, 3) == 0);
+        CHECK(layer_flush(l) == 0);
+        CHECK(matches(l, &flushed));
+        layer_close(l);
+        /* The child writes what the model "maybe" gets, replaying its seed. */
+        uint64_t seed = next_rand();
+        model_copy(&maybe, &flushed);
+        uint64_t saved = rng;
+        rng = seed;
+        for (int i = 0; i < 30; i++) {
+            uint64_t b, n;
+            rand_range(128, 3, &b, &n);
+            for (uint64_t x = b; x < b + n; x++)
+                for (size_t j = 0; j < BS; j++)
+                    maybe.bytes[x * BS + j] = (unsigned char)next_rand();
+            memset(maybe.owned + b, 1, n);
+        }
+        rng = saved;
+        int r = crash_child(id, k, compaction, seed);
+        CHECK(r >= 0);
+        if (r == 0)
+            break; /* k passed every write: all steps were covered */
+        kills++;
+        /* Every block shows its flushed bytes or its new ones, nothing else. */
+        CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+        if (!l)
+            break;
+        unsigned char buf[BS];
+        for (uint64_t b = 0; b < 128; b++) {
+            bool owned = layer_owns(l, b);
+            CHECK(owned || !flushed.owned[b]);
+            if (!owned)
+                continue;
+            CHECK(layer_read(l, buf, BS, b * BS) == 0);
+            bool old = flushed.owned[b] && memcmp(buf, flushed.bytes + b * BS, BS) == 0;
+            bool new = memcmp(buf, maybe.bytes + b * BS, BS) == 0;
+            CHECK(old || new);
+            memcpy(flushed.bytes + b * BS, buf, BS); /* what is there now is the state */
+            flushed.owned[b] = 1;
+        }
+        CHECK(matches(l, &flushed));
+        layer_close(l);
+    }
+    CHECK(kills > 2);
+    printf("%s: killed at %d different writes\n", compaction ? "compaction" : "flush", kills);
+    layer_syscalls.pwrite = hooked_pwrite;
+    kill_at = -1;
+    layer_remove(dir, id);
+    model_free(&flushed);
+    model_free(&maybe);
+}
+
+static void test_faults(void)
+{
+    layer_syscalls.pwrite = hooked_pwrite;
+    layer_syscalls.fdatasync = hooked_fdatasync;
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    struct model m;
+    model_init(&m);
+    CHECK(write_blocks(l, &m, 0, 8) == 0);
+    CHECK(layer_flush(l) == 0);
+    /* A write that hits ENOSPC fails alone; the layer goes on. */
+    pwrites = 0;
+    kill_at = 0;
+    fail_errno = ENOSPC;
+    CHECK(write_blocks(l, &m, 20, 1) == -ENOSPC);
+    CHECK(write_blocks(l, &m, 21, 1) == 0);
+    /* A flush whose record write fails can be retried. */
+    pwrites = 0;
+    kill_at = 0;
+    fail_errno = EIO;
+    CHECK(layer_flush(l) == -EIO);
+    CHECK(matches(l, &m));
+    CHECK(write_blocks(l, &m, 22, 1) == 0);
+    CHECK(layer_flush(l) == 0);
+    l = reopen(l);
+    CHECK(l && matches(l, &m));
+    /* A failed fdatasync: what reached the disk is unknown, so the layer
+     * refuses writes until reopened; what was flushed before stays. */
+    struct model flushed;
+    model_init(&flushed);
+    model_copy(&flushed, &m);
+    CHECK(write_blocks(l, &m, 30, 1) == 0);
+    fail_sync = true;
+    CHECK(layer_flush(l) == -EIO);
+    fail_sync = false;
+    CHECK(write_blocks(l, NULL, 31, 1) == -EIO);
+    CHECK(layer_flush(l) == -EIO);
+    l = reopen(l);
+    CHECK(l && (matches(l, &m) || matches(l, &flushed)));
+    kill_at = -1;
+    fail_errno = 0;
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    layer_remove(dir, id);
+    model_free(&m);
+    model_free(&flushed);
+}
+
+int main(void)
+{
+    snprintf(dir, sizeof(dir), "/tmp/imgfs-test-layer-XXXXXX");
+    if (!mkdtemp(dir)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    setenv("IMGFS_LAYER_COMPACT_MIN", "1G", 1); /* compactions only when asked */
+    test_basics();
+    test_torn_record();
+    test_convert_old();
+    test_compaction();
+    test_parallel_compaction();
+    test_crashes(false);
+    test_crashes(true);
+    test_faults();
+    CHECK(count_entries(dir) == 0);
+    remove_tree(dir);
+    return check_summary();
+}
