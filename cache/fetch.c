@@ -59,7 +59,8 @@ struct waiter {
     struct fetch_ref *ref;
     uint64_t deadline; /* NO_DEADLINE: bounded by the job's own */
     struct fetch_counters *counters;
-    bool joined; /* came to a job another request started */
+    bool joined;  /* came to a job another request started */
+    bool counted; /* a demand request: in callbacks_pending */
     int err;     /* set when it is completed */
 };
 
@@ -118,6 +119,8 @@ struct fetcher {
     pthread_cond_t work_ready;  /* work queue not empty, or stop */
     pthread_cond_t demand_idle; /* demand_active dropped to 0, or stop */
     int demand_active;
+    pthread_cond_t drained; /* callbacks_pending dropped to 0 */
+    int callbacks_pending;  /* demand waiters whose done() has not returned */
     int in_flight[REPO_MAX_MIRRORS];
     int in_flight_background[REPO_MAX_MIRRORS];
     int transfers;
@@ -324,10 +327,25 @@ static void complete_waiters(struct fetcher *f, struct waiter *w)
             if (w->counters)
                 atomic_fetch_add(&w->counters->errors, 1);
         }
+        bool counted = w->counted;
         w->done(w->arg, w->err);
         free(w);
+        if (counted) {
+            pthread_mutex_lock(&f->lock);
+            if (--f->callbacks_pending == 0)
+                pthread_cond_broadcast(&f->drained);
+            pthread_mutex_unlock(&f->lock);
+        }
         w = next;
     }
+}
+
+void fetcher_drain(struct fetcher *f)
+{
+    pthread_mutex_lock(&f->lock);
+    while (f->callbacks_pending > 0)
+        pthread_cond_wait(&f->drained, &f->lock);
+    pthread_mutex_unlock(&f->lock);
 }
 
 static void free_job(struct job *job)
@@ -837,6 +855,8 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
         }
         if (job) {
             if (w) {
+                w->counted = cls == FETCH_DEMAND;
+                f->callbacks_pending += w->counted;
                 w->joined = true;
                 w->next = job->waiters;
                 job->waiters = w;
@@ -863,6 +883,8 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
             }
             job->deadline = deadline_ns != NO_DEADLINE ? deadline_ns : 0;
             if (w) {
+                w->counted = cls == FETCH_DEMAND;
+                f->callbacks_pending += w->counted;
                 w->next = NULL;
                 job->waiters = w;
             }
@@ -981,6 +1003,7 @@ int fetcher_create(struct cache *cache, struct repo *repo, const struct fetch_op
     pthread_mutex_init(&f->lock, NULL);
     pthread_cond_init(&f->work_ready, NULL);
     cond_init_monotonic(&f->demand_idle);
+    pthread_cond_init(&f->drained, NULL);
     f->multi = curl_multi_init();
     if (!f->multi) {
         fetcher_destroy(f);
@@ -1059,6 +1082,7 @@ void fetcher_destroy(struct fetcher *f)
     pthread_mutex_destroy(&f->lock);
     pthread_cond_destroy(&f->work_ready);
     pthread_cond_destroy(&f->demand_idle);
+    pthread_cond_destroy(&f->drained);
     free(f);
 }
 

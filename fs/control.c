@@ -1,4 +1,6 @@
 #include <errno.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -111,14 +113,17 @@ static int start_trace(struct imgfs *fs, struct vm *vm, char *err, size_t errlen
     return rc;
 }
 
-static int stop_trace(struct vm *vm, const char *path, char *err, size_t errlen)
+static int stop_trace(struct imgfs *fs, struct vm *vm, const char *path, char *err, size_t errlen)
 {
     pthread_rwlock_wrlock(&vm->chain_lock);
     struct chunk_trace *t = vm->trace;
     vm->trace = NULL;
     pthread_rwlock_unlock(&vm->chain_lock);
     if (!t) {
-        snprintf(err, errlen, "VM %s is not being traced", vm->name);
+        snprintf(err, errlen, "VM %s is not being traced%s", vm->name,
+                 fs->takeover_server ? " (the serving process was replaced since the mount, by a crash or "
+                                       "imgfsctl restart, and a trace does not survive that: start it again)"
+                                     : "");
         return -EINVAL;
     }
     struct chunk_list *list;
@@ -197,7 +202,23 @@ static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
     } else if (n == 3 && strcmp(f[0], "trace-stop") == 0) {
         if (!(vm = need_vm(fs, f[1], err, errlen)))
             return -ENOENT;
-        return stop_trace(vm, f[2], err, errlen);
+        return stop_trace(fs, vm, f[2], err, errlen);
+    } else if (n == 1 && strcmp(f[0], "restart") == 0) {
+        /* The supervisor asks this server to hand over, then starts the
+         * binary from disk (supervisor.h); the answer goes out first. */
+        if (!fs->takeover || fs->takeover->supervisor_pid <= 0) {
+            snprintf(err, errlen, "this daemon runs without a supervisor and cannot hand over");
+            return -ENOTSUP;
+        }
+        if (kill(fs->takeover->supervisor_pid, 0) != 0) {
+            snprintf(err, errlen, "cannot reach the supervisor (pid %d): %s", (int)fs->takeover->supervisor_pid,
+                     strerror(errno));
+            return -errno;
+        }
+        /* Asked when imgfsctl closes the control file (fs_control_released),
+         * so that it reads this answer from this server. */
+        atomic_store(&fs->restart_pending, true);
+        return 0;
     } else if (n == 3 && strcmp(f[0], "vm-import") == 0) {
         rc = vm_import(fs->vms, f[1], strcmp(f[2], "-") ? f[2] : NULL, &vm, err, errlen);
     } else {
@@ -217,10 +238,21 @@ static char *precopy_status(struct imgfs *fs, char **f)
         return reply("error %s\n", err);
     struct job_status st;
     if (prefetch_status(fs->prefetcher, key, &st) != 0)
-        return reply("error no pre-copy of %s in this mount\n", key);
+        return fs->takeover_server
+                   ? reply("error no pre-copy of %s runs in this mount: the serving process was replaced "
+                           "(crash or imgfsctl restart) and a pre-copy does not survive that; what it fetched "
+                           "stays cached and pinned: run imgfsctl precopy again to finish\n",
+                           key)
+                   : reply("error no pre-copy of %s in this mount\n", key);
     struct base_version *v = tree_find_version(fs->tree, f[1], strtoull(f[2], NULL, 10));
     return reply("ok %s %" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu32 " %s\n", st.state, st.done, st.total,
                  st.bytes_fetched, v ? v->manifest->chunk_size : 0, st.error);
+}
+
+void fs_control_released(struct imgfs *fs)
+{
+    if (fs->takeover && atomic_exchange(&fs->restart_pending, false))
+        kill(fs->takeover->supervisor_pid, SIGUSR1);
 }
 
 char *control_execute(struct imgfs *fs, const char *command, size_t len)

@@ -1,6 +1,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -88,6 +89,9 @@ static void fill_attr(struct imgfs *fs, const struct node *n, struct stat *st)
     case NODE_CONTROL_FILE:
         st->st_mode = S_IFREG | 0600;
         break;
+    case NODE_UNCLAIMED: /* never live: live_node() skips it */
+        st->st_mode = S_IFREG;
+        break;
     case NODE_VM_FILE:
     case NODE_VM_SNAPSHOT: {
         struct vm *vm = n->vm;
@@ -125,9 +129,47 @@ static void reply_entry(fuse_req_t req, const struct node *n)
     fuse_reply_entry(req, &e);
 }
 
+/* Whether a takeover carries the first server's negotiation: then this
+ * session believes exactly what the kernel was told (takeover.h). */
+static bool init_from_takeover(struct takeover *t, struct fuse_conn_info *conn)
+{
+    if (!t || !t->negotiated)
+        return false;
+    if (t->want & ~conn->capable)
+        log_error("takeover: the kernel no longer offers capabilities 0x%x", t->want & ~conn->capable);
+    conn->want = t->want & conn->capable;
+    conn->max_write = t->max_write;
+    conn->max_readahead = t->max_readahead;
+    conn->max_background = t->max_background;
+    conn->congestion_threshold = t->congestion_threshold;
+    conn->time_gran = t->time_gran;
+    return true;
+}
+
+static void note_negotiated(struct takeover *t, const struct fuse_conn_info *conn)
+{
+    if (!t)
+        return;
+    t->want = conn->want;
+    t->max_write = conn->max_write;
+    t->max_readahead = conn->max_readahead;
+    t->max_background = conn->max_background;
+    t->congestion_threshold = conn->congestion_threshold;
+    t->time_gran = conn->time_gran;
+    t->negotiated = 1;
+    if (t->has_resend)
+        log_info("the kernel has FUSE_NOTIFY_RESEND: a server that crashes is replaced, and the requests it "
+                 "held are sent again");
+    else
+        log_warn("the kernel has no FUSE_NOTIFY_RESEND (Linux before 6.9): a crash of the server ends the "
+                 "mount; imgfsctl restart still hands it over");
+}
+
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
     struct imgfs *fs = userdata;
+    if (init_from_takeover(fs->takeover, conn))
+        return;
     /* Only VM files are ever written through the page cache (bases and
      * snapshots refuse writers, status files are direct), so the writeback
      * cache concerns VM disks alone. */
@@ -143,6 +185,7 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS)
         conn->want |= FUSE_CAP_PARALLEL_DIROPS;
     conn->max_readahead = 1u << 20;
+    note_negotiated(fs->takeover, conn);
 }
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
@@ -325,7 +368,9 @@ struct open_text {
 
 static pthread_mutex_t open_texts_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct open_text *open_texts; /* guarded by open_texts_lock */
-static uint64_t next_text_id = 1;    /* guarded by open_texts_lock */
+/* Ids start from this server's pid, so that a handle a previous server
+ * gave (before a takeover) never names a text of this one. */
+static uint64_t next_text_id;        /* guarded by open_texts_lock */
 
 /* Takes ownership of text; returns the handle id, or 0 when out of memory. */
 static uint64_t text_open(fuse_ino_t ino, pid_t pid, char *text, size_t len)
@@ -340,6 +385,8 @@ static uint64_t text_open(fuse_ino_t ino, pid_t pid, char *text, size_t len)
     t->text = text;
     t->len = len;
     pthread_mutex_lock(&open_texts_lock);
+    if (!next_text_id)
+        next_text_id = (uint64_t)getpid() << 32 | 1;
     t->id = next_text_id++;
     t->next = open_texts;
     open_texts = t;
@@ -456,6 +503,57 @@ static void open_text_file(fuse_req_t req, struct imgfs *fs, const struct node *
     fuse_reply_open(req, fi);
 }
 
+/* Work that goes with an open VM disk: the base's recorded working set goes
+ * ahead of the guest, and the background fill if asked for. */
+static void start_vm_disk_work(struct imgfs *fs, struct vm *vm)
+{
+    if (vm->live.base && strcmp(fs->opts->prefetch, "none") != 0)
+        prefetch_replay(fs->prefetcher, fs->repo, vm->live.base->manifest, fs->opts->prefetch,
+                        fs->opts->prefetch_ahead, vm->live.base->marks);
+    if (vm->live.base && fs->opts->background_rate)
+        prefetch_background(fs->prefetcher, vm->live.base->manifest, fs->opts->background_rate,
+                            vm->live.base->marks);
+}
+
+/* Gives an open image file a handle slot that outlives this server
+ * (takeover.h); fails only when the table is full. */
+static bool take_handle(struct imgfs *fs, const struct node *n, struct fuse_file_info *fi)
+{
+    if (!fs->takeover)
+        return true;
+    fi->fh = takeover_handle_open(fs->takeover, n->ino, n->kind == NODE_VM_FILE);
+    if (!fi->fh)
+        log_warn("open %s: all %d file handles are in use", n->name, TAKEOVER_MAX_HANDLES);
+    return fi->fh != 0;
+}
+
+static void change_open_count(struct vm *vm, int delta)
+{
+    pthread_mutex_lock(&vm->attr_lock);
+    vm->open_count += delta;
+    pthread_mutex_unlock(&vm->attr_lock);
+}
+
+void fs_restore_open_handles(struct imgfs *fs)
+{
+    unsigned disks = 0, files = 0;
+    for (size_t i = 0; fs->takeover && i < TAKEOVER_MAX_HANDLES; i++) {
+        uint64_t ino = atomic_load(&fs->takeover->handles[i].ino);
+        struct node *n = ino ? tree_get(fs->tree, ino) : NULL;
+        if (!n)
+            continue;
+        files++;
+        if (is_vm_node(n))
+            change_open_count(n->vm, 1);
+        if (n->kind == NODE_VM_FILE) {
+            disks++;
+            start_vm_disk_work(fs, n->vm);
+        }
+    }
+    if (files)
+        log_info("took over %u open files (%u VM disks)", files, disks);
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct imgfs *fs = fs_of(req);
@@ -472,14 +570,15 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
             fuse_reply_err(req, EROFS);
             return;
         }
+        if (!take_handle(fs, n, fi)) {
+            fuse_reply_err(req, ENFILE);
+            return;
+        }
         if (n->kind == NODE_BASE_FILE && fs->opts->background_rate)
             prefetch_background(fs->prefetcher, n->version->manifest, fs->opts->background_rate,
                                 &n->version->marks);
-        if (n->kind == NODE_VM_SNAPSHOT) {
-            pthread_mutex_lock(&n->vm->attr_lock);
-            n->vm->open_count++;
-            pthread_mutex_unlock(&n->vm->attr_lock);
-        }
+        if (n->kind == NODE_VM_SNAPSHOT)
+            change_open_count(n->vm, 1);
         fi->keep_cache = 1; /* these bytes never change */
         fuse_reply_open(req, fi);
         return;
@@ -494,13 +593,12 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
             fuse_reply_err(req, ENOENT);
             return;
         }
-        /* The base's recorded working set goes ahead of the guest. */
-        if (vm->live.base && strcmp(fs->opts->prefetch, "none") != 0)
-            prefetch_replay(fs->prefetcher, fs->repo, vm->live.base->manifest, fs->opts->prefetch,
-                            fs->opts->prefetch_ahead, vm->live.base->marks);
-        if (vm->live.base && fs->opts->background_rate)
-            prefetch_background(fs->prefetcher, vm->live.base->manifest, fs->opts->background_rate,
-                                vm->live.base->marks);
+        if (!take_handle(fs, n, fi)) {
+            change_open_count(vm, -1);
+            fuse_reply_err(req, ENFILE);
+            return;
+        }
+        start_vm_disk_work(fs, vm);
         if (fs->opts->vm_writeback) {
             /* Every change to a VM disk passes through this kernel, so its
              * page cache stays right and may be kept across opens. */
@@ -944,10 +1042,14 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     struct node *n = tree_get(fs_of(req)->tree, ino);
     if (n && (n->kind == NODE_STATUS_FILE || n->kind == NODE_CONTROL_FILE)) {
         text_release(fi->fh);
-    } else if (n && is_vm_node(n)) {
-        pthread_mutex_lock(&n->vm->attr_lock);
-        n->vm->open_count--;
-        pthread_mutex_unlock(&n->vm->attr_lock);
+        if (n->kind == NODE_CONTROL_FILE)
+            fs_control_released(fs_of(req));
+    } else if (n && (is_vm_node(n) || n->kind == NODE_BASE_FILE)) {
+        /* A handle that is not in the table (given before a takeover whose
+         * table it did not reach) was not counted either. */
+        bool counted = !fs_of(req)->takeover || takeover_handle_release(fs_of(req)->takeover, fi->fh, ino);
+        if (counted && is_vm_node(n))
+            change_open_count(n->vm, -1);
     }
     fuse_reply_err(req, 0);
 }

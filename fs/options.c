@@ -395,6 +395,11 @@ static char *open_dir_option(const char *what, const char *given, const char *de
 
 int mount_options_parse(int argc, char **argv, struct mount_options *opts)
 {
+    return mount_options_parse_served(argc, argv, NULL, opts);
+}
+
+int mount_options_parse_served(int argc, char **argv, const char *mountpoint, struct mount_options *opts)
+{
     memset(opts, 0, sizeof(*opts));
     struct raw_options raw = {0};
     struct config cfg = {0};
@@ -529,7 +534,11 @@ int mount_options_parse(int argc, char **argv, struct mount_options *opts)
         opts->max_threads = (unsigned)n;
     }
     struct stat mst;
-    if (stat(raw.mountpoint, &mst) < 0 && errno == ENOTCONN) {
+    if (mountpoint) {
+        /* A server: the mount point is its own mount, which nobody serves
+         * yet, so it is never looked at (a stat would wait for ourselves). */
+        opts->mountpoint = strdup(mountpoint);
+    } else if (stat(raw.mountpoint, &mst) < 0 && errno == ENOTCONN) {
         /* A dead FUSE mount left by a crash: the daemon recognises it
          * (owner_check_mountpoint), so only the path is resolved here. */
         opts->mountpoint = resolve_dead_mountpoint(raw.mountpoint);

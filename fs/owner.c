@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +28,18 @@ static int write_owner(int fd, pid_t pid, const char *mountpoint)
     return 0;
 }
 
+/* Whether the pid a lock file names no longer exists. */
+static bool owner_is_gone(int fd)
+{
+    char text[64] = "";
+    long pid = 0;
+    if (pread(fd, text, sizeof(text) - 1, 0) <= 0 || sscanf(text, "pid %ld", &pid) != 1 || pid <= 0)
+        return false;
+    bool gone = kill((pid_t)pid, 0) < 0 && errno == ESRCH;
+    errno = EWOULDBLOCK;
+    return gone;
+}
+
 int owner_lock(struct owner_lock *lock, const char *what, const char *dir, const char *mountpoint, char *err,
                size_t errlen)
 {
@@ -41,7 +54,14 @@ int owner_lock(struct owner_lock *lock, const char *what, const char *dir, const
         snprintf(err, errlen, "cannot open the lock file %s of the %s: %s", path, what, strerror(errno));
         return -1;
     }
-    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+    int locked = flock(fd, LOCK_EX | LOCK_NB);
+    /* An owner that is gone while the lock is still held: its processes are
+     * still exiting (a server killed with its supervisor). Wait for them. */
+    for (int i = 0; locked < 0 && errno == EWOULDBLOCK && i < 200 && owner_is_gone(fd); i++) {
+        usleep(50 * 1000);
+        locked = flock(fd, LOCK_EX | LOCK_NB);
+    }
+    if (locked < 0) {
         int e = errno;
         char text[PATH_MAX + 64] = "";
         ssize_t n = e == EWOULDBLOCK ? pread(fd, text, sizeof(text) - 1, 0) : -1;

@@ -5,6 +5,7 @@
 #include <inttypes.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -323,6 +324,16 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     status_text(s, sec, STATUS_INFO, "repository", "%s", repo_location(fs->repo));
     status_text(s, sec, STATUS_INFO, "repository_kind", "%s", repo_is_local(fs->repo) ? "local" : "http");
     status_text(s, sec, STATUS_TEXT, "refresh_error", "%s", refresh_error[0] ? refresh_error : "none");
+    if (fs->takeover) { /* the serving process and the ones before it (takeover.h) */
+        const struct takeover *t = fs->takeover;
+        status_gauge(s, sec, "pid", "Process id of the serving process.", (double)t->server_pid, 0);
+        status_gauge(s, sec, "supervisor_pid", "Process id of the supervisor that holds the mount.",
+                     (double)t->supervisor_pid, 0);
+        status_gauge(s, sec, "started", "Unix time of the mount.", (double)t->started, 0);
+        status_counter(s, sec, "takeovers", "Serving processes that took the mount over (crash or restart).",
+                       atomic_load(&((struct takeover *)t)->takeovers));
+        status_text(s, sec, STATUS_INFO, "resend", "%s", t->has_resend ? "yes" : "no");
+    }
 
     sec = status_add_section(s, "cache", NULL);
     status_text(s, sec, STATUS_INFO, "directory", "%s", cache_dir(fs->cache));

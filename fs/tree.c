@@ -8,8 +8,39 @@
 
 #include "util.h"
 
-/* Adds a node; called with tree->lock held for writing. */
-static struct node *add_node(struct tree *tree, fuse_ino_t parent, enum node_kind kind, const char *name)
+static void map_record(struct tree *tree, const struct node *n)
+{
+    struct takeover *t = tree->inode_map;
+    if (!t || n->ino > TAKEOVER_MAX_INODES)
+        return;
+    struct takeover_inode *e = &t->inodes[n->ino - 1];
+    e->parent = n->parent;
+    e->kind = n->kind;
+    snprintf(e->name, sizeof(e->name), "%s", n->name);
+    if (t->inode_count < n->ino)
+        t->inode_count = n->ino;
+}
+
+/* The placeholder that an earlier server gave (parent, kind, name), if any. */
+static struct node *claim_placeholder(struct tree *tree, fuse_ino_t parent, enum node_kind kind, const char *name)
+{
+    if (!tree->unclaimed)
+        return NULL;
+    for (size_t i = INO_FIRST_DYNAMIC - 1; i < tree->count; i++) {
+        struct node *n = tree->nodes[i];
+        const struct takeover_inode *e = &tree->inode_map->inodes[i];
+        if (n->kind == NODE_UNCLAIMED && e->parent == parent && e->kind == (uint32_t)kind &&
+            strcmp(n->name, name) == 0) {
+            n->kind = kind;
+            n->parent = parent;
+            tree->unclaimed--;
+            return n;
+        }
+    }
+    return NULL;
+}
+
+static struct node *append_node(struct tree *tree)
 {
     if (tree->count == tree->cap) {
         size_t cap = tree->cap ? tree->cap * 2 : 64;
@@ -23,11 +54,43 @@ static struct node *add_node(struct tree *tree, fuse_ino_t parent, enum node_kin
     if (!n)
         return NULL;
     n->ino = tree->count + 1;
+    tree->nodes[tree->count++] = n;
+    return n;
+}
+
+/* Adds a node; called with tree->lock held for writing. After a takeover
+ * a node gets the inode number the previous server gave it. */
+static struct node *add_node(struct tree *tree, fuse_ino_t parent, enum node_kind kind, const char *name)
+{
+    struct node *n = claim_placeholder(tree, parent, kind, name);
+    if (n)
+        return n;
+    if ((n = append_node(tree)) == NULL)
+        return NULL;
     n->parent = parent;
     n->kind = kind;
     snprintf(n->name, sizeof(n->name), "%s", name);
-    tree->nodes[tree->count++] = n;
+    map_record(tree, n);
     return n;
+}
+
+void tree_use_inode_map(struct tree *tree, struct takeover *t)
+{
+    pthread_rwlock_wrlock(&tree->lock);
+    tree->inode_map = t;
+    for (size_t i = 0; i < tree->count; i++) /* the fixed nodes */
+        map_record(tree, tree->nodes[i]);
+    while (tree->count < t->inode_count) {
+        const struct takeover_inode *e = &t->inodes[tree->count];
+        struct node *n = append_node(tree);
+        if (!n)
+            break; /* out of memory: those numbers stay unused */
+        n->kind = NODE_UNCLAIMED; /* parent 0: invisible until claimed */
+        snprintf(n->name, sizeof(n->name), "%s", e->name);
+        if (e->parent)
+            tree->unclaimed++;
+    }
+    pthread_rwlock_unlock(&tree->lock);
 }
 
 int tree_create(struct repo *repo, double refresh_seconds, struct tree **out)
@@ -286,9 +349,12 @@ int tree_add_vm(struct tree *tree, struct vm *vm)
 void tree_remove_vm(struct tree *tree, struct vm *vm)
 {
     pthread_rwlock_wrlock(&tree->lock);
-    for (size_t i = 0; i < tree->count; i++)
-        if (tree->nodes[i]->vm == vm)
+    for (size_t i = 0; i < tree->count; i++) {
+        if (tree->nodes[i]->vm == vm) {
             tree->nodes[i]->parent = 0;
+            map_record(tree, tree->nodes[i]);
+        }
+    }
     pthread_rwlock_unlock(&tree->lock);
 }
 

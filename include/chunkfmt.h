@@ -7,7 +7,8 @@
  * decoded chunk is checked against the name it was fetched under; a damaged
  * header, payload or a wrong file all end in -EBADMSG, never in wrong data.
  *
- * Contract: pure functions, thread-safe.
+ * Contract: pure functions, thread-safe (an encoder is used by one thread
+ * at a time).
  */
 #ifndef IMGFS_CHUNKFMT_H
 #define IMGFS_CHUNKFMT_H
@@ -30,6 +31,15 @@ size_t chunkfmt_bound(size_t data_len);
  * level when that saves at least 1/16 of the size, else stores raw.
  * Returns the encoded length, or a negative errno. */
 long chunkfmt_encode(const void *data, size_t data_len, int level, void *out, size_t out_cap);
+
+/* A reusable zstd context, for one thread at a time: chunkfmt_encode_with
+ * gives exactly the bytes of chunkfmt_encode at the encoder's level, without
+ * setting zstd up for every chunk. NULL when out of memory. */
+struct chunkfmt_encoder;
+struct chunkfmt_encoder *chunkfmt_encoder_new(int level);
+void chunkfmt_encoder_free(struct chunkfmt_encoder *e);
+long chunkfmt_encode_with(struct chunkfmt_encoder *e, const void *data, size_t data_len, void *out,
+                          size_t out_cap);
 
 /* Decodes an encoded chunk into out, which must hold exactly expected_len
  * bytes, and verifies its hash against want. Returns 0, or -EBADMSG for any

@@ -106,6 +106,9 @@ struct fetch_totals {
 
 int fetcher_create(struct cache *cache, struct repo *repo, const struct fetch_options *opts,
                    struct fetcher **out);
+/* Waits until no demand request is waiting any more (each ends by its
+ * deadline at the latest); replay and background may go on. */
+void fetcher_drain(struct fetcher *f);
 /* Fails every request still waiting (done() runs with -EIO) and stops the
  * threads. Call before what the callbacks use goes away (the FUSE session). */
 void fetcher_shutdown(struct fetcher *f);

@@ -13,6 +13,8 @@
 #define IMGFS_FS_H
 
 #include <fuse_lowlevel.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <time.h>
 
@@ -21,6 +23,7 @@
 #include "prefetch.h"
 #include "options.h"
 #include "repo.h"
+#include "takeover.h"
 #include "status.h"
 #include "tree.h"
 #include "vm.h"
@@ -37,6 +40,9 @@ struct imgfs {
     int tree_error; /* set while VM nodes are added at start-up */
     double started;    /* now_seconds() at mount */
     time_t mounted_at; /* wall clock at mount, for directory times */
+    struct takeover *takeover; /* shared with the supervisor (takeover.h), or NULL */
+    bool takeover_server;      /* this server took the mount over from another */
+    atomic_bool restart_pending; /* imgfsctl restart, asked when its control file closes */
 };
 
 extern const struct fuse_lowlevel_ops imgfs_ops;
@@ -51,7 +57,14 @@ extern const struct fuse_lowlevel_ops imgfs_ops;
  *   precopy NAME VERSION LIST|- RATE     | precopy-status NAME VERSION LIST|-
  *   unpin NAME VERSION LIST|-
  *   trace-start VM                       | trace-stop VM ABSPATH          */
+/* Called when a control file handle is released. */
+void fs_control_released(struct imgfs *fs);
+
 char *control_execute(struct imgfs *fs, const char *command, size_t len);
+
+/* After a takeover: counts the handles that earlier servers opened (the
+ * VMs' open counts) and restarts prefetch replay for the open VM disks. */
+void fs_restore_open_handles(struct imgfs *fs);
 
 /* The base lookup that the VM registry uses (ctx is the struct imgfs). */
 const struct vm_base *fs_lookup_base(void *ctx, const char *name, uint64_t version);

@@ -70,6 +70,16 @@
 
 struct layer;
 
+/* Keeps a copy of every layer's pending entries (written and answered, not
+ * yet in a durable record) in DIR/ID.pending, DIR being a tmpfs that lives
+ * exactly as long as the mount's supervisor (takeover.h). A server that
+ * opens the layer after the previous one was killed between a write and its
+ * flush gets those writes back (their data is in the page cache of the
+ * log), so a flush the kernel sends again to it still keeps promise 1.
+ * After a reboot the tmpfs is gone, and the promises are as above. Call
+ * once at start-up, before any layer is opened; NULL or "" for none. */
+void layer_share_pending(const char *dir);
+
 /* Creates a new, empty layer with a fresh random ID in dir. */
 int layer_create(const char *dir, uint64_t size, struct layer **out);
 /* Opens an existing layer; -EBADMSG if its files do not match size. */

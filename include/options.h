@@ -51,6 +51,9 @@ struct mount_options {
 };
 
 int mount_options_parse(int argc, char **argv, struct mount_options *opts);
+/* The same for a serving process (takeover.h), whose mount point is given
+ * (already resolved) and never looked at. */
+int mount_options_parse_served(int argc, char **argv, const char *mountpoint, struct mount_options *opts);
 void mount_options_free(struct mount_options *opts);
 
 #endif

@@ -9,8 +9,18 @@
  * A publish killed before step 4 leaves only unreferenced chunks behind.
  * Concurrent publishers are serialised by the repository's publish lock.
  *
- * Contract: single-threaded; returns 0 or a negative errno with one sentence
- * in err.
+ * Step 1 runs on several threads (one per online CPU by default): workers
+ * take batches of consecutive chunks, read them, hash, compress and store
+ * them; a chunk lands in the manifest at its index, so the output is the
+ * same bytes whatever the thread count or the order the workers finish in.
+ * What the image's allocation (image_next_data) says is unallocated is a
+ * zero chunk and is never read. A chunk that the repository already holds,
+ * or that repeats within the image, is stored once: a re-publish of an
+ * unchanged image reads and hashes every data chunk but writes no chunk.
+ *
+ * Contract: publish_image is called by one thread and returns when its
+ * workers have ended; it returns 0 or a negative errno with one sentence in
+ * err.
  */
 #ifndef IMGFS_PUBLISH_H
 #define IMGFS_PUBLISH_H
@@ -24,6 +34,7 @@
 /* Chosen by measurement on a real Debian boot: bench/chunk-size/RESULTS.md. */
 #define PUBLISH_DEFAULT_CHUNK_SIZE (128u * 1024)
 #define PUBLISH_DEFAULT_ZSTD_LEVEL 3
+#define PUBLISH_MAX_THREADS 256
 
 struct publish_options {
     const char *image_path;
@@ -31,6 +42,8 @@ struct publish_options {
     const char *name;
     uint32_t chunk_size;
     int zstd_level; /* 0 stores chunks uncompressed */
+    unsigned threads; /* workers; 0: one per online CPU */
+    uint64_t created; /* the manifest's creation time; 0: now */
     /* Keys to sign the new index with (sign.h, repo_write_index); none
      * publishes unsigned, which a signed repository refuses. */
     const struct sign_secret_key *keys;
@@ -41,11 +54,13 @@ struct publish_result {
     uint64_t version;
     uint64_t size;
     char format[32];
-    uint64_t bytes_read;
+    uint64_t bytes_read;        /* read from the image */
+    uint64_t bytes_unallocated; /* the rest: known to be zeros without reading */
     uint64_t chunks_new;
     uint64_t chunks_reused;
     uint64_t chunks_zero;
     uint64_t bytes_stored;
+    unsigned threads;
 };
 
 int publish_image(const struct publish_options *opts, struct publish_result *result, char *err,

@@ -198,7 +198,8 @@ int repo_read_range(struct repo *repo, const struct manifest *m, void *buf, size
 /* "chunks/ab/ab01..." for hash. out must hold at least 48 bytes. */
 void repo_chunk_relpath(const struct chunk_hash *hash, char *out, size_t len);
 
-/* Writer side (local repositories only). */
+/* Writer side (local repositories only). repo_has_chunk and repo_put_chunk
+ * may be called from several threads at once. */
 int repo_lock_publish(struct repo *repo);
 void repo_unlock_publish(struct repo *repo);
 bool repo_has_chunk(struct repo *repo, const struct chunk_hash *hash);

@@ -10,6 +10,8 @@
  *   /.imgfs/metrics        the same status in Prometheus text format
  *   /.imgfs/status.json    the same status as JSON
  *
+ * Inode numbers are given in order of first appearance and, through the
+ * takeover inode map, keep their value across servers (see takeover.h).
  * Base version files are immutable, so each keeps one inode for the life of
  * the mount and the kernel may cache its pages forever. A new publish adds a
  * new NAME@V.raw and re-points the NAME.raw symlink. Removing a VM detaches
@@ -35,6 +37,7 @@
 #include "manifest.h"
 #include "repo.h"
 #include "prefetch.h"
+#include "takeover.h"
 #include "vm.h"
 
 enum {
@@ -57,6 +60,7 @@ enum node_kind {
     NODE_CONTROL_FILE,
     NODE_VM_FILE,
     NODE_VM_SNAPSHOT,
+    NODE_UNCLAIMED, /* after a takeover: a number an earlier server gave, not yet seen again */
 };
 
 struct base_version {
@@ -112,10 +116,18 @@ struct tree {
     /* Never held across I/O, so status readers never wait on the network. */
     pthread_mutex_t error_lock;
     char last_refresh_error[256]; /* guarded by error_lock */
+
+    struct takeover *inode_map; /* not owned; written under lock */
+    size_t unclaimed;           /* placeholders still unclaimed; guarded by lock */
 };
 
 int tree_create(struct repo *repo, double refresh_seconds, struct tree **out);
 void tree_destroy(struct tree *tree);
+
+/* Makes inode numbers outlive this server (takeover.h): every node is
+ * recorded in t's inode map, and a node that an earlier server numbered
+ * gets the same number again. Call before the first refresh. */
+void tree_use_inode_map(struct tree *tree, struct takeover *t);
 
 /* Re-reads the repository index and adds new versions, at most a budget of
  * manifest reads at a time (TREE_*_BUDGET). force ignores the refresh

@@ -1,6 +1,7 @@
 #include "chunkfmt.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <zstd.h>
 
@@ -23,7 +24,33 @@ size_t chunkfmt_bound(size_t data_len)
     return CHUNKFMT_HEADER_LEN + (z > data_len ? z : data_len);
 }
 
-long chunkfmt_encode(const void *data, size_t data_len, int level, void *out, size_t out_cap)
+struct chunkfmt_encoder {
+    ZSTD_CCtx *zstd;
+    int level;
+};
+
+struct chunkfmt_encoder *chunkfmt_encoder_new(int level)
+{
+    struct chunkfmt_encoder *e = calloc(1, sizeof(*e));
+    if (!e)
+        return NULL;
+    e->level = level;
+    if (level > 0 && !(e->zstd = ZSTD_createCCtx())) {
+        free(e);
+        return NULL;
+    }
+    return e;
+}
+
+void chunkfmt_encoder_free(struct chunkfmt_encoder *e)
+{
+    if (e)
+        ZSTD_freeCCtx(e->zstd);
+    free(e);
+}
+
+/* zstd through ctx when given (the same bytes as ZSTD_compress). */
+static long encode(ZSTD_CCtx *ctx, const void *data, size_t data_len, int level, void *out, size_t out_cap)
 {
     if (data_len > UINT32_MAX || out_cap < chunkfmt_bound(data_len))
         return -EINVAL;
@@ -32,7 +59,8 @@ long chunkfmt_encode(const void *data, size_t data_len, int level, void *out, si
     size_t payload_len = data_len;
     uint8_t format = CHUNKFMT_RAW;
     if (level > 0) {
-        size_t z = ZSTD_compress(payload, out_cap - CHUNKFMT_HEADER_LEN, data, data_len, level);
+        size_t z = ctx ? ZSTD_compressCCtx(ctx, payload, out_cap - CHUNKFMT_HEADER_LEN, data, data_len, level)
+                       : ZSTD_compress(payload, out_cap - CHUNKFMT_HEADER_LEN, data, data_len, level);
         if (!ZSTD_isError(z) && z <= data_len - data_len / 16) {
             format = CHUNKFMT_ZSTD;
             payload_len = z;
@@ -46,6 +74,17 @@ long chunkfmt_encode(const void *data, size_t data_len, int level, void *out, si
     put_u32(hdr + 8, (uint32_t)data_len);
     put_u32(hdr + 12, (uint32_t)payload_len);
     return (long)(CHUNKFMT_HEADER_LEN + payload_len);
+}
+
+long chunkfmt_encode(const void *data, size_t data_len, int level, void *out, size_t out_cap)
+{
+    return encode(NULL, data, data_len, level, out, out_cap);
+}
+
+long chunkfmt_encode_with(struct chunkfmt_encoder *e, const void *data, size_t data_len, void *out,
+                          size_t out_cap)
+{
+    return encode(e->zstd, data, data_len, e->level, out, out_cap);
 }
 
 int chunkfmt_decode(const void *enc, size_t enc_len, void *out, size_t expected_len,

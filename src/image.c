@@ -11,17 +11,32 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "qcow2map.h"
 #include "util.h"
 
 /* A chain of qcow files more than this deep is refused (and catches loops). */
 #define MAX_BACKING_DEPTH 16
 
+/* A piece of the virtual disk that may hold data, and the file of the
+ * chain that holds it (0: the top). */
+struct extent {
+    uint64_t start, end;
+    int file;
+};
+
 struct image {
     uint64_t size;
     int fd;                     /* raw images */
     libqcow_file_t *qcow_chain[MAX_BACKING_DEPTH]; /* [0] is the top image */
+    char *qcow_paths[MAX_BACKING_DEPTH];           /* owned, resolved */
     int qcow_depth;
     char format[32];
+    char *path; /* owned, as given to image_open */
+    /* qcow images: where data may be, sorted and disjoint; immutable once
+     * image_open returns, so any thread may search it. */
+    struct extent *extents;
+    size_t extent_count;
+    const char *map_source;
 };
 
 uint64_t image_size(const struct image *img) { return img->size; }
@@ -62,9 +77,12 @@ void image_close(struct image *img)
     for (int i = 0; i < img->qcow_depth; i++) {
         libqcow_file_close(img->qcow_chain[i], NULL);
         libqcow_file_free(&img->qcow_chain[i], NULL);
+        free(img->qcow_paths[i]);
     }
     if (img->fd >= 0)
         close(img->fd);
+    free(img->extents);
+    free(img->path);
     free(img);
 }
 
@@ -101,7 +119,12 @@ static int open_qcow_chain(struct image *img, const char *path, char *err, size_
         snprintf(err, errlen, "%s is not a readable qcow2 image (damaged or truncated?): %s", path, why);
         return -EINVAL;
     }
+    img->qcow_paths[img->qcow_depth] = strdup(path);
     img->qcow_chain[img->qcow_depth++] = file;
+    if (!img->qcow_paths[img->qcow_depth - 1]) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
 
     uint32_t encryption = 0;
     if (libqcow_file_get_encryption_method(file, &encryption, NULL) == 1 && encryption != 0) {
@@ -156,6 +179,51 @@ static int open_qcow_chain(struct image *img, const char *path, char *err, size_
     return 0;
 }
 
+/* Builds img->extents from the L1/L2 tables of every file of the chain,
+ * bottom first. When a file's tables cannot be read here, every byte is
+ * taken as data, and reading finds out whether the image is sound. */
+static int map_qcow_chain(struct image *img)
+{
+    struct qcow2map below = {0}, file, seen;
+    int rc = 0;
+    for (int i = img->qcow_depth - 1; i >= 0 && !rc; i--) {
+        rc = qcow2map_read(img->qcow_paths[i], &file);
+        if (rc)
+            break;
+        rc = qcow2map_overlay(&file, &below, &seen);
+        qcow2map_free(&file);
+        qcow2map_free(&below);
+        below = seen;
+    }
+    if (rc == -ENOMEM) {
+        qcow2map_free(&below);
+        return rc;
+    }
+    if (rc) {
+        qcow2map_free(&below);
+        img->extents = malloc(sizeof(*img->extents));
+        if (!img->extents)
+            return -ENOMEM;
+        img->extents[0] = (struct extent){0, img->size, 0};
+        img->extent_count = 1;
+        img->map_source = "none";
+        return 0;
+    }
+    img->extents = malloc((below.count + 1) * sizeof(*img->extents));
+    if (!img->extents) {
+        qcow2map_free(&below);
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < below.count; i++)
+        if (below.runs[i].state == QCOW2MAP_DATA && below.runs[i].start < img->size)
+            img->extents[img->extent_count++] = (struct extent){
+                below.runs[i].start, below.runs[i].end < img->size ? below.runs[i].end : img->size,
+                (int)below.runs[i].file};
+    qcow2map_free(&below);
+    img->map_source = "qcow2 tables";
+    return 0;
+}
+
 int image_open(const char *path, struct image **out, char *err, size_t errlen)
 {
     struct image *img = calloc(1, sizeof(*img));
@@ -163,10 +231,12 @@ int image_open(const char *path, struct image **out, char *err, size_t errlen)
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
-    img->fd = open(path, O_RDONLY | O_CLOEXEC);
+    img->path = strdup(path);
+    img->fd = img->path ? open(path, O_RDONLY | O_CLOEXEC) : -1;
     if (img->fd < 0) {
-        int rc = -errno;
-        snprintf(err, errlen, "cannot open image %s: %s", path, strerror(errno));
+        int rc = img->path ? -errno : -ENOMEM;
+        snprintf(err, errlen, "cannot open image %s: %s", path, strerror(-rc));
+        free(img->path);
         free(img);
         return rc;
     }
@@ -198,6 +268,8 @@ int image_open(const char *path, struct image **out, char *err, size_t errlen)
         }
         img->size = media;
         snprintf(img->format, sizeof(img->format), "%s", img->qcow_depth > 1 ? "qcow2+backing" : "qcow2");
+        if (!rc && (rc = map_qcow_chain(img)) != 0)
+            snprintf(err, errlen, "out of memory");
     } else {
         if (S_ISBLK(st.st_mode)) {
             off_t end = lseek(img->fd, 0, SEEK_END);
@@ -206,12 +278,40 @@ int image_open(const char *path, struct image **out, char *err, size_t errlen)
             img->size = (uint64_t)st.st_size;
         }
         snprintf(img->format, sizeof(img->format), "raw");
+        img->map_source = "SEEK_DATA";
     }
     if (rc) {
         image_close(img);
         return rc;
     }
     *out = img;
+    return 0;
+}
+
+/* The index of the first extent that ends after off (extent_count if none). */
+static size_t extent_after(const struct image *img, uint64_t off)
+{
+    size_t lo = 0, hi = img->extent_count;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (img->extents[mid].end <= off)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static int qcow_read(libqcow_file_t *file, char *p, size_t len, uint64_t off)
+{
+    while (len > 0) {
+        ssize_t n = libqcow_file_read_buffer_at_offset(file, p, len, (off64_t)off, NULL);
+        if (n <= 0)
+            return -EIO;
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
     return 0;
 }
 
@@ -223,14 +323,67 @@ int image_read(struct image *img, void *buf, size_t len, uint64_t off)
         int rc = read_full_at(img->fd, buf, len, (off_t)off);
         return rc == -ENODATA ? -EIO : rc;
     }
+    /* Each extent is read from the file that holds it, so libqcow never
+     * resolves a cluster through a backing file: it would ignore a zero
+     * cluster over backing data, misread compressed clusters of a backing
+     * file, and spin at the end of a backing file smaller than the top.
+     * The rest is zeros. */
     char *p = buf;
-    while (len > 0) {
-        ssize_t n = libqcow_file_read_buffer_at_offset(img->qcow_chain[0], p, len, (off64_t)off, NULL);
-        if (n <= 0)
-            return -EIO;
-        p += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
+    uint64_t end = off + len;
+    for (size_t i = extent_after(img, off); off < end; i++) {
+        uint64_t data = i < img->extent_count && img->extents[i].start < end ? img->extents[i].start : end;
+        if (data > off) {
+            memset(p, 0, (size_t)(data - off));
+            p += data - off;
+            off = data;
+        }
+        if (off == end)
+            break;
+        uint64_t stop = img->extents[i].end < end ? img->extents[i].end : end;
+        int rc = qcow_read(img->qcow_chain[img->extents[i].file], p, (size_t)(stop - off), off);
+        if (rc)
+            return rc;
+        p += stop - off;
+        off = stop;
     }
+    return 0;
+}
+
+int image_reopen(const struct image *img, struct image **out, char *err, size_t errlen)
+{
+    return image_open(img->path, out, err, errlen);
+}
+
+const char *image_map_source(const struct image *img) { return img->map_source; }
+
+/* Raw images ask the file system; one that cannot tell (or a block device)
+ * has data everywhere. */
+static int raw_next_data(const struct image *img, uint64_t off, uint64_t *start, uint64_t *end)
+{
+    off_t data = lseek(img->fd, (off_t)off, SEEK_DATA);
+    if (data < 0 && errno == ENXIO)
+        return -ENXIO;
+    if (data < 0) {
+        *start = off;
+        *end = img->size;
+        return 0;
+    }
+    off_t hole = lseek(img->fd, data, SEEK_HOLE);
+    *start = (uint64_t)data;
+    *end = hole < 0 || (uint64_t)hole > img->size ? img->size : (uint64_t)hole;
+    return *start < *end ? 0 : -ENXIO;
+}
+
+int image_next_data(const struct image *img, uint64_t off, uint64_t *start, uint64_t *end)
+{
+    if (off >= img->size)
+        return -ENXIO;
+    if (img->qcow_depth == 0)
+        return raw_next_data(img, off, start, end);
+    size_t lo = extent_after(img, off);
+    if (lo == img->extent_count)
+        return -ENXIO;
+    *start = img->extents[lo].start > off ? img->extents[lo].start : off;
+    *end = img->extents[lo].end;
     return 0;
 }

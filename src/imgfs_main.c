@@ -1,5 +1,8 @@
-/* imgfs: the FUSE daemon. See `imgfs --help` and fs.h. */
+/* imgfs: the FUSE daemon. See `imgfs --help`, fs.h, and takeover.h for its
+ * two processes: the supervisor (supervisor.h) and the server (below). */
 #include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
 #include <limits.h>
 #include <fuse_lowlevel.h>
 #include <pthread.h>
@@ -13,8 +16,11 @@
 #include <unistd.h>
 
 #include "fs.h"
-#include "owner.h"
+#include "layer.h"
+#include "serve.h"
 #include "sign.h"
+#include "supervisor.h"
+#include "takeover.h"
 #include "trust.h"
 #include "util.h"
 
@@ -66,102 +72,6 @@ static void refresher_stop(struct refresher *r)
     pthread_join(r->thread, NULL);
     pthread_cond_destroy(&r->wake);
     pthread_mutex_destroy(&r->lock);
-}
-
-/* ---- signals ----------------------------------------------------------------
- *
- * SIGTERM and SIGINT unmount only when no VM disk is open: while one is, the
- * signal is refused with a log line that names the open disks (stop the VMs,
- * or replace the daemon with `imgfsctl restart`). The unmount is a plain one
- * (not lazy), so the kernel also refuses it while anything else is open.
- * SIGHUP is ignored with a log line: options are read at mount time. The
- * signals are blocked in every thread and taken by sigwait() in one. */
-
-struct signal_watch {
-    struct imgfs *fs;
-    pthread_t thread;
-};
-
-struct open_disks {
-    unsigned count;
-    char names[256];
-};
-
-static void count_open_disk(void *ctx, struct vm *vm)
-{
-    struct open_disks *d = ctx;
-    pthread_mutex_lock(&vm->attr_lock);
-    unsigned n = vm->open_count;
-    pthread_mutex_unlock(&vm->attr_lock);
-    if (!n)
-        return;
-    size_t used = strlen(d->names);
-    snprintf(d->names + used, sizeof(d->names) - used, "%s%s", d->count ? ", " : "", vm->name);
-    d->count++;
-}
-
-/* A plain unmount, as root or through fusermount3 (as `fusermount3 -u`). */
-static int unmount_plain(const char *mountpoint)
-{
-    if (geteuid() == 0)
-        return umount2(mountpoint, 0) == 0 ? 0 : -errno;
-    pid_t pid = fork();
-    if (pid < 0)
-        return -errno;
-    if (pid == 0) {
-        execlp("fusermount3", "fusermount3", "-u", mountpoint, (char *)NULL);
-        _exit(127);
-    }
-    int status;
-    if (waitpid(pid, &status, 0) < 0)
-        return -errno;
-    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -EBUSY;
-}
-
-static void *signal_loop(void *arg)
-{
-    struct signal_watch *w = arg;
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGHUP);
-    for (;;) {
-        int sig;
-        if (sigwait(&set, &sig) != 0)
-            continue;
-        const char *mnt = w->fs->opts->mountpoint;
-        if (sig == SIGHUP) {
-            log_info("SIGHUP ignored: options are read at mount time; 'imgfsctl restart %s' starts a fresh daemon",
-                     mnt);
-            continue;
-        }
-        struct open_disks open = {0};
-        vm_registry_each(w->fs->vms, count_open_disk, &open);
-        if (open.count) {
-            log_warn("%s refused: %u VM disk(s) open (%s); stop those VMs first, or replace the daemon with "
-                     "'imgfsctl restart %s'",
-                     strsignal(sig), open.count, open.names, mnt);
-            continue;
-        }
-        int rc = unmount_plain(mnt);
-        if (rc)
-            log_warn("%s: cannot unmount %s (%s): something in it is still open", strsignal(sig), mnt,
-                     strerror(-rc));
-        else
-            log_info("%s: unmounting %s", strsignal(sig), mnt);
-    }
-    return NULL;
-}
-
-static void block_exit_signals(void)
-{
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGHUP);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
 }
 
 static void add_vm_nodes(void *ctx, struct vm *vm)
@@ -223,7 +133,9 @@ static int setup(struct imgfs *fs, const struct mount_options *opts)
         if (rc)
             snprintf(err, sizeof(err), "cannot create %s/meta: %s", opts->cache_dir, strerror(-rc));
         else
-            repo_set_meta_cache(fs->repo, meta, opts->offline);
+            /* A server taking over serves from the cached index when the
+             * repository does not answer: the mount was set up already. */
+            repo_set_meta_cache(fs->repo, meta, opts->offline || fs->takeover_server);
         if (!rc)
             rc = setup_trust(fs, opts, meta, err, sizeof(err));
     }
@@ -239,6 +151,8 @@ static int setup(struct imgfs *fs, const struct mount_options *opts)
     }
     if (!rc && (rc = tree_create(fs->repo, opts->refresh_seconds, &fs->tree)) != 0)
         snprintf(err, sizeof(err), "out of memory");
+    if (!rc && fs->takeover)
+        tree_use_inode_map(fs->tree, fs->takeover);
     if (!rc)
         rc = tree_refresh(fs->tree, true, err, sizeof(err));
     /* After the bases: every VM is checked against the base it sits on. */
@@ -266,92 +180,210 @@ static void teardown(struct imgfs *fs)
     trust_destroy(fs->trust);
 }
 
-int main(int argc, char **argv)
+/* ---- the serving process (takeover.h) ---------------------------------------- */
+
+struct serve_env {
+    int fuse_fd, state_fd, ready_fd;
+    char mountpoint[PATH_MAX];
+};
+
+static int parse_serve_env(const char *text, struct serve_env *e)
 {
+    int used = 0;
+    if (sscanf(text, "%d,%d,%d,%n", &e->fuse_fd, &e->state_fd, &e->ready_fd, &used) != 3 || !used)
+        return -1;
+    snprintf(e->mountpoint, sizeof(e->mountpoint), "%s", text + used);
+    return e->mountpoint[0] == '/' ? 0 : -1;
+}
+
+/* The server's signals: SIGUSR2 from the supervisor asks for a hand-over;
+ * the supervisor answers SIGTERM, SIGINT and SIGHUP (they reach a server
+ * too, from a terminal's Ctrl-C or a kill by process group). */
+struct server_signals {
+    struct server *server;
+    pthread_t thread;
+};
+
+static void *server_signal_loop(void *arg)
+{
+    struct server_signals *w = arg;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR2);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    for (;;) {
+        int sig;
+        if (sigwait(&set, &sig) != 0)
+            continue;
+        if (sig == SIGUSR2) {
+            log_info("handing over: finishing the requests in progress");
+            serve_stop(w->server);
+        }
+    }
+    return NULL;
+}
+
+static void block_server_signals(void)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR2);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    serve_prepare_signals();
+}
+
+/* Gives the new session the INIT the kernel sent the first server, and
+ * has the kernel send again what a dead server held (takeover.h). */
+static void resume_connection(struct fuse_session *se, struct takeover *t, int fuse_fd)
+{
+    if (!t->init_len)
+        return; /* the first server: the kernel's INIT is still to come */
+    struct fuse_buf init = {.size = t->init_len, .mem = malloc(t->init_len)};
+    if (!init.mem) {
+        log_error("takeover: out of memory");
+        return;
+    }
+    memcpy(init.mem, t->init, t->init_len);
+    fuse_session_process_buf(se, &init);
+    free(init.mem);
+    if (!t->has_resend)
+        return;
+    int rc = takeover_notify_resend(fuse_fd);
+    if (rc)
+        log_error("takeover: FUSE_NOTIFY_RESEND failed: %s", strerror(-rc));
+}
+
+static int serve_main(int argc, char **argv, const char *env_text)
+{
+    struct serve_env env;
+    if (parse_serve_env(env_text, &env) != 0) {
+        fprintf(stderr, "imgfs: %s=%s is not FUSE_FD,STATE_FD,READY_FD,MOUNTPOINT\n", TAKEOVER_ENV, env_text);
+        return 1;
+    }
+    unsetenv(TAKEOVER_ENV); /* not for the processes we start */
     struct mount_options opts;
-    int rc = mount_options_parse(argc, argv, &opts);
+    int rc = mount_options_parse_served(argc, argv, env.mountpoint, &opts);
     if (rc != 0)
-        return rc > 0 ? 0 : 1;
+        return 1;
     if (opts.debug)
         log_set_level(LOG_LEVEL_DEBUG);
-
+    if (!opts.foreground)
+        log_to_syslog("imgfs");
     if (sign_init() != 0) {
         fprintf(stderr, "imgfs: libsodium cannot be initialised\n");
         mount_options_free(&opts);
         return 1;
     }
     /* Before any thread exists, so that every thread inherits the mask. */
-    block_exit_signals();
+    block_server_signals();
     struct imgfs fs = {.opts = &opts, .started = now_seconds(), .mounted_at = time(NULL)};
-    struct owner_lock state_lock = OWNER_LOCK_INIT, cache_lock = OWNER_LOCK_INIT;
     int status = 1;
-    char err[PATH_MAX + 256];
-    if (owner_check_mountpoint(opts.mountpoint, err, sizeof(err)) != 0 ||
-        owner_lock(&state_lock, "state directory", opts.state_dir, opts.mountpoint, err, sizeof(err)) != 0 ||
-        (strcmp(opts.cache_dir, opts.state_dir) != 0 &&
-         owner_lock(&cache_lock, "cache directory", opts.cache_dir, opts.mountpoint, err, sizeof(err)) != 0)) {
-        fprintf(stderr, "imgfs: %s\n", err);
+    fs.takeover = takeover_attach(env.state_fd);
+    if (!fs.takeover) {
+        fprintf(stderr, "imgfs: cannot use the takeover state of the supervisor: %s\n",
+                errno == EPROTO ? "it was made by an imgfs with another layout" : strerror(errno));
         goto out;
     }
+    fs.takeover_server = fs.takeover->init_len > 0;
+    layer_share_pending(fs.takeover->layer_dir);
+    if (fs.takeover->started)
+        fs.mounted_at = (time_t)fs.takeover->started;
     if (setup(&fs, &opts) != 0)
         goto out;
+    fs_restore_open_handles(&fs);
 
-    char fsname[PATH_MAX + 16];
-    /* default_permissions: the kernel enforces file modes, so a VM disk
-     * chown'd to the hypervisor's user is writable by that user only, even
-     * with allow_other. */
-    snprintf(fsname, sizeof(fsname), "-ofsname=%s,subtype=imgfs,default_permissions", opts.repo);
-    if (strchr(opts.repo, ',')) /* commas would split the option list */
-        snprintf(fsname, sizeof(fsname), "-ofsname=imgfs,subtype=imgfs,default_permissions");
-    fuse_opt_add_arg(&opts.fuse_args, fsname);
-
+    supervisor_add_fsname(&opts);
     struct fuse_session *se = fuse_session_new(&opts.fuse_args, &imgfs_ops, sizeof(imgfs_ops), &fs);
     if (!se)
-        goto out; /* libfuse has printed why (for example an unknown option) */
-    if (fuse_session_mount(se, opts.mountpoint) != 0) {
-        fprintf(stderr, "imgfs: cannot mount on %s\n", opts.mountpoint);
+        goto out;
+    char devfd[32];
+    snprintf(devfd, sizeof(devfd), "/dev/fd/%d", env.fuse_fd);
+    if (fuse_session_mount(se, devfd) != 0) {
+        fprintf(stderr, "imgfs: cannot serve the connection %s\n", devfd);
         goto out_session;
     }
-    if (fuse_daemonize(opts.foreground) != 0)
-        goto out_unmount;
-    if (!opts.foreground)
-        log_to_syslog("imgfs");
-    /* fuse_daemonize forked: the locks are inherited, the pid is new. */
-    owner_set_pid(&state_lock, getpid(), opts.mountpoint);
-    owner_set_pid(&cache_lock, getpid(), opts.mountpoint);
-    struct signal_watch watch = {.fs = &fs};
-    if (pthread_create(&watch.thread, NULL, signal_loop, &watch) != 0) {
-        log_error("cannot start the signal thread");
-        goto out_unmount;
+    resume_connection(se, fs.takeover, env.fuse_fd);
+    struct server *server = serve_create(se, fs.takeover, opts.max_threads);
+    struct server_signals sig = {.server = server};
+    if (!server || pthread_create(&sig.thread, NULL, server_signal_loop, &sig) != 0) {
+        log_error("cannot start serving: out of resources");
+        serve_destroy(server);
+        goto out_session;
     }
-    log_info("mounted %s on %s (cache %s)", opts.repo, opts.mountpoint, opts.cache_dir);
+    atomic_store(&fs.takeover->server_pid, getpid());
+    log_info("serving %s (pid %d%s)", opts.mountpoint, (int)getpid(), fs.takeover_server ? ", a takeover" : "");
 
     struct refresher refresher;
     bool refreshing = refresher_start(&refresher, &fs);
-
-    struct fuse_loop_config *cfg = fuse_loop_cfg_create();
-    fuse_loop_cfg_set_clone_fd(cfg, 1);
-    fuse_loop_cfg_set_max_threads(cfg, opts.max_threads);
-    /* Keep every worker: libfuse otherwise ends and re-creates threads under load. */
-    fuse_loop_cfg_set_idle_threads(cfg, opts.max_threads);
-    status = fuse_session_loop_mt(se, cfg) == 0 ? 0 : 1;
-    /* Reads still waiting reply from engine threads: end them while the
-     * session they reply to exists. */
+    if (env.ready_fd >= 0) {
+        char ok = 1;
+        if (write(env.ready_fd, &ok, 1) != 1)
+            log_warn("cannot tell the supervisor that the mount is served");
+        close(env.ready_fd);
+    }
+    if (!opts.foreground) {
+        int null = open("/dev/null", O_RDWR);
+        if (null >= 0) {
+            dup2(null, 0), dup2(null, 1), dup2(null, 2);
+            if (null > 2)
+                close(null);
+        }
+    }
+    rc = serve_run(server);
+    /* Reads waiting on the fetch engine are answered from its threads. On a
+     * hand-over this daemon still answers them (the connection is shared),
+     * so none becomes an error for a VM; on unmount they end now, while
+     * the session they reply to exists. */
+    if (rc == SERVE_STOPPED)
+        fetcher_drain(fs.fetcher);
     fetcher_shutdown(fs.fetcher);
-    fuse_loop_cfg_destroy(cfg);
+    pthread_cancel(sig.thread); /* it waits in sigwait(), a cancellation point */
+    pthread_join(sig.thread, NULL);
+    serve_destroy(server);
     if (refreshing)
         refresher_stop(&refresher);
-    pthread_cancel(watch.thread); /* it waits in sigwait(), a cancellation point */
-    pthread_join(watch.thread, NULL);
-    log_info("unmounted %s", opts.mountpoint);
-out_unmount:
-    fuse_session_unmount(se);
+    if (rc == SERVE_STOPPED) {
+        log_info("handed over %s", opts.mountpoint);
+        status = TAKEOVER_EXIT_HANDED_OVER;
+    } else if (rc == SERVE_UNMOUNTED) {
+        status = 0;
+    } else {
+        log_error("reading the FUSE connection failed: %s", strerror(-rc));
+    }
 out_session:
-    fuse_session_destroy(se);
+    fuse_session_destroy(se); /* closes our copy of the connection */
 out:
     teardown(&fs);
-    owner_unlock(&cache_lock);
-    owner_unlock(&state_lock);
+    mount_options_free(&opts);
+    return status;
+}
+
+int main(int argc, char **argv)
+{
+    const char *serving = getenv(TAKEOVER_ENV);
+    if (serving)
+        return serve_main(argc, argv, serving);
+    /* The supervisor's signals are taken with sigwaitinfo(). */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGCHLD);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    sigaddset(&set, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    struct mount_options opts;
+    int rc = mount_options_parse(argc, argv, &opts);
+    if (rc != 0)
+        return rc > 0 ? 0 : 1;
+    if (opts.debug)
+        log_set_level(LOG_LEVEL_DEBUG);
+    int status = supervisor_run(&opts, argv);
     mount_options_free(&opts);
     return status;
 }

@@ -73,16 +73,20 @@ bool wants_help(int argc, char **argv)
 static void publish_help(FILE *out)
 {
     fprintf(out,
-            "usage: imgfsctl publish IMAGE REPO --name NAME [--chunk-size SIZE] [--level N]\n"
+            "usage: imgfsctl publish IMAGE REPO --name NAME [--chunk-size SIZE] [--level N] [--threads N]\n"
+            "                        [--key KEYFILE]...\n"
             "\n"
             "Publishes IMAGE (raw or qcow2, detected from its content) as a new version of\n"
             "NAME in the local repository directory REPO (created if missing or empty).\n"
             "Chunks that the repository already holds are not stored again, and all-zero\n"
-            "chunks are not stored at all. Prints the new version number and a summary.\n"
+            "chunks are not stored at all. What the image does not hold (holes of a raw\n"
+            "file, unallocated qcow2 clusters) is never read. Prints the new version\n"
+            "number and a summary.\n"
             "\n"
             "  --name NAME        base name: letters, digits, '.', '_', '-' (max 64)\n"
             "  --chunk-size SIZE  power of two from 4K to 16M (default 128K)\n"
             "  --level N          zstd level 1-19, 0 stores chunks uncompressed (default 3)\n"
+            "  --threads N        reading, hashing and compressing threads (default: one per CPU)\n"
             "  --key KEYFILE      sign the new index with this secret key (imgfsctl key\n"
             "                     generate); repeat to sign with several keys. A signed\n"
             "                     repository refuses an unsigned publish\n");
@@ -116,6 +120,7 @@ static int publish_main(int argc, char **argv)
         {"name", required_argument, NULL, 'n'},
         {"chunk-size", required_argument, NULL, 'c'},
         {"level", required_argument, NULL, 'l'},
+        {"threads", required_argument, NULL, 't'},
         {"key", required_argument, NULL, 'k'},
         {"help", no_argument, NULL, 'h'},
         {0},
@@ -126,7 +131,7 @@ static int publish_main(int argc, char **argv)
     int c;
     uint64_t v;
     opterr = 0; /* one message of our own instead of getopt's */
-    while ((c = getopt_long(argc, argv, "n:c:l:k:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:c:l:t:k:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'n': opts.name = optarg; break;
         case 'k':
@@ -142,6 +147,11 @@ static int publish_main(int argc, char **argv)
             if (parse_u64(optarg, &v) < 0 || v > 19)
                 return usage_error("publish", "--level needs a number from 0 to 19");
             opts.zstd_level = (int)v;
+            break;
+        case 't':
+            if (parse_u64(optarg, &v) < 0 || v < 1 || v > PUBLISH_MAX_THREADS)
+                return usage_error("publish", "--threads needs a number from 1 to 256");
+            opts.threads = (unsigned)v;
             break;
         case 'h': publish_help(stdout); return 0;
         default: return option_error("publish", argv, longopts);
@@ -164,10 +174,12 @@ static int publish_main(int argc, char **argv)
         return 1;
     }
     double elapsed = now_seconds() - started;
-    char read_s[32], stored_s[32];
+    char read_s[32], stored_s[32], skipped_s[32];
     printf("published %s@%" PRIu64 "\n", opts.name, res.version);
     printf("source      %s (%s), %" PRIu64 " bytes\n", opts.image_path, res.format, res.size);
-    printf("read        %s in %.1f s\n", format_size(res.bytes_read, read_s, sizeof(read_s)), elapsed);
+    printf("read        %s in %.1f s on %u threads, %s unallocated not read\n",
+           format_size(res.bytes_read, read_s, sizeof(read_s)), elapsed, res.threads,
+           format_size(res.bytes_unallocated, skipped_s, sizeof(skipped_s)));
     printf("chunks      %" PRIu64 " new, %" PRIu64 " reused, %" PRIu64 " zero (chunk size %" PRIu32 ")\n",
            res.chunks_new, res.chunks_reused, res.chunks_zero, opts.chunk_size);
     printf("stored      %s (%" PRIu64 " bytes)\n", format_size(res.bytes_stored, stored_s, sizeof(stored_s)),
@@ -216,6 +228,14 @@ static int control_request(const char *cmd_name, const char *mountpoint, const c
     ssize_t n = rc ? -1 : pread(fd, answer, len - 1, 0);
     int saved = errno;
     close(fd);
+    if (!rc && n < 0 && saved == EBADF) {
+        /* The handle was given by a server that is gone (takeover.h). */
+        fprintf(stderr,
+                "imgfsctl %s: the serving process of %s was replaced (crash or imgfsctl restart) while it ran "
+                "this command; check its effect and run it again\n",
+                cmd_name, mountpoint);
+        return 1;
+    }
     if (rc || n < 0) {
         fprintf(stderr, "imgfsctl %s: the daemon did not answer: %s\n", cmd_name, strerror(rc ? -rc : saved));
         return 1;
@@ -729,6 +749,77 @@ static int list_main(int argc, char **argv)
     return status;
 }
 
+/* ---- restart ---------------------------------------------------------------------- */
+
+static void restart_help(FILE *out)
+{
+    fprintf(out, "usage: imgfsctl restart MOUNTPOINT\n"
+                 "\n"
+                 "Hands the mount over to a fresh serving process started from the imgfs binary\n"
+                 "on disk (so an upgraded package takes effect) with the options read again. The\n"
+                 "old process finishes the requests it holds; open files, VM disks included, keep\n"
+                 "working and see a pause, not an error. A pre-copy or trace in progress does not\n"
+                 "survive: its imgfsctl reports that. Waits until the new process serves (at most\n"
+                 "120 s) and prints its pid.\n");
+}
+
+/* The [daemon] pid of MOUNTPOINT's stats: > 0, 0 when there is none, or
+ * -errno when the file cannot be read. */
+static long serving_pid(const char *mountpoint)
+{
+    char path[PATH_MAX];
+    if (path_join(path, sizeof(path), "%s/.imgfs/stats", mountpoint) < 0)
+        return -ENAMETOOLONG;
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -errno;
+    char line[512];
+    bool in_daemon = false;
+    long pid = 0;
+    while (fgets(line, sizeof(line), f)) {
+        if (line[0] == '[')
+            in_daemon = strncmp(line, "[daemon]", 8) == 0;
+        else if (in_daemon && sscanf(line, "pid %ld", &pid) == 1)
+            break;
+    }
+    fclose(f);
+    return pid;
+}
+
+static int restart_main(int argc, char **argv)
+{
+    if (wants_help(argc, argv)) {
+        restart_help(stdout);
+        return 0;
+    }
+    if (argc != 2)
+        return usage_error("restart", "needs MOUNTPOINT");
+    long old = serving_pid(argv[1]);
+    if (old <= 0) {
+        fprintf(stderr, "imgfsctl restart: %s is not an imgfs mount with a serving process (%s)\n", argv[1],
+                old < 0 ? strerror((int)-old) : "no pid in its stats");
+        return 1;
+    }
+    if (control_command("restart", argv[1], "restart\n") != 0)
+        return 1;
+    for (int i = 0; i < 1200; i++) {
+        long now = serving_pid(argv[1]);
+        if (now < 0) {
+            fprintf(stderr, "imgfsctl restart: the mount at %s ended (%s): the new serving process did not "
+                            "start; see the system log\n",
+                    argv[1], strerror((int)-now));
+            return 1;
+        }
+        if (now > 0 && now != old) {
+            printf("%s: served by pid %ld (was %ld)\n", argv[1], now, old);
+            return 0;
+        }
+        usleep(100 * 1000);
+    }
+    fprintf(stderr, "imgfsctl restart: pid %ld still serves %s after 120 s\n", old, argv[1]);
+    return 1;
+}
+
 /* ---- key, sign ----------------------------------------------------------------- */
 
 static void key_help(FILE *out)
@@ -876,6 +967,7 @@ static const struct subcommand subcommands[] = {
     {"unpin", "release what precopy pinned", unpin_main, unpin_help},
     {"trace", "record the base chunks a VM reads, as a prefetch list", trace_main, trace_help},
     {"list", "publish prefetch lists, or make them from file paths", list_main, list_help},
+    {"restart", "hand a mount over to a fresh imgfs process, under running VMs", restart_main, restart_help},
     {"key", "generate a signing key pair", key_main, key_help},
     {"sign", "sign a repository (every version, the index and the lists)", sign_main, sign_help},
     {"check", "say what is wrong with a mount or a repository on this host", check_main, check_help},

@@ -136,6 +136,10 @@ struct layer {
     size_t nchanged, changed_cap;
     bool tracking;
     _Atomic int broken; /* a failed fdatasync: the layer refuses further writes */
+    /* The shared copy of pending (layer_share_pending()): its descriptor, or
+     * -1, and how many entries it holds; guarded by lock. */
+    int shared_fd;
+    uint64_t shared_count;
 
     _Atomic uint64_t owned;
     _Atomic uint64_t live; /* blocks with data */
@@ -578,6 +582,137 @@ static int layer_path(const char *dir, const char *id, enum layer_file_kind kind
     return path_join(out, PATH_MAX, "%s/%s%s", dir, id, suffix[kind]);
 }
 
+/* ---- the pending entries outlive the process (takeover.h) ----------------------------
+ *
+ * With layer_share_pending(DIR), every pending entry is also written, as it
+ * is made, to DIR/ID.pending, a file in a tmpfs that lives as long as the
+ * mount's supervisor:
+ *   bytes 0-31   magic, the log's file id, flushed, count
+ *   then         count entries of 32 bytes (as in a record)
+ * Entries [flushed, count) are not yet in a durable record. An entry is
+ * written before count grows, count before the write returns; a flush sets
+ * flushed after its fdatasync and empties the file when nothing came
+ * meanwhile. A server that opens the layer after a crash of the previous one
+ * applies those entries after the replay, in order (the data they name is in
+ * the page cache of ID.log, and is checked against their sums like the last
+ * record's), and keeps them pending: the flush that the kernel sends again
+ * to it makes them durable. Entries that a durable record already holds
+ * (a crash between fdatasync and the update of flushed) are applied twice,
+ * in the same order, which changes nothing. */
+
+static int apply_entry(struct layer *l, const struct entry *e, unsigned gen);
+static size_t entry_bytes(const struct layer *l, const struct entry *e);
+static int data_matches(const struct layer *l, int fd, const struct entry *entries, size_t n);
+
+#define SHARED_MAGIC 0x676e69646e657031ull /* "1pending" */
+#define SHARED_HEADER 32u
+
+static char shared_pending_dir[PATH_MAX];
+
+void layer_share_pending(const char *dir)
+{
+    snprintf(shared_pending_dir, sizeof(shared_pending_dir), "%s", dir ? dir : "");
+}
+
+static int shared_path(const char *id, char *out)
+{
+    return path_join(out, PATH_MAX, "%s/%s.pending", shared_pending_dir, id);
+}
+
+/* Rewrites the header; lock held (or the layer not yet shared). */
+static void shared_header(struct layer *l, uint64_t flushed)
+{
+    uint8_t h[SHARED_HEADER];
+    put64(h, SHARED_MAGIC);
+    put64(h + 8, l->file_id);
+    put64(h + 16, flushed);
+    put64(h + 24, l->shared_count);
+    if (pwrite(l->shared_fd, h, sizeof(h), 0) != (ssize_t)sizeof(h))
+        log_warn("layer %s: cannot update %s/%s.pending: %s", l->id, shared_pending_dir, l->id, strerror(errno));
+}
+
+/* Empties the shared file (everything is in durable records); lock held. */
+static void shared_reset(struct layer *l)
+{
+    if (l->shared_fd < 0)
+        return;
+    l->shared_count = 0;
+    shared_header(l, 0);
+    if (ftruncate(l->shared_fd, SHARED_HEADER) < 0)
+        log_warn("layer %s: cannot truncate its pending file: %s", l->id, strerror(errno));
+}
+
+/* Adds a new pending entry to the shared file; lock held. */
+static void shared_append(struct layer *l, const struct entry *e)
+{
+    if (l->shared_fd < 0)
+        return;
+    uint8_t buf[ENTRY_LEN];
+    encode_entry(buf, e);
+    if (pwrite(l->shared_fd, buf, ENTRY_LEN, (off_t)(SHARED_HEADER + l->shared_count * ENTRY_LEN)) != ENTRY_LEN) {
+        log_warn("layer %s: cannot keep a pending entry for a takeover: %s", l->id, strerror(errno));
+        return;
+    }
+    l->shared_count++;
+    uint8_t count[8];
+    put64(count, l->shared_count);
+    if (pwrite(l->shared_fd, count, sizeof(count), 24) != (ssize_t)sizeof(count))
+        log_warn("layer %s: cannot keep a pending entry for a takeover: %s", l->id, strerror(errno));
+}
+
+/* Opens (or creates) the shared file of a layer just opened or created.
+ * With inherit, applies what an earlier server left pending and returns in
+ * *end the log block after the last data it names (0: none). */
+static int shared_open(struct layer *l, bool inherit, uint64_t *end)
+{
+    *end = 0;
+    l->shared_fd = -1;
+    char path[PATH_MAX];
+    if (!shared_pending_dir[0] || shared_path(l->id, path) != 0)
+        return 0;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        log_warn("layer %s: cannot open %s (%s): a takeover after a crash loses its unflushed writes", l->id, path,
+                 strerror(errno));
+        return 0;
+    }
+    l->shared_fd = fd;
+    uint8_t h[SHARED_HEADER];
+    int rc = inherit ? read_full_at(fd, h, sizeof(h), 0) : -ENODATA;
+    uint64_t flushed = rc ? 0 : get64(h + 16), count = rc ? 0 : get64(h + 24);
+    if (rc || get64(h) != SHARED_MAGIC || get64(h + 8) != l->file_id || flushed > count) {
+        shared_reset(l);
+        return 0;
+    }
+    l->shared_count = count;
+    uint64_t kept = 0;
+    for (uint64_t i = flushed; i < count; i++) {
+        uint8_t buf[ENTRY_LEN];
+        struct entry e;
+        if ((rc = read_full_at(fd, buf, ENTRY_LEN, (off_t)(SHARED_HEADER + i * ENTRY_LEN))) != 0)
+            return rc == -ENODATA ? 0 : rc;
+        decode_entry(buf, &e);
+        bool sane = e.count > 0 && e.block < l->blocks && e.count <= l->blocks - e.block &&
+                    (e.kind == ENTRY_ZERO || (e.kind == ENTRY_DATA && e.loc >= 1));
+        if (!sane || (e.kind == ENTRY_DATA && data_matches(l, l->cur->fd, &e, 1) != 1)) {
+            log_warn("layer %s: a pending entry of the previous server does not match its data; dropped", l->id);
+            continue;
+        }
+        if ((rc = apply_entry(l, &e, l->cur->gen)) != 0 ||
+            (rc = append_entry(&l->pending, &l->npending, &l->pending_cap, &e)) != 0)
+            return rc;
+        if (e.kind == ENTRY_DATA) {
+            l->pending_bytes += entry_bytes(l, &e);
+            if (e.loc + e.count > *end)
+                *end = e.loc + e.count;
+        }
+        kept++;
+    }
+    if (kept)
+        log_info("layer %s: took over %" PRIu64 " unflushed writes of the previous server", l->id, kept);
+    return 0;
+}
+
 /* ---- opening and closing -------------------------------------------------------- */
 
 static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
@@ -588,6 +723,7 @@ static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
     snprintf(l->id, sizeof(l->id), "%s", id);
     snprintf(l->dir, sizeof(l->dir), "%s", dir);
     l->size = size;
+    l->shared_fd = -1;
     l->blocks = (size + BS - 1) / BS;
     l->top_len = (size_t)((l->blocks + MID_SPAN - 1) / MID_SPAN) + 1;
     l->top = calloc(l->top_len, sizeof(*l->top));
@@ -626,6 +762,8 @@ void layer_close(struct layer *l)
     free_index(l);
     free(l->pending);
     free(l->changed);
+    if (l->shared_fd >= 0)
+        close(l->shared_fd); /* the file stays for the next server */
     pthread_mutex_destroy(&l->files_lock);
     pthread_rwlock_destroy(&l->swap_lock);
     pthread_mutex_destroy(&l->flush_serial);
@@ -672,6 +810,8 @@ int layer_create(const char *dir, uint64_t size, struct layer **out)
     l->seq = 1;
     atomic_store(&l->tail, 2);
     atomic_store(&l->kicked, 2);
+    uint64_t end;
+    shared_open(l, false, &end);
     *out = l;
     return 0;
 }
@@ -970,12 +1110,18 @@ int layer_open(const char *dir, const char *id, uint64_t size, struct layer **ou
         close(fd);
     if (!rc)
         rc = replay(l, fd);
+    /* After a takeover, the data of what the previous server left pending
+     * follows the last record: it stays, and new data goes after it. */
+    uint64_t pending_end = 0;
+    if (!rc)
+        rc = shared_open(l, true, &pending_end);
+    uint64_t keep = pending_end > l->record_at + 1 ? pending_end : l->record_at;
     struct stat st;
     if (!rc && fstat(fd, &st) < 0)
         rc = -errno;
     /* Cut what follows the last record: nothing stale is read again. */
-    if (!rc && (uint64_t)st.st_size > l->record_at * BS) {
-        if (ftruncate(fd, (off_t)(l->record_at * BS)) < 0)
+    if (!rc && (uint64_t)st.st_size > keep * BS) {
+        if (ftruncate(fd, (off_t)(keep * BS)) < 0)
             rc = -errno;
         else
             rc = sync_fd(fd);
@@ -984,8 +1130,9 @@ int layer_open(const char *dir, const char *id, uint64_t size, struct layer **ou
         layer_close(l);
         return rc;
     }
-    atomic_store(&l->tail, l->record_at + 1);
-    atomic_store(&l->kicked, l->record_at + 1);
+    uint64_t tail = pending_end > l->record_at + 1 ? pending_end : l->record_at + 1;
+    atomic_store(&l->tail, tail);
+    atomic_store(&l->kicked, tail);
     maybe_compact(l);
     *out = l;
     return 0;
@@ -994,6 +1141,9 @@ int layer_open(const char *dir, const char *id, uint64_t size, struct layer **ou
 int layer_remove(const char *dir, const char *id)
 {
     int err = 0;
+    char shared[PATH_MAX];
+    if (shared_pending_dir[0] && shared_path(id, shared) == 0)
+        unlink(shared);
     for (enum layer_file_kind k = PATH_LOG; k <= PATH_OLD_MAP; k++) {
         char path[PATH_MAX];
         int rc = layer_path(dir, id, k, path);
@@ -1156,6 +1306,7 @@ int layer_write(struct layer *l, const void *buf, size_t len, uint64_t off)
         if (!rc)
             rc = append_entry(&l->pending, &l->npending, &l->pending_cap, &e);
         if (!rc) {
+            shared_append(l, &e);
             for (uint64_t i = 0; i < count; i++)
                 slot_set(l, block + i, SLOT_DATA(f->gen, loc + i));
             l->pending_bytes += len;
@@ -1215,8 +1366,10 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
         rc = atomic_load(&l->broken) ? -EIO : note_changed(l, b, n);
         if (!rc)
             rc = append_entry(&l->pending, &l->npending, &l->pending_cap, &e);
-        if (!rc)
+        if (!rc) {
+            shared_append(l, &e);
             note_dead(l, b, n, &dead);
+        }
         if (!rc)
             rc = zero_range(l, b, n);
         b += n;
@@ -1251,6 +1404,7 @@ int layer_flush(struct layer *l)
     int rc = l->broken;
     struct entry *entries = l->pending;
     size_t n = l->npending;
+    uint64_t taken = l->shared_count; /* the shared file's entries this record holds */
     uint64_t at = l->record_at, seq = l->seq, cont = 0, next = 0;
     if (!rc && n > 0) {
         l->pending = NULL;
@@ -1299,6 +1453,13 @@ int layer_flush(struct layer *l)
              * than build on it (the data flushed before stays readable). */
             log_error("layer %s: flush failed: %s", l->id, strerror(-rc));
             atomic_store(&l->broken, rc);
+        } else if (l->shared_fd >= 0) {
+            pthread_mutex_lock(&l->lock);
+            if (l->shared_count == taken)
+                shared_reset(l);
+            else
+                shared_header(l, taken);
+            pthread_mutex_unlock(&l->lock);
         }
     }
     free(entries);
@@ -1497,6 +1658,7 @@ static int compact(struct layer *l)
             l->pending = NULL;
             l->npending = l->pending_cap = 0;
             l->pending_bytes = 0;
+            shared_reset(l); /* the new file holds everything, synced */
             atomic_store(&l->tail, b.next);
             atomic_store(&l->kicked, b.next);
             pthread_mutex_unlock(&l->lock);

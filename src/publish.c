@@ -4,10 +4,13 @@
 #include <inttypes.h>
 #include <libgen.h>
 #include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "chunkfmt.h"
 #include "image.h"
@@ -27,58 +30,359 @@ static void describe_source(const char *path, const char *format, char *out, siz
             *p = '?';
 }
 
-/* Reads, hashes and stores every chunk of img into m->chunks. */
-static int store_chunks(struct image *img, const char *image_path, struct repo *repo, struct manifest *m, int level,
-                        struct publish_result *res, char *err, size_t errlen)
+/* ---- the chunk pipeline ----------------------------------------------------
+ *
+ * Workers take batches of consecutive chunks from a shared cursor. The
+ * cursor jumps over what the image's allocation map says is unallocated:
+ * those chunks are zero chunks and are never read. A worker reads the data
+ * ranges of its batch with its own image reader, then hashes, compresses and
+ * stores each chunk. Chunks land in m->chunks[i] by index, so the manifest is
+ * the same whatever order the workers finish in. Chunk files may be written
+ * in any order: none is referenced until the manifest is written, after all
+ * workers are done and syncfs (publish.h). */
+
+/* Bytes of consecutive chunks a worker takes at once. */
+#define BATCH_BYTES (1u << 20)
+
+/* The hashes stored (or being stored) by this publish, so that a chunk that
+ * repeats in the image is compressed and written once, by one worker, and
+ * counted new once, as a sequential publish would. Open addressing. */
+struct claim_set {
+    struct chunk_hash *slots; /* null hash = empty slot (zero chunks never get here) */
+    size_t cap;               /* a power of two */
+    size_t count;
+};
+
+static int claim_grow(struct claim_set *set)
 {
-    const uint32_t cs = m->chunk_size;
-    char *data = malloc(cs);
-    size_t enc_cap = chunkfmt_bound(cs);
-    char *enc = malloc(enc_cap);
-    int rc = 0;
-    if (!data || !enc) {
-        snprintf(err, errlen, "out of memory");
-        rc = -ENOMEM;
-        goto out;
+    size_t cap = set->cap ? set->cap * 2 : 1024;
+    struct chunk_hash *slots = calloc(cap, sizeof(*slots));
+    if (!slots)
+        return -ENOMEM;
+    for (size_t i = 0; i < set->cap; i++) {
+        if (chunk_hash_is_null(&set->slots[i]))
+            continue;
+        size_t at = chunk_hash_bucket(&set->slots[i]) & (cap - 1);
+        while (!chunk_hash_is_null(&slots[at]))
+            at = (at + 1) & (cap - 1);
+        slots[at] = set->slots[i];
     }
+    free(set->slots);
+    set->slots = slots;
+    set->cap = cap;
+    return 0;
+}
+
+/* 1 when hash was new and is now claimed, 0 when it was claimed before. */
+static int claim(struct claim_set *set, const struct chunk_hash *hash)
+{
+    if (2 * (set->count + 1) > set->cap && claim_grow(set) < 0)
+        return -ENOMEM;
+    size_t at = chunk_hash_bucket(hash) & (set->cap - 1);
+    while (!chunk_hash_is_null(&set->slots[at])) {
+        if (chunk_hash_equal(&set->slots[at], hash))
+            return 0;
+        at = (at + 1) & (set->cap - 1);
+    }
+    set->slots[at] = *hash;
+    set->count++;
+    return 1;
+}
+
+struct pipeline {
+    /* Set before the workers start, then read-only. */
+    struct image *img; /* image_next_data only; worker 0 also reads through it */
+    const char *image_path;
+    struct repo *repo;
+    struct manifest *m; /* workers write m->chunks[i] of their own batches only */
+    int level;
+    uint64_t batch_chunks;
+
+    /* Everything below is guarded by lock, which is held across the
+     * allocation look-ups of the cursor (lseek) but never across reading,
+     * compressing or writing a chunk. */
+    pthread_mutex_t lock;
+    pthread_cond_t changed; /* progress made, or a worker ended */
+    uint64_t next_chunk;    /* the cursor: chunks before it are handed out */
+    uint64_t done_bytes;    /* of the disk, for the progress bar */
+    unsigned running;       /* workers not yet ended */
+    struct publish_result totals;
+    struct claim_set claims;
+    int rc; /* the first error, which stops every worker */
+    char err[512];
+};
+
+static void fail_locked(struct pipeline *p, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void fail_locked(struct pipeline *p, int rc, const char *fmt, ...)
+{
+    if (p->rc)
+        return;
+    p->rc = rc;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(p->err, sizeof(p->err), fmt, ap);
+    va_end(ap);
+}
+
+/* The end, in disk bytes, of the chunks before index `to`. */
+static uint64_t chunks_end(const struct manifest *m, uint64_t to)
+{
+    return to == m->chunk_count ? m->size : to * m->chunk_size;
+}
+
+/* Counts the chunks [from, to) as zero chunks that were never read. */
+static void skip_zero_locked(struct pipeline *p, uint64_t from, uint64_t to)
+{
+    if (from >= to)
+        return;
+    uint64_t bytes = chunks_end(p->m, to) - from * p->m->chunk_size;
+    p->totals.chunks_zero += to - from;
+    p->done_bytes += bytes;
+}
+
+/* Hands out the next batch that holds data: false when none is left. */
+static bool take_batch_locked(struct pipeline *p, uint64_t *first, uint64_t *count)
+{
+    const struct manifest *m = p->m;
+    if (p->rc || p->next_chunk >= m->chunk_count)
+        return false;
+    uint64_t start, end;
+    if (image_next_data(p->img, p->next_chunk * m->chunk_size, &start, &end) != 0) {
+        skip_zero_locked(p, p->next_chunk, m->chunk_count);
+        p->next_chunk = m->chunk_count;
+        return false;
+    }
+    skip_zero_locked(p, p->next_chunk, start / m->chunk_size);
+    *first = start / m->chunk_size;
+    *count = m->chunk_count - *first < p->batch_chunks ? m->chunk_count - *first : p->batch_chunks;
+    p->next_chunk = *first + *count;
+    return true;
+}
+
+/* What one worker owns. */
+struct worker {
+    struct pipeline *p;
+    pthread_t thread;
+    struct image *reader; /* owned, except for worker 0's (p->img) */
+    struct chunkfmt_encoder *encoder;
+    char *buf;            /* batch_chunks * chunk_size */
+    char *enc;
+    size_t enc_cap;
+};
+
+/* Reads the data ranges of chunks [first, first + count) into w->buf and
+ * zeros the rest, which is not read. */
+static int read_batch(struct worker *w, uint64_t first, uint64_t count, uint64_t *bytes_read)
+{
+    const struct manifest *m = w->p->m;
+    uint64_t from = first * m->chunk_size;
+    uint64_t to = chunks_end(m, first + count);
+    memset(w->buf, 0, count * m->chunk_size);
+    uint64_t start, end;
+    for (uint64_t at = from; at < to && image_next_data(w->p->img, at, &start, &end) == 0 && start < to;
+         at = end) {
+        if (end > to)
+            end = to;
+        int rc = image_read(w->reader, w->buf + (start - from), (size_t)(end - start), start);
+        if (rc) {
+            pthread_mutex_lock(&w->p->lock);
+            fail_locked(w->p, rc, "cannot read %s at offset %" PRIu64 " (truncated or damaged image?): %s",
+                        w->p->image_path, start, strerror(-rc));
+            pthread_mutex_unlock(&w->p->lock);
+            return rc;
+        }
+        *bytes_read += end - start;
+    }
+    return 0;
+}
+
+/* Hashes one chunk and stores it unless it is zero, already in the
+ * repository, or claimed by another chunk of this publish. */
+static int store_chunk(struct worker *w, uint64_t index, const char *data, struct publish_result *counts)
+{
+    struct pipeline *p = w->p;
+    const uint32_t cs = p->m->chunk_size;
+    if (buffer_is_zero(data, cs)) {
+        counts->chunks_zero++;
+        return 0;
+    }
+    struct chunk_hash hash;
+    chunk_hash_compute(data, cs, &hash);
+    p->m->chunks[index] = hash;
+    pthread_mutex_lock(&p->lock);
+    int claimed = claim(&p->claims, &hash);
+    if (claimed < 0)
+        fail_locked(p, claimed, "out of memory");
+    pthread_mutex_unlock(&p->lock);
+    if (claimed < 0)
+        return claimed;
+    if (!claimed || repo_has_chunk(p->repo, &hash)) {
+        counts->chunks_reused++;
+        return 0;
+    }
+    long n = chunkfmt_encode_with(w->encoder, data, cs, w->enc, w->enc_cap);
+    int rc = n < 0 ? (int)n : repo_put_chunk(p->repo, &hash, w->enc, (size_t)n);
+    if (rc) {
+        pthread_mutex_lock(&p->lock);
+        fail_locked(p, rc, "cannot store a chunk in the repository: %s", strerror(-rc));
+        pthread_mutex_unlock(&p->lock);
+        return rc;
+    }
+    counts->chunks_new++;
+    counts->bytes_stored += (uint64_t)n;
+    return 0;
+}
+
+static void *worker_main(void *arg)
+{
+    struct worker *w = arg;
+    struct pipeline *p = w->p;
+    uint64_t first, count;
+    pthread_mutex_lock(&p->lock);
+    while (take_batch_locked(p, &first, &count)) {
+        pthread_mutex_unlock(&p->lock);
+        struct publish_result counts = {0};
+        int rc = read_batch(w, first, count, &counts.bytes_read);
+        for (uint64_t k = 0; !rc && k < count; k++)
+            rc = store_chunk(w, first + k, w->buf + k * p->m->chunk_size, &counts);
+        pthread_mutex_lock(&p->lock);
+        if (rc)
+            break;
+        p->totals.bytes_read += counts.bytes_read;
+        p->totals.chunks_zero += counts.chunks_zero;
+        p->totals.chunks_reused += counts.chunks_reused;
+        p->totals.chunks_new += counts.chunks_new;
+        p->totals.bytes_stored += counts.bytes_stored;
+        p->done_bytes += chunks_end(p->m, first + count) - first * p->m->chunk_size;
+        pthread_cond_broadcast(&p->changed);
+    }
+    p->running--;
+    pthread_cond_broadcast(&p->changed);
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+static void worker_free(struct worker *w)
+{
+    if (w->reader != w->p->img)
+        image_close(w->reader);
+    chunkfmt_encoder_free(w->encoder);
+    free(w->buf);
+    free(w->enc);
+}
+
+static int worker_init(struct worker *w, struct pipeline *p, bool first, char *err, size_t errlen)
+{
+    memset(w, 0, sizeof(*w));
+    w->p = p;
+    w->reader = p->img;
+    if (!first) {
+        int rc = image_reopen(p->img, &w->reader, err, errlen);
+        if (rc)
+            return rc;
+    }
+    w->enc_cap = chunkfmt_bound(p->m->chunk_size);
+    w->encoder = chunkfmt_encoder_new(p->level);
+    w->buf = malloc(p->batch_chunks * p->m->chunk_size);
+    w->enc = malloc(w->enc_cap);
+    if (!w->encoder || !w->buf || !w->enc) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+static unsigned default_threads(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > PUBLISH_MAX_THREADS ? PUBLISH_MAX_THREADS : (unsigned)n;
+}
+
+/* Reads, hashes and stores every chunk of img into m->chunks, on threads
+ * workers; returns when all of them have ended. */
+static int store_chunks(struct image *img, const struct publish_options *opts, struct repo *repo,
+                        struct manifest *m, struct publish_result *res, char *err, size_t errlen)
+{
+    unsigned threads = opts->threads ? opts->threads : default_threads();
+    if (threads > PUBLISH_MAX_THREADS)
+        threads = PUBLISH_MAX_THREADS;
+    struct pipeline p = {
+        .img = img,
+        .image_path = opts->image_path,
+        .repo = repo,
+        .m = m,
+        .level = opts->zstd_level,
+        .batch_chunks = BATCH_BYTES > m->chunk_size ? BATCH_BYTES / m->chunk_size : 1,
+    };
+    pthread_mutex_init(&p.lock, NULL);
+    cond_init_monotonic(&p.changed);
+    struct worker *workers = calloc(threads, sizeof(*workers));
+    int rc = workers ? 0 : -ENOMEM;
+    if (rc)
+        snprintf(err, errlen, "out of memory");
+    unsigned started = 0;
+    for (; !rc && started < threads; started++) {
+        rc = worker_init(&workers[started], &p, started == 0, err, errlen);
+        if (rc) {
+            worker_free(&workers[started]);
+            break;
+        }
+        pthread_mutex_lock(&p.lock);
+        p.running++;
+        pthread_mutex_unlock(&p.lock);
+        rc = -pthread_create(&workers[started].thread, NULL, worker_main, &workers[started]);
+        if (rc) {
+            pthread_mutex_lock(&p.lock);
+            p.running--;
+            pthread_mutex_unlock(&p.lock);
+            worker_free(&workers[started]);
+            snprintf(err, errlen, "cannot start a publish thread: %s", strerror(-rc));
+            break;
+        }
+    }
+    if (rc) { /* stop the workers that did start */
+        pthread_mutex_lock(&p.lock);
+        fail_locked(&p, rc, "%s", err);
+        pthread_mutex_unlock(&p.lock);
+    }
+
     struct progress bar;
     progress_start(&bar, "publishing", m->size);
-    for (uint64_t i = 0; i < m->chunk_count; i++) {
-        uint64_t off = i * cs;
-        size_t len = m->size - off < cs ? (size_t)(m->size - off) : cs;
-        rc = image_read(img, data, len, off);
-        if (rc) {
-            snprintf(err, errlen, "cannot read %s at offset %" PRIu64 " (truncated or damaged image?): %s",
-                     image_path, off, strerror(-rc));
-            goto out;
-        }
-        memset(data + len, 0, cs - len); /* the last chunk is zero-padded */
-        res->bytes_read += len;
-        if (buffer_is_zero(data, cs)) {
-            res->chunks_zero++;
-        } else {
-            chunk_hash_compute(data, cs, &m->chunks[i]);
-            if (repo_has_chunk(repo, &m->chunks[i])) {
-                res->chunks_reused++;
-            } else {
-                long n = chunkfmt_encode(data, cs, level, enc, enc_cap);
-                rc = n < 0 ? (int)n : repo_put_chunk(repo, &m->chunks[i], enc, (size_t)n);
-                if (rc) {
-                    snprintf(err, errlen, "cannot store a chunk in the repository: %s", strerror(-rc));
-                    goto out;
-                }
-                res->chunks_new++;
-                res->bytes_stored += (uint64_t)n;
-            }
-        }
-        progress_update(&bar, res->bytes_read);
+    pthread_mutex_lock(&p.lock);
+    while (p.running > 0) {
+        cond_wait_until(&p.changed, &p.lock, now_ns() + 100000000ull);
+        uint64_t done = p.done_bytes;
+        pthread_mutex_unlock(&p.lock);
+        progress_update(&bar, done);
+        pthread_mutex_lock(&p.lock);
     }
-    progress_finish(&bar);
-out:
-    free(data);
-    free(enc);
+    pthread_mutex_unlock(&p.lock);
+    for (unsigned i = 0; i < started; i++) {
+        pthread_join(workers[i].thread, NULL);
+        worker_free(&workers[i]);
+    }
+    free(workers);
+    if (!p.rc) {
+        progress_update(&bar, p.done_bytes);
+        progress_finish(&bar);
+    } else if (!rc) {
+        snprintf(err, errlen, "%s", p.err);
+    }
+    rc = p.rc;
+    res->bytes_read = p.totals.bytes_read;
+    res->bytes_unallocated = m->size - p.totals.bytes_read;
+    res->chunks_zero = p.totals.chunks_zero;
+    res->chunks_reused = p.totals.chunks_reused;
+    res->chunks_new = p.totals.chunks_new;
+    res->bytes_stored = p.totals.bytes_stored;
+    res->threads = threads;
+    free(p.claims.slots);
+    pthread_cond_destroy(&p.changed);
+    pthread_mutex_destroy(&p.lock);
     return rc;
 }
+
+/* ---- making the version visible --------------------------------------------- */
 
 /* Records version as the latest of name in the index, which is rewritten. */
 static int set_latest(struct repo *repo, const char *name, uint64_t version, char *err, size_t errlen)
@@ -121,6 +425,40 @@ static int next_version(struct repo *repo, const char *name, uint64_t *version, 
     return 0;
 }
 
+/* Writes the manifest of m (its version already set) atomically. */
+static int write_manifest(struct repo *repo, const struct manifest *m, char *err, size_t errlen)
+{
+    int rc = repo_put_manifest(repo, m);
+    if (rc)
+        snprintf(err, errlen, "cannot write the manifest: %s", strerror(-rc));
+    return rc;
+}
+
+/* Steps 2-4 of publish.h: makes the stored chunks durable, then gives m the
+ * next version number, writes its manifest and points the index at it. */
+static int commit_version(struct repo *repo, struct manifest *m, char *err, size_t errlen)
+{
+    int rc = repo_sync(repo);
+    if (rc) {
+        snprintf(err, errlen, "cannot flush the repository to disk: %s", strerror(-rc));
+        return rc;
+    }
+    /* The version number is taken under the lock so that two publishers of
+     * one name get distinct versions; chunk storage needs no lock. */
+    rc = repo_lock_publish(repo);
+    if (rc) {
+        snprintf(err, errlen, "cannot lock the repository for publishing: %s", strerror(-rc));
+        return rc;
+    }
+    rc = next_version(repo, m->name, &m->version, err, errlen);
+    if (!rc)
+        rc = write_manifest(repo, m, err, errlen);
+    if (!rc)
+        rc = set_latest(repo, m->name, m->version, err, errlen);
+    repo_unlock_publish(repo);
+    return rc;
+}
+
 int publish_image(const struct publish_options *opts, struct publish_result *res, char *err, size_t errlen)
 {
     memset(res, 0, sizeof(*res));
@@ -132,6 +470,10 @@ int publish_image(const struct publish_options *opts, struct publish_result *res
     }
     if (!manifest_chunk_size_valid(opts->chunk_size)) {
         snprintf(err, errlen, "chunk size must be a power of two between 4K and 16M");
+        return -EINVAL;
+    }
+    if (opts->threads > PUBLISH_MAX_THREADS) {
+        snprintf(err, errlen, "at most %d publish threads", PUBLISH_MAX_THREADS);
         return -EINVAL;
     }
     struct image *img;
@@ -170,37 +512,16 @@ int publish_image(const struct publish_options *opts, struct publish_result *res
     snprintf(m->name, sizeof(m->name), "%s", opts->name);
     m->size = size;
     m->chunk_size = opts->chunk_size;
-    m->created = (uint64_t)time(NULL);
+    m->created = opts->created ? opts->created : (uint64_t)time(NULL);
     describe_source(opts->image_path, image_format(img), m->source, sizeof(m->source));
     res->size = size;
     snprintf(res->format, sizeof(res->format), "%s", image_format(img));
 
-    rc = store_chunks(img, opts->image_path, repo, m, opts->zstd_level, res, err, errlen);
-    if (rc)
-        goto out;
-    rc = repo_sync(repo);
-    if (rc) {
-        snprintf(err, errlen, "cannot flush the repository to disk: %s", strerror(-rc));
-        goto out;
-    }
-    /* The version number is taken under the lock so that two publishers of
-     * one name get distinct versions; chunk storage above needs no lock. */
-    rc = repo_lock_publish(repo);
-    if (rc) {
-        snprintf(err, errlen, "cannot lock the repository for publishing: %s", strerror(-rc));
-        goto out;
-    }
-    rc = next_version(repo, opts->name, &m->version, err, errlen);
-    if (!rc) {
-        rc = repo_put_manifest(repo, m);
-        if (rc)
-            snprintf(err, errlen, "cannot write the manifest: %s", strerror(-rc));
-    }
+    rc = store_chunks(img, opts, repo, m, res, err, errlen);
     if (!rc)
-        rc = set_latest(repo, opts->name, m->version, err, errlen);
+        rc = commit_version(repo, m, err, errlen);
     if (!rc)
         res->version = m->version;
-    repo_unlock_publish(repo);
 out:
     manifest_free(m);
     repo_close(repo);

@@ -1012,13 +1012,16 @@ bool repo_has_chunk(struct repo *repo, const struct chunk_hash *hash)
     return local_path(repo, rel, path, sizeof(path)) == 0 && access(path, F_OK) == 0;
 }
 
+static atomic_uint put_serial;
+
 int repo_put_chunk(struct repo *repo, const struct chunk_hash *hash, const void *enc, size_t len)
 {
     char rel[64], path[PATH_MAX], tmp[PATH_MAX];
     repo_chunk_relpath(hash, rel, sizeof(rel));
     int err = local_path(repo, rel, path, sizeof(path));
     if (!err)
-        err = path_join(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)getpid());
+        err = path_join(tmp, sizeof(tmp), "%s.tmp.%ld.%u", path, (long)getpid(),
+                        atomic_fetch_add(&put_serial, 1)); /* unique between threads too */
     if (err)
         return err;
     if (access(path, F_OK) == 0)

@@ -20,10 +20,13 @@ mountpoint -q "$T/mnt" || fail "nothing mounted at $T/mnt"
 grep " $T/mnt fuse.imgfs " /proc/mounts > /dev/null || fail "/proc/mounts does not show type fuse.imgfs"
 grep " $T/mnt fuse.imgfs [^ ]*nosuid,nodev" /proc/mounts > /dev/null || fail "nodev,nosuid are not applied"
 ok "mounted through fstab: $(grep " $T/mnt " /proc/mounts | cut -d' ' -f1-4)"
-pid=$(pgrep -f "imgfs $T/repo $T/mnt" || true)
-[ -n "$pid" ] || fail "no background imgfs process"
+# The supervisor holds the mount; the serving process is its child.
+pid=$(stat_value "$T/mnt" daemon supervisor_pid)
+server=$(stat_value "$T/mnt" daemon pid)
+kill -0 "$pid" 2>/dev/null || fail "no background imgfs process"
 [ "$(ps -o ppid= -p "$pid" | tr -d ' ')" = 1 ] || fail "imgfs did not detach into the background"
-ok "daemon detached (pid $pid)"
+[ "$(ps -o ppid= -p "$server" | tr -d ' ')" = "$pid" ] || fail "the server $server is not the supervisor's child"
+ok "daemon detached (supervisor pid $pid, server pid $server)"
 cmp "$T/mnt/bases/fs.raw" "$T/img.raw" || fail "base differs when mounted through fstab"
 # allow_other: another user can read the base.
 su nobody -s /bin/sh -c "cat '$T/mnt/bases/fs.raw'" > "$T/as-nobody" || fail "user nobody cannot read with allow_other"
@@ -32,5 +35,6 @@ ok "base identical, also for another user (allow_other)"
 umount "$T/mnt" || fail "umount failed"
 for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
 kill -0 "$pid" 2>/dev/null && fail "daemon still running after umount"
+kill -0 "$server" 2>/dev/null && fail "server still running after umount"
 ok "umount stopped the daemon"
 finish

@@ -62,8 +62,12 @@ ok "SIGTERM with no disk open unmounts"
 # A crash leaves a dead mount: the next mount recognises and replaces it.
 mount_imgfs "$T/repo" "$M"
 pid=${DAEMON_PID[$M]}
-for p in $(pgrep -P "$pid") "$pid"; do kill -9 "$p"; done
+server=$(stat_value "$M" daemon pid)
+# Killing the supervisor takes its server with it (PR_SET_PDEATHSIG).
+kill -9 "$pid"
 wait "$pid" 2>/dev/null || true
+for _ in $(seq 100); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$server" 2>/dev/null && fail "the server outlived its supervisor's kill -9"
 unset "DAEMON_PID[$M]"
 stat "$M" > /dev/null 2> "$T/stat.err" && fail "the mount still answers after kill -9"
 grep -q "Transport endpoint is not connected" "$T/stat.err" || { cat "$T/stat.err"; fail "no dead mount after kill -9"; }

@@ -8,9 +8,10 @@ make_image "$T/v1.raw" $((8 * 1048576))
 "$IMGFSCTL" publish "$T/v1.raw" "$T/repo" --name p > /dev/null
 index_before=$(cat "$T/repo/index")
 
-# A big, slow-to-publish second image (level 19 zstd makes it slow).
+# A big, slow-to-publish second image (level 19 zstd makes it slow), on
+# four threads, so the kill lands while several chunks are in flight.
 head -c $((192 * 1048576)) /dev/urandom > "$T/v2.raw"
-"$IMGFSCTL" publish "$T/v2.raw" "$T/repo" --name p --level 19 > /dev/null 2>&1 &
+"$IMGFSCTL" publish "$T/v2.raw" "$T/repo" --name p --level 19 --threads 4 > /dev/null 2>&1 &
 pid=$!
 # Kill it once it has stored some chunks but long before it can finish.
 for _ in $(seq 1 200); do

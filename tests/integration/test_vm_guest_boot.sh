@@ -74,7 +74,7 @@ boot() {
 
 # ---- 3. first boot, qemu page cache on (writeback) --------------------------
 QEMU_DRIVE_OPTS=cache=writeback boot vm1 1 "vm1 boot 1 (cache=writeback)"
-layer_bytes=$(du -cB1 "$T"/state/layers/*.data 2>/dev/null | tail -n1 | cut -f1) || true
+layer_bytes=$(du -cB1 "$T"/state/layers/*.log 2>/dev/null | tail -n1 | cut -f1) || true
 [ "${layer_bytes:-0}" -gt 0 ] || fail "the guest's writes left no data in the state dir's layers"
 ok "vm1's writes are in its layer ($((layer_bytes / 1024)) KiB allocated)"
 

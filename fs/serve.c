@@ -1,0 +1,153 @@
+#include "serve.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include "util.h"
+
+struct server {
+    struct fuse_session *se;
+    struct takeover *takeover; /* may be NULL */
+    int fd;
+    unsigned count;
+    pthread_t *threads;
+    atomic_uint running; /* threads[0..running) exist */
+    atomic_bool stop;
+    atomic_bool ended; /* the connection is gone */
+    atomic_int error;  /* first unexpected read error, as a negative errno */
+};
+
+static void on_wake(int sig) { (void)sig; }
+
+void serve_prepare_signals(void)
+{
+    struct sigaction sa = {.sa_handler = on_wake}; /* no SA_RESTART: waits end with EINTR */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SERVE_WAKE_SIGNAL, &sa, NULL);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SERVE_WAKE_SIGNAL);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+}
+
+static void wake_all(struct server *s)
+{
+    unsigned n = atomic_load(&s->running);
+    for (unsigned i = 0; i < n; i++)
+        pthread_kill(s->threads[i], SERVE_WAKE_SIGNAL);
+}
+
+static void *worker(void *arg)
+{
+    struct server *s = arg;
+    sigset_t waiting; /* the mask inside epoll_pwait: the wake signal let through */
+    pthread_sigmask(SIG_SETMASK, NULL, &waiting);
+    sigdelset(&waiting, SERVE_WAKE_SIGNAL);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE};
+    if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, s->fd, &ev) < 0) {
+        int e = -errno;
+        int none = 0;
+        atomic_compare_exchange_strong(&s->error, &none, e);
+        if (ep >= 0)
+            close(ep);
+        atomic_store(&s->stop, true);
+        wake_all(s);
+        return NULL;
+    }
+    struct fuse_buf buf = {0};
+    while (!atomic_load(&s->stop)) {
+        int n = epoll_pwait(ep, &ev, 1, -1, &waiting);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (n == 0)
+            continue;
+        int res = fuse_session_receive_buf(s->se, &buf);
+        if (res == -EAGAIN || res == -EINTR)
+            continue; /* another worker took it */
+        if (res <= 0) {
+            /* 0: ENODEV, the file system was unmounted or the connection
+             * aborted; anything else is unexpected and ends the server. */
+            if (res < 0) {
+                int none = 0;
+                atomic_compare_exchange_strong(&s->error, &none, res);
+            }
+            atomic_store(&s->ended, true);
+            atomic_store(&s->stop, true);
+            wake_all(s);
+            break;
+        }
+        if (s->takeover && !(buf.flags & FUSE_BUF_IS_FD))
+            takeover_note_request(s->takeover, buf.mem, (size_t)res);
+        fuse_session_process_buf(s->se, &buf);
+        if (s->takeover)
+            atomic_fetch_add_explicit(&s->takeover->requests_done, 1, memory_order_relaxed);
+    }
+    free(buf.mem);
+    close(ep);
+    return NULL;
+}
+
+struct server *serve_create(struct fuse_session *se, struct takeover *t, unsigned threads)
+{
+    struct server *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    s->threads = calloc(threads, sizeof(*s->threads));
+    if (!s->threads) {
+        free(s);
+        return NULL;
+    }
+    s->se = se;
+    s->takeover = t;
+    s->fd = fuse_session_fd(se);
+    s->count = threads;
+    return s;
+}
+
+int serve_run(struct server *s)
+{
+    int flags = fcntl(s->fd, F_GETFL);
+    if (flags < 0 || fcntl(s->fd, F_SETFL, flags | O_NONBLOCK) < 0)
+        return -errno;
+    unsigned started = 0;
+    for (; started < s->count && !atomic_load(&s->stop); started++) {
+        if (pthread_create(&s->threads[started], NULL, worker, s) != 0) {
+            int none = 0;
+            atomic_compare_exchange_strong(&s->error, &none, -EAGAIN);
+            serve_stop(s);
+            break;
+        }
+        atomic_store(&s->running, started + 1);
+    }
+    for (unsigned i = 0; i < started; i++)
+        pthread_join(s->threads[i], NULL);
+    int err = atomic_load(&s->error);
+    if (err)
+        return err;
+    return atomic_load(&s->ended) ? SERVE_UNMOUNTED : SERVE_STOPPED;
+}
+
+void serve_stop(struct server *s)
+{
+    atomic_store(&s->stop, true);
+    wake_all(s);
+}
+
+void serve_destroy(struct server *s)
+{
+    if (!s)
+        return;
+    free(s->threads);
+    free(s);
+}

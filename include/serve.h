@@ -1,0 +1,43 @@
+/* serve: the server's receive loop on the shared /dev/fuse descriptor.
+ *
+ * imgfs runs its own loop instead of fuse_session_loop_mt for two reasons
+ * (see takeover.h): it keeps the kernel's INIT request for the next server,
+ * and it can stop reading cleanly for a hand-over. Each of a fixed number of
+ * worker threads waits in epoll_pwait() on its own epoll instance
+ * (EPOLLEXCLUSIVE, so one request wakes one worker), reads one request
+ * without blocking (the descriptor is O_NONBLOCK: a worker that lost the race
+ * for a request gets EAGAIN and waits again), and processes it with
+ * fuse_session_process_buf(). SIGUSR1 is blocked in the workers except inside
+ * epoll_pwait(), so serve_stop() can never lose its wake-up: a worker busy
+ * with a request finds the signal pending at its next wait. A request a
+ * worker has read is always processed, even after serve_stop(): libfuse's
+ * fuse_session_exit() is not used for that, because after it libfuse drops
+ * the request it has just read.
+ *
+ * Contract: serve_run() returns SERVE_UNMOUNTED when the connection ended
+ * (unmount or abort), SERVE_STOPPED after serve_stop() once every worker has
+ * finished the request it held, or a negative errno. serve_stop() may be
+ * called from any thread, once serve_run() has started.
+ */
+#ifndef IMGFS_SERVE_H
+#define IMGFS_SERVE_H
+
+#include <fuse_lowlevel.h>
+
+#include "takeover.h"
+
+enum { SERVE_UNMOUNTED = 0, SERVE_STOPPED = 1 };
+
+struct server;
+
+/* The signal that wakes workers; its handler does nothing. Installed (and
+ * blocked) by serve_prepare_signals() before any thread is created. */
+#define SERVE_WAKE_SIGNAL SIGUSR1
+void serve_prepare_signals(void);
+
+struct server *serve_create(struct fuse_session *se, struct takeover *t, unsigned threads);
+int serve_run(struct server *s);
+void serve_stop(struct server *s);
+void serve_destroy(struct server *s);
+
+#endif

@@ -1,0 +1,91 @@
+#!/bin/bash
+# Takeover at the edges: while a read waits on a slow HTTP repository (kill -9
+# and imgfsctl restart: the read completes with the right bytes); while a
+# pre-copy runs (imgfsctl precopy fails with a sentence that says why); and
+# with an upgrade to a binary that crashes at start-up (the supervisor backs
+# off, gives up with one log line and ends the mount).
+. "$(dirname "$0")/lib.sh"
+. "$(dirname "$0")/nginx.sh"
+
+CHUNK=131072
+head -c $((64 * CHUNK)) /dev/urandom > "$T/img.raw"
+"$IMGFSCTL" publish "$T/img.raw" "$T/repo" --name d > /dev/null
+# Two slow chunks (index 7 and 9): 128 KiB at 16 KiB/s is about 8 s each.
+chunk_hash() { awk -v i="$1" '/^chunks / { n = NR } n && NR == n + 1 + i { print; exit }' "$T/repo/bases/d/1.manifest"; }
+slow1=$(chunk_hash 7) slow2=$(chunk_hash 9)
+[[ $slow1 =~ ^[0-9a-f]{32}$ && $slow2 =~ ^[0-9a-f]{32}$ ]] || fail "cannot read chunk hashes from the manifest"
+nginx_start web "$T/repo" "location = /chunks/${slow1:0:2}/$slow1 { limit_rate 16k; }
+    location = /chunks/${slow2:0:2}/$slow2 { limit_rate 16k; }"
+M=$T/mnt
+mount_imgfs "${NGINX_URL[web]}" "$M" "timeout=120"
+
+# slow_read INDEX HOW: reads chunk INDEX (uncached, slow) and replaces the
+# serving process with HOW (kill or restart) while the read waits.
+slow_read() {
+    local index=$1 how=$2 out="$T/read.$1"
+    local before
+    before=$(stat_value "$M" fetch requests)
+    dd if="$M/bases/d@1.raw" of="$out" bs=4096 count=1 skip=$((index * CHUNK / 4096)) iflag=direct status=none &
+    local reader=$!
+    for _ in $(seq 200); do
+        [ "$(stat_value "$M" fetch requests)" -gt "$before" ] && break
+        sleep 0.05
+    done
+    [ "$(stat_value "$M" fetch requests)" -gt "$before" ] || fail "the read of chunk $index did not start fetching"
+    local old
+    old=$(stat_value "$M" daemon pid)
+    if [ "$how" = kill ]; then
+        kill -9 "$old"
+    else
+        "$IMGFSCTL" restart "$M" > /dev/null &
+        local restarter=$!
+    fi
+    kill -0 "$reader" 2>/dev/null || fail "test precondition: the slow read ended before the $how"
+    wait "$reader" || fail "the read waiting on the slow repository failed across a $how"
+    cmp "$out" <(dd if="$T/img.raw" bs=4096 count=1 skip=$((index * CHUNK / 4096)) status=none) ||
+        fail "the read across a $how returned wrong bytes"
+    [ "$how" = kill ] || wait "$restarter" || fail "imgfsctl restart failed"
+    [ "$(stat_value "$M" daemon pid)" != "$old" ] || fail "pid $old still serves after the $how"
+    ok "a read waiting on a slow HTTP repository completes across a $how"
+}
+slow_read 7 kill
+slow_read 9 restart
+
+# A pre-copy cannot continue in a new process: imgfsctl says so.
+"$IMGFSCTL" precopy "$M" d --rate 64K > "$T/precopy.out" 2> "$T/precopy.err" &
+copier=$!
+for _ in $(seq 200); do
+    resident=$(stat_value "$M" "base d@1" chunks_resident)
+    [ "${resident%/*}" -ge 4 ] && break
+    sleep 0.1
+done
+kill -0 "$copier" 2>/dev/null || fail "test precondition: the pre-copy ended before the kill"
+kill -9 "$(stat_value "$M" daemon pid)"
+status=0
+wait "$copier" || status=$?
+[ "$status" -ne 0 ] || fail "imgfsctl precopy succeeded although its daemon was killed"
+grep -qE "replaced|does not survive" "$T/precopy.err" || { cat "$T/precopy.err"; fail "no clear error from imgfsctl precopy"; }
+ok "a pre-copy cut by a takeover fails at imgfsctl: $(head -n 1 "$T/precopy.err")"
+umount_imgfs "$M"
+
+# An upgrade to a binary that crashes at start-up: back off, then give up.
+mkdir -p "$T/bin"
+cp "$IMGFS" "$T/bin/imgfs"
+IMGFS=$T/bin/imgfs mount_imgfs "$T/repo" "$M" "" "$T/cache2"
+sup=${DAEMON_PID[$M]}
+printf '#!/bin/sh\nkill -SEGV $$\n' > "$T/bin/imgfs.new"
+chmod +x "$T/bin/imgfs.new"
+mv "$T/bin/imgfs.new" "$T/bin/imgfs"
+expect_error "imgfsctl restart onto a binary that crashes at start-up" "$IMGFSCTL" restart "$M"
+for _ in $(seq 300); do kill -0 "$sup" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$sup" 2>/dev/null && fail "the supervisor did not give up on a crashing binary within 30 s"
+status=0
+wait "$sup" || status=$?
+unset "DAEMON_PID[$M]"
+[ "$status" -ne 0 ] || fail "the supervisor exited 0 after giving up"
+log=${DAEMON_LOG[$M]}
+grep -q "died 6 times in a row before finishing a request.*giving up" "$log" || { cat "$log"; fail "no give-up line"; }
+[ "$(grep -c "starting a new one in" "$log")" -ge 4 ] || fail "no back-off before giving up"
+mountpoint -q "$M" && fail "the mount is still there after giving up"
+ok "a crash-looping binary: back-off, then $(grep -o "died 6 times.*" "$log" | head -c 80)..."
+finish
