@@ -64,6 +64,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <time.h>
 
 #define LAYER_BLOCK_SIZE 4096u
 #define LAYER_ID_LEN 16
@@ -126,6 +127,12 @@ int layer_punch(struct layer *layer, uint64_t first, uint64_t count);
 
 /* Makes every write and punch that returned before this call durable. */
 int layer_flush(struct layer *layer);
+
+/* The times of the layer's data (its data file's: a write or punch moves
+ * the modification time), and setting them (UTIME_NOW and UTIME_OMIT
+ * work as in utimensat). */
+int layer_get_times(const struct layer *layer, struct timespec *atime, struct timespec *mtime);
+int layer_set_times(struct layer *layer, const struct timespec times[2]);
 
 /* Blocks the layer owns. */
 uint64_t layer_owned_blocks(const struct layer *layer);

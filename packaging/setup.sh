@@ -115,7 +115,8 @@ build) build ;;
 install) build && install_binaries ;;
 deb) deb "${2:-}" ;;
 demo) deps && build && install_binaries && bash packaging/demo.sh ;;
-test) deps && build && install_binaries && run_tests ;;
+# The tests run this build's binaries by path (test_package installs the .deb).
+test) deps && build && run_tests ;;
 *)
     echo "usage: $0 demo|test|deb [DIR]|deps|build|install" >&2
     exit 2

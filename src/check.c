@@ -106,10 +106,22 @@ static void check_repository(struct findings *f, const char *location)
     repo_close(repo);
 }
 
-static void check_trust(struct findings *f, const char *trust)
+/* The trust file (keys for signed metadata), and for a mount the mode its
+ * daemon runs in (mode is NULL for a repository check). */
+static void check_trust(struct findings *f, const char *trust, const char *mode, const char *keys)
 {
+    if (mode && strcmp(mode, "insecure") == 0)
+        report(f, "warn", "trust", "the mount serves its repository without signature checks (-o insecure)");
+    else if (mode && strcmp(mode, "signed") == 0)
+        report(f, "ok", "trust", "the mount accepts only metadata signed by its %s trusted key%s", keys ? keys : "?",
+               keys && strcmp(keys, "1") == 0 ? "" : "s");
+    else if (mode)
+        report(f, "ok", "trust", "the mount checks chunks by hash only (no trust= for its local repository)");
     if (!trust) {
-        report(f, "ok", "trust", "no trust file given or configured (repository metadata is checked by hash only; http(s) needs one or -o insecure)");
+        if (!mode)
+            report(f, "ok", "trust",
+                   "no trust file given or configured (repository metadata is checked by hash only; http(s) needs "
+                   "one or -o insecure)");
         return;
     }
     struct sign_keyring ring;
@@ -427,7 +439,13 @@ int check_main(int argc, char **argv)
         check_repository(&f, repository);
     else
         report(&f, "FAIL", "repository", "the mount's status does not name its repository");
-    check_trust(&f, trust && *trust ? trust : NULL);
+    char trust_mode[32] = "", trust_keys[32] = "";
+    if (mounted) {
+        stats_value(stats, "trust", "mode", trust_mode, sizeof(trust_mode));
+        stats_value(stats, "trust", "keys", trust_keys, sizeof(trust_keys));
+    }
+    check_trust(&f, trust && *trust ? trust : NULL, trust_mode[0] ? trust_mode : NULL,
+                trust_keys[0] ? trust_keys : NULL);
     check_space(&f, "cache", cache_dir, DEFAULT_CACHE_DIR, limit, used);
     check_space(&f, "state", state_dir, DEFAULT_STATE_DIR, 0, 0);
     check_owner(&f, "state", state_dir, mounted ? mountpoint : NULL);

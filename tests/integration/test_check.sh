@@ -21,6 +21,7 @@ major=$(uname -r | cut -d. -f1) minor=$(uname -r | cut -d. -f2)
 if [ "$major" -gt 6 ] || { [ "$major" -eq 6 ] && [ "$minor" -ge 9 ]; }; then
     grep -q "FUSE_NOTIFY_RESEND supported" "$T/out" || fail "kernel $(uname -r) should have FUSE_NOTIFY_RESEND"
 fi
+grep -q "^ok    trust       the mount checks chunks by hash only" "$T/out" || fail "the mount's trust mode is not reported"
 grep -q "^0 problems" "$T/out" || fail "the summary line is missing"
 ok "a mount: repository, space, cache_size, kernel protocol and the summary"
 grep -q "imgfs-check" /proc/mounts && fail "the kernel probe left its mount behind"

@@ -18,6 +18,17 @@ dpkg-query -W -f '${Status}' imgfs 2>/dev/null | grep -q "installed" &&
     fail "an imgfs package is installed already; this test installs and purges its own"
 [ -e /usr/bin/imgfs ] && fail "/usr/bin/imgfs exists but belongs to no package"
 
+# mount(8)'s PATH puts /usr/local before /usr: a `cmake --install` copy there
+# would serve the fstab line instead of the package's. It is moved aside for
+# the test and put back at the end.
+for shadow in /usr/local/sbin/imgfs /usr/local/bin/imgfs; do
+    if [ -e "$shadow" ]; then
+        mv "$shadow" "$shadow.moved-by-test-package"
+        at_exit "mv '$shadow.moved-by-test-package' '$shadow'"
+        echo "# $shadow moved aside while the package is tested"
+    fi
+done
+
 bash "$SRC/packaging/setup.sh" deb "$T/deb" > "$T/deb.log" 2>&1 || { cat "$T/deb.log"; fail "setup.sh deb failed"; }
 deb=$(ls "$T"/deb/imgfs_*_"$(dpkg --print-architecture)".deb)
 version=$(sed -n 's/^project(imgfs VERSION \([0-9.]*\).*/\1/p' "$SRC/CMakeLists.txt")
@@ -100,7 +111,7 @@ ok "apt-get remove refuses while a VM disk is open: $(grep -m1 'cannot unmount' 
 flock /tmp/imgfs-apt.lock apt-get remove -y -qq imgfs > "$T/remove.log" 2>&1 || { cat "$T/remove.log"; fail "apt-get remove failed"; }
 mountpoint -q "$T/mnt" && fail "the mount is still there after apt-get remove"
 # Gone, or a zombie that only waits for its parent (here PID 1) to reap it.
-state=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -c1)
+state=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -c1 || true)
 [ -z "$state" ] || [ "$state" = Z ] || fail "the daemon (pid $pid) still runs after apt-get remove (state $state)"
 for exe in /proc/[0-9]*/exe; do
     case $(readlink "$exe" 2>/dev/null) in /usr/bin/imgfs*) fail "a packaged imgfs still runs: $exe" ;; esac
