@@ -27,16 +27,6 @@
  * a snapshot waits for the writes under way, not for every later one); and
  * chain_lock (a rwlock) that readers hold while they use the chain.
  * attr_lock, held only briefly and never across I/O, guards open_count,
-<<<<<<< HEAD
- * deleted, mode, uid and gid.
- *
- * No VM lock is ever held while the network is waited on. registry->lock
- * (which control commands and stats take) may wait for a write_lock, and
- * write_lock and chain_lock are held across local layer I/O only: a write
- * that copies blocks up from the base first fetches those base chunks with
- * no lock held (vm_write), and reads take chain_lock only to map a range
- * and to build their reply from chunks already in hand (fs/ops.c).
-=======
  * deleted, mode, uid and gid, and each snapshot's open_count.
  *
  * Life of a VM: created (vm_create, vm_create_empty, vm_clone, vm_import)
@@ -44,7 +34,13 @@
  * vm_remove() once open_count is 0 (deleted is set; the struct lives until
  * the registry closes, so tree nodes may keep pointing at it). A snapshot
  * follows the same rule with its own open_count and removed flag.
->>>>>>> main
+ *
+ * No VM lock is ever held while the network is waited on. registry->lock
+ * (which control commands and stats take) may wait for a write_lock, and
+ * write_lock and chain_lock are held across local layer I/O only: a write
+ * that copies blocks up from the base first fetches those base chunks with
+ * no lock held (vm_write), and reads take chain_lock only to map a range
+ * and to build their reply from chunks already in hand (fs/ops.c).
  */
 #ifndef IMGFS_VM_H
 #define IMGFS_VM_H

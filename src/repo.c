@@ -208,7 +208,10 @@ int repo_http_prepare(struct repo *repo, int mirror, const char *relpath, void *
     curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
     curl_easy_setopt(h, CURLOPT_MAXREDIRS, 5L);
     curl_easy_setopt(h, CURLOPT_PROXY, repo->proxy); /* "" disables any proxy from the environment */
-<<<<<<< HEAD
+    if (repo->netrc_file[0]) {
+        curl_easy_setopt(h, CURLOPT_NETRC, (long)CURL_NETRC_REQUIRED);
+        curl_easy_setopt(h, CURLOPT_NETRC_FILE, repo->netrc_file);
+    }
     /* HTTP/2 where an https server offers it; keep-alive HTTP/1.1 otherwise. */
     curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
     return 0;
@@ -267,12 +270,6 @@ static int http_get_one(struct repo *repo, int i, const char *relpath, size_t ma
     }
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, http_write);
     curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
-=======
-    if (repo->netrc_file[0]) {
-        curl_easy_setopt(h, CURLOPT_NETRC, (long)CURL_NETRC_REQUIRED);
-        curl_easy_setopt(h, CURLOPT_NETRC_FILE, repo->netrc_file);
-    }
->>>>>>> main
     if (deadline_ns) {
         uint64_t now = now_ns();
         long ms = deadline_ns > now ? (long)((deadline_ns - now) / 1000000) : 1;
