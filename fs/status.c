@@ -211,7 +211,7 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     size_t nmirrors = repo_mirror_stats(fs->repo, mirrors, REPO_MAX_MIRRORS);
     for (size_t i = 0; i < nmirrors; i++) {
         const struct repo_mirror_stats *m = &mirrors[i];
-        char index[16];
+        char index[24];
         snprintf(index, sizeof(index), "%zu", i);
         sec = status_add_section(s, "mirror", index);
         status_add_label(s, sec, "mirror", m->url);
