@@ -247,6 +247,18 @@ static int parse_seconds(const char *text, double max, double *out)
     return 0;
 }
 
+/* True when an http(s) URL has "user[:password]@" before its host. */
+static bool url_has_userinfo(const char *url)
+{
+    const char *p = strstr(url, "://");
+    if (!p)
+        return false;
+    p += 3;
+    size_t authority = strcspn(p, "/?#");
+    const char *at = memchr(p, '@', authority);
+    return at != NULL;
+}
+
 static int check_dir(const char *what, const char *path)
 {
     struct stat st;
@@ -509,13 +521,27 @@ int mount_options_parse_served(int argc, char **argv, const char *mountpoint, st
         fail("max_index_age=%s needs trust= and a number of seconds above 0 (at most 10 years)", raw.max_index_age);
         goto out;
     }
+    for (int i = -1; i < raw.mirror_count; i++) {
+        if (url_has_userinfo(i < 0 ? raw.repo : raw.mirrors[i])) {
+            /* No password is echoed here either. */
+            fail("%s", "a repository or mirror URL must not hold a user name or password (they would show in "
+                       "ps and /proc/mounts); put them in a file given with -o credentials=FILE");
+            goto out;
+        }
+    }
     if (raw.credentials) {
+        struct stat st;
         if (!remote) {
             fail("%s", "credentials= is for http(s) repositories");
             goto out;
         }
-        if (!(opts->credentials_file = realpath(raw.credentials, NULL))) {
+        if (!(opts->credentials_file = realpath(raw.credentials, NULL)) || stat(opts->credentials_file, &st) < 0) {
             fail("credentials file %s does not exist", raw.credentials);
+            goto out;
+        }
+        if (!S_ISREG(st.st_mode) || (st.st_mode & 077)) {
+            fail("credentials file %s must be a regular file that only its owner can read (chmod 600)",
+                 raw.credentials);
             goto out;
         }
     }

@@ -290,9 +290,19 @@ static void add_vm(void *ctx, struct vm *vm)
     pthread_rwlock_rdlock(&vm->chain_lock);
     unsigned depth = vm->live.depth, snapshots = vm->snapshot_count;
     uint64_t owned = layer_owned_blocks(vm->live.layers[depth - 1]);
+    struct layer_stats ls;
+    layer_stats(vm->live.layers[depth - 1], &ls);
     pthread_rwlock_unlock(&vm->chain_lock);
     status_gauge(s, sec, "layer_bytes", "Bytes the VM's layers hold on the state disk.", (double)vm_layer_bytes(vm), 0);
     status_gauge(s, sec, "top_layer_blocks", "4 KiB blocks the VM's writable layer owns.", (double)owned, 0);
+    status_gauge(s, sec, "top_layer_log_blocks", "4 KiB blocks of the writable layer's log: live, dead, records.",
+                 (double)ls.log_blocks, 0);
+    status_counter(s, sec, "top_layer_compactions", "Compactions of the writable layer's log since the mount.",
+                   ls.compactions);
+    status_gauge(s, sec, "top_layer_compact_seconds", "Duration of the writable layer's last compaction.",
+                 (double)ls.compact_ns / 1e9, 3);
+    status_gauge(s, sec, "top_layer_compact_pause_seconds", "Of which its writes were held.",
+                 (double)ls.compact_pause_ns / 1e9, 4);
     status_gauge(s, sec, "layers", "Layers in the VM's chain.", depth, 0);
     status_gauge(s, sec, "snapshots", "Snapshots of the VM.", snapshots, 0);
     status_gauge(s, sec, "open", "Open file handles of the VM disk and its snapshots.", open_count, 0);

@@ -248,28 +248,55 @@ static void scan_base(struct tree *tree, const struct repo_index_entry *e, unsig
     struct base_scan *s = scan_of(tree, e->name);
     if (!s || (s->retry_ns && now_ns() < s->retry_ns))
         return;
+    uint64_t missing_from = 0; /* first version of the current run of missing ones */
     while (s->done < e->latest && *budget > 0 && !atomic_load(&tree->stopping)) {
         uint64_t v = s->done + 1;
         struct manifest *m;
         (*budget)--;
-        int rc = repo_read_manifest(tree->repo, e->name, v, &m, error, errlen);
+        char why[256];
+        int rc = repo_read_manifest(tree->repo, e->name, v, &m, why, sizeof(why));
+        if (rc != 0 && rc != -EBADMSG && rc != -EINVAL && repo_version_retired(tree->repo, e->name, v)) {
+            s->done = v; /* retired (repo.h): gone for good, and no error */
+            continue;
+        }
+        if (rc)
+            snprintf(error, errlen, "%s", why);
         if (rc == 0 && publish_version(tree, m, v == e->latest) != 0) {
             manifest_free(m);
             snprintf(error, errlen, "out of memory");
             return;
         }
+        if (rc != 0 && (!s->problem_is_bad || rc == -EBADMSG || rc == -EINVAL)) {
+            snprintf(s->problem, sizeof(s->problem), "%s", error);
+            s->problem_is_bad = rc == -EBADMSG || rc == -EINVAL;
+        } else if (rc == 0 && !s->problem_is_bad) {
+            s->problem[0] = '\0'; /* what was waited for came */
+        }
         if (rc == 0 || rc == -EBADMSG || rc == -EINVAL) {
             s->done = v; /* loaded, or bad for good: versions never change */
             s->retry_ns = s->backoff_ns = 0;
+            missing_from = 0;
             continue;
         }
-        /* Missing or unreachable: try again later, not on every refresh. */
+        /* A missing version below existing ones is a hole (a removed
+         * version): skip it. A run of missing versions up to the newest, or
+         * a long one, is what the index claims but the repository does not
+         * have (yet): stop there and retry later, not on every refresh. */
+        if (!missing_from)
+            missing_from = v;
+        if (rc == -ENOENT && v < e->latest && v - missing_from + 1 < TREE_MAX_MISSING_RUN) {
+            s->done = v;
+            continue;
+        }
+        s->done = missing_from - 1;
         s->backoff_ns = s->backoff_ns ? s->backoff_ns * 2 : TREE_RETRY_START_NS;
         if (s->backoff_ns > TREE_RETRY_MAX_NS)
             s->backoff_ns = TREE_RETRY_MAX_NS;
         s->retry_ns = now_ns() + s->backoff_ns;
         return;
     }
+    if (missing_from)
+        s->done = missing_from - 1; /* cut short in a run (budget, unmount): it is tried again */
 }
 
 int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
@@ -294,6 +321,9 @@ int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
     /* A bad version is reported and skipped; the others still show. */
     for (size_t i = 0; rc == 0 && i < index.count; i++)
         scan_base(tree, &index.entries[i], &budget, version_error, sizeof(version_error));
+    /* A version given up on stays reported, though it is not read again. */
+    for (size_t i = 0; rc == 0 && !version_error[0] && i < tree->scan_count; i++)
+        snprintf(version_error, sizeof(version_error), "%s", tree->scans[i].problem);
     if (rc == 0)
         repo_index_free(&index);
     const char *problem = rc ? err : version_error;
@@ -354,6 +384,17 @@ void tree_remove_vm(struct tree *tree, struct vm *vm)
             tree->nodes[i]->parent = 0;
             map_record(tree, tree->nodes[i]);
         }
+    }
+    pthread_rwlock_unlock(&tree->lock);
+}
+
+void tree_prune_snapshots(struct tree *tree)
+{
+    pthread_rwlock_wrlock(&tree->lock);
+    for (size_t i = 0; i < tree->count; i++) {
+        struct node *n = tree->nodes[i];
+        if (n->kind == NODE_VM_SNAPSHOT && atomic_load(&n->snapshot->removed))
+            n->parent = 0;
     }
     pthread_rwlock_unlock(&tree->lock);
 }

@@ -9,10 +9,13 @@
  *   bases/NAME/N.manifest       version N of NAME (see manifest.h); immutable
  *   bases/NAME/N.digests        its cryptographic record (digests.h), signed repositories
  *   bases/NAME/N.lists/LIST     prefetch lists (list.h), signed repositories: with "+sig" lines
+ *   bases/NAME/N.retired        marker: version N was retired (lifecycle.h); its
+ *                               manifest and lists are gone, its digests stay
  *   chunks/XY/XYZ...            a stored chunk named by its hash (chunkfmt.h);
- *                               immutable, written once
+ *                               immutable, written once; removed only by gc
  *
- * Versions 1..LATEST of a base all exist; they are never modified.
+ * Versions 1..LATEST of a base all exist, or are retired; they are never
+ * modified.
  *
  * A signed index (sign.h, trust.h) has the digest of each base's newest
  * record on its line, a sequence number and a signing time, then one or more
@@ -79,6 +82,8 @@ struct repo_options {
     const char *mirrors[REPO_MAX_MIRRORS]; /* further URLs after the location */
     int mirror_count;
     const char *proxy;       /* http proxy URL, or NULL for none */
+    const char *netrc_file;  /* user names and passwords, netrc style, or NULL: read by
+                                curl per request, never copied, logged or shown */
     double connect_timeout;  /* seconds (default 5) */
     double stall_timeout;    /* seconds below 1 KiB/s before a transfer is dropped (default 10) */
     double failback_seconds; /* default 60 */
@@ -182,6 +187,16 @@ void repo_chunk_relpath(const struct chunk_hash *hash, char *out, size_t len);
 
 /* Writer side (local repositories only). repo_has_chunk and repo_put_chunk
  * may be called from several threads at once. */
+/* The chunk lock, an flock on "REPO/.gc.lock": a publisher holds it shared
+ * from before it first looks for or stores a chunk until its index is
+ * written, so that gc (exclusive) never sees, and removes, a chunk that a
+ * manifest about to be written references. wait false: -EWOULDBLOCK when
+ * it is held the other way. */
+int repo_lock_chunks(struct repo *repo, bool exclusive, bool wait);
+void repo_unlock_chunks(struct repo *repo);
+/* "bases/NAME/V.retired", and whether that marker exists. */
+int repo_retired_relpath(const char *name, uint64_t version, char *out, size_t len);
+bool repo_version_retired(struct repo *repo, const char *name, uint64_t version);
 int repo_lock_publish(struct repo *repo);
 void repo_unlock_publish(struct repo *repo);
 bool repo_has_chunk(struct repo *repo, const struct chunk_hash *hash);

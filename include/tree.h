@@ -91,12 +91,15 @@ struct base_scan {
     uint64_t done;
     uint64_t retry_ns;
     uint64_t backoff_ns;
+    char problem[256]; /* why a version was skipped or is waited for ("" if none) */
+    bool problem_is_bad; /* a bad manifest (for good), not a missing one */
 };
 
 /* Manifest reads one refresh may do: the first (at mount) and later ones.
  * The rest waits for the next refresh; nothing waits for all of it. */
 #define TREE_FIRST_REFRESH_BUDGET 4096
 #define TREE_REFRESH_BUDGET 256
+#define TREE_MAX_MISSING_RUN 8
 #define TREE_RETRY_START_NS (30ull * 1000000000ull)
 #define TREE_RETRY_MAX_NS (600ull * 1000000000ull)
 
@@ -135,7 +138,10 @@ void tree_use_inode_map(struct tree *tree, struct takeover *t);
  * way is not waited for (a lookup never blocks behind the network). Returns
  * a negative errno (with err set) only when the index cannot be read; the
  * tree then keeps what it had. A version whose manifest is bad is skipped,
- * logged and kept in last_refresh_error; a missing one is retried later. */
+ * logged and kept in last_refresh_error; a missing one is retried later,
+ * unless it is retired (repo.h): that one is skipped quietly and asked
+ * about only once. A version the tree has keeps its node after it is
+ * retired. */
 int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen);
 /* Makes a refresh under way stop at its next version (for unmount). */
 void tree_stop_refresh(struct tree *tree);
@@ -154,6 +160,8 @@ void tree_for_each_child(struct tree *tree, fuse_ino_t parent, fuse_ino_t after,
 int tree_add_vm(struct tree *tree, struct vm *vm);
 /* Detaches every node of vm. */
 void tree_remove_vm(struct tree *tree, struct vm *vm);
+/* Detaches the nodes of snapshots that were removed (vm_snapshot.removed). */
+void tree_prune_snapshots(struct tree *tree);
 /* The base version NAME@VERSION, or NULL. */
 struct base_version *tree_find_version(struct tree *tree, const char *name, uint64_t version);
 

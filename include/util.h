@@ -52,8 +52,16 @@ int write_full(int fd, const void *buf, size_t len);
 int read_file(const char *path, size_t max_len, char **data, size_t *len);
 
 /* Writes data to path atomically: a temp file in the same directory, fsync,
- * rename, then fsync of the directory. Readers see the old or the new file. */
+ * rename, then fsync of the directory. Readers see the old or the new file.
+ * The temp file is created with O_EXCL|O_NOFOLLOW under an unpredictable
+ * name, so nothing planted there (a symlink) is ever written through; the
+ * file gets mode (whatever the umask); write_file_atomic uses 0644. */
 int write_file_atomic(const char *path, const void *data, size_t len);
+int write_file_atomic_mode(const char *path, const void *data, size_t len, mode_t mode);
+/* Creates a new file for writing with O_CREAT|O_EXCL|O_NOFOLLOW and mode
+ * (whatever the umask) under an unpredictable temp name next to path, which
+ * is written to tmp (PATH_MAX bytes). Returns the fd or a negative errno. */
+int create_temp_file(const char *path, mode_t mode, char *tmp);
 
 /* Compares a small marker file (like "imgfs-cache 1\n") with expected:
  * 0 when equal, -ENOENT when missing, -EBADMSG when different, or another

@@ -112,6 +112,7 @@ static int setup(struct imgfs *fs, const struct mount_options *opts)
                               .connect_timeout = opts->connect_timeout,
                               .stall_timeout = opts->stall_timeout,
                               .offline = opts->offline,
+                              .netrc_file = opts->credentials_file,
                               .mirror_count = opts->mirror_count};
     for (int i = 0; i < opts->mirror_count; i++)
         ro.mirrors[i] = opts->mirrors[i];

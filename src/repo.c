@@ -43,10 +43,17 @@ struct repo {
     char location[PATH_MAX];
     bool local;
     int lock_fd; /* publish lock, -1 when not held */
+    int chunks_lock_fd; /* chunk lock (shared: publisher, exclusive: gc), -1 when not held */
     struct repo_options opts;
     char meta_dir[PATH_MAX / 2]; /* local copies of index and manifests, "" for none */
     bool offline_fallback;
     char proxy[PATH_MAX / 2];
+    char netrc_file[PATH_MAX / 2]; /* "" for none */
+    /* The digest of the index last kept in meta_dir, so that an unchanged
+     * index is not written (and fsync'd) again. Guarded by meta_lock. */
+    pthread_mutex_t meta_lock;
+    struct sign_digest kept_index;
+    bool kept_index_valid;
     struct mirror mirrors[REPO_MAX_MIRRORS];
     int mirror_count;
     atomic_int current;               /* index of the mirror tried first */
@@ -209,6 +216,10 @@ static int http_get_one(struct repo *repo, int i, const char *relpath, size_t ma
     curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
     curl_easy_setopt(h, CURLOPT_MAXREDIRS, 5L);
     curl_easy_setopt(h, CURLOPT_PROXY, repo->proxy); /* "" disables any proxy from the environment */
+    if (repo->netrc_file[0]) {
+        curl_easy_setopt(h, CURLOPT_NETRC, (long)CURL_NETRC_REQUIRED);
+        curl_easy_setopt(h, CURLOPT_NETRC_FILE, repo->netrc_file);
+    }
     if (deadline_ns) {
         uint64_t now = now_ns();
         long ms = deadline_ns > now ? (long)((deadline_ns - now) / 1000000) : 1;
@@ -343,6 +354,7 @@ static struct repo *repo_alloc(const char *location, bool local, const struct re
     strip_slashes(repo->location);
     repo->local = local;
     repo->lock_fd = -1;
+    repo->chunks_lock_fd = -1;
     if (opts)
         repo->opts = *opts;
     if (repo->opts.connect_timeout <= 0)
@@ -352,7 +364,8 @@ static struct repo *repo_alloc(const char *location, bool local, const struct re
     if (repo->opts.failback_seconds <= 0)
         repo->opts.failback_seconds = 60;
     snprintf(repo->proxy, sizeof(repo->proxy), "%s", repo->opts.proxy ? repo->opts.proxy : "");
-    repo->opts.proxy = NULL; /* the caller's strings are not kept */
+    snprintf(repo->netrc_file, sizeof(repo->netrc_file), "%s", repo->opts.netrc_file ? repo->opts.netrc_file : "");
+    repo->opts.proxy = repo->opts.netrc_file = NULL; /* the caller's strings are not kept */
     snprintf(repo->mirrors[0].url, sizeof(repo->mirrors[0].url), "%s", repo->location);
     repo->mirror_count = 1;
     for (int i = 0; opts && i < opts->mirror_count && repo->mirror_count < REPO_MAX_MIRRORS; i++) {
@@ -363,6 +376,7 @@ static struct repo *repo_alloc(const char *location, bool local, const struct re
     }
     pthread_mutex_init(&repo->handles_lock, NULL);
     pthread_mutex_init(&repo->stats_lock, NULL);
+    pthread_mutex_init(&repo->meta_lock, NULL);
     return repo;
 }
 
@@ -371,10 +385,12 @@ void repo_close(struct repo *repo)
     if (!repo)
         return;
     repo_unlock_publish(repo);
+    repo_unlock_chunks(repo);
     for (int i = 0; i < repo->idle_count; i++)
         curl_easy_cleanup(repo->idle_handles[i]);
     pthread_mutex_destroy(&repo->handles_lock);
     pthread_mutex_destroy(&repo->stats_lock);
+    pthread_mutex_destroy(&repo->meta_lock);
     free(repo);
 }
 
@@ -695,8 +711,17 @@ int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t
         return rc;
     }
     rc = accept_index(repo, data, len, out, err, errlen);
-    if (rc == 0)
-        save_meta(repo, "index", data, len);
+    if (rc == 0 && repo->meta_dir[0]) {
+        struct sign_digest digest;
+        sign_digest_compute(data, len, &digest);
+        pthread_mutex_lock(&repo->meta_lock);
+        bool changed = !repo->kept_index_valid || !sign_digest_equal(&digest, &repo->kept_index);
+        repo->kept_index = digest;
+        repo->kept_index_valid = true;
+        pthread_mutex_unlock(&repo->meta_lock);
+        if (changed)
+            save_meta(repo, "index", data, len);
+    }
     free(data);
     if (rc == 0 || !verifying(repo))
         return rc;
@@ -959,6 +984,47 @@ void repo_unlock_publish(struct repo *repo)
         close(repo->lock_fd); /* closing drops the flock */
         repo->lock_fd = -1;
     }
+}
+
+int repo_lock_chunks(struct repo *repo, bool exclusive, bool wait)
+{
+    char path[PATH_MAX];
+    int err = local_path(repo, ".gc.lock", path, sizeof(path));
+    if (err)
+        return err;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    if (flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB)) < 0) {
+        err = errno == EWOULDBLOCK ? -EWOULDBLOCK : -errno;
+        close(fd);
+        return err;
+    }
+    repo->chunks_lock_fd = fd;
+    return 0;
+}
+
+void repo_unlock_chunks(struct repo *repo)
+{
+    if (repo->chunks_lock_fd >= 0) {
+        close(repo->chunks_lock_fd);
+        repo->chunks_lock_fd = -1;
+    }
+}
+
+int repo_retired_relpath(const char *name, uint64_t version, char *out, size_t len)
+{
+    return path_join(out, len, "bases/%s/%" PRIu64 ".retired", name, version);
+}
+
+bool repo_version_retired(struct repo *repo, const char *name, uint64_t version)
+{
+    char rel[128], *data;
+    size_t len;
+    if (repo_retired_relpath(name, version, rel, sizeof(rel)) != 0 || repo_get(repo, rel, 4096, &data, &len) != 0)
+        return false;
+    free(data);
+    return true;
 }
 
 bool repo_has_chunk(struct repo *repo, const struct chunk_hash *hash)

@@ -264,16 +264,42 @@ int fsync_dir_of(const char *path)
     return fsync_dir(dir);
 }
 
+int create_temp_file(const char *path, mode_t mode, char *tmp)
+{
+    for (int attempt = 0; attempt < 16; attempt++) {
+        uint64_t r = now_ns() ^ ((uint64_t)gettid() << 32) ^ ((uint64_t)attempt * 0x9e3779b97f4a7c15ull);
+        int err = path_join(tmp, PATH_MAX, "%s.tmp.%ld.%016llx", path, (long)gettid(),
+                            (unsigned long long)(r * 0xff51afd7ed558ccdull));
+        if (err)
+            return err;
+        int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
+        if (fd >= 0) {
+            if (fchmod(fd, mode) < 0) {
+                err = -errno;
+                close(fd);
+                unlink(tmp);
+                return err;
+            }
+            return fd;
+        }
+        if (errno != EEXIST)
+            return -errno;
+    }
+    return -EEXIST;
+}
+
 int write_file_atomic(const char *path, const void *data, size_t len)
 {
+    return write_file_atomic_mode(path, data, len, 0644);
+}
+
+int write_file_atomic_mode(const char *path, const void *data, size_t len, mode_t mode)
+{
     char tmp[PATH_MAX];
-    int err = path_join(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)gettid());
-    if (err)
-        return err;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int fd = create_temp_file(path, mode, tmp);
     if (fd < 0)
-        return -errno;
-    err = write_full(fd, data, len);
+        return fd;
+    int err = write_full(fd, data, len);
     if (!err && fsync(fd) < 0)
         err = -errno;
     if (close(fd) < 0 && !err)

@@ -193,6 +193,8 @@ static int save_vm(struct vm_registry *reg, const struct vm *vm)
     for (unsigned s = 0; s < vm->snapshot_count; s++) {
         pos = append(buf, cap, pos, "snapshot %s", vm->snapshots[s]->name);
         pos = append_chain(buf, cap, pos, &vm->snapshots[s]->disk);
+        if (vm->snapshots[s]->implicit)
+            pos = append(buf, cap, pos, "implicit %s\n", vm->snapshots[s]->name);
     }
     struct chunk_hash sum;
     char hex[CHUNK_HASH_HEX + 1];
@@ -204,7 +206,7 @@ static int save_vm(struct vm_registry *reg, const struct vm *vm)
     if (!err)
         err = conf_path(reg, vm->name, path, sizeof(path));
     if (!err)
-        err = write_file_atomic(path, buf, pos);
+        err = write_file_atomic_mode(path, buf, pos, 0600);
     free(buf);
     return err;
 }
@@ -216,7 +218,7 @@ static struct vm *vm_alloc(const char *name, uint64_t size)
         return NULL;
     snprintf(vm->name, sizeof(vm->name), "%.64s", name);
     vm->live.size = size;
-    vm->mode = 0644;
+    vm->mode = VM_DEFAULT_MODE;
     pthread_rwlockattr_t attr;
     pthread_rwlockattr_init(&attr);
     pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -232,11 +234,24 @@ static void vm_free(struct vm *vm)
 {
     for (unsigned s = 0; s < vm->snapshot_count; s++)
         free(vm->snapshots[s]);
+    while (vm->removed_snapshots) {
+        struct vm_snapshot *next = vm->removed_snapshots->next_removed;
+        free(vm->removed_snapshots);
+        vm->removed_snapshots = next;
+    }
     pthread_rwlock_destroy(&vm->write_lock);
     range_lock_destroy(&vm->write_ranges);
     pthread_rwlock_destroy(&vm->chain_lock);
     pthread_mutex_destroy(&vm->attr_lock);
     free(vm);
+}
+
+static struct vm_snapshot *find_snapshot(struct vm *vm, const char *snap)
+{
+    for (unsigned s = 0; s < vm->snapshot_count; s++)
+        if (strcmp(vm->snapshots[s]->name, snap) == 0)
+            return vm->snapshots[s];
+    return NULL;
 }
 
 /* Reads the layer IDs after a keyword into disk (registry->lock held). */
@@ -302,14 +317,15 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
     char base_name[65] = "", base_hex[CHUNK_HASH_HEX + 1] = "";
     uint64_t base_version = 0;
     bool has_base = false;
-    unsigned uid = 0, gid = 0, mode = 0644;
+    unsigned uid = 0, gid = 0, mode = VM_DEFAULT_MODE;
     while ((line = strtok_r(NULL, "\n", &save))) {
         char value[80];
         if (sscanf(line, "name %64s", value) == 1) {
             if (strcmp(value, name) != 0)
                 LOAD_FAIL("VM %s: its VM file names another VM", name);
         } else if (sscanf(line, "size %63s", value) == 1) {
-            if (parse_u64(value, &size) < 0 || size == 0 || size > VM_MAX_SIZE)
+            /* 0: a disk created as a file whose size was never set */
+            if (parse_u64(value, &size) < 0 || size > VM_MAX_SIZE)
                 LOAD_FAIL("VM %s: bad size in its VM file", name);
             vm = vm_alloc(name, size);
             if (!vm)
@@ -334,6 +350,8 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
             vm->snapshots[vm->snapshot_count++] = snap;
             if (!name_is_valid(snap->name) || load_chain(reg, ids, &snap->disk) != 0)
                 LOAD_FAIL("VM %s: snapshot %s has missing or damaged layers", name, snap->name);
+        } else if (vm && sscanf(line, "implicit %64s", value) == 1 && find_snapshot(vm, value)) {
+            find_snapshot(vm, value)->implicit = true;
         } else {
             LOAD_FAIL("VM %s: unexpected line in its VM file", name);
         }
@@ -515,6 +533,9 @@ struct vm *vm_find(struct vm_registry *reg, const char *name)
 
 /* ---- commands ------------------------------------------------------------------- */
 
+static int create_disk(struct vm_registry *reg, const char *name, const struct vm_base *base, const char *base_name,
+                       uint64_t base_version, uint64_t size, struct vm **out, char *err, size_t errlen);
+
 int vm_create(struct vm_registry *reg, const char *name, const char *base_name, uint64_t base_version,
               uint64_t size, struct vm **out, char *err, size_t errlen)
 {
@@ -539,6 +560,13 @@ int vm_create(struct vm_registry *reg, const char *name, const char *base_name, 
         snprintf(err, errlen, "disk size must be a multiple of 512 bytes between 512 and 16T");
         return -EINVAL;
     }
+    return create_disk(reg, name, base, base_name, base_version, size, out, err, errlen);
+}
+
+/* vm_create after its checks: base (NULL for a blank disk) is found. */
+static int create_disk(struct vm_registry *reg, const char *name, const struct vm_base *base, const char *base_name,
+                       uint64_t base_version, uint64_t size, struct vm **out, char *err, size_t errlen)
+{
     pthread_mutex_lock(&reg->lock);
     int rc = 0;
     struct vm *vm = NULL;
@@ -586,17 +614,10 @@ out:
     return rc;
 }
 
-static struct vm_snapshot *find_snapshot(struct vm *vm, const char *snap)
-{
-    for (unsigned s = 0; s < vm->snapshot_count; s++)
-        if (strcmp(vm->snapshots[s]->name, snap) == 0)
-            return vm->snapshots[s];
-    return NULL;
-}
-
 /* Freezes vm's top layer as snapshot snap and continues in a new layer.
  * Caller holds registry->lock. */
-static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *snap, char *err, size_t errlen)
+static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *snap, bool implicit, char *err,
+                           size_t errlen)
 {
     if (!name_is_valid(snap)) {
         snprintf(err, errlen, "invalid snapshot name '%s'", snap);
@@ -617,6 +638,7 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
         return -ENOMEM;
     }
     snprintf(s->name, sizeof(s->name), "%s", snap);
+    s->implicit = implicit;
     /* No write may land in the top layer once it is frozen. */
     pthread_rwlock_wrlock(&vm->write_lock);
     struct layer *top = vm->live.layers[vm->live.depth - 1];
@@ -624,6 +646,10 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
     int rc = layer_flush(top);
     if (!rc)
         rc = new_layer(reg, vm->live.size, &fresh);
+    struct timespec times[2];
+    /* A snapshot changes no byte of the disk: its time carries over. */
+    if (!rc && layer_get_times(top, &times[0], &times[1]) == 0)
+        layer_set_times(fresh, times);
     if (rc) {
         pthread_rwlock_unlock(&vm->write_lock);
         free(s);
@@ -656,7 +682,7 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
 int vm_snapshot(struct vm_registry *reg, struct vm *vm, const char *snap, char *err, size_t errlen)
 {
     pthread_mutex_lock(&reg->lock);
-    int rc = snapshot_locked(reg, vm, snap, err, errlen);
+    int rc = snapshot_locked(reg, vm, snap, false, err, errlen);
     pthread_mutex_unlock(&reg->lock);
     return rc;
 }
@@ -682,7 +708,7 @@ int vm_clone(struct vm_registry *reg, struct vm *src, const char *snap, const ch
         snprintf(implicit, sizeof(implicit), "clone-%.50s", dst);
         for (unsigned k = 2; find_snapshot(src, implicit); k++)
             snprintf(implicit, sizeof(implicit), "clone-%.50s-%u", dst, k);
-        if ((rc = snapshot_locked(reg, src, implicit, err, errlen)) != 0)
+        if ((rc = snapshot_locked(reg, src, implicit, true, err, errlen)) != 0)
             goto out;
         snap = implicit;
     }
@@ -735,6 +761,8 @@ out:
     return rc;
 }
 
+static void drop_unused_implicit(struct vm_registry *reg);
+
 int vm_remove(struct vm_registry *reg, struct vm *vm, char *err, size_t errlen)
 {
     pthread_mutex_lock(&reg->lock);
@@ -765,6 +793,7 @@ int vm_remove(struct vm_registry *reg, struct vm *vm, char *err, size_t errlen)
         for (unsigned s = 0; s < vm->snapshot_count; s++)
             put_disk(reg, &vm->snapshots[s]->disk);
         pthread_rwlock_unlock(&vm->chain_lock);
+        drop_unused_implicit(reg);
     }
     pthread_mutex_unlock(&reg->lock);
     return rc;
@@ -867,6 +896,183 @@ int vm_set_attr(struct vm_registry *reg, struct vm *vm, const mode_t *mode, cons
     }
     pthread_mutex_unlock(&vm->attr_lock);
     pthread_mutex_unlock(&reg->lock);
+    return rc;
+}
+
+/* ---- disks made as files, snapshot removal, times ------------------------------------ */
+
+int vm_create_empty(struct vm_registry *reg, const char *name, mode_t mode, uid_t uid, gid_t gid, struct vm **out,
+                    char *err, size_t errlen)
+{
+    if (!name_is_valid(name)) {
+        snprintf(err, errlen, "invalid VM name '%s': use 1-64 letters, digits, '.', '_' or '-'", name);
+        return -EINVAL;
+    }
+    struct vm *vm;
+    int rc = create_disk(reg, name, NULL, NULL, 0, 0, &vm, err, errlen);
+    if (rc)
+        return rc;
+    rc = vm_set_attr(reg, vm, &mode, &uid, &gid);
+    if (rc) {
+        char ignored[64];
+        vm_remove(reg, vm, ignored, sizeof(ignored));
+        snprintf(err, errlen, "cannot save VM %s: %s", name, strerror(-rc));
+        return rc;
+    }
+    *out = vm;
+    return 0;
+}
+
+int vm_resize_blank(struct vm_registry *reg, struct vm *vm, uint64_t size, char *err, size_t errlen)
+{
+    if (size > VM_MAX_SIZE || size % 512) {
+        snprintf(err, errlen, "disk size must be a multiple of 512 bytes up to 16T");
+        return -EINVAL;
+    }
+    pthread_mutex_lock(&reg->lock);
+    pthread_rwlock_wrlock(&vm->write_lock);
+    struct layer *old = vm->live.layers[0], *fresh = NULL;
+    int rc = 0;
+    if (size == vm->live.size)
+        goto out;
+    if (vm->has_base || vm->snapshot_count || vm->live.depth != 1 || layer_owned_blocks(old) != 0) {
+        snprintf(err, errlen, "the size of VM %s is fixed: it has a base, snapshots or data", vm->name);
+        rc = -EPERM;
+        goto out;
+    }
+    /* A layer has the size of its disk: an empty one is simply replaced. */
+    rc = new_layer(reg, size, &fresh);
+    if (rc) {
+        snprintf(err, errlen, "cannot create a layer for VM %s: %s", vm->name, strerror(-rc));
+        goto out;
+    }
+    uint64_t old_size = vm->live.size;
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    vm->live.layers[0] = fresh;
+    vm->live.size = size;
+    pthread_rwlock_unlock(&vm->chain_lock);
+    rc = save_vm(reg, vm);
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    if (rc) {
+        vm->live.layers[0] = old;
+        vm->live.size = old_size;
+        snprintf(err, errlen, "cannot save VM %s: %s", vm->name, strerror(-rc));
+    }
+    pthread_rwlock_unlock(&vm->chain_lock);
+    put_layer(reg, rc ? fresh : old);
+out:
+    pthread_rwlock_unlock(&vm->write_lock);
+    pthread_mutex_unlock(&reg->lock);
+    return rc;
+}
+
+static bool chain_has(const struct disk *disk, const struct layer *layer)
+{
+    for (unsigned i = 0; i < disk->depth; i++)
+        if (disk->layers[i] == layer)
+            return true;
+    return false;
+}
+
+/* True when a VM other than owner (live or in a snapshot) reads through
+ * layer: a clone made from the snapshot whose top it is. Removed VMs have
+ * empty chains. Caller holds registry->lock. */
+static bool used_by_others(struct vm_registry *reg, const struct vm *owner, const struct layer *layer)
+{
+    for (size_t i = 0; i < reg->vm_count; i++) {
+        const struct vm *other = reg->vms[i];
+        if (other == owner)
+            continue;
+        if (chain_has(&other->live, layer))
+            return true;
+        for (unsigned s = 0; s < other->snapshot_count; s++)
+            if (chain_has(&other->snapshots[s]->disk, layer))
+                return true;
+    }
+    return false;
+}
+
+/* Caller holds registry->lock. */
+static int remove_snapshot_locked(struct vm_registry *reg, struct vm *vm, struct vm_snapshot *s, char *err,
+                                  size_t errlen)
+{
+    pthread_mutex_lock(&vm->attr_lock);
+    unsigned open_count = s->open_count;
+    pthread_mutex_unlock(&vm->attr_lock);
+    if (open_count) {
+        snprintf(err, errlen, "snapshot %s@%s is open (%u times); close it first", vm->name, s->name, open_count);
+        return -EBUSY;
+    }
+    if (s->disk.depth == 0 || used_by_others(reg, vm, s->disk.layers[s->disk.depth - 1])) {
+        snprintf(err, errlen, "snapshot %s@%s is the origin of a clone; remove the clone first", vm->name, s->name);
+        return -EBUSY;
+    }
+    unsigned at = 0;
+    while (vm->snapshots[at] != s)
+        at++;
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    memmove(&vm->snapshots[at], &vm->snapshots[at + 1], (vm->snapshot_count - at - 1) * sizeof(*vm->snapshots));
+    vm->snapshot_count--;
+    pthread_rwlock_unlock(&vm->chain_lock);
+    int rc = save_vm(reg, vm);
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    if (rc) {
+        memmove(&vm->snapshots[at + 1], &vm->snapshots[at], (vm->snapshot_count - at) * sizeof(*vm->snapshots));
+        vm->snapshots[at] = s;
+        vm->snapshot_count++;
+        snprintf(err, errlen, "cannot save VM %s: %s", vm->name, strerror(-rc));
+    } else {
+        put_disk(reg, &s->disk);
+        atomic_store(&s->removed, true);
+        s->next_removed = vm->removed_snapshots;
+        vm->removed_snapshots = s;
+    }
+    pthread_rwlock_unlock(&vm->chain_lock);
+    return rc;
+}
+
+int vm_remove_snapshot(struct vm_registry *reg, struct vm *vm, const char *snap, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&reg->lock);
+    struct vm_snapshot *s = find_snapshot(vm, snap);
+    int rc = s ? remove_snapshot_locked(reg, vm, s, err, errlen) : -ENOENT;
+    if (!s)
+        snprintf(err, errlen, "VM %s has no snapshot %s", vm->name, snap);
+    pthread_mutex_unlock(&reg->lock);
+    return rc;
+}
+
+/* Implicit snapshots that no clone uses any more go (registry->lock held). */
+static void drop_unused_implicit(struct vm_registry *reg)
+{
+    for (size_t i = 0; i < reg->vm_count; i++) {
+        struct vm *vm = reg->vms[i];
+        if (vm->live.depth == 0)
+            continue; /* removed: its chains are empty */
+        for (unsigned k = vm->snapshot_count; k-- > 0;) {
+            struct vm_snapshot *s = vm->snapshots[k];
+            char err[256];
+            if (s->implicit && !used_by_others(reg, vm, s->disk.layers[s->disk.depth - 1]) &&
+                remove_snapshot_locked(reg, vm, s, err, sizeof(err)) != 0)
+                log_warn("implicit snapshot %s@%s stays: %s", vm->name, s->name, err);
+        }
+    }
+}
+
+int vm_get_times(struct vm *vm, const struct vm_snapshot *snapshot, struct timespec *atime, struct timespec *mtime)
+{
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    const struct disk *disk = snapshot ? &snapshot->disk : &vm->live;
+    int rc = disk->depth ? layer_get_times(disk->layers[disk->depth - 1], atime, mtime) : -ENOENT;
+    pthread_rwlock_unlock(&vm->chain_lock);
+    return rc;
+}
+
+int vm_set_times(struct vm *vm, const struct timespec times[2])
+{
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    int rc = vm->live.depth ? layer_set_times(vm->live.layers[vm->live.depth - 1], times) : -ENOENT;
+    pthread_rwlock_unlock(&vm->chain_lock);
     return rc;
 }
 
@@ -1166,11 +1372,20 @@ int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unu
 {
     (void)reg, (void)unused;
     char tmp[PATH_MAX];
-    if (path[0] != '/' || path_join(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)gettid())) {
-        snprintf(err, errlen, "export path must be absolute and not too long");
+    if (path[0] != '/') {
+        snprintf(err, errlen, "export path must be absolute");
         return -EINVAL;
     }
-    struct hashed_file hf = {fopen(tmp, "wbx"), XXH3_createState(), false};
+    /* A new file, private to root (it holds the guest's data): nothing
+     * planted at the temp name is written through. */
+    int fd = create_temp_file(path, 0600, tmp);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot create a file next to %s: %s", path, strerror(-fd));
+        return fd;
+    }
+    struct hashed_file hf = {fdopen(fd, "wb"), XXH3_createState(), false};
+    if (!hf.f)
+        close(fd);
     char *piece = malloc(EXPORT_PIECE);
     if (!hf.f || !hf.state || !piece) {
         int rc = hf.f ? -ENOMEM : -errno;
@@ -1275,10 +1490,22 @@ static int verify_export(FILE *f, uint64_t *payload_len)
 int vm_import(struct vm_registry *reg, const char *path, const char *name, struct vm **out, char *err,
               size_t errlen)
 {
-    FILE *f = fopen(path, "rb");
+    /* O_NONBLOCK: opening a FIFO must not wait for a writer (the control
+     * channel would wait with it); only a regular file is read. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || fcntl(fd, F_SETFL, 0) < 0) {
+        int rc = fd < 0 ? -errno : S_ISREG(st.st_mode) ? -errno : -EINVAL;
+        snprintf(err, errlen, "cannot import %s: %s", path, rc == -EINVAL ? "not a regular file" : strerror(-rc));
+        if (fd >= 0)
+            close(fd);
+        return rc;
+    }
+    FILE *f = fdopen(fd, "rb");
     if (!f) {
         int rc = -errno;
-        snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
+        close(fd);
+        snprintf(err, errlen, "cannot open %s: %s", path, strerror(-rc));
         return rc;
     }
     uint64_t payload;
@@ -1291,7 +1518,7 @@ int vm_import(struct vm_registry *reg, const char *path, const char *name, struc
     }
     char line[256], src_name[65] = "", base_name[65] = "", base_hex[CHUNK_HASH_HEX + 1] = "";
     uint64_t size = 0, base_version = 0;
-    unsigned uid = 0, gid = 0, mode = 0644;
+    unsigned uid = 0, gid = 0, mode = VM_DEFAULT_MODE;
     bool has_base = false, header_ok = fgets(line, sizeof(line), f) && strcmp(line, EXPORT_MAGIC) == 0;
     while (header_ok && fgets(line, sizeof(line), f) && strcmp(line, "data\n") != 0) {
         if (sscanf(line, "name %64s", src_name) == 1 || sscanf(line, "size %" SCNu64, &size) == 1 ||
@@ -1360,11 +1587,13 @@ int vm_import(struct vm_registry *reg, const char *path, const char *name, struc
     fclose(f);
     if (!rc)
         rc = layer_flush(top);
-    if (!rc && (uid || gid || mode != 0644)) {
-        mode_t m = mode;
-        uid_t u = uid;
-        gid_t g = gid;
-        rc = vm_set_attr(reg, vm, &m, &u, &g);
+    /* The file's permission bits are kept, but never setuid, setgid or
+     * sticky bits, nor its owner: the imported disk belongs to whoever
+     * imported it (root), until the operator chowns it. */
+    (void)uid, (void)gid;
+    if (!rc && (mode & 0666) != VM_DEFAULT_MODE) {
+        mode_t m = mode & 0666;
+        rc = vm_set_attr(reg, vm, &m, NULL, NULL);
     }
     if (rc) {
         if (!err[0] || rc != -EBADMSG)

@@ -147,7 +147,7 @@ ok "after qemu-system-x86_64 exits, a writer opens the disk"
 # ---- owner and mode for the hypervisor's user -------------------------------------------
 # run_as USER CMD: runs CMD with /bin/sh as USER; its stderr is left in $T/as.err.
 run_as() { su "$1" -s /bin/sh -c "$2" 2> "$T/as.err"; }
-[ "$(stat -c '%U:%G %a' "$Q")" = "root:root 644" ] || fail "new VM disk is $(stat -c '%U:%G %a' "$Q"), want root:root 644"
+[ "$(stat -c '%U:%G %a' "$Q")" = "root:root 600" ] || fail "new VM disk is $(stat -c '%U:%G %a' "$Q"), want root:root 600 (private by default)"
 chown nobody:nogroup "$Q" || fail "chown nobody:nogroup failed"
 chmod 600 "$Q" || fail "chmod 600 failed"
 [ "$(stat -c '%U:%G %a' "$Q")" = "nobody:nogroup 600" ] || fail "after chown/chmod: $(stat -c '%U:%G %a' "$Q")"

@@ -247,7 +247,7 @@ ok "on the full state dir O_DIRECT and 1-byte writes fail with ENOSPC and change
 status=0
 chmod 640 "$E" 2> "$T/chmod.err" || status=$?
 [ "$status" -ne 0 ] || fail "chmod succeeded on a full state dir (where was the VM file written?)"
-[ "$(stat -c %a "$E")" = 644 ] || fail "failed chmod changed the mode to $(stat -c %a "$E")"
+[ "$(stat -c %a "$E")" = 600 ] || fail "failed chmod changed the mode to $(stat -c %a "$E")"
 expect_error "vm create on a full state dir" "$IMGFSCTL" vm create "$M2" f --size 16M
 [ ! -e "$M2/vms/f.raw" ] || fail "a failed vm create left vms/f.raw"
 
