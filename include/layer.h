@@ -26,7 +26,9 @@
  * not reach the disk (a torn flush whose fsync never returned).
  *
  * Overwritten data stays in the log as dead space. When dead space exceeds
- * the live data and 64 MiB (IMGFS_LAYER_COMPACT_MIN overrides, for tests),
+ * the live data and 64 MiB (IMGFS_LAYER_COMPACT_MIN overrides, for tests;
+ * IMGFS_TEST_COMPACT_PAUSE_MS makes it pause before its rename, for the
+ * crash tests),
  * a background thread compacts the layer: it copies the live blocks to
  * ID.log.new while writes go on, then holds writes for a moment to copy what
  * changed meanwhile, syncs, and renames it over ID.log. A crash before the

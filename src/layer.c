@@ -1501,6 +1501,14 @@ static uint64_t compact_min_bytes(void)
     return v;
 }
 
+/* For the crash tests: a pause between phase 1 and phase 2, so that a test
+ * can kill the daemon while ID.log.new is complete but not yet renamed. */
+static unsigned compact_test_pause_ms(void)
+{
+    const char *env = getenv("IMGFS_TEST_COMPACT_PAUSE_MS");
+    return env ? (unsigned)strtoul(env, NULL, 10) : 0;
+}
+
 static bool wants_compaction(const struct layer *l)
 {
     uint64_t log = atomic_load(&l->tail) - 1, live = atomic_load(&l->live);
@@ -1622,6 +1630,8 @@ static int compact(struct layer *l)
         rc = copy_changed(l, &b, piece, &copied, &changed);
     if (!rc)
         rc = sync_fd(fd);
+    if (!rc && compact_test_pause_ms())
+        usleep(compact_test_pause_ms() * 1000u);
 
     /* Phase 2: no writes, no flushes. */
     pthread_mutex_lock(&l->flush_serial);
