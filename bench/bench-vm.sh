@@ -8,19 +8,25 @@
 #   1. VM creation: average of BENCH_CREATES (50) `imgfsctl vm create` on the
 #      base, against `qemu-img create -f qcow2 -b base.raw` (same count) and one
 #      `cp --reflink=never` full copy of the 2 GiB raw (plus fsync of the copy).
-#   2. 4 KiB random I/O with fio (psync, 1 job, time based), buffered (direct=0)
-#      and O_DIRECT (direct=1), on
-#        local  the full raw copy of the base from step 1
-#        imgfs  MNT/vms/VM.raw on the base (a fresh VM per direct mode), with
-#               the default -o vm_cache=direct
+#   2. Writes with fio (libaio), buffered (direct=0) and O_DIRECT (direct=1),
+#      on four targets side by side:
+#        local   the full raw copy of the base from step 1
+#        imgfs   MNT/vms/VM.raw on the base, default -o vm_cache=direct
 #        imgfswb the same on a second daemon with -o vm_cache=writeback
-#        qsd    a qcow2 overlay on base.raw (fresh per direct mode), exported
-#               by qemu-storage-daemon as a FUSE file, writable
-#      for each: randwrite over 0-1 GiB with fsync every 32 writes, then
-#      randread over 0-1 GiB (the region just written, partly), then randread
-#      over 1-2 GiB (never written: base data). fio invalidates each target's
-#      page cache before a job (invalidate=1), so buffered reads reach the
-#      daemon; the daemons' own backing files stay in the host page cache.
+#        qsd     a qcow2 overlay on base.raw exported by qemu-storage-daemon
+#                as a FUSE file, writable
+#      rows: 4 KiB randwrite over 0-1 GiB with an fsync every 32 writes at
+#      iodepth 1 and 16 on a fresh disk; 1 MiB sequential writes of 0-1 GiB
+#      (fsync every 32); then, on that disk (every block of 0-1 GiB written
+#      once), 4 KiB randwrite at iodepth 1 and 16 again; and a 70/30 4 KiB
+#      random read/write mix over 0-2 GiB (iodepth 16, fsync every 32).
+#      Every fresh row gets a new VM or overlay. IOPS, or MiB/s for the
+#      sequential row; reads count in the mix. fio invalidates each target's
+#      page cache before a job, and the daemons' backing files stay in the
+#      host page cache.
+#   2b. vm_cache=writeback and the FUSE bdi's dirty limit: 1 MiB sequential
+#      buffered writes on the writeback mount with its bdi's max_ratio at the
+#      kernel's 1% and raised to BENCH_MAX_RATIO (default 10).
 #   3. Read cost against chain depth: a VM gets 64 MiB of random 4 KiB writes
 #      spread over the disk (depth 1), then snapshots, with 1 MiB of random
 #      writes after each, up to depth 4 and 16; 4 KiB randread direct=1 over
@@ -28,7 +34,8 @@
 #
 # Run as root. Environment:
 #   BENCH_DIR       parent of the work directory (default /var/tmp; ~10 GB free)
-#   BENCH_TIME      seconds per fio run (default 10)
+#   BENCH_TIME      seconds per time-based fio run (default 10)
+#   BENCH_MAX_RATIO max_ratio to try on the writeback mount's bdi (default 10)
 #   BENCH_CREATES   VM creations to average (default 50)
 #   BENCH_KEEP=1    keep the work directory
 #   IMGFS_BIN_DIR   where imgfs and imgfsctl are (default <repo>/build)
@@ -61,7 +68,8 @@ elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
 
 # ---- fio --------------------------------------------------------------------
 # run_fio LOGNAME FILE RW DIRECT OFFSET SIZE [extra fio args]: prints IOPS
-# (integer) or "n/a" when fio failed (the reason is in $WORK/fio-LOGNAME.json).
+# (integer; read plus write for a mix) or MiB/s for a 1 MiB job, or "n/a"
+# when fio failed (the reason is in $WORK/fio-LOGNAME.json).
 run_fio() {
     local name=$1 file=$2 rw=$3 direct=$4 off=$5 size=$6
     shift 6
@@ -70,9 +78,11 @@ run_fio() {
         --direct="$direct" --offset="$off" --size="$size" --randrepeat=0 --output-format=json
         --output="$out")
     [ "$rw" = randwrite ] && args+=(--fsync=32)
-    # time based unless the caller gave an amount (--io_size=...)
-    [[ " $* " == *" --io_size="* ]] || args+=(--time_based --runtime="$RUNTIME")
-    if ! fio "${args[@]}" "$@" 2>"$WORK/fio-$name.err" >/dev/null; then
+    # time based unless the caller gave an amount (--io_size=...) or --time_based=0
+    [[ " $* " == *" --io_size="* || " $* " == *" --time_based=0 "* ]] || args+=(--time_based --runtime="$RUNTIME")
+    local extra=()
+    for a in "$@"; do [ "$a" = --time_based=0 ] || extra+=("$a"); done
+    if ! fio "${args[@]}" "${extra[@]}" 2>"$WORK/fio-$name.err" >/dev/null; then
         echo "n/a"
         return 1
     fi
@@ -83,8 +93,13 @@ doc = json.loads(text[text.index("{"):])   # fio may print notes before the JSON
 job = doc["jobs"][0]
 if job.get("error"):
     sys.exit(1)
-side = "write" if "write" in sys.argv[2] else "read"
-print(round(job[side]["iops"]))
+rw = sys.argv[2]
+if job["job options"].get("bs") == "1M":
+    print(round(job["write"]["bw_bytes"] / 1048576))
+elif rw == "randrw":
+    print(round(job["read"]["iops"] + job["write"]["iops"]))
+else:
+    print(round(job["write" if "write" in rw else "read"]["iops"]))
 PY
 }
 
@@ -144,23 +159,12 @@ CP_TIME=$(elapsed "$t0")
 sync "$LOCAL"
 CP_SYNC_TIME=$(elapsed "$t0")
 
-# ---- 2. 4K random I/O ------------------------------------------------------------
-declare -A R # R[target,test,direct] = IOPS
-TESTS=(write read-written read-base)
+# ---- 2. writes ------------------------------------------------------------------
+declare -A R # R[target,row,direct] = IOPS or MiB/s
+ROWS=(fresh-qd1 fresh-qd16 seq written-qd1 written-qd16 mix)
 TARGETS=(local imgfs imgfswb qsd)
 NOTES=()
 IMGFS_LAYER_KIB=()
-
-io_suite() { # target file direct
-    local tg=$1 f=$2 d=$3
-    log "$tg direct=$d: randwrite fsync=32"
-    R[$tg,write,$d]=$(run_fio "$tg-write-d$d" "$f" randwrite "$d" 0 1G)
-    log "$tg direct=$d: randread 0-1G (written)"
-    R[$tg,read-written,$d]=$(run_fio "$tg-readw-d$d" "$f" randread "$d" 0 1G)
-    log "$tg direct=$d: randread 1-2G (base only)"
-    R[$tg,read-base,$d]=$(run_fio "$tg-readb-d$d" "$f" randread "$d" 1G 1G)
-    log "$tg direct=$d: write ${R[$tg,write,$d]}, read written ${R[$tg,read-written,$d]}, read base ${R[$tg,read-base,$d]} IOPS"
-}
 
 # A second daemon with -o vm_cache=writeback, its own cache (warmed) and state.
 MNT_WB=$WORK/mnt-wb
@@ -173,43 +177,101 @@ wait_mounted "$MNT_WB" 10 || die "imgfs (vm_cache=writeback) did not mount: $(ta
 cmp "$MNT_WB/bases/base.raw" "$BASE" || die "bases/base.raw (vm_cache=writeback) differs from the published image."
 
 QSD_PID=
-qsd_start() { # overlay export
-    : >"$2"
+QSD_EXPORT=
+qsd_stop() {
+    [ -n "$QSD_EXPORT" ] || return 0
+    unmount_path "$QSD_EXPORT"
+    stop_pid "$QSD_PID"
+    rm -f "$QSD_EXPORT" "$QSD_EXPORT.qcow2"
+    QSD_EXPORT=
+}
+qsd_start() { # export: a new qcow2 overlay on base.raw, exported at the path
+    qemu-img create -q -f qcow2 -b "$BASE" -F raw "$1.qcow2" >/dev/null || return 1
+    : >"$1"
     qemu-storage-daemon \
-        --blockdev "driver=file,node-name=f,filename=$1" \
+        --blockdev "driver=file,node-name=f,filename=$1.qcow2" \
         --blockdev driver=qcow2,node-name=q,file=f \
-        --export "type=fuse,id=e,node-name=q,mountpoint=$2,writable=on" \
+        --export "type=fuse,id=e,node-name=q,mountpoint=$1,writable=on" \
         >"$WORK/qsd.log" 2>&1 &
     QSD_PID=$!
+    QSD_EXPORT=$1
     PIDS+=("$QSD_PID")
-    MOUNTS+=("$2")
-    wait_mounted "$2" 10
+    MOUNTS+=("$1")
+    wait_mounted "$1" 10
 }
-qsd_stop() { # export
-    unmount_path "$1"
-    stop_pid "$QSD_PID"
+
+DISKS=0
+DISK=
+# fresh_disk TARGET: sets DISK to the path of a new, never written disk
+# (not in a subshell: qsd_start keeps its daemon's PID here)
+fresh_disk() {
+    DISKS=$((DISKS + 1))
+    case $1 in
+    local) DISK=$LOCAL ;;
+    imgfs | imgfswb)
+        local mnt=$MNT
+        [ "$1" = imgfswb ] && mnt=$MNT_WB
+        "$IMGFSCTL" vm create "$mnt" "w$DISKS" --base base >/dev/null || return 1
+        DISK=$mnt/vms/w$DISKS.raw
+        ;;
+    qsd)
+        qsd_stop
+        qsd_start "$WORK/export$DISKS.raw" || return 1
+        DISK=$WORK/export$DISKS.raw
+        ;;
+    esac
+}
+
+write_suite() { # target direct
+    local tg=$1 d=$2 f
+    for qd in 1 16; do
+        fresh_disk "$tg" || { NOTES+=("$tg: no fresh disk"); continue; }
+        f=$DISK
+        log "$tg direct=$d: fresh, randwrite 4K iodepth $qd"
+        R[$tg,fresh-qd$qd,$d]=$(run_fio "$tg-fresh$qd-d$d" "$f" randwrite "$d" 0 1G --ioengine=libaio --iodepth=$qd)
+    done
+    fresh_disk "$tg" || { NOTES+=("$tg: no fresh disk"); return; }
+    f=$DISK
+    log "$tg direct=$d: 1 MiB sequential writes of 0-1 GiB"
+    R[$tg,seq,$d]=$(run_fio "$tg-seq-d$d" "$f" write "$d" 0 1G --bs=1M --ioengine=libaio --iodepth=16 \
+        --fsync=32 --end_fsync=1 --time_based=0)
+    for qd in 1 16; do
+        log "$tg direct=$d: written, randwrite 4K iodepth $qd"
+        R[$tg,written-qd$qd,$d]=$(run_fio "$tg-written$qd-d$d" "$f" randwrite "$d" 0 1G --ioengine=libaio \
+            --iodepth=$qd)
+    done
+    log "$tg direct=$d: 70/30 random read/write mix over 0-2 GiB"
+    R[$tg,mix,$d]=$(run_fio "$tg-mix-d$d" "$f" randrw "$d" 0 2G --rwmixread=70 --ioengine=libaio --iodepth=16 \
+        --fsync=32)
+    log "$tg direct=$d: $(for r in "${ROWS[@]}"; do printf '%s %s, ' "$r" "${R[$tg,$r,$d]}"; done)"
 }
 
 for d in 0 1; do
-    io_suite local "$LOCAL" "$d"
-
-    "$IMGFSCTL" vm create "$MNT" "io$d" --base base >/dev/null || die "imgfsctl vm create io$d failed."
-    io_suite imgfs "$MNT/vms/io$d.raw" "$d"
+    for tg in "${TARGETS[@]}"; do
+        write_suite "$tg" "$d"
+        qsd_stop
+    done
     IMGFS_LAYER_KIB[$d]=$(($(du -B1 "$WORK/state/layers" -c 2>/dev/null | tail -n1 | cut -f1) / 1024))
-
-    "$IMGFSCTL" vm create "$MNT_WB" "io$d" --base base >/dev/null || die "imgfsctl vm create io$d (writeback) failed."
-    io_suite imgfswb "$MNT_WB/vms/io$d.raw" "$d"
-
-    qemu-img create -q -f qcow2 -b "$BASE" -F raw "$WORK/ovl$d.qcow2" >/dev/null || die "qemu-img create failed."
-    if qsd_start "$WORK/ovl$d.qcow2" "$WORK/export$d.raw"; then
-        io_suite qsd "$WORK/export$d.raw" "$d"
-        qsd_stop "$WORK/export$d.raw"
-    else
-        NOTES+=("qemu-storage-daemon export did not appear: $(tail -n 1 "$WORK/qsd.log")")
-        for t in "${TESTS[@]}"; do R[qsd,$t,$d]=n/a; done
-    fi
-    rm -f "$WORK/ovl$d.qcow2"
 done
+IMGFS_STATS_WRITES=$(cat "$MNT/.imgfs/stats" 2>/dev/null)
+
+# ---- 2b. the writeback mount's bdi dirty limit ----------------------------------
+MAX_RATIO=${BENCH_MAX_RATIO:-10}
+BDI=/sys/class/bdi/$(mountpoint -d "$MNT_WB")
+declare -A WB_SEQ
+if [ -w "$BDI/max_ratio" ]; then
+    ORIG_RATIO=$(cat "$BDI/max_ratio")
+    for ratio in "$ORIG_RATIO" "$MAX_RATIO"; do
+        echo "$ratio" >"$BDI/max_ratio" || NOTES+=("cannot set $BDI/max_ratio to $ratio")
+        "$IMGFSCTL" vm create "$MNT_WB" "bdi$ratio" --base base >/dev/null || die "imgfsctl vm create failed."
+        log "writeback, bdi max_ratio $ratio: 1 MiB sequential buffered writes"
+        WB_SEQ[$ratio]=$(run_fio "wb-bdi$ratio" "$MNT_WB/vms/bdi$ratio.raw" write 0 0 1G --bs=1M --ioengine=libaio \
+            --iodepth=16 --fsync=32 --end_fsync=1 --time_based=0)
+    done
+    echo "$ORIG_RATIO" >"$BDI/max_ratio"
+else
+    NOTES+=("$BDI/max_ratio is not writable: the bdi comparison was skipped")
+fi
 
 # ---- 3. read cost against chain depth ------------------------------------------
 depth_of() { # vm: layers in its live chain
@@ -266,23 +328,36 @@ report() {
     echo
     echo "$CREATES new imgfs VMs: layer maps $((LAYER_FILES / CREATES / 1024)) KiB each (apparent), $((LAYER_ALLOC / 1024)) KiB allocated in all."
     echo
-    echo "## 4 KiB random I/O (fio psync, 1 job, ${RUNTIME}s each, IOPS)"
+    echo "## Writes (fio libaio; IOPS, MiB/s for the 1 MiB row; ${RUNTIME}s per time-based run)"
     echo
-    echo "| test | direct | local raw | imgfs VM | imgfs/local | imgfs vm_cache=writeback | wb/local | qcow2 via qsd FUSE | qsd/local |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| test | direct | local raw | imgfs VM | imgfs/local | imgfs vm_cache=writeback | wb/local | qcow2 via qsd FUSE | qsd/local | imgfs/qsd |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for d in 0 1; do
-        for t in "${TESTS[@]}"; do
+        for t in "${ROWS[@]}"; do
             case $t in
-            write) label="randwrite 0-1G, fsync=32" ;;
-            read-written) label="randread 0-1G after writes" ;;
-            read-base) label="randread 1-2G (base only)" ;;
+            fresh-qd1) label="4K randwrite, fresh disk, iodepth 1" ;;
+            fresh-qd16) label="4K randwrite, fresh disk, iodepth 16" ;;
+            seq) label="1M sequential write 0-1G (MiB/s)" ;;
+            written-qd1) label="4K randwrite, written disk, iodepth 1" ;;
+            written-qd16) label="4K randwrite, written disk, iodepth 16" ;;
+            mix) label="4K 70/30 randrw, iodepth 16" ;;
             esac
-            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$d" "${R[local,$t,$d]}" \
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$d" "${R[local,$t,$d]}" \
                 "${R[imgfs,$t,$d]}" "$(ratio "${R[imgfs,$t,$d]}" "${R[local,$t,$d]}")" \
                 "${R[imgfswb,$t,$d]}" "$(ratio "${R[imgfswb,$t,$d]}" "${R[local,$t,$d]}")" \
-                "${R[qsd,$t,$d]}" "$(ratio "${R[qsd,$t,$d]}" "${R[local,$t,$d]}")"
+                "${R[qsd,$t,$d]}" "$(ratio "${R[qsd,$t,$d]}" "${R[local,$t,$d]}")" \
+                "$(ratio "${R[imgfs,$t,$d]}" "${R[qsd,$t,$d]}")"
         done
     done
+    echo
+    echo "Every write job has an fsync every 32 writes; fresh rows start from a new VM or overlay, written rows"
+    echo "run on the disk the 1 MiB row wrote. The local file is the same full copy in every row."
+    echo
+    echo "## vm_cache=writeback and the FUSE bdi's dirty limit (1 MiB sequential buffered writes, MiB/s)"
+    echo
+    echo "| bdi max_ratio | MiB/s |"
+    echo "|---:|---:|"
+    for ratio in "${!WB_SEQ[@]}"; do echo "| $ratio | ${WB_SEQ[$ratio]} |"; done | sort -t'|' -k2 -n
     echo
     echo "## imgfs read cost against chain depth (4 KiB randread, direct=1, whole disk)"
     echo
@@ -295,8 +370,10 @@ report() {
     echo "Notes:"
     echo "- fio invalidates the target's page cache before each job; the local file's reads then go to the"
     echo "  device, while imgfs (layer files, chunk cache) and qsd (qcow2, base.raw) read through the host page cache."
-    echo "- \"after writes\": the region was partly written by the ${RUNTIME}s write phase; imgfs layers held"
-    echo "  ${IMGFS_LAYER_KIB[0]:-?} KiB after the direct=0 suite and ${IMGFS_LAYER_KIB[1]:-?} KiB after both (all VMs)."
+    echo "- imgfs layers held ${IMGFS_LAYER_KIB[0]:-?} KiB after the direct=0 suite and ${IMGFS_LAYER_KIB[1]:-?} KiB after both (all VMs)."
+    echo "- imgfs layer compaction during the write suites (all VMs): $(awk '/top_layer_compactions/ { c += $NF }
+        /top_layer_compact_pause_seconds/ { if ($NF > p) p = $NF } /top_layer_compact_seconds/ { if ($NF > t) t = $NF }
+        END { printf "%d compactions, the longest %.3f s, writes held at most %.4f s", c, t, p }' <<<"$IMGFS_STATS_WRITES")"
     echo "- chain: 64 MiB of 4K writes at depth 1, 1 MiB more after each snapshot; reads cover the whole 2 GiB"
     echo "  (mostly base blocks, which check every layer's bitmap)."
     for t in "${NOTES[@]}"; do echo "- $t"; done

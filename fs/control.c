@@ -144,6 +144,34 @@ static int stop_trace(struct imgfs *fs, struct vm *vm, const char *path, char *e
     return rc;
 }
 
+int fs_remove_disk(struct imgfs *fs, const char *name, char *err, size_t errlen)
+{
+    char vm_name[65];
+    const char *at = strchr(name, '@');
+    size_t len = at ? (size_t)(at - name) : strlen(name);
+    if (len >= sizeof(vm_name)) {
+        snprintf(err, errlen, "VM %s does not exist", name);
+        return -ENOENT;
+    }
+    snprintf(vm_name, sizeof(vm_name), "%.*s", (int)len, name);
+    struct vm *vm = vm_find(fs->vms, vm_name);
+    int rc;
+    if (at) {
+        if (!vm) {
+            snprintf(err, errlen, "VM %s does not exist", vm_name);
+            return -ENOENT;
+        }
+        rc = vm_remove_snapshot(fs->vms, vm, at + 1, err, errlen);
+    } else if (!vm) {
+        return vm_remove_unloaded(fs->vms, name, err, errlen); /* or it does not exist */
+    } else if ((rc = vm_remove(fs->vms, vm, err, errlen)) == 0) {
+        tree_remove_vm(fs->tree, vm);
+    }
+    if (!rc)
+        tree_prune_snapshots(fs->tree);
+    return rc;
+}
+
 static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
 {
     struct vm *vm = NULL, *src;
@@ -167,12 +195,7 @@ static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
         if (!rc)
             rc = tree_add_vm(fs->tree, src); /* an implicit snapshot of src */
     } else if (n == 2 && strcmp(f[0], "vm-rm") == 0) {
-        if (!(vm = vm_find(fs->vms, f[1])))
-            return vm_remove_unloaded(fs->vms, f[1], err, errlen); /* or it does not exist */
-        rc = vm_remove(fs->vms, vm, err, errlen);
-        if (!rc)
-            tree_remove_vm(fs->tree, vm);
-        return rc;
+        return fs_remove_disk(fs, f[1], err, errlen);
     } else if (n == 3 && strcmp(f[0], "vm-export") == 0) {
         if (!(vm = need_vm(fs, f[1], err, errlen)))
             return -ENOENT;

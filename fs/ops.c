@@ -1,6 +1,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -102,6 +103,11 @@ static void fill_attr(struct imgfs *fs, const struct node *n, struct stat *st)
         pthread_mutex_unlock(&vm->attr_lock);
         st->st_size = (off_t)vm->live.size;
         st->st_blocks = (blkcnt_t)(n->kind == NODE_VM_FILE ? vm_layer_bytes(vm) / 512 : 0);
+        /* The disk's times are its top layer's, which each write moves. */
+        if (vm_get_times(vm, n->snapshot, &st->st_atim, &st->st_mtim) == 0) {
+            st->st_ctim = st->st_mtim;
+            return;
+        }
         break;
     }
     }
@@ -118,14 +124,20 @@ static void fill_attr_for(fuse_req_t req, const struct node *n, struct stat *st)
         st->st_size = status_file_size(req, n);
 }
 
+static void fill_entry(fuse_req_t req, const struct node *n, struct fuse_entry_param *e)
+{
+    memset(e, 0, sizeof(*e));
+    e->ino = n->ino;
+    e->generation = 1;
+    e->attr_timeout = attr_timeout(n);
+    e->entry_timeout = entry_timeout(n);
+    fill_attr_for(req, n, &e->attr);
+}
+
 static void reply_entry(fuse_req_t req, const struct node *n)
 {
-    struct fuse_entry_param e = {0};
-    e.ino = n->ino;
-    e.generation = 1;
-    e.attr_timeout = attr_timeout(n);
-    e.entry_timeout = entry_timeout(n);
-    fill_attr_for(req, n, &e.attr);
+    struct fuse_entry_param e;
+    fill_entry(req, n, &e);
     fuse_reply_entry(req, &e);
 }
 
@@ -217,8 +229,34 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     fuse_reply_attr(req, &st, attr_timeout(n));
 }
 
-/* VM disks take chmod and chown (for the hypervisor's user); nothing else
- * can change, and a disk's size is fixed. */
+/* ftruncate: only a disk created as a file, before anything is written to
+ * it, takes a size (libvirt and qemu-img create do O_CREAT, then ftruncate). */
+static int set_vm_size(struct imgfs *fs, struct vm *vm, uint64_t size)
+{
+    char err[256];
+    int rc = vm_resize_blank(fs->vms, vm, size, err, sizeof(err));
+    if (rc && rc != -EPERM)
+        log_warn("%s", err);
+    return rc;
+}
+
+/* touch and utimensat: the times of the disk's top layer. */
+static int set_vm_times(struct vm *vm, const struct stat *attr, int to_set)
+{
+    struct timespec times[2] = {{.tv_nsec = UTIME_OMIT}, {.tv_nsec = UTIME_OMIT}};
+    if (to_set & FUSE_SET_ATTR_ATIME_NOW)
+        times[0].tv_nsec = UTIME_NOW;
+    else if (to_set & FUSE_SET_ATTR_ATIME)
+        times[0] = attr->st_atim;
+    if (to_set & FUSE_SET_ATTR_MTIME_NOW)
+        times[1].tv_nsec = UTIME_NOW;
+    else if (to_set & FUSE_SET_ATTR_MTIME)
+        times[1] = attr->st_mtim;
+    return vm_set_times(vm, times);
+}
+
+/* VM disks take chmod and chown (for the hypervisor's user), times, and
+ * a size only while blank; nothing else can change. */
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi)
 {
     (void)fi;
@@ -233,8 +271,11 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
         return;
     }
     if ((to_set & FUSE_SET_ATTR_SIZE) && (uint64_t)attr->st_size != n->vm->live.size) {
-        fuse_reply_err(req, EPERM);
-        return;
+        int rc = attr->st_size < 0 ? -EINVAL : set_vm_size(fs, n->vm, (uint64_t)attr->st_size);
+        if (rc) {
+            fuse_reply_err(req, -rc);
+            return;
+        }
     }
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
     pthread_mutex_lock(&n->vm->attr_lock);
@@ -251,6 +292,9 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     if (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | FUSE_SET_ATTR_MODE))
         rc = vm_set_attr(fs->vms, n->vm, (to_set & FUSE_SET_ATTR_MODE) ? &mode : NULL,
                          (to_set & FUSE_SET_ATTR_UID) ? &uid : NULL, (to_set & FUSE_SET_ATTR_GID) ? &gid : NULL);
+    if (!rc && (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW |
+                          FUSE_SET_ATTR_MTIME_NOW)))
+        rc = set_vm_times(n->vm, attr, to_set);
     if (rc) {
         fuse_reply_err(req, -rc);
         return;
@@ -527,11 +571,46 @@ static bool take_handle(struct imgfs *fs, const struct node *n, struct fuse_file
     return fi->fh != 0;
 }
 
-static void change_open_count(struct vm *vm, int delta)
+/* An open of a VM disk, or of one of its snapshots (snap not NULL), which
+ * counts for the VM too: vm rm waits for both. */
+static void change_open_count(struct vm *vm, struct vm_snapshot *snap, int delta)
 {
     pthread_mutex_lock(&vm->attr_lock);
     vm->open_count += delta;
+    if (snap)
+        snap->open_count += delta;
     pthread_mutex_unlock(&vm->attr_lock);
+}
+
+/* Opens the live disk of VM node n for fi: counted (-ENOENT once removed),
+ * given a handle slot (-ENFILE when the table is full), its base's work
+ * started and its cache mode set. */
+static int open_vm_disk(struct imgfs *fs, const struct node *n, struct fuse_file_info *fi)
+{
+    struct vm *vm = n->vm;
+    pthread_mutex_lock(&vm->attr_lock);
+    bool gone = vm->deleted;
+    if (!gone)
+        vm->open_count++;
+    pthread_mutex_unlock(&vm->attr_lock);
+    if (gone)
+        return -ENOENT;
+    if (!take_handle(fs, n, fi)) {
+        change_open_count(vm, NULL, -1);
+        return -ENFILE;
+    }
+    start_vm_disk_work(fs, vm);
+    if (fs->opts->vm_writeback) {
+        /* Every change to a VM disk passes through this kernel, so its
+         * page cache stays right and may be kept across opens. */
+        fi->keep_cache = 1;
+    } else {
+        /* Each request goes to us as it is: no readahead of a guest's
+         * random reads, and no attribute round trip before every write
+         * (the kernel asks for the size before each write-through). */
+        fi->direct_io = 1;
+    }
+    return 0;
 }
 
 void fs_restore_open_handles(struct imgfs *fs)
@@ -544,7 +623,7 @@ void fs_restore_open_handles(struct imgfs *fs)
             continue;
         files++;
         if (is_vm_node(n))
-            change_open_count(n->vm, 1);
+            change_open_count(n->vm, n->snapshot, 1);
         if (n->kind == NODE_VM_FILE) {
             disks++;
             start_vm_disk_work(fs, n->vm);
@@ -578,38 +657,16 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
             prefetch_background(fs->prefetcher, n->version->manifest, fs->opts->background_rate,
                                 &n->version->marks);
         if (n->kind == NODE_VM_SNAPSHOT)
-            change_open_count(n->vm, 1);
+            change_open_count(n->vm, n->snapshot, 1);
         fi->keep_cache = 1; /* these bytes never change */
         fuse_reply_open(req, fi);
         return;
     case NODE_VM_FILE: {
-        struct vm *vm = n->vm;
-        pthread_mutex_lock(&vm->attr_lock);
-        bool gone = vm->deleted;
-        if (!gone)
-            vm->open_count++;
-        pthread_mutex_unlock(&vm->attr_lock);
-        if (gone) {
-            fuse_reply_err(req, ENOENT);
-            return;
-        }
-        if (!take_handle(fs, n, fi)) {
-            change_open_count(vm, -1);
-            fuse_reply_err(req, ENFILE);
-            return;
-        }
-        start_vm_disk_work(fs, vm);
-        if (fs->opts->vm_writeback) {
-            /* Every change to a VM disk passes through this kernel, so its
-             * page cache stays right and may be kept across opens. */
-            fi->keep_cache = 1;
-        } else {
-            /* Each request goes to us as it is: no readahead of a guest's
-             * random reads, and no attribute round trip before every write
-             * (the kernel asks for the size before each write-through). */
-            fi->direct_io = 1;
-        }
-        fuse_reply_open(req, fi);
+        int rc = open_vm_disk(fs, n, fi);
+        if (rc)
+            fuse_reply_err(req, -rc);
+        else
+            fuse_reply_open(req, fi);
         return;
     }
     case NODE_STATUS_FILE:
@@ -627,14 +684,26 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     }
 }
 
-/* A zero-copy reply: buffers that point into pinned cache files, layer files
- * or the zero block. Pins are released after the reply has been sent. */
+/* ---- reading base and VM disks ------------------------------------------------
+ *
+ * Replies are asynchronous: libfuse allows fuse_reply_* from any thread once
+ * the op has returned. A read maps its range (under chain_lock, briefly),
+ * asks the fetch engine for every base chunk it needs at once, and returns.
+ * The reply is built when the last chunk is in hand: at once, in the FUSE
+ * worker, when they were all cached; otherwise in the engine thread that
+ * completed the last one. A read waiting on the network so holds neither a
+ * FUSE worker nor a lock, and the workers stay free for ls, the status
+ * files, control commands and cached reads however many reads wait (the
+ * other choice, a pool of threads kept apart for waiting reads, only runs
+ * out later). */
+
+/* A zero-copy reply: buffers that point into pinned cache files, chunks in
+ * memory, layer data or the zero block. Layer extents are released after
+ * the reply has been sent. */
 struct reply_bufs {
     struct fuse_bufvec *bv;
     size_t cap;
-    struct cache_pin *pins;
-    size_t npins;
-    struct layer_extent *extents; /* layer data in the reply, released after it */
+    struct layer_extent *extents;
     struct layer **extent_layers;
     size_t nextents;
 };
@@ -642,32 +711,32 @@ struct reply_bufs {
 static int bufs_init(struct reply_bufs *r, size_t cap)
 {
     r->cap = cap;
-    r->npins = 0;
     r->nextents = 0;
     r->bv = calloc(1, sizeof(*r->bv) + cap * sizeof(struct fuse_buf));
-    r->pins = calloc(cap, sizeof(*r->pins));
     r->extents = calloc(cap, sizeof(*r->extents));
     r->extent_layers = calloc(cap, sizeof(*r->extent_layers));
-    return r->bv && r->pins && r->extents && r->extent_layers ? 0 : -ENOMEM;
+    return r->bv && r->extents && r->extent_layers ? 0 : -ENOMEM;
 }
 
-static void bufs_free(struct reply_bufs *r, struct fetcher *fetcher)
+static void bufs_free(struct reply_bufs *r)
 {
-    for (size_t i = 0; i < r->npins; i++)
-        fetch_release(fetcher, &r->pins[i]);
     for (size_t i = 0; i < r->nextents; i++)
         layer_extent_release(r->extent_layers[i], &r->extents[i]);
-    free(r->pins);
     free(r->extents);
     free(r->extent_layers);
     free(r->bv);
 }
 
+static struct fuse_buf *bufs_next(struct reply_bufs *r)
+{
+    return r->bv->count < r->cap ? &r->bv->buf[r->bv->count++] : NULL;
+}
+
 static int bufs_add_fd(struct reply_bufs *r, int fd, uint64_t pos, uint64_t size)
 {
-    if (r->bv->count == r->cap)
+    struct fuse_buf *b = bufs_next(r);
+    if (!b)
         return -E2BIG;
-    struct fuse_buf *b = &r->bv->buf[r->bv->count++];
     b->flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
     b->fd = fd;
     b->pos = (off_t)pos;
@@ -675,44 +744,24 @@ static int bufs_add_fd(struct reply_bufs *r, int fd, uint64_t pos, uint64_t size
     return 0;
 }
 
-static int bufs_add_zero(struct reply_bufs *r, uint64_t size)
+static int bufs_add_mem(struct reply_bufs *r, const char *mem, uint64_t size)
 {
-    for (uint64_t done = 0; done < size;) {
-        if (r->bv->count == r->cap)
-            return -E2BIG;
-        struct fuse_buf *b = &r->bv->buf[r->bv->count++];
-        b->mem = (void *)zero_block;
-        b->size = size - done < sizeof(zero_block) ? (size_t)(size - done) : sizeof(zero_block);
-        done += b->size;
-    }
+    struct fuse_buf *b = bufs_next(r);
+    if (!b)
+        return -E2BIG;
+    b->mem = (void *)mem;
+    b->size = (size_t)size;
     return 0;
 }
 
-/* Adds [start, end) of a base version; trace (may be NULL) records the
- * chunks read. */
-static int bufs_add_base(struct reply_bufs *r, struct fetcher *fetcher, const struct vm_base *base, uint64_t start,
-                         uint64_t end, struct chunk_trace *trace)
+static int bufs_add_zero(struct reply_bufs *r, uint64_t size)
 {
-    const struct manifest *m = base->manifest;
-    uint64_t cs = m->chunk_size;
-    for (uint64_t i = start / cs; i * cs < end; i++) {
-        uint64_t from = start > i * cs ? start : i * cs;
-        uint64_t to = end < (i + 1) * cs ? end : (i + 1) * cs;
-        int rc;
-        if (chunk_hash_is_null(&m->chunks[i])) {
-            rc = bufs_add_zero(r, to - from);
-        } else {
-            bool hit;
-            if (trace)
-                trace_note(trace, i);
-            if (r->npins == r->cap || fetch_acquire_ex(fetcher, &m->chunks[i], m->chunk_size, base->counters,
-                                                       &r->pins[r->npins], &hit) != 0)
-                return -EIO;
-            prefetch_note_read(base->marks, i, hit);
-            rc = bufs_add_fd(r, r->pins[r->npins++].fd, from - i * cs, to - from);
-        }
+    for (uint64_t done = 0; done < size;) {
+        uint64_t n = size - done < sizeof(zero_block) ? size - done : sizeof(zero_block);
+        int rc = bufs_add_mem(r, zero_block, n);
         if (rc)
             return rc;
+        done += n;
     }
     return 0;
 }
@@ -738,16 +787,60 @@ static int bufs_add_layer(struct reply_bufs *r, struct layer *layer, uint64_t st
     return 0;
 }
 
-/* Adds [start, end) of a disk: its layers, base or zeros. */
-static int bufs_add_disk(struct reply_bufs *r, struct fetcher *fetcher, const struct disk *disk, uint64_t start,
-                         uint64_t end, struct chunk_trace *trace)
+/* One read of a base or VM disk, from its submission to its reply. */
+struct image_read {
+    fuse_req_t req;
+    struct imgfs *fs;
+    const struct node *n;
+    const struct vm_base *base; /* NULL for a blank VM disk */
+    uint64_t start, end;
+    uint64_t first;     /* index of the first base chunk of the range */
+    size_t count;       /* base chunks in the range */
+    atomic_int pending; /* chunk requests outstanding, plus one while submitting */
+    atomic_bool failed;
+    uint8_t *wanted;         /* per chunk: the reply needs it */
+    struct fetch_ref refs[]; /* per chunk: what the engine gave */
+};
+
+static const struct disk *disk_of(const struct node *n)
+{
+    return n->kind == NODE_VM_FILE ? &n->vm->live : n->kind == NODE_VM_SNAPSHOT ? &n->snapshot->disk : NULL;
+}
+
+/* Adds [start, end) of the base from the chunks in hand. */
+static int bufs_add_base(struct reply_bufs *r, struct image_read *op, uint64_t start, uint64_t end)
+{
+    const struct manifest *m = op->base->manifest;
+    uint64_t cs = m->chunk_size;
+    for (uint64_t i = start / cs; i * cs < end; i++) {
+        uint64_t from = start > i * cs ? start : i * cs;
+        uint64_t to = end < (i + 1) * cs ? end : (i + 1) * cs;
+        const struct fetch_ref *ref = &op->refs[i - op->first];
+        int rc;
+        if (chunk_hash_is_null(&m->chunks[i]))
+            rc = bufs_add_zero(r, to - from);
+        else if (!op->wanted[i - op->first])
+            rc = -EIO; /* not mapped to the base when submitted: cannot happen */
+        else if (ref->data)
+            rc = bufs_add_mem(r, ref->data + (from - i * cs), to - from);
+        else
+            rc = bufs_add_fd(r, ref->pin.fd, from - i * cs, to - from);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* Adds [start, end) of a disk: its layers, base or zeros. chain_lock held. */
+static int bufs_add_disk(struct reply_bufs *r, struct image_read *op, const struct disk *disk, uint64_t start,
+                         uint64_t end)
 {
     while (start < end) {
         enum disk_source source;
         struct layer *layer;
         uint64_t n = disk_source_at(disk, start, end - start, &source, &layer);
         int rc = source == SOURCE_LAYER  ? bufs_add_layer(r, layer, start, n)
-                 : source == SOURCE_BASE ? bufs_add_base(r, fetcher, disk->base, start, start + n, trace)
+                 : source == SOURCE_BASE ? bufs_add_base(r, op, start, start + n)
                                          : bufs_add_zero(r, n);
         if (rc)
             return rc;
@@ -756,37 +849,129 @@ static int bufs_add_disk(struct reply_bufs *r, struct fetcher *fetcher, const st
     return 0;
 }
 
+/* Marks the base chunks that [start, end) of the disk reads (chain_lock
+ * held), and records them in the VM's trace. */
+static void want_disk_chunks(struct image_read *op, const struct disk *disk, struct chunk_trace *trace)
+{
+    uint64_t cs = op->base->manifest->chunk_size;
+    for (uint64_t pos = op->start; pos < op->end;) {
+        enum disk_source source;
+        struct layer *layer;
+        uint64_t n = disk_source_at(disk, pos, op->end - pos, &source, &layer);
+        for (uint64_t i = pos / cs; source == SOURCE_BASE && i * cs < pos + n; i++) {
+            if (chunk_hash_is_null(&op->base->manifest->chunks[i]))
+                continue;
+            op->wanted[i - op->first] = 1;
+            if (trace)
+                trace_note(trace, i);
+        }
+        pos += n;
+    }
+}
+
+static void read_reply(struct image_read *op)
+{
+    const struct disk *disk = disk_of(op->n);
+    struct reply_bufs r;
+    /* Worst case: every 4 KiB block from a different place, plus zero runs. */
+    size_t size = (size_t)(op->end - op->start);
+    int rc = atomic_load(&op->failed) ? -EIO : bufs_init(&r, (size / 4096 + 2) * 2 + size / sizeof(zero_block) + 2);
+    if (rc) {
+        fuse_reply_err(op->req, rc == -ENOMEM ? ENOMEM : EIO);
+        return;
+    }
+    if (disk) {
+        pthread_rwlock_rdlock(&op->n->vm->chain_lock);
+        rc = bufs_add_disk(&r, op, disk, op->start, op->end);
+    } else {
+        rc = bufs_add_base(&r, op, op->start, op->end);
+    }
+    if (rc)
+        fuse_reply_err(op->req, rc == -ENOMEM ? ENOMEM : EIO);
+    else
+        fuse_reply_data(op->req, r.bv, FUSE_BUF_SPLICE_MOVE);
+    if (disk)
+        pthread_rwlock_unlock(&op->n->vm->chain_lock);
+    bufs_free(&r);
+}
+
+static void read_finish(struct image_read *op)
+{
+    read_reply(op);
+    for (size_t k = 0; k < op->count; k++) {
+        if (!op->wanted[k])
+            continue;
+        if (!atomic_load(&op->failed))
+            prefetch_note_read(op->base->marks, op->first + k, op->refs[k].hit);
+        fetch_ref_release(op->fs->fetcher, &op->refs[k]);
+    }
+    free(op);
+}
+
+static void read_put(struct image_read *op)
+{
+    if (atomic_fetch_sub(&op->pending, 1) == 1)
+        read_finish(op);
+}
+
+static void read_chunk_done(void *arg, int err)
+{
+    struct image_read *op = arg;
+    if (err)
+        atomic_store(&op->failed, true);
+    read_put(op);
+}
+
 static void read_image(fuse_req_t req, struct imgfs *fs, const struct node *n, size_t size, off_t off)
 {
-    const struct disk *disk = NULL;
-    uint64_t disk_size;
-    if (n->kind == NODE_BASE_FILE) {
-        disk_size = n->version->manifest->size;
-    } else {
-        disk = n->kind == NODE_VM_FILE ? &n->vm->live : &n->snapshot->disk;
-        disk_size = n->vm->live.size;
-        pthread_rwlock_rdlock(&n->vm->chain_lock);
-    }
+    const struct disk *disk = disk_of(n);
+    uint64_t disk_size = disk ? n->vm->live.size : n->version->manifest->size;
     if (off < 0 || (uint64_t)off >= disk_size || size == 0) {
         fuse_reply_buf(req, NULL, 0);
-        goto out;
+        return;
     }
     uint64_t start = (uint64_t)off;
     uint64_t end = start + size < disk_size ? start + size : disk_size;
-    /* Worst case: every 4 KiB block from a different place, plus zero runs. */
-    struct reply_bufs r;
-    int rc = bufs_init(&r, (size_t)((end - start) / 4096 + 2) * 2 + size / sizeof(zero_block) + 2);
-    if (!rc)
-        rc = disk ? bufs_add_disk(&r, fs->fetcher, disk, start, end, n->kind == NODE_VM_FILE ? n->vm->trace : NULL)
-                  : bufs_add_base(&r, fs->fetcher, &n->version->view, start, end, NULL);
-    if (rc)
-        fuse_reply_err(req, rc == -ENOMEM ? ENOMEM : EIO);
-    else
-        fuse_reply_data(req, r.bv, FUSE_BUF_SPLICE_MOVE);
-    bufs_free(&r, fs->fetcher);
-out:
-    if (disk)
+    const struct vm_base *base = disk ? disk->base : &n->version->view;
+    uint64_t cs = base ? base->manifest->chunk_size : 1;
+    size_t count = base ? (size_t)((end - 1) / cs - start / cs + 1) : 0;
+    struct image_read *op = calloc(1, sizeof(*op) + count * (sizeof(struct fetch_ref) + 1));
+    if (!op) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    *op = (struct image_read){.req = req, .fs = fs, .n = n, .base = base, .start = start, .end = end,
+                              .first = start / cs, .count = count};
+    op->wanted = (uint8_t *)&op->refs[count];
+    atomic_init(&op->pending, 1);
+    if (disk && base) {
+        pthread_rwlock_rdlock(&n->vm->chain_lock);
+        want_disk_chunks(op, disk, n->kind == NODE_VM_FILE ? n->vm->trace : NULL);
         pthread_rwlock_unlock(&n->vm->chain_lock);
+    } else if (base) {
+        for (size_t k = 0; k < count; k++)
+            op->wanted[k] = !chunk_hash_is_null(&base->manifest->chunks[op->first + k]);
+    }
+    /* Every missing chunk of the read is asked for at once. */
+    uint64_t deadline = fetch_deadline(fs->fetcher);
+    bool any = false;
+    for (size_t k = 0; k < count; k++) {
+        if (!op->wanted[k])
+            continue;
+        any = true;
+        atomic_fetch_add(&op->pending, 1);
+        int rc = fetch_start(fs->fetcher, &base->manifest->chunks[op->first + k], (uint32_t)cs, FETCH_DEMAND,
+                             deadline, base->counters, &op->refs[k], read_chunk_done, op);
+        if (rc != FETCH_PENDING) {
+            if (rc < 0)
+                atomic_store(&op->failed, true);
+            atomic_fetch_sub(&op->pending, 1);
+        }
+    }
+    if (any)
+        prefetch_readahead(fs->fetcher, base->manifest, base->marks, base->counters, op->first,
+                           op->first + count - 1);
+    read_put(op);
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
@@ -921,7 +1106,7 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
          * table it did not reach) was not counted either. */
         bool counted = !fs_of(req)->takeover || takeover_handle_release(fs_of(req)->takeover, fi->fh, ino);
         if (counted && is_vm_node(n))
-            change_open_count(n->vm, -1);
+            change_open_count(n->vm, n->snapshot, -1);
     }
     fuse_reply_err(req, 0);
 }
@@ -959,7 +1144,9 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
     struct node *n = live_node(fs, ino);
     char *value = NULL;
     size_t len = 0;
-    int rc = n ? status_xattr_get(fs, n, name, &value, &len) : -ENOENT;
+    /* Only the user namespace exists here. ENOTSUP (not ENODATA) for the
+     * others tells libvirt not to try to remember owners in trusted.* */
+    int rc = !n ? -ENOENT : strncmp(name, "user.", 5) != 0 ? -ENOTSUP : status_xattr_get(fs, n, name, &value, &len);
     if (rc)
         fuse_reply_err(req, -rc);
     else
@@ -1008,7 +1195,38 @@ static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
     fuse_reply_err(req, EROFS);
 }
 
+/* The VM name of "NAME.raw" in vms/ into out; -EINVAL for other names
+ * (snapshots, VM@SNAP.raw, are made with imgfsctl vm snapshot). */
+static int vm_file_name(const char *file, bool allow_snapshot, char *out, size_t len)
+{
+    size_t n = strlen(file);
+    if (n <= 4 || n - 4 >= len || strcmp(file + n - 4, ".raw") != 0)
+        return -EINVAL;
+    snprintf(out, len, "%.*s", (int)(n - 4), file);
+    return allow_snapshot || !strchr(out, '@') ? 0 : -EINVAL;
+}
+
+/* unlink of vms/VM.raw is vm rm, of vms/VM@SNAP.raw the removal of that
+ * snapshot, with the same rules (EBUSY while open or cloned from). */
 static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    struct imgfs *fs = fs_of(req);
+    char vm_name[160], err[256];
+    if (parent != INO_VMS) {
+        fuse_reply_err(req, parent == INO_BASES ? EROFS : EPERM);
+        return;
+    }
+    int rc = vm_file_name(name, true, vm_name, sizeof(vm_name));
+    if (!rc && !tree_lookup(fs->tree, INO_VMS, name))
+        rc = -ENOENT;
+    if (!rc && (rc = fs_remove_disk(fs, vm_name, err, sizeof(err))) != 0)
+        log_info("unlink vms/%s: %s", name, err);
+    else if (!rc)
+        log_info("unlink vms/%s: removed", name);
+    fuse_reply_err(req, rc == -EINVAL ? ENOENT : -rc);
+}
+
+static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     (void)parent, (void)name;
     fuse_reply_err(req, EROFS);
@@ -1021,10 +1239,44 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
     fuse_reply_err(req, EROFS);
 }
 
+/* Creating vms/NAME.raw makes a blank VM disk of size 0, owned by the
+ * caller; its first ftruncate gives it its size. */
 static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, struct fuse_file_info *fi)
 {
-    (void)parent, (void)name, (void)mode, (void)fi;
-    fuse_reply_err(req, EROFS);
+    struct imgfs *fs = fs_of(req);
+    char vm_name[80], err[256];
+    if (parent != INO_VMS) {
+        fuse_reply_err(req, parent == INO_BASES ? EROFS : EPERM);
+        return;
+    }
+    if (vm_file_name(name, false, vm_name, sizeof(vm_name)) != 0 || !S_ISREG(mode)) {
+        log_info("create vms/%s: only NAME.raw files (VM disks) can be created in vms/", name);
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    struct vm *vm;
+    int rc = vm_create_empty(fs->vms, vm_name, mode & 07777, ctx->uid, ctx->gid, &vm, err, sizeof(err));
+    if (!rc && (rc = tree_add_vm(fs->tree, vm)) != 0)
+        snprintf(err, sizeof(err), "out of memory");
+    struct node *n = rc ? NULL : tree_lookup(fs->tree, INO_VMS, name);
+    if (!rc && !n)
+        rc = -ENOMEM;
+    if (!rc)
+        rc = open_vm_disk(fs, n, fi);
+    if (rc) {
+        log_info("create vms/%s: %s", name, err);
+        fuse_reply_err(req, -rc);
+        return;
+    }
+    log_info("create vms/%s: blank VM disk %s", name, vm_name);
+    struct fuse_entry_param e;
+    fill_entry(req, n, &e);
+    if (fuse_reply_create(req, &e, fi) != 0) { /* the open never reached the caller */
+        if (fs->takeover)
+            takeover_handle_release(fs->takeover, fi->fh, n->ino);
+        change_open_count(vm, NULL, -1);
+    }
 }
 
 const struct fuse_lowlevel_ops imgfs_ops = {
@@ -1036,7 +1288,7 @@ const struct fuse_lowlevel_ops imgfs_ops = {
     .mknod = op_mknod,
     .mkdir = op_mkdir,
     .unlink = op_unlink,
-    .rmdir = op_unlink,
+    .rmdir = op_rmdir,
     .rename = op_rename,
     .create = op_create,
     .open = op_open,

@@ -52,7 +52,7 @@ extern const struct fuse_lowlevel_ops imgfs_ops;
  * one line of tab-separated fields:
  *   vm-create NAME BASE VERSION | vm-create NAME - SIZE
  *   vm-snapshot NAME SNAP       | vm-clone SRC SNAP|- DST
- *   vm-rm NAME                  | vm-export NAME ABSPATH
+ *   vm-rm NAME|NAME@SNAP        | vm-export NAME ABSPATH
  *   vm-import ABSPATH NAME|-
  *   precopy NAME VERSION LIST|- RATE     | precopy-status NAME VERSION LIST|-
  *   unpin NAME VERSION LIST|-
@@ -61,6 +61,11 @@ extern const struct fuse_lowlevel_ops imgfs_ops;
 void fs_control_released(struct imgfs *fs);
 
 char *control_execute(struct imgfs *fs, const char *command, size_t len);
+
+/* Removes VM disk NAME (vm rm) or snapshot VM@SNAP, and their files in
+ * vms/, with vm_remove()'s rules; implicit snapshots left without a clone
+ * go too. 0 or a negative errno with one sentence in err. */
+int fs_remove_disk(struct imgfs *fs, const char *name, char *err, size_t errlen);
 
 /* After a takeover: counts the handles that earlier servers opened (the
  * VMs' open counts) and restarts prefetch replay for the open VM disks. */

@@ -26,7 +26,9 @@
  * not reach the disk (a torn flush whose fsync never returned).
  *
  * Overwritten data stays in the log as dead space. When dead space exceeds
- * the live data and 64 MiB (IMGFS_LAYER_COMPACT_MIN overrides, for tests),
+ * the live data and 64 MiB (IMGFS_LAYER_COMPACT_MIN overrides, for tests;
+ * IMGFS_TEST_COMPACT_PAUSE_MS makes it pause before its rename, for the
+ * crash tests),
  * a background thread compacts the layer: it copies the live blocks to
  * ID.log.new while writes go on, then holds writes for a moment to copy what
  * changed meanwhile, syncs, and renames it over ID.log. A crash before the
@@ -64,6 +66,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <time.h>
 
 #define LAYER_BLOCK_SIZE 4096u
 #define LAYER_ID_LEN 16
@@ -126,6 +129,12 @@ int layer_punch(struct layer *layer, uint64_t first, uint64_t count);
 
 /* Makes every write and punch that returned before this call durable. */
 int layer_flush(struct layer *layer);
+
+/* The times of the layer's data (its data file's: a write or punch moves
+ * the modification time), and setting them (UTIME_NOW and UTIME_OMIT
+ * work as in utimensat). */
+int layer_get_times(const struct layer *layer, struct timespec *atime, struct timespec *mtime);
+int layer_set_times(struct layer *layer, const struct timespec times[2]);
 
 /* Blocks the layer owns. */
 uint64_t layer_owned_blocks(const struct layer *layer);

@@ -7,7 +7,8 @@
  *   3. the manifest is written atomically (temp, fsync, rename, dir fsync);
  *   4. the index is replaced atomically, which is when readers see it.
  * A publish killed before step 4 leaves only unreferenced chunks behind.
- * Concurrent publishers are serialised by the repository's publish lock.
+ * Concurrent publishers are serialised by the repository's publish lock, and
+ * hold its chunk lock shared from start to end, which keeps gc out.
  *
  * Step 1 runs on several threads (one per online CPU by default): workers
  * take batches of consecutive chunks, read them, hash, compress and store

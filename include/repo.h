@@ -9,10 +9,13 @@
  *   bases/NAME/N.manifest       version N of NAME (see manifest.h); immutable
  *   bases/NAME/N.digests        its cryptographic record (digests.h), signed repositories
  *   bases/NAME/N.lists/LIST     prefetch lists (list.h), signed repositories: with "+sig" lines
+ *   bases/NAME/N.retired        marker: version N was retired (lifecycle.h); its
+ *                               manifest and lists are gone, its digests stay
  *   chunks/XY/XYZ...            a stored chunk named by its hash (chunkfmt.h);
- *                               immutable, written once
+ *                               immutable, written once; removed only by gc
  *
- * Versions 1..LATEST of a base all exist; they are never modified.
+ * Versions 1..LATEST of a base all exist, or are retired; they are never
+ * modified.
  *
  * A signed index (sign.h, trust.h) has the digest of each base's newest
  * record on its line, a sequence number and a signing time, then one or more
@@ -178,6 +181,24 @@ int repo_verify_chunk(struct repo *repo, const struct chunk_hash *hash, const vo
 int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, uint64_t deadline_ns,
                    char **enc, size_t *len, int *mirror);
 
+/* The pieces a fetch engine needs to drive HTTP chunk transfers itself
+ * (curl multi, see fetch.h) while mirror choice and per-mirror statistics
+ * stay here. None of them does I/O or holds a lock across I/O.
+ *
+ * repo_pick_mirror: the mirror to try first now (with failback to mirror 0
+ * after failback_seconds); repo_next_mirror: the one after `mirror` for a
+ * retry within one attempt. repo_http_prepare sets up curl easy handle h
+ * (a CURL *) for a GET of relpath from mirror: URL, proxy, connect and stall
+ * timeouts, redirects. repo_note_request / _success / _failure keep the
+ * mirror's counters; a failure also makes the mirror "down" for a while and
+ * fails over to the next one. */
+int repo_pick_mirror(struct repo *repo);
+int repo_next_mirror(const struct repo *repo, int mirror);
+int repo_http_prepare(struct repo *repo, int mirror, const char *relpath, void *h);
+void repo_note_request(struct repo *repo, int mirror, bool retry);
+void repo_note_success(struct repo *repo, int mirror, uint64_t bytes, uint64_t latency_ns);
+void repo_note_failure(struct repo *repo, int mirror, const char *what);
+
 /* Reads len bytes at off of the disk that manifest m describes, straight
  * from the repository (every chunk verified), without any cache. */
 int repo_read_range(struct repo *repo, const struct manifest *m, void *buf, size_t len, uint64_t off);
@@ -187,6 +208,16 @@ void repo_chunk_relpath(const struct chunk_hash *hash, char *out, size_t len);
 
 /* Writer side (local repositories only). repo_has_chunk and repo_put_chunk
  * may be called from several threads at once. */
+/* The chunk lock, an flock on "REPO/.gc.lock": a publisher holds it shared
+ * from before it first looks for or stores a chunk until its index is
+ * written, so that gc (exclusive) never sees, and removes, a chunk that a
+ * manifest about to be written references. wait false: -EWOULDBLOCK when
+ * it is held the other way. */
+int repo_lock_chunks(struct repo *repo, bool exclusive, bool wait);
+void repo_unlock_chunks(struct repo *repo);
+/* "bases/NAME/V.retired", and whether that marker exists. */
+int repo_retired_relpath(const char *name, uint64_t version, char *out, size_t len);
+bool repo_version_retired(struct repo *repo, const char *name, uint64_t version);
 int repo_lock_publish(struct repo *repo);
 void repo_unlock_publish(struct repo *repo);
 bool repo_has_chunk(struct repo *repo, const struct chunk_hash *hash);

@@ -17,6 +17,9 @@
  * new NAME@V.raw and re-points the NAME.raw symlink. Removing a VM detaches
  * its nodes (parent 0) without freeing them.
  *
+ * Lookups go through a hash index keyed by (parent inode, name), so they
+ * cost the same with thousands of VM disks and versions.
+ *
  * Locking: the node table is guarded by tree->lock (a rwlock). Nodes are
  * never freed before tree_destroy(), so a node pointer obtained under the
  * lock stays valid afterwards; its immutable fields may be read without it.
@@ -79,6 +82,7 @@ struct node {
     char link_target[80];         /* NODE_BASE_LINK: guarded by tree->lock */
     struct vm *vm;                /* NODE_VM_FILE and NODE_VM_SNAPSHOT: not owned */
     struct vm_snapshot *snapshot; /* NODE_VM_SNAPSHOT */
+    struct node *index_next;      /* the name index's chain: guarded by tree->lock */
 };
 
 /* How far the versions of one base have been read: every version up to
@@ -106,6 +110,11 @@ struct base_scan {
 struct tree {
     pthread_rwlock_t lock;
     struct node **nodes; /* nodes[ino - 1] */
+    /* The attached, named nodes by (parent, name): a hash table of chains
+     * of index_cap (a power of two) heads, guarded by lock. */
+    struct node **index;
+    size_t index_cap;
+    size_t index_count;
     size_t count;
     size_t cap;
 
@@ -138,7 +147,10 @@ void tree_use_inode_map(struct tree *tree, struct takeover *t);
  * way is not waited for (a lookup never blocks behind the network). Returns
  * a negative errno (with err set) only when the index cannot be read; the
  * tree then keeps what it had. A version whose manifest is bad is skipped,
- * logged and kept in last_refresh_error; a missing one is retried later. */
+ * logged and kept in last_refresh_error; a missing one is retried later,
+ * unless it is retired (repo.h): that one is skipped quietly and asked
+ * about only once. A version the tree has keeps its node after it is
+ * retired. */
 int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen);
 /* Makes a refresh under way stop at its next version (for unmount). */
 void tree_stop_refresh(struct tree *tree);
@@ -157,6 +169,8 @@ void tree_for_each_child(struct tree *tree, fuse_ino_t parent, fuse_ino_t after,
 int tree_add_vm(struct tree *tree, struct vm *vm);
 /* Detaches every node of vm. */
 void tree_remove_vm(struct tree *tree, struct vm *vm);
+/* Detaches the nodes of snapshots that were removed (vm_snapshot.removed). */
+void tree_prune_snapshots(struct tree *tree);
 /* The base version NAME@VERSION, or NULL. */
 struct base_version *tree_find_version(struct tree *tree, const char *name, uint64_t version);
 

@@ -20,23 +20,38 @@
  * table and every VM's chain and snapshot list changes (and is held when the
  * attributes change, so save_vm() may read them). Each VM has write_ranges,
  * a range lock on the blocks a write or discard covers (overlapping writes
- * wait for each other, others run in parallel; held across the write's I/O,
- * including a copy-up's fetch from the base); then write_lock (a rwlock),
+ * wait for each other, others run in parallel; held across the write's
+ * local I/O); then write_lock (a rwlock),
  * held shared by writes and discards and exclusively by chain changes and
  * export, so that no write lands in a layer being frozen (writer-preferring:
  * a snapshot waits for the writes under way, not for every later one); and
  * chain_lock (a rwlock) that readers hold while they use the chain.
  * attr_lock, held only briefly and never across I/O, guards open_count,
- * deleted, mode, uid and gid.
+ * deleted, mode, uid and gid, and each snapshot's open_count.
+ *
+ * Life of a VM: created (vm_create, vm_create_empty, vm_clone, vm_import)
+ * -> opened and closed any number of times (open_count) -> removed by
+ * vm_remove() once open_count is 0 (deleted is set; the struct lives until
+ * the registry closes, so tree nodes may keep pointing at it). A snapshot
+ * follows the same rule with its own open_count and removed flag.
+ *
+ * No VM lock is ever held while the network is waited on. registry->lock
+ * (which control commands and stats take) may wait for a write_lock, and
+ * write_lock and chain_lock are held across local layer I/O only: a write
+ * that copies blocks up from the base first fetches those base chunks with
+ * no lock held (vm_write), and reads take chain_lock only to map a range
+ * and to build their reply from chunks already in hand (fs/ops.c).
  */
 #ifndef IMGFS_VM_H
 #define IMGFS_VM_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <time.h>
 
 #include "fetch.h"
 #include "layer.h"
@@ -75,6 +90,10 @@ struct disk {
 struct vm_snapshot {
     char name[65];
     struct disk disk;
+    bool implicit;      /* made by vm_clone of a live VM: goes with its last clone */
+    unsigned open_count; /* guarded by the VM's attr_lock */
+    atomic_bool removed; /* set once by vm_remove_snapshot(); the struct lives on */
+    struct vm_snapshot *next_removed;
 };
 
 struct vm {
@@ -93,6 +112,7 @@ struct vm {
     unsigned snapshot_count;
 
     struct chunk_trace *trace; /* recording, or NULL; guarded by chain_lock */
+    struct vm_snapshot *removed_snapshots; /* freed with the VM; guarded by registry->lock */
 
     unsigned open_count;
     bool deleted;
@@ -127,6 +147,23 @@ int vm_remove(struct vm_registry *reg, struct vm *vm, char *err, size_t errlen);
 /* Removes a VM that failed to load (its base is missing, say): its VM file,
  * and its layers unless another VM names them. -EBUSY if it is loaded. */
 int vm_remove_unloaded(struct vm_registry *reg, const char *name, char *err, size_t errlen);
+/* A disk made by creating a file in vms/: blank, of size 0 until
+ * vm_resize_blank() gives it its size (as ftruncate after O_CREAT does). */
+int vm_create_empty(struct vm_registry *reg, const char *name, mode_t mode, uid_t uid, gid_t gid, struct vm **out,
+                    char *err, size_t errlen);
+/* Sets the size of a blank disk that was never written and has no
+ * snapshot; -EPERM for any other disk, whose size is fixed. */
+int vm_resize_blank(struct vm_registry *reg, struct vm *vm, uint64_t size, char *err, size_t errlen);
+/* Removes snapshot snap of vm: -EBUSY while it is open or a clone was made
+ * from it. Its layers go when nothing else uses them. Implicit snapshots
+ * (vm_clone of a live VM) are removed by vm_remove() of their last clone.
+ * The snapshot's struct stays valid (removed is set) until the registry
+ * closes. */
+int vm_remove_snapshot(struct vm_registry *reg, struct vm *vm, const char *snap, char *err, size_t errlen);
+/* The times of a disk (snapshot NULL: the live one): those of its top
+ * layer, which every write moves; and setting the live disk's. */
+int vm_get_times(struct vm *vm, const struct vm_snapshot *snapshot, struct timespec *atime, struct timespec *mtime);
+int vm_set_times(struct vm *vm, const struct timespec times[2]);
 int vm_set_attr(struct vm_registry *reg, struct vm *vm, const mode_t *mode, const uid_t *uid, const gid_t *gid);
 int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unused, const char *path,
               char *err, size_t errlen);

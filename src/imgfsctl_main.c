@@ -196,7 +196,7 @@ static void vm_help(FILE *out)
             "       imgfsctl vm create MOUNTPOINT VM --size SIZE\n"
             "       imgfsctl vm snapshot MOUNTPOINT VM SNAP\n"
             "       imgfsctl vm clone MOUNTPOINT SRC[@SNAP] DST\n"
-            "       imgfsctl vm rm MOUNTPOINT VM\n"
+            "       imgfsctl vm rm MOUNTPOINT VM[@SNAP]\n"
             "       imgfsctl vm export MOUNTPOINT VM FILE\n"
             "       imgfsctl vm import MOUNTPOINT FILE [--name VM]\n"
             "\n"
@@ -205,7 +205,9 @@ static void vm_help(FILE *out)
             "  create    a new disk on a base version (default: the newest), or a blank one\n"
             "  snapshot  freeze the disk as SNAP; the VM goes on in a new layer\n"
             "  clone     a new VM sharing SRC's frozen layers (SRC is snapshotted if no SNAP)\n"
-            "  rm        remove a VM that is not open; layers still used elsewhere stay\n"
+            "  rm        remove a VM that is not open; layers still used elsewhere stay;\n"
+            "            VM@SNAP removes a snapshot that is not open and no clone came from\n"
+            "            (the snapshot vm clone makes of a live VM goes with its last clone)\n"
             "  export    write the VM's own data and its base identity to FILE\n"
             "  import    recreate an exported VM on a mount that has the same base\n");
 }
@@ -353,7 +355,7 @@ static int vm_main(int argc, char **argv)
     }
     if (strcmp(sub, "rm") == 0) {
         if (argc != 4)
-            return usage_error("vm rm", "needs MOUNTPOINT VM");
+            return usage_error("vm rm", "needs MOUNTPOINT VM[@SNAP]");
         snprintf(cmd, sizeof(cmd), "vm-rm\t%s\n", argv[3]);
         return vm_command(sub, argv[2], cmd);
     }
@@ -805,9 +807,9 @@ static int restart_main(int argc, char **argv)
     for (int i = 0; i < 1200; i++) {
         long now = serving_pid(argv[1]);
         if (now < 0) {
-            fprintf(stderr, "imgfsctl restart: the mount at %s ended (%s): the new serving process did not "
+            fprintf(stderr, "imgfsctl restart: the mount at %s has ended: the new serving process did not "
                             "start; see the system log\n",
-                    argv[1], strerror((int)-now));
+                    argv[1]);
             return 1;
         }
         if (now > 0 && now != old) {
@@ -962,6 +964,8 @@ static const struct subcommand subcommands[] = {
     {"publish", "publish a raw or qcow2 image as a new base version", publish_main, publish_help},
     {"status", "show the status of a mount", status_main, status_help},
     {"versions", "list every version of the bases of a repository", versions_main, versions_help},
+    {"retire", "retire an old version of a base", retire_main, retire_help},
+    {"gc", "remove the chunks that no version references", gc_main, gc_help},
     {"vm", "create, snapshot, clone, remove, export and import VM disks", vm_main, vm_help},
     {"precopy", "fill the cache with a base version or list, and pin it", precopy_main, precopy_help},
     {"unpin", "release what precopy pinned", unpin_main, unpin_help},

@@ -182,6 +182,15 @@ static int put_at(int fd, const void *buf, size_t len, uint64_t off)
     return 0;
 }
 
+/* A layer's times are those of its file (layer_get_times); a file that
+ * replaces it takes them over. Best effort: times are not data. */
+static void copy_times(int from, int to)
+{
+    struct stat st;
+    if (fstat(from, &st) == 0)
+        futimens(to, (struct timespec[2]){st.st_atim, st.st_mtim});
+}
+
 static int sync_fd(int fd)
 {
     return layer_syscalls.fdatasync(fd) < 0 ? -errno : 0;
@@ -1040,6 +1049,8 @@ static int convert_old(const char *dir, const char *id, uint64_t size)
         rc = builder_close_record(&b);
     if (!rc)
         rc = sync_fd(out);
+    if (!rc)
+        copy_times(data_fd, out);
     if (!rc && rename(tmp_path, log_path) < 0)
         rc = -errno;
     if (!rc)
@@ -1490,6 +1501,14 @@ static uint64_t compact_min_bytes(void)
     return v;
 }
 
+/* For the crash tests: a pause between phase 1 and phase 2, so that a test
+ * can kill the daemon while ID.log.new is complete but not yet renamed. */
+static unsigned compact_test_pause_ms(void)
+{
+    const char *env = getenv("IMGFS_TEST_COMPACT_PAUSE_MS");
+    return env ? (unsigned)strtoul(env, NULL, 10) : 0;
+}
+
 static bool wants_compaction(const struct layer *l)
 {
     uint64_t log = atomic_load(&l->tail) - 1, live = atomic_load(&l->live);
@@ -1611,6 +1630,8 @@ static int compact(struct layer *l)
         rc = copy_changed(l, &b, piece, &copied, &changed);
     if (!rc)
         rc = sync_fd(fd);
+    if (!rc && compact_test_pause_ms())
+        usleep(compact_test_pause_ms() * 1000u);
 
     /* Phase 2: no writes, no flushes. */
     pthread_mutex_lock(&l->flush_serial);
@@ -1624,6 +1645,8 @@ static int compact(struct layer *l)
         rc = builder_close_record(&b);
     if (!rc)
         rc = sync_fd(fd);
+    if (!rc)
+        copy_times(l->cur->fd, fd); /* compaction changes no byte of the disk */
     if (!rc && rename(new_path, log_path) < 0)
         rc = -errno;
     bool renamed = !rc;
@@ -1770,4 +1793,30 @@ static void compact_cancel(struct layer *l)
     while (compact_running == l)
         pthread_cond_wait(&compact_cond, &compact_lock);
     pthread_mutex_unlock(&compact_lock);
+}
+
+/* ---- times ------------------------------------------------------------------------ */
+
+/* The log file's times are the layer's: each write appends to it. Compaction
+ * and conversion carry them over to the file they make (copy_times). */
+int layer_get_times(const struct layer *layer, struct timespec *atime, struct timespec *mtime)
+{
+    struct layer *l = (struct layer *)layer; /* files_lock only */
+    struct stat st;
+    pthread_mutex_lock(&l->files_lock);
+    int rc = fstat(l->cur->fd, &st) < 0 ? -errno : 0;
+    pthread_mutex_unlock(&l->files_lock);
+    if (!rc) {
+        *atime = st.st_atim;
+        *mtime = st.st_mtim;
+    }
+    return rc;
+}
+
+int layer_set_times(struct layer *layer, const struct timespec times[2])
+{
+    pthread_mutex_lock(&layer->files_lock);
+    int rc = futimens(layer->cur->fd, times) < 0 ? -errno : 0;
+    pthread_mutex_unlock(&layer->files_lock);
+    return rc;
 }

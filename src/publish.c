@@ -503,6 +503,15 @@ int publish_image(const struct publish_options *opts, struct publish_result *res
         return rc;
     }
     repo_set_signers(repo, opts->keys, opts->key_count);
+    /* Shared with other publishers, exclusive of gc, until the index names
+     * the new version (repo.h). */
+    rc = repo_lock_chunks(repo, false, true);
+    if (rc) {
+        snprintf(err, errlen, "cannot lock the repository's chunks: %s", strerror(-rc));
+        repo_close(repo);
+        image_close(img);
+        return rc;
+    }
     struct manifest *m = manifest_new((size + opts->chunk_size - 1) / opts->chunk_size);
     if (!m) {
         snprintf(err, errlen, "out of memory");

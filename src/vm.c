@@ -193,6 +193,8 @@ static int save_vm(struct vm_registry *reg, const struct vm *vm)
     for (unsigned s = 0; s < vm->snapshot_count; s++) {
         pos = append(buf, cap, pos, "snapshot %s", vm->snapshots[s]->name);
         pos = append_chain(buf, cap, pos, &vm->snapshots[s]->disk);
+        if (vm->snapshots[s]->implicit)
+            pos = append(buf, cap, pos, "implicit %s\n", vm->snapshots[s]->name);
     }
     struct chunk_hash sum;
     char hex[CHUNK_HASH_HEX + 1];
@@ -232,11 +234,24 @@ static void vm_free(struct vm *vm)
 {
     for (unsigned s = 0; s < vm->snapshot_count; s++)
         free(vm->snapshots[s]);
+    while (vm->removed_snapshots) {
+        struct vm_snapshot *next = vm->removed_snapshots->next_removed;
+        free(vm->removed_snapshots);
+        vm->removed_snapshots = next;
+    }
     pthread_rwlock_destroy(&vm->write_lock);
     range_lock_destroy(&vm->write_ranges);
     pthread_rwlock_destroy(&vm->chain_lock);
     pthread_mutex_destroy(&vm->attr_lock);
     free(vm);
+}
+
+static struct vm_snapshot *find_snapshot(struct vm *vm, const char *snap)
+{
+    for (unsigned s = 0; s < vm->snapshot_count; s++)
+        if (strcmp(vm->snapshots[s]->name, snap) == 0)
+            return vm->snapshots[s];
+    return NULL;
 }
 
 /* Reads the layer IDs after a keyword into disk (registry->lock held). */
@@ -309,7 +324,8 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
             if (strcmp(value, name) != 0)
                 LOAD_FAIL("VM %s: its VM file names another VM", name);
         } else if (sscanf(line, "size %63s", value) == 1) {
-            if (parse_u64(value, &size) < 0 || size == 0 || size > VM_MAX_SIZE)
+            /* 0: a disk created as a file whose size was never set */
+            if (parse_u64(value, &size) < 0 || size > VM_MAX_SIZE)
                 LOAD_FAIL("VM %s: bad size in its VM file", name);
             vm = vm_alloc(name, size);
             if (!vm)
@@ -334,6 +350,8 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
             vm->snapshots[vm->snapshot_count++] = snap;
             if (!name_is_valid(snap->name) || load_chain(reg, ids, &snap->disk) != 0)
                 LOAD_FAIL("VM %s: snapshot %s has missing or damaged layers", name, snap->name);
+        } else if (vm && sscanf(line, "implicit %64s", value) == 1 && find_snapshot(vm, value)) {
+            find_snapshot(vm, value)->implicit = true;
         } else {
             LOAD_FAIL("VM %s: unexpected line in its VM file", name);
         }
@@ -515,6 +533,9 @@ struct vm *vm_find(struct vm_registry *reg, const char *name)
 
 /* ---- commands ------------------------------------------------------------------- */
 
+static int create_disk(struct vm_registry *reg, const char *name, const struct vm_base *base, const char *base_name,
+                       uint64_t base_version, uint64_t size, struct vm **out, char *err, size_t errlen);
+
 int vm_create(struct vm_registry *reg, const char *name, const char *base_name, uint64_t base_version,
               uint64_t size, struct vm **out, char *err, size_t errlen)
 {
@@ -539,6 +560,13 @@ int vm_create(struct vm_registry *reg, const char *name, const char *base_name, 
         snprintf(err, errlen, "disk size must be a multiple of 512 bytes between 512 and 16T");
         return -EINVAL;
     }
+    return create_disk(reg, name, base, base_name, base_version, size, out, err, errlen);
+}
+
+/* vm_create after its checks: base (NULL for a blank disk) is found. */
+static int create_disk(struct vm_registry *reg, const char *name, const struct vm_base *base, const char *base_name,
+                       uint64_t base_version, uint64_t size, struct vm **out, char *err, size_t errlen)
+{
     pthread_mutex_lock(&reg->lock);
     int rc = 0;
     struct vm *vm = NULL;
@@ -586,17 +614,10 @@ out:
     return rc;
 }
 
-static struct vm_snapshot *find_snapshot(struct vm *vm, const char *snap)
-{
-    for (unsigned s = 0; s < vm->snapshot_count; s++)
-        if (strcmp(vm->snapshots[s]->name, snap) == 0)
-            return vm->snapshots[s];
-    return NULL;
-}
-
 /* Freezes vm's top layer as snapshot snap and continues in a new layer.
  * Caller holds registry->lock. */
-static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *snap, char *err, size_t errlen)
+static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *snap, bool implicit, char *err,
+                           size_t errlen)
 {
     if (!name_is_valid(snap)) {
         snprintf(err, errlen, "invalid snapshot name '%s'", snap);
@@ -617,6 +638,7 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
         return -ENOMEM;
     }
     snprintf(s->name, sizeof(s->name), "%s", snap);
+    s->implicit = implicit;
     /* No write may land in the top layer once it is frozen. */
     pthread_rwlock_wrlock(&vm->write_lock);
     struct layer *top = vm->live.layers[vm->live.depth - 1];
@@ -624,6 +646,10 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
     int rc = layer_flush(top);
     if (!rc)
         rc = new_layer(reg, vm->live.size, &fresh);
+    struct timespec times[2];
+    /* A snapshot changes no byte of the disk: its time carries over. */
+    if (!rc && layer_get_times(top, &times[0], &times[1]) == 0)
+        layer_set_times(fresh, times);
     if (rc) {
         pthread_rwlock_unlock(&vm->write_lock);
         free(s);
@@ -656,7 +682,7 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
 int vm_snapshot(struct vm_registry *reg, struct vm *vm, const char *snap, char *err, size_t errlen)
 {
     pthread_mutex_lock(&reg->lock);
-    int rc = snapshot_locked(reg, vm, snap, err, errlen);
+    int rc = snapshot_locked(reg, vm, snap, false, err, errlen);
     pthread_mutex_unlock(&reg->lock);
     return rc;
 }
@@ -682,7 +708,7 @@ int vm_clone(struct vm_registry *reg, struct vm *src, const char *snap, const ch
         snprintf(implicit, sizeof(implicit), "clone-%.50s", dst);
         for (unsigned k = 2; find_snapshot(src, implicit); k++)
             snprintf(implicit, sizeof(implicit), "clone-%.50s-%u", dst, k);
-        if ((rc = snapshot_locked(reg, src, implicit, err, errlen)) != 0)
+        if ((rc = snapshot_locked(reg, src, implicit, true, err, errlen)) != 0)
             goto out;
         snap = implicit;
     }
@@ -735,6 +761,8 @@ out:
     return rc;
 }
 
+static void drop_unused_implicit(struct vm_registry *reg);
+
 int vm_remove(struct vm_registry *reg, struct vm *vm, char *err, size_t errlen)
 {
     pthread_mutex_lock(&reg->lock);
@@ -765,6 +793,7 @@ int vm_remove(struct vm_registry *reg, struct vm *vm, char *err, size_t errlen)
         for (unsigned s = 0; s < vm->snapshot_count; s++)
             put_disk(reg, &vm->snapshots[s]->disk);
         pthread_rwlock_unlock(&vm->chain_lock);
+        drop_unused_implicit(reg);
     }
     pthread_mutex_unlock(&reg->lock);
     return rc;
@@ -870,6 +899,183 @@ int vm_set_attr(struct vm_registry *reg, struct vm *vm, const mode_t *mode, cons
     return rc;
 }
 
+/* ---- disks made as files, snapshot removal, times ------------------------------------ */
+
+int vm_create_empty(struct vm_registry *reg, const char *name, mode_t mode, uid_t uid, gid_t gid, struct vm **out,
+                    char *err, size_t errlen)
+{
+    if (!name_is_valid(name)) {
+        snprintf(err, errlen, "invalid VM name '%s': use 1-64 letters, digits, '.', '_' or '-'", name);
+        return -EINVAL;
+    }
+    struct vm *vm;
+    int rc = create_disk(reg, name, NULL, NULL, 0, 0, &vm, err, errlen);
+    if (rc)
+        return rc;
+    rc = vm_set_attr(reg, vm, &mode, &uid, &gid);
+    if (rc) {
+        char ignored[64];
+        vm_remove(reg, vm, ignored, sizeof(ignored));
+        snprintf(err, errlen, "cannot save VM %s: %s", name, strerror(-rc));
+        return rc;
+    }
+    *out = vm;
+    return 0;
+}
+
+int vm_resize_blank(struct vm_registry *reg, struct vm *vm, uint64_t size, char *err, size_t errlen)
+{
+    if (size > VM_MAX_SIZE || size % 512) {
+        snprintf(err, errlen, "disk size must be a multiple of 512 bytes up to 16T");
+        return -EINVAL;
+    }
+    pthread_mutex_lock(&reg->lock);
+    pthread_rwlock_wrlock(&vm->write_lock);
+    struct layer *old = vm->live.layers[0], *fresh = NULL;
+    int rc = 0;
+    if (size == vm->live.size)
+        goto out;
+    if (vm->has_base || vm->snapshot_count || vm->live.depth != 1 || layer_owned_blocks(old) != 0) {
+        snprintf(err, errlen, "the size of VM %s is fixed: it has a base, snapshots or data", vm->name);
+        rc = -EPERM;
+        goto out;
+    }
+    /* A layer has the size of its disk: an empty one is simply replaced. */
+    rc = new_layer(reg, size, &fresh);
+    if (rc) {
+        snprintf(err, errlen, "cannot create a layer for VM %s: %s", vm->name, strerror(-rc));
+        goto out;
+    }
+    uint64_t old_size = vm->live.size;
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    vm->live.layers[0] = fresh;
+    vm->live.size = size;
+    pthread_rwlock_unlock(&vm->chain_lock);
+    rc = save_vm(reg, vm);
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    if (rc) {
+        vm->live.layers[0] = old;
+        vm->live.size = old_size;
+        snprintf(err, errlen, "cannot save VM %s: %s", vm->name, strerror(-rc));
+    }
+    pthread_rwlock_unlock(&vm->chain_lock);
+    put_layer(reg, rc ? fresh : old);
+out:
+    pthread_rwlock_unlock(&vm->write_lock);
+    pthread_mutex_unlock(&reg->lock);
+    return rc;
+}
+
+static bool chain_has(const struct disk *disk, const struct layer *layer)
+{
+    for (unsigned i = 0; i < disk->depth; i++)
+        if (disk->layers[i] == layer)
+            return true;
+    return false;
+}
+
+/* True when a VM other than owner (live or in a snapshot) reads through
+ * layer: a clone made from the snapshot whose top it is. Removed VMs have
+ * empty chains. Caller holds registry->lock. */
+static bool used_by_others(struct vm_registry *reg, const struct vm *owner, const struct layer *layer)
+{
+    for (size_t i = 0; i < reg->vm_count; i++) {
+        const struct vm *other = reg->vms[i];
+        if (other == owner)
+            continue;
+        if (chain_has(&other->live, layer))
+            return true;
+        for (unsigned s = 0; s < other->snapshot_count; s++)
+            if (chain_has(&other->snapshots[s]->disk, layer))
+                return true;
+    }
+    return false;
+}
+
+/* Caller holds registry->lock. */
+static int remove_snapshot_locked(struct vm_registry *reg, struct vm *vm, struct vm_snapshot *s, char *err,
+                                  size_t errlen)
+{
+    pthread_mutex_lock(&vm->attr_lock);
+    unsigned open_count = s->open_count;
+    pthread_mutex_unlock(&vm->attr_lock);
+    if (open_count) {
+        snprintf(err, errlen, "snapshot %s@%s is open (%u times); close it first", vm->name, s->name, open_count);
+        return -EBUSY;
+    }
+    if (s->disk.depth == 0 || used_by_others(reg, vm, s->disk.layers[s->disk.depth - 1])) {
+        snprintf(err, errlen, "snapshot %s@%s is the origin of a clone; remove the clone first", vm->name, s->name);
+        return -EBUSY;
+    }
+    unsigned at = 0;
+    while (vm->snapshots[at] != s)
+        at++;
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    memmove(&vm->snapshots[at], &vm->snapshots[at + 1], (vm->snapshot_count - at - 1) * sizeof(*vm->snapshots));
+    vm->snapshot_count--;
+    pthread_rwlock_unlock(&vm->chain_lock);
+    int rc = save_vm(reg, vm);
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    if (rc) {
+        memmove(&vm->snapshots[at + 1], &vm->snapshots[at], (vm->snapshot_count - at) * sizeof(*vm->snapshots));
+        vm->snapshots[at] = s;
+        vm->snapshot_count++;
+        snprintf(err, errlen, "cannot save VM %s: %s", vm->name, strerror(-rc));
+    } else {
+        put_disk(reg, &s->disk);
+        atomic_store(&s->removed, true);
+        s->next_removed = vm->removed_snapshots;
+        vm->removed_snapshots = s;
+    }
+    pthread_rwlock_unlock(&vm->chain_lock);
+    return rc;
+}
+
+int vm_remove_snapshot(struct vm_registry *reg, struct vm *vm, const char *snap, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&reg->lock);
+    struct vm_snapshot *s = find_snapshot(vm, snap);
+    int rc = s ? remove_snapshot_locked(reg, vm, s, err, errlen) : -ENOENT;
+    if (!s)
+        snprintf(err, errlen, "VM %s has no snapshot %s", vm->name, snap);
+    pthread_mutex_unlock(&reg->lock);
+    return rc;
+}
+
+/* Implicit snapshots that no clone uses any more go (registry->lock held). */
+static void drop_unused_implicit(struct vm_registry *reg)
+{
+    for (size_t i = 0; i < reg->vm_count; i++) {
+        struct vm *vm = reg->vms[i];
+        if (vm->live.depth == 0)
+            continue; /* removed: its chains are empty */
+        for (unsigned k = vm->snapshot_count; k-- > 0;) {
+            struct vm_snapshot *s = vm->snapshots[k];
+            char err[256];
+            if (s->implicit && !used_by_others(reg, vm, s->disk.layers[s->disk.depth - 1]) &&
+                remove_snapshot_locked(reg, vm, s, err, sizeof(err)) != 0)
+                log_warn("implicit snapshot %s@%s stays: %s", vm->name, s->name, err);
+        }
+    }
+}
+
+int vm_get_times(struct vm *vm, const struct vm_snapshot *snapshot, struct timespec *atime, struct timespec *mtime)
+{
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    const struct disk *disk = snapshot ? &snapshot->disk : &vm->live;
+    int rc = disk->depth ? layer_get_times(disk->layers[disk->depth - 1], atime, mtime) : -ENOENT;
+    pthread_rwlock_unlock(&vm->chain_lock);
+    return rc;
+}
+
+int vm_set_times(struct vm *vm, const struct timespec times[2])
+{
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    int rc = vm->live.depth ? layer_set_times(vm->live.layers[vm->live.depth - 1], times) : -ENOENT;
+    pthread_rwlock_unlock(&vm->chain_lock);
+    return rc;
+}
+
 /* ---- reading -------------------------------------------------------------------- */
 
 /* Index of the topmost layer owning block, or -1. */
@@ -900,7 +1106,19 @@ uint64_t disk_source_at(const struct disk *disk, uint64_t off, uint64_t max_len,
     return (run_end < end ? run_end : end) - off;
 }
 
-static int read_base(const struct vm_base *base, struct fetcher *fetcher, char *buf, size_t len, uint64_t off)
+/* Base chunks that a write's copy-up needs, fetched before any lock is
+ * taken (see vm_write). */
+struct held_chunks {
+    struct fetch_ref refs[2];
+    uint64_t index[2];
+    int count;
+};
+
+/* Reads base bytes. With held (under the VM's write locks) only what is
+ * held is used, since the network is never waited on under a VM lock:
+ * -EAGAIN when a chunk is not. Without held, fetches as a demand read. */
+static int read_base(const struct vm_base *base, struct fetcher *fetcher, const struct held_chunks *held, char *buf,
+                     size_t len, uint64_t off)
 {
     const struct manifest *m = base->manifest;
     while (len > 0) {
@@ -909,12 +1127,20 @@ static int read_base(const struct vm_base *base, struct fetcher *fetcher, char *
         size_t n = m->chunk_size - in_chunk < len ? (size_t)(m->chunk_size - in_chunk) : len;
         if (chunk_hash_is_null(&m->chunks[index])) {
             memset(buf, 0, n);
-        } else {
-            struct cache_pin pin;
-            if (fetch_acquire(fetcher, &m->chunks[index], m->chunk_size, base->counters, &pin) != 0)
+        } else if (held) {
+            int k = 0;
+            while (k < held->count && held->index[k] != index)
+                k++;
+            if (k == held->count)
+                return -EAGAIN;
+            if (fetch_ref_read(&held->refs[k], buf, n, in_chunk) != 0)
                 return -EIO;
-            int rc = read_full_at(pin.fd, buf, n, (off_t)in_chunk);
-            fetch_release(fetcher, &pin);
+        } else {
+            struct fetch_ref ref;
+            if (fetch_get(fetcher, &m->chunks[index], m->chunk_size, FETCH_DEMAND, base->counters, &ref) != 0)
+                return -EIO;
+            int rc = fetch_ref_read(&ref, buf, n, in_chunk);
+            fetch_ref_release(fetcher, &ref);
             if (rc)
                 return -EIO;
         }
@@ -925,7 +1151,8 @@ static int read_base(const struct vm_base *base, struct fetcher *fetcher, char *
     return 0;
 }
 
-int disk_read(const struct disk *disk, struct fetcher *fetcher, char *buf, size_t len, uint64_t off)
+static int read_disk(const struct disk *disk, struct fetcher *fetcher, const struct held_chunks *held, char *buf,
+                     size_t len, uint64_t off)
 {
     while (len > 0) {
         enum disk_source source;
@@ -937,7 +1164,7 @@ int disk_read(const struct disk *disk, struct fetcher *fetcher, char *buf, size_
         if (source == SOURCE_LAYER)
             rc = layer_read(layer, buf, n, off);
         else if (source == SOURCE_BASE)
-            rc = read_base(disk->base, fetcher, buf, n, off);
+            rc = read_base(disk->base, fetcher, held, buf, n, off);
         else
             memset(buf, 0, n);
         if (rc)
@@ -947,6 +1174,11 @@ int disk_read(const struct disk *disk, struct fetcher *fetcher, char *buf, size_
         off += n;
     }
     return 0;
+}
+
+int disk_read(const struct disk *disk, struct fetcher *fetcher, char *buf, size_t len, uint64_t off)
+{
+    return read_disk(disk, fetcher, NULL, buf, len, off);
 }
 
 int64_t disk_seek(const struct disk *disk, uint64_t off, int whence)
@@ -1002,9 +1234,9 @@ static struct disk below_top(const struct disk *live)
     return below;
 }
 
-/* Writes one partial block through copy-up. write_lock held shared, and
- * the block's range in write_ranges. */
-static int write_partial(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
+/* Writes one partial block through copy-up, reading what is below from
+ * held. write_lock held shared, and the block's range in write_ranges. */
+static int write_partial(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off)
 {
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     uint64_t block = off / LAYER_BLOCK_SIZE;
@@ -1013,24 +1245,56 @@ static int write_partial(struct vm *vm, struct fetcher *fetcher, const char *buf
     char tmp[LAYER_BLOCK_SIZE];
     struct disk below = below_top(&vm->live);
     int rc = layer_owns(top, block) ? layer_read(top, tmp, block_len, start)
-                                    : disk_read(&below, fetcher, tmp, block_len, start);
+                                    : read_disk(&below, NULL, held, tmp, block_len, start);
     if (rc)
         return rc;
     memcpy(tmp + (off - start), buf, len);
     return layer_write(top, tmp, block_len, start);
 }
 
-int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
+/* Fetches the base chunks under the partial blocks at the two edges of a
+ * write that no layer owns yet, with no VM lock held. Blocks only ever
+ * become owned, so once the locks are taken at most these are needed. */
+static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off, size_t len, struct held_chunks *held)
 {
-    if (off >= vm->live.size || len > vm->live.size - off)
-        return -ENOSPC; /* a disk does not grow */
-    /* Writes of other blocks go on in parallel; one that overlaps waits, so
-     * that a copy-up never mixes two writes of one block. */
-    struct range_held held;
-    range_lock_acquire(&vm->write_ranges, &held, off / LAYER_BLOCK_SIZE,
-                       (off + len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
-    pthread_rwlock_rdlock(&vm->write_lock);
+    held->count = 0;
+    const struct vm_base *base = vm->live.base;
+    if (!base)
+        return 0;
+    const struct manifest *m = base->manifest;
+    uint64_t end = off + len;
+    uint64_t edges[2] = {off / LAYER_BLOCK_SIZE, (end - 1) / LAYER_BLOCK_SIZE};
+    uint64_t wanted[2];
+    int count = 0;
     pthread_rwlock_rdlock(&vm->chain_lock);
+    for (int e = 0; e < 2; e++) {
+        uint64_t start = edges[e] * LAYER_BLOCK_SIZE;
+        uint64_t stop = start + LAYER_BLOCK_SIZE < vm->live.size ? start + LAYER_BLOCK_SIZE : vm->live.size;
+        bool partial = start < off || stop > end;
+        uint64_t index = start / m->chunk_size;
+        if (!partial || owner_of(&vm->live, edges[e]) >= 0 || chunk_hash_is_null(&m->chunks[index]) ||
+            (count == 1 && wanted[0] == index))
+            continue;
+        wanted[count++] = index;
+    }
+    pthread_rwlock_unlock(&vm->chain_lock);
+    for (int k = 0; k < count; k++) {
+        if (fetch_get(fetcher, &m->chunks[wanted[k]], m->chunk_size, FETCH_DEMAND, base->counters,
+                      &held->refs[k]) != 0) {
+            for (int i = 0; i < held->count; i++)
+                fetch_ref_release(fetcher, &held->refs[i]);
+            held->count = 0;
+            return -EIO;
+        }
+        held->index[k] = wanted[k];
+        held->count = k + 1;
+    }
+    return 0;
+}
+
+/* The writes themselves, with the locks held and no network. */
+static int write_locked(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off)
+{
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     uint64_t end = off + len;
     int rc = 0;
@@ -1043,15 +1307,43 @@ int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len
             rc = layer_write(top, buf, (size_t)whole, off);
         } else {
             whole = LAYER_BLOCK_SIZE - in_block < end - off ? LAYER_BLOCK_SIZE - in_block : end - off;
-            rc = write_partial(vm, fetcher, buf, (size_t)whole, off);
+            rc = write_partial(vm, held, buf, (size_t)whole, off);
         }
         buf += whole;
         off += whole;
     }
-    pthread_rwlock_unlock(&vm->chain_lock);
-    pthread_rwlock_unlock(&vm->write_lock);
-    range_lock_release(&vm->write_ranges, &held);
     return rc;
+}
+
+int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
+{
+    if (off >= vm->live.size || len > vm->live.size - off)
+        return -ENOSPC; /* a disk does not grow */
+    if (len == 0)
+        return 0;
+    int rc;
+    for (int attempt = 0;; attempt++) {
+        struct held_chunks chunks;
+        rc = hold_edge_chunks(vm, fetcher, off, len, &chunks);
+        if (rc)
+            return rc;
+        /* Writes of other blocks go on in parallel; one that overlaps waits,
+         * so that a copy-up never mixes two writes of one block. */
+        struct range_held held;
+        range_lock_acquire(&vm->write_ranges, &held, off / LAYER_BLOCK_SIZE,
+                           (off + len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
+        pthread_rwlock_rdlock(&vm->write_lock);
+        pthread_rwlock_rdlock(&vm->chain_lock);
+        rc = write_locked(vm, &chunks, buf, len, off);
+        pthread_rwlock_unlock(&vm->chain_lock);
+        pthread_rwlock_unlock(&vm->write_lock);
+        range_lock_release(&vm->write_ranges, &held);
+        for (int k = 0; k < chunks.count; k++)
+            fetch_ref_release(fetcher, &chunks.refs[k]);
+        if (rc != -EAGAIN || attempt == 3) /* -EAGAIN cannot happen (see hold_edge_chunks) */
+            break;
+    }
+    return rc == -EAGAIN ? -EIO : rc;
 }
 
 int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len)

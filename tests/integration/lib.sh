@@ -179,3 +179,37 @@ expect_error() {
     grep -qiE 'segmentation|sanitizer|abort|core dumped' "$err" && { cat "$err" >&2; fail "$what: crashed"; }
     ok "$what -> $(head -n 1 "$err")"
 }
+
+# guest_image: sets IMG to the Debian guest disk that
+# tests/guest/build-debian-image.sh builds, cached between runs in
+# $IMGFS_GUEST_IMAGE_DIR (default /var/cache/imgfs-test) under a hash of the
+# build script, and built only when missing (~15 s from debootstrap's
+# tarball cache, ~1.5 min on a fresh machine). No network on a fresh machine
+# is a failure, not a skip.
+guest_image() {
+    local src=${IMGFS_SOURCE_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+    local guest=$src/tests/guest dir=${IMGFS_GUEST_IMAGE_DIR:-/var/cache/imgfs-test} t0 key
+    [ "$(id -u)" = 0 ] || fail "must run as root (FUSE mounts, debootstrap)"
+    for t in qemu-system-x86_64 debootstrap sfdisk mkfs.ext4 e2fsck flock; do
+        command -v "$t" > /dev/null || fail "'$t' is not installed; this test needs it"
+    done
+    mkdir -p "$dir" || fail "cannot create $dir"
+    key=$(sha256sum "$guest/build-debian-image.sh" | cut -c1-12)
+    IMG=$dir/debian-$key.raw
+    t0=$(date +%s.%N)
+    (
+        # one builder at a time (a release and an ASan ctest may run together)
+        flock 9
+        [ -s "$IMG" ] && exit 0
+        rm -f "$dir"/debian-*.raw   # images of an older build script
+        echo "# building the Debian guest image $IMG (cached for later runs)"
+        if ! TMPDIR=$T bash "$guest/build-debian-image.sh" "$IMG" 2G >"$T/build.log" 2>&1; then
+            tail -n 40 "$T/build.log" >&2
+            rm -f "$IMG"
+            exit 1
+        fi
+    ) 9>"$dir/.debian-image.lock" ||
+        fail "cannot build the Debian guest image (is the Debian mirror reachable? debootstrap needs network on the first run; log above)"
+    ok "guest image $IMG ($(du -h "$IMG" | cut -f1) allocated, ready in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s)"
+}
+

@@ -20,31 +20,8 @@
 
 SRC=${IMGFS_SOURCE_DIR:-$(cd "$(dirname "$0")/../.." && pwd)}
 GUEST=$SRC/tests/guest
-[ "$(id -u)" = 0 ] || fail "must run as root (FUSE mounts, debootstrap)"
-for t in qemu-system-x86_64 debootstrap sfdisk mkfs.ext4 e2fsck flock; do
-    command -v "$t" > /dev/null || fail "'$t' is not installed; this test needs it"
-done
-
 # ---- 1. guest image, cached between runs -----------------------------------
-IMG_DIR=${IMGFS_GUEST_IMAGE_DIR:-/var/cache/imgfs-test}
-mkdir -p "$IMG_DIR" || fail "cannot create $IMG_DIR"
-key=$(sha256sum "$GUEST/build-debian-image.sh" | cut -c1-12)
-IMG=$IMG_DIR/debian-$key.raw
-t0=$(date +%s.%N)
-(
-    # one builder at a time (a release and an ASan ctest may run together)
-    flock 9
-    [ -s "$IMG" ] && exit 0
-    rm -f "$IMG_DIR"/debian-*.raw   # images of an older build script
-    echo "# building the Debian guest image $IMG (cached for later runs)"
-    if ! TMPDIR=$T bash "$GUEST/build-debian-image.sh" "$IMG" 2G >"$T/build.log" 2>&1; then
-        tail -n 40 "$T/build.log" >&2
-        rm -f "$IMG"
-        exit 1
-    fi
-) 9>"$IMG_DIR/.debian-image.lock" ||
-    fail "cannot build the Debian guest image (is the Debian mirror reachable? debootstrap needs network on the first run; log above)"
-ok "guest image $IMG ($(du -h "$IMG" | cut -f1) allocated, ready in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s)"
+guest_image
 
 # ---- 2. publish, mount, create the VM --------------------------------------
 "$IMGFSCTL" publish "$IMG" "$T/repo" --name deb > "$T/publish.out" || fail "publish of the guest image failed"

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The layer log (include/layer.h) through a real mount:
+#   - a layer in the old format (ID.data + ID.map bitmap) is converted when
+#     the daemon opens it: the VM reads the same, discarded blocks stay holes,
+#     and the old files are gone;
+#   - a kill -9 while a compaction has written ID.log.new but not renamed it
+#     loses nothing that was fsync'd, and the next daemon compacts the layer
+#     in the background, after which the VM still reads the same.
+. "$(dirname "$0")/lib.sh"
+
+STRESS=$TOOLS/vmstress
+[ -x "$STRESS" ] || fail "missing $STRESS (build the vmstress target)"
+M=$T/mnt
+S=$T/state
+MIB=$((1024 * 1024))
+mkdir -p "$T/repo" "$S"
+make_image "$T/base.raw" $((16 * MIB))
+"$IMGFSCTL" publish "$T/base.raw" "$T/repo" --name base > /dev/null
+live_layer() { awk '$1 == "live" { print $NF }' "$S/vms/$1.vm"; }
+kill9() {
+    local pid=${DAEMON_PID[$M]}
+    kill -9 "$pid"
+    wait "$pid" 2>/dev/null || true
+    fusermount3 -uz "$M" 2>/dev/null || umount -l "$M" 2>/dev/null || true
+}
+
+# ---- an old-format layer is converted at open ----------------------------------
+mount_imgfs "$T/repo" "$M" "state=$S"
+"$IMGFSCTL" vm create "$M" old --base base > /dev/null
+V=$M/vms/old.raw
+put $((1 * MIB)) $((3 * MIB)) 11 "$V"
+put $((9 * MIB + 100)) 5000 12 "$V"
+fallocate --punch-hole --offset $((2 * MIB)) --length $((1 * MIB)) "$V"
+sync "$V"
+cp "$V" "$T/old.shadow"
+id=$(live_layer old)
+umount_imgfs "$M"
+[ -f "$S/layers/$id.log" ] || fail "the VM's layer $id has no log file"
+# Rebuild the layer in the old format from what the VM shows: owned blocks
+# [1M, 4M) (of which [2M, 3M) discarded: owned, a hole) and the two blocks
+# the unaligned write touched.
+python3 - "$T/old.shadow" "$S/layers/$id" $((16 * MIB)) <<'PY'
+import os, sys
+shadow, prefix, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+BS = 4096
+owned = set(range(256, 1024)) | set(range((9 << 20) // BS, ((9 << 20) + 100 + 5000 - 1) // BS + 1))
+holes = set(range(512, 768))
+data = open(shadow, "rb").read()
+with open(prefix + ".data", "wb") as f:
+    f.truncate(size)
+    for b in sorted(owned - holes):
+        f.seek(b * BS)
+        f.write(data[b * BS:(b + 1) * BS])
+bits = bytearray((size // BS + 7) // 8 + 4096)
+for b in owned:
+    bits[b // 8] |= 1 << (b % 8)
+header = ("imgfs-layer-map 1\n%d\n" % size).encode().ljust(64, b"\0")
+with open(prefix + ".map", "wb") as f:
+    f.write(header + bits)
+os.unlink(prefix + ".log")
+PY
+mount_imgfs "$T/repo" "$M" "state=$S"
+same "$V" "$T/old.shadow" "the converted layer reads differently"
+[ -f "$S/layers/$id.log" ] || fail "no log after the conversion"
+[ ! -e "$S/layers/$id.data" ] && [ ! -e "$S/layers/$id.map" ] || fail "the old layer files are still there"
+hole=$(python3 -c "import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); print(os.lseek(fd, 2 << 20, os.SEEK_HOLE))" "$V")
+[ "$hole" = $((2 * MIB)) ] || fail "the discarded range is not a hole after the conversion (SEEK_HOLE from 2M: $hole)"
+put $((5 * MIB)) 8192 13 "$V" "$T/old.shadow"
+sync "$V"
+umount_imgfs "$M"
+mount_imgfs "$T/repo" "$M" "state=$S"
+same "$V" "$T/old.shadow" "the converted layer after a write and a remount"
+ok "an old-format layer is converted at open: same bytes, the discarded range a hole, old files removed"
+umount_imgfs "$M"
+
+# ---- kill -9 during a compaction ------------------------------------------------
+# Compact as soon as dead space passes 1 MiB and the live data (1500 random
+# writes of up to 300 KiB on a 16 MiB disk get there), and pause a
+# compaction for 3 s before its rename, so that the kill lands there.
+export IMGFS_LAYER_COMPACT_MIN=1M IMGFS_TEST_COMPACT_PAUSE_MS=3000
+mount_imgfs "$T/repo" "$M" "state=$S"
+"$IMGFSCTL" vm create "$M" c --base base > /dev/null
+C=$M/vms/c.raw
+cp "$T/base.raw" "$T/c.shadow"
+"$STRESS" "$C" "$T/c.shadow" 7 1500 --fsync-every 20 > "$T/stress.c" 2>&1 ||
+    { cat "$T/stress.c"; fail "vmstress on c failed"; }
+grep -q '^DONE' "$T/stress.c" || fail "vmstress did not report its final fsync"
+cid=$(live_layer c)
+for _ in $(seq 1 600); do
+    [ -e "$S/layers/$cid.log.new" ] && break
+    sleep 0.05
+done
+[ -e "$S/layers/$cid.log.new" ] ||
+    fail "no compaction started after 1500 overwrites (no $cid.log.new; $(grep -A3 '^top_layer_blocks' "$M/.imgfs/stats" | tr '\n' ' '))"
+before=$(stat -c %s "$S/layers/$cid.log")
+kill9
+# This daemon does not compact (so that a new ID.log.new cannot appear).
+IMGFS_LAYER_COMPACT_MIN=1T mount_imgfs "$T/repo" "$M" "state=$S"
+[ ! -e "$S/layers/$cid.log.new" ] || fail "the interrupted compaction's file is still there after the remount"
+"$STRESS" --verify "$C" "$T/c.shadow" > "$T/verify.c" 2>&1 || { cat "$T/verify.c"; fail "fsync'd data lost across a kill -9 during compaction"; }
+ok "kill -9 during a compaction (ID.log.new written, not renamed): every fsync'd byte intact"
+umount_imgfs "$M"
+
+# Without the pause the next daemon compacts the layer on its own.
+unset IMGFS_TEST_COMPACT_PAUSE_MS
+mount_imgfs "$T/repo" "$M" "state=$S"
+wait_stat "$M" "vm c" top_layer_compactions 1 60
+after=$(stat -c %s "$S/layers/$cid.log")
+[ "$after" -lt "$before" ] || fail "compaction did not shrink the log ($before -> $after bytes)"
+"$STRESS" --verify "$C" "$T/c.shadow" > "$T/verify.c" 2>&1 || { cat "$T/verify.c"; fail "c reads wrong after compaction"; }
+umount_imgfs "$M"
+mount_imgfs "$T/repo" "$M" "state=$S"
+"$STRESS" --verify "$C" "$T/c.shadow" > "$T/verify.c" 2>&1 || { cat "$T/verify.c"; fail "c reads wrong after compaction and a remount"; }
+ok "a background compaction shrinks the log ($before -> $after bytes) and the VM reads the same, also after a remount"
+umount_imgfs "$M"
+finish
