@@ -41,7 +41,7 @@ struct raw_options {
     int positional;
     int on_command_line; /* the options below come from argv, not a config file */
     int command_line_mirrors;
-    char *config; /* read before parsing (find_config_option); ignored here */
+    char *config; /* read before parsing (note_config); ignored here */
     char *repo;
     char *mountpoint;
 };
