@@ -41,7 +41,7 @@ struct raw_options {
     int positional;
     int on_command_line; /* the options below come from argv, not a config file */
     int command_line_mirrors;
-    char *config; /* read before parsing (find_config_option); ignored here */
+    char *config; /* read before parsing (note_config); ignored here */
     char *repo;
     char *mountpoint;
 };
@@ -216,8 +216,14 @@ static void print_help(void)
            "                      (\"machine HOST login USER password PASS\"); never shown\n"
            "  -o threads=N        maximum FUSE worker threads (default 16)\n"
            "  -f                  stay in the foreground (logs to stderr, not syslog)\n"
+
            "  -d, -o debug        debug logging (implies -f)\n"
            "  -h, --help          this help;  -V, --version  the version\n"
+           "\n"
+           "imgfs runs as two processes: a supervisor that holds the mount, and a server\n"
+           "that it starts again after a crash; 'imgfsctl restart MOUNTPOINT' hands the\n"
+           "mount to a fresh server (an upgrade). SIGTERM unmounts only when no VM disk\n"
+           "is open; SIGHUP is ignored.\n"
            "\n"
            "Common FUSE options: allow_other, nodev, nosuid (see mount.fuse3(8)).\n"
            "Every option can also be a key=value line in the config file; the command\n"

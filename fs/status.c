@@ -1,185 +1,15 @@
+/* status: the mount's snapshot and the user.imgfs.* attributes (status.h). */
 #include "status.h"
 
-#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
-#include <math.h>
 #include <stdarg.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "fs.h"
-#include "trust.h"
 #include "util.h"
-
-/* ---- a growable text buffer ------------------------------------------------------ */
-
-struct text {
-    char *data;
-    size_t len;
-    size_t cap;
-    bool failed;
-};
-
-static void text_printf(struct text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void text_vprintf(struct text *t, const char *fmt, va_list ap)
-{
-    if (t->failed)
-        return;
-    for (;;) {
-        va_list copy;
-        va_copy(copy, ap);
-        int n = vsnprintf(t->data ? t->data + t->len : NULL, t->data ? t->cap - t->len : 0, fmt, copy);
-        va_end(copy);
-        if (n < 0) {
-            t->failed = true;
-            return;
-        }
-        if (t->data && t->len + (size_t)n < t->cap) {
-            t->len += (size_t)n;
-            return;
-        }
-        size_t cap = t->cap ? t->cap * 2 : 4096;
-        while (cap < t->len + (size_t)n + 1)
-            cap *= 2;
-        char *grown = realloc(t->data, cap);
-        if (!grown) {
-            t->failed = true;
-            return;
-        }
-        t->data = grown;
-        t->cap = cap;
-    }
-}
-
-static void text_printf(struct text *t, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    text_vprintf(t, fmt, ap);
-    va_end(ap);
-}
-
-/* Hands the text to the caller (or frees it on failure). */
-static int text_finish(struct text *t, bool failed, char **out, size_t *len)
-{
-    if (t->failed || failed || !t->data) {
-        free(t->data);
-        return -ENOMEM;
-    }
-    *out = t->data;
-    *len = t->len;
-    return 0;
-}
-
-/* ---- building a snapshot ----------------------------------------------------------- */
-
-struct status_section *status_add_section(struct status_snapshot *s, const char *kind, const char *title)
-{
-    if (s->count == s->cap) {
-        size_t cap = s->cap ? s->cap * 2 : 16;
-        struct status_section *grown = realloc(s->sections, cap * sizeof(*grown));
-        if (!grown) {
-            s->failed = true;
-            return NULL;
-        }
-        s->sections = grown;
-        s->cap = cap;
-    }
-    struct status_section *sec = &s->sections[s->count++];
-    memset(sec, 0, sizeof(*sec));
-    snprintf(sec->kind, sizeof(sec->kind), "%s", kind);
-    snprintf(sec->title, sizeof(sec->title), "%s", title ? title : "");
-    return sec;
-}
-
-void status_add_label(struct status_snapshot *s, struct status_section *sec, const char *name, const char *value)
-{
-    if (!sec)
-        return;
-    if (sec->label_count == STATUS_MAX_LABELS) {
-        s->failed = true;
-        return;
-    }
-    struct status_label *l = &sec->labels[sec->label_count++];
-    snprintf(l->name, sizeof(l->name), "%s", name);
-    size_t n = strnlen(value, sizeof(l->value) - 1); /* a longer value is cut */
-    memcpy(l->value, value, n);
-    l->value[n] = '\0';
-}
-
-static struct status_field *add_field(struct status_snapshot *s, struct status_section *sec, const char *key,
-                                      enum status_type type)
-{
-    if (!sec)
-        return NULL;
-    if (sec->field_count == sec->field_cap) {
-        size_t cap = sec->field_cap ? sec->field_cap * 2 : 16;
-        struct status_field *grown = realloc(sec->fields, cap * sizeof(*grown));
-        if (!grown) {
-            s->failed = true;
-            return NULL;
-        }
-        sec->fields = grown;
-        sec->field_cap = cap;
-    }
-    struct status_field *f = &sec->fields[sec->field_count++];
-    memset(f, 0, sizeof(*f));
-    snprintf(f->key, sizeof(f->key), "%s", key);
-    f->type = type;
-    return f;
-}
-
-void status_counter(struct status_snapshot *s, struct status_section *sec, const char *key, const char *help,
-                    uint64_t value)
-{
-    struct status_field *f = add_field(s, sec, key, STATUS_COUNTER);
-    if (f) {
-        f->number = (double)value;
-        f->help = help;
-    }
-}
-
-void status_gauge(struct status_snapshot *s, struct status_section *sec, const char *key, const char *help,
-                  double value, int decimals)
-{
-    struct status_field *f = add_field(s, sec, key, STATUS_GAUGE);
-    if (f) {
-        f->number = value;
-        f->decimals = decimals;
-        f->help = help;
-    }
-}
-
-void status_text(struct status_snapshot *s, struct status_section *sec, enum status_type type, const char *key,
-                 const char *fmt, ...)
-{
-    struct status_field *f = add_field(s, sec, key, type);
-    if (!f)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    if (vasprintf(&f->text, fmt, ap) < 0) {
-        f->text = NULL;
-        s->failed = true;
-    }
-    va_end(ap);
-}
-
-void status_snapshot_free(struct status_snapshot *s)
-{
-    for (size_t i = 0; i < s->count; i++) {
-        for (size_t j = 0; j < s->sections[i].field_count; j++)
-            free(s->sections[i].fields[j].text);
-        free(s->sections[i].fields);
-    }
-    free(s->sections);
-    memset(s, 0, sizeof(*s));
-}
-
-static bool is_numeric(const struct status_field *f) { return f->type == STATUS_COUNTER || f->type == STATUS_GAUGE; }
 
 /* ---- the mount's snapshot -------------------------------------------------------------- */
 
@@ -363,6 +193,8 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     status_counter(s, sec, "errors", "Failed chunk fetches.", totals.errors);
     status_counter(s, sec, "served_uncached", "Chunks served from memory because the cache was full.",
                    totals.uncached);
+    status_gauge(s, sec, "in_flight", "Chunk transfers under way.", (double)totals.in_flight, 0);
+    status_gauge(s, sec, "queued", "Chunk fetches waiting for a transfer slot or a retry.", (double)totals.queued, 0);
     add_last_error(s, sec, totals.last_error, totals.last_error_age);
 
     struct trust_status ts;
@@ -391,7 +223,7 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     size_t nmirrors = repo_mirror_stats(fs->repo, mirrors, REPO_MAX_MIRRORS);
     for (size_t i = 0; i < nmirrors; i++) {
         const struct repo_mirror_stats *m = &mirrors[i];
-        char index[16];
+        char index[24];
         snprintf(index, sizeof(index), "%zu", i);
         sec = status_add_section(s, "mirror", index);
         status_add_label(s, sec, "mirror", m->url);
@@ -422,236 +254,6 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     return 0;
 }
 
-/* ---- rendering ------------------------------------------------------------------------ */
-
-static void print_number(struct text *t, const struct status_field *f)
-{
-    text_printf(t, "%.*f", f->decimals, f->number);
-}
-
-int status_render_stats(const struct status_snapshot *s, char **out, size_t *len)
-{
-    struct text t = {0};
-    text_printf(&t, "# imgfs %s status; sizes in bytes\n", IMGFS_VERSION);
-    for (size_t i = 0; i < s->count; i++) {
-        const struct status_section *sec = &s->sections[i];
-        text_printf(&t, "%s[%s%s%s]\n", i ? "\n" : "", sec->kind, sec->title[0] ? " " : "", sec->title);
-        for (size_t j = 0; j < sec->field_count; j++) {
-            const struct status_field *f = &sec->fields[j];
-            text_printf(&t, "%-17s ", f->key);
-            if (is_numeric(f))
-                print_number(&t, f);
-            else
-                text_printf(&t, "%s", f->text ? f->text : "");
-            text_printf(&t, "\n");
-        }
-    }
-    return text_finish(&t, s->failed, out, len);
-}
-
-static void json_string(struct text *t, const char *str)
-{
-    text_printf(t, "\"");
-    for (const unsigned char *p = (const unsigned char *)str; *p; p++) {
-        if (*p == '"' || *p == '\\')
-            text_printf(t, "\\%c", *p);
-        else if (*p < 0x20)
-            text_printf(t, "\\u%04x", *p);
-        else
-            text_printf(t, "%c", *p);
-    }
-    text_printf(t, "\"");
-}
-
-static void json_fields(struct text *t, const struct status_section *sec, const char *indent)
-{
-    bool first = true;
-    for (size_t k = 0; k < sec->label_count; k++) {
-        text_printf(t, "%s\n%s", first ? "" : ",", indent);
-        json_string(t, sec->labels[k].name);
-        text_printf(t, ": ");
-        json_string(t, sec->labels[k].value);
-        first = false;
-    }
-    for (size_t j = 0; j < sec->field_count; j++) {
-        const struct status_field *f = &sec->fields[j];
-        if (f->type == STATUS_VIEW)
-            continue;
-        bool duplicate = false; /* a label of the same name said it already */
-        for (size_t k = 0; k < sec->label_count; k++)
-            duplicate |= strcmp(sec->labels[k].name, f->key) == 0;
-        if (duplicate)
-            continue;
-        text_printf(t, "%s\n%s", first ? "" : ",", indent);
-        json_string(t, f->key);
-        text_printf(t, ": ");
-        if (is_numeric(f) && isfinite(f->number))
-            print_number(t, f);
-        else if (is_numeric(f))
-            text_printf(t, "null");
-        else
-            json_string(t, f->text ? f->text : "");
-        first = false;
-    }
-}
-
-/* Untitled sections are objects under their kind; titled ones are objects
- * under their title inside one object per kind, in order of appearance. */
-int status_render_json(const struct status_snapshot *s, char **out, size_t *len)
-{
-    struct text t = {0};
-    text_printf(&t, "{\n  \"imgfs_version\": ");
-    json_string(&t, IMGFS_VERSION);
-    for (size_t i = 0; i < s->count; i++) {
-        const struct status_section *sec = &s->sections[i];
-        bool seen = false;
-        for (size_t p = 0; p < i; p++)
-            seen |= strcmp(s->sections[p].kind, sec->kind) == 0;
-        if (seen)
-            continue;
-        text_printf(&t, ",\n  ");
-        json_string(&t, sec->kind);
-        text_printf(&t, ": {");
-        if (!sec->title[0]) {
-            json_fields(&t, sec, "    ");
-            text_printf(&t, "\n  }");
-            continue;
-        }
-        bool first = true;
-        for (size_t j = i; j < s->count; j++) {
-            const struct status_section *same = &s->sections[j];
-            if (strcmp(same->kind, sec->kind) != 0)
-                continue;
-            text_printf(&t, "%s\n    ", first ? "" : ",");
-            json_string(&t, same->title);
-            text_printf(&t, ": {");
-            json_fields(&t, same, "      ");
-            text_printf(&t, "\n    }");
-            first = false;
-        }
-        text_printf(&t, "\n  }");
-    }
-    text_printf(&t, "\n}\n");
-    return text_finish(&t, s->failed, out, len);
-}
-
-/* A metric name from KIND and KEY: [a-zA-Z0-9_] only. */
-static void metric_name(char *out, size_t len, const char *kind, const char *key, bool counter)
-{
-    size_t n = (size_t)snprintf(out, len, "imgfs_%s_%s", kind, key);
-    for (char *p = out; *p; p++)
-        if (!isalnum((unsigned char)*p) && *p != '_')
-            *p = '_';
-    size_t klen = strlen(key);
-    if (counter && !(klen >= 6 && strcmp(key + klen - 6, "_total") == 0) && n + 6 < len)
-        strcat(out, "_total");
-}
-
-static void label_value(struct text *t, const char *v)
-{
-    for (const char *p = v; *p; p++) {
-        if (*p == '\\' || *p == '"')
-            text_printf(t, "\\%c", *p);
-        else if (*p == '\n')
-            text_printf(t, "\\n");
-        else
-            text_printf(t, "%c", *p);
-    }
-}
-
-/* {labels of the section[, extra fields of type info]} */
-static void metric_labels(struct text *t, const struct status_section *sec, bool with_info)
-{
-    bool any = false;
-    for (size_t k = 0; k < sec->label_count; k++) {
-        text_printf(t, "%s%s=\"", any ? "," : "{", sec->labels[k].name);
-        label_value(t, sec->labels[k].value);
-        text_printf(t, "\"");
-        any = true;
-    }
-    for (size_t j = 0; with_info && j < sec->field_count; j++) {
-        const struct status_field *f = &sec->fields[j];
-        if (f->type != STATUS_INFO)
-            continue;
-        text_printf(t, "%s%s=\"", any ? "," : "{", f->key);
-        label_value(t, f->text ? f->text : "");
-        text_printf(t, "\"");
-        any = true;
-    }
-    if (any)
-        text_printf(t, "}");
-}
-
-static bool section_has_info(const struct status_section *sec)
-{
-    for (size_t j = 0; j < sec->field_count; j++)
-        if (sec->fields[j].type == STATUS_INFO)
-            return true;
-    return false;
-}
-
-/* One family per (kind, key), all its samples together, as the format
- * requires; families in order of first appearance. */
-int status_render_metrics(const struct status_snapshot *s, char **out, size_t *len)
-{
-    struct text t = {0};
-    for (size_t i = 0; i < s->count; i++) {
-        const struct status_section *sec = &s->sections[i];
-        bool kind_seen = false;
-        for (size_t p = 0; p < i; p++)
-            kind_seen |= strcmp(s->sections[p].kind, sec->kind) == 0;
-        if (!kind_seen && section_has_info(sec)) {
-            text_printf(&t, "# HELP imgfs_%s_info Identity of each %s section (value 1).\n# TYPE imgfs_%s_info gauge\n",
-                        sec->kind, sec->kind, sec->kind);
-            for (size_t j = i; j < s->count; j++) {
-                if (strcmp(s->sections[j].kind, sec->kind) != 0)
-                    continue;
-                text_printf(&t, "imgfs_%s_info", sec->kind);
-                metric_labels(&t, &s->sections[j], true);
-                text_printf(&t, " 1\n");
-            }
-        }
-        for (size_t f = 0; f < sec->field_count; f++) {
-            const struct status_field *field = &sec->fields[f];
-            if (!is_numeric(field))
-                continue;
-            /* Skip a family printed already by an earlier section of the kind. */
-            bool family_seen = false;
-            for (size_t p = 0; p < i && !family_seen; p++) {
-                if (strcmp(s->sections[p].kind, sec->kind) != 0)
-                    continue;
-                for (size_t q = 0; q < s->sections[p].field_count; q++)
-                    family_seen |= is_numeric(&s->sections[p].fields[q]) &&
-                                   strcmp(s->sections[p].fields[q].key, field->key) == 0;
-            }
-            if (family_seen)
-                continue;
-            char name[128];
-            bool counter = field->type == STATUS_COUNTER;
-            metric_name(name, sizeof(name), sec->kind, field->key, counter);
-            text_printf(&t, "# HELP %s %s\n# TYPE %s %s\n", name, field->help ? field->help : field->key, name,
-                        counter ? "counter" : "gauge");
-            for (size_t j = i; j < s->count; j++) {
-                const struct status_section *same = &s->sections[j];
-                if (strcmp(same->kind, sec->kind) != 0)
-                    continue;
-                for (size_t q = 0; q < same->field_count; q++) {
-                    const struct status_field *v = &same->fields[q];
-                    if (v->type != field->type || strcmp(v->key, field->key) != 0)
-                        continue;
-                    text_printf(&t, "%s", name);
-                    metric_labels(&t, same, false);
-                    if (isfinite(v->number))
-                        text_printf(&t, " %.*f\n", v->decimals, v->number);
-                    else
-                        text_printf(&t, " NaN\n");
-                }
-            }
-        }
-    }
-    return text_finish(&t, s->failed, out, len);
-}
-
 int status_render_file(struct imgfs *fs, uint64_t ino, char **text, size_t *len)
 {
     struct status_snapshot s;
@@ -676,7 +278,9 @@ int status_render_file(struct imgfs *fs, uint64_t ino, char **text, size_t *len)
 #define XATTR_PREFIX "user.imgfs."
 
 struct xattrs {
-    struct text names;
+    char *names; /* listing: NUL-terminated names, one after another */
+    size_t len;
+    bool failed; /* out of memory */
     const char *wanted; /* the one name asked for, or NULL to list */
     char *value;
     bool found;
@@ -697,14 +301,22 @@ static void xattr_put(struct xattrs *x, const char *name, const char *fmt, ...)
     if (!xattr_wants(x, name))
         return;
     if (!x->wanted) {
-        text_printf(&x->names, XATTR_PREFIX "%s%c", name, '\0');
+        size_t n = strlen(XATTR_PREFIX) + strlen(name) + 1;
+        char *grown = realloc(x->names, x->len + n);
+        if (!grown) {
+            x->failed = true;
+            return;
+        }
+        x->names = grown;
+        snprintf(x->names + x->len, n, XATTR_PREFIX "%s", name);
+        x->len += n;
         return;
     }
     va_list ap;
     va_start(ap, fmt);
     if (vasprintf(&x->value, fmt, ap) < 0) {
         x->value = NULL;
-        x->names.failed = true;
+        x->failed = true;
     }
     va_end(ap);
     x->found = true;
@@ -767,19 +379,20 @@ int status_xattr_list(struct imgfs *fs, const struct node *n, char **names, size
 {
     struct xattrs x = {0};
     node_xattrs(fs, n, &x);
-    if (!x.names.data && !x.names.failed) {
-        *names = NULL;
-        *len = 0;
-        return 0;
+    if (x.failed) {
+        free(x.names);
+        return -ENOMEM;
     }
-    return text_finish(&x.names, false, names, len);
+    *names = x.names;
+    *len = x.len;
+    return 0;
 }
 
 int status_xattr_get(struct imgfs *fs, const struct node *n, const char *name, char **value, size_t *len)
 {
     struct xattrs x = {.wanted = name};
     node_xattrs(fs, n, &x);
-    if (x.names.failed) {
+    if (x.failed) {
         free(x.value);
         return -ENOMEM;
     }

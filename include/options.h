@@ -2,9 +2,14 @@
  *
  *   imgfs REPO MOUNTPOINT [-o OPTIONS] [-f] [-d]
  *
- * imgfs's own -o options are consumed here; the rest (allow_other,
- * default_permissions, ...) are left in fuse_args for libfuse, which rejects
- * unknown ones with a clear message.
+ * The options of the config files (config.h) come first, as if given with
+ * -o before the command line, so the command line overrides them and every
+ * option works in a file. imgfs's own options are consumed here; libfuse's
+ * (allow_other, nodev, ...) are left in fuse_args; those meant for mount(8)
+ * and systemd (nofail, _netdev, x-systemd.*) are dropped; anything else is
+ * refused with its name (and the file and line it came from). The default
+ * cache and state locations are created (0700) when missing, also when
+ * spelled out; other directories must exist.
  *
  * Contract: mount_options_parse() either fills opts and returns 0, returns 1
  * when --help/--version was handled (exit 0), or prints one sentence to

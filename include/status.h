@@ -19,6 +19,10 @@
  * status_counter/gauge/text calls in status_snapshot_take()) shows up in all
  * three without renderer code.
  *
+ * The builders and renderers (src/status_render.c) are pure and part of the
+ * core; status_snapshot_take, status_render_file and the xattrs read a
+ * mount (fs/status.c).
+ *
  * Contract: a snapshot is owned by its caller and used by one thread. Out of
  * memory is remembered in the snapshot and reported by the renderers.
  */

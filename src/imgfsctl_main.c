@@ -807,9 +807,9 @@ static int restart_main(int argc, char **argv)
     for (int i = 0; i < 1200; i++) {
         long now = serving_pid(argv[1]);
         if (now < 0) {
-            fprintf(stderr, "imgfsctl restart: the mount at %s ended (%s): the new serving process did not "
+            fprintf(stderr, "imgfsctl restart: the mount at %s has ended: the new serving process did not "
                             "start; see the system log\n",
-                    argv[1], strerror((int)-now));
+                    argv[1]);
             return 1;
         }
         if (now > 0 && now != old) {

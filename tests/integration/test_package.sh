@@ -9,6 +9,7 @@
 # at the end whatever happened. Other engineers' mounts and daemons run
 # their own builds by full path and are never touched.
 . "$(dirname "$0")/lib.sh"
+. "$(dirname "$0")/nginx.sh"
 SRC=${IMGFS_SOURCE_DIR:?}
 export DEBIAN_FRONTEND=noninteractive
 
@@ -37,7 +38,9 @@ lintian "$deb" > "$T/lintian.out" 2>&1 || true
 grep -E '^E: ' "$T/lintian.out" && fail "lintian reports errors"
 ok "built ${deb##*/}; lintian: $(grep -c '^E: ' "$T/lintian.out") errors, $(grep -c '^W: ' "$T/lintian.out") warnings"
 
-at_exit 'flock /tmp/imgfs-apt.lock apt-get purge -y -qq imgfs > /dev/null 2>&1'
+# Whatever happened: let go of the mount (fd 8 holds a disk open below), then purge.
+at_exit 'exec 8<&-; flock /tmp/imgfs-apt.lock apt-get purge -y -qq imgfs > "$T/purge.log" 2>&1 || cat "$T/purge.log" >&2'
+
 flock /tmp/imgfs-apt.lock apt-get install -y -qq "$deb" > "$T/apt.log" 2>&1 || { cat "$T/apt.log"; fail "apt-get install failed"; }
 dpkg-query -W -f '${Status}' imgfs | grep -q "install ok installed" || fail "the package is not installed"
 for f in /usr/bin/imgfs /usr/bin/imgfsctl /etc/imgfs/imgfs.conf /etc/imgfs/precopy.list \
@@ -74,6 +77,23 @@ pid=$(awk '/^pid/ { print $2 }' "$T/state/imgfs.lock")
 cmp "$T/mnt/bases/pkg.raw" "$T/img.raw" || fail "the base reads back wrong"
 ok "fstab line mounted by /usr/bin/imgfs (pid $pid) with its config file; the base reads back"
 
+# The HTTP line: a signed repository behind nginx, _netdev and trust=.
+/usr/bin/imgfsctl key generate "$T/key" > /dev/null
+/usr/bin/imgfsctl sign "$T/repo" --key "$T/key" > /dev/null || fail "imgfsctl sign failed"
+nginx_start repo "$T/repo"
+mkdir -p "$T/web" "$T/cache2" "$T/state2"
+MOUNTS+=("$T/web")
+cat >> "$T/fstab" <<EOT
+${NGINX_URL[repo]}  $T/web  fuse.imgfs  allow_other,nodev,nosuid,nofail,_netdev,config=none,cache=$T/cache2,state=$T/state2,trust=$T/key.pub  0  0
+EOT
+timeout 30 mount -T "$T/fstab" "$T/web" || fail "mount of the HTTP fstab line failed"
+cmp "$T/web/bases/pkg.raw" "$T/img.raw" || fail "the base reads back wrong over HTTP"
+[ "$(stat_value "$T/web" trust mode)" = signed ] || fail "the HTTP mount does not verify signatures"
+/usr/bin/imgfsctl check "$T/web" > "$T/check.out" || { cat "$T/check.out"; fail "imgfsctl check of the HTTP mount failed"; }
+grep -q "^ok    trust       the mount accepts only metadata signed by its 1 trusted key" "$T/check.out" ||
+    { cat "$T/check.out"; fail "check does not report the signed mode"; }
+ok "HTTP fstab line (_netdev, trust=) mounted by /usr/bin/imgfs; the base reads back, signed"
+
 /usr/bin/imgfsctl check "$T/mnt" > "$T/check.out" || { cat "$T/check.out"; fail "imgfsctl check of the mount failed"; }
 grep -q "^ok    repository  $T/repo is reachable" "$T/check.out" || fail "check did not find the repository"
 grep -q "^0 problems" "$T/check.out" || fail "check found problems"
@@ -104,12 +124,14 @@ exec 8< "$T/mnt/vms/web1.raw"
 if flock /tmp/imgfs-apt.lock apt-get remove -y -qq imgfs > "$T/remove.log" 2>&1; then
     fail "apt-get remove succeeded while a VM disk was open"
 fi
-grep -q "cannot unmount $T/mnt" "$T/remove.log" || { cat "$T/remove.log"; fail "removal did not say which mount is busy"; }
+grep -q "cannot unmount $T/mnt (" "$T/remove.log" || { cat "$T/remove.log"; fail "removal did not say which mount is busy"; }
 mountpoint -q "$T/mnt" || fail "a refused removal lost the mount"
+mountpoint -q "$T/web" || fail "a refused removal unmounted another mount of the package"
 exec 8<&-
 ok "apt-get remove refuses while a VM disk is open: $(grep -m1 'cannot unmount' "$T/remove.log")"
 flock /tmp/imgfs-apt.lock apt-get remove -y -qq imgfs > "$T/remove.log" 2>&1 || { cat "$T/remove.log"; fail "apt-get remove failed"; }
 mountpoint -q "$T/mnt" && fail "the mount is still there after apt-get remove"
+mountpoint -q "$T/web" && fail "the HTTP mount is still there after apt-get remove"
 # Gone, or a zombie that only waits for its parent (here PID 1) to reap it.
 state=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -c1 || true)
 [ -z "$state" ] || [ "$state" = Z ] || fail "the daemon (pid $pid) still runs after apt-get remove (state $state)"
@@ -117,7 +139,7 @@ for exe in /proc/[0-9]*/exe; do
     case $(readlink "$exe" 2>/dev/null) in /usr/bin/imgfs*) fail "a packaged imgfs still runs: $exe" ;; esac
 done
 [ -e /usr/bin/imgfs ] && fail "/usr/bin/imgfs is still there"
-ok "apt-get remove unmounted $T/mnt and stopped its daemon; no packaged process is left"
+ok "apt-get remove unmounted both mounts and stopped their daemons; no packaged process is left"
 flock /tmp/imgfs-apt.lock apt-get purge -y -qq imgfs > /dev/null 2>&1 || fail "apt-get purge failed"
 [ -e /etc/imgfs/imgfs.conf ] && fail "/etc/imgfs/imgfs.conf is still there after purge"
 ok "apt-get purge removed the config"

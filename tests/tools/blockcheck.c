@@ -112,5 +112,9 @@ int main(int argc, char **argv)
         fclose(lat);
     printf("ops %" PRIu64 " errors %" PRIu64 " mismatches %" PRIu64 " max_ms %.1f\n", ops, errors, mismatches,
            max_ms);
+    free(buf);
+    free(back);
+    close(disk);
+    close(shadow);
     return errors || mismatches ? 1 : 0;
 }

@@ -1,0 +1,87 @@
+/* Unit tests for status_render.c: one snapshot with hostile text (quotes,
+ * backslashes, newlines, control bytes) rendered as stats, JSON and
+ * Prometheus text, checked line by line: families grouped with one HELP and
+ * TYPE, counters named _total, labels escaped, JSON escaped, titled sections
+ * keyed by title, and view-only fields kept out of JSON and metrics. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "status.h"
+
+static int count(const char *text, const char *needle)
+{
+    int n = 0;
+    for (const char *p = text; (p = strstr(p, needle)) != NULL; p += strlen(needle))
+        n++;
+    return n;
+}
+
+static void build(struct status_snapshot *s)
+{
+    memset(s, 0, sizeof(*s));
+    struct status_section *sec = status_add_section(s, "fetch", NULL);
+    status_counter(s, sec, "requests", "Chunk requests.", 42);
+    status_gauge(s, sec, "latency_ms", "Latency.", 1.25, 2);
+    status_text(s, sec, STATUS_TEXT, "last_error", "bad \"quote\" \\ and\nnewline\x01");
+    for (int i = 1; i <= 2; i++) {
+        char title[32], version[8];
+        snprintf(title, sizeof(title), "deb@%d", i);
+        snprintf(version, sizeof(version), "%d", i);
+        sec = status_add_section(s, "base", title);
+        status_add_label(s, sec, "base", "deb");
+        status_add_label(s, sec, "version", version);
+        status_text(s, sec, STATUS_INFO, "manifest", "id\"%d\\", i);
+        status_counter(s, sec, "cache_hits", "Hits.", (uint64_t)(10 * i));
+        status_text(s, sec, STATUS_VIEW, "chunks_resident", "%d/5", i);
+        status_gauge(s, sec, "size", "Size.", 4096.0 * i, 0);
+    }
+}
+
+int main(void)
+{
+    struct status_snapshot s;
+    build(&s);
+    CHECK(!s.failed && s.count == 3);
+    char *text;
+    size_t len;
+
+    CHECK(status_render_stats(&s, &text, &len) == 0);
+    CHECK(strlen(text) == len);
+    CHECK(strstr(text, "\n[fetch]\n") || strncmp(strchr(text, '\n') + 1, "[fetch]\n", 8) == 0);
+    CHECK(strstr(text, "\n[base deb@2]\n") != NULL);
+    CHECK(strstr(text, "\nrequests          42\n") != NULL);
+    CHECK(strstr(text, "\nlatency_ms        1.25\n") != NULL);
+    CHECK(strstr(text, "\nchunks_resident   2/5\n") != NULL);
+    free(text);
+
+    CHECK(status_render_json(&s, &text, &len) == 0);
+    CHECK(strstr(text, "\"last_error\": \"bad \\\"quote\\\" \\\\ and\\u000anewline\\u0001\"") != NULL);
+    CHECK(count(text, "\"base\": {") == 1);         /* one object per kind */
+    CHECK(strstr(text, "\"deb@1\": {") && strstr(text, "\"deb@2\": {"));
+    CHECK(strstr(text, "\"cache_hits\": 20") != NULL);
+    CHECK(strstr(text, "chunks_resident") == NULL); /* view only */
+    CHECK(strstr(text, "\"manifest\": \"id\\\"1\\\\\"") != NULL);
+    free(text);
+
+    CHECK(status_render_metrics(&s, &text, &len) == 0);
+    CHECK(count(text, "# TYPE imgfs_base_cache_hits_total counter\n") == 1);
+    CHECK(count(text, "# HELP imgfs_base_cache_hits_total Hits.\n") == 1);
+    CHECK(strstr(text, "imgfs_base_cache_hits_total{base=\"deb\",version=\"1\"} 10\n") != NULL);
+    CHECK(strstr(text, "imgfs_base_cache_hits_total{base=\"deb\",version=\"2\"} 20\n") != NULL);
+    CHECK(strstr(text, "# TYPE imgfs_base_size gauge\n") != NULL);
+    CHECK(strstr(text, "imgfs_fetch_requests_total 42\n") != NULL);
+    CHECK(strstr(text, "imgfs_fetch_latency_ms 1.25\n") != NULL);
+    CHECK(strstr(text, "imgfs_base_info{base=\"deb\",version=\"2\",manifest=\"id\\\"2\\\\\"} 1\n") != NULL);
+    CHECK(strstr(text, "last_error") == NULL && strstr(text, "chunks_resident") == NULL);
+    /* The two samples of a family follow its TYPE line with nothing between. */
+    const char *type = strstr(text, "# TYPE imgfs_base_cache_hits_total counter\n");
+    CHECK(type && strncmp(strchr(type, '\n') + 1, "imgfs_base_cache_hits_total{base=\"deb\",version=\"1\"} 10\n"
+                                                  "imgfs_base_cache_hits_total{base=\"deb\",version=\"2\"} 20\n",
+                          110) == 0);
+    free(text);
+
+    status_snapshot_free(&s);
+    return check_summary();
+}
