@@ -128,8 +128,7 @@ static void *job_worker_main(struct prefetcher *pf, struct job *j)
         uint64_t index = j->indices[pos];
         const struct chunk_hash *hash = &m->chunks[index];
         if (!chunk_hash_is_null(hash) && !cache_contains(pf->cache, hash)) {
-            struct cache_pin pin;
-            bool hit = false;
+            struct fetch_ref ref;
             wait_for_guest(j, pos);
             fetch_yield_to_demand(pf->fetcher, &j->stop);
             if (atomic_load(&j->stop))
@@ -138,14 +137,16 @@ static void *job_worker_main(struct prefetcher *pf, struct job *j)
              * this transfer still counts as served by the prefetch. */
             if (j->marks)
                 atomic_store(&j->marks->brought[index], 1);
-            if (fetch_acquire_background(pf->fetcher, hash, m->chunk_size, &pin, &hit) != 0) {
+            enum fetch_class cls = j->marks ? FETCH_REPLAY : FETCH_BACKGROUND;
+            if (fetch_get(pf->fetcher, hash, m->chunk_size, cls, NULL, &ref) != 0) {
                 atomic_store(&j->failed, true);
                 pthread_mutex_lock(&pf->lock);
                 snprintf(j->error, sizeof(j->error), "chunk %" PRIu64 " of %s@%" PRIu64 " could not be fetched",
                          index, m->name, m->version);
                 pthread_mutex_unlock(&pf->lock);
             } else {
-                fetch_release(pf->fetcher, &pin);
+                bool hit = ref.hit;
+                fetch_ref_release(pf->fetcher, &ref);
                 if (hit && j->marks) /* somebody else brought it */
                     atomic_store(&j->marks->brought[index], 0);
                 if (!hit) {
@@ -305,6 +306,32 @@ int prefetch_background(struct prefetcher *pf, const struct manifest *m, uint64_
     j->account = &marks->bytes_prefetched;
     log_info("background fill of %s@%" PRIu64 " at %" PRIu64 " bytes/s", m->name, m->version, rate);
     return start_job(pf, j);
+}
+
+void prefetch_readahead(struct fetcher *f, const struct manifest *m, struct prefetch_marks *marks,
+                        struct fetch_counters *counters, uint64_t first, uint64_t last)
+{
+    uint64_t previous = atomic_exchange(&marks->seq_next, last + 1);
+    uint64_t window = PREFETCH_READAHEAD / m->chunk_size ? PREFETCH_READAHEAD / m->chunk_size : 1;
+    if (previous == 0 || (first + 1 != previous && first != previous)) {
+        atomic_store(&marks->seq_run, 0); /* not the continuation of the read before */
+        return;
+    }
+    /* Only a reader that has gone a whole window in order gets readahead:
+     * scattered and short reads (a boot) fetch exactly what they read. */
+    if (atomic_fetch_add(&marks->seq_run, last + 1 - first) + (last + 1 - first) < window)
+        return;
+    uint64_t stop = last + 1 + window < m->chunk_count ? last + 1 + window : m->chunk_count;
+    /* Only the caller that moves ahead_until asks for the chunks. */
+    uint64_t seen = atomic_load(&marks->ahead_until), from;
+    do {
+        from = seen < last + 1 || seen > stop + window ? last + 1 : seen; /* else a new run */
+        if (from >= stop)
+            return;
+    } while (!atomic_compare_exchange_weak(&marks->ahead_until, &seen, stop));
+    for (uint64_t i = from; i < stop; i++)
+        if (!chunk_hash_is_null(&m->chunks[i]))
+            fetch_ahead(f, &m->chunks[i], m->chunk_size, counters);
 }
 
 void prefetch_note_read(struct prefetch_marks *marks, uint64_t index, bool was_hit)

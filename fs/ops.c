@@ -684,14 +684,26 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     }
 }
 
-/* A zero-copy reply: buffers that point into pinned cache files, layer files
- * or the zero block. Pins are released after the reply has been sent. */
+/* ---- reading base and VM disks ------------------------------------------------
+ *
+ * Replies are asynchronous: libfuse allows fuse_reply_* from any thread once
+ * the op has returned. A read maps its range (under chain_lock, briefly),
+ * asks the fetch engine for every base chunk it needs at once, and returns.
+ * The reply is built when the last chunk is in hand: at once, in the FUSE
+ * worker, when they were all cached; otherwise in the engine thread that
+ * completed the last one. A read waiting on the network so holds neither a
+ * FUSE worker nor a lock, and the workers stay free for ls, the status
+ * files, control commands and cached reads however many reads wait (the
+ * other choice, a pool of threads kept apart for waiting reads, only runs
+ * out later). */
+
+/* A zero-copy reply: buffers that point into pinned cache files, chunks in
+ * memory, layer data or the zero block. Layer extents are released after
+ * the reply has been sent. */
 struct reply_bufs {
     struct fuse_bufvec *bv;
     size_t cap;
-    struct cache_pin *pins;
-    size_t npins;
-    struct layer_extent *extents; /* layer data in the reply, released after it */
+    struct layer_extent *extents;
     struct layer **extent_layers;
     size_t nextents;
 };
@@ -699,32 +711,32 @@ struct reply_bufs {
 static int bufs_init(struct reply_bufs *r, size_t cap)
 {
     r->cap = cap;
-    r->npins = 0;
     r->nextents = 0;
     r->bv = calloc(1, sizeof(*r->bv) + cap * sizeof(struct fuse_buf));
-    r->pins = calloc(cap, sizeof(*r->pins));
     r->extents = calloc(cap, sizeof(*r->extents));
     r->extent_layers = calloc(cap, sizeof(*r->extent_layers));
-    return r->bv && r->pins && r->extents && r->extent_layers ? 0 : -ENOMEM;
+    return r->bv && r->extents && r->extent_layers ? 0 : -ENOMEM;
 }
 
-static void bufs_free(struct reply_bufs *r, struct fetcher *fetcher)
+static void bufs_free(struct reply_bufs *r)
 {
-    for (size_t i = 0; i < r->npins; i++)
-        fetch_release(fetcher, &r->pins[i]);
     for (size_t i = 0; i < r->nextents; i++)
         layer_extent_release(r->extent_layers[i], &r->extents[i]);
-    free(r->pins);
     free(r->extents);
     free(r->extent_layers);
     free(r->bv);
 }
 
+static struct fuse_buf *bufs_next(struct reply_bufs *r)
+{
+    return r->bv->count < r->cap ? &r->bv->buf[r->bv->count++] : NULL;
+}
+
 static int bufs_add_fd(struct reply_bufs *r, int fd, uint64_t pos, uint64_t size)
 {
-    if (r->bv->count == r->cap)
+    struct fuse_buf *b = bufs_next(r);
+    if (!b)
         return -E2BIG;
-    struct fuse_buf *b = &r->bv->buf[r->bv->count++];
     b->flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
     b->fd = fd;
     b->pos = (off_t)pos;
@@ -732,44 +744,24 @@ static int bufs_add_fd(struct reply_bufs *r, int fd, uint64_t pos, uint64_t size
     return 0;
 }
 
-static int bufs_add_zero(struct reply_bufs *r, uint64_t size)
+static int bufs_add_mem(struct reply_bufs *r, const char *mem, uint64_t size)
 {
-    for (uint64_t done = 0; done < size;) {
-        if (r->bv->count == r->cap)
-            return -E2BIG;
-        struct fuse_buf *b = &r->bv->buf[r->bv->count++];
-        b->mem = (void *)zero_block;
-        b->size = size - done < sizeof(zero_block) ? (size_t)(size - done) : sizeof(zero_block);
-        done += b->size;
-    }
+    struct fuse_buf *b = bufs_next(r);
+    if (!b)
+        return -E2BIG;
+    b->mem = (void *)mem;
+    b->size = (size_t)size;
     return 0;
 }
 
-/* Adds [start, end) of a base version; trace (may be NULL) records the
- * chunks read. */
-static int bufs_add_base(struct reply_bufs *r, struct fetcher *fetcher, const struct vm_base *base, uint64_t start,
-                         uint64_t end, struct chunk_trace *trace)
+static int bufs_add_zero(struct reply_bufs *r, uint64_t size)
 {
-    const struct manifest *m = base->manifest;
-    uint64_t cs = m->chunk_size;
-    for (uint64_t i = start / cs; i * cs < end; i++) {
-        uint64_t from = start > i * cs ? start : i * cs;
-        uint64_t to = end < (i + 1) * cs ? end : (i + 1) * cs;
-        int rc;
-        if (chunk_hash_is_null(&m->chunks[i])) {
-            rc = bufs_add_zero(r, to - from);
-        } else {
-            bool hit;
-            if (trace)
-                trace_note(trace, i);
-            if (r->npins == r->cap || fetch_acquire_ex(fetcher, &m->chunks[i], m->chunk_size, base->counters,
-                                                       &r->pins[r->npins], &hit) != 0)
-                return -EIO;
-            prefetch_note_read(base->marks, i, hit);
-            rc = bufs_add_fd(r, r->pins[r->npins++].fd, from - i * cs, to - from);
-        }
+    for (uint64_t done = 0; done < size;) {
+        uint64_t n = size - done < sizeof(zero_block) ? size - done : sizeof(zero_block);
+        int rc = bufs_add_mem(r, zero_block, n);
         if (rc)
             return rc;
+        done += n;
     }
     return 0;
 }
@@ -795,16 +787,60 @@ static int bufs_add_layer(struct reply_bufs *r, struct layer *layer, uint64_t st
     return 0;
 }
 
-/* Adds [start, end) of a disk: its layers, base or zeros. */
-static int bufs_add_disk(struct reply_bufs *r, struct fetcher *fetcher, const struct disk *disk, uint64_t start,
-                         uint64_t end, struct chunk_trace *trace)
+/* One read of a base or VM disk, from its submission to its reply. */
+struct image_read {
+    fuse_req_t req;
+    struct imgfs *fs;
+    const struct node *n;
+    const struct vm_base *base; /* NULL for a blank VM disk */
+    uint64_t start, end;
+    uint64_t first;     /* index of the first base chunk of the range */
+    size_t count;       /* base chunks in the range */
+    atomic_int pending; /* chunk requests outstanding, plus one while submitting */
+    atomic_bool failed;
+    uint8_t *wanted;         /* per chunk: the reply needs it */
+    struct fetch_ref refs[]; /* per chunk: what the engine gave */
+};
+
+static const struct disk *disk_of(const struct node *n)
+{
+    return n->kind == NODE_VM_FILE ? &n->vm->live : n->kind == NODE_VM_SNAPSHOT ? &n->snapshot->disk : NULL;
+}
+
+/* Adds [start, end) of the base from the chunks in hand. */
+static int bufs_add_base(struct reply_bufs *r, struct image_read *op, uint64_t start, uint64_t end)
+{
+    const struct manifest *m = op->base->manifest;
+    uint64_t cs = m->chunk_size;
+    for (uint64_t i = start / cs; i * cs < end; i++) {
+        uint64_t from = start > i * cs ? start : i * cs;
+        uint64_t to = end < (i + 1) * cs ? end : (i + 1) * cs;
+        const struct fetch_ref *ref = &op->refs[i - op->first];
+        int rc;
+        if (chunk_hash_is_null(&m->chunks[i]))
+            rc = bufs_add_zero(r, to - from);
+        else if (!op->wanted[i - op->first])
+            rc = -EIO; /* not mapped to the base when submitted: cannot happen */
+        else if (ref->data)
+            rc = bufs_add_mem(r, ref->data + (from - i * cs), to - from);
+        else
+            rc = bufs_add_fd(r, ref->pin.fd, from - i * cs, to - from);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* Adds [start, end) of a disk: its layers, base or zeros. chain_lock held. */
+static int bufs_add_disk(struct reply_bufs *r, struct image_read *op, const struct disk *disk, uint64_t start,
+                         uint64_t end)
 {
     while (start < end) {
         enum disk_source source;
         struct layer *layer;
         uint64_t n = disk_source_at(disk, start, end - start, &source, &layer);
         int rc = source == SOURCE_LAYER  ? bufs_add_layer(r, layer, start, n)
-                 : source == SOURCE_BASE ? bufs_add_base(r, fetcher, disk->base, start, start + n, trace)
+                 : source == SOURCE_BASE ? bufs_add_base(r, op, start, start + n)
                                          : bufs_add_zero(r, n);
         if (rc)
             return rc;
@@ -813,37 +849,129 @@ static int bufs_add_disk(struct reply_bufs *r, struct fetcher *fetcher, const st
     return 0;
 }
 
+/* Marks the base chunks that [start, end) of the disk reads (chain_lock
+ * held), and records them in the VM's trace. */
+static void want_disk_chunks(struct image_read *op, const struct disk *disk, struct chunk_trace *trace)
+{
+    uint64_t cs = op->base->manifest->chunk_size;
+    for (uint64_t pos = op->start; pos < op->end;) {
+        enum disk_source source;
+        struct layer *layer;
+        uint64_t n = disk_source_at(disk, pos, op->end - pos, &source, &layer);
+        for (uint64_t i = pos / cs; source == SOURCE_BASE && i * cs < pos + n; i++) {
+            if (chunk_hash_is_null(&op->base->manifest->chunks[i]))
+                continue;
+            op->wanted[i - op->first] = 1;
+            if (trace)
+                trace_note(trace, i);
+        }
+        pos += n;
+    }
+}
+
+static void read_reply(struct image_read *op)
+{
+    const struct disk *disk = disk_of(op->n);
+    struct reply_bufs r;
+    /* Worst case: every 4 KiB block from a different place, plus zero runs. */
+    size_t size = (size_t)(op->end - op->start);
+    int rc = atomic_load(&op->failed) ? -EIO : bufs_init(&r, (size / 4096 + 2) * 2 + size / sizeof(zero_block) + 2);
+    if (rc) {
+        fuse_reply_err(op->req, rc == -ENOMEM ? ENOMEM : EIO);
+        return;
+    }
+    if (disk) {
+        pthread_rwlock_rdlock(&op->n->vm->chain_lock);
+        rc = bufs_add_disk(&r, op, disk, op->start, op->end);
+    } else {
+        rc = bufs_add_base(&r, op, op->start, op->end);
+    }
+    if (rc)
+        fuse_reply_err(op->req, rc == -ENOMEM ? ENOMEM : EIO);
+    else
+        fuse_reply_data(op->req, r.bv, FUSE_BUF_SPLICE_MOVE);
+    if (disk)
+        pthread_rwlock_unlock(&op->n->vm->chain_lock);
+    bufs_free(&r);
+}
+
+static void read_finish(struct image_read *op)
+{
+    read_reply(op);
+    for (size_t k = 0; k < op->count; k++) {
+        if (!op->wanted[k])
+            continue;
+        if (!atomic_load(&op->failed))
+            prefetch_note_read(op->base->marks, op->first + k, op->refs[k].hit);
+        fetch_ref_release(op->fs->fetcher, &op->refs[k]);
+    }
+    free(op);
+}
+
+static void read_put(struct image_read *op)
+{
+    if (atomic_fetch_sub(&op->pending, 1) == 1)
+        read_finish(op);
+}
+
+static void read_chunk_done(void *arg, int err)
+{
+    struct image_read *op = arg;
+    if (err)
+        atomic_store(&op->failed, true);
+    read_put(op);
+}
+
 static void read_image(fuse_req_t req, struct imgfs *fs, const struct node *n, size_t size, off_t off)
 {
-    const struct disk *disk = NULL;
-    uint64_t disk_size;
-    if (n->kind == NODE_BASE_FILE) {
-        disk_size = n->version->manifest->size;
-    } else {
-        disk = n->kind == NODE_VM_FILE ? &n->vm->live : &n->snapshot->disk;
-        disk_size = n->vm->live.size;
-        pthread_rwlock_rdlock(&n->vm->chain_lock);
-    }
+    const struct disk *disk = disk_of(n);
+    uint64_t disk_size = disk ? n->vm->live.size : n->version->manifest->size;
     if (off < 0 || (uint64_t)off >= disk_size || size == 0) {
         fuse_reply_buf(req, NULL, 0);
-        goto out;
+        return;
     }
     uint64_t start = (uint64_t)off;
     uint64_t end = start + size < disk_size ? start + size : disk_size;
-    /* Worst case: every 4 KiB block from a different place, plus zero runs. */
-    struct reply_bufs r;
-    int rc = bufs_init(&r, (size_t)((end - start) / 4096 + 2) * 2 + size / sizeof(zero_block) + 2);
-    if (!rc)
-        rc = disk ? bufs_add_disk(&r, fs->fetcher, disk, start, end, n->kind == NODE_VM_FILE ? n->vm->trace : NULL)
-                  : bufs_add_base(&r, fs->fetcher, &n->version->view, start, end, NULL);
-    if (rc)
-        fuse_reply_err(req, rc == -ENOMEM ? ENOMEM : EIO);
-    else
-        fuse_reply_data(req, r.bv, FUSE_BUF_SPLICE_MOVE);
-    bufs_free(&r, fs->fetcher);
-out:
-    if (disk)
+    const struct vm_base *base = disk ? disk->base : &n->version->view;
+    uint64_t cs = base ? base->manifest->chunk_size : 1;
+    size_t count = base ? (size_t)((end - 1) / cs - start / cs + 1) : 0;
+    struct image_read *op = calloc(1, sizeof(*op) + count * (sizeof(struct fetch_ref) + 1));
+    if (!op) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    *op = (struct image_read){.req = req, .fs = fs, .n = n, .base = base, .start = start, .end = end,
+                              .first = start / cs, .count = count};
+    op->wanted = (uint8_t *)&op->refs[count];
+    atomic_init(&op->pending, 1);
+    if (disk && base) {
+        pthread_rwlock_rdlock(&n->vm->chain_lock);
+        want_disk_chunks(op, disk, n->kind == NODE_VM_FILE ? n->vm->trace : NULL);
         pthread_rwlock_unlock(&n->vm->chain_lock);
+    } else if (base) {
+        for (size_t k = 0; k < count; k++)
+            op->wanted[k] = !chunk_hash_is_null(&base->manifest->chunks[op->first + k]);
+    }
+    /* Every missing chunk of the read is asked for at once. */
+    uint64_t deadline = fetch_deadline(fs->fetcher);
+    bool any = false;
+    for (size_t k = 0; k < count; k++) {
+        if (!op->wanted[k])
+            continue;
+        any = true;
+        atomic_fetch_add(&op->pending, 1);
+        int rc = fetch_start(fs->fetcher, &base->manifest->chunks[op->first + k], (uint32_t)cs, FETCH_DEMAND,
+                             deadline, base->counters, &op->refs[k], read_chunk_done, op);
+        if (rc != FETCH_PENDING) {
+            if (rc < 0)
+                atomic_store(&op->failed, true);
+            atomic_fetch_sub(&op->pending, 1);
+        }
+    }
+    if (any)
+        prefetch_readahead(fs->fetcher, base->manifest, base->marks, base->counters, op->first,
+                           op->first + count - 1);
+    read_put(op);
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)

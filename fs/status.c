@@ -193,6 +193,8 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     status_counter(s, sec, "errors", "Failed chunk fetches.", totals.errors);
     status_counter(s, sec, "served_uncached", "Chunks served from memory because the cache was full.",
                    totals.uncached);
+    status_gauge(s, sec, "in_flight", "Chunk transfers under way.", (double)totals.in_flight, 0);
+    status_gauge(s, sec, "queued", "Chunk fetches waiting for a transfer slot or a retry.", (double)totals.queued, 0);
     add_last_error(s, sec, totals.last_error, totals.last_error_age);
 
     struct trust_status ts;

@@ -1,18 +1,50 @@
-/* fetch: makes chunks resident in the cache, pulling them from the
- * repository on a miss.
+/* fetch: the fetch engine, the one owner of repository I/O for chunks.
  *
- * Every chunk is decoded and checked against its hash before it enters the
- * cache; a chunk that fails is fetched once more and then reported as -EIO.
- * Bad bytes are never stored or returned. Transient repository errors are
- * retried with bounded exponential backoff until the per-read deadline
- * (fetch_options.timeout_seconds), then reported as -EIO.
+ * Threads. One dispatcher thread drives libcurl's multi interface for an
+ * HTTP repository (connections are reused, HTTP/1.1 keep-alive, HTTP/2 when
+ * an https server offers it), runs every timer (request deadlines, retry
+ * backoff) and hands out transfer slots. FETCH_WORKERS worker threads read
+ * the chunk files of a local repository (the same queue and slots, so the
+ * local directory is just another transport), decode and verify every
+ * chunk, complete the requests waiting for it, and write the cache file
+ * behind them. Nothing else in imgfs fetches a chunk.
  *
- * Concurrent misses on one chunk fetch it once (see cache.h single flight).
- * When the cache cannot take a chunk (full of chunks in use or pinned), the
- * read is served from a memory file instead of failing.
+ * Classes. A request is FETCH_DEMAND (a guest or a reader waits for it),
+ * FETCH_REPLAY (prefetch list replay) or FETCH_BACKGROUND (pre-copy,
+ * background fill). Demand jobs start first and may use every slot of a
+ * mirror (FETCH_SLOTS_HTTP per mirror, FETCH_SLOTS_LOCAL for a directory);
+ * replay may use half of them and background a quarter, so slots are always
+ * left for demand. While any demand job is queued or under way no replay or
+ * background transfer starts: one that is already running finishes (at most
+ * one chunk's transfer time) and then yields its slot to demand.
  *
- * Contract: thread-safe. The counters are updated with atomics and may be
- * read at any time.
+ * Single flight. There is at most one job per chunk hash in the whole
+ * daemon, whatever VM or base asks; a second request for it joins the job
+ * (raising its class if needed). A job owns the cache entry's fill (cache.h
+ * CACHE_MUST_FILL) from its start until the chunk is on disk or the job has
+ * failed, and it stays findable until then, so a request that arrives while
+ * the file is being written is served from the job's memory.
+ *
+ * Reply first, write behind. When a chunk has been verified, every request
+ * waiting for it completes with a reference to the chunk in memory
+ * (fetch_ref.data); the cache file is written after that, by the worker.
+ *
+ * Never hang. fetch_start() never waits on the network: it returns the chunk
+ * when it is cached (or already in memory), or arranges for done() to be
+ * called exactly once, from an engine thread, at the latest at the
+ * request's deadline (with -EIO). Retries and backoff are timers in the
+ * dispatcher, never a sleep in the caller. A transient error is retried
+ * (with the next mirror at once after a failover, else after a backoff of
+ * 50 ms doubling to 2 s) until the deadline of the last request waiting;
+ * a chunk that fails verification is fetched again from each mirror once
+ * more and then fails. fetch_get() is the blocking form, for threads that
+ * may wait (prefetch workers, copy-up, status).
+ *
+ * Locks. The engine lock guards the job table, the queues, the waiter
+ * lists and the slot counts. It is never held across I/O, a cache call or a
+ * callback, and is taken after no other imgfs lock that I/O waits for.
+ *
+ * Contract: thread-safe. The counters are atomics and may be read any time.
  */
 #ifndef IMGFS_FETCH_H
 #define IMGFS_FETCH_H
@@ -26,23 +58,38 @@
 #include "hash.h"
 #include "repo.h"
 
+#define FETCH_WORKERS 4
+#define FETCH_SLOTS_HTTP 8  /* transfers in flight per mirror */
+#define FETCH_SLOTS_LOCAL 4 /* chunk files read at once from a directory */
+
 /* Per-consumer counters (for example one set per base version). */
 struct fetch_counters {
     atomic_uint_fast64_t hits;   /* the chunk was in the cache */
-    atomic_uint_fast64_t waits;  /* another fetch of it was under way; the read waited */
-    atomic_uint_fast64_t misses; /* this read fetched it */
-    atomic_uint_fast64_t bytes_fetched; /* decoded bytes brought into the cache */
+    atomic_uint_fast64_t waits;  /* a fetch of it was under way; the request joined it */
+    atomic_uint_fast64_t misses; /* this request started the fetch */
+    atomic_uint_fast64_t bytes_fetched; /* decoded bytes brought in */
     atomic_uint_fast64_t verify_failures;
     atomic_uint_fast64_t errors;
 };
 
 struct fetch_options {
-    double timeout_seconds; /* deadline for one read that needs a fetch */
+    double timeout_seconds; /* deadline for one request that needs a fetch */
 };
 
 #define FETCH_DEFAULT_TIMEOUT 30.0
 
+enum fetch_class { FETCH_DEMAND, FETCH_REPLAY, FETCH_BACKGROUND, FETCH_CLASSES };
+
 struct fetcher;
+struct fetch_buf; /* a verified chunk in memory, shared by reference */
+
+/* What a request got: a pinned cache file, or the chunk in memory. */
+struct fetch_ref {
+    struct cache_pin pin;  /* pin.fd is readable when data is NULL */
+    struct fetch_buf *buf; /* owner of data */
+    const char *data;      /* the whole chunk, or NULL */
+    bool hit;              /* this request started no transfer */
+};
 
 /* Repository-wide totals. */
 struct fetch_totals {
@@ -51,31 +98,49 @@ struct fetch_totals {
     uint64_t verify_failures;
     uint64_t errors;
     uint64_t uncached; /* chunks served from memory because the cache was full */
+    uint64_t in_flight; /* transfers under way now */
+    uint64_t queued;    /* jobs waiting for a slot or a retry */
     char last_error[256];
     double last_error_age; /* seconds since, or -1 when there was none */
 };
 
 int fetcher_create(struct cache *cache, struct repo *repo, const struct fetch_options *opts,
                    struct fetcher **out);
+/* Waits until no demand request is waiting any more (each ends by its
+ * deadline at the latest); replay and background may go on. */
+void fetcher_drain(struct fetcher *f);
+/* Fails every request still waiting (done() runs with -EIO) and stops the
+ * threads. Call before what the callbacks use goes away (the FUSE session). */
+void fetcher_shutdown(struct fetcher *f);
 void fetcher_destroy(struct fetcher *f);
 
-/* Pins the chunk, fetching it if needed. Returns 0 with pin->fd readable, or
- * -EIO. counters may be NULL. */
-int fetch_acquire(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
-                  struct fetch_counters *counters, struct cache_pin *pin);
-/* The same, telling whether this caller did not have to fetch it (it was
- * cached, or another fetch of it was under way). */
-int fetch_acquire_ex(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
-                     struct fetch_counters *counters, struct cache_pin *pin, bool *hit);
-void fetch_release(struct fetcher *f, struct cache_pin *pin);
+/* now + the request timeout: the deadline for a request made now. */
+uint64_t fetch_deadline(const struct fetcher *f);
 
-/* Background work (replay, pre-copy, fill) goes behind guest reads: it
- * fetches with fetch_acquire_background(), which does not count as demand,
- * and calls fetch_yield_to_demand() before each chunk, which returns once no
- * demand fetch is under way (or *stop is set). *hit is true when the chunk
- * needed no fetch by this caller. */
-int fetch_acquire_background(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
-                             struct cache_pin *pin, bool *hit);
+typedef void (*fetch_done_fn)(void *arg, int err);
+#define FETCH_PENDING 1
+
+/* Asks for one chunk. Returns 0 with *ref filled (cached, or in memory
+ * already), FETCH_PENDING when done(arg, err) will be called exactly once
+ * later from an engine thread (with *ref filled when err is 0), or -EIO.
+ * *ref must stay valid until then. counters may be NULL. */
+int fetch_start(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
+                uint64_t deadline_ns, struct fetch_counters *counters, struct fetch_ref *ref, fetch_done_fn done,
+                void *arg);
+/* The same, waiting for the answer. Returns 0 or -EIO. */
+int fetch_get(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
+              struct fetch_counters *counters, struct fetch_ref *ref);
+/* Readahead: brings a chunk into the cache in the demand class, with nobody
+ * waiting for it. Does nothing when it is cached or under way. */
+void fetch_ahead(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
+                 struct fetch_counters *counters);
+
+void fetch_ref_release(struct fetcher *f, struct fetch_ref *ref);
+/* Copies len bytes at off of the chunk a ref holds. */
+int fetch_ref_read(const struct fetch_ref *ref, void *buf, size_t len, uint64_t off);
+
+/* Background work (replay, pre-copy, fill) calls this before each chunk: it
+ * returns once no demand job is queued or under way (or *stop is set). */
 void fetch_yield_to_demand(struct fetcher *f, const atomic_bool *stop);
 
 void fetcher_get_totals(struct fetcher *f, struct fetch_totals *out);

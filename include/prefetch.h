@@ -4,7 +4,8 @@
  *
  * A job walks a list of chunk indices of one base version in order with a
  * few worker threads, skipping chunks that are cached already. Every job
- * stands aside while a guest read is fetching (fetch_yield_to_demand), and
+ * stands aside while a guest read is fetching (fetch_yield_to_demand, and
+ * the fetch engine's classes: replay, then pre-copy and fill), and
  * replay stays at most `ahead` bytes of list ahead of the furthest list
  * chunk the guest has read, so it does not run far past a guest that has
  * stopped or taken another path. Replay marks
@@ -12,8 +13,8 @@
  * hit. Pre-copy is rate-limited and records its pin set in
  * CACHE/pins/KEY (one chunk hash per line, written before the fetching
  * starts), so that pins survive restarts and a rerun resumes where it
- * stopped. Jobs never hold a lock across repository I/O; guest reads run in
- * their own threads and are not queued behind jobs.
+ * stopped. Jobs never hold a lock across repository I/O; guest reads are
+ * demand requests of the fetch engine and never queue behind jobs.
  *
  * Contract: thread-safe. prefetcher_destroy() stops and joins every job.
  */
@@ -47,6 +48,9 @@ struct prefetch_marks {
     atomic_uint_fast64_t hits;   /* guest reads served by a chunk that replay brought */
     atomic_uint_fast64_t misses; /* guest reads that had to fetch while a list was known */
     atomic_uint_fast64_t bytes_prefetched; /* fetched by replay, pre-copy and background fill */
+    atomic_uint_fast64_t seq_next;    /* readahead: 1 + the last chunk of the latest read */
+    atomic_uint_fast64_t ahead_until; /* readahead: chunks below this were asked for */
+    atomic_uint_fast64_t seq_run;     /* readahead: chunks read in order so far */
 };
 
 struct job_status {
@@ -72,6 +76,17 @@ int prefetch_replay(struct prefetcher *pf, struct repo *repo, const struct manif
 /* Starts fetching every chunk of m not cached yet, at rate bytes per
  * second, one at a time (once per version and mount); nothing is pinned. */
 int prefetch_background(struct prefetcher *pf, const struct manifest *m, uint64_t rate, struct prefetch_marks *marks);
+
+/* Sequential readahead, called by the read path with the base chunks
+ * first..last that a read covers. Once reads of this version have gone
+ * PREFETCH_READAHEAD bytes in order (each starting where the one before
+ * ended, or in its last chunk), the next PREFETCH_READAHEAD bytes of chunks
+ * are fetched into the cache (fetch_ahead: demand class, nobody waiting).
+ * Scattered and short reads (a boot) fetch only what they read. VM disks
+ * read in order reach their base the same way. */
+#define PREFETCH_READAHEAD (4u << 20)
+void prefetch_readahead(struct fetcher *f, const struct manifest *m, struct prefetch_marks *marks,
+                        struct fetch_counters *counters, uint64_t first, uint64_t last);
 
 /* Called by the read path for each base chunk a guest read. */
 void prefetch_note_read(struct prefetch_marks *marks, uint64_t index, bool was_hit);

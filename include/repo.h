@@ -178,6 +178,24 @@ int repo_verify_chunk(struct repo *repo, const struct chunk_hash *hash, const vo
 int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, uint64_t deadline_ns,
                    char **enc, size_t *len, int *mirror);
 
+/* The pieces a fetch engine needs to drive HTTP chunk transfers itself
+ * (curl multi, see fetch.h) while mirror choice and per-mirror statistics
+ * stay here. None of them does I/O or holds a lock across I/O.
+ *
+ * repo_pick_mirror: the mirror to try first now (with failback to mirror 0
+ * after failback_seconds); repo_next_mirror: the one after `mirror` for a
+ * retry within one attempt. repo_http_prepare sets up curl easy handle h
+ * (a CURL *) for a GET of relpath from mirror: URL, proxy, connect and stall
+ * timeouts, redirects. repo_note_request / _success / _failure keep the
+ * mirror's counters; a failure also makes the mirror "down" for a while and
+ * fails over to the next one. */
+int repo_pick_mirror(struct repo *repo);
+int repo_next_mirror(const struct repo *repo, int mirror);
+int repo_http_prepare(struct repo *repo, int mirror, const char *relpath, void *h);
+void repo_note_request(struct repo *repo, int mirror, bool retry);
+void repo_note_success(struct repo *repo, int mirror, uint64_t bytes, uint64_t latency_ns);
+void repo_note_failure(struct repo *repo, int mirror, const char *what);
+
 /* Reads len bytes at off of the disk that manifest m describes, straight
  * from the repository (every chunk verified), without any cache. */
 int repo_read_range(struct repo *repo, const struct manifest *m, void *buf, size_t len, uint64_t off);

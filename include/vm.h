@@ -20,8 +20,8 @@
  * table and every VM's chain and snapshot list changes (and is held when the
  * attributes change, so save_vm() may read them). Each VM has write_ranges,
  * a range lock on the blocks a write or discard covers (overlapping writes
- * wait for each other, others run in parallel; held across the write's I/O,
- * including a copy-up's fetch from the base); then write_lock (a rwlock),
+ * wait for each other, others run in parallel; held across the write's
+ * local I/O); then write_lock (a rwlock),
  * held shared by writes and discards and exclusively by chain changes and
  * export, so that no write lands in a layer being frozen (writer-preferring:
  * a snapshot waits for the writes under way, not for every later one); and
@@ -34,6 +34,13 @@
  * vm_remove() once open_count is 0 (deleted is set; the struct lives until
  * the registry closes, so tree nodes may keep pointing at it). A snapshot
  * follows the same rule with its own open_count and removed flag.
+ *
+ * No VM lock is ever held while the network is waited on. registry->lock
+ * (which control commands and stats take) may wait for a write_lock, and
+ * write_lock and chain_lock are held across local layer I/O only: a write
+ * that copies blocks up from the base first fetches those base chunks with
+ * no lock held (vm_write), and reads take chain_lock only to map a range
+ * and to build their reply from chunks already in hand (fs/ops.c).
  */
 #ifndef IMGFS_VM_H
 #define IMGFS_VM_H

@@ -336,6 +336,13 @@ static int serve_main(int argc, char **argv, const char *env_text)
         }
     }
     rc = serve_run(server);
+    /* Reads waiting on the fetch engine are answered from its threads. On a
+     * hand-over this daemon still answers them (the connection is shared),
+     * so none becomes an error for a VM; on unmount they end now, while
+     * the session they reply to exists. */
+    if (rc == SERVE_STOPPED)
+        fetcher_drain(fs.fetcher);
+    fetcher_shutdown(fs.fetcher);
     pthread_cancel(sig.thread); /* it waits in sigwait(), a cancellation point */
     pthread_join(sig.thread, NULL);
     serve_destroy(server);

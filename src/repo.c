@@ -193,22 +193,14 @@ void repo_report_bad(struct repo *repo, int mirror)
     fail_over(repo, mirror);
 }
 
-/* One GET from one mirror. */
-static int http_get_one(struct repo *repo, int i, const char *relpath, size_t max_len, uint64_t deadline_ns,
-                        char **data, size_t *len)
+int repo_http_prepare(struct repo *repo, int mirror, const char *relpath, void *handle)
 {
     char url[PATH_MAX + 64];
-    int err = path_join(url, sizeof(url), "%s/%s", repo->mirrors[i].url, relpath);
+    int err = path_join(url, sizeof(url), "%s/%s", repo->mirrors[mirror].url, relpath);
     if (err)
         return err;
-    CURL *h = take_handle(repo);
-    if (!h)
-        return -ENOMEM;
-    struct http_body body = {.max_len = max_len};
-    curl_easy_reset(h);
+    CURL *h = handle;
     curl_easy_setopt(h, CURLOPT_URL, url);
-    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, http_write);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)(repo->opts.connect_timeout * 1000));
     curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1024L);
@@ -220,6 +212,64 @@ static int http_get_one(struct repo *repo, int i, const char *relpath, size_t ma
         curl_easy_setopt(h, CURLOPT_NETRC, (long)CURL_NETRC_REQUIRED);
         curl_easy_setopt(h, CURLOPT_NETRC_FILE, repo->netrc_file);
     }
+    /* HTTP/2 where an https server offers it; keep-alive HTTP/1.1 otherwise. */
+    curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
+    return 0;
+}
+
+void repo_note_request(struct repo *repo, int mirror, bool retry)
+{
+    atomic_fetch_add(&repo->mirrors[mirror].requests, 1);
+    if (retry)
+        atomic_fetch_add(&repo->mirrors[mirror].retries, 1);
+}
+
+void repo_note_success(struct repo *repo, int mirror, uint64_t bytes, uint64_t latency_ns)
+{
+    atomic_fetch_add(&repo->mirrors[mirror].bytes, bytes);
+    atomic_fetch_add(&repo->mirrors[mirror].latency_ns, latency_ns);
+}
+
+void repo_note_failure(struct repo *repo, int mirror, const char *what)
+{
+    note_mirror_error(repo, mirror, what);
+    fail_over(repo, mirror);
+}
+
+int repo_pick_mirror(struct repo *repo)
+{
+    if (repo->local)
+        return 0;
+    int start = atomic_load(&repo->current);
+    if (start != 0 && now_ns() - atomic_load(&repo->failover_ns) > (uint64_t)(repo->opts.failback_seconds * 1e9)) {
+        /* Time to give the preferred mirror another chance. */
+        atomic_store(&repo->current, 0);
+        start = 0;
+    }
+    return start;
+}
+
+int repo_next_mirror(const struct repo *repo, int mirror)
+{
+    return repo->local ? 0 : (mirror + 1) % repo->mirror_count;
+}
+
+/* One GET from one mirror. */
+static int http_get_one(struct repo *repo, int i, const char *relpath, size_t max_len, uint64_t deadline_ns,
+                        char **data, size_t *len)
+{
+    CURL *h = take_handle(repo);
+    if (!h)
+        return -ENOMEM;
+    struct http_body body = {.max_len = max_len};
+    curl_easy_reset(h);
+    int err = repo_http_prepare(repo, i, relpath, h);
+    if (err) {
+        return_handle(repo, h);
+        return err;
+    }
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, http_write);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
     if (deadline_ns) {
         uint64_t now = now_ns();
         long ms = deadline_ns > now ? (long)((deadline_ns - now) / 1000000) : 1;
@@ -233,8 +283,7 @@ static int http_get_one(struct repo *repo, int i, const char *relpath, size_t ma
     char what[160];
     if (rc == CURLE_OK && status == 200) {
         err = 0;
-        atomic_fetch_add(&repo->mirrors[i].bytes, body.len);
-        atomic_fetch_add(&repo->mirrors[i].latency_ns, now_ns() - started);
+        repo_note_success(repo, i, body.len, now_ns() - started);
     } else if (rc == CURLE_OK && (status == 404 || status == 410)) {
         err = -ENOENT;
     } else {
@@ -246,7 +295,7 @@ static int http_get_one(struct repo *repo, int i, const char *relpath, size_t ma
             err = rc == CURLE_OPERATION_TIMEDOUT ? -ETIMEDOUT : -EIO,
             snprintf(what, sizeof(what), "%s", curl_easy_strerror(rc));
         note_mirror_error(repo, i, what);
-        log_debug("GET %s failed: %s", url, what);
+        log_debug("GET %s/%s failed: %s", repo->mirrors[i].url, relpath, what);
     }
     return_handle(repo, h);
     if (err) {
@@ -265,12 +314,7 @@ static int http_get_one(struct repo *repo, int i, const char *relpath, size_t ma
 static int http_get(struct repo *repo, const char *relpath, size_t max_len, uint64_t deadline_ns, char **data,
                     size_t *len, int *mirror)
 {
-    int start = atomic_load(&repo->current);
-    if (start != 0 && now_ns() - atomic_load(&repo->failover_ns) > (uint64_t)(repo->opts.failback_seconds * 1e9)) {
-        /* Time to give the preferred mirror another chance. */
-        atomic_store(&repo->current, 0);
-        start = 0;
-    }
+    int start = repo_pick_mirror(repo);
     int err = -EIO;
     bool all_missing = true;
     for (int k = 0; k < repo->mirror_count; k++) {

@@ -1106,7 +1106,19 @@ uint64_t disk_source_at(const struct disk *disk, uint64_t off, uint64_t max_len,
     return (run_end < end ? run_end : end) - off;
 }
 
-static int read_base(const struct vm_base *base, struct fetcher *fetcher, char *buf, size_t len, uint64_t off)
+/* Base chunks that a write's copy-up needs, fetched before any lock is
+ * taken (see vm_write). */
+struct held_chunks {
+    struct fetch_ref refs[2];
+    uint64_t index[2];
+    int count;
+};
+
+/* Reads base bytes. With held (under the VM's write locks) only what is
+ * held is used, since the network is never waited on under a VM lock:
+ * -EAGAIN when a chunk is not. Without held, fetches as a demand read. */
+static int read_base(const struct vm_base *base, struct fetcher *fetcher, const struct held_chunks *held, char *buf,
+                     size_t len, uint64_t off)
 {
     const struct manifest *m = base->manifest;
     while (len > 0) {
@@ -1115,12 +1127,20 @@ static int read_base(const struct vm_base *base, struct fetcher *fetcher, char *
         size_t n = m->chunk_size - in_chunk < len ? (size_t)(m->chunk_size - in_chunk) : len;
         if (chunk_hash_is_null(&m->chunks[index])) {
             memset(buf, 0, n);
-        } else {
-            struct cache_pin pin;
-            if (fetch_acquire(fetcher, &m->chunks[index], m->chunk_size, base->counters, &pin) != 0)
+        } else if (held) {
+            int k = 0;
+            while (k < held->count && held->index[k] != index)
+                k++;
+            if (k == held->count)
+                return -EAGAIN;
+            if (fetch_ref_read(&held->refs[k], buf, n, in_chunk) != 0)
                 return -EIO;
-            int rc = read_full_at(pin.fd, buf, n, (off_t)in_chunk);
-            fetch_release(fetcher, &pin);
+        } else {
+            struct fetch_ref ref;
+            if (fetch_get(fetcher, &m->chunks[index], m->chunk_size, FETCH_DEMAND, base->counters, &ref) != 0)
+                return -EIO;
+            int rc = fetch_ref_read(&ref, buf, n, in_chunk);
+            fetch_ref_release(fetcher, &ref);
             if (rc)
                 return -EIO;
         }
@@ -1131,7 +1151,8 @@ static int read_base(const struct vm_base *base, struct fetcher *fetcher, char *
     return 0;
 }
 
-int disk_read(const struct disk *disk, struct fetcher *fetcher, char *buf, size_t len, uint64_t off)
+static int read_disk(const struct disk *disk, struct fetcher *fetcher, const struct held_chunks *held, char *buf,
+                     size_t len, uint64_t off)
 {
     while (len > 0) {
         enum disk_source source;
@@ -1143,7 +1164,7 @@ int disk_read(const struct disk *disk, struct fetcher *fetcher, char *buf, size_
         if (source == SOURCE_LAYER)
             rc = layer_read(layer, buf, n, off);
         else if (source == SOURCE_BASE)
-            rc = read_base(disk->base, fetcher, buf, n, off);
+            rc = read_base(disk->base, fetcher, held, buf, n, off);
         else
             memset(buf, 0, n);
         if (rc)
@@ -1153,6 +1174,11 @@ int disk_read(const struct disk *disk, struct fetcher *fetcher, char *buf, size_
         off += n;
     }
     return 0;
+}
+
+int disk_read(const struct disk *disk, struct fetcher *fetcher, char *buf, size_t len, uint64_t off)
+{
+    return read_disk(disk, fetcher, NULL, buf, len, off);
 }
 
 int64_t disk_seek(const struct disk *disk, uint64_t off, int whence)
@@ -1208,9 +1234,9 @@ static struct disk below_top(const struct disk *live)
     return below;
 }
 
-/* Writes one partial block through copy-up. write_lock held shared, and
- * the block's range in write_ranges. */
-static int write_partial(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
+/* Writes one partial block through copy-up, reading what is below from
+ * held. write_lock held shared, and the block's range in write_ranges. */
+static int write_partial(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off)
 {
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     uint64_t block = off / LAYER_BLOCK_SIZE;
@@ -1219,24 +1245,56 @@ static int write_partial(struct vm *vm, struct fetcher *fetcher, const char *buf
     char tmp[LAYER_BLOCK_SIZE];
     struct disk below = below_top(&vm->live);
     int rc = layer_owns(top, block) ? layer_read(top, tmp, block_len, start)
-                                    : disk_read(&below, fetcher, tmp, block_len, start);
+                                    : read_disk(&below, NULL, held, tmp, block_len, start);
     if (rc)
         return rc;
     memcpy(tmp + (off - start), buf, len);
     return layer_write(top, tmp, block_len, start);
 }
 
-int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
+/* Fetches the base chunks under the partial blocks at the two edges of a
+ * write that no layer owns yet, with no VM lock held. Blocks only ever
+ * become owned, so once the locks are taken at most these are needed. */
+static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off, size_t len, struct held_chunks *held)
 {
-    if (off >= vm->live.size || len > vm->live.size - off)
-        return -ENOSPC; /* a disk does not grow */
-    /* Writes of other blocks go on in parallel; one that overlaps waits, so
-     * that a copy-up never mixes two writes of one block. */
-    struct range_held held;
-    range_lock_acquire(&vm->write_ranges, &held, off / LAYER_BLOCK_SIZE,
-                       (off + len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
-    pthread_rwlock_rdlock(&vm->write_lock);
+    held->count = 0;
+    const struct vm_base *base = vm->live.base;
+    if (!base)
+        return 0;
+    const struct manifest *m = base->manifest;
+    uint64_t end = off + len;
+    uint64_t edges[2] = {off / LAYER_BLOCK_SIZE, (end - 1) / LAYER_BLOCK_SIZE};
+    uint64_t wanted[2];
+    int count = 0;
     pthread_rwlock_rdlock(&vm->chain_lock);
+    for (int e = 0; e < 2; e++) {
+        uint64_t start = edges[e] * LAYER_BLOCK_SIZE;
+        uint64_t stop = start + LAYER_BLOCK_SIZE < vm->live.size ? start + LAYER_BLOCK_SIZE : vm->live.size;
+        bool partial = start < off || stop > end;
+        uint64_t index = start / m->chunk_size;
+        if (!partial || owner_of(&vm->live, edges[e]) >= 0 || chunk_hash_is_null(&m->chunks[index]) ||
+            (count == 1 && wanted[0] == index))
+            continue;
+        wanted[count++] = index;
+    }
+    pthread_rwlock_unlock(&vm->chain_lock);
+    for (int k = 0; k < count; k++) {
+        if (fetch_get(fetcher, &m->chunks[wanted[k]], m->chunk_size, FETCH_DEMAND, base->counters,
+                      &held->refs[k]) != 0) {
+            for (int i = 0; i < held->count; i++)
+                fetch_ref_release(fetcher, &held->refs[i]);
+            held->count = 0;
+            return -EIO;
+        }
+        held->index[k] = wanted[k];
+        held->count = k + 1;
+    }
+    return 0;
+}
+
+/* The writes themselves, with the locks held and no network. */
+static int write_locked(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off)
+{
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     uint64_t end = off + len;
     int rc = 0;
@@ -1249,15 +1307,43 @@ int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len
             rc = layer_write(top, buf, (size_t)whole, off);
         } else {
             whole = LAYER_BLOCK_SIZE - in_block < end - off ? LAYER_BLOCK_SIZE - in_block : end - off;
-            rc = write_partial(vm, fetcher, buf, (size_t)whole, off);
+            rc = write_partial(vm, held, buf, (size_t)whole, off);
         }
         buf += whole;
         off += whole;
     }
-    pthread_rwlock_unlock(&vm->chain_lock);
-    pthread_rwlock_unlock(&vm->write_lock);
-    range_lock_release(&vm->write_ranges, &held);
     return rc;
+}
+
+int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
+{
+    if (off >= vm->live.size || len > vm->live.size - off)
+        return -ENOSPC; /* a disk does not grow */
+    if (len == 0)
+        return 0;
+    int rc;
+    for (int attempt = 0;; attempt++) {
+        struct held_chunks chunks;
+        rc = hold_edge_chunks(vm, fetcher, off, len, &chunks);
+        if (rc)
+            return rc;
+        /* Writes of other blocks go on in parallel; one that overlaps waits,
+         * so that a copy-up never mixes two writes of one block. */
+        struct range_held held;
+        range_lock_acquire(&vm->write_ranges, &held, off / LAYER_BLOCK_SIZE,
+                           (off + len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
+        pthread_rwlock_rdlock(&vm->write_lock);
+        pthread_rwlock_rdlock(&vm->chain_lock);
+        rc = write_locked(vm, &chunks, buf, len, off);
+        pthread_rwlock_unlock(&vm->chain_lock);
+        pthread_rwlock_unlock(&vm->write_lock);
+        range_lock_release(&vm->write_ranges, &held);
+        for (int k = 0; k < chunks.count; k++)
+            fetch_ref_release(fetcher, &chunks.refs[k]);
+        if (rc != -EAGAIN || attempt == 3) /* -EAGAIN cannot happen (see hold_edge_chunks) */
+            break;
+    }
+    return rc == -EAGAIN ? -EIO : rc;
 }
 
 int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len)

@@ -144,3 +144,32 @@ PY
     done
     BLACKHOLE_URL[$name]=http://127.0.0.1:$port
 }
+
+# stall_server_start NAME ROOT FLAGFILE: an HTTP/1.1 keep-alive server of
+# ROOT that, while FLAGFILE exists, accepts every request and answers none
+# (each waits until the file is gone, then is answered). Sets
+# STALL_URL[NAME]; registered as stall:NAME.
+declare -A STALL_URL
+stall_server_start() {
+    local name=$1 root=$2 flag=$3 port
+    port=$(free_port)
+    python3 - "$port" "$root" "$flag" > "$T/stall-$name.log" 2>&1 <<'PY' &
+import functools, http.server, os, sys, time
+port, root, flag = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+class Handler(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        while os.path.exists(flag):
+            time.sleep(0.05)
+        super().do_GET()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Handler, directory=root))
+server.daemon_threads = True
+server.request_queue_size = 256
+server.serve_forever()
+PY
+    DAEMON_PID["stall:$name"]=$!
+    STALL_URL[$name]=http://127.0.0.1:$port
+    wait_http "${STALL_URL[$name]}/" || fail "stall server $name did not start"
+}
