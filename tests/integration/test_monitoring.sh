@@ -112,5 +112,20 @@ getfattr -d -m user.imgfs "$M" | grep -q '^user.imgfs.fetch_errors="0"' || fail 
 ! setfattr -n user.imgfs.hit_rate -v 1 "$M/vms/web1.raw" 2>/dev/null || fail "a user.imgfs attribute could be set"
 ok "getfattr lists user.imgfs.* (resident bytes, hit rate, base identity, layer bytes, fetch errors)"
 
+# Status, metrics and xattrs read while a VM disk is written and a base read
+# (the TSan build runs this test: the figures are read without stopping I/O).
+(
+    for _ in $(seq 1 40); do
+        cat "$M/.imgfs/metrics" "$M/.imgfs/status.json" > /dev/null
+        getfattr -d -m user.imgfs "$M/vms/web1.raw" "$M/bases/mon@1.raw" > /dev/null
+        "$IMGFSCTL" status "$M" > /dev/null
+    done
+) &
+reader=$!
+dd if=/dev/urandom of="$M/vms/web1.raw" bs=64k count=64 conv=notrunc,fsync status=none
+cat "$M/bases/mon.raw" > /dev/null
+wait "$reader" || fail "reading the status during I/O failed"
+ok "status files and xattrs read during VM and base I/O"
+
 umount_imgfs "$M"
 finish
