@@ -107,6 +107,9 @@ run_tests() {
     step "concurrency tests under ThreadSanitizer"
     build_dir build-tsan -DIMGFS_SANITIZE=thread
     run_ctest build-tsan -L concurrency
+    step "fuzzing every parser of outside input (libFuzzer, ${IMGFS_FUZZ_SECONDS:-30} s each)"
+    CC=clang build_dir build-fuzz -DIMGFS_FUZZ=ON -DIMGFS_FUZZ_SECONDS="${IMGFS_FUZZ_SECONDS:-30}"
+    run_ctest build-fuzz -L fuzz
 }
 
 case "${1:-}" in
