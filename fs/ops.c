@@ -435,7 +435,7 @@ static uint64_t text_open(fuse_ino_t ino, pid_t pid, char *text, size_t len)
     t->next = open_texts;
     open_texts = t;
     pthread_mutex_unlock(&open_texts_lock);
-    return id; /* t may be released (by a later request) once unlocked */
+    return id; /* t is not ours once the lock is released */
 }
 
 static struct open_text *find_text_locked(uint64_t id)
