@@ -88,6 +88,7 @@ struct job {
     size_t enc_len, enc_cap;
     bool too_big;
     int xfer_mirror;
+    uint64_t xfer_deadline; /* the deadline when the transfer started */
     uint64_t xfer_started;
     /* Links: table bucket, class or work queue, failure list. */
     struct job *hnext, *qnext, *dnext;
@@ -500,6 +501,7 @@ static struct job *start_jobs_locked(struct fetcher *f, uint64_t now)
         f->transfers++;
         if (!job->deadline)
             job->deadline = now + f->timeout_ns;
+        job->xfer_deadline = job->deadline;
         atomic_fetch_add(&f->requests, 1);
         if (f->local) {
             push_work(f, job);
@@ -524,7 +526,8 @@ static size_t body_write(char *ptr, size_t size, size_t nmemb, void *userdata)
     return n;
 }
 
-/* Sets up and adds one HTTP transfer (dispatcher thread, no lock). */
+/* Sets up and adds one HTTP transfer (dispatcher thread, no lock: while a
+ * job is in TRANSFER only the dispatcher touches its transfer fields). */
 static int http_start(struct fetcher *f, struct job *job)
 {
     char rel[64];
@@ -541,7 +544,7 @@ static int http_start(struct fetcher *f, struct job *job)
     if (rc)
         return rc;
     uint64_t now = now_ns();
-    long ms = job->deadline > now ? (long)((job->deadline - now) / 1000000) : 1;
+    long ms = job->xfer_deadline > now ? (long)((job->xfer_deadline - now) / 1000000) : 1;
     curl_easy_setopt(job->easy, CURLOPT_TIMEOUT_MS, ms > 0 ? ms : 1L);
     curl_easy_setopt(job->easy, CURLOPT_WRITEFUNCTION, body_write);
     curl_easy_setopt(job->easy, CURLOPT_WRITEDATA, job);
