@@ -97,7 +97,8 @@ struct job {
 struct fetcher {
     struct cache *cache;
     struct repo *repo;
-    bool local;
+    bool local; /* chunks are read by the workers (no URL transport) */
+    bool missing_is_final;
     int slots;
     uint64_t timeout_ns;
     atomic_uint_fast64_t requests;
@@ -381,9 +382,9 @@ static void transfer_failed(struct fetcher *f, struct job *job, int err, struct 
     uint64_t now = now_ns();
     int mirrors = repo_mirror_count(f->repo);
     job->tried++;
-    if (err == -EFBIG || (err == -ENOENT && f->local)) {
-        /* Too large to be a chunk; or a local directory, which will not grow
-         * the file by waiting. */
+    if (err == -EFBIG || (err == -ENOENT && f->missing_is_final)) {
+        /* Too large to be a chunk; or a backend (a local directory) where
+         * the file will not appear by waiting. */
         fail_job_locked(f, job, fired, dead);
         return;
     }
@@ -998,7 +999,8 @@ int fetcher_create(struct cache *cache, struct repo *repo, const struct fetch_op
         return -ENOMEM;
     f->cache = cache;
     f->repo = repo;
-    f->local = repo_is_local(repo);
+    f->local = !repo_has_url_chunks(repo);
+    f->missing_is_final = repo_missing_is_final(repo);
     f->slots = f->local ? FETCH_SLOTS_LOCAL : FETCH_SLOTS_HTTP;
     double timeout = opts->timeout_seconds > 0 ? opts->timeout_seconds : FETCH_DEFAULT_TIMEOUT;
     f->timeout_ns = (uint64_t)(timeout * 1e9);

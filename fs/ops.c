@@ -29,7 +29,7 @@ static struct imgfs *fs_of(fuse_req_t req) { return fuse_req_userdata(req); }
  * slow network never stalls a directory operation. */
 static void maybe_refresh(struct imgfs *fs)
 {
-    if (repo_is_local(fs->repo)) {
+    if (repo_reads_are_cheap(fs->repo)) {
         char err[256];
         tree_refresh(fs->tree, true, err, sizeof(err));
     }
