@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "digests.h"
+#include "disk.h"
 #include "util.h"
 
 #define REPO_MARKER "imgfs-repo 1\n"
@@ -1334,37 +1335,42 @@ int repo_write_index(struct repo *repo, const struct repo_index *index)
     return err;
 }
 
+struct repo_source {
+    struct repo *repo;
+    char *chunk; /* chunk_size bytes */
+};
+
+/* The base source of imgfsctl and extmap: every chunk fetched from the
+ * repository and verified, no cache. */
+static int repo_source_read(void *ctx, const struct vm_base *base, uint64_t index, void *buf, size_t len,
+                            uint64_t chunk_off)
+{
+    struct repo_source *src = ctx;
+    const struct manifest *m = base->manifest;
+    char *enc = NULL;
+    size_t enc_len = 0;
+    int rc = repo_get_chunk(src->repo, &m->chunks[index], m->chunk_size, 0, &enc, &enc_len, NULL);
+    if (!rc)
+        rc = chunkfmt_decode(enc, enc_len, src->chunk, m->chunk_size, &m->chunks[index]);
+    free(enc);
+    if (!rc)
+        rc = repo_verify_chunk(src->repo, &m->chunks[index], src->chunk, m->chunk_size);
+    if (!rc)
+        memcpy(buf, src->chunk + chunk_off, len);
+    return rc;
+}
+
 int repo_read_range(struct repo *repo, const struct manifest *m, void *buf, size_t len, uint64_t off)
 {
     if (off > m->size || len > m->size - off)
         return -EINVAL;
-    char *chunk = malloc(m->chunk_size);
-    if (!chunk)
+    struct repo_source rs = {repo, malloc(m->chunk_size)};
+    if (!rs.chunk)
         return -ENOMEM;
-    char *p = buf;
-    int rc = 0;
-    while (len > 0 && !rc) {
-        uint64_t index = off / m->chunk_size;
-        size_t in = (size_t)(off % m->chunk_size);
-        size_t n = m->chunk_size - in < len ? m->chunk_size - in : len;
-        if (chunk_hash_is_null(&m->chunks[index])) {
-            memset(p, 0, n);
-        } else {
-            char *enc = NULL;
-            size_t enc_len = 0;
-            rc = repo_get_chunk(repo, &m->chunks[index], m->chunk_size, 0, &enc, &enc_len, NULL);
-            if (!rc)
-                rc = chunkfmt_decode(enc, enc_len, chunk, m->chunk_size, &m->chunks[index]);
-            free(enc);
-            if (!rc)
-                rc = repo_verify_chunk(repo, &m->chunks[index], chunk, m->chunk_size);
-            if (!rc)
-                memcpy(p, chunk + in, n);
-        }
-        p += n;
-        len -= n;
-        off += n;
-    }
-    free(chunk);
+    struct vm_base base = {.manifest = m};
+    struct disk base_only = {.size = m->size, .base = &base};
+    struct base_source src = {repo_source_read, &rs};
+    int rc = disk_read(&base_only, &src, buf, len, off);
+    free(rs.chunk);
     return rc;
 }
