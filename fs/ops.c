@@ -431,11 +431,11 @@ static uint64_t text_open(fuse_ino_t ino, pid_t pid, char *text, size_t len)
     pthread_mutex_lock(&open_texts_lock);
     if (!next_text_id)
         next_text_id = (uint64_t)getpid() << 32 | 1;
-    uint64_t id = t->id = next_text_id++; /* t may be released once the lock is dropped */
+    uint64_t id = t->id = next_text_id++;
     t->next = open_texts;
     open_texts = t;
     pthread_mutex_unlock(&open_texts_lock);
-    return id;
+    return id; /* t is not ours once the lock is released */
 }
 
 static struct open_text *find_text_locked(uint64_t id)

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "fs.h"
+#include "trust.h"
 #include "util.h"
 
 /* ---- the mount's snapshot -------------------------------------------------------------- */

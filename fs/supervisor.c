@@ -249,6 +249,7 @@ static int supervise(struct supervisor *s)
             s->server = spawn_server(s, -1);
             if (s->server < 0) {
                 log_error("cannot fork a server: %s; the mount at %s ends", strerror(errno), s->opts->mountpoint);
+                end_mount(s);
                 return 1;
             }
             atomic_fetch_add(&s->t->takeovers, 1);

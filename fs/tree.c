@@ -8,6 +8,73 @@
 
 #include "util.h"
 
+/* ---- the name index (tree->lock held) ------------------------------------------
+ *
+ * A chained hash table of the attached nodes keyed by (parent, name), so
+ * that a lookup costs the same with 20 or 20,000 nodes. It keys on the
+ * parent's inode number and maps to the node, whatever scheme numbers the
+ * inodes. A chain keeps insertion order, so of two equal keys the older
+ * node is found, as the linear scan found it. */
+
+static size_t index_slot(const struct tree *tree, fuse_ino_t parent, const char *name)
+{
+    uint64_t h = 0xcbf29ce484222325ull ^ (uint64_t)parent * 0x9e3779b97f4a7c15ull; /* FNV-1a */
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++)
+        h = (h ^ *p) * 0x100000001b3ull;
+    return (size_t)(h ^ h >> 29) & (tree->index_cap - 1);
+}
+
+/* Appends n at the end of its chain. */
+static void index_link(struct tree *tree, struct node *n)
+{
+    struct node **at = &tree->index[index_slot(tree, n->parent, n->name)];
+    while (*at)
+        at = &(*at)->index_next;
+    n->index_next = NULL;
+    *at = n;
+}
+
+static int index_insert(struct tree *tree, struct node *n)
+{
+    if (tree->index_count + 1 > tree->index_cap) {
+        size_t cap = tree->index_cap ? tree->index_cap * 2 : 256;
+        struct node **grown = calloc(cap, sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        free(tree->index);
+        tree->index = grown;
+        tree->index_cap = cap;
+        /* Re-linked in inode order, which keeps the older-first chains;
+         * n itself may be in nodes already, and is linked below. */
+        for (size_t i = 0; i < tree->count; i++)
+            if (tree->nodes[i]->parent && tree->nodes[i]->name[0] && tree->nodes[i] != n)
+                index_link(tree, tree->nodes[i]);
+    }
+    index_link(tree, n);
+    tree->index_count++;
+    return 0;
+}
+
+static void index_remove(struct tree *tree, struct node *n)
+{
+    for (struct node **at = &tree->index[index_slot(tree, n->parent, n->name)]; *at; at = &(*at)->index_next)
+        if (*at == n) {
+            *at = n->index_next;
+            tree->index_count--;
+            return;
+        }
+}
+
+static struct node *lookup_locked(struct tree *tree, fuse_ino_t parent, const char *name)
+{
+    if (!tree->index_cap)
+        return NULL;
+    for (struct node *n = tree->index[index_slot(tree, parent, name)]; n; n = n->index_next)
+        if (n->parent == parent && strcmp(n->name, name) == 0)
+            return n;
+    return NULL;
+}
+
 static void map_record(struct tree *tree, const struct node *n)
 {
     struct takeover *t = tree->inode_map;
@@ -31,8 +98,12 @@ static struct node *claim_placeholder(struct tree *tree, fuse_ino_t parent, enum
         const struct takeover_inode *e = &tree->inode_map->inodes[i];
         if (n->kind == NODE_UNCLAIMED && e->parent == parent && e->kind == (uint32_t)kind &&
             strcmp(n->name, name) == 0) {
-            n->kind = kind;
             n->parent = parent;
+            if (index_insert(tree, n) != 0) {
+                n->parent = 0; /* stays unclaimed; the caller sees out of memory */
+                return NULL;
+            }
+            n->kind = kind;
             tree->unclaimed--;
             return n;
         }
@@ -70,6 +141,11 @@ static struct node *add_node(struct tree *tree, fuse_ino_t parent, enum node_kin
     n->parent = parent;
     n->kind = kind;
     snprintf(n->name, sizeof(n->name), "%s", name);
+    /* The root has no name and is never looked up. */
+    if (n->name[0] && index_insert(tree, n) != 0) {
+        n->parent = 0; /* left detached: its number stays unused */
+        return NULL;
+    }
     map_record(tree, n);
     return n;
 }
@@ -133,6 +209,7 @@ void tree_destroy(struct tree *tree)
         free(n);
     }
     free(tree->nodes);
+    free(tree->index);
     free(tree->scans);
     pthread_rwlock_destroy(&tree->lock);
     pthread_mutex_destroy(&tree->refresh_lock);
@@ -146,16 +223,6 @@ struct node *tree_get(struct tree *tree, fuse_ino_t ino)
     struct node *n = ino >= 1 && ino <= tree->count ? tree->nodes[ino - 1] : NULL;
     pthread_rwlock_unlock(&tree->lock);
     return n;
-}
-
-static struct node *lookup_locked(struct tree *tree, fuse_ino_t parent, const char *name)
-{
-    for (size_t i = 1; i < tree->count; i++) {
-        struct node *n = tree->nodes[i];
-        if (n->parent == parent && strcmp(n->name, name) == 0)
-            return n;
-    }
-    return NULL;
 }
 
 struct node *tree_lookup(struct tree *tree, fuse_ino_t parent, const char *name)
@@ -337,12 +404,18 @@ int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen)
     return rc;
 }
 
+/* Whether vm (snap: one of its snapshots, or NULL) has an attached node,
+ * found by the name it was added under. */
 static bool has_vm_node(struct tree *tree, const struct vm *vm, const struct vm_snapshot *snap)
 {
-    for (size_t i = 0; i < tree->count; i++)
-        if (tree->nodes[i]->vm == vm && tree->nodes[i]->snapshot == snap && tree->nodes[i]->parent)
-            return true;
-    return false;
+    char full[160], name[sizeof(((struct node *)0)->name)];
+    if (snap)
+        snprintf(full, sizeof(full), "%s@%s.raw", vm->name, snap->name);
+    else
+        snprintf(full, sizeof(full), "%s.raw", vm->name);
+    snprintf(name, sizeof(name), "%.79s", full); /* as add_node cuts it */
+    const struct node *n = lookup_locked(tree, INO_VMS, name);
+    return n && n->vm == vm && n->snapshot == snap;
 }
 
 int tree_add_vm(struct tree *tree, struct vm *vm)
@@ -380,7 +453,8 @@ void tree_remove_vm(struct tree *tree, struct vm *vm)
 {
     pthread_rwlock_wrlock(&tree->lock);
     for (size_t i = 0; i < tree->count; i++) {
-        if (tree->nodes[i]->vm == vm) {
+        if (tree->nodes[i]->vm == vm && tree->nodes[i]->parent) {
+            index_remove(tree, tree->nodes[i]);
             tree->nodes[i]->parent = 0;
             map_record(tree, tree->nodes[i]);
         }
@@ -393,8 +467,10 @@ void tree_prune_snapshots(struct tree *tree)
     pthread_rwlock_wrlock(&tree->lock);
     for (size_t i = 0; i < tree->count; i++) {
         struct node *n = tree->nodes[i];
-        if (n->kind == NODE_VM_SNAPSHOT && atomic_load(&n->snapshot->removed))
+        if (n->kind == NODE_VM_SNAPSHOT && atomic_load(&n->snapshot->removed) && n->parent) {
+            index_remove(tree, n);
             n->parent = 0;
+        }
     }
     pthread_rwlock_unlock(&tree->lock);
 }

@@ -168,6 +168,9 @@ void repo_set_trust(struct repo *repo, struct trust *trust);
  * there is one, so that the host keeps serving what it had. */
 int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t errlen);
 void repo_index_free(struct repo_index *index);
+/* Parses index text (its signature lines are not checked here): 0, -EBADMSG
+ * or -ENOMEM. Pure; for readers and the fuzzer. */
+int repo_index_parse(const char *data, size_t len, struct repo_index *out);
 /* Returns the entry for name, or NULL. */
 const struct repo_index_entry *repo_index_find(const struct repo_index *index, const char *name);
 

@@ -56,6 +56,14 @@
  * Status and control files keep their text in the server; a handle from a
  * previous server fails with EBADF, which imgfsctl reports as such.
  *
+ * Writes answered but not yet flushed. A VM layer keeps such writes as
+ * pending entries in memory until a flush writes their record; a server
+ * killed in between would take them along, and the flush that the kernel
+ * then sends again would find nothing to do. So the layers keep a copy of
+ * their pending entries in the supervisor's tmpfs directory (layer_dir,
+ * /dev/shm/imgfs-PID; layer_share_pending() in layer.h), and the next server
+ * takes them over with the data they name, which is in the page cache.
+ *
  * Kernels without FUSE_NOTIFY_RESEND: a request a dead server held would
  * hang, so after a crash the supervisor ends the mount as before (the
  * next mount replaces the dead one), and only `imgfsctl restart`, which lets

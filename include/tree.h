@@ -17,6 +17,9 @@
  * new NAME@V.raw and re-points the NAME.raw symlink. Removing a VM detaches
  * its nodes (parent 0) without freeing them.
  *
+ * Lookups go through a hash index keyed by (parent inode, name), so they
+ * cost the same with thousands of VM disks and versions.
+ *
  * Locking: the node table is guarded by tree->lock (a rwlock). Nodes are
  * never freed before tree_destroy(), so a node pointer obtained under the
  * lock stays valid afterwards; its immutable fields may be read without it.
@@ -79,6 +82,7 @@ struct node {
     char link_target[80];         /* NODE_BASE_LINK: guarded by tree->lock */
     struct vm *vm;                /* NODE_VM_FILE and NODE_VM_SNAPSHOT: not owned */
     struct vm_snapshot *snapshot; /* NODE_VM_SNAPSHOT */
+    struct node *index_next;      /* the name index's chain: guarded by tree->lock */
 };
 
 /* How far the versions of one base have been read: every version up to
@@ -106,6 +110,11 @@ struct base_scan {
 struct tree {
     pthread_rwlock_t lock;
     struct node **nodes; /* nodes[ino - 1] */
+    /* The attached, named nodes by (parent, name): a hash table of chains
+     * of index_cap (a power of two) heads, guarded by lock. */
+    struct node **index;
+    size_t index_cap;
+    size_t index_count;
     size_t count;
     size_t cap;
 

@@ -665,7 +665,7 @@ static int signed_field(const char *line, const char *key, uint64_t max, uint64_
 }
 
 /* Parses the part of an index before its signature lines (see repo.h). */
-static int parse_index(const char *data, size_t len, struct repo_index *out)
+int repo_index_parse(const char *data, size_t len, struct repo_index *out)
 {
     unsigned sigs;
     size_t body = sign_body_len(data, len, &sigs);
@@ -744,7 +744,7 @@ static int load_meta(struct repo *repo, const char *name, size_t max_len, char *
 static int accept_index(struct repo *repo, const char *data, size_t len, struct repo_index *out, char *err,
                         size_t errlen)
 {
-    int rc = parse_index(data, len, out);
+    int rc = repo_index_parse(data, len, out);
     if (rc) {
         snprintf(err, errlen, "the index of repository %s is malformed", repo->location);
         return rc;

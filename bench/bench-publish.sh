@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# bench-publish.sh: how long `imgfsctl publish` takes on sparse, dense and
+# qcow2 images, against the same data as a dense file and against zstd.
+#
+# A benchmark, not a test: it reports numbers and never fails on timing.
+# The data is real file content (a tar of /usr, random bytes where /usr is
+# short), so it compresses as system images do. In one run:
+#   1. DATA (64 MiB) as a dense raw file, and the same DATA written at 8
+#      places of a 100 GiB sparse raw file; also qemu-img convert of the
+#      sparse file, for reference. Target: sparse <= 2 x dense + 0.5 s.
+#   2. a dense raw image (BENCH_DENSE, default 2G): publish on every core,
+#      on one thread (the old sequential speed), and `zstd -3 -T0` of the
+#      same file. Target: publish <= zstd.
+#   3. QDATA (BENCH_QCOW_DATA, default 1G) as a dense raw file, and as
+#      qcow2 images of 20 GiB and 100 GiB virtual holding it. Target: the
+#      qcow2 times follow the 1 GiB, not the virtual size.
+# Every publish goes to a new repository and includes its syncfs. Inputs are
+# read once before they are timed (page cache warm), and `sync` runs before
+# each timing. zstd writes its output to a file on the same disk but does
+# not sync it, which favours zstd.
+#
+# Environment:
+#   BENCH_DENSE      size of the dense image (default 2G)
+#   BENCH_QCOW_DATA  data in the qcow2 images (default 1G)
+#   BENCH_DIR        parent of the work directory (default /var/tmp)
+#   BENCH_KEEP=1     keep the work directory
+#   IMGFS_BIN_DIR    where imgfsctl is (default <repo>/build)
+# Output: a Markdown report on stdout, also written to
+# bench/results/publish-<date>.md. Progress goes to stderr.
+set -uo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SRC_DIR=$(dirname "$SCRIPT_DIR")
+IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
+BENCH_NAME=bench-publish
+. "$SCRIPT_DIR/lib.sh"
+
+case ${1:-} in
+-h | --help)
+    sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+    ;;
+"") ;;
+*) die "takes no arguments (see --help)." ;;
+esac
+
+require_tools qemu-img zstd tar
+[ -x "$IMGFS_BIN_DIR/imgfsctl" ] || die "imgfsctl not found in $IMGFS_BIN_DIR (build it, or set IMGFS_BIN_DIR)."
+IMGFSCTL=$IMGFS_BIN_DIR/imgfsctl
+DENSE=$(to_bytes "${BENCH_DENSE:-2G}" BENCH_DENSE)
+QDATA=$(to_bytes "${BENCH_QCOW_DATA:-1G}" BENCH_QCOW_DATA)
+MIB=$((1024 * 1024))
+[ "$DENSE" -ge $((64 * MIB)) ] && [ "$QDATA" -ge $((64 * MIB)) ] || die "sizes must be at least 64M."
+
+make_work imgfs-bench-publish
+on_exit cleanup_all
+
+# Real file content, len bytes, into file (random bytes once /usr runs out).
+content() { # file len
+    { tar -cf - /usr 2>/dev/null; head -c "$2" /dev/urandom; } | head -c "$2" >"$1"
+}
+
+# Seconds (3 decimals) that a command takes; its output goes to
+# $WORK/last.out and its CPU seconds (user + system) to $WORK/last.cpu.
+seconds() {
+    /usr/bin/time -o "$WORK/last.time" -f '%e %U %S' "$@" >"$WORK/last.out" 2>&1 ||
+        { cat "$WORK/last.out" >&2; die "failed: $*"; }
+    awk '{ printf "%.2f", $2 + $3 }' "$WORK/last.time" >"$WORK/last.cpu"
+    awk '{ printf "%.3f", $1 }' "$WORK/last.time"
+}
+cpu() { cat "$WORK/last.cpu"; }
+
+# Reads a dense input once; sparse ones were just written (and reading
+# their holes would take minutes).
+warm() {
+    local used apparent
+    used=$(du -k "$1" | cut -f1)
+    apparent=$(du -k --apparent-size "$1" | cut -f1)
+    [ "$used" -lt $((apparent / 2)) ] || cat "$1" >/dev/null
+}
+
+# Publishes into a new repository $WORK/repoN and sets VAR to the seconds it
+# took. Dirty data of earlier steps is flushed first, so that the publish's
+# syncfs pays for its own chunks only.
+repo_n=0
+publish() { # VAR image [options...]
+    local var=$1 img=$2
+    shift 2
+    repo_n=$((repo_n + 1))
+    warm "$img"
+    sync
+    printf -v "$var" '%s' "$(seconds "$IMGFSCTL" publish "$img" "$WORK/repo$repo_n" --name b "$@")"
+    printf -v "${var}_cpu" '%s' "$(cpu)"
+}
+ratio() { echo "$1 $2" | awk '{ printf "%.2fx", $1 / ($2 > 0 ? $2 : 0.001) }'; }
+
+log "making the inputs in $WORK"
+content "$WORK/data64.raw" $((64 * MIB))
+truncate -s 100G "$WORK/sparse.raw"
+for i in $(seq 0 7); do # 8 MiB at 8 places, 12.5 GiB apart
+    dd if="$WORK/data64.raw" of="$WORK/sparse.raw" bs=1M count=8 skip=$((i * 8)) \
+        seek=$((i * 12800)) conv=notrunc status=none
+done
+content "$WORK/dense.raw" "$DENSE"
+content "$WORK/qdata.raw" "$QDATA"
+# The qcow2 data at 64 places spread over the first 20 GiB.
+piece=$((QDATA / 64 / MIB))
+truncate -s 20G "$WORK/q20.raw"
+for i in $(seq 0 63); do
+    dd if="$WORK/qdata.raw" of="$WORK/q20.raw" bs=1M count=$piece skip=$((i * piece)) \
+        seek=$((i * 320)) conv=notrunc status=none
+done
+qemu-img convert -q -f raw -O qcow2 "$WORK/q20.raw" "$WORK/q20.qcow2" || die "qemu-img convert failed."
+rm -f "$WORK/q20.raw"
+cp "$WORK/q20.qcow2" "$WORK/q100.qcow2" && qemu-img resize -q "$WORK/q100.qcow2" 100G ||
+    die "qemu-img resize failed."
+
+LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+log "1. sparse against dense"
+publish t_dense64 "$WORK/data64.raw"
+publish t_sparse "$WORK/sparse.raw"
+read_line=$(grep '^read' "$WORK/last.out")
+sync
+t_convert=$(seconds qemu-img convert -f raw -O raw "$WORK/sparse.raw" "$WORK/sparse-copy.raw")
+t_convert_cpu=$(cpu)
+rm -f "$WORK/sparse-copy.raw"
+limit=$(echo "$t_dense64" | awk '{ printf "%.3f", 2 * $1 + 0.5 }')
+
+log "2. dense: every core, one thread, zstd -3 -T0"
+publish t_all "$WORK/dense.raw"
+threads=$(grep -o 'on [0-9]* threads' "$WORK/last.out" | grep -o '[0-9]*')
+publish t_one "$WORK/dense.raw" --threads 1
+sync
+t_zstd=$(seconds zstd -3 -T0 -q -f "$WORK/dense.raw" -o "$WORK/dense.zst")
+t_zstd_cpu=$(cpu)
+rm -f "$WORK/dense.zst"
+rm -f "$WORK/dense.zst"
+sync
+t_republish=$(seconds "$IMGFSCTL" publish "$WORK/dense.raw" "$WORK/repo$((repo_n - 1))" --name b)
+t_republish_cpu=$(cpu)
+republish_line=$(grep '^chunks' "$WORK/last.out")
+
+log "3. qcow2, 1 GiB allocated"
+publish t_qraw "$WORK/qdata.raw"
+publish t_q20 "$WORK/q20.qcow2"
+publish t_q100 "$WORK/q100.qcow2"
+
+{
+    echo "# imgfs publish benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "$(nproc) CPUs, $(uname -r), zstd $(zstd -V | grep -o 'v[0-9.]*' | head -1), load average $LOAD."
+    echo "Command: \`bash bench/bench-publish.sh\`"
+    echo "(BENCH_DENSE=${BENCH_DENSE:-2G}, BENCH_QCOW_DATA=${BENCH_QCOW_DATA:-1G}). Seconds, page cache warm."
+    echo
+    echo "| input | seconds | CPU seconds | against | target |"
+    echo "|---|---:|---:|---|---|"
+    echo "| 64 MiB of data, dense raw file | $t_dense64 | $t_dense64_cpu | | |"
+    echo "| the same 64 MiB in a 100 GiB sparse raw file | $t_sparse | $t_sparse_cpu | $(ratio "$t_sparse" "$t_dense64") of dense | <= $limit s (2 x dense + 0.5 s): $(awk -v a="$t_sparse" -v b="$limit" 'BEGIN { print (a <= b) ? "met" : "missed" }') |"
+    echo "| (qemu-img convert of the sparse file) | $t_convert | $t_convert_cpu | | |"
+    echo "| $((DENSE / MIB)) MiB dense raw, $threads threads | $t_all | $t_all_cpu | $(ratio "$t_all" "$t_zstd") of zstd | <= zstd: $(awk -v a="$t_all" -v b="$t_zstd" 'BEGIN { print (a <= b) ? "met" : "missed" }') |"
+    echo "| the same, --threads 1 | $t_one | $t_one_cpu | $(ratio "$t_one" "$t_zstd") of zstd | |"
+    echo "| zstd -3 -T0 of the same file | $t_zstd | $t_zstd_cpu | | |"
+    echo "| the same image published again (unchanged) | $t_republish | $t_republish_cpu | $(ratio "$t_republish" "$t_all") of the first | no chunk written |"
+    echo "| $((QDATA / MIB)) MiB of data, dense raw file | $t_qraw | $t_qraw_cpu | | |"
+    echo "| qcow2 of 20 GiB virtual holding it | $t_q20 | $t_q20_cpu | $(ratio "$t_q20" "$t_qraw") of dense | proportional to the data |"
+    echo "| qcow2 of 100 GiB virtual holding it | $t_q100 | $t_q100_cpu | $(ratio "$t_q100" "$t_qraw") of dense | |"
+    echo
+    echo "Sparse publish: \`$read_line\`. Unchanged re-publish: \`$republish_line\`."
+} | save_report publish
