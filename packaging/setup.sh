@@ -21,7 +21,7 @@ PACKAGES=(
     # tests and benchmarks: real clients, servers and peers
     python3 xxhash qemu-utils qemu-system-x86 qemu-block-extra fio nginx-light
     libqcow-utils xmount debootstrap fdisk e2fsprogs dosfstools procps util-linux gdb tmux
-    python3-prometheus-client jq attr libvirt-daemon-system libvirt-clients
+    python3-prometheus-client jq attr socat libvirt-daemon-system libvirt-clients
     # the Debian package, its man pages and completion
     dpkg-dev debhelper lintian scdoc bash-completion
 )

@@ -87,6 +87,23 @@ print("families:", len(families))
 PY
 ok "python3-prometheus-client parses .imgfs/metrics: counters, gauges, labels base/version/vm/mirror"
 
+# A scrape target of its own: socat and packaging/imgfs-metrics-http, as the
+# README documents, scraped with curl and read by the same parser.
+SRC=${IMGFS_SOURCE_DIR:-$(cd "$(dirname "$0")/../.." && pwd)}
+port=$(free_port)
+socat TCP-LISTEN:"$port",bind=127.0.0.1,reuseaddr,fork EXEC:"$SRC/packaging/imgfs-metrics-http $M" 2>"$T/socat.err" &
+DAEMON_PID[socat]=$!
+for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
+curl -sf "http://127.0.0.1:$port/metrics" > "$T/scraped" || fail "no scrape answer: $(cat "$T/socat.err")"
+/usr/bin/python3 -c '
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+names = {f.name for f in text_string_to_metric_families(open(sys.argv[1]).read())}
+assert "imgfs_base_cache_hits" in names and "imgfs_vm_layer_bytes" in names, names' "$T/scraped" ||
+    fail "the scraped metrics do not parse"
+server_stop socat
+ok "a scrape through socat and imgfs-metrics-http returns parseable metrics"
+
 # JSON: jq and python read it, and it carries the same figures as stats.
 "$IMGFSCTL" status --json "$M" > "$T/status.json"
 jq -e '.base["mon@1"].cache_misses > 0 and .vm.web1.base == "mon@1" and (.mirror | length) == 2' \
