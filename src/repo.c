@@ -1191,6 +1191,18 @@ void repo_set_signers(struct repo *repo, const struct sign_secret_key *keys, siz
 
 size_t repo_signer_count(const struct repo *repo) { return repo->signer_count; }
 
+bool repo_is_signed(struct repo *repo)
+{
+    char *data;
+    size_t len;
+    unsigned sigs = 0;
+    if (repo_get(repo, "index", REPO_MAX_INDEX_LEN, &data, &len) == 0) {
+        sign_body_len(data, len, &sigs);
+        free(data);
+    }
+    return sigs > 0;
+}
+
 int repo_sign_text(struct repo *repo, char *text, size_t *len, size_t cap)
 {
     size_t body = sign_body_len(text, *len, NULL);
