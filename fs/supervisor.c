@@ -373,6 +373,8 @@ int supervisor_run(struct mount_options *opts, char **argv)
     owner_set_pid(&s.cache_lock, getpid(), opts->mountpoint);
     s.t->supervisor_pid = getpid();
     s.t->started = time(NULL);
+    snprintf(s.t->state_dir, sizeof(s.t->state_dir), "%s", opts->state_dir);
+    snprintf(s.t->cache_dir, sizeof(s.t->cache_dir), "%s", opts->cache_dir);
     make_layer_dir(s.t);
 
     supervisor_add_fsname(opts);

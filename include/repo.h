@@ -128,6 +128,19 @@ const char *repo_location(const struct repo *repo);
 int repo_mirror_count(const struct repo *repo);
 bool repo_is_local(const struct repo *repo);
 
+/* Capabilities of the repository's backend, which readers ask instead of
+ * testing for a kind:
+ *   repo_kind             "local" or "http", for status output
+ *   repo_reads_are_cheap  a read never waits on a network (refresh on lookup;
+ *                         the fetch engine reads chunks in worker threads)
+ *   repo_missing_is_final a missing file will not appear by waiting
+ *   repo_has_url_chunks   chunks are fetched by URL (repo_http_prepare), so
+ *                         the fetch engine drives them with curl multi */
+const char *repo_kind(const struct repo *repo);
+bool repo_reads_are_cheap(const struct repo *repo);
+bool repo_missing_is_final(const struct repo *repo);
+bool repo_has_url_chunks(const struct repo *repo);
+
 /* Fetches one repository file into a malloc'd, NUL-terminated buffer.
  * -ENOENT when it does not exist, -EFBIG when larger than max_len, another
  * negative errno (typically -EIO or -ETIMEDOUT) when the repository could not

@@ -70,6 +70,13 @@
  * the old server finish what it holds, hands over. The server logs which
  * case applies at start.
  *
+ * Upgrades: the region's layout has a number (TAKEOVER_LAYOUT); a binary
+ * whose layout differs cannot take over, dies at start-up, and the
+ * supervisor (which stays the binary that mounted) gives up after its
+ * retries: change the layout only with a release note that says "remount".
+ * A server re-reads the options and config file, but refuses to serve with
+ * a state or cache directory other than the ones the supervisor locked.
+ *
  * Concurrency: exactly one server runs at a time (the supervisor starts the
  * next only after the previous one has exited), and within it the writers
  * are: handle slots (atomic compare-and-swap), the inode map (under
@@ -121,6 +128,9 @@ struct takeover {
      * died starting up (or on its first request), which the supervisor
      * counts towards giving up. Zeroed by the supervisor before each start. */
     _Atomic uint64_t requests_done;
+    /* The directories the supervisor locked (owner.h): a server started
+     * with other ones (a changed config file) refuses to serve. */
+    char state_dir[1024], cache_dir[1024];
     /* A tmpfs directory of the supervisor's for the layers' pending
      * entries (layer_share_pending() in layer.h), "" when there is none. */
     char layer_dir[128];

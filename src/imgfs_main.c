@@ -293,6 +293,13 @@ static int serve_main(int argc, char **argv, const char *env_text)
                 errno == EPROTO ? "it was made by an imgfs with another layout" : strerror(errno));
         goto out;
     }
+    if (strcmp(fs.takeover->state_dir, opts.state_dir) != 0 || strcmp(fs.takeover->cache_dir, opts.cache_dir) != 0) {
+        fprintf(stderr,
+                "imgfs: the options now name state %s and cache %s, but this mount locked state %s and cache %s; "
+                "unmount and mount again to change them\n",
+                opts.state_dir, opts.cache_dir, fs.takeover->state_dir, fs.takeover->cache_dir);
+        goto out;
+    }
     fs.takeover_server = fs.takeover->init_len > 0;
     layer_share_pending(fs.takeover->layer_dir);
     if (fs.takeover->started)

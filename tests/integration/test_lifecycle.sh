@@ -88,7 +88,9 @@ nginx_start www "$T/www"
 mount_imgfs "${NGINX_URL[www]}/src" "$T/src" "state=$T/state3,timeout=300" "$T/cache3"
 head -c $((1 << 20)) "$T/src/bases/big.raw" > /dev/null  # cached: the publish gets this far
 nginx_stop www
-"$IMGFSCTL" retire "$R" os@2 > /dev/null
+# os@2 as a retire killed after its marker: the manifest is still there.
+printf 'imgfs-retired 1\ntime 0\n' > "$R/bases/os/2.retired"
+printf 'imgfs-retired 1\ntime 0\n' > "$R/bases/other/1.retired" # a stray marker on a newest version
 before=$(chunk_files | wc -l)
 "$IMGFSCTL" publish "$T/src/bases/big.raw" "$R" --name os --chunk-size 64K > "$T/publish.out" 2>&1 &
 publisher=$!
@@ -105,11 +107,14 @@ nginx_restart www
 wait "$publisher" || fail "the publish failed: $(cat "$T/publish.out")"
 wait "$collector" || fail "gc failed after the publish: $(cat "$T/gc2.err")"
 grep -q '^published os@4' "$T/publish.out" || fail "the publish made no os@4: $(cat "$T/publish.out")"
+[ ! -e "$R/bases/os/2.manifest" ] || fail "gc did not finish the killed retire of os@2"
+[ -e "$R/bases/other/1.manifest" ] || fail "gc removed the newest version of other for a stray marker"
 chunk_refs "$R"/bases/*/*.manifest | same - <(chunk_files) "after gc the chunks are not exactly the referenced ones"
 mount_imgfs "$R" "$T/new2" "state=$T/state4" "$T/cache4"
 same "$T/new2/bases/os@4.raw" "$T/big.img" "the version published during gc is damaged"
 same "$T/new2/bases/os@3.raw" "$T/c.img" "os@3 is damaged after the second gc"
-ok "the concurrent publish is complete and intact; gc removed os@2's own chunks"
+same "$T/new2/bases/other@1.raw" "$T/d.img" "other@1 is damaged after the second gc"
+ok "the concurrent publish is complete and intact; gc finished a killed retire and ignored a stray marker"
 
 # ---- 3. snapshots ------------------------------------------------------------------
 M=$T/new2
