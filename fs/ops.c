@@ -462,6 +462,14 @@ static off_t status_file_size(fuse_req_t req, const struct node *n)
     return (off_t)len;
 }
 
+static bool text_is_open(uint64_t id)
+{
+    pthread_mutex_lock(&open_texts_lock);
+    bool open = find_text_locked(id) != NULL;
+    pthread_mutex_unlock(&open_texts_lock);
+    return open;
+}
+
 static void text_read(fuse_req_t req, uint64_t id, size_t size, off_t off)
 {
     char *slice = NULL;
@@ -976,6 +984,12 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     struct imgfs *fs = fs_of(req);
     struct node *n = tree_get(fs->tree, ino);
     if (n && n->kind == NODE_CONTROL_FILE) {
+        /* A handle from a previous server (takeover.h) runs nothing: its
+         * imgfsctl would never read the answer. */
+        if (!text_is_open(fi->fh)) {
+            fuse_reply_err(req, EBADF);
+            return;
+        }
         char *answer = control_execute(fs, buf, size);
         int rc = answer ? text_replace(fi->fh, answer) : -ENOMEM;
         if (rc)

@@ -230,7 +230,7 @@ static int control_request(const char *cmd_name, const char *mountpoint, const c
     ssize_t n = rc ? -1 : pread(fd, answer, len - 1, 0);
     int saved = errno;
     close(fd);
-    if (!rc && n < 0 && saved == EBADF) {
+    if (rc == -EBADF || (!rc && n < 0 && saved == EBADF)) {
         /* The handle was given by a server that is gone (takeover.h). */
         fprintf(stderr,
                 "imgfsctl %s: the serving process of %s was replaced (crash or imgfsctl restart) while it ran "
