@@ -82,11 +82,15 @@ umount_imgfs "$T/old"
 ok "fresh mounts skip os@1 and the other versions are intact; the old host serves its cache, EIO for the rest"
 
 # ---- 2. gc while a publish is held in its middle -------------------------------
-make_image "$T/big.img" $((8 << 20))
+# Its first 2 MiB are all data, so that publish's first batches (1 MiB of
+# consecutive chunks each) are all cached and get stored.
+head -c $((2 << 20)) /dev/urandom > "$T/big.img"
+make_image "$T/big.tail" $((6 << 20))
+cat "$T/big.tail" >> "$T/big.img"
 "$IMGFSCTL" publish "$T/big.img" "$T/www/src" --name big --chunk-size 64K > /dev/null
 nginx_start www "$T/www"
 mount_imgfs "${NGINX_URL[www]}/src" "$T/src" "state=$T/state3,timeout=300" "$T/cache3"
-head -c $((1 << 20)) "$T/src/bases/big.raw" > /dev/null  # cached: the publish gets this far
+head -c $((2 << 20)) "$T/src/bases/big.raw" > /dev/null  # cached: the publish gets this far
 nginx_stop www
 # os@2 as a retire killed after its marker: the manifest is still there.
 printf 'imgfs-retired 1\ntime 0\n' > "$R/bases/os/2.retired"
