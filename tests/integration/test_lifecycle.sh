@@ -46,6 +46,11 @@ mount_imgfs "$R" "$T/old" "state=$T/state1" "$T/cache1"
 head -c $((1 << 20)) "$T/old/bases/os@1.raw" | cmp - <(head -c $((1 << 20)) "$T/a.img") || fail "os@1 reads wrong"
 
 expect_error "retiring the newest version" "$IMGFSCTL" retire "$R" os@3
+expect_error "retire without a version" "$IMGFSCTL" retire "$R" os
+expect_error "retire of a hostile name" "$IMGFSCTL" retire "$R" ../os@1
+expect_error "gc of an HTTP repository" "$IMGFSCTL" gc http://127.0.0.1:9/repo
+expect_error "gc of a directory that is not a repository" "$IMGFSCTL" gc "$T"
+expect_error "versions of a base that does not exist" "$IMGFSCTL" versions "$R" nosuch
 expect_error "retiring a version that does not exist" "$IMGFSCTL" retire "$R" os@9
 "$IMGFSCTL" retire "$R" os@1 > /dev/null || fail "retire os@1 failed"
 expect_error "retiring a version twice" "$IMGFSCTL" retire "$R" os@1
