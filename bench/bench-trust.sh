@@ -69,7 +69,7 @@ truncate -s "$SIZE_BYTES" "$WORK/image.raw"
 RANDOM=4244
 for ((i = 0; i < SIZE_BYTES / EXTENT; i++)); do
     if ((RANDOM % 100 < 75)); then
-        head -c $EXTENT /dev/urandom | dd of="$WORK/image.raw" bs=$EXTENT seek="$i" count=1 conv=notrunc status=none
+        head -c $EXTENT /dev/urandom | dd of="$WORK/image.raw" bs=$EXTENT seek="$i" count=1 iflag=fullblock conv=notrunc status=none
     fi
 done
 REPO=$WORK/www/repo
@@ -84,7 +84,16 @@ innet tc qdisc add dev "$VETH_NS" root tbf rate "${BENCH_RATE}mbit" burst 64kb l
     die "cannot shape $VETH_NS with tc tbf."
 
 declare -A TIMES CPU
-cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+# CPU seconds (user + sys) of the daemon and its children (the serving
+# process is a child of the supervisor).
+cpu_seconds() {
+    local pids="$1 $(ps -o pid= --ppid "$1" | tr '\n' ' ')" p total=0
+    for p in $pids; do
+        total=$(awk -v t="$total" -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", t + ($12 + $13) / hz }' \
+            "/proc/$p/stat" 2>/dev/null || echo "$total")
+    done
+    echo "$total"
+}
 run_case() { # key repo options
     local key=$1 repo=$2 opts=$3 t0 t1 cpu
     unmount_imgfs

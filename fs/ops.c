@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "fs.h"
+#include "serve.h"
 #include "util.h"
 
 /* Immutable names and attributes may be cached by the kernel for long;
@@ -460,6 +461,14 @@ static off_t status_file_size(fuse_req_t req, const struct node *n)
     if (!found && status_render_file(fs_of(req), n->ino, &text, &len) == 0)
         free(text);
     return (off_t)len;
+}
+
+static bool text_is_open(uint64_t id)
+{
+    pthread_mutex_lock(&open_texts_lock);
+    bool open = find_text_locked(id) != NULL;
+    pthread_mutex_unlock(&open_texts_lock);
+    return open;
 }
 
 static void text_read(fuse_req_t req, uint64_t id, size_t size, off_t off)
@@ -976,6 +985,12 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     struct imgfs *fs = fs_of(req);
     struct node *n = tree_get(fs->tree, ino);
     if (n && n->kind == NODE_CONTROL_FILE) {
+        /* A handle from a previous server (takeover.h) runs nothing: its
+         * imgfsctl would never read the answer. */
+        if (!text_is_open(fi->fh)) {
+            fuse_reply_err(req, EBADF);
+            return;
+        }
         char *answer = control_execute(fs, buf, size);
         int rc = answer ? text_replace(fi->fh, answer) : -ENOMEM;
         if (rc)
@@ -1207,6 +1222,8 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
         log_info("unlink vms/%s: %s", name, err);
     else if (!rc)
         log_info("unlink vms/%s: removed", name);
+    if (rc == -ENOENT && serve_request_is_resent())
+        rc = 0; /* the server that died had removed it (serve.h) */
     fuse_reply_err(req, rc == -EINVAL ? ENOENT : -rc);
 }
 
@@ -1241,6 +1258,8 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
     struct vm *vm;
     int rc = vm_create_empty(fs->vms, vm_name, mode & 07777, ctx->uid, ctx->gid, &vm, err, sizeof(err));
+    if (rc == -EEXIST && serve_request_is_resent() && (vm = vm_find(fs->vms, vm_name)) != NULL)
+        rc = 0; /* the server that died had made it (serve.h): open it */
     if (!rc && (rc = tree_add_vm(fs->tree, vm)) != 0)
         snprintf(err, sizeof(err), "out of memory");
     struct node *n = rc ? NULL : tree_lookup(fs->tree, INO_VMS, name);

@@ -111,6 +111,8 @@ jq -e '.base["mon@1"].cache_misses > 0 and .vm.web1.base == "mon@1" and (.mirror
 [ "$(jq -r .fetch.requests "$T/status.json")" -ge "$requests" ] || fail "JSON fetch.requests is behind stats"
 python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["cache"]["bytes"] > 0 and d["daemon"]["repository_kind"] == "http"' \
     "$T/status.json" || fail "python cannot read status --json"
+expect_error "status of a directory that is not a mount" "$IMGFSCTL" status "$T"
+expect_error "status with an unknown option" "$IMGFSCTL" status "$M" --yaml
 ok "imgfsctl status --json parses with jq and python"
 
 # Extended attributes, listed with getfattr.

@@ -68,6 +68,20 @@ wait "$copier" || status=$?
 [ "$status" -ne 0 ] || fail "imgfsctl precopy succeeded although its daemon was killed"
 grep -qE "replaced|does not survive" "$T/precopy.err" || { cat "$T/precopy.err"; fail "no clear error from imgfsctl precopy"; }
 ok "a pre-copy cut by a takeover fails at imgfsctl: $(head -n 1 "$T/precopy.err")"
+
+# A control file opened before a takeover is refused (EBADF), never taken
+# for another's: the command it would carry is not run by the new process.
+exec 4<> "$M/.imgfs/control"
+old=$(stat_value "$M" daemon pid)
+kill -9 "$old"
+for _ in $(seq 100); do [ "$(stat_value "$M" daemon pid)" != "$old" ] && break; sleep 0.1; done
+if printf 'vm-create\tstale\t-\t1048576\n' >&4 2> "$T/stale.err"; then
+    fail "a control handle of the dead process was accepted"
+fi
+exec 4>&-
+grep -q "Bad file descriptor" "$T/stale.err" || { cat "$T/stale.err"; fail "the stale control handle did not fail with EBADF"; }
+[ ! -e "$M/vms/stale.raw" ] || fail "the command written to a stale control handle was run"
+ok "a control handle from before a takeover fails with EBADF and runs nothing"
 umount_imgfs "$M"
 
 # Prefetch replay of an open VM disk resumes in the new process. A list of
