@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "fs.h"
+#include "serve.h"
 #include "util.h"
 
 /* Immutable names and attributes may be cached by the kernel for long;
@@ -1221,6 +1222,8 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
         log_info("unlink vms/%s: %s", name, err);
     else if (!rc)
         log_info("unlink vms/%s: removed", name);
+    if (rc == -ENOENT && serve_request_is_resent())
+        rc = 0; /* the server that died had removed it (serve.h) */
     fuse_reply_err(req, rc == -EINVAL ? ENOENT : -rc);
 }
 
@@ -1255,6 +1258,8 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
     struct vm *vm;
     int rc = vm_create_empty(fs->vms, vm_name, mode & 07777, ctx->uid, ctx->gid, &vm, err, sizeof(err));
+    if (rc == -EEXIST && serve_request_is_resent() && (vm = vm_find(fs->vms, vm_name)) != NULL)
+        rc = 0; /* the server that died had made it (serve.h): open it */
     if (!rc && (rc = tree_add_vm(fs->tree, vm)) != 0)
         snprintf(err, sizeof(err), "out of memory");
     struct node *n = rc ? NULL : tree_lookup(fs->tree, INO_VMS, name);

@@ -22,7 +22,10 @@
  * which the new server echoes in its reply. Requests never read are simply
  * read by the new server. Re-executing an operation must therefore be
  * harmless: reads and lookups are; a write rewrites the same bytes; an open
- * whose reply was lost counts once more (see the handle table).
+ * whose reply was lost counts once more (see the handle table); a create or
+ * an unlink sent again finds its work done and answers as if it had done it
+ * (serve_request_is_resent() in serve.h); a control command sent again on a
+ * handle of the dead server is refused with EBADF and not run.
  *
  * Why libfuse 3.14 can serve a connection it did not INIT. A fresh
  * fuse_session answers everything before INIT with EIO, and 3.14 has no API

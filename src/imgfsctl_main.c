@@ -754,6 +754,13 @@ static int list_main(int argc, char **argv)
     if (open_version(cmd, argv[2], argv[3], &repo, &m) != 0)
         return 1;
     repo_set_signers(repo, keys.keys, keys.count);
+    if (!keys.count && repo_is_signed(repo)) {
+        fprintf(stderr, "imgfsctl %s: the repository is signed: give --key KEYFILE (hosts refuse an unsigned list)\n",
+                cmd);
+        manifest_free(m);
+        repo_close(repo);
+        return 1;
+    }
     char *text = NULL, err[512];
     size_t len;
     struct chunk_list *list = NULL;
