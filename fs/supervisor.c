@@ -29,6 +29,7 @@ struct supervisor {
     struct mount_options *opts;
     char **argv;
     char self[PATH_MAX]; /* the imgfs binary, re-executed for each server */
+    char cwd[PATH_MAX];  /* where imgfs was started: argv may hold relative paths */
     struct fuse_session *se;
     int fuse_fd;
     struct takeover *t;
@@ -82,6 +83,10 @@ static pid_t spawn_server(struct supervisor *s, int ready_fd)
         (s->cache_lock.fd >= 0 && clear_cloexec(s->cache_lock.fd) < 0))
         _exit(126);
     setenv(TAKEOVER_ENV, env, 1);
+    /* The supervisor went to / but a server parses the same argv, whose
+     * paths (REPO, MOUNTPOINT, cache=, config=) may be relative. */
+    if (s->cwd[0] && chdir(s->cwd) != 0)
+        fprintf(stderr, "imgfs: cannot change to %s, where imgfs was started: %s\n", s->cwd, strerror(errno));
     execv(s->self, s->argv);
     fprintf(stderr, "imgfs: cannot run the server %s: %s\n", s->self, strerror(errno));
     _exit(127);
@@ -249,6 +254,7 @@ static int supervise(struct supervisor *s)
             s->server = spawn_server(s, -1);
             if (s->server < 0) {
                 log_error("cannot fork a server: %s; the mount at %s ends", strerror(errno), s->opts->mountpoint);
+                end_mount(s);
                 return 1;
             }
             atomic_fetch_add(&s->t->takeovers, 1);
@@ -352,6 +358,8 @@ int supervisor_run(struct mount_options *opts, char **argv)
         return 1;
     }
     s.self[n] = 0;
+    if (!getcwd(s.cwd, sizeof(s.cwd)))
+        s.cwd[0] = '\0';
     if (owner_check_mountpoint(opts->mountpoint, err, sizeof(err)) != 0 ||
         owner_lock(&s.state_lock, "state directory", opts->state_dir, opts->mountpoint, err, sizeof(err)) != 0 ||
         (strcmp(opts->cache_dir, opts->state_dir) != 0 &&
@@ -372,6 +380,8 @@ int supervisor_run(struct mount_options *opts, char **argv)
     owner_set_pid(&s.cache_lock, getpid(), opts->mountpoint);
     s.t->supervisor_pid = getpid();
     s.t->started = time(NULL);
+    snprintf(s.t->state_dir, sizeof(s.t->state_dir), "%s", opts->state_dir);
+    snprintf(s.t->cache_dir, sizeof(s.t->cache_dir), "%s", opts->cache_dir);
     make_layer_dir(s.t);
 
     supervisor_add_fsname(opts);

@@ -1626,7 +1626,7 @@ static int compact(struct layer *l)
     }
     /* Phase 1b: what changed meanwhile, until little is left. */
     size_t changed = SIZE_MAX;
-    for (int round = 0; round < 4 && !rc && changed > 64; round++)
+    for (int round = 0; round < 16 && !rc && changed > 64; round++)
         rc = copy_changed(l, &b, piece, &copied, &changed);
     if (!rc)
         rc = sync_fd(fd);
@@ -1801,11 +1801,11 @@ static void compact_cancel(struct layer *l)
  * and conversion carry them over to the file they make (copy_times). */
 int layer_get_times(const struct layer *layer, struct timespec *atime, struct timespec *mtime)
 {
-    struct layer *l = (struct layer *)layer; /* files_lock only */
+    struct layer *l = (struct layer *)layer;
     struct stat st;
-    pthread_mutex_lock(&l->files_lock);
+    pthread_mutex_lock(&l->lock); /* cur changes under it */
     int rc = fstat(l->cur->fd, &st) < 0 ? -errno : 0;
-    pthread_mutex_unlock(&l->files_lock);
+    pthread_mutex_unlock(&l->lock);
     if (!rc) {
         *atime = st.st_atim;
         *mtime = st.st_mtim;
@@ -1815,8 +1815,8 @@ int layer_get_times(const struct layer *layer, struct timespec *atime, struct ti
 
 int layer_set_times(struct layer *layer, const struct timespec times[2])
 {
-    pthread_mutex_lock(&layer->files_lock);
+    pthread_mutex_lock(&layer->lock); /* cur changes under it */
     int rc = futimens(layer->cur->fd, times) < 0 ? -errno : 0;
-    pthread_mutex_unlock(&layer->files_lock);
+    pthread_mutex_unlock(&layer->lock);
     return rc;
 }

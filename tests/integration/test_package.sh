@@ -45,6 +45,7 @@ flock /tmp/imgfs-apt.lock apt-get install -y -qq "$deb" > "$T/apt.log" 2>&1 || {
 dpkg-query -W -f '${Status}' imgfs | grep -q "install ok installed" || fail "the package is not installed"
 for f in /usr/bin/imgfs /usr/bin/imgfsctl /etc/imgfs/imgfs.conf /etc/imgfs/precopy.list \
     /lib/systemd/system/imgfs-precopy.service /lib/systemd/system/imgfs-precopy.timer /usr/lib/imgfs/imgfs-precopy \
+    /usr/lib/imgfs/imgfs-mounts \
     /usr/share/bash-completion/completions/imgfsctl /usr/share/doc/imgfs/design.md.gz; do
     [ -e "$f" ] || fail "the package did not install $f"
 done
@@ -119,8 +120,23 @@ out=$(bash -c "source /usr/share/bash-completion/bash_completion; source /usr/sh
 [ "$out" = "$(printf 'web1\npkg pkg@1')" ] || fail "completion gave '$out'"
 ok "bash completion names the VMs and bases of the mount"
 
-# Removal refuses while a disk is open, then unmounts and leaves nothing.
+# An upgrade (here a reinstall) hands both mounts to the new binary while a
+# VM disk stays open and readable.
 exec 8< "$T/mnt/vms/web1.raw"
+server_pid=$(stat_value "$T/mnt" daemon pid)
+flock /tmp/imgfs-apt.lock apt-get install -y -qq --reinstall "$deb" > "$T/upgrade.log" 2>&1 ||
+    { cat "$T/upgrade.log"; fail "apt-get install --reinstall failed"; }
+grep -q "imgfs: $T/mnt is served by the new imgfs" "$T/upgrade.log" || { cat "$T/upgrade.log"; fail "the mount was not handed over"; }
+grep -q "imgfs: $T/web is served by the new imgfs" "$T/upgrade.log" || fail "the HTTP mount was not handed over"
+new_pid=$(stat_value "$T/mnt" daemon pid)
+[ "$new_pid" != "$server_pid" ] || fail "the same process (pid $server_pid) serves after the upgrade"
+[ "$(readlink "/proc/$new_pid/exe")" = /usr/bin/imgfs ] || fail "the new server runs $(readlink "/proc/$new_pid/exe")"
+cmp <(cat <&8) "$T/img.raw" || fail "the VM disk that stayed open reads wrong after the upgrade"
+exec 8<&-
+exec 8< "$T/mnt/vms/web1.raw"
+ok "upgrade: both mounts handed to a new /usr/bin/imgfs (pid $new_pid); an open VM disk kept reading"
+
+# Removal refuses while a disk is open, then unmounts and leaves nothing.
 if flock /tmp/imgfs-apt.lock apt-get remove -y -qq imgfs > "$T/remove.log" 2>&1; then
     fail "apt-get remove succeeded while a VM disk was open"
 fi
@@ -133,8 +149,10 @@ flock /tmp/imgfs-apt.lock apt-get remove -y -qq imgfs > "$T/remove.log" 2>&1 || 
 mountpoint -q "$T/mnt" && fail "the mount is still there after apt-get remove"
 mountpoint -q "$T/web" && fail "the HTTP mount is still there after apt-get remove"
 # Gone, or a zombie that only waits for its parent (here PID 1) to reap it.
-state=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -c1 || true)
-[ -z "$state" ] || [ "$state" = Z ] || fail "the daemon (pid $pid) still runs after apt-get remove (state $state)"
+for p in "$pid" "$new_pid"; do
+    state=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | cut -c1 || true)
+    [ -z "$state" ] || [ "$state" = Z ] || fail "imgfs (pid $p) still runs after apt-get remove (state $state)"
+done
 for exe in /proc/[0-9]*/exe; do
     case $(readlink "$exe" 2>/dev/null) in /usr/bin/imgfs*) fail "a packaged imgfs still runs: $exe" ;; esac
 done
