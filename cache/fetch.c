@@ -61,6 +61,7 @@ struct waiter {
     struct fetch_counters *counters;
     bool joined;  /* came to a job another request started */
     bool counted; /* a demand request: in callbacks_pending */
+    bool after_write; /* replay and pre-copy: completed once the cache file is written */
     int err;     /* set when it is completed */
 };
 
@@ -686,6 +687,7 @@ static void verify_and_complete(struct fetcher *f, struct job *job)
     }
     free(job->enc);
     job->enc = NULL;
+    struct waiter *later = NULL;
     pthread_mutex_lock(&f->lock);
     job->state = JOB_DONE;
     job->buf = buf;
@@ -698,8 +700,9 @@ static void verify_and_complete(struct fetcher *f, struct job *job)
         w->ref->data = buf->data;
         w->ref->hit = w->joined;
         w->err = 0;
-        w->next = fired;
-        fired = w;
+        struct waiter **list = w->after_write ? &later : &fired;
+        w->next = *list;
+        *list = w;
     }
     pthread_mutex_unlock(&f->lock);
     wake_dispatcher(f); /* demand may have ended: background can go */
@@ -715,6 +718,8 @@ static void verify_and_complete(struct fetcher *f, struct job *job)
         atomic_fetch_add(&f->uncached, 1); /* full of chunks in use: served from memory only */
     else
         note_error(f, &job->hash, "cannot store it in the cache");
+    /* Pre-copy and replay count a chunk as done once it is on disk. */
+    complete_waiters(f, later);
     pthread_mutex_lock(&f->lock);
     unlink_job(f, job);
     pthread_mutex_unlock(&f->lock);
@@ -860,6 +865,7 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
         if (job) {
             if (w) {
                 w->counted = cls == FETCH_DEMAND;
+                w->after_write = cls != FETCH_DEMAND;
                 f->callbacks_pending += w->counted;
                 w->joined = true;
                 w->next = job->waiters;
@@ -888,6 +894,7 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
             job->deadline = deadline_ns != NO_DEADLINE ? deadline_ns : 0;
             if (w) {
                 w->counted = cls == FETCH_DEMAND;
+                w->after_write = cls != FETCH_DEMAND;
                 f->callbacks_pending += w->counted;
                 w->next = NULL;
                 job->waiters = w;

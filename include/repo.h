@@ -249,6 +249,8 @@ int repo_write_index(struct repo *repo, const struct repo_index *index);
  * they must outlive the repository). */
 void repo_set_signers(struct repo *repo, const struct sign_secret_key *keys, size_t count);
 size_t repo_signer_count(const struct repo *repo);
+/* True when the repository's index has signature lines (not verified). */
+bool repo_is_signed(struct repo *repo);
 /* Replaces any signature lines at the end of text[0..*len) (capacity cap) by
  * those of the signers. -ENOSPC when cap is too small. */
 int repo_sign_text(struct repo *repo, char *text, size_t *len, size_t cap);

@@ -302,7 +302,11 @@ static int http_get_one(struct repo *repo, int i, const char *relpath, size_t ma
     } else if (rc == CURLE_OK && (status == 404 || status == 410)) {
         err = -ENOENT;
     } else {
-        if (body.too_big)
+        /* An error page may be longer than the file asked for: the status
+         * is what it says. */
+        if (status == 401 || status == 403)
+            err = -EACCES, snprintf(what, sizeof(what), "access denied (HTTP status %ld)", status);
+        else if (body.too_big)
             err = -EFBIG, snprintf(what, sizeof(what), "response larger than %zu bytes", max_len);
         else if (rc == CURLE_OK)
             err = -EIO, snprintf(what, sizeof(what), "HTTP status %ld", status);
@@ -483,6 +487,11 @@ static int check_marker(struct repo *repo, char *err, size_t errlen)
     if (rc == -ENOENT || rc == -EFBIG || rc == -EINVAL) {
         snprintf(err, errlen, "%s is not an imgfs repository (no imgfs-repo marker file)", repo->location);
         return -ENOENT;
+    }
+    if (rc == -EACCES) {
+        snprintf(err, errlen, "repository %s: %s; give its user name and password with -o credentials=FILE",
+                 repo->location, describe_error(rc));
+        return rc;
     }
     if (rc) {
         snprintf(err, errlen, "cannot reach repository %s: %s", repo->location, describe_error(rc));
@@ -1181,6 +1190,18 @@ void repo_set_signers(struct repo *repo, const struct sign_secret_key *keys, siz
 }
 
 size_t repo_signer_count(const struct repo *repo) { return repo->signer_count; }
+
+bool repo_is_signed(struct repo *repo)
+{
+    char *data;
+    size_t len;
+    unsigned sigs = 0;
+    if (repo_get(repo, "index", REPO_MAX_INDEX_LEN, &data, &len) == 0) {
+        sign_body_len(data, len, &sigs);
+        free(data);
+    }
+    return sigs > 0;
+}
 
 int repo_sign_text(struct repo *repo, char *text, size_t *len, size_t cap)
 {

@@ -12,12 +12,6 @@
 #include "tree.h"
 #include "vm.h"
 
-static const struct vm_base *no_base(void *ctx, const char *name, uint64_t version)
-{
-    (void)ctx, (void)name, (void)version;
-    return NULL;
-}
-
 static bool acceptable(const uint8_t *data, size_t size)
 {
     size_t digits = 0;

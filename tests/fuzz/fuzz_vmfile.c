@@ -8,12 +8,6 @@
 #include "util.h"
 #include "vm.h"
 
-static const struct vm_base *no_base(void *ctx, const char *name, uint64_t version)
-{
-    (void)ctx, (void)name, (void)version;
-    return NULL;
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     fuzz_reset_state();

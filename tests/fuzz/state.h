@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "vm.h"
+
 static char fuzz_dir[64];
 
 /* Creates the scratch directory once and works inside it, so that relative
@@ -20,6 +22,13 @@ static const char *fuzz_scratch(void)
             abort();
     }
     return fuzz_dir;
+}
+
+/* The base lookup of the scratch registry: there are no bases. */
+static const struct vm_base *no_base(void *ctx, const char *name, uint64_t version)
+{
+    (void)ctx, (void)name, (void)version;
+    return NULL;
 }
 
 static void fuzz_reset_state(void)
