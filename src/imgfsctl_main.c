@@ -68,6 +68,31 @@ bool wants_help(int argc, char **argv)
     return false;
 }
 
+int parse_arg_and_flag(const char *cmd, int argc, char **argv, const char *arg_name, const char **arg,
+                       const char *flag, bool *flag_set)
+{
+    char msg[300];
+    *arg = NULL;
+    *flag_set = false;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], flag) == 0) {
+            *flag_set = true;
+        } else if (argv[i][0] == '-') {
+            snprintf(msg, sizeof(msg), "unknown option '%.200s'", argv[i]);
+            return usage_error(cmd, msg);
+        } else if (*arg) {
+            snprintf(msg, sizeof(msg), "needs exactly one %s", arg_name);
+            return usage_error(cmd, msg);
+        } else {
+            *arg = argv[i];
+        }
+    }
+    if (*arg)
+        return 0;
+    snprintf(msg, sizeof(msg), "needs %s", arg_name);
+    return usage_error(cmd, msg);
+}
+
 /* ---- publish ------------------------------------------------------------------ */
 
 static void publish_help(FILE *out)
