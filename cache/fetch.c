@@ -816,8 +816,10 @@ static int start_threads_locked(struct fetcher *f);
 
 /* The common path of fetch_start and fetch_ahead. w is NULL for readahead. */
 static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
-                   uint64_t deadline_ns, struct fetch_counters *counters, struct fetch_ref *ref, struct waiter *w)
+                   uint64_t deadline_ns, struct fetch_counters *counters, struct fetch_ref *ref,
+                   const struct waiter *tmpl)
 {
+    struct waiter *w = NULL; /* a copy of tmpl, made only when a request must wait */
     uint64_t wait_until = now_ns(); /* first look without waiting */
     for (;;) {
         struct cache_pin pin;
@@ -862,6 +864,14 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
             }
             return 0;
         }
+        if ((job || rc == CACHE_MUST_FILL) && tmpl && !(w = malloc(sizeof(*w)))) {
+            pthread_mutex_unlock(&f->lock);
+            if (rc == CACHE_MUST_FILL)
+                cache_abandon(f->cache, &pin);
+            return -EIO;
+        }
+        if (w)
+            *w = *tmpl;
         if (job) {
             if (w) {
                 w->counted = cls == FETCH_DEMAND;
@@ -889,6 +899,7 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
             if (!job) {
                 pthread_mutex_unlock(&f->lock);
                 cache_abandon(f->cache, &pin);
+                free(w);
                 return -EIO;
             }
             job->deadline = deadline_ns != NO_DEADLINE ? deadline_ns : 0;
@@ -909,7 +920,7 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
         pthread_mutex_unlock(&f->lock);
         /* BUSY with no job: the cache itself is verifying or evicting the
          * file (local work only). Look again shortly. */
-        if (!w)
+        if (!tmpl)
             return 0;
         uint64_t now = now_ns();
         if (deadline_ns != NO_DEADLINE && now >= deadline_ns)
@@ -924,18 +935,12 @@ int fetch_start(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk
 {
     memset(ref, 0, sizeof(*ref));
     ref->pin.fd = -1;
-    struct waiter *w = calloc(1, sizeof(*w));
-    if (!w)
-        return -EIO;
-    *w = (struct waiter){.done = done, .arg = arg, .ref = ref, .deadline = deadline_ns, .counters = counters};
-    int rc = request(f, hash, chunk_size, cls, deadline_ns, counters, ref, w);
-    if (rc != FETCH_PENDING) {
-        free(w);
-        if (rc < 0) {
-            atomic_fetch_add(&f->errors, 1);
-            if (counters)
-                atomic_fetch_add(&counters->errors, 1);
-        }
+    struct waiter tmpl = {.done = done, .arg = arg, .ref = ref, .deadline = deadline_ns, .counters = counters};
+    int rc = request(f, hash, chunk_size, cls, deadline_ns, counters, ref, &tmpl);
+    if (rc < 0) {
+        atomic_fetch_add(&f->errors, 1);
+        if (counters)
+            atomic_fetch_add(&counters->errors, 1);
     }
     return rc;
 }
