@@ -399,6 +399,17 @@ static void test_qcow2(void)
             sparse, q, q, truth) == 0)
         check_image("qcow2 2M clusters, 64K chunks", q, truth, 64 * 1024, true, true);
 
+    /* qcow version 1: no map is read, every byte goes through libqcow. */
+    path_in(q, "v1.qcow");
+    if (run("qemu-img convert -q -f raw -O qcow '%s' '%s' && qemu-img convert -q -O raw '%s' '%s'", sparse, q, q,
+            truth) == 0) {
+        char err[512];
+        struct image *img = NULL;
+        CHECK(image_open(q, &img, err, sizeof(err)) == 0 && strcmp(image_map_source(img), "none") == 0);
+        image_close(img);
+        check_image("qcow v1, read whole", q, truth, CS, false, true);
+    }
+
     /* Preallocated metadata (every cluster has a host offset, reading as
      * zeros), data, and zero-flag clusters that keep their host cluster over
      * data that was written there before: libqcow (the old path) returns
