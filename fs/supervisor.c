@@ -212,10 +212,31 @@ static void remove_layer_dir(const char *path)
     rmdir(path);
 }
 
+/* Removes the directories of supervisors that were killed (kill -9 leaves
+ * them behind): those whose pid is gone. */
+static void remove_dead_layer_dirs(void)
+{
+    DIR *d = opendir("/dev/shm");
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        int pid;
+        char rest;
+        if (sscanf(e->d_name, "imgfs-%d%c", &pid, &rest) != 1 || pid <= 0 || kill(pid, 0) == 0 || errno != ESRCH)
+            continue;
+        char path[300];
+        snprintf(path, sizeof(path), "/dev/shm/%s", e->d_name);
+        remove_layer_dir(path);
+    }
+    closedir(d);
+}
+
 /* The layers' pending entries live in /dev/shm for exactly as long as this
  * supervisor: a directory left by an earlier process with our pid goes. */
 static void make_layer_dir(struct takeover *t)
 {
+    remove_dead_layer_dirs();
     char path[sizeof(t->layer_dir)];
     snprintf(path, sizeof(path), "/dev/shm/imgfs-%d", (int)getpid());
     remove_layer_dir(path);
