@@ -408,13 +408,11 @@ static int file_install(struct layer *l, int fd, unsigned gen, struct log_file *
     if (!f)
         return -ENOMEM;
     *f = (struct log_file){fd, gen, 1};
+    /* A generation four back still pinned by a reader keeps its own
+     * reference; it only loses its place in the table (file_put checks). */
     pthread_mutex_lock(&l->files_lock);
-    struct log_file *stale = l->files[gen % 4];
     l->files[gen % 4] = f;
     pthread_mutex_unlock(&l->files_lock);
-    /* A generation four back still pinned by a reader keeps its own
-     * reference; it only loses its place in the table. */
-    (void)stale;
     *out = f;
     return 0;
 }
