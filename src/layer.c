@@ -1275,13 +1275,18 @@ int layer_read(struct layer *l, void *buf, size_t len, uint64_t off)
 
 /* Starts writeback of what was appended since the last kick, so that data
  * does not wait in the page cache for the next flush. */
-static void kick_writeback(struct layer *l, int fd, uint64_t upto)
+static void kick_writeback(struct layer *l, unsigned gen, uint64_t upto)
 {
     uint64_t from = atomic_load(&l->kicked);
-    if (upto <= from || (upto - from) * BS < KICK_BYTES)
+    if (upto <= from || (upto - from) * BS < KICK_BYTES || !atomic_compare_exchange_strong(&l->kicked, &from, upto))
         return;
-    if (atomic_compare_exchange_strong(&l->kicked, &from, upto))
-        sync_file_range(fd, (off_t)(from * BS), (off_t)((upto - from) * BS), SYNC_FILE_RANGE_WRITE);
+    /* Without swap_lock (this may wait for the device queue, and a flush
+     * must not wait for it), so the file is pinned. */
+    struct log_file *f = file_get(l, gen);
+    if (!f)
+        return; /* compacted meanwhile: the new file was synced */
+    sync_file_range(f->fd, (off_t)(from * BS), (off_t)((upto - from) * BS), SYNC_FILE_RANGE_WRITE);
+    file_put(l, f);
 }
 
 /* Notes a changed range for a compaction under way. lock held. */
@@ -1322,9 +1327,11 @@ int layer_write(struct layer *l, const void *buf, size_t len, uint64_t off)
             flush_now = l->npending >= MAX_RECORD_ENTRIES || l->pending_bytes >= MAX_PENDING_BYTES;
         }
         pthread_mutex_unlock(&l->lock);
-        kick_writeback(l, f->fd, loc + count);
     }
+    unsigned gen = f->gen;
     pthread_rwlock_unlock(&l->swap_lock);
+    if (!rc)
+        kick_writeback(l, gen, loc + count);
     atomic_store(&l->last_io_ns, now_ns());
     return !rc && flush_now ? layer_flush(l) : rc;
 }
