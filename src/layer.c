@@ -31,7 +31,8 @@
  *   compact    copy live data into ID.log.new (phase 1, no lock), copy what
  *              changed meanwhile (phase 1b), then with writers and flushes
  *              held (phase 2) copy the rest, fdatasync, rename over
- *              ID.log, and repoint the slots at the new generation
+ *              ID.log, and repoint the slots at the new generation; then
+ *              writes go on while flushes wait for the directory's fsync
  *   open       replay records in order; check the last one's data
  */
 #include "layer.h"
@@ -1652,46 +1653,45 @@ static int compact(struct layer *l)
         rc = sync_fd(fd);
     if (!rc)
         copy_times(l->cur->fd, fd); /* compaction changes no byte of the disk */
+    /* Everything that can fail comes before the rename: after it, the new
+     * file is the layer. */
+    struct log_file *old = l->cur, *fresh = rc ? NULL : malloc(sizeof(*fresh));
+    if (!rc && !fresh)
+        rc = -ENOMEM;
     if (!rc && rename(new_path, log_path) < 0)
         rc = -errno;
     bool renamed = !rc;
-    if (!rc)
-        rc = fsync_dir(l->dir);
-    struct log_file *old = l->cur, *fresh = NULL;
     if (renamed) {
-        /* From here the new file is the layer (its directory entry may still
-         * be unsynced if fsync_dir failed; the data is the same either way). */
         unsigned gen = (old->gen + 1) % GEN_LIMIT;
-        int irc = file_install(l, fd, gen, &fresh);
-        if (irc) {
-            /* Cannot happen in practice (a malloc of 16 bytes); the old fd
-             * still reads the same data, so keep serving from it. */
-            log_error("layer %s: compaction could not switch files: %s", l->id, strerror(-irc));
-            close(fd);
-        } else {
-            pthread_mutex_lock(&l->lock);
-            for (size_t i = 0; i < b.nall; i++) {
-                const struct entry *e = &b.all[i];
-                if (e->kind == ENTRY_DATA)
-                    for (uint32_t k = 0; k < e->count; k++)
-                        slot_set(l, e->block + k, SLOT_DATA(gen, e->loc + k));
-                else
-                    zero_range(l, e->block, e->count); /* owned already: no allocation */
-            }
-            l->cur = fresh;
-            l->file_id = b.file_id;
-            l->record_at = b.record_at;
-            l->seq = b.seq;
-            free(l->pending);
-            l->pending = NULL;
-            l->npending = l->pending_cap = 0;
-            l->pending_bytes = 0;
-            shared_reset(l); /* the new file holds everything, synced */
-            atomic_store(&l->tail, b.next);
-            atomic_store(&l->kicked, b.next);
-            pthread_mutex_unlock(&l->lock);
+        *fresh = (struct log_file){fd, gen, 1};
+        pthread_mutex_lock(&l->files_lock);
+        l->files[gen % 4] = fresh; /* see file_install */
+        pthread_mutex_unlock(&l->files_lock);
+        pthread_mutex_lock(&l->lock);
+        for (size_t i = 0; i < b.nall; i++) {
+            const struct entry *e = &b.all[i];
+            if (e->kind == ENTRY_DATA)
+                for (uint32_t k = 0; k < e->count; k++)
+                    slot_set(l, e->block + k, SLOT_DATA(gen, e->loc + k));
+            else
+                zero_range(l, e->block, e->count); /* owned already: no allocation */
         }
+        l->cur = fresh;
+        l->file_id = b.file_id;
+        l->record_at = b.record_at;
+        l->seq = b.seq;
+        free(l->pending);
+        l->pending = NULL;
+        l->npending = l->pending_cap = 0;
+        l->pending_bytes = 0;
+        shared_reset(l); /* the new file holds everything, synced */
+        atomic_store(&l->tail, b.next);
+        atomic_store(&l->kicked, b.next);
+        pthread_mutex_unlock(&l->lock);
         fd = -1;
+    } else {
+        free(fresh);
+        fresh = NULL;
     }
     pthread_mutex_lock(&l->lock);
     l->tracking = false;
@@ -1700,7 +1700,13 @@ static int compact(struct layer *l)
     l->nchanged = l->changed_cap = 0;
     pthread_mutex_unlock(&l->lock);
     uint64_t t_end = now_ns();
+    /* Writes go on (into the new file); flushes wait until the rename is
+     * durable, since what they promise is only reachable through it. */
     pthread_rwlock_unlock(&l->swap_lock);
+    if (renamed && (rc = fsync_dir(l->dir)) != 0) {
+        log_error("layer %s: cannot sync the directory after compaction: %s", l->id, strerror(-rc));
+        atomic_store(&l->broken, rc);
+    }
     pthread_mutex_unlock(&l->flush_serial);
     if (fresh)
         file_put(l, old); /* closed once the last reader lets go (I5) */
@@ -1718,7 +1724,7 @@ static int compact(struct layer *l)
     }
     builder_free(&b);
     free(piece);
-    return renamed ? 0 : rc;
+    return rc;
 }
 
 int layer_compact(struct layer *l)
