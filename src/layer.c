@@ -149,7 +149,7 @@ struct layer {
 
     /* Compaction: guarded by the module's compact_lock. */
     struct layer *compact_next;
-    bool compact_queued, compact_stop;
+    bool compact_queued, compact_stop, compacting;
     _Atomic uint64_t compactions, compact_ns, compact_pause_ns, compact_bytes;
 };
 
@@ -1490,9 +1490,11 @@ int layer_flush(struct layer *l)
 
 static pthread_mutex_t compact_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t compact_cond = PTHREAD_COND_INITIALIZER;
+/* Two threads, so that one large layer's compaction does not hold back
+ * every other layer's. */
+#define COMPACT_THREADS 2
 static struct layer *compact_queue; /* guarded by compact_lock */
-static struct layer *compact_running;
-static bool compact_thread_started;
+static unsigned compact_threads;
 
 static uint64_t compact_min_bytes(void)
 {
@@ -1727,18 +1729,36 @@ static int compact(struct layer *l)
     return rc;
 }
 
+/* Marks l as compacting, waiting for a compaction of it under way (only
+ * its owner calls this: l cannot be closed meanwhile); false when the layer
+ * is closing. compact_lock held. */
+static bool compact_claim(struct layer *l)
+{
+    while (l->compacting)
+        pthread_cond_wait(&compact_cond, &compact_lock);
+    if (l->compact_stop)
+        return false;
+    l->compacting = true;
+    return true;
+}
+
+static void compact_release(struct layer *l)
+{
+    pthread_mutex_lock(&compact_lock);
+    l->compacting = false;
+    pthread_cond_broadcast(&compact_cond);
+    pthread_mutex_unlock(&compact_lock);
+}
+
 int layer_compact(struct layer *l)
 {
     pthread_mutex_lock(&compact_lock);
-    while (compact_running)
-        pthread_cond_wait(&compact_cond, &compact_lock);
-    compact_running = l;
+    bool claimed = compact_claim(l);
     pthread_mutex_unlock(&compact_lock);
+    if (!claimed)
+        return -ECANCELED;
     int rc = compact(l);
-    pthread_mutex_lock(&compact_lock);
-    compact_running = NULL;
-    pthread_cond_broadcast(&compact_cond);
-    pthread_mutex_unlock(&compact_lock);
+    compact_release(l);
     return rc;
 }
 
@@ -1749,19 +1769,22 @@ static void *compact_main(void *arg)
     syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_IDLE, 0));
     pthread_mutex_lock(&compact_lock);
     for (;;) {
-        while (!compact_queue || compact_running)
+        while (!compact_queue)
             pthread_cond_wait(&compact_cond, &compact_lock);
         struct layer *l = compact_queue;
         compact_queue = l->compact_next;
         l->compact_queued = false;
-        compact_running = l;
+        /* Never wait here for l: it may be closed meanwhile. A layer that
+         * is compacting already needs no second compaction now. */
+        if (l->compacting || l->compact_stop)
+            continue;
+        l->compacting = true;
         pthread_mutex_unlock(&compact_lock);
         int rc = wants_compaction(l) ? compact(l) : 0;
         if (rc && rc != -ECANCELED)
             log_warn("layer %s: compaction failed: %s", l->id, strerror(-rc));
+        compact_release(l);
         pthread_mutex_lock(&compact_lock);
-        compact_running = NULL;
-        pthread_cond_broadcast(&compact_cond);
     }
     return NULL;
 }
@@ -1771,15 +1794,15 @@ static void maybe_compact(struct layer *l)
     if (!wants_compaction(l))
         return;
     pthread_mutex_lock(&compact_lock);
-    if (!l->compact_queued && compact_running != l && !l->compact_stop) {
-        if (!compact_thread_started) {
+    if (!l->compact_queued && !l->compacting && !l->compact_stop) {
+        while (compact_threads < COMPACT_THREADS) {
             pthread_t t;
-            if (pthread_create(&t, NULL, compact_main, NULL) == 0) {
-                pthread_detach(t);
-                compact_thread_started = true;
-            }
+            if (pthread_create(&t, NULL, compact_main, NULL) != 0)
+                break;
+            pthread_detach(t);
+            compact_threads++;
         }
-        if (compact_thread_started) {
+        if (compact_threads > 0) {
             l->compact_next = compact_queue;
             compact_queue = l;
             l->compact_queued = true;
@@ -1801,7 +1824,7 @@ static void compact_cancel(struct layer *l)
             }
         l->compact_queued = false;
     }
-    while (compact_running == l)
+    while (l->compacting)
         pthread_cond_wait(&compact_cond, &compact_lock);
     pthread_mutex_unlock(&compact_lock);
 }
