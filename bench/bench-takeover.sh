@@ -15,8 +15,15 @@
 # the mean block time of the same run; and the client's errors and
 # mismatches (both must be 0).
 #
+# With BENCH_BASELINE_BIN (the build directory of another imgfs, for example
+# one from before the supervisor, whose libfuse loop used clone_fd), it also
+# measures what the receive loop costs: fio 4 KiB random O_DIRECT reads on a
+# VM disk (libaio, 2 jobs, iodepth 16, 5 s), three runs of each build,
+# alternating, each on a fresh mount; reported as mean IOPS and their ratio.
+#
 # Run as root. Environment:
 #   BENCH_KILLS, BENCH_RESTARTS   see above
+#   BENCH_BASELINE_BIN            see above (default: none)
 #   BENCH_DIR       parent of the work directory (default /var/tmp)
 #   BENCH_KEEP=1    keep the work directory
 #   IMGFS_BIN_DIR   where imgfs, imgfsctl and tests/blockcheck are
@@ -111,10 +118,39 @@ client_status=$?
 summary=$(tail -n 1 "$WORK/client.out")
 ops_total=$(awk '{ print $2 }' <<< "$summary")
 
+# fio_iops BIN N: mean 4 KiB random O_DIRECT read IOPS on a fresh mount of BIN.
+fio_iops() {
+    local bin=$1 n=$2
+    local w=$WORK/fio.$n
+    mkdir -p "$w/mnt" "$w/state" "$w/cache"
+    "$bin/imgfs" "$WORK/repo" "$w/mnt" -f -o "state=$w/state,cache=$w/cache" 2> "$w/imgfs.log" &
+    local pid=$!
+    wait_mounted "$w/mnt" 10 || die "$bin/imgfs did not mount."
+    "$bin/imgfsctl" vm create "$w/mnt" vm --base base > /dev/null || die "vm create failed."
+    cat "$w/mnt/vms/vm.raw" > /dev/null # the base in the cache
+    fio --name=r --filename="$w/mnt/vms/vm.raw" --direct=1 --rw=randread --bs=4k --ioengine=libaio --iodepth=16 \
+        --numjobs=2 --runtime=5 --time_based --group_reporting --output-format=json 2> /dev/null |
+        python3 -c 'import json, sys; print("%.0f" % json.load(sys.stdin)["jobs"][0]["read"]["iops"])'
+    fusermount3 -u "$w/mnt"
+    wait "$pid" 2> /dev/null
+}
+compare=""
+if [ -n "${BENCH_BASELINE_BIN:-}" ]; then
+    require_imgfs "$BENCH_BASELINE_BIN"
+    require_tools fio
+    base_iops=() new_iops=()
+    for r in 1 2 3; do
+        base_iops+=("$(fio_iops "$BENCH_BASELINE_BIN" "b$r")")
+        new_iops+=("$(fio_iops "$BIN" "n$r")")
+        log "fio run $r: baseline ${base_iops[-1]}, this build ${new_iops[-1]} IOPS"
+    done
+    compare="${base_iops[*]}/${new_iops[*]}"
+fi
+
 python3 - "$WORK/events" "$WORK/slow" "$ops_total" "$summary" "$client_status" "$KILLS" "$RESTARTS" \
-    "$started" "$ended" <<'PY' | save_report takeover
+    "$started" "$ended" "$compare" <<'PY' | save_report takeover
 import statistics, sys
-events_path, slow_path, ops_total, summary, status, kills, restarts, started, ended = sys.argv[1:]
+events_path, slow_path, ops_total, summary, status, kills, restarts, started, ended, compare = sys.argv[1:]
 events = [(l.split()[0], float(l.split()[1]), float(l.split()[2])) for l in open(events_path)]
 slow = [tuple(map(float, l.split())) for l in open(slow_path)]
 def pause(t0, t1):
@@ -139,4 +175,10 @@ for kind in ("kill", "restart"):
 print("\nClient: %s (exit status %s)." % (summary, status))
 print("Mean block time over the whole run: %.2f ms; blocks over 5 ms: %d of %s." %
       ((float(ended) - float(started)) / max(int(ops_total), 1), len(slow), ops_total))
+if compare:
+    base, new = ([float(x) for x in part.split()] for part in compare.split("/"))
+    b, n = statistics.mean(base), statistics.mean(new)
+    print("\nReceive loop: fio 4 KiB random O_DIRECT reads on a VM disk (libaio, 2 jobs, iodepth 16),")
+    print("three alternating runs: baseline %s IOPS, this build %s IOPS; mean %.0f vs %.0f, ratio %.2f." %
+          (" ".join("%.0f" % x for x in base), " ".join("%.0f" % x for x in new), b, n, n / b))
 PY

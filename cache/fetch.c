@@ -61,6 +61,7 @@ struct waiter {
     struct fetch_counters *counters;
     bool joined;  /* came to a job another request started */
     bool counted; /* a demand request: in callbacks_pending */
+    bool after_write; /* replay and pre-copy: completed once the cache file is written */
     int err;     /* set when it is completed */
 };
 
@@ -88,6 +89,7 @@ struct job {
     size_t enc_len, enc_cap;
     bool too_big;
     int xfer_mirror;
+    uint64_t xfer_deadline; /* the deadline when the transfer started */
     uint64_t xfer_started;
     /* Links: table bucket, class or work queue, failure list. */
     struct job *hnext, *qnext, *dnext;
@@ -96,7 +98,8 @@ struct job {
 struct fetcher {
     struct cache *cache;
     struct repo *repo;
-    bool local;
+    bool local; /* chunks are read by the workers (no URL transport) */
+    bool missing_is_final;
     int slots;
     uint64_t timeout_ns;
     atomic_uint_fast64_t requests;
@@ -380,9 +383,9 @@ static void transfer_failed(struct fetcher *f, struct job *job, int err, struct 
     uint64_t now = now_ns();
     int mirrors = repo_mirror_count(f->repo);
     job->tried++;
-    if (err == -EFBIG || (err == -ENOENT && f->local)) {
-        /* Too large to be a chunk; or a local directory, which will not grow
-         * the file by waiting. */
+    if (err == -EFBIG || (err == -ENOENT && f->missing_is_final)) {
+        /* Too large to be a chunk; or a backend (a local directory) where
+         * the file will not appear by waiting. */
         fail_job_locked(f, job, fired, dead);
         return;
     }
@@ -500,6 +503,7 @@ static struct job *start_jobs_locked(struct fetcher *f, uint64_t now)
         f->transfers++;
         if (!job->deadline)
             job->deadline = now + f->timeout_ns;
+        job->xfer_deadline = job->deadline;
         atomic_fetch_add(&f->requests, 1);
         if (f->local) {
             push_work(f, job);
@@ -524,7 +528,8 @@ static size_t body_write(char *ptr, size_t size, size_t nmemb, void *userdata)
     return n;
 }
 
-/* Sets up and adds one HTTP transfer (dispatcher thread, no lock). */
+/* Sets up and adds one HTTP transfer (dispatcher thread, no lock: while a
+ * job is in TRANSFER only the dispatcher touches its transfer fields). */
 static int http_start(struct fetcher *f, struct job *job)
 {
     char rel[64];
@@ -541,7 +546,7 @@ static int http_start(struct fetcher *f, struct job *job)
     if (rc)
         return rc;
     uint64_t now = now_ns();
-    long ms = job->deadline > now ? (long)((job->deadline - now) / 1000000) : 1;
+    long ms = job->xfer_deadline > now ? (long)((job->xfer_deadline - now) / 1000000) : 1;
     curl_easy_setopt(job->easy, CURLOPT_TIMEOUT_MS, ms > 0 ? ms : 1L);
     curl_easy_setopt(job->easy, CURLOPT_WRITEFUNCTION, body_write);
     curl_easy_setopt(job->easy, CURLOPT_WRITEDATA, job);
@@ -682,6 +687,7 @@ static void verify_and_complete(struct fetcher *f, struct job *job)
     }
     free(job->enc);
     job->enc = NULL;
+    struct waiter *later = NULL;
     pthread_mutex_lock(&f->lock);
     job->state = JOB_DONE;
     job->buf = buf;
@@ -694,8 +700,9 @@ static void verify_and_complete(struct fetcher *f, struct job *job)
         w->ref->data = buf->data;
         w->ref->hit = w->joined;
         w->err = 0;
-        w->next = fired;
-        fired = w;
+        struct waiter **list = w->after_write ? &later : &fired;
+        w->next = *list;
+        *list = w;
     }
     pthread_mutex_unlock(&f->lock);
     wake_dispatcher(f); /* demand may have ended: background can go */
@@ -711,6 +718,8 @@ static void verify_and_complete(struct fetcher *f, struct job *job)
         atomic_fetch_add(&f->uncached, 1); /* full of chunks in use: served from memory only */
     else
         note_error(f, &job->hash, "cannot store it in the cache");
+    /* Pre-copy and replay count a chunk as done once it is on disk. */
+    complete_waiters(f, later);
     pthread_mutex_lock(&f->lock);
     unlink_job(f, job);
     pthread_mutex_unlock(&f->lock);
@@ -807,8 +816,10 @@ static int start_threads_locked(struct fetcher *f);
 
 /* The common path of fetch_start and fetch_ahead. w is NULL for readahead. */
 static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
-                   uint64_t deadline_ns, struct fetch_counters *counters, struct fetch_ref *ref, struct waiter *w)
+                   uint64_t deadline_ns, struct fetch_counters *counters, struct fetch_ref *ref,
+                   const struct waiter *tmpl)
 {
+    struct waiter *w = NULL; /* a copy of tmpl, made only when a request must wait */
     uint64_t wait_until = now_ns(); /* first look without waiting */
     for (;;) {
         struct cache_pin pin;
@@ -853,9 +864,18 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
             }
             return 0;
         }
+        if ((job || rc == CACHE_MUST_FILL) && tmpl && !(w = malloc(sizeof(*w)))) {
+            pthread_mutex_unlock(&f->lock);
+            if (rc == CACHE_MUST_FILL)
+                cache_abandon(f->cache, &pin);
+            return -EIO;
+        }
+        if (w)
+            *w = *tmpl;
         if (job) {
             if (w) {
                 w->counted = cls == FETCH_DEMAND;
+                w->after_write = cls != FETCH_DEMAND;
                 f->callbacks_pending += w->counted;
                 w->joined = true;
                 w->next = job->waiters;
@@ -879,11 +899,13 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
             if (!job) {
                 pthread_mutex_unlock(&f->lock);
                 cache_abandon(f->cache, &pin);
+                free(w);
                 return -EIO;
             }
             job->deadline = deadline_ns != NO_DEADLINE ? deadline_ns : 0;
             if (w) {
                 w->counted = cls == FETCH_DEMAND;
+                w->after_write = cls != FETCH_DEMAND;
                 f->callbacks_pending += w->counted;
                 w->next = NULL;
                 job->waiters = w;
@@ -898,7 +920,7 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
         pthread_mutex_unlock(&f->lock);
         /* BUSY with no job: the cache itself is verifying or evicting the
          * file (local work only). Look again shortly. */
-        if (!w)
+        if (!tmpl)
             return 0;
         uint64_t now = now_ns();
         if (deadline_ns != NO_DEADLINE && now >= deadline_ns)
@@ -913,18 +935,12 @@ int fetch_start(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk
 {
     memset(ref, 0, sizeof(*ref));
     ref->pin.fd = -1;
-    struct waiter *w = calloc(1, sizeof(*w));
-    if (!w)
-        return -EIO;
-    *w = (struct waiter){.done = done, .arg = arg, .ref = ref, .deadline = deadline_ns, .counters = counters};
-    int rc = request(f, hash, chunk_size, cls, deadline_ns, counters, ref, w);
-    if (rc != FETCH_PENDING) {
-        free(w);
-        if (rc < 0) {
-            atomic_fetch_add(&f->errors, 1);
-            if (counters)
-                atomic_fetch_add(&counters->errors, 1);
-        }
+    struct waiter tmpl = {.done = done, .arg = arg, .ref = ref, .deadline = deadline_ns, .counters = counters};
+    int rc = request(f, hash, chunk_size, cls, deadline_ns, counters, ref, &tmpl);
+    if (rc < 0) {
+        atomic_fetch_add(&f->errors, 1);
+        if (counters)
+            atomic_fetch_add(&counters->errors, 1);
     }
     return rc;
 }
@@ -995,7 +1011,8 @@ int fetcher_create(struct cache *cache, struct repo *repo, const struct fetch_op
         return -ENOMEM;
     f->cache = cache;
     f->repo = repo;
-    f->local = repo_is_local(repo);
+    f->local = !repo_has_url_chunks(repo);
+    f->missing_is_final = repo_missing_is_final(repo);
     f->slots = f->local ? FETCH_SLOTS_LOCAL : FETCH_SLOTS_HTTP;
     double timeout = opts->timeout_seconds > 0 ? opts->timeout_seconds : FETCH_DEFAULT_TIMEOUT;
     f->timeout_ns = (uint64_t)(timeout * 1e9);

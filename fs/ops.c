@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "fs.h"
+#include "serve.h"
 #include "util.h"
 
 /* Immutable names and attributes may be cached by the kernel for long;
@@ -29,7 +30,7 @@ static struct imgfs *fs_of(fuse_req_t req) { return fuse_req_userdata(req); }
  * slow network never stalls a directory operation. */
 static void maybe_refresh(struct imgfs *fs)
 {
-    if (repo_is_local(fs->repo)) {
+    if (repo_reads_are_cheap(fs->repo)) {
         char err[256];
         tree_refresh(fs->tree, true, err, sizeof(err));
     }
@@ -462,6 +463,14 @@ static off_t status_file_size(fuse_req_t req, const struct node *n)
     return (off_t)len;
 }
 
+static bool text_is_open(uint64_t id)
+{
+    pthread_mutex_lock(&open_texts_lock);
+    bool open = find_text_locked(id) != NULL;
+    pthread_mutex_unlock(&open_texts_lock);
+    return open;
+}
+
 static void text_read(fuse_req_t req, uint64_t id, size_t size, off_t off)
 {
     char *slice = NULL;
@@ -792,7 +801,9 @@ struct image_read {
     fuse_req_t req;
     struct imgfs *fs;
     const struct node *n;
-    const struct vm_base *base; /* NULL for a blank VM disk */
+    const struct disk *disk;    /* a VM disk, or base_only */
+    struct disk base_only;      /* a base read: the base under no layer */
+    struct chunk_trace *trace;  /* recording the VM's reads, or NULL */
     uint64_t start, end;
     uint64_t first;     /* index of the first base chunk of the range */
     size_t count;       /* base chunks in the range */
@@ -802,76 +813,53 @@ struct image_read {
     struct fetch_ref refs[]; /* per chunk: what the engine gave */
 };
 
-static const struct disk *disk_of(const struct node *n)
+/* The VM lock that keeps a disk's chain stable, NULL for a base. */
+static pthread_rwlock_t *chain_lock_of(const struct image_read *op)
 {
-    return n->kind == NODE_VM_FILE ? &n->vm->live : n->kind == NODE_VM_SNAPSHOT ? &n->snapshot->disk : NULL;
+    return op->disk == &op->base_only ? NULL : &op->n->vm->chain_lock;
 }
 
-/* Adds [start, end) of the base from the chunks in hand. */
-static int bufs_add_base(struct reply_bufs *r, struct image_read *op, uint64_t start, uint64_t end)
+/* disk_map callback while submitting: marks the base chunks the read needs
+ * and records them in the VM's trace. */
+static int want_extent(void *ctx, const struct disk_extent *e)
 {
-    const struct manifest *m = op->base->manifest;
-    uint64_t cs = m->chunk_size;
-    for (uint64_t i = start / cs; i * cs < end; i++) {
-        uint64_t from = start > i * cs ? start : i * cs;
-        uint64_t to = end < (i + 1) * cs ? end : (i + 1) * cs;
-        const struct fetch_ref *ref = &op->refs[i - op->first];
-        int rc;
-        if (chunk_hash_is_null(&m->chunks[i]))
-            rc = bufs_add_zero(r, to - from);
-        else if (!op->wanted[i - op->first])
-            rc = -EIO; /* not mapped to the base when submitted: cannot happen */
-        else if (ref->data)
-            rc = bufs_add_mem(r, ref->data + (from - i * cs), to - from);
-        else
-            rc = bufs_add_fd(r, ref->pin.fd, from - i * cs, to - from);
-        if (rc)
-            return rc;
+    struct image_read *op = ctx;
+    if (e->kind == DISK_EXTENT_BASE) {
+        op->wanted[e->chunk - op->first] = 1;
+        if (op->trace)
+            trace_note(op->trace, e->chunk);
     }
     return 0;
 }
 
-/* Adds [start, end) of a disk: its layers, base or zeros. chain_lock held. */
-static int bufs_add_disk(struct reply_bufs *r, struct image_read *op, const struct disk *disk, uint64_t start,
-                         uint64_t end)
-{
-    while (start < end) {
-        enum disk_source source;
-        struct layer *layer;
-        uint64_t n = disk_source_at(disk, start, end - start, &source, &layer);
-        int rc = source == SOURCE_LAYER  ? bufs_add_layer(r, layer, start, n)
-                 : source == SOURCE_BASE ? bufs_add_base(r, op, start, start + n)
-                                         : bufs_add_zero(r, n);
-        if (rc)
-            return rc;
-        start += n;
-    }
-    return 0;
-}
+struct reply_walk {
+    struct reply_bufs *r;
+    struct image_read *op;
+};
 
-/* Marks the base chunks that [start, end) of the disk reads (chain_lock
- * held), and records them in the VM's trace. */
-static void want_disk_chunks(struct image_read *op, const struct disk *disk, struct chunk_trace *trace)
+/* disk_map callback while replying: one buffer per extent, from the chunks
+ * in hand, the layers or the zero block. */
+static int reply_extent(void *ctx, const struct disk_extent *e)
 {
-    uint64_t cs = op->base->manifest->chunk_size;
-    for (uint64_t pos = op->start; pos < op->end;) {
-        enum disk_source source;
-        struct layer *layer;
-        uint64_t n = disk_source_at(disk, pos, op->end - pos, &source, &layer);
-        for (uint64_t i = pos / cs; source == SOURCE_BASE && i * cs < pos + n; i++) {
-            if (chunk_hash_is_null(&op->base->manifest->chunks[i]))
-                continue;
-            op->wanted[i - op->first] = 1;
-            if (trace)
-                trace_note(trace, i);
-        }
-        pos += n;
+    struct reply_walk *w = ctx;
+    const struct fetch_ref *ref;
+    switch (e->kind) {
+    case DISK_EXTENT_LAYER:
+        return bufs_add_layer(w->r, e->layer, e->off, e->len);
+    case DISK_EXTENT_ZERO:
+        return bufs_add_zero(w->r, e->len);
+    case DISK_EXTENT_BASE:
+        if (!w->op->wanted[e->chunk - w->op->first])
+            return -EIO; /* not mapped to the base when submitted: cannot happen */
+        ref = &w->op->refs[e->chunk - w->op->first];
+        return ref->data ? bufs_add_mem(w->r, ref->data + e->chunk_off, e->len)
+                         : bufs_add_fd(w->r, ref->pin.fd, e->chunk_off, e->len);
     }
+    return -EIO;
 }
 
 static void read_reply(struct image_read *op)
 {
-    const struct disk *disk = disk_of(op->n);
     struct reply_bufs r;
     /* Worst case: every 4 KiB block from a different place, plus zero runs. */
     size_t size = (size_t)(op->end - op->start);
@@ -880,18 +868,17 @@ static void read_reply(struct image_read *op)
         fuse_reply_err(op->req, rc == -ENOMEM ? ENOMEM : EIO);
         return;
     }
-    if (disk) {
-        pthread_rwlock_rdlock(&op->n->vm->chain_lock);
-        rc = bufs_add_disk(&r, op, disk, op->start, op->end);
-    } else {
-        rc = bufs_add_base(&r, op, op->start, op->end);
-    }
+    pthread_rwlock_t *lock = chain_lock_of(op);
+    if (lock)
+        pthread_rwlock_rdlock(lock);
+    struct reply_walk walk = {&r, op};
+    rc = disk_map(op->disk, op->start, op->end - op->start, reply_extent, &walk);
     if (rc)
         fuse_reply_err(op->req, rc == -ENOMEM ? ENOMEM : EIO);
     else
         fuse_reply_data(op->req, r.bv, FUSE_BUF_SPLICE_MOVE);
-    if (disk)
-        pthread_rwlock_unlock(&op->n->vm->chain_lock);
+    if (lock)
+        pthread_rwlock_unlock(lock);
     bufs_free(&r);
 }
 
@@ -902,7 +889,7 @@ static void read_finish(struct image_read *op)
         if (!op->wanted[k])
             continue;
         if (!atomic_load(&op->failed))
-            prefetch_note_read(op->base->marks, op->first + k, op->refs[k].hit);
+            prefetch_note_read(op->disk->base->marks, op->first + k, op->refs[k].hit);
         fetch_ref_release(op->fs->fetcher, &op->refs[k]);
     }
     free(op);
@@ -924,7 +911,9 @@ static void read_chunk_done(void *arg, int err)
 
 static void read_image(fuse_req_t req, struct imgfs *fs, const struct node *n, size_t size, off_t off)
 {
-    const struct disk *disk = disk_of(n);
+    const struct disk *disk = n->kind == NODE_VM_FILE       ? &n->vm->live
+                              : n->kind == NODE_VM_SNAPSHOT ? &n->snapshot->disk
+                                                            : NULL;
     uint64_t disk_size = disk ? n->vm->live.size : n->version->manifest->size;
     if (off < 0 || (uint64_t)off >= disk_size || size == 0) {
         fuse_reply_buf(req, NULL, 0);
@@ -940,18 +929,22 @@ static void read_image(fuse_req_t req, struct imgfs *fs, const struct node *n, s
         fuse_reply_err(req, ENOMEM);
         return;
     }
-    *op = (struct image_read){.req = req, .fs = fs, .n = n, .base = base, .start = start, .end = end,
+    *op = (struct image_read){.req = req, .fs = fs, .n = n, .disk = disk, .start = start, .end = end,
                               .first = start / cs, .count = count};
+    if (!disk) {
+        op->base_only = (struct disk){.size = disk_size, .base = base};
+        op->disk = &op->base_only;
+    }
     op->wanted = (uint8_t *)&op->refs[count];
     atomic_init(&op->pending, 1);
-    if (disk && base) {
-        pthread_rwlock_rdlock(&n->vm->chain_lock);
-        want_disk_chunks(op, disk, n->kind == NODE_VM_FILE ? n->vm->trace : NULL);
-        pthread_rwlock_unlock(&n->vm->chain_lock);
-    } else if (base) {
-        for (size_t k = 0; k < count; k++)
-            op->wanted[k] = !chunk_hash_is_null(&base->manifest->chunks[op->first + k]);
-    }
+    pthread_rwlock_t *lock = chain_lock_of(op);
+    if (lock)
+        pthread_rwlock_rdlock(lock);
+    op->trace = n->kind == NODE_VM_FILE ? n->vm->trace : NULL;
+    disk_map(op->disk, start, end - start, want_extent, op);
+    op->trace = NULL; /* guarded by chain_lock: not used after this */
+    if (lock)
+        pthread_rwlock_unlock(lock);
     /* Every missing chunk of the read is asked for at once. */
     uint64_t deadline = fetch_deadline(fs->fetcher);
     bool any = false;
@@ -992,6 +985,12 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     struct imgfs *fs = fs_of(req);
     struct node *n = tree_get(fs->tree, ino);
     if (n && n->kind == NODE_CONTROL_FILE) {
+        /* A handle from a previous server (takeover.h) runs nothing: its
+         * imgfsctl would never read the answer. */
+        if (!text_is_open(fi->fh)) {
+            fuse_reply_err(req, EBADF);
+            return;
+        }
         char *answer = control_execute(fs, buf, size);
         int rc = answer ? text_replace(fi->fh, answer) : -ENOMEM;
         if (rc)
@@ -1223,6 +1222,8 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
         log_info("unlink vms/%s: %s", name, err);
     else if (!rc)
         log_info("unlink vms/%s: removed", name);
+    if (rc == -ENOENT && serve_request_is_resent())
+        rc = 0; /* the server that died had removed it (serve.h) */
     fuse_reply_err(req, rc == -EINVAL ? ENOENT : -rc);
 }
 
@@ -1257,6 +1258,8 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
     struct vm *vm;
     int rc = vm_create_empty(fs->vms, vm_name, mode & 07777, ctx->uid, ctx->gid, &vm, err, sizeof(err));
+    if (rc == -EEXIST && serve_request_is_resent() && (vm = vm_find(fs->vms, vm_name)) != NULL)
+        rc = 0; /* the server that died had made it (serve.h): open it */
     if (!rc && (rc = tree_add_vm(fs->tree, vm)) != 0)
         snprintf(err, sizeof(err), "out of memory");
     struct node *n = rc ? NULL : tree_lookup(fs->tree, INO_VMS, name);

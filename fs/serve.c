@@ -26,6 +26,11 @@ struct server {
 
 static void on_wake(int sig) { (void)sig; }
 
+#define UNIQUE_RESEND (1ull << 63) /* FUSE_UNIQUE_RESEND, Linux 6.9 */
+static _Thread_local bool request_resent;
+
+bool serve_request_is_resent(void) { return request_resent; }
+
 void serve_prepare_signals(void)
 {
     struct sigaction sa = {.sa_handler = on_wake}; /* no SA_RESTART: waits end with EINTR */
@@ -87,8 +92,14 @@ static void *worker(void *arg)
             wake_all(s);
             break;
         }
-        if (s->takeover && !(buf.flags & FUSE_BUF_IS_FD))
-            takeover_note_request(s->takeover, buf.mem, (size_t)res);
+        request_resent = false;
+        if (!(buf.flags & FUSE_BUF_IS_FD) && (size_t)res >= 16) {
+            uint64_t unique;
+            memcpy(&unique, (const char *)buf.mem + 8, sizeof(unique)); /* fuse_in_header.unique */
+            request_resent = (unique & UNIQUE_RESEND) != 0;
+            if (s->takeover)
+                takeover_note_request(s->takeover, buf.mem, (size_t)res);
+        }
         fuse_session_process_buf(s->se, &buf);
         if (s->takeover)
             atomic_fetch_add_explicit(&s->takeover->requests_done, 1, memory_order_relaxed);

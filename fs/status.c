@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "fs.h"
+#include "trust.h"
 #include "util.h"
 
 /* ---- the mount's snapshot -------------------------------------------------------------- */
@@ -162,7 +163,7 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     status_text(s, sec, STATUS_INFO, "version", "%s", IMGFS_VERSION);
     status_gauge(s, sec, "uptime_seconds", "Seconds since the mount.", now_seconds() - fs->started, 0);
     status_text(s, sec, STATUS_INFO, "repository", "%s", repo_location(fs->repo));
-    status_text(s, sec, STATUS_INFO, "repository_kind", "%s", repo_is_local(fs->repo) ? "local" : "http");
+    status_text(s, sec, STATUS_INFO, "repository_kind", "%s", repo_kind(fs->repo));
     status_text(s, sec, STATUS_TEXT, "refresh_error", "%s", refresh_error[0] ? refresh_error : "none");
     if (fs->takeover) { /* the serving process and the ones before it (takeover.h) */
         const struct takeover *t = fs->takeover;

@@ -29,6 +29,7 @@ struct supervisor {
     struct mount_options *opts;
     char **argv;
     char self[PATH_MAX]; /* the imgfs binary, re-executed for each server */
+    char cwd[PATH_MAX];  /* where imgfs was started: argv may hold relative paths */
     struct fuse_session *se;
     int fuse_fd;
     struct takeover *t;
@@ -82,6 +83,10 @@ static pid_t spawn_server(struct supervisor *s, int ready_fd)
         (s->cache_lock.fd >= 0 && clear_cloexec(s->cache_lock.fd) < 0))
         _exit(126);
     setenv(TAKEOVER_ENV, env, 1);
+    /* The supervisor went to / but a server parses the same argv, whose
+     * paths (REPO, MOUNTPOINT, cache=, config=) may be relative. */
+    if (s->cwd[0] && chdir(s->cwd) != 0)
+        fprintf(stderr, "imgfs: cannot change to %s, where imgfs was started: %s\n", s->cwd, strerror(errno));
     execv(s->self, s->argv);
     fprintf(stderr, "imgfs: cannot run the server %s: %s\n", s->self, strerror(errno));
     _exit(127);
@@ -207,10 +212,31 @@ static void remove_layer_dir(const char *path)
     rmdir(path);
 }
 
+/* Removes the directories of supervisors that were killed (kill -9 leaves
+ * them behind): those whose pid is gone. */
+static void remove_dead_layer_dirs(void)
+{
+    DIR *d = opendir("/dev/shm");
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        int pid;
+        char rest;
+        if (sscanf(e->d_name, "imgfs-%d%c", &pid, &rest) != 1 || pid <= 0 || kill(pid, 0) == 0 || errno != ESRCH)
+            continue;
+        char path[300];
+        snprintf(path, sizeof(path), "/dev/shm/%s", e->d_name);
+        remove_layer_dir(path);
+    }
+    closedir(d);
+}
+
 /* The layers' pending entries live in /dev/shm for exactly as long as this
  * supervisor: a directory left by an earlier process with our pid goes. */
 static void make_layer_dir(struct takeover *t)
 {
+    remove_dead_layer_dirs();
     char path[sizeof(t->layer_dir)];
     snprintf(path, sizeof(path), "/dev/shm/imgfs-%d", (int)getpid());
     remove_layer_dir(path);
@@ -353,6 +379,8 @@ int supervisor_run(struct mount_options *opts, char **argv)
         return 1;
     }
     s.self[n] = 0;
+    if (!getcwd(s.cwd, sizeof(s.cwd)))
+        s.cwd[0] = '\0';
     if (owner_check_mountpoint(opts->mountpoint, err, sizeof(err)) != 0 ||
         owner_lock(&s.state_lock, "state directory", opts->state_dir, opts->mountpoint, err, sizeof(err)) != 0 ||
         (strcmp(opts->cache_dir, opts->state_dir) != 0 &&
@@ -373,6 +401,8 @@ int supervisor_run(struct mount_options *opts, char **argv)
     owner_set_pid(&s.cache_lock, getpid(), opts->mountpoint);
     s.t->supervisor_pid = getpid();
     s.t->started = time(NULL);
+    snprintf(s.t->state_dir, sizeof(s.t->state_dir), "%s", opts->state_dir);
+    snprintf(s.t->cache_dir, sizeof(s.t->cache_dir), "%s", opts->cache_dir);
     make_layer_dir(s.t);
 
     supervisor_add_fsname(opts);

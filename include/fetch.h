@@ -28,6 +28,8 @@
  * Reply first, write behind. When a chunk has been verified, every request
  * waiting for it completes with a reference to the chunk in memory
  * (fetch_ref.data); the cache file is written after that, by the worker.
+ * Replay and pre-copy requests complete only once the file is written, so
+ * that "done" means "on disk" for them.
  *
  * Never hang. fetch_start() never waits on the network: it returns the chunk
  * when it is cached (or already in memory), or arranges for done() to be

@@ -15,7 +15,8 @@
  * every file of the chain (qcow2map.h), read once at open. Where neither
  * can tell (a block device, qcow v1, subclusters), everything is data.
  * A qcow2 image is read through that map: each allocated range from the
- * file of the chain that holds it, the rest as zeros, so libqcow never
+ * file of the chain that holds it (plain clusters with pread, compressed
+ * ones through libqcow), the rest as zeros, so libqcow never
  * resolves a cluster through a backing file (where it ignores zero clusters
  * and misreads compressed ones).
  *

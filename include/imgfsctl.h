@@ -13,6 +13,11 @@
 int usage_error(const char *cmd, const char *msg);
 /* True when --help or -h comes before any "--". */
 bool wants_help(int argc, char **argv);
+/* Parses "ARG [FLAG]", in either order: the one positional argument into
+ * *arg, and whether FLAG was given. 0, or 2 after printing the usage error
+ * (an unknown option is named). */
+int parse_arg_and_flag(const char *cmd, int argc, char **argv, const char *arg_name, const char **arg,
+                       const char *flag, bool *flag_set);
 
 int status_main(int argc, char **argv);
 void status_help(FILE *out);

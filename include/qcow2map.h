@@ -28,12 +28,14 @@ struct qcow2map_run {
     uint64_t start, end;
     enum qcow2map_state state;
     unsigned file; /* DATA: which file of the chain holds it (0: this one) */
+    uint64_t host; /* DATA in plain clusters: where start lies in that file,
+                      the rest following contiguously; 0: compressed */
 };
 
 struct qcow2map {
     uint64_t size; /* virtual size of the file */
     struct qcow2map_run *runs;
-    size_t count; /* adjacent runs never share both state and file */
+    size_t count; /* adjacent runs that could be one are one */
     size_t cap;
 };
 

@@ -128,6 +128,19 @@ const char *repo_location(const struct repo *repo);
 int repo_mirror_count(const struct repo *repo);
 bool repo_is_local(const struct repo *repo);
 
+/* Capabilities of the repository's backend, which readers ask instead of
+ * testing for a kind:
+ *   repo_kind             "local" or "http", for status output
+ *   repo_reads_are_cheap  a read never waits on a network (refresh on lookup;
+ *                         the fetch engine reads chunks in worker threads)
+ *   repo_missing_is_final a missing file will not appear by waiting
+ *   repo_has_url_chunks   chunks are fetched by URL (repo_http_prepare), so
+ *                         the fetch engine drives them with curl multi */
+const char *repo_kind(const struct repo *repo);
+bool repo_reads_are_cheap(const struct repo *repo);
+bool repo_missing_is_final(const struct repo *repo);
+bool repo_has_url_chunks(const struct repo *repo);
+
 /* Fetches one repository file into a malloc'd, NUL-terminated buffer.
  * -ENOENT when it does not exist, -EFBIG when larger than max_len, another
  * negative errno (typically -EIO or -ETIMEDOUT) when the repository could not
@@ -155,6 +168,9 @@ void repo_set_trust(struct repo *repo, struct trust *trust);
  * there is one, so that the host keeps serving what it had. */
 int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t errlen);
 void repo_index_free(struct repo_index *index);
+/* Parses index text (its signature lines are not checked here): 0, -EBADMSG
+ * or -ENOMEM. Pure; for readers and the fuzzer. */
+int repo_index_parse(const char *data, size_t len, struct repo_index *out);
 /* Returns the entry for name, or NULL. */
 const struct repo_index_entry *repo_index_find(const struct repo_index *index, const char *name);
 
@@ -233,6 +249,8 @@ int repo_write_index(struct repo *repo, const struct repo_index *index);
  * they must outlive the repository). */
 void repo_set_signers(struct repo *repo, const struct sign_secret_key *keys, size_t count);
 size_t repo_signer_count(const struct repo *repo);
+/* True when the repository's index has signature lines (not verified). */
+bool repo_is_signed(struct repo *repo);
 /* Replaces any signature lines at the end of text[0..*len) (capacity cap) by
  * those of the signers. -ENOSPC when cap is too small. */
 int repo_sign_text(struct repo *repo, char *text, size_t *len, size_t cap);

@@ -23,6 +23,7 @@
 #define IMGFS_SERVE_H
 
 #include <fuse_lowlevel.h>
+#include <stdbool.h>
 
 #include "takeover.h"
 
@@ -34,6 +35,13 @@ struct server;
  * blocked) by serve_prepare_signals() before any thread is created. */
 #define SERVE_WAKE_SIGNAL SIGUSR1
 void serve_prepare_signals(void);
+
+/* Whether the request the calling worker is processing was sent again by
+ * the kernel after a takeover (FUSE_NOTIFY_RESEND sets bit 63 of its
+ * unique): its effect may already have happened in the dead server, so an
+ * operation that is not idempotent (create, unlink) treats "already done"
+ * as done. Valid in an operation's handler, on its worker thread. */
+bool serve_request_is_resent(void);
 
 struct server *serve_create(struct fuse_session *se, struct takeover *t, unsigned threads);
 int serve_run(struct server *s);

@@ -15,6 +15,9 @@
  *                       _total) with the section's labels; the info fields of
  *                       a section make one imgfs_KIND_info gauge of value 1
  *
+ * Rules for builders: a kind is either always titled or never; a key has
+ * one type within a kind (the renderers group by kind and key).
+ *
  * So a module that adds a section or a field (status_add_section() and the
  * status_counter/gauge/text calls in status_snapshot_take()) shows up in all
  * three without renderer code.

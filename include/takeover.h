@@ -22,7 +22,10 @@
  * which the new server echoes in its reply. Requests never read are simply
  * read by the new server. Re-executing an operation must therefore be
  * harmless: reads and lookups are; a write rewrites the same bytes; an open
- * whose reply was lost counts once more (see the handle table).
+ * whose reply was lost counts once more (see the handle table); a create or
+ * an unlink sent again finds its work done and answers as if it had done it
+ * (serve_request_is_resent() in serve.h); a control command sent again on a
+ * handle of the dead server is refused with EBADF and not run.
  *
  * Why libfuse 3.14 can serve a connection it did not INIT. A fresh
  * fuse_session answers everything before INIT with EIO, and 3.14 has no API
@@ -69,6 +72,13 @@
  * next mount replaces the dead one), and only `imgfsctl restart`, which lets
  * the old server finish what it holds, hands over. The server logs which
  * case applies at start.
+ *
+ * Upgrades: the region's layout has a number (TAKEOVER_LAYOUT); a binary
+ * whose layout differs cannot take over, dies at start-up, and the
+ * supervisor (which stays the binary that mounted) gives up after its
+ * retries: change the layout only with a release note that says "remount".
+ * A server re-reads the options and config file, but refuses to serve with
+ * a state or cache directory other than the ones the supervisor locked.
  *
  * Concurrency: exactly one server runs at a time (the supervisor starts the
  * next only after the previous one has exited), and within it the writers
@@ -121,6 +131,9 @@ struct takeover {
      * died starting up (or on its first request), which the supervisor
      * counts towards giving up. Zeroed by the supervisor before each start. */
     _Atomic uint64_t requests_done;
+    /* The directories the supervisor locked (owner.h): a server started
+     * with other ones (a changed config file) refuses to serve. */
+    char state_dir[1024], cache_dir[1024];
     /* A tmpfs directory of the supervisor's for the layers' pending
      * entries (layer_share_pending() in layer.h), "" when there is none. */
     char layer_dir[128];

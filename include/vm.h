@@ -53,12 +53,13 @@
 #include <sys/types.h>
 #include <time.h>
 
+#include "disk.h"
 #include "fetch.h"
 #include "layer.h"
 #include "manifest.h"
 #include "rangelock.h"
 
-#define VM_MAX_DEPTH 64
+#define VM_MAX_DEPTH DISK_MAX_DEPTH
 /* 16 TiB: a layer's ownership bitmap for it is 512 MiB. Larger sizes (from
  * the command line, a VM file or a base) are refused before allocating. */
 #define VM_MAX_SIZE (16ull << 40)
@@ -70,22 +71,10 @@
 struct prefetch_marks;
 struct chunk_trace;
 
-/* A base version as the registry sees it; owned by the mount tree. */
-struct vm_base {
-    const struct manifest *manifest;
-    struct fetch_counters *counters;
-    struct prefetch_marks *marks;
-};
 
 /* Finds base NAME@VERSION; returns NULL when the mount does not have it. */
 typedef const struct vm_base *(*vm_base_lookup_fn)(void *ctx, const char *name, uint64_t version);
 
-struct disk {
-    uint64_t size;
-    const struct vm_base *base; /* NULL for a blank disk */
-    struct layer *layers[VM_MAX_DEPTH];
-    unsigned depth;
-};
 
 struct vm_snapshot {
     char name[65];
@@ -176,17 +165,5 @@ int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t le
 int vm_flush(struct vm *vm);
 uint64_t vm_layer_bytes(struct vm *vm);
 
-/* Where the bytes of a disk at off come from, for at most max_len bytes.
- * Caller holds chain_lock for reading. Returns the run length. */
-enum disk_source { SOURCE_LAYER, SOURCE_BASE, SOURCE_ZERO };
-uint64_t disk_source_at(const struct disk *disk, uint64_t off, uint64_t max_len, enum disk_source *source,
-                        struct layer **layer);
-
-/* Reads len bytes of disk at off into buf (copy, not zero-copy). Caller holds
- * chain_lock for reading. */
-int disk_read(const struct disk *disk, struct fetcher *fetcher, char *buf, size_t len, uint64_t off);
-
-/* SEEK_DATA / SEEK_HOLE over the disk's layers and base. -ENXIO past the end. */
-int64_t disk_seek(const struct disk *disk, uint64_t off, int whence);
 
 #endif

@@ -21,7 +21,7 @@ PACKAGES=(
     # tests and benchmarks: real clients, servers and peers
     python3 xxhash qemu-utils qemu-system-x86 qemu-block-extra fio nginx-light
     libqcow-utils xmount debootstrap fdisk e2fsprogs dosfstools procps util-linux gdb tmux
-    python3-prometheus-client jq attr libvirt-daemon-system libvirt-clients
+    python3-prometheus-client jq attr socat libvirt-daemon-system libvirt-clients
     # the Debian package, its man pages and completion
     dpkg-dev debhelper lintian scdoc bash-completion
 )
@@ -107,6 +107,9 @@ run_tests() {
     step "concurrency tests under ThreadSanitizer"
     build_dir build-tsan -DIMGFS_SANITIZE=thread
     run_ctest build-tsan -L concurrency
+    step "fuzzing every parser of outside input (libFuzzer, ${IMGFS_FUZZ_SECONDS:-30} s each)"
+    CC=clang build_dir build-fuzz -DIMGFS_FUZZ=ON -DIMGFS_FUZZ_SECONDS="${IMGFS_FUZZ_SECONDS:-30}"
+    run_ctest build-fuzz -L fuzz
 }
 
 case "${1:-}" in

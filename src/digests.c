@@ -79,6 +79,13 @@ static int next_line(const char **p, const char *end, char *line, size_t cap)
     return memchr(line, '\0', n) ? -1 : 0;
 }
 
+/* A decimal number in its one spelling (no sign, no leading zeros): a record
+ * has exactly one text, which is what its digest covers. */
+static int canonical_u64(const char *text, uint64_t *out)
+{
+    return parse_u64(text, out) == 0 && (text[0] != '0' || text[1] == '\0') ? 0 : -1;
+}
+
 #define BAD(...)                                                                               \
     do {                                                                                       \
         snprintf(err, errlen, __VA_ARGS__);                                                    \
@@ -96,8 +103,10 @@ int digests_parse(const char *text, size_t len, struct version_digests **out, ch
     bool has_previous;
     if (next_line(&p, end, line, sizeof(line)) < 0 || strcmp(line, "imgfs-digests 1") != 0)
         BAD("not a digests record (bad first line)");
+    char again[160];
     if (next_line(&p, end, line, sizeof(line)) < 0 || sscanf(line, "base %64s %23s", name, version) != 2 ||
-        !name_is_valid(name) || parse_u64(version, &v) < 0 || v == 0)
+        !name_is_valid(name) || canonical_u64(version, &v) < 0 || v == 0 ||
+        (snprintf(again, sizeof(again), "base %s %s", name, version), strcmp(again, line) != 0))
         BAD("digests record has a bad base line");
     if (next_line(&p, end, line, sizeof(line)) < 0 || strncmp(line, "manifest ", 9) != 0 ||
         strlen(line) != 9 + SIGN_DIGEST_HEX || sign_digest_from_hex(line + 9, &manifest) < 0)
@@ -110,7 +119,8 @@ int digests_parse(const char *text, size_t len, struct version_digests **out, ch
     if (has_previous != (v > 1))
         BAD("digests record's previous line does not fit its version");
     if (next_line(&p, end, line, sizeof(line)) < 0 || sscanf(line, "chunks %23s", count_text) != 1 ||
-        parse_u64(count_text, &count) < 0 || count > (size_t)(end - p) / 2 || count > MANIFEST_MAX_CHUNKS)
+        (snprintf(again, sizeof(again), "chunks %s", count_text), strcmp(again, line) != 0) ||
+        canonical_u64(count_text, &count) < 0 || count > (size_t)(end - p) / 2 || count > MANIFEST_MAX_CHUNKS)
         BAD("digests record has a bad chunk count");
     if (!(d = digests_new(count)))
         BAD("out of memory");

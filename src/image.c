@@ -22,6 +22,7 @@
 struct extent {
     uint64_t start, end;
     int file;
+    uint64_t host; /* plain clusters: start's offset in that file; 0: through libqcow */
 };
 
 struct image {
@@ -29,6 +30,7 @@ struct image {
     int fd;                     /* raw images */
     libqcow_file_t *qcow_chain[MAX_BACKING_DEPTH]; /* [0] is the top image */
     char *qcow_paths[MAX_BACKING_DEPTH];           /* owned, resolved */
+    int qcow_fds[MAX_BACKING_DEPTH];               /* owned: plain clusters are read directly */
     int qcow_depth;
     char format[32];
     char *path; /* owned, as given to image_open */
@@ -78,6 +80,8 @@ void image_close(struct image *img)
         libqcow_file_close(img->qcow_chain[i], NULL);
         libqcow_file_free(&img->qcow_chain[i], NULL);
         free(img->qcow_paths[i]);
+        if (img->qcow_fds[i] >= 0)
+            close(img->qcow_fds[i]);
     }
     if (img->fd >= 0)
         close(img->fd);
@@ -120,10 +124,12 @@ static int open_qcow_chain(struct image *img, const char *path, char *err, size_
         return -EINVAL;
     }
     img->qcow_paths[img->qcow_depth] = strdup(path);
+    img->qcow_fds[img->qcow_depth] = open(path, O_RDONLY | O_CLOEXEC);
     img->qcow_chain[img->qcow_depth++] = file;
-    if (!img->qcow_paths[img->qcow_depth - 1]) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
+    if (!img->qcow_paths[img->qcow_depth - 1] || img->qcow_fds[img->qcow_depth - 1] < 0) {
+        int rc = img->qcow_paths[img->qcow_depth - 1] ? -errno : -ENOMEM;
+        snprintf(err, errlen, "cannot open %s: %s", path, strerror(-rc));
+        return rc;
     }
 
     uint32_t encryption = 0;
@@ -204,7 +210,7 @@ static int map_qcow_chain(struct image *img)
         img->extents = malloc(sizeof(*img->extents));
         if (!img->extents)
             return -ENOMEM;
-        img->extents[0] = (struct extent){0, img->size, 0};
+        img->extents[0] = (struct extent){0, img->size, 0, 0};
         img->extent_count = 1;
         img->map_source = "none";
         return 0;
@@ -218,7 +224,7 @@ static int map_qcow_chain(struct image *img)
         if (below.runs[i].state == QCOW2MAP_DATA && below.runs[i].start < img->size)
             img->extents[img->extent_count++] = (struct extent){
                 below.runs[i].start, below.runs[i].end < img->size ? below.runs[i].end : img->size,
-                (int)below.runs[i].file};
+                (int)below.runs[i].file, below.runs[i].host};
     qcow2map_free(&below);
     img->map_source = "qcow2 tables";
     return 0;
@@ -315,6 +321,27 @@ static int qcow_read(libqcow_file_t *file, char *p, size_t len, uint64_t off)
     return 0;
 }
 
+/* Plain clusters straight from the file; past its end (a last cluster
+ * that qemu did not write out whole) they read as zeros, as in qemu. */
+static int read_host(int fd, char *p, size_t len, uint64_t host)
+{
+    while (len > 0) {
+        ssize_t n = pread(fd, p, len, (off_t)host);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0) {
+            memset(p, 0, len);
+            return 0;
+        }
+        p += n;
+        len -= (size_t)n;
+        host += (uint64_t)n;
+    }
+    return 0;
+}
+
 int image_read(struct image *img, void *buf, size_t len, uint64_t off)
 {
     if (off > img->size || len > img->size - off)
@@ -339,8 +366,10 @@ int image_read(struct image *img, void *buf, size_t len, uint64_t off)
         }
         if (off == end)
             break;
-        uint64_t stop = img->extents[i].end < end ? img->extents[i].end : end;
-        int rc = qcow_read(img->qcow_chain[img->extents[i].file], p, (size_t)(stop - off), off);
+        const struct extent *e = &img->extents[i];
+        uint64_t stop = e->end < end ? e->end : end;
+        int rc = e->host ? read_host(img->qcow_fds[e->file], p, (size_t)(stop - off), e->host + (off - e->start))
+                         : qcow_read(img->qcow_chain[e->file], p, (size_t)(stop - off), off);
         if (rc)
             return rc;
         p += stop - off;

@@ -203,6 +203,7 @@ static int parse_serve_env(const char *text, struct serve_env *e)
 struct server_signals {
     struct server *server;
     pthread_t thread;
+    atomic_bool done; /* set before the SIGUSR2 that ends the loop */
 };
 
 static void *server_signal_loop(void *arg)
@@ -218,6 +219,8 @@ static void *server_signal_loop(void *arg)
         int sig;
         if (sigwait(&set, &sig) != 0)
             continue;
+        if (atomic_load(&w->done))
+            break;
         if (sig == SIGUSR2) {
             log_info("handing over: finishing the requests in progress");
             serve_stop(w->server);
@@ -290,6 +293,13 @@ static int serve_main(int argc, char **argv, const char *env_text)
                 errno == EPROTO ? "it was made by an imgfs with another layout" : strerror(errno));
         goto out;
     }
+    if (strcmp(fs.takeover->state_dir, opts.state_dir) != 0 || strcmp(fs.takeover->cache_dir, opts.cache_dir) != 0) {
+        fprintf(stderr,
+                "imgfs: the options now name state %s and cache %s, but this mount locked state %s and cache %s; "
+                "unmount and mount again to change them\n",
+                opts.state_dir, opts.cache_dir, fs.takeover->state_dir, fs.takeover->cache_dir);
+        goto out;
+    }
     fs.takeover_server = fs.takeover->init_len > 0;
     layer_share_pending(fs.takeover->layer_dir);
     if (fs.takeover->started)
@@ -343,7 +353,11 @@ static int serve_main(int argc, char **argv, const char *env_text)
     if (rc == SERVE_STOPPED)
         fetcher_drain(fs.fetcher);
     fetcher_shutdown(fs.fetcher);
-    pthread_cancel(sig.thread); /* it waits in sigwait(), a cancellation point */
+    /* Woken rather than cancelled: a thread cancelled in sigwait() leaves
+     * its frames poisoned for AddressSanitizer, which then reports its own
+     * clean-up of the thread as a stack-buffer-overflow. */
+    atomic_store(&sig.done, true);
+    pthread_kill(sig.thread, SIGUSR2);
     pthread_join(sig.thread, NULL);
     serve_destroy(server);
     if (refreshing)

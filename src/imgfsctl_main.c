@@ -68,6 +68,31 @@ bool wants_help(int argc, char **argv)
     return false;
 }
 
+int parse_arg_and_flag(const char *cmd, int argc, char **argv, const char *arg_name, const char **arg,
+                       const char *flag, bool *flag_set)
+{
+    char msg[300];
+    *arg = NULL;
+    *flag_set = false;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], flag) == 0) {
+            *flag_set = true;
+        } else if (argv[i][0] == '-') {
+            snprintf(msg, sizeof(msg), "unknown option '%.200s'", argv[i]);
+            return usage_error(cmd, msg);
+        } else if (*arg) {
+            snprintf(msg, sizeof(msg), "needs exactly one %s", arg_name);
+            return usage_error(cmd, msg);
+        } else {
+            *arg = argv[i];
+        }
+    }
+    if (*arg)
+        return 0;
+    snprintf(msg, sizeof(msg), "needs %s", arg_name);
+    return usage_error(cmd, msg);
+}
+
 /* ---- publish ------------------------------------------------------------------ */
 
 static void publish_help(FILE *out)
@@ -230,7 +255,7 @@ static int control_request(const char *cmd_name, const char *mountpoint, const c
     ssize_t n = rc ? -1 : pread(fd, answer, len - 1, 0);
     int saved = errno;
     close(fd);
-    if (!rc && n < 0 && saved == EBADF) {
+    if (rc == -EBADF || (!rc && n < 0 && saved == EBADF)) {
         /* The handle was given by a server that is gone (takeover.h). */
         fprintf(stderr,
                 "imgfsctl %s: the serving process of %s was replaced (crash or imgfsctl restart) while it ran "
@@ -729,6 +754,13 @@ static int list_main(int argc, char **argv)
     if (open_version(cmd, argv[2], argv[3], &repo, &m) != 0)
         return 1;
     repo_set_signers(repo, keys.keys, keys.count);
+    if (!keys.count && repo_is_signed(repo)) {
+        fprintf(stderr, "imgfsctl %s: the repository is signed: give --key KEYFILE (hosts refuse an unsigned list)\n",
+                cmd);
+        manifest_free(m);
+        repo_close(repo);
+        return 1;
+    }
     char *text = NULL, err[512];
     size_t len;
     struct chunk_list *list = NULL;

@@ -133,23 +133,11 @@ int gc_main(int argc, char **argv)
         gc_help(stdout);
         return 0;
     }
-    bool dry_run = false;
-    const char *repo = NULL;
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--dry-run") == 0) {
-            dry_run = true;
-        } else if (argv[i][0] == '-') {
-            char msg[300];
-            snprintf(msg, sizeof(msg), "unknown option '%.200s'", argv[i]);
-            return usage_error("gc", msg);
-        } else if (repo) {
-            return usage_error("gc", "needs exactly one REPO");
-        } else {
-            repo = argv[i];
-        }
-    }
-    if (!repo)
-        return usage_error("gc", "needs REPO");
+    bool dry_run;
+    const char *repo;
+    int rc = parse_arg_and_flag("gc", argc, argv, "REPO", &repo, "--dry-run", &dry_run);
+    if (rc)
+        return rc;
     struct gc_result res;
     char err[512], kept[32], removed[32];
     if (lifecycle_gc(repo, dry_run, say_waiting, &res, err, sizeof(err)) != 0) {

@@ -161,28 +161,16 @@ int status_main(int argc, char **argv)
         status_help(stdout);
         return 0;
     }
-    bool json = false;
-    const char *mountpoint = NULL;
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--json") == 0)
-            json = true;
-        else if (argv[i][0] == '-') {
-            char msg[300];
-            snprintf(msg, sizeof(msg), "unknown option '%.200s'", argv[i]);
-            return usage_error("status", msg);
-        }
-        else if (mountpoint)
-            return usage_error("status", "needs exactly one MOUNTPOINT");
-        else
-            mountpoint = argv[i];
-    }
-    if (!mountpoint)
-        return usage_error("status", "needs MOUNTPOINT");
+    bool json;
+    const char *mountpoint;
+    int rc = parse_arg_and_flag("status", argc, argv, "MOUNTPOINT", &mountpoint, "--json", &json);
+    if (rc)
+        return rc;
     char path[PATH_MAX];
     if (path_join(path, sizeof(path), "%s/.imgfs/%s", mountpoint, json ? "status.json" : "stats") < 0)
         return usage_error("status", "mount point path is too long");
     struct stats s;
-    int rc = read_file(path, 64u << 20, &s.text, &s.len);
+    rc = read_file(path, 64u << 20, &s.text, &s.len);
     if (rc) {
         fprintf(stderr, "imgfsctl status: %s is not an imgfs mount (%s: %s)\n", mountpoint, path, strerror(-rc));
         return 1;

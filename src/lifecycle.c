@@ -138,9 +138,19 @@ static int scan_repo(struct repo *repo, const char *only, struct repo_scan *s, c
             info->version = v;
             info->latest = v == e->latest;
             struct manifest *m = NULL;
-            if (repo_version_retired(repo, e->name, v)) {
+            /* Over HTTP the marker is asked for only when the manifest is
+             * not there: one request per version. */
+            rc = repo_read_manifest(repo, e->name, v, &m, err, errlen);
+            /* A local one is checked in any case: a killed retire leaves its
+             * marker beside the manifest, and gc finishes it. The newest
+             * version is never retired, whatever a stray marker says. */
+            if ((rc || repo_is_local(repo)) && !info->latest && repo_version_retired(repo, e->name, v)) {
+                manifest_free(m);
+                m = NULL;
                 info->retired = true;
-            } else if ((rc = repo_read_manifest(repo, e->name, v, &m, err, errlen)) == 0) {
+                rc = 0;
+                err[0] = '\0';
+            } else if (rc == 0) {
                 info->created = m->created;
                 info->size = m->size;
                 for (uint64_t c = 0; !rc && c < m->chunk_count; c++)

@@ -75,10 +75,14 @@ static int keyed_line(struct line_reader *r, const char *key, char *value, size_
     return 0;
 }
 
+/* Numbers have one spelling (no leading zeros), so a manifest has one text. */
 static int keyed_u64(struct line_reader *r, const char *key, uint64_t *out)
 {
     char value[32];
-    return keyed_line(r, key, value, sizeof(value)) < 0 || parse_u64(value, out) < 0 ? -1 : 0;
+    return keyed_line(r, key, value, sizeof(value)) < 0 || parse_u64(value, out) < 0 ||
+                   (value[0] == '0' && value[1] != '\0')
+               ? -1
+               : 0;
 }
 
 #define FAIL(...)                                                                              \

@@ -42,12 +42,14 @@ static uint32_t be32(const unsigned char *p)
 }
 
 /* Appends [start, end) in state, merged with the last run when it matches. */
-static int add_run(struct qcow2map *map, uint64_t start, uint64_t end, enum qcow2map_state state, unsigned file)
+static int add_run(struct qcow2map *map, uint64_t start, uint64_t end, enum qcow2map_state state, unsigned file,
+                   uint64_t host)
 {
     if (start >= end)
         return 0;
     struct qcow2map_run *last = map->count ? &map->runs[map->count - 1] : NULL;
-    if (last && last->state == state && last->file == file && last->end == start) {
+    bool host_follows = last && (host ? last->host && last->host + (start - last->start) == host : !last->host);
+    if (last && last->state == state && last->file == file && last->end == start && host_follows) {
         map->runs[map->count - 1].end = end;
         return 0;
     }
@@ -59,7 +61,7 @@ static int add_run(struct qcow2map *map, uint64_t start, uint64_t end, enum qcow
         map->runs = grown;
         map->cap = cap;
     }
-    map->runs[map->count++] = (struct qcow2map_run){start, end, state, file};
+    map->runs[map->count++] = (struct qcow2map_run){start, end, state, file, host};
     return 0;
 }
 
@@ -105,7 +107,7 @@ static int read_tables(int fd, uint64_t file_size, const unsigned char *hdr, str
         uint64_t last = first + per_l2 * cluster < map->size ? first + per_l2 * cluster : map->size;
         uint64_t l2_offset = be64(l1 + i * 8) & OFFSET_MASK;
         if (!l2_offset) {
-            rc = add_run(map, first, last, QCOW2MAP_UNALLOCATED, 0);
+            rc = add_run(map, first, last, QCOW2MAP_UNALLOCATED, 0, 0);
             continue;
         }
         if (!inside(l2_offset, cluster, file_size)) {
@@ -116,13 +118,16 @@ static int read_tables(int fd, uint64_t file_size, const unsigned char *hdr, str
         for (uint64_t j = 0; !rc && j < per_l2 && first + j * cluster < last; j++) {
             uint64_t start = first + j * cluster;
             uint64_t end = start + cluster < last ? start + cluster : last;
-            rc = add_run(map, start, end, l2_state(be64(l2 + j * 8), version), 0);
+            uint64_t entry = be64(l2 + j * 8);
+            enum qcow2map_state state = l2_state(entry, version);
+            uint64_t host = state == QCOW2MAP_DATA && !(entry & L2_COMPRESSED) ? entry & OFFSET_MASK : 0;
+            rc = add_run(map, start, end, state, 0, host);
         }
     }
     /* Clusters beyond a short L1 table are not allocated. */
     if (!rc)
         rc = add_run(map, l1_used * per_l2 * cluster < map->size ? l1_used * per_l2 * cluster : map->size,
-                     map->size, QCOW2MAP_UNALLOCATED, 0);
+                     map->size, QCOW2MAP_UNALLOCATED, 0, 0);
     free(l1);
     free(l2);
     return rc == -ENODATA ? -EBADMSG : rc;
@@ -165,7 +170,7 @@ int qcow2map_overlay(const struct qcow2map *top, const struct qcow2map *lower, s
     for (size_t i = 0; !rc && i < top->count; i++) {
         const struct qcow2map_run *t = &top->runs[i];
         if (t->state != QCOW2MAP_UNALLOCATED) {
-            rc = add_run(out, t->start, t->end, t->state, t->file);
+            rc = add_run(out, t->start, t->end, t->state, t->file, t->host);
             continue;
         }
         /* Both lists are sorted, so lower is walked once over all of top. */
@@ -176,12 +181,13 @@ int qcow2map_overlay(const struct qcow2map *top, const struct qcow2map *lower, s
             const struct qcow2map_run *l = &lower->runs[k];
             uint64_t end = l->end < t->end ? l->end : t->end;
             bool data = l->state == QCOW2MAP_DATA;
-            rc = add_run(out, at > l->start ? at : l->start, end, data ? QCOW2MAP_DATA : QCOW2MAP_ZERO,
-                         data ? l->file + 1 : 0);
+            uint64_t from = at > l->start ? at : l->start;
+            rc = add_run(out, from, end, data ? QCOW2MAP_DATA : QCOW2MAP_ZERO, data ? l->file + 1 : 0,
+                         data && l->host ? l->host + (from - l->start) : 0);
             at = end;
         }
         if (!rc)
-            rc = add_run(out, at, t->end, QCOW2MAP_ZERO, 0); /* past lower's end */
+            rc = add_run(out, at, t->end, QCOW2MAP_ZERO, 0, 0); /* past lower's end */
     }
     if (rc)
         qcow2map_free(out);

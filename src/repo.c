@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "digests.h"
+#include "disk.h"
 #include "util.h"
 
 #define REPO_MARKER "imgfs-repo 1\n"
@@ -39,7 +40,21 @@ struct mirror {
 
 #define MIRROR_DOWN_NS (5ull * 1000000000ull)
 
+/* A backend: how repository files are read, and what callers may expect of
+ * it (see the capability queries in repo.h). One table per transport; a new
+ * one (S3 with SigV4 through CURLOPT_AWS_SIGV4, say) adds a table and an
+ * entry in backend_for(). */
+struct repo_backend {
+    const char *kind;
+    bool cheap_reads;      /* reads never wait on a network */
+    bool missing_is_final; /* a missing file does not appear by waiting */
+    bool url_chunks;       /* chunks can be fetched by URL (repo_http_prepare) */
+    int (*get)(struct repo *repo, const char *relpath, size_t max_len, uint64_t deadline_ns, char **data,
+               size_t *len, int *mirror);
+};
+
 struct repo {
+    const struct repo_backend *backend; /* always the first member */
     char location[PATH_MAX];
     bool local;
     int lock_fd; /* publish lock, -1 when not held */
@@ -287,7 +302,11 @@ static int http_get_one(struct repo *repo, int i, const char *relpath, size_t ma
     } else if (rc == CURLE_OK && (status == 404 || status == 410)) {
         err = -ENOENT;
     } else {
-        if (body.too_big)
+        /* An error page may be longer than the file asked for: the status
+         * is what it says. */
+        if (status == 401 || status == 403)
+            err = -EACCES, snprintf(what, sizeof(what), "access denied (HTTP status %ld)", status);
+        else if (body.too_big)
             err = -EFBIG, snprintf(what, sizeof(what), "response larger than %zu bytes", max_len);
         else if (rc == CURLE_OK)
             err = -EIO, snprintf(what, sizeof(what), "HTTP status %ld", status);
@@ -364,16 +383,37 @@ size_t repo_mirror_stats(struct repo *repo, struct repo_mirror_stats *out, size_
 
 /* ---- common -------------------------------------------------------------- */
 
+static int local_get(struct repo *repo, const char *relpath, size_t max_len, uint64_t deadline_ns, char **data,
+                     size_t *len, int *mirror)
+{
+    (void)deadline_ns, (void)mirror;
+    char path[PATH_MAX];
+    int err = local_path(repo, relpath, path, sizeof(path));
+    return err ? err : read_file(path, max_len, data, len);
+}
+
+static const struct repo_backend local_backend = {
+    .kind = "local", .cheap_reads = true, .missing_is_final = true, .url_chunks = false, .get = local_get};
+static const struct repo_backend http_backend = {
+    .kind = "http", .cheap_reads = false, .missing_is_final = false, .url_chunks = true, .get = http_get};
+
+static const struct repo_backend *backend_for(const char *location)
+{
+    bool http = strncmp(location, "http://", 7) == 0 || strncmp(location, "https://", 8) == 0;
+    return http ? &http_backend : &local_backend;
+}
+
+const char *repo_kind(const struct repo *repo) { return repo->backend->kind; }
+bool repo_reads_are_cheap(const struct repo *repo) { return repo->backend->cheap_reads; }
+bool repo_missing_is_final(const struct repo *repo) { return repo->backend->missing_is_final; }
+bool repo_has_url_chunks(const struct repo *repo) { return repo->backend->url_chunks; }
+
 int repo_get_from(struct repo *repo, const char *relpath, size_t max_len, uint64_t deadline_ns, char **data,
                   size_t *len, int *mirror)
 {
     if (mirror)
         *mirror = -1;
-    if (!repo->local)
-        return http_get(repo, relpath, max_len, deadline_ns, data, len, mirror);
-    char path[PATH_MAX];
-    int err = local_path(repo, relpath, path, sizeof(path));
-    return err ? err : read_file(path, max_len, data, len);
+    return repo->backend->get(repo, relpath, max_len, deadline_ns, data, len, mirror);
 }
 
 int repo_get(struct repo *repo, const char *relpath, size_t max_len, char **data, size_t *len)
@@ -397,6 +437,7 @@ static struct repo *repo_alloc(const char *location, bool local, const struct re
     snprintf(repo->location, sizeof(repo->location), "%s", location);
     strip_slashes(repo->location);
     repo->local = local;
+    repo->backend = backend_for(location);
     repo->lock_fd = -1;
     repo->chunks_lock_fd = -1;
     if (opts)
@@ -446,6 +487,11 @@ static int check_marker(struct repo *repo, char *err, size_t errlen)
     if (rc == -ENOENT || rc == -EFBIG || rc == -EINVAL) {
         snprintf(err, errlen, "%s is not an imgfs repository (no imgfs-repo marker file)", repo->location);
         return -ENOENT;
+    }
+    if (rc == -EACCES) {
+        snprintf(err, errlen, "repository %s: %s; give its user name and password with -o credentials=FILE",
+                 repo->location, describe_error(rc));
+        return rc;
     }
     if (rc) {
         snprintf(err, errlen, "cannot reach repository %s: %s", repo->location, describe_error(rc));
@@ -628,7 +674,7 @@ static int signed_field(const char *line, const char *key, uint64_t max, uint64_
 }
 
 /* Parses the part of an index before its signature lines (see repo.h). */
-static int parse_index(const char *data, size_t len, struct repo_index *out)
+int repo_index_parse(const char *data, size_t len, struct repo_index *out)
 {
     unsigned sigs;
     size_t body = sign_body_len(data, len, &sigs);
@@ -707,7 +753,7 @@ static int load_meta(struct repo *repo, const char *name, size_t max_len, char *
 static int accept_index(struct repo *repo, const char *data, size_t len, struct repo_index *out, char *err,
                         size_t errlen)
 {
-    int rc = parse_index(data, len, out);
+    int rc = repo_index_parse(data, len, out);
     if (rc) {
         snprintf(err, errlen, "the index of repository %s is malformed", repo->location);
         return rc;
@@ -1145,6 +1191,18 @@ void repo_set_signers(struct repo *repo, const struct sign_secret_key *keys, siz
 
 size_t repo_signer_count(const struct repo *repo) { return repo->signer_count; }
 
+bool repo_is_signed(struct repo *repo)
+{
+    char *data;
+    size_t len;
+    unsigned sigs = 0;
+    if (repo_get(repo, "index", REPO_MAX_INDEX_LEN, &data, &len) == 0) {
+        sign_body_len(data, len, &sigs);
+        free(data);
+    }
+    return sigs > 0;
+}
+
 int repo_sign_text(struct repo *repo, char *text, size_t *len, size_t cap)
 {
     size_t body = sign_body_len(text, *len, NULL);
@@ -1298,37 +1356,42 @@ int repo_write_index(struct repo *repo, const struct repo_index *index)
     return err;
 }
 
+struct repo_source {
+    struct repo *repo;
+    char *chunk; /* chunk_size bytes */
+};
+
+/* The base source of imgfsctl and extmap: every chunk fetched from the
+ * repository and verified, no cache. */
+static int repo_source_read(void *ctx, const struct vm_base *base, uint64_t index, void *buf, size_t len,
+                            uint64_t chunk_off)
+{
+    struct repo_source *src = ctx;
+    const struct manifest *m = base->manifest;
+    char *enc = NULL;
+    size_t enc_len = 0;
+    int rc = repo_get_chunk(src->repo, &m->chunks[index], m->chunk_size, 0, &enc, &enc_len, NULL);
+    if (!rc)
+        rc = chunkfmt_decode(enc, enc_len, src->chunk, m->chunk_size, &m->chunks[index]);
+    free(enc);
+    if (!rc)
+        rc = repo_verify_chunk(src->repo, &m->chunks[index], src->chunk, m->chunk_size);
+    if (!rc)
+        memcpy(buf, src->chunk + chunk_off, len);
+    return rc;
+}
+
 int repo_read_range(struct repo *repo, const struct manifest *m, void *buf, size_t len, uint64_t off)
 {
     if (off > m->size || len > m->size - off)
         return -EINVAL;
-    char *chunk = malloc(m->chunk_size);
-    if (!chunk)
+    struct repo_source rs = {repo, malloc(m->chunk_size)};
+    if (!rs.chunk)
         return -ENOMEM;
-    char *p = buf;
-    int rc = 0;
-    while (len > 0 && !rc) {
-        uint64_t index = off / m->chunk_size;
-        size_t in = (size_t)(off % m->chunk_size);
-        size_t n = m->chunk_size - in < len ? m->chunk_size - in : len;
-        if (chunk_hash_is_null(&m->chunks[index])) {
-            memset(p, 0, n);
-        } else {
-            char *enc = NULL;
-            size_t enc_len = 0;
-            rc = repo_get_chunk(repo, &m->chunks[index], m->chunk_size, 0, &enc, &enc_len, NULL);
-            if (!rc)
-                rc = chunkfmt_decode(enc, enc_len, chunk, m->chunk_size, &m->chunks[index]);
-            free(enc);
-            if (!rc)
-                rc = repo_verify_chunk(repo, &m->chunks[index], chunk, m->chunk_size);
-            if (!rc)
-                memcpy(p, chunk + in, n);
-        }
-        p += n;
-        len -= n;
-        off += n;
-    }
-    free(chunk);
+    struct vm_base base = {.manifest = m};
+    struct disk base_only = {.size = m->size, .base = &base};
+    struct base_source src = {repo_source_read, &rs};
+    int rc = disk_read(&base_only, &src, buf, len, off);
+    free(rs.chunk);
     return rc;
 }

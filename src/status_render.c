@@ -20,7 +20,7 @@ struct text {
 };
 
 static void text_printf(struct text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void text_vprintf(struct text *t, const char *fmt, va_list ap)
+__attribute__((format(printf, 2, 0))) static void text_vprintf(struct text *t, const char *fmt, va_list ap)
 {
     if (t->failed)
         return;

@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "prefetch.h"
 #include "util.h"
 
 #define STATE_MARKER "imgfs-state 1\n"
@@ -1078,34 +1079,6 @@ int vm_set_times(struct vm *vm, const struct timespec times[2])
 
 /* ---- reading -------------------------------------------------------------------- */
 
-/* Index of the topmost layer owning block, or -1. */
-static int owner_of(const struct disk *disk, uint64_t block)
-{
-    for (int i = (int)disk->depth - 1; i >= 0; i--)
-        if (layer_owns(disk->layers[i], block))
-            return i;
-    return -1;
-}
-
-uint64_t disk_source_at(const struct disk *disk, uint64_t off, uint64_t max_len, enum disk_source *source,
-                        struct layer **layer)
-{
-    uint64_t end = off + max_len < disk->size ? off + max_len : disk->size;
-    uint64_t block = off / LAYER_BLOCK_SIZE;
-    int owner = owner_of(disk, block);
-    uint64_t run_end = (block + 1) * LAYER_BLOCK_SIZE;
-    while (run_end < end && owner_of(disk, run_end / LAYER_BLOCK_SIZE) == owner)
-        run_end += LAYER_BLOCK_SIZE;
-    if (owner >= 0) {
-        *source = SOURCE_LAYER;
-        *layer = disk->layers[owner];
-    } else {
-        *source = disk->base ? SOURCE_BASE : SOURCE_ZERO;
-        *layer = NULL;
-    }
-    return (run_end < end ? run_end : end) - off;
-}
-
 /* Base chunks that a write's copy-up needs, fetched before any lock is
  * taken (see vm_write). */
 struct held_chunks {
@@ -1114,114 +1087,16 @@ struct held_chunks {
     int count;
 };
 
-/* Reads base bytes. With held (under the VM's write locks) only what is
- * held is used, since the network is never waited on under a VM lock:
- * -EAGAIN when a chunk is not. Without held, fetches as a demand read. */
-static int read_base(const struct vm_base *base, struct fetcher *fetcher, const struct held_chunks *held, char *buf,
-                     size_t len, uint64_t off)
+/* The base source of copy-up: the chunks held, nothing else, since the
+ * network is never waited on under a VM lock (-EAGAIN for any other). */
+static int held_read(void *ctx, const struct vm_base *base, uint64_t index, void *buf, size_t len, uint64_t chunk_off)
 {
-    const struct manifest *m = base->manifest;
-    while (len > 0) {
-        uint64_t index = off / m->chunk_size;
-        uint64_t in_chunk = off % m->chunk_size;
-        size_t n = m->chunk_size - in_chunk < len ? (size_t)(m->chunk_size - in_chunk) : len;
-        if (chunk_hash_is_null(&m->chunks[index])) {
-            memset(buf, 0, n);
-        } else if (held) {
-            int k = 0;
-            while (k < held->count && held->index[k] != index)
-                k++;
-            if (k == held->count)
-                return -EAGAIN;
-            if (fetch_ref_read(&held->refs[k], buf, n, in_chunk) != 0)
-                return -EIO;
-        } else {
-            struct fetch_ref ref;
-            if (fetch_get(fetcher, &m->chunks[index], m->chunk_size, FETCH_DEMAND, base->counters, &ref) != 0)
-                return -EIO;
-            int rc = fetch_ref_read(&ref, buf, n, in_chunk);
-            fetch_ref_release(fetcher, &ref);
-            if (rc)
-                return -EIO;
-        }
-        buf += n;
-        len -= n;
-        off += n;
-    }
-    return 0;
-}
-
-static int read_disk(const struct disk *disk, struct fetcher *fetcher, const struct held_chunks *held, char *buf,
-                     size_t len, uint64_t off)
-{
-    while (len > 0) {
-        enum disk_source source;
-        struct layer *layer;
-        size_t n = (size_t)disk_source_at(disk, off, len, &source, &layer);
-        int rc = 0;
-        if (n == 0)
-            return -EINVAL;
-        if (source == SOURCE_LAYER)
-            rc = layer_read(layer, buf, n, off);
-        else if (source == SOURCE_BASE)
-            rc = read_base(disk->base, fetcher, held, buf, n, off);
-        else
-            memset(buf, 0, n);
-        if (rc)
-            return rc == -ENODATA ? -EIO : rc;
-        buf += n;
-        len -= n;
-        off += n;
-    }
-    return 0;
-}
-
-int disk_read(const struct disk *disk, struct fetcher *fetcher, char *buf, size_t len, uint64_t off)
-{
-    return read_disk(disk, fetcher, NULL, buf, len, off);
-}
-
-int64_t disk_seek(const struct disk *disk, uint64_t off, int whence)
-{
-    if (off >= disk->size)
-        return -ENXIO;
-    bool want_data = whence == SEEK_DATA;
-    uint64_t pos = off;
-    while (pos < disk->size) {
-        enum disk_source source;
-        struct layer *layer;
-        uint64_t n = disk_source_at(disk, pos, disk->size - pos, &source, &layer);
-        uint64_t run_end = pos + n;
-        while (pos < run_end) {
-            /* Find the extent of data or hole that starts at pos. */
-            bool is_data;
-            uint64_t next;
-            if (source == SOURCE_LAYER) {
-                struct layer_extent e;
-                if (layer_extent_at(layer, pos, run_end - pos, &e) != 0)
-                    return -EIO;
-                is_data = e.kind == LAYER_EXTENT_DATA; /* discarded blocks read as zeros */
-                next = pos + e.len;
-                layer_extent_release(layer, &e);
-            } else if (source == SOURCE_BASE) {
-                const struct manifest *m = disk->base->manifest;
-                uint64_t index = pos / m->chunk_size;
-                is_data = !chunk_hash_is_null(&m->chunks[index]);
-                next = (index + 1) * m->chunk_size;
-            } else {
-                is_data = false;
-                next = run_end;
-            }
-            if (next > run_end)
-                next = run_end;
-            if (next <= pos)
-                next = pos + 1;
-            if (is_data == want_data)
-                return (int64_t)pos;
-            pos = next;
-        }
-    }
-    return want_data ? -ENXIO : (int64_t)disk->size;
+    (void)base;
+    const struct held_chunks *held = ctx;
+    for (int k = 0; k < held->count; k++)
+        if (held->index[k] == index)
+            return fetch_ref_read(&held->refs[k], buf, len, chunk_off) ? -EIO : 0;
+    return -EAGAIN;
 }
 
 /* ---- writing -------------------------------------------------------------------- */
@@ -1244,8 +1119,9 @@ static int write_partial(struct vm *vm, const struct held_chunks *held, const ch
     size_t block_len = vm->live.size - start < LAYER_BLOCK_SIZE ? (size_t)(vm->live.size - start) : LAYER_BLOCK_SIZE;
     char tmp[LAYER_BLOCK_SIZE];
     struct disk below = below_top(&vm->live);
+    struct base_source src = {held_read, (void *)held};
     int rc = layer_owns(top, block) ? layer_read(top, tmp, block_len, start)
-                                    : read_disk(&below, NULL, held, tmp, block_len, start);
+                                    : disk_read(&below, &src, tmp, block_len, start);
     if (rc)
         return rc;
     memcpy(tmp + (off - start), buf, len);
@@ -1272,10 +1148,12 @@ static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off
         uint64_t stop = start + LAYER_BLOCK_SIZE < vm->live.size ? start + LAYER_BLOCK_SIZE : vm->live.size;
         bool partial = start < off || stop > end;
         uint64_t index = start / m->chunk_size;
-        if (!partial || owner_of(&vm->live, edges[e]) >= 0 || chunk_hash_is_null(&m->chunks[index]) ||
+        if (!partial || disk_owner_of(&vm->live, edges[e]) >= 0 || chunk_hash_is_null(&m->chunks[index]) ||
             (count == 1 && wanted[0] == index))
             continue;
         wanted[count++] = index;
+        if (vm->trace) /* copy-up is recorded like a guest read */
+            trace_note(vm->trace, index);
     }
     pthread_rwlock_unlock(&vm->chain_lock);
     for (int k = 0; k < count; k++) {
@@ -1288,6 +1166,8 @@ static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off
         }
         held->index[k] = wanted[k];
         held->count = k + 1;
+        if (base->marks)
+            prefetch_note_read(base->marks, wanted[k], held->refs[k].hit);
     }
     return 0;
 }
@@ -1453,6 +1333,25 @@ static void write_record(struct hashed_file *hf, uint64_t off, uint64_t len, uin
         hf_write(hf, data, (size_t)len);
 }
 
+struct export_walk {
+    struct hashed_file *hf;
+    char *piece; /* EXPORT_PIECE bytes */
+};
+
+/* Only the VM's own data goes out: its layers' extents. */
+static int export_extent(void *ctx, const struct disk_extent *e)
+{
+    struct export_walk *w = ctx;
+    if (e->kind != DISK_EXTENT_LAYER)
+        return 0;
+    int rc = layer_read(e->layer, w->piece, (size_t)e->len, e->off);
+    if (!rc) {
+        bool zero = buffer_is_zero(w->piece, (size_t)e->len);
+        write_record(w->hf, e->off, e->len, zero ? 1 : 0, zero ? NULL : w->piece);
+    }
+    return rc;
+}
+
 int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unused, const char *path,
               char *err, size_t errlen)
 {
@@ -1499,19 +1398,9 @@ int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unu
                   (unsigned)vm->gid, (unsigned)vm->mode);
     hf_write(&hf, header, (size_t)n);
     int rc = 0;
-    for (uint64_t pos = 0; pos < vm->live.size && !rc;) {
-        enum disk_source source;
-        struct layer *layer;
-        uint64_t len = disk_source_at(&vm->live, pos, EXPORT_PIECE, &source, &layer);
-        if (source == SOURCE_LAYER) {
-            rc = layer_read(layer, piece, (size_t)len, pos);
-            if (!rc) {
-                bool zero = buffer_is_zero(piece, (size_t)len);
-                write_record(&hf, pos, len, zero ? 1 : 0, zero ? NULL : piece);
-            }
-        }
-        pos += len;
-    }
+    struct export_walk walk = {&hf, piece};
+    for (uint64_t pos = 0; pos < vm->live.size && !rc; pos += EXPORT_PIECE)
+        rc = disk_map(&vm->live, pos, EXPORT_PIECE, export_extent, &walk);
     pthread_rwlock_unlock(&vm->chain_lock);
     pthread_rwlock_unlock(&vm->write_lock);
     write_record(&hf, UINT64_MAX, 0, 0xff, NULL);

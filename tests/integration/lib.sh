@@ -94,9 +94,11 @@ mount_imgfs() {
     DAEMON_LOG[$mnt]=$log
     MOUNTS+=("$mnt")
     for _ in $(seq 1 200); do
-        # statfs reaches the daemon: a dead mount left there by a crash
-        # is a mount point too, until the new daemon replaces it.
-        mountpoint -q "$mnt" && stat -f "$mnt" > /dev/null 2>&1 && return 0
+        # statfs reaches the daemon, and must say FUSE: a dead mount left by
+        # a crash is a mount point that does not answer, and once the new
+        # daemon has detached it the plain directory below answers for a
+        # moment, until the new mount is there.
+        [ "$(stat -f -c %T "$mnt" 2>/dev/null)" = fuseblk ] && mountpoint -q "$mnt" && return 0
         kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; fail "imgfs exited before mounting $mnt"; }
         sleep 0.05
     done

@@ -80,4 +80,15 @@ rm -f "$T"/stderr.*
 expect_error "imgfsctl precopy with an unknown option" "$IMGFSCTL" precopy "$T/mnt" cfg --rat 5M
 grep -q "'--rat'" "$T"/stderr.* || fail "imgfsctl precopy does not name the unknown option"
 mountpoint -q "$T/mnt" && fail "a failed imgfs left a mount behind"
+
+# Relative paths in argv and in a config file still hold when the mount is
+# handed to a new server (which runs the same argv after the daemon went to /).
+echo "cache=c1" > "$T/rel.conf"
+(cd "$T" && "$IMGFS" repo mnt -o config=rel.conf,state=state) || fail "a mount with relative paths failed"
+MOUNTS+=("$T/mnt")
+"$IMGFSCTL" restart "$T/mnt" > /dev/null || fail "imgfsctl restart of a mount made with relative paths failed"
+cmp "$T/mnt/bases/cfg.raw" "$T/img.raw" || fail "the base differs after the restart"
+[ "$(stat_value "$T/mnt" cache directory)" = "$T/c1" ] || fail "the new server took another cache directory"
+umount "$T/mnt"
+ok "relative REPO, MOUNTPOINT, config= and cache= survive imgfsctl restart"
 finish

@@ -46,6 +46,11 @@ mount_imgfs "$R" "$T/old" "state=$T/state1" "$T/cache1"
 head -c $((1 << 20)) "$T/old/bases/os@1.raw" | cmp - <(head -c $((1 << 20)) "$T/a.img") || fail "os@1 reads wrong"
 
 expect_error "retiring the newest version" "$IMGFSCTL" retire "$R" os@3
+expect_error "retire without a version" "$IMGFSCTL" retire "$R" os
+expect_error "retire of a hostile name" "$IMGFSCTL" retire "$R" ../os@1
+expect_error "gc of an HTTP repository" "$IMGFSCTL" gc http://127.0.0.1:9/repo
+expect_error "gc of a directory that is not a repository" "$IMGFSCTL" gc "$T"
+expect_error "versions of a base that does not exist" "$IMGFSCTL" versions "$R" nosuch
 expect_error "retiring a version that does not exist" "$IMGFSCTL" retire "$R" os@9
 "$IMGFSCTL" retire "$R" os@1 > /dev/null || fail "retire os@1 failed"
 expect_error "retiring a version twice" "$IMGFSCTL" retire "$R" os@1
@@ -82,13 +87,19 @@ umount_imgfs "$T/old"
 ok "fresh mounts skip os@1 and the other versions are intact; the old host serves its cache, EIO for the rest"
 
 # ---- 2. gc while a publish is held in its middle -------------------------------
-make_image "$T/big.img" $((8 << 20))
+# Its first 2 MiB are all data, so that publish's first batches (1 MiB of
+# consecutive chunks each) are all cached and get stored.
+head -c $((2 << 20)) /dev/urandom > "$T/big.img"
+make_image "$T/big.tail" $((6 << 20))
+cat "$T/big.tail" >> "$T/big.img"
 "$IMGFSCTL" publish "$T/big.img" "$T/www/src" --name big --chunk-size 64K > /dev/null
 nginx_start www "$T/www"
 mount_imgfs "${NGINX_URL[www]}/src" "$T/src" "state=$T/state3,timeout=300" "$T/cache3"
-head -c $((1 << 20)) "$T/src/bases/big.raw" > /dev/null  # cached: the publish gets this far
+head -c $((2 << 20)) "$T/src/bases/big.raw" > /dev/null  # cached: the publish gets this far
 nginx_stop www
-"$IMGFSCTL" retire "$R" os@2 > /dev/null
+# os@2 as a retire killed after its marker: the manifest is still there.
+printf 'imgfs-retired 1\ntime 0\n' > "$R/bases/os/2.retired"
+printf 'imgfs-retired 1\ntime 0\n' > "$R/bases/other/1.retired" # a stray marker on a newest version
 before=$(chunk_files | wc -l)
 "$IMGFSCTL" publish "$T/src/bases/big.raw" "$R" --name os --chunk-size 64K > "$T/publish.out" 2>&1 &
 publisher=$!
@@ -105,11 +116,14 @@ nginx_restart www
 wait "$publisher" || fail "the publish failed: $(cat "$T/publish.out")"
 wait "$collector" || fail "gc failed after the publish: $(cat "$T/gc2.err")"
 grep -q '^published os@4' "$T/publish.out" || fail "the publish made no os@4: $(cat "$T/publish.out")"
+[ ! -e "$R/bases/os/2.manifest" ] || fail "gc did not finish the killed retire of os@2"
+[ -e "$R/bases/other/1.manifest" ] || fail "gc removed the newest version of other for a stray marker"
 chunk_refs "$R"/bases/*/*.manifest | same - <(chunk_files) "after gc the chunks are not exactly the referenced ones"
 mount_imgfs "$R" "$T/new2" "state=$T/state4" "$T/cache4"
 same "$T/new2/bases/os@4.raw" "$T/big.img" "the version published during gc is damaged"
 same "$T/new2/bases/os@3.raw" "$T/c.img" "os@3 is damaged after the second gc"
-ok "the concurrent publish is complete and intact; gc removed os@2's own chunks"
+same "$T/new2/bases/other@1.raw" "$T/d.img" "other@1 is damaged after the second gc"
+ok "the concurrent publish is complete and intact; gc finished a killed retire and ignored a stray marker"
 
 # ---- 3. snapshots ------------------------------------------------------------------
 M=$T/new2

@@ -98,6 +98,7 @@ expect_error "a URL with a password in it" \
 grep -q "$PASSWORD" "$T"/stderr.* && fail "the refusal of a URL with a password echoes the password"
 expect_error "the repository without credentials (401)" \
     "$IMGFS" "$URL" "$T/mnt2" -f -o "cache=$T/c2,state=$T/state,insecure"
+grep -q 'access denied (HTTP status 401).*credentials=FILE' "$T"/stderr.* || fail "a 401 is not explained"
 mount_imgfs "$URL" "$M" "state=$T/state,insecure,credentials=$T/netrc" "$T/c3"
 cmp "$M/bases/x.raw" "$T/img.raw" || fail "the repository does not read with credentials"
 cat "$M/.imgfs/stats" "$M/.imgfs/status.json" "$M/.imgfs/metrics" > "$T/status.all" 2>/dev/null ||

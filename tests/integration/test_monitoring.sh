@@ -87,6 +87,23 @@ print("families:", len(families))
 PY
 ok "python3-prometheus-client parses .imgfs/metrics: counters, gauges, labels base/version/vm/mirror"
 
+# A scrape target of its own: socat and packaging/imgfs-metrics-http, as the
+# README documents, scraped with curl and read by the same parser.
+SRC=${IMGFS_SOURCE_DIR:-$(cd "$(dirname "$0")/../.." && pwd)}
+port=$(free_port)
+socat TCP-LISTEN:"$port",bind=127.0.0.1,reuseaddr,fork EXEC:"$SRC/packaging/imgfs-metrics-http $M" 2>"$T/socat.err" &
+DAEMON_PID[socat]=$!
+for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
+curl -sf "http://127.0.0.1:$port/metrics" > "$T/scraped" || fail "no scrape answer: $(cat "$T/socat.err")"
+/usr/bin/python3 -c '
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+names = {f.name for f in text_string_to_metric_families(open(sys.argv[1]).read())}
+assert "imgfs_base_cache_hits" in names and "imgfs_vm_layer_bytes" in names, names' "$T/scraped" ||
+    fail "the scraped metrics do not parse"
+server_stop socat
+ok "a scrape through socat and imgfs-metrics-http returns parseable metrics"
+
 # JSON: jq and python read it, and it carries the same figures as stats.
 "$IMGFSCTL" status --json "$M" > "$T/status.json"
 jq -e '.base["mon@1"].cache_misses > 0 and .vm.web1.base == "mon@1" and (.mirror | length) == 2' \
@@ -94,6 +111,8 @@ jq -e '.base["mon@1"].cache_misses > 0 and .vm.web1.base == "mon@1" and (.mirror
 [ "$(jq -r .fetch.requests "$T/status.json")" -ge "$requests" ] || fail "JSON fetch.requests is behind stats"
 python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["cache"]["bytes"] > 0 and d["daemon"]["repository_kind"] == "http"' \
     "$T/status.json" || fail "python cannot read status --json"
+expect_error "status of a directory that is not a mount" "$IMGFSCTL" status "$T"
+expect_error "status with an unknown option" "$IMGFSCTL" status "$M" --yaml
 ok "imgfsctl status --json parses with jq and python"
 
 # Extended attributes, listed with getfattr.
@@ -111,6 +130,21 @@ grep -q '^user.imgfs.base="mon@1"' "$T/vm.xattr" || fail "no base identity on a 
 getfattr -d -m user.imgfs "$M" | grep -q '^user.imgfs.fetch_errors="0"' || fail "no fetch_errors on the mount root"
 ! setfattr -n user.imgfs.hit_rate -v 1 "$M/vms/web1.raw" 2>/dev/null || fail "a user.imgfs attribute could be set"
 ok "getfattr lists user.imgfs.* (resident bytes, hit rate, base identity, layer bytes, fetch errors)"
+
+# Status, metrics and xattrs read while a VM disk is written and a base read
+# (the TSan build runs this test: the figures are read without stopping I/O).
+(
+    for _ in $(seq 1 40); do
+        cat "$M/.imgfs/metrics" "$M/.imgfs/status.json" > /dev/null
+        getfattr -d -m user.imgfs "$M/vms/web1.raw" "$M/bases/mon@1.raw" > /dev/null
+        "$IMGFSCTL" status "$M" > /dev/null
+    done
+) &
+reader=$!
+dd if=/dev/urandom of="$M/vms/web1.raw" bs=64k count=64 conv=notrunc,fsync status=none
+cat "$M/bases/mon.raw" > /dev/null
+wait "$reader" || fail "reading the status during I/O failed"
+ok "status files and xattrs read during VM and base I/O"
 
 umount_imgfs "$M"
 finish

@@ -48,6 +48,8 @@ echo hello | dd of=/dev/fd/3 bs=4096 conv=sync,notrunc status=none || fail "the 
 dd if="$M/vms/v.raw" bs=5 count=1 status=none | grep -q hello || fail "the write through the open disk is not there"
 ok "SIGTERM with a VM disk open is refused and the disk keeps working"
 exec 3>&-
+# The kernel sends the release after close(2) returns: wait for it.
+wait_stat "$M" "vm v" open 0
 
 # ... and with no disk open it unmounts, and the daemon exits 0.
 kill -TERM "$pid"
@@ -72,7 +74,8 @@ unset "DAEMON_PID[$M]"
 stat "$M" > /dev/null 2> "$T/stat.err" && fail "the mount still answers after kill -9"
 grep -q "Transport endpoint is not connected" "$T/stat.err" || { cat "$T/stat.err"; fail "no dead mount after kill -9"; }
 mount_imgfs "$T/repo" "$M"
-grep -q "held a dead FUSE mount" "${DAEMON_LOG[$M]}" || fail "the dead mount was not reported"
+for _ in $(seq 50); do grep -q "held a dead FUSE mount" "${DAEMON_LOG[$M]}" && break; sleep 0.1; done
+grep -q "held a dead FUSE mount" "${DAEMON_LOG[$M]}" || { cat "${DAEMON_LOG[$M]}"; fail "the dead mount was not reported"; }
 cmp "$M/vms/v.raw" <(dd if="$M/vms/v.raw" bs=1M status=none) || fail "cannot read the VM disk after the new mount"
 dd if="$M/vms/v.raw" bs=5 count=1 status=none | grep -q hello || fail "the VM disk lost its data"
 [ "$(grep -c " $M " /proc/self/mountinfo)" = 1 ] || fail "the dead mount is still stacked under the new one"

@@ -1,7 +1,9 @@
 #!/bin/bash
 # Takeover at the edges: while a read waits on a slow HTTP repository (kill -9
 # and imgfsctl restart: the read completes with the right bytes); while a
-# pre-copy runs (imgfsctl precopy fails with a sentence that says why); and
+# pre-copy runs (imgfsctl precopy fails with a sentence that says why); with
+# prefetch replay of an open disk under way (it resumes in the new process);
+# and
 # with an upgrade to a binary that crashes at start-up (the supervisor backs
 # off, gives up with one log line and ends the mount).
 . "$(dirname "$0")/lib.sh"
@@ -66,6 +68,47 @@ wait "$copier" || status=$?
 [ "$status" -ne 0 ] || fail "imgfsctl precopy succeeded although its daemon was killed"
 grep -qE "replaced|does not survive" "$T/precopy.err" || { cat "$T/precopy.err"; fail "no clear error from imgfsctl precopy"; }
 ok "a pre-copy cut by a takeover fails at imgfsctl: $(head -n 1 "$T/precopy.err")"
+
+# A control file opened before a takeover is refused (EBADF), never taken
+# for another's: the command it would carry is not run by the new process.
+exec 4<> "$M/.imgfs/control"
+old=$(stat_value "$M" daemon pid)
+kill -9 "$old"
+for _ in $(seq 100); do [ "$(stat_value "$M" daemon pid)" != "$old" ] && break; sleep 0.1; done
+if printf 'vm-create\tstale\t-\t1048576\n' >&4 2> "$T/stale.err"; then
+    fail "a control handle of the dead process was accepted"
+fi
+exec 4>&-
+grep -q "Bad file descriptor" "$T/stale.err" || { cat "$T/stale.err"; fail "the stale control handle did not fail with EBADF"; }
+[ ! -e "$M/vms/stale.raw" ] || fail "the command written to a stale control handle was run"
+ok "a control handle from before a takeover fails with EBADF and runs nothing"
+umount_imgfs "$M"
+
+# Prefetch replay of an open VM disk resumes in the new process. A list of
+# every chunk in disk order, replayed at most 1M (8 chunks) ahead of a
+# guest that reads nothing, on an empty cache.
+mount_imgfs "$T/repo" "$M"
+"$IMGFSCTL" vm create "$M" v --base d > /dev/null
+"$IMGFSCTL" trace start "$M" v
+dd if="$M/vms/v.raw" of=/dev/null bs=128k status=none
+"$IMGFSCTL" trace stop "$M" v --output "$T/seq.list"
+"$IMGFSCTL" list publish "$T/repo" d@1 seq "$T/seq.list" > /dev/null || fail "list publish seq"
+umount_imgfs "$M"
+rm -rf "$T/cache"
+mount_imgfs "$T/repo" "$M" "prefetch=seq,prefetch_ahead=1M"
+exec 3< "$M/vms/v.raw"
+wait_stat "$M" "base d@1" prefetch_list 8/64
+old=$(stat_value "$M" daemon pid)
+kill -9 "$old"
+for _ in $(seq 100); do [ "$(stat_value "$M" daemon pid)" != "$old" ] && break; sleep 0.1; done
+# The new process replays for the disk opened before it started ...
+wait_stat "$M" "base d@1" prefetch_started yes
+wait_stat "$M" "base d@1" prefetch_list 8/64
+# ... and follows the guest: a read of list chunk 20 lets it go on to 28.
+dd if="$M/vms/v.raw" of=/dev/null bs=128k skip=20 count=1 iflag=direct status=none
+wait_stat "$M" "base d@1" prefetch_list 29/64
+ok "prefetch replay of a disk opened before a kill -9 resumes in the new process"
+exec 3<&-
 umount_imgfs "$M"
 
 # An upgrade to a binary that crashes at start-up: back off, then give up.

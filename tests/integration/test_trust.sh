@@ -244,4 +244,18 @@ cmp "$M/vms/web.raw" "$T/web.expect" || fail "the VM made before signing does no
 cmp "$M/bases/v@2.raw" "$T/img2.raw" || fail "v@2 of the converted repository does not read"
 umount_imgfs "$M"
 ok "imgfsctl sign converts a repository without changing a chunk or manifest; the VM made before works"
+
+# --- lists: signed by list publish --key; an unsigned one is refused -----------------------
+body=$(printf 'imgfs-list 1\nbase v 1 %s\nchunk-size 131072\nchunks 2\n0\n1\n' "$(xxh128sum < "$LOCAL/bases/v/1.manifest" | cut -d' ' -f1)")
+printf '%s\n' "$body" > "$T/body"
+printf '%s\nend %s\n' "$body" "$(xxh128sum < "$T/body" | cut -d' ' -f1)" > "$T/boot.list"
+expect_error "an unsigned list publish into a signed repository" "$IMGFSCTL" list publish "$LOCAL" v@1 boot "$T/boot.list"
+"$IMGFSCTL" list publish "$LOCAL" v@1 boot "$T/boot.list" --key "$T/k1" > /dev/null || fail "list publish --key failed"
+grep -q '^+sig ' "$LOCAL/bases/v/1.lists/boot" || fail "the list is not signed"
+mount_imgfs "$LOCAL" "$M" "state=$T/vstate,trust=$T/trust1" "$T/c16"
+"$IMGFSCTL" precopy "$M" v@1 --list boot > /dev/null || fail "a signed list is not accepted"
+sed -i '$d' "$LOCAL/bases/v/1.lists/boot"   # drop the signature line
+expect_error "precopy with an unsigned list on a signed mount" "$IMGFSCTL" precopy "$M" v@1 --list boot
+umount_imgfs "$M"
+ok "lists: list publish --key signs them, a signed mount refuses an unsigned one"
 finish

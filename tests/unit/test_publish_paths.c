@@ -399,6 +399,28 @@ static void test_qcow2(void)
             sparse, q, q, truth) == 0)
         check_image("qcow2 2M clusters, 64K chunks", q, truth, 64 * 1024, true, true);
 
+    /* qcow version 1: no map is read, every byte goes through libqcow. */
+    path_in(q, "v1.qcow");
+    if (run("qemu-img convert -q -f raw -O qcow '%s' '%s' && qemu-img convert -q -O raw '%s' '%s'", sparse, q, q,
+            truth) == 0) {
+        char err[512];
+        struct image *img = NULL;
+        CHECK(image_open(q, &img, err, sizeof(err)) == 0 && strcmp(image_map_source(img), "none") == 0);
+        image_close(img);
+        check_image("qcow v1, read whole", q, truth, CS, false, true);
+    }
+
+    /* Preallocated metadata (every cluster has a host offset, reading as
+     * zeros), data, and zero-flag clusters that keep their host cluster over
+     * data that was written there before: libqcow (the old path) returns
+     * that stale data; qemu and the new path read zeros. */
+    path_in(q, "prealloc.qcow2");
+    if (run("qemu-img create -q -f qcow2 -o preallocation=metadata '%s' %u >/dev/null && "
+            "qemu-io -f qcow2 -c 'write -P 0x44 %u 200k' -c 'write -z %u 64k' -c 'write -P 0x45 %u 64k' '%s' "
+            ">/dev/null && qemu-img convert -q -O raw '%s' '%s'",
+            q, 64 * CS, 3 * CS, 3 * CS, 40 * CS + 4096, q, q, truth) == 0)
+        check_image("qcow2 preallocated, zero clusters over data", q, truth, CS, false, false);
+
     /* Chains of three: data, compressed clusters and (the second) zero
      * clusters over backing data and a top larger than its backing files,
      * which the old path read wrongly or not at all. */

@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# bench-cold-read.sh: cold sequential read of a whole base, imgfs against the
+# plain tools reading the same chunk files, side by side in one run.
+#
+# A benchmark, not a test: it reports numbers and never fails on timing.
+# One random image (BENCH_SIZE, default 256M: every chunk stored) is
+# published into a local repository, which is also served by nginx in a
+# network namespace. With caches dropped before every run:
+#   local      cat of bases/NAME.raw from a fresh cache, against cat of the
+#              same chunk files with 4 readers at once (xargs -P4)
+#   http       the same over HTTP (veth, unshaped), against curl fetching the
+#              same chunks over 4 keep-alive connections (4 processes)
+#   100mbit    the same with the server's egress at 100 Mbit/s (tc tbf)
+#   rtt50      the same through bench/delay-proxy.py: +25 ms each way
+# Ratio = the tool's time / imgfs's time (above 1: imgfs is faster).
+# Also: requests per MiB (nginx access log), and the latency of one
+# uncached 4 KiB read (O_DIRECT) against one GET of its chunk with curl.
+#
+# Run as root (FUSE, network namespace, tc). Environment:
+#   BENCH_SIZE     image size (default 256M)
+#   BENCH_CASES    which cases (default "local http 100mbit rtt50")
+#   BENCH_DIR      parent of the work directory (default /var/tmp)
+#   BENCH_KEEP=1   keep the work directory
+#   IMGFS_BIN_DIR  where imgfs and imgfsctl are (default <repo>/build)
+# Output: a Markdown report on stdout, also in bench/results/cold-read-<date>.md.
+set -uo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SRC_DIR=$(dirname "$SCRIPT_DIR")
+IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
+BENCH_SIZE=${BENCH_SIZE:-256M}
+CASES=${BENCH_CASES:-local http 100mbit rtt50}
+BENCH_NAME=bench-cold-read
+. "$SCRIPT_DIR/lib.sh"
+
+if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
+    sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
+[ $# -eq 0 ] || die "takes no arguments (see --help)."
+require_root "FUSE mounts, a network namespace and tc"
+require_tools nginx curl ip tc nsenter python3 fusermount3 xargs
+require_imgfs "$IMGFS_BIN_DIR"
+SIZE_BYTES=$(to_bytes "$BENCH_SIZE" BENCH_SIZE)
+[ "$SIZE_BYTES" -ge $((4 << 20)) ] || die "BENCH_SIZE must be at least 4M."
+for c in $CASES; do
+    case $c in local | http | 100mbit | rtt50) ;; *) die "unknown case $c in BENCH_CASES." ;; esac
+done
+
+make_work imgfs-cold
+VETH_ROOT=icr$$ VETH_NS=icn$$
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM HUP
+    stop_all
+    wait 2>/dev/null
+    [ -n "$NS" ] && netns_delete "$NS" "$VETH_ROOT"
+    remove_work
+    exit "$rc"
+}
+on_exit cleanup
+NAME=cold
+head -c "$SIZE_BYTES" /dev/urandom >"$WORK/img.raw"
+"$IMGFS_BIN_DIR/imgfsctl" publish "$WORK/img.raw" "$WORK/www/repo" --name $NAME >/dev/null ||
+    die "publish failed."
+MANIFEST=$WORK/www/repo/bases/$NAME/1.manifest
+awk '/^chunks / { go = 1; next } go && $1 != "end" && $1 != "0" { print $1 }' "$MANIFEST" >"$WORK/hashes"
+CHUNKS=$(wc -l <"$WORK/hashes")
+MIB=$((SIZE_BYTES / 1048576))
+sed 's|^\(..\)\(.*\)$|'"$WORK/www/repo"'/chunks/\1/\1\2|' "$WORK/hashes" >"$WORK/files"
+
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
+
+# read_ms FILE OFFSET [direct]: milliseconds of one 4 KiB pread, timed inside
+# one process (process start-up on a busy machine is tens of ms).
+read_ms() {
+    python3 - "$@" <<'PY'
+import mmap, os, sys, time
+flags = os.O_RDONLY | (os.O_DIRECT if len(sys.argv) > 3 else 0)
+buf = mmap.mmap(-1, 4096)
+start = time.perf_counter()
+fd = os.open(sys.argv[1], flags)
+n = os.preadv(fd, [buf], int(sys.argv[2]))
+took = time.perf_counter() - start
+os.close(fd)
+sys.exit(1) if n != 4096 else print("%.1f" % (took * 1000))
+PY
+}
+
+# imgfs_cold REPO [OPTIONS]: mounts with a fresh cache, reads the whole base
+# cold; prints "SECONDS REQUESTS".
+imgfs_cold() {
+    local repo=$1 extra=${2:-} mnt=$WORK/mnt cache=$WORK/cache state=$WORK/state
+    rm -rf "$cache" "$state"
+    mkdir -p "$mnt" "$cache" "$state"
+    "$IMGFS_BIN_DIR/imgfs" "$repo" "$mnt" -f -o "cache=$cache,state=$state,prefetch=none$extra" \
+        2>"$WORK/imgfs.log" &
+    local pid=$!
+    wait_mounted "$mnt" 20 || die "imgfs did not mount: $(tail -n 2 "$WORK/imgfs.log")"
+    MOUNTS+=("$mnt")
+    drop
+    local t0 t1
+    t0=$(date +%s%N)
+    cat "$mnt/bases/$NAME.raw" >/dev/null || die "imgfs read failed: $(tail -n 2 "$WORK/imgfs.log")"
+    t1=$(date +%s%N)
+    local req
+    req=$(awk '$1 == "requests" { print $2; exit }' "$mnt/.imgfs/stats")
+    # One uncached 4 KiB read (a chunk in the middle, far from the readahead
+    # of the sequential read: the cache is emptied first by a remount).
+    fusermount3 -u "$mnt"
+    stop_pid "$pid"
+    rm -rf "$cache"
+    mkdir -p "$cache"
+    "$IMGFS_BIN_DIR/imgfs" "$repo" "$mnt" -f -o "cache=$cache,state=$state,prefetch=none$extra" \
+        2>>"$WORK/imgfs.log" &
+    pid=$!
+    wait_mounted "$mnt" 20 || die "imgfs did not mount again."
+    cat "$mnt/.imgfs/stats" >/dev/null # the connection to the repository is up, as curl's below is not
+    local lat
+    lat=$(read_ms "$mnt/bases/$NAME.raw" $((SIZE_BYTES / 2 + 5 * 4096)) direct) || die "the 4 KiB read failed."
+    fusermount3 -u "$mnt"
+    stop_pid "$pid"
+    echo "$(seconds "$t0" "$t1") $req $lat"
+}
+
+local_cat() {
+    drop
+    local t0 t1
+    t0=$(date +%s%N)
+    xargs -P4 -n 64 cat <"$WORK/files" >/dev/null
+    t1=$(date +%s%N)
+    seconds "$t0" "$t1"
+}
+
+# curl_4 BASE_URL: the chunks over 4 keep-alive connections; prints seconds.
+curl_4() {
+    local base=$1 i
+    for i in 0 1 2 3; do
+        awk -v n=$i -v u="$base" 'NR % 4 == n { printf "url = \"%s/chunks/%s/%s\"\noutput = \"/dev/null\"\n", u, substr($1, 1, 2), $1 }' \
+            "$WORK/hashes" >"$WORK/curl.$i"
+    done
+    local t0 t1
+    t0=$(date +%s%N)
+    for i in 0 1 2 3; do curl -s --noproxy '*' -K "$WORK/curl.$i" & done
+    wait
+    t1=$(date +%s%N)
+    seconds "$t0" "$t1"
+}
+
+# One GET of the chunk of the 4 KiB read; prints milliseconds.
+curl_one() {
+    local base=$1 idx=$((SIZE_BYTES / 2 / 131072)) h
+    h=$(awk '/^chunks / { go = 1; n = 0; next } go { if (n == i) { print $1; exit } n++ }' i="$idx" "$MANIFEST")
+    curl -s --noproxy '*' -o /dev/null -w '%{time_total}\n' "$base/chunks/${h:0:2}/$h" |
+        awk '{ printf "%.1f", $1 * 1000 }'
+}
+
+ROWS=()
+row() { # CASE TOOL_S IMGFS_S REQ LAT_IMGFS LAT_TOOL TOOL
+    local ratio
+    ratio=$(awk -v a="$2" -v b="$3" 'BEGIN { printf "%.2f", a / b }')
+    ROWS+=("| $1 | $7 | $2 s | $3 s ($(awk -v m=$MIB -v t="$3" 'BEGIN { printf "%.0f", m / t }') MiB/s) | **${ratio}x** | $(awk -v r="$4" -v m=$MIB 'BEGIN { printf "%.1f", r / m }') | $5 ms | $6 ms |")
+    log "$1: $7 $2 s, imgfs $3 s (${ratio}x), $4 requests, 4 KiB read $5 ms vs $6 ms"
+}
+
+if [[ " $CASES " == *" local "* ]]; then
+    log "local repository"
+    base_s=$(local_cat)
+    read -r s req lat < <(imgfs_cold "$WORK/www/repo")
+    drop
+    row local "$base_s" "$s" "$req" "$lat" "$(read_ms "$(head -n 1 "$WORK/files")" 0)" "cat, 4 readers"
+fi
+
+NET_CASES=$(for c in $CASES; do [ "$c" != local ] && echo "$c"; done)
+if [ -n "$NET_CASES" ]; then
+    netns_create "imgfs-cold-$$" "$VETH_ROOT" "$VETH_NS" 10.214.0.1 10.214.0.2
+    nginx_start_in_ns "$WORK/nginx" "$WORK/www" 10.214.0.2:8080 '$status $request_uri' \
+        "http://10.214.0.2:8080/repo/imgfs-repo"
+    PIDS+=("$NGINX_PID")
+    URL=http://10.214.0.2:8080/repo
+    for c in $NET_CASES; do
+        url=$URL
+        innet tc qdisc del dev "$VETH_NS" root 2>/dev/null
+        proxy=
+        case $c in
+        100mbit)
+            innet tc qdisc add dev "$VETH_NS" root tbf rate 100mbit burst 64kb latency 50ms ||
+                die "cannot set up tc tbf."
+            ;;
+        rtt50)
+            port=$((20000 + $$ % 20000))
+            python3 "$SCRIPT_DIR/delay-proxy.py" $port 10.214.0.2 8080 25 &
+            proxy=$!
+            PIDS+=("$proxy")
+            sleep 0.5
+            url=http://127.0.0.1:$port/repo
+            ;;
+        esac
+        log "$c"
+        drop
+        tool_s=$(curl_4 "$url")
+        tool_lat=$(curl_one "$url")
+        : >"$WORK/nginx/access.log"
+        read -r s req lat < <(imgfs_cold "$url" ",insecure")
+        row "$c" "$tool_s" "$s" "$req" "$lat" "$tool_lat" "curl, 4 keep-alive connections"
+        [ -n "$proxy" ] && stop_pid "$proxy"
+    done
+    innet tc qdisc del dev "$VETH_NS" root 2>/dev/null
+fi
+
+{
+    echo "# Cold sequential read of a whole base ($(date -u +%Y-%m-%d), $(uname -r), $(nproc) CPUs)"
+    echo
+    echo "- image: $MIB MiB of random data, $CHUNKS stored chunks of 128 KiB; caches dropped before each run"
+    echo "- imgfs: fresh cache, \`cat bases/$NAME.raw\`, prefetch=none; ratio = tool time / imgfs time"
+    echo "- http: nginx in a network namespace over a veth; rtt50: through bench/delay-proxy.py (+25 ms each way)"
+    echo
+    echo "| case | tool | tool | imgfs | ratio | requests/MiB | one uncached 4 KiB read (imgfs) | one GET (curl) / 4 KiB of a chunk file |"
+    echo "|---|---|---|---|---|---|---|---|"
+    printf '%s\n' "${ROWS[@]}"
+} | save_report cold-read

@@ -1,0 +1,47 @@
+/* Command lines written to .imgfs/control (fs.h control_execute), against a
+ * mount with an empty repository tree and a scratch state directory.
+ * Inputs with '/' are skipped (no absolute path may leave the scratch
+ * directory), and so are numbers of more than 9 digits (a 16T VM disk is
+ * legal but would only measure the disk). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "fs.h"
+#include "fuzz.h"
+#include "state.h"
+#include "tree.h"
+#include "vm.h"
+
+static bool acceptable(const uint8_t *data, size_t size)
+{
+    size_t digits = 0;
+    for (size_t i = 0; i < size; i++) {
+        if (data[i] == '/')
+            return false;
+        digits = data[i] >= '0' && data[i] <= '9' ? digits + 1 : 0;
+        if (digits > 9)
+            return false;
+    }
+    return true;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (!acceptable(data, size))
+        return 0;
+    fuzz_reset_state();
+    char path[PATH_MAX], err[512];
+    snprintf(path, sizeof(path), "%s/state", fuzz_scratch());
+    struct imgfs fs = {0};
+    if (tree_create(NULL, 2, &fs.tree) != 0 || vm_registry_open(path, no_base, NULL, &fs.vms, err, sizeof(err)))
+        abort();
+    /* Two commands: the second sees what the first made. */
+    const uint8_t *nl = memchr(data, '\n', size);
+    size_t first = nl ? (size_t)(nl - data) + 1 : size;
+    free(control_execute(&fs, (const char *)data, first));
+    if (first < size)
+        free(control_execute(&fs, (const char *)data + first, size - first));
+    vm_registry_close(fs.vms);
+    tree_destroy(fs.tree);
+    return 0;
+}

@@ -1,0 +1,147 @@
+/* Unit tests of the pieces of takeover that need no mount: the INIT offer
+ * parser, the handle table, the owner lock and its refusal sentence, and
+ * the mountinfo path unescaping. */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fuse.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "owner.h"
+#include "takeover.h"
+
+static int failures;
+#define CHECK(cond, ...)                                                                                               \
+    do {                                                                                                               \
+        if (!(cond)) {                                                                                                 \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                                       \
+            fprintf(stderr, __VA_ARGS__);                                                                              \
+            fputc('\n', stderr);                                                                                       \
+            failures++;                                                                                                \
+        }                                                                                                              \
+    } while (0)
+
+/* An INIT request as the kernel sends it: header, then major, minor,
+ * max_readahead, flags, flags2 and padding. */
+static size_t make_init(unsigned char *buf, uint32_t minor, uint32_t flags, uint32_t flags2)
+{
+    struct fuse_in_header in = {.len = sizeof(in) + 64, .opcode = FUSE_INIT, .unique = 2};
+    uint32_t body[16] = {7, minor, 1u << 20, flags, flags2};
+    memcpy(buf, &in, sizeof(in));
+    memcpy(buf + sizeof(in), body, sizeof(body));
+    return sizeof(in) + sizeof(body);
+}
+
+static void test_init_offer(void)
+{
+    unsigned char buf[256];
+    size_t len = make_init(buf, 40, 1u << 30, 1u << 7);
+    CHECK(takeover_init_has_resend(buf, len), "7.40 with FUSE_INIT_EXT and FUSE_HAS_RESEND offers resend");
+    len = make_init(buf, 40, 0, 1u << 7);
+    CHECK(!takeover_init_has_resend(buf, len), "without FUSE_INIT_EXT flags2 means nothing");
+    len = make_init(buf, 39, 1u << 30, 1u << 7);
+    CHECK(!takeover_init_has_resend(buf, len), "protocol 7.39 has no resend");
+    len = make_init(buf, 40, 1u << 30, 0);
+    CHECK(!takeover_init_has_resend(buf, len), "no FUSE_HAS_RESEND, no resend");
+    CHECK(!takeover_init_has_resend(buf, 20), "a short buffer is no INIT");
+
+    int fd;
+    struct takeover *t = takeover_create(&fd);
+    CHECK(t != NULL, "takeover_create: %s", strerror(errno));
+    if (!t)
+        return;
+    len = make_init(buf, 41, 1u << 30, 1u << 7);
+    struct fuse_in_header other = {.len = 40, .opcode = FUSE_LOOKUP, .unique = 4};
+    takeover_note_request(t, &other, sizeof(other));
+    CHECK(t->init_len == 0, "a LOOKUP is not kept as the INIT");
+    takeover_note_request(t, buf, len);
+    CHECK(t->init_len == len && memcmp(t->init, buf, len) == 0 && t->has_resend, "the INIT is kept, with its offer");
+    unsigned char second[256];
+    size_t len2 = make_init(second, 40, 0, 0);
+    takeover_note_request(t, second, len2);
+    CHECK(t->init_len == len && t->has_resend, "a second INIT changes nothing");
+
+    struct takeover *again = takeover_attach(fd);
+    CHECK(again && again->init_len == len, "a server maps the same region");
+    t->layout++;
+    CHECK(takeover_attach(fd) == NULL && errno == EPROTO, "another layout is refused with EPROTO");
+    t->layout--;
+    close(fd);
+}
+
+static void test_handles(void)
+{
+    int fd;
+    struct takeover *t = takeover_create(&fd);
+    if (!t)
+        return;
+    uint64_t a = takeover_handle_open(t, 11, true), b = takeover_handle_open(t, 12, false);
+    CHECK(a && b && a != b, "two opens get two handles (%llu, %llu)", (unsigned long long)a, (unsigned long long)b);
+    CHECK(t->handles[a - 1].vm_disk == 1 && t->handles[b - 1].vm_disk == 0, "the VM disk flag is kept");
+    CHECK(!takeover_handle_release(t, a, 12), "a release names the inode it opened");
+    CHECK(takeover_handle_release(t, a, 11), "the release of handle a frees it");
+    CHECK(!takeover_handle_release(t, a, 11), "a handle is released once");
+    CHECK(!takeover_handle_release(t, 0, 11) && !takeover_handle_release(t, TAKEOVER_MAX_HANDLES + 1, 11),
+          "handles out of range are not in the table");
+    CHECK(takeover_handle_open(t, 13, false) == a, "a freed slot is used again");
+    unsigned opened = 2;
+    while (takeover_handle_open(t, 14, false))
+        opened++;
+    CHECK(opened == TAKEOVER_MAX_HANDLES, "the table holds %d handles (%u)", TAKEOVER_MAX_HANDLES, opened);
+    close(fd);
+}
+
+static void test_owner_lock(void)
+{
+    char dir[] = "/tmp/imgfs-owner-test.XXXXXX";
+    if (!mkdtemp(dir)) {
+        CHECK(0, "mkdtemp: %s", strerror(errno));
+        return;
+    }
+    char err[512];
+    struct owner_lock first = OWNER_LOCK_INIT, second = OWNER_LOCK_INIT;
+    CHECK(owner_lock(&first, "state directory", dir, "/mnt/one", err, sizeof(err)) == 0, "first lock: %s", err);
+    CHECK(owner_lock(&second, "state directory", dir, "/mnt/two", err, sizeof(err)) != 0,
+          "a second lock of the same directory is refused");
+    char want[512];
+    snprintf(want, sizeof(want), "the state directory %s is in use by imgfs pid %d mounted on /mnt/one", dir,
+             (int)getpid());
+    CHECK(strstr(err, want) != NULL, "the refusal names the directory, the pid and the mount: '%s'", err);
+    /* A live pid (a dead one would make the second lock wait for it). */
+    CHECK(owner_set_pid(&first, getppid(), "/mnt/three") == 0, "owner_set_pid");
+    char now[64];
+    snprintf(now, sizeof(now), "pid %d mounted on /mnt/three", (int)getppid());
+    CHECK(owner_lock(&second, "state directory", dir, "/mnt/two", err, sizeof(err)) != 0 && strstr(err, now),
+          "the refusal names the new owner: '%s'", err);
+    owner_unlock(&first);
+    CHECK(owner_lock(&second, "state directory", dir, "/mnt/two", err, sizeof(err)) == 0,
+          "after the owner lets go the directory can be locked: %s", err);
+    owner_unlock(&second);
+    char path[600];
+    snprintf(path, sizeof(path), "%s/imgfs.lock", dir);
+    unlink(path);
+    rmdir(dir);
+}
+
+static void test_unescape(void)
+{
+    char path[] = "/var/lib/my\\040images\\011x\\134y";
+    owner_unescape_mount_path(path);
+    CHECK(strcmp(path, "/var/lib/my images\tx\\y") == 0, "mountinfo escapes: '%s'", path);
+}
+
+int main(void)
+{
+    test_init_offer();
+    test_handles();
+    test_owner_lock();
+    test_unescape();
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("test_takeover: all checks passed\n");
+    return 0;
+}
