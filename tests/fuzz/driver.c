@@ -2,6 +2,7 @@
  * the regression run of the seed corpus and of past crashes, for builds
  * without libFuzzer. */
 #include <dirent.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +42,12 @@ static int run_file(const char *path)
 int main(int argc, char **argv)
 {
     int runs = 0, failed = 0;
+    /* Absolute paths first: a harness may change its working directory. */
+    for (int i = 1; i < argc; i++) {
+        char *abs = realpath(argv[i], NULL);
+        if (abs)
+            argv[i] = abs; /* kept to the end of the run */
+    }
     for (int i = 1; i < argc; i++) {
         struct stat st;
         if (stat(argv[i], &st) < 0)

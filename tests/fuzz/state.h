@@ -12,13 +12,21 @@
 
 static char fuzz_dir[64];
 
+static void fuzz_remove_scratch(void)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", fuzz_dir);
+    if (chdir("/") != 0 || system(cmd) != 0)
+        fprintf(stderr, "cannot remove %s\n", fuzz_dir);
+}
+
 /* Creates the scratch directory once and works inside it, so that relative
  * paths in inputs stay in it. */
 static const char *fuzz_scratch(void)
 {
     if (!fuzz_dir[0]) {
         snprintf(fuzz_dir, sizeof(fuzz_dir), "/tmp/imgfs-fuzz.XXXXXX");
-        if (!mkdtemp(fuzz_dir) || chdir(fuzz_dir) != 0)
+        if (!mkdtemp(fuzz_dir) || chdir(fuzz_dir) != 0 || atexit(fuzz_remove_scratch) != 0)
             abort();
     }
     return fuzz_dir;
