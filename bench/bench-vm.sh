@@ -20,7 +20,9 @@
 #      (fsync every 32); then, on that disk (every block of 0-1 GiB written
 #      once), 4 KiB randwrite at iodepth 1 and 16 again; and a 70/30 4 KiB
 #      random read/write mix over 0-2 GiB (iodepth 16, fsync every 32).
-#      Every fresh row gets a new VM or overlay. IOPS, or MiB/s for the
+#      Rows run one after another, each on all four targets in turn (load
+#      from elsewhere falls on all alike). Every fresh row gets a new VM or
+#      overlay. IOPS, or MiB/s for the
 #      sequential row; reads count in the mix. fio invalidates each target's
 #      page cache before a job, and the daemons' backing files stay in the
 #      host page cache.
@@ -179,14 +181,17 @@ MOUNTS+=("$MNT_WB")
 wait_mounted "$MNT_WB" 10 || die "imgfs (vm_cache=writeback) did not mount: $(tail -n 2 "$WORK/imgfs-wb.log")"
 cmp "$MNT_WB/bases/base.raw" "$BASE" || die "bases/base.raw (vm_cache=writeback) differs from the published image."
 
-QSD_PID=
-QSD_EXPORT=
-qsd_stop() {
-    [ -n "$QSD_EXPORT" ] || return 0
-    unmount_path "$QSD_EXPORT"
-    stop_pid "$QSD_PID"
-    rm -f "$QSD_EXPORT" "$QSD_EXPORT.qcow2"
-    QSD_EXPORT=
+declare -A QSD_PIDS # export path -> its qemu-storage-daemon
+qsd_stop() { # export
+    [ -n "${QSD_PIDS[$1]:-}" ] || return 0
+    unmount_path "$1"
+    stop_pid "${QSD_PIDS[$1]}"
+    unset "QSD_PIDS[$1]"
+    rm -f "$1" "$1.qcow2"
+}
+qsd_stop_all() {
+    local e
+    for e in "${!QSD_PIDS[@]}"; do qsd_stop "$e"; done
 }
 qsd_start() { # export: a new qcow2 overlay on base.raw, exported at the path
     qemu-img create -q -f qcow2 -b "$BASE" -F raw "$1.qcow2" >/dev/null || return 1
@@ -196,9 +201,8 @@ qsd_start() { # export: a new qcow2 overlay on base.raw, exported at the path
         --blockdev driver=qcow2,node-name=q,file=f \
         --export "type=fuse,id=e,node-name=q,mountpoint=$1,writable=on" \
         >"$WORK/qsd.log" 2>&1 &
-    QSD_PID=$!
-    QSD_EXPORT=$1
-    PIDS+=("$QSD_PID")
+    QSD_PIDS[$1]=$!
+    PIDS+=("$!")
     MOUNTS+=("$1")
     wait_mounted "$1" 10
 }
@@ -218,41 +222,47 @@ fresh_disk() {
         DISK=$mnt/vms/w$DISKS.raw
         ;;
     qsd)
-        qsd_stop
         qsd_start "$WORK/export$DISKS.raw" || return 1
         DISK=$WORK/export$DISKS.raw
         ;;
     esac
 }
 
-write_suite() { # target direct
-    local tg=$1 d=$2 f
-    for qd in 1 16; do
-        fresh_disk "$tg" || { NOTES+=("$tg: no fresh disk"); continue; }
-        f=$DISK
-        log "$tg direct=$d: fresh, randwrite 4K iodepth $qd"
-        R[$tg,fresh-qd$qd,$d]=$(run_fio "$tg-fresh$qd-d$d" "$f" randwrite "$d" 0 1G --ioengine=libaio --iodepth=$qd)
-    done
-    fresh_disk "$tg" || { NOTES+=("$tg: no fresh disk"); return; }
-    f=$DISK
-    log "$tg direct=$d: 1 MiB sequential writes of 0-1 GiB"
-    R[$tg,seq,$d]=$(run_fio "$tg-seq-d$d" "$f" write "$d" 0 1G --bs=1M --ioengine=libaio --iodepth=16 \
-        --fsync=32 --end_fsync=1 --time_based=0)
-    for qd in 1 16; do
-        log "$tg direct=$d: written, randwrite 4K iodepth $qd"
-        R[$tg,written-qd$qd,$d]=$(run_fio "$tg-written$qd-d$d" "$f" randwrite "$d" 0 1G --ioengine=libaio \
-            --iodepth=$qd)
-    done
-    log "$tg direct=$d: 70/30 random read/write mix over 0-2 GiB"
-    R[$tg,mix,$d]=$(run_fio "$tg-mix-d$d" "$f" randrw "$d" 0 2G --rwmixread=70 --ioengine=libaio --iodepth=16 \
-        --fsync=32)
-    log "$tg direct=$d: $(for r in "${ROWS[@]}"; do printf '%s %s, ' "$r" "${R[$tg,$r,$d]}"; done)"
-}
-
+# Row by row, each row on every target in turn, so that load from elsewhere
+# on the host falls on all targets alike.
+declare -A WRITTEN # target -> the disk its 1 MiB row wrote
 for d in 0 1; do
+    for qd in 1 16; do
+        for tg in "${TARGETS[@]}"; do
+            fresh_disk "$tg" || { NOTES+=("$tg: no fresh disk"); continue; }
+            log "$tg direct=$d: fresh, randwrite 4K iodepth $qd"
+            R[$tg,fresh-qd$qd,$d]=$(run_fio "$tg-fresh$qd-d$d" "$DISK" randwrite "$d" 0 1G --ioengine=libaio \
+                --iodepth=$qd)
+            [ "$tg" = qsd ] && qsd_stop "$DISK"
+        done
+    done
     for tg in "${TARGETS[@]}"; do
-        write_suite "$tg" "$d"
-        qsd_stop
+        fresh_disk "$tg" || { NOTES+=("$tg: no fresh disk"); continue; }
+        WRITTEN[$tg]=$DISK
+        log "$tg direct=$d: 1 MiB sequential writes of 0-1 GiB"
+        R[$tg,seq,$d]=$(run_fio "$tg-seq-d$d" "$DISK" write "$d" 0 1G --bs=1M --ioengine=libaio --iodepth=16 \
+            --fsync=32 --end_fsync=1 --time_based=0)
+    done
+    for qd in 1 16; do
+        for tg in "${TARGETS[@]}"; do
+            log "$tg direct=$d: written, randwrite 4K iodepth $qd"
+            R[$tg,written-qd$qd,$d]=$(run_fio "$tg-written$qd-d$d" "${WRITTEN[$tg]}" randwrite "$d" 0 1G \
+                --ioengine=libaio --iodepth=$qd)
+        done
+    done
+    for tg in "${TARGETS[@]}"; do
+        log "$tg direct=$d: 70/30 random read/write mix over 0-2 GiB"
+        R[$tg,mix,$d]=$(run_fio "$tg-mix-d$d" "${WRITTEN[$tg]}" randrw "$d" 0 2G --rwmixread=70 --ioengine=libaio \
+            --iodepth=16 --fsync=32)
+    done
+    qsd_stop_all
+    for tg in "${TARGETS[@]}"; do
+        log "direct=$d $tg: $(for r in "${ROWS[@]}"; do printf '%s %s, ' "$r" "${R[$tg,$r,$d]:-}"; done)"
     done
     IMGFS_LAYER_KIB[$d]=$(($(du -B1 "$WORK/state/layers" -c 2>/dev/null | tail -n1 | cut -f1) / 1024))
 done

@@ -26,13 +26,13 @@
  * not reach the disk (a torn flush whose fsync never returned).
  *
  * Overwritten data stays in the log as dead space. When dead space exceeds
- * the live data and 64 MiB (IMGFS_LAYER_COMPACT_MIN overrides, for tests;
- * IMGFS_TEST_COMPACT_PAUSE_MS makes it pause before its rename, for the
- * crash tests),
- * a background thread compacts the layer: it copies the live blocks to
- * ID.log.new while writes go on, then holds writes for a moment to copy what
- * changed meanwhile, syncs, and renames it over ID.log. A crash before the
- * rename leaves ID.log as it was (ID.log.new is deleted at open).
+ * the live data and 64 MiB, a background thread compacts the layer: it
+ * copies the live blocks to ID.log.new while writes go on (yielding to
+ * them), then holds writes for a moment to copy what changed meanwhile,
+ * syncs, and renames it over ID.log. A crash before the rename leaves ID.log
+ * as it was (ID.log.new is deleted at open). For tests, the environment
+ * variable IMGFS_LAYER_COMPACT_MIN replaces the 64 MiB, and
+ * IMGFS_TEST_COMPACT_PAUSE_MS makes a compaction pause before its rename.
  *
  * Old layers (ID.data, a sparse file of the disk's size, and ID.map, an
  * ownership bitmap after the header "imgfs-layer-map 1") are converted at
@@ -124,7 +124,9 @@ int layer_read(struct layer *layer, void *buf, size_t len, uint64_t off);
  * unless the write ends at the disk's end. The blocks become owned. */
 int layer_write(struct layer *layer, const void *buf, size_t len, uint64_t off);
 
-/* Makes blocks [first, first+count) owned and zero, freeing their space. */
+/* Makes blocks [first, first+count) owned and zero, freeing their space:
+ * it flushes (so it returns once the punch, and all before it, is durable),
+ * then gives the log space of the dead data back to the file system. */
 int layer_punch(struct layer *layer, uint64_t first, uint64_t count);
 
 /* Makes every write and punch that returned before this call durable. */

@@ -31,7 +31,8 @@
  *   compact    copy live data into ID.log.new (phase 1, no lock), copy what
  *              changed meanwhile (phase 1b), then with writers and flushes
  *              held (phase 2) copy the rest, fdatasync, rename over
- *              ID.log, and repoint the slots at the new generation
+ *              ID.log, and repoint the slots at the new generation; then
+ *              writes go on while flushes wait for the directory's fsync
  *   open       replay records in order; check the last one's data
  */
 #include "layer.h"
@@ -148,7 +149,7 @@ struct layer {
 
     /* Compaction: guarded by the module's compact_lock. */
     struct layer *compact_next;
-    bool compact_queued, compact_stop;
+    bool compact_queued, compact_stop, compacting;
     _Atomic uint64_t compactions, compact_ns, compact_pause_ns, compact_bytes;
 };
 
@@ -408,13 +409,11 @@ static int file_install(struct layer *l, int fd, unsigned gen, struct log_file *
     if (!f)
         return -ENOMEM;
     *f = (struct log_file){fd, gen, 1};
+    /* A generation four back still pinned by a reader keeps its own
+     * reference; it only loses its place in the table (file_put checks). */
     pthread_mutex_lock(&l->files_lock);
-    struct log_file *stale = l->files[gen % 4];
     l->files[gen % 4] = f;
     pthread_mutex_unlock(&l->files_lock);
-    /* A generation four back still pinned by a reader keeps its own
-     * reference; it only loses its place in the table. */
-    (void)stale;
     *out = f;
     return 0;
 }
@@ -1277,13 +1276,18 @@ int layer_read(struct layer *l, void *buf, size_t len, uint64_t off)
 
 /* Starts writeback of what was appended since the last kick, so that data
  * does not wait in the page cache for the next flush. */
-static void kick_writeback(struct layer *l, int fd, uint64_t upto)
+static void kick_writeback(struct layer *l, unsigned gen, uint64_t upto)
 {
     uint64_t from = atomic_load(&l->kicked);
-    if (upto <= from || (upto - from) * BS < KICK_BYTES)
+    if (upto <= from || (upto - from) * BS < KICK_BYTES || !atomic_compare_exchange_strong(&l->kicked, &from, upto))
         return;
-    if (atomic_compare_exchange_strong(&l->kicked, &from, upto))
-        sync_file_range(fd, (off_t)(from * BS), (off_t)((upto - from) * BS), SYNC_FILE_RANGE_WRITE);
+    /* Without swap_lock (this may wait for the device queue, and a flush
+     * must not wait for it), so the file is pinned. */
+    struct log_file *f = file_get(l, gen);
+    if (!f)
+        return; /* compacted meanwhile: the new file was synced */
+    sync_file_range(f->fd, (off_t)(from * BS), (off_t)((upto - from) * BS), SYNC_FILE_RANGE_WRITE);
+    file_put(l, f);
 }
 
 /* Notes a changed range for a compaction under way. lock held. */
@@ -1324,9 +1328,11 @@ int layer_write(struct layer *l, const void *buf, size_t len, uint64_t off)
             flush_now = l->npending >= MAX_RECORD_ENTRIES || l->pending_bytes >= MAX_PENDING_BYTES;
         }
         pthread_mutex_unlock(&l->lock);
-        kick_writeback(l, f->fd, loc + count);
     }
+    unsigned gen = f->gen;
     pthread_rwlock_unlock(&l->swap_lock);
+    if (!rc)
+        kick_writeback(l, gen, loc + count);
     atomic_store(&l->last_io_ns, now_ns());
     return !rc && flush_now ? layer_flush(l) : rc;
 }
@@ -1484,9 +1490,11 @@ int layer_flush(struct layer *l)
 
 static pthread_mutex_t compact_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t compact_cond = PTHREAD_COND_INITIALIZER;
+/* Two threads, so that one large layer's compaction does not hold back
+ * every other layer's. */
+#define COMPACT_THREADS 2
 static struct layer *compact_queue; /* guarded by compact_lock */
-static struct layer *compact_running;
-static bool compact_thread_started;
+static unsigned compact_threads;
 
 static uint64_t compact_min_bytes(void)
 {
@@ -1647,46 +1655,45 @@ static int compact(struct layer *l)
         rc = sync_fd(fd);
     if (!rc)
         copy_times(l->cur->fd, fd); /* compaction changes no byte of the disk */
+    /* Everything that can fail comes before the rename: after it, the new
+     * file is the layer. */
+    struct log_file *old = l->cur, *fresh = rc ? NULL : malloc(sizeof(*fresh));
+    if (!rc && !fresh)
+        rc = -ENOMEM;
     if (!rc && rename(new_path, log_path) < 0)
         rc = -errno;
     bool renamed = !rc;
-    if (!rc)
-        rc = fsync_dir(l->dir);
-    struct log_file *old = l->cur, *fresh = NULL;
     if (renamed) {
-        /* From here the new file is the layer (its directory entry may still
-         * be unsynced if fsync_dir failed; the data is the same either way). */
         unsigned gen = (old->gen + 1) % GEN_LIMIT;
-        int irc = file_install(l, fd, gen, &fresh);
-        if (irc) {
-            /* Cannot happen in practice (a malloc of 16 bytes); the old fd
-             * still reads the same data, so keep serving from it. */
-            log_error("layer %s: compaction could not switch files: %s", l->id, strerror(-irc));
-            close(fd);
-        } else {
-            pthread_mutex_lock(&l->lock);
-            for (size_t i = 0; i < b.nall; i++) {
-                const struct entry *e = &b.all[i];
-                if (e->kind == ENTRY_DATA)
-                    for (uint32_t k = 0; k < e->count; k++)
-                        slot_set(l, e->block + k, SLOT_DATA(gen, e->loc + k));
-                else
-                    zero_range(l, e->block, e->count); /* owned already: no allocation */
-            }
-            l->cur = fresh;
-            l->file_id = b.file_id;
-            l->record_at = b.record_at;
-            l->seq = b.seq;
-            free(l->pending);
-            l->pending = NULL;
-            l->npending = l->pending_cap = 0;
-            l->pending_bytes = 0;
-            shared_reset(l); /* the new file holds everything, synced */
-            atomic_store(&l->tail, b.next);
-            atomic_store(&l->kicked, b.next);
-            pthread_mutex_unlock(&l->lock);
+        *fresh = (struct log_file){fd, gen, 1};
+        pthread_mutex_lock(&l->files_lock);
+        l->files[gen % 4] = fresh; /* see file_install */
+        pthread_mutex_unlock(&l->files_lock);
+        pthread_mutex_lock(&l->lock);
+        for (size_t i = 0; i < b.nall; i++) {
+            const struct entry *e = &b.all[i];
+            if (e->kind == ENTRY_DATA)
+                for (uint32_t k = 0; k < e->count; k++)
+                    slot_set(l, e->block + k, SLOT_DATA(gen, e->loc + k));
+            else
+                zero_range(l, e->block, e->count); /* owned already: no allocation */
         }
+        l->cur = fresh;
+        l->file_id = b.file_id;
+        l->record_at = b.record_at;
+        l->seq = b.seq;
+        free(l->pending);
+        l->pending = NULL;
+        l->npending = l->pending_cap = 0;
+        l->pending_bytes = 0;
+        shared_reset(l); /* the new file holds everything, synced */
+        atomic_store(&l->tail, b.next);
+        atomic_store(&l->kicked, b.next);
+        pthread_mutex_unlock(&l->lock);
         fd = -1;
+    } else {
+        free(fresh);
+        fresh = NULL;
     }
     pthread_mutex_lock(&l->lock);
     l->tracking = false;
@@ -1695,7 +1702,13 @@ static int compact(struct layer *l)
     l->nchanged = l->changed_cap = 0;
     pthread_mutex_unlock(&l->lock);
     uint64_t t_end = now_ns();
+    /* Writes go on (into the new file); flushes wait until the rename is
+     * durable, since what they promise is only reachable through it. */
     pthread_rwlock_unlock(&l->swap_lock);
+    if (renamed && (rc = fsync_dir(l->dir)) != 0) {
+        log_error("layer %s: cannot sync the directory after compaction: %s", l->id, strerror(-rc));
+        atomic_store(&l->broken, rc);
+    }
     pthread_mutex_unlock(&l->flush_serial);
     if (fresh)
         file_put(l, old); /* closed once the last reader lets go (I5) */
@@ -1713,21 +1726,39 @@ static int compact(struct layer *l)
     }
     builder_free(&b);
     free(piece);
-    return renamed ? 0 : rc;
+    return rc;
+}
+
+/* Marks l as compacting, waiting for a compaction of it under way (only
+ * its owner calls this: l cannot be closed meanwhile); false when the layer
+ * is closing. compact_lock held. */
+static bool compact_claim(struct layer *l)
+{
+    while (l->compacting)
+        pthread_cond_wait(&compact_cond, &compact_lock);
+    if (l->compact_stop)
+        return false;
+    l->compacting = true;
+    return true;
+}
+
+static void compact_release(struct layer *l)
+{
+    pthread_mutex_lock(&compact_lock);
+    l->compacting = false;
+    pthread_cond_broadcast(&compact_cond);
+    pthread_mutex_unlock(&compact_lock);
 }
 
 int layer_compact(struct layer *l)
 {
     pthread_mutex_lock(&compact_lock);
-    while (compact_running)
-        pthread_cond_wait(&compact_cond, &compact_lock);
-    compact_running = l;
+    bool claimed = compact_claim(l);
     pthread_mutex_unlock(&compact_lock);
+    if (!claimed)
+        return -ECANCELED;
     int rc = compact(l);
-    pthread_mutex_lock(&compact_lock);
-    compact_running = NULL;
-    pthread_cond_broadcast(&compact_cond);
-    pthread_mutex_unlock(&compact_lock);
+    compact_release(l);
     return rc;
 }
 
@@ -1738,19 +1769,22 @@ static void *compact_main(void *arg)
     syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_IDLE, 0));
     pthread_mutex_lock(&compact_lock);
     for (;;) {
-        while (!compact_queue || compact_running)
+        while (!compact_queue)
             pthread_cond_wait(&compact_cond, &compact_lock);
         struct layer *l = compact_queue;
         compact_queue = l->compact_next;
         l->compact_queued = false;
-        compact_running = l;
+        /* Never wait here for l: it may be closed meanwhile. A layer that
+         * is compacting already needs no second compaction now. */
+        if (l->compacting || l->compact_stop)
+            continue;
+        l->compacting = true;
         pthread_mutex_unlock(&compact_lock);
         int rc = wants_compaction(l) ? compact(l) : 0;
         if (rc && rc != -ECANCELED)
             log_warn("layer %s: compaction failed: %s", l->id, strerror(-rc));
+        compact_release(l);
         pthread_mutex_lock(&compact_lock);
-        compact_running = NULL;
-        pthread_cond_broadcast(&compact_cond);
     }
     return NULL;
 }
@@ -1760,15 +1794,15 @@ static void maybe_compact(struct layer *l)
     if (!wants_compaction(l))
         return;
     pthread_mutex_lock(&compact_lock);
-    if (!l->compact_queued && compact_running != l && !l->compact_stop) {
-        if (!compact_thread_started) {
+    if (!l->compact_queued && !l->compacting && !l->compact_stop) {
+        while (compact_threads < COMPACT_THREADS) {
             pthread_t t;
-            if (pthread_create(&t, NULL, compact_main, NULL) == 0) {
-                pthread_detach(t);
-                compact_thread_started = true;
-            }
+            if (pthread_create(&t, NULL, compact_main, NULL) != 0)
+                break;
+            pthread_detach(t);
+            compact_threads++;
         }
-        if (compact_thread_started) {
+        if (compact_threads > 0) {
             l->compact_next = compact_queue;
             compact_queue = l;
             l->compact_queued = true;
@@ -1790,7 +1824,7 @@ static void compact_cancel(struct layer *l)
             }
         l->compact_queued = false;
     }
-    while (compact_running == l)
+    while (l->compacting)
         pthread_cond_wait(&compact_cond, &compact_lock);
     pthread_mutex_unlock(&compact_lock);
 }

@@ -116,6 +116,16 @@ mkdir -p "$T/bin"
 cp "$IMGFS" "$T/bin/imgfs"
 IMGFS=$T/bin/imgfs mount_imgfs "$T/repo" "$M" "" "$T/cache2"
 sup=${DAEMON_PID[$M]}
+# First a working upgrade: a new file at the same path is what serves next.
+cp "$IMGFS" "$T/bin/imgfs.new"
+mv "$T/bin/imgfs.new" "$T/bin/imgfs"
+old=$(stat_value "$M" daemon pid)
+"$IMGFSCTL" restart "$M" > /dev/null || fail "imgfsctl restart onto an upgraded binary failed"
+new=$(stat_value "$M" daemon pid)
+[ "$new" != "$old" ] || fail "pid $old still serves after imgfsctl restart"
+[ "$(stat -L -c %i "/proc/$new/exe")" = "$(stat -c %i "$T/bin/imgfs")" ] ||
+    fail "the new serving process does not run the binary now on disk"
+ok "imgfsctl restart runs the binary now on disk (pid $new)"
 printf '#!/bin/sh\nkill -SEGV $$\n' > "$T/bin/imgfs.new"
 chmod +x "$T/bin/imgfs.new"
 mv "$T/bin/imgfs.new" "$T/bin/imgfs"

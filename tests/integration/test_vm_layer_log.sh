@@ -3,6 +3,8 @@
 #   - a layer in the old format (ID.data + ID.map bitmap) is converted when
 #     the daemon opens it: the VM reads the same, discarded blocks stay holes,
 #     and the old files are gone;
+#   - a garbled last record (a torn write of it) is dropped at open: the VM
+#     reads as after the fsync before it;
 #   - a kill -9 while a compaction has written ID.log.new but not renamed it
 #     loses nothing that was fsync'd, and the next daemon compacts the layer
 #     in the background, after which the VM still reads the same.
@@ -71,6 +73,48 @@ umount_imgfs "$M"
 mount_imgfs "$T/repo" "$M" "state=$S"
 same "$V" "$T/old.shadow" "the converted layer after a write and a remount"
 ok "an old-format layer is converted at open: same bytes, the discarded range a hole, old files removed"
+umount_imgfs "$M"
+
+# ---- a torn last record ------------------------------------------------------------
+# Two fsync'd writes, then the record of the second one is garbled on disk
+# (as a torn write of it would leave it): the VM opens, without repair, at
+# the first fsync.
+mount_imgfs "$T/repo" "$M" "state=$S"
+"$IMGFSCTL" vm create "$M" torn --size 8M > /dev/null
+TV=$M/vms/torn.raw
+put $((1 * MIB)) 20000 21 "$TV"
+sync "$TV"
+cp "$TV" "$T/torn.first"
+put $((3 * MIB)) 9000 22 "$TV"
+sync "$TV"
+tid=$(live_layer torn)
+umount_imgfs "$M"
+# The records chain from block 1, each naming the next (layer.h); garble
+# the last valid one, byte 100 (an entry).
+python3 - "$S/layers/$tid.log" <<'PY'
+import struct, sys
+path = sys.argv[1]
+with open(path, "r+b") as f:
+    data = f.read()
+    at, last, seq = 1, None, 1
+    while (at + 1) * 4096 <= len(data):
+        rec = data[at * 4096:(at + 1) * 4096]
+        magic, n, s = struct.unpack_from("<IIQ", rec, 0)
+        if magic != 0x31434572 or s != seq:
+            break
+        last, at, seq = at, struct.unpack_from("<Q", rec, 24)[0], seq + 1
+    assert last is not None and seq > 2, "expected at least two records"
+    f.seek(last * 4096 + 100)
+    f.write(bytes([data[last * 4096 + 100] ^ 0x55]))
+PY
+mount_imgfs "$T/repo" "$M" "state=$S"
+same "$TV" "$T/torn.first" "a garbled last record: the VM does not read as after the first fsync"
+put $((5 * MIB)) 4096 23 "$TV" "$T/torn.first"
+sync "$TV"
+umount_imgfs "$M"
+mount_imgfs "$T/repo" "$M" "state=$S"
+same "$TV" "$T/torn.first" "after a garbled last record, a new write and a remount"
+ok "a garbled last record: the VM opens at the fsync before it, and takes writes again"
 umount_imgfs "$M"
 
 # ---- kill -9 during a compaction ------------------------------------------------

@@ -230,9 +230,23 @@ static struct layer *two_flushes(struct model *first, struct model *second, off_
     return l;
 }
 
-static void test_torn_record(void)
+/* Flips bits of one byte of a layer's log. */
+static void flip_byte(const char *id, off_t at, unsigned char bits)
 {
-    /* Garble one byte of the last record: the layer opens at the first flush. */
+    int fd = open(log_path(id), O_RDWR);
+    unsigned char byte;
+    CHECK(fd >= 0 && pread(fd, &byte, 1, at) == 1);
+    byte ^= bits;
+    CHECK(pwrite(fd, &byte, 1, at) == 1);
+    close(fd);
+}
+
+enum damage { FLIP_RECORD, TRUNCATE_RECORD, FLIP_DATA, NO_DAMAGE };
+
+/* Two flushes, the second one damaged as asked: the layer must open at the
+ * first flush (or at the second when undamaged), and go on from there. */
+static void check_torn(enum damage damage)
+{
     struct model first, second;
     off_t first_end;
     struct layer *l = two_flushes(&first, &second, &first_end);
@@ -240,67 +254,36 @@ static void test_torn_record(void)
     snprintf(id, sizeof(id), "%s", layer_id(l));
     layer_close(l);
     /* The second record is at the block the first flush reserved for it:
-     * the file's end after the first flush. */
-    off_t rec = first_end;
-    int fd = open(log_path(id), O_RDWR);
-    unsigned char byte;
-    CHECK(pread(fd, &byte, 1, rec + 10) == 1); /* its sequence number */
-    byte ^= 0x40;
-    CHECK(pwrite(fd, &byte, 1, rec + 10) == 1);
-    close(fd);
+     * the file's end after the first flush; its data follows it. */
+    if (damage == FLIP_RECORD)
+        flip_byte(id, first_end + 10, 0x40); /* its sequence number */
+    else if (damage == TRUNCATE_RECORD)
+        CHECK(truncate(log_path(id), first_end + 40) == 0);
+    else if (damage == FLIP_DATA)
+        flip_byte(id, first_end + BS + 10, 1); /* the whole record is dropped: that flush never returned */
+    struct model *want = damage == NO_DAMAGE ? &second : &first;
     CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
-    CHECK(l && matches(l, &first));
-    /* It goes on from there: new writes and flushes survive a reopen. */
-    CHECK(write_blocks(l, &first, 7, 3) == 0);
+    CHECK(l && matches(l, want));
+    CHECK(write_blocks(l, want, 7, 3) == 0);
     CHECK(layer_flush(l) == 0);
     l = reopen(l);
-    CHECK(l && matches(l, &first));
+    CHECK(l && matches(l, want));
     layer_close(l);
     layer_remove(dir, id);
     model_free(&first);
     model_free(&second);
+}
 
-    /* Truncate the file inside the last record: the same. */
-    l = two_flushes(&first, &second, &first_end);
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    CHECK(truncate(log_path(id), first_end + 40) == 0);
-    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
-    CHECK(l && matches(l, &first));
-    layer_close(l);
-    layer_remove(dir, id);
-    model_free(&first);
-    model_free(&second);
-
-    /* The last record is whole but a data block it names is not: the whole
-     * record is dropped (that flush never returned). */
-    l = two_flushes(&first, &second, &first_end);
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    fd = open(log_path(id), O_RDWR);
-    CHECK(pread(fd, &byte, 1, first_end + BS + 10) == 1); /* the second flush's first data block */
-    byte ^= 1;
-    CHECK(pwrite(fd, &byte, 1, first_end + BS + 10) == 1);
-    close(fd);
-    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
-    CHECK(l && matches(l, &first));
-    layer_close(l);
-    layer_remove(dir, id);
-    model_free(&first);
-    model_free(&second);
-
-    /* Nothing wrong: both flushes come back. */
-    l = two_flushes(&first, &second, &first_end);
-    l = reopen(l);
-    CHECK(l && matches(l, &second));
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    layer_remove(dir, id);
-    model_free(&first);
-    model_free(&second);
-
+static void test_torn_record(void)
+{
+    check_torn(FLIP_RECORD);
+    check_torn(TRUNCATE_RECORD);
+    check_torn(FLIP_DATA);
+    check_torn(NO_DAMAGE);
     /* A bad header is refused, not repaired. */
+    struct layer *l;
     CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    char id[LAYER_ID_LEN + 1];
     snprintf(id, sizeof(id), "%s", layer_id(l));
     layer_close(l);
     struct layer *none = NULL;
