@@ -269,23 +269,23 @@ int trust_learn_previous(struct trust *t, const char *name, uint64_t version, co
     int rc = 0;
     pthread_mutex_lock(&t->state_lock);
     struct chain *c = find_chain(t, name);
-    if (!c || !c->known || version < 2 || c->top - (c->known - 1) != version) {
-        rc = 0; /* not the next link down: nothing to learn */
-    } else if (version - 1 == c->anchor_version && !sign_digest_equal(previous, &c->anchor)) {
+    /* Only the record of the lowest known version extends the chain. */
+    bool next_link = c && c->known && version >= 2 && c->top - (c->known - 1) == version;
+    if (next_link && version - 1 == c->anchor_version && !sign_digest_equal(previous, &c->anchor)) {
         snprintf(err, errlen, "the history of %s was rewritten: version %" PRIu64 " differs from the one accepted "
                               "before", name, version - 1);
         rc = -EBADMSG;
-    } else if (c->known == c->cap) {
+    } else if (next_link && c->known == c->cap) {
         struct sign_digest *grown = realloc(c->expected, 2 * c->cap * sizeof(*grown));
-        if (!grown) {
-            snprintf(err, errlen, "out of memory");
-            rc = -ENOMEM;
-        } else {
+        if (grown) {
             c->expected = grown;
             c->cap *= 2;
+        } else {
+            snprintf(err, errlen, "out of memory");
+            rc = -ENOMEM;
         }
     }
-    if (!rc && c && c->known && version >= 2 && c->top - (c->known - 1) == version)
+    if (!rc && next_link)
         c->expected[c->known++] = *previous;
     pthread_mutex_unlock(&t->state_lock);
     return rc;

@@ -45,7 +45,7 @@ flock /tmp/imgfs-apt.lock apt-get install -y -qq "$deb" > "$T/apt.log" 2>&1 || {
 dpkg-query -W -f '${Status}' imgfs | grep -q "install ok installed" || fail "the package is not installed"
 for f in /usr/bin/imgfs /usr/bin/imgfsctl /etc/imgfs/imgfs.conf /etc/imgfs/precopy.list \
     /lib/systemd/system/imgfs-precopy.service /lib/systemd/system/imgfs-precopy.timer /usr/lib/imgfs/imgfs-precopy \
-    /usr/lib/imgfs/imgfs-mounts \
+    /usr/lib/imgfs/imgfs-mounts /usr/lib/imgfs/imgfs-metrics-http \
     /usr/share/bash-completion/completions/imgfsctl /usr/share/doc/imgfs/design.md.gz; do
     [ -e "$f" ] || fail "the package did not install $f"
 done
