@@ -60,8 +60,9 @@
 #include "rangelock.h"
 
 #define VM_MAX_DEPTH DISK_MAX_DEPTH
-/* 16 TiB: a layer's ownership bitmap for it is 512 MiB. Larger sizes (from
- * the command line, a VM file or a base) are refused before allocating. */
+/* 16 TiB (a log layer's data locations reach 2^48 blocks, and a ceiling
+ * keeps absurd sizes out). Larger sizes (from the command line, a VM file
+ * or a base) are refused before allocating. */
 #define VM_MAX_SIZE (16ull << 40)
 /* A new VM disk is readable and writable by its owner only (root until the
  * operator chowns it to the hypervisor's user), even with allow_other. */
