@@ -217,5 +217,17 @@ void vm_get_stats(struct vm *vm, struct vm_stats *out);
 int vm_trace_start(struct vm *vm, char *err, size_t errlen);
 struct chunk_trace *vm_trace_stop(struct vm *vm);
 
+/* A read of a disk (snap NULL: the live one) holds its chain stable from
+ * vm_read_begin to vm_read_end (chain_lock for reading: held across local
+ * layer I/O and the building of a reply only, never across a network
+ * wait), so the layers that disk_map() gives for the returned disk stay
+ * valid in between. *trace (may be NULL) gets the live disk's recording,
+ * or NULL: the read notes the base chunks it uses there (trace_note)
+ * before vm_read_end. */
+const struct disk *vm_read_begin(struct vm *vm, const struct vm_snapshot *snap, struct chunk_trace **trace);
+void vm_read_end(struct vm *vm);
+/* SEEK_DATA / SEEK_HOLE on a disk (disk_seek) with its chain held. */
+int64_t vm_seek(struct vm *vm, const struct vm_snapshot *snap, uint64_t off, int whence);
+
 
 #endif

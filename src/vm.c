@@ -1370,6 +1370,24 @@ struct chunk_trace *vm_trace_stop(struct vm *vm)
     return t;
 }
 
+const struct disk *vm_read_begin(struct vm *vm, const struct vm_snapshot *snap, struct chunk_trace **trace)
+{
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    if (trace)
+        *trace = snap ? NULL : vm->trace;
+    return snap ? &snap->disk : &vm->live;
+}
+
+void vm_read_end(struct vm *vm) { pthread_rwlock_unlock(&vm->chain_lock); }
+
+int64_t vm_seek(struct vm *vm, const struct vm_snapshot *snap, uint64_t off, int whence)
+{
+    const struct disk *disk = vm_read_begin(vm, snap, NULL);
+    int64_t pos = disk_seek(disk, off, whence);
+    vm_read_end(vm);
+    return pos;
+}
+
 /* ---- migration: export and import -------------------------------------------------
  *
  * An export file holds only the VM's own data and the identity of its base:
