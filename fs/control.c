@@ -89,38 +89,11 @@ static int start_precopy(struct imgfs *fs, char **f, char *err, size_t errlen)
     return rc;
 }
 
-static int start_trace(struct imgfs *fs, struct vm *vm, char *err, size_t errlen)
-{
-    if (!vm->live.base) {
-        snprintf(err, errlen, "VM %s has no base to trace", vm->name);
-        return -EINVAL;
-    }
-    struct chunk_trace *t = trace_new(vm->live.base->manifest->chunk_count);
-    if (!t)
-        return -ENOMEM;
-    int rc = 0;
-    pthread_rwlock_wrlock(&vm->chain_lock);
-    if (vm->trace) {
-        snprintf(err, errlen, "VM %s is already being traced", vm->name);
-        rc = -EBUSY;
-    } else {
-        vm->trace = t;
-    }
-    pthread_rwlock_unlock(&vm->chain_lock);
-    if (rc)
-        trace_free(t);
-    (void)fs;
-    return rc;
-}
-
 static int stop_trace(struct imgfs *fs, struct vm *vm, const char *path, char *err, size_t errlen)
 {
-    pthread_rwlock_wrlock(&vm->chain_lock);
-    struct chunk_trace *t = vm->trace;
-    vm->trace = NULL;
-    pthread_rwlock_unlock(&vm->chain_lock);
+    struct chunk_trace *t = vm_trace_stop(vm);
     if (!t) {
-        snprintf(err, errlen, "VM %s is not being traced%s", vm->name,
+        snprintf(err, errlen, "VM %s is not being traced%s", vm_name(vm),
                  fs->takeover_server ? " (the serving process was replaced since the mount, by a crash or "
                                        "imgfsctl restart, and a trace does not survive that: start it again)"
                                      : "");
@@ -129,7 +102,7 @@ static int stop_trace(struct imgfs *fs, struct vm *vm, const char *path, char *e
     struct chunk_list *list;
     char *text = NULL;
     size_t len;
-    int rc = trace_finish(t, vm->live.base->manifest, &list);
+    int rc = trace_finish(t, vm_get_base(vm, NULL)->manifest, &list);
     if (!rc) {
         rc = list_format(list, &text, &len);
         list_free(list);
@@ -221,7 +194,7 @@ static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
     } else if (n == 2 && strcmp(f[0], "trace-start") == 0) {
         if (!(vm = need_vm(fs, f[1], err, errlen)))
             return -ENOENT;
-        return start_trace(fs, vm, err, errlen);
+        return vm_trace_start(vm, err, errlen);
     } else if (n == 3 && strcmp(f[0], "trace-stop") == 0) {
         if (!(vm = need_vm(fs, f[1], err, errlen)))
             return -ENOENT;

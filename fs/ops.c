@@ -97,12 +97,12 @@ static void fill_attr(struct imgfs *fs, const struct node *n, struct stat *st)
     case NODE_VM_FILE:
     case NODE_VM_SNAPSHOT: {
         struct vm *vm = n->vm;
-        pthread_mutex_lock(&vm->attr_lock);
-        st->st_mode = S_IFREG | (n->kind == NODE_VM_FILE ? vm->mode : (vm->mode & 0444));
-        st->st_uid = vm->uid;
-        st->st_gid = vm->gid;
-        pthread_mutex_unlock(&vm->attr_lock);
-        st->st_size = (off_t)vm->live.size;
+        struct vm_attr va;
+        vm_get_attr(vm, &va);
+        st->st_mode = S_IFREG | (n->kind == NODE_VM_FILE ? va.mode : (va.mode & 0444));
+        st->st_uid = va.uid;
+        st->st_gid = va.gid;
+        st->st_size = (off_t)vm_size(vm);
         st->st_blocks = (blkcnt_t)(n->kind == NODE_VM_FILE ? vm_layer_bytes(vm) / 512 : 0);
         /* The disk's times are its top layer's, which each write moves. */
         if (vm_get_times(vm, n->snapshot, &st->st_atim, &st->st_mtim) == 0) {
@@ -271,7 +271,7 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
         fuse_reply_err(req, EROFS);
         return;
     }
-    if ((to_set & FUSE_SET_ATTR_SIZE) && (uint64_t)attr->st_size != n->vm->live.size) {
+    if ((to_set & FUSE_SET_ATTR_SIZE) && (uint64_t)attr->st_size != vm_size(n->vm)) {
         int rc = attr->st_size < 0 ? -EINVAL : set_vm_size(fs, n->vm, (uint64_t)attr->st_size);
         if (rc) {
             fuse_reply_err(req, -rc);
@@ -279,9 +279,9 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
         }
     }
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
-    pthread_mutex_lock(&n->vm->attr_lock);
-    uid_t owner = n->vm->uid;
-    pthread_mutex_unlock(&n->vm->attr_lock);
+    struct vm_attr va;
+    vm_get_attr(n->vm, &va);
+    uid_t owner = va.uid;
     if ((to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | FUSE_SET_ATTR_MODE)) && ctx->uid != 0 && ctx->uid != owner) {
         fuse_reply_err(req, EPERM);
         return;
@@ -560,12 +560,12 @@ static void open_text_file(fuse_req_t req, struct imgfs *fs, const struct node *
  * ahead of the guest, and the background fill if asked for. */
 static void start_vm_disk_work(struct imgfs *fs, struct vm *vm)
 {
-    if (vm->live.base && strcmp(fs->opts->prefetch, "none") != 0)
-        prefetch_replay(fs->prefetcher, fs->repo, vm->live.base->manifest, fs->opts->prefetch,
-                        fs->opts->prefetch_ahead, vm->live.base->marks);
-    if (vm->live.base && fs->opts->background_rate)
-        prefetch_background(fs->prefetcher, vm->live.base->manifest, fs->opts->background_rate,
-                            vm->live.base->marks);
+    const struct vm_base *base = vm_get_base(vm, NULL);
+    if (base && strcmp(fs->opts->prefetch, "none") != 0)
+        prefetch_replay(fs->prefetcher, fs->repo, base->manifest, fs->opts->prefetch, fs->opts->prefetch_ahead,
+                        base->marks);
+    if (base && fs->opts->background_rate)
+        prefetch_background(fs->prefetcher, base->manifest, fs->opts->background_rate, base->marks);
 }
 
 /* Gives an open image file a handle slot that outlives this server
@@ -580,32 +580,17 @@ static bool take_handle(struct imgfs *fs, const struct node *n, struct fuse_file
     return fi->fh != 0;
 }
 
-/* An open of a VM disk, or of one of its snapshots (snap not NULL), which
- * counts for the VM too: vm rm waits for both. */
-static void change_open_count(struct vm *vm, struct vm_snapshot *snap, int delta)
-{
-    pthread_mutex_lock(&vm->attr_lock);
-    vm->open_count += delta;
-    if (snap)
-        snap->open_count += delta;
-    pthread_mutex_unlock(&vm->attr_lock);
-}
-
 /* Opens the live disk of VM node n for fi: counted (-ENOENT once removed),
  * given a handle slot (-ENFILE when the table is full), its base's work
  * started and its cache mode set. */
 static int open_vm_disk(struct imgfs *fs, const struct node *n, struct fuse_file_info *fi)
 {
     struct vm *vm = n->vm;
-    pthread_mutex_lock(&vm->attr_lock);
-    bool gone = vm->deleted;
-    if (!gone)
-        vm->open_count++;
-    pthread_mutex_unlock(&vm->attr_lock);
-    if (gone)
-        return -ENOENT;
+    int rc = vm_open(vm, NULL);
+    if (rc)
+        return rc;
     if (!take_handle(fs, n, fi)) {
-        change_open_count(vm, NULL, -1);
+        vm_close(vm, NULL);
         return -ENFILE;
     }
     start_vm_disk_work(fs, vm);
@@ -632,7 +617,7 @@ void fs_restore_open_handles(struct imgfs *fs)
             continue;
         files++;
         if (is_vm_node(n))
-            change_open_count(n->vm, n->snapshot, 1);
+            vm_open_taken_over(n->vm, n->snapshot);
         if (n->kind == NODE_VM_FILE) {
             disks++;
             start_vm_disk_work(fs, n->vm);
@@ -666,7 +651,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
             prefetch_background(fs->prefetcher, n->version->manifest, fs->opts->background_rate,
                                 &n->version->marks);
         if (n->kind == NODE_VM_SNAPSHOT)
-            change_open_count(n->vm, n->snapshot, 1);
+            vm_open(n->vm, n->snapshot); /* cannot fail for a snapshot */
         fi->keep_cache = 1; /* these bytes never change */
         fuse_reply_open(req, fi);
         return;
@@ -1105,7 +1090,7 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
          * table it did not reach) was not counted either. */
         bool counted = !fs_of(req)->takeover || takeover_handle_release(fs_of(req)->takeover, fi->fh, ino);
         if (counted && is_vm_node(n))
-            change_open_count(n->vm, n->snapshot, -1);
+            vm_close(n->vm, n->snapshot);
     }
     fuse_reply_err(req, 0);
 }
@@ -1278,7 +1263,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     if (fuse_reply_create(req, &e, fi) != 0) { /* the open never reached the caller */
         if (fs->takeover)
             takeover_handle_release(fs->takeover, fi->fh, n->ino);
-        change_open_count(vm, NULL, -1);
+        vm_close(vm, NULL);
     }
 }
 

@@ -107,36 +107,30 @@ static int walk_version(void *ctx, const struct node *n)
 static void add_vm(void *ctx, struct vm *vm)
 {
     struct status_snapshot *s = ctx;
-    struct status_section *sec = status_add_section(s, "vm", vm->name);
-    status_add_label(s, sec, "vm", vm->name);
-    status_text(s, sec, STATUS_INFO, "file", "vms/%s.raw", vm->name);
-    if (vm->has_base)
-        status_text(s, sec, STATUS_INFO, "base", "%s@%" PRIu64, vm->base_name, vm->base_version);
+    struct vm_stats vs;
+    vm_get_stats(vm, &vs);
+    struct status_section *sec = status_add_section(s, "vm", vm_name(vm));
+    status_add_label(s, sec, "vm", vm_name(vm));
+    status_text(s, sec, STATUS_INFO, "file", "vms/%s.raw", vm_name(vm));
+    if (vs.has_base)
+        status_text(s, sec, STATUS_INFO, "base", "%s@%" PRIu64, vs.base_name, vs.base_version);
     else
         status_text(s, sec, STATUS_INFO, "base", "none");
-    status_gauge(s, sec, "size", "Virtual size of the VM disk in bytes.", (double)vm->live.size, 0);
-    pthread_mutex_lock(&vm->attr_lock);
-    unsigned open_count = vm->open_count;
-    pthread_mutex_unlock(&vm->attr_lock);
-    pthread_rwlock_rdlock(&vm->chain_lock);
-    unsigned depth = vm->live.depth, snapshots = vm->snapshot_count;
-    uint64_t owned = layer_owned_blocks(vm->live.layers[depth - 1]);
-    struct layer_stats ls;
-    layer_stats(vm->live.layers[depth - 1], &ls);
-    pthread_rwlock_unlock(&vm->chain_lock);
-    status_gauge(s, sec, "layer_bytes", "Bytes the VM's layers hold on the state disk.", (double)vm_layer_bytes(vm), 0);
-    status_gauge(s, sec, "top_layer_blocks", "4 KiB blocks the VM's writable layer owns.", (double)owned, 0);
+    status_gauge(s, sec, "size", "Virtual size of the VM disk in bytes.", (double)vs.size, 0);
+    status_gauge(s, sec, "layer_bytes", "Bytes the VM's layers hold on the state disk.", (double)vs.layer_bytes, 0);
+    status_gauge(s, sec, "top_layer_blocks", "4 KiB blocks the VM's writable layer owns.",
+                 (double)vs.top_owned_blocks, 0);
     status_gauge(s, sec, "top_layer_log_blocks", "4 KiB blocks of the writable layer's log: live, dead, records.",
-                 (double)ls.log_blocks, 0);
+                 (double)vs.top.log_blocks, 0);
     status_counter(s, sec, "top_layer_compactions", "Compactions of the writable layer's log since the mount.",
-                   ls.compactions);
+                   vs.top.compactions);
     status_gauge(s, sec, "top_layer_compact_seconds", "Duration of the writable layer's last compaction.",
-                 (double)ls.compact_ns / 1e9, 3);
+                 (double)vs.top.compact_ns / 1e9, 3);
     status_gauge(s, sec, "top_layer_compact_pause_seconds", "Of which its writes were held.",
-                 (double)ls.compact_pause_ns / 1e9, 4);
-    status_gauge(s, sec, "layers", "Layers in the VM's chain.", depth, 0);
-    status_gauge(s, sec, "snapshots", "Snapshots of the VM.", snapshots, 0);
-    status_gauge(s, sec, "open", "Open file handles of the VM disk and its snapshots.", open_count, 0);
+                 (double)vs.top.compact_pause_ns / 1e9, 4);
+    status_gauge(s, sec, "layers", "Layers in the VM's chain.", vs.depth, 0);
+    status_gauge(s, sec, "snapshots", "Snapshots of the VM.", vs.snapshots, 0);
+    status_gauge(s, sec, "open", "Open file handles of the VM disk and its snapshots.", vs.open_count, 0);
 }
 
 static void add_last_error(struct status_snapshot *s, struct status_section *sec, const char *error, double age)
@@ -351,9 +345,9 @@ static void node_xattrs(struct imgfs *fs, const struct node *n, struct xattrs *x
         struct vm *vm = n->vm;
         if (n->kind == NODE_VM_FILE)
             xattr_put(x, "layer_bytes", "%" PRIu64, vm_layer_bytes(vm));
-        xattr_put(x, "vm", "%s", vm->name);
-        if (vm->live.base)
-            base_xattrs(fs, x, vm->live.base);
+        xattr_put(x, "vm", "%s", vm_name(vm));
+        if (vm_get_base(vm, NULL))
+            base_xattrs(fs, x, vm_get_base(vm, NULL));
         else
             xattr_put(x, "base", "none");
         break;

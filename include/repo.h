@@ -31,8 +31,8 @@
  * index cannot make a host loop, allocate or fetch without end.
  *
  * Readers (repo_get and the helpers built on it) are thread-safe and hold no
- * lock while doing I/O. The writer side (publish) is for local directories
- * only and serialises publishers with an flock on "REPO/.publish.lock".
+ * lock while doing I/O. This module is the reader; the writer side (for
+ * local directories only) is repo_publish.h.
  */
 #ifndef IMGFS_REPO_H
 #define IMGFS_REPO_H
@@ -49,6 +49,10 @@
 #include "trust.h"
 
 struct repo;
+
+/* The first bytes of the marker file and of the index. */
+#define REPO_MARKER_TEXT "imgfs-repo 1\n"
+#define REPO_INDEX_HEADER "imgfs-index 1\n"
 
 struct repo_index_entry {
     char name[65];
@@ -115,11 +119,6 @@ size_t repo_mirror_stats(struct repo *repo, struct repo_mirror_stats *out, size_
 /* Reports that the bytes last fetched from mirror were bad (failed
  * verification), so that the next attempt goes to another mirror. */
 void repo_report_bad(struct repo *repo, int mirror);
-
-/* Opens a local repository for publishing, creating it when path does not
- * exist or is an empty directory. A non-empty directory that is not a
- * repository is refused. */
-int repo_open_for_publish(const char *path, struct repo **out, char *err, size_t errlen);
 
 void repo_close(struct repo *repo);
 
@@ -219,40 +218,12 @@ int repo_read_range(struct repo *repo, const struct manifest *m, void *buf, size
 /* "chunks/ab/ab01..." for hash. out must hold at least 48 bytes. */
 void repo_chunk_relpath(const struct chunk_hash *hash, char *out, size_t len);
 
-/* Writer side (local repositories only). repo_has_chunk and repo_put_chunk
- * may be called from several threads at once. */
-/* The chunk lock, an flock on "REPO/.gc.lock": a publisher holds it shared
- * from before it first looks for or stores a chunk until its index is
- * written, so that gc (exclusive) never sees, and removes, a chunk that a
- * manifest about to be written references. wait false: -EWOULDBLOCK when
- * it is held the other way. */
-int repo_lock_chunks(struct repo *repo, bool exclusive, bool wait);
-void repo_unlock_chunks(struct repo *repo);
 /* "bases/NAME/V.retired", and whether that marker exists. */
 int repo_retired_relpath(const char *name, uint64_t version, char *out, size_t len);
 bool repo_version_retired(struct repo *repo, const char *name, uint64_t version);
-int repo_lock_publish(struct repo *repo);
-void repo_unlock_publish(struct repo *repo);
-bool repo_has_chunk(struct repo *repo, const struct chunk_hash *hash);
-/* Stores an encoded chunk under its name unless it already exists. The file
- * is not fsync'd here: repo_sync() makes all stored chunks durable at once. */
-int repo_put_chunk(struct repo *repo, const struct chunk_hash *hash, const void *enc, size_t len);
-int repo_sync(struct repo *repo);
-int repo_put_manifest(struct repo *repo, const struct manifest *m);
-/* With signers (repo_set_signers), writes the digests records that are
- * missing for every version of every base (reading chunks back to hash them;
- * no chunk or manifest changes) and a signed index with sequence number
- * index->seq + 1. Without signers, writing over a signed index is refused
- * with -EPERM (publish with the key instead). */
-int repo_write_index(struct repo *repo, const struct repo_index *index);
-/* Keys that repo_write_index() and repo_sign_text() sign with (not copied:
- * they must outlive the repository). */
-void repo_set_signers(struct repo *repo, const struct sign_secret_key *keys, size_t count);
-size_t repo_signer_count(const struct repo *repo);
-/* True when the repository's index has signature lines (not verified). */
-bool repo_is_signed(struct repo *repo);
-/* Replaces any signature lines at the end of text[0..*len) (capacity cap) by
- * those of the signers. -ENOSPC when cap is too small. */
-int repo_sign_text(struct repo *repo, char *text, size_t *len, size_t cap);
+
+/* The writer side's state, kept in each repo and used only by
+ * repo_publish.c (the publisher; see repo_publish.h). */
+struct repo_writer *repo_writer(struct repo *repo);
 
 #endif

@@ -60,8 +60,9 @@
 #include "rangelock.h"
 
 #define VM_MAX_DEPTH DISK_MAX_DEPTH
-/* 16 TiB: a layer's ownership bitmap for it is 512 MiB. Larger sizes (from
- * the command line, a VM file or a base) are refused before allocating. */
+/* 16 TiB (a log layer's data locations reach 2^48 blocks, and a ceiling
+ * keeps absurd sizes out). Larger sizes (from the command line, a VM file
+ * or a base) are refused before allocating. */
 #define VM_MAX_SIZE (16ull << 40)
 /* A new VM disk is readable and writable by its owner only (root until the
  * operator chowns it to the hypervisor's user), even with allow_other. */
@@ -164,6 +165,57 @@ int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len
 int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len);
 int vm_flush(struct vm *vm);
 uint64_t vm_layer_bytes(struct vm *vm);
+
+/* ---- Verbs for the file system ----
+ * fs/ reaches a VM only through these (and the commands above): it never
+ * reads struct vm's fields or takes its locks itself. None of them waits on
+ * the network; each holds attr_lock or chain_lock only for its own copy. */
+
+/* The VM's name and its disk's size (the live disk's, which its snapshots
+ * share). */
+const char *vm_name(const struct vm *vm);
+uint64_t vm_size(const struct vm *vm);
+/* The base under the live disk (snap NULL) or under snapshot snap; NULL for
+ * a blank disk. It never changes. */
+const struct vm_base *vm_get_base(const struct vm *vm, const struct vm_snapshot *snap);
+
+/* The owner and mode of the VM's disks, read together. */
+struct vm_attr {
+    mode_t mode;
+    uid_t uid;
+    gid_t gid;
+};
+void vm_get_attr(struct vm *vm, struct vm_attr *out);
+
+/* An open of the live disk (snap NULL: -ENOENT once the VM is removed) or
+ * of snapshot snap, which counts for the VM too: vm_remove waits for both.
+ * vm_close undoes one open; vm_open_taken_over counts an open that a
+ * previous server made (takeover.h), whatever has happened since. */
+int vm_open(struct vm *vm, struct vm_snapshot *snap);
+void vm_close(struct vm *vm, struct vm_snapshot *snap);
+void vm_open_taken_over(struct vm *vm, struct vm_snapshot *snap);
+
+/* A consistent copy of what status shows of one VM. */
+struct vm_stats {
+    bool has_base;
+    char base_name[65];
+    uint64_t base_version;
+    uint64_t size;
+    unsigned open_count; /* of the disk and its snapshots */
+    unsigned depth;      /* layers in the live chain */
+    unsigned snapshots;
+    uint64_t top_owned_blocks;
+    struct layer_stats top; /* of the writable layer */
+    uint64_t layer_bytes;   /* vm_layer_bytes */
+};
+void vm_get_stats(struct vm *vm, struct vm_stats *out);
+
+/* Recording the base chunks that the live disk's reads use (prefetch.h):
+ * vm_trace_start fails (-EINVAL without a base, -EBUSY when one is already
+ * recording, one sentence in err); vm_trace_stop hands the recording to the
+ * caller (trace_finish), or returns NULL when there was none. */
+int vm_trace_start(struct vm *vm, char *err, size_t errlen);
+struct chunk_trace *vm_trace_stop(struct vm *vm);
 
 
 #endif

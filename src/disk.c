@@ -17,6 +17,10 @@ int disk_owner_of(const struct disk *disk, uint64_t block)
  * no layer owns; *owner is the layer's index or -1. */
 static uint64_t run_at(const struct disk *disk, uint64_t off, uint64_t end, int *owner)
 {
+    if (disk->depth == 0) { /* a base alone: one run, without a walk over its blocks */
+        *owner = -1;
+        return end - off;
+    }
     uint64_t block = off / LAYER_BLOCK_SIZE;
     *owner = disk_owner_of(disk, block);
     uint64_t run_end = (block + 1) * LAYER_BLOCK_SIZE;

@@ -1,10 +1,11 @@
 /* extmap: file paths inside a guest's ext2/3/4 filesystem -> chunk list.
  *
  * Three layers, bottom up:
- *  - struct disk: reads the virtual disk through the caller's read_fn, one
- *    whole chunk at a time, with a small LRU of chunks (libext2fs reads the
- *    same inode-table and directory blocks many times) and zeros for the
- *    manifest's all-zero chunks without asking read_fn at all;
+ *  - struct ext_disk: the base alone as a disk of disk.h (its one chunk
+ *    walker), over a base source that reads the caller's read_fn one whole
+ *    chunk at a time, with a small LRU of chunks (libext2fs reads the same
+ *    inode-table and directory blocks many times); all-zero chunks are
+ *    zeros without asking read_fn at all;
  *  - an io_manager for libext2fs that serves a partition of that disk;
  *  - the mapping: find the partitions that hold an ext filesystem, resolve
  *    every path in each, keep the partition where the most paths resolve.
@@ -22,45 +23,62 @@
 #include <ext2fs/ext2_fs.h>
 #include <ext2fs/ext2fs.h>
 
+#include "disk.h"
 #include "hash.h"
 
-/* ---- the virtual disk, read whole chunks at a time ---- */
+/* ---- the virtual disk: a base alone, through disk.h ---- */
 
-#define DISK_CACHE_BYTES (32u << 20)
-#define DISK_CACHE_MAX_SLOTS 64
+/* The base source behind the disk: read_fn, one whole chunk at a time, with
+ * a small LRU of chunks (libext2fs reads the same inode-table and directory
+ * blocks many times). disk_map() walks the chunks of a range and answers the
+ * manifest's all-zero chunks without asking read_fn at all. */
 
-struct disk_slot {
+#define CHUNK_CACHE_BYTES (32u << 20)
+#define CHUNK_CACHE_MAX_SLOTS 64
+
+struct chunk_slot {
     uint64_t chunk; /* UINT64_MAX when empty */
     uint64_t used;  /* LRU clock */
     unsigned char *data;
 };
 
-struct disk {
+struct ext_disk {
     const struct manifest *m;
     extmap_read_fn read_fn;
     void *ctx;
-    struct disk_slot *slots;
+    struct chunk_slot *slots;
     size_t nslots;
     uint64_t clock;
+    struct vm_base base;
+    struct disk disk;       /* the base with no layer */
+    struct base_source src; /* chunk_read on this ext_disk */
 };
 
-static int disk_init(struct disk *d, const struct manifest *m, extmap_read_fn read_fn, void *ctx)
+static int chunk_read(void *arg, const struct vm_base *base, uint64_t index, void *buf, size_t len,
+                      uint64_t chunk_off);
+
+static int ext_disk_init(struct ext_disk *d, const struct manifest *m, extmap_read_fn read_fn, void *ctx)
 {
     memset(d, 0, sizeof(*d));
     d->m = m;
     d->read_fn = read_fn;
     d->ctx = ctx;
-    size_t n = DISK_CACHE_BYTES / m->chunk_size;
-    d->nslots = n < 2 ? 2 : n > DISK_CACHE_MAX_SLOTS ? DISK_CACHE_MAX_SLOTS : n;
+    size_t n = CHUNK_CACHE_BYTES / m->chunk_size;
+    d->nslots = n < 2 ? 2 : n > CHUNK_CACHE_MAX_SLOTS ? CHUNK_CACHE_MAX_SLOTS : n;
     d->slots = calloc(d->nslots, sizeof(*d->slots));
     if (!d->slots)
         return -ENOMEM;
     for (size_t i = 0; i < d->nslots; i++)
         d->slots[i].chunk = UINT64_MAX;
+    d->base.manifest = m;
+    d->disk.size = m->size;
+    d->disk.base = &d->base;
+    d->src.read = chunk_read;
+    d->src.ctx = d;
     return 0;
 }
 
-static void disk_free(struct disk *d)
+static void ext_disk_free(struct ext_disk *d)
 {
     for (size_t i = 0; d->slots && i < d->nslots; i++)
         free(d->slots[i].data);
@@ -70,11 +88,11 @@ static void disk_free(struct disk *d)
 
 /* Returns the bytes of chunk idx (chunk_size bytes, zero-padded past the
  * disk's end), reading it through read_fn unless it is cached. */
-static int disk_chunk(struct disk *d, uint64_t idx, const unsigned char **out)
+static int cached_chunk(struct ext_disk *d, uint64_t idx, const unsigned char **out)
 {
-    struct disk_slot *victim = &d->slots[0];
+    struct chunk_slot *victim = &d->slots[0];
     for (size_t i = 0; i < d->nslots; i++) {
-        struct disk_slot *s = &d->slots[i];
+        struct chunk_slot *s = &d->slots[i];
         if (s->chunk == idx) {
             s->used = ++d->clock;
             *out = s->data;
@@ -100,31 +118,24 @@ static int disk_chunk(struct disk *d, uint64_t idx, const unsigned char **out)
     return 0;
 }
 
-/* Reads len bytes at off; -ERANGE when the range is not inside the disk. */
-static int disk_read(struct disk *d, void *buf, size_t len, uint64_t off)
+static int chunk_read(void *arg, const struct vm_base *base, uint64_t index, void *buf, size_t len,
+                      uint64_t chunk_off)
 {
-    const struct manifest *m = d->m;
-    if (off > m->size || len > m->size - off)
-        return -ERANGE;
-    unsigned char *p = buf;
-    while (len) {
-        uint64_t idx = off / m->chunk_size;
-        size_t in = (size_t)(off % m->chunk_size);
-        size_t n = m->chunk_size - in < len ? m->chunk_size - in : len;
-        if (chunk_hash_is_null(&m->chunks[idx])) {
-            memset(p, 0, n);
-        } else {
-            const unsigned char *data;
-            int rc = disk_chunk(d, idx, &data);
-            if (rc < 0)
-                return rc;
-            memcpy(p, data + in, n);
-        }
-        p += n;
-        off += n;
-        len -= n;
-    }
+    (void)base;
+    const unsigned char *data;
+    int rc = cached_chunk(arg, index, &data);
+    if (rc < 0)
+        return rc;
+    memcpy(buf, data + chunk_off, len);
     return 0;
+}
+
+/* Reads len bytes at off; -ERANGE when the range is not inside the disk. */
+static int ext_disk_read(struct ext_disk *d, void *buf, size_t len, uint64_t off)
+{
+    if (off > d->m->size || len > d->m->size - off)
+        return -ERANGE;
+    return disk_read(&d->disk, &d->src, buf, len, off);
 }
 
 /* ---- an io_manager for libext2fs over one partition of the disk ---- */
@@ -132,7 +143,7 @@ static int disk_read(struct disk *d, void *buf, size_t len, uint64_t off)
 /* ext2fs_open() hands the io_manager only a name, so the name carries the
  * address of this (caller-owned) description of the partition. */
 struct part_io {
-    struct disk *disk;
+    struct ext_disk *disk;
     uint64_t offset;
     int error; /* the last read error, as a positive errno */
 };
@@ -214,7 +225,7 @@ static errcode_t io_read_blk64(io_channel channel, unsigned long long block, int
     uint64_t len = count < 0 ? (uint64_t)-(int64_t)count : (uint64_t)count * (uint64_t)channel->block_size;
     if (block > (UINT64_MAX - part->offset) / (uint64_t)channel->block_size || len > SIZE_MAX)
         return EXT2_ET_SHORT_READ;
-    int rc = disk_read(part->disk, data, (size_t)len, part->offset + block * (uint64_t)channel->block_size);
+    int rc = ext_disk_read(part->disk, data, (size_t)len, part->offset + block * (uint64_t)channel->block_size);
     if (rc == -ERANGE)
         return EXT2_ET_SHORT_READ; /* past the disk's end: a damaged or truncated filesystem */
     if (rc < 0) {
@@ -426,6 +437,7 @@ static int paths_parse(const char *text, struct path_list *pl, struct text *warn
 /* ---- mapping the files of one filesystem ---- */
 
 struct mapping {
+    const struct disk *disk;
     uint64_t offset;    /* of the filesystem on the disk */
     size_t resolved;    /* paths that named a regular file */
     uint64_t *chunks;   /* in order of first use */
@@ -451,6 +463,27 @@ struct file_walk {
     int rc;
 };
 
+/* Adds the base chunk of one extent, unless it was added already. All-zero
+ * chunks (zero extents) are never fetched, so never prefetched. */
+static int add_extent(void *arg, const struct disk_extent *e)
+{
+    struct mapping *mp = arg;
+    uint64_t c = e->chunk;
+    if (e->kind != DISK_EXTENT_BASE || (mp->seen[c / 8] & (1u << (c % 8))))
+        return 0;
+    mp->seen[c / 8] |= (uint8_t)(1u << (c % 8));
+    if (mp->count == mp->cap) {
+        uint64_t cap = mp->cap ? mp->cap * 2 : 256;
+        uint64_t *nc = realloc(mp->chunks, cap * sizeof(*nc));
+        if (!nc)
+            return -ENOMEM;
+        mp->chunks = nc;
+        mp->cap = cap;
+    }
+    mp->chunks[mp->count++] = c;
+    return 0;
+}
+
 /* Adds the chunks that hold physical blocks [pblk, pblk + n). */
 static int add_blocks(struct file_walk *w, uint64_t pblk, uint64_t n)
 {
@@ -468,24 +501,7 @@ static int add_blocks(struct file_walk *w, uint64_t pblk, uint64_t n)
         w->past_end = true;
     if (bytes == 0)
         return 0;
-    uint64_t first = start / m->chunk_size, last = (start + bytes - 1) / m->chunk_size;
-    for (uint64_t c = first; c <= last; c++) {
-        if (mp->seen[c / 8] & (1u << (c % 8)))
-            continue;
-        mp->seen[c / 8] |= (uint8_t)(1u << (c % 8));
-        if (chunk_hash_is_null(&m->chunks[c]))
-            continue; /* never fetched, so never prefetched */
-        if (mp->count == mp->cap) {
-            uint64_t cap = mp->cap ? mp->cap * 2 : 256;
-            uint64_t *nc = realloc(mp->chunks, cap * sizeof(*nc));
-            if (!nc)
-                return -ENOMEM;
-            mp->chunks = nc;
-            mp->cap = cap;
-        }
-        mp->chunks[mp->count++] = c;
-    }
-    return 0;
+    return disk_map(mp->disk, start, bytes, add_extent, mp);
 }
 
 static int block_cb(ext2_filsys fs, blk64_t *blocknr, e2_blkcnt_t blockcnt, blk64_t ref_blk, int ref_offset,
@@ -580,11 +596,12 @@ io_error:
 
 /* Opens the ext filesystem at offset and maps every path. Returns 0, 1 when
  * the filesystem cannot be opened (reason in err), or a negative errno. */
-static int map_filesystem(struct disk *d, uint64_t offset, const struct path_list *pl, struct mapping *mp,
+static int map_filesystem(struct ext_disk *d, uint64_t offset, const struct path_list *pl, struct mapping *mp,
                           char *err, size_t errlen)
 {
     const struct manifest *m = d->m;
     memset(mp, 0, sizeof(*mp));
+    mp->disk = &d->disk;
     mp->offset = offset;
     if (!(mp->seen = calloc(m->chunk_count / 8 + 1, 1)))
         return -ENOMEM;
@@ -665,14 +682,14 @@ static uint64_t le64(const unsigned char *p)
 }
 
 /* Reads len bytes at off: 1 when read, 0 when outside the disk, or -errno. */
-static int read_if_inside(struct disk *d, void *buf, size_t len, uint64_t off)
+static int read_if_inside(struct ext_disk *d, void *buf, size_t len, uint64_t off)
 {
-    int rc = disk_read(d, buf, len, off);
+    int rc = ext_disk_read(d, buf, len, off);
     return rc == -ERANGE ? 0 : rc < 0 ? rc : 1;
 }
 
 /* 1 when an ext2/3/4 superblock starts 1024 bytes into offset. */
-static int has_ext_magic(struct disk *d, uint64_t offset)
+static int has_ext_magic(struct ext_disk *d, uint64_t offset)
 {
     unsigned char sb[1024];
     if (offset > UINT64_MAX - 2048)
@@ -684,7 +701,7 @@ static int has_ext_magic(struct disk *d, uint64_t offset)
     return le16(sb + 56) == EXT2_SUPER_MAGIC && le32(sb + 24) <= 6;
 }
 
-static int consider(struct disk *d, struct candidates *c, uint64_t offset)
+static int consider(struct ext_disk *d, struct candidates *c, uint64_t offset)
 {
     for (size_t i = 0; i < c->count; i++)
         if (c->offsets[i] == offset)
@@ -698,7 +715,7 @@ static int consider(struct disk *d, struct candidates *c, uint64_t offset)
 }
 
 /* GPT with logical sectors of ss bytes: 1 when found, 0 when not, -errno. */
-static int scan_gpt(struct disk *d, struct candidates *c, uint32_t ss)
+static int scan_gpt(struct ext_disk *d, struct candidates *c, uint32_t ss)
 {
     unsigned char hdr[92];
     int rc = read_if_inside(d, hdr, sizeof(hdr), ss);
@@ -736,7 +753,7 @@ static bool mbr_extended(unsigned type)
 }
 
 /* MBR, with logical partitions in an extended one: 1 when found, 0, -errno. */
-static int scan_mbr(struct disk *d, struct candidates *c, const unsigned char *mbr)
+static int scan_mbr(struct ext_disk *d, struct candidates *c, const unsigned char *mbr)
 {
     if (mbr[510] != 0x55 || mbr[511] != 0xaa)
         return 0;
@@ -782,7 +799,7 @@ static int scan_mbr(struct disk *d, struct candidates *c, const unsigned char *m
     return any ? 1 : 0;
 }
 
-static int find_candidates(struct disk *d, struct candidates *c)
+static int find_candidates(struct ext_disk *d, struct candidates *c)
 {
     memset(c, 0, sizeof(*c));
     unsigned char mbr[512];
@@ -802,7 +819,7 @@ static int find_candidates(struct disk *d, struct candidates *c)
 }
 
 /* Names a filesystem or volume that is not ext, for a clearer refusal. */
-static const char *sniff(struct disk *d, uint64_t off)
+static const char *sniff(struct ext_disk *d, uint64_t off)
 {
     static const struct {
         uint64_t at;
@@ -845,12 +862,12 @@ int extmap_paths_to_list(const struct manifest *m, extmap_read_fn read_fn, void 
     }
     struct text warn = {0};
     struct path_list pl = {0};
-    struct disk d;
+    struct ext_disk d;
     struct candidates cands;
     struct mapping best = {0}, cur;
     char first_err[256] = "";
     size_t opened = 0;
-    int rc = disk_init(&d, m, read_fn, ctx);
+    int rc = ext_disk_init(&d, m, read_fn, ctx);
     if (rc < 0) {
         snprintf(err, errlen, "out of memory");
         goto out;
@@ -959,6 +976,6 @@ out:
     text_finish(&warn, warnings);
     mapping_free(&best);
     paths_free(&pl);
-    disk_free(&d);
+    ext_disk_free(&d);
     return rc;
 }

@@ -18,6 +18,7 @@
 #include "progress.h"
 #include "publish.h"
 #include "repo.h"
+#include "repo_publish.h"
 #include "sign.h"
 #include "util.h"
 

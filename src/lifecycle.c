@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "repo_publish.h"
 #include "util.h"
 
 /* ---- a set of chunk hashes, each with how many versions reference it ------------- */

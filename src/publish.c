@@ -17,6 +17,7 @@
 #include "manifest.h"
 #include "progress.h"
 #include "repo.h"
+#include "repo_publish.h"
 #include "util.h"
 
 /* Source names land in the manifest: keep them printable and on one line. */

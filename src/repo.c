@@ -1,7 +1,6 @@
 #include "repo.h"
 
 #include <curl/curl.h>
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -11,17 +10,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <stdatomic.h>
-#include <sys/file.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "digests.h"
 #include "disk.h"
+#include "repo_publish.h"
 #include "util.h"
 
-#define REPO_MARKER "imgfs-repo 1\n"
-#define INDEX_HEADER "imgfs-index 1\n"
 #define MAX_IDLE_HANDLES 16
 
 /* One HTTP mirror and its counters. The counters are atomics; last_error
@@ -57,8 +53,6 @@ struct repo {
     const struct repo_backend *backend; /* always the first member */
     char location[PATH_MAX];
     bool local;
-    int lock_fd; /* publish lock, -1 when not held */
-    int chunks_lock_fd; /* chunk lock (shared: publisher, exclusive: gc), -1 when not held */
     struct repo_options opts;
     char meta_dir[PATH_MAX / 2]; /* local copies of index and manifests, "" for none */
     bool offline_fallback;
@@ -79,8 +73,7 @@ struct repo {
     CURL *idle_handles[MAX_IDLE_HANDLES];
     int idle_count;
     struct trust *trust;                  /* not owned; NULL: nothing verified */
-    const struct sign_secret_key *signers; /* not owned; writer side */
-    size_t signer_count;
+    struct repo_writer writer; /* the publisher's (repo_publish.c) */
 };
 
 static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
@@ -88,6 +81,7 @@ static void curl_init_once(void) { curl_global_init(CURL_GLOBAL_DEFAULT); }
 
 const char *repo_location(const struct repo *repo) { return repo->location; }
 bool repo_is_local(const struct repo *repo) { return repo->local; }
+struct repo_writer *repo_writer(struct repo *repo) { return &repo->writer; }
 int repo_mirror_count(const struct repo *repo) { return repo->local ? 1 : repo->mirror_count; }
 
 void repo_chunk_relpath(const struct chunk_hash *hash, char *out, size_t len)
@@ -438,8 +432,7 @@ static struct repo *repo_alloc(const char *location, bool local, const struct re
     strip_slashes(repo->location);
     repo->local = local;
     repo->backend = backend_for(location);
-    repo->lock_fd = -1;
-    repo->chunks_lock_fd = -1;
+    repo_writer_init(&repo->writer);
     if (opts)
         repo->opts = *opts;
     if (repo->opts.connect_timeout <= 0)
@@ -469,8 +462,7 @@ void repo_close(struct repo *repo)
 {
     if (!repo)
         return;
-    repo_unlock_publish(repo);
-    repo_unlock_chunks(repo);
+    repo_writer_release(repo);
     for (int i = 0; i < repo->idle_count; i++)
         curl_easy_cleanup(repo->idle_handles[i]);
     pthread_mutex_destroy(&repo->handles_lock);
@@ -497,7 +489,7 @@ static int check_marker(struct repo *repo, char *err, size_t errlen)
         snprintf(err, errlen, "cannot reach repository %s: %s", repo->location, describe_error(rc));
         return rc;
     }
-    bool ok = len == strlen(REPO_MARKER) && memcmp(data, REPO_MARKER, len) == 0;
+    bool ok = len == strlen(REPO_MARKER_TEXT) && memcmp(data, REPO_MARKER_TEXT, len) == 0;
     free(data);
     if (!ok) {
         snprintf(err, errlen, "%s has an unsupported or damaged imgfs-repo marker", repo->location);
@@ -560,86 +552,6 @@ int repo_open_with(const char *location, const struct repo_options *opts, struct
     return 0;
 }
 
-static int create_layout(const char *path)
-{
-    char sub[PATH_MAX];
-    int err = 0;
-    for (int i = 0; i < 256 && !err; i++) {
-        err = path_join(sub, sizeof(sub), "%s/chunks/%02x", path, i);
-        if (!err)
-            err = mkdir_p(sub);
-    }
-    if (!err)
-        err = path_join(sub, sizeof(sub), "%s/bases", path);
-    if (!err)
-        err = mkdir_p(sub);
-    if (!err)
-        err = path_join(sub, sizeof(sub), "%s/index", path);
-    if (!err)
-        err = write_file_atomic(sub, INDEX_HEADER, strlen(INDEX_HEADER));
-    /* The marker goes last: a half-created repository has none. */
-    if (!err)
-        err = path_join(sub, sizeof(sub), "%s/imgfs-repo", path);
-    if (!err)
-        err = write_file_atomic(sub, REPO_MARKER, strlen(REPO_MARKER));
-    return err;
-}
-
-static bool dir_is_empty(const char *path)
-{
-    DIR *d = opendir(path);
-    if (!d)
-        return false;
-    bool empty = true;
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
-            empty = false;
-            break;
-        }
-    }
-    closedir(d);
-    return empty;
-}
-
-int repo_open_for_publish(const char *path, struct repo **out, char *err, size_t errlen)
-{
-    if (strncmp(path, "http://", 7) == 0 || strncmp(path, "https://", 8) == 0) {
-        snprintf(err, errlen, "publish needs a local repository directory, not a URL; publish locally and "
-                              "serve that directory over HTTP");
-        return -EINVAL;
-    }
-    char marker[PATH_MAX];
-    int rc = path_join(marker, sizeof(marker), "%s/imgfs-repo", path);
-    if (rc) {
-        snprintf(err, errlen, "repository path is too long");
-        return rc;
-    }
-    struct stat st;
-    if (stat(path, &st) < 0) {
-        rc = mkdir_p(path);
-        if (rc) {
-            snprintf(err, errlen, "cannot create repository %s: %s", path, strerror(-rc));
-            return rc;
-        }
-    } else if (!S_ISDIR(st.st_mode)) {
-        snprintf(err, errlen, "repository %s is not a directory", path);
-        return -ENOTDIR;
-    }
-    if (access(marker, F_OK) < 0) {
-        if (!dir_is_empty(path)) {
-            snprintf(err, errlen, "%s is not empty and not an imgfs repository; refusing to publish into it", path);
-            return -EEXIST;
-        }
-        rc = create_layout(path);
-        if (rc) {
-            snprintf(err, errlen, "cannot create repository %s: %s", path, strerror(-rc));
-            return rc;
-        }
-    }
-    return repo_open(path, out, err, errlen);
-}
-
 /* ---- index and manifests ------------------------------------------------- */
 
 void repo_set_trust(struct repo *repo, struct trust *trust) { repo->trust = trust; }
@@ -678,7 +590,7 @@ int repo_index_parse(const char *data, size_t len, struct repo_index *out)
 {
     unsigned sigs;
     size_t body = sign_body_len(data, len, &sigs);
-    if (body < strlen(INDEX_HEADER) || memcmp(data, INDEX_HEADER, strlen(INDEX_HEADER)) != 0 ||
+    if (body < strlen(REPO_INDEX_HEADER) || memcmp(data, REPO_INDEX_HEADER, strlen(REPO_INDEX_HEADER)) != 0 ||
         data[body - 1] != '\n' || memchr(data, '\0', body))
         return -EBADMSG;
     size_t lines = 0;
@@ -688,7 +600,7 @@ int repo_index_parse(const char *data, size_t len, struct repo_index *out)
     if (!index.entries)
         return -ENOMEM;
     bool seen_seq = false, seen_time = false;
-    const char *p = data + strlen(INDEX_HEADER);
+    const char *p = data + strlen(REPO_INDEX_HEADER);
     const char *end = data + body;
     while (p < end) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
@@ -1048,60 +960,6 @@ int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t ch
     return repo_get_from(repo, rel, (size_t)chunk_size + CHUNKFMT_MAX_OVERHEAD, deadline_ns, enc, len, mirror);
 }
 
-/* ---- writer side ----------------------------------------------------------- */
-
-int repo_lock_publish(struct repo *repo)
-{
-    char path[PATH_MAX];
-    int err = local_path(repo, ".publish.lock", path, sizeof(path));
-    if (err)
-        return err;
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return -errno;
-    if (flock(fd, LOCK_EX) < 0) {
-        err = -errno;
-        close(fd);
-        return err;
-    }
-    repo->lock_fd = fd;
-    return 0;
-}
-
-void repo_unlock_publish(struct repo *repo)
-{
-    if (repo->lock_fd >= 0) {
-        close(repo->lock_fd); /* closing drops the flock */
-        repo->lock_fd = -1;
-    }
-}
-
-int repo_lock_chunks(struct repo *repo, bool exclusive, bool wait)
-{
-    char path[PATH_MAX];
-    int err = local_path(repo, ".gc.lock", path, sizeof(path));
-    if (err)
-        return err;
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return -errno;
-    if (flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB)) < 0) {
-        err = errno == EWOULDBLOCK ? -EWOULDBLOCK : -errno;
-        close(fd);
-        return err;
-    }
-    repo->chunks_lock_fd = fd;
-    return 0;
-}
-
-void repo_unlock_chunks(struct repo *repo)
-{
-    if (repo->chunks_lock_fd >= 0) {
-        close(repo->chunks_lock_fd);
-        repo->chunks_lock_fd = -1;
-    }
-}
-
 int repo_retired_relpath(const char *name, uint64_t version, char *out, size_t len)
 {
     return path_join(out, len, "bases/%s/%" PRIu64 ".retired", name, version);
@@ -1115,245 +973,6 @@ bool repo_version_retired(struct repo *repo, const char *name, uint64_t version)
         return false;
     free(data);
     return true;
-}
-
-bool repo_has_chunk(struct repo *repo, const struct chunk_hash *hash)
-{
-    char rel[64], path[PATH_MAX];
-    repo_chunk_relpath(hash, rel, sizeof(rel));
-    return local_path(repo, rel, path, sizeof(path)) == 0 && access(path, F_OK) == 0;
-}
-
-static atomic_uint put_serial;
-
-int repo_put_chunk(struct repo *repo, const struct chunk_hash *hash, const void *enc, size_t len)
-{
-    char rel[64], path[PATH_MAX], tmp[PATH_MAX];
-    repo_chunk_relpath(hash, rel, sizeof(rel));
-    int err = local_path(repo, rel, path, sizeof(path));
-    if (!err)
-        err = path_join(tmp, sizeof(tmp), "%s.tmp.%ld.%u", path, (long)getpid(),
-                        atomic_fetch_add(&put_serial, 1)); /* unique between threads too */
-    if (err)
-        return err;
-    if (access(path, F_OK) == 0)
-        return 0;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return -errno;
-    err = write_full(fd, enc, len);
-    if (close(fd) < 0 && !err)
-        err = -errno;
-    if (!err && rename(tmp, path) < 0)
-        err = -errno;
-    if (err)
-        unlink(tmp);
-    return err;
-}
-
-int repo_sync(struct repo *repo)
-{
-    int fd = open(repo->location, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    int err = syncfs(fd) < 0 ? -errno : 0;
-    close(fd);
-    return err;
-}
-
-int repo_put_manifest(struct repo *repo, const struct manifest *m)
-{
-    char dir[PATH_MAX], path[PATH_MAX];
-    int err = path_join(dir, sizeof(dir), "%s/bases/%s", repo->location, m->name);
-    if (!err)
-        err = path_join(path, sizeof(path), "%s/%" PRIu64 ".manifest", dir, m->version);
-    if (!err)
-        err = mkdir_p(dir);
-    if (!err)
-        err = fsync_dir_of(dir);
-    if (err)
-        return err;
-    char *text;
-    size_t len;
-    err = manifest_format(m, &text, &len);
-    if (err)
-        return err;
-    err = write_file_atomic(path, text, len);
-    free(text);
-    return err;
-}
-
-void repo_set_signers(struct repo *repo, const struct sign_secret_key *keys, size_t count)
-{
-    repo->signers = keys;
-    repo->signer_count = count;
-}
-
-size_t repo_signer_count(const struct repo *repo) { return repo->signer_count; }
-
-bool repo_is_signed(struct repo *repo)
-{
-    char *data;
-    size_t len;
-    unsigned sigs = 0;
-    if (repo_get(repo, "index", REPO_MAX_INDEX_LEN, &data, &len) == 0) {
-        sign_body_len(data, len, &sigs);
-        free(data);
-    }
-    return sigs > 0;
-}
-
-int repo_sign_text(struct repo *repo, char *text, size_t *len, size_t cap)
-{
-    size_t body = sign_body_len(text, *len, NULL);
-    if (body + repo->signer_count * SIGN_LINE_LEN + 1 > cap)
-        return -ENOSPC;
-    size_t pos = body;
-    for (size_t i = 0; i < repo->signer_count; i++) {
-        sign_line(&repo->signers[i], text, body, text + pos);
-        pos += SIGN_LINE_LEN;
-    }
-    *len = pos;
-    return 0;
-}
-
-/* The digests record of m (whose file bytes are text), from its chunks read
- * back from the repository: each is decoded and checked against its name
- * before it is hashed, so a damaged chunk is never signed. */
-static int compute_record(struct repo *repo, const struct manifest *m, const char *text, size_t len,
-                          const struct sign_digest *previous, struct version_digests **out)
-{
-    struct version_digests *d = digests_new(m->chunk_count);
-    char *chunk = malloc(m->chunk_size);
-    int rc = d && chunk ? 0 : -ENOMEM;
-    for (uint64_t i = 0; !rc && i < m->chunk_count; i++) {
-        if (chunk_hash_is_null(&m->chunks[i]))
-            continue;
-        char *enc = NULL;
-        size_t enc_len = 0;
-        rc = repo_get_chunk(repo, &m->chunks[i], m->chunk_size, 0, &enc, &enc_len, NULL);
-        if (!rc)
-            rc = chunkfmt_decode(enc, enc_len, chunk, m->chunk_size, &m->chunks[i]);
-        free(enc);
-        if (!rc)
-            sign_digest_compute(chunk, m->chunk_size, &d->chunks[i]);
-        else
-            log_error("chunk %" PRIu64 " of %s@%" PRIu64 " is missing or damaged: %s", i, m->name, m->version,
-                      strerror(-rc));
-    }
-    free(chunk);
-    if (rc) {
-        digests_free(d);
-        return rc;
-    }
-    snprintf(d->name, sizeof(d->name), "%s", m->name);
-    d->version = m->version;
-    sign_digest_compute(text, len, &d->manifest);
-    d->has_previous = previous != NULL;
-    if (previous)
-        d->previous = *previous;
-    *out = d;
-    return 0;
-}
-
-/* Makes sure versions 1..latest of name have records that chain, writing the
- * missing (or broken) ones; *top gets the digest of latest's record. */
-static int ensure_records(struct repo *repo, const char *name, uint64_t latest, struct sign_digest *top)
-{
-    struct sign_digest previous;
-    for (uint64_t v = 1; v <= latest; v++) {
-        char rel[160], path[PATH_MAX];
-        char *mtext = NULL, *rtext = NULL;
-        size_t mlen, rlen;
-        struct manifest *m = NULL;
-        struct version_digests *d = NULL;
-        char why[200];
-        int rc = path_join(rel, sizeof(rel), "bases/%s/%" PRIu64 ".manifest", name, v);
-        if (!rc)
-            rc = repo_get(repo, rel, REPO_MAX_MANIFEST_LEN, &mtext, &mlen);
-        if (!rc && (rc = manifest_parse(mtext, mlen, &m, why, sizeof(why))) != 0)
-            log_error("manifest %s@%" PRIu64 " cannot be signed: %s", name, v, why);
-        if (!rc)
-            rc = digests_relpath(name, v, rel, sizeof(rel));
-        /* An existing record is kept when it still describes the manifest
-         * and its predecessor: signing again changes no record. */
-        bool keep = false;
-        if (!rc && repo_get(repo, rel, REPO_MAX_DIGESTS_LEN, &rtext, &rlen) == 0 &&
-            digests_parse(rtext, rlen, &d, why, sizeof(why)) == 0) {
-            keep = digests_check(d, m, mtext, mlen, why, sizeof(why)) == 0 && d->has_previous == (v > 1) &&
-                   (v == 1 || sign_digest_equal(&d->previous, &previous));
-            if (keep)
-                sign_digest_compute(rtext, rlen, &previous);
-        }
-        if (!rc && !keep) {
-            digests_free(d);
-            d = NULL;
-            char *text = NULL;
-            size_t len = 0;
-            rc = compute_record(repo, m, mtext, mlen, v > 1 ? &previous : NULL, &d);
-            if (!rc)
-                rc = digests_format(d, &text, &len);
-            if (!rc)
-                rc = local_path(repo, rel, path, sizeof(path));
-            if (!rc)
-                rc = write_file_atomic(path, text, len);
-            if (!rc)
-                sign_digest_compute(text, len, &previous);
-            free(text);
-        }
-        digests_free(d);
-        manifest_free(m);
-        free(mtext);
-        free(rtext);
-        if (rc)
-            return rc;
-    }
-    *top = previous;
-    return 0;
-}
-
-int repo_write_index(struct repo *repo, const struct repo_index *index)
-{
-    if (index->is_signed && !repo->signer_count)
-        return -EPERM;
-    struct sign_digest *records = calloc(index->count + 1, sizeof(*records));
-    if (!records)
-        return -ENOMEM;
-    int err = 0;
-    for (size_t i = 0; repo->signer_count && !err && i < index->count; i++)
-        err = ensure_records(repo, index->entries[i].name, index->entries[i].latest, &records[i]);
-    size_t cap = strlen(INDEX_HEADER) + index->count * (96 + SIGN_DIGEST_HEX) + 128 +
-                 repo->signer_count * SIGN_LINE_LEN;
-    char *buf = err ? NULL : malloc(cap);
-    if (!err && !buf)
-        err = -ENOMEM;
-    size_t pos = 0;
-    if (!err) {
-        pos = (size_t)snprintf(buf, cap, "%s", INDEX_HEADER);
-        for (size_t i = 0; i < index->count; i++) {
-            pos += (size_t)snprintf(buf + pos, cap - pos, "%s %" PRIu64, index->entries[i].name,
-                                    index->entries[i].latest);
-            if (repo->signer_count) {
-                buf[pos++] = ' ';
-                sign_digest_to_hex(&records[i], buf + pos);
-                pos += SIGN_DIGEST_HEX;
-            }
-            buf[pos++] = '\n';
-        }
-        if (repo->signer_count) {
-            pos += (size_t)snprintf(buf + pos, cap - pos, "+seq %" PRIu64 "\n+time %" PRIu64 "\n", index->seq + 1,
-                                    (uint64_t)time(NULL));
-            err = repo_sign_text(repo, buf, &pos, cap);
-        }
-    }
-    char path[PATH_MAX];
-    if (!err)
-        err = local_path(repo, "index", path, sizeof(path));
-    if (!err)
-        err = write_file_atomic(path, buf, pos);
-    free(buf);
-    free(records);
-    return err;
 }
 
 struct repo_source {

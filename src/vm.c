@@ -1276,6 +1276,100 @@ uint64_t vm_layer_bytes(struct vm *vm)
     return total;
 }
 
+/* ---- verbs for the file system ---- */
+
+const char *vm_name(const struct vm *vm) { return vm->name; }
+uint64_t vm_size(const struct vm *vm) { return vm->live.size; }
+
+const struct vm_base *vm_get_base(const struct vm *vm, const struct vm_snapshot *snap)
+{
+    return snap ? snap->disk.base : vm->live.base;
+}
+
+void vm_get_attr(struct vm *vm, struct vm_attr *out)
+{
+    pthread_mutex_lock(&vm->attr_lock);
+    *out = (struct vm_attr){.mode = vm->mode, .uid = vm->uid, .gid = vm->gid};
+    pthread_mutex_unlock(&vm->attr_lock);
+}
+
+static void count_open(struct vm *vm, struct vm_snapshot *snap, int delta)
+{
+    pthread_mutex_lock(&vm->attr_lock);
+    vm->open_count += delta;
+    if (snap)
+        snap->open_count += delta;
+    pthread_mutex_unlock(&vm->attr_lock);
+}
+
+int vm_open(struct vm *vm, struct vm_snapshot *snap)
+{
+    if (snap) {
+        count_open(vm, snap, 1);
+        return 0;
+    }
+    pthread_mutex_lock(&vm->attr_lock);
+    bool gone = vm->deleted;
+    if (!gone)
+        vm->open_count++;
+    pthread_mutex_unlock(&vm->attr_lock);
+    return gone ? -ENOENT : 0;
+}
+
+void vm_close(struct vm *vm, struct vm_snapshot *snap) { count_open(vm, snap, -1); }
+void vm_open_taken_over(struct vm *vm, struct vm_snapshot *snap) { count_open(vm, snap, 1); }
+
+void vm_get_stats(struct vm *vm, struct vm_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->has_base = vm->has_base;
+    snprintf(out->base_name, sizeof(out->base_name), "%s", vm->base_name);
+    out->base_version = vm->base_version;
+    out->size = vm->live.size;
+    pthread_mutex_lock(&vm->attr_lock);
+    out->open_count = vm->open_count;
+    pthread_mutex_unlock(&vm->attr_lock);
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    out->depth = vm->live.depth;
+    out->snapshots = vm->snapshot_count;
+    out->top_owned_blocks = layer_owned_blocks(vm->live.layers[out->depth - 1]);
+    layer_stats(vm->live.layers[out->depth - 1], &out->top);
+    pthread_rwlock_unlock(&vm->chain_lock);
+    out->layer_bytes = vm_layer_bytes(vm); /* takes chain_lock itself */
+}
+
+int vm_trace_start(struct vm *vm, char *err, size_t errlen)
+{
+    if (!vm->live.base) {
+        snprintf(err, errlen, "VM %s has no base to trace", vm->name);
+        return -EINVAL;
+    }
+    struct chunk_trace *t = trace_new(vm->live.base->manifest->chunk_count);
+    if (!t)
+        return -ENOMEM;
+    int rc = 0;
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    if (vm->trace) {
+        snprintf(err, errlen, "VM %s is already being traced", vm->name);
+        rc = -EBUSY;
+    } else {
+        vm->trace = t;
+    }
+    pthread_rwlock_unlock(&vm->chain_lock);
+    if (rc)
+        trace_free(t);
+    return rc;
+}
+
+struct chunk_trace *vm_trace_stop(struct vm *vm)
+{
+    pthread_rwlock_wrlock(&vm->chain_lock);
+    struct chunk_trace *t = vm->trace;
+    vm->trace = NULL;
+    pthread_rwlock_unlock(&vm->chain_lock);
+    return t;
+}
+
 /* ---- migration: export and import -------------------------------------------------
  *
  * An export file holds only the VM's own data and the identity of its base:

@@ -25,6 +25,7 @@
 #include "chunkfmt.h"
 #include "fetch.h"
 #include "repo.h"
+#include "repo_publish.h"
 #include "test_files.h"
 #include "util.h"
 
