@@ -94,7 +94,7 @@ static void load_list(struct prefetcher *pf, struct job *j)
         log_warn("prefetch list %s of %s@%" PRIu64 " not used: %s", j->list_name, j->m->name, j->m->version,
                  err[0] ? err : strerror(-rc));
         pthread_mutex_lock(&pf->lock);
-        snprintf(j->error, sizeof(j->error), "%s", err[0] ? err : strerror(-rc));
+        format_cut(j->error, sizeof(j->error), "%s", err[0] ? err : strerror(-rc));
         pthread_mutex_unlock(&pf->lock);
     }
     list_free(list);

@@ -335,7 +335,7 @@ static int each_dash_o(int argc, char **argv, int (*fn)(void *ctx, const char *o
 }
 
 struct config_choice {
-    char path[PATH_MAX];
+    char path[PATH_MAX + 64]; /* as long as an option: a longer path fails to open */
     bool given;
 };
 

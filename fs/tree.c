@@ -162,7 +162,7 @@ void tree_use_inode_map(struct tree *tree, struct takeover *t)
         if (!n)
             break; /* out of memory: those numbers stay unused */
         n->kind = NODE_UNCLAIMED; /* parent 0: invisible until claimed */
-        snprintf(n->name, sizeof(n->name), "%s", e->name);
+        format_cut(n->name, sizeof(n->name), "%s", e->name); /* written from a node: it fits */
         if (e->parent)
             tree->unclaimed++;
     }

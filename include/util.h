@@ -87,4 +87,9 @@ int cond_wait_until(pthread_cond_t *cond, pthread_mutex_t *lock, uint64_t deadli
 /* snprintf into a fixed buffer; -ENAMETOOLONG if it did not fit. */
 int path_join(char *out, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
+/* snprintf into a fixed buffer, cutting what does not fit: for messages and
+ * displays, where a cut text is acceptable (what must stay whole, such as a
+ * path, goes through path_join). Returns whether the text was cut. */
+bool format_cut(char *out, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
 #endif

@@ -23,7 +23,7 @@
 /* One HTTP mirror and its counters. The counters are atomics; last_error
  * and last_error_ns are guarded by the repo's stats_lock. */
 struct mirror {
-    char url[PATH_MAX / 2];
+    char url[PATH_MAX]; /* as long as a location: the first mirror is the location */
     atomic_uint_fast64_t requests;
     atomic_uint_fast64_t bytes;
     atomic_uint_fast64_t errors;
@@ -164,7 +164,7 @@ static void note_mirror_error(struct repo *repo, int i, const char *what)
     if (i == 0)
         snprintf(thread_http_error, sizeof(thread_http_error), "%s", what);
     else
-        snprintf(thread_http_error, sizeof(thread_http_error), "%s (mirror %s)", what, repo->mirrors[i].url);
+        format_cut(thread_http_error, sizeof(thread_http_error), "%s (mirror %s)", what, repo->mirrors[i].url);
     atomic_fetch_add(&repo->mirrors[i].errors, 1);
     atomic_store(&repo->mirrors[i].down_until_ns, now_ns() + MIRROR_DOWN_NS);
     pthread_mutex_lock(&repo->stats_lock);
@@ -360,7 +360,7 @@ size_t repo_mirror_stats(struct repo *repo, struct repo_mirror_stats *out, size_
     for (int i = 0; i < repo->mirror_count && n < max; i++, n++) {
         struct mirror *m = &repo->mirrors[i];
         struct repo_mirror_stats *o = &out[n];
-        snprintf(o->url, sizeof(o->url), "%s", m->url);
+        format_cut(o->url, sizeof(o->url), "%s", m->url); /* for display */
         o->requests = atomic_load(&m->requests);
         o->bytes = atomic_load(&m->bytes);
         o->errors = atomic_load(&m->errors);

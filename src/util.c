@@ -229,8 +229,8 @@ int read_file(const char *path, size_t max_len, char **data, size_t *len)
 
 int check_marker_file(const char *path, const char *expected)
 {
-    char *data;
-    size_t len;
+    char *data = NULL;
+    size_t len = 0;
     int rc = read_file(path, 256, &data, &len);
     if (rc)
         return rc == -EFBIG ? -EBADMSG : rc;
@@ -358,11 +358,26 @@ int cond_wait_until(pthread_cond_t *cond, pthread_mutex_t *lock, uint64_t deadli
     return pthread_cond_timedwait(cond, lock, &ts);
 }
 
+__attribute__((format(printf, 3, 0))) static bool vformat_fits(char *out, size_t len, const char *fmt, va_list ap)
+{
+    int n = vsnprintf(out, len, fmt, ap);
+    return n >= 0 && (size_t)n < len;
+}
+
 int path_join(char *out, size_t len, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(out, len, fmt, ap);
+    bool fits = vformat_fits(out, len, fmt, ap);
     va_end(ap);
-    return (n < 0 || (size_t)n >= len) ? -ENAMETOOLONG : 0;
+    return fits ? 0 : -ENAMETOOLONG;
+}
+
+bool format_cut(char *out, size_t len, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    bool fits = vformat_fits(out, len, fmt, ap);
+    va_end(ap);
+    return !fits;
 }

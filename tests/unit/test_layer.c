@@ -234,7 +234,7 @@ static struct layer *two_flushes(struct model *first, struct model *second, off_
 static void flip_byte(const char *id, off_t at, unsigned char bits)
 {
     int fd = open(log_path(id), O_RDWR);
-    unsigned char byte;
+    unsigned char byte = 0;
     CHECK(fd >= 0 && pread(fd, &byte, 1, at) == 1);
     byte ^= bits;
     CHECK(pwrite(fd, &byte, 1, at) == 1);
