@@ -179,6 +179,15 @@ uint64_t vm_size(const struct vm *vm);
  * a blank disk. It never changes. */
 const struct vm_base *vm_get_base(const struct vm *vm, const struct vm_snapshot *snap);
 
+/* The VM's snapshots, by position (0 <= i < vm_snapshot_count), their
+ * names, and whether one was removed (the struct stays valid). The list is
+ * read as it is, with no lock: the caller must not race a command that
+ * changes it (fs/tree.c's callers run after that command, or at mount). */
+unsigned vm_snapshot_count(const struct vm *vm);
+struct vm_snapshot *vm_snapshot_at(struct vm *vm, unsigned i);
+const char *vm_snapshot_name(const struct vm_snapshot *snap);
+bool vm_snapshot_removed(const struct vm_snapshot *snap);
+
 /* The owner and mode of the VM's disks, read together. */
 struct vm_attr {
     mode_t mode;

@@ -1286,6 +1286,11 @@ const struct vm_base *vm_get_base(const struct vm *vm, const struct vm_snapshot 
     return snap ? snap->disk.base : vm->live.base;
 }
 
+unsigned vm_snapshot_count(const struct vm *vm) { return vm->snapshot_count; }
+struct vm_snapshot *vm_snapshot_at(struct vm *vm, unsigned i) { return vm->snapshots[i]; }
+const char *vm_snapshot_name(const struct vm_snapshot *snap) { return snap->name; }
+bool vm_snapshot_removed(const struct vm_snapshot *snap) { return atomic_load(&snap->removed); }
+
 void vm_get_attr(struct vm *vm, struct vm_attr *out)
 {
     pthread_mutex_lock(&vm->attr_lock);
