@@ -131,6 +131,10 @@ struct fetcher {
     bool shut_down;
 
     CURLM *multi; /* used by the dispatcher thread alone (curl_multi_wakeup excepted) */
+    /* A curl_multi_wakeup is outstanding: the dispatcher has not yet started
+     * the pass that sees what it was for. Further wakeups before then are
+     * the same one (a local read would otherwise cost three per chunk). */
+    atomic_bool wake_pending;
     pthread_t dispatcher;
     pthread_t workers[FETCH_WORKERS];
     int worker_count;
@@ -267,8 +271,8 @@ static void push_work(struct fetcher *f, struct job *job)
 
 static void wake_dispatcher(struct fetcher *f)
 {
-    if (f->multi)
-        curl_multi_wakeup(f->multi);
+    if (f->multi && !atomic_exchange(&f->wake_pending, true) && curl_multi_wakeup(f->multi) != CURLM_OK)
+        atomic_store(&f->wake_pending, false); /* none is outstanding after all */
 }
 
 static void demand_ended(struct fetcher *f, struct job *job)
@@ -605,6 +609,9 @@ static void *dispatch_main(void *arg)
     for (;;) {
         struct waiter *fired = NULL;
         struct job *dead = NULL;
+        /* Cleared before this pass looks at the state: a change made after
+         * this point wakes the poll below again. */
+        atomic_store(&f->wake_pending, false);
         pthread_mutex_lock(&f->lock);
         if (f->stop) {
             pthread_mutex_unlock(&f->lock);

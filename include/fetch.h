@@ -60,9 +60,13 @@
 #include "hash.h"
 #include "repo.h"
 
-#define FETCH_WORKERS 4
+/* 8 local slots and workers rather than 4: a worker also writes the cache
+ * file behind each chunk it read, and on a cold sequential read from a
+ * local directory (2 CPUs) 8 took 0.73 s where 4 took 0.84 s (medians of 6
+ * interleaved runs, 256 MiB). */
+#define FETCH_WORKERS 8
 #define FETCH_SLOTS_HTTP 8  /* transfers in flight per mirror */
-#define FETCH_SLOTS_LOCAL 4 /* chunk files read at once from a directory */
+#define FETCH_SLOTS_LOCAL 8 /* chunk files read at once from a directory */
 
 /* Per-consumer counters (for example one set per base version). */
 struct fetch_counters {
