@@ -786,8 +786,10 @@ struct image_read {
     fuse_req_t req;
     struct imgfs *fs;
     const struct node *n;
-    const struct disk *disk;    /* a VM disk, or base_only */
-    struct disk base_only;      /* a base read: the base under no layer */
+    struct vm *vm;                   /* a VM disk's read, or NULL for a base's */
+    const struct vm_snapshot *snap;  /* which disk of vm: NULL for the live one */
+    const struct vm_base *base;      /* the disk's base, or NULL */
+    struct disk base_only;           /* a base read: the base under no layer */
     struct chunk_trace *trace;  /* recording the VM's reads, or NULL */
     uint64_t start, end;
     uint64_t first;     /* index of the first base chunk of the range */
@@ -798,10 +800,20 @@ struct image_read {
     struct fetch_ref refs[]; /* per chunk: what the engine gave */
 };
 
-/* The VM lock that keeps a disk's chain stable, NULL for a base. */
-static pthread_rwlock_t *chain_lock_of(const struct image_read *op)
+/* The disk of the read, with a VM disk's chain held stable until
+ * read_release (vm_read_begin); a base has no chain. */
+static const struct disk *read_hold(struct image_read *op, struct chunk_trace **trace)
 {
-    return op->disk == &op->base_only ? NULL : &op->n->vm->chain_lock;
+    if (op->vm)
+        return vm_read_begin(op->vm, op->snap, trace);
+    *trace = NULL;
+    return &op->base_only;
+}
+
+static void read_release(struct image_read *op)
+{
+    if (op->vm)
+        vm_read_end(op->vm);
 }
 
 /* disk_map callback while submitting: marks the base chunks the read needs
@@ -853,17 +865,15 @@ static void read_reply(struct image_read *op)
         fuse_reply_err(op->req, rc == -ENOMEM ? ENOMEM : EIO);
         return;
     }
-    pthread_rwlock_t *lock = chain_lock_of(op);
-    if (lock)
-        pthread_rwlock_rdlock(lock);
+    struct chunk_trace *unused;
+    const struct disk *disk = read_hold(op, &unused);
     struct reply_walk walk = {&r, op};
-    rc = disk_map(op->disk, op->start, op->end - op->start, reply_extent, &walk);
+    rc = disk_map(disk, op->start, op->end - op->start, reply_extent, &walk);
     if (rc)
         fuse_reply_err(op->req, rc == -ENOMEM ? ENOMEM : EIO);
     else
         fuse_reply_data(op->req, r.bv, FUSE_BUF_SPLICE_MOVE);
-    if (lock)
-        pthread_rwlock_unlock(lock);
+    read_release(op);
     bufs_free(&r);
 }
 
@@ -874,7 +884,7 @@ static void read_finish(struct image_read *op)
         if (!op->wanted[k])
             continue;
         if (!atomic_load(&op->failed))
-            prefetch_note_read(op->disk->base->marks, op->first + k, op->refs[k].hit);
+            prefetch_note_read(op->base->marks, op->first + k, op->refs[k].hit);
         fetch_ref_release(op->fs->fetcher, &op->refs[k]);
     }
     free(op);
@@ -896,17 +906,16 @@ static void read_chunk_done(void *arg, int err)
 
 static void read_image(fuse_req_t req, struct imgfs *fs, const struct node *n, size_t size, off_t off)
 {
-    const struct disk *disk = n->kind == NODE_VM_FILE       ? &n->vm->live
-                              : n->kind == NODE_VM_SNAPSHOT ? &n->snapshot->disk
-                                                            : NULL;
-    uint64_t disk_size = disk ? n->vm->live.size : n->version->manifest->size;
+    struct vm *vm = is_vm_node(n) ? n->vm : NULL;
+    const struct vm_snapshot *snap = n->kind == NODE_VM_SNAPSHOT ? n->snapshot : NULL;
+    uint64_t disk_size = vm ? vm_size(vm) : n->version->manifest->size;
     if (off < 0 || (uint64_t)off >= disk_size || size == 0) {
         fuse_reply_buf(req, NULL, 0);
         return;
     }
     uint64_t start = (uint64_t)off;
     uint64_t end = start + size < disk_size ? start + size : disk_size;
-    const struct vm_base *base = disk ? disk->base : &n->version->view;
+    const struct vm_base *base = vm ? vm_get_base(vm, snap) : &n->version->view;
     uint64_t cs = base ? base->manifest->chunk_size : 1;
     size_t count = base ? (size_t)((end - 1) / cs - start / cs + 1) : 0;
     struct image_read *op = calloc(1, sizeof(*op) + count * (sizeof(struct fetch_ref) + 1));
@@ -914,22 +923,16 @@ static void read_image(fuse_req_t req, struct imgfs *fs, const struct node *n, s
         fuse_reply_err(req, ENOMEM);
         return;
     }
-    *op = (struct image_read){.req = req, .fs = fs, .n = n, .disk = disk, .start = start, .end = end,
-                              .first = start / cs, .count = count};
-    if (!disk) {
+    *op = (struct image_read){.req = req, .fs = fs, .n = n, .vm = vm, .snap = snap, .base = base, .start = start,
+                              .end = end, .first = start / cs, .count = count};
+    if (!vm)
         op->base_only = (struct disk){.size = disk_size, .base = base};
-        op->disk = &op->base_only;
-    }
     op->wanted = (uint8_t *)&op->refs[count];
     atomic_init(&op->pending, 1);
-    pthread_rwlock_t *lock = chain_lock_of(op);
-    if (lock)
-        pthread_rwlock_rdlock(lock);
-    op->trace = n->kind == NODE_VM_FILE ? n->vm->trace : NULL;
-    disk_map(op->disk, start, end - start, want_extent, op);
-    op->trace = NULL; /* guarded by chain_lock: not used after this */
-    if (lock)
-        pthread_rwlock_unlock(lock);
+    const struct disk *disk = read_hold(op, &op->trace);
+    disk_map(disk, start, end - start, want_extent, op);
+    op->trace = NULL; /* valid only while held: not used after this */
+    read_release(op);
     /* Every missing chunk of the read is asked for at once. */
     uint64_t deadline = fetch_deadline(fs->fetcher);
     bool any = false;
@@ -996,7 +999,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
      * that crosses it is cut there (a short write, as on a block device).
      * The writeback cache ignores short writes, so there the part inside is
      * kept and the error is reported, on fsync or close. */
-    uint64_t disk_size = n->vm->live.size;
+    uint64_t disk_size = vm_size(n->vm);
     if ((uint64_t)off >= disk_size) {
         fuse_reply_err(req, ENOSPC);
         return;
@@ -1045,7 +1048,7 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, of
         mode == (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE))
         rc = vm_discard(n->vm, fs->fetcher, (uint64_t)off, (uint64_t)len);
     else if (mode == 0 || mode == FALLOC_FL_KEEP_SIZE)
-        rc = (uint64_t)off + (uint64_t)len <= n->vm->live.size ? 0 : -EFBIG; /* a disk is fully sized */
+        rc = (uint64_t)off + (uint64_t)len <= vm_size(n->vm) ? 0 : -EFBIG; /* a disk is fully sized */
     else
         rc = -EOPNOTSUPP;
     fuse_reply_err(req, -rc);
@@ -1065,9 +1068,7 @@ static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, stru
         struct disk base_only = {.size = n->version->manifest->size, .base = &n->version->view};
         pos = disk_seek(&base_only, (uint64_t)off, whence);
     } else if (is_vm_node(n)) {
-        pthread_rwlock_rdlock(&n->vm->chain_lock);
-        pos = disk_seek(n->kind == NODE_VM_FILE ? &n->vm->live : &n->snapshot->disk, (uint64_t)off, whence);
-        pthread_rwlock_unlock(&n->vm->chain_lock);
+        pos = vm_seek(n->vm, n->kind == NODE_VM_SNAPSHOT ? n->snapshot : NULL, (uint64_t)off, whence);
     } else {
         fuse_reply_err(req, EINVAL);
         return;

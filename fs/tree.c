@@ -410,9 +410,9 @@ static bool has_vm_node(struct tree *tree, const struct vm *vm, const struct vm_
 {
     char full[160], name[sizeof(((struct node *)0)->name)];
     if (snap)
-        snprintf(full, sizeof(full), "%s@%s.raw", vm->name, snap->name);
+        snprintf(full, sizeof(full), "%s@%s.raw", vm_name(vm), vm_snapshot_name(snap));
     else
-        snprintf(full, sizeof(full), "%s.raw", vm->name);
+        snprintf(full, sizeof(full), "%s.raw", vm_name(vm));
     snprintf(name, sizeof(name), "%.79s", full); /* as add_node cuts it */
     const struct node *n = lookup_locked(tree, INO_VMS, name);
     return n && n->vm == vm && n->snapshot == snap;
@@ -424,19 +424,19 @@ int tree_add_vm(struct tree *tree, struct vm *vm)
     pthread_rwlock_wrlock(&tree->lock);
     if (!has_vm_node(tree, vm, NULL)) {
         char name[80];
-        snprintf(name, sizeof(name), "%s.raw", vm->name);
+        snprintf(name, sizeof(name), "%s.raw", vm_name(vm));
         struct node *n = add_node(tree, INO_VMS, NODE_VM_FILE, name);
         if (n)
             n->vm = vm;
         else
             rc = -ENOMEM;
     }
-    for (unsigned s = 0; s < vm->snapshot_count && !rc; s++) {
-        struct vm_snapshot *snap = vm->snapshots[s];
+    for (unsigned s = 0; s < vm_snapshot_count(vm) && !rc; s++) {
+        struct vm_snapshot *snap = vm_snapshot_at(vm, s);
         if (has_vm_node(tree, vm, snap))
             continue;
         char name[160];
-        snprintf(name, sizeof(name), "%s@%s.raw", vm->name, snap->name);
+        snprintf(name, sizeof(name), "%s@%s.raw", vm_name(vm), vm_snapshot_name(snap));
         struct node *n = add_node(tree, INO_VMS, NODE_VM_SNAPSHOT, name);
         if (n) {
             n->vm = vm;
@@ -467,7 +467,7 @@ void tree_prune_snapshots(struct tree *tree)
     pthread_rwlock_wrlock(&tree->lock);
     for (size_t i = 0; i < tree->count; i++) {
         struct node *n = tree->nodes[i];
-        if (n->kind == NODE_VM_SNAPSHOT && atomic_load(&n->snapshot->removed) && n->parent) {
+        if (n->kind == NODE_VM_SNAPSHOT && vm_snapshot_removed(n->snapshot) && n->parent) {
             index_remove(tree, n);
             n->parent = 0;
         }

@@ -179,6 +179,15 @@ uint64_t vm_size(const struct vm *vm);
  * a blank disk. It never changes. */
 const struct vm_base *vm_get_base(const struct vm *vm, const struct vm_snapshot *snap);
 
+/* The VM's snapshots, by position (0 <= i < vm_snapshot_count), their
+ * names, and whether one was removed (the struct stays valid). The list is
+ * read as it is, with no lock: the caller must not race a command that
+ * changes it (fs/tree.c's callers run after that command, or at mount). */
+unsigned vm_snapshot_count(const struct vm *vm);
+struct vm_snapshot *vm_snapshot_at(struct vm *vm, unsigned i);
+const char *vm_snapshot_name(const struct vm_snapshot *snap);
+bool vm_snapshot_removed(const struct vm_snapshot *snap);
+
 /* The owner and mode of the VM's disks, read together. */
 struct vm_attr {
     mode_t mode;
@@ -216,6 +225,18 @@ void vm_get_stats(struct vm *vm, struct vm_stats *out);
  * caller (trace_finish), or returns NULL when there was none. */
 int vm_trace_start(struct vm *vm, char *err, size_t errlen);
 struct chunk_trace *vm_trace_stop(struct vm *vm);
+
+/* A read of a disk (snap NULL: the live one) holds its chain stable from
+ * vm_read_begin to vm_read_end (chain_lock for reading: held across local
+ * layer I/O and the building of a reply only, never across a network
+ * wait), so the layers that disk_map() gives for the returned disk stay
+ * valid in between. *trace (may be NULL) gets the live disk's recording,
+ * or NULL: the read notes the base chunks it uses there (trace_note)
+ * before vm_read_end. */
+const struct disk *vm_read_begin(struct vm *vm, const struct vm_snapshot *snap, struct chunk_trace **trace);
+void vm_read_end(struct vm *vm);
+/* SEEK_DATA / SEEK_HOLE on a disk (disk_seek) with its chain held. */
+int64_t vm_seek(struct vm *vm, const struct vm_snapshot *snap, uint64_t off, int whence);
 
 
 #endif

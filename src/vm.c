@@ -1286,6 +1286,11 @@ const struct vm_base *vm_get_base(const struct vm *vm, const struct vm_snapshot 
     return snap ? snap->disk.base : vm->live.base;
 }
 
+unsigned vm_snapshot_count(const struct vm *vm) { return vm->snapshot_count; }
+struct vm_snapshot *vm_snapshot_at(struct vm *vm, unsigned i) { return vm->snapshots[i]; }
+const char *vm_snapshot_name(const struct vm_snapshot *snap) { return snap->name; }
+bool vm_snapshot_removed(const struct vm_snapshot *snap) { return atomic_load(&snap->removed); }
+
 void vm_get_attr(struct vm *vm, struct vm_attr *out)
 {
     pthread_mutex_lock(&vm->attr_lock);
@@ -1368,6 +1373,24 @@ struct chunk_trace *vm_trace_stop(struct vm *vm)
     vm->trace = NULL;
     pthread_rwlock_unlock(&vm->chain_lock);
     return t;
+}
+
+const struct disk *vm_read_begin(struct vm *vm, const struct vm_snapshot *snap, struct chunk_trace **trace)
+{
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    if (trace)
+        *trace = snap ? NULL : vm->trace;
+    return snap ? &snap->disk : &vm->live;
+}
+
+void vm_read_end(struct vm *vm) { pthread_rwlock_unlock(&vm->chain_lock); }
+
+int64_t vm_seek(struct vm *vm, const struct vm_snapshot *snap, uint64_t off, int whence)
+{
+    const struct disk *disk = vm_read_begin(vm, snap, NULL);
+    int64_t pos = disk_seek(disk, off, whence);
+    vm_read_end(vm);
+    return pos;
 }
 
 /* ---- migration: export and import -------------------------------------------------
