@@ -264,9 +264,14 @@ char *control_execute(struct imgfs *fs, const char *command, size_t len)
         return answer;
     }
     char err[512] = "";
+    /* command is len bytes, not a string: split_fields cut line apart, so
+     * the log takes the first line of command by length. */
+    bool is_precopy = n > 0 && strncmp(fields[0], "precopy", 7) == 0;
     int rc = run(fs, fields, n, err, sizeof(err));
-    if (rc == 0 && strncmp(command, "precopy", 7) != 0)
-        log_info("control: %.*s done", (int)strcspn(command, "\n"), command);
+    if (rc == 0 && !is_precopy) {
+        const char *eol = memchr(command, '\n', len);
+        log_info("control: %.*s done", (int)(eol ? (size_t)(eol - command) : len), command);
+    }
     free(line);
     return rc ? reply("error %s\n", err[0] ? err : strerror(-rc)) : reply("ok\n");
 }
