@@ -7,7 +7,7 @@
 # takes a value says its default there; every exit status the binaries
 # return for success, failure and a usage error is in EXIT STATUS; the bash
 # completion offers every subcommand, action and option; README.md shows
-# every subcommand. The pages build with scdoc and render with man. A new
+# every subcommand and has a row for every -o option. The pages build with scdoc and render with man. A new
 # option or subcommand without its documentation fails here.
 . "$(dirname "$0")/lib.sh"
 SRC=${IMGFS_SOURCE_DIR:?}
@@ -52,6 +52,7 @@ for opt in $opts; do
     [ -n "${text// /}" ] || { missing+=("imgfs(8): entry -o $opt"); continue; }
     grep -qi default <<< "$(body imgfs.8 "^\\*$opt(=|\\*)")" || missing+=("imgfs(8): the default of -o $opt")
     [ "$opt" = config ] || grep -q "\*$opt" "$MAN/imgfs.conf.5.scd" || missing+=("imgfs.conf(5): $opt")
+    grep -qE "^\| \`$opt(=|\`)" "$SRC/README.md" || missing+=("README.md options table: $opt")
 done
 for flag in $(grep -oE -- '(^| |, )(-[a-zA-Z]|--[a-z]+)\b' <<< "$imgfs_help" | tr -d ' ,' | grep -vx -- -o | sort -u); do
     grep -qE -- "^\\*$flag\\*|, \\*$flag\\*" "$MAN/imgfs.8.scd" || missing+=("imgfs(8): $flag")
