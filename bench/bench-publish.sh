@@ -36,14 +36,7 @@ IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_NAME=bench-publish
 . "$SCRIPT_DIR/lib.sh"
 
-case ${1:-} in
--h | --help)
-    sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    exit 0
-    ;;
-"") ;;
-*) die "takes no arguments (see --help)." ;;
-esac
+no_args_but_help "$@"
 
 require_tools qemu-img zstd tar
 [ -x "$IMGFS_BIN_DIR/imgfsctl" ] || die "imgfsctl not found in $IMGFS_BIN_DIR (build it, or set IMGFS_BIN_DIR)."

@@ -36,14 +36,7 @@ IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_NAME=bench-scale
 . "$SCRIPT_DIR/lib.sh"
 
-case ${1:-} in
--h | --help)
-    sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    exit 0
-    ;;
-"") ;;
-*) die "takes no arguments (see --help)." ;;
-esac
+no_args_but_help "$@"
 
 require_root "FUSE mounts"
 require_tools python3 qemu-img

@@ -36,14 +36,7 @@ SRC_DIR=$(dirname "$SCRIPT_DIR")
 BENCH_NAME=bench-takeover
 . "$SCRIPT_DIR/lib.sh"
 
-case ${1:-} in
--h | --help)
-    sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    exit 0
-    ;;
-"") ;;
-*) die "unexpected argument '$1' (see --help)." ;;
-esac
+no_args_but_help "$@"
 KILLS=${BENCH_KILLS:-20}
 RESTARTS=${BENCH_RESTARTS:-5}
 [[ $KILLS =~ ^[0-9]+$ && $RESTARTS =~ ^[0-9]+$ ]] || die "BENCH_KILLS and BENCH_RESTARTS must be numbers."

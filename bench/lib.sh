@@ -5,6 +5,8 @@
 #   require_root WHY             die unless root
 #   require_tools TOOL...        die unless every TOOL is on PATH
 #   require_imgfs DIR            die unless DIR has imgfs and imgfsctl
+#   no_args_but_help "$@"        --help prints the script's header comment
+#                                (up to its "set -uo" line); any other argument dies
 #   to_bytes SIZE WHAT           512M, 1G, ... to bytes (WHAT names it in errors)
 #   stop_pid PID                 TERM, wait up to 10 s, then KILL, and reap
 #   unmount_path PATH            unmount a FUSE mount, lazily if it is busy
@@ -29,6 +31,16 @@
 log() { printf '[%s %s] %s\n' "$BENCH_NAME" "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '%s: %s\n' "$BENCH_NAME" "$*" >&2; exit 1; }
 
+no_args_but_help() {
+    case ${1:-} in
+    -h | --help)
+        sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+        ;;
+    "") ;;
+    *) die "unexpected argument '$1' (see --help)." ;;
+    esac
+}
 require_root() { [ "$(id -u)" -eq 0 ] || die "must run as root ($1)."; }
 require_tools() {
     local t

@@ -259,15 +259,20 @@ static void end_mount(struct supervisor *s)
 }
 
 /* Waits for signals until the mount ends; returns the exit status. */
+void supervisor_signal_set(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGCHLD);
+    sigaddset(set, SIGTERM);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGHUP);
+    sigaddset(set, SIGUSR1);
+}
+
 static int supervise(struct supervisor *s)
 {
     sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGCHLD);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGHUP);
-    sigaddset(&set, SIGUSR1);
+    supervisor_signal_set(&set);
     double restart_at = -1; /* now_seconds() when the next server starts, -1: none pending */
     for (;;) {
         if (restart_at >= 0 && now_seconds() >= restart_at) {

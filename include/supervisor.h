@@ -36,10 +36,16 @@
 #ifndef IMGFS_SUPERVISOR_H
 #define IMGFS_SUPERVISOR_H
 
+#include <signal.h>
+
 #include "options.h"
 
 /* argv: the command line as given, passed unchanged to each server. */
 int supervisor_run(struct mount_options *opts, char **argv);
+
+/* The signals the supervisor takes with sigwaitinfo(): blocked in every
+ * thread before anything else starts. */
+void supervisor_signal_set(sigset_t *set);
 
 /* The -o fsname=... argument both the supervisor and servers add. */
 void supervisor_add_fsname(struct mount_options *opts);

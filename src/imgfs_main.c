@@ -206,15 +206,20 @@ struct server_signals {
     atomic_bool done; /* set before the SIGUSR2 that ends the loop */
 };
 
+static void server_signal_set(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGUSR2);
+    sigaddset(set, SIGTERM);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGHUP);
+}
+
 static void *server_signal_loop(void *arg)
 {
     struct server_signals *w = arg;
     sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGUSR2);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGHUP);
+    server_signal_set(&set);
     for (;;) {
         int sig;
         if (sigwait(&set, &sig) != 0)
@@ -232,11 +237,7 @@ static void *server_signal_loop(void *arg)
 static void block_server_signals(void)
 {
     sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGUSR2);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGHUP);
+    server_signal_set(&set);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     serve_prepare_signals();
 }
@@ -385,12 +386,7 @@ int main(int argc, char **argv)
         return serve_main(argc, argv, serving);
     /* The supervisor's signals are taken with sigwaitinfo(). */
     sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGCHLD);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGHUP);
-    sigaddset(&set, SIGUSR1);
+    supervisor_signal_set(&set);
     sigprocmask(SIG_BLOCK, &set, NULL);
     struct mount_options opts;
     int rc = mount_options_parse(argc, argv, &opts);

@@ -25,6 +25,7 @@
 #include "publish.h"
 #include "repo.h"
 #include "util.h"
+#include "test_files.h"
 
 #define KiB 1024u
 #define MiB (1024u * 1024u)
@@ -66,17 +67,6 @@ static const char *paths_text = "# boot files\n"
                                 "/nested\n"
                                 "/empty\n"
                                 "/a.bin 99\n";
-
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-static void fill_random(unsigned char *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        rng_state ^= rng_state >> 12;
-        rng_state ^= rng_state << 25;
-        rng_state ^= rng_state >> 27;
-        p[i] = (unsigned char)((rng_state * 0x2545f4914f6cdd1dull) >> 56);
-    }
-}
 
 static int run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static int run(const char *fmt, ...)

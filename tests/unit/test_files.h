@@ -5,6 +5,8 @@
 
 #include <dirent.h>
 #include <limits.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +33,19 @@ static inline void remove_tree(const char *dir)
     snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
     if (system(cmd) != 0)
         fprintf(stderr, "cannot remove %s\n", dir);
+}
+
+/* Deterministic pseudo-random bytes (xorshift64*): the same sequence in
+ * every run, so a failing case can be replayed. */
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static inline void fill_random(unsigned char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        rng_state ^= rng_state >> 12;
+        rng_state ^= rng_state << 25;
+        rng_state ^= rng_state >> 27;
+        p[i] = (unsigned char)((rng_state * 0x2545f4914f6cdd1dull) >> 56);
+    }
 }
 
 #endif
