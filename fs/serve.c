@@ -18,7 +18,13 @@ struct server {
     int fd;
     unsigned count;
     pthread_t *threads;
-    atomic_uint running; /* threads[0..running) exist */
+    atomic_uint running; /* threads[0..running) were created */
+    /* lock guards exited[]: a worker sets its flag as the last thing it
+     * does, and wake_all() signals only workers whose flag is clear, so no
+     * signal goes to a thread that serve_run() may have joined already. */
+    pthread_mutex_t lock;
+    bool *exited;
+    struct worker_arg *args;
     atomic_bool stop;
     atomic_bool ended; /* the connection is gone */
     atomic_int error;  /* first unexpected read error, as a negative errno */
@@ -42,16 +48,40 @@ void serve_prepare_signals(void)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
 }
 
+struct worker_arg {
+    struct server *server;
+    unsigned index;
+};
+
 static void wake_all(struct server *s)
 {
+    pthread_mutex_lock(&s->lock);
     unsigned n = atomic_load(&s->running);
     for (unsigned i = 0; i < n; i++)
-        pthread_kill(s->threads[i], SERVE_WAKE_SIGNAL);
+        if (!s->exited[i])
+            pthread_kill(s->threads[i], SERVE_WAKE_SIGNAL);
+    pthread_mutex_unlock(&s->lock);
 }
+
+static void worker_exit(struct server *s, unsigned index)
+{
+    pthread_mutex_lock(&s->lock);
+    s->exited[index] = true;
+    pthread_mutex_unlock(&s->lock);
+}
+
+static void worker_loop(struct server *s);
 
 static void *worker(void *arg)
 {
-    struct server *s = arg;
+    const struct worker_arg *wa = arg;
+    worker_loop(wa->server);
+    worker_exit(wa->server, wa->index);
+    return NULL;
+}
+
+static void worker_loop(struct server *s)
+{
     sigset_t waiting; /* the mask inside epoll_pwait: the wake signal let through */
     pthread_sigmask(SIG_SETMASK, NULL, &waiting);
     sigdelset(&waiting, SERVE_WAKE_SIGNAL);
@@ -65,7 +95,7 @@ static void *worker(void *arg)
             close(ep);
         atomic_store(&s->stop, true);
         wake_all(s);
-        return NULL;
+        return;
     }
     struct fuse_buf buf = {0};
     while (!atomic_load(&s->stop)) {
@@ -106,7 +136,6 @@ static void *worker(void *arg)
     }
     free(buf.mem);
     close(ep);
-    return NULL;
 }
 
 struct server *serve_create(struct fuse_session *se, struct takeover *t, unsigned threads)
@@ -114,9 +143,12 @@ struct server *serve_create(struct fuse_session *se, struct takeover *t, unsigne
     struct server *s = calloc(1, sizeof(*s));
     if (!s)
         return NULL;
+    pthread_mutex_init(&s->lock, NULL);
     s->threads = calloc(threads, sizeof(*s->threads));
-    if (!s->threads) {
-        free(s);
+    s->exited = calloc(threads, sizeof(*s->exited));
+    s->args = calloc(threads, sizeof(*s->args));
+    if (!s->threads || !s->exited || !s->args) {
+        serve_destroy(s);
         return NULL;
     }
     s->se = se;
@@ -133,7 +165,8 @@ int serve_run(struct server *s)
         return -errno;
     unsigned started = 0;
     for (; started < s->count && !atomic_load(&s->stop); started++) {
-        if (pthread_create(&s->threads[started], NULL, worker, s) != 0) {
+        s->args[started] = (struct worker_arg){.server = s, .index = started};
+        if (pthread_create(&s->threads[started], NULL, worker, &s->args[started]) != 0) {
             int none = 0;
             atomic_compare_exchange_strong(&s->error, &none, -EAGAIN);
             serve_stop(s);
@@ -159,6 +192,9 @@ void serve_destroy(struct server *s)
 {
     if (!s)
         return;
+    pthread_mutex_destroy(&s->lock);
     free(s->threads);
+    free(s->exited);
+    free(s->args);
     free(s);
 }

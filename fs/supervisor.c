@@ -258,7 +258,6 @@ static void end_mount(struct supervisor *s)
         fuse_session_unmount(s->se);
 }
 
-/* Waits for signals until the mount ends; returns the exit status. */
 void supervisor_signal_set(sigset_t *set)
 {
     sigemptyset(set);
@@ -269,6 +268,7 @@ void supervisor_signal_set(sigset_t *set)
     sigaddset(set, SIGUSR1);
 }
 
+/* Waits for signals until the mount ends; returns the exit status. */
 static int supervise(struct supervisor *s)
 {
     sigset_t set;

@@ -97,6 +97,7 @@ run_ctest() { # run_ctest DIR [CTEST ARGS...]
 run_tests() {
     # Sanitizer reports must fail the tests, and LeakSanitizer must see exits.
     export ASAN_OPTIONS=abort_on_error=1:detect_leaks=1
+    export LSAN_OPTIONS="suppressions=$PWD/tests/sanitizers/lsan.supp"
     export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
     export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
     step "test suite (release build)"
