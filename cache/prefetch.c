@@ -308,27 +308,27 @@ int prefetch_background(struct prefetcher *pf, const struct manifest *m, uint64_
     return start_job(pf, j);
 }
 
-void prefetch_readahead(struct fetcher *f, const struct manifest *m, struct prefetch_marks *marks,
+void prefetch_readahead(struct fetcher *f, const struct manifest *m, struct prefetch_stream *stream,
                         struct fetch_counters *counters, uint64_t first, uint64_t last)
 {
-    uint64_t previous = atomic_exchange(&marks->seq_next, last + 1);
+    uint64_t previous = atomic_exchange(&stream->seq_next, last + 1);
     uint64_t window = PREFETCH_READAHEAD / m->chunk_size ? PREFETCH_READAHEAD / m->chunk_size : 1;
     if (previous == 0 || (first + 1 != previous && first != previous)) {
-        atomic_store(&marks->seq_run, 0); /* not the continuation of the read before */
+        atomic_store(&stream->seq_run, 0); /* not the continuation of the read before */
         return;
     }
     /* Only a reader that has gone a whole window in order gets readahead:
      * scattered and short reads (a boot) fetch exactly what they read. */
-    if (atomic_fetch_add(&marks->seq_run, last + 1 - first) + (last + 1 - first) < window)
+    if (atomic_fetch_add(&stream->seq_run, last + 1 - first) + (last + 1 - first) < window)
         return;
     uint64_t stop = last + 1 + window < m->chunk_count ? last + 1 + window : m->chunk_count;
     /* Only the caller that moves ahead_until asks for the chunks. */
-    uint64_t seen = atomic_load(&marks->ahead_until), from;
+    uint64_t seen = atomic_load(&stream->ahead_until), from;
     do {
         from = seen < last + 1 || seen > stop + window ? last + 1 : seen; /* else a new run */
         if (from >= stop)
             return;
-    } while (!atomic_compare_exchange_weak(&marks->ahead_until, &seen, stop));
+    } while (!atomic_compare_exchange_weak(&stream->ahead_until, &seen, stop));
     for (uint64_t i = from; i < stop; i++)
         if (!chunk_hash_is_null(&m->chunks[i]))
             fetch_ahead(f, &m->chunks[i], m->chunk_size, counters);

@@ -904,7 +904,7 @@ static void read_chunk_done(void *arg, int err)
     read_put(op);
 }
 
-static void read_image(fuse_req_t req, struct imgfs *fs, const struct node *n, size_t size, off_t off)
+static void read_image(fuse_req_t req, struct imgfs *fs, struct node *n, size_t size, off_t off)
 {
     struct vm *vm = is_vm_node(n) ? n->vm : NULL;
     const struct vm_snapshot *snap = n->kind == NODE_VM_SNAPSHOT ? n->snapshot : NULL;
@@ -950,7 +950,7 @@ static void read_image(fuse_req_t req, struct imgfs *fs, const struct node *n, s
         }
     }
     if (any)
-        prefetch_readahead(fs->fetcher, base->manifest, base->marks, base->counters, op->first,
+        prefetch_readahead(fs->fetcher, base->manifest, &n->readahead, base->counters, op->first,
                            op->first + count - 1);
     read_put(op);
 }

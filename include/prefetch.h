@@ -48,9 +48,16 @@ struct prefetch_marks {
     atomic_uint_fast64_t hits;   /* guest reads served by a chunk that replay brought */
     atomic_uint_fast64_t misses; /* guest reads that had to fetch while a list was known */
     atomic_uint_fast64_t bytes_prefetched; /* fetched by replay, pre-copy and background fill */
-    atomic_uint_fast64_t seq_next;    /* readahead: 1 + the last chunk of the latest read */
-    atomic_uint_fast64_t ahead_until; /* readahead: chunks below this were asked for */
-    atomic_uint_fast64_t seq_run;     /* readahead: chunks read in order so far */
+};
+
+/* The readahead state of one file (a base version or VM disk node). It is
+ * per file, not per base: 16 VMs booting one base at once read the same
+ * chunks in an interleaved order that, counted together, looks sequential
+ * and would fetch chunks none of them reads. */
+struct prefetch_stream {
+    atomic_uint_fast64_t seq_next;    /* 1 + the last chunk of the latest read */
+    atomic_uint_fast64_t ahead_until; /* chunks below this were asked for */
+    atomic_uint_fast64_t seq_run;     /* chunks read in order so far */
 };
 
 struct job_status {
@@ -78,14 +85,14 @@ int prefetch_replay(struct prefetcher *pf, struct repo *repo, const struct manif
 int prefetch_background(struct prefetcher *pf, const struct manifest *m, uint64_t rate, struct prefetch_marks *marks);
 
 /* Sequential readahead, called by the read path with the base chunks
- * first..last that a read covers. Once reads of this version have gone
+ * first..last that a read of one file covers. Once reads of the file have gone
  * PREFETCH_READAHEAD bytes in order (each starting where the one before
  * ended, or in its last chunk), the next PREFETCH_READAHEAD bytes of chunks
  * are fetched into the cache (fetch_ahead: demand class, nobody waiting).
  * Scattered and short reads (a boot) fetch only what they read. VM disks
  * read in order reach their base the same way. */
 #define PREFETCH_READAHEAD (4u << 20)
-void prefetch_readahead(struct fetcher *f, const struct manifest *m, struct prefetch_marks *marks,
+void prefetch_readahead(struct fetcher *f, const struct manifest *m, struct prefetch_stream *stream,
                         struct fetch_counters *counters, uint64_t first, uint64_t last);
 
 /* Called by the read path for each base chunk a guest read. */

@@ -83,6 +83,7 @@ struct node {
     struct vm *vm;                /* NODE_VM_FILE and NODE_VM_SNAPSHOT: not owned */
     struct vm_snapshot *snapshot; /* NODE_VM_SNAPSHOT */
     struct node *index_next;      /* the name index's chain: guarded by tree->lock */
+    struct prefetch_stream readahead; /* image files: atomics, no lock */
 };
 
 /* How far the versions of one base have been read: every version up to
