@@ -47,20 +47,45 @@ struct imgfs {
 
 extern const struct fuse_lowlevel_ops imgfs_ops;
 
-/* Runs one imgfsctl command written to .imgfs/control and returns the reply
- * in a malloc'd string: "ok[ DETAIL]\n" or "error SENTENCE\n". Commands are
- * one line of tab-separated fields:
+/* What a control command leaves on its handle of .imgfs/control. */
+struct control_answer {
+    char *text;  /* malloc'd: "ok[ DETAIL]\n" or "error SENTENCE\n", then any payload */
+    size_t len;  /* of text, payload included */
+    char export_vm[65]; /* set by vm-export: text is "", and the export is
+                         * staged with control_stage_export when the handle
+                         * is first read */
+};
+
+/* Runs one imgfsctl command written to .imgfs/control into *out (0, or
+ * -ENOMEM with nothing in out). Commands are one line of tab-separated
+ * fields:
  *   vm-create NAME BASE VERSION | vm-create NAME - SIZE
  *   vm-snapshot NAME SNAP       | vm-clone SRC SNAP|- DST
- *   vm-rm NAME|NAME@SNAP        | vm-export NAME ABSPATH
+ *   vm-rm NAME|NAME@SNAP        | vm-export NAME
  *   vm-import ABSPATH NAME|-
  *   precopy NAME VERSION LIST|- RATE     | precopy-status NAME VERSION LIST|-
  *   unpin NAME VERSION LIST|-
- *   trace-start VM                       | trace-stop VM ABSPATH          */
+ *   trace-start VM                       | trace-stop VM
+ *
+ * The kernel runs writes to the control file one at a time (the inode
+ * lock), so every command answers without waiting on anything slow, and
+ * the daemon writes no file for a user: trace-stop answers "ok SIZE\n"
+ * followed by the list's SIZE bytes, and vm-export answers nothing until
+ * its handle is read (reads run in parallel), when control_stage_export
+ * writes the export into an unnamed file of the state directory and the
+ * handle reads as "ok SIZE\n" followed by those SIZE bytes. imgfsctl copies
+ * the payload to the operator's file (imgfsctl.h, userfile.h). */
+int control_execute(struct imgfs *fs, const char *command, size_t len, struct control_answer *out);
+
+/* Stages the export of VM name (see above): *fd_out gets the unnamed file
+ * holding its size_out bytes, *answer the malloc'd answer line ("ok SIZE\n",
+ * or "error SENTENCE\n" with -errno returned and *fd_out -1). stop is asked
+ * between pieces (the reader was interrupted: -EINTR). */
+int control_stage_export(struct imgfs *fs, const char *name, bool (*stop)(void *ctx), void *stop_ctx, int *fd_out,
+                         uint64_t *size_out, char **answer);
+
 /* Called when a control file handle is released. */
 void fs_control_released(struct imgfs *fs);
-
-char *control_execute(struct imgfs *fs, const char *command, size_t len);
 
 /* Removes VM disk NAME (vm rm) or snapshot VM@SNAP, and their files in
  * vms/, with vm_remove()'s rules; implicit snapshots left without a clone
