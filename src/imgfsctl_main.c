@@ -251,7 +251,7 @@ static int control_failed(const char *cmd_name, const char *mountpoint, int err)
                 "this command; check its effect and run it again\n",
                 cmd_name, mountpoint);
     else if (err == -EINTR && userfile_signal())
-        fprintf(stderr, "imgfsctl %s: interrupted by %s\n", cmd_name, strsignal(userfile_signal()));
+        fprintf(stderr, "imgfsctl %s: interrupted by SIG%s\n", cmd_name, sigabbrev_np(userfile_signal()));
     else
         fprintf(stderr, "imgfsctl %s: the daemon did not answer: %s\n", cmd_name, strerror(-err));
     return 1;

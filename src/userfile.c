@@ -31,7 +31,7 @@ int userfile_signal(void) { return caught_signal; }
 
 static int interrupted(const struct userfile *uf, char *err, size_t errlen)
 {
-    snprintf(err, errlen, "interrupted by %s; %s was not written", strsignal(caught_signal), uf->path);
+    snprintf(err, errlen, "interrupted by SIG%s; %s was not written", sigabbrev_np(caught_signal), uf->path);
     return -EINTR;
 }
 
