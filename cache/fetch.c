@@ -182,7 +182,7 @@ int fetch_ref_read(const struct fetch_ref *ref, void *buf, size_t len, uint64_t 
         memcpy(buf, ref->data + off, len);
         return 0;
     }
-    return read_full_at(ref->pin.fd, buf, len, (off_t)off) ? -EIO : 0;
+    return read_full_at(ref->pin.fd, buf, len, (off_t)(ref->pin.off + off)) ? -EIO : 0;
 }
 
 /* ---- errors ------------------------------------------------------------------ */

@@ -929,7 +929,7 @@ static int reply_extent(void *ctx, const struct disk_extent *e)
             return -EIO; /* not mapped to the base when submitted: cannot happen */
         ref = &w->op->refs[e->chunk - w->op->first];
         return ref->data ? bufs_add_mem(w->r, ref->data + e->chunk_off, e->len)
-                         : bufs_add_fd(w->r, ref->pin.fd, e->chunk_off, e->len);
+                         : bufs_add_fd(w->r, ref->pin.fd, ref->pin.off + e->chunk_off, e->len);
     }
     return -EIO;
 }

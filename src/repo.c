@@ -725,16 +725,24 @@ int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t
             save_meta(repo, "index", data, len);
     }
     free(data);
-    if (rc == 0 || !verifying(repo))
+    if (rc == 0)
+        return 0;
+    /* Refused, or malformed where the daemon must not give up (a takeover
+     * server, -o offline): keep serving the newest accepted state, which is
+     * the kept copy. */
+    if (verifying(repo))
+        trust_note_refusal(repo->trust, err);
+    else if (!repo->offline_fallback)
         return rc;
-    /* Refused: keep serving the newest accepted state, which is the kept copy. */
-    trust_note_refusal(repo->trust, err);
     char why[PATH_MAX + 256];
     if (load_meta(repo, "index", REPO_MAX_INDEX_LEN, &data, &len) == 0) {
         int kept = accept_index(repo, data, len, out, why, sizeof(why));
         free(data);
-        if (kept == 0)
+        if (kept == 0) {
+            if (!verifying(repo))
+                log_warn("%s; using the index kept from the last contact", err);
             return 0;
+        }
     }
     return rc;
 }
