@@ -129,12 +129,10 @@ static int stop_trace(struct imgfs *fs, struct vm *vm, struct control_answer *ou
     return 0;
 }
 
-int control_stage_export(struct imgfs *fs, const char *name, bool (*stop)(void *ctx), void *stop_ctx, int *fd_out,
-                         uint64_t *size_out, char **answer)
+static int stage_export(struct imgfs *fs, const char *name, bool (*stop)(void *ctx), void *stop_ctx, int *fd_out,
+                        uint64_t *size_out, char **answer)
 {
     char err[512] = "";
-    *fd_out = -1;
-    *answer = NULL;
     /* Open, so that vm rm refuses it (EBUSY) while it is read. */
     struct vm *vm = vm_find(fs->vms, name);
     if (!vm || vm_open(vm, NULL) != 0) {
@@ -176,6 +174,50 @@ int control_stage_export(struct imgfs *fs, const char *name, bool (*stop)(void *
     log_info("control: vm-export %s staged, %" PRIu64 " bytes", name, (uint64_t)size);
     *fd_out = fd;
     *size_out = (uint64_t)size;
+    return 0;
+}
+
+static int import_file(struct imgfs *fs, const char *path, const char *name, char **answer)
+{
+    char err[512] = "";
+    struct vm *vm = NULL;
+    int rc = vm_import(fs->vms, path, name[0] ? name : NULL, &vm, err, sizeof(err));
+    if (!rc && (rc = tree_add_vm(fs->tree, vm)) != 0)
+        snprintf(err, sizeof(err), "out of memory");
+    if (!rc)
+        log_info("control: vm-import %s done", path);
+    *answer = rc ? reply("error %s\n", err[0] ? err : strerror(-rc)) : reply("ok\n");
+    return rc ? rc : *answer ? 0 : -ENOMEM;
+}
+
+int control_run_deferred(struct imgfs *fs, const struct control_deferred *d, bool (*stop)(void *ctx), void *stop_ctx,
+                         int *fd_out, uint64_t *size_out, char **answer)
+{
+    *fd_out = -1;
+    *answer = NULL;
+    if (d->kind == CONTROL_EXPORT)
+        return stage_export(fs, d->vm, stop, stop_ctx, fd_out, size_out, answer);
+    return import_file(fs, d->path, d->vm, answer);
+}
+
+void control_answer_free(struct control_answer *out)
+{
+    free(out->text);
+    free(out->deferred);
+    out->text = NULL;
+    out->deferred = NULL;
+}
+
+/* Hands the rest of a command to the first read of its handle. */
+static int defer(struct control_answer *out, int kind, const char *vm, const char *path)
+{
+    struct control_deferred *d = calloc(1, sizeof(*d));
+    if (!d)
+        return -ENOMEM;
+    d->kind = kind;
+    snprintf(d->vm, sizeof(d->vm), "%s", vm);
+    snprintf(d->path, sizeof(d->path), "%s", path);
+    out->deferred = d;
     return 0;
 }
 
@@ -232,13 +274,12 @@ static int run(struct imgfs *fs, char **f, int n, struct control_answer *out, ch
     } else if (n == 2 && strcmp(f[0], "vm-rm") == 0) {
         return fs_remove_disk(fs, f[1], err, errlen);
     } else if (n == 2 && strcmp(f[0], "vm-export") == 0) {
-        /* Staged when the answer is first read (control_stage_export),
+        /* Staged when the answer is first read (stage_export),
          * so that this write, which the kernel serializes with every
          * other command's, returns at once. */
         if (!need_vm(fs, f[1], err, errlen))
             return -ENOENT;
-        snprintf(out->export_vm, sizeof(out->export_vm), "%s", f[1]);
-        return 0;
+        return defer(out, CONTROL_EXPORT, f[1], "");
     } else if (n == 5 && strcmp(f[0], "precopy") == 0) {
         return start_precopy(fs, f, err, errlen);
     } else if (n == 4 && strcmp(f[0], "precopy-stop") == 0) {
@@ -282,7 +323,14 @@ static int run(struct imgfs *fs, char **f, int n, struct control_answer *out, ch
         atomic_store(&fs->restart_pending, true);
         return 0;
     } else if (n == 3 && strcmp(f[0], "vm-import") == 0) {
-        rc = vm_import(fs->vms, f[1], strcmp(f[2], "-") ? f[2] : NULL, &vm, err, errlen);
+        /* Read when the answer is (import_file): a file on a hung file
+         * system then holds up that imgfsctl alone. */
+        bool named = strcmp(f[2], "-") != 0;
+        if (f[1][0] != '/' || strlen(f[1]) >= PATH_MAX) {
+            snprintf(err, errlen, "the path to import must be absolute");
+            return -EINVAL;
+        }
+        return defer(out, CONTROL_IMPORT, named ? f[2] : "", f[1]);
     } else {
         snprintf(err, errlen, "unknown or malformed command '%s'", n ? f[0] : "");
         return -EINVAL;
@@ -332,21 +380,20 @@ int control_execute(struct imgfs *fs, const char *command, size_t len, struct co
     } else {
         /* command is len bytes, not a string: split_fields cut line apart,
          * so the log takes the first line of command by length. */
-        bool quiet = n > 0 && (strncmp(fields[0], "precopy", 7) == 0 || strcmp(fields[0], "vm-export") == 0);
+        bool quiet = n > 0 && strncmp(fields[0], "precopy", 7) == 0;
         rc = run(fs, fields, n, out, err, sizeof(err));
-        if (rc == 0 && !quiet) {
+        if (rc == 0 && !quiet && !out->deferred) {
             const char *eol = memchr(command, '\n', len);
             log_info("control: %.*s done", (int)(eol ? (size_t)(eol - command) : len), command);
         }
-        if (!out->text) {
-            out->text = rc ? reply("error %s\n", err[0] ? err : strerror(-rc))
-                           : reply("%s", out->export_vm[0] ? "" : "ok\n");
-            out->export_vm[0] = rc ? '\0' : out->export_vm[0];
-        }
+        if (!out->text)
+            out->text = rc ? reply("error %s\n", err[0] ? err : strerror(-rc)) : reply("%s", out->deferred ? "" : "ok\n");
     }
     free(line);
-    if (!out->text)
+    if (!out->text) {
+        control_answer_free(out);
         return -ENOMEM;
+    }
     if (!out->len)
         out->len = strlen(out->text);
     return 0;

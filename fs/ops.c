@@ -412,8 +412,8 @@ struct open_text {
      * file of data_len bytes, or -1. A read dup()s it under the lock. */
     int data_fd;
     uint64_t data_len;
-    char export_vm[65]; /* a vm-export to stage at the first read, or "" */
-    bool staging;       /* a read is staging it (the others get EBUSY) */
+    struct control_deferred *deferred; /* work for the first read (fs.h), or NULL */
+    bool running;       /* a read is doing it (the others get EBUSY) */
     struct open_text *next;
 };
 
@@ -480,31 +480,30 @@ static bool text_is_open(uint64_t id)
 
 static bool request_interrupted(void *req) { return fuse_req_interrupted(req); }
 
-/* The first read of a handle with a vm-export runs it. The write that
- * asked for it has returned, so the kernel lets other commands through
- * meanwhile; an interrupted reader stops it. */
-static int stage_export(fuse_req_t req, uint64_t id)
+/* The first read of a handle with deferred work (vm-export, vm-import)
+ * does it. The write that asked for it has returned, so the kernel lets
+ * other commands through meanwhile; an interrupted reader stops an export. */
+static int run_deferred(fuse_req_t req, uint64_t id)
 {
-    char name[sizeof(((struct open_text *)0)->export_vm)];
     pthread_mutex_lock(&open_texts_lock);
     struct open_text *t = find_text_locked(id);
-    int rc = !t ? -EBADF : t->staging ? -EBUSY : 0;
-    bool pending = !rc && t->export_vm[0];
-    if (pending) {
-        memcpy(name, t->export_vm, sizeof(name));
-        t->export_vm[0] = '\0';
-        t->staging = true;
+    int rc = !t ? -EBADF : t->running ? -EBUSY : 0;
+    struct control_deferred *d = rc ? NULL : t->deferred;
+    if (d) {
+        t->deferred = NULL;
+        t->running = true;
     }
     pthread_mutex_unlock(&open_texts_lock);
-    if (rc || !pending)
+    if (!d)
         return rc;
     int fd;
     uint64_t size = 0;
     char *answer;
-    control_stage_export(fs_of(req), name, request_interrupted, req, &fd, &size, &answer);
+    control_run_deferred(fs_of(req), d, request_interrupted, req, &fd, &size, &answer);
+    free(d);
     pthread_mutex_lock(&open_texts_lock);
     if ((t = find_text_locked(id)) != NULL) { /* else released meanwhile */
-        t->staging = false;
+        t->running = false;
         if (answer) {
             free(t->text);
             t->text = answer, answer = NULL;
@@ -524,7 +523,7 @@ static int stage_export(fuse_req_t req, uint64_t id)
 
 static void text_read(fuse_req_t req, uint64_t id, size_t size, off_t off)
 {
-    int err = -stage_export(req, id);
+    int err = -run_deferred(req, id);
     char *slice = NULL;
     size_t len = 0;
     int data_fd = -1;
@@ -569,18 +568,21 @@ static int text_answer(uint64_t id, struct control_answer *a)
     int old_fd = -1;
     pthread_mutex_lock(&open_texts_lock);
     struct open_text *t = find_text_locked(id);
-    if (t && !t->staging) {
+    struct control_deferred *old_deferred = NULL;
+    if (t && !t->running) {
         free(t->text);
         t->text = a->text, a->text = NULL;
         t->len = a->len;
         old_fd = t->data_fd;
         t->data_fd = -1;
         t->data_len = 0;
-        memcpy(t->export_vm, a->export_vm, sizeof(t->export_vm));
+        old_deferred = t->deferred;
+        t->deferred = a->deferred, a->deferred = NULL;
     }
-    bool busy = t && t->staging;
+    bool busy = t && t->running;
     pthread_mutex_unlock(&open_texts_lock);
-    free(a->text);
+    control_answer_free(a);
+    free(old_deferred);
     if (old_fd >= 0)
         close(old_fd);
     return !t ? -EBADF : busy ? -EBUSY : 0;
@@ -601,6 +603,7 @@ static void text_release(uint64_t id)
     if (dead) {
         if (dead->data_fd >= 0)
             close(dead->data_fd);
+        free(dead->deferred);
         free(dead->text);
         free(dead);
     }

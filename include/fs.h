@@ -13,6 +13,7 @@
 #define IMGFS_FS_H
 
 #include <fuse_lowlevel.h>
+#include <limits.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -47,13 +48,20 @@ struct imgfs {
 
 extern const struct fuse_lowlevel_ops imgfs_ops;
 
+/* Work that a control command leaves for the first read of its handle:
+ * what may wait on a disk runs there, where the kernel holds no other
+ * command back (see control_execute). */
+struct control_deferred {
+    enum { CONTROL_EXPORT, CONTROL_IMPORT } kind;
+    char vm[65];         /* export: the VM; import: its new name, or "" for the exported one */
+    char path[PATH_MAX]; /* import: the export file to read */
+};
+
 /* What a control command leaves on its handle of .imgfs/control. */
 struct control_answer {
-    char *text;  /* malloc'd: "ok[ DETAIL]\n" or "error SENTENCE\n", then any payload */
-    size_t len;  /* of text, payload included */
-    char export_vm[65]; /* set by vm-export: text is "", and the export is
-                         * staged with control_stage_export when the handle
-                         * is first read */
+    char *text; /* malloc'd: "ok[ DETAIL]\n" or "error SENTENCE\n", then any payload; "" when deferred */
+    size_t len; /* of text, payload included */
+    struct control_deferred *deferred; /* malloc'd, or NULL */
 };
 
 /* Runs one imgfsctl command written to .imgfs/control into *out (0, or
@@ -68,21 +76,26 @@ struct control_answer {
  *   trace-start VM                       | trace-stop VM
  *
  * The kernel runs writes to the control file one at a time (the inode
- * lock), so every command answers without waiting on anything slow, and
- * the daemon writes no file for a user: trace-stop answers "ok SIZE\n"
- * followed by the list's SIZE bytes, and vm-export answers nothing until
- * its handle is read (reads run in parallel), when control_stage_export
- * writes the export into an unnamed file of the state directory and the
- * handle reads as "ok SIZE\n" followed by those SIZE bytes. imgfsctl copies
- * the payload to the operator's file (imgfsctl.h, userfile.h). */
+ * lock), so every command answers its write without waiting on a disk or
+ * a user's file, and the daemon writes no file for a user:
+ *  - trace-stop answers "ok SIZE\n" followed by the list's SIZE bytes;
+ *  - vm-export and vm-import are deferred: their handle reads as "" until
+ *    it is first read (reads run in parallel), when control_run_deferred
+ *    does the work. An export is staged into an unnamed file of the state
+ *    directory and the handle then reads as "ok SIZE\n" followed by those
+ *    SIZE bytes; imgfsctl copies them to the operator's file (userfile.h).
+ *    An import reads its file there and answers "ok\n" or an error. */
 int control_execute(struct imgfs *fs, const char *command, size_t len, struct control_answer *out);
 
-/* Stages the export of VM name (see above): *fd_out gets the unnamed file
- * holding its size_out bytes, *answer the malloc'd answer line ("ok SIZE\n",
- * or "error SENTENCE\n" with -errno returned and *fd_out -1). stop is asked
- * between pieces (the reader was interrupted: -EINTR). */
-int control_stage_export(struct imgfs *fs, const char *name, bool (*stop)(void *ctx), void *stop_ctx, int *fd_out,
-                         uint64_t *size_out, char **answer);
+/* Does the deferred work d (see above): *answer gets the malloc'd answer
+ * line ("error SENTENCE\n" with -errno returned); an export's unnamed file
+ * goes to *fd_out with its size in *size_out (else *fd_out is -1). stop is
+ * asked between pieces of an export (the reader was interrupted: -EINTR). */
+int control_run_deferred(struct imgfs *fs, const struct control_deferred *d, bool (*stop)(void *ctx), void *stop_ctx,
+                         int *fd_out, uint64_t *size_out, char **answer);
+
+/* Frees what out holds. */
+void control_answer_free(struct control_answer *out);
 
 /* Called when a control file handle is released. */
 void fs_control_released(struct imgfs *fs);

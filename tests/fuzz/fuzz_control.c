@@ -40,9 +40,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t first = nl ? (size_t)(nl - data) + 1 : size;
     struct control_answer answer;
     if (control_execute(&fs, (const char *)data, first, &answer) == 0)
-        free(answer.text);
+        control_answer_free(&answer);
     if (first < size && control_execute(&fs, (const char *)data + first, size - first, &answer) == 0)
-        free(answer.text);
+        control_answer_free(&answer);
     vm_registry_close(fs.vms);
     tree_destroy(fs.tree);
     return 0;

@@ -11,9 +11,14 @@
 #    regular file's, which imports back to the same disk;
 #  - trace stop --output to a FIFO without a reader fails before the trace
 #    is stopped, so a second trace stop still gets the list;
+#  - vm import reads its file when imgfsctl reads the answer, not in the
+#    write that the kernel runs one at a time: while it reads a file whose
+#    reads hang (a base on a mount whose mirror answers nothing), the same
+#    commands answer;
 #  - /dev/null stays a device, a directory is refused, and a regular file
 #    is replaced atomically with mode 0600.
 . "$(dirname "$0")/lib.sh"
+. "$(dirname "$0")/nginx.sh"
 
 M=$T/mnt
 OUT=$T/out
@@ -113,6 +118,33 @@ wait $tracer || fail "trace stop to a FIFO with a reader failed"
 head -n 1 "$OUT/boot.list" | grep -q '^imgfs-list 1' || fail "the trace through a FIFO is not a list"
 "$IMGFSCTL" list publish "$T/repo" deb boot "$OUT/boot.list" > /dev/null || fail "the trace through a FIFO does not publish"
 ok "the trace survived the interrupted stop: the next one wrote a list through the FIFO ($(wc -l < "$OUT/boot.list") lines)"
+
+# --- vm import of a regular file whose reads hang ----------------------------------------------------
+# A base on a second mount whose repository answers nothing: reading it waits
+# up to that mount's timeout (60 s), in the daemon, for the import.
+mkdir -p "$T/www" "$T/state2"
+head -c $((4 * 131072)) /dev/urandom > "$T/a.raw"
+"$IMGFSCTL" publish "$T/a.raw" "$T/www/repo" --name a > /dev/null
+FLAG=$T/stall
+stall_server_start web "$T/www" "$FLAG"
+M2=$T/mnt2
+mount_imgfs "${STALL_URL[web]}/repo" "$M2" "state=$T/state2,timeout=60,stall_timeout=120" "$T/cache2"
+touch "$FLAG"
+"$IMGFSCTL" vm import "$M" "$M2/bases/a.raw" --name hung 2> "$T/hung.err" &
+hung=$!
+for _ in $(seq 1 400); do # the import's read waits on the mirror
+    [ $(($(stat_value "$M2" fetch in_flight) + $(stat_value "$M2" fetch queued))) -ge 1 ] && break
+    sleep 0.05
+done
+[ $(($(stat_value "$M2" fetch in_flight) + $(stat_value "$M2" fetch queued))) -ge 1 ] || fail "the import never read its file"
+answers_meanwhile "an import reads a file whose reads hang"
+rm "$FLAG"
+status=0; wait $hung || status=$?
+[ $status -ne 0 ] || fail "a disk image was imported as an export"
+grep -q 'not a complete imgfs export' "$T/hung.err" || { cat "$T/hung.err"; fail "the import's error does not say why"; }
+[ ! -e "$M/vms/hung.raw" ] || fail "a VM was made from a file that is no export"
+ok "the import, its file readable again, is refused: $(cat "$T/hung.err")"
+umount_imgfs "$M2"
 
 # --- what the destination may be ------------------------------------------------------------------
 "$IMGFSCTL" vm export "$M" v /dev/null || fail "an export to /dev/null failed"
