@@ -683,8 +683,10 @@ static int open_vm_disk(struct imgfs *fs, const struct node *n, struct fuse_file
     } else {
         /* Each request goes to us as it is: no readahead of a guest's
          * random reads, and no attribute round trip before every write
-         * (the kernel asks for the size before each write-through). */
+         * (the kernel asks for the size before each write-through); and a
+         * guest's queue of writes reaches us at once, not one at a time. */
         fi->direct_io = 1;
+        serve_add_open_flags(SERVE_FOPEN_PARALLEL_DIRECT_WRITES);
     }
     return 0;
 }
@@ -1049,6 +1051,24 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
         fuse_reply_err(req, EBADF);
 }
 
+struct write_reply {
+    fuse_req_t req;
+    size_t size;
+    bool cut_is_error; /* cut at the end of the disk, in writeback mode */
+};
+
+static void write_done(void *arg, int rc)
+{
+    struct write_reply *w = arg;
+    if (!rc && w->cut_is_error)
+        rc = -ENOSPC;
+    if (rc)
+        fuse_reply_err(w->req, -rc);
+    else
+        fuse_reply_write(w->req, w->size);
+    free(w);
+}
+
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi)
 {
@@ -1088,16 +1108,20 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
         fuse_reply_err(req, ENOSPC);
         return;
     }
+    struct write_reply *w = malloc(sizeof(*w));
+    if (!w) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
     bool cut = size > disk_size - (uint64_t)off;
     if (cut)
         size = (size_t)(disk_size - (uint64_t)off);
-    int rc = vm_write(n->vm, fs->fetcher, buf, size, (uint64_t)off);
-    if (!rc && cut && fs->opts->vm_writeback)
-        rc = -ENOSPC;
-    if (rc)
-        fuse_reply_err(req, -rc);
-    else
-        fuse_reply_write(req, size);
+    *w = (struct write_reply){.req = req, .size = size, .cut_is_error = cut && fs->opts->vm_writeback};
+    /* A copy-up that must fetch base chunks replies from the fetch engine
+     * once they came: no FUSE worker waits on the network. */
+    int rc = vm_write_start(n->vm, fs->fetcher, buf, size, (uint64_t)off, write_done, w);
+    if (rc != VM_WRITE_PENDING)
+        write_done(w, rc);
 }
 
 static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)

@@ -39,7 +39,7 @@
  * (which control commands and stats take) may wait for a write_lock, and
  * write_lock and chain_lock are held across local layer I/O only: a write
  * that copies blocks up from the base first fetches those base chunks with
- * no lock held (vm_write), and reads take chain_lock only to map a range
+ * no lock held (vm_write; vm_write_start with no thread waiting), and reads take chain_lock only to map a range
  * and to build their reply from chunks already in hand (fs/ops.c).
  */
 #ifndef IMGFS_VM_H
@@ -166,8 +166,17 @@ int vm_export(struct vm *vm, int fd, bool (*stop)(void *ctx), void *stop_ctx, ch
 int vm_import(struct vm_registry *reg, const char *path, const char *name, struct vm **out, char *err,
               size_t errlen);
 
-/* I/O on a VM's live disk. */
+/* I/O on a VM's live disk. vm_write waits for the base chunks a copy-up
+ * needs; vm_write_start does not: it returns the write's result (0 or
+ * -errno) when it could be done at once, or VM_WRITE_PENDING when done(arg,
+ * result) will be called exactly once later, from a fetch engine thread,
+ * after the chunks came (or failed at their deadline: -EIO). buf is copied;
+ * the caller may reuse it when vm_write_start returns. */
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off);
+typedef void (*vm_write_done_fn)(void *arg, int result);
+#define VM_WRITE_PENDING 1
+int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off,
+                   vm_write_done_fn done, void *arg);
 int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len);
 int vm_flush(struct vm *vm);
 uint64_t vm_layer_bytes(struct vm *vm);
