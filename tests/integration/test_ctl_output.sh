@@ -48,6 +48,15 @@ answers_meanwhile() {
         fail "a write to the VM hung while $1"
     ok "vm create, vm export, ls, cat .imgfs/stats and a VM write answer while $1"
 }
+# was_interrupted PID ERRFILE WHAT: PID, sent SIGINT or SIGTERM, failed with one line saying so.
+was_interrupted() {
+    local status=0
+    wait "$1" || status=$?
+    [ $status -ne 0 ] || fail "$3 succeeded"
+    [ "$(wc -l < "$2")" = 1 ] && grep -q 'interrupted' "$2" || { cat "$2"; fail "$3 does not say so in one line"; }
+}
+# last_error: the stderr file of the newest expect_error.
+last_error() { ls -t "$T"/stderr.* | head -n 1; }
 # wait_log TEXT: the daemon's log says TEXT (the step under test has begun).
 wait_log() {
     for _ in $(seq 1 400); do grep -q "$1" "$LOG" && return 0; sleep 0.05; done
@@ -67,10 +76,7 @@ stuck=$!
 wait_log 'vm-export v staged'  # the daemon's part is done; imgfsctl waits on the FIFO
 answers_meanwhile "an export is stuck on a FIFO nobody reads"
 kill -INT $stuck
-status=0; wait $stuck || status=$?
-[ $status -ne 0 ] || fail "an interrupted export succeeded"
-[ "$(wc -l < "$T/stuck.err")" = 1 ] && grep -q 'interrupted' "$T/stuck.err" ||
-    { cat "$T/stuck.err"; fail "an interrupted export does not say so in one line"; }
+was_interrupted $stuck "$T/stuck.err" "an interrupted export"
 ok "the stuck export, interrupted, fails at once: $(cat "$T/stuck.err")"
 kill $sleeper; wait $sleeper 2>/dev/null || true
 
@@ -78,10 +84,10 @@ sleep 600 < "$OUT/pipe" &
 sleeper=$!
 at_exit "kill $sleeper 2>/dev/null"
 expect_error "an export to a FIFO nobody reads, --timeout 1" "$IMGFSCTL" vm export "$M" v "$OUT/pipe" --timeout 1
-grep -q 'took no data for 1 s' "$T"/stderr.* || fail "the stuck export's error does not name its deadline"
+grep -q 'took no data for 1 s' "$(last_error)" || fail "the stuck export's error does not name its deadline"
 kill $sleeper; wait $sleeper 2>/dev/null || true
 expect_error "an export to a FIFO without a reader, --timeout 1" "$IMGFSCTL" vm export "$M" v "$OUT/pipe" --timeout 1
-grep -q 'no reader opened the FIFO' "$T"/stderr.* || fail "the export does not say that the FIFO had no reader"
+grep -q 'no reader opened the FIFO' "$(last_error)" || fail "the export does not say that the FIFO had no reader"
 [ -p "$OUT/pipe" ] || fail "the FIFO was replaced"
 [ -z "$(leftovers)" ] || fail "failed exports left files behind: $(leftovers)"
 ok "failed exports leave no temp file and nothing in the state directory"
@@ -104,10 +110,7 @@ head -c 3M "$M/vms/v.raw" > /dev/null
 tracer=$!
 answers_meanwhile "a trace stop waits for a FIFO's reader"
 kill -TERM $tracer
-status=0; wait $tracer || status=$?
-[ $status -ne 0 ] || fail "an interrupted trace stop succeeded"
-[ "$(wc -l < "$T/trace.err")" = 1 ] && grep -q 'interrupted' "$T/trace.err" ||
-    { cat "$T/trace.err"; fail "the interrupted trace stop does not say so in one line"; }
+was_interrupted $tracer "$T/trace.err" "an interrupted trace stop"
 # imgfsctl opens the output before it asks the daemon: the trace goes on.
 grep -q 'trace-stop' "$LOG" && fail "trace stop reached the daemon with no reader on its output"
 ok "trace stop to a FIFO without a reader, interrupted: $(cat "$T/trace.err")"
