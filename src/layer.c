@@ -1773,8 +1773,11 @@ static int compact(struct layer *l)
      * that no flush has promised. A failure here leaves the layer refusing
      * writes (it runs on a file that a crash would not open). */
     if (switched) {
-        if (compact_test_pause_ms())
+        if (compact_test_pause_ms()) {
+            log_info("layer %s: compaction switched to its new log, pausing %u ms before its sync and rename", l->id,
+                     compact_test_pause_ms());
             usleep(compact_test_pause_ms() * 1000u);
+        }
         rc = sync_fd(fd);
         if (!rc && rename(new_path, log_path) < 0)
             rc = -errno;
