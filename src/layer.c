@@ -1717,7 +1717,7 @@ static int compact(struct layer *l)
     if (!rc)
         rc = sync_fd(fd);
 
-        /* Phase 2, the switch: writes and flushes held while the last changes
+    /* Phase 2, the switch: writes and flushes held while the last changes
      * are copied and the layer moves to the new file (no sync in here). */
     pthread_mutex_lock(&l->flush_serial);
     pthread_rwlock_wrlock(&l->swap_lock);
