@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# bench-trust.sh: the cost of checking chunks against their signed BLAKE2b-256
-# digest, on cold reads, side by side in one run.
+# bench-trust.sh: the cost of checking chunks against their signed digest
+# (SHA-256 through OpenSSL in new records), on cold reads, side by side in
+# one run.
 #
 # A benchmark, not a test: it reports numbers and never fails on timing.
 #
@@ -8,16 +9,24 @@
 # published and signed (imgfsctl key generate, publish --key). The same
 # repository is then read cold (fresh cache, dropped page cache) four ways:
 #   local, unsigned   the directory mounted without trust= (xxh3-128 only)
-#   local, signed     the directory with -o trust=KEY.pub (xxh3 + BLAKE2b)
+#   local, signed     the directory with -o trust=KEY.pub (SHA-256 only: a
+#                     chunk with a signed digest is not checked by xxh3 too)
 #   http, insecure    nginx in a network namespace, tc tbf at BENCH_RATE
 #                     Mbit/s, mounted with -o insecure
 #   http, signed      the same with -o trust=KEY.pub
+# With BENCH_V1_BIN_DIR=DIR (a build from before SHA-256, e.g. main at
+# 146a6bb), DIR/imgfsctl also publishes the image into a second repository,
+# whose records carry BLAKE2b-256 chunk digests (record version 1), read by
+# this build as a fifth case:
+#   local, signed v1  that repository with -o trust=KEY.pub (BLAKE2b)
 # Each case runs BENCH_ROUNDS times, the cases alternating within a round;
 # the report gives the median time, MB/s of logical bytes, the daemon's CPU
 # seconds (user+sys, from /proc) and the ratio signed / unsigned.
 #
 # Run as root. Environment: BENCH_SIZE (256M), BENCH_RATE (100), BENCH_ROUNDS
-# (3), BENCH_DIR (/var/tmp), BENCH_KEEP=1, IMGFS_BIN_DIR (<repo>/build).
+# (3), BENCH_DIR (/var/tmp), BENCH_KEEP=1, IMGFS_BIN_DIR (<repo>/build),
+# BENCH_V1_BIN_DIR (unset), BENCH_HTTP (1; 0 leaves the HTTP cases out, for
+# more local rounds in the same time).
 # Output: a Markdown report on stdout and in bench/results/trust-<date>.md.
 set -uo pipefail
 
@@ -77,6 +86,15 @@ REPO=$WORK/www/repo
 log "publishing (signed)"
 "$IMGFS_BIN_DIR/imgfsctl" publish "$WORK/image.raw" "$REPO" --name base --key "$WORK/key" >"$WORK/publish.log" 2>&1 ||
     die "publish failed: $(tail -n 1 "$WORK/publish.log")"
+[ "$(head -n 1 "$REPO/bases/base/1.digests")" = "imgfs-digests 2" ] || die "this build did not write a SHA-256 record."
+REPO_V1=$WORK/www/repo-v1
+if [ -n "${BENCH_V1_BIN_DIR:-}" ]; then
+    log "publishing (signed, BLAKE2b records) with $BENCH_V1_BIN_DIR/imgfsctl"
+    "$BENCH_V1_BIN_DIR/imgfsctl" publish "$WORK/image.raw" "$REPO_V1" --name base --key "$WORK/key" >"$WORK/publish-v1.log" 2>&1 ||
+        die "publish with $BENCH_V1_BIN_DIR failed: $(tail -n 1 "$WORK/publish-v1.log")"
+    [ "$(head -n 1 "$REPO_V1/bases/base/1.digests")" = "imgfs-digests 1" ] ||
+        die "$BENCH_V1_BIN_DIR/imgfsctl did not write a version 1 (BLAKE2b) record."
+fi
 
 netns_create "$NS_NAME" "$VETH_ROOT" "$VETH_NS" "$IP_ROOT" "$IP_NS"
 nginx_start_in_ns "$WORK/nginx" "$WORK/www" "$IP_NS:8080" '$status $body_bytes_sent $request_uri' "$URL/repo/imgfs-repo"
@@ -114,11 +132,15 @@ run_case() { # key repo options
     CPU[$key]="${CPU[$key]:-} $cpu"
     log "$key: $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s, daemon CPU $cpu s"
 }
-CASES=(local-unsigned local-signed http-insecure http-signed)
+CASES=(local-unsigned local-signed)
+[ -n "${BENCH_V1_BIN_DIR:-}" ] && CASES+=(local-signed-v1)
+[ "${BENCH_HTTP:-1}" = 0 ] || CASES+=(http-insecure http-signed)
 for ((round = 1; round <= BENCH_ROUNDS; round++)); do
     log "round $round of $BENCH_ROUNDS"
     run_case local-unsigned "$REPO" "prefetch=none"
     run_case local-signed "$REPO" "trust=$WORK/key.pub,prefetch=none"
+    [ -n "${BENCH_V1_BIN_DIR:-}" ] && run_case local-signed-v1 "$REPO_V1" "trust=$WORK/key.pub,prefetch=none"
+    [ "${BENCH_HTTP:-1}" = 0 ] && continue
     run_case http-insecure "$URL/repo" "insecure,prefetch=none"
     run_case http-signed "$URL/repo" "trust=$WORK/key.pub,prefetch=none"
 done
@@ -128,7 +150,9 @@ report() {
     echo "# Cold reads with and without signed chunk digests, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "- machine: $(nproc) CPUs, kernel $(uname -r); image $((SIZE_BYTES / 1048576)) MiB (75% random, 25% zero extents);"
-    echo "  digest BLAKE2b-256 (libsodium), name check xxh3-128; http: nginx in a netns, tc tbf ${BENCH_RATE} Mbit/s;"
+    echo "  signed: SHA-256 (OpenSSL EVP) chunk digests, no xxh3-128 check; unsigned: xxh3-128;"
+    [ -n "${BENCH_V1_BIN_DIR:-}" ] && echo "  signed-v1: BLAKE2b-256 (libsodium) records written by $BENCH_V1_BIN_DIR/imgfsctl;"
+    [ "${BENCH_HTTP:-1}" = 0 ] || echo "  http: nginx in a netns, tc tbf ${BENCH_RATE} Mbit/s;"
     echo "  $BENCH_ROUNDS rounds, cases alternating, page cache dropped and cache emptied before each read; median of the rounds"
     echo
     echo "| case | median s | logical MB/s | daemon CPU s | all runs (s) | signed / unsigned time |"
@@ -136,7 +160,7 @@ report() {
     local k med base
     for k in "${CASES[@]}"; do
         med=$(median <<<"${TIMES[$k]}")
-        case $k in local-signed) base=$(median <<<"${TIMES[local-unsigned]}") ;; http-signed) base=$(median <<<"${TIMES[http-insecure]}") ;; *) base= ;; esac
+        case $k in local-signed | local-signed-v1) base=$(median <<<"${TIMES[local-unsigned]}") ;; http-signed) base=$(median <<<"${TIMES[http-insecure]}") ;; *) base= ;; esac
         printf '| %s | %s | %.1f | %s | %s | %s |\n' "$k" "$med" "$(awk -v s="$SIZE_BYTES" -v t="$med" 'BEGIN { print s / t / 1e6 }')" \
             "$(median <<<"${CPU[$k]}")" "${TIMES[$k]# }" \
             "$([ -n "$base" ] && awk -v a="$med" -v b="$base" 'BEGIN { printf "%.3fx", a / b }' || echo -)"

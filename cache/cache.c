@@ -382,6 +382,7 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
             e->pins++;
             pin->entry = e;
             pin->fd = e->fd;
+            pin->off = 0;
             pthread_mutex_unlock(&s->lock);
             return CACHE_HIT;
         }
@@ -409,6 +410,7 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
                 s->open_fds++;
                 pin->entry = e;
                 pin->fd = fd;
+                pin->off = 0;
                 trim_open_fds(cache, s);
                 pthread_cond_broadcast(&s->changed);
                 pthread_mutex_unlock(&s->lock);
@@ -596,6 +598,7 @@ int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, siz
     s->resident_chunks++;
     s->resident_bytes += len;
     pin->fd = fd;
+    pin->off = 0;
     trim_open_fds(cache, s);
     pthread_cond_broadcast(&s->changed);
     pthread_mutex_unlock(&s->lock);

@@ -182,7 +182,7 @@ int fetch_ref_read(const struct fetch_ref *ref, void *buf, size_t len, uint64_t 
         memcpy(buf, ref->data + off, len);
         return 0;
     }
-    return read_full_at(ref->pin.fd, buf, len, (off_t)off) ? -EIO : 0;
+    return read_full_at(ref->pin.fd, buf, len, (off_t)(ref->pin.off + off)) ? -EIO : 0;
 }
 
 /* ---- errors ------------------------------------------------------------------ */
@@ -660,10 +660,9 @@ static void *dispatch_main(void *arg)
 static void verify_and_complete(struct fetcher *f, struct job *job)
 {
     struct fetch_buf *buf = buf_new(job->chunk_size);
-    int rc = buf ? chunkfmt_decode(job->enc, job->enc_len, buf->data, job->chunk_size, &job->hash) : -ENOMEM;
-    bool named_right = rc == 0;
-    if (rc == 0)
-        rc = repo_verify_chunk(f->repo, &job->hash, buf->data, job->chunk_size); /* the signed digest */
+    const char *why = "";
+    int rc = buf ? repo_decode_chunk(f->repo, &job->hash, job->enc, job->enc_len, buf->data, job->chunk_size, &why)
+                 : -ENOMEM;
     atomic_fetch_add(&f->bytes_transferred, job->enc_len);
     struct waiter *fired = NULL;
     struct job *dead = NULL;
@@ -673,8 +672,7 @@ static void verify_and_complete(struct fetcher *f, struct job *job)
             atomic_fetch_add(&f->verify_failures, 1);
             if (job->counters)
                 atomic_fetch_add(&job->counters->verify_failures, 1);
-            note_error(f, &job->hash, named_right ? "failed verification against its signed digest"
-                                                  : "failed verification against its hash");
+            note_error(f, &job->hash, why);
             repo_report_bad(f->repo, job->xfer_mirror); /* the next attempt goes elsewhere */
         }
         pthread_mutex_lock(&f->lock);

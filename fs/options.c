@@ -207,7 +207,7 @@ static void print_help(void)
            "                      not on write(2)\n"
            "  -o trust=FILE       accept only repository metadata signed by a key in FILE\n"
            "                      (lines from imgfsctl key generate's KEYFILE.pub); chunks\n"
-           "                      are then checked against their signed BLAKE2b-256 digest.\n"
+           "                      are then checked against their signed digest (SHA-256).\n"
            "                      Required for http(s) repositories\n"
            "  -o insecure         mount an http(s) repository without signature checks\n"
            "                      (said so in the log and in .imgfs/stats)\n"

@@ -35,11 +35,12 @@ struct cache_entry;
 struct cache_pin {
     struct cache_entry *entry; /* NULL for a transient pin (see fetch.h) */
     int fd;                    /* valid while pinned */
+    uint64_t off;              /* where the chunk's first byte is in fd */
     bool waited;               /* cache_acquire() waited for another caller's fill */
 };
 
 enum cache_acquire_status {
-    CACHE_HIT = 0,   /* resident and verified: pin->fd is readable */
+    CACHE_HIT = 0,   /* resident and verified: pin->fd is readable at pin->off */
     CACHE_MUST_FILL, /* caller must call cache_fill() or cache_abandon() */
 };
 

@@ -1,15 +1,26 @@
 /* digests: the cryptographic record of one published version.
  *
  * Next to each manifest of a signed repository, bases/NAME/V.digests holds
- * the BLAKE2b-256 digest (sign.h) of the manifest file and of every chunk:
+ * the digest (sign.h) of the manifest file and of every chunk. Version 2,
+ * which imgfsctl writes:
  *
- *   imgfs-digests 1
+ *   imgfs-digests 2
  *   base NAME V
- *   manifest <64 hex>      digest of the bytes of bases/NAME/V.manifest
- *   previous <64 hex>      digest of bases/NAME/(V-1).digests, "none" for V = 1
+ *   manifest <64 hex>      BLAKE2b-256 of the bytes of bases/NAME/V.manifest
+ *   previous <64 hex>      BLAKE2b-256 of bases/NAME/(V-1).digests, "none" for V = 1
+ *   chunk-digest sha256    the algorithm of the chunk lines below
  *   chunks N
  *   <64 hex>               one line per chunk, in disk order, of the
  *   0                      uncompressed chunk; "0" for an all-zero chunk
+ *
+ * Version 1 (written before SHA-256 came in, and still accepted) is the
+ * same without the chunk-digest line, with BLAKE2b-256 chunk digests.
+ * Each record has one spelling: a version 2 record names sha256 (a
+ * BLAKE2b record is written as version 1). The algorithm is part of the
+ * record, which the signed chain covers, so it cannot be changed either.
+ * Digests of metadata (manifest, previous, and the index's digest of the
+ * newest record) are BLAKE2b-256 in both versions: the chain reads the
+ * same whichever algorithm each record's chunks use.
  *
  * Records are not signed one by one. The signed index (repo.h) names the
  * digest of each base's newest record, and each record names its
@@ -39,6 +50,7 @@ struct version_digests {
     struct sign_digest manifest;
     bool has_previous; /* false only for version 1 */
     struct sign_digest previous;
+    enum sign_digest_alg chunk_alg; /* BLAKE2b: record version 1; SHA-256: 2 */
     uint64_t chunk_count;
     struct sign_digest *chunks; /* all zero bytes for an all-zero chunk */
 };
@@ -47,6 +59,7 @@ struct version_digests {
 int digests_parse(const char *text, size_t len, struct version_digests **out, char *err, size_t errlen);
 /* Serialises a record into a malloc'd buffer. */
 int digests_format(const struct version_digests *d, char **text, size_t *len);
+/* A record of chunk_count zero digests, chunk_alg SHA-256 (what new records use). */
 struct version_digests *digests_new(uint64_t chunk_count);
 void digests_free(struct version_digests *d);
 

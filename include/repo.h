@@ -184,10 +184,13 @@ int repo_read_manifest(struct repo *repo, const char *name, uint64_t version, st
 int repo_read_list(struct repo *repo, const struct manifest *m, const char *list_name, struct chunk_list **out,
                    char *err, size_t errlen);
 
-/* The one check of a fetched, decoded chunk against its signed digest
- * (trust_check_chunk): 0 when it matches or the repository is not verified,
- * -EBADMSG when it must not be used. */
-int repo_verify_chunk(struct repo *repo, const struct chunk_hash *hash, const void *data, size_t len);
+/* Decodes a fetched chunk (enc, as stored) into out (chunk_size bytes) and
+ * checks it, once: against its signed digest when the repository is verified
+ * (trust_check_chunk; the digest is the stronger check, so the xxh3-128 name
+ * is not computed as well), else against its name. 0; -EBADMSG when it must
+ * not be used, with *why (may be NULL) saying which check failed; -ENOMEM. */
+int repo_decode_chunk(struct repo *repo, const struct chunk_hash *hash, const void *enc, size_t enc_len, void *out,
+                      size_t chunk_size, const char **why);
 
 /* Fetches the stored (encoded) bytes of one chunk. */
 int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, uint64_t deadline_ns,

@@ -8,8 +8,9 @@
  *   TRUST_SIGNED    -o trust=FILE: the index must carry a valid signature by
  *                   a key of FILE, every manifest must match the digest chain
  *                   that starts in that index (digests.h), and every chunk
- *                   fetched must match its BLAKE2b-256 digest before it
- *                   enters the cache.
+ *                   fetched must match its signed digest (SHA-256, or
+ *                   BLAKE2b-256 from older records) before it enters the
+ *                   cache.
  *
  * No rollback, no freeze (TRUST_SIGNED): every signed index carries a
  * sequence number and a signing time. The newest accepted one is kept in
@@ -23,9 +24,11 @@
  * trust keeps those expected digests, so that each version is checked
  * against the signed index it was reached from.
  *
- * Chunk digests: a table from chunk name (xxh3-128) to its BLAKE2b-256,
- * filled as manifests are accepted, consulted by trust_check_chunk() (which
- * the fetch path calls once per chunk fetched, never per cached read).
+ * Chunk digests: a table per digest algorithm from chunk name (xxh3-128) to
+ * its signed digest, filled as manifests are accepted, consulted by
+ * trust_check_chunk() (which the fetch path calls once per chunk fetched,
+ * never per cached read). A name with digests in both tables (a chunk shared
+ * by versions whose records use different algorithms) must match both.
  *
  * Locking: state_lock guards the index state, the chains and the refusal
  * report; table_lock (a rwlock) guards the chunk table. Neither is held
@@ -97,8 +100,12 @@ int trust_learn_previous(struct trust *t, const char *name, uint64_t version, co
  * chunk name already has another digest. */
 int trust_add_chunks(struct trust *t, const struct manifest *m, const struct version_digests *d, char *err,
                      size_t errlen);
-/* 0 when data (the decoded chunk) matches the signed digest of hash, or when
- * the mode checks no digests; -EBADMSG otherwise. */
+/* True when trust_check_chunk() checks digests (TRUST_SIGNED): a chunk that
+ * passes it needs no other check of its bytes. t may be NULL. */
+bool trust_checks_chunks(const struct trust *t);
+/* 0 when data (the decoded chunk) matches every signed digest of hash, or
+ * when the mode checks no digests; -EBADMSG otherwise (also when hash has no
+ * signed digest); -ENOMEM when a digest cannot be computed. */
 int trust_check_chunk(struct trust *t, const struct chunk_hash *hash, const void *data, size_t len);
 
 void trust_get_status(struct trust *t, struct trust_status *out);

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
     # build
     build-essential cmake pkg-config
-    libfuse3-dev fuse3 libqcow-dev libxxhash-dev libzstd-dev libcurl4-openssl-dev libext2fs-dev libsodium-dev
+    libfuse3-dev fuse3 libqcow-dev libxxhash-dev libzstd-dev libcurl4-openssl-dev libext2fs-dev libsodium-dev libssl-dev
     # fuzzing (libFuzzer)
     clang libfuzzer-14-dev libclang-rt-14-dev
     # tests and benchmarks: real clients, servers and peers

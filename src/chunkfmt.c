@@ -87,8 +87,7 @@ long chunkfmt_encode_with(struct chunkfmt_encoder *e, const void *data, size_t d
     return encode(e->zstd, data, data_len, e->level, out, out_cap);
 }
 
-int chunkfmt_decode(const void *enc, size_t enc_len, void *out, size_t expected_len,
-                    const struct chunk_hash *want)
+int chunkfmt_unpack(const void *enc, size_t enc_len, void *out, size_t expected_len)
 {
     const uint8_t *hdr = enc;
     if (enc_len < CHUNKFMT_HEADER_LEN || memcmp(hdr, "IMGC", 4) != 0 || hdr[5] || hdr[6] || hdr[7])
@@ -109,6 +108,15 @@ int chunkfmt_decode(const void *enc, size_t enc_len, void *out, size_t expected_
     } else {
         return -EBADMSG;
     }
+    return 0;
+}
+
+int chunkfmt_decode(const void *enc, size_t enc_len, void *out, size_t expected_len,
+                    const struct chunk_hash *want)
+{
+    int rc = chunkfmt_unpack(enc, enc_len, out, expected_len);
+    if (rc)
+        return rc;
     struct chunk_hash got;
     chunk_hash_compute(out, expected_len, &got);
     return chunk_hash_equal(&got, want) ? 0 : -EBADMSG;

@@ -20,6 +20,7 @@ struct version_digests *digests_new(uint64_t chunk_count)
         return NULL;
     }
     d->chunk_count = chunk_count;
+    d->chunk_alg = SIGN_DIGEST_SHA256;
     return d;
 }
 
@@ -48,9 +49,12 @@ int digests_format(const struct version_digests *d, char **text, size_t *len)
     sign_digest_to_hex(&d->manifest, manifest);
     if (d->has_previous)
         sign_digest_to_hex(&d->previous, previous);
+    /* Version 1 is the BLAKE2b record, without an algorithm line. */
+    bool v2 = d->chunk_alg == SIGN_DIGEST_SHA256;
     size_t pos = (size_t)snprintf(buf, cap,
-                                  "imgfs-digests 1\nbase %s %" PRIu64 "\nmanifest %s\nprevious %s\nchunks %" PRIu64 "\n",
-                                  d->name, d->version, manifest, previous, d->chunk_count);
+                                  "imgfs-digests %d\nbase %s %" PRIu64 "\nmanifest %s\nprevious %s\n%schunks %" PRIu64 "\n",
+                                  v2 ? 2 : 1, d->name, d->version, manifest, previous,
+                                  v2 ? "chunk-digest sha256\n" : "", d->chunk_count);
     for (uint64_t i = 0; i < d->chunk_count; i++) {
         if (sign_digest_equal(&d->chunks[i], &zero_digest)) {
             buf[pos++] = '0';
@@ -101,8 +105,11 @@ int digests_parse(const char *text, size_t len, struct version_digests **out, ch
     uint64_t v, count;
     struct sign_digest manifest, previous;
     bool has_previous;
-    if (next_line(&p, end, line, sizeof(line)) < 0 || strcmp(line, "imgfs-digests 1") != 0)
+    enum sign_digest_alg alg = SIGN_DIGEST_BLAKE2B;
+    if (next_line(&p, end, line, sizeof(line)) < 0 ||
+        (strcmp(line, "imgfs-digests 1") != 0 && strcmp(line, "imgfs-digests 2") != 0))
         BAD("not a digests record (bad first line)");
+    bool v2 = line[14] == '2';
     char again[160];
     if (next_line(&p, end, line, sizeof(line)) < 0 || sscanf(line, "base %64s %23s", name, version) != 2 ||
         !name_is_valid(name) || canonical_u64(version, &v) < 0 || v == 0 ||
@@ -118,6 +125,12 @@ int digests_parse(const char *text, size_t len, struct version_digests **out, ch
         BAD("digests record has a bad previous line");
     if (has_previous != (v > 1))
         BAD("digests record's previous line does not fit its version");
+    if (v2) {
+        /* Version 2 exists for SHA-256; BLAKE2b records are version 1. */
+        if (next_line(&p, end, line, sizeof(line)) < 0 || strcmp(line, "chunk-digest sha256") != 0)
+            BAD("digests record has a bad chunk-digest line (version 2 names sha256)");
+        alg = SIGN_DIGEST_SHA256;
+    }
     if (next_line(&p, end, line, sizeof(line)) < 0 || sscanf(line, "chunks %23s", count_text) != 1 ||
         (snprintf(again, sizeof(again), "chunks %s", count_text), strcmp(again, line) != 0) ||
         canonical_u64(count_text, &count) < 0 || count > (size_t)(end - p) / 2 || count > MANIFEST_MAX_CHUNKS)
@@ -127,6 +140,7 @@ int digests_parse(const char *text, size_t len, struct version_digests **out, ch
     snprintf(d->name, sizeof(d->name), "%s", name);
     d->version = v;
     d->manifest = manifest;
+    d->chunk_alg = alg;
     d->has_previous = has_previous;
     if (has_previous)
         d->previous = previous;

@@ -725,16 +725,24 @@ int repo_read_index(struct repo *repo, struct repo_index *out, char *err, size_t
             save_meta(repo, "index", data, len);
     }
     free(data);
-    if (rc == 0 || !verifying(repo))
+    if (rc == 0)
+        return 0;
+    /* Refused, or malformed where the daemon must not give up (a takeover
+     * server, -o offline): keep serving the newest accepted state, which is
+     * the kept copy. */
+    if (verifying(repo))
+        trust_note_refusal(repo->trust, err);
+    else if (!repo->offline_fallback)
         return rc;
-    /* Refused: keep serving the newest accepted state, which is the kept copy. */
-    trust_note_refusal(repo->trust, err);
     char why[PATH_MAX + 256];
     if (load_meta(repo, "index", REPO_MAX_INDEX_LEN, &data, &len) == 0) {
         int kept = accept_index(repo, data, len, out, why, sizeof(why));
         free(data);
-        if (kept == 0)
+        if (kept == 0) {
+            if (!verifying(repo))
+                log_warn("%s; using the index kept from the last contact", err);
             return 0;
+        }
     }
     return rc;
 }
@@ -945,9 +953,22 @@ int repo_read_list(struct repo *repo, const struct manifest *m, const char *list
     return 0;
 }
 
-int repo_verify_chunk(struct repo *repo, const struct chunk_hash *hash, const void *data, size_t len)
+int repo_decode_chunk(struct repo *repo, const struct chunk_hash *hash, const void *enc, size_t enc_len, void *out,
+                      size_t chunk_size, const char **why)
 {
-    return trust_check_chunk(repo->trust, hash, data, len);
+    const char *unused;
+    why = why ? why : &unused;
+    if (!trust_checks_chunks(repo->trust)) {
+        *why = "failed verification against its hash";
+        return chunkfmt_decode(enc, enc_len, out, chunk_size, hash);
+    }
+    *why = "is malformed";
+    int rc = chunkfmt_unpack(enc, enc_len, out, chunk_size);
+    if (!rc) {
+        *why = "failed verification against its signed digest";
+        rc = trust_check_chunk(repo->trust, hash, out, chunk_size);
+    }
+    return rc;
 }
 
 int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, uint64_t deadline_ns,
@@ -991,10 +1012,8 @@ static int repo_source_read(void *ctx, const struct vm_base *base, uint64_t inde
     size_t enc_len = 0;
     int rc = repo_get_chunk(src->repo, &m->chunks[index], m->chunk_size, 0, &enc, &enc_len, NULL);
     if (!rc)
-        rc = chunkfmt_decode(enc, enc_len, src->chunk, m->chunk_size, &m->chunks[index]);
+        rc = repo_decode_chunk(src->repo, &m->chunks[index], enc, enc_len, src->chunk, m->chunk_size, NULL);
     free(enc);
-    if (!rc)
-        rc = repo_verify_chunk(src->repo, &m->chunks[index], src->chunk, m->chunk_size);
     if (!rc)
         memcpy(buf, src->chunk + chunk_off, len);
     return rc;

@@ -288,8 +288,8 @@ static int compute_record(struct repo *repo, const struct manifest *m, const cha
             rc = chunkfmt_decode(enc, enc_len, chunk, m->chunk_size, &m->chunks[i]);
         free(enc);
         if (!rc)
-            sign_digest_compute(chunk, m->chunk_size, &d->chunks[i]);
-        else
+            rc = sign_digest_compute_alg(d->chunk_alg, chunk, m->chunk_size, &d->chunks[i]);
+        if (rc)
             log_error("chunk %" PRIu64 " of %s@%" PRIu64 " is missing or damaged: %s", i, m->name, m->version,
                       strerror(-rc));
     }

@@ -3,6 +3,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <openssl/evp.h>
+#include <pthread.h>
 #include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,11 +18,42 @@
 #define TRUST_PREFIX "imgfs-key ed25519 "
 #define SIG_PREFIX "+sig "
 
-int sign_init(void) { return sodium_init() < 0 ? -EIO : 0; }
+/* SHA-256 fetched from OpenSSL's default provider once: EVP_sha256() would
+ * look the implementation up again on every call. Written once, before any
+ * reader (pthread_once). */
+static EVP_MD *sha256_md;
+static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
+
+static void fetch_sha256(void) { sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL); }
+
+int sign_init(void)
+{
+    pthread_once(&sha256_once, fetch_sha256);
+    return sodium_init() < 0 || !sha256_md ? -EIO : 0;
+}
 
 void sign_digest_compute(const void *data, size_t len, struct sign_digest *out)
 {
     crypto_generichash(out->bytes, sizeof(out->bytes), data, len, NULL, 0);
+}
+
+int sign_digest_compute_alg(enum sign_digest_alg alg, const void *data, size_t len, struct sign_digest *out)
+{
+    if (alg == SIGN_DIGEST_BLAKE2B) {
+        sign_digest_compute(data, len, out);
+        return 0;
+    }
+    pthread_once(&sha256_once, fetch_sha256);
+    unsigned int n = 0;
+    /* EVP_Digest fails only without memory (it allocates its context). */
+    if (!sha256_md || !EVP_Digest(data, len, out->bytes, &n, sha256_md, NULL) || n != sizeof(out->bytes))
+        return -ENOMEM;
+    return 0;
+}
+
+const char *sign_digest_alg_name(enum sign_digest_alg alg)
+{
+    return alg == SIGN_DIGEST_SHA256 ? "sha256" : "blake2b";
 }
 
 bool sign_digest_equal(const struct sign_digest *a, const struct sign_digest *b)

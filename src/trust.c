@@ -33,6 +33,13 @@ struct table_slot {
     struct sign_digest digest;
 };
 
+/* Open addressing, linear probing, load at most one half. */
+struct chunk_table {
+    struct table_slot *slots;
+    size_t cap; /* a power of two, or 0 */
+    size_t used;
+};
+
 struct trust {
     enum trust_mode mode;
     struct sign_keyring ring;
@@ -51,9 +58,9 @@ struct trust {
     uint64_t last_refusal_ns;
 
     pthread_rwlock_t table_lock;
-    struct table_slot *slots;
-    size_t slot_cap; /* a power of two, or 0 */
-    size_t slot_used;
+    /* One table per chunk digest algorithm (records of version 1 and 2):
+     * a chunk name in both has two signed digests, and both are checked. */
+    struct chunk_table tables[SIGN_DIGEST_ALGS];
     atomic_uint_fast64_t chunks_refused;
 };
 
@@ -134,7 +141,8 @@ void trust_destroy(struct trust *t)
     for (size_t i = 0; i < t->chain_count; i++)
         free(t->chains[i].expected);
     free(t->chains);
-    free(t->slots);
+    for (int a = 0; a < SIGN_DIGEST_ALGS; a++)
+        free(t->tables[a].slots);
     pthread_mutex_destroy(&t->state_lock);
     pthread_rwlock_destroy(&t->table_lock);
     free(t);
@@ -302,14 +310,14 @@ static struct table_slot *find_slot(struct table_slot *slots, size_t cap, const 
             return &slots[i];
 }
 
-/* Called with table_lock held for writing: room for `more` entries at a load
- * of at most one half. */
-static int reserve(struct trust *t, uint64_t more)
+/* Called with table_lock held for writing: room for `more` entries in tb at
+ * a load of at most one half. */
+static int reserve(struct chunk_table *tb, uint64_t more)
 {
-    if (t->slot_cap && (t->slot_used + more) * 2 <= t->slot_cap)
+    if (tb->cap && (tb->used + more) * 2 <= tb->cap)
         return 0;
-    size_t cap = t->slot_cap ? t->slot_cap : 1024;
-    while ((t->slot_used + more) * 2 > cap) {
+    size_t cap = tb->cap ? tb->cap : 1024;
+    while ((tb->used + more) * 2 > cap) {
         if (cap > SIZE_MAX / 2 / sizeof(struct table_slot))
             return -ENOMEM;
         cap *= 2;
@@ -317,12 +325,12 @@ static int reserve(struct trust *t, uint64_t more)
     struct table_slot *slots = calloc(cap, sizeof(*slots));
     if (!slots)
         return -ENOMEM;
-    for (size_t i = 0; i < t->slot_cap; i++)
-        if (!chunk_hash_is_null(&t->slots[i].name))
-            *find_slot(slots, cap, &t->slots[i].name) = t->slots[i];
-    free(t->slots);
-    t->slots = slots;
-    t->slot_cap = cap;
+    for (size_t i = 0; i < tb->cap; i++)
+        if (!chunk_hash_is_null(&tb->slots[i].name))
+            *find_slot(slots, cap, &tb->slots[i].name) = tb->slots[i];
+    free(tb->slots);
+    tb->slots = slots;
+    tb->cap = cap;
     return 0;
 }
 
@@ -333,15 +341,16 @@ int trust_add_chunks(struct trust *t, const struct manifest *m, const struct ver
         return 0;
     int rc = 0;
     pthread_rwlock_wrlock(&t->table_lock);
-    rc = reserve(t, m->chunk_count);
+    struct chunk_table *tb = &t->tables[d->chunk_alg];
+    rc = reserve(tb, m->chunk_count);
     for (uint64_t i = 0; !rc && i < m->chunk_count; i++) {
         if (chunk_hash_is_null(&m->chunks[i]))
             continue;
-        struct table_slot *s = find_slot(t->slots, t->slot_cap, &m->chunks[i]);
+        struct table_slot *s = find_slot(tb->slots, tb->cap, &m->chunks[i]);
         if (chunk_hash_is_null(&s->name)) {
             s->name = m->chunks[i];
             s->digest = d->chunks[i];
-            t->slot_used++;
+            tb->used++;
         } else if (!sign_digest_equal(&s->digest, &d->chunks[i])) {
             char hex[CHUNK_HASH_HEX + 1];
             chunk_hash_to_hex(&m->chunks[i], hex);
@@ -355,28 +364,43 @@ int trust_add_chunks(struct trust *t, const struct manifest *m, const struct ver
     return rc;
 }
 
+bool trust_checks_chunks(const struct trust *t) { return t && t->mode == TRUST_SIGNED; }
+
 int trust_check_chunk(struct trust *t, const struct chunk_hash *hash, const void *data, size_t len)
 {
-    if (!t || t->mode != TRUST_SIGNED)
+    if (!trust_checks_chunks(t))
         return 0;
-    struct sign_digest want;
-    bool found = false;
+    struct sign_digest want[SIGN_DIGEST_ALGS];
+    bool found[SIGN_DIGEST_ALGS] = {false};
     pthread_rwlock_rdlock(&t->table_lock);
-    if (t->slot_cap) {
-        struct table_slot *s = find_slot(t->slots, t->slot_cap, hash);
+    for (int a = 0; a < SIGN_DIGEST_ALGS; a++) {
+        const struct chunk_table *tb = &t->tables[a];
+        if (!tb->cap)
+            continue;
+        const struct table_slot *s = find_slot(tb->slots, tb->cap, hash);
         if (!chunk_hash_is_null(&s->name)) {
-            want = s->digest;
-            found = true;
+            want[a] = s->digest;
+            found[a] = true;
         }
     }
     pthread_rwlock_unlock(&t->table_lock);
-    struct sign_digest got;
-    if (found)
-        sign_digest_compute(data, len, &got);
-    if (found && sign_digest_equal(&got, &want))
-        return 0;
-    atomic_fetch_add(&t->chunks_refused, 1);
-    return -EBADMSG;
+    /* Every signed digest the name has must match: a name signed under both
+     * algorithms (shared by versions with records of both kinds) could
+     * otherwise stand for two different chunks, one per record. */
+    int rc = -EBADMSG; /* no signed digest at all: refused */
+    for (int a = 0; a < SIGN_DIGEST_ALGS; a++) {
+        struct sign_digest got;
+        if (!found[a])
+            continue;
+        rc = sign_digest_compute_alg((enum sign_digest_alg)a, data, len, &got);
+        if (!rc && !sign_digest_equal(&got, &want[a]))
+            rc = -EBADMSG;
+        if (rc)
+            break;
+    }
+    if (rc == -EBADMSG)
+        atomic_fetch_add(&t->chunks_refused, 1);
+    return rc;
 }
 
 void trust_get_status(struct trust *t, struct trust_status *out)
@@ -395,7 +419,8 @@ void trust_get_status(struct trust *t, struct trust_status *out)
     out->stale = t->max_index_age > 0 && t->signed_time &&
                  difftime(time(NULL), (time_t)t->signed_time) > t->max_index_age;
     pthread_rwlock_rdlock(&t->table_lock);
-    out->chunk_digests = t->slot_used;
+    for (int a = 0; a < SIGN_DIGEST_ALGS; a++)
+        out->chunk_digests += t->tables[a].used;
     pthread_rwlock_unlock(&t->table_lock);
     out->chunks_refused = atomic_load(&t->chunks_refused);
 }

@@ -1,4 +1,5 @@
-/* A stored chunk (chunkfmt.h): header and payload, raw or zstd. */
+/* A stored chunk (chunkfmt.h): header and payload, raw or zstd; decoded with
+ * its name check, and unpacked without it (as a signed chunk is). */
 #include <stdlib.h>
 
 #include "chunkfmt.h"
@@ -13,5 +14,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         chunk_hash_compute(data + 16, size - 16, &want); /* sometimes right for raw chunks */
     chunkfmt_decode(data, size, out, CHUNK, &want);
     chunkfmt_decode(data, size, out, 4096, &want);
+    chunkfmt_unpack(data, size, out, CHUNK); /* the path of a chunk with a signed digest */
     return 0;
 }

@@ -82,6 +82,22 @@ exec 4>&-
 grep -q "Bad file descriptor" "$T/stale.err" || { cat "$T/stale.err"; fail "the stale control handle did not fail with EBADF"; }
 [ ! -e "$M/vms/stale.raw" ] || fail "the command written to a stale control handle was run"
 ok "a control handle from before a takeover fails with EBADF and runs nothing"
+
+# A new server that finds the repository's index malformed serves the index
+# kept from the last contact, as it does when the repository is unreachable.
+cp "$T/repo/index" "$T/index.good"
+printf 'garbage\n' > "$T/repo/index"
+old=$(stat_value "$M" daemon pid)
+kill -9 "$old"
+for _ in $(seq 100); do [ "$(stat_value "$M" daemon pid)" != "$old" ] && break; sleep 0.1; done
+[ "$(stat_value "$M" daemon pid)" != "$old" ] || fail "no new server after a kill -9 with a malformed index"
+[ -e "$M/bases/d.raw" ] || fail "bases/d.raw is gone after a takeover with a malformed index"
+dd if="$M/bases/d.raw" of="$T/first" bs=$CHUNK count=1 status=none || fail "cannot read bases/d.raw"
+cmp "$T/first" <(head -c $CHUNK "$T/img.raw") || fail "wrong bytes after a takeover with a malformed index"
+grep -q "malformed; using the index kept from the last contact" "${DAEMON_LOG[$M]}" ||
+    fail "the new server did not say that it uses the kept index"
+cp "$T/index.good" "$T/repo/index"
+ok "a takeover while the repository's index is malformed serves the kept index"
 umount_imgfs "$M"
 
 # Prefetch replay of an open VM disk resumes in the new process. A list of

@@ -194,6 +194,11 @@ static void test_damage(const unsigned char *data, size_t len, int level, int wa
     memset(&null_hash, 0, sizeof(null_hash));
     bad += decode(enc, enc_len, len, &null_hash, NULL) != -EBADMSG;
     CHECK(bad == 0);
+    /* unpack checks no hash (its caller checks a signed digest), but all the rest. */
+    unsigned char *unpacked = xmalloc(len);
+    CHECK(chunkfmt_unpack(enc, enc_len, unpacked, len) == 0 && memcmp(unpacked, data, len) == 0);
+    CHECK(chunkfmt_unpack(enc, enc_len, unpacked, len + 1) == -EBADMSG);
+    free(unpacked);
 
     /* Every truncation. Near both ends (and everywhere for small chunks)
      * the input is an exact-size copy; in the middle of a big chunk it is
@@ -206,6 +211,8 @@ static void test_damage(const unsigned char *data, size_t len, int level, int wa
             rc = decode(enc, n, len, &h, NULL);
         else
             rc = chunkfmt_decode(enc, n, out_once, len, &h);
+        if (rc == -EBADMSG && (enc_len <= 16384 || n < 256 || n + 256 > enc_len))
+            rc = chunkfmt_unpack(enc, n, out_once, len);
         if (rc != -EBADMSG && bad++ < 3)
             fprintf(stderr, "truncation to %zu of %zu: rc=%d\n", n, enc_len, rc);
     }

@@ -147,7 +147,8 @@ static void test_chain_and_chunks(const struct sign_keyring *ring)
     memset(bad, 8, sizeof(bad));
     chunk_hash_compute(data, sizeof(data), &m->chunks[0]);
     struct version_digests *d = digests_new(2);
-    sign_digest_compute(data, sizeof(data), &d->chunks[0]);
+    CHECK(d->chunk_alg == SIGN_DIGEST_SHA256); /* what new records use */
+    CHECK(sign_digest_compute_alg(d->chunk_alg, data, sizeof(data), &d->chunks[0]) == 0);
     CHECK(trust_add_chunks(t, m, d, err, sizeof(err)) == 0);
     CHECK(trust_check_chunk(t, &m->chunks[0], data, sizeof(data)) == 0);
     CHECK(trust_check_chunk(t, &m->chunks[0], bad, sizeof(bad)) == -EBADMSG);
@@ -159,6 +160,27 @@ static void test_chain_and_chunks(const struct sign_keyring *ring)
     struct trust_status st;
     trust_get_status(t, &st);
     CHECK(st.chunk_digests == 1 && st.chunks_refused == 2);
+
+    /* The same name in an older (BLAKE2b) record: both digests must match. */
+    struct version_digests *old = digests_new(2);
+    old->chunk_alg = SIGN_DIGEST_BLAKE2B;
+    sign_digest_compute(bad, sizeof(bad), &old->chunks[0]); /* other bytes under the old record */
+    CHECK(trust_add_chunks(t, m, old, err, sizeof(err)) == 0); /* another table: not a conflict yet */
+    CHECK(trust_check_chunk(t, &m->chunks[0], data, sizeof(data)) == -EBADMSG); /* SHA-256 fits, BLAKE2b not */
+    CHECK(trust_check_chunk(t, &m->chunks[0], bad, sizeof(bad)) == -EBADMSG);  /* BLAKE2b fits, SHA-256 not */
+    trust_destroy(t);
+    CHECK(trust_create(TRUST_SIGNED, ring, NULL, 0, &t, err, sizeof(err)) == 0);
+    sign_digest_compute(data, sizeof(data), &old->chunks[0]);
+    CHECK(trust_add_chunks(t, m, old, err, sizeof(err)) == 0); /* only the old record */
+    CHECK(trust_check_chunk(t, &m->chunks[0], data, sizeof(data)) == 0);
+    CHECK(trust_check_chunk(t, &m->chunks[0], bad, sizeof(bad)) == -EBADMSG);
+    CHECK(sign_digest_compute_alg(SIGN_DIGEST_SHA256, data, sizeof(data), &d->chunks[0]) == 0);
+    CHECK(trust_add_chunks(t, m, d, err, sizeof(err)) == 0); /* and a new one, agreeing */
+    CHECK(trust_check_chunk(t, &m->chunks[0], data, sizeof(data)) == 0);
+    CHECK(trust_check_chunk(t, &m->chunks[0], bad, sizeof(bad)) == -EBADMSG);
+    trust_get_status(t, &st);
+    CHECK(st.chunk_digests == 2);
+    digests_free(old);
     digests_free(d);
     manifest_free(m);
     trust_destroy(t);
@@ -166,6 +188,56 @@ static void test_chain_and_chunks(const struct sign_keyring *ring)
     CHECK(trust_create(TRUST_INSECURE, NULL, NULL, 0, &t, err, sizeof(err)) == 0);
     CHECK(trust_check_chunk(t, &unknown, bad, sizeof(bad)) == 0);
     trust_destroy(t);
+}
+
+static void check_hex(enum sign_digest_alg alg, const char *data, const char *want)
+{
+    struct sign_digest got;
+    char hex[SIGN_DIGEST_HEX + 1];
+    CHECK(sign_digest_compute_alg(alg, data, strlen(data), &got) == 0);
+    sign_digest_to_hex(&got, hex);
+    CHECK(strcmp(hex, want) == 0);
+}
+
+/* Known answers (FIPS 180-2 and RFC 7693's "abc"), and the two record
+ * versions: each parses, formats back to its own bytes, and names its
+ * algorithm; other spellings are refused. */
+static void test_digest_algorithms(void)
+{
+    check_hex(SIGN_DIGEST_SHA256, "abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    check_hex(SIGN_DIGEST_BLAKE2B, "abc", "bddd813c634239723171ef3fee98579b94964e3bb1cb3e427262c8c068d52319");
+    check_hex(SIGN_DIGEST_SHA256, "", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+
+    const char *hex = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    char v1[1024], v2[1024], bad[1024];
+    snprintf(v1, sizeof(v1), "imgfs-digests 1\nbase x 2\nmanifest %s\nprevious %s\nchunks 2\n%s\n0\n", hex, hex, hex);
+    snprintf(v2, sizeof(v2), "imgfs-digests 2\nbase x 2\nmanifest %s\nprevious %s\nchunk-digest sha256\nchunks 2\n%s\n0\n",
+             hex, hex, hex);
+    const char *texts[] = {v1, v2};
+    const enum sign_digest_alg algs[] = {SIGN_DIGEST_BLAKE2B, SIGN_DIGEST_SHA256};
+    char err[256];
+    for (int i = 0; i < 2; i++) {
+        struct version_digests *d = NULL;
+        char *out = NULL;
+        size_t len = 0;
+        CHECK(digests_parse(texts[i], strlen(texts[i]), &d, err, sizeof(err)) == 0);
+        CHECK(d && d->chunk_alg == algs[i] && d->chunk_count == 2);
+        CHECK(d && digests_format(d, &out, &len) == 0 && len == strlen(texts[i]) && memcmp(out, texts[i], len) == 0);
+        free(out);
+        digests_free(d);
+    }
+    const char *wrong[] = {"chunk-digest blake2b", "chunk-digest sha512", "chunk-digest sha256 ", ""};
+    for (size_t i = 0; i < sizeof(wrong) / sizeof(wrong[0]); i++) {
+        struct version_digests *d = NULL;
+        snprintf(bad, sizeof(bad), "imgfs-digests 2\nbase x 2\nmanifest %s\nprevious %s\n%s%schunks 2\n%s\n0\n", hex,
+                 hex, wrong[i], wrong[i][0] ? "\n" : "", hex);
+        CHECK(digests_parse(bad, strlen(bad), &d, err, sizeof(err)) == -EBADMSG && !d);
+    }
+    /* A version 1 record with an algorithm line is refused too. */
+    struct version_digests *d = NULL;
+    snprintf(bad, sizeof(bad), "imgfs-digests 1\nbase x 2\nmanifest %s\nprevious %s\nchunk-digest sha256\nchunks 2\n%s\n0\n",
+             hex, hex, hex);
+    CHECK(digests_parse(bad, strlen(bad), &d, err, sizeof(err)) == -EBADMSG && !d);
 }
 
 int main(void)
@@ -178,6 +250,7 @@ int main(void)
     test_signatures(&a, &b, &ring_a);
     test_sequence(&ring_a);
     test_chain_and_chunks(&ring_a);
+    test_digest_algorithms();
     char cmd[128];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
     if (system(cmd) != 0)
