@@ -180,8 +180,9 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     status_gauge(s, sec, "limit", "Cache size limit in bytes, 0 for none.", (double)usage.limit, 0);
     status_gauge(s, sec, "pinned_bytes", "Resident bytes that pre-copy pinned.", (double)usage.held_bytes, 0);
     status_counter(s, sec, "evictions", "Chunks evicted to stay under the limit.", usage.evictions);
-    status_gauge(s, sec, "open_files", "Open chunk files.", (double)usage.open_fds, 0);
-    status_counter(s, sec, "damaged_dropped", "Cache files dropped because they failed verification.",
+    status_gauge(s, sec, "packs", "Pack files that hold the cached chunks.", (double)usage.packs, 0);
+    status_gauge(s, sec, "open_files", "Open pack and index files.", (double)usage.open_fds, 0);
+    status_counter(s, sec, "damaged_dropped", "Cached chunks dropped because they failed verification.",
                    usage.dropped_damaged);
 
     sec = status_add_section(s, "fetch", NULL);
