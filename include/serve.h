@@ -24,6 +24,7 @@
 
 #include <fuse_lowlevel.h>
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "takeover.h"
 
@@ -42,6 +43,22 @@ void serve_prepare_signals(void);
  * operation that is not idempotent (create, unlink) treats "already done"
  * as done. Valid in an operation's handler, on its worker thread. */
 bool serve_request_is_resent(void);
+
+/* Serves se on the /dev/fuse descriptor fd through imgfs's own read, writev
+ * and splice hooks (fuse_session_custom_io) instead of fuse_session_mount()
+ * on /dev/fd/N. The writev hook is what lets an open reply carry flags that
+ * libfuse 3.14's struct fuse_file_info cannot express. Returns 0 or -errno. */
+int serve_attach(struct fuse_session *se, int fd);
+
+/* FOPEN_PARALLEL_DIRECT_WRITES (Linux 6.2): the kernel lets direct writes to
+ * one file that do not extend it run at once instead of taking the inode
+ * lock for each; without it a guest's queue of O_DIRECT writes to its disk
+ * reaches imgfs one at a time. */
+#define SERVE_FOPEN_PARALLEL_DIRECT_WRITES (1u << 6)
+/* Adds FOPEN_* flags to the open reply (fuse_reply_open or
+ * fuse_reply_create) that the calling thread sends next; any other reply
+ * it sends first clears them. Call just before replying. */
+void serve_add_open_flags(uint32_t flags);
 
 struct server *serve_create(struct fuse_session *se, struct takeover *t, unsigned threads);
 int serve_run(struct server *s);

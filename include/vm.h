@@ -39,7 +39,7 @@
  * (which control commands and stats take) may wait for a write_lock, and
  * write_lock and chain_lock are held across local layer I/O only: a write
  * that copies blocks up from the base first fetches those base chunks with
- * no lock held (vm_write), and reads take chain_lock only to map a range
+ * no lock held (vm_write; vm_write_start with no thread waiting), and reads take chain_lock only to map a range
  * and to build their reply from chunks already in hand (fs/ops.c).
  */
 #ifndef IMGFS_VM_H
@@ -155,13 +155,28 @@ int vm_remove_snapshot(struct vm_registry *reg, struct vm *vm, const char *snap,
 int vm_get_times(struct vm *vm, const struct vm_snapshot *snapshot, struct timespec *atime, struct timespec *mtime);
 int vm_set_times(struct vm *vm, const struct timespec times[2]);
 int vm_set_attr(struct vm_registry *reg, struct vm *vm, const mode_t *mode, const uid_t *uid, const gid_t *gid);
-int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unused, const char *path,
-              char *err, size_t errlen);
+/* Writes vm's export stream (format in vm.c: its own data and its base's
+ * identity, with a checksum trailer) to fd, from its current position.
+ * Writes to the VM wait meanwhile (write_lock), so fd should be a local
+ * file of the daemon's own, never a user's path. stop (may be NULL) is
+ * asked between pieces; when it says yes the export ends with -EINTR.
+ * The caller keeps the VM open (vm_open) so that it cannot be removed.
+ * 0, or a negative errno with one sentence in err; fd is not closed. */
+int vm_export(struct vm *vm, int fd, bool (*stop)(void *ctx), void *stop_ctx, char *err, size_t errlen);
 int vm_import(struct vm_registry *reg, const char *path, const char *name, struct vm **out, char *err,
               size_t errlen);
 
-/* I/O on a VM's live disk. */
+/* I/O on a VM's live disk. vm_write waits for the base chunks a copy-up
+ * needs; vm_write_start does not: it returns the write's result (0 or
+ * -errno) when it could be done at once, or VM_WRITE_PENDING when done(arg,
+ * result) will be called exactly once later, from a fetch engine thread,
+ * after the chunks came (or failed at their deadline: -EIO). buf is copied;
+ * the caller may reuse it when vm_write_start returns. */
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off);
+typedef void (*vm_write_done_fn)(void *arg, int result);
+#define VM_WRITE_PENDING 1
+int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off,
+                   vm_write_done_fn done, void *arg);
 int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len);
 int vm_flush(struct vm *vm);
 uint64_t vm_layer_bytes(struct vm *vm);

@@ -313,10 +313,8 @@ static int serve_main(int argc, char **argv, const char *env_text)
     struct fuse_session *se = fuse_session_new(&opts.fuse_args, &imgfs_ops, sizeof(imgfs_ops), &fs);
     if (!se)
         goto out;
-    char devfd[32];
-    snprintf(devfd, sizeof(devfd), "/dev/fd/%d", env.fuse_fd);
-    if (fuse_session_mount(se, devfd) != 0) {
-        fprintf(stderr, "imgfs: cannot serve the connection %s\n", devfd);
+    if (serve_attach(se, env.fuse_fd) != 0) {
+        fprintf(stderr, "imgfs: cannot serve the connection on descriptor %d\n", env.fuse_fd);
         goto out_session;
     }
     resume_connection(se, fs.takeover, env.fuse_fd);

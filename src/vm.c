@@ -1128,19 +1128,18 @@ static int write_partial(struct vm *vm, const struct held_chunks *held, const ch
     return layer_write(top, tmp, block_len, start);
 }
 
-/* Fetches the base chunks under the partial blocks at the two edges of a
- * write that no layer owns yet, with no VM lock held. Blocks only ever
- * become owned, so once the locks are taken at most these are needed. */
-static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off, size_t len, struct held_chunks *held)
+/* The base chunks under the partial blocks at the two edges of a write that
+ * no layer owns yet (at most two), noted in the trace like guest reads.
+ * Blocks only ever become owned, so once the locks are taken at most these
+ * are needed. */
+static int edge_chunks_wanted(struct vm *vm, uint64_t off, size_t len, uint64_t wanted[2])
 {
-    held->count = 0;
     const struct vm_base *base = vm->live.base;
     if (!base)
         return 0;
     const struct manifest *m = base->manifest;
     uint64_t end = off + len;
     uint64_t edges[2] = {off / LAYER_BLOCK_SIZE, (end - 1) / LAYER_BLOCK_SIZE};
-    uint64_t wanted[2];
     int count = 0;
     pthread_rwlock_rdlock(&vm->chain_lock);
     for (int e = 0; e < 2; e++) {
@@ -1156,18 +1155,24 @@ static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off
             trace_note(vm->trace, index);
     }
     pthread_rwlock_unlock(&vm->chain_lock);
-    for (int k = 0; k < count; k++) {
-        if (fetch_get(fetcher, &m->chunks[wanted[k]], m->chunk_size, FETCH_DEMAND, base->counters,
-                      &held->refs[k]) != 0) {
-            for (int i = 0; i < held->count; i++)
+    return count;
+}
+
+/* Fetches the edge chunks of a write, waiting, with no VM lock held. */
+static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off, size_t len, struct held_chunks *held)
+{
+    uint64_t wanted[2];
+    held->count = edge_chunks_wanted(vm, off, len, wanted);
+    const struct vm_base *base = vm->live.base;
+    for (int k = 0; k < held->count; k++) {
+        held->index[k] = wanted[k];
+        if (fetch_get(fetcher, &base->manifest->chunks[wanted[k]], base->manifest->chunk_size, FETCH_DEMAND,
+                      base->counters, &held->refs[k]) != 0) {
+            for (int i = 0; i < k; i++)
                 fetch_ref_release(fetcher, &held->refs[i]);
             held->count = 0;
             return -EIO;
         }
-        held->index[k] = wanted[k];
-        held->count = k + 1;
-        if (base->marks)
-            prefetch_note_read(base->marks, wanted[k], held->refs[k].hit);
     }
     return 0;
 }
@@ -1195,35 +1200,117 @@ static int write_locked(struct vm *vm, const struct held_chunks *held, const cha
     return rc;
 }
 
+/* Writes with the edge chunks in hand: takes the locks, writes, releases
+ * the chunks (and notes them as read by the guest). */
+static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks *chunks, const char *buf,
+                      size_t len, uint64_t off)
+{
+    /* Writes of other blocks go on in parallel; one that overlaps waits, so
+     * that a copy-up never mixes two writes of one block. */
+    struct range_held held;
+    range_lock_acquire(&vm->write_ranges, &held, off / LAYER_BLOCK_SIZE,
+                       (off + len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
+    pthread_rwlock_rdlock(&vm->write_lock);
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    int rc = write_locked(vm, chunks, buf, len, off);
+    pthread_rwlock_unlock(&vm->chain_lock);
+    pthread_rwlock_unlock(&vm->write_lock);
+    range_lock_release(&vm->write_ranges, &held);
+    const struct vm_base *base = vm->live.base;
+    for (int k = 0; k < chunks->count; k++) {
+        if (base && base->marks)
+            prefetch_note_read(base->marks, chunks->index[k], chunks->refs[k].hit);
+        fetch_ref_release(fetcher, &chunks->refs[k]);
+    }
+    /* -EAGAIN (a chunk not held) cannot happen: see edge_chunks_wanted. */
+    return rc == -EAGAIN ? -EIO : rc;
+}
+
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
 {
     if (off >= vm->live.size || len > vm->live.size - off)
         return -ENOSPC; /* a disk does not grow */
     if (len == 0)
         return 0;
-    int rc;
-    for (int attempt = 0;; attempt++) {
-        struct held_chunks chunks;
-        rc = hold_edge_chunks(vm, fetcher, off, len, &chunks);
-        if (rc)
-            return rc;
-        /* Writes of other blocks go on in parallel; one that overlaps waits,
-         * so that a copy-up never mixes two writes of one block. */
-        struct range_held held;
-        range_lock_acquire(&vm->write_ranges, &held, off / LAYER_BLOCK_SIZE,
-                           (off + len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
-        pthread_rwlock_rdlock(&vm->write_lock);
-        pthread_rwlock_rdlock(&vm->chain_lock);
-        rc = write_locked(vm, &chunks, buf, len, off);
-        pthread_rwlock_unlock(&vm->chain_lock);
-        pthread_rwlock_unlock(&vm->write_lock);
-        range_lock_release(&vm->write_ranges, &held);
-        for (int k = 0; k < chunks.count; k++)
-            fetch_ref_release(fetcher, &chunks.refs[k]);
-        if (rc != -EAGAIN || attempt == 3) /* -EAGAIN cannot happen (see hold_edge_chunks) */
-            break;
+    struct held_chunks chunks;
+    int rc = hold_edge_chunks(vm, fetcher, off, len, &chunks);
+    return rc ? rc : write_held(vm, fetcher, &chunks, buf, len, off);
+}
+
+/* A write waiting for its edge chunks. pending counts the fetches under way
+ * plus the starter's own reference; whoever drops it to 0 writes. */
+struct write_op {
+    struct vm *vm;
+    struct fetcher *fetcher;
+    struct held_chunks chunks;
+    atomic_int pending;
+    atomic_bool failed;
+    uint64_t off;
+    size_t len;
+    vm_write_done_fn done;
+    void *arg;
+    char buf[]; /* a copy of the data: the caller's is gone once it returns */
+};
+
+static int write_op_finish(struct write_op *op)
+{
+    if (!atomic_load(&op->failed))
+        return write_held(op->vm, op->fetcher, &op->chunks, op->buf, op->len, op->off);
+    for (int k = 0; k < op->chunks.count; k++)
+        fetch_ref_release(op->fetcher, &op->chunks.refs[k]);
+    return -EIO;
+}
+
+static void write_chunk_done(void *arg, int err)
+{
+    struct write_op *op = arg;
+    if (err)
+        atomic_store(&op->failed, true);
+    if (atomic_fetch_sub(&op->pending, 1) == 1) {
+        int rc = write_op_finish(op);
+        op->done(op->arg, rc);
+        free(op);
     }
-    return rc == -EAGAIN ? -EIO : rc;
+}
+
+int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off,
+                   vm_write_done_fn done, void *arg)
+{
+    if (off >= vm->live.size || len > vm->live.size - off)
+        return -ENOSPC;
+    if (len == 0)
+        return 0;
+    uint64_t wanted[2];
+    int count = edge_chunks_wanted(vm, off, len, wanted);
+    if (count == 0) {
+        struct held_chunks none = {.count = 0};
+        return write_held(vm, fetcher, &none, buf, len, off);
+    }
+    struct write_op *op = malloc(sizeof(*op) + len);
+    if (!op)
+        return -ENOMEM;
+    *op = (struct write_op){.vm = vm, .fetcher = fetcher, .off = off, .len = len, .done = done, .arg = arg};
+    memcpy(op->buf, buf, len);
+    atomic_init(&op->pending, 1 + count);
+    atomic_init(&op->failed, false);
+    op->chunks.count = count;
+    const struct vm_base *base = vm->live.base;
+    uint64_t deadline = fetch_deadline(fetcher);
+    for (int k = 0; k < count; k++) {
+        op->chunks.index[k] = wanted[k];
+        int rc = fetch_start(fetcher, &base->manifest->chunks[wanted[k]], base->manifest->chunk_size, FETCH_DEMAND,
+                             deadline, base->counters, &op->chunks.refs[k], write_chunk_done, op);
+        if (rc != FETCH_PENDING) {
+            if (rc < 0)
+                atomic_store(&op->failed, true);
+            atomic_fetch_sub(&op->pending, 1);
+        }
+    }
+    if (atomic_fetch_sub(&op->pending, 1) != 1)
+        return VM_WRITE_PENDING;
+    int rc = write_op_finish(op); /* every chunk was in hand: done here */
+    free(op);
+    return rc;
 }
 
 int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len)
@@ -1411,17 +1498,16 @@ int64_t vm_seek(struct vm *vm, const struct vm_snapshot *snap, uint64_t off, int
 #define EXPORT_PIECE (1u << 20)
 
 struct hashed_file {
-    FILE *f;
+    int fd;
     XXH3_state_t *state;
-    bool failed;
+    int error; /* the first write error (negative errno), then nothing is written */
 };
 
 static void hf_write(struct hashed_file *hf, const void *data, size_t len)
 {
-    if (hf->failed)
+    if (hf->error)
         return;
-    if (fwrite(data, 1, len, hf->f) != len)
-        hf->failed = true;
+    hf->error = write_full(hf->fd, data, len);
     XXH3_128bits_update(hf->state, data, len);
 }
 
@@ -1466,37 +1552,18 @@ static int export_extent(void *ctx, const struct disk_extent *e)
         bool zero = buffer_is_zero(w->piece, (size_t)e->len);
         write_record(w->hf, e->off, e->len, zero ? 1 : 0, zero ? NULL : w->piece);
     }
-    return rc;
+    return rc ? rc : w->hf->error;
 }
 
-int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unused, const char *path,
-              char *err, size_t errlen)
+int vm_export(struct vm *vm, int fd, bool (*stop)(void *ctx), void *stop_ctx, char *err, size_t errlen)
 {
-    (void)reg, (void)unused;
-    char tmp[PATH_MAX];
-    if (path[0] != '/') {
-        snprintf(err, errlen, "export path must be absolute");
-        return -EINVAL;
-    }
-    /* A new file, private to root (it holds the guest's data): nothing
-     * planted at the temp name is written through. */
-    int fd = create_temp_file(path, 0600, tmp);
-    if (fd < 0) {
-        snprintf(err, errlen, "cannot create a file next to %s: %s", path, strerror(-fd));
-        return fd;
-    }
-    struct hashed_file hf = {fdopen(fd, "wb"), XXH3_createState(), false};
-    if (!hf.f)
-        close(fd);
+    struct hashed_file hf = {fd, XXH3_createState(), 0};
     char *piece = malloc(EXPORT_PIECE);
-    if (!hf.f || !hf.state || !piece) {
-        int rc = hf.f ? -ENOMEM : -errno;
-        snprintf(err, errlen, "cannot create %s: %s", tmp, strerror(-rc));
-        if (hf.f)
-            fclose(hf.f), unlink(tmp);
+    if (!hf.state || !piece) {
+        snprintf(err, errlen, "out of memory");
         XXH3_freeState(hf.state);
         free(piece);
-        return rc;
+        return -ENOMEM;
     }
     XXH3_128bits_reset(hf.state);
     pthread_rwlock_wrlock(&vm->write_lock); /* a consistent image: no writes meanwhile */
@@ -1514,27 +1581,26 @@ int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unu
     n += snprintf(header + n, sizeof(header) - (size_t)n, "owner %u %u %o\ndata\n", (unsigned)vm->uid,
                   (unsigned)vm->gid, (unsigned)vm->mode);
     hf_write(&hf, header, (size_t)n);
-    int rc = 0;
+    int rc = hf.error;
     struct export_walk walk = {&hf, piece};
-    for (uint64_t pos = 0; pos < vm->live.size && !rc; pos += EXPORT_PIECE)
-        rc = disk_map(&vm->live, pos, EXPORT_PIECE, export_extent, &walk);
+    for (uint64_t pos = 0; pos < vm->live.size && !rc; pos += EXPORT_PIECE) {
+        if (stop && stop(stop_ctx))
+            rc = -EINTR;
+        else
+            rc = disk_map(&vm->live, pos, EXPORT_PIECE, export_extent, &walk);
+    }
     pthread_rwlock_unlock(&vm->chain_lock);
     pthread_rwlock_unlock(&vm->write_lock);
     write_record(&hf, UINT64_MAX, 0, 0xff, NULL);
     XXH128_canonical_t sum;
     XXH128_canonicalFromHash(&sum, XXH3_128bits_digest(hf.state));
-    if (!hf.failed && fwrite(sum.digest, 1, sizeof(sum.digest), hf.f) != sizeof(sum.digest))
-        hf.failed = true;
-    if (!rc && (hf.failed || fflush(hf.f) != 0 || fsync(fileno(hf.f)) != 0))
-        rc = -errno ? -errno : -EIO;
-    if (fclose(hf.f) != 0 && !rc)
-        rc = -errno;
-    if (!rc && rename(tmp, path) < 0)
-        rc = -errno;
-    if (rc) {
-        unlink(tmp);
-        snprintf(err, errlen, "cannot export VM %s to %s: %s", vm->name, path, strerror(-rc));
-    }
+    if (!rc && !hf.error)
+        hf.error = write_full(fd, sum.digest, sizeof(sum.digest));
+    if (!rc)
+        rc = hf.error;
+    if (rc)
+        snprintf(err, errlen, "cannot export VM %s: %s", vm->name,
+                 rc == -EINTR ? "interrupted" : strerror(-rc));
     XXH3_freeState(hf.state);
     free(piece);
     return rc;
