@@ -1,5 +1,6 @@
 #include "cache.h"
 
+#include <assert.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -16,21 +17,88 @@
 
 #include "util.h"
 
-#define CACHE_MARKER "imgfs-cache 1\n"
+#define CACHE_MARKER "imgfs-cache 2\n"
+#define CACHE_MARKER_V1 "imgfs-cache 1\n" /* one file per chunk under chunks/ */
 #define SHARD_COUNT 64
 #define INITIAL_BUCKETS 1024
+#define PACK_ALIGN 4096u /* chunks start on file system blocks: holes punch whole */
+#define DEFAULT_PACK_LIMIT (256ull << 20)
+
+/* ---- the on-disk index record ---------------------------------------------- */
+
+#define RECORD_MAGIC "ICR1"
+enum record_kind { RECORD_ADD = 1, RECORD_DROP = 2 };
+
+/* One line of a pack's index log, in host byte order (the cache is local to
+ * the host). check is the xxh3-128 of the 48 bytes before it, so a torn or
+ * garbled record is recognised and the log is cut there. */
+struct pack_record {
+    char magic[4];
+    uint32_t kind;
+    uint8_t hash[CHUNK_HASH_BYTES];
+    uint64_t off;
+    uint32_t len;
+    uint32_t reserved;
+    uint64_t time; /* unix seconds of the fill: the LRU age after a restart */
+    uint8_t check[CHUNK_HASH_BYTES];
+};
+_Static_assert(sizeof(struct pack_record) == 64, "index records are 64 bytes");
+
+static void record_seal(struct pack_record *r)
+{
+    struct chunk_hash h;
+    chunk_hash_compute(r, offsetof(struct pack_record, check), &h);
+    memcpy(r->check, h.bytes, sizeof(r->check));
+}
+
+static bool record_sound(const struct pack_record *r)
+{
+    struct chunk_hash h;
+    chunk_hash_compute(r, offsetof(struct pack_record, check), &h);
+    return memcmp(r->magic, RECORD_MAGIC, 4) == 0 && memcmp(r->check, h.bytes, sizeof(r->check)) == 0 &&
+           (r->kind == RECORD_ADD || r->kind == RECORD_DROP) && r->len > 0 && r->off % PACK_ALIGN == 0;
+}
+
+/* ---- packs ------------------------------------------------------------------- */
+
+/* A pack: packs/NNNNNNNN.pack holds chunk bytes, packs/NNNNNNNN.idx is its
+ * append-only index log. fd and idx_fd stay open, and the struct stays
+ * allocated, as long as live > 0 or the pack is the active one; that is
+ * what keeps a pin's fd valid. id and the fds never change; end and live
+ * are guarded by cache->pack_lock. */
+struct pack {
+    uint32_t id;
+    int fd;          /* chunk bytes, read and written with pread/pwrite */
+    int idx_fd;      /* O_APPEND: a 64-byte write() is one record */
+    uint64_t end;    /* next free offset (the active pack only appends) */
+    uint64_t live;   /* chunks resident in it, or being written into it */
+    atomic_uint_fast64_t idx_bytes; /* length of the index log, counted in cache->used */
+    struct pack *next;
+};
 
 enum entry_state {
     ENTRY_ABSENT,   /* not on disk (new entry, or dropped after damage) */
-    ENTRY_BUSY,     /* one caller is filling or verifying it; others wait */
-    ENTRY_RESIDENT, /* on disk; fd open when verified_open */
+    ENTRY_BUSY,     /* one caller is filling, verifying or evicting it; others wait */
+    ENTRY_RESIDENT, /* its bytes are at (pack, off); readable once verified */
 };
 
+/* Entry states and their transitions (shard lock held for each):
+ *   ABSENT   -> BUSY      cache_acquire() hands out the fill (CACHE_MUST_FILL)
+ *   BUSY     -> RESIDENT  cache_fill() stored it (verified: the caller checked)
+ *   BUSY     -> ABSENT    cache_abandon(), or a failed cache_fill()
+ *   RESIDENT -> BUSY      first use in this run: verify (-> RESIDENT, or drop
+ *                         and hand the fill to that caller), or eviction
+ *                         (-> ABSENT once its record is dropped and its
+ *                         bytes punched out)
+ * An entry is counted in resident_* and in its pack's live from the fill or
+ * the index load until it is dropped. A pinned or held entry is never
+ * evicted, so its pack, and the bytes at its offset, stay. */
 struct cache_entry {
     struct chunk_hash hash;
     struct cache_entry *next; /* bucket chain */
     uint64_t size;            /* bytes on disk when resident */
-    int fd;                   /* -1 unless open */
+    struct pack *pack;        /* where it is, when resident */
+    uint64_t off;
     uint64_t last_use;        /* LRU clock value of the last acquire */
     uint32_t pins;            /* readers using it right now */
     uint32_t holds;           /* pre-copy pin sets that include it */
@@ -39,7 +107,8 @@ struct cache_entry {
 };
 
 /* All fields of a shard, and of the entries hashed to it, are guarded by
- * its lock. changed is broadcast whenever an entry leaves ENTRY_BUSY. */
+ * its lock, which is never held across I/O. changed is broadcast whenever
+ * an entry leaves ENTRY_BUSY. */
 struct shard {
     pthread_mutex_t lock;
     pthread_cond_t changed;
@@ -48,18 +117,26 @@ struct shard {
     size_t entry_count;
     uint64_t resident_chunks;
     uint64_t resident_bytes;
-    uint64_t open_fds;
 };
 
 struct cache {
-    char dir[PATH_MAX - 128]; /* leaves room for "/chunks/XY/<hash>.tmp.N" */
-    uint64_t max_open_fds_per_shard;
+    char dir[PATH_MAX - 128]; /* leaves room for "/packs/NNNNNNNN.pack" */
     uint64_t limit;                /* bytes, 0 for none; set before use */
+    uint64_t pack_limit;           /* roll the active pack over beyond this; set before use */
     atomic_uint_fast64_t used;     /* resident bytes plus fills in progress */
-    atomic_uint_fast64_t clock;    /* LRU clock; starts above every file mtime */
+    atomic_uint_fast64_t clock;    /* LRU clock; starts above every record time */
     atomic_uint_fast64_t evictions;
     atomic_uint_fast64_t dropped_damaged;
-    pthread_mutex_t evict_lock;    /* one eviction pass at a time; held across unlinks */
+    pthread_mutex_t evict_lock;    /* one eviction pass at a time; held across punches */
+    /* pack_lock guards the pack list, active, next_id and every pack's end
+     * and live. It is taken after a shard lock is released, never with one
+     * held, and never held across I/O except the creation of the next pack
+     * file when the active one is full (once per pack_limit bytes). */
+    pthread_mutex_t pack_lock;
+    struct pack *packs;
+    struct pack *active; /* fills append here; never removed while active */
+    uint32_t next_id;
+    uint64_t pack_count;
     struct shard shards[SHARD_COUNT];
 };
 
@@ -114,7 +191,6 @@ static struct cache_entry *insert_entry(struct shard *s, const struct chunk_hash
     if (!e)
         return NULL;
     e->hash = *hash;
-    e->fd = -1;
     e->state = ENTRY_ABSENT;
     struct cache_entry **b = bucket_of(s, hash);
     e->next = *b;
@@ -123,71 +199,418 @@ static struct cache_entry *insert_entry(struct shard *s, const struct chunk_hash
     return e;
 }
 
-static void chunk_path(const struct cache *cache, const struct chunk_hash *hash, char *out, size_t len)
+static void pack_path(const struct cache *cache, uint32_t id, const char *ext, char *out, size_t len)
 {
-    char hex[CHUNK_HASH_HEX + 1];
-    chunk_hash_to_hex(hash, hex);
-    snprintf(out, len, "%s/chunks/%.2s/%s", cache->dir, hex, hex);
+    snprintf(out, len, "%s/packs/%08x.%s", cache->dir, id, ext);
 }
 
-/* Closes descriptors of unpinned chunks once a shard holds too many. */
-static void trim_open_fds(struct cache *cache, struct shard *s)
+static void pack_free(struct pack *p)
 {
-    if (s->open_fds <= cache->max_open_fds_per_shard)
-        return;
-    uint64_t target = cache->max_open_fds_per_shard * 3 / 4;
-    for (size_t i = 0; i < s->bucket_count && s->open_fds > target; i++) {
-        for (struct cache_entry *e = s->buckets[i]; e && s->open_fds > target; e = e->next) {
-            if (e->fd >= 0 && e->pins == 0) {
-                close(e->fd);
-                e->fd = -1;
-                s->open_fds--;
-            }
+    if (p->fd >= 0)
+        close(p->fd);
+    if (p->idx_fd >= 0)
+        close(p->idx_fd);
+    free(p);
+}
+
+/* Opens (create: makes, and refuses to reuse) the two files of pack id. */
+static int pack_open(struct cache *cache, uint32_t id, bool create, struct pack **out)
+{
+    char pack[PATH_MAX], idx[PATH_MAX];
+    pack_path(cache, id, "pack", pack, sizeof(pack));
+    pack_path(cache, id, "idx", idx, sizeof(idx));
+    struct pack *p = calloc(1, sizeof(*p));
+    if (!p)
+        return -ENOMEM;
+    p->id = id;
+    int flags = O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0);
+    /* The index first: a pack file without one is a leftover and removed. */
+    p->idx_fd = open(idx, O_RDWR | O_APPEND | flags, 0600);
+    p->fd = p->idx_fd < 0 ? -1 : open(pack, O_RDWR | flags, 0600);
+    if (p->fd < 0) {
+        int rc = -errno;
+        if (create && p->idx_fd >= 0)
+            unlink(idx);
+        pack_free(p);
+        return rc;
+    }
+    *out = p;
+    return 0;
+}
+
+/* Removes an empty pack that is no longer in the list. */
+static void pack_remove(struct cache *cache, struct pack *p)
+{
+    atomic_fetch_sub(&cache->used, atomic_load(&p->idx_bytes));
+    char path[PATH_MAX];
+    pack_path(cache, p->id, "pack", path, sizeof(path));
+    unlink(path);
+    pack_path(cache, p->id, "idx", path, sizeof(path));
+    unlink(path);
+    pack_free(p);
+}
+
+/* Unlinks p from the pack list if it is empty and not active (pack_lock
+ * held); returns it for pack_remove() once the lock is dropped. */
+static struct pack *unlist_if_empty(struct cache *cache, struct pack *p)
+{
+    if (p->live || p == cache->active)
+        return NULL;
+    for (struct pack **pp = &cache->packs; *pp; pp = &(*pp)->next) {
+        if (*pp == p) {
+            *pp = p->next;
+            cache->pack_count--;
+            return p;
         }
     }
+    return NULL;
 }
 
-/* ---- opening and scanning -------------------------------------------------- */
+/* One chunk fewer in p: the last one out of a full pack removes it. */
+static void pack_unref(struct cache *cache, struct pack *p)
+{
+    pthread_mutex_lock(&cache->pack_lock);
+    assert(p->live > 0);
+    p->live--;
+    struct pack *gone = unlist_if_empty(cache, p);
+    pthread_mutex_unlock(&cache->pack_lock);
+    if (gone)
+        pack_remove(cache, gone);
+}
 
-static int scan_subdir(struct cache *cache, const char *sub)
+/* Makes a fresh active pack (pack_lock held; the only I/O done under it). */
+static int roll_pack_locked(struct cache *cache, struct pack **old_empty)
+{
+    struct pack *p = NULL;
+    int rc;
+    do
+        rc = pack_open(cache, cache->next_id++, true, &p);
+    while (rc == -EEXIST); /* another process's pack: never share one */
+    if (rc)
+        return rc;
+    p->next = cache->packs;
+    cache->packs = p;
+    cache->pack_count++;
+    struct pack *old = cache->active;
+    cache->active = p;
+    *old_empty = old ? unlist_if_empty(cache, old) : NULL;
+    return 0;
+}
+
+/* Reserves len bytes at the end of the active pack, rolling it over when
+ * full. The pack counts the chunk as live from now on. */
+static int pack_alloc(struct cache *cache, uint64_t len, struct pack **pack, uint64_t *off)
+{
+    uint64_t span = (len + PACK_ALIGN - 1) / PACK_ALIGN * PACK_ALIGN;
+    struct pack *old_empty = NULL;
+    int rc = 0;
+    pthread_mutex_lock(&cache->pack_lock);
+    if (!cache->active || (cache->active->end && cache->active->end + span > cache->pack_limit))
+        rc = roll_pack_locked(cache, &old_empty);
+    if (!rc) {
+        *pack = cache->active;
+        *off = cache->active->end;
+        cache->active->end += span;
+        cache->active->live++;
+    }
+    pthread_mutex_unlock(&cache->pack_lock);
+    if (old_empty)
+        pack_remove(cache, old_empty);
+    return rc;
+}
+
+/* Appends one record to p's index log. Its bytes count against the limit
+ * like the chunks' (reserved: the caller's reserve() included them). */
+static int append_record(struct cache *cache, struct pack *p, enum record_kind kind, const struct chunk_hash *hash,
+                         uint64_t off, uint64_t len, uint64_t when, bool reserved)
+{
+    struct pack_record r = {.kind = kind, .off = off, .len = (uint32_t)len, .time = when};
+    memcpy(r.magic, RECORD_MAGIC, 4);
+    memcpy(r.hash, hash->bytes, sizeof(r.hash));
+    record_seal(&r);
+    ssize_t n = write(p->idx_fd, &r, sizeof(r));
+    if (n == (ssize_t)sizeof(r)) {
+        atomic_fetch_add(&p->idx_bytes, sizeof(r));
+        if (!reserved)
+            atomic_fetch_add(&cache->used, sizeof(r));
+        return 0;
+    }
+    return n < 0 ? -errno : -EIO;
+}
+
+/* Gives the disk blocks of a dropped chunk back. Best effort: on a file
+ * system without hole punching the space returns when the pack goes. */
+static void punch(struct pack *p, uint64_t off, uint64_t len)
+{
+    uint64_t span = (len + PACK_ALIGN - 1) / PACK_ALIGN * PACK_ALIGN;
+    fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)span);
+}
+
+/* Forgets the on-disk copy of a resident entry: a DROP record so that a
+ * restart does not bring it back, then its blocks. No lock held (the entry
+ * is BUSY); the caller then calls drop_resident() and pack_unref(). */
+static void discard_bytes(struct cache *cache, struct cache_entry *e)
+{
+    append_record(cache, e->pack, RECORD_DROP, &e->hash, e->off, e->size, 0, false);
+    punch(e->pack, e->off, e->size);
+}
+
+/* Forgets the on-disk copy of an entry that was counted as resident (shard
+ * lock held). Returns its pack, for pack_unref() once the lock is dropped. */
+static struct pack *drop_resident(struct cache *cache, struct shard *s, struct cache_entry *e)
+{
+    struct pack *p = e->pack;
+    s->resident_chunks--;
+    s->resident_bytes -= e->size;
+    atomic_fetch_sub(&cache->used, e->size);
+    e->size = 0;
+    e->pack = NULL;
+    e->off = 0;
+    e->verified = false;
+    return p;
+}
+
+/* Records an entry found on disk at open (single-threaded). Returns false
+ * when the chunk is already known from an earlier record. */
+static bool add_loaded(struct cache *cache, const struct chunk_hash *hash, struct pack *p, uint64_t off,
+                       uint64_t len, uint64_t when, int *rc)
+{
+    struct shard *s = shard_of(cache, hash);
+    struct cache_entry *e = find_entry(s, hash);
+    if (e && e->state == ENTRY_RESIDENT)
+        return false;
+    if (!e && !(e = insert_entry(s, hash))) {
+        *rc = -ENOMEM;
+        return false;
+    }
+    e->state = ENTRY_RESIDENT;
+    e->size = len;
+    e->pack = p;
+    e->off = off;
+    /* Across restarts, the fill time stands in for the last use. */
+    e->last_use = when;
+    p->live++;
+    s->resident_chunks++;
+    s->resident_bytes += len;
+    atomic_fetch_add(&cache->used, len);
+    return true;
+}
+
+/* ---- opening: the index logs, and the old layout ---------------------------- */
+
+/* Replays one pack's index log. A torn or garbled record ends the log (it
+ * is cut there, so later appends line up); a record that points past the
+ * end of the pack file is ignored (its bytes never made it). */
+static int load_pack(struct cache *cache, struct pack *p)
+{
+    struct stat st;
+    if (fstat(p->fd, &st) < 0)
+        return -errno;
+    uint64_t pack_size = (uint64_t)st.st_size;
+    p->end = (pack_size + PACK_ALIGN - 1) / PACK_ALIGN * PACK_ALIGN;
+    struct pack_record r;
+    off_t at = 0;
+    int rc = 0;
+    for (;; at += sizeof(r)) {
+        ssize_t n = pread(p->idx_fd, &r, sizeof(r), at);
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            break;
+        if (n != (ssize_t)sizeof(r) || !record_sound(&r)) {
+            log_warn("cache: pack %08x: index cut at a damaged record (byte %lld)", p->id, (long long)at);
+            if (ftruncate(p->idx_fd, at) < 0)
+                return -errno;
+            break;
+        }
+        atomic_fetch_add(&p->idx_bytes, sizeof(r));
+        atomic_fetch_add(&cache->used, sizeof(r));
+        struct chunk_hash hash;
+        memcpy(hash.bytes, r.hash, sizeof(hash.bytes));
+        struct shard *s = shard_of(cache, &hash);
+        struct cache_entry *e = find_entry(s, &hash);
+        if (r.kind == RECORD_DROP) {
+            if (e && e->state == ENTRY_RESIDENT && e->pack == p && e->off == r.off) {
+                drop_resident(cache, s, e);
+                e->state = ENTRY_ABSENT;
+                p->live--;
+            }
+            continue;
+        }
+        if (r.off + r.len > pack_size)
+            continue;
+        if (!add_loaded(cache, &hash, p, r.off, r.len, r.time, &rc)) {
+            if (rc)
+                return rc;
+            punch(p, r.off, r.len); /* a second copy: keep the first */
+        }
+    }
+    return 0;
+}
+
+static int by_id(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Loads every pack in id order (fill order), drops empty ones and leftovers
+ * of a crash between creating a pack's two files. */
+static int load_packs(struct cache *cache)
 {
     char path[PATH_MAX];
-    int err = path_join(path, sizeof(path), "%s/chunks/%s", cache->dir, sub);
-    if (err)
-        return err;
+    int rc = path_join(path, sizeof(path), "%s/packs", cache->dir);
+    if (rc)
+        return rc;
     DIR *d = opendir(path);
     if (!d)
         return -errno;
+    uint32_t *ids = NULL;
+    size_t count = 0, cap = 0;
     struct dirent *de;
     while ((de = readdir(d))) {
-        if (de->d_name[0] == '.')
+        unsigned id;
+        char ext[8], tail;
+        if (sscanf(de->d_name, "%8x.%4[a-z]%c", &id, ext, &tail) != 2 || strlen(de->d_name) < 12)
             continue;
-        struct chunk_hash hash;
-        struct stat st;
-        bool is_chunk = strlen(de->d_name) == CHUNK_HASH_HEX && chunk_hash_from_hex(de->d_name, &hash) == 0 &&
-                        fstatat(dirfd(d), de->d_name, &st, 0) == 0 && S_ISREG(st.st_mode) && st.st_size > 0;
-        if (!is_chunk) {
-            /* Leftover temp files of a crashed fill, or junk. */
-            if (strstr(de->d_name, ".tmp."))
-                unlinkat(dirfd(d), de->d_name, 0);
+        if (id + 1 > cache->next_id)
+            cache->next_id = id + 1;
+        if (strcmp(ext, "idx") != 0) {
+            char idx[PATH_MAX];
+            pack_path(cache, id, "idx", idx, sizeof(idx));
+            if (strcmp(ext, "pack") == 0 && access(idx, F_OK) < 0 && errno == ENOENT)
+                unlinkat(dirfd(d), de->d_name, 0); /* no index: nothing in it counts */
             continue;
         }
-        struct shard *s = shard_of(cache, &hash);
-        struct cache_entry *e = insert_entry(s, &hash);
-        if (!e) {
-            closedir(d);
-            return -ENOMEM;
+        if (count == cap) {
+            size_t grown = cap ? cap * 2 : 64;
+            uint32_t *more = realloc(ids, grown * sizeof(*ids));
+            if (!more) {
+                rc = -ENOMEM;
+                break;
+            }
+            ids = more;
+            cap = grown;
         }
-        e->state = ENTRY_RESIDENT;
-        e->size = (uint64_t)st.st_size;
-        /* Across restarts, the fill time stands in for the last use. */
-        e->last_use = (uint64_t)st.st_mtime;
-        s->resident_chunks++;
-        s->resident_bytes += e->size;
-        atomic_fetch_add(&cache->used, e->size);
+        ids[count++] = id;
     }
     closedir(d);
-    return 0;
+    if (count)
+        qsort(ids, count, sizeof(*ids), by_id);
+    for (size_t i = 0; i < count && !rc; i++) {
+        struct pack *p;
+        rc = pack_open(cache, ids[i], false, &p);
+        if (rc == -ENOENT) { /* an index without its pack */
+            pack_path(cache, ids[i], "idx", path, sizeof(path));
+            unlink(path);
+            rc = 0;
+            continue;
+        }
+        if (rc)
+            break;
+        p->next = cache->packs;
+        cache->packs = p;
+        cache->pack_count++;
+        rc = load_pack(cache, p);
+    }
+    free(ids);
+    for (struct pack **pp = &cache->packs; !rc && *pp;) {
+        struct pack *p = *pp;
+        if (p->live == 0) {
+            *pp = p->next;
+            cache->pack_count--;
+            pack_remove(cache, p);
+        } else {
+            pp = &p->next;
+        }
+    }
+    return rc;
+}
+
+/* Copies one chunk file of the old layout into the active pack. */
+static int import_file(struct cache *cache, int dirfd, const char *name, const struct chunk_hash *hash,
+                       const struct stat *st)
+{
+    struct shard *s = shard_of(cache, hash);
+    struct cache_entry *e = find_entry(s, hash);
+    if (e && e->state == ENTRY_RESIDENT)
+        return 0; /* imported before a crash, or also in a pack */
+    int in = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
+    if (in < 0)
+        return -errno;
+    uint64_t len = (uint64_t)st->st_size;
+    struct pack *p;
+    uint64_t off;
+    int rc = pack_alloc(cache, len, &p, &off);
+    if (rc) {
+        close(in);
+        return rc;
+    }
+    loff_t src = 0, dst = (loff_t)off;
+    while (!rc && (uint64_t)src < len) {
+        ssize_t n = copy_file_range(in, &src, p->fd, &dst, (size_t)(len - (uint64_t)src), 0);
+        rc = n < 0 ? -errno : n == 0 ? -EIO : 0;
+    }
+    close(in);
+    if (!rc)
+        rc = append_record(cache, p, RECORD_ADD, hash, off, len, (uint64_t)st->st_mtime, false);
+    if (rc) {
+        punch(p, off, len);
+        pack_unref(cache, p);
+        return rc;
+    }
+    p->live--; /* add_loaded counts it again */
+    add_loaded(cache, hash, p, off, len, (uint64_t)st->st_mtime, &rc);
+    return rc;
+}
+
+/* The old layout (imgfs-cache 1): one file per chunk under chunks/XY/. Each
+ * file is copied into a pack and then removed, so a crash half-way only
+ * leaves files to import at the next open. Imported chunks are verified on
+ * first use like every other; a file that cannot be imported is dropped
+ * (it is fetched again when needed). */
+static int import_old_layout(struct cache *cache)
+{
+    char path[PATH_MAX];
+    int rc = path_join(path, sizeof(path), "%s/chunks", cache->dir);
+    if (rc)
+        return rc;
+    struct stat st;
+    if (stat(path, &st) < 0)
+        return errno == ENOENT ? 0 : -errno;
+    uint64_t imported = 0, dropped = 0;
+    for (int i = 0; i < 256 && !rc; i++) {
+        char sub[PATH_MAX];
+        if ((rc = path_join(sub, sizeof(sub), "%s/chunks/%02x", cache->dir, i)))
+            break;
+        DIR *d = opendir(sub);
+        if (!d)
+            continue;
+        struct dirent *de;
+        while ((de = readdir(d)) && !rc) {
+            if (de->d_name[0] == '.')
+                continue;
+            struct chunk_hash hash;
+            bool is_chunk = strlen(de->d_name) == CHUNK_HASH_HEX && chunk_hash_from_hex(de->d_name, &hash) == 0 &&
+                            fstatat(dirfd(d), de->d_name, &st, 0) == 0 && S_ISREG(st.st_mode) && st.st_size > 0;
+            int err = is_chunk ? import_file(cache, dirfd(d), de->d_name, &hash, &st) : -EINVAL;
+            if (err == -ENOMEM)
+                rc = err;
+            else if (err)
+                dropped++;
+            else
+                imported++;
+            unlinkat(dirfd(d), de->d_name, 0);
+        }
+        closedir(d);
+        rmdir(sub);
+    }
+    if (!rc && rmdir(path) < 0 && errno != ENOENT)
+        log_warn("cache: cannot remove %s after the import: %s", path, strerror(errno));
+    if (!rc && (imported || dropped))
+        log_info("cache: imported %llu chunk files of the old layout into packs (%llu dropped)",
+                 (unsigned long long)imported, (unsigned long long)dropped);
+    return rc;
 }
 
 static int prepare_dir(const char *dir, char *err, size_t errlen)
@@ -204,25 +627,20 @@ static int prepare_dir(const char *dir, char *err, size_t errlen)
         return rc;
     }
     rc = check_marker_file(path, CACHE_MARKER);
-    if (rc == 0)
-        return 0;
+    if (rc == -EBADMSG && check_marker_file(path, CACHE_MARKER_V1) == 0)
+        rc = 0; /* the old layout: imported once the packs are loaded */
     if (rc == -EBADMSG) {
         snprintf(err, errlen, "cache directory %s has an unsupported imgfs-cache marker", dir);
         return rc;
     }
-    if (rc != -ENOENT) {
+    if (rc && rc != -ENOENT) {
         snprintf(err, errlen, "cannot read the imgfs-cache marker in %s: %s", dir, strerror(-rc));
         return rc;
     }
-    rc = 0;
-    for (int i = 0; i < 256 && !rc; i++) {
-        char sub[PATH_MAX];
-        rc = path_join(sub, sizeof(sub), "%s/chunks/%02x", dir, i);
-        if (!rc)
-            rc = mkdir_p(sub);
-    }
+    char packs[PATH_MAX];
+    rc = path_join(packs, sizeof(packs), "%s/packs", dir);
     if (!rc)
-        rc = write_file_atomic(path, CACHE_MARKER, strlen(CACHE_MARKER));
+        rc = mkdir_p(packs);
     if (rc)
         snprintf(err, errlen, "cannot set up cache directory %s: %s", dir, strerror(-rc));
     return rc;
@@ -243,20 +661,16 @@ int cache_open(const char *dir, struct cache **out, char *err, size_t errlen)
         return -ENOMEM;
     }
     snprintf(cache->dir, sizeof(cache->dir), "%s", dir);
-    /* Keep open chunk files within half of what the process may open. */
+    cache->pack_limit = DEFAULT_PACK_LIMIT;
+    /* Each pack keeps two descriptors open for the life of the cache. */
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
-    uint64_t limit = getrlimit(RLIMIT_NOFILE, &rl) == 0 ? (uint64_t)rl.rlim_cur : 1024;
-    if (limit > 1u << 20)
-        limit = 1u << 20;
-    cache->max_open_fds_per_shard = limit / 2 / SHARD_COUNT;
     atomic_store(&cache->clock, (uint64_t)time(NULL) + 1);
     pthread_mutex_init(&cache->evict_lock, NULL);
-    if (cache->max_open_fds_per_shard < 4)
-        cache->max_open_fds_per_shard = 4;
+    pthread_mutex_init(&cache->pack_lock, NULL);
     for (int i = 0; i < SHARD_COUNT; i++) {
         struct shard *s = &cache->shards[i];
         pthread_mutex_init(&s->lock, NULL);
@@ -269,13 +683,15 @@ int cache_open(const char *dir, struct cache **out, char *err, size_t errlen)
             return -ENOMEM;
         }
     }
-    for (int i = 0; i < 256 && !rc; i++) {
-        char sub[3];
-        snprintf(sub, sizeof(sub), "%02x", i);
-        rc = scan_subdir(cache, sub);
-    }
+    rc = load_packs(cache);
+    if (!rc)
+        rc = import_old_layout(cache);
+    char marker[PATH_MAX];
+    if (!rc && (rc = path_join(marker, sizeof(marker), "%s/imgfs-cache", dir)) == 0 &&
+        check_marker_file(marker, CACHE_MARKER) != 0)
+        rc = write_file_atomic(marker, CACHE_MARKER, strlen(CACHE_MARKER));
     if (rc) {
-        snprintf(err, errlen, "cannot scan cache directory %s: %s", dir, strerror(-rc));
+        snprintf(err, errlen, "cannot load cache directory %s: %s", dir, strerror(-rc));
         cache_close(cache);
         return rc;
     }
@@ -293,8 +709,6 @@ void cache_close(struct cache *cache)
             struct cache_entry *e = s->buckets[b];
             while (e) {
                 struct cache_entry *next = e->next;
-                if (e->fd >= 0)
-                    close(e->fd);
                 free(e);
                 e = next;
             }
@@ -303,51 +717,41 @@ void cache_close(struct cache *cache)
         pthread_mutex_destroy(&s->lock);
         pthread_cond_destroy(&s->changed);
     }
+    while (cache->packs) {
+        struct pack *p = cache->packs;
+        cache->packs = p->next;
+        if (p->live == 0 && p->end == 0)
+            pack_remove(cache, p); /* the active pack of a run that stored nothing */
+        else
+            pack_free(p);
+    }
     pthread_mutex_destroy(&cache->evict_lock);
+    pthread_mutex_destroy(&cache->pack_lock);
     free(cache);
 }
 
+void cache_set_pack_limit(struct cache *cache, uint64_t bytes) { cache->pack_limit = bytes ? bytes : 1; }
+
 /* ---- acquire / fill / release ---------------------------------------------- */
 
-/* Opens a resident chunk and, the first time in this run, checks its bytes
- * against the hash. Runs without the shard lock (the entry is BUSY). */
-static int open_and_verify(struct cache *cache, struct cache_entry *e, uint32_t chunk_size, int *fd_out)
+/* Checks a resident chunk's bytes against its hash, the first time in this
+ * run. Runs without the shard lock (the entry is BUSY). */
+static int verify_resident(struct cache_entry *e, uint32_t chunk_size)
 {
-    char path[PATH_MAX];
-    chunk_path(cache, &e->hash, path, sizeof(path));
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    if (!e->verified) {
-        struct stat st;
-        char *buf = NULL;
-        int rc = fstat(fd, &st) < 0 ? -errno : 0;
-        if (!rc && (uint64_t)st.st_size != chunk_size)
+    if (e->size != chunk_size)
+        return -EBADMSG;
+    char *buf = malloc(chunk_size);
+    if (!buf)
+        return -ENOMEM;
+    int rc = read_full_at(e->pack->fd, buf, chunk_size, (off_t)e->off);
+    if (!rc) {
+        struct chunk_hash got;
+        chunk_hash_compute(buf, chunk_size, &got);
+        if (!chunk_hash_equal(&got, &e->hash))
             rc = -EBADMSG;
-        if (!rc && !(buf = malloc(chunk_size)))
-            rc = -ENOMEM;
-        if (!rc)
-            rc = read_full_at(fd, buf, chunk_size, 0);
-        if (!rc) {
-            struct chunk_hash got;
-            chunk_hash_compute(buf, chunk_size, &got);
-            if (!chunk_hash_equal(&got, &e->hash))
-                rc = -EBADMSG;
-        }
-        free(buf);
-        if (rc) {
-            close(fd);
-            if (rc == -EBADMSG || rc == -ENODATA) {
-                unlink(path);
-                atomic_fetch_add(&cache->dropped_damaged, 1);
-                log_warn("cache: dropped damaged chunk file %s", path);
-                return -EBADMSG;
-            }
-            return rc;
-        }
     }
-    *fd_out = fd;
-    return 0;
+    free(buf);
+    return rc == -ENODATA ? -EBADMSG : rc; /* short: cut off by a crash */
 }
 
 static int wait_until(struct shard *s, uint64_t deadline_ns)
@@ -355,14 +759,12 @@ static int wait_until(struct shard *s, uint64_t deadline_ns)
     return cond_wait_until(&s->changed, &s->lock, deadline_ns) == ETIMEDOUT ? -ETIMEDOUT : 0;
 }
 
-/* Forgets the on-disk copy of an entry that was counted as resident. */
-static void drop_resident(struct cache *cache, struct shard *s, struct cache_entry *e)
+static void pin_resident(struct cache *cache, struct cache_entry *e, struct cache_pin *pin)
 {
-    s->resident_chunks--;
-    s->resident_bytes -= e->size;
-    atomic_fetch_sub(&cache->used, e->size);
-    e->size = 0;
-    e->verified = false;
+    e->last_use = atomic_fetch_add(&cache->clock, 1);
+    pin->entry = e;
+    pin->fd = e->pack->fd;
+    pin->off = e->off;
 }
 
 int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t chunk_size,
@@ -377,12 +779,9 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
     }
     pin->waited = false;
     for (;;) {
-        if (e->state == ENTRY_RESIDENT && e->fd >= 0) {
-            e->last_use = atomic_fetch_add(&cache->clock, 1);
+        if (e->state == ENTRY_RESIDENT && e->verified) {
             e->pins++;
-            pin->entry = e;
-            pin->fd = e->fd;
-            pin->off = 0;
+            pin_resident(cache, e, pin);
             pthread_mutex_unlock(&s->lock);
             return CACHE_HIT;
         }
@@ -391,46 +790,52 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
             e->pins++;
             pin->entry = e;
             pin->fd = -1;
+            pin->off = 0;
             pthread_mutex_unlock(&s->lock);
             return CACHE_MUST_FILL;
         }
         if (e->state == ENTRY_RESIDENT) {
-            /* On disk but not open: open (and verify) it without the lock. */
+            /* In a pack but not checked in this run: verify it without the lock. */
             e->state = ENTRY_BUSY;
             e->pins++;
             pthread_mutex_unlock(&s->lock);
-            int fd = -1;
-            int rc = open_and_verify(cache, e, chunk_size, &fd);
+            int rc = verify_resident(e, chunk_size);
+            if (rc == -EBADMSG) {
+                atomic_fetch_add(&cache->dropped_damaged, 1);
+                char hex[CHUNK_HASH_HEX + 1];
+                chunk_hash_to_hex(&e->hash, hex);
+                log_warn("cache: dropped damaged chunk %s (pack %08x, offset %llu)", hex, e->pack->id,
+                         (unsigned long long)e->off);
+            }
+            if (rc)
+                discard_bytes(cache, e);
             pthread_mutex_lock(&s->lock);
             if (rc == 0) {
                 e->state = ENTRY_RESIDENT;
-                e->last_use = atomic_fetch_add(&cache->clock, 1);
                 e->verified = true;
-                e->fd = fd;
-                s->open_fds++;
-                pin->entry = e;
-                pin->fd = fd;
-                pin->off = 0;
-                trim_open_fds(cache, s);
+                pin_resident(cache, e, pin);
                 pthread_cond_broadcast(&s->changed);
                 pthread_mutex_unlock(&s->lock);
                 return CACHE_HIT;
             }
-            drop_resident(cache, s, e);
-            if (rc == -EBADMSG || rc == -ENOENT) {
-                /* Damaged or vanished: this caller fetches it afresh. */
+            struct pack *p = drop_resident(cache, s, e);
+            pin->fd = -1;
+            pin->off = 0;
+            if (rc == -EBADMSG) {
+                /* Damaged: this caller fetches it afresh (the entry stays BUSY). */
                 pin->entry = e;
-                pin->fd = -1;
                 pthread_mutex_unlock(&s->lock);
+                pack_unref(cache, p);
                 return CACHE_MUST_FILL;
             }
             e->state = ENTRY_ABSENT;
             e->pins--;
             pthread_cond_broadcast(&s->changed);
             pthread_mutex_unlock(&s->lock);
+            pack_unref(cache, p);
             return rc;
         }
-        /* ENTRY_BUSY: somebody else is filling or verifying it. */
+        /* ENTRY_BUSY: somebody else is filling, verifying or evicting it. */
         pin->waited = true;
         if (wait_until(s, deadline_ns) == -ETIMEDOUT && e->state == ENTRY_BUSY) {
             pthread_mutex_unlock(&s->lock);
@@ -453,7 +858,9 @@ static int by_last_use(const void *a, const void *b)
 }
 
 /* Removes least recently used, unpinned chunks until at most target bytes
- * are used. Returns the number evicted. Caller holds evict_lock. */
+ * are used: each gets a DROP record and its blocks punched out of its pack,
+ * and a full pack whose last chunk goes is removed. Returns the number
+ * evicted. Caller holds evict_lock. */
 static uint64_t evict_to(struct cache *cache, uint64_t target)
 {
     size_t cap = 0, count = 0;
@@ -490,21 +897,15 @@ static uint64_t evict_to(struct cache *cache, uint64_t target)
             pthread_mutex_unlock(&s->lock);
             continue;
         }
-        e->state = ENTRY_BUSY; /* readers wait while the file goes */
-        if (e->fd >= 0) {
-            close(e->fd);
-            e->fd = -1;
-            s->open_fds--;
-        }
+        e->state = ENTRY_BUSY; /* readers wait while its bytes go */
         pthread_mutex_unlock(&s->lock);
-        char path[PATH_MAX];
-        chunk_path(cache, &e->hash, path, sizeof(path));
-        unlink(path);
+        discard_bytes(cache, e);
         pthread_mutex_lock(&s->lock);
-        drop_resident(cache, s, e);
+        struct pack *p = drop_resident(cache, s, e);
         e->state = ENTRY_ABSENT;
         pthread_cond_broadcast(&s->changed);
         pthread_mutex_unlock(&s->lock);
+        pack_unref(cache, p);
         evicted++;
     }
     free(list);
@@ -545,43 +946,45 @@ void cache_set_limit(struct cache *cache, uint64_t limit)
     }
 }
 
-static int write_chunk_file(const char *tmp, const char *path, const void *data, size_t len, int *fd_out)
+/* Appends a chunk to the active pack: its bytes, then its ADD record. The
+ * record is written only once the bytes are, so after a kill -9 a record
+ * never points at a half-written chunk; after a power loss it might (no
+ * fsync), which the verification on first use catches. */
+static int store(struct cache *cache, const struct chunk_hash *hash, const void *data, size_t len,
+                 struct pack **pack, uint64_t *off)
 {
-    int fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return -errno;
-    int rc = write_full_at(fd, data, len, 0);
-    if (!rc && rename(tmp, path) < 0)
-        rc = -errno;
-    if (rc) {
-        close(fd);
-        unlink(tmp);
+    int rc = pack_alloc(cache, len, pack, off);
+    if (rc)
         return rc;
+    rc = write_full_at((*pack)->fd, data, len, (off_t)*off);
+    if (!rc)
+        rc = append_record(cache, *pack, RECORD_ADD, hash, *off, len, (uint64_t)time(NULL), true);
+    if (rc) {
+        punch(*pack, *off, len);
+        pack_unref(cache, *pack);
     }
-    *fd_out = fd;
-    return 0;
+    return rc;
 }
 
 int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, size_t len)
 {
     struct cache_entry *e = pin->entry;
-    char path[PATH_MAX], tmp[PATH_MAX + 32];
-    chunk_path(cache, &e->hash, path, sizeof(path));
-    snprintf(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)gettid());
-    int fd = -1;
-    int rc = reserve(cache, len);
+    struct pack *pack = NULL;
+    uint64_t off = 0;
+    const uint64_t need = len + sizeof(struct pack_record); /* the chunk and its ADD record */
+    int rc = reserve(cache, need);
     if (!rc) {
-        rc = write_chunk_file(tmp, path, data, len, &fd);
+        rc = store(cache, &e->hash, data, len, &pack, &off);
         if (rc == -ENOSPC || rc == -EDQUOT) {
             /* The cache's file system is full: make room and retry once. */
             uint64_t used = atomic_load(&cache->used);
             pthread_mutex_lock(&cache->evict_lock);
             evict_to(cache, used - used / 10);
             pthread_mutex_unlock(&cache->evict_lock);
-            rc = write_chunk_file(tmp, path, data, len, &fd);
+            rc = store(cache, &e->hash, data, len, &pack, &off);
         }
         if (rc)
-            atomic_fetch_sub(&cache->used, len);
+            atomic_fetch_sub(&cache->used, need);
     }
     if (rc) {
         cache_abandon(cache, pin);
@@ -591,15 +994,12 @@ int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, siz
     pthread_mutex_lock(&s->lock);
     e->state = ENTRY_RESIDENT;
     e->verified = true; /* the caller verified the bytes it gave us */
-    e->last_use = atomic_fetch_add(&cache->clock, 1);
     e->size = len;
-    e->fd = fd;
-    s->open_fds++;
+    e->pack = pack;
+    e->off = off;
     s->resident_chunks++;
     s->resident_bytes += len;
-    pin->fd = fd;
-    pin->off = 0;
-    trim_open_fds(cache, s);
+    pin_resident(cache, e, pin);
     pthread_cond_broadcast(&s->changed);
     pthread_mutex_unlock(&s->lock);
     return 0;
@@ -616,6 +1016,7 @@ void cache_abandon(struct cache *cache, struct cache_pin *pin)
     pthread_mutex_unlock(&s->lock);
     pin->entry = NULL;
     pin->fd = -1;
+    pin->off = 0;
 }
 
 void cache_release(struct cache *cache, struct cache_pin *pin)
@@ -629,6 +1030,7 @@ void cache_release(struct cache *cache, struct cache_pin *pin)
     pthread_mutex_unlock(&s->lock);
     pin->entry = NULL;
     pin->fd = -1;
+    pin->off = 0;
 }
 
 bool cache_contains(struct cache *cache, const struct chunk_hash *hash)
@@ -664,7 +1066,6 @@ void cache_get_usage(struct cache *cache, struct cache_usage *out)
         pthread_mutex_lock(&s->lock);
         out->chunks += s->resident_chunks;
         out->bytes += s->resident_bytes;
-        out->open_fds += s->open_fds;
         /* Held bytes are only needed for status, so they are counted here. */
         for (size_t b = 0; b < s->bucket_count; b++)
             for (struct cache_entry *e = s->buckets[b]; e; e = e->next)
@@ -672,7 +1073,28 @@ void cache_get_usage(struct cache *cache, struct cache_usage *out)
                     out->held_bytes += e->size;
         pthread_mutex_unlock(&s->lock);
     }
+    pthread_mutex_lock(&cache->pack_lock);
+    out->packs = cache->pack_count;
+    pthread_mutex_unlock(&cache->pack_lock);
+    out->open_fds = out->packs * 2;
     out->dropped_damaged = atomic_load(&cache->dropped_damaged);
     out->limit = cache->limit;
     out->evictions = atomic_load(&cache->evictions);
+}
+
+int cache_locate(struct cache *cache, const struct chunk_hash *hash, char *path, size_t path_len, uint64_t *off,
+                 uint64_t *len)
+{
+    struct shard *s = shard_of(cache, hash);
+    pthread_mutex_lock(&s->lock);
+    struct cache_entry *e = find_entry(s, hash);
+    int rc = -ENOENT;
+    if (e && e->state == ENTRY_RESIDENT) {
+        pack_path(cache, e->pack->id, "pack", path, path_len);
+        *off = e->off;
+        *len = e->size;
+        rc = 0;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return rc;
 }

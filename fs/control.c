@@ -1,10 +1,13 @@
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "fs.h"
 #include "util.h"
@@ -89,7 +92,9 @@ static int start_precopy(struct imgfs *fs, char **f, char *err, size_t errlen)
     return rc;
 }
 
-static int stop_trace(struct imgfs *fs, struct vm *vm, const char *path, char *err, size_t errlen)
+/* trace-stop: the list goes back to imgfsctl after the answer line, which
+ * writes it where the operator asked (the daemon writes no user file). */
+static int stop_trace(struct imgfs *fs, struct vm *vm, struct control_answer *out, char *err, size_t errlen)
 {
     struct chunk_trace *t = vm_trace_stop(vm);
     if (!t) {
@@ -107,14 +112,113 @@ static int stop_trace(struct imgfs *fs, struct vm *vm, const char *path, char *e
         rc = list_format(list, &text, &len);
         list_free(list);
     }
-    if (!rc && path[0] != '/')
-        rc = -EINVAL;
-    if (!rc)
-        rc = write_file_atomic(path, text, len);
+    char *answer = rc ? NULL : reply("ok %zu\n", len);
+    size_t head = answer ? strlen(answer) : 0;
+    char *whole = answer ? realloc(answer, head + len + 1) : NULL;
+    if (!whole) {
+        free(answer);
+        free(text);
+        snprintf(err, errlen, "cannot make the trace list of VM %s: %s", vm_name(vm), strerror(rc ? -rc : ENOMEM));
+        return rc ? rc : -ENOMEM;
+    }
+    memcpy(whole + head, text, len);
+    whole[head + len] = '\0';
     free(text);
-    if (rc)
-        snprintf(err, errlen, "cannot write the trace to %s: %s", path, strerror(-rc));
-    return rc;
+    out->text = whole;
+    out->len = head + len;
+    return 0;
+}
+
+static int stage_export(struct imgfs *fs, const char *name, bool (*stop)(void *ctx), void *stop_ctx, int *fd_out,
+                        uint64_t *size_out, char **answer)
+{
+    char err[512] = "";
+    /* Open, so that vm rm refuses it (EBUSY) while it is read. */
+    struct vm *vm = vm_find(fs->vms, name);
+    if (!vm || vm_open(vm, NULL) != 0) {
+        *answer = reply("error VM %s does not exist\n", name);
+        return -ENOENT;
+    }
+    /* Staged in an unnamed file of the state directory: the daemon's own
+     * disk, so that no user's path can hold it up; a crash leaves nothing. */
+    int fd = open(fs->opts->state_dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR)) {
+        char tmp[PATH_MAX];
+        if (path_join(tmp, sizeof(tmp), "%s/.export-XXXXXX", fs->opts->state_dir) == 0 &&
+            (fd = mkostemp(tmp, O_CLOEXEC)) >= 0)
+            unlink(tmp);
+    }
+    int rc = 0;
+    if (fd < 0) {
+        rc = -errno;
+        snprintf(err, sizeof(err), "cannot stage the export of VM %s in %s: %s", name, fs->opts->state_dir,
+                 strerror(errno));
+    }
+    if (!rc)
+        rc = vm_export(vm, fd, stop, stop_ctx, err, sizeof(err));
+    vm_close(vm, NULL);
+    off_t size = rc ? -1 : lseek(fd, 0, SEEK_CUR);
+    if (!rc && size < 0) {
+        rc = -errno;
+        snprintf(err, sizeof(err), "cannot export VM %s: %s", name, strerror(errno));
+    }
+    if (!rc && !(*answer = reply("ok %" PRIu64 "\n", (uint64_t)size)))
+        rc = -ENOMEM;
+    if (rc) {
+        if (fd >= 0)
+            close(fd);
+        if (!*answer)
+            *answer = reply("error %s\n", err[0] ? err : strerror(-rc));
+        return rc;
+    }
+    log_info("control: vm-export %s staged, %" PRIu64 " bytes", name, (uint64_t)size);
+    *fd_out = fd;
+    *size_out = (uint64_t)size;
+    return 0;
+}
+
+static int import_file(struct imgfs *fs, const char *path, const char *name, char **answer)
+{
+    char err[512] = "";
+    struct vm *vm = NULL;
+    int rc = vm_import(fs->vms, path, name[0] ? name : NULL, &vm, err, sizeof(err));
+    if (!rc && (rc = tree_add_vm(fs->tree, vm)) != 0)
+        snprintf(err, sizeof(err), "out of memory");
+    if (!rc)
+        log_info("control: vm-import %s done", path);
+    *answer = rc ? reply("error %s\n", err[0] ? err : strerror(-rc)) : reply("ok\n");
+    return rc ? rc : *answer ? 0 : -ENOMEM;
+}
+
+int control_run_deferred(struct imgfs *fs, const struct control_deferred *d, bool (*stop)(void *ctx), void *stop_ctx,
+                         int *fd_out, uint64_t *size_out, char **answer)
+{
+    *fd_out = -1;
+    *answer = NULL;
+    if (d->kind == CONTROL_EXPORT)
+        return stage_export(fs, d->vm, stop, stop_ctx, fd_out, size_out, answer);
+    return import_file(fs, d->path, d->vm, answer);
+}
+
+void control_answer_free(struct control_answer *out)
+{
+    free(out->text);
+    free(out->deferred);
+    out->text = NULL;
+    out->deferred = NULL;
+}
+
+/* Hands the rest of a command to the first read of its handle. */
+static int defer(struct control_answer *out, int kind, const char *vm, const char *path)
+{
+    struct control_deferred *d = calloc(1, sizeof(*d));
+    if (!d)
+        return -ENOMEM;
+    d->kind = kind;
+    snprintf(d->vm, sizeof(d->vm), "%s", vm);
+    snprintf(d->path, sizeof(d->path), "%s", path);
+    out->deferred = d;
+    return 0;
 }
 
 int fs_remove_disk(struct imgfs *fs, const char *name, char *err, size_t errlen)
@@ -145,7 +249,7 @@ int fs_remove_disk(struct imgfs *fs, const char *name, char *err, size_t errlen)
     return rc;
 }
 
-static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
+static int run(struct imgfs *fs, char **f, int n, struct control_answer *out, char *err, size_t errlen)
 {
     struct vm *vm = NULL, *src;
     int rc;
@@ -169,10 +273,13 @@ static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
             rc = tree_add_vm(fs->tree, src); /* an implicit snapshot of src */
     } else if (n == 2 && strcmp(f[0], "vm-rm") == 0) {
         return fs_remove_disk(fs, f[1], err, errlen);
-    } else if (n == 3 && strcmp(f[0], "vm-export") == 0) {
-        if (!(vm = need_vm(fs, f[1], err, errlen)))
+    } else if (n == 2 && strcmp(f[0], "vm-export") == 0) {
+        /* Staged when the answer is first read (stage_export),
+         * so that this write, which the kernel serializes with every
+         * other command's, returns at once. */
+        if (!need_vm(fs, f[1], err, errlen))
             return -ENOENT;
-        return vm_export(fs->vms, vm, NULL, f[2], err, errlen);
+        return defer(out, CONTROL_EXPORT, f[1], "");
     } else if (n == 5 && strcmp(f[0], "precopy") == 0) {
         return start_precopy(fs, f, err, errlen);
     } else if (n == 4 && strcmp(f[0], "precopy-stop") == 0) {
@@ -195,10 +302,10 @@ static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
         if (!(vm = need_vm(fs, f[1], err, errlen)))
             return -ENOENT;
         return vm_trace_start(vm, err, errlen);
-    } else if (n == 3 && strcmp(f[0], "trace-stop") == 0) {
+    } else if (n == 2 && strcmp(f[0], "trace-stop") == 0) {
         if (!(vm = need_vm(fs, f[1], err, errlen)))
             return -ENOENT;
-        return stop_trace(fs, vm, f[2], err, errlen);
+        return stop_trace(fs, vm, out, err, errlen);
     } else if (n == 1 && strcmp(f[0], "restart") == 0) {
         /* The supervisor asks this server to hand over, then starts the
          * binary from disk (supervisor.h); the answer goes out first. */
@@ -216,7 +323,14 @@ static int run(struct imgfs *fs, char **f, int n, char *err, size_t errlen)
         atomic_store(&fs->restart_pending, true);
         return 0;
     } else if (n == 3 && strcmp(f[0], "vm-import") == 0) {
-        rc = vm_import(fs->vms, f[1], strcmp(f[2], "-") ? f[2] : NULL, &vm, err, errlen);
+        /* Read when the answer is (import_file): a file on a hung file
+         * system then holds up that imgfsctl alone. */
+        bool named = strcmp(f[2], "-") != 0;
+        if (f[1][0] != '/' || strlen(f[1]) >= PATH_MAX) {
+            snprintf(err, errlen, "the path to import must be absolute");
+            return -EINVAL;
+        }
+        return defer(out, CONTROL_IMPORT, named ? f[2] : "", f[1]);
     } else {
         snprintf(err, errlen, "unknown or malformed command '%s'", n ? f[0] : "");
         return -EINVAL;
@@ -251,27 +365,36 @@ void fs_control_released(struct imgfs *fs)
         kill(fs->takeover->supervisor_pid, SIGUSR1);
 }
 
-char *control_execute(struct imgfs *fs, const char *command, size_t len)
+int control_execute(struct imgfs *fs, const char *command, size_t len, struct control_answer *out)
 {
+    memset(out, 0, sizeof(*out));
     char *line = strndup(command, len);
     if (!line)
-        return NULL;
+        return -ENOMEM;
     char *fields[MAX_FIELDS];
     int n = split_fields(line, fields);
-    if (n == 4 && strcmp(fields[0], "precopy-status") == 0) {
-        char *answer = precopy_status(fs, fields);
-        free(line);
-        return answer;
-    }
     char err[512] = "";
-    /* command is len bytes, not a string: split_fields cut line apart, so
-     * the log takes the first line of command by length. */
-    bool is_precopy = n > 0 && strncmp(fields[0], "precopy", 7) == 0;
-    int rc = run(fs, fields, n, err, sizeof(err));
-    if (rc == 0 && !is_precopy) {
-        const char *eol = memchr(command, '\n', len);
-        log_info("control: %.*s done", (int)(eol ? (size_t)(eol - command) : len), command);
+    int rc = 0;
+    if (n == 4 && strcmp(fields[0], "precopy-status") == 0) {
+        out->text = precopy_status(fs, fields);
+    } else {
+        /* command is len bytes, not a string: split_fields cut line apart,
+         * so the log takes the first line of command by length. */
+        bool quiet = n > 0 && strncmp(fields[0], "precopy", 7) == 0;
+        rc = run(fs, fields, n, out, err, sizeof(err));
+        if (rc == 0 && !quiet && !out->deferred) {
+            const char *eol = memchr(command, '\n', len);
+            log_info("control: %.*s done", (int)(eol ? (size_t)(eol - command) : len), command);
+        }
+        if (!out->text)
+            out->text = rc ? reply("error %s\n", err[0] ? err : strerror(-rc)) : reply("%s", out->deferred ? "" : "ok\n");
     }
     free(line);
-    return rc ? reply("error %s\n", err[0] ? err : strerror(-rc)) : reply("ok\n");
+    if (!out->text) {
+        control_answer_free(out);
+        return -ENOMEM;
+    }
+    if (!out->len)
+        out->len = strlen(out->text);
+    return 0;
 }

@@ -408,6 +408,12 @@ struct open_text {
     pid_t pid; /* the thread that opened it */
     size_t len;
     char *text;
+    /* A control handle's payload after its text (vm-export): an unnamed
+     * file of data_len bytes, or -1. A read dup()s it under the lock. */
+    int data_fd;
+    uint64_t data_len;
+    struct control_deferred *deferred; /* work for the first read (fs.h), or NULL */
+    bool running;       /* a read is doing it (the others get EBUSY) */
     struct open_text *next;
 };
 
@@ -429,6 +435,7 @@ static uint64_t text_open(fuse_ino_t ino, pid_t pid, char *text, size_t len)
     t->pid = pid;
     t->text = text;
     t->len = len;
+    t->data_fd = -1;
     pthread_mutex_lock(&open_texts_lock);
     if (!next_text_id)
         next_text_id = (uint64_t)getpid() << 32 | 1;
@@ -463,68 +470,146 @@ static off_t status_file_size(fuse_req_t req, const struct node *n)
     return (off_t)len;
 }
 
-static bool text_is_open(uint64_t id)
+/* 0 when handle id may take a command: -EBADF when it is not ours, -EBUSY
+ * while a read does the deferred work of its last one. */
+static int text_takes_command(uint64_t id)
 {
     pthread_mutex_lock(&open_texts_lock);
-    bool open = find_text_locked(id) != NULL;
+    struct open_text *t = find_text_locked(id);
+    int rc = !t ? -EBADF : t->running ? -EBUSY : 0;
     pthread_mutex_unlock(&open_texts_lock);
-    return open;
+    return rc;
+}
+
+static bool request_interrupted(void *req) { return fuse_req_interrupted(req); }
+
+/* The first read of a handle with deferred work (vm-export, vm-import)
+ * does it. The write that asked for it has returned, so the kernel lets
+ * other commands through meanwhile; an interrupted reader stops an export. */
+static int run_deferred(fuse_req_t req, uint64_t id)
+{
+    pthread_mutex_lock(&open_texts_lock);
+    struct open_text *t = find_text_locked(id);
+    int rc = !t ? -EBADF : t->running ? -EBUSY : 0;
+    struct control_deferred *d = rc ? NULL : t->deferred;
+    if (d) {
+        t->deferred = NULL;
+        t->running = true;
+    }
+    pthread_mutex_unlock(&open_texts_lock);
+    if (!d)
+        return rc;
+    int fd;
+    uint64_t size = 0;
+    char *answer;
+    control_run_deferred(fs_of(req), d, request_interrupted, req, &fd, &size, &answer);
+    free(d);
+    pthread_mutex_lock(&open_texts_lock);
+    if ((t = find_text_locked(id)) != NULL) { /* else released meanwhile */
+        t->running = false;
+        if (answer) {
+            free(t->text);
+            t->text = answer, answer = NULL;
+            t->len = strlen(t->text);
+            t->data_fd = fd, fd = -1;
+            t->data_len = size;
+        } else {
+            rc = -ENOMEM;
+        }
+    }
+    pthread_mutex_unlock(&open_texts_lock);
+    free(answer);
+    if (fd >= 0)
+        close(fd);
+    return rc;
 }
 
 static void text_read(fuse_req_t req, uint64_t id, size_t size, off_t off)
 {
+    int err = -run_deferred(req, id);
     char *slice = NULL;
     size_t len = 0;
-    int err = EBADF;
+    int data_fd = -1;
+    off_t data_off = 0;
     pthread_mutex_lock(&open_texts_lock);
-    struct open_text *t = find_text_locked(id);
-    if (t) {
-        err = 0;
-        if (off >= 0 && (uint64_t)off < t->len) {
-            len = size < t->len - (size_t)off ? size : t->len - (size_t)off;
-            if ((slice = malloc(len)) != NULL)
-                memcpy(slice, t->text + off, len);
-            else
-                err = ENOMEM;
-        }
+    struct open_text *t = err ? NULL : find_text_locked(id);
+    if (!err && !t)
+        err = EBADF;
+    if (t && off >= 0 && (uint64_t)off < t->len) {
+        len = size < t->len - (size_t)off ? size : t->len - (size_t)off;
+        if ((slice = malloc(len)) != NULL)
+            memcpy(slice, t->text + off, len);
+        else
+            err = ENOMEM;
+    } else if (t && off >= 0 && t->data_fd >= 0 && (uint64_t)off - t->len < t->data_len) {
+        /* A dup, so that a RELEASE meanwhile cannot close it under us. */
+        data_off = (off_t)((uint64_t)off - t->len);
+        len = size < t->data_len - (uint64_t)data_off ? size : (size_t)(t->data_len - (uint64_t)data_off);
+        if ((data_fd = fcntl(t->data_fd, F_DUPFD_CLOEXEC, 0)) < 0)
+            err = errno;
     }
     pthread_mutex_unlock(&open_texts_lock);
-    if (err)
+    if (err) {
         fuse_reply_err(req, err);
-    else
+    } else if (data_fd >= 0) {
+        struct fuse_bufvec buf = FUSE_BUFVEC_INIT(len);
+        buf.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+        buf.buf[0].fd = data_fd;
+        buf.buf[0].pos = data_off;
+        fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+        close(data_fd);
+    } else {
         fuse_reply_buf(req, slice, len);
+    }
     free(slice);
 }
 
-/* Replaces the text of handle id (taking ownership of text). */
-static int text_replace(uint64_t id, char *text)
+/* Puts the answer of a control command on handle id (taking ownership of
+ * its text); the payload of the command before goes. */
+static int text_answer(uint64_t id, struct control_answer *a)
 {
+    int old_fd = -1;
     pthread_mutex_lock(&open_texts_lock);
     struct open_text *t = find_text_locked(id);
-    if (t) {
+    struct control_deferred *old_deferred = NULL;
+    if (t && !t->running) {
         free(t->text);
-        t->text = text;
-        t->len = strlen(text);
+        t->text = a->text, a->text = NULL;
+        t->len = a->len;
+        old_fd = t->data_fd;
+        t->data_fd = -1;
+        t->data_len = 0;
+        old_deferred = t->deferred;
+        t->deferred = a->deferred, a->deferred = NULL;
     }
+    bool busy = t && t->running;
     pthread_mutex_unlock(&open_texts_lock);
-    if (!t)
-        free(text);
-    return t ? 0 : -EBADF;
+    control_answer_free(a);
+    free(old_deferred);
+    if (old_fd >= 0)
+        close(old_fd);
+    return !t ? -EBADF : busy ? -EBUSY : 0;
 }
 
 static void text_release(uint64_t id)
 {
+    struct open_text *dead = NULL;
     pthread_mutex_lock(&open_texts_lock);
     for (struct open_text **p = &open_texts; *p; p = &(*p)->next) {
         if ((*p)->id == id) {
-            struct open_text *dead = *p;
+            dead = *p;
             *p = dead->next;
-            free(dead->text);
-            free(dead);
             break;
         }
     }
     pthread_mutex_unlock(&open_texts_lock);
+    if (dead) {
+        if (dead->data_fd >= 0)
+            close(dead->data_fd);
+        free(dead->deferred);
+        free(dead->text);
+        free(dead);
+    }
 }
 
 /* ---- open / read / write ------------------------------------------------------ */
@@ -995,12 +1080,15 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     if (n && n->kind == NODE_CONTROL_FILE) {
         /* A handle from a previous server (takeover.h) runs nothing: its
          * imgfsctl would never read the answer. */
-        if (!text_is_open(fi->fh)) {
-            fuse_reply_err(req, EBADF);
+        int rc = text_takes_command(fi->fh);
+        if (rc) {
+            fuse_reply_err(req, -rc);
             return;
         }
-        char *answer = control_execute(fs, buf, size);
-        int rc = answer ? text_replace(fi->fh, answer) : -ENOMEM;
+        struct control_answer answer;
+        rc = control_execute(fs, buf, size, &answer);
+        if (!rc)
+            rc = text_answer(fi->fh, &answer);
         if (rc)
             fuse_reply_err(req, -rc);
         else

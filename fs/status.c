@@ -128,6 +128,9 @@ static void add_vm(void *ctx, struct vm *vm)
                  (double)vs.top.compact_ns / 1e9, 3);
     status_gauge(s, sec, "top_layer_compact_pause_seconds", "Of which its writes were held.",
                  (double)vs.top.compact_pause_ns / 1e9, 4);
+    status_gauge(s, sec, "top_layer_compact_flush_hold_seconds",
+                 "Of which its flushes were held (its writes, then the sync and rename of the new log).",
+                 (double)vs.top.compact_flush_hold_ns / 1e9, 4);
     status_gauge(s, sec, "layers", "Layers in the VM's chain.", vs.depth, 0);
     status_gauge(s, sec, "snapshots", "Snapshots of the VM.", vs.snapshots, 0);
     status_gauge(s, sec, "open", "Open file handles of the VM disk and its snapshots.", vs.open_count, 0);
@@ -177,8 +180,9 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     status_gauge(s, sec, "limit", "Cache size limit in bytes, 0 for none.", (double)usage.limit, 0);
     status_gauge(s, sec, "pinned_bytes", "Resident bytes that pre-copy pinned.", (double)usage.held_bytes, 0);
     status_counter(s, sec, "evictions", "Chunks evicted to stay under the limit.", usage.evictions);
-    status_gauge(s, sec, "open_files", "Open chunk files.", (double)usage.open_fds, 0);
-    status_counter(s, sec, "damaged_dropped", "Cache files dropped because they failed verification.",
+    status_gauge(s, sec, "packs", "Pack files that hold the cached chunks.", (double)usage.packs, 0);
+    status_gauge(s, sec, "open_files", "Open pack and index files.", (double)usage.open_fds, 0);
+    status_counter(s, sec, "damaged_dropped", "Cached chunks dropped because they failed verification.",
                    usage.dropped_damaged);
 
     sec = status_add_section(s, "fetch", NULL);

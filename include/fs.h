@@ -13,6 +13,7 @@
 #define IMGFS_FS_H
 
 #include <fuse_lowlevel.h>
+#include <limits.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -47,20 +48,57 @@ struct imgfs {
 
 extern const struct fuse_lowlevel_ops imgfs_ops;
 
-/* Runs one imgfsctl command written to .imgfs/control and returns the reply
- * in a malloc'd string: "ok[ DETAIL]\n" or "error SENTENCE\n". Commands are
- * one line of tab-separated fields:
+/* Work that a control command leaves for the first read of its handle:
+ * what may wait on a disk runs there, where the kernel holds no other
+ * command back (see control_execute). */
+struct control_deferred {
+    enum { CONTROL_EXPORT, CONTROL_IMPORT } kind;
+    char vm[65];         /* export: the VM; import: its new name, or "" for the exported one */
+    char path[PATH_MAX]; /* import: the export file to read */
+};
+
+/* What a control command leaves on its handle of .imgfs/control. */
+struct control_answer {
+    char *text; /* malloc'd: "ok[ DETAIL]\n" or "error SENTENCE\n", then any payload; "" when deferred */
+    size_t len; /* of text, payload included */
+    struct control_deferred *deferred; /* malloc'd, or NULL */
+};
+
+/* Runs one imgfsctl command written to .imgfs/control into *out (0, or
+ * -ENOMEM with nothing in out). Commands are one line of tab-separated
+ * fields:
  *   vm-create NAME BASE VERSION | vm-create NAME - SIZE
  *   vm-snapshot NAME SNAP       | vm-clone SRC SNAP|- DST
- *   vm-rm NAME|NAME@SNAP        | vm-export NAME ABSPATH
+ *   vm-rm NAME|NAME@SNAP        | vm-export NAME
  *   vm-import ABSPATH NAME|-
  *   precopy NAME VERSION LIST|- RATE     | precopy-status NAME VERSION LIST|-
  *   unpin NAME VERSION LIST|-
- *   trace-start VM                       | trace-stop VM ABSPATH          */
+ *   trace-start VM                       | trace-stop VM
+ *
+ * The kernel runs writes to the control file one at a time (the inode
+ * lock), so every command answers its write without waiting on a disk or
+ * a user's file, and the daemon writes no file for a user:
+ *  - trace-stop answers "ok SIZE\n" followed by the list's SIZE bytes;
+ *  - vm-export and vm-import are deferred: their handle reads as "" until
+ *    it is first read (reads run in parallel), when control_run_deferred
+ *    does the work. An export is staged into an unnamed file of the state
+ *    directory and the handle then reads as "ok SIZE\n" followed by those
+ *    SIZE bytes; imgfsctl copies them to the operator's file (userfile.h).
+ *    An import reads its file there and answers "ok\n" or an error. */
+int control_execute(struct imgfs *fs, const char *command, size_t len, struct control_answer *out);
+
+/* Does the deferred work d (see above): *answer gets the malloc'd answer
+ * line ("error SENTENCE\n" with -errno returned); an export's unnamed file
+ * goes to *fd_out with its size in *size_out (else *fd_out is -1). stop is
+ * asked between pieces of an export (the reader was interrupted: -EINTR). */
+int control_run_deferred(struct imgfs *fs, const struct control_deferred *d, bool (*stop)(void *ctx), void *stop_ctx,
+                         int *fd_out, uint64_t *size_out, char **answer);
+
+/* Frees what out holds. */
+void control_answer_free(struct control_answer *out);
+
 /* Called when a control file handle is released. */
 void fs_control_released(struct imgfs *fs);
-
-char *control_execute(struct imgfs *fs, const char *command, size_t len);
 
 /* Removes VM disk NAME (vm rm) or snapshot VM@SNAP, and their files in
  * vms/, with vm_remove()'s rules; implicit snapshots left without a clone

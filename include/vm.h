@@ -155,8 +155,14 @@ int vm_remove_snapshot(struct vm_registry *reg, struct vm *vm, const char *snap,
 int vm_get_times(struct vm *vm, const struct vm_snapshot *snapshot, struct timespec *atime, struct timespec *mtime);
 int vm_set_times(struct vm *vm, const struct timespec times[2]);
 int vm_set_attr(struct vm_registry *reg, struct vm *vm, const mode_t *mode, const uid_t *uid, const gid_t *gid);
-int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unused, const char *path,
-              char *err, size_t errlen);
+/* Writes vm's export stream (format in vm.c: its own data and its base's
+ * identity, with a checksum trailer) to fd, from its current position.
+ * Writes to the VM wait meanwhile (write_lock), so fd should be a local
+ * file of the daemon's own, never a user's path. stop (may be NULL) is
+ * asked between pieces; when it says yes the export ends with -EINTR.
+ * The caller keeps the VM open (vm_open) so that it cannot be removed.
+ * 0, or a negative errno with one sentence in err; fd is not closed. */
+int vm_export(struct vm *vm, int fd, bool (*stop)(void *ctx), void *stop_ctx, char *err, size_t errlen);
 int vm_import(struct vm_registry *reg, const char *path, const char *name, struct vm **out, char *err,
               size_t errlen);
 

@@ -14,6 +14,7 @@
 #include "check.h"
 #include "extmap.h"
 #include "imgfsctl.h"
+#include "userfile.h"
 #include "list.h"
 #include "progress.h"
 #include "publish.h"
@@ -223,7 +224,7 @@ static void vm_help(FILE *out)
             "       imgfsctl vm snapshot MOUNTPOINT VM SNAP\n"
             "       imgfsctl vm clone MOUNTPOINT SRC[@SNAP] DST\n"
             "       imgfsctl vm rm MOUNTPOINT VM[@SNAP]\n"
-            "       imgfsctl vm export MOUNTPOINT VM FILE\n"
+            "       imgfsctl vm export MOUNTPOINT VM FILE [--timeout SECONDS]\n"
             "       imgfsctl vm import MOUNTPOINT FILE [--name VM]\n"
             "\n"
             "VM disks appear as MOUNTPOINT/vms/VM.raw (read-write, the size of the base)\n"
@@ -234,8 +235,50 @@ static void vm_help(FILE *out)
             "  rm        remove a VM that is not open; layers still used elsewhere stay;\n"
             "            VM@SNAP removes a snapshot that is not open and no clone came from\n"
             "            (the snapshot vm clone makes of a live VM goes with its last clone)\n"
-            "  export    write the VM's own data and its base identity to FILE\n"
+            "  export    write the VM's own data and its base identity to FILE (mode 0600,\n"
+            "            replaced atomically; a FIFO or device is written into); imgfsctl\n"
+            "            writes FILE itself, and gives up when a FIFO or device takes\n"
+            "            nothing for --timeout seconds (default 60; 0: no limit)\n"
             "  import    recreate an exported VM on a mount that has the same base\n");
+}
+
+/* Says why the control channel failed (err: a negative errno); returns 1. */
+static int control_failed(const char *cmd_name, const char *mountpoint, int err)
+{
+    if (err == -EBADF) /* the handle was given by a server that is gone (takeover.h) */
+        fprintf(stderr,
+                "imgfsctl %s: the serving process of %s was replaced (crash or imgfsctl restart) while it ran "
+                "this command; check its effect and run it again\n",
+                cmd_name, mountpoint);
+    else if (err == -EINTR && userfile_signal())
+        fprintf(stderr, "imgfsctl %s: interrupted by SIG%s\n", cmd_name, sigabbrev_np(userfile_signal()));
+    else
+        fprintf(stderr, "imgfsctl %s: the daemon did not answer: %s\n", cmd_name, strerror(-err));
+    return 1;
+}
+
+/* Opens the mount's control file and writes one tab-separated command to
+ * it. Returns the fd, or -1 after printing why. */
+static int control_send(const char *cmd_name, const char *mountpoint, const char *command)
+{
+    char path[PATH_MAX];
+    if (path_join(path, sizeof(path), "%s/.imgfs/control", mountpoint) < 0) {
+        usage_error(cmd_name, "mount point path is too long");
+        return -1;
+    }
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        fprintf(stderr, "imgfsctl %s: %s is not an imgfs mount or not writable by you (%s)\n", cmd_name, mountpoint,
+                strerror(errno));
+        return -1;
+    }
+    int rc = write_full(fd, command, strlen(command));
+    if (rc) {
+        control_failed(cmd_name, mountpoint, rc);
+        close(fd);
+        return -1;
+    }
+    return fd;
 }
 
 /* Sends one tab-separated command to the daemon; its answer (without the
@@ -243,33 +286,112 @@ static void vm_help(FILE *out)
 static int control_request(const char *cmd_name, const char *mountpoint, const char *command, char *answer,
                            size_t len)
 {
-    char path[PATH_MAX];
-    if (path_join(path, sizeof(path), "%s/.imgfs/control", mountpoint) < 0)
-        return usage_error(cmd_name, "mount point path is too long");
-    int fd = open(path, O_RDWR | O_CLOEXEC);
-    if (fd < 0) {
-        fprintf(stderr, "imgfsctl %s: %s is not an imgfs mount or not writable by you (%s)\n", cmd_name, mountpoint,
-                strerror(errno));
+    int fd = control_send(cmd_name, mountpoint, command);
+    if (fd < 0)
         return 1;
-    }
-    int rc = write_full(fd, command, strlen(command));
-    ssize_t n = rc ? -1 : pread(fd, answer, len - 1, 0);
+    ssize_t n = pread(fd, answer, len - 1, 0);
     int saved = errno;
     close(fd);
-    if (rc == -EBADF || (!rc && n < 0 && saved == EBADF)) {
-        /* The handle was given by a server that is gone (takeover.h). */
-        fprintf(stderr,
-                "imgfsctl %s: the serving process of %s was replaced (crash or imgfsctl restart) while it ran "
-                "this command; check its effect and run it again\n",
-                cmd_name, mountpoint);
-        return 1;
-    }
-    if (rc || n < 0) {
-        fprintf(stderr, "imgfsctl %s: the daemon did not answer: %s\n", cmd_name, strerror(rc ? -rc : saved));
-        return 1;
-    }
+    if (n < 0)
+        return control_failed(cmd_name, mountpoint, -saved);
     answer[n] = '\0';
     answer[strcspn(answer, "\n")] = '\0';
+    return 0;
+}
+
+#define FETCH_PIECE (1u << 20)
+
+/* Sends a command whose answer is "ok SIZE\n" and SIZE bytes (fs.h: vm-export,
+ * trace-stop) and copies those bytes into out, which the caller opened and
+ * commits. Reading the answer is what makes the daemon stage an export, and
+ * an interrupted read stops it. Returns 0, or 1 after printing why. */
+static int control_fetch(const char *cmd_name, const char *mountpoint, const char *command, struct userfile *out)
+{
+    int fd = control_send(cmd_name, mountpoint, command);
+    if (fd < 0)
+        return 1;
+    char *buf = malloc(FETCH_PIECE);
+    if (!buf) {
+        close(fd);
+        fprintf(stderr, "imgfsctl %s: out of memory\n", cmd_name);
+        return 1;
+    }
+    char err[PATH_MAX + 256];
+    uint64_t size = 0, copied = 0;
+    off_t off = 0;
+    int rc = 0, status = 0;
+    for (bool head = true; !status && (head || copied < size);) {
+        ssize_t n = pread(fd, buf, FETCH_PIECE, off);
+        if (n < 0 || (n == 0 && head) || userfile_signal()) {
+            status = control_failed(cmd_name, mountpoint, n < 0 ? -errno : userfile_signal() ? -EINTR : -EIO);
+            break;
+        }
+        if (n == 0) {
+            fprintf(stderr, "imgfsctl %s: the daemon's answer ended after %" PRIu64 " of %" PRIu64 " bytes\n",
+                    cmd_name, copied, size);
+            status = 1;
+            break;
+        }
+        off += n;
+        const char *data = buf;
+        size_t len = (size_t)n;
+        if (head) {
+            char *eol = memchr(buf, '\n', len);
+            if (!eol || strncmp(buf, "ok ", 3) != 0 || sscanf(buf + 3, "%" SCNu64, &size) != 1) {
+                int shown = eol ? (int)(eol - buf) : (int)(len < 512 ? len : 512);
+                fprintf(stderr, "imgfsctl %s: %.*s\n", cmd_name, shown > 6 && strncmp(buf, "error ", 6) == 0 ? shown - 6 : shown,
+                        strncmp(buf, "error ", 6) == 0 ? buf + 6 : buf);
+                status = 1;
+                break;
+            }
+            head = false;
+            data = eol + 1;
+            len -= (size_t)(data - buf);
+        }
+        if (len > size - copied)
+            len = (size_t)(size - copied);
+        if ((rc = userfile_write(out, data, len, err, sizeof(err))) != 0) {
+            fprintf(stderr, "imgfsctl %s: %s\n", cmd_name, err);
+            status = 1;
+        }
+        copied += len;
+    }
+    free(buf);
+    close(fd);
+    return status;
+}
+
+/* Opens FILE (userfile.h), runs command and copies its payload into FILE. */
+static int fetch_to_file(const char *cmd_name, const char *mountpoint, const char *command, const char *file,
+                         mode_t mode, double timeout)
+{
+    char err[PATH_MAX + 256];
+    struct userfile out;
+    userfile_catch_signals();
+    if (userfile_open(&out, file, mode, timeout, err, sizeof(err)) != 0) {
+        fprintf(stderr, "imgfsctl %s: %s\n", cmd_name, err);
+        userfile_abort(&out);
+        return 1;
+    }
+    int status = control_fetch(cmd_name, mountpoint, command, &out);
+    if (!status && userfile_commit(&out, err, sizeof(err)) != 0) {
+        fprintf(stderr, "imgfsctl %s: %s\n", cmd_name, err);
+        status = 1;
+    }
+    userfile_abort(&out);
+    return status;
+}
+
+/* --timeout SECONDS (default 60): how long a FIFO or device may take nothing. */
+#define OUTPUT_TIMEOUT_DEFAULT 60.0
+static int parse_output_timeout(const char *cmd, const char *text, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(text, &end);
+    if (errno || end == text || *end || !(v >= 0) || v > 86400)
+        return usage_error(cmd, "--timeout needs a number of seconds from 0 (no deadline) to 86400");
+    *out = v;
     return 0;
 }
 
@@ -386,12 +508,18 @@ static int vm_main(int argc, char **argv)
         return vm_command(sub, argv[2], cmd);
     }
     if (strcmp(sub, "export") == 0) {
-        if (argc != 5)
-            return usage_error("vm export", "needs MOUNTPOINT VM FILE");
-        if (absolute_path(argv[4], file, sizeof(file)) < 0 || strchr(file, '\t') || strchr(file, '\n'))
-            return usage_error("vm export", "FILE is not a usable path");
-        snprintf(cmd, sizeof(cmd), "vm-export\t%s\t%s\n", argv[3], file);
-        return vm_command(sub, argv[2], cmd);
+        double timeout = OUTPUT_TIMEOUT_DEFAULT;
+        if (argc == 7 && strcmp(argv[5], "--timeout") == 0) {
+            if (parse_output_timeout("vm export", argv[6], &timeout) != 0)
+                return 2;
+        } else if (argc != 5) {
+            return usage_error("vm export", "needs MOUNTPOINT VM FILE [--timeout SECONDS]");
+        }
+        if (!name_is_valid(argv[3]))
+            return usage_error("vm export", "VM is not a valid name");
+        snprintf(cmd, sizeof(cmd), "vm-export\t%s\n", argv[3]);
+        /* The export holds the guest's data: private to its owner (root). */
+        return fetch_to_file("vm export", argv[2], cmd, argv[4], 0600, timeout);
     }
     if (strcmp(sub, "import") == 0) {
         const char *name = "-";
@@ -597,11 +725,14 @@ static int unpin_main(int argc, char **argv)
 static void trace_help(FILE *out)
 {
     fprintf(out, "usage: imgfsctl trace start MOUNTPOINT VM\n"
-                 "       imgfsctl trace stop MOUNTPOINT VM --output FILE\n"
+                 "       imgfsctl trace stop MOUNTPOINT VM --output FILE [--timeout SECONDS]\n"
                  "\n"
                  "Records, in order of first access, the base chunks that VM reads, and writes\n"
                  "them as a prefetch list for the VM's base version. Publish it with\n"
-                 "imgfsctl list publish; a list named boot is replayed when a VM disk opens.\n");
+                 "imgfsctl list publish; a list named boot is replayed when a VM disk opens.\n"
+                 "imgfsctl writes FILE itself (replaced atomically; a FIFO is written into)\n"
+                 "and gives up when a FIFO takes nothing for --timeout seconds (default 60;\n"
+                 "0: no limit); the trace goes on when FILE cannot be opened.\n");
 }
 
 static int trace_main(int argc, char **argv)
@@ -610,18 +741,32 @@ static int trace_main(int argc, char **argv)
         trace_help(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
-    char cmd[PATH_MAX + 128], file[PATH_MAX];
+    char cmd[PATH_MAX + 128];
     if (strcmp(argv[1], "start") == 0 && argc == 4) {
         snprintf(cmd, sizeof(cmd), "trace-start\t%s\n", argv[3]);
         return control_command("trace start", argv[2], cmd);
     }
-    if (strcmp(argv[1], "stop") == 0 && argc == 6 && strcmp(argv[4], "--output") == 0) {
-        if (absolute_path(argv[5], file, sizeof(file)) < 0 || strchr(file, '\t') || strchr(file, '\n'))
-            return usage_error("trace stop", "--output is not a usable path");
-        snprintf(cmd, sizeof(cmd), "trace-stop\t%s\t%s\n", argv[3], file);
-        return control_command("trace stop", argv[2], cmd);
+    if (strcmp(argv[1], "stop") == 0 && argc >= 6 && argc <= 8) {
+        const char *output = NULL;
+        double timeout = OUTPUT_TIMEOUT_DEFAULT;
+        for (int i = 4; i + 1 < argc; i += 2) {
+            if (strcmp(argv[i], "--output") == 0)
+                output = argv[i + 1];
+            else if (strcmp(argv[i], "--timeout") != 0)
+                return usage_error("trace stop", "takes --output FILE and --timeout SECONDS");
+            else if (parse_output_timeout("trace stop", argv[i + 1], &timeout) != 0)
+                return 2;
+        }
+        if (!output || argc % 2)
+            return usage_error("trace stop", "needs MOUNTPOINT VM --output FILE [--timeout SECONDS]");
+        if (!name_is_valid(argv[3]))
+            return usage_error("trace stop", "VM is not a valid name");
+        snprintf(cmd, sizeof(cmd), "trace-stop\t%s\n", argv[3]);
+        /* The output is opened first: a FIFO without a reader or a directory
+         * that cannot be written fails before the trace is stopped. */
+        return fetch_to_file("trace stop", argv[2], cmd, output, 0644, timeout);
     }
-    return usage_error("trace", "needs start MOUNTPOINT VM, or stop MOUNTPOINT VM --output FILE");
+    return usage_error("trace", "needs start MOUNTPOINT VM, or stop MOUNTPOINT VM --output FILE [--timeout SECONDS]");
 }
 
 /* ---- list ------------------------------------------------------------------------ */

@@ -1498,17 +1498,16 @@ int64_t vm_seek(struct vm *vm, const struct vm_snapshot *snap, uint64_t off, int
 #define EXPORT_PIECE (1u << 20)
 
 struct hashed_file {
-    FILE *f;
+    int fd;
     XXH3_state_t *state;
-    bool failed;
+    int error; /* the first write error (negative errno), then nothing is written */
 };
 
 static void hf_write(struct hashed_file *hf, const void *data, size_t len)
 {
-    if (hf->failed)
+    if (hf->error)
         return;
-    if (fwrite(data, 1, len, hf->f) != len)
-        hf->failed = true;
+    hf->error = write_full(hf->fd, data, len);
     XXH3_128bits_update(hf->state, data, len);
 }
 
@@ -1553,37 +1552,18 @@ static int export_extent(void *ctx, const struct disk_extent *e)
         bool zero = buffer_is_zero(w->piece, (size_t)e->len);
         write_record(w->hf, e->off, e->len, zero ? 1 : 0, zero ? NULL : w->piece);
     }
-    return rc;
+    return rc ? rc : w->hf->error;
 }
 
-int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unused, const char *path,
-              char *err, size_t errlen)
+int vm_export(struct vm *vm, int fd, bool (*stop)(void *ctx), void *stop_ctx, char *err, size_t errlen)
 {
-    (void)reg, (void)unused;
-    char tmp[PATH_MAX];
-    if (path[0] != '/') {
-        snprintf(err, errlen, "export path must be absolute");
-        return -EINVAL;
-    }
-    /* A new file, private to root (it holds the guest's data): nothing
-     * planted at the temp name is written through. */
-    int fd = create_temp_file(path, 0600, tmp);
-    if (fd < 0) {
-        snprintf(err, errlen, "cannot create a file next to %s: %s", path, strerror(-fd));
-        return fd;
-    }
-    struct hashed_file hf = {fdopen(fd, "wb"), XXH3_createState(), false};
-    if (!hf.f)
-        close(fd);
+    struct hashed_file hf = {fd, XXH3_createState(), 0};
     char *piece = malloc(EXPORT_PIECE);
-    if (!hf.f || !hf.state || !piece) {
-        int rc = hf.f ? -ENOMEM : -errno;
-        snprintf(err, errlen, "cannot create %s: %s", tmp, strerror(-rc));
-        if (hf.f)
-            fclose(hf.f), unlink(tmp);
+    if (!hf.state || !piece) {
+        snprintf(err, errlen, "out of memory");
         XXH3_freeState(hf.state);
         free(piece);
-        return rc;
+        return -ENOMEM;
     }
     XXH3_128bits_reset(hf.state);
     pthread_rwlock_wrlock(&vm->write_lock); /* a consistent image: no writes meanwhile */
@@ -1601,27 +1581,26 @@ int vm_export(struct vm_registry *reg, struct vm *vm, struct fetch_counters *unu
     n += snprintf(header + n, sizeof(header) - (size_t)n, "owner %u %u %o\ndata\n", (unsigned)vm->uid,
                   (unsigned)vm->gid, (unsigned)vm->mode);
     hf_write(&hf, header, (size_t)n);
-    int rc = 0;
+    int rc = hf.error;
     struct export_walk walk = {&hf, piece};
-    for (uint64_t pos = 0; pos < vm->live.size && !rc; pos += EXPORT_PIECE)
-        rc = disk_map(&vm->live, pos, EXPORT_PIECE, export_extent, &walk);
+    for (uint64_t pos = 0; pos < vm->live.size && !rc; pos += EXPORT_PIECE) {
+        if (stop && stop(stop_ctx))
+            rc = -EINTR;
+        else
+            rc = disk_map(&vm->live, pos, EXPORT_PIECE, export_extent, &walk);
+    }
     pthread_rwlock_unlock(&vm->chain_lock);
     pthread_rwlock_unlock(&vm->write_lock);
     write_record(&hf, UINT64_MAX, 0, 0xff, NULL);
     XXH128_canonical_t sum;
     XXH128_canonicalFromHash(&sum, XXH3_128bits_digest(hf.state));
-    if (!hf.failed && fwrite(sum.digest, 1, sizeof(sum.digest), hf.f) != sizeof(sum.digest))
-        hf.failed = true;
-    if (!rc && (hf.failed || fflush(hf.f) != 0 || fsync(fileno(hf.f)) != 0))
-        rc = -errno ? -errno : -EIO;
-    if (fclose(hf.f) != 0 && !rc)
-        rc = -errno;
-    if (!rc && rename(tmp, path) < 0)
-        rc = -errno;
-    if (rc) {
-        unlink(tmp);
-        snprintf(err, errlen, "cannot export VM %s to %s: %s", vm->name, path, strerror(-rc));
-    }
+    if (!rc && !hf.error)
+        hf.error = write_full(fd, sum.digest, sizeof(sum.digest));
+    if (!rc)
+        rc = hf.error;
+    if (rc)
+        snprintf(err, errlen, "cannot export VM %s: %s", vm->name,
+                 rc == -EINTR ? "interrupted" : strerror(-rc));
     XXH3_freeState(hf.state);
     free(piece);
     return rc;

@@ -38,9 +38,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* Two commands: the second sees what the first made. */
     const uint8_t *nl = memchr(data, '\n', size);
     size_t first = nl ? (size_t)(nl - data) + 1 : size;
-    free(control_execute(&fs, (const char *)data, first));
-    if (first < size)
-        free(control_execute(&fs, (const char *)data + first, size - first));
+    struct control_answer answer;
+    if (control_execute(&fs, (const char *)data, first, &answer) == 0)
+        control_answer_free(&answer);
+    if (first < size && control_execute(&fs, (const char *)data + first, size - first, &answer) == 0)
+        control_answer_free(&answer);
     vm_registry_close(fs.vms);
     tree_destroy(fs.tree);
     return 0;

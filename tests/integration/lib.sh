@@ -119,6 +119,43 @@ put() {
 # same FILE REFERENCE WHAT: fails with WHAT unless the two files are equal.
 same() { cmp "$1" "$2" > "$T/cmp.out" 2>&1 || { cat "$T/cmp.out"; fail "$3"; }; }
 
+# The chunks resident in the pack cache CACHE (cache.h), one "HASH PACK
+# OFFSET LENGTH" line each. Replays the index logs the way cache_open does
+# (records are not checksummed here: tests that garble them use imgfs).
+cache_index() { # CACHE
+    python3 - "$1" <<'PY'
+import os, struct, sys
+packs = os.path.join(sys.argv[1], "packs")
+where = {}
+for name in sorted(os.listdir(packs)) if os.path.isdir(packs) else []:
+    if not name.endswith(".idx"):
+        continue
+    pack = os.path.join(packs, name[:-4] + ".pack")
+    data = open(os.path.join(packs, name), "rb").read()
+    size = os.path.getsize(pack) if os.path.exists(pack) else 0
+    for i in range(0, len(data) - 63, 64):
+        magic, kind, h, off, length = struct.unpack_from("<4sI16sQI", data, i)
+        if magic != b"ICR1":
+            break
+        if kind == 2 and where.get(h, (None, None))[0:2] == (pack, off):
+            del where[h]
+        elif kind == 1 and h not in where and off + length <= size:
+            where[h] = (pack, off, length)
+for h, (pack, off, length) in where.items():
+    print(h.hex(), pack, off, length)
+PY
+}
+# Where chunk HASH is in the cache: "PACK OFFSET LENGTH"; fails when absent.
+cache_locate() { # CACHE HASH
+    cache_index "$1" | awk -v h="$2" '$1 == h { print $2, $3, $4; found = 1 } END { exit !found }'
+}
+# The bytes of chunk HASH in the pack cache CACHE, on stdout.
+cache_chunk() { # CACHE HASH
+    local at pack off len
+    at=$(cache_locate "$1" "$2") || return 1
+    read -r pack off len <<< "$at"
+    python3 -c 'import sys; f = open(sys.argv[1], "rb"); f.seek(int(sys.argv[2])); sys.stdout.buffer.write(f.read(int(sys.argv[3])))' "$pack" "$off" "$len"
+}
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 # Fails the test when the daemon's log holds a sanitizer report.

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Nothing wrong is served: a chunk corrupted in the repository makes the read
 # fail with EIO and raises the failure counter; once repaired, the read works.
-# A chunk file damaged in the cache is dropped and fetched again.
+# A chunk damaged inside a cache pack is dropped and fetched again.
 . "$(dirname "$0")/lib.sh"
 
 CS=65536
@@ -35,7 +35,7 @@ ok "verify_failures counted ($failures)"
 # The neighbours still read fine and the bad chunk never reached the cache.
 dd if="$F" bs=$CS skip=4 count=1 status=none | cmp - <(dd if="$T/img.raw" bs=$CS skip=4 count=1 status=none) ||
     fail "neighbouring chunk is wrong"
-[ ! -e "$T/cache/chunks/${hash:0:2}/$hash" ] || fail "a corrupted chunk was stored in the cache"
+! cache_locate "$T/cache" "$hash" > /dev/null || fail "a corrupted chunk was stored in the cache"
 ok "neighbouring chunks still served; nothing corrupt cached"
 # Whole-file read never returns the wrong bytes: it fails instead.
 if cat "$F" > "$T/whole" 2>/dev/null; then fail "full read succeeded despite corruption"; fi
@@ -47,9 +47,9 @@ ok "after repairing the chunk, the whole base reads correctly"
 
 # Damage a chunk in the cache while unmounted: it is dropped and refetched.
 umount_imgfs "$T/mnt"
-cached="$T/cache/chunks/${hash:0:2}/$hash"
-[ -f "$cached" ] || fail "chunk not in the cache after reading"
-printf '\xff' | dd of="$cached" bs=1 seek=123 conv=notrunc status=none
+at=$(cache_locate "$T/cache" "$hash") || fail "chunk not in the cache after reading"
+read -r pack off _ <<< "$at"
+printf '\xff' | dd of="$pack" bs=1 seek=$((off + 123)) conv=notrunc status=none
 mount_imgfs "$T/repo" "$T/mnt"
 cmp "$T/mnt/bases/x.raw" "$T/img.raw" || fail "damaged cache file was served"
 [ "$(stat_value "$T/mnt" cache damaged_dropped)" -eq 1 ] || fail "damaged cache file not counted"

@@ -170,7 +170,7 @@ for idx in $FLIP $CUT; do
     cmp "$T/got" <(src_chunk $idx) || fail "$what chunk on mirror 0: wrong bytes returned"
     [ "$(nginx_requests www1 "/repo/chunks/${h:0:2}/$h")" -gt "$asked" ] ||
         fail "the $what chunk was never asked of mirror 0; the check proves nothing"
-    cmp "$T/cache/chunks/${h:0:2}/$h" <(src_chunk $idx) || fail "the cache holds a bad copy of the $what chunk"
+    cmp <(cache_chunk "$T/cache" "$h") <(src_chunk $idx) || fail "the cache holds a bad copy of the $what chunk"
     vf=$(stat_value "$M" fetch verify_failures)
     [ "$vf" -ge 1 ] || fail "$what chunk: fetch verify_failures is $vf"
     [ "$(stat_value "$M" "base x@1" verify_failures)" -ge 1 ] || fail "$what chunk: base verify_failures not counted"

@@ -108,7 +108,7 @@ tmount "${NGINX_URL[evil]}/repo" "$M" "trust=$T/trust1" "$T/c5"
 [ ! -e "$M/bases/x@1.raw" ] || fail "a manifest with swapped chunk lines was accepted"
 grep -q 'refused manifest x@1' "${DAEMON_LOG[$M]}" || fail "the refusal of the swapped manifest is not logged"
 [ "$(stat_value "$M" trust index_refusals)" -ge 1 ] || fail "the refusal is not counted"
-[ ! -d "$T/c5/chunks" ] || [ -z "$(find "$T/c5/chunks" -type f)" ] || fail "chunks were fetched for a refused manifest"
+[ -z "$(cache_index "$T/c5")" ] || fail "chunks were fetched for a refused manifest"
 umount_imgfs "$M"
 ok "swapped chunk lines with a recomputed checksum: refused, no byte served (insecure would serve them)"
 
@@ -123,7 +123,7 @@ read_chunk "$M/bases/x.raw" 0 "$T/got" || fail "the replaced chunk was not fetch
 cmp "$T/got" <(src_chunk "$T/img.raw" 0) || fail "the replaced chunk: wrong bytes served"
 [ "$(nginx_requests bad "/repo/chunks/${H0:0:2}/$H0")" -ge 1 ] || fail "the bad mirror was never asked"
 [ "$(stat_value "$M" fetch verify_failures)" -ge 1 ] || fail "the replaced chunk was not counted as a verify failure"
-cmp "$T/c6/chunks/${H0:0:2}/$H0" <(src_chunk "$T/img.raw" 0) || fail "the cache holds the replaced chunk"
+cmp <(cache_chunk "$T/c6" "$H0") <(src_chunk "$T/img.raw" 0) || fail "the cache holds the replaced chunk"
 umount_imgfs "$M"
 ok "a chunk replaced on the first mirror is refused and fetched from the next mirror"
 
@@ -145,7 +145,7 @@ H2=$(chunk_line "$REPO/bases/x/1.manifest" 2)
 if read_chunk "$M/bases/x.raw" 2 "$T/got" 2> "$T/err"; then fail "a chunk failing its signed digest was served"; fi
 grep -q 'Input/output error' "$T/err" || fail "not EIO for a chunk failing its digest"
 [ "$(stat_value "$M" trust chunks_refused)" -ge 1 ] || fail "chunks_refused not counted"
-[ ! -e "$T/c7/chunks/${H2:0:2}/$H2" ] || fail "a chunk failing its digest entered the cache"
+! cache_locate "$T/c7" "$H2" > /dev/null || fail "a chunk failing its digest entered the cache"
 grep -q 'signed digest' "${DAEMON_LOG[$M]}" || fail "the log does not name the signed digest"
 read_chunk "$M/bases/x.raw" 3 "$T/got" && cmp "$T/got" <(src_chunk "$T/img.raw" 3) || fail "other chunks broke"
 umount_imgfs "$M"

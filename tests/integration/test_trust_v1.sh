@@ -90,7 +90,7 @@ for c in "x@1.raw 1 v1 $B1" "x@2.raw 1 v2 $S1" "x@2.raw 0 v2 $S0"; do
     read_chunk "$M/bases/$1" "$2" "$T/got" || fail "swapped chunk $2 of $1 was not fetched from the next mirror"
     cmp "$T/got" <(src_chunk "$T/$3.raw" "$2") || fail "swapped chunk $2 of $1: wrong bytes served"
     [ "$(nginx_requests bad "/repo/$(chunk_file "$4")")" -ge 1 ] || fail "the bad mirror was never asked for $4"
-    cmp "$T/c$n/$(chunk_file "$4")" <(src_chunk "$T/$3.raw" "$2") || fail "the cache holds a swapped chunk"
+    cmp <(cache_chunk "$T/c$n" "$4") <(src_chunk "$T/$3.raw" "$2") || fail "the cache holds a swapped chunk"
     [ "$(stat_value "$M" trust chunks_refused)" = 1 ] || fail "swapped chunk $2 of $1 was not refused by its digest"
     [ "$(stat_value "$M" fetch verify_failures)" = 1 ] || fail "swapped chunk $2 of $1 was not counted"
     grep -q 'failed verification against its signed digest' "${DAEMON_LOG[$M]}" ||

@@ -45,25 +45,65 @@ static void sleep_ms(long ms)
         ;
 }
 
-/* True when fd holds exactly data. */
-static int fd_holds(int fd, const unsigned char *data, size_t len)
+/* True when a pin's bytes are exactly data. */
+static int pin_holds(const struct cache_pin *pin, const unsigned char *data, size_t len)
 {
-    if (fd < 0)
+    if (pin->fd < 0)
         return 0;
-    unsigned char *buf = malloc(len + 1);
+    unsigned char *buf = malloc(len);
     if (!buf)
         return 0;
-    ssize_t n = pread(fd, buf, len + 1, 0);
+    ssize_t n = pread(pin->fd, buf, len, (off_t)pin->off);
     int ok = n == (ssize_t)len && memcmp(buf, data, len) == 0;
     free(buf);
     return ok;
 }
 
-static void chunk_file(const char *dir, const struct chunk_hash *h, char *out, size_t len)
+/* Where a resident chunk is; CHECKs that it is. */
+struct where {
+    char path[PATH_MAX];
+    uint64_t off, len;
+};
+
+static struct where locate(struct cache *cache, const struct chunk_hash *h)
 {
-    char hex[CHUNK_HASH_HEX + 1];
-    chunk_hash_to_hex(h, hex);
-    snprintf(out, len, "%s/chunks/%.2s/%s", dir, hex, hex);
+    struct where w = {"", 0, 0};
+    CHECK(cache_locate(cache, h, w.path, sizeof(w.path), &w.off, &w.len) == 0);
+    return w;
+}
+
+/* Copies len bytes at from in one file over the bytes at to in another. */
+static int copy_bytes(const char *from_path, off_t from, const char *to_path, off_t to, size_t len)
+{
+    int in = open(from_path, O_RDONLY), out = open(to_path, O_RDWR);
+    unsigned char *buf = malloc(len);
+    int rc = in >= 0 && out >= 0 && buf && pread(in, buf, len, from) == (ssize_t)len &&
+                     pwrite(out, buf, len, to) == (ssize_t)len
+                 ? 0
+                 : -1;
+    free(buf);
+    if (in >= 0)
+        close(in);
+    if (out >= 0)
+        close(out);
+    return rc;
+}
+
+static uint64_t disk_bytes_of_packs(const char *dir)
+{
+    char path[PATH_MAX];
+    path_join(path, sizeof(path), "%s/packs", dir);
+    DIR *d = opendir(path);
+    uint64_t total = 0;
+    struct dirent *de;
+    while (d && (de = readdir(d))) {
+        struct stat st;
+        if (strstr(de->d_name, ".pack") && fstatat(dirfd(d), de->d_name, &st, 0) == 0)
+            total += (uint64_t)st.st_blocks * 512;
+    }
+    if (d)
+        closedir(d);
+    return total;
 }
 
 static int flip_byte_in_file(const char *path, off_t off)
@@ -109,18 +149,14 @@ static void test_basic(const char *dir)
     }
     CHECK(strcmp(cache_dir(cache), dir) == 0);
 
-    /* Layout: the marker and the 256 chunk subdirectories. */
+    /* Layout: the marker and the packs directory. */
     char *marker = NULL;
     size_t mlen = 0;
     path_join(path, sizeof(path), "%s/imgfs-cache", dir);
-    CHECK(read_file(path, 64, &marker, &mlen) == 0 && mlen == 14 && memcmp(marker, "imgfs-cache 1\n", 14) == 0);
+    CHECK(read_file(path, 64, &marker, &mlen) == 0 && mlen == 14 && memcmp(marker, "imgfs-cache 2\n", 14) == 0);
     free(marker);
-    int subdirs = 0;
-    for (int i = 0; i < 256; i++) {
-        path_join(path, sizeof(path), "%s/chunks/%02x", dir, i);
-        subdirs += stat(path, &st) == 0 && S_ISDIR(st.st_mode);
-    }
-    CHECK(subdirs == 256);
+    path_join(path, sizeof(path), "%s/packs", dir);
+    CHECK(stat(path, &st) == 0 && S_ISDIR(st.st_mode));
 
     unsigned char *a = malloc(CS), *b = malloc(CS);
     struct chunk_hash ha, hb;
@@ -139,23 +175,25 @@ static void test_basic(const char *dir)
     CHECK(pin.entry != NULL);
     CHECK(!cache_contains(cache, &ha)); /* not resident until filled */
     CHECK(cache_fill(cache, &pin, a, CS) == 0);
-    CHECK(fd_holds(pin.fd, a, CS));
+    CHECK(pin_holds(&pin, a, CS));
     CHECK(cache_contains(cache, &ha));
     cache_release(cache, &pin);
     CHECK(pin.entry == NULL && pin.fd == -1);
 
-    chunk_file(dir, &ha, path, sizeof(path));
-    CHECK(stat(path, &st) == 0 && st.st_size == CS);
+    /* The chunk is in a pack, at an aligned offset. */
+    struct where wa = locate(cache, &ha);
+    CHECK(strstr(wa.path, "/packs/") && strstr(wa.path, ".pack") && wa.off % 4096 == 0 && wa.len == CS);
+    CHECK(stat(wa.path, &st) == 0 && (uint64_t)st.st_size >= wa.off + CS);
 
     /* Hit. */
     CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_HIT);
-    CHECK(fd_holds(pin.fd, a, CS));
+    CHECK(pin_holds(&pin, a, CS) && pin.off == wa.off);
     /* Two pins of one chunk at once. */
     struct cache_pin pin2 = {.entry = NULL, .fd = -1};
     CHECK(cache_acquire(cache, &ha, CS, deadline, &pin2) == CACHE_HIT);
-    CHECK(fd_holds(pin2.fd, a, CS));
+    CHECK(pin_holds(&pin2, a, CS));
     cache_release(cache, &pin2);
-    CHECK(fd_holds(pin.fd, a, CS)); /* still valid while pinned */
+    CHECK(pin_holds(&pin, a, CS)); /* still valid while pinned */
     cache_release(cache, &pin);
     cache_release(cache, &pin); /* releasing a released pin is harmless */
 
@@ -164,83 +202,111 @@ static void test_basic(const char *dir)
     CHECK(cache_fill(cache, &pin, b, CS) == 0);
     cache_release(cache, &pin);
     cache_get_usage(cache, &u);
-    CHECK(u.chunks == 2 && u.bytes == 2 * CS);
+    CHECK(u.chunks == 2 && u.bytes == 2 * CS && u.packs == 1);
 
-    /* Reopen: the chunks are found again and verified on first use. A
-     * leftover temp file of a crashed fill is cleaned up. */
-    char tmp[PATH_MAX + 16];
-    snprintf(tmp, sizeof(tmp), "%s.tmp.12345", path);
-    int fd = open(tmp, O_WRONLY | O_CREAT, 0644);
+    /* Reopen: the chunks are found again and verified on first use. A pack
+     * file without its index (a crash between creating the two) goes. */
+    char orphan[PATH_MAX];
+    path_join(orphan, sizeof(orphan), "%s/packs/0000ff00.pack", dir);
+    int fd = open(orphan, O_WRONLY | O_CREAT, 0644);
     CHECK(fd >= 0);
     if (fd >= 0)
         close(fd);
     cache = reopen(cache, dir);
-    CHECK(access(tmp, F_OK) != 0);
+    CHECK(access(orphan, F_OK) != 0);
     CHECK(cache_contains(cache, &ha) && cache_contains(cache, &hb));
     cache_get_usage(cache, &u);
     CHECK(u.chunks == 2 && u.bytes == 2 * CS && u.dropped_damaged == 0);
     CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_HIT);
-    CHECK(fd_holds(pin.fd, a, CS));
+    CHECK(pin_holds(&pin, a, CS));
     cache_release(cache, &pin);
 
-    /* Damage: flip a byte of a's file, truncate b's file, then reopen. */
-    chunk_file(dir, &ha, path, sizeof(path));
-    CHECK(flip_byte_in_file(path, CS / 2) == 0);
-    char path_b[PATH_MAX];
-    chunk_file(dir, &hb, path_b, sizeof(path_b));
-    CHECK(truncate(path_b, CS / 2) == 0);
+    /* Damage: flip a byte of a inside its pack; cut the pack in the middle
+     * of b (a fill that a crash cut short), then reopen. */
+    wa = locate(cache, &ha);
+    struct where wb = locate(cache, &hb);
+    CHECK(strcmp(wa.path, wb.path) == 0 && wb.off > wa.off);
+    CHECK(flip_byte_in_file(wa.path, (off_t)(wa.off + CS / 2)) == 0);
+    CHECK(truncate(wb.path, (off_t)(wb.off + CS / 2)) == 0);
     cache = reopen(cache, dir);
+    CHECK(!cache_contains(cache, &hb)); /* its record points past the end: never served */
     CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_MUST_FILL);
     cache_get_usage(cache, &u);
     CHECK(u.dropped_damaged == 1);
-    CHECK(access(path, F_OK) != 0); /* the damaged file is gone */
+    CHECK(!cache_contains(cache, &ha) || pin.entry); /* dropped, and being refilled by us */
     CHECK(cache_fill(cache, &pin, a, CS) == 0);
-    CHECK(fd_holds(pin.fd, a, CS));
+    CHECK(pin_holds(&pin, a, CS));
     cache_release(cache, &pin);
     CHECK(cache_acquire(cache, &hb, CS, deadline, &pin) == CACHE_MUST_FILL);
-    cache_get_usage(cache, &u);
-    CHECK(u.dropped_damaged == 2);
     cache_abandon(cache, &pin);
     CHECK(pin.entry == NULL);
     CHECK(!cache_contains(cache, &hb));
     cache_get_usage(cache, &u);
     CHECK(u.chunks == 1 && u.bytes == CS);
 
-    /* After refilling, a reopened cache verifies the file and hits. */
+    /* After refilling, a reopened cache verifies the chunk and hits; the
+     * dropped copy stays dropped (its DROP record). */
     cache = reopen(cache, dir);
+    cache_get_usage(cache, &u);
+    CHECK(u.chunks == 1);
     CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_HIT);
-    CHECK(fd_holds(pin.fd, a, CS));
+    CHECK(pin_holds(&pin, a, CS));
     cache_release(cache, &pin);
     cache_get_usage(cache, &u);
     CHECK(u.dropped_damaged == 0);
 
-    /* A chunk file swapped for another chunk's bytes is also damage. */
+    /* Another chunk's bytes where a chunk should be is damage too. */
     CHECK(cache_acquire(cache, &hb, CS, deadline, &pin) == CACHE_MUST_FILL);
     CHECK(cache_fill(cache, &pin, b, CS) == 0);
     cache_release(cache, &pin);
-    chunk_file(dir, &ha, path, sizeof(path));
-    CHECK(rename(path_b, path) == 0);
+    wa = locate(cache, &ha);
+    wb = locate(cache, &hb);
+    CHECK(copy_bytes(wb.path, (off_t)wb.off, wa.path, (off_t)wa.off, CS) == 0);
     cache = reopen(cache, dir);
     CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_MUST_FILL);
     cache_abandon(cache, &pin);
     cache_get_usage(cache, &u);
     CHECK(u.dropped_damaged == 1);
-
-    /* A chunk file with an extra byte appended is damage too, even though
-     * its first CS bytes hash correctly. */
-    CHECK(cache_acquire(cache, &hb, CS, deadline, &pin) == CACHE_MUST_FILL);
-    CHECK(cache_fill(cache, &pin, b, CS) == 0);
+    CHECK(cache_acquire(cache, &hb, CS, deadline, &pin) == CACHE_HIT);
+    CHECK(pin_holds(&pin, b, CS));
     cache_release(cache, &pin);
-    chunk_file(dir, &hb, path_b, sizeof(path_b));
-    fd = open(path_b, O_WRONLY | O_APPEND);
-    CHECK(fd >= 0 && write(fd, "x", 1) == 1);
-    if (fd >= 0)
-        close(fd);
+
+    /* A torn last index record (a crash in the middle of its write) ends
+     * the log: that chunk is not served, and later records line up. */
+    unsigned char *c = malloc(CS);
+    struct chunk_hash hc;
+    make_chunk(c, CS, 3, &hc);
+    CHECK(cache_acquire(cache, &hc, CS, deadline, &pin) == CACHE_MUST_FILL);
+    CHECK(cache_fill(cache, &pin, c, CS) == 0);
+    cache_release(cache, &pin);
+    CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_MUST_FILL);
+    CHECK(cache_fill(cache, &pin, a, CS) == 0);
+    cache_release(cache, &pin);
+    wa = locate(cache, &ha);
+    CHECK(strcmp(locate(cache, &hc).path, wa.path) == 0);
+    char idx[PATH_MAX];
+    snprintf(idx, sizeof(idx), "%.*s.idx", (int)(strlen(wa.path) - 5), wa.path);
+    CHECK(stat(idx, &st) == 0 && st.st_size >= 64 && st.st_size % 64 == 0);
+    CHECK(truncate(idx, st.st_size - 10) == 0);
     cache = reopen(cache, dir);
-    CHECK(cache_acquire(cache, &hb, CS, deadline, &pin) == CACHE_MUST_FILL);
-    cache_abandon(cache, &pin);
-    cache_get_usage(cache, &u);
-    CHECK(u.dropped_damaged == 1);
+    CHECK(!cache_contains(cache, &ha) && cache_contains(cache, &hb) && cache_contains(cache, &hc));
+    CHECK(stat(idx, &st) == 0 && st.st_size == 64); /* c's record, and the torn one cut off */
+    CHECK(cache_acquire(cache, &hc, CS, deadline, &pin) == CACHE_HIT);
+    CHECK(pin_holds(&pin, c, CS));
+    cache_release(cache, &pin);
+    free(c);
+    /* A garbled record in the middle: the log is cut there too. */
+    CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_MUST_FILL);
+    CHECK(cache_fill(cache, &pin, a, CS) == 0);
+    cache_release(cache, &pin);
+    wa = locate(cache, &ha);
+    snprintf(idx, sizeof(idx), "%.*s.idx", (int)(strlen(wa.path) - 5), wa.path);
+    CHECK(flip_byte_in_file(idx, 20) == 0); /* the first record: a's */
+    cache = reopen(cache, dir);
+    CHECK(!cache_contains(cache, &ha));
+    CHECK(cache_acquire(cache, &hb, CS, deadline, &pin) == CACHE_HIT);
+    CHECK(pin_holds(&pin, b, CS));
+    cache_release(cache, &pin);
 
     cache_close(cache);
     free(a);
@@ -292,7 +358,7 @@ static void *flight_worker(void *arg)
     } else if (w->acquire_rc != CACHE_HIT) {
         return NULL;
     }
-    w->data_ok = fd_holds(pin.fd, f->data, CS);
+    w->data_ok = pin_holds(&pin, f->data, CS);
     cache_release(f->cache, &pin);
     return NULL;
 }
@@ -328,7 +394,7 @@ static void test_single_flight(struct cache *cache, unsigned seed, int expect_fi
     CHECK(cache_contains(cache, &f.hash));
     struct cache_pin pin = {.entry = NULL, .fd = -1};
     CHECK(cache_acquire(cache, &f.hash, CS, now_ns() + LONG_DEADLINE_NS, &pin) == CACHE_HIT);
-    CHECK(fd_holds(pin.fd, data, CS));
+    CHECK(pin_holds(&pin, data, CS));
     cache_release(cache, &pin);
     free(data);
 }
@@ -355,14 +421,14 @@ static void *wait_worker(void *arg)
         if (w->fill) {
             w->fill_rc = cache_fill(w->cache, &pin, w->data, CS);
             if (w->fill_rc == 0)
-                w->data_ok = fd_holds(pin.fd, w->data, CS);
+                w->data_ok = pin_holds(&pin, w->data, CS);
             if (w->fill_rc == 0)
                 cache_release(w->cache, &pin);
         } else {
             cache_abandon(w->cache, &pin);
         }
     } else if (w->acquire_rc == CACHE_HIT) {
-        w->data_ok = fd_holds(pin.fd, w->data, CS);
+        w->data_ok = pin_holds(&pin, w->data, CS);
         cache_release(w->cache, &pin);
     }
     return NULL;
@@ -385,7 +451,7 @@ static void test_abandon(struct cache *cache)
     CHECK(w.acquire_rc == CACHE_MUST_FILL); /* the waiter took over */
     CHECK(w.fill_rc == 0 && w.data_ok);
     CHECK(cache_acquire(cache, &w.hash, CS, w.deadline_ns, &pin) == CACHE_HIT);
-    CHECK(fd_holds(pin.fd, data, CS));
+    CHECK(pin_holds(&pin, data, CS));
     cache_release(cache, &pin);
 
     /* Abandon with nobody waiting: the next caller must fill. */
@@ -461,7 +527,7 @@ static void *storm_worker(void *arg)
             s->errors++;
             continue;
         }
-        if (!fd_holds(pin.fd, s->data[k], CS))
+        if (!pin_holds(&pin, s->data[k], CS))
             s->errors++;
         cache_release(s->cache, &pin);
     }
@@ -494,6 +560,158 @@ static void test_storm(struct cache *cache)
     }
 }
 
+/* ---- the old layout ------------------------------------------------------- */
+
+/* A cache of the one-file-per-chunk layout (imgfs-cache 1) is imported into
+ * packs at open: good chunks are served, a damaged one is dropped on first
+ * use, leftovers go, other files (meta/, the lock) stay. */
+static void test_old_layout(const char *dir)
+{
+    char path[PATH_MAX];
+    path_join(path, sizeof(path), "%s/imgfs-cache", dir);
+    CHECK(write_file_atomic(path, "imgfs-cache 1\n", 14) == 0);
+    path_join(path, sizeof(path), "%s/meta", dir);
+    CHECK(mkdir(path, 0700) == 0);
+    path_join(path, sizeof(path), "%s/meta/trust", dir);
+    CHECK(write_file_atomic(path, "kept\n", 5) == 0);
+    unsigned char *data[3];
+    struct chunk_hash h[3];
+    for (int i = 0; i < 3; i++) {
+        data[i] = malloc(CS);
+        make_chunk(data[i], CS, 300 + (unsigned)i, &h[i]);
+        char hex[CHUNK_HASH_HEX + 1];
+        chunk_hash_to_hex(&h[i], hex);
+        path_join(path, sizeof(path), "%s/chunks/%.2s", dir, hex);
+        CHECK(mkdir_p(path) == 0);
+        path_join(path, sizeof(path), "%s/chunks/%.2s/%s", dir, hex, hex);
+        CHECK(write_file_atomic(path, data[i], CS) == 0);
+        if (i == 2)
+            CHECK(flip_byte_in_file(path, 7) == 0);
+        if (i == 0) {
+            char tmp[PATH_MAX + 16];
+            snprintf(tmp, sizeof(tmp), "%s.tmp.4242", path);
+            CHECK(write_file_atomic(tmp, "junk", 4) == 0);
+        }
+    }
+    struct cache *cache = NULL;
+    char err[256] = "";
+    CHECK(cache_open(dir, &cache, err, sizeof(err)) == 0 && cache);
+    if (!cache) {
+        fprintf(stderr, "cache_open: %s\n", err);
+        exit(1);
+    }
+    path_join(path, sizeof(path), "%s/chunks", dir);
+    CHECK(access(path, F_OK) != 0); /* imported and gone */
+    char *text = NULL;
+    size_t len = 0;
+    path_join(path, sizeof(path), "%s/imgfs-cache", dir);
+    CHECK(read_file(path, 64, &text, &len) == 0 && len == 14 && memcmp(text, "imgfs-cache 2\n", 14) == 0);
+    free(text);
+    path_join(path, sizeof(path), "%s/meta/trust", dir);
+    CHECK(read_file(path, 64, &text, &len) == 0 && len == 5);
+    free(text);
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.chunks == 3 && u.bytes == 3 * CS);
+    struct cache_pin pin = {.entry = NULL, .fd = -1};
+    uint64_t deadline = now_ns() + LONG_DEADLINE_NS;
+    for (int i = 0; i < 2; i++) {
+        CHECK(cache_acquire(cache, &h[i], CS, deadline, &pin) == CACHE_HIT);
+        CHECK(pin_holds(&pin, data[i], CS));
+        cache_release(cache, &pin);
+    }
+    CHECK(cache_acquire(cache, &h[2], CS, deadline, &pin) == CACHE_MUST_FILL);
+    CHECK(cache_fill(cache, &pin, data[2], CS) == 0);
+    cache_release(cache, &pin);
+    cache_get_usage(cache, &u);
+    CHECK(u.dropped_damaged == 1 && u.chunks == 3);
+    /* And the imported chunks are still there after another restart. */
+    cache = reopen(cache, dir);
+    for (int i = 0; i < 3; i++) {
+        CHECK(cache_acquire(cache, &h[i], CS, deadline, &pin) == CACHE_HIT);
+        CHECK(pin_holds(&pin, data[i], CS));
+        cache_release(cache, &pin);
+        free(data[i]);
+    }
+    cache_close(cache);
+}
+
+/* ---- eviction with pins in packs -------------------------------------------- */
+
+/* A small cache_size with small packs: many fills roll packs over and evict
+ * by LRU, a pinned and a held chunk keep their bytes throughout, empty packs
+ * are removed, the disk use stays near the limit, and a restart brings no
+ * evicted chunk back. */
+static void test_evict_pins(const char *dir)
+{
+    struct cache *cache = NULL;
+    char err[256] = "";
+    CHECK(cache_open(dir, &cache, err, sizeof(err)) == 0 && cache);
+    if (!cache)
+        exit(1);
+    const uint64_t limit = 8 * CS;
+    cache_set_limit(cache, limit);
+    cache_set_pack_limit(cache, 3 * CS);
+    uint64_t deadline = now_ns() + LONG_DEADLINE_NS;
+    unsigned char *pinned = malloc(CS), *held = malloc(CS), *data = malloc(CS);
+    struct chunk_hash hp, hh, h;
+    make_chunk(pinned, CS, 700, &hp);
+    make_chunk(held, CS, 701, &hh);
+    struct cache_pin pin = {.entry = NULL, .fd = -1}, keep = {.entry = NULL, .fd = -1};
+    CHECK(cache_hold(cache, &hh, true) == 0);
+    CHECK(cache_acquire(cache, &hh, CS, deadline, &pin) == CACHE_MUST_FILL);
+    CHECK(cache_fill(cache, &pin, held, CS) == 0);
+    cache_release(cache, &pin);
+    CHECK(cache_acquire(cache, &hp, CS, deadline, &keep) == CACHE_MUST_FILL);
+    CHECK(cache_fill(cache, &keep, pinned, CS) == 0);
+    struct chunk_hash last[4];
+    for (unsigned i = 0; i < 40; i++) {
+        make_chunk(data, CS, 800 + i, &h);
+        last[i % 4] = h;
+        CHECK(cache_acquire(cache, &h, CS, deadline, &pin) == CACHE_MUST_FILL);
+        CHECK(cache_fill(cache, &pin, data, CS) == 0);
+        cache_release(cache, &pin);
+        struct cache_usage u;
+        cache_get_usage(cache, &u);
+        CHECK(u.bytes <= limit);
+    }
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.evictions >= 30);
+    CHECK(u.packs <= 6); /* 42 chunks went through packs of 3 */
+    CHECK(pin_holds(&keep, pinned, CS));
+    CHECK(cache_contains(cache, &hh) && cache_contains(cache, &last[39 % 4]));
+    CHECK(disk_bytes_of_packs(dir) <= limit + 4 * CS); /* punched holes gave the space back */
+    /* Everything unpinned is in use: a fill that cannot fit fails with ENOSPC. */
+    struct cache_pin many[8];
+    int npinned = 0;
+    for (unsigned i = 0; i < 8; i++) {
+        make_chunk(data, CS, 900 + i, &h);
+        many[i] = (struct cache_pin){.entry = NULL, .fd = -1};
+        int rc = cache_acquire(cache, &h, CS, deadline, &many[i]);
+        CHECK(rc == CACHE_MUST_FILL);
+        rc = cache_fill(cache, &many[i], data, CS);
+        CHECK(rc == 0 || rc == -ENOSPC);
+        npinned += rc == 0;
+    }
+    CHECK(npinned >= 5 && npinned < 8);
+    for (int i = 0; i < 8; i++)
+        cache_release(cache, &many[i]);
+    cache_release(cache, &keep);
+    cache_get_usage(cache, &u);
+    uint64_t chunks = u.chunks;
+    cache = reopen(cache, dir);
+    cache_get_usage(cache, &u);
+    CHECK(u.chunks == chunks); /* no evicted chunk is back */
+    CHECK(cache_acquire(cache, &hp, CS, deadline, &pin) == CACHE_HIT);
+    CHECK(pin_holds(&pin, pinned, CS));
+    cache_release(cache, &pin);
+    cache_close(cache);
+    free(pinned);
+    free(held);
+    free(data);
+}
+
 int main(void)
 {
     log_set_level(LOG_LEVEL_ERROR); /* the damage tests log warnings on purpose */
@@ -503,6 +721,12 @@ int main(void)
     path_join(sub, sizeof(sub), "%s/basic", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_basic(sub);
+    path_join(sub, sizeof(sub), "%s/old", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_old_layout(sub);
+    path_join(sub, sizeof(sub), "%s/evict", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_evict_pins(sub);
 
     path_join(sub, sizeof(sub), "%s/threads", dir);
     CHECK(mkdir(sub, 0755) == 0);
