@@ -15,6 +15,8 @@
 #    write that the kernel runs one at a time: while it reads a file whose
 #    reads hang (a base on a mount whose mirror answers nothing), the same
 #    commands answer;
+#  - an export with no room to stage it in the state directory fails with
+#    one line that says so, and frees what it took;
 #  - /dev/null stays a device, a directory is refused, and a regular file
 #    is replaced atomically with mode 0600.
 . "$(dirname "$0")/lib.sh"
@@ -148,6 +150,25 @@ grep -q 'not a complete imgfs export' "$T/hung.err" || { cat "$T/hung.err"; fail
 [ ! -e "$M/vms/hung.raw" ] || fail "a VM was made from a file that is no export"
 ok "the import, its file readable again, is refused: $(cat "$T/hung.err")"
 umount_imgfs "$M2"
+
+# --- no room in the state directory to stage an export ----------------------------------------------
+SMALL=$T/small
+mkdir -p "$SMALL"
+mount -t tmpfs -o size=12M tmpfs "$SMALL" || fail "cannot mount a tmpfs"
+at_exit 'for m in "${MOUNTS[@]}"; do fusermount3 -uz "$m" 2>/dev/null; done; umount -l "$SMALL" 2>/dev/null'
+mkdir -p "$SMALL/state"
+M3=$T/mnt3
+mount_imgfs "$T/repo" "$M3" "state=$SMALL/state" "$T/cache3"
+"$IMGFSCTL" vm create "$M3" big --size 64M
+head -c $((7 * 1048576)) /dev/urandom | dd of="$M3/vms/big.raw" bs=1M conv=notrunc,fsync iflag=fullblock status=none ||
+    fail "cannot write 7 MiB into a VM on a 12 MiB state directory"
+expect_error "an export with no room to stage it" "$IMGFSCTL" vm export "$M3" big "$OUT/big.exp"
+grep -q 'has no room to stage it' "$(last_error)" || fail "the export does not say that the state directory is full"
+[ "$(df --output=used -B1 "$SMALL" | tail -n 1)" -lt $((9 * 1048576)) ] || fail "the failed staging kept its space"
+[ -z "$(leftovers)" ] || fail "files left behind: $(leftovers)"
+timeout 20 "$IMGFSCTL" vm create "$M3" after --size 1M || fail "the mount does not take commands after a failed staging"
+ok "a failed staging frees its space and leaves nothing; the mount goes on"
+umount_imgfs "$M3"
 
 # --- what the destination may be ------------------------------------------------------------------
 "$IMGFSCTL" vm export "$M" v /dev/null || fail "an export to /dev/null failed"
