@@ -128,6 +128,9 @@ static void add_vm(void *ctx, struct vm *vm)
                  (double)vs.top.compact_ns / 1e9, 3);
     status_gauge(s, sec, "top_layer_compact_pause_seconds", "Of which its writes were held.",
                  (double)vs.top.compact_pause_ns / 1e9, 4);
+    status_gauge(s, sec, "top_layer_compact_flush_hold_seconds",
+                 "Of which its flushes were held (its writes, then the sync and rename of the new log).",
+                 (double)vs.top.compact_flush_hold_ns / 1e9, 4);
     status_gauge(s, sec, "layers", "Layers in the VM's chain.", vs.depth, 0);
     status_gauge(s, sec, "snapshots", "Snapshots of the VM.", vs.snapshots, 0);
     status_gauge(s, sec, "open", "Open file handles of the VM disk and its snapshots.", vs.open_count, 0);

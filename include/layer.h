@@ -27,12 +27,18 @@
  *
  * Overwritten data stays in the log as dead space. When dead space exceeds
  * the live data and 64 MiB, a background thread compacts the layer: it
- * copies the live blocks to ID.log.new while writes go on (yielding to
- * them), then holds writes for a moment to copy what changed meanwhile,
- * syncs, and renames it over ID.log. A crash before the rename leaves ID.log
- * as it was (ID.log.new is deleted at open). For tests, the environment
+ * copies the live blocks to ID.log.new and syncs it while writes and
+ * flushes go on (yielding to them), copying again what they changed until
+ * little is left. Then it holds writes and flushes only while it copies
+ * that last little and switches the layer to the new file (no I/O but the
+ * copy). Writes go on into the new file at once; flushes wait while it is
+ * synced, renamed over ID.log and the directory synced, since only then
+ * does a crash open it. A crash before the rename leaves ID.log with every
+ * flushed write (ID.log.new is deleted at open, except by a takeover that
+ * finishes the switch: layer_share_pending). For tests, the environment
  * variable IMGFS_LAYER_COMPACT_MIN replaces the 64 MiB, and
- * IMGFS_TEST_COMPACT_PAUSE_MS makes a compaction pause before its rename.
+ * IMGFS_TEST_COMPACT_PAUSE_MS makes a compaction pause after its switch,
+ * before the sync and rename (writes go on meanwhile, flushes wait).
  *
  * Old layers (ID.data, a sparse file of the disk's size, and ID.map, an
  * ownership bitmap after the header "imgfs-layer-map 1") are converted at
@@ -79,6 +85,9 @@ struct layer;
  * opens the layer after the previous one was killed between a write and its
  * flush gets those writes back (their data is in the page cache of the
  * log), so a flush the kernel sends again to it still keeps promise 1.
+ * It names the log it belongs to: when that is an ID.log.new that a
+ * compaction had switched to but not renamed, the opening server syncs and
+ * renames it first (its writes since the switch are only there).
  * After a reboot the tmpfs is gone, and the promises are as above. Call
  * once at start-up, before any layer is opened; NULL or "" for none. */
 void layer_share_pending(const char *dir);
@@ -150,6 +159,7 @@ struct layer_stats {
     uint64_t compactions;      /* since open */
     uint64_t compact_ns;       /* the last compaction, start to end */
     uint64_t compact_pause_ns; /* of which writes were held */
+    uint64_t compact_flush_hold_ns; /* and flushes (writes, then the sync) */
     uint64_t compact_bytes;    /* copied by compactions, in all */
 };
 void layer_stats(const struct layer *layer, struct layer_stats *out);

@@ -19,6 +19,9 @@
  *       to NONE. Index nodes are never freed before layer_close().
  *   I5. A slot names its file by generation; the file of a generation stays
  *       open while a slot or a pinned extent names it.
+ *   I6. A flush returns only once the file its record went into is durable
+ *       as ID.log: between a compaction's switch and its directory fsync,
+ *       flush_serial stays with the compaction.
  *
  * Transitions:
  *   write      reserve log blocks (atomic tail), pwrite, then under lock:
@@ -29,10 +32,12 @@
  *   flush      take the pending entries, reserve continuation blocks and
  *              the next record's block, write them, fdatasync once
  *   compact    copy live data into ID.log.new (phase 1, no lock), copy what
- *              changed meanwhile (phase 1b), then with writers and flushes
- *              held (phase 2) copy the rest, fdatasync, rename over
- *              ID.log, and repoint the slots at the new generation; then
- *              writes go on while flushes wait for the directory's fsync
+ *              changed meanwhile and fdatasync it (phase 1b); with writers
+ *              and flushes held (phase 2, no I/O but the copy) copy the
+ *              rest and make the new file cur; then writes go on into it
+ *              while flushes wait (phase 3) for its fdatasync, the rename
+ *              over ID.log and the directory's fsync (I6); last, repoint
+ *              the slots that still name the old generation
  *   open       replay records in order; check the last one's data
  */
 #include "layer.h"
@@ -118,10 +123,10 @@ struct layer {
 
     /* Writers and punches hold swap_lock shared across their I/O; a flush
      * holds it exclusively while it closes its record (no I/O), phase 2 of
-     * compaction across its I/O. */
+     * compaction while it copies the last changes (no sync). */
     pthread_rwlock_t swap_lock;
-    /* flush_serial orders flushes (I2) and is held across their I/O; taken
-     * before swap_lock. */
+    /* flush_serial orders flushes (I2) and is held across their I/O, and by
+     * phases 2 and 3 of compaction (I6); taken before swap_lock. */
     pthread_mutex_t flush_serial;
     /* lock guards the index updates, pending, the record position and the
      * compaction change list; held briefly, never across I/O. */
@@ -150,7 +155,7 @@ struct layer {
     /* Compaction: guarded by the module's compact_lock. */
     struct layer *compact_next;
     bool compact_queued, compact_stop, compacting;
-    _Atomic uint64_t compactions, compact_ns, compact_pause_ns, compact_bytes;
+    _Atomic uint64_t compactions, compact_ns, compact_pause_ns, compact_flush_hold_ns, compact_bytes;
 };
 
 /* ---- system calls, replaceable by tests -------------------------------------- */
@@ -1077,6 +1082,47 @@ done:
 
 static void maybe_compact(struct layer *l);
 
+/* A takeover after a server died between a compaction's switch and its
+ * rename: the shared pending file (in a tmpfs, so the page cache is the one
+ * the dead server wrote to) names ID.log.new, which holds every write, the
+ * flushed ones in its synced records and the rest after them. Sync it and
+ * rename it over ID.log, as the compaction would have. Anything else, after
+ * a reboot above all, leaves ID.log as the layer. */
+static int finish_switch(const char *dir, const char *id, uint64_t size, const char *log_path)
+{
+    char new_path[PATH_MAX], shared[PATH_MAX];
+    if (!shared_pending_dir[0] || shared_path(id, shared) != 0 || layer_path(dir, id, PATH_NEW, new_path) != 0)
+        return 0;
+    int sfd = open(shared, O_RDONLY | O_CLOEXEC);
+    uint8_t h[SHARED_HEADER], header[BS], want[BS];
+    int rc = sfd < 0 ? -errno : read_full_at(sfd, h, sizeof(h), 0);
+    if (sfd >= 0)
+        close(sfd);
+    if (rc || get64(h) != SHARED_MAGIC)
+        return 0;
+    int fd = open(new_path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    rc = read_full_at(fd, header, BS, 0);
+    encode_header(want, size, get64(h + 8));
+    if (rc || memcmp(header, want, 64) != 0) {
+        close(fd);
+        return 0;
+    }
+    rc = sync_fd(fd);
+    close(fd);
+    if (!rc && rename(new_path, log_path) < 0)
+        rc = -errno;
+    if (!rc)
+        rc = fsync_dir(dir);
+    if (rc)
+        log_error("layer %s: cannot finish the compaction its previous server had switched to: %s", id,
+                  strerror(-rc));
+    else
+        log_info("layer %s: finished the compaction its previous server had switched to", id);
+    return rc;
+}
+
 int layer_open(const char *dir, const char *id, uint64_t size, struct layer **out)
 {
     char log_path[PATH_MAX], path[PATH_MAX];
@@ -1084,6 +1130,8 @@ int layer_open(const char *dir, const char *id, uint64_t size, struct layer **ou
     if (rc)
         return rc;
     /* Leftovers of a compaction or a conversion that did not finish. */
+    if ((rc = finish_switch(dir, id, size, log_path)) != 0)
+        return rc;
     if (layer_path(dir, id, PATH_NEW, path) == 0)
         unlink(path);
     if (layer_path(dir, id, PATH_TMP, path) == 0)
@@ -1205,6 +1253,7 @@ void layer_stats(const struct layer *l, struct layer_stats *out)
     out->compactions = atomic_load(&l->compactions);
     out->compact_ns = atomic_load(&l->compact_ns);
     out->compact_pause_ns = atomic_load(&l->compact_pause_ns);
+    out->compact_flush_hold_ns = atomic_load(&l->compact_flush_hold_ns);
     out->compact_bytes = atomic_load(&l->compact_bytes);
 }
 
@@ -1509,8 +1558,9 @@ static uint64_t compact_min_bytes(void)
     return v;
 }
 
-/* For the crash tests: a pause between phase 1 and phase 2, so that a test
- * can kill the daemon while ID.log.new is complete but not yet renamed. */
+/* For the tests: a pause after the switch, before the rename (phase 3), so
+ * that a test can write while the layer runs on ID.log.new, or kill the
+ * daemon while that file is complete but not yet renamed. */
 static unsigned compact_test_pause_ms(void)
 {
     const char *env = getenv("IMGFS_TEST_COMPACT_PAUSE_MS");
@@ -1595,6 +1645,32 @@ static int copy_changed(struct layer *l, struct builder *b, char *piece, uint64_
     return rc;
 }
 
+/* Points the slots that still name the old file (generation old_gen) at
+ * their copies in the new one (b->all). A slot that a write or punch changed
+ * since the switch is left alone. A block copied more than once (it changed
+ * while compacting) takes its last copy, so the entries go newest first:
+ * after the first, the slot names the new file. Under lock a batch at a
+ * time, so that writes are not held for long. */
+static void repoint(struct layer *l, const struct builder *b, unsigned old_gen, unsigned gen)
+{
+    size_t i = b->nall;
+    while (i > 0) {
+        pthread_mutex_lock(&l->lock);
+        for (uint64_t done = 0; i > 0 && done < 65536;) {
+            const struct entry *e = &b->all[--i];
+            if (e->kind != ENTRY_DATA)
+                continue;
+            for (uint32_t k = 0; k < e->count; k++) {
+                uint64_t s = slot_get(l, e->block + k);
+                if (s != SLOT_NONE && s != SLOT_ZERO && SLOT_GEN(s) == old_gen)
+                    slot_set(l, e->block + k, SLOT_DATA(gen, e->loc + k));
+            }
+            done += e->count;
+        }
+        pthread_mutex_unlock(&l->lock);
+    }
+}
+
 static int compact(struct layer *l)
 {
     uint64_t t0 = now_ns(), copied = 0;
@@ -1636,12 +1712,13 @@ static int compact(struct layer *l)
     size_t changed = SIZE_MAX;
     for (int round = 0; round < 16 && !rc && changed > 64; round++)
         rc = copy_changed(l, &b, piece, &copied, &changed);
+    /* The bulk reaches the disk here, behind guest I/O; phase 3 then syncs
+     * only what phase 2 added. */
     if (!rc)
         rc = sync_fd(fd);
-    if (!rc && compact_test_pause_ms())
-        usleep(compact_test_pause_ms() * 1000u);
 
-    /* Phase 2: no writes, no flushes. */
+    /* Phase 2, the switch: writes and flushes held while the last changes
+     * are copied and the layer moves to the new file (no sync in here). */
     pthread_mutex_lock(&l->flush_serial);
     pthread_rwlock_wrlock(&l->swap_lock);
     uint64_t t_pause = now_ns();
@@ -1652,48 +1729,34 @@ static int compact(struct layer *l)
     if (!rc)
         rc = builder_close_record(&b);
     if (!rc)
-        rc = sync_fd(fd);
-    if (!rc)
         copy_times(l->cur->fd, fd); /* compaction changes no byte of the disk */
-    /* Everything that can fail comes before the rename: after it, the new
-     * file is the layer. */
     struct log_file *old = l->cur, *fresh = rc ? NULL : malloc(sizeof(*fresh));
     if (!rc && !fresh)
         rc = -ENOMEM;
-    if (!rc && rename(new_path, log_path) < 0)
-        rc = -errno;
-    bool renamed = !rc;
-    if (renamed) {
+    bool switched = !rc;
+    if (switched) {
         unsigned gen = (old->gen + 1) % GEN_LIMIT;
         *fresh = (struct log_file){fd, gen, 1};
         pthread_mutex_lock(&l->files_lock);
         l->files[gen % 4] = fresh; /* see file_install */
         pthread_mutex_unlock(&l->files_lock);
         pthread_mutex_lock(&l->lock);
-        for (size_t i = 0; i < b.nall; i++) {
-            const struct entry *e = &b.all[i];
-            if (e->kind == ENTRY_DATA)
-                for (uint32_t k = 0; k < e->count; k++)
-                    slot_set(l, e->block + k, SLOT_DATA(gen, e->loc + k));
-            else
-                zero_range(l, e->block, e->count); /* owned already: no allocation */
-        }
         l->cur = fresh;
         l->file_id = b.file_id;
         l->record_at = b.record_at;
         l->seq = b.seq;
+        /* Every pending write is in the new file's records, which are
+         * durable before any flush can return again (phase 3). */
         free(l->pending);
         l->pending = NULL;
         l->npending = l->pending_cap = 0;
         l->pending_bytes = 0;
-        shared_reset(l); /* the new file holds everything, synced */
+        /* The shared file now names the new file: a takeover finishes the
+         * switch (finish_switch) and keeps the writes that follow it. */
+        shared_reset(l);
         atomic_store(&l->tail, b.next);
         atomic_store(&l->kicked, b.next);
         pthread_mutex_unlock(&l->lock);
-        fd = -1;
-    } else {
-        free(fresh);
-        fresh = NULL;
     }
     pthread_mutex_lock(&l->lock);
     l->tracking = false;
@@ -1701,28 +1764,50 @@ static int compact(struct layer *l)
     l->changed = NULL;
     l->nchanged = l->changed_cap = 0;
     pthread_mutex_unlock(&l->lock);
-    uint64_t t_end = now_ns();
-    /* Writes go on (into the new file); flushes wait until the rename is
-     * durable, since what they promise is only reachable through it. */
+    uint64_t t_resume = now_ns();
     pthread_rwlock_unlock(&l->swap_lock);
-    if (renamed && (rc = fsync_dir(l->dir)) != 0) {
-        log_error("layer %s: cannot sync the directory after compaction: %s", l->id, strerror(-rc));
-        atomic_store(&l->broken, rc);
+
+    /* Phase 3: writes go on, into the new file; flushes wait until it is
+     * durable under the name ID.log, the file a crash opens. Until then
+     * ID.log holds every flushed write, and the new file only adds writes
+     * that no flush has promised. A failure here leaves the layer refusing
+     * writes (it runs on a file that a crash would not open). */
+    if (switched) {
+        if (compact_test_pause_ms()) {
+            log_info("layer %s: compaction switched to its new log, pausing %u ms before its sync and rename", l->id,
+                     compact_test_pause_ms());
+            usleep(compact_test_pause_ms() * 1000u);
+        }
+        rc = sync_fd(fd);
+        if (!rc && rename(new_path, log_path) < 0)
+            rc = -errno;
+        if (!rc)
+            rc = fsync_dir(l->dir);
+        if (rc) {
+            log_error("layer %s: cannot make its compacted log durable: %s", l->id, strerror(-rc));
+            atomic_store(&l->broken, rc);
+        }
     }
+    uint64_t t_end = now_ns();
     pthread_mutex_unlock(&l->flush_serial);
-    if (fresh)
+    if (switched) {
+        repoint(l, &b, old->gen, fresh->gen);
         file_put(l, old); /* closed once the last reader lets go (I5) */
+        fd = -1;
+    }
     if (fd >= 0) {
         close(fd);
         unlink(new_path);
     }
-    if (renamed) {
+    if (switched && !rc) {
         atomic_fetch_add(&l->compactions, 1);
-        atomic_store(&l->compact_ns, t_end - t0);
-        atomic_store(&l->compact_pause_ns, t_end - t_pause);
+        atomic_store(&l->compact_ns, now_ns() - t0);
+        atomic_store(&l->compact_pause_ns, t_resume - t_pause);
+        atomic_store(&l->compact_flush_hold_ns, t_end - t_pause);
         atomic_fetch_add(&l->compact_bytes, copied);
-        log_info("layer %s: compacted, %" PRIu64 " KiB copied in %.1f ms (writes paused %.2f ms)", l->id,
-                 copied / 1024, (double)(t_end - t0) / 1e6, (double)(t_end - t_pause) / 1e6);
+        log_info("layer %s: compacted, %" PRIu64 " KiB copied in %.1f ms (writes held %.2f ms, flushes %.2f ms)",
+                 l->id, copied / 1024, (double)(now_ns() - t0) / 1e6, (double)(t_resume - t_pause) / 1e6,
+                 (double)(t_end - t_pause) / 1e6);
     }
     builder_free(&b);
     free(piece);

@@ -5,6 +5,8 @@
 #     and the old files are gone;
 #   - a garbled last record (a torn write of it) is dropped at open: the VM
 #     reads as after the fsync before it;
+#   - O_DIRECT writes complete while a compaction is paused between its
+#     switch to ID.log.new and the rename, and survive a kill -9 once fsync'd;
 #   - a kill -9 while a compaction has written ID.log.new but not renamed it
 #     loses nothing that was fsync'd, and the next daemon compacts the layer
 #     in the background, after which the VM still reads the same.
@@ -115,6 +117,68 @@ umount_imgfs "$M"
 mount_imgfs "$T/repo" "$M" "state=$S"
 same "$TV" "$T/torn.first" "after a garbled last record, a new write and a remount"
 ok "a garbled last record: the VM opens at the fsync before it, and takes writes again"
+umount_imgfs "$M"
+
+# ---- writes go on while a compaction finishes ------------------------------------
+# A compaction paused after its switch to the new log, before its sync and
+# rename (IMGFS_TEST_COMPACT_PAUSE_MS): O_DIRECT writes issued then complete
+# while ID.log.new is still there (before the rename, so nothing held them
+# for the compaction), read back right; an fsync issued then returns only
+# once ID.log.new is gone (renamed: the log a crash opens holds it); the
+# writes survive a kill -9 and read the same after a remount.
+export IMGFS_LAYER_COMPACT_MIN=1M IMGFS_TEST_COMPACT_PAUSE_MS=5000
+mount_imgfs "$T/repo" "$M" "state=$S"
+"$IMGFSCTL" vm create "$M" p --size 16M > /dev/null
+P=$M/vms/p.raw
+pid_layer=$(live_layer p)
+python3 - "$P" "$S/layers/$pid_layer.log.new" "${DAEMON_LOG[$M]}" "$T/p.shadow" <<'PY' || fail "writes during a compaction's pause"
+import mmap, os, random, sys, time
+disk, new_log, daemon_log, shadow_path = sys.argv[1:]
+MIB, BS = 1 << 20, 4096
+shadow = bytearray(16 * MIB)
+buf = mmap.mmap(-1, 2 * MIB)  # page aligned, for O_DIRECT
+fd = os.open(disk, os.O_RDWR | os.O_DIRECT)
+rnd = random.Random(5)
+def write(off, data):
+    buf[:len(data)] = data
+    assert os.pwritev(fd, [memoryview(buf)[:len(data)]], off) == len(data)
+    shadow[off:off + len(data)] = data
+# 2 MiB written four times, then one fsync: its flush starts a compaction
+# (dead space 6 MiB, live 2 MiB).
+for _ in range(4):
+    write(0, rnd.randbytes(2 * MIB))
+os.fsync(fd)
+deadline = time.monotonic() + 60  # only so that a failing run ends
+while b"compaction switched" not in open(daemon_log, "rb").read():
+    if time.monotonic() > deadline:
+        sys.exit("no compaction reached its switch after the fsync")
+    time.sleep(0.05)
+# The compaction is paused after its switch, for 5 s; ID.log.new is not
+# renamed yet.
+if not os.path.exists(new_log):
+    sys.exit("ID.log.new is gone right after the switch")
+during = 0
+for i in range(64):
+    off = rnd.randrange(0, 4 * MIB // BS) * BS
+    write(off, rnd.randbytes(BS))
+    during += os.path.exists(new_log)
+if during == 0:
+    sys.exit("no O_DIRECT write completed while the compaction was paused before its rename")
+got = os.preadv(fd, [buf], 0)
+if buf[:2 * MIB] != shadow[:2 * MIB]:
+    sys.exit("the writes made during the pause read back wrong")
+os.fsync(fd)
+if os.path.exists(new_log):
+    sys.exit("an fsync returned before the compacted log was renamed")
+os.close(fd)
+open(shadow_path, "wb").write(shadow)
+print("%d of 64 O_DIRECT writes completed during the paused compaction" % during)
+PY
+kill9
+unset IMGFS_TEST_COMPACT_PAUSE_MS
+IMGFS_LAYER_COMPACT_MIN=1T mount_imgfs "$T/repo" "$M" "state=$S"
+same "$P" "$T/p.shadow" "the writes made during a compaction's pause, fsync'd after it, after a kill -9"
+ok "O_DIRECT writes complete while a compaction is paused after its switch; its fsync waits for the rename; all survive a kill -9"
 umount_imgfs "$M"
 
 # ---- kill -9 during a compaction ------------------------------------------------

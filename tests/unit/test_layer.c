@@ -66,14 +66,15 @@ static size_t block_len(uint64_t b, uint64_t count)
     return (size_t)(end - b * BS);
 }
 
-/* Writes count blocks at b with fresh random bytes, into layer and model. */
+/* Writes count blocks at b with fresh random bytes, into layer and model
+ * (either may be NULL: a replay of what a child process wrote). */
 static int write_blocks(struct layer *l, struct model *m, uint64_t b, uint64_t count)
 {
     size_t len = block_len(b, count);
     unsigned char *buf = malloc(len);
     for (size_t i = 0; i < len; i++)
         buf[i] = (unsigned char)next_rand();
-    int rc = layer_write(l, buf, len, b * BS);
+    int rc = l ? layer_write(l, buf, len, b * BS) : 0;
     if (rc == 0 && m) {
         memcpy(m->bytes + b * BS, buf, len);
         memset(m->owned + b, 1, count);
@@ -472,6 +473,7 @@ static void test_parallel_compaction(void)
 
 /* ---- crashes and faults ------------------------------------------------------- */
 
+static int (*real_fdatasync_saved)(int fd);
 static int kill_at = -1; /* SIGKILL the process at this pwrite (counting from 0) */
 static int fail_errno;   /* or fail it with this errno */
 static int pwrites;
@@ -492,11 +494,46 @@ static ssize_t hooked_pwrite(int fd, const void *buf, size_t len, off_t off)
     return pwrite(fd, buf, len, off);
 }
 
+/* The compaction's syncs of the file it builds (ID.log.new): held until a
+ * writer thread has completed a write issued after the sync began (a test
+ * that compaction's syncs do not hold writes), or a SIGKILL at the n-th. */
+static bool hold_new_syncs;
+static int kill_at_new_sync;
+static int new_syncs, new_syncs_written, new_syncs_stalled; /* guarded by sync_mu */
+static pthread_mutex_t sync_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t sync_cv;
+
+static bool is_new_log(int fd)
+{
+    char link[64], target[PATH_MAX];
+    snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof(target) - 1);
+    if (n < 0)
+        return false;
+    target[n] = 0;
+    return n > 8 && strcmp(target + n - 8, ".log.new") == 0;
+}
+
 static int hooked_fdatasync(int fd)
 {
     if (fail_sync) {
         errno = EIO;
         return -1;
+    }
+    if ((hold_new_syncs || kill_at_new_sync) && is_new_log(fd)) {
+        pthread_mutex_lock(&sync_mu);
+        int mine = ++new_syncs;
+        if (mine == kill_at_new_sync)
+            kill(getpid(), SIGKILL);
+        pthread_cond_broadcast(&sync_cv);
+        /* The bound only keeps a failing run from hanging: a held write
+         * never completes here, however long this waits. */
+        uint64_t deadline = now_ns() + 10000000000ull;
+        while (hold_new_syncs && new_syncs_written < mine && cond_wait_until(&sync_cv, &sync_mu, deadline) == 0)
+            ;
+        if (hold_new_syncs && new_syncs_written < mine)
+            new_syncs_stalled++;
+        pthread_mutex_unlock(&sync_mu);
     }
     return fdatasync(fd);
 }
@@ -601,6 +638,150 @@ static void test_crashes(bool compaction)
     model_free(&maybe);
 }
 
+/* ---- compaction does not hold writes while it syncs --------------------------- */
+
+struct sync_writer {
+    struct layer *layer;
+    struct model *model;
+    bool stop; /* guarded by sync_mu */
+    int bad;
+};
+
+/* Each time a sync of the new log begins: one write (and its read back)
+ * of a block the compaction also copies. */
+static void *sync_writer_main(void *arg)
+{
+    struct sync_writer *w = arg;
+    unsigned char back[BS];
+    pthread_mutex_lock(&sync_mu);
+    for (int served = 0;;) {
+        while (!w->stop && new_syncs == served)
+            pthread_cond_wait(&sync_cv, &sync_mu);
+        if (w->stop)
+            break;
+        served = new_syncs;
+        pthread_mutex_unlock(&sync_mu);
+        uint64_t b = 1500 + (uint64_t)served % 16;
+        if (write_blocks(w->layer, w->model, b, 1) != 0 || layer_read(w->layer, back, BS, b * BS) != 0 ||
+            memcmp(back, w->model->bytes + b * BS, BS) != 0)
+            w->bad++;
+        pthread_mutex_lock(&sync_mu);
+        new_syncs_written = served;
+        pthread_cond_broadcast(&sync_cv);
+    }
+    pthread_mutex_unlock(&sync_mu);
+    return NULL;
+}
+
+static void test_writes_during_compaction_syncs(void)
+{
+    layer_syscalls.fdatasync = hooked_fdatasync;
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    struct model m;
+    model_init(&m);
+    for (int round = 0; round < 8; round++) {
+        for (uint64_t b = 1400; b < 1600; b += 8)
+            CHECK(write_blocks(l, &m, b, 8) == 0);
+        CHECK(layer_flush(l) == 0);
+    }
+    pthread_mutex_lock(&sync_mu);
+    new_syncs = new_syncs_written = new_syncs_stalled = 0;
+    hold_new_syncs = true;
+    pthread_mutex_unlock(&sync_mu);
+    struct sync_writer w = {l, &m, false, 0};
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, sync_writer_main, &w) == 0);
+    CHECK(layer_compact(l) == 0);
+    pthread_mutex_lock(&sync_mu);
+    w.stop = true;
+    hold_new_syncs = false;
+    pthread_cond_broadcast(&sync_cv);
+    pthread_mutex_unlock(&sync_mu);
+    pthread_join(t, NULL);
+    printf("compaction: %d syncs of the new log, %d with a write held\n", new_syncs, new_syncs_stalled);
+    CHECK(new_syncs >= 2); /* the bulk, then what the switch added */
+    CHECK(new_syncs_stalled == 0);
+    CHECK(w.bad == 0);
+    CHECK(layer_flush(l) == 0);
+    CHECK(matches(l, &m));
+    l = reopen(l);
+    CHECK(l && matches(l, &m));
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    layer_remove(dir, id);
+    model_free(&m);
+    layer_syscalls.fdatasync = real_fdatasync_saved;
+}
+
+/* A server killed after a compaction's switch, before its rename: a
+ * takeover (the shared pending file still there) finishes the switch and
+ * keeps the unflushed writes; after a reboot (no shared file) ID.log opens
+ * with every flushed write. */
+static void test_kill_after_switch(bool takeover)
+{
+    char shared[PATH_MAX], pending[PATH_MAX + 32], newlog[PATH_MAX + 8];
+    snprintf(shared, sizeof(shared), "%s/shared", dir);
+    CHECK(mkdir(shared, 0700) == 0);
+    layer_share_pending(shared);
+    layer_syscalls.fdatasync = hooked_fdatasync;
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    snprintf(pending, sizeof(pending), "%s/%s.pending", shared, id);
+    snprintf(newlog, sizeof(newlog), "%s.new", log_path(id));
+    struct model flushed, all;
+    model_init(&flushed);
+    model_init(&all);
+    for (int round = 0; round < 8; round++)
+        for (uint64_t b = 0; b < 256; b += 8)
+            CHECK(write_blocks(l, &flushed, b, 8) == 0);
+    CHECK(layer_flush(l) == 0);
+    layer_close(l);
+    model_copy(&all, &flushed);
+    uint64_t seed = next_rand();
+    pid_t pid = fork();
+    if (pid == 0) {
+        rng = seed;
+        if (layer_open(dir, id, DISK_SIZE, &l) != 0)
+            _exit(2);
+        for (uint64_t b = 100; b < 140; b += 4)
+            write_blocks(l, NULL, b, 4); /* unflushed */
+        pthread_mutex_lock(&sync_mu);
+        new_syncs = 0;
+        kill_at_new_sync = 2; /* the first after the switch */
+        pthread_mutex_unlock(&sync_mu);
+        layer_compact(l);
+        _exit(0);
+    }
+    uint64_t saved = rng;
+    rng = seed;
+    for (uint64_t b = 100; b < 140; b += 4)
+        write_blocks(NULL, &all, b, 4);
+    rng = saved;
+    int status;
+    waitpid(pid, &status, 0);
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    CHECK(access(newlog, F_OK) == 0);
+    if (!takeover)
+        CHECK(unlink(pending) == 0);
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    CHECK(l && matches(l, takeover ? &all : &flushed));
+    CHECK(access(newlog, F_OK) != 0);
+    CHECK(l && layer_flush(l) == 0);
+    l = l ? reopen(l) : NULL;
+    CHECK(l && matches(l, takeover ? &all : &flushed));
+    layer_close(l);
+    layer_remove(dir, id);
+    layer_share_pending(NULL);
+    CHECK(rmdir(shared) == 0);
+    model_free(&flushed);
+    model_free(&all);
+    layer_syscalls.fdatasync = real_fdatasync_saved;
+}
+
 static void test_faults(void)
 {
     layer_syscalls.pwrite = hooked_pwrite;
@@ -658,6 +839,8 @@ int main(void)
         return 1;
     }
     setenv("IMGFS_LAYER_COMPACT_MIN", "1G", 1); /* compactions only when asked */
+    real_fdatasync_saved = layer_syscalls.fdatasync;
+    cond_init_monotonic(&sync_cv);
     test_basics();
     test_torn_record();
     test_convert_old();
@@ -665,6 +848,9 @@ int main(void)
     test_parallel_compaction();
     test_crashes(false);
     test_crashes(true);
+    test_writes_during_compaction_syncs();
+    test_kill_after_switch(true);
+    test_kill_after_switch(false);
     test_faults();
     CHECK(count_entries(dir) == 0);
     remove_tree(dir);
