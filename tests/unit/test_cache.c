@@ -712,6 +712,164 @@ static void test_evict_pins(const char *dir)
     free(data);
 }
 
+/* ---- compaction ------------------------------------------------------------- */
+
+/* A full pack kept alive by a hot chunk (and a pinned one) while everything
+ * else in it is evicted: the hot chunk moves to the active pack, the pinned
+ * one stays put and readable, and once it is unpinned the old pack goes. */
+static void test_compaction(const char *dir)
+{
+    struct cache *cache = NULL;
+    char err[256] = "";
+    CHECK(cache_open(dir, &cache, err, sizeof(err)) == 0 && cache);
+    if (!cache)
+        exit(1);
+    cache_set_limit(cache, 40 * CS);
+    cache_set_pack_limit(cache, 32 * CS);
+    uint64_t deadline = now_ns() + LONG_DEADLINE_NS;
+    unsigned char *hot = malloc(CS), *pinned = malloc(CS), *data = malloc(CS);
+    struct chunk_hash hh, hp, h;
+    make_chunk(hot, CS, 1100, &hh);
+    make_chunk(pinned, CS, 1101, &hp);
+    struct cache_pin pin = {.entry = NULL, .fd = -1}, keep = {.entry = NULL, .fd = -1};
+    CHECK(cache_acquire(cache, &hh, CS, deadline, &pin) == CACHE_MUST_FILL);
+    CHECK(cache_fill(cache, &pin, hot, CS) == 0);
+    cache_release(cache, &pin);
+    CHECK(cache_acquire(cache, &hp, CS, deadline, &keep) == CACHE_MUST_FILL);
+    CHECK(cache_fill(cache, &keep, pinned, CS) == 0);
+    struct where first = locate(cache, &hh);
+    CHECK(strcmp(locate(cache, &hp).path, first.path) == 0);
+    int hot_ok = 1;
+    for (unsigned i = 0; i < 120; i++) {
+        make_chunk(data, CS, 1200 + i, &h);
+        CHECK(cache_acquire(cache, &h, CS, deadline, &pin) == CACHE_MUST_FILL);
+        CHECK(cache_fill(cache, &pin, data, CS) == 0);
+        cache_release(cache, &pin);
+        /* Keep the hot chunk the most recently used. */
+        hot_ok &= cache_acquire(cache, &hh, CS, deadline, &pin) == CACHE_HIT && pin_holds(&pin, hot, CS);
+        cache_release(cache, &pin);
+    }
+    CHECK(hot_ok);
+    CHECK(strcmp(locate(cache, &hh).path, first.path) != 0); /* moved out */
+    CHECK(strcmp(locate(cache, &hp).path, first.path) == 0); /* pinned: stays */
+    CHECK(pin_holds(&keep, pinned, CS));
+    CHECK(access(first.path, F_OK) == 0);
+    cache_release(cache, &keep);
+    for (unsigned i = 0; i < 60; i++) {
+        make_chunk(data, CS, 1400 + i, &h);
+        CHECK(cache_acquire(cache, &h, CS, deadline, &pin) == CACHE_MUST_FILL);
+        CHECK(cache_fill(cache, &pin, data, CS) == 0);
+        cache_release(cache, &pin);
+        hot_ok &= cache_acquire(cache, &hh, CS, deadline, &pin) == CACHE_HIT && pin_holds(&pin, hot, CS);
+        cache_release(cache, &pin);
+    }
+    CHECK(hot_ok);
+    CHECK(access(first.path, F_OK) != 0); /* the old pack is gone */
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.bytes <= 40 * CS);
+    /* The moved chunk is found in its new place after a restart. */
+    cache = reopen(cache, dir);
+    CHECK(cache_acquire(cache, &hh, CS, deadline, &pin) == CACHE_HIT);
+    CHECK(pin_holds(&pin, hot, CS));
+    cache_release(cache, &pin);
+    cache_close(cache);
+    free(hot);
+    free(pinned);
+    free(data);
+}
+
+/* Threads over more chunks than a small cache holds, with small packs: fills,
+ * evictions, compaction and hits race; every pinned byte must be right. */
+#define CHURN_CHUNKS 48
+struct churn {
+    struct cache *cache;
+    unsigned char **data;
+    struct chunk_hash *hash;
+    int id;
+    int errors;
+};
+
+static void *churn_worker(void *arg)
+{
+    struct churn *c = arg;
+    uint32_t x = 2654435761u * (uint32_t)(c->id + 1);
+    for (int i = 0; i < 300; i++) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        /* Skewed: the low chunks are hot, so packs keep a few live ones. */
+        int k = (int)(x % 4 == 0 ? x % 4 : x % CHURN_CHUNKS);
+        struct cache_pin pin = {.entry = NULL, .fd = -1};
+        int rc = cache_acquire(c->cache, &c->hash[k], CS, now_ns() + LONG_DEADLINE_NS, &pin);
+        if (rc == CACHE_MUST_FILL) {
+            rc = cache_fill(c->cache, &pin, c->data[k], CS);
+            if (rc == -ENOSPC)
+                continue; /* everything in use at that moment */
+            if (rc) {
+                c->errors++;
+                continue;
+            }
+        } else if (rc != CACHE_HIT) {
+            c->errors++;
+            continue;
+        }
+        if (!pin_holds(&pin, c->data[k], CS))
+            c->errors++;
+        cache_release(c->cache, &pin);
+    }
+    return NULL;
+}
+
+static void test_churn(const char *dir)
+{
+    struct cache *cache = NULL;
+    char err[256] = "";
+    CHECK(cache_open(dir, &cache, err, sizeof(err)) == 0 && cache);
+    if (!cache)
+        exit(1);
+    cache_set_limit(cache, 16 * CS);
+    cache_set_pack_limit(cache, 8 * CS);
+    unsigned char *data[CHURN_CHUNKS];
+    struct chunk_hash hash[CHURN_CHUNKS];
+    for (int k = 0; k < CHURN_CHUNKS; k++) {
+        data[k] = malloc(CS);
+        make_chunk(data[k], CS, 2000 + (unsigned)k, &hash[k]);
+    }
+    struct churn c[THREADS];
+    pthread_t th[THREADS];
+    for (int i = 0; i < THREADS; i++) {
+        c[i] = (struct churn){.cache = cache, .data = data, .hash = hash, .id = i};
+        CHECK(pthread_create(&th[i], NULL, churn_worker, &c[i]) == 0);
+    }
+    int errors = 0;
+    for (int i = 0; i < THREADS; i++) {
+        pthread_join(th[i], NULL);
+        errors += c[i].errors;
+    }
+    CHECK(errors == 0);
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.bytes <= 16 * CS && u.evictions > 0);
+    /* What is left is right after a restart, too. */
+    cache = reopen(cache, dir);
+    int wrong = 0;
+    for (int k = 0; k < CHURN_CHUNKS; k++) {
+        struct cache_pin pin = {.entry = NULL, .fd = -1};
+        int rc = cache_acquire(cache, &hash[k], CS, now_ns() + LONG_DEADLINE_NS, &pin);
+        if (rc == CACHE_HIT)
+            wrong += !pin_holds(&pin, data[k], CS);
+        if (rc == CACHE_HIT)
+            cache_release(cache, &pin);
+        else if (rc == CACHE_MUST_FILL)
+            cache_abandon(cache, &pin);
+        free(data[k]);
+    }
+    cache_get_usage(cache, &u);
+    CHECK(wrong == 0 && u.dropped_damaged == 0);
+    cache_close(cache);
+}
+
 int main(void)
 {
     log_set_level(LOG_LEVEL_ERROR); /* the damage tests log warnings on purpose */
@@ -727,6 +885,12 @@ int main(void)
     path_join(sub, sizeof(sub), "%s/evict", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_evict_pins(sub);
+    path_join(sub, sizeof(sub), "%s/compact", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_compaction(sub);
+    path_join(sub, sizeof(sub), "%s/churn", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_churn(sub);
 
     path_join(sub, sizeof(sub), "%s/threads", dir);
     CHECK(mkdir(sub, 0755) == 0);
