@@ -21,7 +21,9 @@
 #   local, signed v1  that repository with -o trust=KEY.pub (BLAKE2b)
 # Each case runs BENCH_ROUNDS times, the cases alternating within a round;
 # the report gives the median time, MB/s of logical bytes, the daemon's CPU
-# seconds (user+sys, from /proc) and the ratio signed / unsigned.
+# seconds (user+sys, from /proc) and the ratio signed / unsigned, and after
+# the rounds how fast this build hashes one chunk with each hash
+# (IMGFS_BIN_DIR/tests/digestspeed, when built).
 #
 # Run as root. Environment: BENCH_SIZE (256M), BENCH_RATE (100), BENCH_ROUNDS
 # (3), BENCH_DIR (/var/tmp), BENCH_KEEP=1, IMGFS_BIN_DIR (<repo>/build),
@@ -145,6 +147,12 @@ for ((round = 1; round <= BENCH_ROUNDS; round++)); do
     run_case http-signed "$URL/repo" "trust=$WORK/key.pub,prefetch=none"
 done
 
+SPEED=
+if [ -x "$IMGFS_BIN_DIR/tests/digestspeed" ]; then
+    log "hashing speed of one 128 KiB chunk"
+    SPEED=$("$IMGFS_BIN_DIR/tests/digestspeed" 131072 5) || die "digestspeed failed."
+fi
+
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 report() {
     echo "# Cold reads with and without signed chunk digests, $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -165,5 +173,11 @@ report() {
             "$(median <<<"${CPU[$k]}")" "${TIMES[$k]# }" \
             "$([ -n "$base" ] && awk -v a="$med" -v b="$base" 'BEGIN { printf "%.3fx", a / b }' || echo -)"
     done
+    if [ -n "$SPEED" ]; then
+        echo
+        echo "Hashing one 128 KiB chunk in this build (tests/digestspeed, median of 5 rounds of 256 MiB):"
+        echo
+        sed 's/^/    /' <<<"$SPEED"
+    fi
 }
 report | save_report trust

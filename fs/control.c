@@ -154,8 +154,9 @@ static int stage_export(struct imgfs *fs, const char *name, bool (*stop)(void *c
         snprintf(err, sizeof(err), "cannot stage the export of VM %s in %s: %s", name, fs->opts->state_dir,
                  strerror(errno));
     }
-    if (!rc)
-        rc = vm_export(vm, fd, stop, stop_ctx, err, sizeof(err));
+    if (!rc && (rc = vm_export(vm, fd, stop, stop_ctx, err, sizeof(err))) == -ENOSPC)
+        snprintf(err, sizeof(err), "cannot export VM %s: the state directory %s has no room to stage it", name,
+                 fs->opts->state_dir);
     vm_close(vm, NULL);
     off_t size = rc ? -1 : lseek(fd, 0, SEEK_CUR);
     if (!rc && size < 0) {

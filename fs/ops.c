@@ -470,12 +470,15 @@ static off_t status_file_size(fuse_req_t req, const struct node *n)
     return (off_t)len;
 }
 
-static bool text_is_open(uint64_t id)
+/* 0 when handle id may take a command: -EBADF when it is not ours, -EBUSY
+ * while a read does the deferred work of its last one. */
+static int text_takes_command(uint64_t id)
 {
     pthread_mutex_lock(&open_texts_lock);
-    bool open = find_text_locked(id) != NULL;
+    struct open_text *t = find_text_locked(id);
+    int rc = !t ? -EBADF : t->running ? -EBUSY : 0;
     pthread_mutex_unlock(&open_texts_lock);
-    return open;
+    return rc;
 }
 
 static bool request_interrupted(void *req) { return fuse_req_interrupted(req); }
@@ -775,7 +778,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
  * other choice, a pool of threads kept apart for waiting reads, only runs
  * out later). */
 
-/* A zero-copy reply: buffers that point into pinned cache files, chunks in
+/* A zero-copy reply: buffers that point into pinned chunks in cache packs, chunks in
  * memory, layer data or the zero block. Layer extents are released after
  * the reply has been sent. */
 struct reply_bufs {
@@ -1077,12 +1080,13 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     if (n && n->kind == NODE_CONTROL_FILE) {
         /* A handle from a previous server (takeover.h) runs nothing: its
          * imgfsctl would never read the answer. */
-        if (!text_is_open(fi->fh)) {
-            fuse_reply_err(req, EBADF);
+        int rc = text_takes_command(fi->fh);
+        if (rc) {
+            fuse_reply_err(req, -rc);
             return;
         }
         struct control_answer answer;
-        int rc = control_execute(fs, buf, size, &answer);
+        rc = control_execute(fs, buf, size, &answer);
         if (!rc)
             rc = text_answer(fi->fh, &answer);
         if (rc)

@@ -310,7 +310,7 @@ static int control_fetch(const char *cmd_name, const char *mountpoint, const cha
     int fd = control_send(cmd_name, mountpoint, command);
     if (fd < 0)
         return 1;
-    char *buf = malloc(FETCH_PIECE);
+    char *buf = malloc(FETCH_PIECE + 1); /* + a NUL after what came, for the answer line */
     if (!buf) {
         close(fd);
         fprintf(stderr, "imgfsctl %s: out of memory\n", cmd_name);
@@ -319,7 +319,7 @@ static int control_fetch(const char *cmd_name, const char *mountpoint, const cha
     char err[PATH_MAX + 256];
     uint64_t size = 0, copied = 0;
     off_t off = 0;
-    int rc = 0, status = 0;
+    int status = 0;
     for (bool head = true; !status && (head || copied < size);) {
         ssize_t n = pread(fd, buf, FETCH_PIECE, off);
         if (n < 0 || (n == 0 && head) || userfile_signal()) {
@@ -332,15 +332,17 @@ static int control_fetch(const char *cmd_name, const char *mountpoint, const cha
             status = 1;
             break;
         }
+        buf[n] = '\0';
         off += n;
         const char *data = buf;
         size_t len = (size_t)n;
         if (head) {
             char *eol = memchr(buf, '\n', len);
             if (!eol || strncmp(buf, "ok ", 3) != 0 || sscanf(buf + 3, "%" SCNu64, &size) != 1) {
-                int shown = eol ? (int)(eol - buf) : (int)(len < 512 ? len : 512);
-                fprintf(stderr, "imgfsctl %s: %.*s\n", cmd_name, shown > 6 && strncmp(buf, "error ", 6) == 0 ? shown - 6 : shown,
-                        strncmp(buf, "error ", 6) == 0 ? buf + 6 : buf);
+                /* "error SENTENCE\n": the sentence; anything else as it is. */
+                const char *why = strncmp(buf, "error ", 6) == 0 ? buf + 6 : buf;
+                size_t shown = eol ? (size_t)(eol - why) : len - (size_t)(why - buf);
+                fprintf(stderr, "imgfsctl %s: %.*s\n", cmd_name, (int)(shown < 512 ? shown : 512), why);
                 status = 1;
                 break;
             }
@@ -350,7 +352,7 @@ static int control_fetch(const char *cmd_name, const char *mountpoint, const cha
         }
         if (len > size - copied)
             len = (size_t)(size - copied);
-        if ((rc = userfile_write(out, data, len, err, sizeof(err))) != 0) {
+        if (userfile_write(out, data, len, err, sizeof(err)) != 0) {
             fprintf(stderr, "imgfsctl %s: %s\n", cmd_name, err);
             status = 1;
         }

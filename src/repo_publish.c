@@ -190,6 +190,15 @@ int repo_put_chunk(struct repo *repo, const struct chunk_hash *hash, const void 
     if (access(path, F_OK) == 0)
         return 0;
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0 && errno == ENOENT) {
+        /* The chunks/XY directory is gone: a repository copied by a tool
+         * that keeps no empty directories (git, some sync tools). */
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof(dir), "%s", path);
+        *strrchr(dir, '/') = '\0';
+        if (mkdir(dir, 0755) == 0 || errno == EEXIST)
+            fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    }
     if (fd < 0)
         return -errno;
     err = write_full(fd, enc, len);

@@ -51,11 +51,6 @@ int sign_digest_compute_alg(enum sign_digest_alg alg, const void *data, size_t l
     return 0;
 }
 
-const char *sign_digest_alg_name(enum sign_digest_alg alg)
-{
-    return alg == SIGN_DIGEST_SHA256 ? "sha256" : "blake2b";
-}
-
 bool sign_digest_equal(const struct sign_digest *a, const struct sign_digest *b)
 {
     return sodium_memcmp(a->bytes, b->bytes, sizeof(a->bytes)) == 0;

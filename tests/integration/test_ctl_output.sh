@@ -15,6 +15,8 @@
 #    write that the kernel runs one at a time: while it reads a file whose
 #    reads hang (a base on a mount whose mirror answers nothing), the same
 #    commands answer;
+#  - an export with no room to stage it in the state directory fails with
+#    one line that says so, and frees what it took;
 #  - /dev/null stays a device, a directory is refused, and a regular file
 #    is replaced atomically with mode 0600.
 . "$(dirname "$0")/lib.sh"
@@ -48,6 +50,15 @@ answers_meanwhile() {
         fail "a write to the VM hung while $1"
     ok "vm create, vm export, ls, cat .imgfs/stats and a VM write answer while $1"
 }
+# was_interrupted PID ERRFILE WHAT: PID, sent SIGINT or SIGTERM, failed with one line saying so.
+was_interrupted() {
+    local status=0
+    wait "$1" || status=$?
+    [ $status -ne 0 ] || fail "$3 succeeded"
+    [ "$(wc -l < "$2")" = 1 ] && grep -q 'interrupted' "$2" || { cat "$2"; fail "$3 does not say so in one line"; }
+}
+# last_error: the stderr file of the newest expect_error.
+last_error() { ls -t "$T"/stderr.* | head -n 1; }
 # wait_log TEXT: the daemon's log says TEXT (the step under test has begun).
 wait_log() {
     for _ in $(seq 1 400); do grep -q "$1" "$LOG" && return 0; sleep 0.05; done
@@ -67,10 +78,7 @@ stuck=$!
 wait_log 'vm-export v staged'  # the daemon's part is done; imgfsctl waits on the FIFO
 answers_meanwhile "an export is stuck on a FIFO nobody reads"
 kill -INT $stuck
-status=0; wait $stuck || status=$?
-[ $status -ne 0 ] || fail "an interrupted export succeeded"
-[ "$(wc -l < "$T/stuck.err")" = 1 ] && grep -q 'interrupted' "$T/stuck.err" ||
-    { cat "$T/stuck.err"; fail "an interrupted export does not say so in one line"; }
+was_interrupted $stuck "$T/stuck.err" "an interrupted export"
 ok "the stuck export, interrupted, fails at once: $(cat "$T/stuck.err")"
 kill $sleeper; wait $sleeper 2>/dev/null || true
 
@@ -78,10 +86,10 @@ sleep 600 < "$OUT/pipe" &
 sleeper=$!
 at_exit "kill $sleeper 2>/dev/null"
 expect_error "an export to a FIFO nobody reads, --timeout 1" "$IMGFSCTL" vm export "$M" v "$OUT/pipe" --timeout 1
-grep -q 'took no data for 1 s' "$T"/stderr.* || fail "the stuck export's error does not name its deadline"
+grep -q 'took no data for 1 s' "$(last_error)" || fail "the stuck export's error does not name its deadline"
 kill $sleeper; wait $sleeper 2>/dev/null || true
 expect_error "an export to a FIFO without a reader, --timeout 1" "$IMGFSCTL" vm export "$M" v "$OUT/pipe" --timeout 1
-grep -q 'no reader opened the FIFO' "$T"/stderr.* || fail "the export does not say that the FIFO had no reader"
+grep -q 'no reader opened the FIFO' "$(last_error)" || fail "the export does not say that the FIFO had no reader"
 [ -p "$OUT/pipe" ] || fail "the FIFO was replaced"
 [ -z "$(leftovers)" ] || fail "failed exports left files behind: $(leftovers)"
 ok "failed exports leave no temp file and nothing in the state directory"
@@ -104,10 +112,7 @@ head -c 3M "$M/vms/v.raw" > /dev/null
 tracer=$!
 answers_meanwhile "a trace stop waits for a FIFO's reader"
 kill -TERM $tracer
-status=0; wait $tracer || status=$?
-[ $status -ne 0 ] || fail "an interrupted trace stop succeeded"
-[ "$(wc -l < "$T/trace.err")" = 1 ] && grep -q 'interrupted' "$T/trace.err" ||
-    { cat "$T/trace.err"; fail "the interrupted trace stop does not say so in one line"; }
+was_interrupted $tracer "$T/trace.err" "an interrupted trace stop"
 # imgfsctl opens the output before it asks the daemon: the trace goes on.
 grep -q 'trace-stop' "$LOG" && fail "trace stop reached the daemon with no reader on its output"
 ok "trace stop to a FIFO without a reader, interrupted: $(cat "$T/trace.err")"
@@ -145,6 +150,25 @@ grep -q 'not a complete imgfs export' "$T/hung.err" || { cat "$T/hung.err"; fail
 [ ! -e "$M/vms/hung.raw" ] || fail "a VM was made from a file that is no export"
 ok "the import, its file readable again, is refused: $(cat "$T/hung.err")"
 umount_imgfs "$M2"
+
+# --- no room in the state directory to stage an export ----------------------------------------------
+SMALL=$T/small
+mkdir -p "$SMALL"
+mount -t tmpfs -o size=12M tmpfs "$SMALL" || fail "cannot mount a tmpfs"
+at_exit 'for m in "${MOUNTS[@]}"; do fusermount3 -uz "$m" 2>/dev/null; done; umount -l "$SMALL" 2>/dev/null'
+mkdir -p "$SMALL/state"
+M3=$T/mnt3
+mount_imgfs "$T/repo" "$M3" "state=$SMALL/state" "$T/cache3"
+"$IMGFSCTL" vm create "$M3" big --size 64M
+head -c $((7 * 1048576)) /dev/urandom | dd of="$M3/vms/big.raw" bs=1M conv=notrunc,fsync iflag=fullblock status=none ||
+    fail "cannot write 7 MiB into a VM on a 12 MiB state directory"
+expect_error "an export with no room to stage it" "$IMGFSCTL" vm export "$M3" big "$OUT/big.exp"
+grep -q 'has no room to stage it' "$(last_error)" || fail "the export does not say that the state directory is full"
+[ "$(df --output=used -B1 "$SMALL" | tail -n 1)" -lt $((9 * 1048576)) ] || fail "the failed staging kept its space"
+[ -z "$(leftovers)" ] || fail "files left behind: $(leftovers)"
+timeout 20 "$IMGFSCTL" vm create "$M3" after --size 1M || fail "the mount does not take commands after a failed staging"
+ok "a failed staging frees its space and leaves nothing; the mount goes on"
+umount_imgfs "$M3"
 
 # --- what the destination may be ------------------------------------------------------------------
 "$IMGFSCTL" vm export "$M" v /dev/null || fail "an export to /dev/null failed"
