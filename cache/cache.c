@@ -128,7 +128,10 @@ struct cache {
     atomic_uint_fast64_t clock;    /* LRU clock; starts above every record time */
     atomic_uint_fast64_t evictions;
     atomic_uint_fast64_t dropped_damaged;
-    pthread_mutex_t evict_lock;    /* one eviction pass at a time; held across punches */
+    /* One eviction pass at a time. Held across its punches and record
+     * writes, and across a compaction's copies (at most 1/16 of a pack):
+     * a fill that must evict waits for them; a read never takes it. */
+    pthread_mutex_t evict_lock;
     /* pack_lock guards the pack list, active, next_id and every pack's end
      * and live. It is taken after a shard lock is released, never with one
      * held, and never held across I/O except the creation of the next pack
