@@ -12,13 +12,20 @@
 #              same chunks over 4 keep-alive connections (4 processes)
 #   100mbit    the same with the server's egress at 100 Mbit/s (tc tbf)
 #   rtt50      the same through bench/delay-proxy.py: +25 ms each way
+#   cached     the base fully in the cache but the page cache dropped (a host
+#              after a reboot): cat of bases/NAME.raw on a fresh mount over
+#              that cache, against cat of the local raw file and of the
+#              same image as qcow2 through qcowmount
 # Ratio = the tool's time / imgfs's time (above 1: imgfs is faster).
 # Also: requests per MiB (nginx access log), and the latency of one
 # uncached 4 KiB read (O_DIRECT) against one GET of its chunk with curl.
 #
 # Run as root (FUSE, network namespace, tc). Environment:
 #   BENCH_SIZE     image size (default 256M)
-#   BENCH_CASES    which cases (default "local http 100mbit rtt50")
+#   BENCH_CASES    which cases (default "local http 100mbit rtt50 cached")
+#   BENCH_REPEAT   runs of each of the local and cached cases, interleaved (default 1)
+#   BASELINE_BIN_DIR  another build: the local and cached cases also run it,
+#                  interleaved with this one, for a before/after in one run
 #   BENCH_DIR      parent of the work directory (default /var/tmp)
 #   BENCH_KEEP=1   keep the work directory
 #   IMGFS_BIN_DIR  where imgfs and imgfsctl are (default <repo>/build)
@@ -29,7 +36,9 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_SIZE=${BENCH_SIZE:-256M}
-CASES=${BENCH_CASES:-local http 100mbit rtt50}
+CASES=${BENCH_CASES:-local http 100mbit rtt50 cached}
+REPEAT=${BENCH_REPEAT:-1}
+BASELINE_BIN_DIR=${BASELINE_BIN_DIR:-}
 BENCH_NAME=bench-cold-read
 . "$SCRIPT_DIR/lib.sh"
 
@@ -44,8 +53,11 @@ require_imgfs "$IMGFS_BIN_DIR"
 SIZE_BYTES=$(to_bytes "$BENCH_SIZE" BENCH_SIZE)
 [ "$SIZE_BYTES" -ge $((4 << 20)) ] || die "BENCH_SIZE must be at least 4M."
 for c in $CASES; do
-    case $c in local | http | 100mbit | rtt50) ;; *) die "unknown case $c in BENCH_CASES." ;; esac
+    case $c in local | http | 100mbit | rtt50 | cached) ;; *) die "unknown case $c in BENCH_CASES." ;; esac
 done
+[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT=$REPEAT is not a positive count."
+[ -z "$BASELINE_BIN_DIR" ] || require_imgfs "$BASELINE_BIN_DIR"
+[[ " $CASES " != *" cached "* ]] || require_tools qemu-img qcowmount
 
 make_work imgfs-cold
 VETH_ROOT=icr$$ VETH_NS=icn$$
@@ -70,6 +82,7 @@ MIB=$((SIZE_BYTES / 1048576))
 sed 's|^\(..\)\(.*\)$|'"$WORK/www/repo"'/chunks/\1/\1\2|' "$WORK/hashes" >"$WORK/files"
 
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+BIN=$IMGFS_BIN_DIR # the imgfs build under test (BASELINE_BIN_DIR for the baseline rows)
 seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
 
 # read_ms FILE OFFSET [direct]: milliseconds of one 4 KiB pread, timed inside
@@ -94,7 +107,7 @@ imgfs_cold() {
     local repo=$1 extra=${2:-} mnt=$WORK/mnt cache=$WORK/cache state=$WORK/state
     rm -rf "$cache" "$state"
     mkdir -p "$mnt" "$cache" "$state"
-    "$IMGFS_BIN_DIR/imgfs" "$repo" "$mnt" -f -o "cache=$cache,state=$state,prefetch=none$extra" \
+    "$BIN/imgfs" "$repo" "$mnt" -f -o "cache=$cache,state=$state,prefetch=none$extra" \
         2>"$WORK/imgfs.log" &
     local pid=$!
     wait_mounted "$mnt" 20 || die "imgfs did not mount: $(tail -n 2 "$WORK/imgfs.log")"
@@ -112,7 +125,7 @@ imgfs_cold() {
     stop_pid "$pid"
     rm -rf "$cache"
     mkdir -p "$cache"
-    "$IMGFS_BIN_DIR/imgfs" "$repo" "$mnt" -f -o "cache=$cache,state=$state,prefetch=none$extra" \
+    "$BIN/imgfs" "$repo" "$mnt" -f -o "cache=$cache,state=$state,prefetch=none$extra" \
         2>>"$WORK/imgfs.log" &
     pid=$!
     wait_mounted "$mnt" 20 || die "imgfs did not mount again."
@@ -164,15 +177,87 @@ row() { # CASE TOOL_S IMGFS_S REQ LAT_IMGFS LAT_TOOL TOOL
     log "$1: $7 $2 s, imgfs $3 s (${ratio}x), $4 requests, 4 KiB read $5 ms vs $6 ms"
 }
 
+# The builds to compare: this one, and the baseline when given.
+BUILDS=("$IMGFS_BIN_DIR")
+[ -n "$BASELINE_BIN_DIR" ] && BUILDS+=("$BASELINE_BIN_DIR")
+build_label() { [ "$1" = "$IMGFS_BIN_DIR" ] && echo "" || echo " (baseline build)"; }
+
 if [[ " $CASES " == *" local "* ]]; then
-    log "local repository"
-    base_s=$(local_cat)
-    read -r s req lat < <(imgfs_cold "$WORK/www/repo")
-    drop
-    row local "$base_s" "$s" "$req" "$lat" "$(read_ms "$(head -n 1 "$WORK/files")" 0)" "cat, 4 readers"
+    for ((run = 1; run <= REPEAT; run++)); do
+        for BIN in "${BUILDS[@]}"; do
+            log "local repository$(build_label "$BIN"), run $run"
+            base_s=$(local_cat)
+            read -r s req lat < <(imgfs_cold "$WORK/www/repo")
+            drop
+            row "local$(build_label "$BIN")" "$base_s" "$s" "$req" "$lat" "$(read_ms "$(head -n 1 "$WORK/files")" 0)" "cat, 4 readers"
+        done
+    done
+    BIN=$IMGFS_BIN_DIR
 fi
 
-NET_CASES=$(for c in $CASES; do [ "$c" != local ] && echo "$c"; done)
+# imgfs_cached: fills a cache with the whole base, then mounts afresh over it
+# and reads the base with the page cache dropped; prints seconds.
+imgfs_cached() {
+    local mnt=$WORK/mnt cache=$WORK/cache state=$WORK/state pid t0 t1
+    rm -rf "$cache" "$state"
+    mkdir -p "$mnt" "$cache" "$state"
+    "$BIN/imgfs" "$WORK/www/repo" "$mnt" -f -o "cache=$cache,state=$state,prefetch=none" 2>"$WORK/imgfs.log" &
+    pid=$!
+    wait_mounted "$mnt" 20 || die "imgfs did not mount: $(tail -n 2 "$WORK/imgfs.log")"
+    MOUNTS+=("$mnt")
+    cat "$mnt/bases/$NAME.raw" >/dev/null || die "imgfs read failed."
+    fusermount3 -u "$mnt"
+    stop_pid "$pid"
+    "$BIN/imgfs" "$WORK/www/repo" "$mnt" -f -o "cache=$cache,state=$state,prefetch=none" 2>>"$WORK/imgfs.log" &
+    pid=$!
+    wait_mounted "$mnt" 20 || die "imgfs did not mount again."
+    drop
+    t0=$(date +%s%N)
+    cat "$mnt/bases/$NAME.raw" >/dev/null || die "imgfs read of the cached base failed."
+    t1=$(date +%s%N)
+    [ "$(awk '$1 == "requests" { print $2; exit }' "$mnt/.imgfs/stats")" = 0 ] ||
+        die "the cached read fetched chunks: the cache did not hold the base."
+    fusermount3 -u "$mnt"
+    stop_pid "$pid"
+    seconds "$t0" "$t1"
+}
+
+timed_cat() { # FILE: seconds of a cat of FILE with the page cache dropped
+    local t0 t1
+    drop
+    t0=$(date +%s%N)
+    cat "$1" >/dev/null || die "cat $1 failed."
+    t1=$(date +%s%N)
+    seconds "$t0" "$t1"
+}
+
+CACHED_ROWS=()
+if [[ " $CASES " == *" cached "* ]]; then
+    qemu-img convert -O qcow2 "$WORK/img.raw" "$WORK/img.qcow2" || die "qemu-img convert failed."
+    mkdir -p "$WORK/qcow"
+    qcowmount "$WORK/img.qcow2" "$WORK/qcow" >"$WORK/qcowmount.log" 2>&1 &
+    PIDS+=($!)
+    wait_mounted "$WORK/qcow" 20 || die "qcowmount did not mount: $(cat "$WORK/qcowmount.log")"
+    MOUNTS+=("$WORK/qcow")
+    mbps() { awk -v m=$MIB -v t="$1" 'BEGIN { printf "%.0f", m * 1.048576 / t }'; }
+    for ((run = 1; run <= REPEAT; run++)); do
+        # One local and one qcowmount figure per run for every build, and the
+        # builds in turn first, so that neither always follows the other.
+        log "cached base, page cache dropped, run $run"
+        local_s=$(timed_cat "$WORK/img.raw")
+        qcow_s=$(timed_cat "$WORK/qcow/qcow1")
+        order=("${BUILDS[@]}")
+        ((run % 2 == 0 && ${#BUILDS[@]} == 2)) && order=("${BUILDS[1]}" "${BUILDS[0]}")
+        for BIN in "${order[@]}"; do
+            s=$(imgfs_cached)
+            CACHED_ROWS+=("| cached$(build_label "$BIN"), run $run | $local_s s ($(mbps "$local_s") MB/s) | $qcow_s s ($(mbps "$qcow_s") MB/s) | $s s ($(mbps "$s") MB/s) | **$(awk -v a="$local_s" -v b="$s" 'BEGIN { printf "%.2f", a / b }')x** | **$(awk -v a="$qcow_s" -v b="$s" 'BEGIN { printf "%.2f", a / b }')x** |")
+            log "cached$(build_label "$BIN"): local $local_s s, qcowmount $qcow_s s, imgfs $s s"
+        done
+    done
+    BIN=$IMGFS_BIN_DIR
+fi
+
+NET_CASES=$(for c in $CASES; do [ "$c" != local ] && [ "$c" != cached ] && echo "$c"; done)
 if [ -n "$NET_CASES" ]; then
     netns_create "imgfs-cold-$$" "$VETH_ROOT" "$VETH_NS" 10.214.0.1 10.214.0.2
     nginx_start_in_ns "$WORK/nginx" "$WORK/www" 10.214.0.2:8080 '$status $request_uri' \
@@ -218,5 +303,14 @@ fi
     echo
     echo "| case | tool | tool | imgfs | ratio | requests/MiB | one uncached 4 KiB read (imgfs) | one GET (curl) / 4 KiB of a chunk file |"
     echo "|---|---|---|---|---|---|---|---|"
-    printf '%s\n' "${ROWS[@]}"
+    [ ${#ROWS[@]} -eq 0 ] || printf '%s\n' "${ROWS[@]}"
+    if [ ${#CACHED_ROWS[@]} -gt 0 ]; then
+        echo
+        echo "Cached base, page cache dropped: cat of the whole base on a fresh mount over a full cache"
+        echo "(every chunk verified on its first use), against cat of the local raw file and qcowmount of the qcow2."
+        echo
+        echo "| case | local raw file | qcowmount (qcow2) | imgfs | imgfs vs local | imgfs vs qcowmount |"
+        echo "|---|---:|---:|---:|---:|---:|"
+        printf '%s\n' "${CACHED_ROWS[@]}"
+    fi
 } | save_report cold-read

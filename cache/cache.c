@@ -73,6 +73,7 @@ struct pack {
     uint64_t end;    /* next free offset (the active pack only appends) */
     uint64_t live;   /* chunks resident in it, or being written into it */
     atomic_uint_fast64_t idx_bytes; /* length of the index log, counted in cache->used */
+    uint64_t scan_bytes; /* compact_sparse_pack()'s count of its live bytes; under evict_lock */
     struct pack *next;
 };
 
@@ -127,7 +128,10 @@ struct cache {
     atomic_uint_fast64_t clock;    /* LRU clock; starts above every record time */
     atomic_uint_fast64_t evictions;
     atomic_uint_fast64_t dropped_damaged;
-    pthread_mutex_t evict_lock;    /* one eviction pass at a time; held across punches */
+    /* One eviction pass at a time. Held across its punches and record
+     * writes, and across a compaction's copies (at most 1/16 of a pack):
+     * a fill that must evict waits for them; a read never takes it. */
+    pthread_mutex_t evict_lock;
     /* pack_lock guards the pack list, active, next_id and every pack's end
      * and live. It is taken after a shard lock is released, never with one
      * held, and never held across I/O except the creation of the next pack
@@ -857,6 +861,8 @@ static int by_last_use(const void *a, const void *b)
     return x->last_use < y->last_use ? -1 : x->last_use > y->last_use;
 }
 
+static void compact_sparse_pack(struct cache *cache);
+
 /* Removes least recently used, unpinned chunks until at most target bytes
  * are used: each gets a DROP record and its blocks punched out of its pack,
  * and a full pack whose last chunk goes is removed. Returns the number
@@ -910,6 +916,8 @@ static uint64_t evict_to(struct cache *cache, uint64_t target)
     }
     free(list);
     atomic_fetch_add(&cache->evictions, evicted);
+    if (evicted)
+        compact_sparse_pack(cache);
     return evicted;
 }
 
@@ -964,6 +972,99 @@ static int store(struct cache *cache, const struct chunk_hash *hash, const void 
         pack_unref(cache, *pack);
     }
     return rc;
+}
+
+/* ---- compaction ------------------------------------------------------------- */
+
+/* A pack stays while any chunk in it is live. Eviction punches the others
+ * out, so its disk space is small, but a pack that a few hot chunks keep
+ * alive still costs its index log (up to two records per slot) and two
+ * descriptors. So after an eviction pass, a full pack whose live bytes are
+ * at most 1/16 of its length has its chunks copied into the active pack and
+ * goes: at most one pack per pass, and at most 1/16 of a pack copied.
+ *
+ * Crash safety: a moved chunk's ADD record in the active pack is written
+ * before the DROP record in the old one. A crash in between leaves two
+ * copies of correct bytes; cache_open keeps the first (the older pack) and
+ * punches the other. Pinned chunks are skipped (their pack stays until a
+ * later pass). Caller holds evict_lock. */
+static void compact_sparse_pack(struct cache *cache)
+{
+    pthread_mutex_lock(&cache->pack_lock);
+    for (struct pack *p = cache->packs; p; p = p->next)
+        p->scan_bytes = 0;
+    pthread_mutex_unlock(&cache->pack_lock);
+    /* A resident entry's pack is in the list, so its scan_bytes is ours to count. */
+    for (int i = 0; i < SHARD_COUNT; i++) {
+        struct shard *s = &cache->shards[i];
+        pthread_mutex_lock(&s->lock);
+        for (size_t b = 0; b < s->bucket_count; b++)
+            for (struct cache_entry *e = s->buckets[b]; e; e = e->next)
+                if (e->pack)
+                    e->pack->scan_bytes += e->size;
+        pthread_mutex_unlock(&s->lock);
+    }
+    struct pack *victim = NULL;
+    pthread_mutex_lock(&cache->pack_lock);
+    for (struct pack *p = cache->packs; p && !victim; p = p->next) {
+        if (p != cache->active && p->live && p->end >= cache->pack_limit / 2 && p->scan_bytes * 16 <= p->end) {
+            victim = p;
+            victim->live++; /* keeps it while we work on it */
+        }
+    }
+    pthread_mutex_unlock(&cache->pack_lock);
+    if (!victim)
+        return;
+    char *buf = NULL;
+    size_t buf_len = 0;
+    for (int i = 0; i < SHARD_COUNT; i++) {
+        struct shard *s = &cache->shards[i];
+        pthread_mutex_lock(&s->lock);
+        for (size_t b = 0; b < s->bucket_count; b++) {
+            for (struct cache_entry *e = s->buckets[b]; e; e = e->next) {
+                if (e->state != ENTRY_RESIDENT || e->pack != victim || e->pins)
+                    continue;
+                e->state = ENTRY_BUSY; /* readers wait while it moves */
+                pthread_mutex_unlock(&s->lock);
+                struct pack *to = NULL;
+                uint64_t off = 0;
+                int rc = 0;
+                if (buf_len < e->size) {
+                    char *grown = realloc(buf, e->size);
+                    rc = grown ? 0 : -ENOMEM;
+                    if (grown) {
+                        buf = grown;
+                        buf_len = e->size;
+                    }
+                }
+                if (!rc)
+                    rc = read_full_at(victim->fd, buf, e->size, (off_t)e->off);
+                atomic_fetch_add(&cache->used, e->size + sizeof(struct pack_record));
+                if (!rc)
+                    rc = store(cache, &e->hash, buf, e->size, &to, &off);
+                if (rc) {
+                    atomic_fetch_sub(&cache->used, e->size + sizeof(struct pack_record));
+                    pthread_mutex_lock(&s->lock);
+                    e->state = ENTRY_RESIDENT;
+                    pthread_cond_broadcast(&s->changed);
+                    continue; /* it stays where it is */
+                }
+                discard_bytes(cache, e);
+                atomic_fetch_sub(&cache->used, e->size); /* the old copy's bytes */
+                pthread_mutex_lock(&s->lock);
+                e->pack = to;
+                e->off = off;
+                e->state = ENTRY_RESIDENT;
+                pthread_cond_broadcast(&s->changed);
+                pthread_mutex_unlock(&s->lock);
+                pack_unref(cache, victim); /* a chunk fewer in it */
+                pthread_mutex_lock(&s->lock);
+            }
+        }
+        pthread_mutex_unlock(&s->lock);
+    }
+    free(buf);
+    pack_unref(cache, victim); /* removes it when nothing pinned stayed */
 }
 
 int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, size_t len)

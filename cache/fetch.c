@@ -61,7 +61,7 @@ struct waiter {
     struct fetch_counters *counters;
     bool joined;  /* came to a job another request started */
     bool counted; /* a demand request: in callbacks_pending */
-    bool after_write; /* replay and pre-copy: completed once the cache file is written */
+    bool after_write; /* replay and pre-copy: completed once the chunk is in the cache */
     int err;     /* set when it is completed */
 };
 

@@ -778,7 +778,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
  * other choice, a pool of threads kept apart for waiting reads, only runs
  * out later). */
 
-/* A zero-copy reply: buffers that point into pinned cache files, chunks in
+/* A zero-copy reply: buffers that point into pinned chunks in cache packs, chunks in
  * memory, layer data or the zero block. Layer extents are released after
  * the reply has been sent. */
 struct reply_bufs {

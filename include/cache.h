@@ -28,7 +28,10 @@
  * Eviction is per chunk: its DROP record is written and its blocks are
  * punched out of the pack (fallocate PUNCH_HOLE), so the disk space goes
  * back at once; offsets are never reused, and a pack whose last chunk is
- * evicted is removed (the active one once it has rolled over).
+ * evicted is removed (the active one once it has rolled over). A full pack
+ * kept alive by a few hot chunks (at most 1/16 of it live) has them copied
+ * into the active pack after an eviction pass and then goes, so packs do
+ * not pile up behind their index logs and descriptors.
  *
  * The old layout (marker "imgfs-cache 1", one file per chunk under
  * chunks/XY/) is imported at open: each file is copied into a pack and

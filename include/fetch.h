@@ -6,7 +6,7 @@
  * backoff) and hands out transfer slots. FETCH_WORKERS worker threads read
  * the chunk files of a local repository (the same queue and slots, so the
  * local directory is just another transport), decode and verify every
- * chunk, complete the requests waiting for it, and write the cache file
+ * chunk, complete the requests waiting for it, and append it to the cache
  * behind them. Nothing else in imgfs fetches a chunk.
  *
  * Classes. A request is FETCH_DEMAND (a guest or a reader waits for it),
@@ -27,8 +27,8 @@
  *
  * Reply first, write behind. When a chunk has been verified, every request
  * waiting for it completes with a reference to the chunk in memory
- * (fetch_ref.data); the cache file is written after that, by the worker.
- * Replay and pre-copy requests complete only once the file is written, so
+ * (fetch_ref.data); the chunk is appended to the cache after that, by the worker.
+ * Replay and pre-copy requests complete only once it is stored, so
  * that "done" means "on disk" for them.
  *
  * Never hang. fetch_start() never waits on the network: it returns the chunk
@@ -89,7 +89,7 @@ enum fetch_class { FETCH_DEMAND, FETCH_REPLAY, FETCH_BACKGROUND, FETCH_CLASSES }
 struct fetcher;
 struct fetch_buf; /* a verified chunk in memory, shared by reference */
 
-/* What a request got: a pinned cache file, or the chunk in memory. */
+/* What a request got: a pinned chunk in a cache pack, or the chunk in memory. */
 struct fetch_ref {
     struct cache_pin pin;  /* pin.fd at pin.off is readable when data is NULL */
     struct fetch_buf *buf; /* owner of data */

@@ -1,7 +1,7 @@
 /* fs: the FUSE side of imgfs (low-level API).
  *
- * Base version files are served read-only from pinned cache files with
- * zero-copy replies (splice from the cache file), and with keep_cache so
+ * Base version files are served read-only from pinned chunks in the cache packs with
+ * zero-copy replies (splice from the pack file), and with keep_cache so
  * that the kernel page cache keeps their pages across opens: the bytes of a
  * version never change. Status files are rendered when opened and served
  * with direct_io, so `cat` always sees a fresh, complete snapshot.

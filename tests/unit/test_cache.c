@@ -121,18 +121,42 @@ static int flip_byte_in_file(const char *path, off_t off)
     return rc;
 }
 
-static struct cache *reopen(struct cache *cache, const char *dir)
+static struct cache *open_cache(const char *dir)
 {
-    cache_close(cache);
     struct cache *c = NULL;
     char err[256] = "";
-    int rc = cache_open(dir, &c, err, sizeof(err));
-    CHECK(rc == 0 && c != NULL);
-    if (rc) {
+    CHECK(cache_open(dir, &c, err, sizeof(err)) == 0 && c != NULL);
+    if (!c) {
         fprintf(stderr, "cache_open: %s\n", err);
         exit(1);
     }
     return c;
+}
+
+/* A miss filled with data and released; CHECKs each step. */
+static void fill_chunk(struct cache *cache, const struct chunk_hash *h, const unsigned char *data)
+{
+    struct cache_pin pin = {.entry = NULL, .fd = -1};
+    CHECK(cache_acquire(cache, h, CS, now_ns() + LONG_DEADLINE_NS, &pin) == CACHE_MUST_FILL);
+    CHECK(cache_fill(cache, &pin, data, CS) == 0);
+    cache_release(cache, &pin);
+}
+
+/* True when the chunk is a hit and its bytes are data. */
+static bool hits_with(struct cache *cache, const struct chunk_hash *h, const unsigned char *data)
+{
+    struct cache_pin pin = {.entry = NULL, .fd = -1};
+    if (cache_acquire(cache, h, CS, now_ns() + LONG_DEADLINE_NS, &pin) != CACHE_HIT)
+        return false;
+    bool ok = pin_holds(&pin, data, CS);
+    cache_release(cache, &pin);
+    return ok;
+}
+
+static struct cache *reopen(struct cache *cache, const char *dir)
+{
+    cache_close(cache);
+    return open_cache(dir);
 }
 
 /* ---- basic life cycle ------------------------------------------------------ */
@@ -198,9 +222,7 @@ static void test_basic(const char *dir)
     cache_release(cache, &pin); /* releasing a released pin is harmless */
 
     /* A second chunk. */
-    CHECK(cache_acquire(cache, &hb, CS, deadline, &pin) == CACHE_MUST_FILL);
-    CHECK(cache_fill(cache, &pin, b, CS) == 0);
-    cache_release(cache, &pin);
+    fill_chunk(cache, &hb, b);
     cache_get_usage(cache, &u);
     CHECK(u.chunks == 2 && u.bytes == 2 * CS && u.packs == 1);
 
@@ -217,9 +239,7 @@ static void test_basic(const char *dir)
     CHECK(cache_contains(cache, &ha) && cache_contains(cache, &hb));
     cache_get_usage(cache, &u);
     CHECK(u.chunks == 2 && u.bytes == 2 * CS && u.dropped_damaged == 0);
-    CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_HIT);
-    CHECK(pin_holds(&pin, a, CS));
-    cache_release(cache, &pin);
+    CHECK(hits_with(cache, &ha, a));
 
     /* Damage: flip a byte of a inside its pack; cut the pack in the middle
      * of b (a fill that a crash cut short), then reopen. */
@@ -249,16 +269,12 @@ static void test_basic(const char *dir)
     cache = reopen(cache, dir);
     cache_get_usage(cache, &u);
     CHECK(u.chunks == 1);
-    CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_HIT);
-    CHECK(pin_holds(&pin, a, CS));
-    cache_release(cache, &pin);
+    CHECK(hits_with(cache, &ha, a));
     cache_get_usage(cache, &u);
     CHECK(u.dropped_damaged == 0);
 
     /* Another chunk's bytes where a chunk should be is damage too. */
-    CHECK(cache_acquire(cache, &hb, CS, deadline, &pin) == CACHE_MUST_FILL);
-    CHECK(cache_fill(cache, &pin, b, CS) == 0);
-    cache_release(cache, &pin);
+    fill_chunk(cache, &hb, b);
     wa = locate(cache, &ha);
     wb = locate(cache, &hb);
     CHECK(copy_bytes(wb.path, (off_t)wb.off, wa.path, (off_t)wa.off, CS) == 0);
@@ -267,21 +283,15 @@ static void test_basic(const char *dir)
     cache_abandon(cache, &pin);
     cache_get_usage(cache, &u);
     CHECK(u.dropped_damaged == 1);
-    CHECK(cache_acquire(cache, &hb, CS, deadline, &pin) == CACHE_HIT);
-    CHECK(pin_holds(&pin, b, CS));
-    cache_release(cache, &pin);
+    CHECK(hits_with(cache, &hb, b));
 
     /* A torn last index record (a crash in the middle of its write) ends
      * the log: that chunk is not served, and later records line up. */
     unsigned char *c = malloc(CS);
     struct chunk_hash hc;
     make_chunk(c, CS, 3, &hc);
-    CHECK(cache_acquire(cache, &hc, CS, deadline, &pin) == CACHE_MUST_FILL);
-    CHECK(cache_fill(cache, &pin, c, CS) == 0);
-    cache_release(cache, &pin);
-    CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_MUST_FILL);
-    CHECK(cache_fill(cache, &pin, a, CS) == 0);
-    cache_release(cache, &pin);
+    fill_chunk(cache, &hc, c);
+    fill_chunk(cache, &ha, a);
     wa = locate(cache, &ha);
     CHECK(strcmp(locate(cache, &hc).path, wa.path) == 0);
     char idx[PATH_MAX];
@@ -291,22 +301,16 @@ static void test_basic(const char *dir)
     cache = reopen(cache, dir);
     CHECK(!cache_contains(cache, &ha) && cache_contains(cache, &hb) && cache_contains(cache, &hc));
     CHECK(stat(idx, &st) == 0 && st.st_size == 64); /* c's record, and the torn one cut off */
-    CHECK(cache_acquire(cache, &hc, CS, deadline, &pin) == CACHE_HIT);
-    CHECK(pin_holds(&pin, c, CS));
-    cache_release(cache, &pin);
+    CHECK(hits_with(cache, &hc, c));
     free(c);
     /* A garbled record in the middle: the log is cut there too. */
-    CHECK(cache_acquire(cache, &ha, CS, deadline, &pin) == CACHE_MUST_FILL);
-    CHECK(cache_fill(cache, &pin, a, CS) == 0);
-    cache_release(cache, &pin);
+    fill_chunk(cache, &ha, a);
     wa = locate(cache, &ha);
     snprintf(idx, sizeof(idx), "%.*s.idx", (int)(strlen(wa.path) - 5), wa.path);
     CHECK(flip_byte_in_file(idx, 20) == 0); /* the first record: a's */
     cache = reopen(cache, dir);
     CHECK(!cache_contains(cache, &ha));
-    CHECK(cache_acquire(cache, &hb, CS, deadline, &pin) == CACHE_HIT);
-    CHECK(pin_holds(&pin, b, CS));
-    cache_release(cache, &pin);
+    CHECK(hits_with(cache, &hb, b));
 
     cache_close(cache);
     free(a);
@@ -593,13 +597,7 @@ static void test_old_layout(const char *dir)
             CHECK(write_file_atomic(tmp, "junk", 4) == 0);
         }
     }
-    struct cache *cache = NULL;
-    char err[256] = "";
-    CHECK(cache_open(dir, &cache, err, sizeof(err)) == 0 && cache);
-    if (!cache) {
-        fprintf(stderr, "cache_open: %s\n", err);
-        exit(1);
-    }
+    struct cache *cache = open_cache(dir);
     path_join(path, sizeof(path), "%s/chunks", dir);
     CHECK(access(path, F_OK) != 0); /* imported and gone */
     char *text = NULL;
@@ -644,11 +642,7 @@ static void test_old_layout(const char *dir)
  * evicted chunk back. */
 static void test_evict_pins(const char *dir)
 {
-    struct cache *cache = NULL;
-    char err[256] = "";
-    CHECK(cache_open(dir, &cache, err, sizeof(err)) == 0 && cache);
-    if (!cache)
-        exit(1);
+    struct cache *cache = open_cache(dir);
     const uint64_t limit = 8 * CS;
     cache_set_limit(cache, limit);
     cache_set_pack_limit(cache, 3 * CS);
@@ -657,20 +651,16 @@ static void test_evict_pins(const char *dir)
     struct chunk_hash hp, hh, h;
     make_chunk(pinned, CS, 700, &hp);
     make_chunk(held, CS, 701, &hh);
-    struct cache_pin pin = {.entry = NULL, .fd = -1}, keep = {.entry = NULL, .fd = -1};
+    struct cache_pin keep = {.entry = NULL, .fd = -1};
     CHECK(cache_hold(cache, &hh, true) == 0);
-    CHECK(cache_acquire(cache, &hh, CS, deadline, &pin) == CACHE_MUST_FILL);
-    CHECK(cache_fill(cache, &pin, held, CS) == 0);
-    cache_release(cache, &pin);
+    fill_chunk(cache, &hh, held);
     CHECK(cache_acquire(cache, &hp, CS, deadline, &keep) == CACHE_MUST_FILL);
     CHECK(cache_fill(cache, &keep, pinned, CS) == 0);
     struct chunk_hash last[4];
     for (unsigned i = 0; i < 40; i++) {
         make_chunk(data, CS, 800 + i, &h);
         last[i % 4] = h;
-        CHECK(cache_acquire(cache, &h, CS, deadline, &pin) == CACHE_MUST_FILL);
-        CHECK(cache_fill(cache, &pin, data, CS) == 0);
-        cache_release(cache, &pin);
+        fill_chunk(cache, &h, data);
         struct cache_usage u;
         cache_get_usage(cache, &u);
         CHECK(u.bytes <= limit);
@@ -703,13 +693,151 @@ static void test_evict_pins(const char *dir)
     cache = reopen(cache, dir);
     cache_get_usage(cache, &u);
     CHECK(u.chunks == chunks); /* no evicted chunk is back */
-    CHECK(cache_acquire(cache, &hp, CS, deadline, &pin) == CACHE_HIT);
-    CHECK(pin_holds(&pin, pinned, CS));
-    cache_release(cache, &pin);
+    CHECK(hits_with(cache, &hp, pinned));
     cache_close(cache);
     free(pinned);
     free(held);
     free(data);
+}
+
+/* ---- compaction ------------------------------------------------------------- */
+
+/* A full pack kept alive by a hot chunk (and a pinned one) while everything
+ * else in it is evicted: the hot chunk moves to the active pack, the pinned
+ * one stays put and readable, and once it is unpinned the old pack goes. */
+static void test_compaction(const char *dir)
+{
+    struct cache *cache = open_cache(dir);
+    cache_set_limit(cache, 40 * CS);
+    cache_set_pack_limit(cache, 32 * CS);
+    uint64_t deadline = now_ns() + LONG_DEADLINE_NS;
+    unsigned char *hot = malloc(CS), *pinned = malloc(CS), *data = malloc(CS);
+    struct chunk_hash hh, hp, h;
+    make_chunk(hot, CS, 1100, &hh);
+    make_chunk(pinned, CS, 1101, &hp);
+    struct cache_pin keep = {.entry = NULL, .fd = -1};
+    fill_chunk(cache, &hh, hot);
+    CHECK(cache_acquire(cache, &hp, CS, deadline, &keep) == CACHE_MUST_FILL);
+    CHECK(cache_fill(cache, &keep, pinned, CS) == 0);
+    struct where first = locate(cache, &hh);
+    CHECK(strcmp(locate(cache, &hp).path, first.path) == 0);
+    int hot_ok = 1;
+    for (unsigned i = 0; i < 120; i++) {
+        make_chunk(data, CS, 1200 + i, &h);
+        fill_chunk(cache, &h, data);
+        /* Keep the hot chunk the most recently used. */
+        hot_ok &= hits_with(cache, &hh, hot);
+    }
+    CHECK(hot_ok);
+    CHECK(strcmp(locate(cache, &hh).path, first.path) != 0); /* moved out */
+    CHECK(strcmp(locate(cache, &hp).path, first.path) == 0); /* pinned: stays */
+    CHECK(pin_holds(&keep, pinned, CS));
+    CHECK(access(first.path, F_OK) == 0);
+    cache_release(cache, &keep);
+    for (unsigned i = 0; i < 60; i++) {
+        make_chunk(data, CS, 1400 + i, &h);
+        fill_chunk(cache, &h, data);
+        hot_ok &= hits_with(cache, &hh, hot);
+    }
+    CHECK(hot_ok);
+    CHECK(access(first.path, F_OK) != 0); /* the old pack is gone */
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.bytes <= 40 * CS);
+    /* The moved chunk is found in its new place after a restart. */
+    cache = reopen(cache, dir);
+    CHECK(hits_with(cache, &hh, hot));
+    cache_close(cache);
+    free(hot);
+    free(pinned);
+    free(data);
+}
+
+/* Threads over more chunks than a small cache holds, with small packs: fills,
+ * evictions, compaction and hits race; every pinned byte must be right. */
+#define CHURN_CHUNKS 48
+struct churn {
+    struct cache *cache;
+    unsigned char **data;
+    struct chunk_hash *hash;
+    int id;
+    int errors;
+};
+
+static void *churn_worker(void *arg)
+{
+    struct churn *c = arg;
+    uint32_t x = 2654435761u * (uint32_t)(c->id + 1);
+    for (int i = 0; i < 300; i++) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        /* Skewed: the low chunks are hot, so packs keep a few live ones. */
+        int k = (int)(x % 4 == 0 ? x % 4 : x % CHURN_CHUNKS);
+        struct cache_pin pin = {.entry = NULL, .fd = -1};
+        int rc = cache_acquire(c->cache, &c->hash[k], CS, now_ns() + LONG_DEADLINE_NS, &pin);
+        if (rc == CACHE_MUST_FILL) {
+            rc = cache_fill(c->cache, &pin, c->data[k], CS);
+            if (rc == -ENOSPC)
+                continue; /* everything in use at that moment */
+            if (rc) {
+                c->errors++;
+                continue;
+            }
+        } else if (rc != CACHE_HIT) {
+            c->errors++;
+            continue;
+        }
+        if (!pin_holds(&pin, c->data[k], CS))
+            c->errors++;
+        cache_release(c->cache, &pin);
+    }
+    return NULL;
+}
+
+static void test_churn(const char *dir)
+{
+    struct cache *cache = open_cache(dir);
+    cache_set_limit(cache, 16 * CS);
+    cache_set_pack_limit(cache, 8 * CS);
+    unsigned char *data[CHURN_CHUNKS];
+    struct chunk_hash hash[CHURN_CHUNKS];
+    for (int k = 0; k < CHURN_CHUNKS; k++) {
+        data[k] = malloc(CS);
+        make_chunk(data[k], CS, 2000 + (unsigned)k, &hash[k]);
+    }
+    struct churn c[THREADS];
+    pthread_t th[THREADS];
+    for (int i = 0; i < THREADS; i++) {
+        c[i] = (struct churn){.cache = cache, .data = data, .hash = hash, .id = i};
+        CHECK(pthread_create(&th[i], NULL, churn_worker, &c[i]) == 0);
+    }
+    int errors = 0;
+    for (int i = 0; i < THREADS; i++) {
+        pthread_join(th[i], NULL);
+        errors += c[i].errors;
+    }
+    CHECK(errors == 0);
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.bytes <= 16 * CS && u.evictions > 0);
+    /* What is left is right after a restart, too. */
+    cache = reopen(cache, dir);
+    int wrong = 0;
+    for (int k = 0; k < CHURN_CHUNKS; k++) {
+        struct cache_pin pin = {.entry = NULL, .fd = -1};
+        int rc = cache_acquire(cache, &hash[k], CS, now_ns() + LONG_DEADLINE_NS, &pin);
+        if (rc == CACHE_HIT)
+            wrong += !pin_holds(&pin, data[k], CS);
+        if (rc == CACHE_HIT)
+            cache_release(cache, &pin);
+        else if (rc == CACHE_MUST_FILL)
+            cache_abandon(cache, &pin);
+        free(data[k]);
+    }
+    cache_get_usage(cache, &u);
+    CHECK(wrong == 0 && u.dropped_damaged == 0);
+    cache_close(cache);
 }
 
 int main(void)
@@ -727,6 +855,12 @@ int main(void)
     path_join(sub, sizeof(sub), "%s/evict", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_evict_pins(sub);
+    path_join(sub, sizeof(sub), "%s/compact", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_compaction(sub);
+    path_join(sub, sizeof(sub), "%s/churn", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_churn(sub);
 
     path_join(sub, sizeof(sub), "%s/threads", dir);
     CHECK(mkdir(sub, 0755) == 0);
