@@ -198,6 +198,11 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS)
         conn->want |= FUSE_CAP_PARALLEL_DIROPS;
     conn->max_readahead = 1u << 20;
+    /* The kernel's default of 12 background requests caps a guest's
+     * asynchronous direct I/O (libaio, io_uring) below a queue depth of 16,
+     * and readahead with it. */
+    conn->max_background = 64;
+    conn->congestion_threshold = 48;
     note_negotiated(fs->takeover, conn);
 }
 
