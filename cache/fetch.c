@@ -47,7 +47,9 @@
 
 struct fetch_buf {
     atomic_uint refs;
-    char data[];
+    char *data;  /* the chunk: inline_data, or inside owned */
+    char *owned; /* a raw-stored chunk as fetched, used in place (no copy), or NULL */
+    char inline_data[];
 };
 
 enum job_state { JOB_QUEUED, JOB_RETRY_WAIT, JOB_TRANSFER, JOB_VERIFY, JOB_DONE, JOB_FAILED };
@@ -151,8 +153,23 @@ uint64_t fetch_deadline(const struct fetcher *f) { return now_ns() + f->timeout_
 static struct fetch_buf *buf_new(uint32_t len)
 {
     struct fetch_buf *b = malloc(sizeof(*b) + len);
-    if (b)
+    if (b) {
         atomic_init(&b->refs, 1);
+        b->data = b->inline_data;
+        b->owned = NULL;
+    }
+    return b;
+}
+
+/* A buffer that takes over enc (malloc'd), whose chunk starts at data. */
+static struct fetch_buf *buf_adopt(char *enc, const char *data)
+{
+    struct fetch_buf *b = malloc(sizeof(*b));
+    if (b) {
+        atomic_init(&b->refs, 1);
+        b->data = (char *)data;
+        b->owned = enc;
+    }
     return b;
 }
 
@@ -160,8 +177,10 @@ static void buf_get(struct fetch_buf *b) { atomic_fetch_add(&b->refs, 1); }
 
 static void buf_put(struct fetch_buf *b)
 {
-    if (b && atomic_fetch_sub(&b->refs, 1) == 1)
+    if (b && atomic_fetch_sub(&b->refs, 1) == 1) {
+        free(b->owned);
         free(b);
+    }
 }
 
 void fetch_ref_release(struct fetcher *f, struct fetch_ref *ref)
@@ -659,10 +678,16 @@ static void *dispatch_main(void *arg)
 
 static void verify_and_complete(struct fetcher *f, struct job *job)
 {
-    struct fetch_buf *buf = buf_new(job->chunk_size);
+    /* A chunk stored raw (incompressible data, most of a disk) is checked
+     * and served where it was read into: one copy less per chunk. */
+    const char *raw = chunkfmt_raw_payload(job->enc, job->enc_len, job->chunk_size);
+    struct fetch_buf *buf = raw ? buf_adopt(job->enc, raw) : buf_new(job->chunk_size);
     const char *why = "";
-    int rc = buf ? repo_decode_chunk(f->repo, &job->hash, job->enc, job->enc_len, buf->data, job->chunk_size, &why)
-                 : -ENOMEM;
+    int rc = !buf ? -ENOMEM
+             : raw ? repo_check_chunk(f->repo, &job->hash, raw, job->chunk_size, &why)
+                   : repo_decode_chunk(f->repo, &job->hash, job->enc, job->enc_len, buf->data, job->chunk_size, &why);
+    if (raw && buf)
+        job->enc = NULL; /* buf owns it now, and frees it with itself on failure too */
     atomic_fetch_add(&f->bytes_transferred, job->enc_len);
     struct waiter *fired = NULL;
     struct job *dead = NULL;

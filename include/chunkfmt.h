@@ -51,4 +51,10 @@ int chunkfmt_decode(const void *enc, size_t enc_len, void *out, size_t expected_
  * malformed input. */
 int chunkfmt_unpack(const void *enc, size_t enc_len, void *out, size_t expected_len);
 
+/* The payload of a well-formed raw-stored chunk of expected_len bytes (a
+ * pointer into enc), or NULL when enc is anything else. Lets a reader use
+ * the stored bytes in place instead of copying them out; they still have to
+ * be checked (nothing here looks at their hash). */
+const void *chunkfmt_raw_payload(const void *enc, size_t enc_len, size_t expected_len);
+
 #endif

@@ -191,6 +191,10 @@ int repo_read_list(struct repo *repo, const struct manifest *m, const char *list
  * not be used, with *why (may be NULL) saying which check failed; -ENOMEM. */
 int repo_decode_chunk(struct repo *repo, const struct chunk_hash *hash, const void *enc, size_t enc_len, void *out,
                       size_t chunk_size, const char **why);
+/* The check of repo_decode_chunk on bytes already decoded (a raw-stored
+ * chunk used in place). */
+int repo_check_chunk(struct repo *repo, const struct chunk_hash *hash, const void *data, size_t chunk_size,
+                     const char **why);
 
 /* Fetches the stored (encoded) bytes of one chunk. */
 int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, uint64_t deadline_ns,

@@ -87,6 +87,15 @@ long chunkfmt_encode_with(struct chunkfmt_encoder *e, const void *data, size_t d
     return encode(e->zstd, data, data_len, e->level, out, out_cap);
 }
 
+const void *chunkfmt_raw_payload(const void *enc, size_t enc_len, size_t expected_len)
+{
+    const uint8_t *hdr = enc;
+    if (enc_len != CHUNKFMT_HEADER_LEN + expected_len || memcmp(hdr, "IMGC", 4) != 0 || hdr[4] != CHUNKFMT_RAW ||
+        hdr[5] || hdr[6] || hdr[7] || get_u32(hdr + 8) != expected_len || get_u32(hdr + 12) != expected_len)
+        return NULL;
+    return hdr + CHUNKFMT_HEADER_LEN;
+}
+
 int chunkfmt_unpack(const void *enc, size_t enc_len, void *out, size_t expected_len)
 {
     const uint8_t *hdr = enc;

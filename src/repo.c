@@ -958,17 +958,24 @@ int repo_decode_chunk(struct repo *repo, const struct chunk_hash *hash, const vo
 {
     const char *unused;
     why = why ? why : &unused;
-    if (!trust_checks_chunks(repo->trust)) {
-        *why = "failed verification against its hash";
-        return chunkfmt_decode(enc, enc_len, out, chunk_size, hash);
-    }
     *why = "is malformed";
     int rc = chunkfmt_unpack(enc, enc_len, out, chunk_size);
-    if (!rc) {
+    return rc ? rc : repo_check_chunk(repo, hash, out, chunk_size, why);
+}
+
+int repo_check_chunk(struct repo *repo, const struct chunk_hash *hash, const void *data, size_t chunk_size,
+                     const char **why)
+{
+    const char *unused;
+    why = why ? why : &unused;
+    if (trust_checks_chunks(repo->trust)) {
         *why = "failed verification against its signed digest";
-        rc = trust_check_chunk(repo->trust, hash, out, chunk_size);
+        return trust_check_chunk(repo->trust, hash, data, chunk_size);
     }
-    return rc;
+    *why = "failed verification against its hash";
+    struct chunk_hash got;
+    chunk_hash_compute(data, chunk_size, &got);
+    return chunk_hash_equal(&got, hash) ? 0 : -EBADMSG;
 }
 
 int repo_get_chunk(struct repo *repo, const struct chunk_hash *hash, uint32_t chunk_size, uint64_t deadline_ns,

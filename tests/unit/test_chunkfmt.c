@@ -360,6 +360,31 @@ static void test_hostile_zstd(void)
     free(text);
 }
 
+/* chunkfmt_raw_payload: the stored bytes of a well-formed raw chunk, in
+ * place; NULL for a zstd chunk, another length or any damaged header. */
+static void test_raw_payload(const unsigned char *rnd, const unsigned char *text)
+{
+    size_t cap = chunkfmt_bound(N);
+    unsigned char *enc = xmalloc(cap);
+    long len = chunkfmt_encode(rnd, N, 3, enc, cap);
+    CHECK(len == (long)(N + CHUNKFMT_HEADER_LEN));
+    const unsigned char *payload = chunkfmt_raw_payload(enc, (size_t)len, N);
+    CHECK(payload == enc + CHUNKFMT_HEADER_LEN);
+    CHECK(payload && memcmp(payload, rnd, N) == 0);
+    CHECK(chunkfmt_raw_payload(enc, (size_t)len, N - 1) == NULL);     /* another expected length */
+    CHECK(chunkfmt_raw_payload(enc, (size_t)len - 1, N) == NULL);     /* cut short */
+    CHECK(chunkfmt_raw_payload(enc, CHUNKFMT_HEADER_LEN - 1, 0) == NULL);
+    for (size_t i = 0; i < CHUNKFMT_HEADER_LEN; i++) { /* every header byte matters */
+        enc[i] ^= 0x40;
+        CHECK(chunkfmt_raw_payload(enc, (size_t)len, N) == NULL);
+        enc[i] ^= 0x40;
+    }
+    len = chunkfmt_encode(text, N, 3, enc, cap);
+    CHECK(len > 0 && enc[4] == CHUNKFMT_ZSTD);
+    CHECK(chunkfmt_raw_payload(enc, (size_t)len, N) == NULL);
+    free(enc);
+}
+
 int main(void)
 {
     test_roundtrips();
@@ -373,6 +398,7 @@ int main(void)
     test_damage(text, N, 0, CHUNKFMT_RAW);
     test_damage(rnd, 4096, 3, CHUNKFMT_RAW);
     test_damage(text, 4096, 3, CHUNKFMT_ZSTD);
+    test_raw_payload(rnd, text);
     free(text);
     free(rnd);
 
