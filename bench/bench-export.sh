@@ -49,12 +49,7 @@ for b in new base; do
     dir=$IMGFS_BIN_DIR
     [ $b = base ] && dir=$BASELINE_BIN_DIR
     MNT[$b]=$WORK/mnt-$b
-    mkdir -p "${MNT[$b]}" "$WORK/cache-$b" "$WORK/state-$b"
-    "$dir/imgfs" "$WORK/repo" "${MNT[$b]}" -f -o "cache=$WORK/cache-$b,state=$WORK/state-$b,config=none" \
-        2>"$WORK/imgfs-$b.log" &
-    PIDS+=($!)
-    wait_mounted "${MNT[$b]}" 20 || die "the $b build did not mount: $(tail -n 1 "$WORK/imgfs-$b.log")"
-    MOUNTS+=("${MNT[$b]}")
+    mount_build "$dir" "$b" "$WORK/repo" config=none
     "$dir/imgfsctl" vm create "${MNT[$b]}" v --size "$VM_BYTES" || die "vm create failed on the $b build."
     dd if="$WORK/data" of="${MNT[$b]}/vms/v.raw" bs=1M conv=notrunc,fsync status=none || die "writing the VM failed."
 done

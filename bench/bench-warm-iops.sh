@@ -51,12 +51,7 @@ for b in new base; do
     dir=$IMGFS_BIN_DIR
     [ $b = base ] && dir=$BASELINE_BIN_DIR
     MNT[$b]=$WORK/mnt-$b
-    mkdir -p "${MNT[$b]}" "$WORK/cache-$b" "$WORK/state-$b"
-    "$dir/imgfs" "$WORK/repo" "${MNT[$b]}" -f -o "cache=$WORK/cache-$b,state=$WORK/state-$b,prefetch=none" \
-        2>"$WORK/imgfs-$b.log" &
-    PIDS+=($!)
-    wait_mounted "${MNT[$b]}" 20 || die "the $b build did not mount: $(tail -n 1 "$WORK/imgfs-$b.log")"
-    MOUNTS+=("${MNT[$b]}")
+    mount_build "$dir" "$b" "$WORK/repo" prefetch=none
     cat "${MNT[$b]}/bases/w.raw" >/dev/null || die "warming the $b build failed."
 done
 

@@ -93,6 +93,20 @@ stop_all() {
     for p in "${PIDS[@]}"; do stop_pid "$p"; done
 }
 
+# mount_build BIN_DIR TAG REPO [OPTIONS]: mounts REPO with BIN_DIR's imgfs at
+# $WORK/mnt-TAG, with its own cache and state directories and log
+# ($WORK/imgfs-TAG.log), for runs that compare builds side by side; registered
+# for stop_all. Dies when it does not mount within 20 s.
+mount_build() {
+    local dir=$1 tag=$2 repo=$3 extra=${4:+,$4}
+    mkdir -p "$WORK/mnt-$tag" "$WORK/cache-$tag" "$WORK/state-$tag"
+    "$dir/imgfs" "$repo" "$WORK/mnt-$tag" -f -o "cache=$WORK/cache-$tag,state=$WORK/state-$tag$extra" \
+        2>"$WORK/imgfs-$tag.log" &
+    PIDS+=($!)
+    wait_mounted "$WORK/mnt-$tag" 20 || die "the $tag build did not mount: $(tail -n 1 "$WORK/imgfs-$tag.log")"
+    MOUNTS+=("$WORK/mnt-$tag")
+}
+
 make_work() {
     mkdir -p "${BENCH_DIR:-/var/tmp}" || die "cannot create ${BENCH_DIR:-/var/tmp}."
     WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/$1.XXXXXX") || die "cannot create a work directory."
