@@ -60,12 +60,18 @@ done
 [ "$(stat_value "$M" cache damaged_dropped)" -eq 0 ] || fail "a chunk of a killed fill was indexed"
 umount_imgfs "$M"
 ok "readers across two kills got the right bytes"
+# A chunk is answered from memory before its cache write (fetch.h: reply
+# first, write behind), so a kill may cost the cache a chunk a reader got;
+# the remount must fetch exactly the chunks the index does not hold.
+indexed=$(cache_index "$T/cache" | wc -l)
 mount_imgfs "$T/repo" "$M"
 cmp "$M/bases/b.raw" "$T/img.raw" || fail "after kill -9 during fills, the remount served wrong bytes"
 [ "$(stat_value "$M" cache damaged_dropped)" -eq 0 ] || fail "the remount found a damaged chunk"
-[ "$(stat_value "$M" fetch requests)" -eq 0 ] || fail "chunks the readers had read were not in the cache"
+fetched=$(stat_value "$M" fetch requests)
+[ "$fetched" -eq $((N - indexed)) ] ||
+    fail "the remount fetched $fetched chunks, but $((N - indexed)) of $N were missing from the cache's index"
 umount_imgfs "$M"
-ok "the remount serves the whole base from the cache, every byte right"
+ok "the remount serves every byte right and fetches only the $((N - indexed)) chunks missing from the index"
 
 # --- a garbled chunk inside a pack --------------------------------------------------
 h=$(chunk_hash 7)
