@@ -40,17 +40,9 @@ bool serve_request_is_resent(void) { return request_resent; }
 
 /* ---- the connection's I/O hooks ------------------------------------------ */
 
-/* Kernel ABI (include/uapi/linux/fuse.h), as libfuse sends it: an open
- * reply is the out header and one struct fuse_open_out; a create reply the
- * header and struct fuse_entry_out followed by struct fuse_open_out. */
-struct abi_open_out {
-    uint64_t fh;
-    uint32_t open_flags;
-    int32_t backing_id;
-};
-#define ABI_OUT_HEADER_SIZE 16
-#define ABI_ENTRY_OUT_SIZE 128
-
+/* As libfuse sends them (linux/fuse.h): an open reply is the out header and
+ * one struct fuse_open_out; a create reply the header, struct fuse_entry_out
+ * and struct fuse_open_out. */
 static _Thread_local uint32_t open_flags_to_add;
 
 void serve_add_open_flags(uint32_t flags) { open_flags_to_add |= flags; }
@@ -60,12 +52,13 @@ static ssize_t hook_writev(int fd, struct iovec *iov, int count, void *userdata)
     (void)userdata;
     uint32_t add = open_flags_to_add;
     open_flags_to_add = 0;
-    if (add && count == 2 && iov[0].iov_len == ABI_OUT_HEADER_SIZE) {
-        size_t at = iov[1].iov_len == sizeof(struct abi_open_out) ? 0
-                    : iov[1].iov_len == ABI_ENTRY_OUT_SIZE + sizeof(struct abi_open_out) ? ABI_ENTRY_OUT_SIZE
-                                                                                        : SIZE_MAX;
+    if (add && count == 2 && iov[0].iov_len == sizeof(struct fuse_out_header)) {
+        size_t at = iov[1].iov_len == sizeof(struct fuse_open_out) ? 0
+                    : iov[1].iov_len == sizeof(struct fuse_entry_out) + sizeof(struct fuse_open_out)
+                        ? sizeof(struct fuse_entry_out)
+                        : SIZE_MAX;
         if (at != SIZE_MAX) { /* libfuse's own reply buffer: ours to change until sent */
-            struct abi_open_out out;
+            struct fuse_open_out out;
             memcpy(&out, (char *)iov[1].iov_base + at, sizeof(out));
             out.open_flags |= add;
             memcpy((char *)iov[1].iov_base + at, &out, sizeof(out));

@@ -23,6 +23,7 @@
 #define IMGFS_SERVE_H
 
 #include <fuse_lowlevel.h>
+#include <linux/fuse.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -54,7 +55,7 @@ int serve_attach(struct fuse_session *se, int fd);
  * one file that do not extend it run at once instead of taking the inode
  * lock for each; without it a guest's queue of O_DIRECT writes to its disk
  * reaches imgfs one at a time. */
-#define SERVE_FOPEN_PARALLEL_DIRECT_WRITES (1u << 6)
+#define SERVE_FOPEN_PARALLEL_DIRECT_WRITES FOPEN_PARALLEL_DIRECT_WRITES
 /* Adds FOPEN_* flags to the open reply (fuse_reply_open or
  * fuse_reply_create) that the calling thread sends next; any other reply
  * it sends first clears them. Call just before replying. */
