@@ -239,7 +239,11 @@ static void vm_help(FILE *out)
             "            replaced atomically; a FIFO or device is written into); imgfsctl\n"
             "            writes FILE itself, and gives up when a FIFO or device takes\n"
             "            nothing for --timeout seconds (default 60; 0: no limit)\n"
-            "  import    recreate an exported VM on a mount that has the same base\n");
+            "  import    recreate an exported VM on a mount that has the same base (named VM\n"
+            "            with --name); imgfsctl reads FILE itself, with your permissions (a\n"
+            "            regular file only: a FIFO or device is refused), and sends it to the\n"
+            "            daemon, which stages it in its state directory (room for twice the\n"
+            "            file is needed there); a truncated or altered file is refused\n");
 }
 
 /* Says why the control channel failed (err: a negative errno); returns 1. */
