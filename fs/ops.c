@@ -488,23 +488,37 @@ static int text_takes_command(uint64_t id)
 
 static bool request_interrupted(void *req) { return fuse_req_interrupted(req); }
 
-/* The first read of a handle with deferred work (vm-export,
- * vm-import-stream) does it. The write that asked for it has returned, so
- * the kernel lets other commands through meanwhile; an interrupted reader
- * stops an export. */
-static int run_deferred(fuse_req_t req, uint64_t id)
+/* Takes the deferred work of handle id out of it for one op, marked
+ * running (the others get EBUSY), if it has some (only an import stream
+ * when stream_only); else NULL, with *rc -EBADF when the handle is not
+ * ours, -EBUSY while another op has it, or 0. */
+static struct control_deferred *take_deferred(uint64_t id, bool stream_only, int *rc)
 {
     pthread_mutex_lock(&open_texts_lock);
     struct open_text *t = find_text_locked(id);
-    int rc = !t ? -EBADF : t->running ? -EBUSY : 0;
-    struct control_deferred *d = rc ? NULL : t->deferred;
+    *rc = !t ? -EBADF : t->running ? -EBUSY : 0;
+    struct control_deferred *d = *rc ? NULL : t->deferred;
+    if (d && stream_only && !control_receiving(d))
+        d = NULL;
     if (d) {
         t->deferred = NULL;
         t->running = true;
     }
     pthread_mutex_unlock(&open_texts_lock);
+    return d;
+}
+
+/* The first read of a handle with deferred work (vm-export,
+ * vm-import-stream) does it. The write that asked for it has returned, so
+ * the kernel lets other commands through meanwhile; an interrupted reader
+ * stops an export or an import (and the import is undone). */
+static int run_deferred(fuse_req_t req, uint64_t id)
+{
+    int rc;
+    struct control_deferred *d = take_deferred(id, false, &rc);
     if (!d)
         return rc;
+    struct open_text *t;
     int fd;
     uint64_t size = 0;
     char *answer;
@@ -604,19 +618,14 @@ static int text_answer(uint64_t id, struct control_answer *a)
  * the copy is dropped here. */
 static bool text_receive(fuse_req_t req, uint64_t id, const char *buf, size_t size, off_t off)
 {
-    pthread_mutex_lock(&open_texts_lock);
-    struct open_text *t = find_text_locked(id);
-    struct control_deferred *d = t && !t->running && control_receiving(t->deferred) ? t->deferred : NULL;
-    if (d) {
-        t->deferred = NULL;
-        t->running = true;
-    }
-    pthread_mutex_unlock(&open_texts_lock);
+    int rc;
+    struct control_deferred *d = take_deferred(id, true, &rc);
     if (!d)
         return false;
-    int rc = control_receive(fs_of(req), d, buf, size, off < 0 ? UINT64_MAX : (uint64_t)off);
+    rc = control_receive(fs_of(req), d, buf, size, off < 0 ? UINT64_MAX : (uint64_t)off);
     pthread_mutex_lock(&open_texts_lock);
-    if ((t = find_text_locked(id)) != NULL) {
+    struct open_text *t = find_text_locked(id);
+    if (t) {
         t->running = false;
         t->deferred = d, d = NULL;
     }

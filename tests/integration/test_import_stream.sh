@@ -154,9 +154,7 @@ ok "truncated and garbled exports and an absurd size are refused; nothing is lef
 
 # A state directory with no room for the import: refused before a byte is sent.
 SMALL=$T/small
-mkdir -p "$SMALL"
-mount -t tmpfs -o size=12M tmpfs "$SMALL" || fail "cannot mount a tmpfs"
-at_exit 'for m in "${MOUNTS[@]}"; do fusermount3 -uz "$m" 2>/dev/null; done; umount -l "$SMALL" 2>/dev/null'
+small_tmpfs "$SMALL" 12M
 mkdir -p "$SMALL/state"
 M3=$T/mnt3
 mount_imgfs "$T/repo" "$M3" "state=$SMALL/state" "$T/cache3"
