@@ -1076,8 +1076,13 @@ static void read_image(fuse_req_t req, struct imgfs *fs, struct node *n, size_t 
             continue;
         any = true;
         atomic_fetch_add(&op->pending, 1);
-        int rc = fetch_start(fs->fetcher, &base->manifest->chunks[op->first + k], (uint32_t)cs, FETCH_DEMAND,
-                             deadline, base->counters, &op->refs[k], read_chunk_done, op);
+        /* The reply reads only the part of the chunk inside the read. */
+        uint64_t chunk_start = (op->first + k) * cs;
+        uint64_t lo = start > chunk_start ? start - chunk_start : 0;
+        uint64_t hi = end < chunk_start + cs ? end - chunk_start : cs;
+        int rc = fetch_start_range(fs->fetcher, &base->manifest->chunks[op->first + k], (uint32_t)cs, (uint32_t)lo,
+                                   (uint32_t)(hi - lo), FETCH_DEMAND, deadline, base->counters, &op->refs[k],
+                                   read_chunk_done, op);
         if (rc != FETCH_PENDING) {
             if (rc < 0)
                 atomic_store(&op->failed, true);
