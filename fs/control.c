@@ -237,11 +237,21 @@ static int start_import(struct imgfs *fs, const char *name, const char *size_tex
         close(fd);
         return rc;
     }
+    /* What imgfsctl reads before it sends a byte: a daemon without
+     * vm-import-stream answers an error instead, so no byte of the file is
+     * ever taken for a command. */
+    if (!(out->text = reply("ok stream\n")))
+        return -ENOMEM;
     log_info("control: vm-import-stream %s: staging %" PRIu64 " bytes", named ? name : "-", size);
     return 0;
 }
 
 bool control_receiving(const struct control_deferred *d) { return d && d->kind == CONTROL_IMPORT; }
+
+bool control_ready(const struct control_deferred *d)
+{
+    return d && (d->kind != CONTROL_IMPORT || d->received == d->size || d->error[0]);
+}
 
 /* Ends a stream that failed: its staged copy goes at once, and the error
  * is what the handle answers from now on. */
@@ -426,11 +436,7 @@ static int run(struct imgfs *fs, char **f, int n, struct control_answer *out, ch
         atomic_store(&fs->restart_pending, true);
         return 0;
     } else if (n == 3 && strcmp(f[0], "vm-import-stream") == 0) {
-        /* Refused: the write fails too, so that imgfsctl sends no byte of
-         * the file, which the handle would take for commands. */
-        rc = start_import(fs, f[1], f[2], out, err, errlen);
-        out->refused = rc;
-        return rc;
+        return start_import(fs, f[1], f[2], out, err, errlen);
     } else {
         snprintf(err, errlen, "unknown or malformed command '%s'", n ? f[0] : "");
         return -EINVAL;

@@ -489,16 +489,17 @@ static int text_takes_command(uint64_t id)
 static bool request_interrupted(void *req) { return fuse_req_interrupted(req); }
 
 /* Takes the deferred work of handle id out of it for one op, marked
- * running (the others get EBUSY), if it has some (only an import stream
- * when stream_only); else NULL, with *rc -EBADF when the handle is not
- * ours, -EBUSY while another op has it, or 0. */
-static struct control_deferred *take_deferred(uint64_t id, bool stream_only, int *rc)
+ * running (the others get EBUSY), if it has some that wanted says is for
+ * this op (control_ready for a read, control_receiving for a write); else
+ * NULL, with *rc -EBADF when the handle is not ours, -EBUSY while another
+ * op has it, or 0. */
+static struct control_deferred *take_deferred(uint64_t id, bool (*wanted)(const struct control_deferred *), int *rc)
 {
     pthread_mutex_lock(&open_texts_lock);
     struct open_text *t = find_text_locked(id);
     *rc = !t ? -EBADF : t->running ? -EBUSY : 0;
     struct control_deferred *d = *rc ? NULL : t->deferred;
-    if (d && stream_only && !control_receiving(d))
+    if (d && !wanted(d))
         d = NULL;
     if (d) {
         t->deferred = NULL;
@@ -515,7 +516,7 @@ static struct control_deferred *take_deferred(uint64_t id, bool stream_only, int
 static int run_deferred(fuse_req_t req, uint64_t id)
 {
     int rc;
-    struct control_deferred *d = take_deferred(id, false, &rc);
+    struct control_deferred *d = take_deferred(id, control_ready, &rc);
     if (!d)
         return rc;
     struct open_text *t;
@@ -619,7 +620,7 @@ static int text_answer(uint64_t id, struct control_answer *a)
 static bool text_receive(fuse_req_t req, uint64_t id, const char *buf, size_t size, off_t off)
 {
     int rc;
-    struct control_deferred *d = take_deferred(id, true, &rc);
+    struct control_deferred *d = take_deferred(id, control_receiving, &rc);
     if (!d)
         return false;
     rc = control_receive(fs_of(req), d, buf, size, off < 0 ? UINT64_MAX : (uint64_t)off);
@@ -1141,11 +1142,8 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
             return;
         struct control_answer answer;
         rc = control_execute(fs, buf, size, &answer);
-        int refused = rc ? 0 : answer.refused;
         if (!rc)
             rc = text_answer(fi->fh, &answer);
-        if (!rc)
-            rc = refused; /* its answer, on the handle, says why */
         if (rc)
             fuse_reply_err(req, -rc);
         else

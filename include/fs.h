@@ -66,7 +66,6 @@ struct control_answer {
     char *text; /* malloc'd: "ok[ DETAIL]\n" or "error SENTENCE\n", then any payload; "" when deferred */
     size_t len; /* of text, payload included */
     struct control_deferred *deferred; /* malloc'd (control_deferred_free), or NULL */
-    int refused; /* a negative errno: the write that carried the command fails with it too */
 };
 
 /* Runs one imgfsctl command written to .imgfs/control into *out (0, or
@@ -85,22 +84,24 @@ struct control_answer {
  * or a user's file, and the daemon opens no file for a user (imgfsctl
  * does, userfile.h):
  *  - trace-stop answers "ok SIZE\n" followed by the list's SIZE bytes;
- *  - vm-export and vm-import-stream are deferred: their handle reads as ""
- *    until it is first read (reads run in parallel), when
- *    control_run_deferred does the work. An export is staged into an
- *    unnamed file of the state directory and the handle then reads as
- *    "ok SIZE\n" followed by those SIZE bytes; imgfsctl copies them to the
- *    operator's file.
- *  - vm-import-stream is refused at once, its write failing too (refused),
- *    when SIZE cannot be an export, the state directory lacks room for
- *    twice SIZE (the staged copy and the VM's data) or NAME is taken. Else
+ *  - vm-export is deferred: its handle reads as "" until it is first read
+ *    (reads run in parallel), when control_run_deferred does the work. The
+ *    export is staged into an unnamed file of the state directory and the
+ *    handle then reads as "ok SIZE\n" followed by those SIZE bytes;
+ *    imgfsctl copies them to the operator's file.
+ *  - vm-import-stream is refused at once when SIZE cannot be an export,
+ *    the state directory lacks room for twice SIZE (the staged copy and
+ *    the VM's data) or NAME is taken. Else it answers "ok stream\n", which
+ *    imgfsctl reads before it sends a byte (a daemon without the command
+ *    answers an error, so no byte of a file is ever run as a command), and
  *    every later write to the handle is the next bytes of the export file
  *    that imgfsctl read, at offsets 0..SIZE (control_receive; each write
- *    waits only on the daemon's own disk), never a command, and the first
- *    read checks and imports them and answers "ok\n" or an error (also
- *    when the stream failed, or was cut short). A handle released before
- *    that (a killed imgfsctl) takes its staged copy with it: nothing is
- *    left; an interrupted read stops the import and undoes it.
+ *    waits only on the daemon's own disk), never a command. Once they are
+ *    all in (or the stream failed), the next read (deferred, as for an
+ *    export) checks and imports them and answers "ok\n" or an error. A
+ *    handle released before that (a killed imgfsctl) takes its staged copy
+ *    with it: nothing is left; an interrupted read stops the import and
+ *    undoes it.
  * An older imgfsctl sends "vm-import ABSPATH NAME|-", for which the daemon
  * opened the path itself: that command is gone, and is answered as an
  * unknown command. */
@@ -108,6 +109,9 @@ int control_execute(struct imgfs *fs, const char *command, size_t len, struct co
 
 /* True when d is an import stream: every write to its handle is its bytes. */
 bool control_receiving(const struct control_deferred *d);
+/* True when a read may run d: an export, or an import stream that has all
+ * its bytes or failed (before that, a read gets the handle's text). */
+bool control_ready(const struct control_deferred *d);
 /* Appends the len bytes written at offset off of an import stream to its
  * staged copy: 0, or a negative errno when they do not follow on, run past
  * SIZE or find no room; that ends the stream (its copy goes, every later

@@ -395,11 +395,12 @@ static int fetch_to_file(const char *cmd_name, const char *mountpoint, const cha
     return status;
 }
 
-/* Reads the answer of an import stream (after write_rc, the failure of a
- * write to it, or 0): "ok" is 0; "error SENTENCE" is printed as
+/* Reads the answer on an import stream's handle (after write_rc, the
+ * failure of a write to it, or 0): want ("ok stream" before the bytes,
+ * "ok" after them) is 0; "error SENTENCE" is printed as
  * "imgfsctl vm import: cannot import FILE: SENTENCE"; anything else is
  * the channel's failure. Returns 0 or 1. */
-static int import_answer(const char *mountpoint, const char *file, int fd, int write_rc)
+static int import_answer(const char *mountpoint, const char *file, int fd, int write_rc, const char *want)
 {
     char answer[1024];
     ssize_t n = pread(fd, answer, sizeof(answer) - 1, 0);
@@ -408,11 +409,19 @@ static int import_answer(const char *mountpoint, const char *file, int fd, int w
         answer[n] = '\0';
         answer[strcspn(answer, "\n")] = '\0';
     }
+    static const char older[] = "error unknown or malformed command 'vm-import-stream'";
+    if (n > 0 && strncmp(answer, older, sizeof(older) - 1) == 0) {
+        fprintf(stderr,
+                "imgfsctl vm import: the daemon of %s is older than this imgfsctl and cannot take an import "
+                "from it: run imgfsctl restart %s first\n",
+                mountpoint, mountpoint);
+        return 1;
+    }
     if (n > 0 && strncmp(answer, "error ", 6) == 0) {
         fprintf(stderr, "imgfsctl vm import: cannot import %s: %s\n", file, answer + 6);
         return 1;
     }
-    if (n > 0 && !write_rc && strcmp(answer, "ok") == 0)
+    if (n > 0 && !write_rc && strcmp(answer, want) == 0)
         return 0;
     return control_failed("vm import", mountpoint, n < 0 ? -saved : write_rc ? write_rc : -EIO);
 }
@@ -421,7 +430,7 @@ static int import_answer(const char *mountpoint, const char *file, int fd, int w
  * and streams it to the daemon on one control handle (fs.h
  * vm-import-stream): the command, then the file's bytes at offsets
  * 0..size, then the answer, whose read makes the daemon check and import
- * them. A refused command fails its write, so no byte follows it. A file
+ * them. No byte is sent before the daemon answered "ok stream". A file
  * that blocks holds up this imgfsctl only; killed while it sends, it
  * leaves nothing. Returns 0, or 1 after printing why. */
 static int import_file(const char *mountpoint, const char *file, const char *name)
@@ -445,7 +454,7 @@ static int import_file(const char *mountpoint, const char *file, const char *nam
     }
     snprintf(cmd, sizeof(cmd), "vm-import-stream\t%s\t%" PRIu64 "\n", name, size);
     int rc = write_full(fd, cmd, strlen(cmd));
-    int status = rc ? import_answer(mountpoint, file, fd, rc) : 0;
+    int status = import_answer(mountpoint, file, fd, rc, "ok stream");
     struct progress bar;
     progress_start(&bar, "importing", size);
     bar.enabled = bar.enabled && !status;
@@ -459,7 +468,7 @@ static int import_file(const char *mountpoint, const char *file, const char *nam
                     n < 0 ? strerror(errno) : "it became shorter while it was read");
             status = 1;
         } else if ((rc = write_full_at(fd, buf, (size_t)n, (off_t)sent)) != 0) {
-            status = import_answer(mountpoint, file, fd, rc);
+            status = import_answer(mountpoint, file, fd, rc, "ok");
         } else {
             sent += (uint64_t)n;
             progress_update(&bar, sent);
@@ -467,7 +476,7 @@ static int import_file(const char *mountpoint, const char *file, const char *nam
     }
     progress_finish(&bar); /* the line ends before any error */
     if (!status)
-        status = import_answer(mountpoint, file, fd, 0);
+        status = import_answer(mountpoint, file, fd, 0, "ok");
     free(buf);
     close(fd); /* before all was sent: the daemon drops what came */
     close(src);

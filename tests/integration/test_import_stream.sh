@@ -5,7 +5,8 @@
 # directory and never opens a user's path:
 #  - export then import under a new name gives a byte-identical disk, also
 #    from a file that only imgfsctl's mount namespace can see;
-#  - an old imgfsctl's path-based vm-import gets "unknown command";
+#  - an old imgfsctl's path-based vm-import gets "unknown command"; a
+#    stream answers "ok stream" before imgfsctl sends a byte;
 #  - a FIFO, a device and a directory are refused by imgfsctl at once, and
 #    a vm create meanwhile works;
 #  - user nobody imports nothing: not a file it cannot read (directly or
@@ -147,9 +148,12 @@ grep -q 'not a complete imgfs export' "$(ls -t "$T"/stderr.* | head -n 1)" || fa
 no_trace "$before" "a garbled export"
 answer=$(control_raw "vm-import-stream	-	99999999999999999
 ")
-[ "$(echo "$answer" | head -n 1)" = "write EINVAL" ] || fail "an absurd SIZE did not fail its write: $answer"
-echo "$answer" | grep -q 'cannot be an imgfs export' || fail "an absurd SIZE: $answer"
+echo "$answer" | grep -q '^error a file of 99999999999999999 bytes cannot be an imgfs export' || fail "an absurd SIZE: $answer"
 no_trace "$before" "an absurd SIZE"
+answer=$(control_raw "vm-import-stream	opened	100
+")
+[ "$answer" = "$(printf 'write OK\nok stream')" ] || fail "an import stream does not answer 'ok stream' before its bytes: $answer"
+no_trace "$before" "an import stream closed before its bytes"
 ok "truncated and garbled exports and an absurd size are refused; nothing is left, nothing stays staged"
 
 # A state directory with no room for the import: refused before a byte is sent.
