@@ -481,16 +481,18 @@ static uint64_t all_blocks(uint64_t size)
 static int verify_blocks(const struct cache_entry *e, uint64_t mask)
 {
     uint64_t sums[MAX_SUMMED_BLOCKS];
-    char *buf = NULL;
     int rc = 0;
-    for (unsigned first = 0; mask && !rc; ) {
+    for (unsigned first = 0; mask && !rc;) {
         while (!(mask >> first & 1))
             first++;
         unsigned n = 0;
         while (first + n < MAX_SUMMED_BLOCKS && (mask >> (first + n) & 1))
             n++;
         mask &= n == 64 ? 0 : ~(((1ull << n) - 1) << first);
-        if (!buf && !(buf = malloc((size_t)MAX_SUMMED_BLOCKS * SUM_BLOCK)))
+        /* Sized to the run (one block for a 4 KiB read): a chunk-sized
+         * buffer would be an mmap and munmap per read. */
+        char *buf = malloc((size_t)n * SUM_BLOCK);
+        if (!buf)
             return -ENOMEM;
         rc = read_sums(e->pack, e->off, first, n, sums);
         if (!rc)
@@ -498,9 +500,9 @@ static int verify_blocks(const struct cache_entry *e, uint64_t mask)
         for (unsigned i = 0; !rc && i < n; i++)
             if (sums[i] == 0 || block_sum(buf + (size_t)i * SUM_BLOCK) != sums[i])
                 rc = -EAGAIN;
+        free(buf);
         first += n;
     }
-    free(buf);
     return rc == -ENODATA ? -EAGAIN : rc;
 }
 
