@@ -2,7 +2,8 @@
  * repository.
  *
  * Order of writes, which is what keeps a killed publish harmless:
- *   1. every new chunk is written to a temp name and renamed into place;
+ *   1. every new chunk is written to an unnamed file and linked into place
+ *      (repo_put_chunk);
  *   2. syncfs() makes all of them durable at once;
  *   3. the manifest is written atomically (temp, fsync, rename, dir fsync);
  *   4. the index is replaced atomically, which is when readers see it.
