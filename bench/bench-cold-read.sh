@@ -15,7 +15,9 @@
 #   cached     the base fully in the cache but the page cache dropped (a host
 #              after a reboot): cat of bases/NAME.raw on a fresh mount over
 #              that cache, against cat of the local raw file and of the
-#              same image as qcow2 through qcowmount
+#              same image as qcow2 through qcowmount; then, on another fresh
+#              mount, 4096 random 4 KiB O_DIRECT reads (fio, libaio, iodepth
+#              16, the same offsets on every target) against the same two
 # Ratio = the tool's time / imgfs's time (above 1: imgfs is faster).
 # Also: requests per MiB (nginx access log), and the latency of one
 # uncached 4 KiB read (O_DIRECT) against one GET of its chunk with curl.
@@ -57,7 +59,7 @@ for c in $CASES; do
 done
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT=$REPEAT is not a positive count."
 [ -z "$BASELINE_BIN_DIR" ] || require_imgfs "$BASELINE_BIN_DIR"
-[[ " $CASES " != *" cached "* ]] || require_tools qemu-img qcowmount
+[[ " $CASES " != *" cached "* ]] || require_tools qemu-img qcowmount fio
 
 make_work imgfs-cold
 VETH_ROOT=icr$$ VETH_NS=icn$$
@@ -195,8 +197,19 @@ if [[ " $CASES " == *" local "* ]]; then
     BIN=$IMGFS_BIN_DIR
 fi
 
+# rand_iops FILE: IOPS of 4096 random 4 KiB O_DIRECT reads of FILE (fixed
+# seed: the same offsets every time), with the page cache dropped.
+rand_iops() {
+    drop
+    fio --name=rand --filename="$1" --rw=randread --bs=4k --direct=1 --ioengine=libaio --iodepth=16 \
+        --number_ios=4096 --randseed=4242 --norandommap --size="$SIZE_BYTES" --output-format=json 2>/dev/null |
+        python3 -c 'import json, sys; print(int(json.load(sys.stdin)["jobs"][0]["read"]["iops"]))' ||
+        die "fio on $1 failed."
+}
+
 # imgfs_cached: fills a cache with the whole base, then mounts afresh over it
-# and reads the base with the page cache dropped; prints seconds.
+# and reads the base with the page cache dropped, then mounts afresh again
+# for random reads; prints "SECONDS IOPS".
 imgfs_cached() {
     local mnt=$WORK/mnt cache=$WORK/cache state=$WORK/state pid t0 t1
     rm -rf "$cache" "$state"
@@ -219,7 +232,16 @@ imgfs_cached() {
         die "the cached read fetched chunks: the cache did not hold the base."
     fusermount3 -u "$mnt"
     stop_pid "$pid"
-    seconds "$t0" "$t1"
+    "$BIN/imgfs" "$WORK/www/repo" "$mnt" -f -o "cache=$cache,state=$state,prefetch=none" 2>>"$WORK/imgfs.log" &
+    pid=$!
+    wait_mounted "$mnt" 20 || die "imgfs did not mount a third time."
+    local iops
+    iops=$(rand_iops "$mnt/bases/$NAME.raw")
+    [ "$(awk '$1 == "requests" { print $2; exit }' "$mnt/.imgfs/stats")" = 0 ] ||
+        die "the cached random read fetched chunks."
+    fusermount3 -u "$mnt"
+    stop_pid "$pid"
+    echo "$(seconds "$t0" "$t1") $iops"
 }
 
 timed_cat() { # FILE: seconds of a cat of FILE with the page cache dropped
@@ -232,6 +254,7 @@ timed_cat() { # FILE: seconds of a cat of FILE with the page cache dropped
 }
 
 CACHED_ROWS=()
+CACHED_RAND_ROWS=()
 if [[ " $CASES " == *" cached "* ]]; then
     qemu-img convert -O qcow2 "$WORK/img.raw" "$WORK/img.qcow2" || die "qemu-img convert failed."
     mkdir -p "$WORK/qcow"
@@ -246,12 +269,15 @@ if [[ " $CASES " == *" cached "* ]]; then
         log "cached base, page cache dropped, run $run"
         local_s=$(timed_cat "$WORK/img.raw")
         qcow_s=$(timed_cat "$WORK/qcow/qcow1")
+        local_iops=$(rand_iops "$WORK/img.raw")
+        qcow_iops=$(rand_iops "$WORK/qcow/qcow1")
         order=("${BUILDS[@]}")
         ((run % 2 == 0 && ${#BUILDS[@]} == 2)) && order=("${BUILDS[1]}" "${BUILDS[0]}")
         for BIN in "${order[@]}"; do
-            s=$(imgfs_cached)
+            read -r s iops <<<"$(imgfs_cached)"
             CACHED_ROWS+=("| cached$(build_label "$BIN"), run $run | $local_s s ($(mbps "$local_s") MB/s) | $qcow_s s ($(mbps "$qcow_s") MB/s) | $s s ($(mbps "$s") MB/s) | **$(awk -v a="$local_s" -v b="$s" 'BEGIN { printf "%.2f", a / b }')x** | **$(awk -v a="$qcow_s" -v b="$s" 'BEGIN { printf "%.2f", a / b }')x** |")
-            log "cached$(build_label "$BIN"): local $local_s s, qcowmount $qcow_s s, imgfs $s s"
+            CACHED_RAND_ROWS+=("| cached$(build_label "$BIN"), run $run | $local_iops | $qcow_iops | $iops | **$(awk -v a="$iops" -v b="$local_iops" 'BEGIN { printf "%.2f", a / b }')x** | **$(awk -v a="$iops" -v b="$qcow_iops" 'BEGIN { printf "%.2f", a / b }')x** |")
+            log "cached$(build_label "$BIN"): local $local_s s, qcowmount $qcow_s s, imgfs $s s; random 4K: local $local_iops, qcowmount $qcow_iops, imgfs $iops IOPS"
         done
     done
     BIN=$IMGFS_BIN_DIR
@@ -312,5 +338,12 @@ fi
         echo "| case | local raw file | qcowmount (qcow2) | imgfs | imgfs vs local | imgfs vs qcowmount |"
         echo "|---|---:|---:|---:|---:|---:|"
         printf '%s\n' "${CACHED_ROWS[@]}"
+        echo
+        echo "Cached base, page cache dropped, on another fresh mount: 4096 random 4 KiB O_DIRECT reads"
+        echo "(fio libaio, iodepth 16, the same offsets everywhere), IOPS; a cached chunk is checked by the 4 KiB blocks read."
+        echo
+        echo "| case | local raw file | qcowmount (qcow2) | imgfs | imgfs vs local | imgfs vs qcowmount |"
+        echo "|---|---:|---:|---:|---:|---:|"
+        printf '%s\n' "${CACHED_RAND_ROWS[@]}"
     fi
 } | save_report cold-read

@@ -17,12 +17,20 @@
 
 #include "util.h"
 
+#include <xxhash.h>
+
 #define CACHE_MARKER "imgfs-cache 2\n"
 #define CACHE_MARKER_V1 "imgfs-cache 1\n" /* one file per chunk under chunks/ */
 #define SHARD_COUNT 64
 #define INITIAL_BUCKETS 1024
 #define PACK_ALIGN 4096u /* chunks start on file system blocks: holes punch whole */
 #define DEFAULT_PACK_LIMIT (256ull << 20)
+#define SUM_BLOCK 4096u     /* a block sum covers this much of a pack */
+#define MAX_SUMMED_BLOCKS 64 /* chunks of up to 64 blocks are checked per block */
+/* How long the drop of a damaged chunk waits for the readers of its good
+ * blocks: they hold it for one reply. A reader that also waits for it (the
+ * same content twice in one read) makes this the bound; that read fails. */
+#define READERS_WAIT_NS (10ull * 1000000000ull)
 
 /* ---- the on-disk index record ---------------------------------------------- */
 
@@ -70,9 +78,14 @@ struct pack {
     uint32_t id;
     int fd;          /* chunk bytes, read and written with pread/pwrite */
     int idx_fd;      /* O_APPEND: a 64-byte write() is one record */
+    int sums_fd;     /* block sums: 8 bytes per 4 KiB block of fd, 0 = unknown */
     uint64_t end;    /* next free offset (the active pack only appends) */
     uint64_t live;   /* chunks resident in it, or being written into it */
     atomic_uint_fast64_t idx_bytes; /* length of the index log, counted in cache->used */
+    /* Disk space of the sums file, counted in cache->used. It is not given
+     * back when chunks go (2 MiB of chunks share one 4 KiB block of sums),
+     * only with the pack: at most 1/512 of the pack's length. */
+    atomic_uint_fast64_t sums_bytes;
     uint64_t scan_bytes; /* compact_sparse_pack()'s count of its live bytes; under evict_lock */
     struct pack *next;
 };
@@ -104,7 +117,8 @@ struct cache_entry {
     uint32_t pins;            /* readers using it right now */
     uint32_t holds;           /* pre-copy pin sets that include it */
     uint8_t state;
-    bool verified; /* checked against its hash during this run */
+    bool verified;            /* the whole chunk checked during this run */
+    uint64_t verified_blocks; /* bit i: 4 KiB block i checked against its sum in this run */
 };
 
 /* All fields of a shard, and of the entries hashed to it, are guarded by
@@ -214,23 +228,37 @@ static void pack_free(struct pack *p)
         close(p->fd);
     if (p->idx_fd >= 0)
         close(p->idx_fd);
+    if (p->sums_fd >= 0)
+        close(p->sums_fd);
     free(p);
 }
 
-/* Opens (create: makes, and refuses to reuse) the two files of pack id. */
+/* Opens (create: makes, and refuses to reuse) the files of pack id. A pack
+ * of a build before block sums gets an empty sums file: every sum unknown. */
 static int pack_open(struct cache *cache, uint32_t id, bool create, struct pack **out)
 {
-    char pack[PATH_MAX], idx[PATH_MAX];
+    char pack[PATH_MAX], idx[PATH_MAX], sums[PATH_MAX];
     pack_path(cache, id, "pack", pack, sizeof(pack));
     pack_path(cache, id, "idx", idx, sizeof(idx));
+    pack_path(cache, id, "sums", sums, sizeof(sums));
     struct pack *p = calloc(1, sizeof(*p));
     if (!p)
         return -ENOMEM;
     p->id = id;
+    p->sums_fd = -1;
     int flags = O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0);
     /* The index first: a pack file without one is a leftover and removed. */
     p->idx_fd = open(idx, O_RDWR | O_APPEND | flags, 0600);
     p->fd = p->idx_fd < 0 ? -1 : open(pack, O_RDWR | flags, 0600);
+    if (p->fd >= 0 && (p->sums_fd = open(sums, O_RDWR | O_CLOEXEC | O_CREAT | (create ? O_TRUNC : 0), 0600)) < 0) {
+        int rc = -errno;
+        if (create) {
+            unlink(pack);
+            unlink(idx);
+        }
+        pack_free(p);
+        return rc;
+    }
     if (p->fd < 0) {
         int rc = -errno;
         if (create && p->idx_fd >= 0)
@@ -245,11 +273,13 @@ static int pack_open(struct cache *cache, uint32_t id, bool create, struct pack 
 /* Removes an empty pack that is no longer in the list. */
 static void pack_remove(struct cache *cache, struct pack *p)
 {
-    atomic_fetch_sub(&cache->used, atomic_load(&p->idx_bytes));
+    atomic_fetch_sub(&cache->used, atomic_load(&p->idx_bytes) + atomic_load(&p->sums_bytes));
     char path[PATH_MAX];
     pack_path(cache, p->id, "pack", path, sizeof(path));
     unlink(path);
     pack_path(cache, p->id, "idx", path, sizeof(path));
+    unlink(path);
+    pack_path(cache, p->id, "sums", path, sizeof(path));
     unlink(path);
     pack_free(p);
 }
@@ -350,6 +380,132 @@ static void punch(struct pack *p, uint64_t off, uint64_t len)
     fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)span);
 }
 
+/* ---- block sums ---------------------------------------------------------------
+ *
+ * packs/NNNNNNNN.sums holds an xxh3-64 of every 4 KiB block of the pack
+ * (block b's sum at byte 8 * b; 0 means unknown), written with the chunk from
+ * the verified bytes. They let a chunk that is read a block at a time be
+ * checked a block at a time: a random 4 KiB read of a cached base reads 4 KiB
+ * and its sum, not the whole chunk. They are not synced either. A sum that
+ * is unknown or does not match never fails a read: the whole chunk is then
+ * checked against its hash, which decides, and the sums are written anew. */
+
+static uint64_t block_sum(const void *block)
+{
+    uint64_t h = XXH3_64bits(block, SUM_BLOCK);
+    return h ? h : 1; /* 0 is "unknown" */
+}
+
+/* Brings the sums file's share of cache->used up to date with its size. */
+static void count_sums_space(struct cache *cache, struct pack *p)
+{
+    struct stat st;
+    if (fstat(p->sums_fd, &st) < 0)
+        return;
+    uint64_t now = (uint64_t)st.st_blocks * 512;
+    uint64_t before = atomic_exchange(&p->sums_bytes, now);
+    if (now >= before)
+        atomic_fetch_add(&cache->used, now - before);
+    else
+        atomic_fetch_sub(&cache->used, before - now);
+}
+
+/* Writes the sums of the whole blocks of data, stored at off in p. */
+static int write_sums(struct pack *p, uint64_t off, const char *data, size_t len)
+{
+    uint64_t sums[MAX_SUMMED_BLOCKS];
+    size_t blocks = len / SUM_BLOCK;
+    for (size_t done = 0; done < blocks;) {
+        size_t n = blocks - done < MAX_SUMMED_BLOCKS ? blocks - done : MAX_SUMMED_BLOCKS;
+        for (size_t i = 0; i < n; i++)
+            sums[i] = block_sum(data + (done + i) * SUM_BLOCK);
+        int rc = write_full_at(p->sums_fd, sums, n * sizeof(*sums), (off_t)((off / SUM_BLOCK + done) * sizeof(*sums)));
+        if (rc)
+            return rc;
+        done += n;
+    }
+    return 0;
+}
+
+/* Reads the sums of blocks [first, first + n) of a chunk stored at off in p
+ * (at most MAX_SUMMED_BLOCKS); past the end of the sums file they are 0. */
+static int read_sums(const struct pack *p, uint64_t off, size_t first, size_t n, uint64_t *sums)
+{
+    size_t len = n * sizeof(*sums);
+    ssize_t got = pread(p->sums_fd, sums, len, (off_t)((off / SUM_BLOCK + first) * sizeof(*sums)));
+    if (got < 0)
+        return -errno;
+    memset((char *)sums + got, 0, len - (size_t)got);
+    return 0;
+}
+
+/* Copies the sums of a chunk of len bytes moved from (from, from_off) to
+ * (to, to_off) as they are: bytes not checked in this run keep the sums
+ * they were stored with, so a damaged block is still caught. */
+static int copy_sums(const struct pack *from, uint64_t from_off, struct pack *to, uint64_t to_off, size_t len)
+{
+    uint64_t sums[MAX_SUMMED_BLOCKS];
+    size_t blocks = len / SUM_BLOCK;
+    int rc = 0;
+    for (size_t done = 0; done < blocks && !rc;) {
+        size_t n = blocks - done < MAX_SUMMED_BLOCKS ? blocks - done : MAX_SUMMED_BLOCKS;
+        rc = read_sums(from, from_off, done, n, sums);
+        if (!rc)
+            rc = write_full_at(to->sums_fd, sums, n * sizeof(*sums), (off_t)((to_off / SUM_BLOCK + done) * sizeof(*sums)));
+        done += n;
+    }
+    return rc;
+}
+
+/* The blocks of a chunk that a read of [off, off + len) needs, as a bit
+ * mask, or 0 when the chunk can only be checked whole. */
+static uint64_t blocks_wanted(uint32_t chunk_size, uint32_t off, uint32_t len)
+{
+    if (len == 0 || chunk_size % SUM_BLOCK || chunk_size / SUM_BLOCK > MAX_SUMMED_BLOCKS || off >= chunk_size)
+        return 0;
+    uint32_t end = len > chunk_size - off ? chunk_size : off + len;
+    unsigned first = off / SUM_BLOCK, last = (end - 1) / SUM_BLOCK;
+    uint64_t upto = last == 63 ? ~0ull : (1ull << (last + 1)) - 1;
+    return upto & ~((1ull << first) - 1);
+}
+
+static uint64_t all_blocks(uint64_t size)
+{
+    uint64_t n = size / SUM_BLOCK;
+    return size % SUM_BLOCK || n > MAX_SUMMED_BLOCKS ? 0 : n == 64 ? ~0ull : (1ull << n) - 1;
+}
+
+/* Checks the blocks in mask of a resident chunk against their sums. Returns
+ * 0, -EAGAIN when a sum is unknown or does not match (the whole chunk must
+ * be checked), or an I/O error. The entry is BUSY. */
+static int verify_blocks(const struct cache_entry *e, uint64_t mask)
+{
+    uint64_t sums[MAX_SUMMED_BLOCKS];
+    int rc = 0;
+    for (unsigned first = 0; mask && !rc;) {
+        while (!(mask >> first & 1))
+            first++;
+        unsigned n = 0;
+        while (first + n < MAX_SUMMED_BLOCKS && (mask >> (first + n) & 1))
+            n++;
+        mask &= n == 64 ? 0 : ~(((1ull << n) - 1) << first);
+        /* Sized to the run (one block for a 4 KiB read): a chunk-sized
+         * buffer would be an mmap and munmap per read. */
+        char *buf = malloc((size_t)n * SUM_BLOCK);
+        if (!buf)
+            return -ENOMEM;
+        rc = read_sums(e->pack, e->off, first, n, sums);
+        if (!rc)
+            rc = read_full_at(e->pack->fd, buf, (size_t)n * SUM_BLOCK, (off_t)(e->off + (uint64_t)first * SUM_BLOCK));
+        for (unsigned i = 0; !rc && i < n; i++)
+            if (sums[i] == 0 || block_sum(buf + (size_t)i * SUM_BLOCK) != sums[i])
+                rc = -EAGAIN;
+        free(buf);
+        first += n;
+    }
+    return rc == -ENODATA ? -EAGAIN : rc;
+}
+
 /* Forgets the on-disk copy of a resident entry: a DROP record so that a
  * restart does not bring it back, then its blocks. No lock held (the entry
  * is BUSY); the caller then calls drop_resident() and pack_unref(). */
@@ -371,6 +527,7 @@ static struct pack *drop_resident(struct cache *cache, struct shard *s, struct c
     e->pack = NULL;
     e->off = 0;
     e->verified = false;
+    e->verified_blocks = 0;
     return p;
 }
 
@@ -459,7 +616,7 @@ static int by_id(const void *a, const void *b)
 }
 
 /* Loads every pack in id order (fill order), drops empty ones and leftovers
- * of a crash between creating a pack's two files. */
+ * of a crash between creating or removing a pack's files. */
 static int load_packs(struct cache *cache)
 {
     char path[PATH_MAX];
@@ -482,7 +639,7 @@ static int load_packs(struct cache *cache)
         if (strcmp(ext, "idx") != 0) {
             char idx[PATH_MAX];
             pack_path(cache, id, "idx", idx, sizeof(idx));
-            if (strcmp(ext, "pack") == 0 && access(idx, F_OK) < 0 && errno == ENOENT)
+            if ((strcmp(ext, "pack") == 0 || strcmp(ext, "sums") == 0) && access(idx, F_OK) < 0 && errno == ENOENT)
                 unlinkat(dirfd(d), de->d_name, 0); /* no index: nothing in it counts */
             continue;
         }
@@ -515,6 +672,7 @@ static int load_packs(struct cache *cache)
         p->next = cache->packs;
         cache->packs = p;
         cache->pack_count++;
+        count_sums_space(cache, p);
         rc = load_pack(cache, p);
     }
     free(ids);
@@ -666,7 +824,7 @@ int cache_open(const char *dir, struct cache **out, char *err, size_t errlen)
     }
     snprintf(cache->dir, sizeof(cache->dir), "%s", dir);
     cache->pack_limit = DEFAULT_PACK_LIMIT;
-    /* Each pack keeps two descriptors open for the life of the cache. */
+    /* Each pack keeps three descriptors open for the life of the cache. */
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
         rl.rlim_cur = rl.rlim_max;
@@ -739,8 +897,10 @@ void cache_set_pack_limit(struct cache *cache, uint64_t bytes) { cache->pack_lim
 /* ---- acquire / fill / release ---------------------------------------------- */
 
 /* Checks a resident chunk's bytes against its hash, the first time in this
- * run. Runs without the shard lock (the entry is BUSY). */
-static int verify_resident(struct cache_entry *e, uint32_t chunk_size)
+ * run, and writes its block sums anew when they are not those of its bytes
+ * (a pack of an older build, or sums a crash left behind). Runs without the
+ * shard lock (the entry is BUSY). */
+static int verify_resident(struct cache *cache, struct cache_entry *e, uint32_t chunk_size)
 {
     if (e->size != chunk_size)
         return -EBADMSG;
@@ -753,6 +913,18 @@ static int verify_resident(struct cache_entry *e, uint32_t chunk_size)
         chunk_hash_compute(buf, chunk_size, &got);
         if (!chunk_hash_equal(&got, &e->hash))
             rc = -EBADMSG;
+    }
+    uint64_t mask = all_blocks(chunk_size), stored[MAX_SUMMED_BLOCKS];
+    if (!rc && mask && read_sums(e->pack, e->off, 0, chunk_size / SUM_BLOCK, stored) == 0) {
+        for (size_t i = 0; i < chunk_size / SUM_BLOCK; i++) {
+            if (stored[i] != block_sum(buf + i * SUM_BLOCK)) {
+                /* Best effort: without them the chunk is checked whole next run. */
+                if (write_sums(e->pack, e->off, buf, chunk_size) != 0)
+                    log_warn("cache: cannot write block sums in pack %08x: %s", e->pack->id, strerror(errno));
+                count_sums_space(cache, e->pack);
+                break;
+            }
+        }
     }
     free(buf);
     return rc == -ENODATA ? -EBADMSG : rc; /* short: cut off by a crash */
@@ -771,9 +943,10 @@ static void pin_resident(struct cache *cache, struct cache_entry *e, struct cach
     pin->off = e->off;
 }
 
-int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t chunk_size,
-                  uint64_t deadline_ns, struct cache_pin *pin)
+int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t chunk_size, uint32_t want_off,
+                  uint32_t want_len, uint64_t deadline_ns, struct cache_pin *pin)
 {
+    const uint64_t want = blocks_wanted(chunk_size, want_off, want_len); /* 0: the whole chunk */
     struct shard *s = shard_of(cache, hash);
     pthread_mutex_lock(&s->lock);
     struct cache_entry *e = find_entry(s, hash);
@@ -783,7 +956,7 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
     }
     pin->waited = false;
     for (;;) {
-        if (e->state == ENTRY_RESIDENT && e->verified) {
+        if (e->state == ENTRY_RESIDENT && (e->verified || (want && (e->verified_blocks & want) == want))) {
             e->pins++;
             pin_resident(cache, e, pin);
             pthread_mutex_unlock(&s->lock);
@@ -799,11 +972,40 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
             return CACHE_MUST_FILL;
         }
         if (e->state == ENTRY_RESIDENT) {
-            /* In a pack but not checked in this run: verify it without the lock. */
+            /* In a pack but (the wanted blocks) not checked in this run:
+             * verify without the lock, by block when the sums allow. Readers
+             * of blocks checked before may hold pins meanwhile. */
             e->state = ENTRY_BUSY;
             e->pins++;
+            uint64_t missing = want & ~e->verified_blocks;
             pthread_mutex_unlock(&s->lock);
-            int rc = verify_resident(e, chunk_size);
+            int rc = missing ? verify_blocks(e, missing) : -EAGAIN;
+            bool whole = rc == -EAGAIN;
+            if (whole)
+                rc = verify_resident(cache, e, chunk_size);
+            pthread_mutex_lock(&s->lock);
+            if (rc == 0) {
+                e->state = ENTRY_RESIDENT;
+                e->verified_blocks |= whole ? all_blocks(chunk_size) : missing;
+                e->verified = whole || e->verified_blocks == all_blocks(chunk_size);
+                pin_resident(cache, e, pin);
+                pthread_cond_broadcast(&s->changed);
+                pthread_mutex_unlock(&s->lock);
+                return CACHE_HIT;
+            }
+            /* Its bytes go; first the readers of its good blocks must be
+             * done with them (nobody new pins a BUSY entry). */
+            const uint64_t drop_deadline = now_ns() + READERS_WAIT_NS;
+            while (e->pins > 1 && wait_until(s, drop_deadline) == 0)
+                ;
+            if (e->pins > 1) {
+                e->state = ENTRY_RESIDENT; /* checked again by the next reader */
+                e->pins--;
+                pthread_cond_broadcast(&s->changed);
+                pthread_mutex_unlock(&s->lock);
+                return -EIO;
+            }
+            pthread_mutex_unlock(&s->lock);
             if (rc == -EBADMSG) {
                 atomic_fetch_add(&cache->dropped_damaged, 1);
                 char hex[CHUNK_HASH_HEX + 1];
@@ -811,17 +1013,8 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
                 log_warn("cache: dropped damaged chunk %s (pack %08x, offset %llu)", hex, e->pack->id,
                          (unsigned long long)e->off);
             }
-            if (rc)
-                discard_bytes(cache, e);
+            discard_bytes(cache, e);
             pthread_mutex_lock(&s->lock);
-            if (rc == 0) {
-                e->state = ENTRY_RESIDENT;
-                e->verified = true;
-                pin_resident(cache, e, pin);
-                pthread_cond_broadcast(&s->changed);
-                pthread_mutex_unlock(&s->lock);
-                return CACHE_HIT;
-            }
             struct pack *p = drop_resident(cache, s, e);
             pin->fd = -1;
             pin->off = 0;
@@ -954,17 +1147,23 @@ void cache_set_limit(struct cache *cache, uint64_t limit)
     }
 }
 
-/* Appends a chunk to the active pack: its bytes, then its ADD record. The
- * record is written only once the bytes are, so after a kill -9 a record
+/* Appends a chunk to the active pack (moved: the entry whose copy it is, for
+ * a compaction): its bytes and block sums, then its ADD record. The record is written only once the bytes are, so after a kill -9 a record
  * never points at a half-written chunk; after a power loss it might (no
  * fsync), which the verification on first use catches. */
 static int store(struct cache *cache, const struct chunk_hash *hash, const void *data, size_t len,
-                 struct pack **pack, uint64_t *off)
+                 const struct cache_entry *moved, struct pack **pack, uint64_t *off)
 {
     int rc = pack_alloc(cache, len, pack, off);
     if (rc)
         return rc;
     rc = write_full_at((*pack)->fd, data, len, (off_t)*off);
+    /* Sums come from verified bytes only: those of a fill, or of a moved
+     * chunk checked whole in this run; other moved chunks keep theirs. */
+    if (!rc)
+        rc = moved && !moved->verified ? copy_sums(moved->pack, moved->off, *pack, *off, len)
+                                       : write_sums(*pack, *off, data, len);
+    count_sums_space(cache, *pack);
     if (!rc)
         rc = append_record(cache, *pack, RECORD_ADD, hash, *off, len, (uint64_t)time(NULL), true);
     if (rc) {
@@ -1041,7 +1240,7 @@ static void compact_sparse_pack(struct cache *cache)
                     rc = read_full_at(victim->fd, buf, e->size, (off_t)e->off);
                 atomic_fetch_add(&cache->used, e->size + sizeof(struct pack_record));
                 if (!rc)
-                    rc = store(cache, &e->hash, buf, e->size, &to, &off);
+                    rc = store(cache, &e->hash, buf, e->size, e, &to, &off);
                 if (rc) {
                     atomic_fetch_sub(&cache->used, e->size + sizeof(struct pack_record));
                     pthread_mutex_lock(&s->lock);
@@ -1072,17 +1271,19 @@ int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, siz
     struct cache_entry *e = pin->entry;
     struct pack *pack = NULL;
     uint64_t off = 0;
-    const uint64_t need = len + sizeof(struct pack_record); /* the chunk and its ADD record */
+    /* The chunk, its ADD record, and a block its sums may add (counted as
+     * it is, by store(), and given back below). */
+    const uint64_t need = len + sizeof(struct pack_record) + SUM_BLOCK;
     int rc = reserve(cache, need);
     if (!rc) {
-        rc = store(cache, &e->hash, data, len, &pack, &off);
+        rc = store(cache, &e->hash, data, len, NULL, &pack, &off);
         if (rc == -ENOSPC || rc == -EDQUOT) {
             /* The cache's file system is full: make room and retry once. */
             uint64_t used = atomic_load(&cache->used);
             pthread_mutex_lock(&cache->evict_lock);
             evict_to(cache, used - used / 10);
             pthread_mutex_unlock(&cache->evict_lock);
-            rc = store(cache, &e->hash, data, len, &pack, &off);
+            rc = store(cache, &e->hash, data, len, NULL, &pack, &off);
         }
         if (rc)
             atomic_fetch_sub(&cache->used, need);
@@ -1091,10 +1292,12 @@ int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, siz
         cache_abandon(cache, pin);
         return rc;
     }
+    atomic_fetch_sub(&cache->used, SUM_BLOCK);
     struct shard *s = shard_of(cache, &e->hash);
     pthread_mutex_lock(&s->lock);
     e->state = ENTRY_RESIDENT;
     e->verified = true; /* the caller verified the bytes it gave us */
+    e->verified_blocks = all_blocks(len);
     e->size = len;
     e->pack = pack;
     e->off = off;
@@ -1128,6 +1331,8 @@ void cache_release(struct cache *cache, struct cache_pin *pin)
     struct shard *s = shard_of(cache, &e->hash);
     pthread_mutex_lock(&s->lock);
     e->pins--;
+    if (e->state == ENTRY_BUSY)
+        pthread_cond_broadcast(&s->changed); /* a damaged chunk's drop may wait for its readers */
     pthread_mutex_unlock(&s->lock);
     pin->entry = NULL;
     pin->fd = -1;
@@ -1177,7 +1382,7 @@ void cache_get_usage(struct cache *cache, struct cache_usage *out)
     pthread_mutex_lock(&cache->pack_lock);
     out->packs = cache->pack_count;
     pthread_mutex_unlock(&cache->pack_lock);
-    out->open_fds = out->packs * 2;
+    out->open_fds = out->packs * 3;
     out->dropped_damaged = atomic_load(&cache->dropped_damaged);
     out->limit = cache->limit;
     out->evictions = atomic_load(&cache->evictions);

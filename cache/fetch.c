@@ -845,15 +845,15 @@ static void add_job_locked(struct fetcher *f, struct job *job)
 static int start_threads_locked(struct fetcher *f);
 
 /* The common path of fetch_start and fetch_ahead. w is NULL for readahead. */
-static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
-                   uint64_t deadline_ns, struct fetch_counters *counters, struct fetch_ref *ref,
-                   const struct waiter *tmpl)
+static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, uint32_t want_off,
+                   uint32_t want_len, enum fetch_class cls, uint64_t deadline_ns, struct fetch_counters *counters,
+                   struct fetch_ref *ref, const struct waiter *tmpl)
 {
     struct waiter *w = NULL; /* a copy of tmpl, made only when a request must wait */
     uint64_t wait_until = now_ns(); /* first look without waiting */
     for (;;) {
         struct cache_pin pin;
-        int rc = cache_acquire(f->cache, hash, chunk_size, wait_until, &pin);
+        int rc = cache_acquire(f->cache, hash, chunk_size, want_off, want_len, wait_until, &pin);
         if (rc == CACHE_HIT) {
             if (ref) {
                 ref->pin = pin;
@@ -959,14 +959,14 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
     }
 }
 
-int fetch_start(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
-                uint64_t deadline_ns, struct fetch_counters *counters, struct fetch_ref *ref, fetch_done_fn done,
-                void *arg)
+int fetch_start_range(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, uint32_t want_off,
+                      uint32_t want_len, enum fetch_class cls, uint64_t deadline_ns, struct fetch_counters *counters,
+                      struct fetch_ref *ref, fetch_done_fn done, void *arg)
 {
     memset(ref, 0, sizeof(*ref));
     ref->pin.fd = -1;
     struct waiter tmpl = {.done = done, .arg = arg, .ref = ref, .deadline = deadline_ns, .counters = counters};
-    int rc = request(f, hash, chunk_size, cls, deadline_ns, counters, ref, &tmpl);
+    int rc = request(f, hash, chunk_size, want_off, want_len, cls, deadline_ns, counters, ref, &tmpl);
     if (rc < 0) {
         atomic_fetch_add(&f->errors, 1);
         if (counters)
@@ -975,10 +975,17 @@ int fetch_start(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk
     return rc;
 }
 
+int fetch_start(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
+                uint64_t deadline_ns, struct fetch_counters *counters, struct fetch_ref *ref, fetch_done_fn done,
+                void *arg)
+{
+    return fetch_start_range(f, hash, chunk_size, 0, 0, cls, deadline_ns, counters, ref, done, arg);
+}
+
 void fetch_ahead(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
                  struct fetch_counters *counters)
 {
-    request(f, hash, chunk_size, FETCH_DEMAND, fetch_deadline(f), counters, NULL, NULL);
+    request(f, hash, chunk_size, 0, 0, FETCH_DEMAND, fetch_deadline(f), counters, NULL, NULL);
 }
 
 struct sync_wait {

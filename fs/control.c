@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "fs.h"
@@ -129,6 +130,35 @@ static int stop_trace(struct imgfs *fs, struct vm *vm, struct control_answer *ou
     return 0;
 }
 
+/* Leaves the rest of a command on its handle (fs.h control_deferred). */
+static int defer(struct control_answer *out, int kind, const char *vm, int fd, uint64_t size)
+{
+    struct control_deferred *d = calloc(1, sizeof(*d));
+    if (!d)
+        return -ENOMEM;
+    d->kind = kind;
+    snprintf(d->vm, sizeof(d->vm), "%s", vm);
+    d->fd = fd;
+    d->size = size;
+    out->deferred = d;
+    return 0;
+}
+
+/* An unnamed file of the state directory, for an export or an import on
+ * its way through: the daemon's own disk, so that no user's path can hold
+ * it up, and a crash or a closed handle leaves nothing. fd or -errno. */
+static int open_staging_file(struct imgfs *fs)
+{
+    int fd = open(fs->opts->state_dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR)) {
+        char tmp[PATH_MAX];
+        if (path_join(tmp, sizeof(tmp), "%s/.stage-XXXXXX", fs->opts->state_dir) == 0 &&
+            (fd = mkostemp(tmp, O_CLOEXEC)) >= 0)
+            unlink(tmp);
+    }
+    return fd < 0 ? -errno : fd;
+}
+
 static int stage_export(struct imgfs *fs, const char *name, bool (*stop)(void *ctx), void *stop_ctx, int *fd_out,
                         uint64_t *size_out, char **answer)
 {
@@ -139,21 +169,11 @@ static int stage_export(struct imgfs *fs, const char *name, bool (*stop)(void *c
         *answer = reply("error VM %s does not exist\n", name);
         return -ENOENT;
     }
-    /* Staged in an unnamed file of the state directory: the daemon's own
-     * disk, so that no user's path can hold it up; a crash leaves nothing. */
-    int fd = open(fs->opts->state_dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-    if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR)) {
-        char tmp[PATH_MAX];
-        if (path_join(tmp, sizeof(tmp), "%s/.export-XXXXXX", fs->opts->state_dir) == 0 &&
-            (fd = mkostemp(tmp, O_CLOEXEC)) >= 0)
-            unlink(tmp);
-    }
-    int rc = 0;
-    if (fd < 0) {
-        rc = -errno;
+    int fd = open_staging_file(fs);
+    int rc = fd < 0 ? fd : 0;
+    if (rc)
         snprintf(err, sizeof(err), "cannot stage the export of VM %s in %s: %s", name, fs->opts->state_dir,
-                 strerror(errno));
-    }
+                 strerror(-rc));
     if (!rc && (rc = vm_export(vm, fd, stop, stop_ctx, err, sizeof(err))) == -ENOSPC)
         snprintf(err, sizeof(err), "cannot export VM %s: the state directory %s has no room to stage it", name,
                  fs->opts->state_dir);
@@ -178,15 +198,113 @@ static int stage_export(struct imgfs *fs, const char *name, bool (*stop)(void *c
     return 0;
 }
 
-static int import_file(struct imgfs *fs, const char *path, const char *name, char **answer)
+/* vm-import-stream NAME|- SIZE: refused here, before imgfsctl sends a
+ * byte, when it cannot work; else the handle takes the stream. */
+static int start_import(struct imgfs *fs, const char *name, const char *size_text, struct control_answer *out,
+                        char *err, size_t errlen)
+{
+    bool named = strcmp(name, "-") != 0;
+    uint64_t size;
+    char size_s[32], free_s[32];
+    if (parse_u64(size_text, &size) < 0) {
+        snprintf(err, errlen, "bad size '%s'", size_text);
+        return -EINVAL;
+    }
+    if (size < VM_EXPORT_MIN_SIZE || size > VM_EXPORT_MAX_SIZE) {
+        snprintf(err, errlen, "a file of %" PRIu64 " bytes cannot be an imgfs export (%s)", size,
+                 size < VM_EXPORT_MIN_SIZE ? "too short" : "longer than that of the largest disk, 16T");
+        return -EINVAL;
+    }
+    if (named && vm_find(fs->vms, name)) {
+        snprintf(err, errlen, "VM %s already exists", name);
+        return -EEXIST;
+    }
+    /* The staged copy and the VM's data (at most as much) share the disk. */
+    struct statvfs sv;
+    if (statvfs(fs->opts->state_dir, &sv) == 0 && (uint64_t)sv.f_bavail * sv.f_frsize / 2 < size) {
+        snprintf(err, errlen, "the state directory %s has %s free: importing this %s export needs twice that",
+                 fs->opts->state_dir, format_size((uint64_t)sv.f_bavail * sv.f_frsize, free_s, sizeof(free_s)),
+                 format_size(size, size_s, sizeof(size_s)));
+        return -ENOSPC;
+    }
+    int fd = open_staging_file(fs);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot stage an import in %s: %s", fs->opts->state_dir, strerror(-fd));
+        return fd;
+    }
+    int rc = defer(out, CONTROL_IMPORT, named ? name : "", fd, size);
+    if (rc) {
+        close(fd);
+        return rc;
+    }
+    /* What imgfsctl reads before it sends a byte: a daemon without
+     * vm-import-stream answers an error instead, so no byte of the file is
+     * ever taken for a command. */
+    if (!(out->text = reply("ok stream\n")))
+        return -ENOMEM;
+    log_info("control: vm-import-stream %s: staging %" PRIu64 " bytes", named ? name : "-", size);
+    return 0;
+}
+
+bool control_receiving(const struct control_deferred *d) { return d && d->kind == CONTROL_IMPORT; }
+
+bool control_ready(const struct control_deferred *d)
+{
+    return d && (d->kind != CONTROL_IMPORT || d->received == d->size || d->error[0]);
+}
+
+/* Ends a stream that failed: its staged copy goes at once, and the error
+ * is what the handle answers from now on. */
+static int stream_failed(struct control_deferred *d, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int stream_failed(struct control_deferred *d, int rc, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(d->error, sizeof(d->error), fmt, ap);
+    va_end(ap);
+    close(d->fd);
+    d->fd = -1;
+    return rc;
+}
+
+int control_receive(struct imgfs *fs, struct control_deferred *d, const void *buf, size_t len, uint64_t off)
+{
+    if (d->error[0])
+        return -EIO;
+    if (off != d->received)
+        return stream_failed(d, -EINVAL, "the import stream's bytes came out of order (at %" PRIu64 ", not %" PRIu64 ")",
+                             off, d->received);
+    if (len > d->size - d->received)
+        return stream_failed(d, -EINVAL, "the import stream runs past the %" PRIu64 " bytes announced", d->size);
+    int rc = write_full_at(d->fd, buf, len, (off_t)off);
+    if (rc == -ENOSPC)
+        return stream_failed(d, rc, "the state directory %s has no room left to stage the import", fs->opts->state_dir);
+    if (rc)
+        return stream_failed(d, rc, "cannot stage the import in %s: %s", fs->opts->state_dir, strerror(-rc));
+    d->received += len;
+    return 0;
+}
+
+static int import_staged(struct imgfs *fs, const struct control_deferred *d, bool (*stop)(void *ctx), void *stop_ctx,
+                         char **answer)
 {
     char err[512] = "";
     struct vm *vm = NULL;
-    int rc = vm_import(fs->vms, path, name[0] ? name : NULL, &vm, err, sizeof(err));
+    int rc = 0;
+    if (d->error[0]) {
+        snprintf(err, sizeof(err), "%s", d->error);
+        rc = -EIO;
+    } else if (d->received < d->size) { /* read before the end: the stream is over */
+        snprintf(err, sizeof(err), "the import stream ended after %" PRIu64 " of %" PRIu64 " bytes", d->received,
+                 d->size);
+        rc = -EPIPE;
+    }
+    if (!rc)
+        rc = vm_import(fs->vms, d->fd, d->vm[0] ? d->vm : NULL, stop, stop_ctx, &vm, err, sizeof(err));
     if (!rc && (rc = tree_add_vm(fs->tree, vm)) != 0)
         snprintf(err, sizeof(err), "out of memory");
     if (!rc)
-        log_info("control: vm-import %s done", path);
+        log_info("control: vm-import-stream of %" PRIu64 " bytes done: VM %s", d->size, vm_name(vm));
     *answer = rc ? reply("error %s\n", err[0] ? err : strerror(-rc)) : reply("ok\n");
     return rc ? rc : *answer ? 0 : -ENOMEM;
 }
@@ -198,28 +316,22 @@ int control_run_deferred(struct imgfs *fs, const struct control_deferred *d, boo
     *answer = NULL;
     if (d->kind == CONTROL_EXPORT)
         return stage_export(fs, d->vm, stop, stop_ctx, fd_out, size_out, answer);
-    return import_file(fs, d->path, d->vm, answer);
+    return import_staged(fs, d, stop, stop_ctx, answer);
+}
+
+void control_deferred_free(struct control_deferred *d)
+{
+    if (d && d->fd >= 0)
+        close(d->fd);
+    free(d);
 }
 
 void control_answer_free(struct control_answer *out)
 {
     free(out->text);
-    free(out->deferred);
+    control_deferred_free(out->deferred);
     out->text = NULL;
     out->deferred = NULL;
-}
-
-/* Hands the rest of a command to the first read of its handle. */
-static int defer(struct control_answer *out, int kind, const char *vm, const char *path)
-{
-    struct control_deferred *d = calloc(1, sizeof(*d));
-    if (!d)
-        return -ENOMEM;
-    d->kind = kind;
-    snprintf(d->vm, sizeof(d->vm), "%s", vm);
-    snprintf(d->path, sizeof(d->path), "%s", path);
-    out->deferred = d;
-    return 0;
 }
 
 int fs_remove_disk(struct imgfs *fs, const char *name, char *err, size_t errlen)
@@ -280,7 +392,7 @@ static int run(struct imgfs *fs, char **f, int n, struct control_answer *out, ch
          * other command's, returns at once. */
         if (!need_vm(fs, f[1], err, errlen))
             return -ENOENT;
-        return defer(out, CONTROL_EXPORT, f[1], "");
+        return defer(out, CONTROL_EXPORT, f[1], -1, 0);
     } else if (n == 5 && strcmp(f[0], "precopy") == 0) {
         return start_precopy(fs, f, err, errlen);
     } else if (n == 4 && strcmp(f[0], "precopy-stop") == 0) {
@@ -323,15 +435,8 @@ static int run(struct imgfs *fs, char **f, int n, struct control_answer *out, ch
          * so that it reads this answer from this server. */
         atomic_store(&fs->restart_pending, true);
         return 0;
-    } else if (n == 3 && strcmp(f[0], "vm-import") == 0) {
-        /* Read when the answer is (import_file): a file on a hung file
-         * system then holds up that imgfsctl alone. */
-        bool named = strcmp(f[2], "-") != 0;
-        if (f[1][0] != '/' || strlen(f[1]) >= PATH_MAX) {
-            snprintf(err, errlen, "the path to import must be absolute");
-            return -EINVAL;
-        }
-        return defer(out, CONTROL_IMPORT, named ? f[2] : "", f[1]);
+    } else if (n == 3 && strcmp(f[0], "vm-import-stream") == 0) {
+        return start_import(fs, f[1], f[2], out, err, errlen);
     } else {
         snprintf(err, errlen, "unknown or malformed command '%s'", n ? f[0] : "");
         return -EINVAL;

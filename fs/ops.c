@@ -417,8 +417,8 @@ struct open_text {
      * file of data_len bytes, or -1. A read dup()s it under the lock. */
     int data_fd;
     uint64_t data_len;
-    struct control_deferred *deferred; /* work for the first read (fs.h), or NULL */
-    bool running;       /* a read is doing it (the others get EBUSY) */
+    struct control_deferred *deferred; /* an import stream, or work for the first read (fs.h), or NULL */
+    bool running;       /* a read does that work, or a write adds to the stream (the others get EBUSY) */
     struct open_text *next;
 };
 
@@ -488,27 +488,43 @@ static int text_takes_command(uint64_t id)
 
 static bool request_interrupted(void *req) { return fuse_req_interrupted(req); }
 
-/* The first read of a handle with deferred work (vm-export, vm-import)
- * does it. The write that asked for it has returned, so the kernel lets
- * other commands through meanwhile; an interrupted reader stops an export. */
-static int run_deferred(fuse_req_t req, uint64_t id)
+/* Takes the deferred work of handle id out of it for one op, marked
+ * running (the others get EBUSY), if it has some that wanted says is for
+ * this op (control_ready for a read, control_receiving for a write); else
+ * NULL, with *rc -EBADF when the handle is not ours, -EBUSY while another
+ * op has it, or 0. */
+static struct control_deferred *take_deferred(uint64_t id, bool (*wanted)(const struct control_deferred *), int *rc)
 {
     pthread_mutex_lock(&open_texts_lock);
     struct open_text *t = find_text_locked(id);
-    int rc = !t ? -EBADF : t->running ? -EBUSY : 0;
-    struct control_deferred *d = rc ? NULL : t->deferred;
+    *rc = !t ? -EBADF : t->running ? -EBUSY : 0;
+    struct control_deferred *d = *rc ? NULL : t->deferred;
+    if (d && !wanted(d))
+        d = NULL;
     if (d) {
         t->deferred = NULL;
         t->running = true;
     }
     pthread_mutex_unlock(&open_texts_lock);
+    return d;
+}
+
+/* The first read of a handle with deferred work (vm-export,
+ * vm-import-stream) does it. The write that asked for it has returned, so
+ * the kernel lets other commands through meanwhile; an interrupted reader
+ * stops an export or an import (and the import is undone). */
+static int run_deferred(fuse_req_t req, uint64_t id)
+{
+    int rc;
+    struct control_deferred *d = take_deferred(id, control_ready, &rc);
     if (!d)
         return rc;
+    struct open_text *t;
     int fd;
     uint64_t size = 0;
     char *answer;
     control_run_deferred(fs_of(req), d, request_interrupted, req, &fd, &size, &answer);
-    free(d);
+    control_deferred_free(d);
     pthread_mutex_lock(&open_texts_lock);
     if ((t = find_text_locked(id)) != NULL) { /* else released meanwhile */
         t->running = false;
@@ -590,10 +606,37 @@ static int text_answer(uint64_t id, struct control_answer *a)
     bool busy = t && t->running;
     pthread_mutex_unlock(&open_texts_lock);
     control_answer_free(a);
-    free(old_deferred);
+    control_deferred_free(old_deferred);
     if (old_fd >= 0)
         close(old_fd);
     return !t ? -EBADF : busy ? -EBUSY : 0;
+}
+
+/* A write to a handle that took vm-import-stream carries the stream's next
+ * bytes (fs.h), never a command: returns false when it is not such a
+ * handle. The bytes go to the staged copy with no lock held; a RELEASE
+ * meanwhile (a killed imgfsctl) finds the stream gone from its handle, and
+ * the copy is dropped here. */
+static bool text_receive(fuse_req_t req, uint64_t id, const char *buf, size_t size, off_t off)
+{
+    int rc;
+    struct control_deferred *d = take_deferred(id, control_receiving, &rc);
+    if (!d)
+        return false;
+    rc = control_receive(fs_of(req), d, buf, size, off < 0 ? UINT64_MAX : (uint64_t)off);
+    pthread_mutex_lock(&open_texts_lock);
+    struct open_text *t = find_text_locked(id);
+    if (t) {
+        t->running = false;
+        t->deferred = d, d = NULL;
+    }
+    pthread_mutex_unlock(&open_texts_lock);
+    control_deferred_free(d);
+    if (rc)
+        fuse_reply_err(req, -rc);
+    else
+        fuse_reply_write(req, size);
+    return true;
 }
 
 static void text_release(uint64_t id)
@@ -611,7 +654,7 @@ static void text_release(uint64_t id)
     if (dead) {
         if (dead->data_fd >= 0)
             close(dead->data_fd);
-        free(dead->deferred);
+        control_deferred_free(dead->deferred); /* a stream cut short: its staged copy goes */
         free(dead->text);
         free(dead);
     }
@@ -889,6 +932,7 @@ struct image_read {
     atomic_int pending; /* chunk requests outstanding, plus one while submitting */
     atomic_bool failed;
     uint8_t *wanted;         /* per chunk: the reply needs it */
+    bool reads_base;         /* some of the range is the base's (data or zero chunks) */
     struct fetch_ref refs[]; /* per chunk: what the engine gave */
 };
 
@@ -913,6 +957,8 @@ static void read_release(struct image_read *op)
 static int want_extent(void *ctx, const struct disk_extent *e)
 {
     struct image_read *op = ctx;
+    if (e->kind != DISK_EXTENT_LAYER)
+        op->reads_base = true;
     if (e->kind == DISK_EXTENT_BASE) {
         op->wanted[e->chunk - op->first] = 1;
         if (op->trace)
@@ -1027,21 +1073,27 @@ static void read_image(fuse_req_t req, struct imgfs *fs, struct node *n, size_t 
     read_release(op);
     /* Every missing chunk of the read is asked for at once. */
     uint64_t deadline = fetch_deadline(fs->fetcher);
-    bool any = false;
     for (size_t k = 0; k < count; k++) {
         if (!op->wanted[k])
             continue;
-        any = true;
         atomic_fetch_add(&op->pending, 1);
-        int rc = fetch_start(fs->fetcher, &base->manifest->chunks[op->first + k], (uint32_t)cs, FETCH_DEMAND,
-                             deadline, base->counters, &op->refs[k], read_chunk_done, op);
+        /* The reply reads only the part of the chunk inside the read. */
+        uint64_t chunk_start = (op->first + k) * cs;
+        uint64_t lo = start > chunk_start ? start - chunk_start : 0;
+        uint64_t hi = end < chunk_start + cs ? end - chunk_start : cs;
+        int rc = fetch_start_range(fs->fetcher, &base->manifest->chunks[op->first + k], (uint32_t)cs, (uint32_t)lo,
+                                   (uint32_t)(hi - lo), FETCH_DEMAND, deadline, base->counters, &op->refs[k],
+                                   read_chunk_done, op);
         if (rc != FETCH_PENDING) {
             if (rc < 0)
                 atomic_store(&op->failed, true);
             atomic_fetch_sub(&op->pending, 1);
         }
     }
-    if (any)
+    /* A read of the base's zero chunks goes on with the run too: else a
+     * sequential reader of a disk with holes (a quarter of the benchmark
+     * image) lost its readahead at each hole and waited on every chunk. */
+    if (base && op->reads_base)
         prefetch_readahead(fs->fetcher, base->manifest, &n->readahead, base->counters, op->first,
                            op->first + count - 1);
     read_put(op);
@@ -1090,6 +1142,8 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
             fuse_reply_err(req, -rc);
             return;
         }
+        if (text_receive(req, fi->fh, buf, size, off))
+            return;
         struct control_answer answer;
         rc = control_execute(fs, buf, size, &answer);
         if (!rc)

@@ -6,6 +6,8 @@
  *   packs/NNNNNNNN.idx     the pack's index log: 64-byte records "chunk HASH
  *                          is at OFFSET, LENGTH bytes" (ADD) or "is gone"
  *                          (DROP), each sealed with a checksum
+ *   packs/NNNNNNNN.sums    an xxh3-64 of each 4 KiB block of the pack
+ *                          (8 bytes per block, 0 = unknown)
  *   meta/, pins, imgfs.lock  other modules' files, never touched here
  *
  * Why packs: a cold read stores thousands of chunks, and one file per chunk
@@ -24,6 +26,15 @@
  * time this process uses it, so bytes damaged by a crash, power loss or
  * bit rot are dropped (a DROP record) and fetched again, never served. A
  * torn or garbled record ends a pack's log at open.
+ *
+ * A read of part of a chunk (cache_acquire's range) is checked by block
+ * instead: each 4 KiB block it covers against the sum stored with it when
+ * the verified chunk was written, once per run. A random 4 KiB read of a
+ * cached base after a reboot then reads 4 KiB, not the whole chunk. A sum
+ * that is unknown (a pack of an older build) or does not match never fails
+ * or serves anything by itself: the whole chunk is checked against its hash
+ * and decides (dropped, or its sums written anew). Before the bytes of a
+ * damaged chunk go, its drop waits for readers of blocks checked earlier.
  *
  * Eviction is per chunk: its DROP record is written and its blocks are
  * punched out of the pack (fallocate PUNCH_HOLE), so the disk space goes
@@ -76,7 +87,7 @@ enum cache_acquire_status {
 struct cache_usage {
     uint64_t chunks;
     uint64_t bytes;
-    uint64_t open_fds;        /* two per pack */
+    uint64_t open_fds;        /* three per pack */
     uint64_t packs;
     uint64_t dropped_damaged; /* chunks that failed verification on first use */
     uint64_t limit;           /* 0 when unlimited */
@@ -96,9 +107,10 @@ void cache_set_limit(struct cache *cache, uint64_t limit);
 
 /* Returns CACHE_HIT or CACHE_MUST_FILL (>= 0), or -ETIMEDOUT when another
  * caller was filling the chunk and deadline_ns (monotonic) passed, or another
- * negative errno. */
-int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t chunk_size,
-                  uint64_t deadline_ns, struct cache_pin *pin);
+ * negative errno. The caller reads only [want_off, want_off + want_len) of a
+ * hit (checked by block, see above); want_len 0 asks for the whole chunk. */
+int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t chunk_size, uint32_t want_off,
+                  uint32_t want_len, uint64_t deadline_ns, struct cache_pin *pin);
 
 /* Stores data (the verified chunk) for a pin obtained with CACHE_MUST_FILL.
  * On success the pin becomes a normal pin with a readable fd. On failure the

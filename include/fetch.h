@@ -133,6 +133,12 @@ typedef void (*fetch_done_fn)(void *arg, int err);
 int fetch_start(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
                 uint64_t deadline_ns, struct fetch_counters *counters, struct fetch_ref *ref, fetch_done_fn done,
                 void *arg);
+/* The same for a reader that uses only [want_off, want_off + want_len) of
+ * the chunk: a cached chunk is then checked only where it is read (cache.h).
+ * A ref from a cache hit must not be read outside that range. */
+int fetch_start_range(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, uint32_t want_off,
+                      uint32_t want_len, enum fetch_class cls, uint64_t deadline_ns, struct fetch_counters *counters,
+                      struct fetch_ref *ref, fetch_done_fn done, void *arg);
 /* The same, waiting for the answer. Returns 0 or -EIO. */
 int fetch_get(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
               struct fetch_counters *counters, struct fetch_ref *ref);

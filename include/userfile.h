@@ -1,8 +1,9 @@
 /* userfile: how imgfsctl writes a file that the operator named (vm export,
- * trace stop --output), so that the daemon never opens a user's path and
- * a slow or stuck destination holds up only this imgfsctl.
+ * trace stop --output), and opens one to read (vm import), so that the
+ * daemon never opens a user's path and a slow or stuck file holds up only
+ * this imgfsctl.
  *
- * Contract:
+ * Contract for writing:
  *  - A path that does not exist, or is a regular file or a symlink, gets a
  *    new file: written under an unpredictable temp name next to it, created
  *    with O_CREAT|O_EXCL|O_NOFOLLOW and exactly the given mode (nothing
@@ -52,5 +53,13 @@ int userfile_write(struct userfile *uf, const void *buf, size_t len, char *err, 
 int userfile_commit(struct userfile *uf, char *err, size_t errlen);
 /* Closes uf and removes its temp file; harmless after a commit. */
 void userfile_abort(struct userfile *uf);
+
+/* Opens path to read, with the caller's own permissions (imgfsctl sends
+ * the bytes to the daemon: vm import). Only a regular file is taken, the
+ * open itself uses O_NONBLOCK so that a FIFO cannot make it wait for a
+ * writer (it is then refused), and the fd is blocking again for the reads.
+ * The fd, with the file's size in *size, or a negative errno with one
+ * sentence in err. */
+int userfile_open_source(const char *path, uint64_t *size, char *err, size_t errlen);
 
 #endif

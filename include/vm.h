@@ -163,8 +163,25 @@ int vm_set_attr(struct vm_registry *reg, struct vm *vm, const mode_t *mode, cons
  * The caller keeps the VM open (vm_open) so that it cannot be removed.
  * 0, or a negative errno with one sentence in err; fd is not closed. */
 int vm_export(struct vm *vm, int fd, bool (*stop)(void *ctx), void *stop_ctx, char *err, size_t errlen);
-int vm_import(struct vm_registry *reg, const char *path, const char *name, struct vm **out, char *err,
-              size_t errlen);
+/* Recreates the VM exported in fd under name (NULL: the name it was
+ * exported under). fd is a regular file of the daemon's own, read from its
+ * start with no deadline: the copy that imgfsctl streamed into the state
+ * directory (fs.h vm-import-stream), never a user's path. The trailer is
+ * checked over the whole file before anything is made, and a refused
+ * import leaves no VM, VM file or layer. The disk keeps the export's
+ * permission bits (mode & 0666: no setuid, setgid or sticky bit) and
+ * belongs to root: no owner is taken from the export. stop (may be NULL)
+ * is asked between records; when it says yes the import is undone and
+ * fails with -EINTR. fd is not closed.
+ * 0, or a negative errno with one sentence in err that reads after
+ * "cannot import FILE: " (it names no path). */
+int vm_import(struct vm_registry *reg, int fd, const char *name, bool (*stop)(void *ctx), void *stop_ctx,
+              struct vm **out, char *err, size_t errlen);
+/* The largest export there can be: a 16T disk (VM_MAX_SIZE) whose every
+ * 4 KiB block is a record of its own, with its header and trailer. */
+#define VM_EXPORT_MAX_SIZE (VM_MAX_SIZE + VM_MAX_SIZE / LAYER_BLOCK_SIZE * 17 + 4096)
+/* The smallest: the magic line and the trailer. */
+#define VM_EXPORT_MIN_SIZE 31
 
 /* I/O on a VM's live disk. vm_write waits for the base chunks a copy-up
  * needs; vm_write_start does not: it returns the write's result (0 or

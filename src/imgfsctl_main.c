@@ -112,7 +112,7 @@ static void publish_help(FILE *out)
             "\n"
             "  --name NAME        base name: letters, digits, '.', '_', '-' (max 64)\n"
             "  --chunk-size SIZE  power of two from 4K to 16M (default 128K)\n"
-            "  --level N          zstd level 1-19, 0 stores chunks uncompressed (default 3)\n"
+            "  --level N          zstd level 1-19, 0 stores chunks uncompressed (default 1)\n"
             "  --threads N        reading, hashing and compressing threads (default: one per CPU)\n"
             "  --key KEYFILE      sign the new index with this secret key (imgfsctl key\n"
             "                     generate); repeat to sign with several keys. A signed\n"
@@ -239,7 +239,11 @@ static void vm_help(FILE *out)
             "            replaced atomically; a FIFO or device is written into); imgfsctl\n"
             "            writes FILE itself, and gives up when a FIFO or device takes\n"
             "            nothing for --timeout seconds (default 60; 0: no limit)\n"
-            "  import    recreate an exported VM on a mount that has the same base\n");
+            "  import    recreate an exported VM on a mount that has the same base (named VM\n"
+            "            with --name); imgfsctl reads FILE itself, with your permissions (a\n"
+            "            regular file only: a FIFO or device is refused), and sends it to the\n"
+            "            daemon, which stages it in its state directory (room for twice the\n"
+            "            file is needed there); a truncated or altered file is refused\n");
 }
 
 /* Says why the control channel failed (err: a negative errno); returns 1. */
@@ -257,9 +261,8 @@ static int control_failed(const char *cmd_name, const char *mountpoint, int err)
     return 1;
 }
 
-/* Opens the mount's control file and writes one tab-separated command to
- * it. Returns the fd, or -1 after printing why. */
-static int control_send(const char *cmd_name, const char *mountpoint, const char *command)
+/* Opens the mount's control file: the fd, or -1 after printing why. */
+static int control_open(const char *cmd_name, const char *mountpoint)
 {
     char path[PATH_MAX];
     if (path_join(path, sizeof(path), "%s/.imgfs/control", mountpoint) < 0) {
@@ -267,11 +270,19 @@ static int control_send(const char *cmd_name, const char *mountpoint, const char
         return -1;
     }
     int fd = open(path, O_RDWR | O_CLOEXEC);
-    if (fd < 0) {
+    if (fd < 0)
         fprintf(stderr, "imgfsctl %s: %s is not an imgfs mount or not writable by you (%s)\n", cmd_name, mountpoint,
                 strerror(errno));
+    return fd;
+}
+
+/* Opens the mount's control file and writes one tab-separated command to
+ * it. Returns the fd, or -1 after printing why. */
+static int control_send(const char *cmd_name, const char *mountpoint, const char *command)
+{
+    int fd = control_open(cmd_name, mountpoint);
+    if (fd < 0)
         return -1;
-    }
     int rc = write_full(fd, command, strlen(command));
     if (rc) {
         control_failed(cmd_name, mountpoint, rc);
@@ -384,6 +395,94 @@ static int fetch_to_file(const char *cmd_name, const char *mountpoint, const cha
     return status;
 }
 
+/* Reads the answer on an import stream's handle (after write_rc, the
+ * failure of a write to it, or 0): want ("ok stream" before the bytes,
+ * "ok" after them) is 0; "error SENTENCE" is printed as
+ * "imgfsctl vm import: cannot import FILE: SENTENCE"; anything else is
+ * the channel's failure. Returns 0 or 1. */
+static int import_answer(const char *mountpoint, const char *file, int fd, int write_rc, const char *want)
+{
+    char answer[1024];
+    ssize_t n = pread(fd, answer, sizeof(answer) - 1, 0);
+    int saved = errno;
+    if (n > 0) {
+        answer[n] = '\0';
+        answer[strcspn(answer, "\n")] = '\0';
+    }
+    static const char older[] = "error unknown or malformed command 'vm-import-stream'";
+    if (n > 0 && strncmp(answer, older, sizeof(older) - 1) == 0) {
+        fprintf(stderr,
+                "imgfsctl vm import: the daemon of %s is older than this imgfsctl and cannot take an import "
+                "from it: run imgfsctl restart %s first\n",
+                mountpoint, mountpoint);
+        return 1;
+    }
+    if (n > 0 && strncmp(answer, "error ", 6) == 0) {
+        fprintf(stderr, "imgfsctl vm import: cannot import %s: %s\n", file, answer + 6);
+        return 1;
+    }
+    if (n > 0 && !write_rc && strcmp(answer, want) == 0)
+        return 0;
+    return control_failed("vm import", mountpoint, n < 0 ? -saved : write_rc ? write_rc : -EIO);
+}
+
+/* vm import: imgfsctl reads FILE itself, with the caller's permissions,
+ * and streams it to the daemon on one control handle (fs.h
+ * vm-import-stream): the command, then the file's bytes at offsets
+ * 0..size, then the answer, whose read makes the daemon check and import
+ * them. No byte is sent before the daemon answered "ok stream". A file
+ * that blocks holds up this imgfsctl only; killed while it sends, it
+ * leaves nothing. Returns 0, or 1 after printing why. */
+static int import_file(const char *mountpoint, const char *file, const char *name)
+{
+    char err[PATH_MAX + 256], cmd[160];
+    uint64_t size;
+    int src = userfile_open_source(file, &size, err, sizeof(err));
+    if (src < 0) {
+        fprintf(stderr, "imgfsctl vm import: %s\n", err);
+        return 1;
+    }
+    int fd = control_open("vm import", mountpoint);
+    char *buf = fd < 0 ? NULL : malloc(FETCH_PIECE);
+    if (fd >= 0 && !buf)
+        fprintf(stderr, "imgfsctl vm import: out of memory\n");
+    if (!buf) {
+        if (fd >= 0)
+            close(fd);
+        close(src);
+        return 1;
+    }
+    snprintf(cmd, sizeof(cmd), "vm-import-stream\t%s\t%" PRIu64 "\n", name, size);
+    int rc = write_full(fd, cmd, strlen(cmd));
+    int status = import_answer(mountpoint, file, fd, rc, "ok stream");
+    struct progress bar;
+    progress_start(&bar, "importing", size);
+    bar.enabled = bar.enabled && !status;
+    for (uint64_t sent = 0; !status && sent < size;) {
+        size_t want = size - sent < FETCH_PIECE ? (size_t)(size - sent) : FETCH_PIECE;
+        ssize_t n = read(src, buf, want);
+        if (n < 0 && errno == EINTR)
+            continue; /* stopped and continued */
+        if (n <= 0) {
+            fprintf(stderr, "imgfsctl vm import: cannot read %s: %s\n", file,
+                    n < 0 ? strerror(errno) : "it became shorter while it was read");
+            status = 1;
+        } else if ((rc = write_full_at(fd, buf, (size_t)n, (off_t)sent)) != 0) {
+            status = import_answer(mountpoint, file, fd, rc, "ok");
+        } else {
+            sent += (uint64_t)n;
+            progress_update(&bar, sent);
+        }
+    }
+    progress_finish(&bar); /* the line ends before any error */
+    if (!status)
+        status = import_answer(mountpoint, file, fd, 0, "ok");
+    free(buf);
+    close(fd); /* before all was sent: the daemon drops what came */
+    close(src);
+    return status;
+}
+
 /* --timeout SECONDS (default 60): how long a FIFO or device may take nothing. */
 #define OUTPUT_TIMEOUT_DEFAULT 60.0
 static int parse_output_timeout(const char *cmd, const char *text, double *out)
@@ -438,17 +537,6 @@ static int resolve_base(const char *mountpoint, const char *spec, char *name, si
     return v && sscanf(v + 1, "%" SCNu64 ".raw", version) == 1 ? 0 : -EBADMSG;
 }
 
-/* Absolute path for a file the daemon will read or write. */
-static int absolute_path(const char *path, char *out, size_t len)
-{
-    if (path[0] == '/')
-        return path_join(out, len, "%s", path);
-    char cwd[PATH_MAX];
-    if (!getcwd(cwd, sizeof(cwd)))
-        return -errno;
-    return path_join(out, len, "%s/%s", cwd, path);
-}
-
 static int list_from_files(const char *cmd, struct repo *repo, const struct manifest *m, const char *list_name,
                            const char *paths);
 
@@ -460,7 +548,6 @@ static int vm_main(int argc, char **argv)
     }
     const char *sub = argv[1];
     char cmd[PATH_MAX * 2 + 256];
-    char file[PATH_MAX];
     if (strcmp(sub, "create") == 0) {
         const char *base = NULL, *size_text = NULL;
         if (argc == 6 && strcmp(argv[4], "--base") == 0)
@@ -529,10 +616,9 @@ static int vm_main(int argc, char **argv)
             name = argv[5];
         else if (argc != 4)
             return usage_error("vm import", "needs MOUNTPOINT FILE [--name VM]");
-        if (absolute_path(argv[3], file, sizeof(file)) < 0 || strchr(file, '\t') || strchr(file, '\n'))
-            return usage_error("vm import", "FILE is not a usable path");
-        snprintf(cmd, sizeof(cmd), "vm-import\t%s\t%s\n", file, name);
-        return vm_command(sub, argv[2], cmd);
+        if (strcmp(name, "-") != 0 && !name_is_valid(name))
+            return usage_error("vm import", "--name needs a valid VM name");
+        return import_file(argv[2], argv[3], name);
     }
     fprintf(stderr, "imgfsctl vm: unknown subcommand '%s' (see imgfsctl vm --help)\n", sub);
     return 2;

@@ -178,3 +178,36 @@ void userfile_abort(struct userfile *uf)
         unlink(uf->tmp);
     uf->tmp[0] = '\0';
 }
+
+/* What a file that is not a regular one is, for the refusal. */
+static const char *file_kind(mode_t mode)
+{
+    return S_ISDIR(mode) ? "a directory" : S_ISFIFO(mode) ? "a FIFO" : S_ISCHR(mode) ? "a character device"
+         : S_ISBLK(mode) ? "a block device" : S_ISSOCK(mode) ? "a socket" : "not a file";
+}
+
+int userfile_open_source(const char *path, uint64_t *size, char *err, size_t errlen)
+{
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    if (fd < 0) {
+        int rc = -errno;
+        snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
+        return rc;
+    }
+    struct stat st;
+    int rc = fstat(fd, &st) < 0 ? -errno : 0;
+    if (!rc && !S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "%s is %s, not a regular file: copy it into a file first", path, file_kind(st.st_mode));
+        rc = -EINVAL;
+    } else if (!rc && fcntl(fd, F_SETFL, 0) < 0) {
+        rc = -errno;
+    }
+    if (rc) {
+        if (rc != -EINVAL)
+            snprintf(err, errlen, "cannot read %s: %s", path, strerror(-rc));
+        close(fd);
+        return rc;
+    }
+    *size = (uint64_t)st.st_size;
+    return fd;
+}

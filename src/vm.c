@@ -1496,6 +1496,7 @@ int64_t vm_seek(struct vm *vm, const struct vm_snapshot *snap, uint64_t off, int
 
 #define EXPORT_MAGIC "imgfs-export 1\n"
 #define EXPORT_PIECE (1u << 20)
+_Static_assert(sizeof(EXPORT_MAGIC) - 1 + 16 == VM_EXPORT_MIN_SIZE, "VM_EXPORT_MIN_SIZE is the magic and the trailer");
 
 struct hashed_file {
     int fd;
@@ -1645,31 +1646,23 @@ static int verify_export(FILE *f, uint64_t *payload_len)
     return rc;
 }
 
-int vm_import(struct vm_registry *reg, const char *path, const char *name, struct vm **out, char *err,
-              size_t errlen)
+int vm_import(struct vm_registry *reg, int fd, const char *name, bool (*stop)(void *ctx), void *stop_ctx,
+              struct vm **out, char *err, size_t errlen)
 {
-    /* O_NONBLOCK: opening a FIFO must not wait for a writer (the control
-     * channel would wait with it); only a regular file is read. */
-    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    struct stat st;
-    if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || fcntl(fd, F_SETFL, 0) < 0) {
-        int rc = fd < 0 ? -errno : S_ISREG(st.st_mode) ? -errno : -EINVAL;
-        snprintf(err, errlen, "cannot import %s: %s", path, rc == -EINVAL ? "not a regular file" : strerror(-rc));
-        if (fd >= 0)
-            close(fd);
-        return rc;
-    }
-    FILE *f = fdopen(fd, "rb");
+    /* A FILE of our own on a dup, so that the caller keeps fd. */
+    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    FILE *f = own < 0 ? NULL : fdopen(own, "rb");
     if (!f) {
         int rc = -errno;
-        close(fd);
-        snprintf(err, errlen, "cannot open %s: %s", path, strerror(-rc));
+        if (own >= 0)
+            close(own);
+        snprintf(err, errlen, "cannot read the staged export: %s", strerror(-rc));
         return rc;
     }
     uint64_t payload;
     int rc = verify_export(f, &payload);
     if (rc) {
-        snprintf(err, errlen, "%s is not a complete imgfs export (truncated or altered): %s", path,
+        snprintf(err, errlen, "it is not a complete imgfs export (truncated or altered): %s",
                  rc == -EBADMSG ? "checksum mismatch" : strerror(-rc));
         fclose(f);
         return rc;
@@ -1689,7 +1682,7 @@ int vm_import(struct vm_registry *reg, const char *path, const char *name, struc
         header_ok = false;
     }
     if (!header_ok || strcmp(line, "data\n") != 0 || !name_is_valid(src_name) || size == 0) {
-        snprintf(err, errlen, "%s is not an imgfs export", path);
+        snprintf(err, errlen, "it is not an imgfs export");
         fclose(f);
         return -EBADMSG;
     }
@@ -1720,6 +1713,11 @@ int vm_import(struct vm_registry *reg, const char *path, const char *name, struc
     struct layer *top = vm->live.layers[0];
     while (!rc) {
         uint8_t head[17];
+        if (stop && stop(stop_ctx)) {
+            snprintf(err, errlen, "interrupted");
+            rc = -EINTR;
+            break;
+        }
         if (!piece || fread(head, 1, sizeof(head), f) != sizeof(head)) {
             rc = piece ? -EBADMSG : -ENOMEM;
             break;
@@ -1754,8 +1752,11 @@ int vm_import(struct vm_registry *reg, const char *path, const char *name, struc
         rc = vm_set_attr(reg, vm, &m, NULL, NULL);
     }
     if (rc) {
-        if (!err[0] || rc != -EBADMSG)
-            snprintf(err, errlen, "cannot import %s: %s", path, rc == -EBADMSG ? "malformed records" : strerror(-rc));
+        if (!err[0] || (rc != -EBADMSG && rc != -EINTR))
+            snprintf(err, errlen, "%s",
+                     rc == -EBADMSG  ? "its records are malformed"
+                     : rc == -ENOSPC ? "the state directory has no room for the VM's data"
+                                     : strerror(-rc));
         char ignored[256];
         vm_remove(reg, vm, ignored, sizeof(ignored));
         return rc;

@@ -1,6 +1,8 @@
 /* An export file (vm export, vm.h) given to vm import. */
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "fuzz.h"
 #include "state.h"
@@ -21,8 +23,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (vm_registry_open(path, no_base, NULL, &reg, err, sizeof(err)) != 0)
         abort();
     struct vm *vm;
-    if (vm_import(reg, in, "imported", &vm, err, sizeof(err)) == 0)
+    if ((fd = open(in, O_RDONLY | O_CLOEXEC)) < 0)
+        abort();
+    if (vm_import(reg, fd, "imported", NULL, NULL, &vm, err, sizeof(err)) == 0)
         vm_remove(reg, vm, err, sizeof(err));
+    close(fd);
     vm_registry_close(reg);
     return 0;
 }

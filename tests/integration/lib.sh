@@ -105,6 +105,14 @@ mount_imgfs() {
     fail "imgfs did not mount $mnt within 10 s"
 }
 
+# small_tmpfs DIR SIZE: a tmpfs of SIZE mounted at DIR (a disk that fills
+# up), unmounted at exit after the imgfs mounts that may use it.
+small_tmpfs() {
+    mkdir -p "$1"
+    mount -t tmpfs -o size="$2" tmpfs "$1" || fail "cannot mount a tmpfs at $1"
+    at_exit "for m in \"\${MOUNTS[@]}\"; do fusermount3 -uz \"\$m\" 2>/dev/null; done; umount -l '$1' 2>/dev/null"
+}
+
 # put OFFSET LEN SEED FILE...: the same pseudo-random bytes into each FILE.
 put() {
     local off=$1 len=$2 seed=$3

@@ -55,5 +55,28 @@ cmp "$T/mnt/bases/x.raw" "$T/img.raw" || fail "damaged cache file was served"
 [ "$(stat_value "$T/mnt" cache damaged_dropped)" -eq 1 ] || fail "damaged cache file not counted"
 [ "$(stat_value "$T/mnt" fetch requests)" -eq 1 ] || fail "expected exactly one refetch"
 ok "a damaged cache file is dropped and fetched again"
+
+# Reads of part of a cached chunk are checked by 4 KiB block: with block 9
+# of chunk 5 damaged, other blocks of it are served from the cache (nothing
+# dropped or fetched), and the read that reaches block 9 gets the right bytes
+# from the repository.
+umount_imgfs "$T/mnt"
+at=$(cache_locate "$T/cache" "$hash") || fail "chunk not in the cache after refetching"
+read -r pack off _ <<< "$at"
+printf '\xff' | dd of="$pack" bs=1 seek=$((off + 9 * 4096 + 77)) conv=notrunc status=none
+mount_imgfs "$T/repo" "$T/mnt"
+block() { dd if="$F" bs=4096 skip=$((5 * CS / 4096 + $1)) count=1 iflag=direct status=none; }
+for b in 3 14 0 11 8 15; do
+    cmp <(block $b) <(dd if="$T/img.raw" bs=4096 skip=$((5 * CS / 4096 + b)) count=1 status=none) ||
+        fail "block $b of chunk 5 read wrong"
+done
+[ "$(stat_value "$T/mnt" cache damaged_dropped)" -eq 0 ] || fail "good blocks of a chunk with one damaged block made it drop"
+[ "$(stat_value "$T/mnt" fetch requests)" -eq 0 ] || fail "good blocks of a cached chunk were fetched"
+cmp <(block 9) <(dd if="$T/img.raw" bs=4096 skip=$((5 * CS / 4096 + 9)) count=1 status=none) ||
+    fail "the damaged block was served"
+[ "$(stat_value "$T/mnt" cache damaged_dropped)" -eq 1 ] || fail "the damaged block was not caught"
+[ "$(stat_value "$T/mnt" fetch requests)" -eq 1 ] || fail "the damaged chunk was not fetched again"
+cmp "$F" "$T/img.raw" || fail "the base reads wrong after the block check"
+ok "a cached chunk is checked by the blocks read: a damaged block is caught, the others are served"
 umount_imgfs "$T/mnt"
 finish

@@ -11,10 +11,10 @@
 #    regular file's, which imports back to the same disk;
 #  - trace stop --output to a FIFO without a reader fails before the trace
 #    is stopped, so a second trace stop still gets the list;
-#  - vm import reads its file when imgfsctl reads the answer, not in the
-#    write that the kernel runs one at a time: while it reads a file whose
-#    reads hang (a base on a mount whose mirror answers nothing), the same
-#    commands answer;
+#  - vm import reads its file in imgfsctl, which streams it to the daemon:
+#    while it reads a file whose reads hang (a base on a mount whose mirror
+#    answers nothing), the same commands answer (test_import_stream has
+#    the rest);
 #  - an export with no room to stage it in the state directory fails with
 #    one line that says so, and frees what it took;
 #  - /dev/null stays a device, a directory is refused, and a regular file
@@ -126,7 +126,7 @@ ok "the trace survived the interrupted stop: the next one wrote a list through t
 
 # --- vm import of a regular file whose reads hang ----------------------------------------------------
 # A base on a second mount whose repository answers nothing: reading it waits
-# up to that mount's timeout (60 s), in the daemon, for the import.
+# up to that mount's timeout (60 s), in imgfsctl, which streams the file.
 mkdir -p "$T/www" "$T/state2"
 head -c $((4 * 131072)) /dev/urandom > "$T/a.raw"
 "$IMGFSCTL" publish "$T/a.raw" "$T/www/repo" --name a > /dev/null
@@ -153,9 +153,7 @@ umount_imgfs "$M2"
 
 # --- no room in the state directory to stage an export ----------------------------------------------
 SMALL=$T/small
-mkdir -p "$SMALL"
-mount -t tmpfs -o size=12M tmpfs "$SMALL" || fail "cannot mount a tmpfs"
-at_exit 'for m in "${MOUNTS[@]}"; do fusermount3 -uz "$m" 2>/dev/null; done; umount -l "$SMALL" 2>/dev/null'
+small_tmpfs "$SMALL" 12M
 mkdir -p "$SMALL/state"
 M3=$T/mnt3
 mount_imgfs "$T/repo" "$M3" "state=$SMALL/state" "$T/cache3"

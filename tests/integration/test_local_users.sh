@@ -4,9 +4,9 @@
 #  - a non-root user cannot read a new VM disk (mode 0600, with allow_other)
 #    nor an export file (0600); the VM file and layers in the state
 #    directory are 0600 too;
-#  - vm import of a FIFO fails at once and does not hold up a vm create run
-#    at the same time; an import takes no setuid/setgid bit and no owner
-#    from the file;
+#  - vm import of a FIFO fails at once (imgfsctl refuses it) and does not
+#    hold up a vm create run at the same time; an import takes no
+#    setuid/setgid bit and no owner from the file;
 #  - symlinks planted at the trace output's temp names (the old, predictable
 #    ones) are not written through;
 #  - a repository password comes from -o credentials=FILE and appears

@@ -204,9 +204,7 @@ umount_imgfs "$M"
 
 # ---- ENOSPC ---------------------------------------------------------------------
 SMALL=$T/small
-mkdir -p "$SMALL"
-mount -t tmpfs -o size=24M tmpfs "$SMALL" || fail "cannot mount a tmpfs"
-at_exit 'for m in "${MOUNTS[@]}"; do fusermount3 -uz "$m" 2>/dev/null; done; umount -l "$SMALL" 2>/dev/null'
+small_tmpfs "$SMALL" 24M
 mkdir -p "$SMALL/state"
 M2=$T/mnt2
 mount_imgfs "$T/repo" "$M2" "state=$SMALL/state"

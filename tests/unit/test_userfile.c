@@ -2,7 +2,10 @@
  * umask and appears only when committed; an aborted one leaves nothing; a
  * symlink at the path is replaced, not written through; a FIFO is written
  * into, and one without a reader, or whose reader never reads, fails at
- * its deadline with one sentence; a directory is refused. */
+ * its deadline with one sentence; a directory is refused. A file to read
+ * (vm import) opens with its size and blocking reads; a FIFO (even one
+ * without a writer, whose plain open would wait), a directory and a device
+ * are refused at once with one sentence. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -109,6 +112,17 @@ int main(void)
     CHECK(read(reader, buf, sizeof(buf)) == 3 && memcmp(buf, "abc", 3) == 0);
     close(reader);
     CHECK(lstat(fifo, &st) == 0 && S_ISFIFO(st.st_mode));
+
+    /* Reading: a regular file has its size, and reads block again. */
+    uint64_t size = 0;
+    fd = userfile_open_source(path, &size, err, sizeof(err));
+    CHECK(fd >= 0 && size == 5 && !(fcntl(fd, F_GETFL) & O_NONBLOCK));
+    CHECK(read(fd, buf, sizeof(buf)) == 5);
+    close(fd);
+    CHECK(userfile_open_source(fifo, &size, err, sizeof(err)) == -EINVAL && strstr(err, "is a FIFO, not a regular file"));
+    CHECK(userfile_open_source(dir, &size, err, sizeof(err)) == -EINVAL && strstr(err, "is a directory"));
+    CHECK(userfile_open_source("/dev/null", &size, err, sizeof(err)) == -EINVAL && strstr(err, "character device"));
+    CHECK(userfile_open_source(path_of("nosuch"), &size, err, sizeof(err)) == -ENOENT && strstr(err, "cannot open"));
 
     unlink(fifo);
     unlink(link_path);
