@@ -43,9 +43,11 @@
  * does a crash open it. A crash before the rename leaves ID.log with every
  * flushed write (ID.log.new is deleted at open, except by a takeover that
  * finishes the switch: layer_share_pending). For tests, the environment
- * variable IMGFS_LAYER_COMPACT_MIN replaces the 64 MiB, and
+ * variable IMGFS_LAYER_COMPACT_MIN replaces the 64 MiB,
  * IMGFS_TEST_COMPACT_PAUSE_MS makes a compaction pause after its switch,
- * before the sync and rename (writes go on meanwhile, flushes wait).
+ * before the sync and rename (writes go on meanwhile, flushes wait); and
+ * IMGFS_LAYER_ZERO_AHEAD=0 switches zeroing ahead off (a process that forks
+ * children, as the crash tests do, then starts no background thread).
  *
  * Old layers (ID.data, a sparse file of the disk's size, and ID.map, an
  * ownership bitmap after the header "imgfs-layer-map 1") are converted at

@@ -1659,7 +1659,8 @@ static uint64_t ahead_window(const struct layer *l)
 
 static bool wants_zero_ahead(const struct layer *l)
 {
-    if (!atomic_load(&l->small_flushes) || atomic_load(&l->no_zeroing) || atomic_load(&l->broken))
+    const char *env = getenv("IMGFS_LAYER_ZERO_AHEAD"); /* read each time: tests switch it */
+    if ((env && strcmp(env, "0") == 0) || !atomic_load(&l->small_flushes) || atomic_load(&l->no_zeroing) || atomic_load(&l->broken))
         return false;
     return atomic_load(&l->ahead) < atomic_load(&l->tail) + ahead_window(l) / 2;
 }
@@ -2036,10 +2037,27 @@ static void *compact_main(void *arg)
     return NULL;
 }
 
+/* A child forked while the threads run has none of them (the crash tests
+ * fork after zeroing started them): it starts its own, on a fresh lock and
+ * condition, whose waiters were the parent's threads. */
+static void compact_after_fork(void)
+{
+    pthread_mutex_init(&compact_lock, NULL);
+    pthread_cond_init(&compact_cond, NULL);
+    for (struct layer *q = compact_queue; q; q = q->compact_next)
+        q->compact_queued = false;
+    compact_queue = NULL;
+    compact_threads = 0;
+}
+
+static void compact_register_fork(void) { pthread_atfork(NULL, NULL, compact_after_fork); }
+
 static void maybe_background(struct layer *l)
 {
     if (!wants_compaction(l) && !wants_zero_ahead(l))
         return;
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, compact_register_fork);
     pthread_mutex_lock(&compact_lock);
     if (!l->compact_queued && !l->compacting && !l->compact_stop) {
         while (compact_threads < COMPACT_THREADS) {
