@@ -58,6 +58,13 @@ for b in new base; do
 done
 rm -f "$WORK/data"
 
+# seconds_of CMD...: runs CMD (its stdout to stderr) and prints how long it took.
+seconds_of() {
+    local t0
+    t0=$(date +%s.%N)
+    "$@" >&2 || return 1
+    awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }'
+}
 declare -A TIMES ITIMES
 for round in $(seq 1 "$ROUNDS"); do
     for b in new base; do
@@ -66,42 +73,39 @@ for round in $(seq 1 "$ROUNDS"); do
         rm -f "$WORK/out.exp"
         sync
         echo 3 >/proc/sys/vm/drop_caches
-        t0=$(date +%s.%N)
-        "$dir/imgfsctl" vm export "${MNT[$b]}" v "$WORK/out.exp" || die "the $b build's export failed."
-        t=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }')
+        t=$(seconds_of "$dir/imgfsctl" vm export "${MNT[$b]}" v "$WORK/out.exp") || die "the $b build's export failed."
         SIZE=$(stat -c %s "$WORK/out.exp")
         log "round $round $b: export $t s"
         TIMES[$b]="${TIMES[$b]:-} $t"
         sync
         echo 3 >/proc/sys/vm/drop_caches
-        t0=$(date +%s.%N)
-        "$dir/imgfsctl" vm import "${MNT[$b]}" "$WORK/out.exp" --name back || die "the $b build's import failed."
-        t=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }')
+        t=$(seconds_of "$dir/imgfsctl" vm import "${MNT[$b]}" "$WORK/out.exp" --name back) ||
+            die "the $b build's import failed."
         log "round $round $b: import $t s"
         ITIMES[$b]="${ITIMES[$b]:-} $t"
         "$dir/imgfsctl" vm rm "${MNT[$b]}" back || die "vm rm failed on the $b build."
     done
 done
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+# times_table BASE_TIMES NEW_TIMES: the Markdown table of both builds' runs, medians and ratio.
+times_table() {
+    local mb mn
+    mb=$(median "$1")
+    mn=$(median "$2")
+    echo "| build | seconds (each run) | median | ratio to baseline |"
+    echo "|---|---|---:|---:|"
+    echo "| baseline build | $1 | $mb | 1.00x |"
+    echo "| this build | $2 | $mn | $(awk -v a="$mn" -v b="$mb" 'BEGIN { printf "%.2fx", a / b }') |"
+}
 
 {
     echo "# vm export of a VM with $((DATA_BYTES >> 20)) MiB of its own data ($(date -u +%Y-%m-%d), $(uname -r), $(nproc) CPUs, load $(cut -d' ' -f1 /proc/loadavg))"
     echo
     echo "- blank $((VM_BYTES >> 20)) MiB VM disk; export to a regular file (${SIZE} bytes), page cache dropped before each; median of $ROUNDS, taking turns"
     echo
-    echo "| build | seconds (each run) | median | ratio to baseline |"
-    echo "|---|---|---:|---:|"
-    mb=$(median "${TIMES[base]}")
-    mn=$(median "${TIMES[new]}")
-    echo "| baseline build | ${TIMES[base]} | $mb | 1.00x |"
-    echo "| this build | ${TIMES[new]} | $mn | $(awk -v a="$mn" -v b="$mb" 'BEGIN { printf "%.2fx", a / b }') |"
+    times_table "${TIMES[base]}" "${TIMES[new]}"
     echo
     echo "vm import of that file, under a new name:"
     echo
-    echo "| build | seconds (each run) | median | ratio to baseline |"
-    echo "|---|---|---:|---:|"
-    mb=$(median "${ITIMES[base]}")
-    mn=$(median "${ITIMES[new]}")
-    echo "| baseline build | ${ITIMES[base]} | $mb | 1.00x |"
-    echo "| this build | ${ITIMES[new]} | $mn | $(awk -v a="$mn" -v b="$mb" 'BEGIN { printf "%.2fx", a / b }') |"
+    times_table "${ITIMES[base]}" "${ITIMES[new]}"
 } | save_report export

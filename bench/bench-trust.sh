@@ -19,6 +19,10 @@
 # whose records carry BLAKE2b-256 chunk digests (record version 1), read by
 # this build as a fifth case:
 #   local, signed v1  that repository with -o trust=KEY.pub (BLAKE2b)
+# With BASELINE_BIN_DIR=DIR (another build, e.g. main before a change), the
+# daemon DIR/imgfs reads the same repository the same ways in the same
+# rounds, right after this build's daemon (cases named base-...), and the
+# report adds the ratio of this build to it.
 # Each case runs BENCH_ROUNDS times, the cases alternating within a round;
 # the report gives the median time, MB/s of logical bytes, the daemon's CPU
 # seconds (user+sys, from /proc) and the ratio signed / unsigned, and after
@@ -27,8 +31,8 @@
 #
 # Run as root. Environment: BENCH_SIZE (256M), BENCH_RATE (100), BENCH_ROUNDS
 # (3), BENCH_DIR (/var/tmp), BENCH_KEEP=1, IMGFS_BIN_DIR (<repo>/build),
-# BENCH_V1_BIN_DIR (unset), BENCH_HTTP (1; 0 leaves the HTTP cases out, for
-# more local rounds in the same time).
+# BENCH_V1_BIN_DIR (unset), BASELINE_BIN_DIR (unset), BENCH_HTTP (1; 0
+# leaves the HTTP cases out, for more local rounds in the same time).
 # Output: a Markdown report on stdout and in bench/results/trust-<date>.md.
 set -uo pipefail
 
@@ -50,6 +54,7 @@ BENCH_NAME=bench-trust
 require_root "network namespace, tc, FUSE and drop_caches"
 require_tools nginx curl ip tc nsenter fusermount3 mountpoint awk
 require_imgfs "$IMGFS_BIN_DIR"
+[ -z "${BASELINE_BIN_DIR:-}" ] || require_imgfs "$BASELINE_BIN_DIR"
 [[ $BENCH_RATE =~ ^[0-9]+$ && $BENCH_ROUNDS =~ ^[0-9]+$ ]] || die "BENCH_RATE and BENCH_ROUNDS must be whole numbers."
 SIZE_BYTES=$(to_bytes "$BENCH_SIZE" BENCH_SIZE)
 EXTENT=1048576
@@ -114,12 +119,12 @@ cpu_seconds() {
     done
     echo "$total"
 }
-run_case() { # key repo options
-    local key=$1 repo=$2 opts=$3 t0 t1 cpu
+run_case() { # key repo options [bin-dir]
+    local key=$1 repo=$2 opts=$3 bin=${4:-$IMGFS_BIN_DIR} t0 t1 cpu
     unmount_imgfs
     rm -rf "$WORK/cache" "$WORK/state" && mkdir -p "$WORK/cache" "$WORK/state" "$MNT"
     sync && echo 3 >/proc/sys/vm/drop_caches
-    "$IMGFS_BIN_DIR/imgfs" "$repo" "$MNT" -f -o "cache=$WORK/cache,state=$WORK/state,$opts" >"$WORK/imgfs-$key.log" 2>&1 &
+    "$bin/imgfs" "$repo" "$MNT" -f -o "cache=$WORK/cache,state=$WORK/state,$opts" >"$WORK/imgfs-$key.log" 2>&1 &
     IMGFS_PID=$!
     wait_mounted "$MNT" 10 && [ -e "$MNT/bases/base.raw" ] || die "$key did not mount: $(tail -n 1 "$WORK/imgfs-$key.log")"
     t0=$EPOCHREALTIME
@@ -135,16 +140,23 @@ run_case() { # key repo options
     log "$key: $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s, daemon CPU $cpu s"
 }
 CASES=(local-unsigned local-signed)
+[ -n "${BASELINE_BIN_DIR:-}" ] && CASES+=(base-local-unsigned base-local-signed)
 [ -n "${BENCH_V1_BIN_DIR:-}" ] && CASES+=(local-signed-v1)
 [ "${BENCH_HTTP:-1}" = 0 ] || CASES+=(http-insecure http-signed)
+[ "${BENCH_HTTP:-1}" = 0 ] || [ -z "${BASELINE_BIN_DIR:-}" ] || CASES+=(base-http-insecure base-http-signed)
+# both_builds KEY REPO OPTIONS: this build's case, then the baseline's.
+both_builds() {
+    run_case "$1" "$2" "$3"
+    [ -z "${BASELINE_BIN_DIR:-}" ] || run_case "base-$1" "$2" "$3" "$BASELINE_BIN_DIR"
+}
 for ((round = 1; round <= BENCH_ROUNDS; round++)); do
     log "round $round of $BENCH_ROUNDS"
-    run_case local-unsigned "$REPO" "prefetch=none"
-    run_case local-signed "$REPO" "trust=$WORK/key.pub,prefetch=none"
+    both_builds local-unsigned "$REPO" "prefetch=none"
+    both_builds local-signed "$REPO" "trust=$WORK/key.pub,prefetch=none"
     [ -n "${BENCH_V1_BIN_DIR:-}" ] && run_case local-signed-v1 "$REPO_V1" "trust=$WORK/key.pub,prefetch=none"
     [ "${BENCH_HTTP:-1}" = 0 ] && continue
-    run_case http-insecure "$URL/repo" "insecure,prefetch=none"
-    run_case http-signed "$URL/repo" "trust=$WORK/key.pub,prefetch=none"
+    both_builds http-insecure "$URL/repo" "insecure,prefetch=none"
+    both_builds http-signed "$URL/repo" "trust=$WORK/key.pub,prefetch=none"
 done
 
 SPEED=
@@ -161,17 +173,25 @@ report() {
     echo "  signed: SHA-256 (OpenSSL EVP) chunk digests, no xxh3-128 check; unsigned: xxh3-128;"
     [ -n "${BENCH_V1_BIN_DIR:-}" ] && echo "  signed-v1: BLAKE2b-256 (libsodium) records written by $BENCH_V1_BIN_DIR/imgfsctl;"
     [ "${BENCH_HTTP:-1}" = 0 ] || echo "  http: nginx in a netns, tc tbf ${BENCH_RATE} Mbit/s;"
+    [ -z "${BASELINE_BIN_DIR:-}" ] || echo "  base-...: the same case read by $BASELINE_BIN_DIR/imgfs, right after this build's;"
     echo "  $BENCH_ROUNDS rounds, cases alternating, page cache dropped and cache emptied before each read; median of the rounds"
     echo
-    echo "| case | median s | logical MB/s | daemon CPU s | all runs (s) | signed / unsigned time |"
-    echo "|---|---:|---:|---:|---|---:|"
-    local k med base
+    echo "| case | median s | logical MB/s | daemon CPU s | all runs (s) | signed / unsigned time | this build / baseline time |"
+    echo "|---|---:|---:|---:|---|---:|---:|"
+    local k med base other
     for k in "${CASES[@]}"; do
         med=$(median <<<"${TIMES[$k]}")
-        case $k in local-signed | local-signed-v1) base=$(median <<<"${TIMES[local-unsigned]}") ;; http-signed) base=$(median <<<"${TIMES[http-insecure]}") ;; *) base= ;; esac
-        printf '| %s | %s | %.1f | %s | %s | %s |\n' "$k" "$med" "$(awk -v s="$SIZE_BYTES" -v t="$med" 'BEGIN { print s / t / 1e6 }')" \
+        case $k in
+        local-signed | local-signed-v1 | base-local-signed) base=$(median <<<"${TIMES[${k%-signed*}-unsigned]}") ;;
+        http-signed | base-http-signed) base=$(median <<<"${TIMES[${k%-signed}-insecure]}") ;;
+        *) base= ;;
+        esac
+        other=
+        [[ $k != base-* && -n ${TIMES[base-$k]:-} ]] && other=$(median <<<"${TIMES[base-$k]}")
+        printf '| %s | %s | %.1f | %s | %s | %s | %s |\n' "$k" "$med" "$(awk -v s="$SIZE_BYTES" -v t="$med" 'BEGIN { print s / t / 1e6 }')" \
             "$(median <<<"${CPU[$k]}")" "${TIMES[$k]# }" \
-            "$([ -n "$base" ] && awk -v a="$med" -v b="$base" 'BEGIN { printf "%.3fx", a / b }' || echo -)"
+            "$([ -n "$base" ] && awk -v a="$med" -v b="$base" 'BEGIN { printf "%.3fx", a / b }' || echo -)" \
+            "$([ -n "$other" ] && awk -v a="$med" -v b="$other" 'BEGIN { printf "%.3fx", a / b }' || echo -)"
     done
     if [ -n "$SPEED" ]; then
         echo

@@ -311,15 +311,31 @@ int prefetch_background(struct prefetcher *pf, const struct manifest *m, uint64_
 void prefetch_readahead(struct fetcher *f, const struct manifest *m, struct prefetch_stream *stream,
                         struct fetch_counters *counters, uint64_t first, uint64_t last)
 {
-    uint64_t previous = atomic_exchange(&stream->seq_next, last + 1);
     uint64_t window = PREFETCH_READAHEAD / m->chunk_size ? PREFETCH_READAHEAD / m->chunk_size : 1;
-    if (previous == 0 || (first + 1 != previous && first != previous)) {
-        atomic_store(&stream->seq_run, 0); /* not the continuation of the read before */
-        return;
+    uint64_t length = last + 1 - first;
+    /* Move the head (1 + the furthest chunk read in order) past this read.
+     * The FUSE threads hand over a sequential reader's requests in parallel,
+     * so neighbours arrive swapped: a read that starts at most its own
+     * length past the head, or behind it by at most a window (at least the
+     * head's own chunk, read again in pieces when chunks are large), is
+     * part of the run (one behind adds nothing to it); anything else starts
+     * a new run here. */
+    uint64_t head = atomic_load(&stream->seq_next);
+    for (;;) {
+        bool in_run = head != 0 && (first > head ? first - head <= length : head - first <= window);
+        if (!in_run) {
+            atomic_store(&stream->seq_next, last + 1);
+            atomic_store(&stream->seq_run, 0); /* not the continuation of the read before */
+            return;
+        }
+        if (last + 1 <= head)
+            return;
+        if (atomic_compare_exchange_weak(&stream->seq_next, &head, last + 1))
+            break;
     }
     /* Only a reader that has gone a whole window in order gets readahead:
      * scattered and short reads (a boot) fetch exactly what they read. */
-    if (atomic_fetch_add(&stream->seq_run, last + 1 - first) + (last + 1 - first) < window)
+    if (atomic_fetch_add(&stream->seq_run, last + 1 - head) + (last + 1 - head) < window)
         return;
     uint64_t stop = last + 1 + window < m->chunk_count ? last + 1 + window : m->chunk_count;
     /* Only the caller that moves ahead_until asks for the chunks. */

@@ -44,6 +44,12 @@ const char *image_format(const struct image *img);
  * a negative errno (-EIO for an unreadable or truncated image). */
 int image_read(struct image *img, void *buf, size_t len, uint64_t off);
 
+/* Asks the kernel to start reading the data (not the holes) of
+ * [off, off + len) of a raw image into the page cache, and returns without
+ * waiting, so that a later image_read finds it there. A hint: it does
+ * nothing for qcow2 images (libqcow reads them). */
+void image_prefetch(struct image *img, uint64_t off, uint64_t len);
+
 /* The first range [*start, *end) at or after off that may hold data, with
  * *start >= off. Everything between off and *start reads as zeros. Returns
  * 0, or -ENXIO when nothing at or after off holds data. */

@@ -85,12 +85,15 @@ int prefetch_replay(struct prefetcher *pf, struct repo *repo, const struct manif
 int prefetch_background(struct prefetcher *pf, const struct manifest *m, uint64_t rate, struct prefetch_marks *marks);
 
 /* Sequential readahead, called by the read path with the base chunks
- * first..last that a read of one file covers. Once reads of the file have gone
- * PREFETCH_READAHEAD bytes in order (each starting where the one before
- * ended, or in its last chunk), the next PREFETCH_READAHEAD bytes of chunks
- * are fetched into the cache (fetch_ahead: demand class, nobody waiting).
- * Scattered and short reads (a boot) fetch only what they read. VM disks
- * read in order reach their base the same way. */
+ * first..last that a read of one file covers (zero chunks too: a hole does
+ * not end a run). Once reads of the file have gone PREFETCH_READAHEAD bytes
+ * in order, the next PREFETCH_READAHEAD bytes of chunks are fetched into the
+ * cache (fetch_ahead: demand class, nobody waiting). In order means each
+ * read starts where the furthest one so far ended, or within its own length
+ * after it, or behind it by at most the window (neighbouring requests
+ * that the FUSE threads hand over swapped). Scattered and short reads (a
+ * boot) fetch only what they read. VM disks read in order reach their base
+ * the same way. */
 #define PREFETCH_READAHEAD (4u << 20)
 void prefetch_readahead(struct fetcher *f, const struct manifest *m, struct prefetch_stream *stream,
                         struct fetch_counters *counters, uint64_t first, uint64_t last);

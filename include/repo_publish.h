@@ -9,6 +9,7 @@
 #ifndef IMGFS_REPO_PUBLISH_H
 #define IMGFS_REPO_PUBLISH_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -21,6 +22,9 @@ struct repo_writer {
     int chunks_lock_fd;  /* shared: publisher, exclusive: gc; -1 when not held */
     const struct sign_secret_key *signers; /* not owned */
     size_t signer_count;
+    /* chunks/XY, opened on first use by whichever thread stores a chunk
+     * there first (compare-and-swap); -1 until then; closed with the repo. */
+    _Atomic int chunk_dirs[256];
 };
 
 /* For repo.c: sets up an unused writer, and drops its locks (repo_close). */
@@ -42,8 +46,11 @@ void repo_unlock_chunks(struct repo *repo);
 int repo_lock_publish(struct repo *repo);
 void repo_unlock_publish(struct repo *repo);
 bool repo_has_chunk(struct repo *repo, const struct chunk_hash *hash);
-/* Stores an encoded chunk under its name unless it already exists. The file
- * is not fsync'd here: repo_sync() makes all stored chunks durable at once. */
+/* Stores an encoded chunk under its name unless it already exists: written
+ * to an unnamed file (O_TMPFILE) that is linked in once complete, or where
+ * the file system has no O_TMPFILE, to a temp name that is renamed. Either
+ * way a chunk file is whole or absent. The file is not fsync'd here:
+ * repo_sync() makes all stored chunks durable at once. */
 int repo_put_chunk(struct repo *repo, const struct chunk_hash *hash, const void *enc, size_t len);
 int repo_sync(struct repo *repo);
 int repo_put_manifest(struct repo *repo, const struct manifest *m);

@@ -403,6 +403,18 @@ static int raw_next_data(const struct image *img, uint64_t off, uint64_t *start,
     return *start < *end ? 0 : -ENXIO;
 }
 
+void image_prefetch(struct image *img, uint64_t off, uint64_t len)
+{
+    if (img->qcow_depth != 0 || off >= img->size)
+        return;
+    uint64_t to = len < img->size - off ? off + len : img->size;
+    uint64_t start, end;
+    /* Holes are left out: the kernel would fill the page cache with zeros. */
+    for (; off < to && raw_next_data(img, off, &start, &end) == 0 && start < to; off = end)
+        (void)posix_fadvise(img->fd, (off_t)start, (off_t)((end < to ? end : to) - start),
+                            POSIX_FADV_WILLNEED); /* a hint: its failure changes nothing */
+}
+
 int image_next_data(const struct image *img, uint64_t off, uint64_t *start, uint64_t *end)
 {
     if (off >= img->size)

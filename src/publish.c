@@ -44,6 +44,12 @@ static void describe_source(const char *path, const char *format, char *out, siz
 
 /* Bytes of consecutive chunks a worker takes at once. */
 #define BATCH_BYTES (1u << 20)
+/* How far ahead of the batch it reads a worker asks for the image to be read
+ * into the page cache: the workers read interleaved batches through their
+ * own fds, which the kernel's readahead does not take for sequential reads,
+ * so a cold image would otherwise be read a batch at a time, with the CPUs
+ * waiting. */
+#define PREFETCH_AHEAD (8u << 20)
 
 /* The hashes stored (or being stored) by this publish, so that a chunk that
  * repeats in the image is compressed and written once, by one worker, and
@@ -178,6 +184,7 @@ static int read_batch(struct worker *w, uint64_t first, uint64_t count, uint64_t
     const struct manifest *m = w->p->m;
     uint64_t from = first * m->chunk_size;
     uint64_t to = chunks_end(m, first + count);
+    image_prefetch(w->reader, from + PREFETCH_AHEAD, to - from);
     memset(w->buf, 0, count * m->chunk_size);
     uint64_t start, end;
     for (uint64_t at = from; at < to && image_next_data(w->p->img, at, &start, &end) == 0 && start < to;

@@ -32,12 +32,13 @@ LOG=${DAEMON_LOG[$M]}
 DPID=$(stat_value "$M" daemon pid) # the serving process (DAEMON_PID is its supervisor)
 [ -d "/proc/$DPID/fd" ] || fail "no serving process $DPID"
 
-# staged: the daemon's unnamed staging files (O_TMPFILE in the state directory), one "FD SIZE" a line.
+# staged: the daemon's unnamed staging files (O_TMPFILE in the state directory, which /proc
+# names DIR/#INODE; or the fallback's unlinked .stage-*), one "FD SIZE" a line.
 staged() {
     local fd target
     for fd in /proc/$DPID/fd/*; do
         target=$(readlink "$fd" 2>/dev/null) || continue
-        case $target in "$STATE"/*" (deleted)") echo "${fd##*/} $(stat -L -c %s "$fd" 2>/dev/null || echo gone)" ;; esac
+        case $target in "$STATE/#"*" (deleted)" | "$STATE/.stage-"*" (deleted)") echo "${fd##*/} $(stat -L -c %s "$fd" 2>/dev/null || echo gone)" ;; esac
     done
 }
 # what_is_there: the VMs shown, VM files and layer files; nothing else may be in the state directory.

@@ -12,10 +12,17 @@ CS=131072
 MIB=1048576
 head -c $((64 * MIB)) /dev/urandom > "$T/img.raw" # no zero chunks: each read chunk is fetched
 "$IMGFSCTL" publish "$T/img.raw" "$T/repo" --name b > /dev/null
+# z: other random data (no chunk shared with b) with a hole: chunks 20-27
+# are zero (not stored, never fetched).
+head -c $((64 * MIB)) /dev/urandom > "$T/holes.raw"
+dd if=/dev/zero of="$T/holes.raw" bs=$CS seek=20 count=8 conv=notrunc status=none
+"$IMGFSCTL" publish "$T/holes.raw" "$T/repo" --name z > /dev/null
 [ "$(awk '$1 == "chunk-size" { print $2 }' "$T/repo/bases/b/1.manifest")" -eq $CS ] || fail "unexpected chunk size"
 mount_imgfs "$T/repo" "$M"
 "$IMGFSCTL" vm create "$M" a --base b > /dev/null || fail "cannot create VM a"
 "$IMGFSCTL" vm create "$M" c --base b > /dev/null || fail "cannot create VM c"
+"$IMGFSCTL" vm create "$M" d --base z > /dev/null || fail "cannot create VM d"
+"$IMGFSCTL" vm create "$M" e --base z > /dev/null || fail "cannot create VM e"
 
 # read_chunks VM FIRST COUNT: reads whole chunks, O_DIRECT (no kernel readahead).
 read_chunks() {
@@ -38,6 +45,23 @@ ok "two VM disks read 16 and 18 chunks in a row: 34 chunks fetched, no readahead
 read_chunks a 16 18
 wait_stat "$M" "base b@1" resident_chunks 66
 ok "one VM disk read 34 chunks in order: the next 32 were fetched ahead"
+
+# Reading the hole goes on with the run: d reads chunks 0-33 of z in order,
+# 26 of them stored, and gets the next 32 (34-65) fetched ahead. (The hole
+# used to end the run: reads after it started a new one.)
+read_chunks d 0 34
+wait_stat "$M" "base z@1" resident_chunks 58
+ok "a read in order across a hole of 8 zero chunks kept its readahead"
+
+# Two neighbouring reads that arrive swapped (FUSE threads hand them over in
+# parallel) do not end the run: e reads 100-115, 117, 116, then 118-133,
+# and gets 134-165 fetched ahead.
+read_chunks e 100 16
+read_chunks e 117 1
+read_chunks e 116 1
+read_chunks e 118 16
+wait_stat "$M" "base z@1" resident_chunks $((58 + 34 + 32))
+ok "a run with two reads swapped kept its readahead"
 [ "$(stat_value "$M" fetch errors)" -eq 0 ] || fail "fetch errors"
 umount_imgfs "$M"
 finish
