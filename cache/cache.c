@@ -473,7 +473,8 @@ static int copy_sums(const struct pack *from, uint64_t from_off, struct pack *to
         size_t n = blocks - done < MAX_SUMMED_BLOCKS ? blocks - done : MAX_SUMMED_BLOCKS;
         rc = read_sums(from, from_off, done, n, sums);
         if (!rc)
-            rc = write_full_at(to->sums_fd, sums, n * sizeof(*sums), (off_t)((to_off / SUM_BLOCK + done) * sizeof(*sums)));
+            rc = write_full_at(to->sums_fd, sums, n * sizeof(*sums),
+                               (off_t)((to_off / SUM_BLOCK + done) * sizeof(*sums)));
         done += n;
     }
     return rc;
@@ -1188,9 +1189,10 @@ void cache_set_limit(struct cache *cache, uint64_t limit)
 }
 
 /* Appends a chunk to the active pack (moved: the entry whose copy it is, for
- * a compaction): its bytes and block sums, then its ADD record. The record is written only once the bytes are, so after a kill -9 a record
- * never points at a half-written chunk; after a power loss it might (no
- * fsync), which the verification on first use catches. */
+ * a compaction): its bytes and block sums, then its ADD record. The record
+ * is written only once the bytes are, so after a kill -9 a record never
+ * points at a half-written chunk; after a power loss it might (no fsync),
+ * which the verification on first use catches. */
 static int store(struct cache *cache, const struct chunk_hash *hash, const void *data, size_t len,
                  const struct cache_entry *moved, struct pack **pack, uint64_t *off)
 {
