@@ -113,7 +113,7 @@ static void publish_help(FILE *out)
             "  --name NAME        base name: letters, digits, '.', '_', '-' (max 64)\n"
             "  --chunk-size SIZE  power of two from 4K to 16M (default 128K)\n"
             "  --level N          zstd level 1-19, 0 stores chunks uncompressed (default 1)\n"
-            "  --threads N        reading, hashing and compressing threads (default: one per CPU)\n"
+            "  --threads N        reading, hashing and compressing threads (default: CPUs + 1)\n"
             "  --key KEYFILE      sign the new index with this secret key (imgfsctl key\n"
             "                     generate); repeat to sign with several keys. A signed\n"
             "                     repository refuses an unsigned publish\n");

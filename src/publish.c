@@ -300,10 +300,13 @@ static int worker_init(struct worker *w, struct pipeline *p, bool first, char *e
     return 0;
 }
 
+/* One more than the CPUs: a worker blocked on a read, a write or the lock
+ * leaves its CPU to the extra one (on 2 CPUs, 3 workers published 0.76-0.94x
+ * of 2 workers' time under load; bench/RESULTS.md). */
 static unsigned default_threads(void)
 {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n < 1 ? 1 : n > PUBLISH_MAX_THREADS ? PUBLISH_MAX_THREADS : (unsigned)n;
+    return n < 1 ? 2 : n >= PUBLISH_MAX_THREADS ? PUBLISH_MAX_THREADS : (unsigned)n + 1;
 }
 
 /* Reads, hashes and stores every chunk of img into m->chunks, on threads
