@@ -68,6 +68,7 @@ struct publish_result {
     uint64_t chunks_zero;
     uint64_t bytes_stored;
     unsigned threads;
+    double sync_seconds; /* of the syncfs that made the chunks durable */
 };
 
 int publish_image(const struct publish_options *opts, struct publish_result *result, char *err,

@@ -211,6 +211,8 @@ static int publish_main(int argc, char **argv)
            res.chunks_new, res.chunks_reused, res.chunks_zero, opts.chunk_size);
     printf("stored      %s (%" PRIu64 " bytes)\n", format_size(res.bytes_stored, stored_s, sizeof(stored_s)),
            res.bytes_stored);
+    /* syncfs flushes what other programs wrote to that file system too. */
+    printf("synced      in %.1f s (syncfs of the repository's file system)\n", res.sync_seconds);
     return 0;
 }
 
