@@ -396,18 +396,27 @@ static uint64_t block_sum(const void *block)
     return h ? h : 1; /* 0 is "unknown" */
 }
 
-/* Brings the sums file's share of cache->used up to date with its size. */
-static void count_sums_space(struct cache *cache, struct pack *p)
+/* Counts the sums file up to written_end (rounded up to a whole block) in
+ * cache->used before or as its blocks are written. It only grows: sums are
+ * written at the pack's end as it fills, so every block below is in use
+ * (a sums file of an older build is counted whole as its chunks are
+ * checked: at most too much, never too little). */
+static void count_sums_space(struct cache *cache, struct pack *p, uint64_t written_end)
 {
-    struct stat st;
-    if (fstat(p->sums_fd, &st) < 0)
-        return;
-    uint64_t now = (uint64_t)st.st_blocks * 512;
-    uint64_t before = atomic_exchange(&p->sums_bytes, now);
-    if (now >= before)
-        atomic_fetch_add(&cache->used, now - before);
-    else
-        atomic_fetch_sub(&cache->used, before - now);
+    uint64_t need = (written_end + SUM_BLOCK - 1) / SUM_BLOCK * SUM_BLOCK;
+    uint64_t have = atomic_load(&p->sums_bytes);
+    while (need > have) {
+        if (atomic_compare_exchange_weak(&p->sums_bytes, &have, need)) {
+            atomic_fetch_add(&cache->used, need - have);
+            return;
+        }
+    }
+}
+
+/* Where the sums of a chunk of len bytes stored at off end in its file. */
+static uint64_t sums_end(uint64_t off, uint64_t len)
+{
+    return (off / SUM_BLOCK + len / SUM_BLOCK) * sizeof(uint64_t);
 }
 
 /* Writes the sums of the whole blocks of data, stored at off in p. */
@@ -672,7 +681,9 @@ static int load_packs(struct cache *cache)
         p->next = cache->packs;
         cache->packs = p;
         cache->pack_count++;
-        count_sums_space(cache, p);
+        struct stat st;
+        if (fstat(p->sums_fd, &st) == 0)
+            count_sums_space(cache, p, (uint64_t)st.st_size);
         rc = load_pack(cache, p);
     }
     free(ids);
@@ -919,9 +930,9 @@ static int verify_resident(struct cache *cache, struct cache_entry *e, uint32_t 
         for (size_t i = 0; i < chunk_size / SUM_BLOCK; i++) {
             if (stored[i] != block_sum(buf + i * SUM_BLOCK)) {
                 /* Best effort: without them the chunk is checked whole next run. */
+                count_sums_space(cache, e->pack, sums_end(e->off, chunk_size));
                 if (write_sums(e->pack, e->off, buf, chunk_size) != 0)
                     log_warn("cache: cannot write block sums in pack %08x: %s", e->pack->id, strerror(errno));
-                count_sums_space(cache, e->pack);
                 break;
             }
         }
@@ -1160,10 +1171,11 @@ static int store(struct cache *cache, const struct chunk_hash *hash, const void 
     rc = write_full_at((*pack)->fd, data, len, (off_t)*off);
     /* Sums come from verified bytes only: those of a fill, or of a moved
      * chunk checked whole in this run; other moved chunks keep theirs. */
-    if (!rc)
+    if (!rc) {
+        count_sums_space(cache, *pack, sums_end(*off, len));
         rc = moved && !moved->verified ? copy_sums(moved->pack, moved->off, *pack, *off, len)
                                        : write_sums(*pack, *off, data, len);
-    count_sums_space(cache, *pack);
+    }
     if (!rc)
         rc = append_record(cache, *pack, RECORD_ADD, hash, *off, len, (uint64_t)time(NULL), true);
     if (rc) {

@@ -316,12 +316,13 @@ void prefetch_readahead(struct fetcher *f, const struct manifest *m, struct pref
     /* Move the head (1 + the furthest chunk read in order) past this read.
      * The FUSE threads hand over a sequential reader's requests in parallel,
      * so neighbours arrive swapped: a read that starts at most its own
-     * length past the head, or behind it by less than a window, is part of
-     * the run (one behind adds nothing to it); anything else starts a new
-     * run here. */
+     * length past the head, or behind it by at most a window (at least the
+     * head's own chunk, read again in pieces when chunks are large), is
+     * part of the run (one behind adds nothing to it); anything else starts
+     * a new run here. */
     uint64_t head = atomic_load(&stream->seq_next);
     for (;;) {
-        bool in_run = head != 0 && (first > head ? first - head <= length : head - first < window);
+        bool in_run = head != 0 && (first > head ? first - head <= length : head - first <= window);
         if (!in_run) {
             atomic_store(&stream->seq_next, last + 1);
             atomic_store(&stream->seq_run, 0); /* not the continuation of the read before */

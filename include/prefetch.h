@@ -90,7 +90,7 @@ int prefetch_background(struct prefetcher *pf, const struct manifest *m, uint64_
  * in order, the next PREFETCH_READAHEAD bytes of chunks are fetched into the
  * cache (fetch_ahead: demand class, nobody waiting). In order means each
  * read starts where the furthest one so far ended, or within its own length
- * after it, or behind it by less than the window (neighbouring requests
+ * after it, or behind it by at most the window (neighbouring requests
  * that the FUSE threads hand over swapped). Scattered and short reads (a
  * boot) fetch only what they read. VM disks read in order reach their base
  * the same way. */
