@@ -90,6 +90,15 @@ struct pack {
     struct pack *next;
 };
 
+/* A dropped copy of a chunk whose bytes stay until the readers that pinned
+ * it before it was found damaged are done (their pins name fd and off). It
+ * keeps its place in the pack's live count until then. */
+struct stale_copy {
+    struct pack *pack;
+    uint64_t off, size;
+    uint32_t pins; /* of the entry's pins, those on this copy */
+};
+
 enum entry_state {
     ENTRY_ABSENT,   /* not on disk (new entry, or dropped after damage) */
     ENTRY_BUSY,     /* one caller is filling, verifying or evicting it; others wait */
@@ -119,6 +128,7 @@ struct cache_entry {
     uint8_t state;
     bool verified;            /* the whole chunk checked during this run */
     uint64_t verified_blocks; /* bit i: 4 KiB block i checked against its sum in this run */
+    struct stale_copy *stale; /* a damaged copy still pinned by readers of its good blocks */
 };
 
 /* All fields of a shard, and of the entries hashed to it, are guarded by
@@ -388,11 +398,14 @@ static void punch(struct pack *p, uint64_t off, uint64_t len)
  * checked a block at a time: a random 4 KiB read of a cached base reads 4 KiB
  * and its sum, not the whole chunk. They are not synced either. A sum that
  * is unknown or does not match never fails a read: the whole chunk is then
- * checked against its hash, which decides, and the sums are written anew. */
+ * checked against its hash, which decides, and the sums are written anew.
+ * A sum is seeded with its chunk's hash and the block's place in it, so a
+ * sum left over from other bytes (another chunk, a stale file) never
+ * vouches for a block. */
 
-static uint64_t block_sum(const void *block)
+static uint64_t block_sum(const struct chunk_hash *chunk, size_t index, const void *block)
 {
-    uint64_t h = XXH3_64bits(block, SUM_BLOCK);
+    uint64_t h = XXH3_64bits_withSeed(block, SUM_BLOCK, chunk_hash_bucket(chunk) + index);
     return h ? h : 1; /* 0 is "unknown" */
 }
 
@@ -419,15 +432,15 @@ static uint64_t sums_end(uint64_t off, uint64_t len)
     return (off / SUM_BLOCK + len / SUM_BLOCK) * sizeof(uint64_t);
 }
 
-/* Writes the sums of the whole blocks of data, stored at off in p. */
-static int write_sums(struct pack *p, uint64_t off, const char *data, size_t len)
+/* Writes the sums of the whole blocks of data (chunk's bytes), stored at off in p. */
+static int write_sums(struct pack *p, uint64_t off, const struct chunk_hash *chunk, const char *data, size_t len)
 {
     uint64_t sums[MAX_SUMMED_BLOCKS];
     size_t blocks = len / SUM_BLOCK;
     for (size_t done = 0; done < blocks;) {
         size_t n = blocks - done < MAX_SUMMED_BLOCKS ? blocks - done : MAX_SUMMED_BLOCKS;
         for (size_t i = 0; i < n; i++)
-            sums[i] = block_sum(data + (done + i) * SUM_BLOCK);
+            sums[i] = block_sum(chunk, done + i, data + (done + i) * SUM_BLOCK);
         int rc = write_full_at(p->sums_fd, sums, n * sizeof(*sums), (off_t)((off / SUM_BLOCK + done) * sizeof(*sums)));
         if (rc)
             return rc;
@@ -460,7 +473,8 @@ static int copy_sums(const struct pack *from, uint64_t from_off, struct pack *to
         size_t n = blocks - done < MAX_SUMMED_BLOCKS ? blocks - done : MAX_SUMMED_BLOCKS;
         rc = read_sums(from, from_off, done, n, sums);
         if (!rc)
-            rc = write_full_at(to->sums_fd, sums, n * sizeof(*sums), (off_t)((to_off / SUM_BLOCK + done) * sizeof(*sums)));
+            rc = write_full_at(to->sums_fd, sums, n * sizeof(*sums),
+                               (off_t)((to_off / SUM_BLOCK + done) * sizeof(*sums)));
         done += n;
     }
     return rc;
@@ -507,7 +521,7 @@ static int verify_blocks(const struct cache_entry *e, uint64_t mask)
         if (!rc)
             rc = read_full_at(e->pack->fd, buf, (size_t)n * SUM_BLOCK, (off_t)(e->off + (uint64_t)first * SUM_BLOCK));
         for (unsigned i = 0; !rc && i < n; i++)
-            if (sums[i] == 0 || block_sum(buf + (size_t)i * SUM_BLOCK) != sums[i])
+            if (sums[i] == 0 || block_sum(&e->hash, first + i, buf + (size_t)i * SUM_BLOCK) != sums[i])
                 rc = -EAGAIN;
         free(buf);
         first += n;
@@ -882,6 +896,7 @@ void cache_close(struct cache *cache)
             struct cache_entry *e = s->buckets[b];
             while (e) {
                 struct cache_entry *next = e->next;
+                free(e->stale); /* no pins are left at close */
                 free(e);
                 e = next;
             }
@@ -928,10 +943,10 @@ static int verify_resident(struct cache *cache, struct cache_entry *e, uint32_t 
     uint64_t mask = all_blocks(chunk_size), stored[MAX_SUMMED_BLOCKS];
     if (!rc && mask && read_sums(e->pack, e->off, 0, chunk_size / SUM_BLOCK, stored) == 0) {
         for (size_t i = 0; i < chunk_size / SUM_BLOCK; i++) {
-            if (stored[i] != block_sum(buf + i * SUM_BLOCK)) {
+            if (stored[i] != block_sum(&e->hash, i, buf + i * SUM_BLOCK)) {
                 /* Best effort: without them the chunk is checked whole next run. */
                 count_sums_space(cache, e->pack, sums_end(e->off, chunk_size));
-                if (write_sums(e->pack, e->off, buf, chunk_size) != 0)
+                if (write_sums(e->pack, e->off, &e->hash, buf, chunk_size) != 0)
                     log_warn("cache: cannot write block sums in pack %08x: %s", e->pack->id, strerror(errno));
                 break;
             }
@@ -1004,12 +1019,20 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
                 pthread_mutex_unlock(&s->lock);
                 return CACHE_HIT;
             }
-            /* Its bytes go; first the readers of its good blocks must be
-             * done with them (nobody new pins a BUSY entry). */
+            /* Its bytes go. Readers of its good blocks may hold pins on
+             * them (nobody new pins a BUSY entry): then the copy stays,
+             * remembered as stale, until the last of them is done. Only
+             * when that cannot be (a second stale copy, no memory) does
+             * this wait for them, bounded. */
+            struct stale_copy *stale = NULL;
+            if (e->pins > 1 && !e->stale && (stale = malloc(sizeof(*stale))) != NULL) {
+                *stale = (struct stale_copy){e->pack, e->off, e->size, e->pins - 1};
+                e->stale = stale;
+            }
             const uint64_t drop_deadline = now_ns() + READERS_WAIT_NS;
-            while (e->pins > 1 && wait_until(s, drop_deadline) == 0)
+            while (!stale && e->pins > 1 && wait_until(s, drop_deadline) == 0)
                 ;
-            if (e->pins > 1) {
+            if (!stale && e->pins > 1) {
                 e->state = ENTRY_RESIDENT; /* checked again by the next reader */
                 e->pins--;
                 pthread_cond_broadcast(&s->changed);
@@ -1024,23 +1047,30 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
                 log_warn("cache: dropped damaged chunk %s (pack %08x, offset %llu)", hex, e->pack->id,
                          (unsigned long long)e->off);
             }
-            discard_bytes(cache, e);
+            if (stale)
+                append_record(cache, e->pack, RECORD_DROP, &e->hash, e->off, e->size, 0, false);
+            else
+                discard_bytes(cache, e);
             pthread_mutex_lock(&s->lock);
             struct pack *p = drop_resident(cache, s, e);
+            if (stale)
+                p = NULL; /* the stale copy keeps its place in the pack */
             pin->fd = -1;
             pin->off = 0;
             if (rc == -EBADMSG) {
                 /* Damaged: this caller fetches it afresh (the entry stays BUSY). */
                 pin->entry = e;
                 pthread_mutex_unlock(&s->lock);
-                pack_unref(cache, p);
+                if (p)
+                    pack_unref(cache, p);
                 return CACHE_MUST_FILL;
             }
             e->state = ENTRY_ABSENT;
             e->pins--;
             pthread_cond_broadcast(&s->changed);
             pthread_mutex_unlock(&s->lock);
-            pack_unref(cache, p);
+            if (p)
+                pack_unref(cache, p);
             return rc;
         }
         /* ENTRY_BUSY: somebody else is filling, verifying or evicting it. */
@@ -1159,9 +1189,10 @@ void cache_set_limit(struct cache *cache, uint64_t limit)
 }
 
 /* Appends a chunk to the active pack (moved: the entry whose copy it is, for
- * a compaction): its bytes and block sums, then its ADD record. The record is written only once the bytes are, so after a kill -9 a record
- * never points at a half-written chunk; after a power loss it might (no
- * fsync), which the verification on first use catches. */
+ * a compaction): its bytes and block sums, then its ADD record. The record
+ * is written only once the bytes are, so after a kill -9 a record never
+ * points at a half-written chunk; after a power loss it might (no fsync),
+ * which the verification on first use catches. */
 static int store(struct cache *cache, const struct chunk_hash *hash, const void *data, size_t len,
                  const struct cache_entry *moved, struct pack **pack, uint64_t *off)
 {
@@ -1169,12 +1200,11 @@ static int store(struct cache *cache, const struct chunk_hash *hash, const void 
     if (rc)
         return rc;
     rc = write_full_at((*pack)->fd, data, len, (off_t)*off);
-    /* Sums come from verified bytes only: those of a fill, or of a moved
-     * chunk checked whole in this run; other moved chunks keep theirs. */
+    /* Sums come from verified bytes only: a fill's. A moved chunk keeps
+     * its sums, since its bytes were read again for the move unchecked. */
     if (!rc) {
         count_sums_space(cache, *pack, sums_end(*off, len));
-        rc = moved && !moved->verified ? copy_sums(moved->pack, moved->off, *pack, *off, len)
-                                       : write_sums(*pack, *off, data, len);
+        rc = moved ? copy_sums(moved->pack, moved->off, *pack, *off, len) : write_sums(*pack, *off, hash, data, len);
     }
     if (!rc)
         rc = append_record(cache, *pack, RECORD_ADD, hash, *off, len, (uint64_t)time(NULL), true);
@@ -1265,6 +1295,9 @@ static void compact_sparse_pack(struct cache *cache)
                 pthread_mutex_lock(&s->lock);
                 e->pack = to;
                 e->off = off;
+                /* The new copy was read and written unchecked: checked again at its next use. */
+                e->verified = false;
+                e->verified_blocks = 0;
                 e->state = ENTRY_RESIDENT;
                 pthread_cond_broadcast(&s->changed);
                 pthread_mutex_unlock(&s->lock);
@@ -1343,9 +1376,19 @@ void cache_release(struct cache *cache, struct cache_pin *pin)
     struct shard *s = shard_of(cache, &e->hash);
     pthread_mutex_lock(&s->lock);
     e->pins--;
+    struct stale_copy *gone = NULL;
+    if (e->stale && pin->fd == e->stale->pack->fd && pin->off == e->stale->off && --e->stale->pins == 0) {
+        gone = e->stale;
+        e->stale = NULL;
+    }
     if (e->state == ENTRY_BUSY)
         pthread_cond_broadcast(&s->changed); /* a damaged chunk's drop may wait for its readers */
     pthread_mutex_unlock(&s->lock);
+    if (gone) {
+        punch(gone->pack, gone->off, gone->size);
+        pack_unref(cache, gone->pack);
+        free(gone);
+    }
     pin->entry = NULL;
     pin->fd = -1;
     pin->off = 0;

@@ -334,8 +334,12 @@ void prefetch_readahead(struct fetcher *f, const struct manifest *m, struct pref
             break;
     }
     /* Only a reader that has gone a whole window in order gets readahead:
-     * scattered and short reads (a boot) fetch exactly what they read. */
-    if (atomic_fetch_add(&stream->seq_run, last + 1 - head) + (last + 1 - head) < window)
+     * scattered and short reads (a boot) fetch exactly what they read. A
+     * read past a gap counts nothing: a swapped neighbour fills the gap
+     * later, but a reader that reads one chunk in two never does, and it
+     * must not look sequential. */
+    uint64_t in_order = first == head ? length : 0;
+    if (atomic_fetch_add(&stream->seq_run, in_order) + in_order < window)
         return;
     uint64_t stop = last + 1 + window < m->chunk_count ? last + 1 + window : m->chunk_count;
     /* Only the caller that moves ahead_until asks for the chunks. */

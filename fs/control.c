@@ -215,6 +215,10 @@ static int start_import(struct imgfs *fs, const char *name, const char *size_tex
                  size < VM_EXPORT_MIN_SIZE ? "too short" : "longer than that of the largest disk, 16T");
         return -EINVAL;
     }
+    if (named && !name_is_valid(name)) {
+        snprintf(err, errlen, "invalid VM name '%s': use 1-64 letters, digits, '.', '_' or '-'", name);
+        return -EINVAL;
+    }
     if (named && vm_find(fs->vms, name)) {
         snprintf(err, errlen, "VM %s already exists", name);
         return -EEXIST;

@@ -621,6 +621,12 @@ static bool text_receive(fuse_req_t req, uint64_t id, const char *buf, size_t si
 {
     int rc;
     struct control_deferred *d = take_deferred(id, control_receiving, &rc);
+    if (!d && rc == -EBUSY) {
+        /* A read runs this handle's deferred work: these bytes may be the
+         * stream's, never a command. */
+        fuse_reply_err(req, EBUSY);
+        return true;
+    }
     if (!d)
         return false;
     rc = control_receive(fs_of(req), d, buf, size, off < 0 ? UINT64_MAX : (uint64_t)off);
