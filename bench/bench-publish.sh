@@ -8,13 +8,17 @@
 #   1. DATA (64 MiB) as a dense raw file, and the same DATA written at 8
 #      places of a 100 GiB sparse raw file; also qemu-img convert of the
 #      sparse file, for reference. Target: sparse <= 2 x dense + 0.5 s.
-#   2. a dense raw image (BENCH_DENSE, default 2G): publish on every core,
-#      on one thread (the old sequential speed), and `zstd -3 -T0` of the
-#      same file. Target: publish <= zstd.
+#   2. a dense raw image (BENCH_DENSE, default 2G): publish on every core
+#      and `zstd -3 -T0` of the same file, taking turns BENCH_ROUNDS
+#      (default 3) times, with a baseline build's publish in each round
+#      when BASELINE_BIN_DIR is set; then once on one thread. Target:
+#      publish <= zstd in every round.
 #   3. QDATA (BENCH_QCOW_DATA, default 1G) as a dense raw file, and as
 #      qcow2 images of 20 GiB and 100 GiB virtual holding it. Target: the
 #      qcow2 times follow the 1 GiB, not the virtual size.
-# Every publish goes to a new repository and includes its syncfs. Inputs are
+# Every publish goes to a new repository and includes its syncfs; none is
+# removed before the end (deleting thousands of chunk files just before a
+# publish makes ext4 slower to allocate its inodes). Inputs are
 # read once before they are timed (page cache warm), and `sync` runs before
 # each timing. A publish ends with syncfs (its chunks are durable); zstd
 # writes its output to a file on the same disk and is timed without and
@@ -22,6 +26,9 @@
 #
 # Environment:
 #   BENCH_DENSE      size of the dense image (default 2G)
+#   BENCH_ROUNDS     rounds of the dense comparison (default 3)
+#   BASELINE_BIN_DIR another build's imgfsctl to publish the dense image with
+#                    in the same rounds (optional; for example main's build)
 #   BENCH_QCOW_DATA  data in the qcow2 images (default 1G)
 #   BENCH_DIR        parent of the work directory (default /var/tmp)
 #   BENCH_KEEP=1     keep the work directory
@@ -41,6 +48,13 @@ no_args_but_help "$@"
 require_tools qemu-img zstd tar
 [ -x "$IMGFS_BIN_DIR/imgfsctl" ] || die "imgfsctl not found in $IMGFS_BIN_DIR (build it, or set IMGFS_BIN_DIR)."
 IMGFSCTL=$IMGFS_BIN_DIR/imgfsctl
+BASELINE=
+if [ -n "${BASELINE_BIN_DIR:-}" ]; then
+    [ -x "$BASELINE_BIN_DIR/imgfsctl" ] || die "imgfsctl not found in BASELINE_BIN_DIR ($BASELINE_BIN_DIR)."
+    BASELINE=$BASELINE_BIN_DIR/imgfsctl
+fi
+ROUNDS=${BENCH_ROUNDS:-3}
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive number."
 DENSE=$(to_bytes "${BENCH_DENSE:-2G}" BENCH_DENSE)
 QDATA=$(to_bytes "${BENCH_QCOW_DATA:-1G}" BENCH_QCOW_DATA)
 MIB=$((1024 * 1024))
@@ -78,14 +92,20 @@ warm() {
 # syncfs pays for its own chunks only.
 repo_n=0
 publish() { # VAR image [options...]
-    local var=$1 img=$2
-    shift 2
+    publish_with "$IMGFSCTL" "$@"
+}
+publish_with() { # IMGFSCTL VAR image [options...]
+    local ctl=$1 var=$2 img=$3
+    shift 3
     repo_n=$((repo_n + 1))
     warm "$img"
     sync
-    printf -v "$var" '%s' "$(seconds "$IMGFSCTL" publish "$img" "$WORK/repo$repo_n" --name b "$@")"
+    printf -v "$var" '%s' "$(seconds "$ctl" publish "$img" "$WORK/repo$repo_n" --name b "$@")"
     printf -v "${var}_cpu" '%s' "$(cpu)"
 }
+# The bytes a publish stored (its "stored" line), from $WORK/last.out.
+stored_bytes() { grep '^stored' "$WORK/last.out" | grep -o '([0-9]* bytes)' | tr -dc 0-9; }
+mib() { echo "$1" | awk '{ printf "%.0f", $1 / 1048576 }'; }
 ratio() { echo "$1 $2" | awk '{ printf "%.2fx", $1 / ($2 > 0 ? $2 : 0.001) }'; }
 
 log "making the inputs in $WORK"
@@ -120,19 +140,34 @@ t_convert_cpu=$(cpu)
 rm -f "$WORK/sparse-copy.raw"
 limit=$(echo "$t_dense64" | awk '{ printf "%.3f", 2 * $1 + 0.5 }')
 
-log "2. dense: every core, one thread, zstd -3 -T0"
-publish t_all "$WORK/dense.raw"
-threads=$(grep -o 'on [0-9]* threads' "$WORK/last.out" | grep -o '[0-9]*')
+log "2. dense: every core against zstd -3 -T0${BASELINE:+ and the baseline}, $ROUNDS rounds taking turns"
+dense_rows=()
+met=0
+for round in $(seq 1 "$ROUNDS"); do
+    publish t_all "$WORK/dense.raw"
+    threads=$(grep -o 'on [0-9]* threads' "$WORK/last.out" | grep -o '[0-9]*')
+    s_all=$(stored_bytes)
+    sync_all=$(grep '^synced' "$WORK/last.out" | grep -o '[0-9.]* s' | tr -dc 0-9.)
+    dense_repo=$WORK/repo$repo_n
+    sync
+    t_zstd=$(seconds zstd -3 -T0 -q -f "$WORK/dense.raw" -o "$WORK/dense.zst")
+    t_zstd_cpu=$(cpu)
+    t_zsync=$(seconds sync "$WORK/dense.zst") # fsync: durable, as a publish is
+    t_zstd_durable=$(echo "$t_zstd $t_zsync" | awk '{ printf "%.3f", $1 + $2 }')
+    s_zstd=$(stat -c %s "$WORK/dense.zst")
+    rm -f "$WORK/dense.zst"
+    base_cells="| | | |"
+    if [ -n "$BASELINE" ]; then
+        publish_with "$BASELINE" t_base "$WORK/dense.raw"
+        s_base=$(stored_bytes)
+        base_cells="| $t_base | $t_base_cpu | $(ratio "$t_base" "$t_zstd") |"
+    fi
+    awk -v a="$t_all" -v b="$t_zstd" 'BEGIN { exit !(a <= b) }' && met=$((met + 1))
+    dense_rows+=("| $round | $t_all | ${sync_all:-?} | $t_all_cpu | $t_zstd | $t_zstd_cpu | $(ratio "$t_all" "$t_zstd") | $(ratio "$t_all_cpu" "$t_zstd_cpu") | $(ratio "$t_all" "$t_zstd_durable") $base_cells")
+done
 publish t_one "$WORK/dense.raw" --threads 1
 sync
-t_zstd=$(seconds zstd -3 -T0 -q -f "$WORK/dense.raw" -o "$WORK/dense.zst")
-t_zstd_cpu=$(cpu)
-t_zsync=$(seconds sync "$WORK/dense.zst") # fsync: durable, as a publish is
-t_zstd_durable=$(echo "$t_zstd $t_zsync" | awk '{ printf "%.3f", $1 + $2 }')
-rm -f "$WORK/dense.zst"
-rm -f "$WORK/dense.zst"
-sync
-t_republish=$(seconds "$IMGFSCTL" publish "$WORK/dense.raw" "$WORK/repo$((repo_n - 1))" --name b)
+t_republish=$(seconds "$IMGFSCTL" publish "$WORK/dense.raw" "$dense_repo" --name b)
 t_republish_cpu=$(cpu)
 republish_line=$(grep '^chunks' "$WORK/last.out")
 
@@ -153,14 +188,20 @@ publish t_q100 "$WORK/q100.qcow2"
     echo "| 64 MiB of data, dense raw file | $t_dense64 | $t_dense64_cpu | | |"
     echo "| the same 64 MiB in a 100 GiB sparse raw file | $t_sparse | $t_sparse_cpu | $(ratio "$t_sparse" "$t_dense64") of dense | <= $limit s (2 x dense + 0.5 s): $(awk -v a="$t_sparse" -v b="$limit" 'BEGIN { print (a <= b) ? "met" : "missed" }') |"
     echo "| (qemu-img convert of the sparse file) | $t_convert | $t_convert_cpu | | |"
-    echo "| $((DENSE / MIB)) MiB dense raw, $threads threads | $t_all | $t_all_cpu | $(ratio "$t_all" "$t_zstd") of zstd | <= zstd: $(awk -v a="$t_all" -v b="$t_zstd" 'BEGIN { print (a <= b) ? "met" : "missed" }') |"
+    echo "| $((DENSE / MIB)) MiB dense raw, $threads threads (last round) | $t_all | $t_all_cpu | $(ratio "$t_all" "$t_zstd") of zstd | <= zstd: met in $met of $ROUNDS rounds |"
     echo "| the same, --threads 1 | $t_one | $t_one_cpu | $(ratio "$t_one" "$t_zstd") of zstd | |"
-    echo "| zstd -3 -T0 of the same file | $t_zstd | $t_zstd_cpu | | |"
-    echo "| the same, then \`sync\` of its output (durable, as a publish is) | $t_zstd_durable | | $(ratio "$t_all" "$t_zstd_durable") publish / this | |"
+    echo "| zstd -3 -T0 of the same file (last round) | $t_zstd | $t_zstd_cpu | | |"
     echo "| the same image published again (unchanged) | $t_republish | $t_republish_cpu | $(ratio "$t_republish" "$t_all") of the first | no chunk written |"
     echo "| $((QDATA / MIB)) MiB of data, dense raw file | $t_qraw | $t_qraw_cpu | | |"
     echo "| qcow2 of 20 GiB virtual holding it | $t_q20 | $t_q20_cpu | $(ratio "$t_q20" "$t_qraw") of dense | proportional to the data |"
     echo "| qcow2 of 100 GiB virtual holding it | $t_q100 | $t_q100_cpu | $(ratio "$t_q100" "$t_qraw") of dense | |"
+    echo
+    echo "Dense image, taking turns: this build's publish, \`zstd -3 -T0\`${BASELINE:+, the baseline build}."
+    echo "Stored: publish $(mib "$s_all") MiB, zstd $(mib "$s_zstd") MiB${BASELINE:+, baseline $(mib "$s_base") MiB} (of $((DENSE / MIB)) MiB)."
+    echo
+    echo "| round | publish s | of it syncfs | CPU s | zstd s | CPU s | publish / zstd | CPU | publish / (zstd + sync) | baseline s | CPU s | baseline / zstd |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    printf '%s\n' "${dense_rows[@]}"
     echo
     echo "Sparse publish: \`$read_line\`. Unchanged re-publish: \`$republish_line\`."
 } | save_report publish

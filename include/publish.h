@@ -11,7 +11,8 @@
  * Concurrent publishers are serialised by the repository's publish lock, and
  * hold its chunk lock shared from start to end, which keeps gc out.
  *
- * Step 1 runs on several threads (one per online CPU by default): workers
+ * Step 1 runs on several threads (by default one more than the online CPUs,
+ * so that a worker waiting on a read or a write leaves no CPU idle): workers
  * take batches of consecutive chunks, read them, hash, compress and store
  * them; a chunk lands in the manifest at its index, so the output is the
  * same bytes whatever the thread count or the order the workers finish in.
@@ -48,7 +49,7 @@ struct publish_options {
     const char *name;
     uint32_t chunk_size;
     int zstd_level; /* 0 stores chunks uncompressed */
-    unsigned threads; /* workers; 0: one per online CPU */
+    unsigned threads; /* workers; 0: one more than the online CPUs */
     uint64_t created; /* the manifest's creation time; 0: now */
     /* Keys to sign the new index with (sign.h, repo_write_index); none
      * publishes unsigned, which a signed repository refuses. */
@@ -67,6 +68,7 @@ struct publish_result {
     uint64_t chunks_zero;
     uint64_t bytes_stored;
     unsigned threads;
+    double sync_seconds; /* of the syncfs that made the chunks durable */
 };
 
 int publish_image(const struct publish_options *opts, struct publish_result *result, char *err,

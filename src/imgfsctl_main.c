@@ -113,7 +113,7 @@ static void publish_help(FILE *out)
             "  --name NAME        base name: letters, digits, '.', '_', '-' (max 64)\n"
             "  --chunk-size SIZE  power of two from 4K to 16M (default 128K)\n"
             "  --level N          zstd level 1-19, 0 stores chunks uncompressed (default 1)\n"
-            "  --threads N        reading, hashing and compressing threads (default: one per CPU)\n"
+            "  --threads N        reading, hashing and compressing threads (default: CPUs + 1)\n"
             "  --key KEYFILE      sign the new index with this secret key (imgfsctl key\n"
             "                     generate); repeat to sign with several keys. A signed\n"
             "                     repository refuses an unsigned publish\n");
@@ -211,6 +211,8 @@ static int publish_main(int argc, char **argv)
            res.chunks_new, res.chunks_reused, res.chunks_zero, opts.chunk_size);
     printf("stored      %s (%" PRIu64 " bytes)\n", format_size(res.bytes_stored, stored_s, sizeof(stored_s)),
            res.bytes_stored);
+    /* syncfs flushes what other programs wrote to that file system too. */
+    printf("synced      in %.1f s (syncfs of the repository's file system)\n", res.sync_seconds);
     return 0;
 }
 
