@@ -105,9 +105,9 @@ struct pipeline {
     int level;
     uint64_t batch_chunks;
 
-    /* The hashes claimed so far, guarded by claims_lock alone (taken once
-     * per chunk, so it is not the cursor's lock), which is held only for the
-     * look-up and insertion. */
+    /* The hashes claimed so far, guarded by claims_lock, which is taken once
+     * per chunk (apart from the cursor's lock, so that the two do not
+     * contend) and held only for the look-up and insertion. */
     pthread_mutex_t claims_lock;
     struct claim_set claims;
 
@@ -308,8 +308,8 @@ static int worker_init(struct worker *w, struct pipeline *p, bool first, char *e
 }
 
 /* One more than the CPUs: a worker blocked on a read, a write or the lock
- * leaves its CPU to the extra one (on 2 CPUs, 3 workers published 0.76-0.94x
- * of 2 workers' time under load; bench/RESULTS.md). */
+ * leaves its CPU to the extra one (on 2 CPUs under load, 3 workers took
+ * 0.74-0.91x of 2 workers' time in 6 of 8 rounds; bench/RESULTS.md). */
 static unsigned default_threads(void)
 {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
