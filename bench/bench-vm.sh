@@ -15,6 +15,10 @@
 #        imgfswb the same on a second daemon with -o vm_cache=writeback
 #        qsd     a qcow2 overlay on base.raw exported by qemu-storage-daemon
 #                as a FUSE file, writable
+#        null    the FUSE ceiling: bench/fuse-null.c, a libfuse server (one
+#                worker per CPU) whose file answers every write and fsync at
+#                once, opened like an imgfs VM disk (direct_io, parallel
+#                direct writes): what FUSE itself allows on this kernel
 #      rows: 4 KiB randwrite over 0-1 GiB with an fsync every 32 writes at
 #      iodepth 1 and 16 on a fresh disk; 1 MiB sequential writes of 0-1 GiB
 #      (fsync every 32); then, on that disk (every block of 0-1 GiB written
@@ -62,7 +66,7 @@ BENCH_NAME=bench-vm
 . "$SCRIPT_DIR/lib.sh"
 
 require_root "FUSE mounts"
-require_tools fio qemu-img qemu-storage-daemon python3 fusermount3
+require_tools fio qemu-img qemu-storage-daemon python3 fusermount3 cc pkg-config
 require_imgfs "$IMGFS_BIN_DIR"
 
 make_work imgfs-bench-vm
@@ -167,7 +171,7 @@ CP_SYNC_TIME=$(elapsed "$t0")
 # ---- 2. writes ------------------------------------------------------------------
 declare -A R # R[target,row,direct] = IOPS or MiB/s
 ROWS=(fresh-qd1 fresh-qd16 seq written-qd1 written-qd16 mix)
-TARGETS=(local imgfs imgfswb qsd)
+TARGETS=(local imgfs imgfswb qsd null)
 NOTES=()
 IMGFS_LAYER_KIB=()
 
@@ -180,6 +184,16 @@ PIDS+=("$!")
 MOUNTS+=("$MNT_WB")
 wait_mounted "$MNT_WB" 10 || die "imgfs (vm_cache=writeback) did not mount: $(tail -n 2 "$WORK/imgfs-wb.log")"
 cmp "$MNT_WB/bases/base.raw" "$BASE" || die "bases/base.raw (vm_cache=writeback) differs from the published image."
+
+# The FUSE ceiling (fuse-null.c), built here.
+MNT_NULL=$WORK/mnt-null
+mkdir -p "$MNT_NULL"
+cc -O2 -o "$WORK/fuse-null" "$SCRIPT_DIR/fuse-null.c" $(pkg-config --cflags --libs fuse3) -lpthread \
+    2>"$WORK/fuse-null.log" || die "cannot build fuse-null.c: $(tail -n 1 "$WORK/fuse-null.log")"
+"$WORK/fuse-null" "$MNT_NULL" "$BASE_SIZE" "$(nproc)" >>"$WORK/fuse-null.log" 2>&1 &
+PIDS+=("$!")
+MOUNTS+=("$MNT_NULL")
+wait_mounted "$MNT_NULL" 10 || die "fuse-null did not mount: $(tail -n 1 "$WORK/fuse-null.log")"
 
 declare -A QSD_PIDS # export path -> its qemu-storage-daemon
 qsd_stop() { # export
@@ -225,6 +239,7 @@ fresh_disk() {
         qsd_start "$WORK/export$DISKS.raw" || return 1
         DISK=$WORK/export$DISKS.raw
         ;;
+    null) DISK=$MNT_NULL/disk ;;
     esac
 }
 
@@ -365,8 +380,8 @@ report() {
     echo
     echo "## Writes (fio libaio; IOPS, MiB/s for the 1 MiB row; ${RUNTIME}s per time-based run)"
     echo
-    echo "| test | direct | local raw | imgfs VM | imgfs/local | imgfs vm_cache=writeback | wb/local | qcow2 via qsd FUSE | qsd/local | imgfs/qsd |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| test | direct | local raw | imgfs VM | imgfs/local | imgfs vm_cache=writeback | wb/local | qcow2 via qsd FUSE | qsd/local | imgfs/qsd | FUSE ceiling | ceiling/local | imgfs/ceiling |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for d in 0 1; do
         for t in "${ROWS[@]}"; do
             case $t in
@@ -377,16 +392,19 @@ report() {
             written-qd16) label="4K randwrite, written disk, iodepth 16" ;;
             mix) label="4K 70/30 randrw, iodepth 16" ;;
             esac
-            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$d" "${R[local,$t,$d]}" \
-                "${R[imgfs,$t,$d]}" "$(ratio "${R[imgfs,$t,$d]}" "${R[local,$t,$d]}")" \
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$d" \
+                "${R[local,$t,$d]}" "${R[imgfs,$t,$d]}" "$(ratio "${R[imgfs,$t,$d]}" "${R[local,$t,$d]}")" \
                 "${R[imgfswb,$t,$d]}" "$(ratio "${R[imgfswb,$t,$d]}" "${R[local,$t,$d]}")" \
                 "${R[qsd,$t,$d]}" "$(ratio "${R[qsd,$t,$d]}" "${R[local,$t,$d]}")" \
-                "$(ratio "${R[imgfs,$t,$d]}" "${R[qsd,$t,$d]}")"
+                "$(ratio "${R[imgfs,$t,$d]}" "${R[qsd,$t,$d]}")" \
+                "${R[null,$t,$d]}" "$(ratio "${R[null,$t,$d]}" "${R[local,$t,$d]}")" \
+                "$(ratio "${R[imgfs,$t,$d]}" "${R[null,$t,$d]}")"
         done
     done
     echo
     echo "Every write job has an fsync every 32 writes; fresh rows start from a new VM or overlay, written rows"
-    echo "run on the disk the 1 MiB row wrote. The local file is the same full copy in every row."
+    echo "run on the disk the 1 MiB row wrote. The local file is the same full copy in every row. The FUSE"
+    echo "ceiling is bench/fuse-null.c: every write and fsync answered at once, nothing stored."
     echo
     echo "## vm_cache=writeback and the FUSE bdi's dirty limit (1 MiB sequential buffered writes, MiB/s)"
     echo

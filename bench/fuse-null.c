@@ -1,0 +1,164 @@
+/* fuse-null: the FUSE ceiling for bench-vm.sh. One file, "disk", of SIZE
+ * bytes, opened direct_io with FOPEN_PARALLEL_DIRECT_WRITES like an imgfs VM
+ * disk in vm_cache=direct, whose WRITE, FSYNC and FLUSH are answered at once
+ * and whose READ returns zeros: what any FUSE file system can do at most on
+ * this kernel, with libfuse's request handling and nothing behind it.
+ *
+ * usage: fuse-null MOUNTPOINT SIZE THREADS   (as root; stops on unmount)
+ * THREADS workers each block in read(2) on the one /dev/fuse descriptor. */
+#define FUSE_USE_VERSION 34
+#include <errno.h>
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <linux/fuse.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+static struct fuse_session *se;
+static off_t disk_size;
+static _Thread_local uint32_t open_flags; /* added to the next open reply */
+
+static void fill_stat(fuse_ino_t ino, struct stat *st)
+{
+    memset(st, 0, sizeof(*st));
+    st->st_ino = ino;
+    st->st_mode = ino == FUSE_ROOT_ID ? S_IFDIR | 0755 : S_IFREG | 0644;
+    st->st_nlink = ino == FUSE_ROOT_ID ? 2 : 1;
+    st->st_size = ino == FUSE_ROOT_ID ? 0 : disk_size;
+}
+
+static void null_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    if (parent != FUSE_ROOT_ID || strcmp(name, "disk") != 0) {
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    struct fuse_entry_param e = {.ino = 2, .attr_timeout = 3600, .entry_timeout = 3600};
+    fill_stat(2, &e.attr);
+    fuse_reply_entry(req, &e);
+}
+
+static void null_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)fi;
+    struct stat st;
+    fill_stat(ino, &st);
+    fuse_reply_attr(req, &st, 3600);
+}
+
+static void null_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)ino;
+    fi->direct_io = 1;
+    open_flags = FOPEN_PARALLEL_DIRECT_WRITES;
+    fuse_reply_open(req, fi);
+}
+
+static void null_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                       struct fuse_file_info *fi)
+{
+    (void)ino, (void)buf, (void)off, (void)fi;
+    fuse_reply_write(req, size);
+}
+
+static void null_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    (void)ino, (void)fi;
+    static const char zeros[1 << 20];
+    size_t left = off < disk_size ? (size_t)(disk_size - off) : 0;
+    size = size < left ? size : left;
+    fuse_reply_buf(req, zeros, size < sizeof(zeros) ? size : sizeof(zeros));
+}
+
+static void null_ok(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)ino, (void)fi;
+    fuse_reply_err(req, 0);
+}
+
+static void null_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    (void)datasync;
+    null_ok(req, ino, fi);
+}
+
+static void null_init(void *userdata, struct fuse_conn_info *conn)
+{
+    (void)userdata;
+    conn->max_background = 64; /* as imgfs: a queue of 16 is not cut to 12 */
+    conn->congestion_threshold = 48;
+}
+
+static const struct fuse_lowlevel_ops ops = {
+    .init = null_init, .lookup = null_lookup, .getattr = null_getattr, .open = null_open,
+    .read = null_read, .write = null_write, .flush = null_ok, .fsync = null_fsync};
+
+/* libfuse 3.14 cannot set FOPEN_PARALLEL_DIRECT_WRITES: add it to the open
+ * reply on its way out (as imgfs's fs/serve.c does). */
+static ssize_t hook_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    (void)userdata;
+    if (open_flags && count == 2 && iov[1].iov_len == sizeof(struct fuse_open_out))
+        ((struct fuse_open_out *)iov[1].iov_base)->open_flags |= open_flags;
+    open_flags = 0;
+    return writev(fd, iov, count);
+}
+
+static ssize_t hook_read(int fd, void *buf, size_t len, void *userdata)
+{
+    (void)userdata;
+    return read(fd, buf, len);
+}
+
+static void *worker(void *arg)
+{
+    (void)arg;
+    struct fuse_buf buf = {0};
+    for (;;) {
+        int res = fuse_session_receive_buf(se, &buf);
+        if (res == -EINTR || res == -EAGAIN)
+            continue;
+        if (res <= 0)
+            break; /* unmounted */
+        fuse_session_process_buf(se, &buf);
+    }
+    exit(0);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 4 || (disk_size = strtoll(argv[2], NULL, 10)) <= 0 || atoi(argv[3]) <= 0) {
+        fprintf(stderr, "usage: fuse-null MOUNTPOINT SIZE THREADS\n");
+        return 2;
+    }
+    char *fuse_argv[] = {argv[0], NULL};
+    struct fuse_args args = FUSE_ARGS_INIT(1, fuse_argv);
+    se = fuse_session_new(&args, &ops, sizeof(ops), NULL);
+    int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+    char opts[128];
+    snprintf(opts, sizeof(opts), "fd=%d,rootmode=40000,user_id=0,group_id=0,allow_other", fd);
+    if (!se || fd < 0 || mount("fuse-null", argv[1], "fuse.fuse-null", MS_NOSUID | MS_NODEV, opts) != 0) {
+        fprintf(stderr, "fuse-null: cannot mount %s: %s\n", argv[1], strerror(errno));
+        return 1;
+    }
+    static const struct fuse_custom_io io = {.writev = hook_writev, .read = hook_read};
+    if (fuse_session_custom_io(se, &io, fd) != 0) {
+        fprintf(stderr, "fuse-null: fuse_session_custom_io failed\n");
+        return 1;
+    }
+    for (int i = 1; i < atoi(argv[3]); i++) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker, NULL) != 0) {
+            fprintf(stderr, "fuse-null: cannot start a thread\n");
+            return 1;
+        }
+    }
+    worker(NULL);
+    return 0;
+}
