@@ -25,6 +25,13 @@
  * against its hashes, and the whole record is dropped when any of it did
  * not reach the disk (a torn flush whose fsync never returned).
  *
+ * When the guest flushes often and little (at most 1 MiB of data per
+ * flush), the log past its tail is written with zeros and synced ahead of
+ * time, a quarter of the log at a time (4 to 16 MiB; never on tmpfs, nor
+ * with less than 64 such windows free), so that a flush writes data over
+ * allocated blocks: its fdatasync() writes the data and flushes the device,
+ * with no journal commit of new blocks and size. Open cuts those zeros.
+ *
  * Overwritten data stays in the log as dead space. When dead space exceeds
  * the live data and 64 MiB, a background thread compacts the layer: it
  * copies the live blocks to ID.log.new and syncs it while writes and
@@ -36,9 +43,11 @@
  * does a crash open it. A crash before the rename leaves ID.log with every
  * flushed write (ID.log.new is deleted at open, except by a takeover that
  * finishes the switch: layer_share_pending). For tests, the environment
- * variable IMGFS_LAYER_COMPACT_MIN replaces the 64 MiB, and
+ * variable IMGFS_LAYER_COMPACT_MIN replaces the 64 MiB,
  * IMGFS_TEST_COMPACT_PAUSE_MS makes a compaction pause after its switch,
- * before the sync and rename (writes go on meanwhile, flushes wait).
+ * before the sync and rename (writes go on meanwhile, flushes wait); and
+ * IMGFS_LAYER_ZERO_AHEAD=0 switches zeroing ahead off (a process that forks
+ * children, as the crash tests do, then starts no background thread).
  *
  * Old layers (ID.data, a sparse file of the disk's size, and ID.map, an
  * ownership bitmap after the header "imgfs-layer-map 1") are converted at
@@ -149,7 +158,8 @@ int layer_set_times(struct layer *layer, const struct timespec times[2]);
 
 /* Blocks the layer owns. */
 uint64_t layer_owned_blocks(const struct layer *layer);
-/* Bytes of space the layer's files use on disk. */
+/* Bytes of space the layer's files use on disk, not counting what is
+ * zeroed ahead of the tail. */
 uint64_t layer_allocated_bytes(const struct layer *layer);
 
 struct layer_stats {

@@ -5,7 +5,9 @@
  * Invariants:
  *   I1. Data is only ever appended: a log block, once written, is never
  *       written again in the same file. So a reader that pinned a file can
- *       read a location it looked up without further locking.
+ *       read a location it looked up without further locking. (Blocks past
+ *       the tail may be written with zeros before they are reserved; no
+ *       write or flush writes a block while zeroing may: zeroing_from.)
  *   I2. Record k+1 is written only after the fdatasync() that followed
  *       record k returned (flush_serial orders flushes). So when record k+1
  *       is valid on disk, record k and all the data it names are durable;
@@ -38,6 +40,11 @@
  *              while flushes wait (phase 3) for its fdatasync, the rename
  *              over ID.log and the directory's fsync (I6); last, repoint
  *              the slots that still name the old generation
+ *   zero ahead when flushes carry little data: with swap_lock exclusive,
+ *              note zeroing_from (the tail, or the end of the last zeroing);
+ *              write zeros up to a window past the tail and fdatasync; a
+ *              write or flush that reserved blocks reaching zeroing_from
+ *              waits for it (background thread, under the compaction claim)
  *   open       replay records in order; check the last one's data
  */
 #include "layer.h"
@@ -53,7 +60,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -71,6 +80,11 @@
 #define MAX_PENDING_BYTES (64ull << 20)     /* and beyond this much data */
 #define KICK_BYTES (1ull << 20)             /* start writeback every 1 MiB */
 #define MAX_ENTRY_BLOCKS (1u << 30)
+#define AHEAD_FLUSH_MAX (1ull << 20) /* a flush of at most this much data is small */
+#define AHEAD_MIN (4ull << 20)       /* zeroed ahead of the tail: a quarter of */
+#define AHEAD_MAX (16ull << 20)      /* the log, within these bounds, */
+#define AHEAD_FREE_FACTOR 64         /* and while 64 windows are free */
+#define NO_ZEROING UINT64_MAX
 #define OLD_MAP_HEADER_LEN 64
 #define OLD_MAP_MAGIC "imgfs-layer-map 1\n"
 
@@ -146,6 +160,24 @@ struct layer {
      * -1, and how many entries it holds; guarded by lock. */
     int shared_fd;
     uint64_t shared_count;
+
+    /* Zeroing ahead (zero_ahead): log blocks [tail, ahead) of cur are
+     * allocated and written with zeros, so a flush that writes data there
+     * commits no file system metadata. zeroing_from is the first block a
+     * zeroing under way writes (NO_ZEROING: none); it is set with swap_lock
+     * held exclusively, and a write or flush that reserved blocks reaching
+     * it waits on zero_done (zero_lock) before writing them. ahead and
+     * zeroing_from change only in the thread that holds the compaction
+     * claim, or at compaction's switch. changes counts punches and
+     * layer_set_times(), so that zeroing puts back the times it moved only
+     * when nothing else moved them. */
+    _Atomic uint64_t ahead;
+    _Atomic uint64_t zeroing_from;
+    _Atomic bool small_flushes; /* the last flush with data had little */
+    _Atomic bool no_zeroing;   /* zeroing stops until the layer is opened again */
+    _Atomic uint64_t changes;
+    pthread_mutex_t zero_lock;
+    pthread_cond_t zero_done;
 
     _Atomic uint64_t owned;
     _Atomic uint64_t live; /* blocks with data */
@@ -750,6 +782,9 @@ static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
     pthread_rwlockattr_destroy(&attr);
     pthread_mutex_init(&l->flush_serial, NULL);
     pthread_mutex_init(&l->lock, NULL);
+    pthread_mutex_init(&l->zero_lock, NULL);
+    pthread_cond_init(&l->zero_done, NULL);
+    atomic_init(&l->zeroing_from, NO_ZEROING);
     if (!l->top) {
         free(l);
         return NULL;
@@ -781,6 +816,8 @@ void layer_close(struct layer *l)
     pthread_rwlock_destroy(&l->swap_lock);
     pthread_mutex_destroy(&l->flush_serial);
     pthread_mutex_destroy(&l->lock);
+    pthread_mutex_destroy(&l->zero_lock);
+    pthread_cond_destroy(&l->zero_done);
     free(l);
 }
 
@@ -1080,7 +1117,7 @@ done:
     return rc;
 }
 
-static void maybe_compact(struct layer *l);
+static void maybe_background(struct layer *l);
 
 /* A takeover after a server died between a compaction's switch and its
  * rename: the shared pending file (in a tmpfs, so the page cache is the one
@@ -1191,7 +1228,7 @@ int layer_open(const char *dir, const char *id, uint64_t size, struct layer **ou
     uint64_t tail = pending_end > l->record_at + 1 ? pending_end : l->record_at + 1;
     atomic_store(&l->tail, tail);
     atomic_store(&l->kicked, tail);
-    maybe_compact(l);
+    maybe_background(l);
     *out = l;
     return 0;
 }
@@ -1240,8 +1277,15 @@ uint64_t layer_allocated_bytes(const struct layer *l)
     struct stat st;
     pthread_mutex_lock((pthread_mutex_t *)&l->lock); /* cur changes under it */
     int rc = fstat(l->cur->fd, &st);
+    uint64_t tail = atomic_load(&l->tail) * BS;
     pthread_mutex_unlock((pthread_mutex_t *)&l->lock);
-    return rc == 0 ? (uint64_t)st.st_blocks * 512 : 0;
+    if (rc != 0)
+        return 0;
+    /* Not what is zeroed ahead of the tail, nor the next record's block
+     * (zeroed too, then): they hold nothing yet, as before zeroing. */
+    uint64_t used = (uint64_t)st.st_blocks * 512;
+    uint64_t ahead = (uint64_t)st.st_size > tail ? (uint64_t)st.st_size - tail + BS : 0;
+    return used > ahead ? used - ahead : 0;
 }
 
 void layer_stats(const struct layer *l, struct layer_stats *out)
@@ -1339,6 +1383,19 @@ static void kick_writeback(struct layer *l, unsigned gen, uint64_t upto)
     file_put(l, f);
 }
 
+/* Waits until no zeroing ahead writes below end: the caller reserved log
+ * blocks up to end and is about to write them. A zeroing that starts later
+ * starts at the tail, above them. */
+static void wait_for_zeroing(struct layer *l, uint64_t end)
+{
+    if (end <= atomic_load(&l->zeroing_from))
+        return;
+    pthread_mutex_lock(&l->zero_lock);
+    while (end > atomic_load(&l->zeroing_from))
+        pthread_cond_wait(&l->zero_done, &l->zero_lock);
+    pthread_mutex_unlock(&l->zero_lock);
+}
+
 /* Notes a changed range for a compaction under way. lock held. */
 static int note_changed(struct layer *l, uint64_t first, uint64_t count)
 {
@@ -1359,6 +1416,7 @@ int layer_write(struct layer *l, const void *buf, size_t len, uint64_t off)
     pthread_rwlock_rdlock(&l->swap_lock);
     struct log_file *f = l->cur;
     uint64_t loc = atomic_fetch_add(&l->tail, count);
+    wait_for_zeroing(l, loc + count);
     int rc = l->broken ? -EIO : put_at(f->fd, buf, len, loc * BS);
     struct entry e = {block, (uint32_t)count, ENTRY_DATA, loc, rc ? 0 : XXH3_64bits(buf, len)};
     bool flush_now = false;
@@ -1425,6 +1483,7 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
     struct dead_runs dead = {0};
     pthread_rwlock_rdlock(&l->swap_lock);
     unsigned gen = l->cur->gen;
+    atomic_fetch_add(&l->changes, 1);
     pthread_mutex_lock(&l->lock);
     for (uint64_t b = first; b < first + count && !rc;) {
         uint64_t n = first + count - b < MAX_ENTRY_BLOCKS ? first + count - b : MAX_ENTRY_BLOCKS;
@@ -1471,7 +1530,7 @@ int layer_flush(struct layer *l)
     struct entry *entries = l->pending;
     size_t n = l->npending;
     uint64_t taken = l->shared_count; /* the shared file's entries this record holds */
-    uint64_t at = l->record_at, seq = l->seq, cont = 0, next = 0;
+    uint64_t at = l->record_at, seq = l->seq, cont = 0, next = 0, bytes = l->pending_bytes;
     if (!rc && n > 0) {
         l->pending = NULL;
         l->npending = l->pending_cap = 0;
@@ -1488,6 +1547,7 @@ int layer_flush(struct layer *l)
     pthread_mutex_unlock(&l->lock);
     pthread_rwlock_unlock(&l->swap_lock);
     if (!rc && n > 0) {
+        wait_for_zeroing(l, next + 1);
         rc = write_record(fd, entries, n, seq, l->file_id, at, next, cont);
         if (rc) {
             /* Nothing was promised yet: put the entries back in front of
@@ -1519,7 +1579,10 @@ int layer_flush(struct layer *l)
              * than build on it (the data flushed before stays readable). */
             log_error("layer %s: flush failed: %s", l->id, strerror(-rc));
             atomic_store(&l->broken, rc);
-        } else if (l->shared_fd >= 0) {
+        } else if (bytes > 0) {
+            atomic_store(&l->small_flushes, bytes <= AHEAD_FLUSH_MAX);
+        }
+        if (!rc && l->shared_fd >= 0) {
             pthread_mutex_lock(&l->lock);
             if (l->shared_count == taken)
                 shared_reset(l);
@@ -1531,7 +1594,7 @@ int layer_flush(struct layer *l)
     free(entries);
     pthread_mutex_unlock(&l->flush_serial);
     if (!rc && n > 0)
-        maybe_compact(l);
+        maybe_background(l);
     return rc;
 }
 
@@ -1572,6 +1635,103 @@ static bool wants_compaction(const struct layer *l)
     uint64_t log = atomic_load(&l->tail) - 1, live = atomic_load(&l->live);
     uint64_t dead = log > live ? log - live : 0;
     return dead >= live && dead * BS >= compact_min_bytes();
+}
+
+/* ---- zeroing ahead ---------------------------------------------------------------- */
+
+/* Why: a flush's fdatasync() of data appended past the end of the file also
+ * commits the file system's journal (the new blocks and the size): more
+ * ordered writes on the device, where a flush of data written over
+ * allocated blocks costs one. So when the guest flushes often and little
+ * (a database, a journaling guest file system), the blocks just past the
+ * tail are written with zeros and synced beforehand, a window at a time, by
+ * the background thread. Nothing reads them: replay rejects zeros as a
+ * record, and open cuts the log after the last record. */
+
+/* The window: a quarter of the log, within [AHEAD_MIN, AHEAD_MAX], in
+ * blocks; so the space a layer holds ahead grows with what it wrote. */
+static uint64_t ahead_window(const struct layer *l)
+{
+    uint64_t w = atomic_load(&l->tail) * BS / 4;
+    w = w < AHEAD_MIN ? AHEAD_MIN : w > AHEAD_MAX ? AHEAD_MAX : w;
+    return w / BS;
+}
+
+static bool wants_zero_ahead(const struct layer *l)
+{
+    const char *env = getenv("IMGFS_LAYER_ZERO_AHEAD"); /* read each time: tests switch it */
+    if ((env && strcmp(env, "0") == 0) || !atomic_load(&l->small_flushes) || atomic_load(&l->no_zeroing) || atomic_load(&l->broken))
+        return false;
+    return atomic_load(&l->ahead) < atomic_load(&l->tail) + ahead_window(l) / 2;
+}
+
+/* Zeroes [max(tail, ahead), tail + window) of cur and syncs it. Runs with
+ * the compaction claim held, so cur does not change. Writes and flushes
+ * that reserve blocks in that range meanwhile wait for it (zeroing_from). */
+static void zero_ahead(struct layer *l)
+{
+    static const char zeros[256 * BS];
+    /* Not where it buys nothing (no journal: tmpfs), nor where the space
+     * may soon be short: zeros held ahead must never be what fills a disk. */
+    struct statfs fs;
+    if (fstatfs(l->cur->fd, &fs) != 0 || fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC) {
+        atomic_store(&l->no_zeroing, true);
+        return;
+    }
+    if ((uint64_t)fs.f_bavail * fs.f_bsize < AHEAD_FREE_FACTOR * ahead_window(l) * BS)
+        return;
+    pthread_rwlock_wrlock(&l->swap_lock);
+    uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
+    uint64_t from = tail > ahead ? tail : ahead, to = tail + ahead_window(l);
+    uint64_t changes = atomic_load(&l->changes);
+    int fd = l->cur->fd;
+    if (from < to)
+        atomic_store(&l->zeroing_from, from);
+    pthread_rwlock_unlock(&l->swap_lock);
+    if (from >= to)
+        return;
+    /* Guest writes wait for this once they reach it: not at idle priority. */
+    syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_BE, 4));
+    struct stat before;
+    bool have_times = fstat(fd, &before) == 0;
+    /* The system calls themselves, not layer_syscalls: these bytes are in
+     * no durability step that a fault test aims at. */
+    int rc = 0;
+    for (uint64_t b = from; b < to && !rc; b += 256) {
+        size_t len = (size_t)((to - b < 256 ? to - b : 256) * BS);
+        if (pwrite(fd, zeros, len, (off_t)(b * BS)) != (ssize_t)len)
+            rc = -EIO;
+    }
+    bool synced = !rc && fdatasync(fd) == 0;
+    if (!rc && !synced) {
+        /* The error was reported to this sync and is gone for the next
+         * flush's, which must not succeed over data that did not reach the
+         * disk: the layer fails as after a failed flush. */
+        rc = -errno;
+        log_error("layer %s: sync failed: %s", l->id, strerror(-rc));
+        atomic_store(&l->broken, rc);
+    }
+    syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_IDLE, 0));
+    /* First let the writes that wait go (they hold swap_lock shared). */
+    pthread_mutex_lock(&l->zero_lock);
+    if (synced)
+        atomic_store(&l->ahead, to);
+    else
+        atomic_store(&l->no_zeroing, true); /* a full disk, most likely: stop trying */
+    atomic_store(&l->zeroing_from, NO_ZEROING);
+    pthread_cond_broadcast(&l->zero_done);
+    pthread_mutex_unlock(&l->zero_lock);
+    /* Then put back the times these writes moved, unless a guest write
+     * (it moved the tail), a punch or a utimensat came meanwhile: then the
+     * times are theirs. */
+    pthread_rwlock_wrlock(&l->swap_lock);
+    pthread_mutex_lock(&l->lock);
+    if (have_times && atomic_load(&l->tail) == tail && atomic_load(&l->changes) == changes) {
+        struct timespec times[2] = {before.st_atim, before.st_mtim};
+        futimens(fd, times);
+    }
+    pthread_mutex_unlock(&l->lock);
+    pthread_rwlock_unlock(&l->swap_lock);
 }
 
 /* Copies the current state of blocks [first, first+count) into b. Without
@@ -1756,6 +1916,7 @@ static int compact(struct layer *l)
         shared_reset(l);
         atomic_store(&l->tail, b.next);
         atomic_store(&l->kicked, b.next);
+        atomic_store(&l->ahead, 0); /* nothing is zeroed in the new file */
         pthread_mutex_unlock(&l->lock);
     }
     pthread_mutex_lock(&l->lock);
@@ -1865,6 +2026,8 @@ static void *compact_main(void *arg)
             continue;
         l->compacting = true;
         pthread_mutex_unlock(&compact_lock);
+        if (wants_zero_ahead(l))
+            zero_ahead(l);
         int rc = wants_compaction(l) ? compact(l) : 0;
         if (rc && rc != -ECANCELED)
             log_warn("layer %s: compaction failed: %s", l->id, strerror(-rc));
@@ -1874,10 +2037,27 @@ static void *compact_main(void *arg)
     return NULL;
 }
 
-static void maybe_compact(struct layer *l)
+/* A child forked while the threads run has none of them (the crash tests
+ * fork after zeroing started them): it starts its own, on a fresh lock and
+ * condition, whose waiters were the parent's threads. */
+static void compact_after_fork(void)
 {
-    if (!wants_compaction(l))
+    pthread_mutex_init(&compact_lock, NULL);
+    pthread_cond_init(&compact_cond, NULL);
+    for (struct layer *q = compact_queue; q; q = q->compact_next)
+        q->compact_queued = false;
+    compact_queue = NULL;
+    compact_threads = 0;
+}
+
+static void compact_register_fork(void) { pthread_atfork(NULL, NULL, compact_after_fork); }
+
+static void maybe_background(struct layer *l)
+{
+    if (!wants_compaction(l) && !wants_zero_ahead(l))
         return;
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, compact_register_fork);
     pthread_mutex_lock(&compact_lock);
     if (!l->compact_queued && !l->compacting && !l->compact_stop) {
         while (compact_threads < COMPACT_THREADS) {
@@ -1935,6 +2115,7 @@ int layer_get_times(const struct layer *layer, struct timespec *atime, struct ti
 int layer_set_times(struct layer *layer, const struct timespec times[2])
 {
     pthread_mutex_lock(&layer->lock); /* cur changes under it */
+    atomic_fetch_add(&layer->changes, 1);
     int rc = futimens(layer->cur->fd, times) < 0 ? -errno : 0;
     pthread_mutex_unlock(&layer->lock);
     return rc;
