@@ -1660,7 +1660,8 @@ static uint64_t ahead_window(const struct layer *l)
 static bool wants_zero_ahead(const struct layer *l)
 {
     const char *env = getenv("IMGFS_LAYER_ZERO_AHEAD"); /* read each time: tests switch it */
-    if ((env && strcmp(env, "0") == 0) || !atomic_load(&l->small_flushes) || atomic_load(&l->no_zeroing) || atomic_load(&l->broken))
+    if ((env && strcmp(env, "0") == 0) || !atomic_load(&l->small_flushes) || atomic_load(&l->no_zeroing) ||
+        atomic_load(&l->broken))
         return false;
     return atomic_load(&l->ahead) < atomic_load(&l->tail) + ahead_window(l) / 2;
 }
