@@ -44,7 +44,12 @@ expect_error "publish with a chunk size of garbage" "$IMGFSCTL" publish "$T/img.
 expect_error "publish into a non-empty directory that is not a repository" "$IMGFSCTL" publish "$T/img.raw" "$T/notrepo" --name a
 expect_error "publish with an unknown option" "$IMGFSCTL" publish "$T/img.raw" "$T/repo" --name a --frobnicate
 
-qemu-img convert -q -f raw -O qcow2 "$T/img.raw" "$T/img.qcow2"
+# Random data throughout, so that a cut at 200,000 bytes always loses
+# clusters (img.raw's layout is random: it can be mostly zeros, whose qcow2
+# then fits in 200,000 bytes whole and publishes fine).
+head -c 2000000 /dev/urandom > "$T/dense.raw"
+qemu-img convert -q -f raw -O qcow2 "$T/dense.raw" "$T/img.qcow2"
+[ "$(stat -c %s "$T/img.qcow2")" -gt 400000 ] || fail "the qcow2 to cut is too small"
 head -c 200000 "$T/img.qcow2" > "$T/truncated.qcow2"
 expect_error "publish of a truncated qcow2" "$IMGFSCTL" publish "$T/truncated.qcow2" "$T/repo" --name a
 head -c 100 "$T/img.qcow2" > "$T/header-only.qcow2"
