@@ -923,10 +923,12 @@ void cache_set_pack_limit(struct cache *cache, uint64_t bytes) { cache->pack_lim
 /* ---- acquire / fill / release ---------------------------------------------- */
 
 /* Checks a resident chunk's bytes against its hash, the first time in this
- * run, and writes its block sums anew when they are not those of its bytes
- * (a pack of an older build, or sums a crash left behind). Runs without the
- * shard lock (the entry is BUSY). */
-static int verify_resident(struct cache *cache, struct cache_entry *e, uint32_t chunk_size)
+ * run, and writes its block sums anew when they are not those of its bytes:
+ * when a block check failed (sums_failed: sums a crash left behind, or
+ * damage), or a sum is unknown (a pack of an older build). Otherwise the
+ * sums, written with the verified bytes, are not computed again. Runs
+ * without the shard lock (the entry is BUSY). */
+static int verify_resident(struct cache *cache, struct cache_entry *e, uint32_t chunk_size, bool sums_failed)
 {
     if (e->size != chunk_size)
         return -EBADMSG;
@@ -940,17 +942,17 @@ static int verify_resident(struct cache *cache, struct cache_entry *e, uint32_t 
         if (!chunk_hash_equal(&got, &e->hash))
             rc = -EBADMSG;
     }
-    uint64_t mask = all_blocks(chunk_size), stored[MAX_SUMMED_BLOCKS];
-    if (!rc && mask && read_sums(e->pack, e->off, 0, chunk_size / SUM_BLOCK, stored) == 0) {
-        for (size_t i = 0; i < chunk_size / SUM_BLOCK; i++) {
-            if (stored[i] != block_sum(&e->hash, i, buf + i * SUM_BLOCK)) {
-                /* Best effort: without them the chunk is checked whole next run. */
-                count_sums_space(cache, e->pack, sums_end(e->off, chunk_size));
-                if (write_sums(e->pack, e->off, &e->hash, buf, chunk_size) != 0)
-                    log_warn("cache: cannot write block sums in pack %08x: %s", e->pack->id, strerror(errno));
-                break;
-            }
-        }
+    uint64_t stored[MAX_SUMMED_BLOCKS];
+    size_t blocks = chunk_size / SUM_BLOCK;
+    bool rewrite = sums_failed;
+    if (!rc && all_blocks(chunk_size) && !rewrite && read_sums(e->pack, e->off, 0, blocks, stored) == 0)
+        for (size_t i = 0; i < blocks && !rewrite; i++)
+            rewrite = stored[i] == 0;
+    if (!rc && all_blocks(chunk_size) && rewrite) {
+        /* Best effort: without them the chunk is checked whole next run. */
+        count_sums_space(cache, e->pack, sums_end(e->off, chunk_size));
+        if (write_sums(e->pack, e->off, &e->hash, buf, chunk_size) != 0)
+            log_warn("cache: cannot write block sums in pack %08x: %s", e->pack->id, strerror(errno));
     }
     free(buf);
     return rc == -ENODATA ? -EBADMSG : rc; /* short: cut off by a crash */
@@ -1003,12 +1005,13 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
              * of blocks checked before may hold pins meanwhile. */
             e->state = ENTRY_BUSY;
             e->pins++;
-            uint64_t missing = want & ~e->verified_blocks;
+            /* A chunk of another size than asked is checked whole (and found bad). */
+            uint64_t missing = e->size == chunk_size ? want & ~e->verified_blocks : 0;
             pthread_mutex_unlock(&s->lock);
             int rc = missing ? verify_blocks(e, missing) : -EAGAIN;
             bool whole = rc == -EAGAIN;
             if (whole)
-                rc = verify_resident(cache, e, chunk_size);
+                rc = verify_resident(cache, e, chunk_size, missing != 0);
             pthread_mutex_lock(&s->lock);
             if (rc == 0) {
                 e->state = ENTRY_RESIDENT;
