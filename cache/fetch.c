@@ -201,6 +201,11 @@ int fetch_ref_read(const struct fetch_ref *ref, void *buf, size_t len, uint64_t 
         memcpy(buf, ref->data + off, len);
         return 0;
     }
+    const char *checked = cache_pin_bytes(&ref->pin, off, len);
+    if (checked) {
+        memcpy(buf, checked, len);
+        return 0;
+    }
     return read_full_at(ref->pin.fd, buf, len, (off_t)(ref->pin.off + off)) ? -EIO : 0;
 }
 
