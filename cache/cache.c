@@ -1426,6 +1426,16 @@ bool cache_contains(struct cache *cache, const struct chunk_hash *hash)
     return resident;
 }
 
+bool cache_needs_check(struct cache *cache, const struct chunk_hash *hash)
+{
+    struct shard *s = shard_of(cache, hash);
+    pthread_mutex_lock(&s->lock);
+    struct cache_entry *e = find_entry(s, hash);
+    bool unchecked = e && e->state == ENTRY_RESIDENT && !e->verified;
+    pthread_mutex_unlock(&s->lock);
+    return unchecked;
+}
+
 int cache_hold(struct cache *cache, const struct chunk_hash *hash, bool hold)
 {
     struct shard *s = shard_of(cache, hash);
