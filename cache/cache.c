@@ -426,10 +426,22 @@ static void count_sums_space(struct cache *cache, struct pack *p, uint64_t writt
     }
 }
 
+/* Where in its sums file the sum of block `block` of a chunk stored at off is. */
+static uint64_t sum_pos(uint64_t off, uint64_t block)
+{
+    return (off / SUM_BLOCK + block) * sizeof(uint64_t);
+}
+
 /* Where the sums of a chunk of len bytes stored at off end in its file. */
 static uint64_t sums_end(uint64_t off, uint64_t len)
 {
-    return (off / SUM_BLOCK + len / SUM_BLOCK) * sizeof(uint64_t);
+    return sum_pos(off, len / SUM_BLOCK);
+}
+
+/* How many of `left` blocks' sums one batch handles. */
+static size_t sums_batch(size_t left)
+{
+    return left < MAX_SUMMED_BLOCKS ? left : MAX_SUMMED_BLOCKS;
 }
 
 /* Writes the sums of the whole blocks of data (chunk's bytes), stored at off in p. */
@@ -438,10 +450,10 @@ static int write_sums(struct pack *p, uint64_t off, const struct chunk_hash *chu
     uint64_t sums[MAX_SUMMED_BLOCKS];
     size_t blocks = len / SUM_BLOCK;
     for (size_t done = 0; done < blocks;) {
-        size_t n = blocks - done < MAX_SUMMED_BLOCKS ? blocks - done : MAX_SUMMED_BLOCKS;
+        size_t n = sums_batch(blocks - done);
         for (size_t i = 0; i < n; i++)
             sums[i] = block_sum(chunk, done + i, data + (done + i) * SUM_BLOCK);
-        int rc = write_full_at(p->sums_fd, sums, n * sizeof(*sums), (off_t)((off / SUM_BLOCK + done) * sizeof(*sums)));
+        int rc = write_full_at(p->sums_fd, sums, n * sizeof(*sums), (off_t)sum_pos(off, done));
         if (rc)
             return rc;
         done += n;
@@ -454,7 +466,7 @@ static int write_sums(struct pack *p, uint64_t off, const struct chunk_hash *chu
 static int read_sums(const struct pack *p, uint64_t off, size_t first, size_t n, uint64_t *sums)
 {
     size_t len = n * sizeof(*sums);
-    ssize_t got = pread(p->sums_fd, sums, len, (off_t)((off / SUM_BLOCK + first) * sizeof(*sums)));
+    ssize_t got = pread(p->sums_fd, sums, len, (off_t)sum_pos(off, first));
     if (got < 0)
         return -errno;
     memset((char *)sums + got, 0, len - (size_t)got);
@@ -470,11 +482,10 @@ static int copy_sums(const struct pack *from, uint64_t from_off, struct pack *to
     size_t blocks = len / SUM_BLOCK;
     int rc = 0;
     for (size_t done = 0; done < blocks && !rc;) {
-        size_t n = blocks - done < MAX_SUMMED_BLOCKS ? blocks - done : MAX_SUMMED_BLOCKS;
+        size_t n = sums_batch(blocks - done);
         rc = read_sums(from, from_off, done, n, sums);
         if (!rc)
-            rc = write_full_at(to->sums_fd, sums, n * sizeof(*sums),
-                               (off_t)((to_off / SUM_BLOCK + done) * sizeof(*sums)));
+            rc = write_full_at(to->sums_fd, sums, n * sizeof(*sums), (off_t)sum_pos(to_off, done));
         done += n;
     }
     return rc;
