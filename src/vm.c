@@ -1276,14 +1276,19 @@ static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks
     return rc == -EAGAIN ? -EIO : rc;
 }
 
+/* -ENOSPC unless a write of [off, off + len) is inside the disk. */
+static int write_fits(const struct vm *vm, size_t len, uint64_t off)
+{
+    return off >= vm->live.size || len > vm->live.size - off ? -ENOSPC : 0; /* a disk does not grow */
+}
+
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
 {
-    if (off >= vm->live.size || len > vm->live.size - off)
-        return -ENOSPC; /* a disk does not grow */
-    if (len == 0)
-        return 0;
+    int rc = write_fits(vm, len, off);
+    if (rc || len == 0)
+        return rc;
     struct held_chunks chunks;
-    int rc = hold_edge_chunks(vm, fetcher, off, len, &chunks);
+    rc = hold_edge_chunks(vm, fetcher, off, len, &chunks);
     return rc ? rc : write_held(vm, fetcher, &chunks, buf, len, off);
 }
 
@@ -1326,10 +1331,9 @@ static void write_chunk_done(void *arg, int err)
 int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off,
                    vm_write_done_fn done, void *arg)
 {
-    if (off >= vm->live.size || len > vm->live.size - off)
-        return -ENOSPC;
-    if (len == 0)
-        return 0;
+    int err = write_fits(vm, len, off);
+    if (err || len == 0)
+        return err;
     uint64_t wanted[2];
     int count = edge_chunks_wanted(vm, off, len, wanted);
     if (count == 0) {
