@@ -1437,14 +1437,23 @@ bool cache_contains(struct cache *cache, const struct chunk_hash *hash)
     return resident;
 }
 
-bool cache_needs_check(struct cache *cache, const struct chunk_hash *hash)
+int cache_prefetch(struct cache *cache, const struct chunk_hash *hash)
 {
     struct shard *s = shard_of(cache, hash);
     pthread_mutex_lock(&s->lock);
     struct cache_entry *e = find_entry(s, hash);
-    bool unchecked = e && e->state == ENTRY_RESIDENT && !e->verified;
+    if (!e || e->state != ENTRY_RESIDENT) {
+        pthread_mutex_unlock(&s->lock);
+        return -ENOENT;
+    }
+    /* Pinned while the advice is given, so that its pack stays open. */
+    e->pins++;
+    struct cache_pin pin = {.entry = e, .fd = e->pack->fd, .off = e->off};
+    uint64_t size = e->size;
     pthread_mutex_unlock(&s->lock);
-    return unchecked;
+    int rc = posix_fadvise(pin.fd, (off_t)pin.off, (off_t)size, POSIX_FADV_WILLNEED);
+    cache_release(cache, &pin);
+    return -rc;
 }
 
 int cache_hold(struct cache *cache, const struct chunk_hash *hash, bool hold)

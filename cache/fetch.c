@@ -98,17 +98,6 @@ struct job {
     struct job *anext, *aprev;
 };
 
-/* A readahead of a chunk that is cached but not checked in this run: the
- * check (a read of the whole chunk and its hash) waits for a worker, so
- * that the FUSE worker whose read asked for the readahead replies at once. */
-struct ahead_check {
-    struct chunk_hash hash;
-    uint32_t chunk_size;
-    struct fetch_counters *counters;
-    struct ahead_check *next;
-};
-#define AHEAD_CHECKS_MAX 256 /* queued at once; beyond, the reader checks it */
-
 struct fetcher {
     struct cache *cache;
     struct repo *repo;
@@ -134,9 +123,7 @@ struct fetcher {
     struct job *all; /* every job in the table: a pass over the live jobs costs them, not the table's size */
     struct job *queue_head[FETCH_CLASSES], *queue_tail[FETCH_CLASSES];
     struct job *work_head, *work_tail;
-    struct ahead_check *check_head, *check_tail;
-    int checks_queued;
-    pthread_cond_t work_ready;  /* work or check queue not empty, or stop */
+    pthread_cond_t work_ready;  /* work queue not empty, or stop */
     pthread_cond_t demand_idle; /* demand_active dropped to 0, or stop */
     int demand_active;
     pthread_cond_t drained; /* callbacks_pending dropped to 0 */
@@ -811,33 +798,15 @@ static void local_read(struct fetcher *f, struct job *job)
         verify_and_complete(f, job);
 }
 
-static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, uint32_t want_off,
-                   uint32_t want_len, enum fetch_class cls, uint64_t deadline_ns, struct fetch_counters *counters,
-                   struct fetch_ref *ref, const struct waiter *tmpl);
-
 static void *worker_main(void *arg)
 {
     struct fetcher *f = arg;
     pthread_mutex_lock(&f->lock);
     for (;;) {
-        while (!f->work_head && !f->check_head && !f->stop)
+        while (!f->work_head && !f->stop)
             pthread_cond_wait(&f->work_ready, &f->lock);
         if (f->stop)
             break;
-        if (!f->work_head) {
-            /* A readahead check: the cache checks the chunk (or hands over
-             * its fill when it is damaged, and this starts the fetch). */
-            struct ahead_check *c = f->check_head;
-            f->check_head = c->next;
-            if (!f->check_head)
-                f->check_tail = NULL;
-            f->checks_queued--;
-            pthread_mutex_unlock(&f->lock);
-            request(f, &c->hash, c->chunk_size, 0, 0, FETCH_DEMAND, fetch_deadline(f), c->counters, NULL, NULL);
-            free(c);
-            pthread_mutex_lock(&f->lock);
-            continue;
-        }
         struct job *job = f->work_head;
         f->work_head = job->qnext;
         if (!f->work_head)
@@ -1029,36 +998,10 @@ int fetch_start(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk
     return fetch_start_range(f, hash, chunk_size, 0, 0, cls, deadline_ns, counters, ref, done, arg);
 }
 
-/* Queues the check of a cached chunk for a worker; false when it cannot
- * (then the caller does it). */
-static bool queue_check(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
-                        struct fetch_counters *counters)
-{
-    struct ahead_check *c = malloc(sizeof(*c));
-    if (!c)
-        return false;
-    *c = (struct ahead_check){.hash = *hash, .chunk_size = chunk_size, .counters = counters};
-    pthread_mutex_lock(&f->lock);
-    bool queued = !f->stop && f->checks_queued < AHEAD_CHECKS_MAX && start_threads_locked(f) == 0;
-    if (queued) {
-        if (f->check_tail)
-            f->check_tail->next = c;
-        else
-            f->check_head = c;
-        f->check_tail = c;
-        f->checks_queued++;
-        pthread_cond_signal(&f->work_ready);
-    }
-    pthread_mutex_unlock(&f->lock);
-    if (!queued)
-        free(c);
-    return queued;
-}
-
 void fetch_ahead(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
                  struct fetch_counters *counters)
 {
-    if (cache_needs_check(f->cache, hash) && queue_check(f, hash, chunk_size, counters))
+    if (cache_prefetch(f->cache, hash) == 0)
         return;
     request(f, hash, chunk_size, 0, 0, FETCH_DEMAND, fetch_deadline(f), counters, NULL, NULL);
 }
@@ -1192,15 +1135,7 @@ void fetcher_shutdown(struct fetcher *f)
         fail_job_locked(f, job, &fired, &dead);
     }
     f->work_head = f->work_tail = NULL;
-    struct ahead_check *checks = f->check_head;
-    f->check_head = f->check_tail = NULL;
-    f->checks_queued = 0;
     pthread_mutex_unlock(&f->lock);
-    while (checks) {
-        struct ahead_check *next = checks->next;
-        free(checks);
-        checks = next;
-    }
     complete_waiters(f, fired);
     finish_failed(f, dead);
     f->shut_down = true;

@@ -145,10 +145,11 @@ static inline const char *cache_pin_bytes(const struct cache_pin *pin, uint64_t 
 }
 
 bool cache_contains(struct cache *cache, const struct chunk_hash *hash);
-/* True when the chunk is resident but not checked whole in this run yet: a
- * cache_acquire() of all of it would read and check it first. A hint, for
- * choosing the thread that pays for that; it may change at once. */
-bool cache_needs_check(struct cache *cache, const struct chunk_hash *hash);
+/* Readahead of a resident chunk: starts reading its bytes from the pack into
+ * the page cache (POSIX_FADV_WILLNEED) and returns without waiting or
+ * checking them; the reader's cache_acquire() checks them, from memory by
+ * then. -ENOENT when it is not resident. */
+int cache_prefetch(struct cache *cache, const struct chunk_hash *hash);
 
 /* Pins (hold = true) or unpins a chunk for pre-copy: a held chunk is never
  * evicted, whether it is resident yet or not. Holds nest. */

@@ -143,10 +143,10 @@ int fetch_start_range(struct fetcher *f, const struct chunk_hash *hash, uint32_t
 int fetch_get(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
               struct fetch_counters *counters, struct fetch_ref *ref);
 /* Readahead: brings a chunk into the cache in the demand class, with nobody
- * waiting for it. Does nothing when it is cached or under way. A cached
- * chunk not checked in this run yet is checked by a worker thread, not by
- * the caller (a FUSE worker whose reply would wait behind a 128 KiB read);
- * a damaged one is dropped there and fetched. */
+ * waiting for it; does nothing when it is under way. A cached chunk is only
+ * read ahead into the page cache (cache_prefetch), not checked: its reader
+ * checks it, from memory by then, and the caller (a FUSE worker whose reply
+ * waits) reads nothing itself. */
 void fetch_ahead(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
                  struct fetch_counters *counters);
 

@@ -969,7 +969,7 @@ static int checked_bytes_are(struct cache *cache, const struct chunk_hash *h, ui
  * range inside one block, across a block boundary, at the chunk's end and
  * for a whole chunk; a hit of blocks checked before holds none (read from
  * the pack); a range over a damaged block is never a hit and hands out
- * nothing. */
+ * nothing, read ahead (cache_prefetch) or not. */
 static void test_checked_bytes(const char *dir)
 {
     struct cache *cache = open_cache(dir);
@@ -1003,6 +1003,10 @@ static void test_checked_bytes(const char *dir)
     cache_close(cache);
     CHECK(flip_byte_in_file(wa.path, (off_t)(wa.off + 6 * 4096 + 33)) == 0);
     cache = open_cache(dir);
+    struct chunk_hash unknown;
+    make_chunk(b, CS, 79, &unknown); /* b is not used after this */
+    CHECK(cache_prefetch(cache, &unknown) == -ENOENT);
+    CHECK(cache_prefetch(cache, &ha) == 0); /* read ahead, not checked: the acquire still is */
     CHECK(cache_acquire(cache, &ha, CS, 5 * 4096 + 1, 2 * 4096, now_ns() + LONG_DEADLINE_NS, &pin) ==
           CACHE_MUST_FILL);
     CHECK(pin.bytes == NULL);
