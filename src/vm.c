@@ -399,14 +399,12 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
                 LOAD_FAIL("VM %s: its live layers are missing or damaged (%s)", name,
                           rc == -ENOENT ? "layer file missing" : "bad layer");
         } else if (vm && strncmp(line, "snapshot ", 9) == 0 && vm->snapshot_count < VM_MAX_SNAPSHOTS) {
-            struct vm_snapshot *snap = calloc(1, sizeof(*snap));
+            struct vm_snapshot *snap = snapshot_room(vm) == 0 ? calloc(1, sizeof(*snap)) : NULL;
             char *ids = strchr(line + 9, ' ');
-            if (snap && snapshot_room(vm) != 0) {
+            if (!snap || !ids) {
                 free(snap);
-                snap = NULL;
-            }
-            if (!snap || !ids)
                 LOAD_FAIL("VM %s: bad snapshot line in its VM file", name);
+            }
             *ids++ = '\0';
             snprintf(snap->name, sizeof(snap->name), "%s", line + 9);
             snap->disk.size = size;
