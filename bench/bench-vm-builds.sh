@@ -95,16 +95,20 @@ for n in "${NAMES[@]}"; do
 done
 cp --reflink=never "$WORK/base.raw" "$WORK/local.raw" && sync "$WORK/local.raw" || die "cannot copy the base."
 
-declare -A R WRITTEN
+declare -A R WRITTEN WRITTEN_VM
 VMS=0
-new_disk() { # target: DISK, a new VM (the local file for local)
+new_disk() { # target: DISK, a new VM (the local file for local), and VM its name
     if [ "$1" = local ]; then
-        DISK=$WORK/local.raw
+        DISK=$WORK/local.raw VM=
         return 0
     fi
     VMS=$((VMS + 1))
-    "${BIN[$1]}/imgfsctl" vm create "$WORK/mnt-$1" "v$VMS" --base base >/dev/null || return 1
-    DISK=$WORK/mnt-$1/vms/v$VMS.raw
+    VM=v$VMS
+    "${BIN[$1]}/imgfsctl" vm create "$WORK/mnt-$1" "$VM" --base base >/dev/null || return 1
+    DISK=$WORK/mnt-$1/vms/$VM.raw
+}
+drop_disk() { # target vm: removes a VM once its rows ran (a fresh row writes up to a GiB of log)
+    [ -n "$2" ] && "${BIN[$1]}/imgfsctl" vm rm "$WORK/mnt-$1" "$2" >/dev/null 2>&1
 }
 
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -117,10 +121,12 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 new_disk "$t" || { R[$t,$row,$round]=n/a; continue; }
                 R[$t,$row,$round]=$(run_fio "$t-$kind-d$d-r$round" "$DISK" randwrite "$d" \
                     --iodepth="${kind#fresh}" --time_based --runtime="$RUNTIME")
+                drop_disk "$t" "$VM"
                 ;;
             seq)
+                drop_disk "$t" "${WRITTEN_VM[$t]:-}"
                 new_disk "$t" || { R[$t,$row,$round]=n/a; continue; }
-                WRITTEN[$t]=$DISK
+                WRITTEN[$t]=$DISK WRITTEN_VM[$t]=$VM
                 R[$t,$row,$round]=$(run_fio "$t-seq-d$d-r$round" "$DISK" write "$d" --bs=1M --iodepth=16 \
                     --end_fsync=1)
                 ;;
