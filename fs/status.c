@@ -245,6 +245,8 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     sec = status_add_section(s, "vms", NULL);
     status_text(s, sec, STATUS_INFO, "state_directory", "%s", fs->opts->state_dir);
     status_text(s, sec, STATUS_TEXT, "load_errors", "%s", vm_errors[0] ? vm_errors : "none");
+    status_gauge(s, sec, "zeroed_ahead_bytes", "Bytes that the VMs' layers hold zeroed ahead of their logs' tails.",
+                 (double)layer_ahead_host_bytes(), 0);
 
     void *args[2] = {s, fs};
     tree_for_each_child(fs->tree, INO_BASES, 0, walk_version, args);

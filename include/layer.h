@@ -28,7 +28,8 @@
  * When the guest flushes often and little (at most 1 MiB of data per
  * flush), the log past its tail is written with zeros and synced ahead of
  * time, a quarter of the log at a time (4 to 16 MiB; never on tmpfs, nor
- * with less than 64 such windows free), so that a flush writes data over
+ * with less than 64 such windows free, nor past 1 GiB zeroed ahead by all
+ * the layers of the process: see Disk), so that a flush writes data over
  * allocated blocks: its fdatasync() writes the data and flushes the device,
  * with no journal commit of new blocks and size. Open cuts those zeros.
  * Writes of guests that use O_DIRECT go there with O_DIRECT
@@ -64,6 +65,13 @@
  * (a 2 MiB range of the disk) created when first written; ranges owned as
  * zeros cost nothing. Nothing is allocated in proportion to the disk's
  * size except one pointer per GiB.
+ *
+ * Disk: the log's blocks, plus the zeros ahead of its tail. Those count
+ * against the process's 1 GiB (IMGFS_LAYER_AHEAD_HOST_MAX for tests) from
+ * when they are written until the layer writes over them or closes, so a
+ * host with 2,000 VMs that write holds 1 GiB of them, not 16 MiB a VM; an
+ * idle layer keeps its share until it closes.
+ * layer_ahead_host_bytes() tells how much is held.
  *
  * Promises (what callers and the crash tests rely on):
  *   1. After layer_flush() returns 0, every write and punch that returned
@@ -174,6 +182,9 @@ uint64_t layer_owned_blocks(const struct layer *layer);
 /* Bytes of space the layer's files use on disk, not counting what is
  * zeroed ahead of the tail. */
 uint64_t layer_allocated_bytes(const struct layer *layer);
+/* Bytes that all open layers hold zeroed ahead of their tails, as counted
+ * against the process's budget (see Disk above). */
+uint64_t layer_ahead_host_bytes(void);
 
 struct layer_stats {
     uint64_t owned_blocks;

@@ -20,6 +20,9 @@
  * zero chunk and is never read. A chunk that the repository already holds,
  * or that repeats within the image, is stored once: a re-publish of an
  * unchanged image reads and hashes every data chunk but writes no chunk.
+ * A signed publish (keys) also computes each data chunk's SHA-256 for its
+ * digests record (digests.h) in the workers, from the bytes it hashed, so
+ * the index write does not read the new version's chunks back.
  *
  * Contract: publish_image is called by one thread and returns when its
  * workers have ended; it returns 0 or a negative errno with one sentence in

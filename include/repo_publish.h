@@ -16,12 +16,15 @@
 
 #include "repo.h"
 
+struct version_digests;
+
 /* Kept inside each struct repo (repo_writer()); owned by it. */
 struct repo_writer {
     int publish_lock_fd; /* -1 when not held */
     int chunks_lock_fd;  /* shared: publisher, exclusive: gc; -1 when not held */
     const struct sign_secret_key *signers; /* not owned */
     size_t signer_count;
+    const struct version_digests *fresh; /* not owned; repo_set_fresh_digests */
     /* chunks/XY, opened on first use by whichever thread stores a chunk
      * there first (compare-and-swap); -1 until then; closed with the repo. */
     _Atomic int chunk_dirs[256];
@@ -64,6 +67,16 @@ int repo_write_index(struct repo *repo, const struct repo_index *index);
  * they must outlive the repository). */
 void repo_set_signers(struct repo *repo, const struct sign_secret_key *keys, size_t count);
 size_t repo_signer_count(const struct repo *repo);
+/* The chunk digests of the version a publisher is about to name in the
+ * index (fresh->name, fresh->version), computed from the image bytes it
+ * hashed and stored them from: repo_write_index() uses them instead of
+ * reading those chunks back, when that version has no valid record yet and
+ * fresh has its chunk count and its zero chunks. The record written is the
+ * same bytes either way, except that a chunk the repository held already is
+ * not read back, so a damaged copy of it is not noticed here (hosts refuse
+ * it: it does not match its digest). Not copied: it must outlive the index
+ * write, or be unset with NULL. */
+void repo_set_fresh_digests(struct repo *repo, const struct version_digests *fresh);
 /* True when the repository's index has signature lines (not verified). */
 bool repo_is_signed(struct repo *repo);
 /* Replaces any signature lines at the end of text[0..*len) (capacity cap) by

@@ -84,7 +84,8 @@
 #define AHEAD_FLUSH_MAX (1ull << 20) /* a flush of at most this much data is small */
 #define AHEAD_MIN (4ull << 20)       /* zeroed ahead of the tail: a quarter of */
 #define AHEAD_MAX (16ull << 20)      /* the log, within these bounds, */
-#define AHEAD_FREE_FACTOR 64         /* and while 64 windows are free */
+#define AHEAD_FREE_FACTOR 64         /* and while 64 windows are free, */
+#define AHEAD_HOST_MAX (1ull << 30)  /* and while all layers hold less than this */
 #define NO_ZEROING UINT64_MAX
 #define OLD_MAP_HEADER_LEN 64
 #define OLD_MAP_MAGIC "imgfs-layer-map 1\n"
@@ -192,6 +193,10 @@ struct layer {
     _Atomic uint64_t live; /* blocks with data */
     _Atomic uint64_t kicked;
     _Atomic uint64_t last_io_ns;
+
+    /* Its blocks in ahead_host_blocks: changed only by the holder of the
+     * compaction claim, and by layer_close(). */
+    uint64_t ahead_counted;
 
     /* Compaction: guarded by the module's compact_lock. */
     struct layer *compact_next;
@@ -821,12 +826,14 @@ static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
 }
 
 static void compact_cancel(struct layer *l);
+static void ahead_release(struct layer *l, uint64_t blocks);
 
 void layer_close(struct layer *l)
 {
     if (!l)
         return;
     compact_cancel(l);
+    ahead_release(l, l->ahead_counted);
     if (l->cur)
         file_put(l, l->cur);
     for (int i = 0; i < 4; i++)
@@ -1799,6 +1806,61 @@ static bool wants_compaction(const struct layer *l)
  * the background thread. Nothing reads them: replay rejects zeros as a
  * record, and open cuts the log after the last record. */
 
+/* The zeros that all open layers hold ahead of their tails, in blocks, so
+ * that 2,000 VMs that write cannot hold 16 MiB each (32 GB): AHEAD_HOST_MAX
+ * at most. Each layer's share is counted when it zeroes and given back as
+ * its tail passes it (counted again at its next zeroing or compaction: till
+ * then a share may be counted too high, never too low), at a compaction's
+ * switch and at close. */
+static _Atomic uint64_t ahead_host_blocks;
+
+/* Counts what l holds ahead now. The caller holds l's compaction claim, so
+ * ahead does not move and the tail only grows: held only shrinks after. */
+static void ahead_recount(struct layer *l)
+{
+    uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
+    uint64_t held = ahead > tail ? ahead - tail : 0;
+    if (held < l->ahead_counted) {
+        atomic_fetch_sub(&ahead_host_blocks, l->ahead_counted - held);
+        l->ahead_counted = held;
+    }
+}
+
+/* AHEAD_HOST_MAX in blocks, or IMGFS_LAYER_AHEAD_HOST_MAX (tests). */
+static uint64_t ahead_host_max(void)
+{
+    static _Atomic uint64_t cached = UINT64_MAX;
+    uint64_t v = atomic_load(&cached);
+    if (v == UINT64_MAX) {
+        const char *env = getenv("IMGFS_LAYER_AHEAD_HOST_MAX");
+        if (!env || parse_size(env, &v) != 0)
+            v = AHEAD_HOST_MAX;
+        atomic_store(&cached, v / BS);
+        return v / BS;
+    }
+    return v;
+}
+
+uint64_t layer_ahead_host_bytes(void) { return atomic_load(&ahead_host_blocks) * BS; }
+
+/* Takes blocks from the host's budget for l: false when they do not fit. */
+static bool ahead_reserve(struct layer *l, uint64_t blocks)
+{
+    uint64_t have = atomic_load(&ahead_host_blocks), max = ahead_host_max();
+    do {
+        if (have + blocks > max)
+            return false;
+    } while (!atomic_compare_exchange_weak(&ahead_host_blocks, &have, have + blocks));
+    l->ahead_counted += blocks;
+    return true;
+}
+
+static void ahead_release(struct layer *l, uint64_t blocks)
+{
+    atomic_fetch_sub(&ahead_host_blocks, blocks);
+    l->ahead_counted -= blocks;
+}
+
 /* The window: a quarter of the log, within [AHEAD_MIN, AHEAD_MAX], in
  * blocks; so the space a layer holds ahead grows with what it wrote. */
 static uint64_t ahead_window(const struct layer *l)
@@ -1832,11 +1894,14 @@ static void zero_ahead(struct layer *l)
     }
     if ((uint64_t)fs.f_bavail * fs.f_bsize < AHEAD_FREE_FACTOR * ahead_window(l) * BS)
         return;
+    ahead_recount(l);
     pthread_rwlock_wrlock(&l->swap_lock);
     uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
     uint64_t from = tail > ahead ? tail : ahead, to = tail + ahead_window(l);
     uint64_t changes = atomic_load(&l->changes);
     int fd = l->cur->fd;
+    if (from < to && !ahead_reserve(l, to - from))
+        to = from; /* the host holds enough zeros ahead */
     if (from < to)
         atomic_store(&l->zeroing_from, from);
     pthread_rwlock_unlock(&l->swap_lock);
@@ -1866,10 +1931,12 @@ static void zero_ahead(struct layer *l)
     syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_IDLE, 0));
     /* First let the writes that wait go (they hold swap_lock shared). */
     pthread_mutex_lock(&l->zero_lock);
-    if (synced)
+    if (synced) {
         atomic_store(&l->ahead, to);
-    else
+    } else {
         atomic_store(&l->no_zeroing, true); /* a full disk, most likely: stop trying */
+        ahead_release(l, to - from);
+    }
     atomic_store(&l->zeroing_from, NO_ZEROING);
     pthread_cond_broadcast(&l->zero_done);
     pthread_mutex_unlock(&l->zero_lock);
@@ -2182,6 +2249,7 @@ static void *compact_main(void *arg)
         int rc = wants_compaction(l) ? compact(l) : 0;
         if (rc && rc != -ECANCELED)
             log_warn("layer %s: compaction failed: %s", l->id, strerror(-rc));
+        ahead_recount(l); /* a compaction's new file holds none */
         compact_release(l);
         pthread_mutex_lock(&compact_lock);
     }

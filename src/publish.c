@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "chunkfmt.h"
+#include "digests.h"
 #include "image.h"
 #include "manifest.h"
 #include "progress.h"
@@ -102,6 +103,10 @@ struct pipeline {
     const char *image_path;
     struct repo *repo;
     struct manifest *m; /* workers write m->chunks[i] of their own batches only */
+    /* When signing, the chunk digests of the digests record (digests.h),
+     * computed while the bytes are in memory: workers write digests->chunks[i]
+     * of their own batches only. NULL for an unsigned publish. */
+    struct version_digests *digests;
     int level;
     uint64_t batch_chunks;
 
@@ -222,6 +227,15 @@ static int store_chunk(struct worker *w, uint64_t index, const char *data, struc
     struct chunk_hash hash;
     chunk_hash_compute(data, cs, &hash);
     p->m->chunks[index] = hash;
+    if (p->digests) {
+        int rc = sign_digest_compute_alg(p->digests->chunk_alg, data, cs, &p->digests->chunks[index]);
+        if (rc) {
+            pthread_mutex_lock(&p->lock);
+            fail_locked(p, rc, "cannot compute a chunk digest: %s", strerror(-rc));
+            pthread_mutex_unlock(&p->lock);
+            return rc;
+        }
+    }
     pthread_mutex_lock(&p->claims_lock);
     int claimed = claim(&p->claims, &hash);
     pthread_mutex_unlock(&p->claims_lock);
@@ -316,10 +330,12 @@ static unsigned default_threads(void)
     return n < 1 ? 2 : n >= PUBLISH_MAX_THREADS ? PUBLISH_MAX_THREADS : (unsigned)n + 1;
 }
 
-/* Reads, hashes and stores every chunk of img into m->chunks, on threads
- * workers; returns when all of them have ended. */
+/* Reads, hashes and stores every chunk of img into m->chunks (and digests
+ * them into digests->chunks unless it is NULL), on threads workers; returns
+ * when all of them have ended. */
 static int store_chunks(struct image *img, const struct publish_options *opts, struct repo *repo,
-                        struct manifest *m, struct publish_result *res, char *err, size_t errlen)
+                        struct manifest *m, struct version_digests *digests, struct publish_result *res,
+                        char *err, size_t errlen)
 {
     unsigned threads = opts->threads ? opts->threads : default_threads();
     if (threads > PUBLISH_MAX_THREADS)
@@ -329,6 +345,7 @@ static int store_chunks(struct image *img, const struct publish_options *opts, s
         .image_path = opts->image_path,
         .repo = repo,
         .m = m,
+        .digests = digests,
         .level = opts->zstd_level,
         .batch_chunks = BATCH_BYTES > m->chunk_size ? BATCH_BYTES / m->chunk_size : 1,
     };
@@ -455,9 +472,10 @@ static int write_manifest(struct repo *repo, const struct manifest *m, char *err
 }
 
 /* Steps 2-4 of publish.h: makes the stored chunks durable, then gives m the
- * next version number, writes its manifest and points the index at it. */
-static int commit_version(struct repo *repo, struct manifest *m, double *sync_seconds, char *err,
-                          size_t errlen)
+ * next version number, writes its manifest and points the index at it. The
+ * index write of a signed publish takes m's chunk digests from digests. */
+static int commit_version(struct repo *repo, struct manifest *m, struct version_digests *digests,
+                          double *sync_seconds, char *err, size_t errlen)
 {
     uint64_t started = now_ns();
     int rc = repo_sync(repo);
@@ -474,10 +492,16 @@ static int commit_version(struct repo *repo, struct manifest *m, double *sync_se
         return rc;
     }
     rc = next_version(repo, m->name, &m->version, err, errlen);
+    if (!rc && digests) {
+        snprintf(digests->name, sizeof(digests->name), "%s", m->name);
+        digests->version = m->version;
+        repo_set_fresh_digests(repo, digests);
+    }
     if (!rc)
         rc = write_manifest(repo, m, err, errlen);
     if (!rc)
         rc = set_latest(repo, m->name, m->version, err, errlen);
+    repo_set_fresh_digests(repo, NULL);
     repo_unlock_publish(repo);
     return rc;
 }
@@ -535,8 +559,11 @@ int publish_image(const struct publish_options *opts, struct publish_result *res
         image_close(img);
         return rc;
     }
-    struct manifest *m = manifest_new((size + opts->chunk_size - 1) / opts->chunk_size);
-    if (!m) {
+    uint64_t chunk_count = (size + opts->chunk_size - 1) / opts->chunk_size;
+    struct manifest *m = manifest_new(chunk_count);
+    /* Signed: the digests record's chunk digests come from the workers. */
+    struct version_digests *digests = opts->key_count ? digests_new(chunk_count) : NULL;
+    if (!m || (opts->key_count && !digests)) {
         snprintf(err, errlen, "out of memory");
         rc = -ENOMEM;
         goto out;
@@ -549,12 +576,13 @@ int publish_image(const struct publish_options *opts, struct publish_result *res
     res->size = size;
     snprintf(res->format, sizeof(res->format), "%s", image_format(img));
 
-    rc = store_chunks(img, opts, repo, m, res, err, errlen);
+    rc = store_chunks(img, opts, repo, m, digests, res, err, errlen);
     if (!rc)
-        rc = commit_version(repo, m, &res->sync_seconds, err, errlen);
+        rc = commit_version(repo, m, digests, &res->sync_seconds, err, errlen);
     if (!rc)
         res->version = m->version;
 out:
+    digests_free(digests);
     manifest_free(m);
     repo_close(repo);
     image_close(img);

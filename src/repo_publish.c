@@ -124,57 +124,47 @@ int repo_open_for_publish(const char *path, struct repo **out, char *err, size_t
     return repo_open(path, out, err, errlen);
 }
 
-int repo_lock_publish(struct repo *repo)
+/* Takes flock(how) on REPO/name into *fd (which must hold none). */
+static int lock_file(struct repo *repo, const char *name, int how, int *fd)
 {
     char path[PATH_MAX];
-    int err = writer_path(repo, ".publish.lock", path, sizeof(path));
+    int err = writer_path(repo, name, path, sizeof(path));
     if (err)
         return err;
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0)
+    int lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (lock_fd < 0)
         return -errno;
-    if (flock(fd, LOCK_EX) < 0) {
+    if (flock(lock_fd, how) < 0) { /* -EWOULDBLOCK under LOCK_NB */
         err = -errno;
-        close(fd);
+        close(lock_fd);
         return err;
     }
-    repo_writer(repo)->publish_lock_fd = fd;
+    *fd = lock_fd;
     return 0;
 }
 
-void repo_unlock_publish(struct repo *repo)
+static void unlock_file(int *fd)
 {
-    if (repo_writer(repo)->publish_lock_fd >= 0) {
-        close(repo_writer(repo)->publish_lock_fd); /* closing drops the flock */
-        repo_writer(repo)->publish_lock_fd = -1;
+    if (*fd >= 0) {
+        close(*fd); /* closing drops the flock */
+        *fd = -1;
     }
 }
+
+int repo_lock_publish(struct repo *repo)
+{
+    return lock_file(repo, ".publish.lock", LOCK_EX, &repo_writer(repo)->publish_lock_fd);
+}
+
+void repo_unlock_publish(struct repo *repo) { unlock_file(&repo_writer(repo)->publish_lock_fd); }
 
 int repo_lock_chunks(struct repo *repo, bool exclusive, bool wait)
 {
-    char path[PATH_MAX];
-    int err = writer_path(repo, ".gc.lock", path, sizeof(path));
-    if (err)
-        return err;
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return -errno;
-    if (flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB)) < 0) {
-        err = errno == EWOULDBLOCK ? -EWOULDBLOCK : -errno;
-        close(fd);
-        return err;
-    }
-    repo_writer(repo)->chunks_lock_fd = fd;
-    return 0;
+    return lock_file(repo, ".gc.lock", (exclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB),
+                     &repo_writer(repo)->chunks_lock_fd);
 }
 
-void repo_unlock_chunks(struct repo *repo)
-{
-    if (repo_writer(repo)->chunks_lock_fd >= 0) {
-        close(repo_writer(repo)->chunks_lock_fd);
-        repo_writer(repo)->chunks_lock_fd = -1;
-    }
-}
+void repo_unlock_chunks(struct repo *repo) { unlock_file(&repo_writer(repo)->chunks_lock_fd); }
 
 /* The directory of a chunk, chunks/XY, opened once per repository; it is
  * made again when a copying tool dropped it (git and some sync tools keep no
@@ -300,6 +290,11 @@ void repo_set_signers(struct repo *repo, const struct sign_secret_key *keys, siz
     wr->signer_count = count;
 }
 
+void repo_set_fresh_digests(struct repo *repo, const struct version_digests *fresh)
+{
+    repo_writer(repo)->fresh = fresh;
+}
+
 size_t repo_signer_count(const struct repo *repo) { return repo_writer((struct repo *)repo)->signer_count; }
 
 bool repo_is_signed(struct repo *repo)
@@ -328,16 +323,36 @@ int repo_sign_text(struct repo *repo, char *text, size_t *len, size_t cap)
     return 0;
 }
 
-/* The digests record of m (whose file bytes are text), from its chunks read
- * back from the repository: each is decoded and checked against its name
+/* True when fresh holds the chunk digests of m under alg: its name, version
+ * and chunk count, and a digest exactly where m has a data chunk. */
+static bool fresh_describes(const struct version_digests *fresh, const struct manifest *m,
+                            enum sign_digest_alg alg)
+{
+    static const struct sign_digest zero;
+    if (!fresh || strcmp(fresh->name, m->name) != 0 || fresh->version != m->version ||
+        fresh->chunk_count != m->chunk_count || fresh->chunk_alg != alg)
+        return false;
+    for (uint64_t i = 0; i < m->chunk_count; i++)
+        if (chunk_hash_is_null(&m->chunks[i]) != sign_digest_equal(&fresh->chunks[i], &zero))
+            return false;
+    return true;
+}
+
+/* The digests record of m (whose file bytes are text). Its chunk digests are
+ * the publisher's (fresh) when they describe m; otherwise the chunks are
+ * read back from the repository, each decoded and checked against its name
  * before it is hashed, so a damaged chunk is never signed. */
 static int compute_record(struct repo *repo, const struct manifest *m, const char *text, size_t len,
-                          const struct sign_digest *previous, struct version_digests **out)
+                          const struct sign_digest *previous, const struct version_digests *fresh,
+                          struct version_digests **out)
 {
     struct version_digests *d = digests_new(m->chunk_count);
-    char *chunk = malloc(m->chunk_size);
-    int rc = d && chunk ? 0 : -ENOMEM;
-    for (uint64_t i = 0; !rc && i < m->chunk_count; i++) {
+    bool known = d && fresh_describes(fresh, m, d->chunk_alg);
+    char *chunk = known ? NULL : malloc(m->chunk_size);
+    int rc = d && (known || chunk) ? 0 : -ENOMEM;
+    if (!rc && known && m->chunk_count)
+        memcpy(d->chunks, fresh->chunks, m->chunk_count * sizeof(*d->chunks));
+    for (uint64_t i = 0; !rc && !known && i < m->chunk_count; i++) {
         if (chunk_hash_is_null(&m->chunks[i]))
             continue;
         char *enc = NULL;
@@ -401,7 +416,7 @@ static int ensure_records(struct repo *repo, const char *name, uint64_t latest, 
             d = NULL;
             char *text = NULL;
             size_t len = 0;
-            rc = compute_record(repo, m, mtext, mlen, v > 1 ? &previous : NULL, &d);
+            rc = compute_record(repo, m, mtext, mlen, v > 1 ? &previous : NULL, repo_writer(repo)->fresh, &d);
             if (!rc)
                 rc = digests_format(d, &text, &len);
             if (!rc)

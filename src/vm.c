@@ -21,6 +21,7 @@
 struct layer_ref {
     struct layer *layer;
     unsigned refs;
+    struct layer_ref *next; /* in its chain of the layer table */
 };
 
 struct vm_registry {
@@ -33,7 +34,10 @@ struct vm_registry {
     pthread_mutex_t lock;
     struct vm **vms;
     size_t vm_count;
-    struct layer_ref *layers;
+    /* The open layers by ID: a chained hash table of layer_slots (a power
+     * of two, or 0) heads, so that loading N disks costs N, not N^2. */
+    struct layer_ref **layers;
+    size_t layer_slots;
     size_t layer_count;
     /* Layers named by VM files that did not load: never deleted, since the
      * VM comes back once its base does. */
@@ -44,22 +48,65 @@ struct vm_registry {
 
 /* ---- layer table (registry->lock held) ------------------------------------- */
 
+static struct layer_ref **layer_chain(struct layer_ref **slots, size_t nslots, const char *id)
+{
+    uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
+    for (const unsigned char *p = (const unsigned char *)id; *p; p++)
+        h = (h ^ *p) * 0x100000001b3ull;
+    return &slots[(h ^ h >> 29) & (nslots - 1)];
+}
+
 static struct layer_ref *find_layer_ref(struct vm_registry *reg, const char *id)
 {
-    for (size_t i = 0; i < reg->layer_count; i++)
-        if (strcmp(layer_id(reg->layers[i].layer), id) == 0)
-            return &reg->layers[i];
+    if (!reg->layer_slots)
+        return NULL;
+    for (struct layer_ref *r = *layer_chain(reg->layers, reg->layer_slots, id); r; r = r->next)
+        if (strcmp(layer_id(r->layer), id) == 0)
+            return r;
     return NULL;
 }
 
-static int track_layer(struct vm_registry *reg, struct layer *layer)
+/* Adds layer to the table with no refs. */
+static int track_layer(struct vm_registry *reg, struct layer *layer, struct layer_ref **out)
 {
-    struct layer_ref *grown = realloc(reg->layers, (reg->layer_count + 1) * sizeof(*grown));
-    if (!grown)
+    if (reg->layer_count + 1 > reg->layer_slots) {
+        size_t slots = reg->layer_slots ? reg->layer_slots * 2 : 64;
+        struct layer_ref **grown = calloc(slots, sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        for (size_t i = 0; i < reg->layer_slots; i++)
+            for (struct layer_ref *r = reg->layers[i], *next; r; r = next) {
+                next = r->next;
+                struct layer_ref **at = layer_chain(grown, slots, layer_id(r->layer));
+                r->next = *at;
+                *at = r;
+            }
+        free(reg->layers);
+        reg->layers = grown;
+        reg->layer_slots = slots;
+    }
+    struct layer_ref *ref = malloc(sizeof(*ref));
+    if (!ref)
         return -ENOMEM;
-    reg->layers = grown;
-    reg->layers[reg->layer_count++] = (struct layer_ref){layer, 0};
+    struct layer_ref **at = layer_chain(reg->layers, reg->layer_slots, layer_id(layer));
+    *ref = (struct layer_ref){layer, 0, *at};
+    *at = ref;
+    reg->layer_count++;
+    *out = ref;
     return 0;
+}
+
+/* Takes ref out of the table and frees it (not its layer). */
+static void untrack_layer(struct vm_registry *reg, struct layer_ref *ref)
+{
+    for (struct layer_ref **at = layer_chain(reg->layers, reg->layer_slots, layer_id(ref->layer)); *at;
+         at = &(*at)->next)
+        if (*at == ref) {
+            *at = ref->next;
+            reg->layer_count--;
+            free(ref);
+            return;
+        }
 }
 
 /* Returns the shared layer ID (opening it if needed) with one more ref. */
@@ -71,11 +118,10 @@ static int get_layer(struct vm_registry *reg, const char *id, uint64_t size, str
         int err = layer_open(reg->layer_dir, id, size, &layer);
         if (err)
             return err;
-        if ((err = track_layer(reg, layer)) != 0) {
+        if ((err = track_layer(reg, layer, &ref)) != 0) {
             layer_close(layer);
             return err;
         }
-        ref = &reg->layers[reg->layer_count - 1];
     }
     if (layer_size(ref->layer) != size)
         return -EBADMSG;
@@ -87,15 +133,16 @@ static int get_layer(struct vm_registry *reg, const char *id, uint64_t size, str
 static int new_layer(struct vm_registry *reg, uint64_t size, struct layer **out)
 {
     struct layer *layer;
+    struct layer_ref *ref;
     int err = layer_create(reg->layer_dir, size, &layer);
     if (err)
         return err;
-    if ((err = track_layer(reg, layer)) != 0) {
+    if ((err = track_layer(reg, layer, &ref)) != 0) {
         layer_close(layer);
         layer_remove(reg->layer_dir, layer_id(layer));
         return err;
     }
-    reg->layers[reg->layer_count - 1].refs = 1;
+    ref->refs = 1;
     *out = layer;
     return 0;
 }
@@ -136,8 +183,8 @@ static void put_layer(struct vm_registry *reg, struct layer *layer)
         return;
     char id[LAYER_ID_LEN + 1];
     snprintf(id, sizeof(id), "%s", layer_id(layer));
+    untrack_layer(reg, ref);
     layer_close(layer);
-    *ref = reg->layers[--reg->layer_count];
     if (!is_kept(reg, id) && layer_remove(reg->layer_dir, id) == 0)
         fsync_dir(reg->layer_dir);
 }
@@ -482,10 +529,13 @@ void vm_registry_close(struct vm_registry *reg)
         return;
     for (size_t i = 0; i < reg->vm_count; i++)
         vm_free(reg->vms[i]);
-    for (size_t i = 0; i < reg->layer_count; i++) {
-        layer_flush(reg->layers[i].layer);
-        layer_close(reg->layers[i].layer);
-    }
+    for (size_t i = 0; i < reg->layer_slots; i++)
+        for (struct layer_ref *r = reg->layers[i], *next; r; r = next) {
+            next = r->next;
+            layer_flush(r->layer);
+            layer_close(r->layer);
+            free(r);
+        }
     free(reg->vms);
     free(reg->layers);
     free(reg->kept);
@@ -1228,14 +1278,19 @@ static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks
     return rc == -EAGAIN ? -EIO : rc;
 }
 
+/* -ENOSPC unless a write of [off, off + len) is inside the disk. */
+static int write_fits(const struct vm *vm, size_t len, uint64_t off)
+{
+    return off >= vm->live.size || len > vm->live.size - off ? -ENOSPC : 0; /* a disk does not grow */
+}
+
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
 {
-    if (off >= vm->live.size || len > vm->live.size - off)
-        return -ENOSPC; /* a disk does not grow */
-    if (len == 0)
-        return 0;
+    int rc = write_fits(vm, len, off);
+    if (rc || len == 0)
+        return rc;
     struct held_chunks chunks;
-    int rc = hold_edge_chunks(vm, fetcher, off, len, &chunks);
+    rc = hold_edge_chunks(vm, fetcher, off, len, &chunks);
     return rc ? rc : write_held(vm, fetcher, &chunks, buf, len, off, 0);
 }
 
@@ -1279,10 +1334,9 @@ static void write_chunk_done(void *arg, int err)
 int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off,
                    unsigned flags, vm_write_done_fn done, void *arg)
 {
-    if (off >= vm->live.size || len > vm->live.size - off)
-        return -ENOSPC;
-    if (len == 0)
-        return 0;
+    int err = write_fits(vm, len, off);
+    if (err || len == 0)
+        return err;
     uint64_t wanted[2];
     int count = edge_chunks_wanted(vm, off, len, wanted);
     if (count == 0) {

@@ -5,7 +5,10 @@
  * of the old sequential path (every chunk read through image_read, hashed
  * and encoded in order), and so is every stored chunk file. The image's
  * allocation map is checked against qemu-img's own reading of the image, and
- * a re-publish of an unchanged image writes nothing. */
+ * a re-publish of an unchanged image writes nothing. A signed publish, whose
+ * workers compute the chunk digests, writes the same repository files as an
+ * unsigned publish signed afterwards (imgfsctl sign), which reads the chunks
+ * back to digest them. */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -28,6 +31,8 @@
 #include "publish.h"
 #include "qcow2map.h"
 #include "repo.h"
+#include "repo_publish.h"
+#include "sign.h"
 #include "util.h"
 
 #define CS PUBLISH_DEFAULT_CHUNK_SIZE
@@ -198,8 +203,10 @@ static char *chunk_listing(const char *repo)
     return out;
 }
 
-static int publish_into(const char *image_path, const char *repo, uint32_t cs, unsigned threads,
-                        struct publish_result *r)
+static struct sign_secret_key signing_key;
+
+static int publish_signed(const char *image_path, const char *repo, uint32_t cs, unsigned threads,
+                          const struct sign_secret_key *key, struct publish_result *r)
 {
     struct publish_options opts = {
         .image_path = image_path,
@@ -209,12 +216,119 @@ static int publish_into(const char *image_path, const char *repo, uint32_t cs, u
         .zstd_level = PUBLISH_DEFAULT_ZSTD_LEVEL,
         .threads = threads,
         .created = CREATED,
+        .keys = key,
+        .key_count = key ? 1 : 0,
     };
     char err[512] = "";
     int rc = publish_image(&opts, r, err, sizeof(err));
     if (rc)
         fprintf(stderr, "publish_image %s: %s\n", image_path, err);
     return rc;
+}
+
+static int publish_into(const char *image_path, const char *repo, uint32_t cs, unsigned threads,
+                        struct publish_result *r)
+{
+    return publish_signed(image_path, repo, cs, threads, NULL, r);
+}
+
+/* The index of repo up to its "+seq" line: the part that does not depend on
+ * when it was signed. */
+static char *index_body(const char *repo)
+{
+    char path[PATH_MAX], *text = NULL;
+    size_t len = 0;
+    path_join(path, sizeof(path), "%s/index", repo);
+    if (read_file(path, REPO_MAX_INDEX_LEN, &text, &len) != 0)
+        return NULL;
+    char *seq = strstr(text, "\n+seq ");
+    if (seq)
+        seq[1] = '\0';
+    return text;
+}
+
+/* What `imgfsctl sign REPO` does: every version's record from the chunks
+ * read back, and a signed index. */
+static int sign_afterwards(const char *repo_path)
+{
+    char err[512];
+    struct repo *repo;
+    struct repo_index index = {0};
+    int rc = repo_open(repo_path, &repo, err, sizeof(err));
+    if (rc)
+        return rc;
+    repo_set_signers(repo, &signing_key, 1);
+    rc = repo_read_index(repo, &index, err, sizeof(err));
+    if (!rc)
+        rc = repo_write_index(repo, &index);
+    repo_index_free(&index);
+    repo_close(repo);
+    return rc;
+}
+
+/* Publishes first then second (versions 1 and 2) signed, on 1 and 3
+ * threads, and unsigned then signed afterwards: every file but the index's
+ * time and signature lines is the same. Then a version 3 of second over a
+ * damaged chunk file: its record holds the digest of the image's bytes (the
+ * workers'), which is what a host checks the damaged file against. */
+static void check_signed(const char *label, const char *first, const char *second)
+{
+    static int case_no;
+    case_no++;
+    char after[PATH_MAX];
+    path_join(after, sizeof(after), "%s/signed-%d-after", tmp, case_no);
+    struct publish_result r;
+    CHECK(publish_into(first, after, CS, 2, &r) == 0 && publish_into(second, after, CS, 2, &r) == 0);
+    CHECK(sign_afterwards(after) == 0);
+    char *want = index_body(after);
+    CHECK(want != NULL);
+    unsigned thread_counts[] = {1, 3};
+    for (size_t t = 0; t < ARRAY_LEN(thread_counts); t++) {
+        char repo[PATH_MAX];
+        path_join(repo, sizeof(repo), "%s/signed-%d-%u", tmp, case_no, thread_counts[t]);
+        CHECK(publish_signed(first, repo, CS, thread_counts[t], &signing_key, &r) == 0 && r.version == 1);
+        CHECK(publish_signed(second, repo, CS, thread_counts[t], &signing_key, &r) == 0 && r.version == 2);
+        CHECK(run("diff -r --exclude=index '%s' '%s'", after, repo) == 0);
+        char *got = index_body(repo);
+        CHECK(want && got && strcmp(want, got) == 0 && strstr(got, "\nimg 2 ") != NULL);
+        free(got);
+    }
+    free(want);
+
+    /* Damage one chunk file of version 2 (the first data chunk's), then
+     * publish second again. */
+    char repo[PATH_MAX], path[PATH_MAX], rel[64];
+    path_join(repo, sizeof(repo), "%s/signed-%d-3", tmp, case_no);
+    struct manifest *m = NULL;
+    char *text = NULL, *record = NULL, err[512];
+    size_t len = 0, record_len = 0;
+    path_join(path, sizeof(path), "%s/bases/img/2.manifest", repo);
+    CHECK(read_file(path, REPO_MAX_MANIFEST_LEN, &text, &len) == 0 &&
+          manifest_parse(text, len, &m, err, sizeof(err)) == 0);
+    uint64_t i = 0;
+    while (m && i < m->chunk_count && chunk_hash_is_null(&m->chunks[i]))
+        i++;
+    if (m && i < m->chunk_count) {
+        repo_chunk_relpath(&m->chunks[i], rel, sizeof(rel));
+        CHECK(run("truncate -s 10 '%s/%s'", repo, rel) == 0);
+        CHECK(publish_signed(second, repo, CS, 3, &signing_key, &r) == 0 && r.version == 3 && r.chunks_new == 0);
+        free(text);
+        text = NULL;
+        path_join(path, sizeof(path), "%s/bases/img/2.digests", repo);
+        CHECK(read_file(path, REPO_MAX_DIGESTS_LEN, &text, &len) == 0);
+        path_join(path, sizeof(path), "%s/bases/img/3.digests", repo);
+        CHECK(read_file(path, REPO_MAX_DIGESTS_LEN, &record, &record_len) == 0);
+        /* The chunk lines (after "chunks N") of versions 2 and 3 agree. */
+        const char *a = text ? strstr(text, "\nchunks ") : NULL;
+        const char *b = record ? strstr(record, "\nchunks ") : NULL;
+        CHECK(a && b && strcmp(a, b) == 0);
+    } else {
+        CHECK(!"second has no data chunk");
+    }
+    printf("%s: signed publish, same files as signing afterwards\n", label);
+    free(text);
+    free(record);
+    manifest_free(m);
 }
 
 /* Publishes image_path on 1 and 3 threads and compares with the old path:
@@ -358,6 +472,7 @@ static void test_raw(void)
     put(sparse, size - 500, 500, -1);
     check_image("raw sparse", sparse, NULL, CS, true, false);
     check_image("raw sparse, 1M chunks", sparse, NULL, 1u << 20, true, false);
+    check_signed("raw dense, then sparse", dense, sparse);
 }
 
 static void test_qcow2(void)
@@ -481,6 +596,10 @@ int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
     CHECK(mkdtemp(tmp) != NULL);
+    char key_path[PATH_MAX], err[512];
+    path_in(key_path, "key");
+    CHECK(sign_init() == 0 && sign_key_generate(key_path, NULL, err, sizeof(err)) == 0 &&
+          sign_key_load(key_path, &signing_key, err, sizeof(err)) == 0);
     test_raw();
     test_qcow2();
     test_qcow2map();
