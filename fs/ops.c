@@ -1005,8 +1005,8 @@ static int reply_extent(void *ctx, const struct disk_extent *e)
 }
 
 /* Sends the buffers. When none is a file (chunks in memory, bytes the
- * cache checked, zeros) they go out in one writev: libfuse would move them
- * through a pipe, three system calls instead of one. */
+ * cache checked, zeros) they go out in one writev, which fuse_reply_data()
+ * would only do for a single buffer (more go through a pipe or a copy). */
 #define REPLY_IOV_MAX 64
 static void bufs_reply(fuse_req_t req, const struct reply_bufs *r)
 {
@@ -1212,7 +1212,11 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     *w = (struct write_reply){.req = req, .size = size, .cut_is_error = cut && fs->opts->vm_writeback};
     /* A copy-up that must fetch base chunks replies from the fetch engine
      * once they came: no FUSE worker waits on the network. */
-    int rc = vm_write_start(n->vm, fs->fetcher, buf, size, (uint64_t)off, write_done, w);
+    /* The kernel passes the file's open flags with each write: a guest that
+     * opened its disk with O_DIRECT gets its bytes written to the device
+     * before the reply, as a local file would (writeback pages never). */
+    unsigned flags = (fi->flags & O_DIRECT) && !fi->writepage ? VM_WRITE_THROUGH : 0;
+    int rc = vm_write_start(n->vm, fs->fetcher, buf, size, (uint64_t)off, flags, write_done, w);
     if (rc != VM_WRITE_PENDING)
         write_done(w, rc);
 }

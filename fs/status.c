@@ -131,6 +131,9 @@ static void add_vm(void *ctx, struct vm *vm)
     status_gauge(s, sec, "top_layer_compact_flush_hold_seconds",
                  "Of which its flushes were held (its writes, then the sync and rename of the new log).",
                  (double)vs.top.compact_flush_hold_ns / 1e9, 4);
+    status_counter(s, sec, "top_layer_through_blocks",
+                   "4 KiB blocks of O_DIRECT guest writes that the writable layer wrote to its log with O_DIRECT.",
+                   vs.top.through_blocks);
     status_gauge(s, sec, "layers", "Layers in the VM's chain.", vs.depth, 0);
     status_gauge(s, sec, "snapshots", "Snapshots of the VM.", vs.snapshots, 0);
     status_gauge(s, sec, "open", "Open file handles of the VM disk and its snapshots.", vs.open_count, 0);

@@ -1175,7 +1175,8 @@ static struct disk below_top(const struct disk *live)
 
 /* Writes one partial block through copy-up, reading what is below from
  * held. write_lock held shared, and the block's range in write_ranges. */
-static int write_partial(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off)
+static int write_partial(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off,
+                         bool through)
 {
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     uint64_t block = off / LAYER_BLOCK_SIZE;
@@ -1189,7 +1190,7 @@ static int write_partial(struct vm *vm, const struct held_chunks *held, const ch
     if (rc)
         return rc;
     memcpy(tmp + (off - start), buf, len);
-    return layer_write(top, tmp, block_len, start);
+    return through ? layer_write_through(top, tmp, block_len, start) : layer_write(top, tmp, block_len, start);
 }
 
 /* The base chunks under the partial blocks at the two edges of a write that
@@ -1242,7 +1243,8 @@ static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off
 }
 
 /* The writes themselves, with the locks held and no network. */
-static int write_locked(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off)
+static int write_locked(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off,
+                        bool through)
 {
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     uint64_t end = off + len;
@@ -1253,10 +1255,10 @@ static int write_locked(struct vm *vm, const struct held_chunks *held, const cha
         if (whole == 0 && in_block == 0 && end == vm->live.size)
             whole = end - off; /* the short last block of the disk */
         if (whole > 0) {
-            rc = layer_write(top, buf, (size_t)whole, off);
+            rc = through ? layer_write_through(top, buf, (size_t)whole, off) : layer_write(top, buf, (size_t)whole, off);
         } else {
             whole = LAYER_BLOCK_SIZE - in_block < end - off ? LAYER_BLOCK_SIZE - in_block : end - off;
-            rc = write_partial(vm, held, buf, (size_t)whole, off);
+            rc = write_partial(vm, held, buf, (size_t)whole, off, through);
         }
         buf += whole;
         off += whole;
@@ -1267,7 +1269,7 @@ static int write_locked(struct vm *vm, const struct held_chunks *held, const cha
 /* Writes with the edge chunks in hand: takes the locks, writes, releases
  * the chunks (and notes them as read by the guest). */
 static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks *chunks, const char *buf,
-                      size_t len, uint64_t off)
+                      size_t len, uint64_t off, unsigned flags)
 {
     /* Writes of other blocks go on in parallel; one that overlaps waits, so
      * that a copy-up never mixes two writes of one block. */
@@ -1276,7 +1278,7 @@ static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks
                        (off + len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
     pthread_rwlock_rdlock(&vm->write_lock);
     pthread_rwlock_rdlock(&vm->chain_lock);
-    int rc = write_locked(vm, chunks, buf, len, off);
+    int rc = write_locked(vm, chunks, buf, len, off, flags & VM_WRITE_THROUGH);
     pthread_rwlock_unlock(&vm->chain_lock);
     pthread_rwlock_unlock(&vm->write_lock);
     range_lock_release(&vm->write_ranges, &held);
@@ -1303,7 +1305,7 @@ int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len
         return rc;
     struct held_chunks chunks;
     rc = hold_edge_chunks(vm, fetcher, off, len, &chunks);
-    return rc ? rc : write_held(vm, fetcher, &chunks, buf, len, off);
+    return rc ? rc : write_held(vm, fetcher, &chunks, buf, len, off, 0);
 }
 
 /* A write waiting for its edge chunks. pending counts the fetches under way
@@ -1316,6 +1318,7 @@ struct write_op {
     atomic_bool failed;
     uint64_t off;
     size_t len;
+    unsigned flags;
     vm_write_done_fn done;
     void *arg;
     char buf[]; /* a copy of the data: the caller's is gone once it returns */
@@ -1324,7 +1327,7 @@ struct write_op {
 static int write_op_finish(struct write_op *op)
 {
     if (!atomic_load(&op->failed))
-        return write_held(op->vm, op->fetcher, &op->chunks, op->buf, op->len, op->off);
+        return write_held(op->vm, op->fetcher, &op->chunks, op->buf, op->len, op->off, op->flags);
     for (int k = 0; k < op->chunks.count; k++)
         fetch_ref_release(op->fetcher, &op->chunks.refs[k]);
     return -EIO;
@@ -1343,7 +1346,7 @@ static void write_chunk_done(void *arg, int err)
 }
 
 int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off,
-                   vm_write_done_fn done, void *arg)
+                   unsigned flags, vm_write_done_fn done, void *arg)
 {
     int err = write_fits(vm, len, off);
     if (err || len == 0)
@@ -1352,12 +1355,13 @@ int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size
     int count = edge_chunks_wanted(vm, off, len, wanted);
     if (count == 0) {
         struct held_chunks none = {.count = 0};
-        return write_held(vm, fetcher, &none, buf, len, off);
+        return write_held(vm, fetcher, &none, buf, len, off, flags);
     }
     struct write_op *op = malloc(sizeof(*op) + len);
     if (!op)
         return -ENOMEM;
-    *op = (struct write_op){.vm = vm, .fetcher = fetcher, .off = off, .len = len, .done = done, .arg = arg};
+    *op = (struct write_op){
+        .vm = vm, .fetcher = fetcher, .off = off, .len = len, .flags = flags, .done = done, .arg = arg};
     memcpy(op->buf, buf, len);
     atomic_init(&op->pending, 1 + count);
     atomic_init(&op->failed, false);
