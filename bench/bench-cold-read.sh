@@ -17,7 +17,10 @@
 #              that cache, against cat of the local raw file and of the
 #              same image as qcow2 through qcowmount; then, on another fresh
 #              mount, 4096 random 4 KiB O_DIRECT reads (fio, libaio, iodepth
-#              16, the same offsets on every target) against the same two
+#              16, the same offsets on every target) against the same two,
+#              and against the FUSE ceiling: bench/fuse-null.c serving the
+#              local raw file with one pread per request (16 threads, as
+#              imgfs), what any FUSE file system reading that disk can do
 # Ratio = the tool's time / imgfs's time (above 1: imgfs is faster).
 # Also: requests per MiB (nginx access log), and the latency of one
 # uncached 4 KiB read (O_DIRECT) against one GET of its chunk with curl.
@@ -59,7 +62,7 @@ for c in $CASES; do
 done
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT=$REPEAT is not a positive count."
 [ -z "$BASELINE_BIN_DIR" ] || require_imgfs "$BASELINE_BIN_DIR"
-[[ " $CASES " != *" cached "* ]] || require_tools qemu-img qcowmount fio
+[[ " $CASES " != *" cached "* ]] || require_tools qemu-img qcowmount fio cc pkg-config
 
 make_work imgfs-cold
 VETH_ROOT=icr$$ VETH_NS=icn$$
@@ -262,6 +265,13 @@ if [[ " $CASES " == *" cached "* ]]; then
     PIDS+=($!)
     wait_mounted "$WORK/qcow" 20 || die "qcowmount did not mount: $(cat "$WORK/qcowmount.log")"
     MOUNTS+=("$WORK/qcow")
+    mkdir -p "$WORK/null"
+    cc -O2 -o "$WORK/fuse-null" "$SCRIPT_DIR/fuse-null.c" $(pkg-config --cflags --libs fuse3) -lpthread \
+        2>"$WORK/fuse-null.log" || die "cannot build fuse-null.c: $(tail -n 1 "$WORK/fuse-null.log")"
+    "$WORK/fuse-null" "$WORK/null" "$SIZE_BYTES" 16 "$WORK/img.raw" >>"$WORK/fuse-null.log" 2>&1 &
+    PIDS+=($!)
+    wait_mounted "$WORK/null" 10 || die "fuse-null did not mount: $(tail -n 1 "$WORK/fuse-null.log")"
+    MOUNTS+=("$WORK/null")
     mbps() { awk -v m=$MIB -v t="$1" 'BEGIN { printf "%.0f", m * 1.048576 / t }'; }
     for ((run = 1; run <= REPEAT; run++)); do
         # One local and one qcowmount figure per run for every build, and the
@@ -271,13 +281,14 @@ if [[ " $CASES " == *" cached "* ]]; then
         qcow_s=$(timed_cat "$WORK/qcow/qcow1")
         local_iops=$(rand_iops "$WORK/img.raw")
         qcow_iops=$(rand_iops "$WORK/qcow/qcow1")
+        null_iops=$(rand_iops "$WORK/null/disk")
         order=("${BUILDS[@]}")
         ((run % 2 == 0 && ${#BUILDS[@]} == 2)) && order=("${BUILDS[1]}" "${BUILDS[0]}")
         for BIN in "${order[@]}"; do
             read -r s iops <<<"$(imgfs_cached)"
             CACHED_ROWS+=("| cached$(build_label "$BIN"), run $run | $local_s s ($(mbps "$local_s") MB/s) | $qcow_s s ($(mbps "$qcow_s") MB/s) | $s s ($(mbps "$s") MB/s) | **$(awk -v a="$local_s" -v b="$s" 'BEGIN { printf "%.2f", a / b }')x** | **$(awk -v a="$qcow_s" -v b="$s" 'BEGIN { printf "%.2f", a / b }')x** |")
-            CACHED_RAND_ROWS+=("| cached$(build_label "$BIN"), run $run | $local_iops | $qcow_iops | $iops | **$(awk -v a="$iops" -v b="$local_iops" 'BEGIN { printf "%.2f", a / b }')x** | **$(awk -v a="$iops" -v b="$qcow_iops" 'BEGIN { printf "%.2f", a / b }')x** |")
-            log "cached$(build_label "$BIN"): local $local_s s, qcowmount $qcow_s s, imgfs $s s; random 4K: local $local_iops, qcowmount $qcow_iops, imgfs $iops IOPS"
+            CACHED_RAND_ROWS+=("| cached$(build_label "$BIN"), run $run | $local_iops | $qcow_iops | $null_iops | $iops | **$(awk -v a="$iops" -v b="$local_iops" 'BEGIN { printf "%.2f", a / b }')x** | **$(awk -v a="$iops" -v b="$qcow_iops" 'BEGIN { printf "%.2f", a / b }')x** | **$(awk -v a="$iops" -v b="$null_iops" 'BEGIN { printf "%.2f", a / b }')x** | $(awk -v a="$null_iops" -v b="$local_iops" 'BEGIN { printf "%.2f", a / b }')x |")
+            log "cached$(build_label "$BIN"): local $local_s s, qcowmount $qcow_s s, imgfs $s s; random 4K: local $local_iops, qcowmount $qcow_iops, FUSE ceiling $null_iops, imgfs $iops IOPS"
         done
     done
     BIN=$IMGFS_BIN_DIR
@@ -341,9 +352,10 @@ fi
         echo
         echo "Cached base, page cache dropped, on another fresh mount: 4096 random 4 KiB O_DIRECT reads"
         echo "(fio libaio, iodepth 16, the same offsets everywhere), IOPS; a cached chunk is checked by the 4 KiB blocks read."
+        echo "FUSE ceiling: bench/fuse-null.c answering each read with one pread of the local raw file (16 threads)."
         echo
-        echo "| case | local raw file | qcowmount (qcow2) | imgfs | imgfs vs local | imgfs vs qcowmount |"
-        echo "|---|---:|---:|---:|---:|---:|"
+        echo "| case | local raw file | qcowmount (qcow2) | FUSE ceiling | imgfs | imgfs vs local | imgfs vs qcowmount | imgfs vs ceiling | ceiling vs local |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         printf '%s\n' "${CACHED_RAND_ROWS[@]}"
     fi
 } | save_report cold-read

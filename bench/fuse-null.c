@@ -4,7 +4,11 @@
  * and whose READ returns zeros: what any FUSE file system can do at most on
  * this kernel, with libfuse's request handling and nothing behind it.
  *
- * usage: fuse-null MOUNTPOINT SIZE THREADS   (as root; stops on unmount)
+ * With a BACKING file, READ is one pread(2) of it into a buffer instead
+ * (bench-cold-read.sh): the ceiling of a FUSE file system that serves reads
+ * from a local file, with nothing else to do.
+ *
+ * usage: fuse-null MOUNTPOINT SIZE THREADS [BACKING]  (as root; stops on unmount)
  * THREADS workers each block in read(2) on the one /dev/fuse descriptor. */
 #define FUSE_USE_VERSION 34
 #include <errno.h>
@@ -22,6 +26,7 @@
 
 static struct fuse_session *se;
 static off_t disk_size;
+static int backing_fd = -1;
 static _Thread_local uint32_t open_flags; /* added to the next open reply */
 
 static void fill_stat(fuse_ino_t ino, struct stat *st)
@@ -73,7 +78,17 @@ static void null_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, st
     static const char zeros[1 << 20];
     size_t left = off < disk_size ? (size_t)(disk_size - off) : 0;
     size = size < left ? size : left;
-    fuse_reply_buf(req, zeros, size < sizeof(zeros) ? size : sizeof(zeros));
+    size = size < sizeof(zeros) ? size : sizeof(zeros);
+    if (backing_fd < 0) {
+        fuse_reply_buf(req, zeros, size);
+        return;
+    }
+    static _Thread_local char buf[1 << 20];
+    ssize_t got = pread(backing_fd, buf, size, off);
+    if (got < 0)
+        fuse_reply_err(req, errno);
+    else
+        fuse_reply_buf(req, buf, (size_t)got);
 }
 
 static void null_ok(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -133,9 +148,13 @@ static void *worker(void *arg)
 
 int main(int argc, char **argv)
 {
-    if (argc != 4 || (disk_size = strtoll(argv[2], NULL, 10)) <= 0 || atoi(argv[3]) <= 0) {
-        fprintf(stderr, "usage: fuse-null MOUNTPOINT SIZE THREADS\n");
+    if ((argc != 4 && argc != 5) || (disk_size = strtoll(argv[2], NULL, 10)) <= 0 || atoi(argv[3]) <= 0) {
+        fprintf(stderr, "usage: fuse-null MOUNTPOINT SIZE THREADS [BACKING]\n");
         return 2;
+    }
+    if (argc == 5 && (backing_fd = open(argv[4], O_RDONLY | O_CLOEXEC)) < 0) {
+        fprintf(stderr, "fuse-null: cannot open %s: %s\n", argv[4], strerror(errno));
+        return 1;
     }
     char *fuse_argv[] = {argv[0], NULL};
     struct fuse_args args = FUSE_ARGS_INIT(1, fuse_argv);

@@ -509,35 +509,41 @@ static uint64_t all_blocks(uint64_t size)
     return size % SUM_BLOCK || n > MAX_SUMMED_BLOCKS ? 0 : n == 64 ? ~0ull : (1ull << n) - 1;
 }
 
-/* Checks the blocks in mask of a resident chunk against their sums. Returns
- * 0, -EAGAIN when a sum is unknown or does not match (the whole chunk must
- * be checked), or an I/O error. The entry is BUSY. */
-static int verify_blocks(const struct cache_entry *e, uint64_t mask)
+/* Reads the blocks in want of a resident chunk (one run: a read's range)
+ * and checks those in check against their sums. Returns 0 with *out (the
+ * bytes of the run, malloc'd; *out_off is its first byte in the chunk),
+ * -EAGAIN when a sum is unknown or does not match (the whole chunk must be
+ * checked), or an I/O error. The entry is BUSY. */
+static int verify_blocks(const struct cache_entry *e, uint64_t want, uint64_t check, char **out, uint32_t *out_off,
+                         uint32_t *out_len)
 {
+    unsigned first = 0;
+    while (!(want >> first & 1))
+        first++;
+    unsigned n = 0;
+    while (first + n < MAX_SUMMED_BLOCKS && (want >> (first + n) & 1))
+        n++;
+    /* Sized to the run (one block for a 4 KiB read): a chunk-sized
+     * buffer would be an mmap and munmap per read. */
+    char *buf = malloc((size_t)n * SUM_BLOCK);
+    if (!buf)
+        return -ENOMEM;
     uint64_t sums[MAX_SUMMED_BLOCKS];
-    int rc = 0;
-    for (unsigned first = 0; mask && !rc;) {
-        while (!(mask >> first & 1))
-            first++;
-        unsigned n = 0;
-        while (first + n < MAX_SUMMED_BLOCKS && (mask >> (first + n) & 1))
-            n++;
-        mask &= n == 64 ? 0 : ~(((1ull << n) - 1) << first);
-        /* Sized to the run (one block for a 4 KiB read): a chunk-sized
-         * buffer would be an mmap and munmap per read. */
-        char *buf = malloc((size_t)n * SUM_BLOCK);
-        if (!buf)
-            return -ENOMEM;
-        rc = read_sums(e->pack, e->off, first, n, sums);
-        if (!rc)
-            rc = read_full_at(e->pack->fd, buf, (size_t)n * SUM_BLOCK, (off_t)(e->off + (uint64_t)first * SUM_BLOCK));
-        for (unsigned i = 0; !rc && i < n; i++)
-            if (sums[i] == 0 || block_sum(&e->hash, first + i, buf + (size_t)i * SUM_BLOCK) != sums[i])
-                rc = -EAGAIN;
+    int rc = read_sums(e->pack, e->off, first, n, sums);
+    if (!rc)
+        rc = read_full_at(e->pack->fd, buf, (size_t)n * SUM_BLOCK, (off_t)(e->off + (uint64_t)first * SUM_BLOCK));
+    for (unsigned i = 0; !rc && i < n; i++)
+        if ((check >> (first + i) & 1) &&
+            (sums[i] == 0 || block_sum(&e->hash, first + i, buf + (size_t)i * SUM_BLOCK) != sums[i]))
+            rc = -EAGAIN;
+    if (rc) {
         free(buf);
-        first += n;
+        return rc == -ENODATA ? -EAGAIN : rc;
     }
-    return rc == -ENODATA ? -EAGAIN : rc;
+    *out = buf;
+    *out_off = first * SUM_BLOCK;
+    *out_len = n * SUM_BLOCK;
+    return 0;
 }
 
 /* Forgets the on-disk copy of a resident entry: a DROP record so that a
@@ -939,7 +945,8 @@ void cache_set_pack_limit(struct cache *cache, uint64_t bytes) { cache->pack_lim
  * damage), or a sum is unknown (a pack of an older build). Otherwise the
  * sums, written with the verified bytes, are not computed again. Runs
  * without the shard lock (the entry is BUSY). */
-static int verify_resident(struct cache *cache, struct cache_entry *e, uint32_t chunk_size, bool sums_failed)
+static int verify_resident(struct cache *cache, struct cache_entry *e, uint32_t chunk_size, bool sums_failed,
+                           char **out)
 {
     if (e->size != chunk_size)
         return -EBADMSG;
@@ -965,8 +972,12 @@ static int verify_resident(struct cache *cache, struct cache_entry *e, uint32_t 
         if (write_sums(e->pack, e->off, &e->hash, buf, chunk_size) != 0)
             log_warn("cache: cannot write block sums in pack %08x: %s", e->pack->id, strerror(errno));
     }
-    free(buf);
-    return rc == -ENODATA ? -EBADMSG : rc; /* short: cut off by a crash */
+    if (rc) {
+        free(buf);
+        return rc == -ENODATA ? -EBADMSG : rc; /* short: cut off by a crash */
+    }
+    *out = buf;
+    return 0;
 }
 
 static int wait_until(struct shard *s, uint64_t deadline_ns)
@@ -994,6 +1005,7 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
         return -ENOMEM;
     }
     pin->waited = false;
+    pin->bytes = NULL;
     for (;;) {
         if (e->state == ENTRY_RESIDENT && (e->verified || (want && (e->verified_blocks & want) == want))) {
             e->pins++;
@@ -1019,16 +1031,21 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
             /* A chunk of another size than asked is checked whole (and found bad). */
             uint64_t missing = e->size == chunk_size ? want & ~e->verified_blocks : 0;
             pthread_mutex_unlock(&s->lock);
-            int rc = missing ? verify_blocks(e, missing) : -EAGAIN;
+            char *bytes = NULL;
+            uint32_t bytes_off = 0, bytes_len = chunk_size;
+            int rc = missing ? verify_blocks(e, want, missing, &bytes, &bytes_off, &bytes_len) : -EAGAIN;
             bool whole = rc == -EAGAIN;
             if (whole)
-                rc = verify_resident(cache, e, chunk_size, missing != 0);
+                rc = verify_resident(cache, e, chunk_size, missing != 0, &bytes);
             pthread_mutex_lock(&s->lock);
             if (rc == 0) {
                 e->state = ENTRY_RESIDENT;
                 e->verified_blocks |= whole ? all_blocks(chunk_size) : missing;
                 e->verified = whole || e->verified_blocks == all_blocks(chunk_size);
                 pin_resident(cache, e, pin);
+                pin->bytes = bytes;
+                pin->bytes_off = bytes_off;
+                pin->bytes_len = bytes_len;
                 pthread_cond_broadcast(&s->changed);
                 pthread_mutex_unlock(&s->lock);
                 return CACHE_HIT;
@@ -1403,6 +1420,8 @@ void cache_release(struct cache *cache, struct cache_pin *pin)
         pack_unref(cache, gone->pack);
         free(gone);
     }
+    free(pin->bytes);
+    pin->bytes = NULL;
     pin->entry = NULL;
     pin->fd = -1;
     pin->off = 0;
@@ -1416,6 +1435,25 @@ bool cache_contains(struct cache *cache, const struct chunk_hash *hash)
     bool resident = e && (e->state == ENTRY_RESIDENT);
     pthread_mutex_unlock(&s->lock);
     return resident;
+}
+
+int cache_prefetch(struct cache *cache, const struct chunk_hash *hash)
+{
+    struct shard *s = shard_of(cache, hash);
+    pthread_mutex_lock(&s->lock);
+    struct cache_entry *e = find_entry(s, hash);
+    if (!e || e->state != ENTRY_RESIDENT) {
+        pthread_mutex_unlock(&s->lock);
+        return -ENOENT;
+    }
+    /* Pinned while the advice is given, so that its pack stays open. */
+    e->pins++;
+    struct cache_pin pin = {.entry = e, .fd = e->pack->fd, .off = e->off};
+    uint64_t size = e->size;
+    pthread_mutex_unlock(&s->lock);
+    int rc = posix_fadvise(pin.fd, (off_t)pin.off, (off_t)size, POSIX_FADV_WILLNEED);
+    cache_release(cache, &pin);
+    return -rc;
 }
 
 int cache_hold(struct cache *cache, const struct chunk_hash *hash, bool hold)

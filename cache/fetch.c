@@ -93,8 +93,9 @@ struct job {
     int xfer_mirror;
     uint64_t xfer_deadline; /* the deadline when the transfer started */
     uint64_t xfer_started;
-    /* Links: table bucket, class or work queue, failure list. */
+    /* Links: table bucket, class or work queue, failure list, every job. */
     struct job *hnext, *qnext, *dnext;
+    struct job *anext, *aprev;
 };
 
 struct fetcher {
@@ -119,6 +120,7 @@ struct fetcher {
     pthread_mutex_t lock;
     struct job *table[TABLE_SIZE];
     size_t jobs;
+    struct job *all; /* every job in the table: a pass over the live jobs costs them, not the table's size */
     struct job *queue_head[FETCH_CLASSES], *queue_tail[FETCH_CLASSES];
     struct job *work_head, *work_tail;
     pthread_cond_t work_ready;  /* work queue not empty, or stop */
@@ -201,6 +203,11 @@ int fetch_ref_read(const struct fetch_ref *ref, void *buf, size_t len, uint64_t 
         memcpy(buf, ref->data + off, len);
         return 0;
     }
+    const char *checked = cache_pin_bytes(&ref->pin, off, len);
+    if (checked) {
+        memcpy(buf, checked, len);
+        return 0;
+    }
     return read_full_at(ref->pin.fd, buf, len, (off_t)(ref->pin.off + off)) ? -EIO : 0;
 }
 
@@ -238,6 +245,12 @@ static void unlink_job(struct fetcher *f, struct job *job)
         if (*p == job) {
             *p = job->hnext;
             f->jobs--;
+            if (job->aprev)
+                job->aprev->anext = job->anext;
+            else
+                f->all = job->anext;
+            if (job->anext)
+                job->anext->aprev = job->aprev;
             return;
         }
     }
@@ -446,36 +459,34 @@ static void transfer_failed(struct fetcher *f, struct job *job, int err, struct 
 static uint64_t expire_locked(struct fetcher *f, uint64_t now, struct waiter **fired, struct job **dead)
 {
     uint64_t next = now + 1000000000ull;
-    for (size_t b = 0; b < TABLE_SIZE; b++) {
-        for (struct job *job = f->table[b]; job; job = job->hnext) {
-            if (job->state == JOB_FAILED || job->state == JOB_DONE)
-                continue;
-            for (struct waiter **p = &job->waiters; *p;) {
-                struct waiter *w = *p;
-                if (w->deadline <= now) {
-                    *p = w->next;
-                    w->err = -EIO;
-                    w->next = *fired;
-                    *fired = w;
-                    continue;
-                }
-                if (w->deadline < next)
-                    next = w->deadline;
-                p = &w->next;
-            }
-            bool holds_slot = job->state == JOB_TRANSFER || job->state == JOB_VERIFY;
-            if (!holds_slot && job->deadline && job->deadline <= now) {
-                fail_job_locked(f, job, fired, dead);
+    for (struct job *job = f->all; job; job = job->anext) {
+        if (job->state == JOB_FAILED || job->state == JOB_DONE)
+            continue;
+        for (struct waiter **p = &job->waiters; *p;) {
+            struct waiter *w = *p;
+            if (w->deadline <= now) {
+                *p = w->next;
+                w->err = -EIO;
+                w->next = *fired;
+                *fired = w;
                 continue;
             }
-            if (!holds_slot && job->deadline && job->deadline < next)
-                next = job->deadline;
-            if (job->state == JOB_RETRY_WAIT) {
-                if (job->retry_at <= now)
-                    enqueue(f, job, true);
-                else if (job->retry_at < next)
-                    next = job->retry_at;
-            }
+            if (w->deadline < next)
+                next = w->deadline;
+            p = &w->next;
+        }
+        bool holds_slot = job->state == JOB_TRANSFER || job->state == JOB_VERIFY;
+        if (!holds_slot && job->deadline && job->deadline <= now) {
+            fail_job_locked(f, job, fired, dead);
+            continue;
+        }
+        if (!holds_slot && job->deadline && job->deadline < next)
+            next = job->deadline;
+        if (job->state == JOB_RETRY_WAIT) {
+            if (job->retry_at <= now)
+                enqueue(f, job, true);
+            else if (job->retry_at < next)
+                next = job->retry_at;
         }
     }
     return next;
@@ -837,6 +848,11 @@ static void add_job_locked(struct fetcher *f, struct job *job)
     job->hnext = *b;
     *b = job;
     f->jobs++;
+    job->aprev = NULL;
+    job->anext = f->all;
+    if (f->all)
+        f->all->aprev = job;
+    f->all = job;
     if (job->cls == FETCH_DEMAND)
         f->demand_active++;
     enqueue(f, job, false);
@@ -985,6 +1001,8 @@ int fetch_start(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk
 void fetch_ahead(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
                  struct fetch_counters *counters)
 {
+    if (cache_prefetch(f->cache, hash) == 0)
+        return;
     request(f, hash, chunk_size, 0, 0, FETCH_DEMAND, fetch_deadline(f), counters, NULL, NULL);
 }
 
@@ -1109,14 +1127,12 @@ void fetcher_shutdown(struct fetcher *f)
     struct waiter *fired = NULL;
     struct job *dead = NULL;
     pthread_mutex_lock(&f->lock);
-    for (size_t b = 0; b < TABLE_SIZE; b++) {
-        for (struct job *job = f->table[b]; job; job = job->hnext) {
-            if (job->state == JOB_FAILED || job->state == JOB_DONE)
-                continue;
-            if (job->state == JOB_TRANSFER && job->easy)
-                curl_multi_remove_handle(f->multi, job->easy);
-            fail_job_locked(f, job, &fired, &dead);
-        }
+    for (struct job *job = f->all; job; job = job->anext) {
+        if (job->state == JOB_FAILED || job->state == JOB_DONE)
+            continue;
+        if (job->state == JOB_TRANSFER && job->easy)
+            curl_multi_remove_handle(f->multi, job->easy);
+        fail_job_locked(f, job, &fired, &dead);
     }
     f->work_head = f->work_tail = NULL;
     pthread_mutex_unlock(&f->lock);

@@ -236,16 +236,18 @@ static int start_import(struct imgfs *fs, const char *name, const char *size_tex
         snprintf(err, errlen, "cannot stage an import in %s: %s", fs->opts->state_dir, strerror(-fd));
         return fd;
     }
-    int rc = defer(out, CONTROL_IMPORT, named ? name : "", fd, size);
+    /* What imgfsctl reads before it sends a byte: a daemon without
+     * vm-import-stream answers an error instead, so no byte of the file is
+     * ever taken for a command. Made before the stream is set up: a handle
+     * that answers an error must not take its next writes as bytes. */
+    char *text = reply("ok stream\n");
+    int rc = text ? defer(out, CONTROL_IMPORT, named ? name : "", fd, size) : -ENOMEM;
     if (rc) {
+        free(text);
         close(fd);
         return rc;
     }
-    /* What imgfsctl reads before it sends a byte: a daemon without
-     * vm-import-stream answers an error instead, so no byte of the file is
-     * ever taken for a command. */
-    if (!(out->text = reply("ok stream\n")))
-        return -ENOMEM;
+    out->text = text;
     log_info("control: vm-import-stream %s: staging %" PRIu64 " bytes", named ? name : "-", size);
     return 0;
 }
@@ -259,7 +261,8 @@ bool control_ready(const struct control_deferred *d)
 
 /* Ends a stream that failed: its staged copy goes at once, and the error
  * is what the handle answers from now on. */
-static int stream_failed(struct control_deferred *d, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int stream_failed(struct control_deferred *d, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 static int stream_failed(struct control_deferred *d, int rc, const char *fmt, ...)
 {
     va_list ap;
@@ -276,8 +279,9 @@ int control_receive(struct imgfs *fs, struct control_deferred *d, const void *bu
     if (d->error[0])
         return -EIO;
     if (off != d->received)
-        return stream_failed(d, -EINVAL, "the import stream's bytes came out of order (at %" PRIu64 ", not %" PRIu64 ")",
-                             off, d->received);
+        return stream_failed(d, -EINVAL,
+                             "the import stream's bytes came out of order (at %" PRIu64 ", not %" PRIu64 ")", off,
+                             d->received);
     if (len > d->size - d->received)
         return stream_failed(d, -EINVAL, "the import stream runs past the %" PRIu64 " bytes announced", d->size);
     int rc = write_full_at(d->fd, buf, len, (off_t)off);
@@ -295,13 +299,9 @@ static int import_staged(struct imgfs *fs, const struct control_deferred *d, boo
     char err[512] = "";
     struct vm *vm = NULL;
     int rc = 0;
-    if (d->error[0]) {
+    if (d->error[0]) { /* else every byte is in: control_ready() let this read run d */
         snprintf(err, sizeof(err), "%s", d->error);
         rc = -EIO;
-    } else if (d->received < d->size) { /* read before the end: the stream is over */
-        snprintf(err, sizeof(err), "the import stream ended after %" PRIu64 " of %" PRIu64 " bytes", d->received,
-                 d->size);
-        rc = -EPIPE;
     }
     if (!rc)
         rc = vm_import(fs->vms, d->fd, d->vm[0] ? d->vm : NULL, stop, stop_ctx, &vm, err, sizeof(err));
@@ -496,8 +496,10 @@ int control_execute(struct imgfs *fs, const char *command, size_t len, struct co
             const char *eol = memchr(command, '\n', len);
             log_info("control: %.*s done", (int)(eol ? (size_t)(eol - command) : len), command);
         }
-        if (!out->text)
-            out->text = rc ? reply("error %s\n", err[0] ? err : strerror(-rc)) : reply("%s", out->deferred ? "" : "ok\n");
+        if (!out->text && rc)
+            out->text = reply("error %s\n", err[0] ? err : strerror(-rc));
+        else if (!out->text)
+            out->text = reply("%s", out->deferred ? "" : "ok\n");
     }
     free(line);
     if (!out->text) {

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "fs.h"
@@ -993,10 +994,33 @@ static int reply_extent(void *ctx, const struct disk_extent *e)
         if (!w->op->wanted[e->chunk - w->op->first])
             return -EIO; /* not mapped to the base when submitted: cannot happen */
         ref = &w->op->refs[e->chunk - w->op->first];
-        return ref->data ? bufs_add_mem(w->r, ref->data + e->chunk_off, e->len)
-                         : bufs_add_fd(w->r, ref->pin.fd, ref->pin.off + e->chunk_off, e->len);
+        if (ref->data)
+            return bufs_add_mem(w->r, ref->data + e->chunk_off, e->len);
+        /* The bytes the cache just read to check them, else the pack. */
+        const char *checked = cache_pin_bytes(&ref->pin, e->chunk_off, e->len);
+        return checked ? bufs_add_mem(w->r, checked, e->len)
+                       : bufs_add_fd(w->r, ref->pin.fd, ref->pin.off + e->chunk_off, e->len);
     }
     return -EIO;
+}
+
+/* Sends the buffers. When none is a file (chunks in memory, bytes the
+ * cache checked, zeros) they go out in one writev, which fuse_reply_data()
+ * would only do for a single buffer (more go through a pipe or a copy). */
+#define REPLY_IOV_MAX 64
+static void bufs_reply(fuse_req_t req, const struct reply_bufs *r)
+{
+    const struct fuse_bufvec *bv = r->bv;
+    struct iovec iov[REPLY_IOV_MAX];
+    bool in_memory = bv->count <= REPLY_IOV_MAX;
+    for (size_t i = 0; in_memory && i < bv->count; i++) {
+        in_memory = !(bv->buf[i].flags & FUSE_BUF_IS_FD);
+        iov[i] = (struct iovec){.iov_base = bv->buf[i].mem, .iov_len = bv->buf[i].size};
+    }
+    if (in_memory)
+        fuse_reply_iov(req, iov, (int)bv->count);
+    else
+        fuse_reply_data(req, r->bv, FUSE_BUF_SPLICE_MOVE);
 }
 
 static void read_reply(struct image_read *op)
@@ -1016,7 +1040,7 @@ static void read_reply(struct image_read *op)
     if (rc)
         fuse_reply_err(op->req, rc == -ENOMEM ? ENOMEM : EIO);
     else
-        fuse_reply_data(op->req, r.bv, FUSE_BUF_SPLICE_MOVE);
+        bufs_reply(op->req, &r);
     read_release(op);
     bufs_free(&r);
 }
@@ -1188,7 +1212,11 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     *w = (struct write_reply){.req = req, .size = size, .cut_is_error = cut && fs->opts->vm_writeback};
     /* A copy-up that must fetch base chunks replies from the fetch engine
      * once they came: no FUSE worker waits on the network. */
-    int rc = vm_write_start(n->vm, fs->fetcher, buf, size, (uint64_t)off, write_done, w);
+    /* The kernel passes the file's open flags with each write: a guest that
+     * opened its disk with O_DIRECT gets its bytes written to the device
+     * before the reply, as a local file would (writeback pages never). */
+    unsigned flags = (fi->flags & O_DIRECT) && !fi->writepage ? VM_WRITE_THROUGH : 0;
+    int rc = vm_write_start(n->vm, fs->fetcher, buf, size, (uint64_t)off, flags, write_done, w);
     if (rc != VM_WRITE_PENDING)
         write_done(w, rc);
 }

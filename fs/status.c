@@ -131,6 +131,9 @@ static void add_vm(void *ctx, struct vm *vm)
     status_gauge(s, sec, "top_layer_compact_flush_hold_seconds",
                  "Of which its flushes were held (its writes, then the sync and rename of the new log).",
                  (double)vs.top.compact_flush_hold_ns / 1e9, 4);
+    status_counter(s, sec, "top_layer_through_blocks",
+                   "4 KiB blocks of O_DIRECT guest writes that the writable layer wrote to its log with O_DIRECT.",
+                   vs.top.through_blocks);
     status_gauge(s, sec, "layers", "Layers in the VM's chain.", vs.depth, 0);
     status_gauge(s, sec, "snapshots", "Snapshots of the VM.", vs.snapshots, 0);
     status_gauge(s, sec, "open", "Open file handles of the VM disk and its snapshots.", vs.open_count, 0);
@@ -242,6 +245,8 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     sec = status_add_section(s, "vms", NULL);
     status_text(s, sec, STATUS_INFO, "state_directory", "%s", fs->opts->state_dir);
     status_text(s, sec, STATUS_TEXT, "load_errors", "%s", vm_errors[0] ? vm_errors : "none");
+    status_gauge(s, sec, "zeroed_ahead_bytes", "Bytes that the VMs' layers hold zeroed ahead of their logs' tails.",
+                 (double)layer_ahead_host_bytes(), 0);
 
     void *args[2] = {s, fs};
     tree_for_each_child(fs->tree, INO_BASES, 0, walk_version, args);

@@ -48,6 +48,14 @@
  * chunks/XY/) is imported at open: each file is copied into a pack and
  * removed, and verified on first use like any chunk.
  *
+ * The check of a chunk's first use reads its bytes from the pack; the
+ * hit keeps that buffer (cache_pin.bytes), so a reply sends the bytes that
+ * were checked, and a random 4 KiB read after a reboot costs one read of
+ * the pack, not a check read and a second one for the reply. Later hits in
+ * the run hold no buffer: they are read from the pack's descriptor. A
+ * readahead (cache_prefetch) only brings the bytes into the page cache; it
+ * checks nothing.
+ *
  * Single flight: cache_acquire() hands the job of filling a missing chunk to
  * exactly one caller; everyone else asking for the same chunk waits for it
  * (up to their deadline) instead of fetching it again. No lock is held while
@@ -77,6 +85,13 @@ struct cache_pin {
     int fd;                    /* valid while pinned */
     uint64_t off;              /* where the chunk's first byte is in fd */
     bool waited;               /* cache_acquire() waited for another caller's fill */
+    /* When cache_acquire() had to read the bytes to check them (their first
+     * use in this run), it keeps them: bytes holds the chunk's bytes
+     * [bytes_off, bytes_off + bytes_len), exactly those it checked, which
+     * cover the range asked for. Read them here rather than from fd again
+     * (cache_pin_bytes). NULL otherwise; freed by cache_release(). */
+    char *bytes;
+    uint32_t bytes_off, bytes_len;
 };
 
 enum cache_acquire_status {
@@ -122,7 +137,21 @@ void cache_abandon(struct cache *cache, struct cache_pin *pin);
 
 void cache_release(struct cache *cache, struct cache_pin *pin);
 
+/* The checked bytes of a hit for [off, off + len) of its chunk, or NULL
+ * when the pin holds none for that range (then read fd at pin->off + off). */
+static inline const char *cache_pin_bytes(const struct cache_pin *pin, uint64_t off, uint64_t len)
+{
+    return pin->bytes && off >= pin->bytes_off && off + len <= (uint64_t)pin->bytes_off + pin->bytes_len
+               ? pin->bytes + (off - pin->bytes_off)
+               : NULL;
+}
+
 bool cache_contains(struct cache *cache, const struct chunk_hash *hash);
+/* Readahead of a resident chunk: starts reading its bytes from the pack into
+ * the page cache (POSIX_FADV_WILLNEED) and returns without waiting or
+ * checking them; the reader's cache_acquire() checks them, from memory by
+ * then. -ENOENT when it is not resident. */
+int cache_prefetch(struct cache *cache, const struct chunk_hash *hash);
 
 /* Pins (hold = true) or unpins a chunk for pre-copy: a held chunk is never
  * evicted, whether it is resident yet or not. Holds nest. */

@@ -91,7 +91,7 @@ struct fetch_buf; /* a verified chunk in memory, shared by reference */
 
 /* What a request got: a pinned chunk in a cache pack, or the chunk in memory. */
 struct fetch_ref {
-    struct cache_pin pin;  /* pin.fd at pin.off is readable when data is NULL */
+    struct cache_pin pin;  /* when data is NULL: cache_pin_bytes(), else pin.fd at pin.off */
     struct fetch_buf *buf; /* owner of data */
     const char *data;      /* the whole chunk, or NULL */
     bool hit;              /* this request started no transfer */
@@ -143,7 +143,10 @@ int fetch_start_range(struct fetcher *f, const struct chunk_hash *hash, uint32_t
 int fetch_get(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
               struct fetch_counters *counters, struct fetch_ref *ref);
 /* Readahead: brings a chunk into the cache in the demand class, with nobody
- * waiting for it. Does nothing when it is cached or under way. */
+ * waiting for it; does nothing when it is under way. A cached chunk is only
+ * read ahead into the page cache (cache_prefetch), not checked: its reader
+ * checks it, from memory by then, and the caller (a FUSE worker whose reply
+ * waits) reads nothing itself. */
 void fetch_ahead(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size,
                  struct fetch_counters *counters);
 

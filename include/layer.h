@@ -28,9 +28,12 @@
  * When the guest flushes often and little (at most 1 MiB of data per
  * flush), the log past its tail is written with zeros and synced ahead of
  * time, a quarter of the log at a time (4 to 16 MiB; never on tmpfs, nor
- * with less than 64 such windows free), so that a flush writes data over
+ * with less than 64 such windows free, nor past 1 GiB zeroed ahead by all
+ * the layers of the process: see Disk), so that a flush writes data over
  * allocated blocks: its fdatasync() writes the data and flushes the device,
  * with no journal commit of new blocks and size. Open cuts those zeros.
+ * Writes of guests that use O_DIRECT go there with O_DIRECT
+ * (layer_write_through), so a flush then writes only its record.
  *
  * Overwritten data stays in the log as dead space. When dead space exceeds
  * the live data and 64 MiB, a background thread compacts the layer: it
@@ -45,9 +48,13 @@
  * finishes the switch: layer_share_pending). For tests, the environment
  * variable IMGFS_LAYER_COMPACT_MIN replaces the 64 MiB,
  * IMGFS_TEST_COMPACT_PAUSE_MS makes a compaction pause after its switch,
- * before the sync and rename (writes go on meanwhile, flushes wait); and
+ * before the sync and rename (writes go on meanwhile, flushes wait);
  * IMGFS_LAYER_ZERO_AHEAD=0 switches zeroing ahead off (a process that forks
- * children, as the crash tests do, then starts no background thread).
+ * children, as the crash tests do, then starts no background thread);
+ * IMGFS_LAYER_THROUGH=0 makes layer_write_through() a layer_write() (for
+ * comparisons), and IMGFS_LAYER_THROUGH=all makes it write with O_DIRECT
+ * past the zeroed blocks too (for the crash tests, which zero nothing).
+ * That one is read when a layer is opened.
  *
  * Old layers (ID.data, a sparse file of the disk's size, and ID.map, an
  * ownership bitmap after the header "imgfs-layer-map 1") are converted at
@@ -58,6 +65,13 @@
  * (a 2 MiB range of the disk) created when first written; ranges owned as
  * zeros cost nothing. Nothing is allocated in proportion to the disk's
  * size except one pointer per GiB.
+ *
+ * Disk: the log's blocks, plus the zeros ahead of its tail. Those count
+ * against the process's 1 GiB (IMGFS_LAYER_AHEAD_HOST_MAX for tests) from
+ * when they are written until the layer writes over them or closes, so a
+ * host with 2,000 VMs that write holds 1 GiB of them, not 16 MiB a VM; an
+ * idle layer keeps its share until it closes.
+ * layer_ahead_host_bytes() tells how much is held.
  *
  * Promises (what callers and the crash tests rely on):
  *   1. After layer_flush() returns 0, every write and punch that returned
@@ -141,6 +155,13 @@ int layer_read(struct layer *layer, void *buf, size_t len, uint64_t off);
 /* Writes whole blocks: off is a multiple of LAYER_BLOCK_SIZE and len is too,
  * unless the write ends at the disk's end. The blocks become owned. */
 int layer_write(struct layer *layer, const void *buf, size_t len, uint64_t off);
+/* The same, for a guest that wrote with O_DIRECT: where the log's blocks
+ * are zeroed ahead, the bytes are written with O_DIRECT (from a copy when
+ * buf is not 4 KiB aligned) and are on the device when it returns, so the
+ * next flush writes only its record. Elsewhere (no zeros ahead, a file
+ * system without O_DIRECT, a short last block) it is layer_write. Either
+ * way the promises below hold alike, and reads see the new bytes. */
+int layer_write_through(struct layer *layer, const void *buf, size_t len, uint64_t off);
 
 /* Makes blocks [first, first+count) owned and zero, freeing their space:
  * it flushes (so it returns once the punch, and all before it, is durable),
@@ -161,6 +182,9 @@ uint64_t layer_owned_blocks(const struct layer *layer);
 /* Bytes of space the layer's files use on disk, not counting what is
  * zeroed ahead of the tail. */
 uint64_t layer_allocated_bytes(const struct layer *layer);
+/* Bytes that all open layers hold zeroed ahead of their tails, as counted
+ * against the process's budget (see Disk above). */
+uint64_t layer_ahead_host_bytes(void);
 
 struct layer_stats {
     uint64_t owned_blocks;
@@ -171,6 +195,7 @@ struct layer_stats {
     uint64_t compact_pause_ns; /* of which writes were held */
     uint64_t compact_flush_hold_ns; /* and flushes (writes, then the sync) */
     uint64_t compact_bytes;    /* copied by compactions, in all */
+    uint64_t through_blocks;   /* written with O_DIRECT since open (layer_write_through) */
 };
 void layer_stats(const struct layer *layer, struct layer_stats *out);
 

@@ -98,7 +98,7 @@ struct vm {
     pthread_rwlock_t chain_lock;
     pthread_mutex_t attr_lock;
     struct disk live;
-    struct vm_snapshot *snapshots[VM_MAX_SNAPSHOTS];
+    struct vm_snapshot **snapshots; /* VM_MAX_SNAPSHOTS entries once the first is made, else NULL */
     unsigned snapshot_count;
 
     struct chunk_trace *trace; /* recording, or NULL; guarded by chain_lock */
@@ -188,12 +188,15 @@ int vm_import(struct vm_registry *reg, int fd, const char *name, bool (*stop)(vo
  * -errno) when it could be done at once, or VM_WRITE_PENDING when done(arg,
  * result) will be called exactly once later, from a fetch engine thread,
  * after the chunks came (or failed at their deadline: -EIO). buf is copied;
- * the caller may reuse it when vm_write_start returns. */
+ * the caller may reuse it when vm_write_start returns. flags: 0, or
+ * VM_WRITE_THROUGH for a guest that wrote with O_DIRECT (the layer writes
+ * the bytes to the device before the write completes: layer_write_through). */
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off);
 typedef void (*vm_write_done_fn)(void *arg, int result);
 #define VM_WRITE_PENDING 1
+#define VM_WRITE_THROUGH 1u
 int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off,
-                   vm_write_done_fn done, void *arg);
+                   unsigned flags, vm_write_done_fn done, void *arg);
 int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len);
 int vm_flush(struct vm *vm);
 uint64_t vm_layer_bytes(struct vm *vm);

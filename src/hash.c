@@ -48,12 +48,6 @@ int chunk_hash_from_hex(const char *hex, struct chunk_hash *out)
     return 0;
 }
 
-bool chunk_hash_is_null(const struct chunk_hash *hash)
-{
-    static const struct chunk_hash null_hash;
-    return chunk_hash_equal(hash, &null_hash);
-}
-
 uint64_t chunk_hash_bucket(const struct chunk_hash *hash)
 {
     uint64_t v;

@@ -26,8 +26,9 @@
  *       flush_serial stays with the compaction.
  *
  * Transitions:
- *   write      reserve log blocks (atomic tail), pwrite, then under lock:
- *              append a pending entry and point the slots at the new data
+ *   write      reserve log blocks (atomic tail), pwrite (with O_DIRECT for
+ *              a write-through into zeroed blocks), then under lock: append
+ *              a pending entry and point the slots at the new data
  *   punch      under lock: append a zero entry, set the slots to ZERO; then
  *              flush, and give the log space of data in earlier records
  *              back to the file system (I2, I3: no replay needs it)
@@ -83,7 +84,8 @@
 #define AHEAD_FLUSH_MAX (1ull << 20) /* a flush of at most this much data is small */
 #define AHEAD_MIN (4ull << 20)       /* zeroed ahead of the tail: a quarter of */
 #define AHEAD_MAX (16ull << 20)      /* the log, within these bounds, */
-#define AHEAD_FREE_FACTOR 64         /* and while 64 windows are free */
+#define AHEAD_FREE_FACTOR 64         /* and while 64 windows are free, */
+#define AHEAD_HOST_MAX (1ull << 30)  /* and while all layers hold less than this */
 #define NO_ZEROING UINT64_MAX
 #define OLD_MAP_HEADER_LEN 64
 #define OLD_MAP_MAGIC "imgfs-layer-map 1\n"
@@ -117,11 +119,16 @@ struct log_file {
     int fd;
     unsigned gen;
     unsigned refs; /* guarded by layer.files_lock */
+    /* A second descriptor of the file, with O_DIRECT, for write-through
+     * (layer_write_through): DIRECT_UNOPENED until the first one needs it,
+     * -1 where the file system has none. Closed with fd. */
+    _Atomic int dfd;
 };
+#define DIRECT_UNOPENED (-2)
 
 struct layer {
     char id[LAYER_ID_LEN + 1];
-    char dir[PATH_MAX];
+    char *dir; /* malloc'd: PATH_MAX inline was half a VM disk's memory */
     uint64_t size;
     uint64_t blocks;
 
@@ -175,6 +182,9 @@ struct layer {
     _Atomic uint64_t zeroing_from;
     _Atomic bool small_flushes; /* the last flush with data had little */
     _Atomic bool no_zeroing;   /* zeroing stops until the layer is opened again */
+    _Atomic bool no_direct;    /* the file system refused an O_DIRECT write */
+    bool through_everywhere;   /* IMGFS_LAYER_THROUGH=all: also past the zeroed blocks */
+    _Atomic uint64_t through_blocks; /* written with O_DIRECT (layer_write_through) */
     _Atomic uint64_t changes;
     pthread_mutex_t zero_lock;
     pthread_cond_t zero_done;
@@ -183,6 +193,10 @@ struct layer {
     _Atomic uint64_t live; /* blocks with data */
     _Atomic uint64_t kicked;
     _Atomic uint64_t last_io_ns;
+
+    /* Its blocks in ahead_host_blocks: changed only by the holder of the
+     * compaction claim, and by layer_close(). */
+    uint64_t ahead_counted;
 
     /* Compaction: guarded by the module's compact_lock. */
     struct layer *compact_next;
@@ -414,6 +428,25 @@ static uint64_t run_end_of(const struct layer *l, uint64_t block, uint64_t end, 
 
 /* ---- files ---------------------------------------------------------------------- */
 
+static struct log_file *file_new(int fd, unsigned gen)
+{
+    struct log_file *f = malloc(sizeof(*f));
+    if (!f)
+        return NULL;
+    *f = (struct log_file){.fd = fd, .gen = gen, .refs = 1};
+    atomic_init(&f->dfd, DIRECT_UNOPENED);
+    return f;
+}
+
+static void file_free(struct log_file *f)
+{
+    int dfd = atomic_load(&f->dfd);
+    if (dfd >= 0)
+        close(dfd);
+    close(f->fd);
+    free(f);
+}
+
 static struct log_file *file_get(struct layer *l, unsigned gen)
 {
     pthread_mutex_lock(&l->files_lock);
@@ -433,19 +466,16 @@ static void file_put(struct layer *l, struct log_file *f)
     if (last && l->files[f->gen % 4] == f)
         l->files[f->gen % 4] = NULL;
     pthread_mutex_unlock(&l->files_lock);
-    if (last) {
-        close(f->fd);
-        free(f);
-    }
+    if (last)
+        file_free(f);
 }
 
 /* Installs fd as the file of generation gen, referenced once (by cur). */
 static int file_install(struct layer *l, int fd, unsigned gen, struct log_file **out)
 {
-    struct log_file *f = malloc(sizeof(*f));
+    struct log_file *f = file_new(fd, gen);
     if (!f)
         return -ENOMEM;
-    *f = (struct log_file){fd, gen, 1};
     /* A generation four back still pinned by a reader keeps its own
      * reference; it only loses its place in the table (file_put checks). */
     pthread_mutex_lock(&l->files_lock);
@@ -766,7 +796,7 @@ static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
     if (!l)
         return NULL;
     snprintf(l->id, sizeof(l->id), "%s", id);
-    snprintf(l->dir, sizeof(l->dir), "%s", dir);
+    l->dir = strdup(dir);
     l->size = size;
     l->shared_fd = -1;
     l->blocks = (size + BS - 1) / BS;
@@ -785,7 +815,12 @@ static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
     pthread_mutex_init(&l->zero_lock, NULL);
     pthread_cond_init(&l->zero_done, NULL);
     atomic_init(&l->zeroing_from, NO_ZEROING);
-    if (!l->top) {
+    const char *through = getenv("IMGFS_LAYER_THROUGH");
+    l->through_everywhere = through && strcmp(through, "all") == 0;
+    atomic_init(&l->no_direct, through && strcmp(through, "0") == 0);
+    if (!l->top || !l->dir) {
+        free(l->top);
+        free(l->dir);
         free(l);
         return NULL;
     }
@@ -793,19 +828,20 @@ static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
 }
 
 static void compact_cancel(struct layer *l);
+static void ahead_release(struct layer *l, uint64_t blocks);
 
 void layer_close(struct layer *l)
 {
     if (!l)
         return;
     compact_cancel(l);
+    ahead_release(l, l->ahead_counted);
     if (l->cur)
         file_put(l, l->cur);
     for (int i = 0; i < 4; i++)
         if (l->files[i]) { /* a reader that never released its extent: a bug */
             log_error("layer %s: closed with a pinned extent", l->id);
-            close(l->files[i]->fd);
-            free(l->files[i]);
+            file_free(l->files[i]);
         }
     free_index(l);
     free(l->pending);
@@ -818,6 +854,7 @@ void layer_close(struct layer *l)
     pthread_mutex_destroy(&l->lock);
     pthread_mutex_destroy(&l->zero_lock);
     pthread_cond_destroy(&l->zero_done);
+    free(l->dir);
     free(l);
 }
 
@@ -1299,6 +1336,7 @@ void layer_stats(const struct layer *l, struct layer_stats *out)
     out->compact_pause_ns = atomic_load(&l->compact_pause_ns);
     out->compact_flush_hold_ns = atomic_load(&l->compact_flush_hold_ns);
     out->compact_bytes = atomic_load(&l->compact_bytes);
+    out->through_blocks = atomic_load(&l->through_blocks);
 }
 
 int layer_extent_at(struct layer *l, uint64_t off, uint64_t max_len, struct layer_extent *out)
@@ -1405,7 +1443,115 @@ static int note_changed(struct layer *l, uint64_t first, uint64_t count)
     return append_entry(&l->changed, &l->nchanged, &l->changed_cap, &e);
 }
 
-int layer_write(struct layer *l, const void *buf, size_t len, uint64_t off)
+/* ---- write-through ------------------------------------------------------------ */
+
+/* Why: a guest that writes with O_DIRECT has its bytes on the device when a
+ * write to a local file returns; through the page cache, all of its data
+ * would be written back inside its next fsync, which then costs that write
+ * as well as the device's flush. Written with O_DIRECT into blocks zeroed
+ * ahead (allocated and synced: an overwrite, which ext4 does under a shared
+ * inode lock and with no journal), the data is on the device when the write
+ * returns, and a flush writes its record and flushes the device. Not past
+ * the zeroed blocks: there an O_DIRECT write allocates, and the file system
+ * serializes it with its metadata update.
+ *
+ * The page cache: the kernel writes back and drops the cached pages of the
+ * range of an O_DIRECT write, before and after it; and nothing reads these
+ * blocks before the write returned and the index names them (I1), so a read
+ * through fd (buffered or spliced) sees the new bytes. */
+
+/* The file's O_DIRECT descriptor, opened on first use; -1 when it has none. */
+static int direct_fd(struct log_file *f)
+{
+    int dfd = atomic_load(&f->dfd);
+    if (dfd != DIRECT_UNOPENED)
+        return dfd;
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", f->fd);
+    int fresh = open(path, O_WRONLY | O_DIRECT | O_CLOEXEC);
+    if (fresh < 0)
+        fresh = -1;
+    if (!atomic_compare_exchange_strong(&f->dfd, &dfd, fresh)) {
+        if (fresh >= 0)
+            close(fresh);
+        return dfd; /* another writer opened it first */
+    }
+    return fresh;
+}
+
+/* A block-aligned buffer of at least len bytes, one per thread (guest
+ * writes come in at any alignment; O_DIRECT wants aligned memory). */
+#define BOUNCE_MAX (1u << 20) /* larger writes go through the page cache */
+struct bounce {
+    char *p;
+    size_t cap;
+};
+static pthread_key_t bounce_key;
+static bool bounce_key_made;
+static void bounce_free(void *arg)
+{
+    struct bounce *b = arg;
+    free(b->p);
+    free(b);
+}
+static void bounce_make_key(void)
+{
+    bounce_key_made = pthread_key_create(&bounce_key, bounce_free) == 0;
+}
+static char *bounce_for(size_t len)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, bounce_make_key);
+    if (!bounce_key_made)
+        return NULL;
+    struct bounce *b = pthread_getspecific(bounce_key);
+    if (!b) {
+        if (!(b = calloc(1, sizeof(*b))))
+            return NULL;
+        if (pthread_setspecific(bounce_key, b) != 0) {
+            free(b);
+            return NULL;
+        }
+    }
+    if (b->cap < len) {
+        void *p;
+        if (posix_memalign(&p, BS, len) != 0)
+            return NULL;
+        free(b->p);
+        b->p = p;
+        b->cap = len;
+    }
+    return b->p;
+}
+
+/* Writes whole blocks at pos with O_DIRECT: 0, -EOPNOTSUPP when this
+ * cannot be done here (nothing was written: write them through the page
+ * cache), or the write's error. */
+static int put_direct(struct layer *l, struct log_file *f, const void *buf, size_t len, uint64_t pos)
+{
+    int dfd = atomic_load(&l->no_direct) ? -1 : direct_fd(f);
+    const char *src = buf;
+    if (dfd >= 0 && (uintptr_t)buf % BS) {
+        char *b = len <= BOUNCE_MAX ? bounce_for(len) : NULL;
+        if (b)
+            memcpy(b, buf, len);
+        src = b;
+    }
+    if (dfd < 0 || !src)
+        return -EOPNOTSUPP;
+    int rc = put_at(dfd, src, len, pos);
+    if (rc == -EINVAL) {
+        /* The file system wants a larger alignment: not for this layer. */
+        atomic_store(&l->no_direct, true);
+        return -EOPNOTSUPP;
+    }
+    if (!rc)
+        atomic_fetch_add(&l->through_blocks, len / BS);
+    return rc;
+}
+
+/* layer_write and layer_write_through. */
+static int write_blocks(struct layer *l, const void *buf, size_t len, uint64_t off, bool through)
 {
     if (off % BS || off > l->size || len > l->size - off || len == 0 || (len % BS && off + len != l->size))
         return -EINVAL;
@@ -1417,7 +1563,12 @@ int layer_write(struct layer *l, const void *buf, size_t len, uint64_t off)
     struct log_file *f = l->cur;
     uint64_t loc = atomic_fetch_add(&l->tail, count);
     wait_for_zeroing(l, loc + count);
-    int rc = l->broken ? -EIO : put_at(f->fd, buf, len, loc * BS);
+    int rc = l->broken ? -EIO : -EOPNOTSUPP;
+    if (rc == -EOPNOTSUPP && through && len % BS == 0 &&
+        (l->through_everywhere || loc + count <= atomic_load(&l->ahead)))
+        rc = put_direct(l, f, buf, len, loc * BS);
+    if (rc == -EOPNOTSUPP)
+        rc = put_at(f->fd, buf, len, loc * BS);
     struct entry e = {block, (uint32_t)count, ENTRY_DATA, loc, rc ? 0 : XXH3_64bits(buf, len)};
     bool flush_now = false;
     if (!rc) {
@@ -1442,6 +1593,16 @@ int layer_write(struct layer *l, const void *buf, size_t len, uint64_t off)
         kick_writeback(l, gen, loc + count);
     atomic_store(&l->last_io_ns, now_ns());
     return !rc && flush_now ? layer_flush(l) : rc;
+}
+
+int layer_write(struct layer *l, const void *buf, size_t len, uint64_t off)
+{
+    return write_blocks(l, buf, len, off, false);
+}
+
+int layer_write_through(struct layer *l, const void *buf, size_t len, uint64_t off)
+{
+    return write_blocks(l, buf, len, off, true);
 }
 
 /* Log blocks that a punch made dead, to be given back to the file system. */
@@ -1648,6 +1809,61 @@ static bool wants_compaction(const struct layer *l)
  * the background thread. Nothing reads them: replay rejects zeros as a
  * record, and open cuts the log after the last record. */
 
+/* The zeros that all open layers hold ahead of their tails, in blocks, so
+ * that 2,000 VMs that write cannot hold 16 MiB each (32 GB): AHEAD_HOST_MAX
+ * at most. Each layer's share is counted when it zeroes and given back as
+ * its tail passes it (counted again at its next zeroing or compaction: till
+ * then a share may be counted too high, never too low), at a compaction's
+ * switch and at close. */
+static _Atomic uint64_t ahead_host_blocks;
+
+/* Counts what l holds ahead now. The caller holds l's compaction claim, so
+ * ahead does not move and the tail only grows: held only shrinks after. */
+static void ahead_recount(struct layer *l)
+{
+    uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
+    uint64_t held = ahead > tail ? ahead - tail : 0;
+    if (held < l->ahead_counted) {
+        atomic_fetch_sub(&ahead_host_blocks, l->ahead_counted - held);
+        l->ahead_counted = held;
+    }
+}
+
+/* AHEAD_HOST_MAX in blocks, or IMGFS_LAYER_AHEAD_HOST_MAX (tests). */
+static uint64_t ahead_host_max(void)
+{
+    static _Atomic uint64_t cached = UINT64_MAX;
+    uint64_t v = atomic_load(&cached);
+    if (v == UINT64_MAX) {
+        const char *env = getenv("IMGFS_LAYER_AHEAD_HOST_MAX");
+        if (!env || parse_size(env, &v) != 0)
+            v = AHEAD_HOST_MAX;
+        atomic_store(&cached, v / BS);
+        return v / BS;
+    }
+    return v;
+}
+
+uint64_t layer_ahead_host_bytes(void) { return atomic_load(&ahead_host_blocks) * BS; }
+
+/* Takes blocks from the host's budget for l: false when they do not fit. */
+static bool ahead_reserve(struct layer *l, uint64_t blocks)
+{
+    uint64_t have = atomic_load(&ahead_host_blocks), max = ahead_host_max();
+    do {
+        if (have + blocks > max)
+            return false;
+    } while (!atomic_compare_exchange_weak(&ahead_host_blocks, &have, have + blocks));
+    l->ahead_counted += blocks;
+    return true;
+}
+
+static void ahead_release(struct layer *l, uint64_t blocks)
+{
+    atomic_fetch_sub(&ahead_host_blocks, blocks);
+    l->ahead_counted -= blocks;
+}
+
 /* The window: a quarter of the log, within [AHEAD_MIN, AHEAD_MAX], in
  * blocks; so the space a layer holds ahead grows with what it wrote. */
 static uint64_t ahead_window(const struct layer *l)
@@ -1681,11 +1897,14 @@ static void zero_ahead(struct layer *l)
     }
     if ((uint64_t)fs.f_bavail * fs.f_bsize < AHEAD_FREE_FACTOR * ahead_window(l) * BS)
         return;
+    ahead_recount(l);
     pthread_rwlock_wrlock(&l->swap_lock);
     uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
     uint64_t from = tail > ahead ? tail : ahead, to = tail + ahead_window(l);
     uint64_t changes = atomic_load(&l->changes);
     int fd = l->cur->fd;
+    if (from < to && !ahead_reserve(l, to - from))
+        to = from; /* the host holds enough zeros ahead */
     if (from < to)
         atomic_store(&l->zeroing_from, from);
     pthread_rwlock_unlock(&l->swap_lock);
@@ -1715,10 +1934,12 @@ static void zero_ahead(struct layer *l)
     syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_IDLE, 0));
     /* First let the writes that wait go (they hold swap_lock shared). */
     pthread_mutex_lock(&l->zero_lock);
-    if (synced)
+    if (synced) {
         atomic_store(&l->ahead, to);
-    else
+    } else {
         atomic_store(&l->no_zeroing, true); /* a full disk, most likely: stop trying */
+        ahead_release(l, to - from);
+    }
     atomic_store(&l->zeroing_from, NO_ZEROING);
     pthread_cond_broadcast(&l->zero_done);
     pthread_mutex_unlock(&l->zero_lock);
@@ -1891,13 +2112,12 @@ static int compact(struct layer *l)
         rc = builder_close_record(&b);
     if (!rc)
         copy_times(l->cur->fd, fd); /* compaction changes no byte of the disk */
-    struct log_file *old = l->cur, *fresh = rc ? NULL : malloc(sizeof(*fresh));
+    unsigned gen = (l->cur->gen + 1) % GEN_LIMIT;
+    struct log_file *old = l->cur, *fresh = rc ? NULL : file_new(fd, gen);
     if (!rc && !fresh)
         rc = -ENOMEM;
     bool switched = !rc;
     if (switched) {
-        unsigned gen = (old->gen + 1) % GEN_LIMIT;
-        *fresh = (struct log_file){fd, gen, 1};
         pthread_mutex_lock(&l->files_lock);
         l->files[gen % 4] = fresh; /* see file_install */
         pthread_mutex_unlock(&l->files_lock);
@@ -2032,6 +2252,7 @@ static void *compact_main(void *arg)
         int rc = wants_compaction(l) ? compact(l) : 0;
         if (rc && rc != -ECANCELED)
             log_warn("layer %s: compaction failed: %s", l->id, strerror(-rc));
+        ahead_recount(l); /* a compaction's new file holds none */
         compact_release(l);
         pthread_mutex_lock(&compact_lock);
     }

@@ -124,57 +124,47 @@ int repo_open_for_publish(const char *path, struct repo **out, char *err, size_t
     return repo_open(path, out, err, errlen);
 }
 
-int repo_lock_publish(struct repo *repo)
+/* Takes flock(how) on REPO/name into *fd (which must hold none). */
+static int lock_file(struct repo *repo, const char *name, int how, int *fd)
 {
     char path[PATH_MAX];
-    int err = writer_path(repo, ".publish.lock", path, sizeof(path));
+    int err = writer_path(repo, name, path, sizeof(path));
     if (err)
         return err;
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0)
+    int lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (lock_fd < 0)
         return -errno;
-    if (flock(fd, LOCK_EX) < 0) {
+    if (flock(lock_fd, how) < 0) { /* -EWOULDBLOCK under LOCK_NB */
         err = -errno;
-        close(fd);
+        close(lock_fd);
         return err;
     }
-    repo_writer(repo)->publish_lock_fd = fd;
+    *fd = lock_fd;
     return 0;
 }
 
-void repo_unlock_publish(struct repo *repo)
+static void unlock_file(int *fd)
 {
-    if (repo_writer(repo)->publish_lock_fd >= 0) {
-        close(repo_writer(repo)->publish_lock_fd); /* closing drops the flock */
-        repo_writer(repo)->publish_lock_fd = -1;
+    if (*fd >= 0) {
+        close(*fd); /* closing drops the flock */
+        *fd = -1;
     }
 }
+
+int repo_lock_publish(struct repo *repo)
+{
+    return lock_file(repo, ".publish.lock", LOCK_EX, &repo_writer(repo)->publish_lock_fd);
+}
+
+void repo_unlock_publish(struct repo *repo) { unlock_file(&repo_writer(repo)->publish_lock_fd); }
 
 int repo_lock_chunks(struct repo *repo, bool exclusive, bool wait)
 {
-    char path[PATH_MAX];
-    int err = writer_path(repo, ".gc.lock", path, sizeof(path));
-    if (err)
-        return err;
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return -errno;
-    if (flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB)) < 0) {
-        err = errno == EWOULDBLOCK ? -EWOULDBLOCK : -errno;
-        close(fd);
-        return err;
-    }
-    repo_writer(repo)->chunks_lock_fd = fd;
-    return 0;
+    return lock_file(repo, ".gc.lock", (exclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB),
+                     &repo_writer(repo)->chunks_lock_fd);
 }
 
-void repo_unlock_chunks(struct repo *repo)
-{
-    if (repo_writer(repo)->chunks_lock_fd >= 0) {
-        close(repo_writer(repo)->chunks_lock_fd);
-        repo_writer(repo)->chunks_lock_fd = -1;
-    }
-}
+void repo_unlock_chunks(struct repo *repo) { unlock_file(&repo_writer(repo)->chunks_lock_fd); }
 
 /* The directory of a chunk, chunks/XY, opened once per repository; it is
  * made again when a copying tool dropped it (git and some sync tools keep no

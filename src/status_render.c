@@ -208,12 +208,17 @@ static void json_string(struct text *t, const char *str)
 {
     text_printf(t, "\"");
     for (const unsigned char *p = (const unsigned char *)str; *p; p++) {
-        if (*p == '"' || *p == '\\')
+        size_t plain = 0; /* a run that needs no escape: one printf, not one a byte */
+        while (p[plain] && p[plain] != '"' && p[plain] != '\\' && p[plain] >= 0x20)
+            plain++;
+        if (plain) {
+            text_printf(t, "%.*s", (int)plain, (const char *)p);
+            p += plain - 1;
+        } else if (*p == '"' || *p == '\\') {
             text_printf(t, "\\%c", *p);
-        else if (*p < 0x20)
+        } else {
             text_printf(t, "\\u%04x", *p);
-        else
-            text_printf(t, "%c", *p);
+        }
     }
     text_printf(t, "\"");
 }
@@ -250,20 +255,66 @@ static void json_fields(struct text *t, const struct status_section *sec, const 
     }
 }
 
+/* The sections grouped by kind: of each section, the index of the first
+ * section of its kind and of the next one (s->count after the last). A
+ * renderer that groups by kind walks these instead of comparing every
+ * earlier section, which cost sections^2 on a host with thousands of VMs. */
+struct kind_links {
+    size_t *first;
+    size_t *next;
+};
+
+static void kind_links_free(struct kind_links *k)
+{
+    free(k->first);
+    free(k->next);
+}
+
+static int kind_links_build(const struct status_snapshot *s, struct kind_links *k)
+{
+    size_t n = s->count + 1; /* never malloc(0) */
+    k->first = malloc(n * sizeof(size_t));
+    k->next = malloc(n * sizeof(size_t));
+    size_t *kinds = malloc(n * sizeof(size_t)); /* the first section of each kind met (there are few) */
+    size_t *last = malloc(n * sizeof(size_t));  /* the last section so far of each of those */
+    if (!k->first || !k->next || !kinds || !last) {
+        kind_links_free(k);
+        free(kinds);
+        free(last);
+        return -ENOMEM;
+    }
+    size_t nkinds = 0;
+    for (size_t i = 0; i < s->count; i++) {
+        size_t d = 0;
+        while (d < nkinds && strcmp(s->sections[kinds[d]].kind, s->sections[i].kind) != 0)
+            d++;
+        if (d == nkinds)
+            kinds[nkinds++] = i;
+        else
+            k->next[last[d]] = i;
+        k->first[i] = kinds[d];
+        k->next[i] = s->count;
+        last[d] = i;
+    }
+    free(kinds);
+    free(last);
+    return 0;
+}
+
 /* Untitled sections are objects under their kind; titled ones are objects
  * under their title inside one object per kind, in order of appearance. */
 int status_render_json(const struct status_snapshot *s, char **out, size_t *len)
 {
+    struct kind_links kinds;
+    if (kind_links_build(s, &kinds) != 0)
+        return -ENOMEM;
     struct text t = {0};
     text_printf(&t, "{\n  \"imgfs_version\": ");
     json_string(&t, IMGFS_VERSION);
     for (size_t i = 0; i < s->count; i++) {
         const struct status_section *sec = &s->sections[i];
-        bool seen = false;
-        for (size_t p = 0; p < i; p++)
-            seen |= strcmp(s->sections[p].kind, sec->kind) == 0;
-        if (seen)
-            continue;
+        if (kinds.first[i] < i)
+            continue; /* its kind's object is written */
         text_printf(&t, ",\n  ");
         json_string(&t, sec->kind);
         text_printf(&t, ": {");
@@ -273,10 +324,8 @@ int status_render_json(const struct status_snapshot *s, char **out, size_t *len)
             continue;
         }
         bool first = true;
-        for (size_t j = i; j < s->count; j++) {
+        for (size_t j = i; j < s->count; j = kinds.next[j]) {
             const struct status_section *same = &s->sections[j];
-            if (strcmp(same->kind, sec->kind) != 0)
-                continue;
             text_printf(&t, "%s\n    ", first ? "" : ",");
             json_string(&t, same->title);
             text_printf(&t, ": {");
@@ -287,6 +336,7 @@ int status_render_json(const struct status_snapshot *s, char **out, size_t *len)
         text_printf(&t, "\n  }");
     }
     text_printf(&t, "\n}\n");
+    kind_links_free(&kinds);
     return text_finish(&t, s->failed, out, len);
 }
 
@@ -305,12 +355,15 @@ static void metric_name(char *out, size_t len, const char *kind, const char *key
 static void label_value(struct text *t, const char *v)
 {
     for (const char *p = v; *p; p++) {
-        if (*p == '\\' || *p == '"')
-            text_printf(t, "\\%c", *p);
-        else if (*p == '\n')
+        size_t plain = strcspn(p, "\\\"\n"); /* one printf a run, not one a byte */
+        if (plain) {
+            text_printf(t, "%.*s", (int)plain, p);
+            p += plain - 1;
+        } else if (*p == '\n') {
             text_printf(t, "\\n");
-        else
-            text_printf(t, "%c", *p);
+        } else {
+            text_printf(t, "\\%c", *p);
+        }
     }
 }
 
@@ -349,18 +402,16 @@ static bool section_has_info(const struct status_section *sec)
  * requires; families in order of first appearance. */
 int status_render_metrics(const struct status_snapshot *s, char **out, size_t *len)
 {
+    struct kind_links kinds;
+    if (kind_links_build(s, &kinds) != 0)
+        return -ENOMEM;
     struct text t = {0};
     for (size_t i = 0; i < s->count; i++) {
         const struct status_section *sec = &s->sections[i];
-        bool kind_seen = false;
-        for (size_t p = 0; p < i; p++)
-            kind_seen |= strcmp(s->sections[p].kind, sec->kind) == 0;
-        if (!kind_seen && section_has_info(sec)) {
+        if (kinds.first[i] == i && section_has_info(sec)) {
             text_printf(&t, "# HELP imgfs_%s_info Identity of each %s section (value 1).\n# TYPE imgfs_%s_info gauge\n",
                         sec->kind, sec->kind, sec->kind);
-            for (size_t j = i; j < s->count; j++) {
-                if (strcmp(s->sections[j].kind, sec->kind) != 0)
-                    continue;
+            for (size_t j = i; j < s->count; j = kinds.next[j]) {
                 text_printf(&t, "imgfs_%s_info", sec->kind);
                 metric_labels(&t, &s->sections[j], true);
                 text_printf(&t, " 1\n");
@@ -372,9 +423,7 @@ int status_render_metrics(const struct status_snapshot *s, char **out, size_t *l
                 continue;
             /* Skip a family printed already by an earlier section of the kind. */
             bool family_seen = false;
-            for (size_t p = 0; p < i && !family_seen; p++) {
-                if (strcmp(s->sections[p].kind, sec->kind) != 0)
-                    continue;
+            for (size_t p = kinds.first[i]; p < i && !family_seen; p = kinds.next[p]) {
                 for (size_t q = 0; q < s->sections[p].field_count; q++)
                     family_seen |= is_numeric(&s->sections[p].fields[q]) &&
                                    strcmp(s->sections[p].fields[q].key, field->key) == 0;
@@ -386,10 +435,8 @@ int status_render_metrics(const struct status_snapshot *s, char **out, size_t *l
             metric_name(name, sizeof(name), sec->kind, field->key, counter);
             text_printf(&t, "# HELP %s %s\n# TYPE %s %s\n", name, field->help ? field->help : field->key, name,
                         counter ? "counter" : "gauge");
-            for (size_t j = i; j < s->count; j++) {
+            for (size_t j = i; j < s->count; j = kinds.next[j]) {
                 const struct status_section *same = &s->sections[j];
-                if (strcmp(same->kind, sec->kind) != 0)
-                    continue;
                 for (size_t q = 0; q < same->field_count; q++) {
                     const struct status_field *v = &same->fields[q];
                     if (v->type != field->type || strcmp(v->key, field->key) != 0)
@@ -404,5 +451,6 @@ int status_render_metrics(const struct status_snapshot *s, char **out, size_t *l
             }
         }
     }
+    kind_links_free(&kinds);
     return text_finish(&t, s->failed, out, len);
 }

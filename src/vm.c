@@ -21,6 +21,7 @@
 struct layer_ref {
     struct layer *layer;
     unsigned refs;
+    struct layer_ref *next; /* in its chain of the layer table */
 };
 
 struct vm_registry {
@@ -33,7 +34,10 @@ struct vm_registry {
     pthread_mutex_t lock;
     struct vm **vms;
     size_t vm_count;
-    struct layer_ref *layers;
+    /* The open layers by ID: a chained hash table of layer_slots (a power
+     * of two, or 0) heads, so that loading N disks costs N, not N^2. */
+    struct layer_ref **layers;
+    size_t layer_slots;
     size_t layer_count;
     /* Layers named by VM files that did not load: never deleted, since the
      * VM comes back once its base does. */
@@ -44,22 +48,65 @@ struct vm_registry {
 
 /* ---- layer table (registry->lock held) ------------------------------------- */
 
+static struct layer_ref **layer_chain(struct layer_ref **slots, size_t nslots, const char *id)
+{
+    uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
+    for (const unsigned char *p = (const unsigned char *)id; *p; p++)
+        h = (h ^ *p) * 0x100000001b3ull;
+    return &slots[(h ^ h >> 29) & (nslots - 1)];
+}
+
 static struct layer_ref *find_layer_ref(struct vm_registry *reg, const char *id)
 {
-    for (size_t i = 0; i < reg->layer_count; i++)
-        if (strcmp(layer_id(reg->layers[i].layer), id) == 0)
-            return &reg->layers[i];
+    if (!reg->layer_slots)
+        return NULL;
+    for (struct layer_ref *r = *layer_chain(reg->layers, reg->layer_slots, id); r; r = r->next)
+        if (strcmp(layer_id(r->layer), id) == 0)
+            return r;
     return NULL;
 }
 
-static int track_layer(struct vm_registry *reg, struct layer *layer)
+/* Adds layer to the table with no refs. */
+static int track_layer(struct vm_registry *reg, struct layer *layer, struct layer_ref **out)
 {
-    struct layer_ref *grown = realloc(reg->layers, (reg->layer_count + 1) * sizeof(*grown));
-    if (!grown)
+    if (reg->layer_count + 1 > reg->layer_slots) {
+        size_t slots = reg->layer_slots ? reg->layer_slots * 2 : 64;
+        struct layer_ref **grown = calloc(slots, sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        for (size_t i = 0; i < reg->layer_slots; i++)
+            for (struct layer_ref *r = reg->layers[i], *next; r; r = next) {
+                next = r->next;
+                struct layer_ref **at = layer_chain(grown, slots, layer_id(r->layer));
+                r->next = *at;
+                *at = r;
+            }
+        free(reg->layers);
+        reg->layers = grown;
+        reg->layer_slots = slots;
+    }
+    struct layer_ref *ref = malloc(sizeof(*ref));
+    if (!ref)
         return -ENOMEM;
-    reg->layers = grown;
-    reg->layers[reg->layer_count++] = (struct layer_ref){layer, 0};
+    struct layer_ref **at = layer_chain(reg->layers, reg->layer_slots, layer_id(layer));
+    *ref = (struct layer_ref){layer, 0, *at};
+    *at = ref;
+    reg->layer_count++;
+    *out = ref;
     return 0;
+}
+
+/* Takes ref out of the table and frees it (not its layer). */
+static void untrack_layer(struct vm_registry *reg, struct layer_ref *ref)
+{
+    for (struct layer_ref **at = layer_chain(reg->layers, reg->layer_slots, layer_id(ref->layer)); *at;
+         at = &(*at)->next)
+        if (*at == ref) {
+            *at = ref->next;
+            reg->layer_count--;
+            free(ref);
+            return;
+        }
 }
 
 /* Returns the shared layer ID (opening it if needed) with one more ref. */
@@ -71,11 +118,10 @@ static int get_layer(struct vm_registry *reg, const char *id, uint64_t size, str
         int err = layer_open(reg->layer_dir, id, size, &layer);
         if (err)
             return err;
-        if ((err = track_layer(reg, layer)) != 0) {
+        if ((err = track_layer(reg, layer, &ref)) != 0) {
             layer_close(layer);
             return err;
         }
-        ref = &reg->layers[reg->layer_count - 1];
     }
     if (layer_size(ref->layer) != size)
         return -EBADMSG;
@@ -87,15 +133,16 @@ static int get_layer(struct vm_registry *reg, const char *id, uint64_t size, str
 static int new_layer(struct vm_registry *reg, uint64_t size, struct layer **out)
 {
     struct layer *layer;
+    struct layer_ref *ref;
     int err = layer_create(reg->layer_dir, size, &layer);
     if (err)
         return err;
-    if ((err = track_layer(reg, layer)) != 0) {
+    if ((err = track_layer(reg, layer, &ref)) != 0) {
         layer_close(layer);
         layer_remove(reg->layer_dir, layer_id(layer));
         return err;
     }
-    reg->layers[reg->layer_count - 1].refs = 1;
+    ref->refs = 1;
     *out = layer;
     return 0;
 }
@@ -136,8 +183,8 @@ static void put_layer(struct vm_registry *reg, struct layer *layer)
         return;
     char id[LAYER_ID_LEN + 1];
     snprintf(id, sizeof(id), "%s", layer_id(layer));
+    untrack_layer(reg, ref);
     layer_close(layer);
-    *ref = reg->layers[--reg->layer_count];
     if (!is_kept(reg, id) && layer_remove(reg->layer_dir, id) == 0)
         fsync_dir(reg->layer_dir);
 }
@@ -231,10 +278,21 @@ static struct vm *vm_alloc(const char *name, uint64_t size)
     return vm;
 }
 
+/* The snapshot table, made with the first snapshot (most VMs have none):
+ * VM_MAX_SNAPSHOTS entries, never moved, so that readers need no more than
+ * they did. Set before snapshot_count grows past 0. */
+static int snapshot_room(struct vm *vm)
+{
+    if (!vm->snapshots && !(vm->snapshots = calloc(VM_MAX_SNAPSHOTS, sizeof(*vm->snapshots))))
+        return -ENOMEM;
+    return 0;
+}
+
 static void vm_free(struct vm *vm)
 {
     for (unsigned s = 0; s < vm->snapshot_count; s++)
         free(vm->snapshots[s]);
+    free(vm->snapshots);
     while (vm->removed_snapshots) {
         struct vm_snapshot *next = vm->removed_snapshots->next_removed;
         free(vm->removed_snapshots);
@@ -341,10 +399,12 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
                 LOAD_FAIL("VM %s: its live layers are missing or damaged (%s)", name,
                           rc == -ENOENT ? "layer file missing" : "bad layer");
         } else if (vm && strncmp(line, "snapshot ", 9) == 0 && vm->snapshot_count < VM_MAX_SNAPSHOTS) {
-            struct vm_snapshot *snap = calloc(1, sizeof(*snap));
+            struct vm_snapshot *snap = snapshot_room(vm) == 0 ? calloc(1, sizeof(*snap)) : NULL;
             char *ids = strchr(line + 9, ' ');
-            if (!snap || !ids)
+            if (!snap || !ids) {
+                free(snap);
                 LOAD_FAIL("VM %s: bad snapshot line in its VM file", name);
+            }
             *ids++ = '\0';
             snprintf(snap->name, sizeof(snap->name), "%s", line + 9);
             snap->disk.size = size;
@@ -482,10 +542,13 @@ void vm_registry_close(struct vm_registry *reg)
         return;
     for (size_t i = 0; i < reg->vm_count; i++)
         vm_free(reg->vms[i]);
-    for (size_t i = 0; i < reg->layer_count; i++) {
-        layer_flush(reg->layers[i].layer);
-        layer_close(reg->layers[i].layer);
-    }
+    for (size_t i = 0; i < reg->layer_slots; i++)
+        for (struct layer_ref *r = reg->layers[i], *next; r; r = next) {
+            next = r->next;
+            layer_flush(r->layer);
+            layer_close(r->layer);
+            free(r);
+        }
     free(reg->vms);
     free(reg->layers);
     free(reg->kept);
@@ -634,7 +697,8 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
         return -EMLINK;
     }
     struct vm_snapshot *s = calloc(1, sizeof(*s));
-    if (!s) {
+    if (!s || snapshot_room(vm) != 0) {
+        free(s);
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
@@ -1111,7 +1175,8 @@ static struct disk below_top(const struct disk *live)
 
 /* Writes one partial block through copy-up, reading what is below from
  * held. write_lock held shared, and the block's range in write_ranges. */
-static int write_partial(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off)
+static int write_partial(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off,
+                         bool through)
 {
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     uint64_t block = off / LAYER_BLOCK_SIZE;
@@ -1125,7 +1190,7 @@ static int write_partial(struct vm *vm, const struct held_chunks *held, const ch
     if (rc)
         return rc;
     memcpy(tmp + (off - start), buf, len);
-    return layer_write(top, tmp, block_len, start);
+    return through ? layer_write_through(top, tmp, block_len, start) : layer_write(top, tmp, block_len, start);
 }
 
 /* The base chunks under the partial blocks at the two edges of a write that
@@ -1178,7 +1243,8 @@ static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off
 }
 
 /* The writes themselves, with the locks held and no network. */
-static int write_locked(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off)
+static int write_locked(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off,
+                        bool through)
 {
     struct layer *top = vm->live.layers[vm->live.depth - 1];
     uint64_t end = off + len;
@@ -1189,10 +1255,10 @@ static int write_locked(struct vm *vm, const struct held_chunks *held, const cha
         if (whole == 0 && in_block == 0 && end == vm->live.size)
             whole = end - off; /* the short last block of the disk */
         if (whole > 0) {
-            rc = layer_write(top, buf, (size_t)whole, off);
+            rc = through ? layer_write_through(top, buf, (size_t)whole, off) : layer_write(top, buf, (size_t)whole, off);
         } else {
             whole = LAYER_BLOCK_SIZE - in_block < end - off ? LAYER_BLOCK_SIZE - in_block : end - off;
-            rc = write_partial(vm, held, buf, (size_t)whole, off);
+            rc = write_partial(vm, held, buf, (size_t)whole, off, through);
         }
         buf += whole;
         off += whole;
@@ -1203,7 +1269,7 @@ static int write_locked(struct vm *vm, const struct held_chunks *held, const cha
 /* Writes with the edge chunks in hand: takes the locks, writes, releases
  * the chunks (and notes them as read by the guest). */
 static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks *chunks, const char *buf,
-                      size_t len, uint64_t off)
+                      size_t len, uint64_t off, unsigned flags)
 {
     /* Writes of other blocks go on in parallel; one that overlaps waits, so
      * that a copy-up never mixes two writes of one block. */
@@ -1212,7 +1278,7 @@ static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks
                        (off + len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
     pthread_rwlock_rdlock(&vm->write_lock);
     pthread_rwlock_rdlock(&vm->chain_lock);
-    int rc = write_locked(vm, chunks, buf, len, off);
+    int rc = write_locked(vm, chunks, buf, len, off, flags & VM_WRITE_THROUGH);
     pthread_rwlock_unlock(&vm->chain_lock);
     pthread_rwlock_unlock(&vm->write_lock);
     range_lock_release(&vm->write_ranges, &held);
@@ -1226,15 +1292,20 @@ static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks
     return rc == -EAGAIN ? -EIO : rc;
 }
 
+/* -ENOSPC unless a write of [off, off + len) is inside the disk. */
+static int write_fits(const struct vm *vm, size_t len, uint64_t off)
+{
+    return off >= vm->live.size || len > vm->live.size - off ? -ENOSPC : 0; /* a disk does not grow */
+}
+
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
 {
-    if (off >= vm->live.size || len > vm->live.size - off)
-        return -ENOSPC; /* a disk does not grow */
-    if (len == 0)
-        return 0;
+    int rc = write_fits(vm, len, off);
+    if (rc || len == 0)
+        return rc;
     struct held_chunks chunks;
-    int rc = hold_edge_chunks(vm, fetcher, off, len, &chunks);
-    return rc ? rc : write_held(vm, fetcher, &chunks, buf, len, off);
+    rc = hold_edge_chunks(vm, fetcher, off, len, &chunks);
+    return rc ? rc : write_held(vm, fetcher, &chunks, buf, len, off, 0);
 }
 
 /* A write waiting for its edge chunks. pending counts the fetches under way
@@ -1247,6 +1318,7 @@ struct write_op {
     atomic_bool failed;
     uint64_t off;
     size_t len;
+    unsigned flags;
     vm_write_done_fn done;
     void *arg;
     char buf[]; /* a copy of the data: the caller's is gone once it returns */
@@ -1255,7 +1327,7 @@ struct write_op {
 static int write_op_finish(struct write_op *op)
 {
     if (!atomic_load(&op->failed))
-        return write_held(op->vm, op->fetcher, &op->chunks, op->buf, op->len, op->off);
+        return write_held(op->vm, op->fetcher, &op->chunks, op->buf, op->len, op->off, op->flags);
     for (int k = 0; k < op->chunks.count; k++)
         fetch_ref_release(op->fetcher, &op->chunks.refs[k]);
     return -EIO;
@@ -1274,22 +1346,22 @@ static void write_chunk_done(void *arg, int err)
 }
 
 int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off,
-                   vm_write_done_fn done, void *arg)
+                   unsigned flags, vm_write_done_fn done, void *arg)
 {
-    if (off >= vm->live.size || len > vm->live.size - off)
-        return -ENOSPC;
-    if (len == 0)
-        return 0;
+    int err = write_fits(vm, len, off);
+    if (err || len == 0)
+        return err;
     uint64_t wanted[2];
     int count = edge_chunks_wanted(vm, off, len, wanted);
     if (count == 0) {
         struct held_chunks none = {.count = 0};
-        return write_held(vm, fetcher, &none, buf, len, off);
+        return write_held(vm, fetcher, &none, buf, len, off, flags);
     }
     struct write_op *op = malloc(sizeof(*op) + len);
     if (!op)
         return -ENOMEM;
-    *op = (struct write_op){.vm = vm, .fetcher = fetcher, .off = off, .len = len, .done = done, .arg = arg};
+    *op = (struct write_op){
+        .vm = vm, .fetcher = fetcher, .off = off, .len = len, .flags = flags, .done = done, .arg = arg};
     memcpy(op->buf, buf, len);
     atomic_init(&op->pending, 1 + count);
     atomic_init(&op->failed, false);

@@ -4,7 +4,8 @@
 # taken together, look like one sequential run fetch only what they read
 # (16 VMs booting one base interleave like that; counted per base, their
 # readahead fetched chunks none of them read: CI saw 71 chunk requests for
-# 47 chunks in test_http_boot_storm).
+# 47 chunks in test_http_boot_storm). Over a base already in the cache,
+# a damaged chunk ahead of the reader is fetched again, never served.
 . "$(dirname "$0")/lib.sh"
 
 M=$T/mnt
@@ -73,6 +74,24 @@ sleep 1 # readahead, had it started, runs in the background
 [ "$(resident)" -eq $((before + 40)) ] ||
     fail "$(($(resident) - before)) chunks fetched for 40 read one in two: readahead took a strided reader for a sequential one"
 ok "a reader of every other chunk gets no readahead"
+[ "$(stat_value "$M" fetch errors)" -eq 0 ] || fail "fetch errors"
+umount_imgfs "$M"
+
+# Readahead over a base already in the cache, after a remount: the chunks
+# ahead are only read into the page cache (cache_prefetch), and each is
+# checked by its reader. A damaged one among them is dropped and fetched
+# again when it is read, never served.
+h=$(dd if="$T/img.raw" bs=$CS skip=40 count=1 status=none | xxh128sum | cut -d' ' -f1)
+read -r pack off len <<< "$(cache_locate "$T/cache" "$h")" || fail "chunk 40 of b is not in the cache"
+python3 -c 'import sys; f = open(sys.argv[1], "r+b"); f.seek(int(sys.argv[2])); b = f.read(1); f.seek(int(sys.argv[2])); f.write(bytes([b[0] ^ 0x20]))' \
+    "$pack" $((off + 70000))
+mount_imgfs "$T/repo" "$M"
+cmp <(dd if="$M/bases/b.raw" bs=$CS count=66 iflag=direct status=none) \
+    <(dd if="$T/img.raw" bs=$CS count=66 status=none) || fail "a damaged chunk read ahead was served"
+[ "$(stat_value "$M" cache damaged_dropped)" -eq 1 ] || fail "the damaged chunk ahead was not dropped"
+cmp <(dd if="$M/bases/b.raw" bs=$CS count=66 status=none) <(dd if="$T/img.raw" bs=$CS count=66 status=none) ||
+    fail "the base reads wrong after the damaged chunk was fetched again"
+ok "readahead over a cached base: a damaged chunk ahead is fetched again, never served"
 [ "$(stat_value "$M" fetch errors)" -eq 0 ] || fail "fetch errors"
 umount_imgfs "$M"
 finish

@@ -2,12 +2,17 @@
  * backslashes, newlines, control bytes) rendered as stats, JSON and
  * Prometheus text, checked line by line: families grouped with one HELP and
  * TYPE, counters named _total, labels escaped, JSON escaped, titled sections
- * keyed by title, and view-only fields kept out of JSON and metrics. */
+ * keyed by title, and view-only fields kept out of JSON and metrics. Then
+ * a snapshot shaped like a large host (many sections of a kind, kinds
+ * interleaved, keys repeated in a section, one key with two types) whose
+ * JSON and metrics must be byte for byte what the renderer wrote before it
+ * grouped sections by kind in one pass (figures taken from it). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "check.h"
+#include "hash.h"
 #include "status.h"
 
 static int count(const char *text, const char *needle)
@@ -37,6 +42,64 @@ static void build(struct status_snapshot *s)
         status_text(s, sec, STATUS_VIEW, "chunks_resident", "%d/5", i);
         status_gauge(s, sec, "size", "Size.", 4096.0 * i, 0);
     }
+}
+
+/* Many sections; kinds interleaved (vm, base, vm, ...) and uneven fields. */
+static void build_large(struct status_snapshot *s)
+{
+    memset(s, 0, sizeof(*s));
+    struct status_section *sec = status_add_section(s, "daemon", NULL);
+    status_text(s, sec, STATUS_INFO, "version", "1");
+    status_gauge(s, sec, "uptime_seconds", "Uptime.", 5, 0);
+    for (int i = 0; i < 300; i++) {
+        char title[32];
+        snprintf(title, sizeof(title), "%s%d", i % 3 == 1 ? "os@" : "vm", i);
+        sec = status_add_section(s, i % 3 == 1 ? "base" : "vm", title);
+        status_add_label(s, sec, i % 3 == 1 ? "base" : "vm", title);
+        status_text(s, sec, STATUS_INFO, "file", "f/%d", i);
+        if (i % 7 == 0)
+            status_gauge(s, sec, "late", "Only some sections have it.", i, 0);
+        status_gauge(s, sec, "size", "Size.", 1000.0 * i, 0);
+        status_counter(s, sec, "reads", "Reads.", (uint64_t)i * 3);
+        if (i % 5 == 0)
+            status_counter(s, sec, "size", "A counter of the gauge's name.", (uint64_t)i);
+        status_gauge(s, sec, "ratio", "Ratio.", i / 7.0, 3);
+        status_text(s, sec, STATUS_VIEW, "view", "%d/9", i);
+        if (i % 11 == 0)
+            status_gauge(s, sec, "reads", "The same key again.", i + 0.5, 1);
+    }
+    sec = status_add_section(s, "cache", NULL);
+    status_gauge(s, sec, "chunks", "Chunks.", 7, 0);
+}
+
+static void check_digest(const char *what, const char *text, size_t len, size_t want_len, const char *want_hex)
+{
+    struct chunk_hash h;
+    char hex[CHUNK_HASH_HEX + 1];
+    chunk_hash_compute(text, len, &h);
+    chunk_hash_to_hex(&h, hex);
+    if (len != want_len || strcmp(hex, want_hex) != 0)
+        fprintf(stderr, "%s: %zu bytes, digest %s\n", what, len, hex);
+    CHECK(len == want_len && strcmp(hex, want_hex) == 0);
+}
+
+static void test_large_unchanged(void)
+{
+    struct status_snapshot s;
+    build_large(&s);
+    CHECK(!s.failed && s.count == 302);
+    char *text;
+    size_t len;
+    CHECK(status_render_metrics(&s, &text, &len) == 0);
+    check_digest("metrics", text, len, 49282, "00caa74d7876765bdcfc1b38b4937a04");
+    free(text);
+    CHECK(status_render_json(&s, &text, &len) == 0);
+    check_digest("json", text, len, 41530, "c1178a09b7680c48d953f3fdf8a948c8");
+    free(text);
+    CHECK(status_render_stats(&s, &text, &len) == 0);
+    check_digest("stats", text, len, 42352, "9c0248651a242adb63489f64dbd911e4");
+    free(text);
+    status_snapshot_free(&s);
 }
 
 int main(void)
@@ -83,5 +146,6 @@ int main(void)
     free(text);
 
     status_snapshot_free(&s);
+    test_large_unchanged();
     return check_summary();
 }

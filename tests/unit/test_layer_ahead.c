@@ -1,0 +1,126 @@
+/* Unit tests for the host-wide budget of zeros ahead (layer.h, Disk): with
+ * a budget of two windows, two layers that flush little get their zeros and
+ * a third gets none while they hold them; once one closes, the third gets
+ * its own. The count never goes over the budget and is 0 once all close.
+ *
+ * Zeroing runs on a background thread: the test waits (up to 60 s) for
+ * what must happen, and, for what must not, watches for 2 s, during which
+ * the thread has long since had its turn; a slower machine could let a
+ * broken budget pass, never fail a sound one. Needs a file system where
+ * zeroing runs (not tmpfs): the test is skipped on one. */
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "layer.h"
+
+#define BS LAYER_BLOCK_SIZE
+#define WINDOW (4ull << 20) /* the smallest window: what a small log zeroes */
+#define DISK_SIZE (64ull << 20)
+
+static char dir[256];
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
+    nanosleep(&ts, NULL);
+}
+
+/* The size of a layer's log file: past its data once it is zeroed ahead. */
+static uint64_t log_size(const struct layer *l)
+{
+    char path[512];
+    struct stat st;
+    snprintf(path, sizeof(path), "%s/%s.log", dir, layer_id(l));
+    return stat(path, &st) == 0 ? (uint64_t)st.st_size : 0;
+}
+
+/* A small flush: 16 KiB of data, then layer_flush, which asks for zeros. */
+static void small_flush(struct layer *l, unsigned seed)
+{
+    char buf[4 * BS];
+    memset(buf, (int)seed, sizeof(buf));
+    CHECK(layer_write(l, buf, sizeof(buf), (uint64_t)seed * sizeof(buf)) == 0);
+    CHECK(layer_flush(l) == 0);
+}
+
+static bool zeroed(const struct layer *l) { return log_size(l) >= WINDOW; }
+
+/* Waits for cond(l) up to 60 s; checks the budget all along. */
+static bool wait_for(bool (*cond)(const struct layer *), const struct layer *l)
+{
+    for (uint64_t end = now_ms() + 60000; now_ms() < end; sleep_ms(5)) {
+        CHECK(layer_ahead_host_bytes() <= 2 * WINDOW);
+        if (cond(l))
+            return true;
+    }
+    return false;
+}
+
+int main(void)
+{
+    snprintf(dir, sizeof(dir), "/var/tmp/imgfs-test-ahead-XXXXXX");
+    if (!mkdtemp(dir)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    struct statfs fs;
+    if (statfs(dir, &fs) != 0 || fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC) {
+        printf("skipped: %s is on tmpfs, where nothing is zeroed ahead\n", dir);
+        rmdir(dir);
+        return 0;
+    }
+    setenv("IMGFS_LAYER_AHEAD_HOST_MAX", "8M", 1); /* two windows of 4 MiB */
+
+    struct layer *a, *b, *c;
+    CHECK(layer_create(dir, DISK_SIZE, &a) == 0);
+    CHECK(layer_create(dir, DISK_SIZE, &b) == 0);
+    CHECK(layer_create(dir, DISK_SIZE, &c) == 0);
+    small_flush(a, 1);
+    CHECK(wait_for(zeroed, a));
+    small_flush(b, 2);
+    CHECK(wait_for(zeroed, b));
+    CHECK(layer_ahead_host_bytes() == 2 * WINDOW);
+
+    /* The budget is held: c gets nothing, however often it asks. */
+    for (uint64_t end = now_ms() + 2000; now_ms() < end; sleep_ms(100)) {
+        small_flush(c, 3);
+        CHECK(!zeroed(c));
+        CHECK(layer_ahead_host_bytes() == 2 * WINDOW);
+    }
+
+    /* a closes and gives its share back: c's next flush gets zeros. */
+    layer_close(a);
+    CHECK(layer_ahead_host_bytes() == WINDOW);
+    small_flush(c, 4);
+    CHECK(wait_for(zeroed, c));
+    CHECK(layer_ahead_host_bytes() == 2 * WINDOW);
+
+    /* What was zeroed reads as nothing: the data is what was written. */
+    char buf[4 * BS], want[4 * BS];
+    memset(want, 4, sizeof(want));
+    CHECK(layer_read(c, buf, sizeof(buf), 4 * sizeof(buf)) == 0 && memcmp(buf, want, sizeof(buf)) == 0);
+
+    layer_close(b);
+    layer_close(c);
+    CHECK(layer_ahead_host_bytes() == 0);
+    char cmd[300];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
+    return check_summary();
+}
