@@ -12,7 +12,8 @@
 #      and `zstd -3 -T0` of the same file, taking turns BENCH_ROUNDS
 #      (default 3) times, with a baseline build's publish in each round
 #      when BASELINE_BIN_DIR is set; then once on one thread. Target:
-#      publish <= zstd in every round.
+#      publish <= zstd in every round. Then a signed publish (--key) of the
+#      same image, by this build and the baseline: what signing adds.
 #   3. QDATA (BENCH_QCOW_DATA, default 1G) as a dense raw file, and as
 #      qcow2 images of 20 GiB and 100 GiB virtual holding it. Target: the
 #      qcow2 times follow the 1 GiB, not the virtual size.
@@ -166,6 +167,9 @@ for round in $(seq 1 "$ROUNDS"); do
     dense_rows+=("| $round | $t_all | ${sync_all:-?} | $t_all_cpu | $t_zstd | $t_zstd_cpu | $(ratio "$t_all" "$t_zstd") | $(ratio "$t_all_cpu" "$t_zstd_cpu") | $(ratio "$t_all" "$t_zstd_durable") $base_cells")
 done
 publish t_one "$WORK/dense.raw" --threads 1
+"$IMGFSCTL" key generate "$WORK/signing.key" >/dev/null || die "imgfsctl key generate failed."
+publish t_signed "$WORK/dense.raw" --key "$WORK/signing.key"
+[ -n "$BASELINE" ] && publish_with "$BASELINE" t_base_signed "$WORK/dense.raw" --key "$WORK/signing.key"
 sync
 t_republish=$(seconds "$IMGFSCTL" publish "$WORK/dense.raw" "$dense_repo" --name b)
 t_republish_cpu=$(cpu)
@@ -190,6 +194,9 @@ publish t_q100 "$WORK/q100.qcow2"
     echo "| (qemu-img convert of the sparse file) | $t_convert | $t_convert_cpu | | |"
     echo "| $((DENSE / MIB)) MiB dense raw, $threads threads (last round) | $t_all | $t_all_cpu | $(ratio "$t_all" "$t_zstd") of zstd | <= zstd: met in $met of $ROUNDS rounds |"
     echo "| the same, --threads 1 | $t_one | $t_one_cpu | $(ratio "$t_one" "$t_zstd") of zstd | |"
+    echo "| the same, signed (--key) | $t_signed | $t_signed_cpu | $(ratio "$t_signed" "$t_all") of unsigned (last round) | |"
+    [ -n "$BASELINE" ] &&
+        echo "| the same, signed, baseline build | $t_base_signed | $t_base_signed_cpu | $(ratio "$t_base_signed" "$t_base") of its unsigned (last round) | |"
     echo "| zstd -3 -T0 of the same file (last round) | $t_zstd | $t_zstd_cpu | | |"
     echo "| the same image published again (unchanged) | $t_republish | $t_republish_cpu | $(ratio "$t_republish" "$t_all") of the first | no chunk written |"
     echo "| $((QDATA / MIB)) MiB of data, dense raw file | $t_qraw | $t_qraw_cpu | | |"

@@ -1005,8 +1005,8 @@ static int reply_extent(void *ctx, const struct disk_extent *e)
 }
 
 /* Sends the buffers. When none is a file (chunks in memory, bytes the
- * cache checked, zeros) they go out in one writev: libfuse would move them
- * through a pipe, three system calls instead of one. */
+ * cache checked, zeros) they go out in one writev, which fuse_reply_data()
+ * would only do for a single buffer (more go through a pipe or a copy). */
 #define REPLY_IOV_MAX 64
 static void bufs_reply(fuse_req_t req, const struct reply_bufs *r)
 {

@@ -52,7 +52,9 @@
  * hit keeps that buffer (cache_pin.bytes), so a reply sends the bytes that
  * were checked, and a random 4 KiB read after a reboot costs one read of
  * the pack, not a check read and a second one for the reply. Later hits in
- * the run hold no buffer and are read (spliced) from the pack.
+ * the run hold no buffer: they are read from the pack's descriptor. A
+ * readahead (cache_prefetch) only brings the bytes into the page cache; it
+ * checks nothing.
  *
  * Single flight: cache_acquire() hands the job of filling a missing chunk to
  * exactly one caller; everyone else asking for the same chunk waits for it

@@ -91,7 +91,7 @@ struct fetch_buf; /* a verified chunk in memory, shared by reference */
 
 /* What a request got: a pinned chunk in a cache pack, or the chunk in memory. */
 struct fetch_ref {
-    struct cache_pin pin;  /* when data is NULL: pin.bytes, else pin.fd at pin.off (cache.h) */
+    struct cache_pin pin;  /* when data is NULL: cache_pin_bytes(), else pin.fd at pin.off */
     struct fetch_buf *buf; /* owner of data */
     const char *data;      /* the whole chunk, or NULL */
     bool hit;              /* this request started no transfer */

@@ -98,7 +98,7 @@ struct vm {
     pthread_rwlock_t chain_lock;
     pthread_mutex_t attr_lock;
     struct disk live;
-    struct vm_snapshot *snapshots[VM_MAX_SNAPSHOTS];
+    struct vm_snapshot **snapshots; /* VM_MAX_SNAPSHOTS entries once the first is made, else NULL */
     unsigned snapshot_count;
 
     struct chunk_trace *trace; /* recording, or NULL; guarded by chain_lock */

@@ -128,7 +128,7 @@ struct log_file {
 
 struct layer {
     char id[LAYER_ID_LEN + 1];
-    char dir[PATH_MAX];
+    char *dir; /* malloc'd: PATH_MAX inline was half a VM disk's memory */
     uint64_t size;
     uint64_t blocks;
 
@@ -796,7 +796,7 @@ static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
     if (!l)
         return NULL;
     snprintf(l->id, sizeof(l->id), "%s", id);
-    snprintf(l->dir, sizeof(l->dir), "%s", dir);
+    l->dir = strdup(dir);
     l->size = size;
     l->shared_fd = -1;
     l->blocks = (size + BS - 1) / BS;
@@ -818,7 +818,9 @@ static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
     const char *through = getenv("IMGFS_LAYER_THROUGH");
     l->through_everywhere = through && strcmp(through, "all") == 0;
     atomic_init(&l->no_direct, through && strcmp(through, "0") == 0);
-    if (!l->top) {
+    if (!l->top || !l->dir) {
+        free(l->top);
+        free(l->dir);
         free(l);
         return NULL;
     }
@@ -852,6 +854,7 @@ void layer_close(struct layer *l)
     pthread_mutex_destroy(&l->lock);
     pthread_mutex_destroy(&l->zero_lock);
     pthread_cond_destroy(&l->zero_done);
+    free(l->dir);
     free(l);
 }
 

@@ -120,7 +120,7 @@ struct pipeline {
      * allocation look-ups of the cursor (lseek) but never across reading,
      * compressing or writing a chunk. */
     pthread_mutex_t lock;
-    pthread_cond_t changed; /* progress made, or a worker ended */
+    pthread_cond_t ended;   /* a worker ended (progress is polled, not signalled) */
     uint64_t next_chunk;    /* the cursor: chunks before it are handed out */
     uint64_t done_bytes;    /* of the disk, for the progress bar */
     unsigned running;       /* workers not yet ended */
@@ -188,19 +188,18 @@ struct worker {
 };
 
 /* Reads the data ranges of chunks [first, first + count) into w->buf and
- * zeros the rest, which is not read. */
+ * zeros the rest, which is not read (a dense batch is not zeroed first). */
 static int read_batch(struct worker *w, uint64_t first, uint64_t count, uint64_t *bytes_read)
 {
     const struct manifest *m = w->p->m;
     uint64_t from = first * m->chunk_size;
     uint64_t to = chunks_end(m, first + count);
     image_prefetch(w->reader, from + PREFETCH_AHEAD, to - from);
-    memset(w->buf, 0, count * m->chunk_size);
-    uint64_t start, end;
-    for (uint64_t at = from; at < to && image_next_data(w->reader, at, &start, &end) == 0 && start < to;
-         at = end) {
+    uint64_t start, end, at = from;
+    for (; at < to && image_next_data(w->reader, at, &start, &end) == 0 && start < to; at = end) {
         if (end > to)
             end = to;
+        memset(w->buf + (at - from), 0, (size_t)(start - at));
         int rc = image_read(w->reader, w->buf + (start - from), (size_t)(end - start), start);
         if (rc) {
             pthread_mutex_lock(&w->p->lock);
@@ -211,6 +210,8 @@ static int read_batch(struct worker *w, uint64_t first, uint64_t count, uint64_t
         }
         *bytes_read += end - start;
     }
+    if (at < from + count * m->chunk_size) /* a hole at the end, and the tail of a partial last chunk */
+        memset(w->buf + (at - from), 0, (size_t)(from + count * m->chunk_size - at));
     return 0;
 }
 
@@ -283,10 +284,9 @@ static void *worker_main(void *arg)
         p->totals.chunks_new += counts.chunks_new;
         p->totals.bytes_stored += counts.bytes_stored;
         p->done_bytes += chunks_end(p->m, first + count) - first * p->m->chunk_size;
-        pthread_cond_broadcast(&p->changed);
     }
     p->running--;
-    pthread_cond_broadcast(&p->changed);
+    pthread_cond_broadcast(&p->ended);
     pthread_mutex_unlock(&p->lock);
     return NULL;
 }
@@ -351,7 +351,7 @@ static int store_chunks(struct image *img, const struct publish_options *opts, s
     };
     pthread_mutex_init(&p.lock, NULL);
     pthread_mutex_init(&p.claims_lock, NULL);
-    cond_init_monotonic(&p.changed);
+    cond_init_monotonic(&p.ended);
     struct worker *workers = calloc(threads, sizeof(*workers));
     int rc = workers ? 0 : -ENOMEM;
     if (rc)
@@ -386,7 +386,9 @@ static int store_chunks(struct image *img, const struct publish_options *opts, s
     progress_start(&bar, "publishing", m->size);
     pthread_mutex_lock(&p.lock);
     while (p.running > 0) {
-        cond_wait_until(&p.changed, &p.lock, now_ns() + 100000000ull);
+        /* Ten updates a second; waking for every batch cost a context
+         * switch per MiB on a machine whose CPUs the workers fill. */
+        cond_wait_until(&p.ended, &p.lock, now_ns() + 100000000ull);
         uint64_t done = p.done_bytes;
         pthread_mutex_unlock(&p.lock);
         progress_update(&bar, done);
@@ -413,7 +415,7 @@ static int store_chunks(struct image *img, const struct publish_options *opts, s
     res->bytes_stored = p.totals.bytes_stored;
     res->threads = threads;
     free(p.claims.slots);
-    pthread_cond_destroy(&p.changed);
+    pthread_cond_destroy(&p.ended);
     pthread_mutex_destroy(&p.lock);
     pthread_mutex_destroy(&p.claims_lock);
     return rc;

@@ -208,12 +208,17 @@ static void json_string(struct text *t, const char *str)
 {
     text_printf(t, "\"");
     for (const unsigned char *p = (const unsigned char *)str; *p; p++) {
-        if (*p == '"' || *p == '\\')
+        size_t plain = 0; /* a run that needs no escape: one printf, not one a byte */
+        while (p[plain] && p[plain] != '"' && p[plain] != '\\' && p[plain] >= 0x20)
+            plain++;
+        if (plain) {
+            text_printf(t, "%.*s", (int)plain, (const char *)p);
+            p += plain - 1;
+        } else if (*p == '"' || *p == '\\') {
             text_printf(t, "\\%c", *p);
-        else if (*p < 0x20)
+        } else {
             text_printf(t, "\\u%04x", *p);
-        else
-            text_printf(t, "%c", *p);
+        }
     }
     text_printf(t, "\"");
 }
@@ -350,12 +355,15 @@ static void metric_name(char *out, size_t len, const char *kind, const char *key
 static void label_value(struct text *t, const char *v)
 {
     for (const char *p = v; *p; p++) {
-        if (*p == '\\' || *p == '"')
-            text_printf(t, "\\%c", *p);
-        else if (*p == '\n')
+        size_t plain = strcspn(p, "\\\"\n"); /* one printf a run, not one a byte */
+        if (plain) {
+            text_printf(t, "%.*s", (int)plain, p);
+            p += plain - 1;
+        } else if (*p == '\n') {
             text_printf(t, "\\n");
-        else
-            text_printf(t, "%c", *p);
+        } else {
+            text_printf(t, "\\%c", *p);
+        }
     }
 }
 

@@ -278,10 +278,21 @@ static struct vm *vm_alloc(const char *name, uint64_t size)
     return vm;
 }
 
+/* The snapshot table, made with the first snapshot (most VMs have none):
+ * VM_MAX_SNAPSHOTS entries, never moved, so that readers need no more than
+ * they did. Set before snapshot_count grows past 0. */
+static int snapshot_room(struct vm *vm)
+{
+    if (!vm->snapshots && !(vm->snapshots = calloc(VM_MAX_SNAPSHOTS, sizeof(*vm->snapshots))))
+        return -ENOMEM;
+    return 0;
+}
+
 static void vm_free(struct vm *vm)
 {
     for (unsigned s = 0; s < vm->snapshot_count; s++)
         free(vm->snapshots[s]);
+    free(vm->snapshots);
     while (vm->removed_snapshots) {
         struct vm_snapshot *next = vm->removed_snapshots->next_removed;
         free(vm->removed_snapshots);
@@ -388,10 +399,12 @@ static int load_vm(struct vm_registry *reg, const char *name, struct vm **out, c
                 LOAD_FAIL("VM %s: its live layers are missing or damaged (%s)", name,
                           rc == -ENOENT ? "layer file missing" : "bad layer");
         } else if (vm && strncmp(line, "snapshot ", 9) == 0 && vm->snapshot_count < VM_MAX_SNAPSHOTS) {
-            struct vm_snapshot *snap = calloc(1, sizeof(*snap));
+            struct vm_snapshot *snap = snapshot_room(vm) == 0 ? calloc(1, sizeof(*snap)) : NULL;
             char *ids = strchr(line + 9, ' ');
-            if (!snap || !ids)
+            if (!snap || !ids) {
+                free(snap);
                 LOAD_FAIL("VM %s: bad snapshot line in its VM file", name);
+            }
             *ids++ = '\0';
             snprintf(snap->name, sizeof(snap->name), "%s", line + 9);
             snap->disk.size = size;
@@ -684,7 +697,8 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
         return -EMLINK;
     }
     struct vm_snapshot *s = calloc(1, sizeof(*s));
-    if (!s) {
+    if (!s || snapshot_room(vm) != 0) {
+        free(s);
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }

@@ -948,9 +948,9 @@ static void test_block_checks(const char *dir)
     cache_close(cache);
 }
 
-/* Acquires [off, off + len) of a chunk not used yet in this run: a hit
- * whose pin hands over the bytes it checked, block-aligned around the
- * range, and exactly the chunk's there. */
+/* Acquires [off, off + len) of a chunk, some of whose blocks there are not
+ * checked yet in this run: a hit whose pin hands over the bytes it read,
+ * block-aligned around the range, and exactly the chunk's there. */
 static int checked_bytes_are(struct cache *cache, const struct chunk_hash *h, uint32_t off, uint32_t len,
                              const unsigned char *data)
 {

@@ -28,8 +28,8 @@ static struct vm *new_vm(const char *name, const char *snap)
         abort();
     snprintf(vm->name, sizeof(vm->name), "%s", name);
     if (snap) {
-        vm->snapshots[0] = calloc(1, sizeof(*vm->snapshots[0]));
-        if (!vm->snapshots[0])
+        vm->snapshots = calloc(VM_MAX_SNAPSHOTS, sizeof(*vm->snapshots)); /* as vm.c makes it */
+        if (!vm->snapshots || !(vm->snapshots[0] = calloc(1, sizeof(*vm->snapshots[0]))))
             abort();
         snprintf(vm->snapshots[0]->name, sizeof(vm->snapshots[0]->name), "%s", snap);
         vm->snapshot_count = 1;
@@ -41,6 +41,7 @@ static void free_vm(struct vm *vm)
 {
     if (vm->snapshot_count)
         free(vm->snapshots[0]);
+    free(vm->snapshots);
     free(vm);
 }
 
