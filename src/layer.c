@@ -2254,6 +2254,7 @@ int layer_compact(struct layer *l)
     if (!claimed)
         return -ECANCELED;
     int rc = compact(l);
+    ahead_recount(l); /* as in compact_main: the new file holds no zeros */
     compact_release(l);
     return rc;
 }
