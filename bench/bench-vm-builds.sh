@@ -6,8 +6,8 @@
 # One base of random data (BENCH_BASE_SIZE, default 2G) is published; each
 # build mounts it with its own cache (warmed by one full read) and state
 # directory. Each round runs every row on every target in turn (the local
-# raw file, a full copy of the base, then each build): load from elsewhere
-# on the host falls on all alike. A fresh row gets a new VM; the seq row
+# raw file, a full copy of the base, then each build, the builds taking
+# turns in going first): load from elsewhere on the host falls on all alike. A fresh row gets a new VM; the seq row
 # writes a new VM's 0-1 GiB with 1 MiB writes, and the written rows that
 # follow it in the round run on that disk. fio libaio 4 KiB, an fsync every
 # 32 writes in every job, as in bench-vm.sh. Rows (BENCH_ROWS, in order):
@@ -56,7 +56,6 @@ for b in $BUILDS; do
     BIN[${b%%=*}]=${b#*=}
     NAMES+=("${b%%=*}")
 done
-TARGETS=(local "${NAMES[@]}")
 
 make_work imgfs-bench-vm-builds
 on_exit cleanup_all
@@ -112,9 +111,13 @@ drop_disk() { # target vm: removes a VM once its rows ran (a fresh row writes up
 }
 
 for ((round = 1; round <= ROUNDS; round++)); do
+    # The builds take turns in going first (what runs just before a target
+    # can leave it writeback and compaction to compete with).
+    k=$(((round - 1) % ${#NAMES[@]}))
+    ORDER=(local "${NAMES[@]:k}" "${NAMES[@]:0:k}")
     for row in "${ROWS[@]}"; do
         kind=${row%:*} d=${row#*:}
-        for t in "${TARGETS[@]}"; do
+        for t in "${ORDER[@]}"; do
             log "round $round, $t: $kind direct=$d (load $(cut -d' ' -f1 /proc/loadavg))"
             case $kind in
             fresh*)
@@ -160,11 +163,11 @@ report() {
     echo
     printf '| row | direct | local |'
     for t in "${NAMES[@]}"; do printf ' %s | %s/local |' "$t" "$t"; done
-    [ "${#NAMES[@]}" -ge 2 ] && printf ' %s/%s |' "${NAMES[1]}" "${NAMES[0]}"
+    for t in "${NAMES[@]:1}"; do printf ' %s/%s |' "$t" "${NAMES[0]}"; done
     echo
     printf '|---|---:|---:|'
     for t in "${NAMES[@]}"; do printf -- '---:|---:|'; done
-    [ "${#NAMES[@]}" -ge 2 ] && printf -- '---:|'
+    for t in "${NAMES[@]:1}"; do printf -- '---:|'; done
     echo
     for row in "${ROWS[@]}"; do
         for ((round = 1; round <= ROUNDS; round++)); do
@@ -172,8 +175,9 @@ report() {
             for t in "${NAMES[@]}"; do
                 printf ' %s | %s |' "${R[$t,$row,$round]}" "$(ratio "${R[$t,$row,$round]}" "${R[local,$row,$round]}")"
             done
-            [ "${#NAMES[@]}" -ge 2 ] &&
-                printf ' %s |' "$(ratio "${R[${NAMES[1]},$row,$round]}" "${R[${NAMES[0]},$row,$round]}")"
+            for t in "${NAMES[@]:1}"; do
+                printf ' %s |' "$(ratio "${R[$t,$row,$round]}" "${R[${NAMES[0]},$row,$round]}")"
+            done
             echo
         done
     done

@@ -26,8 +26,9 @@
  * not reach the disk (a torn flush whose fsync never returned).
  *
  * When the guest flushes often and little (at most 1 MiB of data per
- * flush), the log past its tail is written with zeros and synced ahead of
- * time, a quarter of the log at a time (4 to 16 MiB; never on tmpfs, nor
+ * flush), the log past its tail is written with zeros (with O_DIRECT where
+ * the file system has it, so that no guest flush writes them back) and
+ * synced ahead of time, a quarter of the log at a time (4 to 16 MiB; never on tmpfs, nor
  * with less than 64 such windows free, nor past 1 GiB zeroed ahead by all
  * the layers of the process: see Disk), so that a flush writes data over
  * allocated blocks: its fdatasync() writes the data and flushes the device,
