@@ -34,7 +34,9 @@
  * allocated blocks: its fdatasync() writes the data and flushes the device,
  * with no journal commit of new blocks and size. Open cuts those zeros.
  * Writes of guests that use O_DIRECT go there with O_DIRECT
- * (layer_write_through), so a flush then writes only its record.
+ * (layer_write_through), so a flush then writes only its record. Page-cache
+ * and O_DIRECT writes to a log take turns, never both at once, so that no
+ * cached page of a block written through keeps its old bytes.
  *
  * Overwritten data stays in the log as dead space. When dead space exceeds
  * the live data and 64 MiB, a background thread compacts the layer: it

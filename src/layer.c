@@ -185,6 +185,14 @@ struct layer {
     _Atomic bool no_direct;    /* the file system refused an O_DIRECT write */
     bool through_everywhere;   /* IMGFS_LAYER_THROUGH=all: also past the zeroed blocks */
     _Atomic uint64_t through_blocks; /* written with O_DIRECT (layer_write_through) */
+    /* Writes to cur's log take turns by kind (write_turn_enter): page-cache
+     * writes, or O_DIRECT ones, never both at once. turn_lock guards the
+     * rest; it is never held across I/O. */
+    pthread_mutex_t turn_lock;
+    pthread_cond_t turn_changed;
+    unsigned turn_writes;      /* writes of kind turn_direct under way */
+    bool turn_direct;
+    unsigned turn_waiting[2];  /* writes waiting for their turn, by kind */
     _Atomic uint64_t changes;
     pthread_mutex_t zero_lock;
     pthread_cond_t zero_done;
@@ -814,6 +822,8 @@ static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
     pthread_mutex_init(&l->lock, NULL);
     pthread_mutex_init(&l->zero_lock, NULL);
     pthread_cond_init(&l->zero_done, NULL);
+    pthread_mutex_init(&l->turn_lock, NULL);
+    pthread_cond_init(&l->turn_changed, NULL);
     atomic_init(&l->zeroing_from, NO_ZEROING);
     const char *through = getenv("IMGFS_LAYER_THROUGH");
     l->through_everywhere = through && strcmp(through, "all") == 0;
@@ -854,6 +864,8 @@ void layer_close(struct layer *l)
     pthread_mutex_destroy(&l->lock);
     pthread_mutex_destroy(&l->zero_lock);
     pthread_cond_destroy(&l->zero_done);
+    pthread_mutex_destroy(&l->turn_lock);
+    pthread_cond_destroy(&l->turn_changed);
     free(l->dir);
     free(l);
 }
@@ -1460,6 +1472,46 @@ static int note_changed(struct layer *l, uint64_t first, uint64_t count)
  * blocks before the write returned and the index names them (I1), so a read
  * through fd (buffered or spliced) sees the new bytes. */
 
+/* Page-cache and O_DIRECT writes to the log take turns. Why: the kernel
+ * drops the cached pages of an O_DIRECT write's range after the write, and
+ * cannot drop a page dirtied meanwhile. With large folios (ext4 has them
+ * since 6.16, and pages may be over 4 KiB), one folio covers several log
+ * blocks: a page-cache write to a neighbour of a block written through (a
+ * record, a guest's buffered write) could dirty the folio that a read had
+ * just brought in with the block's old bytes, and every later read would
+ * get those. Writes of one kind run in parallel; a kind waiting for its
+ * turn holds back new writes of the other, so neither starves. */
+static void write_turn_enter(struct layer *l, bool direct)
+{
+    pthread_mutex_lock(&l->turn_lock);
+    if (l->turn_writes && (l->turn_direct != direct || l->turn_waiting[!direct])) {
+        l->turn_waiting[direct]++;
+        while (l->turn_writes && (l->turn_direct != direct || l->turn_waiting[!direct]))
+            pthread_cond_wait(&l->turn_changed, &l->turn_lock);
+        l->turn_waiting[direct]--;
+    }
+    l->turn_direct = direct;
+    l->turn_writes++;
+    pthread_mutex_unlock(&l->turn_lock);
+}
+
+static void write_turn_leave(struct layer *l)
+{
+    pthread_mutex_lock(&l->turn_lock);
+    if (--l->turn_writes == 0)
+        pthread_cond_broadcast(&l->turn_changed);
+    pthread_mutex_unlock(&l->turn_lock);
+}
+
+/* A page-cache write to cur's log. */
+static int put_cached(struct layer *l, int fd, const void *buf, size_t len, uint64_t off)
+{
+    write_turn_enter(l, false);
+    int rc = put_at(fd, buf, len, off);
+    write_turn_leave(l);
+    return rc;
+}
+
 /* The file's O_DIRECT descriptor, opened on first use; -1 when it has none. */
 static int direct_fd(struct log_file *f)
 {
@@ -1539,7 +1591,9 @@ static int put_direct(struct layer *l, struct log_file *f, const void *buf, size
     }
     if (dfd < 0 || !src)
         return -EOPNOTSUPP;
+    write_turn_enter(l, true);
     int rc = put_at(dfd, src, len, pos);
+    write_turn_leave(l);
     if (rc == -EINVAL) {
         /* The file system wants a larger alignment: not for this layer. */
         atomic_store(&l->no_direct, true);
@@ -1568,7 +1622,7 @@ static int write_blocks(struct layer *l, const void *buf, size_t len, uint64_t o
         (l->through_everywhere || loc + count <= atomic_load(&l->ahead)))
         rc = put_direct(l, f, buf, len, loc * BS);
     if (rc == -EOPNOTSUPP)
-        rc = put_at(f->fd, buf, len, loc * BS);
+        rc = put_cached(l, f->fd, buf, len, loc * BS);
     struct entry e = {block, (uint32_t)count, ENTRY_DATA, loc, rc ? 0 : XXH3_64bits(buf, len)};
     bool flush_now = false;
     if (!rc) {
@@ -1709,7 +1763,9 @@ int layer_flush(struct layer *l)
     pthread_rwlock_unlock(&l->swap_lock);
     if (!rc && n > 0) {
         wait_for_zeroing(l, next + 1);
+        write_turn_enter(l, false); /* a record goes through the page cache */
         rc = write_record(fd, entries, n, seq, l->file_id, at, next, cont);
+        write_turn_leave(l);
         if (rc) {
             /* Nothing was promised yet: put the entries back in front of
              * those that came meanwhile, and write the record here again. */
@@ -1919,12 +1975,20 @@ static int write_zeros(struct layer *l, int fd, uint64_t from, uint64_t to)
     int dfd = zero_piece && !atomic_load(&l->no_direct) ? direct_fd(l->cur) : -1;
     for (uint64_t b = from; b < to; b += ZERO_PIECE / BS) {
         size_t len = (size_t)((to - b < ZERO_PIECE / BS ? to - b : ZERO_PIECE / BS) * BS);
-        ssize_t n = dfd >= 0 ? pwrite(dfd, zero_piece, len, (off_t)(b * BS)) : -1;
-        if (n < 0 && dfd >= 0 && errno == EINVAL)
-            dfd = -1; /* alignment refused: through the page cache from here */
+        ssize_t n = -1;
+        if (dfd >= 0) {
+            write_turn_enter(l, true); /* a flush may write its record meanwhile */
+            n = pwrite(dfd, zero_piece, len, (off_t)(b * BS));
+            bool refused = n < 0 && errno == EINVAL;
+            write_turn_leave(l);
+            if (refused)
+                dfd = -1; /* alignment refused: through the page cache from here */
+        }
         if (n < 0 && dfd < 0) {
             static const char zeros[ZERO_PIECE];
+            write_turn_enter(l, false);
             n = pwrite(fd, zeros, len, (off_t)(b * BS));
+            write_turn_leave(l);
         }
         if (n != (ssize_t)len)
             return -EIO;

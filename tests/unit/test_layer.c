@@ -9,6 +9,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -586,9 +587,96 @@ static void test_write_through(void)
     model_free(&m);
 }
 
+static int (*real_fdatasync_saved)(int fd);
+static ssize_t (*real_pwrite_saved)(int fd, const void *buf, size_t len, off_t off);
+
+/* Page-cache and O_DIRECT writes of one log never run at the same time: an
+ * O_DIRECT write drops the cached pages of its range when it is done, and a
+ * page-cache write (a record, a guest's buffered write) into the same large
+ * folio meanwhile would keep that folio, with the old bytes of the block
+ * written through, for every later read. The hook holds each write a little,
+ * so that writes of both kinds would overlap if they could. */
+static _Atomic int writes_under_way[2]; /* [1]: O_DIRECT */
+static _Atomic bool kinds_overlapped;
+static ssize_t kind_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    int flags = fcntl(fd, F_GETFL);
+    int direct = flags >= 0 && (flags & O_DIRECT) ? 1 : 0;
+    atomic_fetch_add(&writes_under_way[direct], 1);
+    if (atomic_load(&writes_under_way[!direct]) > 0)
+        atomic_store(&kinds_overlapped, true);
+    usleep(100);
+    ssize_t n = pwrite(fd, buf, len, off);
+    atomic_fetch_sub(&writes_under_way[direct], 1);
+    return n;
+}
+
+struct kind_writer {
+    struct layer *layer;
+    uint64_t first; /* its 64 blocks */
+    bool through;
+    int rc;
+};
+
+static void *kind_writer_main(void *arg)
+{
+    struct kind_writer *w = arg;
+    unsigned char *buf;
+    if (posix_memalign((void **)&buf, BS, BS) != 0) {
+        w->rc = -ENOMEM;
+        return NULL;
+    }
+    for (int i = 0; i < 300 && !w->rc; i++) {
+        memset(buf, i, BS);
+        uint64_t off = (w->first + (uint64_t)i % 64) * BS;
+        w->rc = w->through ? layer_write_through(w->layer, buf, BS, off) : layer_write(w->layer, buf, BS, off);
+        if (!w->rc && i % 16 == 0)
+            w->rc = layer_flush(w->layer);
+    }
+    free(buf);
+    return NULL;
+}
+
+static void test_write_kinds_apart(void)
+{
+    if (!dir_has_o_direct()) {
+        printf("write kinds: %s has no O_DIRECT, not tested\n", dir);
+        return;
+    }
+    setenv("IMGFS_LAYER_THROUGH", "all", 1);
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    layer_syscalls.pwrite = kind_pwrite;
+    struct kind_writer w[4];
+    pthread_t t[4];
+    for (int i = 0; i < 4; i++) {
+        w[i] = (struct kind_writer){l, (uint64_t)i * 64, i % 2 == 0, 0};
+        pthread_create(&t[i], NULL, kind_writer_main, &w[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(t[i], NULL);
+        CHECK(w[i].rc == 0);
+    }
+    layer_syscalls.pwrite = real_pwrite_saved;
+    struct layer_stats st;
+    layer_stats(l, &st);
+    CHECK(st.through_blocks > 0);
+    CHECK(!atomic_load(&kinds_overlapped));
+    unsigned char buf[BS];
+    for (int i = 0; i < 4; i++) {
+        CHECK(layer_read(l, buf, BS, (w[i].first + 299 % 64) * BS) == 0);
+        CHECK(buf[0] == 299 % 256 && buf[BS - 1] == 299 % 256);
+    }
+    CHECK(layer_flush(l) == 0);
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    layer_remove(dir, id);
+    unsetenv("IMGFS_LAYER_THROUGH");
+}
+
 /* ---- crashes and faults ------------------------------------------------------- */
 
-static int (*real_fdatasync_saved)(int fd);
 static int kill_at = -1; /* SIGKILL the process at this pwrite (counting from 0) */
 static int fail_errno;   /* or fail it with this errno */
 static int pwrites;
@@ -956,6 +1044,7 @@ int main(void)
     }
     setenv("IMGFS_LAYER_COMPACT_MIN", "1G", 1); /* compactions only when asked */
     real_fdatasync_saved = layer_syscalls.fdatasync;
+    real_pwrite_saved = layer_syscalls.pwrite;
     cond_init_monotonic(&sync_cv);
     test_basics();
     test_torn_record();
@@ -963,6 +1052,7 @@ int main(void)
     test_compaction();
     test_parallel_compaction();
     test_write_through();
+    test_write_kinds_apart();
     /* The crash tests fork: no zeroing thread may run in the parent (a
      * child of a threaded process must not start threads of its own). */
     setenv("IMGFS_LAYER_ZERO_AHEAD", "0", 1);
