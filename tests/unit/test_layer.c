@@ -164,6 +164,15 @@ static struct layer *reopen(struct layer *l)
     return again;
 }
 
+/* Closes a layer and removes its files. */
+static void close_and_remove(struct layer *l)
+{
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    layer_remove(dir, id);
+}
+
 /* ---- the basics ------------------------------------------------------------------ */
 
 static void test_basics(void)
@@ -417,10 +426,7 @@ static void test_compaction(void)
     CHECK(layer_flush(l) == 0);
     l = reopen(l);
     CHECK(l && matches(l, &m));
-    char id[LAYER_ID_LEN + 1];
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    layer_remove(dir, id);
+    close_and_remove(l);
     model_free(&m);
 }
 
@@ -487,10 +493,7 @@ static void test_parallel_compaction(void)
         l = reopen(l);
         CHECK(l != NULL);
     }
-    char id[LAYER_ID_LEN + 1];
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    layer_remove(dir, id);
+    close_and_remove(l);
     for (int i = 0; i < 4; i++)
         free(w[i].expect);
 }
@@ -579,10 +582,7 @@ static void test_write_through(void)
     unsetenv("IMGFS_LAYER_THROUGH");
     l = reopen(l);
     CHECK(l && matches(l, &m));
-    char id[LAYER_ID_LEN + 1];
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    layer_remove(dir, id);
+    close_and_remove(l);
     model_free(&m);
 }
 
@@ -823,10 +823,7 @@ static void test_writes_during_compaction_syncs(void)
     CHECK(matches(l, &m));
     l = reopen(l);
     CHECK(l && matches(l, &m));
-    char id[LAYER_ID_LEN + 1];
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    layer_remove(dir, id);
+    close_and_remove(l);
     model_free(&m);
     layer_syscalls.fdatasync = real_fdatasync_saved;
 }
@@ -939,10 +936,7 @@ static void test_faults(void)
     CHECK(l && (matches(l, &m) || matches(l, &flushed)));
     kill_at = -1;
     fail_errno = 0;
-    char id[LAYER_ID_LEN + 1];
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    layer_remove(dir, id);
+    close_and_remove(l);
     model_free(&m);
     model_free(&flushed);
 }
