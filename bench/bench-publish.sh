@@ -11,7 +11,8 @@
 #   2. a dense raw image (BENCH_DENSE, default 2G): publish on every core
 #      and `zstd -3 -T0` of the same file, taking turns BENCH_ROUNDS
 #      (default 3) times, with a baseline build's publish in each round
-#      when BASELINE_BIN_DIR is set; then once on one thread. Target:
+#      when BASELINE_BIN_DIR is set (the two builds swap places every
+#      round); then once on one thread. Target:
 #      publish <= zstd in every round. Then a signed publish (--key) of the
 #      same image, by this build and the baseline: what signing adds.
 #   3. QDATA (BENCH_QCOW_DATA, default 1G) as a dense raw file, and as
@@ -144,12 +145,17 @@ limit=$(echo "$t_dense64" | awk '{ printf "%.3f", 2 * $1 + 0.5 }')
 log "2. dense: every core against zstd -3 -T0${BASELINE:+ and the baseline}, $ROUNDS rounds taking turns"
 dense_rows=()
 met=0
-for round in $(seq 1 "$ROUNDS"); do
+# The three take turns: this build first in odd rounds, the baseline first
+# in even ones, zstd between them, so that neither build always follows
+# the other's writes.
+dense_ours() {
     publish t_all "$WORK/dense.raw"
     threads=$(grep -o 'on [0-9]* threads' "$WORK/last.out" | grep -o '[0-9]*')
     s_all=$(stored_bytes)
     sync_all=$(grep '^synced' "$WORK/last.out" | grep -o '[0-9.]* s' | tr -dc 0-9.)
     dense_repo=$WORK/repo$repo_n
+}
+dense_zstd() {
     sync
     t_zstd=$(seconds zstd -3 -T0 -q -f "$WORK/dense.raw" -o "$WORK/dense.zst")
     t_zstd_cpu=$(cpu)
@@ -157,12 +163,20 @@ for round in $(seq 1 "$ROUNDS"); do
     t_zstd_durable=$(echo "$t_zstd $t_zsync" | awk '{ printf "%.3f", $1 + $2 }')
     s_zstd=$(stat -c %s "$WORK/dense.zst")
     rm -f "$WORK/dense.zst"
-    base_cells="| | | |"
-    if [ -n "$BASELINE" ]; then
-        publish_with "$BASELINE" t_base "$WORK/dense.raw"
-        s_base=$(stored_bytes)
-        base_cells="| $t_base | $t_base_cpu | $(ratio "$t_base" "$t_zstd") |"
+}
+dense_base() {
+    [ -n "$BASELINE" ] || return 0
+    publish_with "$BASELINE" t_base "$WORK/dense.raw"
+    s_base=$(stored_bytes)
+}
+for round in $(seq 1 "$ROUNDS"); do
+    if [ $((round % 2)) = 1 ]; then
+        dense_ours; dense_zstd; dense_base
+    else
+        dense_base; dense_zstd; dense_ours
     fi
+    base_cells="| | | |"
+    [ -n "$BASELINE" ] && base_cells="| $t_base | $t_base_cpu | $(ratio "$t_base" "$t_zstd") |"
     awk -v a="$t_all" -v b="$t_zstd" 'BEGIN { exit !(a <= b) }' && met=$((met + 1))
     dense_rows+=("| $round | $t_all | ${sync_all:-?} | $t_all_cpu | $t_zstd | $t_zstd_cpu | $(ratio "$t_all" "$t_zstd") | $(ratio "$t_all_cpu" "$t_zstd_cpu") | $(ratio "$t_all" "$t_zstd_durable") $base_cells")
 done
@@ -203,7 +217,7 @@ publish t_q100 "$WORK/q100.qcow2"
     echo "| qcow2 of 20 GiB virtual holding it | $t_q20 | $t_q20_cpu | $(ratio "$t_q20" "$t_qraw") of dense | proportional to the data |"
     echo "| qcow2 of 100 GiB virtual holding it | $t_q100 | $t_q100_cpu | $(ratio "$t_q100" "$t_qraw") of dense | |"
     echo
-    echo "Dense image, taking turns: this build's publish, \`zstd -3 -T0\`${BASELINE:+, the baseline build}."
+    echo "Dense image, taking turns: this build's publish, \`zstd -3 -T0\`${BASELINE:+, the baseline build (the two builds swap places in even rounds)}."
     echo "Stored: publish $(mib "$s_all") MiB, zstd $(mib "$s_zstd") MiB${BASELINE:+, baseline $(mib "$s_base") MiB} (of $((DENSE / MIB)) MiB)."
     echo
     echo "| round | publish s | of it syncfs | CPU s | zstd s | CPU s | publish / zstd | CPU | publish / (zstd + sync) | baseline s | CPU s | baseline / zstd |"

@@ -196,8 +196,8 @@ struct layer {
     _Atomic uint64_t last_io_ns;
 
     /* Its blocks in ahead_host_blocks: changed only by the holder of the
-     * compaction claim, and by layer_close(). */
-    uint64_t ahead_counted;
+     * compaction claim, and by layer_close(); read by flushes (ahead_stale). */
+    _Atomic uint64_t ahead_counted;
 
     /* Compaction: guarded by the module's compact_lock. */
     struct layer *compact_next;
@@ -836,7 +836,7 @@ void layer_close(struct layer *l)
     if (!l)
         return;
     compact_cancel(l);
-    ahead_release(l, l->ahead_counted);
+    ahead_release(l, atomic_load(&l->ahead_counted));
     if (l->cur)
         file_put(l, l->cur);
     for (int i = 0; i < 4; i++)
@@ -1825,10 +1825,10 @@ static _Atomic uint64_t ahead_host_blocks;
 static void ahead_recount(struct layer *l)
 {
     uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
-    uint64_t held = ahead > tail ? ahead - tail : 0;
-    if (held < l->ahead_counted) {
-        atomic_fetch_sub(&ahead_host_blocks, l->ahead_counted - held);
-        l->ahead_counted = held;
+    uint64_t held = ahead > tail ? ahead - tail : 0, counted = atomic_load(&l->ahead_counted);
+    if (held < counted) {
+        atomic_fetch_sub(&ahead_host_blocks, counted - held);
+        atomic_store(&l->ahead_counted, held);
     }
 }
 
@@ -1857,14 +1857,14 @@ static bool ahead_reserve(struct layer *l, uint64_t blocks)
         if (have + blocks > max)
             return false;
     } while (!atomic_compare_exchange_weak(&ahead_host_blocks, &have, have + blocks));
-    l->ahead_counted += blocks;
+    atomic_fetch_add(&l->ahead_counted, blocks);
     return true;
 }
 
 static void ahead_release(struct layer *l, uint64_t blocks)
 {
     atomic_fetch_sub(&ahead_host_blocks, blocks);
-    l->ahead_counted -= blocks;
+    atomic_fetch_sub(&l->ahead_counted, blocks);
 }
 
 /* The window: a quarter of the log, within [AHEAD_MIN, AHEAD_MAX], in
@@ -1874,6 +1874,18 @@ static uint64_t ahead_window(const struct layer *l)
     uint64_t w = atomic_load(&l->tail) * BS / 4;
     w = w < AHEAD_MIN ? AHEAD_MIN : w > AHEAD_MAX ? AHEAD_MAX : w;
     return w / BS;
+}
+
+/* True when the tail has passed all the zeros l is counted for, or half a
+ * window of them: a background pass then gives them back (ahead_recount). A
+ * layer that zeroes again recounts anyway; this is for one whose flushes
+ * grew large, which asks for no zeros and would keep its share until it
+ * closed. */
+static bool ahead_stale(const struct layer *l)
+{
+    uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
+    uint64_t held = ahead > tail ? ahead - tail : 0, counted = atomic_load(&l->ahead_counted);
+    return counted > held && (held == 0 || counted - held >= ahead_window(l) / 2);
 }
 
 static bool wants_zero_ahead(const struct layer *l)
@@ -2262,6 +2274,7 @@ int layer_compact(struct layer *l)
     if (!claimed)
         return -ECANCELED;
     int rc = compact(l);
+    ahead_recount(l); /* as in compact_main: the new file holds no zeros */
     compact_release(l);
     return rc;
 }
@@ -2313,7 +2326,7 @@ static void compact_register_fork(void) { pthread_atfork(NULL, NULL, compact_aft
 
 static void maybe_background(struct layer *l)
 {
-    if (!wants_compaction(l) && !wants_zero_ahead(l))
+    if (!wants_compaction(l) && !wants_zero_ahead(l) && !ahead_stale(l))
         return;
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, compact_register_fork);

@@ -4,6 +4,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -179,10 +180,19 @@ static bool is_numeric(const struct status_field *f) { return f->type == STATUS_
 
 /* ---- rendering ------------------------------------------------------------------------ */
 
-static void print_number(struct text *t, const struct status_field *f)
+/* "%.*f" of v. A whole number shown with no decimals (most of a status
+ * file: tens of thousands on a host with thousands of VMs) is the same text
+ * printed as an integer, without %f's multiprecision arithmetic; within
+ * 2^53 every such double is exactly its int64_t. -0 keeps its sign. */
+static void text_number(struct text *t, int decimals, double v)
 {
-    text_printf(t, "%.*f", f->decimals, f->number);
+    if (decimals == 0 && fabs(v) <= 9007199254740992.0 && v == (double)(int64_t)v && !(v == 0 && signbit(v)))
+        text_printf(t, "%" PRId64, (int64_t)v);
+    else
+        text_printf(t, "%.*f", decimals, v);
 }
+
+static void print_number(struct text *t, const struct status_field *f) { text_number(t, f->decimals, f->number); }
 
 int status_render_stats(const struct status_snapshot *s, char **out, size_t *len)
 {
@@ -443,10 +453,12 @@ int status_render_metrics(const struct status_snapshot *s, char **out, size_t *l
                         continue;
                     text_printf(&t, "%s", name);
                     metric_labels(&t, same, false);
+                    text_printf(&t, " ");
                     if (isfinite(v->number))
-                        text_printf(&t, " %.*f\n", v->decimals, v->number);
+                        text_number(&t, v->decimals, v->number);
                     else
-                        text_printf(&t, " NaN\n");
+                        text_printf(&t, "NaN");
+                    text_printf(&t, "\n");
                 }
             }
         }

@@ -1,7 +1,9 @@
 /* Unit tests for the host-wide budget of zeros ahead (layer.h, Disk): with
  * a budget of two windows, two layers that flush little get their zeros and
  * a third gets none while they hold them; once one closes, the third gets
- * its own. The count never goes over the budget and is 0 once all close.
+ * its own; a compaction gives a layer's share back, and so does writing
+ * over the zeros. The count never goes over the budget and is 0 once all
+ * close.
  *
  * Zeroing runs on a background thread: the test waits (up to 60 s) for
  * what must happen, and, for what must not, watches for 2 s, during which
@@ -60,6 +62,7 @@ static void small_flush(struct layer *l, unsigned seed)
 }
 
 static bool zeroed(const struct layer *l) { return log_size(l) >= WINDOW; }
+static bool nothing_held(const struct layer *l) { return (void)l, layer_ahead_host_bytes() == 0; }
 
 /* Waits for cond(l) up to 60 s; checks the budget all along. */
 static bool wait_for(bool (*cond)(const struct layer *), const struct layer *l)
@@ -116,9 +119,33 @@ int main(void)
     memset(want, 4, sizeof(want));
     CHECK(layer_read(c, buf, sizeof(buf), 4 * sizeof(buf)) == 0 && memcmp(buf, want, sizeof(buf)) == 0);
 
+    /* A compaction, here one asked for, moves c to a new log with nothing
+     * zeroed ahead: c's share goes back at once, not when c closes. */
+    CHECK(layer_compact(c) == 0);
+    CHECK(layer_ahead_host_bytes() == WINDOW);
+    CHECK(layer_read(c, buf, sizeof(buf), 4 * sizeof(buf)) == 0 && memcmp(buf, want, sizeof(buf)) == 0);
+
     layer_close(b);
     layer_close(c);
     CHECK(layer_ahead_host_bytes() == 0);
+
+    /* A layer that writes over its zeros in large flushes (which ask for no
+     * zeros again) gives its share back while it stays open. */
+    struct layer *d;
+    CHECK(layer_create(dir, DISK_SIZE, &d) == 0);
+    small_flush(d, 5);
+    CHECK(wait_for(zeroed, d));
+    CHECK(layer_ahead_host_bytes() == WINDOW);
+    char *big = malloc(2 << 20);
+    CHECK(big != NULL);
+    for (uint64_t i = 0; big && i < 4; i++) { /* 8 MiB in flushes of 2 MiB: past the 4 MiB of zeros */
+        memset(big, (int)(10 + i), 2 << 20);
+        CHECK(layer_write(d, big, 2 << 20, (8 + 2 * i) << 20) == 0);
+        CHECK(layer_flush(d) == 0);
+    }
+    free(big);
+    CHECK(wait_for(nothing_held, d));
+    layer_close(d);
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
     CHECK(system(cmd) == 0);

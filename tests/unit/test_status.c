@@ -5,8 +5,11 @@
  * keyed by title, and view-only fields kept out of JSON and metrics. Then
  * a snapshot shaped like a large host (many sections of a kind, kinds
  * interleaved, keys repeated in a section, one key with two types) whose
- * JSON and metrics must be byte for byte what the renderer wrote before it
- * grouped sections by kind in one pass (figures taken from it). */
+ * JSON, metrics and stats must be byte for byte what the renderer wrote
+ * before it grouped sections by kind in one pass and printed whole numbers
+ * as integers (figures taken from it; the edge numbers came after the
+ * first of those changes, whose output on the rest was that of the one
+ * before). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,6 +73,18 @@ static void build_large(struct status_snapshot *s)
     }
     sec = status_add_section(s, "cache", NULL);
     status_gauge(s, sec, "chunks", "Chunks.", 7, 0);
+    /* Numbers whose printing a faster path must keep: negative, -0, huge,
+     * halves (rounded to even), beyond 2^53 and 2^64, and fractions. */
+    static const double edge[] = {-1, -0.0, 0.5, 1.5, 2.5, -2.5, 9007199254740993.0, 18446744073709551616.0,
+                                  1e300, -1e19, 123456789.25, 1e-7};
+    for (size_t i = 0; i < sizeof(edge) / sizeof(edge[0]); i++) {
+        char key[16];
+        snprintf(key, sizeof(key), "edge%zu", i);
+        status_gauge(s, sec, key, "An edge.", edge[i], 0);
+        snprintf(key, sizeof(key), "edge%zu_2", i);
+        status_gauge(s, sec, key, "An edge, two decimals.", edge[i], 2);
+    }
+    status_counter(s, sec, "big_total", "A large counter.", UINT64_MAX);
 }
 
 static void check_digest(const char *what, const char *text, size_t len, size_t want_len, const char *want_hex)
@@ -91,13 +106,13 @@ static void test_large_unchanged(void)
     char *text;
     size_t len;
     CHECK(status_render_metrics(&s, &text, &len) == 0);
-    check_digest("metrics", text, len, 49282, "00caa74d7876765bdcfc1b38b4937a04");
+    check_digest("metrics", text, len, 52466, "8d9738f070dc3eafd105e193c304acc0");
     free(text);
     CHECK(status_render_json(&s, &text, &len) == 0);
-    check_digest("json", text, len, 41530, "c1178a09b7680c48d953f3fdf8a948c8");
+    check_digest("json", text, len, 42747, "234700c02fbf63aed25bfced74a07c8e");
     free(text);
     CHECK(status_render_stats(&s, &text, &len) == 0);
-    check_digest("stats", text, len, 42352, "9c0248651a242adb63489f64dbd911e4");
+    check_digest("stats", text, len, 43637, "d4ebdafb9d7ef4c48b2eb1d849c9f75a");
     free(text);
     status_snapshot_free(&s);
 }
