@@ -48,13 +48,7 @@ to_bytes "$REGION" BENCH_REGION >/dev/null
 require_root "FUSE mounts"
 require_tools fio python3 fusermount3
 declare -A BIN
-NAMES=()
-for b in $BUILDS; do
-    [[ $b == *=* ]] || die "BENCH_BUILDS entry '$b' is not NAME=DIR."
-    require_imgfs "${b#*=}"
-    BIN[${b%%=*}]=${b#*=}
-    NAMES+=("${b%%=*}")
-done
+parse_builds "$BUILDS"
 
 make_work imgfs-bench-compact
 on_exit cleanup_all

@@ -49,13 +49,7 @@ done
 require_root "FUSE mounts"
 require_tools fio python3 fusermount3
 declare -A BIN
-NAMES=()
-for b in $BUILDS; do
-    [[ $b == *=* ]] || die "BENCH_BUILDS entry '$b' is not NAME=DIR."
-    require_imgfs "${b#*=}"
-    BIN[${b%%=*}]=${b#*=}
-    NAMES+=("${b%%=*}")
-done
+parse_builds "$BUILDS"
 
 make_work imgfs-bench-vm-builds
 on_exit cleanup_all

@@ -5,6 +5,9 @@
 #   require_root WHY             die unless root
 #   require_tools TOOL...        die unless every TOOL is on PATH
 #   require_imgfs DIR            die unless DIR has imgfs and imgfsctl
+#   parse_builds "NAME=DIR ..."  for runs that compare builds: NAMES in order and
+#                                BIN[NAME]=DIR (declare -A BIN first); dies on a
+#                                bad entry or a DIR without the binaries
 #   no_args_but_help "$@"        --help prints the script's header comment
 #                                (up to its "set -uo" line); any other argument dies
 #   to_bytes SIZE WHAT           512M, 1G, ... to bytes (WHAT names it in errors)
@@ -49,6 +52,17 @@ require_tools() {
 require_imgfs() {
     [ -x "$1/imgfs" ] && [ -x "$1/imgfsctl" ] ||
         die "imgfs binaries not found in $1 (build them, or set IMGFS_BIN_DIR)."
+}
+
+parse_builds() {
+    local b
+    NAMES=()
+    for b in $1; do
+        [[ $b == *=* ]] || die "BENCH_BUILDS entry '$b' is not NAME=DIR."
+        require_imgfs "${b#*=}"
+        BIN[${b%%=*}]=${b#*=}
+        NAMES+=("${b%%=*}")
+    done
 }
 
 to_bytes() {

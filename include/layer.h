@@ -26,8 +26,8 @@
  * not reach the disk (a torn flush whose fsync never returned).
  *
  * When the guest flushes often and little (at most 1 MiB of data per
- * flush), the log past its tail is written with zeros (with O_DIRECT where
- * the file system has it, so that no guest flush writes them back) and
+ * flush), the log past its tail is written with zeros (with O_DIRECT for a
+ * guest that writes with O_DIRECT, so that its flushes write none back) and
  * synced ahead of time, a quarter of the log at a time (4 to 16 MiB; never on tmpfs, nor
  * with less than 64 such windows free, nor past 1 GiB zeroed ahead by all
  * the layers of the process: see Disk), so that a flush writes data over

@@ -165,6 +165,15 @@ static struct layer *reopen(struct layer *l)
     return again;
 }
 
+/* Closes a layer and removes its files. */
+static void close_and_remove(struct layer *l)
+{
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    layer_close(l);
+    layer_remove(dir, id);
+}
+
 /* ---- the basics ------------------------------------------------------------------ */
 
 static void test_basics(void)
@@ -418,10 +427,7 @@ static void test_compaction(void)
     CHECK(layer_flush(l) == 0);
     l = reopen(l);
     CHECK(l && matches(l, &m));
-    char id[LAYER_ID_LEN + 1];
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    layer_remove(dir, id);
+    close_and_remove(l);
     model_free(&m);
 }
 
@@ -488,10 +494,7 @@ static void test_parallel_compaction(void)
         l = reopen(l);
         CHECK(l != NULL);
     }
-    char id[LAYER_ID_LEN + 1];
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    layer_remove(dir, id);
+    close_and_remove(l);
     for (int i = 0; i < 4; i++)
         free(w[i].expect);
 }
@@ -580,10 +583,7 @@ static void test_write_through(void)
     unsetenv("IMGFS_LAYER_THROUGH");
     l = reopen(l);
     CHECK(l && matches(l, &m));
-    char id[LAYER_ID_LEN + 1];
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    layer_remove(dir, id);
+    close_and_remove(l);
     model_free(&m);
 }
 
@@ -911,10 +911,7 @@ static void test_writes_during_compaction_syncs(void)
     CHECK(matches(l, &m));
     l = reopen(l);
     CHECK(l && matches(l, &m));
-    char id[LAYER_ID_LEN + 1];
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    layer_remove(dir, id);
+    close_and_remove(l);
     model_free(&m);
     layer_syscalls.fdatasync = real_fdatasync_saved;
 }
@@ -1027,10 +1024,7 @@ static void test_faults(void)
     CHECK(l && (matches(l, &m) || matches(l, &flushed)));
     kill_at = -1;
     fail_errno = 0;
-    char id[LAYER_ID_LEN + 1];
-    snprintf(id, sizeof(id), "%s", layer_id(l));
-    layer_close(l);
-    layer_remove(dir, id);
+    close_and_remove(l);
     model_free(&m);
     model_free(&flushed);
 }
