@@ -2016,6 +2016,13 @@ static void zero_ahead(struct layer *l)
     if ((uint64_t)fs.f_bavail * fs.f_bsize < AHEAD_FREE_FACTOR * ahead_window(l) * BS)
         return;
     ahead_recount(l);
+    /* A full budget is seen without the write lock, which would first wait
+     * for this layer's writes under way (the tail only grows, so what the
+     * zeroing would ask for is at least this). */
+    uint64_t tail_now = atomic_load(&l->tail), ahead_now = atomic_load(&l->ahead);
+    uint64_t from_now = tail_now > ahead_now ? tail_now : ahead_now, to_now = tail_now + ahead_window(l);
+    if (from_now < to_now && atomic_load(&ahead_host_blocks) + (to_now - from_now) > ahead_host_max())
+        return;
     pthread_rwlock_wrlock(&l->swap_lock);
     uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
     uint64_t from = tail > ahead ? tail : ahead, to = tail + ahead_window(l);
