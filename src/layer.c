@@ -1499,7 +1499,7 @@ static void write_turn_enter(struct layer *l, bool direct)
 static void write_turn_leave(struct layer *l)
 {
     pthread_mutex_lock(&l->turn_lock);
-    if (--l->turn_writes == 0)
+    if (--l->turn_writes == 0 && (l->turn_waiting[0] || l->turn_waiting[1]))
         pthread_cond_broadcast(&l->turn_changed);
     pthread_mutex_unlock(&l->turn_lock);
 }
