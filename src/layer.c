@@ -1828,17 +1828,25 @@ static pthread_cond_t compact_cond = PTHREAD_COND_INITIALIZER;
 static struct layer *compact_queue; /* guarded by compact_lock */
 static unsigned compact_threads;
 
+/* A size in bytes from the environment variable name, or fallback; read
+ * once into *cached (UINT64_MAX until then), since it is asked on every
+ * flush. For the tests' knobs. */
+static uint64_t env_size_once(_Atomic uint64_t *cached, const char *name, uint64_t fallback)
+{
+    uint64_t v = atomic_load(cached);
+    if (v == UINT64_MAX) {
+        const char *env = getenv(name);
+        if (!env || parse_size(env, &v) != 0)
+            v = fallback;
+        atomic_store(cached, v);
+    }
+    return v;
+}
+
 static uint64_t compact_min_bytes(void)
 {
     static _Atomic uint64_t cached = UINT64_MAX;
-    uint64_t v = atomic_load(&cached);
-    if (v == UINT64_MAX) {
-        const char *env = getenv("IMGFS_LAYER_COMPACT_MIN");
-        if (!env || parse_size(env, &v) != 0)
-            v = 64ull << 20;
-        atomic_store(&cached, v);
-    }
-    return v;
+    return env_size_once(&cached, "IMGFS_LAYER_COMPACT_MIN", 64ull << 20);
 }
 
 /* For the tests: a pause after the switch, before the rename (phase 3), so
@@ -1892,15 +1900,7 @@ static void ahead_recount(struct layer *l)
 static uint64_t ahead_host_max(void)
 {
     static _Atomic uint64_t cached = UINT64_MAX;
-    uint64_t v = atomic_load(&cached);
-    if (v == UINT64_MAX) {
-        const char *env = getenv("IMGFS_LAYER_AHEAD_HOST_MAX");
-        if (!env || parse_size(env, &v) != 0)
-            v = AHEAD_HOST_MAX;
-        atomic_store(&cached, v / BS);
-        return v / BS;
-    }
-    return v;
+    return env_size_once(&cached, "IMGFS_LAYER_AHEAD_HOST_MAX", AHEAD_HOST_MAX) / BS;
 }
 
 uint64_t layer_ahead_host_bytes(void) { return atomic_load(&ahead_host_blocks) * BS; }
