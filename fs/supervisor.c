@@ -126,7 +126,7 @@ static void on_terminate(struct supervisor *s, int sig)
     char names[256] = "";
     for (size_t i = 0; i < TAKEOVER_MAX_HANDLES && open < 32; i++) {
         uint64_t ino = atomic_load(&s->t->handles[i].ino);
-        if (!ino || !s->t->handles[i].vm_disk || ino > TAKEOVER_MAX_INODES)
+        if (!ino || !atomic_load_explicit(&s->t->handles[i].vm_disk, memory_order_relaxed) || ino > TAKEOVER_MAX_INODES)
             continue;
         unsigned k = 0;
         while (k < open && disks[k] != ino)

@@ -86,7 +86,7 @@ uint64_t takeover_handle_open(struct takeover *t, uint64_t ino, bool vm_disk)
         uint64_t expected = 0;
         if (atomic_load_explicit(&t->handles[i].ino, memory_order_relaxed) == 0 &&
             atomic_compare_exchange_strong(&t->handles[i].ino, &expected, ino)) {
-            t->handles[i].vm_disk = vm_disk;
+            atomic_store_explicit(&t->handles[i].vm_disk, vm_disk, memory_order_relaxed);
             return i + 1;
         }
     }

@@ -115,7 +115,13 @@ struct takeover_inode {
 
 struct takeover_handle {
     _Atomic uint64_t ino; /* 0: free */
-    uint32_t vm_disk;     /* a VM disk (vms/VM.raw), for the supervisor */
+    /* A VM disk (vms/VM.raw), for the supervisor. Set by the server that
+     * just took the slot, after ino: atomic because the previous holder
+     * may have written it on another thread, with only the kernel's
+     * ordering of open, release and open between them; a supervisor reading
+     * in that moment may see the previous holder's value, which only
+     * changes the names it logs. */
+    _Atomic uint32_t vm_disk;
     uint32_t unused;
 };
 

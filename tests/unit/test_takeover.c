@@ -4,6 +4,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fuse.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -132,10 +135,74 @@ static void test_unescape(void)
     CHECK(strcmp(path, "/var/lib/my images\tx\\y") == 0, "mountinfo escapes: '%s'", path);
 }
 
+/* One handle slot passed from thread to thread the way the kernel passes
+ * it: an open on one, the release on a second, the next open on a third,
+ * ordered only by relaxed flags, which TSan (like the kernel's ordering of
+ * FUSE requests) does not count as synchronisation. */
+struct handle_relay {
+    struct takeover *t;
+    _Atomic uint64_t fh;
+    atomic_int stage; /* 1: opened, 2: released, 3: opened again */
+};
+
+static void wait_stage(struct handle_relay *r, int stage)
+{
+    while (atomic_load_explicit(&r->stage, memory_order_relaxed) < stage)
+        sched_yield();
+}
+
+static void *relay_open_first(void *arg)
+{
+    struct handle_relay *r = arg;
+    atomic_store_explicit(&r->fh, takeover_handle_open(r->t, 21, true), memory_order_relaxed);
+    atomic_store_explicit(&r->stage, 1, memory_order_relaxed);
+    return NULL;
+}
+
+static void *relay_release(void *arg)
+{
+    struct handle_relay *r = arg;
+    wait_stage(r, 1);
+    uint64_t fh = atomic_load_explicit(&r->fh, memory_order_relaxed);
+    if (!takeover_handle_release(r->t, fh, 21))
+        fprintf(stderr, "the relayed handle was not released\n");
+    atomic_store_explicit(&r->stage, 2, memory_order_relaxed);
+    return NULL;
+}
+
+static void *relay_open_again(void *arg)
+{
+    struct handle_relay *r = arg;
+    wait_stage(r, 2);
+    takeover_handle_open(r->t, 22, false);
+    atomic_store_explicit(&r->stage, 3, memory_order_relaxed);
+    return NULL;
+}
+
+/* Under TSan, a plain write of the slot's fields by two opens on two
+ * threads is a reported race (it was, in CI). */
+static void test_handles_across_threads(void)
+{
+    int fd;
+    struct handle_relay r = {.t = takeover_create(&fd)};
+    if (!r.t)
+        return;
+    pthread_t threads[3];
+    void *(*steps[3])(void *) = {relay_open_again, relay_release, relay_open_first};
+    for (int i = 0; i < 3; i++)
+        CHECK(pthread_create(&threads[i], NULL, steps[i], &r) == 0, "thread %d starts", i);
+    for (int i = 0; i < 3; i++)
+        pthread_join(threads[i], NULL);
+    CHECK(r.fh && atomic_load(&r.t->handles[r.fh - 1].ino) == 22 && !atomic_load(&r.t->handles[r.fh - 1].vm_disk),
+          "the slot passed on holds the second open's inode and flag");
+    close(fd);
+}
+
 int main(void)
 {
     test_init_offer();
     test_handles();
+    test_handles_across_threads();
     test_owner_lock();
     test_unescape();
     if (failures) {
