@@ -92,7 +92,7 @@ static void fill_attr(struct imgfs *fs, const struct node *n, struct stat *st)
     case NODE_CONTROL_FILE:
         st->st_mode = S_IFREG | 0600;
         break;
-    case NODE_UNCLAIMED: /* never live: live_node() skips it */
+    case NODE_UNCLAIMED: /* never handed out: tree_get() skips it */
         st->st_mode = S_IFREG;
         break;
     case NODE_VM_FILE:
@@ -386,7 +386,8 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, s
     }
     if (off < 2) {
         struct node *n = tree_get(fs->tree, ino);
-        st.st_ino = n && n->parent ? n->parent : INO_ROOT;
+        fuse_ino_t parent = n ? n->parent : 0; /* read once: a removal may detach it meanwhile */
+        st.st_ino = parent ? parent : INO_ROOT;
         if (add_dirent(&d, "..", &st, 2))
             goto done;
     }

@@ -221,6 +221,8 @@ struct node *tree_get(struct tree *tree, fuse_ino_t ino)
 {
     pthread_rwlock_rdlock(&tree->lock);
     struct node *n = ino >= 1 && ino <= tree->count ? tree->nodes[ino - 1] : NULL;
+    if (n && n->kind == NODE_UNCLAIMED)
+        n = NULL; /* a claim will write its kind and VM: never handed out before */
     pthread_rwlock_unlock(&tree->lock);
     return n;
 }

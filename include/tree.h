@@ -23,9 +23,13 @@
  * Locking: the node table is guarded by tree->lock (a rwlock). Nodes are
  * never freed before tree_destroy(), so a node pointer obtained under the
  * lock stays valid afterwards; its immutable fields may be read without it.
- * The symlink target (link_target) changes on refresh and is read and
- * written only under the lock. Refreshes are serialised by refresh_lock and
- * do their repository I/O without holding tree->lock.
+ * A node is handed out (tree_get, tree_lookup, tree_for_each_child) only
+ * once it is claimed, so its kind, version, vm and snapshot never change
+ * after a caller has it. Its parent does (0 once detached) and is atomic:
+ * a request that found the node reads it with no lock while another one
+ * removes the VM. The symlink target (link_target) changes on refresh and
+ * is read and written only under the lock. Refreshes are serialised by
+ * refresh_lock and do their repository I/O without holding tree->lock.
  */
 #ifndef IMGFS_TREE_H
 #define IMGFS_TREE_H
@@ -75,8 +79,8 @@ struct base_version {
 
 struct node {
     fuse_ino_t ino;
-    fuse_ino_t parent;
-    enum node_kind kind;
+    _Atomic fuse_ino_t parent; /* 0: detached (written under tree->lock) */
+    enum node_kind kind;       /* NODE_UNCLAIMED only while nobody is handed the node */
     char name[80];
     struct base_version *version; /* NODE_BASE_FILE: owned */
     char link_target[80];         /* NODE_BASE_LINK: guarded by tree->lock */
@@ -156,7 +160,7 @@ int tree_refresh(struct tree *tree, bool force, char *err, size_t errlen);
 /* Makes a refresh under way stop at its next version (for unmount). */
 void tree_stop_refresh(struct tree *tree);
 
-/* Returns the node or NULL. */
+/* Returns the node, or NULL (also for a placeholder not claimed yet). */
 struct node *tree_get(struct tree *tree, fuse_ino_t ino);
 struct node *tree_lookup(struct tree *tree, fuse_ino_t parent, const char *name);
 

@@ -98,6 +98,12 @@ struct vm {
     pthread_rwlock_t chain_lock;
     pthread_mutex_t attr_lock;
     struct disk live;
+    /* live.size for the readers that hold no lock (vm_size(), and the checks
+     * before a write takes its locks): set with live.size, under write_lock
+     * and chain_lock. Atomic because an ftruncate that sizes a blank disk
+     * and the stat or write after it may run on two FUSE threads with only
+     * the kernel's ordering of the two requests between them. */
+    _Atomic uint64_t size;
     struct vm_snapshot **snapshots; /* VM_MAX_SNAPSHOTS entries once the first is made, else NULL */
     unsigned snapshot_count;
 

@@ -60,6 +60,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <linux/magic.h>
 #include <sys/stat.h>
@@ -164,9 +165,12 @@ struct layer {
     bool tracking;
     _Atomic int broken; /* a failed fdatasync: the layer refuses further writes */
     /* The shared copy of pending (layer_share_pending()): its descriptor, or
-     * -1, and how many entries it holds; guarded by lock. */
+     * -1, how many entries it holds, and the file mapped for appends
+     * (shared_append; NULL until the first); guarded by lock. */
     int shared_fd;
     uint64_t shared_count;
+    uint8_t *shared_map;
+    size_t shared_map_len;
 
     /* Zeroing ahead (zero_ahead): log blocks [tail, ahead) of cur are
      * allocated and written with zeros, so a flush that writes data there
@@ -673,10 +677,15 @@ static int layer_path(const char *dir, const char *id, enum layer_file_kind kind
  * mount's supervisor:
  *   bytes 0-31   magic, the log's file id, flushed, count
  *   then         count entries of 32 bytes (as in a record)
- * Entries [flushed, count) are not yet in a durable record. An entry is
- * written before count grows, count before the write returns; a flush sets
- * flushed after its fdatasync and empties the file when nothing came
- * meanwhile. A server that opens the layer after a crash of the previous one
+ * Entries [flushed, count) are not yet in a durable record; what follows
+ * them is not read. An entry is written before count grows, count before
+ * the write returns; a flush sets flushed after its fdatasync and empties
+ * the file when nothing came meanwhile. Entries are appended through a
+ * shared mapping of the file (no system call on a write: stores reach the
+ * tmpfs pages, which a takeover reads, as they retire), into space
+ * allocated beforehand (so a full tmpfs fails an fallocate, never a
+ * store); the header is rewritten with one pwrite, which a kill does not
+ * tear. A server that opens the layer after a crash of the previous one
  * applies those entries after the replay, in order (the data they name is in
  * the page cache of ID.log, and is checked against their sums like the last
  * record's), and keeps them pending: the flush that the kernel sends again
@@ -715,33 +724,69 @@ static void shared_header(struct layer *l, uint64_t flushed)
         log_warn("layer %s: cannot update %s/%s.pending: %s", l->id, shared_pending_dir, l->id, strerror(errno));
 }
 
-/* Empties the shared file (everything is in durable records); lock held. */
+#define SHARED_MAP_MIN 4096u         /* the first mapping: 127 entries */
+#define SHARED_MAP_KEEP (64u << 10)  /* a larger one goes when the file empties */
+
+/* Empties the shared file (everything is in durable records); lock held.
+ * Its space and mapping stay for the next appends, unless a burst of
+ * writes made them large (or there is none yet: a file left by an earlier
+ * server is cut). */
 static void shared_reset(struct layer *l)
 {
     if (l->shared_fd < 0)
         return;
     l->shared_count = 0;
     shared_header(l, 0);
+    if (l->shared_map && l->shared_map_len <= SHARED_MAP_KEEP)
+        return;
+    if (l->shared_map)
+        munmap(l->shared_map, l->shared_map_len);
+    l->shared_map = NULL;
+    l->shared_map_len = 0;
     if (ftruncate(l->shared_fd, SHARED_HEADER) < 0)
         log_warn("layer %s: cannot truncate its pending file: %s", l->id, strerror(errno));
 }
 
-/* Adds a new pending entry to the shared file; lock held. */
+/* Maps the shared file with room for at least need bytes, allocated (a
+ * store into a hole of a full tmpfs would be SIGBUS); lock held. */
+static int shared_map_room(struct layer *l, size_t need)
+{
+    if (need <= l->shared_map_len)
+        return 0;
+    size_t len = l->shared_map_len ? l->shared_map_len : SHARED_MAP_MIN;
+    while (len < need)
+        len *= 2;
+    if (fallocate(l->shared_fd, 0, 0, (off_t)len) < 0)
+        return -errno;
+    void *map = l->shared_map ? mremap(l->shared_map, l->shared_map_len, len, MREMAP_MAYMOVE)
+                              : mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, l->shared_fd, 0);
+    if (map == MAP_FAILED)
+        return -errno;
+    l->shared_map = map;
+    l->shared_map_len = len;
+    return 0;
+}
+
+/* Adds a new pending entry to the shared file; lock held. The entry's
+ * bytes go before the count that covers it, an aligned 8-byte store that a
+ * kill cannot tear (release: no store of the entry comes after it). */
 static void shared_append(struct layer *l, const struct entry *e)
 {
     if (l->shared_fd < 0)
         return;
-    uint8_t buf[ENTRY_LEN];
-    encode_entry(buf, e);
-    if (pwrite(l->shared_fd, buf, ENTRY_LEN, (off_t)(SHARED_HEADER + l->shared_count * ENTRY_LEN)) != ENTRY_LEN) {
-        log_warn("layer %s: cannot keep a pending entry for a takeover: %s", l->id, strerror(errno));
+    size_t at = SHARED_HEADER + (size_t)l->shared_count * ENTRY_LEN;
+    int rc = shared_map_room(l, at + ENTRY_LEN);
+    if (rc) {
+        log_warn("layer %s: cannot keep a pending entry for a takeover: %s", l->id, strerror(-rc));
         return;
     }
+    encode_entry(l->shared_map + at, e);
     l->shared_count++;
     uint8_t count[8];
     put64(count, l->shared_count);
-    if (pwrite(l->shared_fd, count, sizeof(count), 24) != (ssize_t)sizeof(count))
-        log_warn("layer %s: cannot keep a pending entry for a takeover: %s", l->id, strerror(errno));
+    uint64_t word;
+    memcpy(&word, count, sizeof(word));
+    atomic_store_explicit((_Atomic uint64_t *)(void *)(l->shared_map + 24), word, memory_order_release);
 }
 
 /* Opens (or creates) the shared file of a layer just opened or created.
@@ -857,6 +902,8 @@ void layer_close(struct layer *l)
     free_index(l);
     free(l->pending);
     free(l->changed);
+    if (l->shared_map)
+        munmap(l->shared_map, l->shared_map_len);
     if (l->shared_fd >= 0)
         close(l->shared_fd); /* the file stays for the next server */
     pthread_mutex_destroy(&l->files_lock);
@@ -1849,13 +1896,18 @@ static uint64_t compact_min_bytes(void)
     return env_size_once(&cached, "IMGFS_LAYER_COMPACT_MIN", 64ull << 20);
 }
 
-/* For the tests: a pause after the switch, before the rename (phase 3), so
+/* For the tests: a pause after the switch, before the rename (phase 3),
+ * for as long as the file IMGFS_TEST_COMPACT_PAUSE_FILE names exists, so
  * that a test can write while the layer runs on ID.log.new, or kill the
- * daemon while that file is complete but not yet renamed. */
-static unsigned compact_test_pause_ms(void)
+ * daemon while that file is complete but not yet renamed, whatever the
+ * machine's speed (a pause of a fixed time could end before the test got
+ * there). At most COMPACT_TEST_PAUSE_MAX_NS, so that a failing test does
+ * not leave the layer waiting. */
+#define COMPACT_TEST_PAUSE_MAX_NS (120ull * 1000000000ull)
+static const char *compact_test_pause_file(void)
 {
-    const char *env = getenv("IMGFS_TEST_COMPACT_PAUSE_MS");
-    return env ? (unsigned)strtoul(env, NULL, 10) : 0;
+    const char *path = getenv("IMGFS_TEST_COMPACT_PAUSE_FILE");
+    return path && access(path, F_OK) == 0 ? path : NULL;
 }
 
 static bool wants_compaction(const struct layer *l)
@@ -2275,10 +2327,12 @@ static int compact(struct layer *l)
      * that no flush has promised. A failure here leaves the layer refusing
      * writes (it runs on a file that a crash would not open). */
     if (switched) {
-        if (compact_test_pause_ms()) {
-            log_info("layer %s: compaction switched to its new log, pausing %u ms before its sync and rename", l->id,
-                     compact_test_pause_ms());
-            usleep(compact_test_pause_ms() * 1000u);
+        const char *pause = compact_test_pause_file();
+        if (pause) {
+            log_info("layer %s: compaction switched to its new log, paused before its sync and rename while %s "
+                     "exists", l->id, pause);
+            for (uint64_t until = now_ns() + COMPACT_TEST_PAUSE_MAX_NS; compact_test_pause_file() && now_ns() < until;)
+                usleep(10000);
         }
         rc = sync_fd(fd);
         if (!rc && rename(new_path, log_path) < 0)

@@ -266,6 +266,7 @@ static struct vm *vm_alloc(const char *name, uint64_t size)
         return NULL;
     snprintf(vm->name, sizeof(vm->name), "%.64s", name);
     vm->live.size = size;
+    atomic_init(&vm->size, size);
     vm->mode = VM_DEFAULT_MODE;
     pthread_rwlockattr_t attr;
     pthread_rwlockattr_init(&attr);
@@ -1015,12 +1016,14 @@ int vm_resize_blank(struct vm_registry *reg, struct vm *vm, uint64_t size, char 
     pthread_rwlock_wrlock(&vm->chain_lock);
     vm->live.layers[0] = fresh;
     vm->live.size = size;
+    atomic_store(&vm->size, size);
     pthread_rwlock_unlock(&vm->chain_lock);
     rc = save_vm(reg, vm);
     pthread_rwlock_wrlock(&vm->chain_lock);
     if (rc) {
         vm->live.layers[0] = old;
         vm->live.size = old_size;
+        atomic_store(&vm->size, old_size);
         snprintf(err, errlen, "cannot save VM %s: %s", vm->name, strerror(-rc));
     }
     pthread_rwlock_unlock(&vm->chain_lock);
@@ -1295,7 +1298,8 @@ static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks
 /* -ENOSPC unless a write of [off, off + len) is inside the disk. */
 static int write_fits(const struct vm *vm, size_t len, uint64_t off)
 {
-    return off >= vm->live.size || len > vm->live.size - off ? -ENOSPC : 0; /* a disk does not grow */
+    uint64_t size = vm_size(vm);
+    return off >= size || len > size - off ? -ENOSPC : 0; /* a disk does not grow */
 }
 
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off)
@@ -1387,14 +1391,15 @@ int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size
 
 int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len)
 {
-    if (off >= vm->live.size)
+    uint64_t size = vm_size(vm);
+    if (off >= size)
         return 0;
-    if (len > vm->live.size - off)
-        len = vm->live.size - off;
+    if (len > size - off)
+        len = size - off;
     static const char zeros[LAYER_BLOCK_SIZE];
     uint64_t end = off + len;
     uint64_t first = (off + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE;
-    uint64_t last = end == vm->live.size ? (end + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE : end / LAYER_BLOCK_SIZE;
+    uint64_t last = end == size ? (end + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE : end / LAYER_BLOCK_SIZE;
     int rc = 0;
     /* Partial blocks at the edges are zeroed by ordinary writes. */
     uint64_t head_end = first * LAYER_BLOCK_SIZE < end ? first * LAYER_BLOCK_SIZE : end;
@@ -1438,7 +1443,7 @@ uint64_t vm_layer_bytes(struct vm *vm)
 /* ---- verbs for the file system ---- */
 
 const char *vm_name(const struct vm *vm) { return vm->name; }
-uint64_t vm_size(const struct vm *vm) { return vm->live.size; }
+uint64_t vm_size(const struct vm *vm) { return atomic_load(&vm->size); }
 
 const struct vm_base *vm_get_base(const struct vm *vm, const struct vm_snapshot *snap)
 {
@@ -1489,7 +1494,7 @@ void vm_get_stats(struct vm *vm, struct vm_stats *out)
     out->has_base = vm->has_base;
     snprintf(out->base_name, sizeof(out->base_name), "%s", vm->base_name);
     out->base_version = vm->base_version;
-    out->size = vm->live.size;
+    out->size = vm_size(vm);
     pthread_mutex_lock(&vm->attr_lock);
     out->open_count = vm->open_count;
     pthread_mutex_unlock(&vm->attr_lock);

@@ -983,6 +983,91 @@ static void test_kill_after_switch(bool takeover)
     layer_syscalls.fdatasync = real_fdatasync_saved;
 }
 
+/* A server killed at every write of a run of writes with a flush in the
+ * middle (at each write's data, each of the flush's record blocks, torn):
+ * with the shared pending file, the layer that a takeover opens shows
+ * exactly the writes that had returned, each with its new bytes, and none
+ * of the one under way. The run appends more entries than the shared
+ * file's first mapping holds before the flush empties it. */
+static void test_takeover_acknowledged(void)
+{
+    enum { WRITES = 200, FLUSH_AFTER = 140 };
+    char shared[PATH_MAX];
+    snprintf(shared, sizeof(shared), "%s/shared", dir);
+    CHECK(mkdir(shared, 0700) == 0);
+    layer_share_pending(shared);
+    layer_syscalls.pwrite = hooked_pwrite;
+    struct model all;
+    model_init(&all);
+    int kills = 0;
+    for (int k = 0;; k++) {
+        struct layer *l;
+        CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+        if (!l)
+            break;
+        char id[LAYER_ID_LEN + 1];
+        snprintf(id, sizeof(id), "%s", layer_id(l));
+        layer_close(l);
+        uint64_t seed = next_rand();
+        int acks[2];
+        CHECK(pipe(acks) == 0);
+        pid_t pid = fork();
+        if (pid == 0) {
+            close(acks[0]);
+            rng = seed;
+            if (layer_open(dir, id, DISK_SIZE, &l) != 0)
+                _exit(2);
+            pwrites = 0;
+            kill_at = k;
+            for (uint64_t i = 0; i < WRITES; i++) {
+                if (i == FLUSH_AFTER && layer_flush(l) != 0)
+                    _exit(4);
+                if (write_blocks(l, NULL, i, 1) != 0 || write(acks[1], "w", 1) != 1)
+                    _exit(5);
+            }
+            _exit(0); /* k was past the last write */
+        }
+        close(acks[1]);
+        uint64_t saved = rng;
+        rng = seed;
+        memset(all.owned, 0, BLOCKS);
+        for (uint64_t i = 0; i < WRITES; i++)
+            write_blocks(NULL, &all, i, 1);
+        rng = saved;
+        uint64_t acked = 0;
+        char c;
+        while (read(acks[0], &c, 1) == 1)
+            acked++;
+        close(acks[0]);
+        int status;
+        waitpid(pid, &status, 0);
+        bool killed = WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
+        CHECK(killed || (WIFEXITED(status) && WEXITSTATUS(status) == 0));
+        CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+        unsigned char buf[BS];
+        for (uint64_t b = 0; l && b < WRITES; b++) {
+            bool owned = layer_owns(l, b);
+            if (owned != (b < acked))
+                fprintf(stderr, "killed at write %d: block %" PRIu64 " %s owned after %" PRIu64 " writes returned\n",
+                        k, b, owned ? "is" : "is not", acked);
+            CHECK(owned == (b < acked));
+            CHECK(!owned || (layer_read(l, buf, BS, b * BS) == 0 && memcmp(buf, all.bytes + b * BS, BS) == 0));
+        }
+        layer_close(l);
+        layer_remove(dir, id);
+        if (!killed)
+            break; /* every write was covered */
+        kills++;
+    }
+    CHECK(kills > WRITES);
+    printf("takeover: killed at %d different writes, each time exactly the returned writes kept\n", kills);
+    kill_at = -1;
+    layer_syscalls.pwrite = real_pwrite_saved;
+    layer_share_pending(NULL);
+    CHECK(rmdir(shared) == 0);
+    model_free(&all);
+}
+
 static void test_faults(void)
 {
     layer_syscalls.pwrite = hooked_pwrite;
@@ -1063,6 +1148,7 @@ int main(void)
     test_writes_during_compaction_syncs();
     test_kill_after_switch(true);
     test_kill_after_switch(false);
+    test_takeover_acknowledged();
     test_faults();
     CHECK(count_entries(dir) == 0);
     remove_tree(dir);

@@ -2,9 +2,15 @@
  * VM disks, their snapshots and dozens of base versions, every name is found
  * under its own directory and nowhere else; removed VMs vanish from lookups
  * and their names can be taken again; adding a VM twice adds nothing; the
- * directory listing and the lookups agree. */
+ * directory listing and the lookups agree. Nodes handed from one FUSE
+ * thread to another with only the kernel's ordering between them (threads
+ * ordered here by relaxed flags, which ThreadSanitizer does not count as
+ * synchronisation); the placeholders of a takeover are never served. */
 #include <inttypes.h>
 #include <limits.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +20,7 @@
 #include "test_files.h"
 #include "publish.h"
 #include "repo.h"
+#include "takeover.h"
 #include "tree.h"
 #include "util.h"
 
@@ -57,6 +64,92 @@ static int children(struct tree *tree, fuse_ino_t parent)
     int n = 0;
     tree_for_each_child(tree, parent, 0, count_child, &n);
     return n;
+}
+
+/* A getattr that found the node of a VM while, on another thread, vm rm
+ * detached it: the getattr reads the node's parent (live_node in fs/ops.c)
+ * after tree_get has let go of the lock. */
+struct remove_relay {
+    struct tree *tree;
+    struct vm *vm;
+    fuse_ino_t ino;
+    atomic_int stage; /* 1: found, 2: removed */
+    fuse_ino_t parent_seen;
+};
+
+static void wait_stage(atomic_int *stage, int want)
+{
+    while (atomic_load_explicit(stage, memory_order_relaxed) < want)
+        sched_yield();
+}
+
+static void *relay_getattr(void *arg)
+{
+    struct remove_relay *r = arg;
+    struct node *n = tree_get(r->tree, r->ino);
+    atomic_store_explicit(&r->stage, 1, memory_order_relaxed);
+    wait_stage(&r->stage, 2);
+    r->parent_seen = n ? n->parent : (fuse_ino_t)-1;
+    return NULL;
+}
+
+static void *relay_remove(void *arg)
+{
+    struct remove_relay *r = arg;
+    wait_stage(&r->stage, 1);
+    tree_remove_vm(r->tree, r->vm);
+    atomic_store_explicit(&r->stage, 2, memory_order_relaxed);
+    return NULL;
+}
+
+static void test_remove_across_threads(struct tree *tree)
+{
+    struct vm *vm = new_vm("relayed", NULL);
+    CHECK(tree_add_vm(tree, vm) == 0);
+    struct node *n = tree_lookup(tree, INO_VMS, "relayed.raw");
+    CHECK(n != NULL);
+    if (!n)
+        return;
+    struct remove_relay r = {.tree = tree, .vm = vm, .ino = n->ino};
+    pthread_t threads[2];
+    CHECK(pthread_create(&threads[0], NULL, relay_remove, &r) == 0);
+    CHECK(pthread_create(&threads[1], NULL, relay_getattr, &r) == 0);
+    for (int i = 0; i < 2; i++)
+        pthread_join(threads[i], NULL);
+    CHECK(r.parent_seen == 0); /* detached: the getattr answers ENOENT */
+    free_vm(vm); /* the node stays, detached, and is never used again */
+}
+
+/* After a takeover, the numbers an earlier server gave are placeholders
+ * until the node is seen again; a request for one (a handle or an inode the
+ * kernel kept) finds nothing, and never a node whose kind and VM a claim
+ * is about to write. */
+static void test_placeholders_not_served(struct repo *repo)
+{
+    int fd;
+    struct takeover *t = takeover_create(&fd);
+    CHECK(t != NULL);
+    if (!t)
+        return;
+    fuse_ino_t ino = INO_FIRST_DYNAMIC;
+    t->inodes[ino - 1] = (struct takeover_inode){.parent = INO_VMS, .kind = NODE_VM_FILE};
+    snprintf(t->inodes[ino - 1].name, sizeof(t->inodes[ino - 1].name), "kept.raw");
+    t->inode_count = ino;
+    struct tree *tree = NULL;
+    CHECK(tree_create(repo, 3600, &tree) == 0);
+    if (tree) {
+        tree_use_inode_map(tree, t);
+        CHECK(tree_get(tree, ino) == NULL);
+        CHECK(tree_lookup(tree, INO_VMS, "kept.raw") == NULL);
+        struct vm *vm = new_vm("kept", NULL);
+        CHECK(tree_add_vm(tree, vm) == 0);
+        struct node *n = tree_get(tree, ino);
+        CHECK(n && n->kind == NODE_VM_FILE && n->vm == vm && n->parent == INO_VMS);
+        CHECK(n && tree_lookup(tree, INO_VMS, "kept.raw") == n);
+        tree_destroy(tree);
+        free_vm(vm);
+    }
+    close(fd);
 }
 
 /* A repository with BASES bases of VERSIONS versions each. */
@@ -158,6 +251,9 @@ int main(void)
     CHECK(n && n->vm == again);
     n = tree_lookup(tree, INO_VMS, "vm0@s0.raw");
     CHECK(n && n->vm == again);
+
+    test_remove_across_threads(tree);
+    test_placeholders_not_served(repo);
 
     tree_destroy(tree);
     repo_close(repo);
