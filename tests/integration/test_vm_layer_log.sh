@@ -241,7 +241,7 @@ umount_imgfs "$M"
 # Without the pause the next daemon compacts the layer on its own.
 unset IMGFS_TEST_COMPACT_PAUSE_FILE
 mount_imgfs "$T/repo" "$M" "state=$S"
-wait_stat "$M" "vm c" top_layer_compactions 1 60
+wait_stat "$M" "vm c" top_layer_compactions 1
 after=$(stat -c %s "$S/layers/$cid.log")
 [ "$after" -lt "$before" ] || fail "compaction did not shrink the log ($before -> $after bytes)"
 "$STRESS" --verify "$C" "$T/c.shadow" > "$T/verify.c" 2>&1 || { cat "$T/verify.c"; fail "c reads wrong after compaction"; }
