@@ -207,10 +207,13 @@ void layer_stats(const struct layer *layer, struct layer_stats *out);
 int layer_compact(struct layer *layer);
 
 /* For tests: the system calls that write and sync layer files. Replace them
- * to inject faults (a short write, EIO, ENOSPC, or a kill at a chosen step). */
+ * to inject faults (a short write, EIO, ENOSPC, or a kill at a chosen step).
+ * fallocate is the one that makes room in the shared pending file
+ * (layer_share_pending). */
 struct layer_syscalls {
     ssize_t (*pwrite)(int fd, const void *buf, size_t len, off_t off);
     int (*fdatasync)(int fd);
+    int (*fallocate)(int fd, int mode, off_t off, off_t len);
 };
 extern struct layer_syscalls layer_syscalls;
 
