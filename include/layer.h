@@ -114,6 +114,9 @@ struct layer;
  * It names the log it belongs to: when that is an ID.log.new that a
  * compaction had switched to but not renamed, the opening server syncs and
  * renames it first (its writes since the switch are only there).
+ * Entries are appended through a shared mapping of that file (no system
+ * call per write); a write whose entry cannot be kept there (a full tmpfs)
+ * is flushed before it returns, so a takeover never lacks an answered write.
  * After a reboot the tmpfs is gone, and the promises are as above. Call
  * once at start-up, before any layer is opened; NULL or "" for none. */
 void layer_share_pending(const char *dir);
