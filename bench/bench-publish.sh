@@ -32,6 +32,11 @@
 #   BASELINE_BIN_DIR another build's imgfsctl to publish the dense image with
 #                    in the same rounds (optional; for example main's build)
 #   BENCH_QCOW_DATA  data in the qcow2 images (default 1G)
+#   BENCH_SCHED=1    record the scheduler's switches (perf, as root) during
+#                    this build's dense publishes, and report per round how
+#                    long its workers were runnable but off a CPU, and in D
+#                    and S sleeps (bench/offcpu.py); perf's own time is in
+#                    that build's rows then: for where the time goes, not ratios
 #   BENCH_DIR        parent of the work directory (default /var/tmp)
 #   BENCH_KEEP=1     keep the work directory
 #   IMGFS_BIN_DIR    where imgfsctl is (default <repo>/build)
@@ -56,6 +61,11 @@ if [ -n "${BASELINE_BIN_DIR:-}" ]; then
     BASELINE=$BASELINE_BIN_DIR/imgfsctl
 fi
 ROUNDS=${BENCH_ROUNDS:-3}
+SCHED=${BENCH_SCHED:-0}
+if [ "$SCHED" = 1 ]; then
+    require_root "BENCH_SCHED=1 records every CPU's scheduler switches"
+    require_tools perf python3
+fi
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive number."
 DENSE=$(to_bytes "${BENCH_DENSE:-2G}" BENCH_DENSE)
 QDATA=$(to_bytes "${BENCH_QCOW_DATA:-1G}" BENCH_QCOW_DATA)
@@ -64,6 +74,13 @@ MIB=$((1024 * 1024))
 
 make_work imgfs-bench-publish
 on_exit cleanup_all
+# imgfsctl under perf (BENCH_SCHED=1), its pid in $WORK/sched.pid.
+cat >"$WORK/sched-imgfsctl" <<EOF
+#!/bin/sh
+exec perf record -q -a -e sched:sched_switch -g -o "$WORK/sched.data" -- \\
+    sh -c 'echo \$\$ >"\$0"; exec "\$@"' "$WORK/sched.pid" "$IMGFSCTL" "\$@"
+EOF
+chmod +x "$WORK/sched-imgfsctl"
 
 # Real file content, len bytes, into file (random bytes once /usr runs out).
 content() { # file len
@@ -109,6 +126,7 @@ publish_with() { # IMGFSCTL VAR image [options...]
 stored_bytes() { grep '^stored' "$WORK/last.out" | grep -o '([0-9]* bytes)' | tr -dc 0-9; }
 mib() { echo "$1" | awk '{ printf "%.0f", $1 / 1048576 }'; }
 ratio() { echo "$1 $2" | awk '{ printf "%.2fx", $1 / ($2 > 0 ? $2 : 0.001) }'; }
+per_second() { echo "$1 $2" | awk '{ printf "%.2f", $1 / ($2 > 0 ? $2 : 0.001) }'; }
 
 log "making the inputs in $WORK"
 content "$WORK/data64.raw" $((64 * MIB))
@@ -148,12 +166,26 @@ met=0
 # The three take turns: this build first in odd rounds, the baseline first
 # in even ones, zstd between them, so that neither build always follows
 # the other's writes.
+# With BENCH_SCHED=1, this build's publish under a system-wide record of
+# scheduler switches; sched_all gets its workers' off-CPU split.
 dense_ours() {
-    publish t_all "$WORK/dense.raw"
+    sched_all=
+    if [ "$SCHED" = 1 ]; then
+        publish_with "$WORK/sched-imgfsctl" t_all "$WORK/dense.raw"
+        sched_all=$(perf script -i "$WORK/sched.data" -F pid,tid,time,event,trace,ip,sym 2>/dev/null |
+            python3 "$SCRIPT_DIR/offcpu.py" "$(cat "$WORK/sched.pid")" |
+            awk '{ printf "%s / %s / %s", $7, $10, $13 }')
+        rm -f "$WORK/sched.data"
+    else
+        publish t_all "$WORK/dense.raw"
+    fi
     threads=$(grep -o 'on [0-9]* threads' "$WORK/last.out" | grep -o '[0-9]*')
     s_all=$(stored_bytes)
     sync_all=$(grep '^synced' "$WORK/last.out" | grep -o '[0-9.]* s' | tr -dc 0-9.)
+    # The workers' thread seconds in their stages against their CPU seconds.
+    wait_all=$(awk '/^workers/ { gsub(/,|;/, ""); printf "%.1f", $3 + $6 + $9 + $12 - $14 }' "$WORK/last.out")
     dense_repo=$WORK/repo$repo_n
+    cp "$WORK/last.out" "$WORK/last-dense.out"
 }
 dense_zstd() {
     sync
@@ -178,7 +210,7 @@ for round in $(seq 1 "$ROUNDS"); do
     base_cells="| | | |"
     [ -n "$BASELINE" ] && base_cells="| $t_base | $t_base_cpu | $(ratio "$t_base" "$t_zstd") |"
     awk -v a="$t_all" -v b="$t_zstd" 'BEGIN { exit !(a <= b) }' && met=$((met + 1))
-    dense_rows+=("| $round | $t_all | ${sync_all:-?} | $t_all_cpu | $t_zstd | $t_zstd_cpu | $(ratio "$t_all" "$t_zstd") | $(ratio "$t_all_cpu" "$t_zstd_cpu") | $(ratio "$t_all" "$t_zstd_durable") $base_cells")
+    dense_rows+=("| $round | $t_all | ${sync_all:-?} | $t_all_cpu | ${wait_all:-?} | ${sched_all:-} | $t_zstd | $t_zstd_cpu | $(ratio "$t_all" "$t_zstd") | $(ratio "$t_all_cpu" "$t_zstd_cpu") | $(per_second "$t_all_cpu" "$t_all") | $(per_second "$t_zstd_cpu" "$t_zstd") | $(ratio "$t_all" "$t_zstd_durable") $base_cells")
 done
 publish t_one "$WORK/dense.raw" --threads 1
 "$IMGFSCTL" key generate "$WORK/signing.key" >/dev/null || die "imgfsctl key generate failed."
@@ -220,9 +252,14 @@ publish t_q100 "$WORK/q100.qcow2"
     echo "Dense image, taking turns: this build's publish, \`zstd -3 -T0\`${BASELINE:+, the baseline build (the two builds swap places in even rounds)}."
     echo "Stored: publish $(mib "$s_all") MiB, zstd $(mib "$s_zstd") MiB${BASELINE:+, baseline $(mib "$s_base") MiB} (of $((DENSE / MIB)) MiB)."
     echo
-    echo "| round | publish s | of it syncfs | CPU s | zstd s | CPU s | publish / zstd | CPU | publish / (zstd + sync) | baseline s | CPU s | baseline / zstd |"
-    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| round | publish s | of it syncfs | CPU s | workers waited s | runnable / D / S s | zstd s | CPU s | publish / zstd | CPU | CPU/s publish | CPU/s zstd | publish / (zstd + sync) | baseline s | CPU s | baseline / zstd |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${dense_rows[@]}"
+    echo
+    echo "Workers waited: the thread seconds of the workers' stages less their CPU seconds (the \`workers\` line"
+    echo "of the publish). Runnable / D / S (BENCH_SCHED=1): thread seconds off a CPU, runnable (preempted),"
+    echo "in D and in S sleeps. CPU/s: CPU seconds per second of wall time, the share of the 2 CPUs each got."
+    echo "Last dense publish: \`$(grep '^workers' "$WORK/last-dense.out" 2>/dev/null)\`."
     echo
     echo "Sparse publish: \`$read_line\`. Unchanged re-publish: \`$republish_line\`."
 } | save_report publish

@@ -15,16 +15,24 @@
 #        imgfswb the same on a second daemon with -o vm_cache=writeback
 #        qsd     a qcow2 overlay on base.raw exported by qemu-storage-daemon
 #                as a FUSE file, writable
-#        null    the FUSE ceiling: bench/fuse-null.c, a libfuse server (one
-#                worker per CPU) whose file answers every write and fsync at
-#                once, opened like an imgfs VM disk (direct_io, parallel
-#                direct writes): what FUSE itself allows on this kernel
+#        pass    FUSE passthrough: bench/fuse-null.c with a backing file,
+#                a minimal libfuse server (16 workers, as imgfs) storing each
+#                write with one pwrite into it (O_DIRECT for an O_DIRECT
+#                client) and each fsync with one fdatasync, opened like an
+#                imgfs VM disk (direct_io, parallel direct writes). Its
+#                backing file is a second full copy of the base next to the
+#                local one, used as the local file is: the same file in
+#                every row, its page cache dropped before each job. What a
+#                FUSE file system that stores data durably can do here.
+#        null    bench/fuse-null.c without a backing file (one worker per
+#                CPU): every write and fsync answered at once, nothing
+#                stored; FUSE's request handling alone
 #      rows: 4 KiB randwrite over 0-1 GiB with an fsync every 32 writes at
 #      iodepth 1 and 16 on a fresh disk; 1 MiB sequential writes of 0-1 GiB
 #      (fsync every 32); then, on that disk (every block of 0-1 GiB written
 #      once), 4 KiB randwrite at iodepth 1 and 16 again; and a 70/30 4 KiB
 #      random read/write mix over 0-2 GiB (iodepth 16, fsync every 32).
-#      Rows run one after another, each on all four targets in turn (load
+#      Rows run one after another, each on all targets in turn (load
 #      from elsewhere falls on all alike). Every fresh row gets a new VM or
 #      overlay. IOPS, or MiB/s for the
 #      sequential row; reads count in the mix. fio invalidates each target's
@@ -46,6 +54,9 @@
 #   BENCH_TIME      seconds per time-based fio run (default 10)
 #   BENCH_MAX_RATIO max_ratio to try on the writeback mount's bdi (default 10)
 #   BENCH_CREATES   VM creations to average (default 50)
+#   BENCH_TARGETS   targets of step 2, in this order (default
+#                   "local imgfs pass imgfswb qsd null"; local is always run)
+#   BENCH_WRITES_ONLY=1  run steps 1 and 2 only (not 2b, 2c, 3)
 #   BENCH_KEEP=1    keep the work directory
 #   IMGFS_BIN_DIR   where imgfs and imgfsctl are (default <repo>/build)
 # Output: Markdown on stdout, also written to bench/results/vm-<date>.md.
@@ -57,6 +68,16 @@ SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 RUNTIME=${BENCH_TIME:-10}
 CREATES=${BENCH_CREATES:-50}
+WRITES_ONLY=${BENCH_WRITES_ONLY:-0}
+TARGETS=(local)
+for tg in ${BENCH_TARGETS:-imgfs pass imgfswb qsd null}; do
+    case $tg in
+    local) ;;
+    imgfs | pass | imgfswb | qsd | null) TARGETS+=("$tg") ;;
+    *) echo "bench-vm: BENCH_TARGETS entry '$tg' is not one of local imgfs pass imgfswb qsd null." >&2; exit 1 ;;
+    esac
+done
+has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 GiB=$((1024 * 1024 * 1024))
 BASE_SIZE=$((2 * GiB))
 IMGFS=$IMGFS_BIN_DIR/imgfs
@@ -91,6 +112,7 @@ run_fio() {
     [[ " $* " == *" --io_size="* || " $* " == *" --time_based=0 "* ]] || args+=(--time_based --runtime="$RUNTIME")
     local extra=()
     for a in "$@"; do [ "$a" = --time_based=0 ] || extra+=("$a"); done
+    [ "$file" = "$WORK/mnt-pass/disk" ] && drop_cache "$PASS_BACKING" # what fio's invalidate does to the local file
     if ! fio "${args[@]}" "${extra[@]}" 2>"$WORK/fio-$name.err" >/dev/null; then
         echo "n/a"
         return 1
@@ -167,33 +189,48 @@ cp --reflink=never "$BASE" "$LOCAL" || die "cp failed."
 CP_TIME=$(elapsed "$t0")
 sync "$LOCAL"
 CP_SYNC_TIME=$(elapsed "$t0")
+PASS_BACKING=$WORK/pass.raw # the passthrough's: a full copy too, on the same file system
+if has_target pass; then
+    cp --reflink=never "$BASE" "$PASS_BACKING" && sync "$PASS_BACKING" || die "cannot copy the base to $PASS_BACKING."
+fi
 
 # ---- 2. writes ------------------------------------------------------------------
 declare -A R # R[target,row,direct] = IOPS or MiB/s
 ROWS=(fresh-qd1 fresh-qd16 seq written-qd1 written-qd16 mix)
-TARGETS=(local imgfs imgfswb qsd null)
 NOTES=()
 IMGFS_LAYER_KIB=()
 
 # A second daemon with -o vm_cache=writeback, its own cache (warmed) and state.
 MNT_WB=$WORK/mnt-wb
-mkdir -p "$MNT_WB" "$WORK/cache-wb" "$WORK/state-wb"
-"$IMGFS" "$WORK/repo" "$MNT_WB" -f -o "cache=$WORK/cache-wb,state=$WORK/state-wb,vm_cache=writeback" \
-    >"$WORK/imgfs-wb.log" 2>&1 &
-PIDS+=("$!")
-MOUNTS+=("$MNT_WB")
-wait_mounted "$MNT_WB" 10 || die "imgfs (vm_cache=writeback) did not mount: $(tail -n 2 "$WORK/imgfs-wb.log")"
-cmp "$MNT_WB/bases/base.raw" "$BASE" || die "bases/base.raw (vm_cache=writeback) differs from the published image."
+if has_target imgfswb || [ "$WRITES_ONLY" != 1 ]; then
+    mkdir -p "$MNT_WB" "$WORK/cache-wb" "$WORK/state-wb"
+    "$IMGFS" "$WORK/repo" "$MNT_WB" -f -o "cache=$WORK/cache-wb,state=$WORK/state-wb,vm_cache=writeback" \
+        >"$WORK/imgfs-wb.log" 2>&1 &
+    PIDS+=("$!")
+    MOUNTS+=("$MNT_WB")
+    wait_mounted "$MNT_WB" 10 || die "imgfs (vm_cache=writeback) did not mount: $(tail -n 2 "$WORK/imgfs-wb.log")"
+    cmp "$MNT_WB/bases/base.raw" "$BASE" || die "bases/base.raw (vm_cache=writeback) differs from the published image."
+fi
 
-# The FUSE ceiling (fuse-null.c), built here.
-MNT_NULL=$WORK/mnt-null
-mkdir -p "$MNT_NULL"
-cc -O2 -o "$WORK/fuse-null" "$SCRIPT_DIR/fuse-null.c" $(pkg-config --cflags --libs fuse3) -lpthread \
-    2>"$WORK/fuse-null.log" || die "cannot build fuse-null.c: $(tail -n 1 "$WORK/fuse-null.log")"
-"$WORK/fuse-null" "$MNT_NULL" "$BASE_SIZE" "$(nproc)" >>"$WORK/fuse-null.log" 2>&1 &
-PIDS+=("$!")
-MOUNTS+=("$MNT_NULL")
-wait_mounted "$MNT_NULL" 10 || die "fuse-null did not mount: $(tail -n 1 "$WORK/fuse-null.log")"
+# The FUSE ceilings (fuse-null.c, built here): null, and passthrough to PASS_BACKING.
+# fuse_null_start NAME THREADS [BACKING]: mounts $WORK/mnt-NAME
+fuse_null_start() {
+    mkdir -p "$WORK/mnt-$1"
+    "$WORK/fuse-null" "$WORK/mnt-$1" "$BASE_SIZE" "$2" ${3:+"$3"} >>"$WORK/fuse-$1.log" 2>&1 &
+    PIDS+=("$!")
+    MOUNTS+=("$WORK/mnt-$1")
+    wait_mounted "$WORK/mnt-$1" 10 || die "fuse-null ($1) did not mount: $(tail -n 1 "$WORK/fuse-$1.log")"
+}
+if has_target null || has_target pass; then
+    cc -O2 -Wall -Wextra -o "$WORK/fuse-null" "$SCRIPT_DIR/fuse-null.c" $(pkg-config --cflags --libs fuse3) \
+        -lpthread 2>"$WORK/fuse-null-cc.log" || die "cannot build fuse-null.c: $(tail -n 1 "$WORK/fuse-null-cc.log")"
+fi
+has_target null && fuse_null_start null "$(nproc)"
+has_target pass && fuse_null_start pass 16 "$PASS_BACKING"
+# drop_cache FILE: drops FILE's clean pages (after starting writeback of the
+# dirty ones), as fio's invalidate does for the file it is given
+drop_cache() { python3 -c 'import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$1"; }
 
 declare -A QSD_PIDS # export path -> its qemu-storage-daemon
 qsd_stop() { # export
@@ -239,7 +276,8 @@ fresh_disk() {
         qsd_start "$WORK/export$DISKS.raw" || return 1
         DISK=$WORK/export$DISKS.raw
         ;;
-    null) DISK=$MNT_NULL/disk ;;
+    null) DISK=$WORK/mnt-null/disk ;;
+    pass) DISK=$WORK/mnt-pass/disk ;;
     esac
 }
 
@@ -285,9 +323,10 @@ IMGFS_STATS_WRITES=$(cat "$MNT/.imgfs/stats" 2>/dev/null)
 
 # ---- 2b. the writeback mount's bdi dirty limit ----------------------------------
 MAX_RATIO=${BENCH_MAX_RATIO:-10}
-BDI=/sys/class/bdi/$(mountpoint -d "$MNT_WB")
-declare -A WB_SEQ
-if [ -w "$BDI/max_ratio" ]; then
+declare -A WB_SEQ GC DEPTH_IOPS DEPTH_GOT # of 2b, 2c and 3, which BENCH_WRITES_ONLY=1 skips
+if [ "$WRITES_ONLY" = 1 ]; then
+    :
+elif BDI=/sys/class/bdi/$(mountpoint -d "$MNT_WB") && [ -w "$BDI/max_ratio" ]; then
     ORIG_RATIO=$(cat "$BDI/max_ratio")
     for ratio in "$ORIG_RATIO" "$MAX_RATIO"; do
         echo "$ratio" >"$BDI/max_ratio" || NOTES+=("cannot set $BDI/max_ratio to $ratio")
@@ -305,8 +344,8 @@ fi
 # vm_stat VM KEY: one value of the VM's section in the imgfs stats
 vm_stat() { awk -v s="[vm $1]" -v k="$2" '/^\[/ { in_s = ($0 == s); next } in_s && $1 == k { print $2; exit }' \
     "$MNT/.imgfs/stats"; }
-declare -A GC
 for region in 128M 1G; do
+    [ "$WRITES_ONLY" = 1 ] && break
     "$IMGFSCTL" vm create "$MNT" "gc$region" --base base >/dev/null || die "imgfsctl vm create failed."
     f=$MNT/vms/gc$region.raw
     run_fio "gc$region-fill" "$f" write 1 0 "$region" --bs=1M --ioengine=libaio --iodepth=16 --end_fsync=1 \
@@ -327,14 +366,16 @@ done
 depth_of() { # vm: layers in its live chain
     awk '$1 == "live" { print NF - 1; exit }' "$WORK/state/vms/$1.vm"
 }
-declare -A DEPTH_IOPS DEPTH_GOT
 CHAIN=$MNT/vms/chain.raw
-log "chain: VM with 64 MiB of random 4K writes over the disk"
-"$IMGFSCTL" vm create "$MNT" chain --base base >/dev/null || die "imgfsctl vm create chain failed."
-run_fio chain-fill "$CHAIN" randwrite 1 0 2G --io_size=64M --end_fsync=1 \
-    >/dev/null || NOTES+=("chain fill write failed (see $WORK/fio-chain-fill.err)")
+if [ "$WRITES_ONLY" != 1 ]; then
+    log "chain: VM with 64 MiB of random 4K writes over the disk"
+    "$IMGFSCTL" vm create "$MNT" chain --base base >/dev/null || die "imgfsctl vm create chain failed."
+    run_fio chain-fill "$CHAIN" randwrite 1 0 2G --io_size=64M --end_fsync=1 \
+        >/dev/null || NOTES+=("chain fill write failed (see $WORK/fio-chain-fill.err)")
+fi
 snaps=0
 for want in 1 4 16; do
+    [ "$WRITES_ONLY" = 1 ] && break
     while [ "$(depth_of chain)" -lt "$want" ]; do
         snaps=$((snaps + 1))
         "$IMGFSCTL" vm snapshot "$MNT" chain "s$snaps" >/dev/null || die "imgfsctl vm snapshot failed."
@@ -380,8 +421,8 @@ report() {
     echo
     echo "## Writes (fio libaio; IOPS, MiB/s for the 1 MiB row; ${RUNTIME}s per time-based run)"
     echo
-    echo "| test | direct | local raw | imgfs VM | imgfs/local | imgfs vm_cache=writeback | wb/local | qcow2 via qsd FUSE | qsd/local | imgfs/qsd | FUSE ceiling | ceiling/local | imgfs/ceiling |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| test | direct | local raw | imgfs VM | imgfs/local | FUSE passthrough | pass/local | imgfs/pass | imgfs vm_cache=writeback | wb/local | qcow2 via qsd FUSE | qsd/local | imgfs/qsd | FUSE null | null/local |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for d in 0 1; do
         for t in "${ROWS[@]}"; do
             case $t in
@@ -392,20 +433,26 @@ report() {
             written-qd16) label="4K randwrite, written disk, iodepth 16" ;;
             mix) label="4K 70/30 randrw, iodepth 16" ;;
             esac
-            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$d" \
-                "${R[local,$t,$d]}" "${R[imgfs,$t,$d]}" "$(ratio "${R[imgfs,$t,$d]}" "${R[local,$t,$d]}")" \
-                "${R[imgfswb,$t,$d]}" "$(ratio "${R[imgfswb,$t,$d]}" "${R[local,$t,$d]}")" \
-                "${R[qsd,$t,$d]}" "$(ratio "${R[qsd,$t,$d]}" "${R[local,$t,$d]}")" \
-                "$(ratio "${R[imgfs,$t,$d]}" "${R[qsd,$t,$d]}")" \
-                "${R[null,$t,$d]}" "$(ratio "${R[null,$t,$d]}" "${R[local,$t,$d]}")" \
-                "$(ratio "${R[imgfs,$t,$d]}" "${R[null,$t,$d]}")"
+            local l=${R[local,$t,$d]:-} i=${R[imgfs,$t,$d]:-} p=${R[pass,$t,$d]:-} w=${R[imgfswb,$t,$d]:-}
+            local q=${R[qsd,$t,$d]:-} n=${R[null,$t,$d]:-}
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$d" \
+                "$l" "$i" "$(ratio "$i" "$l")" "$p" "$(ratio "$p" "$l")" "$(ratio "$i" "$p")" \
+                "$w" "$(ratio "$w" "$l")" "$q" "$(ratio "$q" "$l")" "$(ratio "$i" "$q")" "$n" "$(ratio "$n" "$l")"
         done
     done
     echo
     echo "Every write job has an fsync every 32 writes; fresh rows start from a new VM or overlay, written rows"
-    echo "run on the disk the 1 MiB row wrote. The local file is the same full copy in every row. The FUSE"
-    echo "ceiling is bench/fuse-null.c: every write and fsync answered at once, nothing stored."
+    echo "run on the disk the 1 MiB row wrote. The local file is the same full copy in every row. FUSE"
+    echo "passthrough is bench/fuse-null.c storing each write with one pwrite (O_DIRECT for O_DIRECT jobs) and"
+    echo "each fsync with one fdatasync into a second full copy of the base beside the local file, the same"
+    echo "file in every row (its page cache dropped before each job, as fio does for the local file), 16"
+    echo "workers; FUSE null is fuse-null.c without a backing file: every write and fsync answered at once,"
+    echo "nothing stored."
     echo
+    if [ "$WRITES_ONLY" = 1 ]; then # BENCH_WRITES_ONLY: no more sections
+        for t in "${NOTES[@]}"; do echo "- $t"; done
+        return
+    fi
     echo "## vm_cache=writeback and the FUSE bdi's dirty limit (1 MiB sequential buffered writes, MiB/s)"
     echo
     echo "| bdi max_ratio | MiB/s |"

@@ -1,21 +1,41 @@
-/* fuse-null: the FUSE ceiling for bench-vm.sh. One file, "disk", of SIZE
+/* fuse-null: FUSE ceilings for the benchmarks. One file, "disk", of SIZE
  * bytes, opened direct_io with FOPEN_PARALLEL_DIRECT_WRITES like an imgfs VM
- * disk in vm_cache=direct, whose WRITE, FSYNC and FLUSH are answered at once
- * and whose READ returns zeros: what any FUSE file system can do at most on
- * this kernel, with libfuse's request handling and nothing behind it.
+ * disk in vm_cache=direct.
  *
- * With a BACKING file, READ is one pread(2) of it into a buffer instead
- * (bench-cold-read.sh): the ceiling of a FUSE file system that serves reads
- * from a local file, with nothing else to do.
+ * Without BACKING (null mode, bench-vm.sh's "FUSE null"): WRITE, FSYNC
+ * and FLUSH are answered at once and READ returns zeros. Nothing is stored:
+ * the cost of libfuse's request handling with nothing behind it.
+ *
+ * With a BACKING file (passthrough mode, bench-vm.sh's "FUSE passthrough"),
+ * a minimal file system that stores what it is given, durably, and nothing
+ * more:
+ *   READ   one pread(2) of BACKING (bench-cold-read.sh's ceiling)
+ *   WRITE  one pwrite(2) into BACKING at the same offset. When the client
+ *          opened "disk" with O_DIRECT (the kernel passes the open flags with
+ *          each write), through a second, O_DIRECT descriptor of BACKING, from
+ *          a per-thread aligned copy when FUSE's buffer is not aligned (it
+ *          never is: the payload follows the request header); offsets and
+ *          lengths that are not multiples of ALIGN, and a BACKING on a file
+ *          system without O_DIRECT, use the buffered descriptor.
+ *   FSYNC  fdatasync(2) of BACKING, for fsync and fdatasync alike (the size
+ *          of a disk never changes), as an imgfs VM flush is one fdatasync
+ *   FLUSH  answered at once: close without fsync promises nothing, and imgfs
+ *          does the same (fs/ops.c op_flush)
+ * BACKING must be at least SIZE bytes (bench-vm.sh gives it a preallocated
+ * copy of the base, as the local file is).
  *
  * usage: fuse-null MOUNTPOINT SIZE THREADS [BACKING]  (as root; stops on unmount)
- * THREADS workers each block in read(2) on the one /dev/fuse descriptor. */
+ * THREADS workers each block in read(2) on the one /dev/fuse descriptor; in
+ * passthrough mode a worker also waits for its pwrite or fdatasync, so
+ * THREADS bounds the writes the device sees at once. */
+#define _GNU_SOURCE /* O_DIRECT */
 #define FUSE_USE_VERSION 34
 #include <errno.h>
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <linux/fuse.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,7 +46,10 @@
 
 static struct fuse_session *se;
 static off_t disk_size;
-static int backing_fd = -1;
+static int backing_fd = -1;        /* passthrough mode: BACKING, buffered */
+static int backing_direct_fd = -1; /* BACKING with O_DIRECT, or -1 where it has none */
+static size_t max_write;           /* the largest WRITE, from init: a bounce buffer's size */
+enum { ALIGN = 4096 };             /* O_DIRECT alignment of memory, offset and length */
 static _Thread_local uint32_t open_flags; /* added to the next open reply */
 
 static void fill_stat(fuse_ino_t ino, struct stat *st)
@@ -65,11 +88,39 @@ static void null_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     fuse_reply_open(req, fi);
 }
 
+/* The O_DIRECT descriptor for a write of SIZE bytes at OFF from a client
+ * that opened the file with FLAGS, and the aligned bytes to write (BUF
+ * itself, or this thread's copy of it); the buffered descriptor and BUF
+ * when O_DIRECT does not apply. */
+static int write_fd(int flags, const char **buf, size_t size, off_t off)
+{
+    static _Thread_local void *bounce; /* max_write bytes, aligned; lives as long as its thread */
+    if (!(flags & O_DIRECT) || backing_direct_fd < 0 || size > max_write || off % ALIGN || size % ALIGN)
+        return backing_fd;
+    if ((uintptr_t)*buf % ALIGN) {
+        if (!bounce && posix_memalign(&bounce, ALIGN, max_write) != 0) {
+            bounce = NULL;
+            return backing_fd;
+        }
+        *buf = memcpy(bounce, *buf, size);
+    }
+    return backing_direct_fd;
+}
+
 static void null_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                        struct fuse_file_info *fi)
 {
-    (void)ino, (void)buf, (void)off, (void)fi;
-    fuse_reply_write(req, size);
+    (void)ino;
+    if (backing_fd < 0) {
+        fuse_reply_write(req, size);
+        return;
+    }
+    int fd = write_fd(fi->flags, &buf, size, off);
+    ssize_t put = pwrite(fd, buf, size, off);
+    if (put < 0)
+        fuse_reply_err(req, errno);
+    else
+        fuse_reply_write(req, (size_t)put);
 }
 
 static void null_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
@@ -99,8 +150,8 @@ static void null_ok(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 
 static void null_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
 {
-    (void)datasync;
-    null_ok(req, ino, fi);
+    (void)ino, (void)datasync, (void)fi;
+    fuse_reply_err(req, backing_fd >= 0 && fdatasync(backing_fd) != 0 ? errno : 0);
 }
 
 static void null_init(void *userdata, struct fuse_conn_info *conn)
@@ -108,6 +159,7 @@ static void null_init(void *userdata, struct fuse_conn_info *conn)
     (void)userdata;
     conn->max_background = 64; /* as imgfs: a queue of 16 is not cut to 12 */
     conn->congestion_threshold = 48;
+    max_write = conn->max_write;
 }
 
 static const struct fuse_lowlevel_ops ops = {
@@ -152,9 +204,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: fuse-null MOUNTPOINT SIZE THREADS [BACKING]\n");
         return 2;
     }
-    if (argc == 5 && (backing_fd = open(argv[4], O_RDONLY | O_CLOEXEC)) < 0) {
-        fprintf(stderr, "fuse-null: cannot open %s: %s\n", argv[4], strerror(errno));
-        return 1;
+    if (argc == 5) {
+        if ((backing_fd = open(argv[4], O_RDWR | O_CLOEXEC)) < 0) {
+            fprintf(stderr, "fuse-null: cannot open %s: %s\n", argv[4], strerror(errno));
+            return 1;
+        }
+        backing_direct_fd = open(argv[4], O_RDWR | O_DIRECT | O_CLOEXEC); /* -1 (EINVAL) on tmpfs */
     }
     char *fuse_argv[] = {argv[0], NULL};
     struct fuse_args args = FUSE_ARGS_INIT(1, fuse_argv);

@@ -50,8 +50,9 @@
  * flushed write (ID.log.new is deleted at open, except by a takeover that
  * finishes the switch: layer_share_pending). For tests, the environment
  * variable IMGFS_LAYER_COMPACT_MIN replaces the 64 MiB,
- * IMGFS_TEST_COMPACT_PAUSE_MS makes a compaction pause after its switch,
- * before the sync and rename (writes go on meanwhile, flushes wait);
+ * IMGFS_TEST_COMPACT_PAUSE_FILE=PATH makes a compaction that reaches its
+ * switch while PATH exists pause there, before the sync and rename, until
+ * PATH is removed (writes go on meanwhile, flushes wait);
  * IMGFS_LAYER_ZERO_AHEAD=0 switches zeroing ahead off (a process that forks
  * children, as the crash tests do, then starts no background thread);
  * IMGFS_LAYER_THROUGH=0 makes layer_write_through() a layer_write() (for

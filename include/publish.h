@@ -72,6 +72,13 @@ struct publish_result {
     uint64_t bytes_stored;
     unsigned threads;
     double sync_seconds; /* of the syncfs that made the chunks durable */
+    /* Where the workers' time went, summed over them (monotonic clock, so a
+     * worker waiting for a CPU or the disk counts in the stage it waits in):
+     * reading the image; the zero test, xxh3 and, signed, SHA-256; zstd;
+     * the repository look-up and storing the chunk file. And the CPU seconds
+     * the workers used, which against their sum says how long they waited. */
+    double read_seconds, hash_seconds, compress_seconds, store_seconds;
+    double worker_cpu_seconds;
 };
 
 int publish_image(const struct publish_options *opts, struct publish_result *result, char *err,

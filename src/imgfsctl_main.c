@@ -213,6 +213,9 @@ static int publish_main(int argc, char **argv)
            res.bytes_stored);
     /* syncfs flushes what other programs wrote to that file system too. */
     printf("synced      in %.1f s (syncfs of the repository's file system)\n", res.sync_seconds);
+    /* Thread seconds: where a slow publish waited (bench/RESULTS.md, "Publishing"). */
+    printf("workers     read %.1f s, hash %.1f s, compress %.1f s, store %.1f s; %.1f s of it on a CPU\n",
+           res.read_seconds, res.hash_seconds, res.compress_seconds, res.store_seconds, res.worker_cpu_seconds);
     return 0;
 }
 

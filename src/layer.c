@@ -1907,13 +1907,18 @@ static uint64_t compact_min_bytes(void)
     return env_size_once(&cached, "IMGFS_LAYER_COMPACT_MIN", 64ull << 20);
 }
 
-/* For the tests: a pause after the switch, before the rename (phase 3), so
+/* For the tests: a pause after the switch, before the rename (phase 3),
+ * for as long as the file IMGFS_TEST_COMPACT_PAUSE_FILE names exists, so
  * that a test can write while the layer runs on ID.log.new, or kill the
- * daemon while that file is complete but not yet renamed. */
-static unsigned compact_test_pause_ms(void)
+ * daemon while that file is complete but not yet renamed, whatever the
+ * machine's speed (a pause of a fixed time could end before the test got
+ * there). At most COMPACT_TEST_PAUSE_MAX_NS, so that a failing test does
+ * not leave the layer waiting. */
+#define COMPACT_TEST_PAUSE_MAX_NS (120ull * 1000000000ull)
+static const char *compact_test_pause_file(void)
 {
-    const char *env = getenv("IMGFS_TEST_COMPACT_PAUSE_MS");
-    return env ? (unsigned)strtoul(env, NULL, 10) : 0;
+    const char *path = getenv("IMGFS_TEST_COMPACT_PAUSE_FILE");
+    return path && access(path, F_OK) == 0 ? path : NULL;
 }
 
 static bool wants_compaction(const struct layer *l)
@@ -2333,10 +2338,12 @@ static int compact(struct layer *l)
      * that no flush has promised. A failure here leaves the layer refusing
      * writes (it runs on a file that a crash would not open). */
     if (switched) {
-        if (compact_test_pause_ms()) {
-            log_info("layer %s: compaction switched to its new log, pausing %u ms before its sync and rename", l->id,
-                     compact_test_pause_ms());
-            usleep(compact_test_pause_ms() * 1000u);
+        const char *pause = compact_test_pause_file();
+        if (pause) {
+            log_info("layer %s: compaction switched to its new log, paused before its sync and rename while %s "
+                     "exists", l->id, pause);
+            for (uint64_t until = now_ns() + COMPACT_TEST_PAUSE_MAX_NS; compact_test_pause_file() && now_ns() < until;)
+                usleep(10000);
         }
         rc = sync_fd(fd);
         if (!rc && rename(new_path, log_path) < 0)

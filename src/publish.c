@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -176,10 +177,17 @@ static bool take_batch_locked(struct pipeline *p, uint64_t *first, uint64_t *cou
     return true;
 }
 
+/* Where one worker's time goes, in nanoseconds of the monotonic clock (a
+ * wait for a CPU or for the disk counts in the stage it happens in). */
+struct stage_times {
+    uint64_t read, hash, compress, store;
+};
+
 /* What one worker owns. */
 struct worker {
     struct pipeline *p;
     pthread_t thread;
+    struct stage_times times;
     struct image *reader; /* owned, except for worker 0's (p->img) */
     struct chunkfmt_encoder *encoder;
     char *buf;            /* batch_chunks * chunk_size */
@@ -221,8 +229,10 @@ static int store_chunk(struct worker *w, uint64_t index, const char *data, struc
 {
     struct pipeline *p = w->p;
     const uint32_t cs = p->m->chunk_size;
+    uint64_t started = now_ns();
     if (buffer_is_zero(data, cs)) {
         counts->chunks_zero++;
+        w->times.hash += now_ns() - started;
         return 0;
     }
     struct chunk_hash hash;
@@ -237,6 +247,8 @@ static int store_chunk(struct worker *w, uint64_t index, const char *data, struc
             return rc;
         }
     }
+    uint64_t hashed = now_ns();
+    w->times.hash += hashed - started;
     pthread_mutex_lock(&p->claims_lock);
     int claimed = claim(&p->claims, &hash);
     pthread_mutex_unlock(&p->claims_lock);
@@ -246,12 +258,18 @@ static int store_chunk(struct worker *w, uint64_t index, const char *data, struc
         pthread_mutex_unlock(&p->lock);
         return claimed;
     }
-    if (!claimed || repo_has_chunk(p->repo, &hash)) {
+    bool reused = !claimed || repo_has_chunk(p->repo, &hash);
+    uint64_t looked_up = now_ns();
+    w->times.store += looked_up - hashed;
+    if (reused) {
         counts->chunks_reused++;
         return 0;
     }
     long n = chunkfmt_encode_with(w->encoder, data, cs, w->enc, w->enc_cap);
+    uint64_t compressed = now_ns();
+    w->times.compress += compressed - looked_up;
     int rc = n < 0 ? (int)n : repo_put_chunk(p->repo, &hash, w->enc, (size_t)n);
+    w->times.store += now_ns() - compressed;
     if (rc) {
         pthread_mutex_lock(&p->lock);
         fail_locked(p, rc, "cannot store a chunk in the repository: %s", strerror(-rc));
@@ -272,7 +290,9 @@ static void *worker_main(void *arg)
     while (take_batch_locked(p, &first, &count)) {
         pthread_mutex_unlock(&p->lock);
         struct publish_result counts = {0};
+        uint64_t started = now_ns();
         int rc = read_batch(w, first, count, &counts.bytes_read);
+        w->times.read += now_ns() - started;
         for (uint64_t k = 0; !rc && k < count; k++)
             rc = store_chunk(w, first + k, w->buf + k * p->m->chunk_size, &counts);
         pthread_mutex_lock(&p->lock);
@@ -285,6 +305,18 @@ static void *worker_main(void *arg)
         p->totals.bytes_stored += counts.bytes_stored;
         p->done_bytes += chunks_end(p->m, first + count) - first * p->m->chunk_size;
     }
+    pthread_mutex_unlock(&p->lock);
+    struct rusage used;
+    double cpu = getrusage(RUSAGE_THREAD, &used) == 0
+                     ? (double)used.ru_utime.tv_sec + (double)used.ru_utime.tv_usec / 1e6 +
+                           (double)used.ru_stime.tv_sec + (double)used.ru_stime.tv_usec / 1e6
+                     : 0;
+    pthread_mutex_lock(&p->lock);
+    p->totals.read_seconds += (double)w->times.read / 1e9;
+    p->totals.hash_seconds += (double)w->times.hash / 1e9;
+    p->totals.compress_seconds += (double)w->times.compress / 1e9;
+    p->totals.store_seconds += (double)w->times.store / 1e9;
+    p->totals.worker_cpu_seconds += cpu;
     p->running--;
     pthread_cond_broadcast(&p->ended);
     pthread_mutex_unlock(&p->lock);
@@ -414,6 +446,11 @@ static int store_chunks(struct image *img, const struct publish_options *opts, s
     res->chunks_new = p.totals.chunks_new;
     res->bytes_stored = p.totals.bytes_stored;
     res->threads = threads;
+    res->read_seconds = p.totals.read_seconds;
+    res->hash_seconds = p.totals.hash_seconds;
+    res->compress_seconds = p.totals.compress_seconds;
+    res->store_seconds = p.totals.store_seconds;
+    res->worker_cpu_seconds = p.totals.worker_cpu_seconds;
     free(p.claims.slots);
     pthread_cond_destroy(&p.ended);
     pthread_mutex_destroy(&p.lock);

@@ -89,11 +89,22 @@ mount_imgfs() {
         *://*) opts="$opts,insecure" ;;
     esac
     "$IMGFS" "$repo" "$mnt" -f -o "$opts" 2>"$log" &
-    local pid=$!
-    DAEMON_PID[$mnt]=$pid
+    DAEMON_PID[$mnt]=$!
     DAEMON_LOG[$mnt]=$log
     MOUNTS+=("$mnt")
-    for _ in $(seq 1 200); do
+    wait_mounted "$mnt"
+}
+
+# MOUNT_WAIT_SECONDS: how long a daemon may take to mount. Generous: a
+# sanitizer build on a machine loaded with guests can take seconds to start,
+# and the wait ends at once when the mount is there or the daemon died.
+MOUNT_WAIT_SECONDS=180
+# wait_mounted MNT: waits until the daemon DAEMON_PID[MNT] serves MNT; fails
+# (with its log) when it exits first or takes more than MOUNT_WAIT_SECONDS.
+wait_mounted() {
+    local mnt=$1 pid=${DAEMON_PID[$1]} log=${DAEMON_LOG[$1]}
+    local deadline=$((SECONDS + MOUNT_WAIT_SECONDS))
+    while [ "$SECONDS" -lt "$deadline" ]; do
         # statfs reaches the daemon, and must say FUSE: a dead mount left by
         # a crash is a mount point that does not answer, and once the new
         # daemon has detached it the plain directory below answers for a
@@ -102,7 +113,7 @@ mount_imgfs() {
         kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; fail "imgfs exited before mounting $mnt"; }
         sleep 0.05
     done
-    fail "imgfs did not mount $mnt within 10 s"
+    fail "imgfs did not mount $mnt within $MOUNT_WAIT_SECONDS s"
 }
 
 # small_tmpfs DIR SIZE: a tmpfs of SIZE mounted at DIR (a disk that fills
@@ -202,15 +213,16 @@ stat_value() {
         END { if (!found) exit 1 }' "$1/.imgfs/stats" || fail "no '$3' in section [$2] of $1/.imgfs/stats"
 }
 
-# wait_stat MNT SECTION KEY VALUE [SECONDS]: waits (default 10 s) until the
-# stat reads VALUE, and fails if it never does.
+# wait_stat MNT SECTION KEY VALUE [SECONDS]: waits (default 120 s: the
+# bound only ends a run that fails, so it is generous for a loaded machine)
+# until the stat reads VALUE, and fails if it never does.
 wait_stat() {
-    local i
-    for ((i = 0; i < ${5:-10} * 10; i++)); do
+    local deadline=$((SECONDS + ${5:-120}))
+    while [ "$SECONDS" -lt "$deadline" ]; do
         [ "$(stat_value "$1" "$2" "$3")" = "$4" ] && return 0
         sleep 0.1
     done
-    fail "[$2] $3 is $(stat_value "$1" "$2" "$3"), not $4, after ${5:-10} s"
+    fail "[$2] $3 is $(stat_value "$1" "$2" "$3"), not $4, after ${5:-120} s"
 }
 
 # expect_error DESCRIPTION CMD...: the command must fail with a non-zero exit

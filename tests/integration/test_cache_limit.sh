@@ -62,7 +62,8 @@ mkdir -p "$T/small/cache"
 "$IMGFS" "$T/repo" "$T/mnt" -f -o "cache=$T/small/cache,state=$T/state" 2> "$T/full.log" &
 DAEMON_PID[$T/mnt]=$!
 DAEMON_LOG[$T/mnt]=$T/full.log
-for _ in $(seq 1 100); do mountpoint -q "$T/mnt" && break; sleep 0.05; done
+MOUNTS+=("$T/mnt")
+wait_mounted "$T/mnt"
 cmp "$T/mnt/bases/b.raw" "$T/img.raw" || fail "a full cache file system caused a wrong or failed read"
 [ "$(stat_value "$T/mnt" cache evictions)" -gt 0 ] || fail "a full cache file system did not evict"
 [ "$(stat_value "$T/mnt" "base b@1" read_errors)" -eq 0 ] || fail "read errors with a full cache file system"

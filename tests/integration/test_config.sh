@@ -32,12 +32,7 @@ mount_bare() { # OPTIONS [ENV...]
     DAEMON_PID[$T/mnt]=$!
     DAEMON_LOG[$T/mnt]=$T/daemon.log
     MOUNTS+=("$T/mnt")
-    for _ in $(seq 1 200); do
-        mountpoint -q "$T/mnt" && return 0
-        kill -0 "${DAEMON_PID[$T/mnt]}" 2>/dev/null || { cat "$T/daemon.log" >&2; fail "imgfs exited: $opts"; }
-        sleep 0.05
-    done
-    fail "imgfs did not mount with $opts"
+    wait_mounted "$T/mnt"
 }
 
 mount_bare "config=$T/conf"

@@ -121,19 +121,23 @@ umount_imgfs "$M"
 
 # ---- writes go on while a compaction finishes ------------------------------------
 # A compaction paused after its switch to the new log, before its sync and
-# rename (IMGFS_TEST_COMPACT_PAUSE_MS): O_DIRECT writes issued then complete
-# while ID.log.new is still there (before the rename, so nothing held them
-# for the compaction), read back right; an fsync issued then returns only
-# once ID.log.new is gone (renamed: the log a crash opens holds it); the
-# writes survive a kill -9 and read the same after a remount.
-export IMGFS_LAYER_COMPACT_MIN=1M IMGFS_TEST_COMPACT_PAUSE_MS=5000
+# rename, for as long as $PAUSE exists (IMGFS_TEST_COMPACT_PAUSE_FILE): every
+# O_DIRECT write issued then completes while ID.log.new is still there
+# (before the rename, so nothing held them for the compaction) and reads back
+# right; an fsync issued then does not return while the compaction is
+# paused, and returns once ID.log.new is gone (renamed: the log a crash
+# opens holds it); the writes survive a kill -9 and read the same after a
+# remount.
+PAUSE=$T/compaction.pause
+export IMGFS_LAYER_COMPACT_MIN=1M IMGFS_TEST_COMPACT_PAUSE_FILE=$PAUSE
+touch "$PAUSE"
 mount_imgfs "$T/repo" "$M" "state=$S"
 "$IMGFSCTL" vm create "$M" p --size 16M > /dev/null
 P=$M/vms/p.raw
 pid_layer=$(live_layer p)
-python3 - "$P" "$S/layers/$pid_layer.log.new" "${DAEMON_LOG[$M]}" "$T/p.shadow" <<'PY' || fail "writes during a compaction's pause"
-import mmap, os, random, sys, time
-disk, new_log, daemon_log, shadow_path = sys.argv[1:]
+python3 - "$P" "$S/layers/$pid_layer.log.new" "${DAEMON_LOG[$M]}" "$T/p.shadow" "$PAUSE" <<'PY' || fail "writes during a compaction's pause"
+import mmap, os, random, sys, threading, time
+disk, new_log, daemon_log, shadow_path, pause = sys.argv[1:]
 MIB, BS = 1 << 20, 4096
 shadow = bytearray(16 * MIB)
 buf = mmap.mmap(-1, 2 * MIB)  # page aligned, for O_DIRECT
@@ -148,34 +152,43 @@ def write(off, data):
 for _ in range(4):
     write(0, rnd.randbytes(2 * MIB))
 os.fsync(fd)
-deadline = time.monotonic() + 60  # only so that a failing run ends
+deadline = time.monotonic() + 120  # only so that a failing run ends
 while b"compaction switched" not in open(daemon_log, "rb").read():
     if time.monotonic() > deadline:
         sys.exit("no compaction reached its switch after the fsync")
     time.sleep(0.05)
-# The compaction is paused after its switch, for 5 s; ID.log.new is not
-# renamed yet.
+# The compaction is paused after its switch until the pause file goes.
 if not os.path.exists(new_log):
-    sys.exit("ID.log.new is gone right after the switch")
-during = 0
+    sys.exit("ID.log.new is gone while the compaction is paused after its switch")
 for i in range(64):
     off = rnd.randrange(0, 4 * MIB // BS) * BS
     write(off, rnd.randbytes(BS))
-    during += os.path.exists(new_log)
-if during == 0:
-    sys.exit("no O_DIRECT write completed while the compaction was paused before its rename")
+if not os.path.exists(new_log):
+    sys.exit("an O_DIRECT write waited for the paused compaction's rename")
 got = os.preadv(fd, [buf], 0)
 if buf[:2 * MIB] != shadow[:2 * MIB]:
     sys.exit("the writes made during the pause read back wrong")
-os.fsync(fd)
-if os.path.exists(new_log):
+synced = threading.Event()
+new_log_at_return = []
+def flush():
+    os.fsync(fd)
+    new_log_at_return.append(os.path.exists(new_log))
+    synced.set()
+threading.Thread(target=flush, daemon=True).start()
+# While paused the fsync cannot return: a slow machine only makes this
+# check see less, never fail.
+if synced.wait(1):
+    sys.exit("an fsync returned while the compaction was paused before its rename")
+os.unlink(pause)
+if not synced.wait(120):
+    sys.exit("the fsync did not return once the compaction went on")
+if new_log_at_return[0]:
     sys.exit("an fsync returned before the compacted log was renamed")
 os.close(fd)
 open(shadow_path, "wb").write(shadow)
-print("%d of 64 O_DIRECT writes completed during the paused compaction" % during)
+print("64 O_DIRECT writes completed during the paused compaction")
 PY
 kill9
-unset IMGFS_TEST_COMPACT_PAUSE_MS
 IMGFS_LAYER_COMPACT_MIN=1T mount_imgfs "$T/repo" "$M" "state=$S"
 same "$P" "$T/p.shadow" "the writes made during a compaction's pause, fsync'd after it, after a kill -9"
 ok "O_DIRECT writes complete while a compaction is paused after its switch; its fsync waits for the rename; all survive a kill -9"
@@ -183,9 +196,11 @@ umount_imgfs "$M"
 
 # ---- kill -9 during a compaction ------------------------------------------------
 # Compact as soon as dead space passes 1 MiB and the live data (1500 random
-# writes of up to 300 KiB on a 16 MiB disk get there), and pause a
-# compaction for 3 s before its rename, so that the kill lands there.
-export IMGFS_LAYER_COMPACT_MIN=1M IMGFS_TEST_COMPACT_PAUSE_MS=3000
+# writes of up to 300 KiB on a 16 MiB disk get there). Then, with $PAUSE
+# there, rewrite the disk with the bytes it already holds until a compaction
+# reaches its switch and pauses before its rename, and kill the daemon
+# there: the kill lands between the switch and the rename, however long
+# anything took.
 mount_imgfs "$T/repo" "$M" "state=$S"
 "$IMGFSCTL" vm create "$M" c --base base > /dev/null
 C=$M/vms/c.raw
@@ -194,14 +209,28 @@ cp "$T/base.raw" "$T/c.shadow"
     { cat "$T/stress.c"; fail "vmstress on c failed"; }
 grep -q '^DONE' "$T/stress.c" || fail "vmstress did not report its final fsync"
 cid=$(live_layer c)
-for _ in $(seq 1 600); do
-    [ -e "$S/layers/$cid.log.new" ] && break
+switched_before=$(grep -c "layer $cid: compaction switched" "${DAEMON_LOG[$M]}" || true)
+touch "$PAUSE"
+# Same bytes: whether these writes are durable changes nothing of what the
+# disk must read. A flush waits while a compaction is paused, so the loop
+# stops at the first one that starts a compaction, or when the daemon dies.
+( for _ in $(seq 1 20); do
+      dd if="$T/c.shadow" of="$C" bs=1M oflag=direct conv=notrunc,fsync status=none 2>/dev/null || break
+  done ) &
+rewriter=$!
+at_exit "kill $rewriter 2>/dev/null"
+for _ in $(seq 1 1200); do
+    [ "$(grep -c "layer $cid: compaction switched" "${DAEMON_LOG[$M]}" || true)" -gt "$switched_before" ] && break
+    kill -0 "$rewriter" 2>/dev/null || break
     sleep 0.05
 done
-[ -e "$S/layers/$cid.log.new" ] ||
-    fail "no compaction started after 1500 overwrites (no $cid.log.new; $(grep -A3 '^top_layer_blocks' "$M/.imgfs/stats" | tr '\n' ' '))"
+[ "$(grep -c "layer $cid: compaction switched" "${DAEMON_LOG[$M]}" || true)" -gt "$switched_before" ] ||
+    fail "no compaction paused at its switch after 1500 overwrites and rewrites ($(grep -A3 '^top_layer_blocks' "$M/.imgfs/stats" | tr '\n' ' '))"
+[ -e "$S/layers/$cid.log.new" ] || fail "the paused compaction's $cid.log.new is not there"
 before=$(stat -c %s "$S/layers/$cid.log")
 kill9
+wait "$rewriter" 2>/dev/null || true
+rm -f "$PAUSE"
 # This daemon does not compact (so that a new ID.log.new cannot appear).
 IMGFS_LAYER_COMPACT_MIN=1T mount_imgfs "$T/repo" "$M" "state=$S"
 [ ! -e "$S/layers/$cid.log.new" ] || fail "the interrupted compaction's file is still there after the remount"
@@ -210,9 +239,9 @@ ok "kill -9 during a compaction (ID.log.new written, not renamed): every fsync'd
 umount_imgfs "$M"
 
 # Without the pause the next daemon compacts the layer on its own.
-unset IMGFS_TEST_COMPACT_PAUSE_MS
+unset IMGFS_TEST_COMPACT_PAUSE_FILE
 mount_imgfs "$T/repo" "$M" "state=$S"
-wait_stat "$M" "vm c" top_layer_compactions 1 60
+wait_stat "$M" "vm c" top_layer_compactions 1
 after=$(stat -c %s "$S/layers/$cid.log")
 [ "$after" -lt "$before" ] || fail "compaction did not shrink the log ($before -> $after bytes)"
 "$STRESS" --verify "$C" "$T/c.shadow" > "$T/verify.c" 2>&1 || { cat "$T/verify.c"; fail "c reads wrong after compaction"; }

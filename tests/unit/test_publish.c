@@ -183,6 +183,10 @@ static void test_publish(const char *tmp)
     CHECK(r1.chunks_new == NCHUNKS - 2);
     CHECK(r1.chunks_reused == 0);
     CHECK(r1.bytes_stored > 0 && r1.bytes_stored < (NCHUNKS - 2) * (uint64_t)(CS + CHUNKFMT_HEADER_LEN));
+    /* The stage times are measured, whatever they are: each stage that ran
+     * took some time, and the workers used some CPU. */
+    CHECK(r1.read_seconds > 0 && r1.hash_seconds > 0 && r1.compress_seconds > 0 && r1.store_seconds > 0);
+    CHECK(r1.worker_cpu_seconds >= 0);
 
     /* Repository layout. */
     struct stat st;
@@ -211,6 +215,7 @@ static void test_publish(const char *tmp)
     CHECK(r2.chunks_reused == r1.chunks_new);
     CHECK(r2.chunks_zero == r1.chunks_zero);
     CHECK(r2.bytes_stored == 0);
+    CHECK(r2.compress_seconds == 0); /* nothing new to compress */
     count_chunk_files(repo_path, &chunk_files, &temp_files);
     CHECK(chunk_files == NCHUNKS - 2 && temp_files == 0);
     struct manifest *m2 = NULL;
