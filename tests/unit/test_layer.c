@@ -589,6 +589,7 @@ static void test_write_through(void)
 
 static int (*real_fdatasync_saved)(int fd);
 static ssize_t (*real_pwrite_saved)(int fd, const void *buf, size_t len, off_t off);
+static int (*real_fallocate_saved)(int fd, int mode, off_t off, off_t len);
 
 /* Page-cache and O_DIRECT writes of one log never run at the same time: an
  * O_DIRECT write drops the cached pages of its range when it is done, and a
@@ -983,13 +984,25 @@ static void test_kill_after_switch(bool takeover)
     layer_syscalls.fdatasync = real_fdatasync_saved;
 }
 
+/* The shared pending file cannot grow past its first 4 KiB (a full tmpfs). */
+static int small_fallocate(int fd, int mode, off_t off, off_t len)
+{
+    if (off + len > 4096) {
+        errno = ENOSPC;
+        return -1;
+    }
+    return fallocate(fd, mode, off, len);
+}
+
 /* A server killed at every write of a run of writes with a flush in the
  * middle (at each write's data, each of the flush's record blocks, torn):
  * with the shared pending file, the layer that a takeover opens shows
  * exactly the writes that had returned, each with its new bytes, and none
  * of the one under way. The run appends more entries than the shared
- * file's first mapping holds before the flush empties it. */
-static void test_takeover_acknowledged(void)
+ * file's first mapping holds before the flush empties it; with full_tmpfs
+ * that mapping cannot grow, and the writes whose entries it cannot take
+ * must be durable when they return. */
+static void test_takeover_acknowledged(bool full_tmpfs)
 {
     enum { WRITES = 200, FLUSH_AFTER = 140 };
     char shared[PATH_MAX];
@@ -997,6 +1010,8 @@ static void test_takeover_acknowledged(void)
     CHECK(mkdir(shared, 0700) == 0);
     layer_share_pending(shared);
     layer_syscalls.pwrite = hooked_pwrite;
+    if (full_tmpfs)
+        layer_syscalls.fallocate = small_fallocate;
     struct model all;
     model_init(&all);
     int kills = 0;
@@ -1060,9 +1075,11 @@ static void test_takeover_acknowledged(void)
         kills++;
     }
     CHECK(kills > WRITES);
-    printf("takeover: killed at %d different writes, each time exactly the returned writes kept\n", kills);
+    printf("takeover%s: killed at %d different writes, each time exactly the returned writes kept\n",
+           full_tmpfs ? " (a full tmpfs)" : "", kills);
     kill_at = -1;
     layer_syscalls.pwrite = real_pwrite_saved;
+    layer_syscalls.fallocate = real_fallocate_saved;
     layer_share_pending(NULL);
     CHECK(rmdir(shared) == 0);
     model_free(&all);
@@ -1124,6 +1141,7 @@ int main(void)
     setenv("IMGFS_LAYER_COMPACT_MIN", "1G", 1); /* compactions only when asked */
     real_fdatasync_saved = layer_syscalls.fdatasync;
     real_pwrite_saved = layer_syscalls.pwrite;
+    real_fallocate_saved = layer_syscalls.fallocate;
     cond_init_monotonic(&sync_cv);
     test_basics();
     test_torn_record();
@@ -1148,7 +1166,8 @@ int main(void)
     test_writes_during_compaction_syncs();
     test_kill_after_switch(true);
     test_kill_after_switch(false);
-    test_takeover_acknowledged();
+    test_takeover_acknowledged(false);
+    test_takeover_acknowledged(true);
     test_faults();
     CHECK(count_entries(dir) == 0);
     remove_tree(dir);
