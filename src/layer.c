@@ -717,16 +717,19 @@ static int shared_path(const char *id, char *out)
     return path_join(out, PATH_MAX, "%s/%s.pending", shared_pending_dir, id);
 }
 
-/* Rewrites the header; lock held (or the layer not yet shared). */
-static void shared_header(struct layer *l, uint64_t flushed)
+/* Rewrites the header; lock held (or the layer not yet shared). False
+ * when it could not (logged). */
+static bool shared_header(struct layer *l, uint64_t flushed)
 {
     uint8_t h[SHARED_HEADER];
     put64(h, SHARED_MAGIC);
     put64(h + 8, l->file_id);
     put64(h + 16, flushed);
     put64(h + 24, l->shared_count);
-    if (pwrite(l->shared_fd, h, sizeof(h), 0) != (ssize_t)sizeof(h))
-        log_warn("layer %s: cannot update %s/%s.pending: %s", l->id, shared_pending_dir, l->id, strerror(errno));
+    if (pwrite(l->shared_fd, h, sizeof(h), 0) == (ssize_t)sizeof(h))
+        return true;
+    log_warn("layer %s: cannot update %s/%s.pending: %s", l->id, shared_pending_dir, l->id, strerror(errno));
+    return false;
 }
 
 #define SHARED_MAP_MIN 4096u         /* the first mapping: 127 entries */
@@ -798,6 +801,32 @@ static bool shared_append(struct layer *l, const struct entry *e)
     memcpy(&word, count, sizeof(word));
     atomic_store_explicit((_Atomic uint64_t *)(void *)(l->shared_map + 24), word, memory_order_release);
     return true;
+}
+
+/* A flush made the shared file's first taken entries durable; lock held.
+ * Empties the file when nothing came meanwhile. Otherwise marks them
+ * flushed and, once they are at least as many as those that came after
+ * (which then fit where the flushed ones were), moves the later ones to
+ * the front: a flush under a steady stream of writes always finds some
+ * that came during its sync, and the file would otherwise grow by an
+ * entry per write for as long as the stream lasts. Crash-safe at every
+ * step: the header names [taken, count) until the copies below it are
+ * complete, then names only them, each time with one pwrite. */
+static void shared_flushed(struct layer *l, uint64_t taken)
+{
+    if (l->shared_count == taken) {
+        shared_reset(l);
+        return;
+    }
+    uint64_t count = l->shared_count, later = count - taken;
+    if (!shared_header(l, taken) || later > taken || !l->shared_map ||
+        SHARED_HEADER + count * ENTRY_LEN > l->shared_map_len)
+        return; /* (the map covers every entry counted since the last append) */
+    memcpy(l->shared_map + SHARED_HEADER, l->shared_map + SHARED_HEADER + taken * ENTRY_LEN,
+           (size_t)later * ENTRY_LEN);
+    l->shared_count = later;
+    if (!shared_header(l, 0))
+        l->shared_count = count; /* the file still names [taken, count), untouched */
 }
 
 /* Opens (or creates) the shared file of a layer just opened or created.
@@ -1862,10 +1891,7 @@ int layer_flush(struct layer *l)
         }
         if (!rc && l->shared_fd >= 0) {
             pthread_mutex_lock(&l->lock);
-            if (l->shared_count == taken)
-                shared_reset(l);
-            else
-                shared_header(l, taken);
+            shared_flushed(l, taken);
             pthread_mutex_unlock(&l->lock);
         }
     }

@@ -1085,6 +1085,100 @@ static void test_takeover_acknowledged(bool full_tmpfs)
     model_free(&all);
 }
 
+/* A write in every flush's sync (a guest that keeps writing while it
+ * flushes): the layer that sync_writer names gets one more block, taken
+ * from sync_writes, each time its log is synced. */
+static struct layer *sync_writer;
+static uint64_t sync_writes;
+static int writing_sync(int fd)
+{
+    struct layer *l = sync_writer;
+    if (l) {
+        sync_writer = NULL; /* the write must not nest another */
+        if (write_blocks(l, NULL, 256 + sync_writes++ % 256, 1) != 0)
+            _exit(7);
+        sync_writer = l;
+    }
+    return real_fdatasync_saved(fd);
+}
+
+/* The shared pending file under a steady stream of writes, where every
+ * flush finds one that came during its sync (so none empties the file):
+ * it stays small instead of growing by an entry per write, and a server
+ * killed after such a run leaves a takeover exactly the written blocks. */
+static void test_shared_file_bounded(void)
+{
+    enum { ROUNDS = 5000 };
+    char shared[PATH_MAX], pending[PATH_MAX + 32];
+    snprintf(shared, sizeof(shared), "%s/shared", dir);
+    CHECK(mkdir(shared, 0700) == 0);
+    layer_share_pending(shared);
+    layer_syscalls.fdatasync = writing_sync;
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    snprintf(pending, sizeof(pending), "%s/%s.pending", shared, id);
+    layer_close(l);
+    uint64_t seed = next_rand();
+    pid_t pid = fork();
+    if (pid == 0) {
+        rng = seed;
+        sync_writes = 0;
+        if (layer_open(dir, id, DISK_SIZE, &l) != 0)
+            _exit(2);
+        for (int i = 0; i < ROUNDS; i++) {
+            if (write_blocks(l, NULL, (uint64_t)i % 256, 1) != 0)
+                _exit(3);
+            sync_writer = l;
+            int rc = layer_flush(l);
+            sync_writer = NULL;
+            if (rc != 0)
+                _exit(4);
+        }
+        struct stat st;
+        if (stat(pending, &st) != 0)
+            _exit(5);
+        if (st.st_size > 16384) {
+            fprintf(stderr, "the pending file holds %lld bytes after %d flushes\n", (long long)st.st_size, ROUNDS);
+            _exit(6);
+        }
+        for (uint64_t b = 512; b < 520; b++) /* unflushed */
+            if (write_blocks(l, NULL, b, 1) != 0)
+                _exit(3);
+        kill(getpid(), SIGKILL);
+        _exit(0);
+    }
+    struct model m;
+    model_init(&m);
+    uint64_t saved = rng;
+    rng = seed;
+    uint64_t during = 0;
+    for (int i = 0; i < ROUNDS; i++) {
+        write_blocks(NULL, &m, (uint64_t)i % 256, 1);
+        write_blocks(NULL, &m, 256 + during++ % 256, 1);
+    }
+    for (uint64_t b = 512; b < 520; b++)
+        write_blocks(NULL, &m, b, 1);
+    rng = saved;
+    int status;
+    waitpid(pid, &status, 0);
+    if (WIFEXITED(status))
+        fprintf(stderr, "the writer exited with %d\n", WEXITSTATUS(status));
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    layer_syscalls.fdatasync = real_fdatasync_saved;
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    CHECK(l && matches(l, &m));
+    CHECK(l && layer_flush(l) == 0);
+    l = l ? reopen(l) : NULL;
+    CHECK(l && matches(l, &m));
+    layer_close(l);
+    layer_remove(dir, id);
+    layer_share_pending(NULL);
+    CHECK(rmdir(shared) == 0);
+    model_free(&m);
+}
+
 static void test_faults(void)
 {
     layer_syscalls.pwrite = hooked_pwrite;
@@ -1168,6 +1262,7 @@ int main(void)
     test_kill_after_switch(false);
     test_takeover_acknowledged(false);
     test_takeover_acknowledged(true);
+    test_shared_file_bounded();
     test_faults();
     CHECK(count_entries(dir) == 0);
     remove_tree(dir);
