@@ -11,8 +11,10 @@
 # state; a blank 1 GiB VM disk is written once with 1 MiB writes (so the
 # rows below run on a written disk, as bench-vm.sh's "written" rows), then
 # each round runs, for each build in turn (taking turns in going first):
-# fio 4 KiB randwrite, libaio, iodepth 1, an fsync every 32 writes, a fixed
-# number of writes, buffered or O_DIRECT (BENCH_DIRECT), under perf stat;
+# fio 4 KiB randwrite, libaio, iodepth 1 (BENCH_IODEPTH), an fsync every 32
+# writes, a fixed number of writes, buffered or O_DIRECT (BENCH_DIRECT),
+# under perf stat (and the server's user and system time from
+# /proc/PID/stat, in clock ticks: coarse, for the split between the two);
 # then once more under strace -c -f. Per-write figures divide the server's
 # counts by fio's write count (the flushes' cost is counted in, 1/32 each).
 #
@@ -21,6 +23,7 @@
 #   BENCH_ROUNDS   rounds (default 3)
 #   BENCH_WRITES   writes per fio run (default 20000)
 #   BENCH_DIRECT   0 (default) or 1: fio's --direct
+#   BENCH_IODEPTH  fio's --iodepth (default 1)
 #   BENCH_STRACE=0 skip the strace runs
 #   BENCH_DIR      parent of the work directory (default /var/tmp)
 #   BENCH_KEEP=1   keep the work directory
@@ -37,10 +40,12 @@ BUILDS=${BENCH_BUILDS:-this=$SRC_DIR/build}
 ROUNDS=${BENCH_ROUNDS:-3}
 WRITES=${BENCH_WRITES:-20000}
 DIRECT=${BENCH_DIRECT:-0}
+IODEPTH=${BENCH_IODEPTH:-1}
 STRACE=${BENCH_STRACE:-1}
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
 [[ $WRITES =~ ^[1-9][0-9]*$ ]] || die "BENCH_WRITES=$WRITES is not a positive count."
 [[ $DIRECT =~ ^[01]$ ]] || die "BENCH_DIRECT=$DIRECT is not 0 or 1."
+[[ $IODEPTH =~ ^[1-9][0-9]*$ ]] || die "BENCH_IODEPTH=$IODEPTH is not a positive count."
 
 require_root "FUSE mounts"
 require_tools fio perf strace python3 fusermount3
@@ -57,7 +62,7 @@ server_pid() { # the serving process of build $1's mount
 # fio_writes NAME FILE: runs the measured job, prints fio's write count
 fio_writes() {
     local out="$WORK/fio-$1.json"
-    fio --name="$1" --filename="$2" --rw=randwrite --bs=4k --direct="$DIRECT" --ioengine=libaio --iodepth=1 \
+    fio --name="$1" --filename="$2" --rw=randwrite --bs=4k --direct="$DIRECT" --ioengine=libaio --iodepth="$IODEPTH" \
         --offset=0 --size=1G --randrepeat=0 --fsync=32 --number_ios="$WRITES" --output-format=json \
         --output="$out" >/dev/null 2>"$WORK/fio-$1.err" || { echo 0; return; }
     python3 - "$out" <<'PY' || echo 0
@@ -77,7 +82,8 @@ for n in "${NAMES[@]}"; do
         --iodepth=16 --size=1G --end_fsync=1 >/dev/null 2>&1 || die "build $n: the 1 GiB fill failed."
 done
 
-declare -A CPU CSW SYS IOPS
+ticks() { awk '{ print $14 + 0, $15 + 0 }' "/proc/$1/stat"; } # utime stime
+declare -A CPU CSW SYS IOPS USR KRN
 LOAD_START=$(cut -d" " -f1-3 /proc/loadavg)
 for ((round = 1; round <= ROUNDS; round++)); do
     k=$(((round - 1) % ${#NAMES[@]}))
@@ -88,9 +94,14 @@ for ((round = 1; round <= ROUNDS; round++)); do
         perf stat -x, -e task-clock,context-switches -p "$pid" -o "$WORK/perf-$t-$round.csv" &
         perf_pid=$!
         sleep 0.2
+        read -r u0 s0 < <(ticks "$pid")
         start=$(date +%s.%N)
         writes=$(fio_writes "$t-$round" "$WORK/mnt-$t/vms/cost.raw")
         end=$(date +%s.%N)
+        read -r u1 s1 < <(ticks "$pid")
+        hz=$(getconf CLK_TCK)
+        USR[$t,$round]=$(awk -v d=$((u1 - u0)) -v hz="$hz" -v w="$writes" 'BEGIN { printf "%.1f", w ? d * 1e6 / hz / w : 0 }')
+        KRN[$t,$round]=$(awk -v d=$((s1 - s0)) -v hz="$hz" -v w="$writes" 'BEGIN { printf "%.1f", w ? d * 1e6 / hz / w : 0 }')
         kill -INT "$perf_pid"
         wait "$perf_pid"
         read -r cpu csw < <(awk -F, '$3 == "task-clock" { c = $1 } $3 == "context-switches" { s = $1 }
@@ -126,13 +137,13 @@ report() {
     echo "- $(nproc) CPUs, kernel $(uname -r), work dir on $(findmnt -no FSTYPE -T "$WORK"); $(fio --version)"
     echo "- builds: $BUILDS"
     echo "- load average at start: $LOAD_START, at end: $LOAD_END"
-    echo "- fio libaio 4 KiB randwrite, direct=$DIRECT, iodepth 1, an fsync every 32, $WRITES writes a run, on a written 1 GiB VM disk"
+    echo "- fio libaio 4 KiB randwrite, direct=$DIRECT, iodepth $IODEPTH, an fsync every 32, $WRITES writes a run, on a written 1 GiB VM disk"
     echo
-    echo "| build | round | writes/s | CPU us/write | context switches/write |"
-    echo "|---|---:|---:|---:|---:|"
+    echo "| build | round | writes/s | CPU us/write | of it user / system (/proc, ticks) | context switches/write |"
+    echo "|---|---:|---:|---:|---:|---:|"
     for ((round = 1; round <= ROUNDS; round++)); do
         for t in "${NAMES[@]}"; do
-            echo "| $t | $round | ${IOPS[$t,$round]} | ${CPU[$t,$round]} | ${CSW[$t,$round]} |"
+            echo "| $t | $round | ${IOPS[$t,$round]} | ${CPU[$t,$round]} | ${USR[$t,$round]} / ${KRN[$t,$round]} | ${CSW[$t,$round]} |"
         done
     done
     if [ "$STRACE" = 1 ]; then

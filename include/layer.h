@@ -115,6 +115,9 @@ struct layer;
  * It names the log it belongs to: when that is an ID.log.new that a
  * compaction had switched to but not renamed, the opening server syncs and
  * renames it first (its writes since the switch are only there).
+ * Entries are appended through a shared mapping of that file (no system
+ * call per write); a write whose entry cannot be kept there (a full tmpfs)
+ * is flushed before it returns, so a takeover never lacks an answered write.
  * After a reboot the tmpfs is gone, and the promises are as above. Call
  * once at start-up, before any layer is opened; NULL or "" for none. */
 void layer_share_pending(const char *dir);
@@ -208,10 +211,13 @@ void layer_stats(const struct layer *layer, struct layer_stats *out);
 int layer_compact(struct layer *layer);
 
 /* For tests: the system calls that write and sync layer files. Replace them
- * to inject faults (a short write, EIO, ENOSPC, or a kill at a chosen step). */
+ * to inject faults (a short write, EIO, ENOSPC, or a kill at a chosen step).
+ * fallocate is the one that makes room in the shared pending file
+ * (layer_share_pending). */
 struct layer_syscalls {
     ssize_t (*pwrite)(int fd, const void *buf, size_t len, off_t off);
     int (*fdatasync)(int fd);
+    int (*fallocate)(int fd, int mode, off_t off, off_t len);
 };
 extern struct layer_syscalls layer_syscalls;
 

@@ -171,6 +171,7 @@ struct layer {
     uint64_t shared_count;
     uint8_t *shared_map;
     size_t shared_map_len;
+    bool shared_failing; /* the last append failed (logged once, not per write) */
 
     /* Zeroing ahead (zero_ahead): log blocks [tail, ahead) of cur are
      * allocated and written with zeros, so a flush that writes data there
@@ -227,7 +228,11 @@ static int real_fdatasync(int fd)
 {
     return fdatasync(fd);
 }
-struct layer_syscalls layer_syscalls = {real_pwrite, real_fdatasync};
+static int real_fallocate(int fd, int mode, off_t off, off_t len)
+{
+    return fallocate(fd, mode, off, len);
+}
+struct layer_syscalls layer_syscalls = {real_pwrite, real_fdatasync, real_fallocate};
 
 static int put_at(int fd, const void *buf, size_t len, uint64_t off)
 {
@@ -712,16 +717,19 @@ static int shared_path(const char *id, char *out)
     return path_join(out, PATH_MAX, "%s/%s.pending", shared_pending_dir, id);
 }
 
-/* Rewrites the header; lock held (or the layer not yet shared). */
-static void shared_header(struct layer *l, uint64_t flushed)
+/* Rewrites the header; lock held (or the layer not yet shared). False
+ * when it could not (logged). */
+static bool shared_header(struct layer *l, uint64_t flushed)
 {
     uint8_t h[SHARED_HEADER];
     put64(h, SHARED_MAGIC);
     put64(h + 8, l->file_id);
     put64(h + 16, flushed);
     put64(h + 24, l->shared_count);
-    if (pwrite(l->shared_fd, h, sizeof(h), 0) != (ssize_t)sizeof(h))
-        log_warn("layer %s: cannot update %s/%s.pending: %s", l->id, shared_pending_dir, l->id, strerror(errno));
+    if (pwrite(l->shared_fd, h, sizeof(h), 0) == (ssize_t)sizeof(h))
+        return true;
+    log_warn("layer %s: cannot update %s/%s.pending: %s", l->id, shared_pending_dir, l->id, strerror(errno));
+    return false;
 }
 
 #define SHARED_MAP_MIN 4096u         /* the first mapping: 127 entries */
@@ -756,7 +764,7 @@ static int shared_map_room(struct layer *l, size_t need)
     size_t len = l->shared_map_len ? l->shared_map_len : SHARED_MAP_MIN;
     while (len < need)
         len *= 2;
-    if (fallocate(l->shared_fd, 0, 0, (off_t)len) < 0)
+    if (layer_syscalls.fallocate(l->shared_fd, 0, 0, (off_t)len) < 0)
         return -errno;
     void *map = l->shared_map ? mremap(l->shared_map, l->shared_map_len, len, MREMAP_MAYMOVE)
                               : mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, l->shared_fd, 0);
@@ -769,17 +777,22 @@ static int shared_map_room(struct layer *l, size_t need)
 
 /* Adds a new pending entry to the shared file; lock held. The entry's
  * bytes go before the count that covers it, an aligned 8-byte store that a
- * kill cannot tear (release: no store of the entry comes after it). */
-static void shared_append(struct layer *l, const struct entry *e)
+ * kill cannot tear (release: no store of the entry comes after it). False
+ * when the entry could not be kept (a full tmpfs): a takeover would not
+ * have that write, so the caller flushes before the write returns. */
+static bool shared_append(struct layer *l, const struct entry *e)
 {
     if (l->shared_fd < 0)
-        return;
+        return true;
     size_t at = SHARED_HEADER + (size_t)l->shared_count * ENTRY_LEN;
     int rc = shared_map_room(l, at + ENTRY_LEN);
     if (rc) {
-        log_warn("layer %s: cannot keep a pending entry for a takeover: %s", l->id, strerror(-rc));
-        return;
+        if (!l->shared_failing)
+            log_warn("layer %s: cannot keep pending entries for a takeover: %s", l->id, strerror(-rc));
+        l->shared_failing = true;
+        return false;
     }
+    l->shared_failing = false;
     encode_entry(l->shared_map + at, e);
     l->shared_count++;
     uint8_t count[8];
@@ -787,6 +800,33 @@ static void shared_append(struct layer *l, const struct entry *e)
     uint64_t word;
     memcpy(&word, count, sizeof(word));
     atomic_store_explicit((_Atomic uint64_t *)(void *)(l->shared_map + 24), word, memory_order_release);
+    return true;
+}
+
+/* A flush made the shared file's first taken entries durable; lock held.
+ * Empties the file when nothing came meanwhile. Otherwise marks them
+ * flushed and, once they are at least as many as those that came after
+ * (which then fit where the flushed ones were), moves the later ones to
+ * the front: a flush under a steady stream of writes always finds some
+ * that came during its sync, and the file would otherwise grow by an
+ * entry per write for as long as the stream lasts. Crash-safe at every
+ * step: the header names [taken, count) until the copies below it are
+ * complete, then names only them, each time with one pwrite. */
+static void shared_flushed(struct layer *l, uint64_t taken)
+{
+    if (l->shared_count == taken) {
+        shared_reset(l);
+        return;
+    }
+    uint64_t count = l->shared_count, later = count - taken;
+    if (!shared_header(l, taken) || later > taken || !l->shared_map ||
+        SHARED_HEADER + count * ENTRY_LEN > l->shared_map_len)
+        return; /* (the map covers every entry counted since the last append) */
+    memcpy(l->shared_map + SHARED_HEADER, l->shared_map + SHARED_HEADER + taken * ENTRY_LEN,
+           (size_t)later * ENTRY_LEN);
+    l->shared_count = later;
+    if (!shared_header(l, 0))
+        l->shared_count = count; /* the file still names [taken, count), untouched */
 }
 
 /* Opens (or creates) the shared file of a layer just opened or created.
@@ -1681,11 +1721,11 @@ static int write_blocks(struct layer *l, const void *buf, size_t len, uint64_t o
         if (!rc)
             rc = append_entry(&l->pending, &l->npending, &l->pending_cap, &e);
         if (!rc) {
-            shared_append(l, &e);
+            bool shared = shared_append(l, &e);
             for (uint64_t i = 0; i < count; i++)
                 slot_set(l, block + i, SLOT_DATA(f->gen, loc + i));
             l->pending_bytes += len;
-            flush_now = l->npending >= MAX_RECORD_ENTRIES || l->pending_bytes >= MAX_PENDING_BYTES;
+            flush_now = !shared || l->npending >= MAX_RECORD_ENTRIES || l->pending_bytes >= MAX_PENDING_BYTES;
         }
         pthread_mutex_unlock(&l->lock);
     }
@@ -1757,7 +1797,7 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
         if (!rc)
             rc = append_entry(&l->pending, &l->npending, &l->pending_cap, &e);
         if (!rc) {
-            shared_append(l, &e);
+            shared_append(l, &e); /* the punch flushes before it returns */
             note_dead(l, b, n, &dead);
         }
         if (!rc)
@@ -1851,10 +1891,7 @@ int layer_flush(struct layer *l)
         }
         if (!rc && l->shared_fd >= 0) {
             pthread_mutex_lock(&l->lock);
-            if (l->shared_count == taken)
-                shared_reset(l);
-            else
-                shared_header(l, taken);
+            shared_flushed(l, taken);
             pthread_mutex_unlock(&l->lock);
         }
     }

@@ -177,17 +177,10 @@ static bool take_batch_locked(struct pipeline *p, uint64_t *first, uint64_t *cou
     return true;
 }
 
-/* Where one worker's time goes, in nanoseconds of the monotonic clock (a
- * wait for a CPU or for the disk counts in the stage it happens in). */
-struct stage_times {
-    uint64_t read, hash, compress, store;
-};
-
 /* What one worker owns. */
 struct worker {
     struct pipeline *p;
     pthread_t thread;
-    struct stage_times times;
     struct image *reader; /* owned, except for worker 0's (p->img) */
     struct chunkfmt_encoder *encoder;
     char *buf;            /* batch_chunks * chunk_size */
@@ -223,16 +216,24 @@ static int read_batch(struct worker *w, uint64_t first, uint64_t count, uint64_t
     return 0;
 }
 
+/* Where one worker's time goes, in nanoseconds of the monotonic clock (a
+ * wait for a CPU or for the disk counts in the stage it happens in). Kept on
+ * the worker's stack: the workers' structs share cache lines. */
+struct stage_times {
+    uint64_t read, hash, compress, store;
+};
+
 /* Hashes one chunk and stores it unless it is zero, already in the
  * repository, or claimed by another chunk of this publish. */
-static int store_chunk(struct worker *w, uint64_t index, const char *data, struct publish_result *counts)
+static int store_chunk(struct worker *w, uint64_t index, const char *data, struct publish_result *counts,
+                       struct stage_times *times)
 {
     struct pipeline *p = w->p;
     const uint32_t cs = p->m->chunk_size;
     uint64_t started = now_ns();
     if (buffer_is_zero(data, cs)) {
         counts->chunks_zero++;
-        w->times.hash += now_ns() - started;
+        times->hash += now_ns() - started;
         return 0;
     }
     struct chunk_hash hash;
@@ -248,7 +249,7 @@ static int store_chunk(struct worker *w, uint64_t index, const char *data, struc
         }
     }
     uint64_t hashed = now_ns();
-    w->times.hash += hashed - started;
+    times->hash += hashed - started;
     pthread_mutex_lock(&p->claims_lock);
     int claimed = claim(&p->claims, &hash);
     pthread_mutex_unlock(&p->claims_lock);
@@ -260,16 +261,16 @@ static int store_chunk(struct worker *w, uint64_t index, const char *data, struc
     }
     bool reused = !claimed || repo_has_chunk(p->repo, &hash);
     uint64_t looked_up = now_ns();
-    w->times.store += looked_up - hashed;
+    times->store += looked_up - hashed;
     if (reused) {
         counts->chunks_reused++;
         return 0;
     }
     long n = chunkfmt_encode_with(w->encoder, data, cs, w->enc, w->enc_cap);
     uint64_t compressed = now_ns();
-    w->times.compress += compressed - looked_up;
+    times->compress += compressed - looked_up;
     int rc = n < 0 ? (int)n : repo_put_chunk(p->repo, &hash, w->enc, (size_t)n);
-    w->times.store += now_ns() - compressed;
+    times->store += now_ns() - compressed;
     if (rc) {
         pthread_mutex_lock(&p->lock);
         fail_locked(p, rc, "cannot store a chunk in the repository: %s", strerror(-rc));
@@ -286,15 +287,16 @@ static void *worker_main(void *arg)
     struct worker *w = arg;
     struct pipeline *p = w->p;
     uint64_t first, count;
+    struct stage_times times = {0};
     pthread_mutex_lock(&p->lock);
     while (take_batch_locked(p, &first, &count)) {
         pthread_mutex_unlock(&p->lock);
         struct publish_result counts = {0};
         uint64_t started = now_ns();
         int rc = read_batch(w, first, count, &counts.bytes_read);
-        w->times.read += now_ns() - started;
+        times.read += now_ns() - started;
         for (uint64_t k = 0; !rc && k < count; k++)
-            rc = store_chunk(w, first + k, w->buf + k * p->m->chunk_size, &counts);
+            rc = store_chunk(w, first + k, w->buf + k * p->m->chunk_size, &counts, &times);
         pthread_mutex_lock(&p->lock);
         if (rc)
             break;
@@ -312,10 +314,10 @@ static void *worker_main(void *arg)
                            (double)used.ru_stime.tv_sec + (double)used.ru_stime.tv_usec / 1e6
                      : 0;
     pthread_mutex_lock(&p->lock);
-    p->totals.read_seconds += (double)w->times.read / 1e9;
-    p->totals.hash_seconds += (double)w->times.hash / 1e9;
-    p->totals.compress_seconds += (double)w->times.compress / 1e9;
-    p->totals.store_seconds += (double)w->times.store / 1e9;
+    p->totals.read_seconds += (double)times.read / 1e9;
+    p->totals.hash_seconds += (double)times.hash / 1e9;
+    p->totals.compress_seconds += (double)times.compress / 1e9;
+    p->totals.store_seconds += (double)times.store / 1e9;
     p->totals.worker_cpu_seconds += cpu;
     p->running--;
     pthread_cond_broadcast(&p->ended);

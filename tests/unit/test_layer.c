@@ -589,6 +589,7 @@ static void test_write_through(void)
 
 static int (*real_fdatasync_saved)(int fd);
 static ssize_t (*real_pwrite_saved)(int fd, const void *buf, size_t len, off_t off);
+static int (*real_fallocate_saved)(int fd, int mode, off_t off, off_t len);
 
 /* Page-cache and O_DIRECT writes of one log never run at the same time: an
  * O_DIRECT write drops the cached pages of its range when it is done, and a
@@ -983,13 +984,25 @@ static void test_kill_after_switch(bool takeover)
     layer_syscalls.fdatasync = real_fdatasync_saved;
 }
 
+/* The shared pending file cannot grow past its first 4 KiB (a full tmpfs). */
+static int small_fallocate(int fd, int mode, off_t off, off_t len)
+{
+    if (off + len > 4096) {
+        errno = ENOSPC;
+        return -1;
+    }
+    return fallocate(fd, mode, off, len);
+}
+
 /* A server killed at every write of a run of writes with a flush in the
  * middle (at each write's data, each of the flush's record blocks, torn):
  * with the shared pending file, the layer that a takeover opens shows
  * exactly the writes that had returned, each with its new bytes, and none
  * of the one under way. The run appends more entries than the shared
- * file's first mapping holds before the flush empties it. */
-static void test_takeover_acknowledged(void)
+ * file's first mapping holds before the flush empties it; with full_tmpfs
+ * that mapping cannot grow, and the writes whose entries it cannot take
+ * must be durable when they return. */
+static void test_takeover_acknowledged(bool full_tmpfs)
 {
     enum { WRITES = 200, FLUSH_AFTER = 140 };
     char shared[PATH_MAX];
@@ -997,6 +1010,8 @@ static void test_takeover_acknowledged(void)
     CHECK(mkdir(shared, 0700) == 0);
     layer_share_pending(shared);
     layer_syscalls.pwrite = hooked_pwrite;
+    if (full_tmpfs)
+        layer_syscalls.fallocate = small_fallocate;
     struct model all;
     model_init(&all);
     int kills = 0;
@@ -1060,12 +1075,108 @@ static void test_takeover_acknowledged(void)
         kills++;
     }
     CHECK(kills > WRITES);
-    printf("takeover: killed at %d different writes, each time exactly the returned writes kept\n", kills);
+    printf("takeover%s: killed at %d different writes, each time exactly the returned writes kept\n",
+           full_tmpfs ? " (a full tmpfs)" : "", kills);
     kill_at = -1;
     layer_syscalls.pwrite = real_pwrite_saved;
+    layer_syscalls.fallocate = real_fallocate_saved;
     layer_share_pending(NULL);
     CHECK(rmdir(shared) == 0);
     model_free(&all);
+}
+
+/* A write in every flush's sync (a guest that keeps writing while it
+ * flushes): the layer that sync_writer names gets one more block, taken
+ * from sync_writes, each time its log is synced. */
+static struct layer *sync_writer;
+static uint64_t sync_writes;
+static int writing_sync(int fd)
+{
+    struct layer *l = sync_writer;
+    if (l) {
+        sync_writer = NULL; /* the write must not nest another */
+        if (write_blocks(l, NULL, 256 + sync_writes++ % 256, 1) != 0)
+            _exit(7);
+        sync_writer = l;
+    }
+    return real_fdatasync_saved(fd);
+}
+
+/* The shared pending file under a steady stream of writes, where every
+ * flush finds one that came during its sync (so none empties the file):
+ * it stays small instead of growing by an entry per write, and a server
+ * killed after such a run leaves a takeover exactly the written blocks. */
+static void test_shared_file_bounded(void)
+{
+    enum { ROUNDS = 5000 };
+    char shared[PATH_MAX], pending[PATH_MAX + 32];
+    snprintf(shared, sizeof(shared), "%s/shared", dir);
+    CHECK(mkdir(shared, 0700) == 0);
+    layer_share_pending(shared);
+    layer_syscalls.fdatasync = writing_sync;
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(l));
+    snprintf(pending, sizeof(pending), "%s/%s.pending", shared, id);
+    layer_close(l);
+    uint64_t seed = next_rand();
+    pid_t pid = fork();
+    if (pid == 0) {
+        rng = seed;
+        sync_writes = 0;
+        if (layer_open(dir, id, DISK_SIZE, &l) != 0)
+            _exit(2);
+        for (int i = 0; i < ROUNDS; i++) {
+            if (write_blocks(l, NULL, (uint64_t)i % 256, 1) != 0)
+                _exit(3);
+            sync_writer = l;
+            int rc = layer_flush(l);
+            sync_writer = NULL;
+            if (rc != 0)
+                _exit(4);
+        }
+        struct stat st;
+        if (stat(pending, &st) != 0)
+            _exit(5);
+        if (st.st_size > 16384) {
+            fprintf(stderr, "the pending file holds %lld bytes after %d flushes\n", (long long)st.st_size, ROUNDS);
+            _exit(6);
+        }
+        for (uint64_t b = 512; b < 520; b++) /* unflushed */
+            if (write_blocks(l, NULL, b, 1) != 0)
+                _exit(3);
+        kill(getpid(), SIGKILL);
+        _exit(0);
+    }
+    struct model m;
+    model_init(&m);
+    uint64_t saved = rng;
+    rng = seed;
+    uint64_t during = 0;
+    for (int i = 0; i < ROUNDS; i++) {
+        write_blocks(NULL, &m, (uint64_t)i % 256, 1);
+        write_blocks(NULL, &m, 256 + during++ % 256, 1);
+    }
+    for (uint64_t b = 512; b < 520; b++)
+        write_blocks(NULL, &m, b, 1);
+    rng = saved;
+    int status;
+    waitpid(pid, &status, 0);
+    if (WIFEXITED(status))
+        fprintf(stderr, "the writer exited with %d\n", WEXITSTATUS(status));
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    layer_syscalls.fdatasync = real_fdatasync_saved;
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    CHECK(l && matches(l, &m));
+    CHECK(l && layer_flush(l) == 0);
+    l = l ? reopen(l) : NULL;
+    CHECK(l && matches(l, &m));
+    layer_close(l);
+    layer_remove(dir, id);
+    layer_share_pending(NULL);
+    CHECK(rmdir(shared) == 0);
+    model_free(&m);
 }
 
 static void test_faults(void)
@@ -1124,6 +1235,7 @@ int main(void)
     setenv("IMGFS_LAYER_COMPACT_MIN", "1G", 1); /* compactions only when asked */
     real_fdatasync_saved = layer_syscalls.fdatasync;
     real_pwrite_saved = layer_syscalls.pwrite;
+    real_fallocate_saved = layer_syscalls.fallocate;
     cond_init_monotonic(&sync_cv);
     test_basics();
     test_torn_record();
@@ -1148,7 +1260,9 @@ int main(void)
     test_writes_during_compaction_syncs();
     test_kill_after_switch(true);
     test_kill_after_switch(false);
-    test_takeover_acknowledged();
+    test_takeover_acknowledged(false);
+    test_takeover_acknowledged(true);
+    test_shared_file_bounded();
     test_faults();
     CHECK(count_entries(dir) == 0);
     remove_tree(dir);

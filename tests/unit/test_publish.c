@@ -184,7 +184,7 @@ static void test_publish(const char *tmp)
     CHECK(r1.chunks_reused == 0);
     CHECK(r1.bytes_stored > 0 && r1.bytes_stored < (NCHUNKS - 2) * (uint64_t)(CS + CHUNKFMT_HEADER_LEN));
     /* The stage times are measured, whatever they are: each stage that ran
-     * took some time, and the workers used some CPU. */
+     * took some time (the CPU seconds may round to 0 for so small an image). */
     CHECK(r1.read_seconds > 0 && r1.hash_seconds > 0 && r1.compress_seconds > 0 && r1.store_seconds > 0);
     CHECK(r1.worker_cpu_seconds >= 0);
 
