@@ -232,7 +232,7 @@ static int real_fallocate(int fd, int mode, off_t off, off_t len)
 {
     return fallocate(fd, mode, off, len);
 }
-struct layer_syscalls layer_syscalls = {real_pwrite, real_fdatasync, real_fallocate};
+struct layer_syscalls layer_syscalls = {real_pwrite, real_fdatasync, real_fallocate, real_pwrite};
 
 static int put_at(int fd, const void *buf, size_t len, uint64_t off)
 {
@@ -726,7 +726,7 @@ static bool shared_header(struct layer *l, uint64_t flushed)
     put64(h + 8, l->file_id);
     put64(h + 16, flushed);
     put64(h + 24, l->shared_count);
-    if (pwrite(l->shared_fd, h, sizeof(h), 0) == (ssize_t)sizeof(h))
+    if (layer_syscalls.shared_pwrite(l->shared_fd, h, sizeof(h), 0) == (ssize_t)sizeof(h))
         return true;
     log_warn("layer %s: cannot update %s/%s.pending: %s", l->id, shared_pending_dir, l->id, strerror(errno));
     return false;

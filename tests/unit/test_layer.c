@@ -1090,12 +1090,15 @@ static void test_takeover_acknowledged(bool full_tmpfs)
  * from sync_writes, each time its log is synced. */
 static struct layer *sync_writer;
 static uint64_t sync_writes;
+static int sync_acks = -1; /* a pipe told of each of those writes, or -1 */
 static int writing_sync(int fd)
 {
     struct layer *l = sync_writer;
     if (l) {
         sync_writer = NULL; /* the write must not nest another */
         if (write_blocks(l, NULL, 256 + sync_writes++ % 256, 1) != 0)
+            _exit(7);
+        if (sync_acks >= 0 && write(sync_acks, "w", 1) != 1)
             _exit(7);
         sync_writer = l;
     }
@@ -1177,6 +1180,112 @@ static void test_shared_file_bounded(void)
     layer_share_pending(NULL);
     CHECK(rmdir(shared) == 0);
     model_free(&m);
+}
+
+/* A server killed before each system call that writes, in rounds of a
+ * write and a flush with another write in its sync (so each flush moves the
+ * entry that came during it to the front of the shared pending file): a
+ * takeover keeps exactly the writes that had returned. */
+static ssize_t kill_before_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    if (pwrites++ == kill_at)
+        kill(getpid(), SIGKILL);
+    return pwrite(fd, buf, len, off);
+}
+
+static void test_shared_moves_killed(void)
+{
+    enum { ROUNDS = 6 };
+    char shared[PATH_MAX];
+    snprintf(shared, sizeof(shared), "%s/shared", dir);
+    CHECK(mkdir(shared, 0700) == 0);
+    layer_share_pending(shared);
+    layer_syscalls.fdatasync = writing_sync;
+    layer_syscalls.pwrite = kill_before_pwrite;
+    layer_syscalls.shared_pwrite = kill_before_pwrite; /* the header updates too */
+    int kills = 0;
+    for (int k = 0;; k++) {
+        struct layer *l;
+        CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+        if (!l)
+            break;
+        char id[LAYER_ID_LEN + 1];
+        snprintf(id, sizeof(id), "%s", layer_id(l));
+        layer_close(l);
+        uint64_t seed = next_rand();
+        int acks[2];
+        CHECK(pipe(acks) == 0);
+        pid_t pid = fork();
+        if (pid == 0) {
+            close(acks[0]);
+            rng = seed;
+            sync_writes = 0;
+            sync_acks = acks[1];
+            if (layer_open(dir, id, DISK_SIZE, &l) != 0)
+                _exit(2);
+            pwrites = 0;
+            kill_at = k;
+            for (int i = 0; i < ROUNDS; i++) {
+                if (write_blocks(l, NULL, (uint64_t)i, 1) != 0 || write(acks[1], "w", 1) != 1)
+                    _exit(3);
+                sync_writer = l;
+                int rc = layer_flush(l);
+                sync_writer = NULL;
+                if (rc != 0)
+                    _exit(4);
+            }
+            _exit(0); /* k was past the last write */
+        }
+        close(acks[1]);
+        /* The writes in order: block i, then block 256 + i in the flush's sync. */
+        struct model m;
+        model_init(&m);
+        uint64_t saved = rng;
+        rng = seed;
+        uint64_t order[2 * ROUNDS];
+        for (int i = 0; i < ROUNDS; i++) {
+            order[2 * i] = (uint64_t)i;
+            order[2 * i + 1] = 256 + (uint64_t)i;
+            write_blocks(NULL, &m, order[2 * i], 1);
+            write_blocks(NULL, &m, order[2 * i + 1], 1);
+        }
+        rng = saved;
+        int acked = 0;
+        char c;
+        while (read(acks[0], &c, 1) == 1)
+            acked++;
+        close(acks[0]);
+        int status;
+        waitpid(pid, &status, 0);
+        bool killed = WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
+        CHECK(killed || (WIFEXITED(status) && WEXITSTATUS(status) == 0));
+        CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+        unsigned char buf[BS];
+        for (int w = 0; l && w < 2 * ROUNDS; w++) {
+            uint64_t b = order[w];
+            bool owned = layer_owns(l, b);
+            if (owned != (w < acked))
+                fprintf(stderr, "killed at write %d: block %" PRIu64 " %s owned after %d writes returned\n", k, b,
+                        owned ? "is" : "is not", acked);
+            CHECK(owned == (w < acked));
+            CHECK(!owned || (layer_read(l, buf, BS, b * BS) == 0 && memcmp(buf, m.bytes + b * BS, BS) == 0));
+        }
+        layer_close(l);
+        layer_remove(dir, id);
+        model_free(&m);
+        if (!killed)
+            break;
+        kills++;
+    }
+    CHECK(kills > 4 * ROUNDS); /* each round: two data writes, a record, two headers */
+    printf("shared file moves: killed at %d different writes, each time exactly the returned writes kept\n", kills);
+    kill_at = -1;
+    sync_acks = -1;
+    layer_syscalls.pwrite = real_pwrite_saved;
+    layer_syscalls.shared_pwrite = real_pwrite_saved;
+    layer_syscalls.fdatasync = real_fdatasync_saved;
+    layer_share_pending(NULL);
+    CHECK(rmdir(shared) == 0);
 }
 
 static void test_faults(void)
@@ -1263,6 +1372,7 @@ int main(void)
     test_takeover_acknowledged(false);
     test_takeover_acknowledged(true);
     test_shared_file_bounded();
+    test_shared_moves_killed();
     test_faults();
     CHECK(count_entries(dir) == 0);
     remove_tree(dir);
