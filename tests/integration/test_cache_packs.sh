@@ -19,14 +19,22 @@ chunk_hash() { dd if="$T/img.raw" bs=$CS skip="$1" count=1 status=none | xxh128s
 # Four readers, each over its quarter chunk by chunk, keep fills in flight
 # while the serving process is killed twice; the supervisor's next server
 # takes the mount over (takeover.h) and opens the cache the dead one was
-# filling. Every byte the readers got must be the image's.
+# filling. Every byte the readers got must be the image's. Each reader
+# waits half-way through its quarter until both kills are done, so that
+# the kills always land before the fills are over, however fast the readers
+# run against the test's polling.
 mount_imgfs "$T/repo" "$T/mnt"
 M=$T/mnt
 Q=$((N / 4))
+KILLED=$T/killed
+at_exit "touch '$KILLED'" # a failing run lets its readers go on, and end
 readers=()
 for q in 0 1 2 3; do
     (
         for i in $(seq $((q * Q)) $((q * Q + Q - 1))); do
+            if [ "$i" -eq $((q * Q + Q / 2)) ]; then
+                for _ in $(seq 1 3000); do [ -e "$KILLED" ] || [ ! -d "$T" ] && break; sleep 0.1; done
+            fi
             dd if="$M/bases/b.raw" bs=$CS skip="$i" count=1 status=none || exit 1
             sleep 0.01
         done > "$T/quarter.$q"
@@ -52,6 +60,7 @@ for want in 24 96; do
     killed=$((killed + 1))
     ok "server killed (-9) with $have of $N chunks in the cache; pid $pid took over"
 done
+touch "$KILLED"
 for q in 0 1 2 3; do
     wait "${readers[q]}" || fail "reader $q failed across the kills"
     cmp "$T/quarter.$q" <(dd if="$T/img.raw" bs=$CS skip=$((q * Q)) count=$Q status=none) ||
