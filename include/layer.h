@@ -33,7 +33,10 @@
  * the layers of the process: see Disk), so that a flush writes data over
  * allocated blocks: its fdatasync() writes the data and flushes the device,
  * with no journal commit of new blocks and size. Open cuts those zeros.
- * Writes of guests that use O_DIRECT go there with O_DIRECT
+ * A guest that writes with O_DIRECT and flushes more than that gets the
+ * window allocated (fallocate) instead of written: zeros would double what
+ * its flushes write, and its writes could not go with O_DIRECT without
+ * extending the file. Writes of guests that use O_DIRECT go there with O_DIRECT
  * (layer_write_through), so a flush then writes only its record. Page-cache
  * and O_DIRECT writes to a log take turns, never both at once, so that no
  * cached page of a block written through keeps its old bytes.
