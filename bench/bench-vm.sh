@@ -37,7 +37,8 @@
 #      overlay. IOPS, or MiB/s for the
 #      sequential row; reads count in the mix. fio invalidates each target's
 #      page cache before a job, and the daemons' backing files stay in the
-#      host page cache.
+#      host page cache (but for the passthrough's, whose clean pages are
+#      dropped before each job, as the local file's are).
 #   2b. vm_cache=writeback and the FUSE bdi's dirty limit: 1 MiB sequential
 #      buffered writes on the writeback mount with its bdi's max_ratio at the
 #      kernel's 1% and raised to BENCH_MAX_RATIO (default 10).
@@ -405,7 +406,7 @@ report() {
     echo "# imgfs VM disk benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "- machine: $(nproc) CPUs ($(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1)), $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM, kernel $(uname -r), work dir on $(df --output=source "$WORK" | tail -n1) ($(findmnt -no FSTYPE -T "$WORK"))"
-    echo "- $(fio --version); $(qemu-storage-daemon --version | head -n 1); imgfs $(git -C "$SRC_DIR" describe --always --dirty 2>/dev/null || echo '?')"
+    echo "- $(fio --version); $(qemu-storage-daemon --version | head -n 1); imgfs source $(git -C "$SRC_DIR" describe --always --dirty 2>/dev/null || echo '?'), binary built $(date -u -r "$IMGFS" '+%Y-%m-%d %H:%M UTC')"
     echo "- base: 2 GiB random data; publish ${PUBLISH_TIME}s, cache warm-up (full read) ${WARM_TIME}s; total run ${ELAPSED}s"
     echo "- load average (1/5/15 min) at start: $LOAD_START, at end: $LOAD_END (other work on the host skews the numbers)"
     echo

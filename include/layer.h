@@ -118,6 +118,8 @@ struct layer;
  * Entries are appended through a shared mapping of that file (no system
  * call per write); a write whose entry cannot be kept there (a full tmpfs)
  * is flushed before it returns, so a takeover never lacks an answered write.
+ * A flush drops the entries it made durable, so the file holds at most
+ * about twice the entries pending, however long writes go on.
  * After a reboot the tmpfs is gone, and the promises are as above. Call
  * once at start-up, before any layer is opened; NULL or "" for none. */
 void layer_share_pending(const char *dir);

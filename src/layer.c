@@ -685,8 +685,10 @@ static int layer_path(const char *dir, const char *id, enum layer_file_kind kind
  * Entries [flushed, count) are not yet in a durable record; what follows
  * them is not read. An entry is written before count grows, count before
  * the write returns; a flush sets flushed after its fdatasync and empties
- * the file when nothing came meanwhile. Entries are appended through a
- * shared mapping of the file (no system call on a write: stores reach the
+ * the file when nothing came meanwhile, or else moves what came to the
+ * front once it fits below the flushed entries (shared_flushed: the file
+ * stays small under a steady stream of writes). Entries are appended
+ * through a shared mapping of the file (no system call on a write: stores reach the
  * tmpfs pages, which a takeover reads, as they retire), into space
  * allocated beforehand (so a full tmpfs fails an fallocate, never a
  * store); the header is rewritten with one pwrite, which a kill does not

@@ -994,6 +994,53 @@ static int small_fallocate(int fd, int mode, off_t off, off_t len)
     return fallocate(fd, mode, off, len);
 }
 
+/* Creates an empty layer and closes it, for a child process to open: its
+ * id in id, or false. */
+static bool empty_layer(char id[LAYER_ID_LEN + 1])
+{
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    if (!l)
+        return false;
+    snprintf(id, LAYER_ID_LEN + 1, "%s", layer_id(l));
+    layer_close(l);
+    return true;
+}
+
+/* The parent's side of a kill test: counts the writes that the child pid
+ * reported as returned on acks (one byte each), reaps it, and checks that
+ * a takeover of layer id owns exactly the blocks of the first of those n
+ * writes (order: their blocks, one each), with m's bytes; then removes the
+ * layer. Returns whether the child was killed (false: it ran to its end). */
+static bool takeover_keeps_acked(const char *id, int acks, pid_t pid, const uint64_t *order, size_t n,
+                                 const struct model *m, int k)
+{
+    size_t acked = 0;
+    char c;
+    while (read(acks, &c, 1) == 1)
+        acked++;
+    close(acks);
+    int status;
+    waitpid(pid, &status, 0);
+    bool killed = WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
+    CHECK(killed || (WIFEXITED(status) && WEXITSTATUS(status) == 0));
+    struct layer *l;
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    unsigned char buf[BS];
+    for (size_t w = 0; l && w < n; w++) {
+        uint64_t b = order[w];
+        bool owned = layer_owns(l, b);
+        if (owned != (w < acked))
+            fprintf(stderr, "killed at write %d: block %" PRIu64 " %s owned after %zu writes returned\n", k, b,
+                    owned ? "is" : "is not", acked);
+        CHECK(owned == (w < acked));
+        CHECK(!owned || (layer_read(l, buf, BS, b * BS) == 0 && memcmp(buf, m->bytes + b * BS, BS) == 0));
+    }
+    layer_close(l);
+    layer_remove(dir, id);
+    return killed;
+}
+
 /* A server killed at every write of a run of writes with a flush in the
  * middle (at each write's data, each of the flush's record blocks, torn):
  * with the shared pending file, the layer that a takeover opens shows
@@ -1014,15 +1061,15 @@ static void test_takeover_acknowledged(bool full_tmpfs)
         layer_syscalls.fallocate = small_fallocate;
     struct model all;
     model_init(&all);
+    uint64_t order[WRITES];
+    for (uint64_t i = 0; i < WRITES; i++)
+        order[i] = i;
     int kills = 0;
     for (int k = 0;; k++) {
         struct layer *l;
-        CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
-        if (!l)
-            break;
         char id[LAYER_ID_LEN + 1];
-        snprintf(id, sizeof(id), "%s", layer_id(l));
-        layer_close(l);
+        if (!empty_layer(id))
+            break;
         uint64_t seed = next_rand();
         int acks[2];
         CHECK(pipe(acks) == 0);
@@ -1049,28 +1096,7 @@ static void test_takeover_acknowledged(bool full_tmpfs)
         for (uint64_t i = 0; i < WRITES; i++)
             write_blocks(NULL, &all, i, 1);
         rng = saved;
-        uint64_t acked = 0;
-        char c;
-        while (read(acks[0], &c, 1) == 1)
-            acked++;
-        close(acks[0]);
-        int status;
-        waitpid(pid, &status, 0);
-        bool killed = WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
-        CHECK(killed || (WIFEXITED(status) && WEXITSTATUS(status) == 0));
-        CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
-        unsigned char buf[BS];
-        for (uint64_t b = 0; l && b < WRITES; b++) {
-            bool owned = layer_owns(l, b);
-            if (owned != (b < acked))
-                fprintf(stderr, "killed at write %d: block %" PRIu64 " %s owned after %" PRIu64 " writes returned\n",
-                        k, b, owned ? "is" : "is not", acked);
-            CHECK(owned == (b < acked));
-            CHECK(!owned || (layer_read(l, buf, BS, b * BS) == 0 && memcmp(buf, all.bytes + b * BS, BS) == 0));
-        }
-        layer_close(l);
-        layer_remove(dir, id);
-        if (!killed)
+        if (!takeover_keeps_acked(id, acks[0], pid, order, WRITES, &all, k))
             break; /* every write was covered */
         kills++;
     }
@@ -1206,12 +1232,9 @@ static void test_shared_moves_killed(void)
     int kills = 0;
     for (int k = 0;; k++) {
         struct layer *l;
-        CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
-        if (!l)
-            break;
         char id[LAYER_ID_LEN + 1];
-        snprintf(id, sizeof(id), "%s", layer_id(l));
-        layer_close(l);
+        if (!empty_layer(id))
+            break;
         uint64_t seed = next_rand();
         int acks[2];
         CHECK(pipe(acks) == 0);
@@ -1250,28 +1273,7 @@ static void test_shared_moves_killed(void)
             write_blocks(NULL, &m, order[2 * i + 1], 1);
         }
         rng = saved;
-        int acked = 0;
-        char c;
-        while (read(acks[0], &c, 1) == 1)
-            acked++;
-        close(acks[0]);
-        int status;
-        waitpid(pid, &status, 0);
-        bool killed = WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
-        CHECK(killed || (WIFEXITED(status) && WEXITSTATUS(status) == 0));
-        CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
-        unsigned char buf[BS];
-        for (int w = 0; l && w < 2 * ROUNDS; w++) {
-            uint64_t b = order[w];
-            bool owned = layer_owns(l, b);
-            if (owned != (w < acked))
-                fprintf(stderr, "killed at write %d: block %" PRIu64 " %s owned after %d writes returned\n", k, b,
-                        owned ? "is" : "is not", acked);
-            CHECK(owned == (w < acked));
-            CHECK(!owned || (layer_read(l, buf, BS, b * BS) == 0 && memcmp(buf, m.bytes + b * BS, BS) == 0));
-        }
-        layer_close(l);
-        layer_remove(dir, id);
+        bool killed = takeover_keeps_acked(id, acks[0], pid, order, 2 * ROUNDS, &m, k);
         model_free(&m);
         if (!killed)
             break;

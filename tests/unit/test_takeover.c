@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "owner.h"
@@ -185,6 +186,7 @@ static void test_handles_across_threads(void)
 {
     int fd;
     struct handle_relay r = {.t = takeover_create(&fd)};
+    CHECK(r.t != NULL, "the shared region is made: %s", strerror(errno));
     if (!r.t)
         return;
     pthread_t threads[3];
@@ -195,6 +197,7 @@ static void test_handles_across_threads(void)
         pthread_join(threads[i], NULL);
     CHECK(r.fh && atomic_load(&r.t->handles[r.fh - 1].ino) == 22 && !atomic_load(&r.t->handles[r.fh - 1].vm_disk),
           "the slot passed on holds the second open's inode and flag");
+    munmap(r.t, sizeof(*r.t));
     close(fd);
 }
 
