@@ -21,7 +21,7 @@ mount_imgfs "${NGINX_URL[web]}" "$T/mnt" "state=$T/state,timeout=120"
 dd if="$T/mnt/bases/d@1.raw" of="$T/slow.out" bs=4096 count=1 skip=$((7 * CHUNK / 4096)) iflag=direct \
     status=none &
 reader=$!
-for _ in $(seq 1 100); do # the read's request is at nginx
+for _ in $(seq 1 1200); do # the read's request is at nginx (60 s: only a failing run waits that long)
     [ "$(stat_value "$T/mnt" fetch requests)" -ge 1 ] && break
     sleep 0.05
 done
