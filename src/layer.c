@@ -1975,12 +1975,18 @@ static bool wants_compaction(const struct layer *l)
  * switch and at close. */
 static _Atomic uint64_t ahead_host_blocks;
 
+/* The blocks of l prepared ahead of its tail now. */
+static uint64_t ahead_held(const struct layer *l)
+{
+    uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
+    return ahead > tail ? ahead - tail : 0;
+}
+
 /* Counts what l holds ahead now. The caller holds l's compaction claim, so
  * ahead does not move and the tail only grows: held only shrinks after. */
 static void ahead_recount(struct layer *l)
 {
-    uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
-    uint64_t held = ahead > tail ? ahead - tail : 0, counted = atomic_load(&l->ahead_counted);
+    uint64_t held = ahead_held(l), counted = atomic_load(&l->ahead_counted);
     if (held < counted) {
         atomic_fetch_sub(&ahead_host_blocks, counted - held);
         atomic_store(&l->ahead_counted, held);
@@ -2030,9 +2036,17 @@ static uint64_t ahead_window(const struct layer *l)
  * closed. */
 static bool ahead_stale(const struct layer *l)
 {
-    uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
-    uint64_t held = ahead > tail ? ahead - tail : 0, counted = atomic_load(&l->ahead_counted);
+    uint64_t held = ahead_held(l), counted = atomic_load(&l->ahead_counted);
     return counted > held && (held == 0 || counted - held >= ahead_window(l) / 2);
+}
+
+/* What a pass of zero_ahead would prepare now: [max(tail, ahead), tail +
+ * window), empty when from >= to. */
+static void ahead_gap(const struct layer *l, uint64_t *from, uint64_t *to)
+{
+    uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
+    *from = tail > ahead ? tail : ahead;
+    *to = tail + ahead_window(l);
 }
 
 static bool wants_zero_ahead(const struct layer *l)
@@ -2046,9 +2060,6 @@ static bool wants_zero_ahead(const struct layer *l)
     return atomic_load(&l->ahead) < atomic_load(&l->tail) + ahead_window(l) / 2;
 }
 
-/* Zeroes [max(tail, ahead), tail + window) of cur and syncs it. Runs with
- * the compaction claim held, so cur does not change. Writes and flushes
- * that reserve blocks in that range meanwhile wait for it (zeroing_from). */
 /* 256 KiB of zeros, aligned for O_DIRECT (NULL without memory). */
 #define ZERO_PIECE (64 * BS)
 static char *zero_piece;
@@ -2097,6 +2108,10 @@ static int write_zeros(struct layer *l, int fd, uint64_t from, uint64_t to)
     return 0;
 }
 
+/* Prepares the gap (ahead_gap) of cur, zeroed or allocated, and syncs it.
+ * Runs with the compaction claim held, so cur does not change. Writes and
+ * flushes that reserve blocks in that range meanwhile wait for it
+ * (zeroing_from). */
 static void zero_ahead(struct layer *l)
 {
     /* Not where it buys nothing (no journal: tmpfs), nor where the space
@@ -2112,13 +2127,13 @@ static void zero_ahead(struct layer *l)
     /* A full budget is seen without the write lock, which would first wait
      * for this layer's writes under way (the tail only grows, so what the
      * zeroing would ask for is at least this). */
-    uint64_t tail_now = atomic_load(&l->tail), ahead_now = atomic_load(&l->ahead);
-    uint64_t from_now = tail_now > ahead_now ? tail_now : ahead_now, to_now = tail_now + ahead_window(l);
-    if (from_now < to_now && atomic_load(&ahead_host_blocks) + (to_now - from_now) > ahead_host_max())
+    uint64_t from, to;
+    ahead_gap(l, &from, &to);
+    if (from < to && atomic_load(&ahead_host_blocks) + (to - from) > ahead_host_max())
         return;
     pthread_rwlock_wrlock(&l->swap_lock);
-    uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
-    uint64_t from = tail > ahead ? tail : ahead, to = tail + ahead_window(l);
+    ahead_gap(l, &from, &to); /* writes hold swap_lock: the tail stays */
+    uint64_t tail = atomic_load(&l->tail);
     uint64_t changes = atomic_load(&l->changes);
     int fd = l->cur->fd;
     if (from < to && !ahead_reserve(l, to - from))
