@@ -259,14 +259,21 @@ static int save_vm(struct vm_registry *reg, const struct vm *vm)
     return err;
 }
 
+/* Sets the live disk's size and its lock-free copy (vm.h); write_lock and
+ * chain_lock held, or vm not yet shared. */
+static void set_live_size(struct vm *vm, uint64_t size)
+{
+    vm->live.size = size;
+    atomic_store(&vm->size, size);
+}
+
 static struct vm *vm_alloc(const char *name, uint64_t size)
 {
     struct vm *vm = calloc(1, sizeof(*vm));
     if (!vm)
         return NULL;
     snprintf(vm->name, sizeof(vm->name), "%.64s", name);
-    vm->live.size = size;
-    atomic_init(&vm->size, size);
+    set_live_size(vm, size);
     vm->mode = VM_DEFAULT_MODE;
     pthread_rwlockattr_t attr;
     pthread_rwlockattr_init(&attr);
@@ -1015,15 +1022,13 @@ int vm_resize_blank(struct vm_registry *reg, struct vm *vm, uint64_t size, char 
     uint64_t old_size = vm->live.size;
     pthread_rwlock_wrlock(&vm->chain_lock);
     vm->live.layers[0] = fresh;
-    vm->live.size = size;
-    atomic_store(&vm->size, size);
+    set_live_size(vm, size);
     pthread_rwlock_unlock(&vm->chain_lock);
     rc = save_vm(reg, vm);
     pthread_rwlock_wrlock(&vm->chain_lock);
     if (rc) {
         vm->live.layers[0] = old;
-        vm->live.size = old_size;
-        atomic_store(&vm->size, old_size);
+        set_live_size(vm, old_size);
         snprintf(err, errlen, "cannot save VM %s: %s", vm->name, strerror(-rc));
     }
     pthread_rwlock_unlock(&vm->chain_lock);
