@@ -2137,6 +2137,13 @@ static int write_zeros(struct layer *l, int fd, uint64_t from, uint64_t to)
     pthread_once(&once, zero_piece_make);
     bool direct = zero_piece && atomic_load(&l->writes_through) && !atomic_load(&l->no_direct);
     int dfd = direct ? direct_fd(l->cur) : -1;
+    /* Allocated first, so that the zeros overwrite blocks inside the file:
+     * an O_DIRECT write that allocates or extends holds the inode lock
+     * across its device write (ext4), and every guest write waits meanwhile
+     * (one each 256 KiB piece); one that overwrites shares it. Best effort:
+     * the zeros are written anyway. */
+    if (dfd >= 0)
+        fallocate(fd, 0, (off_t)(from * BS), (off_t)((to - from) * BS));
     for (uint64_t b = from; b < to; b += ZERO_PIECE / BS) {
         size_t len = (size_t)((to - b < ZERO_PIECE / BS ? to - b : ZERO_PIECE / BS) * BS);
         ssize_t n = -1;
