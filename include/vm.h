@@ -197,7 +197,10 @@ int vm_import(struct vm_registry *reg, int fd, const char *name, bool (*stop)(vo
  * after the chunks came (or failed at their deadline: -EIO). buf is copied;
  * the caller may reuse it when vm_write_start returns. flags: 0, or
  * VM_WRITE_THROUGH for a guest that wrote with O_DIRECT (the layer writes
- * the bytes to the device before the write completes: layer_write_through). */
+ * the bytes to the device before the write completes: layer_write_through).
+ * A disk does not grow: a write that does not fit inside it fails with
+ * -ENOSPC, also one already under way when vm_resize_blank shrinks the
+ * disk under it. */
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off);
 typedef void (*vm_write_done_fn)(void *arg, int result);
 #define VM_WRITE_PENDING 1

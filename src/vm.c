@@ -1342,7 +1342,11 @@ static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks
                        (off + len + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE);
     pthread_rwlock_rdlock(&vm->write_lock);
     pthread_rwlock_rdlock(&vm->chain_lock);
-    int rc = write_locked(vm, chunks, buf, len, off, flags & VM_WRITE_THROUGH);
+    /* Checked again: an ftruncate of a blank disk may have shrunk it since
+     * write_fits (live.size changes only under write_lock). */
+    int rc = -ENOSPC;
+    if (off < vm->live.size && len <= vm->live.size - off)
+        rc = write_locked(vm, chunks, buf, len, off, flags & VM_WRITE_THROUGH);
     pthread_rwlock_unlock(&vm->chain_lock);
     pthread_rwlock_unlock(&vm->write_lock);
     range_lock_release(&vm->write_ranges, &held);

@@ -210,6 +210,51 @@ static void test_find_during_churn(const char *state)
     vm_registry_close(r.reg);
 }
 
+/* A write in flight (past its size check, waiting for its blocks) while an
+ * ftruncate shrinks the blank disk under it: it fails as any write past the
+ * end does, with ENOSPC (vm.h). */
+struct shrink_race {
+    struct vm *vm;
+    int write_rc;
+};
+
+static void *write_last_block(void *arg)
+{
+    struct shrink_race *r = arg;
+    static const char block[4096] = {2};
+    r->write_rc = vm_write(r->vm, NULL, block, sizeof(block), DISK_SIZE - sizeof(block));
+    return NULL;
+}
+
+static void test_shrink_under_write(const char *state)
+{
+    char err[256];
+    struct vm_registry *reg = NULL;
+    struct vm *vm = NULL;
+    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
+    if (!reg)
+        return;
+    CHECK(vm_create_empty(reg, "shrunk", 0600, 0, 0, &vm, err, sizeof(err)) == 0);
+    CHECK(vm && vm_resize_blank(reg, vm, DISK_SIZE, err, sizeof(err)) == 0);
+    if (vm) {
+        struct shrink_race r = {.vm = vm};
+        struct range_held all;
+        range_lock_acquire(&vm->write_ranges, &all, 0, UINT64_MAX); /* the write waits here */
+        pthread_t writer;
+        CHECK(pthread_create(&writer, NULL, write_last_block, &r) == 0);
+        while (range_lock_waiting(&vm->write_ranges) == 0)
+            sched_yield();
+        CHECK(vm_resize_blank(reg, vm, DISK_SIZE / 2, err, sizeof(err)) == 0);
+        range_lock_release(&vm->write_ranges, &all);
+        pthread_join(writer, NULL);
+        if (r.write_rc != -ENOSPC)
+            fprintf(stderr, "the write past the shrunk end returned %d (%s)\n", r.write_rc, strerror(-r.write_rc));
+        CHECK(r.write_rc == -ENOSPC);
+        CHECK(vm_size(vm) == DISK_SIZE / 2);
+    }
+    vm_registry_close(reg);
+}
+
 int main(void)
 {
     char state[] = "/tmp/imgfs-vm-test.XXXXXX";
@@ -218,6 +263,7 @@ int main(void)
         return 1;
     }
     test_size_across_threads(state);
+    test_shrink_under_write(state);
     remove_tree(state);
     if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
         return 1;
