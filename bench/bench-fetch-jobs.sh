@@ -103,7 +103,7 @@ done
 
 # median and range of field F (1: seconds, 2: CPU seconds) of runs
 stat() { # runs field
-    echo -n "$1" | awk -v f="$2" 'NF { v[NR] = $f } END { n = asort(v);
+    echo -n "$1" | awk -v f="$2" 'NF { print $f }' | sort -g | awk '{ v[NR] = $1 } END { n = NR;
         printf "%.2f (%.2f-%.2f)", n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2, v[1], v[n] }'
 }
 median() { stat "$1" "$2" | cut -d' ' -f1; }
