@@ -425,6 +425,10 @@ static bool has_vm_node(struct tree *tree, const struct vm *vm, const struct vm_
 
 int tree_add_vm(struct tree *tree, struct vm *vm)
 {
+    /* Copied before tree->lock is taken: a lookup never waits behind a
+     * VM's chain_lock. */
+    struct vm_snapshot *snaps[VM_MAX_SNAPSHOTS];
+    unsigned snap_count = vm_snapshot_list(vm, snaps);
     int rc = 0;
     pthread_rwlock_wrlock(&tree->lock);
     if (!has_vm_node(tree, vm, NULL)) {
@@ -436,8 +440,8 @@ int tree_add_vm(struct tree *tree, struct vm *vm)
         else
             rc = -ENOMEM;
     }
-    for (unsigned s = 0; s < vm_snapshot_count(vm) && !rc; s++) {
-        struct vm_snapshot *snap = vm_snapshot_at(vm, s);
+    for (unsigned s = 0; s < snap_count && !rc; s++) {
+        struct vm_snapshot *snap = snaps[s];
         if (has_vm_node(tree, vm, snap))
             continue;
         char name[160];

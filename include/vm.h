@@ -104,7 +104,10 @@ struct vm {
      * and the stat or write after it may run on two FUSE threads with only
      * the kernel's ordering of the two requests between them. */
     _Atomic uint64_t size;
-    struct vm_snapshot **snapshots; /* VM_MAX_SNAPSHOTS entries once the first is made, else NULL */
+    /* VM_MAX_SNAPSHOTS entries once the first is made, else NULL; changed
+     * under registry->lock and chain_lock (exclusive), so readers hold
+     * either (vm_snapshot_list takes chain_lock). */
+    struct vm_snapshot **snapshots;
     unsigned snapshot_count;
 
     struct chunk_trace *trace; /* recording, or NULL; guarded by chain_lock */
@@ -224,12 +227,11 @@ uint64_t vm_size(const struct vm *vm);
  * a blank disk. It never changes. */
 const struct vm_base *vm_get_base(const struct vm *vm, const struct vm_snapshot *snap);
 
-/* The VM's snapshots, by position (0 <= i < vm_snapshot_count), their
- * names, and whether one was removed (the struct stays valid). The list is
- * read as it is, with no lock: the caller must not race a command that
- * changes it (fs/tree.c's callers run after that command, or at mount). */
-unsigned vm_snapshot_count(const struct vm *vm);
-struct vm_snapshot *vm_snapshot_at(struct vm *vm, unsigned i);
+/* The VM's snapshots, copied into out in their order under chain_lock
+ * (a snapshot or its removal may change the list meanwhile); returns how
+ * many. Then their names, and whether one was removed (the struct stays
+ * valid until the registry closes). */
+unsigned vm_snapshot_list(struct vm *vm, struct vm_snapshot *out[VM_MAX_SNAPSHOTS]);
 const char *vm_snapshot_name(const struct vm_snapshot *snap);
 bool vm_snapshot_removed(const struct vm_snapshot *snap);
 

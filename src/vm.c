@@ -1515,8 +1515,15 @@ const struct vm_base *vm_get_base(const struct vm *vm, const struct vm_snapshot 
     return snap ? snap->disk.base : vm->live.base;
 }
 
-unsigned vm_snapshot_count(const struct vm *vm) { return vm->snapshot_count; }
-struct vm_snapshot *vm_snapshot_at(struct vm *vm, unsigned i) { return vm->snapshots[i]; }
+unsigned vm_snapshot_list(struct vm *vm, struct vm_snapshot *out[VM_MAX_SNAPSHOTS])
+{
+    pthread_rwlock_rdlock(&vm->chain_lock);
+    unsigned n = vm->snapshot_count;
+    if (n)
+        memcpy(out, vm->snapshots, n * sizeof(*out));
+    pthread_rwlock_unlock(&vm->chain_lock);
+    return n;
+}
 const char *vm_snapshot_name(const struct vm_snapshot *snap) { return snap->name; }
 bool vm_snapshot_removed(const struct vm_snapshot *snap) { return atomic_load(&snap->removed); }
 
