@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -1123,6 +1124,90 @@ static void test_compaction_damage(const char *dir)
     free(data);
 }
 
+/* Which pages of a file are in the page cache: resident[i] for page i of
+ * the first pages pages. -1 when it cannot be told. */
+static int pages_resident(const char *path, size_t pages, unsigned char *resident)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return -1;
+    void *map = mmap(NULL, pages * (size_t)page, PROT_READ, MAP_SHARED, fd, 0); /* touches nothing */
+    close(fd);
+    if (map == MAP_FAILED)
+        return -1;
+    int rc = mincore(map, pages * (size_t)page, resident);
+    munmap(map, pages * (size_t)page);
+    for (size_t i = 0; rc == 0 && i < pages; i++)
+        resident[i] &= 1;
+    return rc;
+}
+
+/* Drops a file's pages from the page cache (written out first). 0 when
+ * none of its first pages pages is left resident. */
+static int evict_pages(const char *path, size_t pages)
+{
+    int fd = open(path, O_RDWR);
+    if (fd < 0)
+        return -1;
+    int rc = fdatasync(fd) == 0 && posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0 ? 0 : -1;
+    close(fd);
+    unsigned char resident[64];
+    if (rc || pages > sizeof(resident) || pages_resident(path, pages, resident) != 0)
+        return -1;
+    for (size_t i = 0; i < pages; i++)
+        if (resident[i])
+            return -1;
+    return 0;
+}
+
+/* The first read of part of a chunk in a pack, in a run, starts reading the
+ * pack's whole sums file (after a reboot, each random read would otherwise
+ * wait for its sums page and then its block): a read of the last chunk's
+ * block brings in the sums pages of the first chunks too. */
+static void test_sums_read_ahead(const char *dir)
+{
+    enum { SUMS_PAGES = 8, CHUNKS = SUMS_PAGES * 4096 / 8 * 4096 / CS }; /* 8 pages of sums */
+    struct cache *cache = open_cache(dir);
+    unsigned char *data = malloc(CS), *last = malloc(CS);
+    struct chunk_hash h, hl;
+    for (unsigned i = 0; i < CHUNKS; i++) {
+        make_chunk(data, CS, 3000 + i, &h);
+        fill_chunk(cache, &h, data);
+    }
+    make_chunk(last, CS, 3000 + CHUNKS - 1, &hl);
+    struct where w = locate(cache, &hl);
+    char sums[PATH_MAX];
+    sums_path_of(&w, sums, sizeof(sums));
+    CHECK(w.off / 4096 * 8 >= (SUMS_PAGES - 1) * 4096ull); /* its sums are on the last page */
+    cache_close(cache);
+    if (evict_pages(sums, SUMS_PAGES) != 0) {
+        /* tmpfs keeps every page: nothing to see there */
+        printf("test_sums_read_ahead: skipped, the page cache of %s cannot be dropped here\n", sums);
+        free(data);
+        free(last);
+        return;
+    }
+    cache = open_cache(dir);
+    unsigned char resident[SUMS_PAGES];
+    CHECK(pages_resident(sums, SUMS_PAGES, resident) == 0 && !resident[0] && !resident[SUMS_PAGES / 2]);
+    CHECK(range_hits_with(cache, &hl, 4096, 4096, last));
+    /* The readahead is asynchronous: wait for it (the bound only ends a
+     * run that fails). */
+    bool all = false;
+    for (int waited = 0; !all && waited < 60000; waited += 10) {
+        all = pages_resident(sums, SUMS_PAGES, resident) == 0;
+        for (size_t i = 0; all && i < SUMS_PAGES; i++)
+            all = resident[i];
+        if (!all)
+            sleep_ms(10);
+    }
+    CHECK(all);
+    free(data);
+    free(last);
+    cache_close(cache);
+}
+
 int main(void)
 {
     log_set_level(LOG_LEVEL_ERROR); /* the damage tests log warnings on purpose */
@@ -1153,6 +1238,9 @@ int main(void)
     path_join(sub, sizeof(sub), "%s/compact-damage", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_compaction_damage(sub);
+    path_join(sub, sizeof(sub), "%s/sums-read-ahead", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_sums_read_ahead(sub);
     path_join(sub, sizeof(sub), "%s/churn", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_churn(sub);
