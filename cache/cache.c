@@ -115,7 +115,8 @@ enum entry_state {
  *                         (-> ABSENT once its record is dropped and its
  *                         bytes punched out)
  * An entry is counted in resident_* and in its pack's live from the fill or
- * the index load until it is dropped. A pinned or held entry is never
+ * the index load until it is dropped (and in held_bytes too meanwhile,
+ * while a pin set holds it). A pinned or held entry is never
  * evicted, so its pack, and the bytes at its offset, stay. */
 struct cache_entry {
     struct chunk_hash hash;
@@ -143,6 +144,8 @@ struct shard {
     size_t entry_count;
     uint64_t resident_chunks;
     uint64_t resident_bytes;
+    uint64_t held_bytes; /* of the entries counted in resident_* that a pin set holds */
+    uint64_t changes;    /* counts every change of resident_chunks (cache_generation) */
 };
 
 struct cache {
@@ -572,6 +575,8 @@ static struct pack *drop_resident(struct cache *cache, struct shard *s, struct c
     struct pack *p = e->pack;
     s->resident_chunks--;
     s->resident_bytes -= e->size;
+    s->held_bytes -= e->holds ? e->size : 0;
+    s->changes++;
     atomic_fetch_sub(&cache->used, e->size);
     e->size = 0;
     e->pack = NULL;
@@ -603,6 +608,8 @@ static bool add_loaded(struct cache *cache, const struct chunk_hash *hash, struc
     p->live++;
     s->resident_chunks++;
     s->resident_bytes += len;
+    s->held_bytes += e->holds ? len : 0;
+    s->changes++;
     atomic_fetch_add(&cache->used, len);
     return true;
 }
@@ -1396,6 +1403,8 @@ int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, siz
     e->off = off;
     s->resident_chunks++;
     s->resident_bytes += len;
+    s->held_bytes += e->holds ? len : 0;
+    s->changes++;
     pin_resident(cache, e, pin);
     pthread_cond_broadcast(&s->changed);
     pthread_mutex_unlock(&s->lock);
@@ -1454,6 +1463,28 @@ bool cache_contains(struct cache *cache, const struct chunk_hash *hash)
     return resident;
 }
 
+bool cache_stores(struct cache *cache, const struct chunk_hash *hash)
+{
+    struct shard *s = shard_of(cache, hash);
+    pthread_mutex_lock(&s->lock);
+    struct cache_entry *e = find_entry(s, hash);
+    bool stored = e && e->pack; /* counted in resident_* (drop_resident clears pack) */
+    pthread_mutex_unlock(&s->lock);
+    return stored;
+}
+
+uint64_t cache_generation(struct cache *cache)
+{
+    uint64_t sum = 0; /* of counts that only grow: it changes when one does */
+    for (int i = 0; i < SHARD_COUNT; i++) {
+        struct shard *s = &cache->shards[i];
+        pthread_mutex_lock(&s->lock);
+        sum += s->changes;
+        pthread_mutex_unlock(&s->lock);
+    }
+    return sum;
+}
+
 int cache_prefetch(struct cache *cache, const struct chunk_hash *hash)
 {
     struct shard *s = shard_of(cache, hash);
@@ -1480,10 +1511,13 @@ int cache_hold(struct cache *cache, const struct chunk_hash *hash, bool hold)
     struct cache_entry *e = find_entry(s, hash);
     if (!e && hold)
         e = insert_entry(s, hash);
+    bool was_held = e && e->holds;
     if (e && hold)
         e->holds++;
     else if (e && e->holds)
         e->holds--;
+    if (e && e->pack && was_held != (e->holds > 0)) /* counted resident: held_bytes follows */
+        s->held_bytes += was_held ? -e->size : e->size;
     pthread_mutex_unlock(&s->lock);
     return e || !hold ? 0 : -ENOMEM;
 }
@@ -1496,11 +1530,7 @@ void cache_get_usage(struct cache *cache, struct cache_usage *out)
         pthread_mutex_lock(&s->lock);
         out->chunks += s->resident_chunks;
         out->bytes += s->resident_bytes;
-        /* Held bytes are only needed for status, so they are counted here. */
-        for (size_t b = 0; b < s->bucket_count; b++)
-            for (struct cache_entry *e = s->buckets[b]; e; e = e->next)
-                if (e->holds && e->state == ENTRY_RESIDENT)
-                    out->held_bytes += e->size;
+        out->held_bytes += s->held_bytes;
         pthread_mutex_unlock(&s->lock);
     }
     pthread_mutex_lock(&cache->pack_lock);

@@ -107,7 +107,7 @@ struct cache_usage {
     uint64_t dropped_damaged; /* chunks that failed verification on first use */
     uint64_t limit;           /* 0 when unlimited */
     uint64_t evictions;
-    uint64_t held_bytes;      /* resident bytes that pre-copy pinned */
+    uint64_t held_bytes;      /* stored bytes that pre-copy pinned (a running count, no walk) */
 };
 
 int cache_open(const char *dir, struct cache **out, char *err, size_t errlen);
@@ -148,6 +148,13 @@ static inline const char *cache_pin_bytes(const struct cache_pin *pin, uint64_t 
 }
 
 bool cache_contains(struct cache *cache, const struct chunk_hash *hash);
+/* Whether the cache stores the chunk: from its fill (or the index load)
+ * until it is dropped, also while a reader checks it or compaction moves it
+ * (when cache_contains says no). This is what cache_get_usage counts. */
+bool cache_stores(struct cache *cache, const struct chunk_hash *hash);
+/* A number that changes whenever a chunk starts or stops being stored:
+ * what was counted with cache_stores() stays true while it is the same. */
+uint64_t cache_generation(struct cache *cache);
 /* Readahead of a resident chunk: starts reading its bytes from the pack into
  * the page cache (POSIX_FADV_WILLNEED) and returns without waiting or
  * checking them; the reader's cache_acquire() checks them, from memory by
