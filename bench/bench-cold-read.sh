@@ -14,13 +14,14 @@
 #   rtt50      the same through bench/delay-proxy.py: +25 ms each way
 #   cached     the base fully in the cache but the page cache dropped (a host
 #              after a reboot): cat of bases/NAME.raw on a fresh mount over
-#              that cache, against cat of the local raw file and of the
-#              same image as qcow2 through qcowmount; then, on another fresh
-#              mount, 4096 random 4 KiB O_DIRECT reads (fio, libaio, iodepth
-#              16, the same offsets on every target) against the same two,
-#              and against the FUSE ceiling: bench/fuse-null.c serving the
-#              local raw file with one pread per request (16 threads, as
-#              imgfs), what any FUSE file system reading that disk can do
+#              that cache, against cat of the local raw file, of the same
+#              image as qcow2 through qcowmount, and of the FUSE passthrough
+#              ("pass": bench/fuse-null.c --base serving the local raw file
+#              like an imgfs base, page cache and 1 MiB readahead, one pread
+#              per request, 16 threads, what any FUSE file system reading
+#              that disk can do); then, on another fresh mount, 4096 random
+#              4 KiB O_DIRECT reads (fio, libaio, iodepth 16, the same
+#              offsets on every target) against the same three
 # Ratio = the tool's time / imgfs's time (above 1: imgfs is faster).
 # Also: requests per MiB (nginx access log), and the latency of one
 # uncached 4 KiB read (O_DIRECT) against one GET of its chunk with curl.
@@ -268,27 +269,33 @@ if [[ " $CASES " == *" cached "* ]]; then
     mkdir -p "$WORK/null"
     cc -O2 -o "$WORK/fuse-null" "$SCRIPT_DIR/fuse-null.c" $(pkg-config --cflags --libs fuse3) -lpthread \
         2>"$WORK/fuse-null.log" || die "cannot build fuse-null.c: $(tail -n 1 "$WORK/fuse-null.log")"
-    "$WORK/fuse-null" "$WORK/null" "$SIZE_BYTES" 16 "$WORK/img.raw" >>"$WORK/fuse-null.log" 2>&1 &
+    "$WORK/fuse-null" --base "$WORK/null" "$SIZE_BYTES" 16 "$WORK/img.raw" >>"$WORK/fuse-null.log" 2>&1 &
     PIDS+=($!)
     wait_mounted "$WORK/null" 10 || die "fuse-null did not mount: $(tail -n 1 "$WORK/fuse-null.log")"
     MOUNTS+=("$WORK/null")
     mbps() { awk -v m=$MIB -v t="$1" 'BEGIN { printf "%.0f", m * 1.048576 / t }'; }
+    ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+    : >"$WORK/ratios"
     for ((run = 1; run <= REPEAT; run++)); do
         # One local and one qcowmount figure per run for every build, and the
         # builds in turn first, so that neither always follows the other.
         log "cached base, page cache dropped, run $run"
         local_s=$(timed_cat "$WORK/img.raw")
         qcow_s=$(timed_cat "$WORK/qcow/qcow1")
+        pass_s=$(timed_cat "$WORK/null/disk")
         local_iops=$(rand_iops "$WORK/img.raw")
         qcow_iops=$(rand_iops "$WORK/qcow/qcow1")
-        null_iops=$(rand_iops "$WORK/null/disk")
+        pass_iops=$(rand_iops "$WORK/null/disk")
         order=("${BUILDS[@]}")
         ((run % 2 == 0 && ${#BUILDS[@]} == 2)) && order=("${BUILDS[1]}" "${BUILDS[0]}")
         for BIN in "${order[@]}"; do
             read -r s iops <<<"$(imgfs_cached)"
-            CACHED_ROWS+=("| cached$(build_label "$BIN"), run $run | $local_s s ($(mbps "$local_s") MB/s) | $qcow_s s ($(mbps "$qcow_s") MB/s) | $s s ($(mbps "$s") MB/s) | **$(awk -v a="$local_s" -v b="$s" 'BEGIN { printf "%.2f", a / b }')x** | **$(awk -v a="$qcow_s" -v b="$s" 'BEGIN { printf "%.2f", a / b }')x** |")
-            CACHED_RAND_ROWS+=("| cached$(build_label "$BIN"), run $run | $local_iops | $qcow_iops | $null_iops | $iops | **$(awk -v a="$iops" -v b="$local_iops" 'BEGIN { printf "%.2f", a / b }')x** | **$(awk -v a="$iops" -v b="$qcow_iops" 'BEGIN { printf "%.2f", a / b }')x** | **$(awk -v a="$iops" -v b="$null_iops" 'BEGIN { printf "%.2f", a / b }')x** | $(awk -v a="$null_iops" -v b="$local_iops" 'BEGIN { printf "%.2f", a / b }')x |")
-            log "cached$(build_label "$BIN"): local $local_s s, qcowmount $qcow_s s, imgfs $s s; random 4K: local $local_iops, qcowmount $qcow_iops, FUSE ceiling $null_iops, imgfs $iops IOPS"
+            label="cached$(build_label "$BIN")"
+            CACHED_ROWS+=("| $label, run $run | $local_s s ($(mbps "$local_s") MB/s) | $qcow_s s ($(mbps "$qcow_s") MB/s) | $pass_s s ($(mbps "$pass_s") MB/s) | $s s ($(mbps "$s") MB/s) | **$(ratio "$local_s" "$s")x** | **$(ratio "$qcow_s" "$s")x** | **$(ratio "$pass_s" "$s")x** | $(ratio "$local_s" "$pass_s")x |")
+            CACHED_RAND_ROWS+=("| $label, run $run | $local_iops | $qcow_iops | $pass_iops | $iops | **$(ratio "$iops" "$local_iops")x** | **$(ratio "$iops" "$qcow_iops")x** | **$(ratio "$iops" "$pass_iops")x** | $(ratio "$pass_iops" "$local_iops")x |")
+            # Per build, one line per round: the four ratios of the summary.
+            echo "$label $(ratio "$local_s" "$s") $(ratio "$qcow_s" "$s") $(ratio "$pass_s" "$s") $(ratio "$iops" "$local_iops") $(ratio "$iops" "$qcow_iops") $(ratio "$iops" "$pass_iops")" >>"$WORK/ratios"
+            log "$label: sequential local $local_s s, qcowmount $qcow_s s, pass $pass_s s, imgfs $s s; random 4K: local $local_iops, qcowmount $qcow_iops, pass $pass_iops, imgfs $iops IOPS"
         done
     done
     BIN=$IMGFS_BIN_DIR
@@ -344,18 +351,35 @@ fi
     if [ ${#CACHED_ROWS[@]} -gt 0 ]; then
         echo
         echo "Cached base, page cache dropped: cat of the whole base on a fresh mount over a full cache"
-        echo "(every chunk verified on its first use), against cat of the local raw file and qcowmount of the qcow2."
+        echo "(every chunk verified on its first use), against cat of the local raw file, qcowmount of the qcow2"
+        echo "and the FUSE passthrough (pass: bench/fuse-null.c --base, one pread per request of the local raw file)."
+        echo "Ratios: the other's time / imgfs's time (above 1: imgfs is faster)."
         echo
-        echo "| case | local raw file | qcowmount (qcow2) | imgfs | imgfs vs local | imgfs vs qcowmount |"
-        echo "|---|---:|---:|---:|---:|---:|"
+        echo "| case | local raw file | qcowmount (qcow2) | pass | imgfs | imgfs vs local | imgfs vs qcowmount | imgfs vs pass | pass vs local |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         printf '%s\n' "${CACHED_ROWS[@]}"
         echo
         echo "Cached base, page cache dropped, on another fresh mount: 4096 random 4 KiB O_DIRECT reads"
         echo "(fio libaio, iodepth 16, the same offsets everywhere), IOPS; a cached chunk is checked by the 4 KiB blocks read."
-        echo "FUSE ceiling: bench/fuse-null.c answering each read with one pread of the local raw file (16 threads)."
         echo
-        echo "| case | local raw file | qcowmount (qcow2) | FUSE ceiling | imgfs | imgfs vs local | imgfs vs qcowmount | imgfs vs ceiling | ceiling vs local |"
+        echo "| case | local raw file | qcowmount (qcow2) | pass | imgfs | imgfs vs local | imgfs vs qcowmount | imgfs vs pass | pass vs local |"
         echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         printf '%s\n' "${CACHED_RAND_ROWS[@]}"
+        echo
+        echo "Summary over the rounds: median (range) of imgfs's ratio to each."
+        echo
+        echo "| build | rounds | sequential vs local | vs qcowmount | vs pass | random 4 KiB vs local | vs qcowmount | vs pass |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        python3 - "$WORK/ratios" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    label, vals = " ".join(f[:-6]), [float(v) for v in f[-6:]]
+    rows.setdefault(label, []).append(vals)
+for label, runs in rows.items():
+    cols = ["%.2fx (%.2f-%.2f)" % (statistics.median(c), min(c), max(c)) for c in zip(*runs)]
+    print("| %s | %d | %s |" % (label, len(runs), " | ".join(cols)))
+PY
     fi
 } | save_report cold-read

@@ -1,6 +1,8 @@
 /* fuse-null: FUSE ceilings for the benchmarks. One file, "disk", of SIZE
  * bytes, opened direct_io with FOPEN_PARALLEL_DIRECT_WRITES like an imgfs VM
- * disk in vm_cache=direct.
+ * disk in vm_cache=direct; with --base, opened read-only through the page
+ * cache like an imgfs base file (keep_cache, the kernel's readahead of up to
+ * 1 MiB, as fs/ops.c asks for), the passthrough of bench-cold-read.sh.
  *
  * Without BACKING (null mode, bench-vm.sh's "FUSE null"): WRITE, FSYNC
  * and FLUSH are answered at once and READ returns zeros. Nothing is stored:
@@ -24,7 +26,7 @@
  * BACKING must be at least SIZE bytes (bench-vm.sh gives it a preallocated
  * copy of the base, as the local file is).
  *
- * usage: fuse-null MOUNTPOINT SIZE THREADS [BACKING]  (as root; stops on unmount)
+ * usage: fuse-null [--base] MOUNTPOINT SIZE THREADS [BACKING]  (as root; stops on unmount)
  * THREADS workers each block in read(2) on the one /dev/fuse descriptor; in
  * passthrough mode a worker also waits for its pwrite or fdatasync, so
  * THREADS bounds the writes the device sees at once. */
@@ -51,6 +53,7 @@ static int backing_direct_fd = -1; /* BACKING with O_DIRECT, or -1 where it has 
 static size_t max_write;           /* the largest WRITE, from init: a bounce buffer's size */
 enum { ALIGN = 4096 };             /* O_DIRECT alignment of memory, offset and length */
 static _Thread_local uint32_t open_flags; /* added to the next open reply */
+static int base_mode;                     /* --base: served like an imgfs base file */
 
 static void fill_stat(fuse_ino_t ino, struct stat *st)
 {
@@ -83,8 +86,16 @@ static void null_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
 static void null_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     (void)ino;
-    fi->direct_io = 1;
-    open_flags = FOPEN_PARALLEL_DIRECT_WRITES;
+    if (base_mode) {
+        if ((fi->flags & O_ACCMODE) != O_RDONLY) {
+            fuse_reply_err(req, EROFS);
+            return;
+        }
+        fi->keep_cache = 1;
+    } else {
+        fi->direct_io = 1;
+        open_flags = FOPEN_PARALLEL_DIRECT_WRITES;
+    }
     fuse_reply_open(req, fi);
 }
 
@@ -160,6 +171,8 @@ static void null_init(void *userdata, struct fuse_conn_info *conn)
     conn->max_background = 64; /* as imgfs: a queue of 16 is not cut to 12 */
     conn->congestion_threshold = 48;
     max_write = conn->max_write;
+    if (base_mode)
+        conn->max_readahead = 1u << 20; /* as imgfs (fs/ops.c op_init) */
 }
 
 static const struct fuse_lowlevel_ops ops = {
@@ -200,8 +213,13 @@ static void *worker(void *arg)
 
 int main(int argc, char **argv)
 {
+    if (argc > 1 && strcmp(argv[1], "--base") == 0) {
+        base_mode = 1;
+        argv[1] = argv[0];
+        argv++, argc--;
+    }
     if ((argc != 4 && argc != 5) || (disk_size = strtoll(argv[2], NULL, 10)) <= 0 || atoi(argv[3]) <= 0) {
-        fprintf(stderr, "usage: fuse-null MOUNTPOINT SIZE THREADS [BACKING]\n");
+        fprintf(stderr, "usage: fuse-null [--base] MOUNTPOINT SIZE THREADS [BACKING]\n");
         return 2;
     }
     if (argc == 5) {

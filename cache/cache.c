@@ -87,6 +87,7 @@ struct pack {
      * only with the pack: at most 1/512 of the pack's length. */
     atomic_uint_fast64_t sums_bytes;
     uint64_t scan_bytes; /* compact_sparse_pack()'s count of its live bytes; under evict_lock */
+    atomic_bool sums_read_ahead; /* read_sums() asked for the whole sums file in this run */
     struct pack *next;
 };
 
@@ -114,7 +115,8 @@ enum entry_state {
  *                         (-> ABSENT once its record is dropped and its
  *                         bytes punched out)
  * An entry is counted in resident_* and in its pack's live from the fill or
- * the index load until it is dropped. A pinned or held entry is never
+ * the index load until it is dropped (and in held_bytes too meanwhile,
+ * while a pin set holds it). A pinned or held entry is never
  * evicted, so its pack, and the bytes at its offset, stay. */
 struct cache_entry {
     struct chunk_hash hash;
@@ -142,6 +144,8 @@ struct shard {
     size_t entry_count;
     uint64_t resident_chunks;
     uint64_t resident_bytes;
+    uint64_t held_bytes; /* of the entries counted in resident_* that a pin set holds */
+    uint64_t changes;    /* counts every change of resident_chunks (cache_generation) */
 };
 
 struct cache {
@@ -462,9 +466,16 @@ static int write_sums(struct pack *p, uint64_t off, const struct chunk_hash *chu
 }
 
 /* Reads the sums of blocks [first, first + n) of a chunk stored at off in p
- * (at most MAX_SUMMED_BLOCKS); past the end of the sums file they are 0. */
-static int read_sums(const struct pack *p, uint64_t off, size_t first, size_t n, uint64_t *sums)
+ * (at most MAX_SUMMED_BLOCKS); past the end of the sums file they are 0.
+ * The first call for a pack in this run also starts reading its whole sums
+ * file into the page cache (1/512 of the pack, in one large read): after a
+ * reboot, random 4 KiB reads would otherwise wait for two disk reads each,
+ * the block's sum and then the block, as long as most of its sums pages
+ * (one per 2 MiB of pack) were not read yet. */
+static int read_sums(struct pack *p, uint64_t off, size_t first, size_t n, uint64_t *sums)
 {
+    if (!atomic_exchange(&p->sums_read_ahead, true))
+        (void)posix_fadvise(p->sums_fd, 0, 0, POSIX_FADV_WILLNEED); /* a hint: reads work without it */
     size_t len = n * sizeof(*sums);
     ssize_t got = pread(p->sums_fd, sums, len, (off_t)sum_pos(off, first));
     if (got < 0)
@@ -476,7 +487,7 @@ static int read_sums(const struct pack *p, uint64_t off, size_t first, size_t n,
 /* Copies the sums of a chunk of len bytes moved from (from, from_off) to
  * (to, to_off) as they are: bytes not checked in this run keep the sums
  * they were stored with, so a damaged block is still caught. */
-static int copy_sums(const struct pack *from, uint64_t from_off, struct pack *to, uint64_t to_off, size_t len)
+static int copy_sums(struct pack *from, uint64_t from_off, struct pack *to, uint64_t to_off, size_t len)
 {
     uint64_t sums[MAX_SUMMED_BLOCKS];
     size_t blocks = len / SUM_BLOCK;
@@ -509,6 +520,8 @@ static uint64_t all_blocks(uint64_t size)
     return size % SUM_BLOCK || n > MAX_SUMMED_BLOCKS ? 0 : n == 64 ? ~0ull : (1ull << n) - 1;
 }
 
+void *(*cache_check_alloc)(size_t len) = malloc;
+
 /* Reads the blocks in want of a resident chunk (one run: a read's range)
  * and checks those in check against their sums. Returns 0 with *out (the
  * bytes of the run, malloc'd; *out_off is its first byte in the chunk),
@@ -525,7 +538,7 @@ static int verify_blocks(const struct cache_entry *e, uint64_t want, uint64_t ch
         n++;
     /* Sized to the run (one block for a 4 KiB read): a chunk-sized
      * buffer would be an mmap and munmap per read. */
-    char *buf = malloc((size_t)n * SUM_BLOCK);
+    char *buf = cache_check_alloc((size_t)n * SUM_BLOCK);
     if (!buf)
         return -ENOMEM;
     uint64_t sums[MAX_SUMMED_BLOCKS];
@@ -562,6 +575,8 @@ static struct pack *drop_resident(struct cache *cache, struct shard *s, struct c
     struct pack *p = e->pack;
     s->resident_chunks--;
     s->resident_bytes -= e->size;
+    s->held_bytes -= e->holds ? e->size : 0;
+    s->changes++;
     atomic_fetch_sub(&cache->used, e->size);
     e->size = 0;
     e->pack = NULL;
@@ -593,6 +608,8 @@ static bool add_loaded(struct cache *cache, const struct chunk_hash *hash, struc
     p->live++;
     s->resident_chunks++;
     s->resident_bytes += len;
+    s->held_bytes += e->holds ? len : 0;
+    s->changes++;
     atomic_fetch_add(&cache->used, len);
     return true;
 }
@@ -950,7 +967,7 @@ static int verify_resident(struct cache *cache, struct cache_entry *e, uint32_t 
 {
     if (e->size != chunk_size)
         return -EBADMSG;
-    char *buf = malloc(chunk_size);
+    char *buf = cache_check_alloc(chunk_size);
     if (!buf)
         return -ENOMEM;
     int rc = read_full_at(e->pack->fd, buf, chunk_size, (off_t)e->off);
@@ -1049,6 +1066,13 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
                 pthread_cond_broadcast(&s->changed);
                 pthread_mutex_unlock(&s->lock);
                 return CACHE_HIT;
+            }
+            if (rc == -ENOMEM) { /* says nothing about its bytes: they stay */
+                e->state = ENTRY_RESIDENT;
+                e->pins--;
+                pthread_cond_broadcast(&s->changed);
+                pthread_mutex_unlock(&s->lock);
+                return rc;
             }
             /* Its bytes go. Readers of its good blocks may hold pins on
              * them (nobody new pins a BUSY entry): then the copy stays,
@@ -1379,6 +1403,8 @@ int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, siz
     e->off = off;
     s->resident_chunks++;
     s->resident_bytes += len;
+    s->held_bytes += e->holds ? len : 0;
+    s->changes++;
     pin_resident(cache, e, pin);
     pthread_cond_broadcast(&s->changed);
     pthread_mutex_unlock(&s->lock);
@@ -1437,6 +1463,28 @@ bool cache_contains(struct cache *cache, const struct chunk_hash *hash)
     return resident;
 }
 
+bool cache_stores(struct cache *cache, const struct chunk_hash *hash)
+{
+    struct shard *s = shard_of(cache, hash);
+    pthread_mutex_lock(&s->lock);
+    struct cache_entry *e = find_entry(s, hash);
+    bool stored = e && e->pack; /* counted in resident_* (drop_resident clears pack) */
+    pthread_mutex_unlock(&s->lock);
+    return stored;
+}
+
+uint64_t cache_generation(struct cache *cache)
+{
+    uint64_t sum = 0; /* of counts that only grow: it changes when one does */
+    for (int i = 0; i < SHARD_COUNT; i++) {
+        struct shard *s = &cache->shards[i];
+        pthread_mutex_lock(&s->lock);
+        sum += s->changes;
+        pthread_mutex_unlock(&s->lock);
+    }
+    return sum;
+}
+
 int cache_prefetch(struct cache *cache, const struct chunk_hash *hash)
 {
     struct shard *s = shard_of(cache, hash);
@@ -1463,10 +1511,13 @@ int cache_hold(struct cache *cache, const struct chunk_hash *hash, bool hold)
     struct cache_entry *e = find_entry(s, hash);
     if (!e && hold)
         e = insert_entry(s, hash);
+    bool was_held = e && e->holds;
     if (e && hold)
         e->holds++;
     else if (e && e->holds)
         e->holds--;
+    if (e && e->pack && was_held != (e->holds > 0)) /* counted resident: held_bytes follows */
+        s->held_bytes += was_held ? -e->size : e->size;
     pthread_mutex_unlock(&s->lock);
     return e || !hold ? 0 : -ENOMEM;
 }
@@ -1479,11 +1530,7 @@ void cache_get_usage(struct cache *cache, struct cache_usage *out)
         pthread_mutex_lock(&s->lock);
         out->chunks += s->resident_chunks;
         out->bytes += s->resident_bytes;
-        /* Held bytes are only needed for status, so they are counted here. */
-        for (size_t b = 0; b < s->bucket_count; b++)
-            for (struct cache_entry *e = s->buckets[b]; e; e = e->next)
-                if (e->holds && e->state == ENTRY_RESIDENT)
-                    out->held_bytes += e->size;
+        out->held_bytes += s->held_bytes;
         pthread_mutex_unlock(&s->lock);
     }
     pthread_mutex_lock(&cache->pack_lock);

@@ -1,15 +1,18 @@
 #include "owner.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/mount.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/wait.h>
@@ -195,4 +198,150 @@ int owner_check_mountpoint(const char *mountpoint, char *err, size_t errlen)
         return -1;
     }
     return 0;
+}
+
+#define OWNER_DIR_PREFIX "imgfs-layers-"
+#define OWNER_DIR_LOCK ".lock"
+
+/* Empties and removes the directory name under parent_fd (it holds files
+ * only). */
+static int remove_tree(int parent_fd, const char *name)
+{
+    int fd = openat(parent_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT ? 0 : -errno;
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    int rc = 0;
+    struct dirent *e;
+    while ((e = readdir(d)))
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0 && unlinkat(fd, e->d_name, 0) < 0 &&
+            errno != ENOENT && rc == 0)
+            rc = -errno;
+    closedir(d);
+    if (unlinkat(parent_fd, name, AT_REMOVEDIR) < 0 && errno != ENOENT && rc == 0)
+        rc = -errno;
+    return rc;
+}
+
+/* Removes parent/name and then parent/name.lock, whose lock the caller
+ * holds. */
+static int remove_owned(int parent_fd, const char *name)
+{
+    char lock_name[NAME_MAX + 1];
+    if (snprintf(lock_name, sizeof(lock_name), "%s" OWNER_DIR_LOCK, name) >= (int)sizeof(lock_name))
+        return -ENAMETOOLONG;
+    int rc = remove_tree(parent_fd, name);
+    if (rc == 0 && unlinkat(parent_fd, lock_name, 0) < 0)
+        rc = -errno;
+    return rc;
+}
+
+int owner_dir_create(const char *parent, char *path, size_t len, struct owner_lock *lock)
+{
+    /* The lock file is locked before it has a name, so no sweeper ever
+     * sees it unlocked while its owner lives. */
+    int fd = open(parent, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -errno;
+    int rc = flock(fd, LOCK_EX) == 0 ? 0 : -errno;
+    char proc[64];
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+    for (int attempt = 0; rc == 0; attempt++) {
+        uint64_t random;
+        if (getrandom(&random, sizeof(random), 0) != (ssize_t)sizeof(random)) {
+            rc = -errno;
+            break;
+        }
+        char lock_path[PATH_MAX];
+        if (path_join(path, len, "%s/" OWNER_DIR_PREFIX "%016llx", parent, (unsigned long long)random) != 0 ||
+            path_join(lock_path, sizeof(lock_path), "%s" OWNER_DIR_LOCK, path) != 0) {
+            rc = -ENAMETOOLONG;
+            break;
+        }
+        if (linkat(AT_FDCWD, proc, AT_FDCWD, lock_path, AT_SYMLINK_FOLLOW) < 0) {
+            rc = errno == EEXIST && attempt < 16 ? 0 : -errno;
+            continue;
+        }
+        /* The name is ours now. A directory already there has lost its
+         * lock file, which no live owner does: it goes. */
+        const char *name = strrchr(path, '/') + 1;
+        int parent_fd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (parent_fd < 0 || (rc = remove_tree(parent_fd, name)) != 0 || mkdirat(parent_fd, name, 0700) < 0) {
+            if (rc == 0)
+                rc = -errno;
+            if (parent_fd >= 0) {
+                unlinkat(parent_fd, strrchr(lock_path, '/') + 1, 0);
+                close(parent_fd);
+            }
+            break;
+        }
+        close(parent_fd);
+        lock->fd = fd;
+        return 0;
+    }
+    close(fd);
+    path[0] = 0;
+    return rc;
+}
+
+int owner_dir_remove(const char *path, struct owner_lock *lock)
+{
+    char parent[PATH_MAX];
+    const char *slash = strrchr(path, '/');
+    if (!slash || path_join(parent, sizeof(parent), "%.*s", (int)(slash - path), path) != 0)
+        return -EINVAL;
+    int parent_fd = open(slash == path ? "/" : parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int rc = parent_fd < 0 ? -errno : remove_owned(parent_fd, slash + 1);
+    if (parent_fd >= 0)
+        close(parent_fd);
+    owner_unlock(lock); /* last: a sweeper must not see the lock free first */
+    return rc;
+}
+
+/* Whether name under parent_fd is a lock file whose lock fd could take
+ * while the name still named it (a sweeper that locked a file that another
+ * one removed meanwhile owns nothing). */
+static bool owner_is_dead(int parent_fd, const char *name, int fd)
+{
+    struct stat held, named;
+    return flock(fd, LOCK_EX | LOCK_NB) == 0 && fstat(fd, &held) == 0 &&
+           fstatat(parent_fd, name, &named, AT_SYMLINK_NOFOLLOW) == 0 && held.st_dev == named.st_dev &&
+           held.st_ino == named.st_ino;
+}
+
+void owner_dir_sweep(const char *parent)
+{
+    int parent_fd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = parent_fd < 0 ? NULL : fdopendir(parent_fd);
+    if (!d) {
+        log_warn("cannot read %s to remove the directories of dead imgfs supervisors: %s", parent, strerror(errno));
+        if (parent_fd >= 0)
+            close(parent_fd);
+        return;
+    }
+    size_t prefix = strlen(OWNER_DIR_PREFIX), suffix = strlen(OWNER_DIR_LOCK);
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        if (n <= prefix + suffix || strncmp(e->d_name, OWNER_DIR_PREFIX, prefix) != 0 ||
+            strcmp(e->d_name + n - suffix, OWNER_DIR_LOCK) != 0)
+            continue;
+        int fd = openat(parent_fd, e->d_name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0)
+            continue; /* removed meanwhile, or another user's */
+        if (owner_is_dead(parent_fd, e->d_name, fd)) {
+            char name[NAME_MAX + 1];
+            snprintf(name, sizeof(name), "%.*s", (int)(n - suffix), e->d_name);
+            int rc = remove_owned(parent_fd, name);
+            if (rc)
+                log_warn("cannot remove %s/%s of a dead imgfs supervisor: %s", parent, name, strerror(-rc));
+        }
+        close(fd);
+    }
+    closedir(d);
 }

@@ -21,19 +21,42 @@ struct residency {
     uint64_t resident_bytes;
 };
 
-static void base_residency(struct imgfs *fs, const struct manifest *m, struct residency *r)
+static void count_residency(struct imgfs *fs, const struct manifest *m, struct residency *r)
 {
     memset(r, 0, sizeof(*r));
     for (uint64_t i = 0; i < m->chunk_count; i++) {
         if (chunk_hash_is_null(&m->chunks[i]))
             continue;
         r->stored++;
-        if (cache_contains(fs->cache, &m->chunks[i])) {
+        if (cache_stores(fs->cache, &m->chunks[i])) {
             uint64_t start = i * m->chunk_size;
             r->resident++;
             r->resident_bytes += m->size - start < m->chunk_size ? m->size - start : m->chunk_size;
         }
     }
+}
+
+/* The version's count, walked again only when the cache changed since the
+ * last one: on a host with hundreds of versions a stats read costs what it
+ * prints, not every chunk of every version. */
+static void base_residency(struct imgfs *fs, struct base_version *v, struct residency *r)
+{
+    uint64_t generation = cache_generation(fs->cache); /* before the walk: a change during it shows next time */
+    pthread_mutex_lock(&v->residency_lock);
+    bool known = v->residency_known && v->residency_generation == generation;
+    if (known)
+        *r = (struct residency){v->stored_chunks, v->resident_chunks, v->resident_bytes};
+    pthread_mutex_unlock(&v->residency_lock);
+    if (known)
+        return;
+    count_residency(fs, v->manifest, r);
+    pthread_mutex_lock(&v->residency_lock);
+    v->residency_known = true;
+    v->residency_generation = generation;
+    v->stored_chunks = r->stored;
+    v->resident_chunks = r->resident;
+    v->resident_bytes = r->resident_bytes;
+    pthread_mutex_unlock(&v->residency_lock);
 }
 
 /* Reads that found their chunk in the cache (or already on its way), as a
@@ -51,7 +74,7 @@ static void add_base_version(struct status_snapshot *s, struct imgfs *fs, const 
     const struct fetch_counters *c = &n->version->counters;
     const struct prefetch_marks *pm = &n->version->marks;
     struct residency r;
-    base_residency(fs, m, &r);
+    base_residency(fs, n->version, &r);
     char title[96], version[24], id[CHUNK_HASH_HEX + 1];
     snprintf(title, sizeof(title), "%s@%" PRIu64, m->name, m->version);
     snprintf(version, sizeof(version), "%" PRIu64, m->version);
@@ -336,7 +359,7 @@ static void base_xattrs(struct imgfs *fs, struct xattrs *x, const struct vm_base
     /* Residency walks every chunk: only when it is the value asked for. */
     struct residency r = {0};
     if (x->wanted && xattr_wants(x, "resident_bytes"))
-        base_residency(fs, m, &r);
+        count_residency(fs, m, &r);
     xattr_put(x, "resident_bytes", "%" PRIu64, r.resident_bytes);
     xattr_put(x, "hit_rate", "%.4f", hit_rate(base->counters));
     xattr_put(x, "fetch_errors", "%" PRIu64,

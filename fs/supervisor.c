@@ -1,6 +1,5 @@
 #include "supervisor.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
@@ -35,6 +34,7 @@ struct supervisor {
     struct takeover *t;
     int state_fd;
     struct owner_lock state_lock, cache_lock;
+    struct owner_lock layer_lock; /* held for the life of t->layer_dir */
     pid_t server;     /* 0: none running */
     bool handing_over; /* asked the server to hand over */
     unsigned early_deaths; /* in a row */
@@ -198,54 +198,17 @@ static bool plan_restart(struct supervisor *s, int status, double *delay)
     return true;
 }
 
-/* Empties and removes the shared layer directory. */
-static void remove_layer_dir(const char *path)
-{
-    DIR *d = opendir(path);
-    if (!d)
-        return;
-    struct dirent *e;
-    while ((e = readdir(d)))
-        if (e->d_name[0] != '.')
-            unlinkat(dirfd(d), e->d_name, 0);
-    closedir(d);
-    rmdir(path);
-}
-
-/* Removes the directories of supervisors that were killed (kill -9 leaves
- * them behind): those whose pid is gone. */
-static void remove_dead_layer_dirs(void)
-{
-    DIR *d = opendir("/dev/shm");
-    if (!d)
-        return;
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        int pid;
-        char rest;
-        if (sscanf(e->d_name, "imgfs-%d%c", &pid, &rest) != 1 || pid <= 0 || kill(pid, 0) == 0 || errno != ESRCH)
-            continue;
-        char path[300];
-        snprintf(path, sizeof(path), "/dev/shm/%s", e->d_name);
-        remove_layer_dir(path);
-    }
-    closedir(d);
-}
-
 /* The layers' pending entries live in /dev/shm for exactly as long as this
- * supervisor: a directory left by an earlier process with our pid goes. */
-static void make_layer_dir(struct takeover *t)
+ * supervisor (owner.h, owner_dir_create); directories left by supervisors
+ * that were killed (kill -9 leaves them behind) go first. */
+static void make_layer_dir(struct supervisor *s)
 {
-    remove_dead_layer_dirs();
-    char path[sizeof(t->layer_dir)];
-    snprintf(path, sizeof(path), "/dev/shm/imgfs-%d", (int)getpid());
-    remove_layer_dir(path);
-    if (mkdir(path, 0700) == 0)
-        snprintf(t->layer_dir, sizeof(t->layer_dir), "%s", path);
-    else
-        log_warn("cannot create %s (%s): after a crash of the server, writes it had answered but not yet "
-                 "flushed are lost",
-                 path, strerror(errno));
+    owner_dir_sweep("/dev/shm");
+    int rc = owner_dir_create("/dev/shm", s->t->layer_dir, sizeof(s->t->layer_dir), &s->layer_lock);
+    if (rc)
+        log_warn("cannot create a directory in /dev/shm (%s): after a crash of the server, writes it had answered "
+                 "but not yet flushed are lost",
+                 strerror(-rc));
 }
 
 /* Detaches the mount so that the mount point can be used again. */
@@ -376,7 +339,8 @@ int supervisor_run(struct mount_options *opts, char **argv)
     struct supervisor s = {.opts = opts, .argv = argv, .fuse_fd = -1, .state_fd = -1};
     s.state_lock = (struct owner_lock)OWNER_LOCK_INIT;
     s.cache_lock = (struct owner_lock)OWNER_LOCK_INIT;
-    int status = 1, report_fd = -1;
+    s.layer_lock = (struct owner_lock)OWNER_LOCK_INIT;
+    int status = 1, report_fd = -1, rc;
     char err[PATH_MAX + 256];
     ssize_t n = readlink("/proc/self/exe", s.self, sizeof(s.self) - 1);
     if (n <= 0) {
@@ -408,7 +372,7 @@ int supervisor_run(struct mount_options *opts, char **argv)
     s.t->started = time(NULL);
     snprintf(s.t->state_dir, sizeof(s.t->state_dir), "%s", opts->state_dir);
     snprintf(s.t->cache_dir, sizeof(s.t->cache_dir), "%s", opts->cache_dir);
-    make_layer_dir(s.t);
+    make_layer_dir(&s);
 
     supervisor_add_fsname(opts);
     /* The session is only for mounting: no request is ever read here. */
@@ -457,8 +421,8 @@ out_session:
 out:
     if (report_fd >= 0)
         close(report_fd); /* the waiting parent exits 1 */
-    if (s.t && s.t->layer_dir[0])
-        remove_layer_dir(s.t->layer_dir);
+    if (s.t && s.t->layer_dir[0] && (rc = owner_dir_remove(s.t->layer_dir, &s.layer_lock)) != 0)
+        log_warn("cannot remove %s: %s", s.t->layer_dir, strerror(-rc));
     owner_unlock(&s.cache_lock);
     owner_unlock(&s.state_lock);
     return status;

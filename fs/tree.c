@@ -204,6 +204,7 @@ void tree_destroy(struct tree *tree)
             free((void *)n->version->marks.brought);
             free((void *)n->version->marks.list_pos);
             manifest_free(n->version->manifest);
+            pthread_mutex_destroy(&n->version->residency_lock);
             free(n->version);
         }
         free(n);
@@ -274,6 +275,7 @@ static int publish_version(struct tree *tree, struct manifest *m, bool latest)
     v->view.manifest = m;
     v->view.counters = &v->counters;
     v->view.marks = &v->marks;
+    pthread_mutex_init(&v->residency_lock, NULL);
     pthread_rwlock_wrlock(&tree->lock);
     struct node *n = add_node(tree, INO_BASES, NODE_BASE_FILE, file);
     if (n)
@@ -285,6 +287,7 @@ static int publish_version(struct tree *tree, struct manifest *m, bool latest)
         snprintf(l->link_target, sizeof(l->link_target), "%s", file);
     pthread_rwlock_unlock(&tree->lock);
     if (!n) {
+        pthread_mutex_destroy(&v->residency_lock);
         free(v);
         return -ENOMEM;
     }
@@ -422,6 +425,10 @@ static bool has_vm_node(struct tree *tree, const struct vm *vm, const struct vm_
 
 int tree_add_vm(struct tree *tree, struct vm *vm)
 {
+    /* Copied before tree->lock is taken: a lookup never waits behind a
+     * VM's chain_lock. */
+    struct vm_snapshot *snaps[VM_MAX_SNAPSHOTS];
+    unsigned snap_count = vm_snapshot_list(vm, snaps);
     int rc = 0;
     pthread_rwlock_wrlock(&tree->lock);
     if (!has_vm_node(tree, vm, NULL)) {
@@ -433,8 +440,8 @@ int tree_add_vm(struct tree *tree, struct vm *vm)
         else
             rc = -ENOMEM;
     }
-    for (unsigned s = 0; s < vm_snapshot_count(vm) && !rc; s++) {
-        struct vm_snapshot *snap = vm_snapshot_at(vm, s);
+    for (unsigned s = 0; s < snap_count && !rc; s++) {
+        struct vm_snapshot *snap = snaps[s];
         if (has_vm_node(tree, vm, snap))
             continue;
         char name[160];

@@ -35,6 +35,31 @@ int owner_lock(struct owner_lock *lock, const char *what, const char *dir, const
 int owner_set_pid(struct owner_lock *lock, pid_t pid, const char *mountpoint);
 void owner_unlock(struct owner_lock *lock);
 
+/* A directory that lives exactly as long as its owner process: the
+ * supervisor's tmpfs directory for the layers' pending entries (takeover.h).
+ * owner_dir_create() makes PARENT/imgfs-layers-RANDOM and beside it
+ * PARENT/imgfs-layers-RANDOM.lock, which it flocks for the life of the lock
+ * (O_CLOEXEC: servers do not inherit it). owner_dir_sweep() removes the
+ * directories of owners that are gone: those whose lock it can take. A pid
+ * says nothing here (the owner may live in another PID namespace, or be
+ * dead with its pid reused); the lock is dropped by the kernel however the
+ * owner ends.
+ *
+ * Safe against owners and sweepers running at once: the lock file appears
+ * already locked (made with O_TMPFILE, flocked, then linked), before its
+ * directory, and a sweeper removes the directory before the lock file, and
+ * only after checking that the name it locked still names that file. So a
+ * directory whose lock file is missing is one being made, and is left alone.
+ *
+ * Contract: owner_dir_create() returns 0 with path (len bytes) set and the
+ * lock held, or -errno. owner_dir_remove() empties and removes the
+ * directory, then the lock file, and drops the lock; it returns 0 or -errno
+ * of the first failure. Names older imgfs versions used (imgfs-PID) are not
+ * touched. */
+int owner_dir_create(const char *parent, char *path, size_t len, struct owner_lock *lock);
+int owner_dir_remove(const char *path, struct owner_lock *lock);
+void owner_dir_sweep(const char *parent);
+
 int owner_check_mountpoint(const char *mountpoint, char *err, size_t errlen);
 
 /* Unescapes a path field of /proc/self/mountinfo (\040 for a space, ...)

@@ -23,6 +23,7 @@ struct range_lock {
     pthread_mutex_t mutex;
     pthread_cond_t released;
     struct range_held *held; /* guarded by mutex */
+    unsigned waiting;        /* holders waiting in acquire; guarded by mutex */
 };
 
 void range_lock_init(struct range_lock *rl);
@@ -30,5 +31,7 @@ void range_lock_destroy(struct range_lock *rl);
 /* Locks [first, end) with h, waiting while an overlapping range is held. */
 void range_lock_acquire(struct range_lock *rl, struct range_held *h, uint64_t first, uint64_t end);
 void range_lock_release(struct range_lock *rl, struct range_held *h);
+/* How many holders wait for a range (for tests, to know one got there). */
+unsigned range_lock_waiting(struct range_lock *rl);
 
 #endif

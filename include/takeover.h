@@ -64,8 +64,9 @@
  * killed in between would take them along, and the flush that the kernel
  * then sends again would find nothing to do. So the layers keep a copy of
  * their pending entries in the supervisor's tmpfs directory (layer_dir,
- * /dev/shm/imgfs-PID; layer_share_pending() in layer.h), and the next server
- * takes them over with the data they name, which is in the page cache.
+ * /dev/shm/imgfs-layers-RANDOM, which lives as long as the supervisor:
+ * owner_dir_create() in owner.h; layer_share_pending() in layer.h), and the
+ * next server takes them over with the data they name, which is in the page cache.
  *
  * Kernels without FUSE_NOTIFY_RESEND: a request a dead server held would
  * hang, so after a crash the supervisor ends the mount as before (the

@@ -104,11 +104,15 @@ struct vm {
      * and the stat or write after it may run on two FUSE threads with only
      * the kernel's ordering of the two requests between them. */
     _Atomic uint64_t size;
-    struct vm_snapshot **snapshots; /* VM_MAX_SNAPSHOTS entries once the first is made, else NULL */
+    /* VM_MAX_SNAPSHOTS entries once the first is made, else NULL; changed
+     * under registry->lock and chain_lock (exclusive), so readers hold
+     * either (vm_snapshot_list takes chain_lock). */
+    struct vm_snapshot **snapshots;
     unsigned snapshot_count;
 
     struct chunk_trace *trace; /* recording, or NULL; guarded by chain_lock */
     struct vm_snapshot *removed_snapshots; /* freed with the VM; guarded by registry->lock */
+    struct vm *by_name_next; /* in the registry's name index; guarded by registry->lock */
 
     unsigned open_count;
     bool deleted;
@@ -196,7 +200,10 @@ int vm_import(struct vm_registry *reg, int fd, const char *name, bool (*stop)(vo
  * after the chunks came (or failed at their deadline: -EIO). buf is copied;
  * the caller may reuse it when vm_write_start returns. flags: 0, or
  * VM_WRITE_THROUGH for a guest that wrote with O_DIRECT (the layer writes
- * the bytes to the device before the write completes: layer_write_through). */
+ * the bytes to the device before the write completes: layer_write_through).
+ * A disk does not grow: a write that does not fit inside it fails with
+ * -ENOSPC, also one already under way when vm_resize_blank shrinks the
+ * disk under it. */
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off);
 typedef void (*vm_write_done_fn)(void *arg, int result);
 #define VM_WRITE_PENDING 1
@@ -220,12 +227,11 @@ uint64_t vm_size(const struct vm *vm);
  * a blank disk. It never changes. */
 const struct vm_base *vm_get_base(const struct vm *vm, const struct vm_snapshot *snap);
 
-/* The VM's snapshots, by position (0 <= i < vm_snapshot_count), their
- * names, and whether one was removed (the struct stays valid). The list is
- * read as it is, with no lock: the caller must not race a command that
- * changes it (fs/tree.c's callers run after that command, or at mount). */
-unsigned vm_snapshot_count(const struct vm *vm);
-struct vm_snapshot *vm_snapshot_at(struct vm *vm, unsigned i);
+/* The VM's snapshots, copied into out in their order under chain_lock
+ * (a snapshot or its removal may change the list meanwhile); returns how
+ * many. Then their names, and whether one was removed (the struct stays
+ * valid until the registry closes). */
+unsigned vm_snapshot_list(struct vm *vm, struct vm_snapshot *out[VM_MAX_SNAPSHOTS]);
 const char *vm_snapshot_name(const struct vm_snapshot *snap);
 bool vm_snapshot_removed(const struct vm_snapshot *snap);
 

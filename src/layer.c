@@ -178,6 +178,10 @@ struct layer {
     uint8_t *shared_map;
     size_t shared_map_len;
     bool shared_failing; /* the last append failed (logged once, not per write) */
+    /* The file's header is not known to be ours (a reset of a file just
+     * opened failed): no entry goes in, so the writes flush before they
+     * return, until a flush's reset succeeds. */
+    bool shared_stale;
 
     /* Zeroing ahead (zero_ahead): log blocks [tail, ahead) of cur are
      * allocated and written with zeros, so a flush that writes data there
@@ -746,21 +750,30 @@ static bool shared_header(struct layer *l, uint64_t flushed)
 /* Empties the shared file (everything is in durable records); lock held.
  * Its space and mapping stay for the next appends, unless a burst of
  * writes made them large (or there is none yet: a file left by an earlier
- * server is cut). */
-static void shared_reset(struct layer *l)
+ * server is cut). When the header cannot be written, the file still names
+ * the entries it named, and shared_count stays with it: appends go on
+ * after them, and a takeover applies again, in order, some that are
+ * durable, which changes nothing. Returns whether the file was emptied. */
+static bool shared_reset(struct layer *l)
 {
     if (l->shared_fd < 0)
-        return;
+        return true;
+    uint64_t count = l->shared_count;
     l->shared_count = 0;
-    shared_header(l, 0);
+    if (!shared_header(l, 0)) {
+        l->shared_count = count;
+        return false;
+    }
+    l->shared_stale = false;
     if (l->shared_map && l->shared_map_len <= SHARED_MAP_KEEP)
-        return;
+        return true;
     if (l->shared_map)
         munmap(l->shared_map, l->shared_map_len);
     l->shared_map = NULL;
     l->shared_map_len = 0;
     if (ftruncate(l->shared_fd, SHARED_HEADER) < 0)
         log_warn("layer %s: cannot truncate its pending file: %s", l->id, strerror(errno));
+    return true;
 }
 
 /* Maps the shared file with room for at least need bytes, allocated (a
@@ -786,12 +799,15 @@ static int shared_map_room(struct layer *l, size_t need)
 /* Adds a new pending entry to the shared file; lock held. The entry's
  * bytes go before the count that covers it, an aligned 8-byte store that a
  * kill cannot tear (release: no store of the entry comes after it). False
- * when the entry could not be kept (a full tmpfs): a takeover would not
- * have that write, so the caller flushes before the write returns. */
+ * when the entry could not be kept (a full tmpfs, or a file not known to
+ * be ours: shared_stale): a takeover would not have that write, so the
+ * caller flushes before the write returns. */
 static bool shared_append(struct layer *l, const struct entry *e)
 {
     if (l->shared_fd < 0)
         return true;
+    if (l->shared_stale)
+        return false; /* the next flush tries the reset again */
     size_t at = SHARED_HEADER + (size_t)l->shared_count * ENTRY_LEN;
     int rc = shared_map_room(l, at + ENTRY_LEN);
     if (rc) {
@@ -858,6 +874,7 @@ static int shared_open(struct layer *l, bool inherit, uint64_t *end)
     int rc = inherit ? read_full_at(fd, h, sizeof(h), 0) : -ENODATA;
     uint64_t flushed = rc ? 0 : get64(h + 16), count = rc ? 0 : get64(h + 24);
     if (rc || get64(h) != SHARED_MAGIC || get64(h + 8) != l->file_id || flushed > count) {
+        l->shared_stale = true; /* until the header says {0, 0} */
         shared_reset(l);
         return 0;
     }

@@ -7,6 +7,7 @@ void range_lock_init(struct range_lock *rl)
     pthread_mutex_init(&rl->mutex, NULL);
     pthread_cond_init(&rl->released, NULL);
     rl->held = NULL;
+    rl->waiting = 0;
 }
 
 void range_lock_destroy(struct range_lock *rl)
@@ -28,8 +29,10 @@ void range_lock_acquire(struct range_lock *rl, struct range_held *h, uint64_t fi
     h->first = first;
     h->end = end;
     pthread_mutex_lock(&rl->mutex);
+    rl->waiting++;
     while (overlaps(rl, first, end))
         pthread_cond_wait(&rl->released, &rl->mutex);
+    rl->waiting--;
     h->next = rl->held;
     rl->held = h;
     pthread_mutex_unlock(&rl->mutex);
@@ -45,4 +48,12 @@ void range_lock_release(struct range_lock *rl, struct range_held *h)
         }
     pthread_cond_broadcast(&rl->released);
     pthread_mutex_unlock(&rl->mutex);
+}
+
+unsigned range_lock_waiting(struct range_lock *rl)
+{
+    pthread_mutex_lock(&rl->mutex);
+    unsigned n = rl->waiting;
+    pthread_mutex_unlock(&rl->mutex);
+    return n;
 }

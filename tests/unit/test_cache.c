@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -700,6 +701,78 @@ static void test_evict_pins(const char *dir)
     free(data);
 }
 
+/* ---- running counts: held bytes and the generation --------------------------- */
+
+static uint64_t held_bytes(struct cache *cache)
+{
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    return u.held_bytes;
+}
+
+/* held_bytes follows holds and storage without a walk, and the generation
+ * changes exactly when what is stored does: fills, evictions and drops, not
+ * holds or hits. */
+static void test_running_counts(const char *dir)
+{
+    struct cache *cache = open_cache(dir);
+    unsigned char *a = malloc(CS), *b = malloc(CS), *data = malloc(CS);
+    struct chunk_hash ha, hb, h;
+    make_chunk(a, CS, 1100, &ha);
+    make_chunk(b, CS, 1101, &hb);
+    uint64_t gen = cache_generation(cache);
+    CHECK(cache_hold(cache, &ha, true) == 0); /* held before it is stored: nothing counts yet */
+    CHECK(held_bytes(cache) == 0 && !cache_stores(cache, &ha) && cache_generation(cache) == gen);
+    fill_chunk(cache, &ha, a);
+    CHECK(held_bytes(cache) == CS && cache_stores(cache, &ha));
+    CHECK(cache_generation(cache) != gen);
+    gen = cache_generation(cache);
+    fill_chunk(cache, &hb, b);
+    CHECK(held_bytes(cache) == CS && cache_generation(cache) != gen);
+    gen = cache_generation(cache);
+    CHECK(cache_hold(cache, &hb, true) == 0 && cache_hold(cache, &hb, true) == 0); /* holds nest */
+    CHECK(held_bytes(cache) == 2 * CS);
+    CHECK(cache_hold(cache, &hb, false) == 0 && held_bytes(cache) == 2 * CS);
+    CHECK(cache_hold(cache, &hb, false) == 0 && held_bytes(cache) == CS);
+    CHECK(cache_hold(cache, &hb, false) == 0 && held_bytes(cache) == CS); /* not held: no change */
+    CHECK(hits_with(cache, &ha, a) && hits_with(cache, &hb, b));
+    CHECK(cache_generation(cache) == gen); /* holds and hits store nothing */
+
+    /* Holds live in memory (pre-copy loads them again); storage survives. */
+    cache = reopen(cache, dir);
+    gen = cache_generation(cache);
+    CHECK(held_bytes(cache) == 0 && cache_stores(cache, &ha) && cache_stores(cache, &hb));
+    CHECK(cache_hold(cache, &ha, true) == 0 && held_bytes(cache) == CS);
+
+    /* A held chunk found damaged is dropped: it stops counting. */
+    struct where wa = locate(cache, &ha);
+    CHECK(flip_byte_in_file(wa.path, (off_t)(wa.off + CS / 3)) == 0);
+    struct cache_pin pin = {.entry = NULL, .fd = -1};
+    CHECK(cache_acquire(cache, &ha, CS, 0, 0, now_ns() + LONG_DEADLINE_NS, &pin) == CACHE_MUST_FILL);
+    CHECK(held_bytes(cache) == 0 && !cache_stores(cache, &ha) && cache_generation(cache) != gen);
+    CHECK(cache_fill(cache, &pin, a, CS) == 0); /* filled again, still held */
+    cache_release(cache, &pin);
+    CHECK(held_bytes(cache) == CS && cache_stores(cache, &ha));
+
+    /* Evictions change the generation; held chunks stay and keep counting. */
+    cache_set_limit(cache, 6 * CS);
+    gen = cache_generation(cache);
+    for (unsigned i = 0; i < 12; i++) {
+        make_chunk(data, CS, 1200 + i, &h);
+        fill_chunk(cache, &h, data);
+    }
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.evictions > 0 && cache_generation(cache) != gen);
+    CHECK(!cache_stores(cache, &hb)); /* the oldest unheld one went */
+    CHECK(cache_stores(cache, &ha) && u.held_bytes == CS);
+    CHECK(cache_hold(cache, &ha, false) == 0 && held_bytes(cache) == 0);
+    cache_close(cache);
+    free(a);
+    free(b);
+    free(data);
+}
+
 /* ---- compaction ------------------------------------------------------------- */
 
 /* A full pack kept alive by a hot chunk (and a pinned one) while everything
@@ -1051,6 +1124,127 @@ static void test_compaction_damage(const char *dir)
     free(data);
 }
 
+/* No memory to check a resident chunk in: the read fails with ENOMEM, and
+ * the chunk stays (no DROP, no fetch): the next read hits it, also after a
+ * restart. */
+static void *no_memory(size_t len)
+{
+    (void)len;
+    return NULL;
+}
+
+static void test_check_no_memory(const char *dir)
+{
+    struct cache *cache = open_cache(dir);
+    unsigned char *a = malloc(CS);
+    struct chunk_hash ha;
+    make_chunk(a, CS, 91, &ha);
+    fill_chunk(cache, &ha, a);
+    struct cache_pin pin;
+    const uint32_t ranges[][2] = {{4096, 4096}, {0, 0}}; /* by block, then whole */
+    for (int r = 0; r < 2; r++) {
+        cache = reopen(cache, dir); /* not checked in this run */
+        cache_check_alloc = no_memory;
+        int rc = cache_acquire(cache, &ha, CS, ranges[r][0], ranges[r][1], now_ns() + LONG_DEADLINE_NS, &pin);
+        cache_check_alloc = malloc;
+        CHECK(rc == -ENOMEM);
+        if (rc >= 0)
+            cache_release(cache, &pin);
+        struct cache_usage u;
+        cache_get_usage(cache, &u);
+        CHECK(u.dropped_damaged == 0 && u.chunks == 1);
+        CHECK(range_hits_with(cache, &ha, ranges[r][0], 4096, a));
+    }
+    cache = reopen(cache, dir);
+    CHECK(range_hits_with(cache, &ha, 8192, 4096, a));
+    free(a);
+    cache_close(cache);
+}
+
+/* Which pages of a file are in the page cache: resident[i] for page i of
+ * the first pages pages. -1 when it cannot be told. */
+static int pages_resident(const char *path, size_t pages, unsigned char *resident)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return -1;
+    void *map = mmap(NULL, pages * (size_t)page, PROT_READ, MAP_SHARED, fd, 0); /* touches nothing */
+    close(fd);
+    if (map == MAP_FAILED)
+        return -1;
+    int rc = mincore(map, pages * (size_t)page, resident);
+    munmap(map, pages * (size_t)page);
+    for (size_t i = 0; rc == 0 && i < pages; i++)
+        resident[i] &= 1;
+    return rc;
+}
+
+/* Drops a file's pages from the page cache (written out first). 0 when
+ * none of its first pages pages is left resident. */
+static int evict_pages(const char *path, size_t pages)
+{
+    int fd = open(path, O_RDWR);
+    if (fd < 0)
+        return -1;
+    int rc = fdatasync(fd) == 0 && posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0 ? 0 : -1;
+    close(fd);
+    unsigned char resident[64];
+    if (rc || pages > sizeof(resident) || pages_resident(path, pages, resident) != 0)
+        return -1;
+    for (size_t i = 0; i < pages; i++)
+        if (resident[i])
+            return -1;
+    return 0;
+}
+
+/* The first read of part of a chunk in a pack, in a run, starts reading the
+ * pack's whole sums file (after a reboot, each random read would otherwise
+ * wait for its sums page and then its block): a read of the last chunk's
+ * block brings in the sums pages of the first chunks too. */
+static void test_sums_read_ahead(const char *dir)
+{
+    enum { SUMS_PAGES = 8, CHUNKS = SUMS_PAGES * 4096 / 8 * 4096 / CS }; /* 8 pages of sums */
+    struct cache *cache = open_cache(dir);
+    unsigned char *data = malloc(CS), *last = malloc(CS);
+    struct chunk_hash h, hl;
+    for (unsigned i = 0; i < CHUNKS; i++) {
+        make_chunk(data, CS, 3000 + i, &h);
+        fill_chunk(cache, &h, data);
+    }
+    make_chunk(last, CS, 3000 + CHUNKS - 1, &hl);
+    struct where w = locate(cache, &hl);
+    char sums[PATH_MAX];
+    sums_path_of(&w, sums, sizeof(sums));
+    CHECK(w.off / 4096 * 8 >= (SUMS_PAGES - 1) * 4096ull); /* its sums are on the last page */
+    cache_close(cache);
+    if (evict_pages(sums, SUMS_PAGES) != 0) {
+        /* tmpfs keeps every page: nothing to see there */
+        printf("test_sums_read_ahead: skipped, the page cache of %s cannot be dropped here\n", sums);
+        free(data);
+        free(last);
+        return;
+    }
+    cache = open_cache(dir);
+    unsigned char resident[SUMS_PAGES];
+    CHECK(pages_resident(sums, SUMS_PAGES, resident) == 0 && !resident[0] && !resident[SUMS_PAGES / 2]);
+    CHECK(range_hits_with(cache, &hl, 4096, 4096, last));
+    /* The readahead is asynchronous: wait for it (the bound only ends a
+     * run that fails). */
+    bool all = false;
+    for (int waited = 0; !all && waited < 60000; waited += 10) {
+        all = pages_resident(sums, SUMS_PAGES, resident) == 0;
+        for (size_t i = 0; all && i < SUMS_PAGES; i++)
+            all = resident[i];
+        if (!all)
+            sleep_ms(10);
+    }
+    CHECK(all);
+    free(data);
+    free(last);
+    cache_close(cache);
+}
+
 int main(void)
 {
     log_set_level(LOG_LEVEL_ERROR); /* the damage tests log warnings on purpose */
@@ -1066,6 +1260,9 @@ int main(void)
     path_join(sub, sizeof(sub), "%s/evict", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_evict_pins(sub);
+    path_join(sub, sizeof(sub), "%s/counts", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_running_counts(sub);
     path_join(sub, sizeof(sub), "%s/compact", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_compaction(sub);
@@ -1078,9 +1275,15 @@ int main(void)
     path_join(sub, sizeof(sub), "%s/compact-damage", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_compaction_damage(sub);
+    path_join(sub, sizeof(sub), "%s/sums-read-ahead", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_sums_read_ahead(sub);
     path_join(sub, sizeof(sub), "%s/churn", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_churn(sub);
+    path_join(sub, sizeof(sub), "%s/no-memory", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_check_no_memory(sub);
 
     path_join(sub, sizeof(sub), "%s/threads", dir);
     CHECK(mkdir(sub, 0755) == 0);

@@ -1426,6 +1426,92 @@ static void test_shared_moves_killed(void)
     CHECK(rmdir(shared) == 0);
 }
 
+/* The shared file's header cannot be written (layer_syscalls.shared_pwrite
+ * fails). */
+static ssize_t failing_shared_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    (void)fd, (void)buf, (void)len, (void)off;
+    errno = EIO;
+    return -1;
+}
+
+/* Two writes in a flush's sync (so that its record holds fewer entries of
+ * the shared file than came after them, which stay there, flushed). */
+static int two_writes_sync(int fd)
+{
+    struct layer *l = sync_writer;
+    sync_writer = NULL;
+    if (l && (write_blocks(l, NULL, 1, 1) != 0 || write_blocks(l, NULL, 2, 1) != 0))
+        _exit(7);
+    return real_fdatasync_saved(fd);
+}
+
+/* A header update of the shared pending file that fails: where a flush
+ * empties the file (the file still names its entries, from a point past
+ * 0), and where a layer is created (the file is not yet ours). A server
+ * killed after a later write leaves a takeover every write that returned. */
+static void test_shared_header_fails(bool at_create)
+{
+    char shared[PATH_MAX];
+    snprintf(shared, sizeof(shared), "%s/shared", dir);
+    CHECK(mkdir(shared, 0700) == 0);
+    layer_share_pending(shared);
+    char id[LAYER_ID_LEN + 1] = "";
+    uint64_t seed = next_rand();
+    int ids[2];
+    CHECK(pipe(ids) == 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        rng = seed;
+        struct layer *l;
+        if (at_create)
+            layer_syscalls.shared_pwrite = failing_shared_pwrite;
+        if (layer_create(dir, DISK_SIZE, &l) != 0 || write(ids[1], layer_id(l), LAYER_ID_LEN) != LAYER_ID_LEN)
+            _exit(2);
+        if (write_blocks(l, NULL, 0, 1) != 0)
+            _exit(3);
+        if (!at_create) { /* the file: {1, 3} after this flush */
+            layer_syscalls.fdatasync = two_writes_sync;
+            sync_writer = l;
+            if (layer_flush(l) != 0)
+                _exit(4);
+            layer_syscalls.fdatasync = real_fdatasync_saved;
+            layer_syscalls.shared_pwrite = failing_shared_pwrite;
+            if (layer_flush(l) != 0) /* it cannot empty the file */
+                _exit(4);
+            layer_syscalls.shared_pwrite = real_pwrite_saved;
+            if (write_blocks(l, NULL, 3, 1) != 0)
+                _exit(3);
+        }
+        kill(getpid(), SIGKILL);
+        _exit(0);
+    }
+    close(ids[1]);
+    CHECK(read(ids[0], id, LAYER_ID_LEN) == LAYER_ID_LEN);
+    close(ids[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    struct model m;
+    model_init(&m);
+    uint64_t saved = rng;
+    rng = seed;
+    for (uint64_t b = 0; b < (at_create ? 1u : 4u); b++)
+        write_blocks(NULL, &m, b, 1);
+    rng = saved;
+    struct layer *l = NULL;
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    CHECK(l && matches(l, &m));
+    layer_close(l);
+    layer_remove(dir, id);
+    layer_share_pending(NULL);
+    char pending[PATH_MAX + 32];
+    snprintf(pending, sizeof(pending), "%s/%s.pending", shared, id);
+    unlink(pending);
+    CHECK(rmdir(shared) == 0);
+    model_free(&m);
+}
+
 static void test_faults(void)
 {
     layer_syscalls.pwrite = hooked_pwrite;
@@ -1514,6 +1600,8 @@ int main(void)
     test_takeover_acknowledged(true);
     test_shared_file_bounded();
     test_shared_moves_killed();
+    test_shared_header_fails(false);
+    test_shared_header_fails(true);
     test_faults();
     CHECK(count_entries(dir) == 0);
     remove_tree(dir);

@@ -1,16 +1,20 @@
 /* Unit tests of the pieces of takeover that need no mount: the INIT offer
  * parser, the handle table, the owner lock and its refusal sentence, and
- * the mountinfo path unescaping. */
+ * the mountinfo path unescaping, and the directory that lives as long as
+ * its owner. */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fuse.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdbool.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "owner.h"
@@ -201,6 +205,127 @@ static void test_handles_across_threads(void)
     close(fd);
 }
 
+static bool exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+/* Runs fn(arg) as pid 1 of a new PID namespace, where no pid of this one is
+ * seen; returns its exit status, or 77 when namespaces are refused. */
+static int run_in_pid_namespace(int (*fn)(void *), void *arg)
+{
+    pid_t child = fork();
+    if (child == 0) {
+        if (unshare(CLONE_NEWPID) < 0)
+            _exit(77);
+        pid_t grandchild = fork();
+        if (grandchild == 0)
+            _exit(fn(arg));
+        int status;
+        bool ok = grandchild > 0 && waitpid(grandchild, &status, 0) == grandchild && WIFEXITED(status);
+        _exit(ok ? WEXITSTATUS(status) : 99);
+    }
+    int status;
+    if (child < 0 || waitpid(child, &status, 0) != child || !WIFEXITED(status))
+        return 99;
+    return WEXITSTATUS(status);
+}
+
+struct owner_dir_case {
+    const char *parent;
+    int pipe_fd; /* where a dying owner tells its directory */
+};
+
+static int sweep_in(void *arg)
+{
+    owner_dir_sweep(((struct owner_dir_case *)arg)->parent);
+    return 0;
+}
+
+/* Makes an owner directory, tells its path on the pipe and dies with it. */
+static int die_owning(void *arg)
+{
+    struct owner_dir_case *c = arg;
+    char path[256];
+    struct owner_lock lock = OWNER_LOCK_INIT;
+    if (owner_dir_create(c->parent, path, sizeof(path), &lock) != 0)
+        return 1;
+    size_t n = strlen(path) + 1;
+    return write(c->pipe_fd, path, n) == (ssize_t)n ? 0 : 1;
+}
+
+/* Runs die_owning (in a PID namespace or not) and returns the directory it
+ * left in path ("" on failure). */
+static void dead_owner_dir(struct owner_dir_case *c, bool in_namespace, char *path, size_t len)
+{
+    int p[2];
+    path[0] = 0;
+    if (pipe(p) < 0)
+        return;
+    c->pipe_fd = p[1];
+    int rc;
+    if (in_namespace) {
+        rc = run_in_pid_namespace(die_owning, c);
+    } else {
+        pid_t child = fork();
+        if (child == 0)
+            _exit(die_owning(c));
+        int status = 0;
+        rc = child > 0 && waitpid(child, &status, 0) == child && WIFEXITED(status) ? WEXITSTATUS(status) : 99;
+    }
+    close(p[1]);
+    ssize_t n = rc == 0 ? read(p[0], path, len - 1) : -1;
+    path[n > 0 ? n : 0] = 0;
+    close(p[0]);
+}
+
+static void test_owner_dir(void)
+{
+    char parent[] = "/dev/shm/test_takeover.XXXXXX";
+    CHECK(mkdtemp(parent) != NULL, "mkdtemp: %s", strerror(errno));
+    struct owner_dir_case c = {.parent = parent};
+
+    /* Two owners at once (here in one process) get two directories. */
+    char mine[256], other[256], lockpath[300];
+    struct owner_lock lock = OWNER_LOCK_INIT, other_lock = OWNER_LOCK_INIT;
+    CHECK(owner_dir_create(parent, mine, sizeof(mine), &lock) == 0, "create");
+    CHECK(owner_dir_create(parent, other, sizeof(other), &other_lock) == 0, "create a second");
+    CHECK(strcmp(mine, other) != 0 && exists(mine) && exists(other), "two owners share %s", mine);
+
+    /* A sweeper that cannot see this process (another PID namespace) keeps
+     * its directory, and so does one that can. */
+    int rc = run_in_pid_namespace(sweep_in, &c);
+    if (rc == 77)
+        printf("owner_dir: skipped the PID namespace cases (unshare refused: not root?)\n");
+    else
+        CHECK(rc == 0 && exists(mine) && exists(other), "a sweep in another PID namespace removed a live directory");
+    owner_dir_sweep(parent);
+    CHECK(exists(mine) && exists(other), "a sweep removed a live directory");
+
+    /* A dead owner's directory goes, whether its pid is gone or, seen from
+     * here, names a live process (it was pid 1 of its namespace). */
+    char dead[256], dead_in_ns[256] = "";
+    dead_owner_dir(&c, false, dead, sizeof(dead));
+    CHECK(dead[0] && exists(dead), "the dying owner made no directory");
+    if (rc != 77) {
+        dead_owner_dir(&c, true, dead_in_ns, sizeof(dead_in_ns));
+        CHECK(dead_in_ns[0] && exists(dead_in_ns), "the dying owner in a PID namespace made no directory");
+    }
+    owner_dir_sweep(parent);
+    CHECK(dead[0] && !exists(dead), "a dead owner's directory %s was kept", dead);
+    CHECK(!dead_in_ns[0] || !exists(dead_in_ns), "a dead owner's directory %s was kept", dead_in_ns);
+    snprintf(lockpath, sizeof(lockpath), "%s.lock", dead);
+    CHECK(!exists(lockpath), "a dead owner's lock file %s was kept", lockpath);
+    CHECK(exists(mine) && exists(other), "a sweep removed a live directory");
+
+    CHECK(owner_dir_remove(mine, &lock) == 0 && !exists(mine) && lock.fd < 0, "remove");
+    snprintf(lockpath, sizeof(lockpath), "%s.lock", mine);
+    CHECK(!exists(lockpath), "the lock file %s was kept", lockpath);
+    CHECK(owner_dir_remove(other, &other_lock) == 0 && !exists(other), "remove the second");
+    CHECK(rmdir(parent) == 0, "%s is not empty after the owners removed theirs", parent);
+}
+
 int main(void)
 {
     test_init_offer();
@@ -208,6 +333,7 @@ int main(void)
     test_handles_across_threads();
     test_owner_lock();
     test_unescape();
+    test_owner_dir();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;

@@ -5,7 +5,8 @@
  * directory listing and the lookups agree. Nodes handed from one FUSE
  * thread to another with only the kernel's ordering between them (threads
  * ordered here by relaxed flags, which ThreadSanitizer does not count as
- * synchronisation); the placeholders of a takeover are never served. */
+ * synchronisation); the placeholders of a takeover are never served; a
+ * VM added while its snapshots are made and removed. */
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
@@ -34,6 +35,7 @@ static struct vm *new_vm(const char *name, const char *snap)
     if (!vm)
         abort();
     snprintf(vm->name, sizeof(vm->name), "%s", name);
+    pthread_rwlock_init(&vm->chain_lock, NULL);
     if (snap) {
         vm->snapshots = calloc(VM_MAX_SNAPSHOTS, sizeof(*vm->snapshots)); /* as vm.c makes it */
         if (!vm->snapshots || !(vm->snapshots[0] = calloc(1, sizeof(*vm->snapshots[0]))))
@@ -49,6 +51,7 @@ static void free_vm(struct vm *vm)
     if (vm->snapshot_count)
         free(vm->snapshots[0]);
     free(vm->snapshots);
+    pthread_rwlock_destroy(&vm->chain_lock);
     free(vm);
 }
 
@@ -150,6 +153,77 @@ static void test_placeholders_not_served(struct repo *repo)
         free_vm(vm);
     }
     close(fd);
+}
+
+/* Snapshots of a real VM made and removed on one thread (imgfsctl vm
+ * snapshot and snapshot rm) while another adds the VM to the tree (a
+ * create, a clone or a lookup after a takeover): the list is read under its
+ * lock (ThreadSanitizer sees a race otherwise), and each snapshot that
+ * stays gets its node. */
+struct snapshot_churn {
+    struct vm_registry *reg;
+    struct vm *vm;
+    atomic_bool done;
+    int failures;
+};
+
+enum { CHURN_ROUNDS = 40 };
+
+static void *churn_snapshots(void *arg)
+{
+    struct snapshot_churn *c = arg;
+    char err[256], name[32];
+    for (int i = 0; i < CHURN_ROUNDS; i++) {
+        snprintf(name, sizeof(name), "churn%d", i);
+        if (vm_snapshot(c->reg, c->vm, name, err, sizeof(err)) != 0) {
+            fprintf(stderr, "vm_snapshot: %s\n", err);
+            c->failures++;
+        }
+        snprintf(name, sizeof(name), "churn%d", i - 1);
+        if (i % 2 == 1 && vm_remove_snapshot(c->reg, c->vm, name, err, sizeof(err)) != 0) {
+            fprintf(stderr, "vm_remove_snapshot: %s\n", err);
+            c->failures++;
+        }
+    }
+    atomic_store(&c->done, true);
+    return NULL;
+}
+
+static const struct vm_base *no_base(void *ctx, const char *name, uint64_t version)
+{
+    (void)ctx, (void)name, (void)version;
+    return NULL;
+}
+
+static void test_add_during_snapshots(struct tree *tree, const char *tmp)
+{
+    char state[PATH_MAX], err[256];
+    path_join(state, sizeof(state), "%s/state", tmp);
+    struct snapshot_churn c = {0};
+    CHECK(vm_registry_open(state, no_base, NULL, &c.reg, err, sizeof(err)) == 0);
+    if (!c.reg)
+        return;
+    CHECK(vm_create_empty(c.reg, "churned", 0600, 0, 0, &c.vm, err, sizeof(err)) == 0);
+    CHECK(c.vm && vm_resize_blank(c.reg, c.vm, 1 << 20, err, sizeof(err)) == 0);
+    if (c.vm) {
+        pthread_t churner;
+        CHECK(pthread_create(&churner, NULL, churn_snapshots, &c) == 0);
+        int adds = 0;
+        while (!atomic_load(&c.done) && tree_add_vm(tree, c.vm) == 0)
+            adds++;
+        pthread_join(churner, NULL);
+        CHECK(c.failures == 0);
+        CHECK(tree_add_vm(tree, c.vm) == 0);
+        for (int i = 0; i < CHURN_ROUNDS; i += 2) { /* the odd ones stay */
+            char name[48];
+            snprintf(name, sizeof(name), "churned@churn%d.raw", i + 1);
+            struct node *n = tree_lookup(tree, INO_VMS, name);
+            CHECK(n && n->kind == NODE_VM_SNAPSHOT && n->vm == c.vm);
+        }
+        printf("tree_add_vm ran %d times during %d snapshots\n", adds, CHURN_ROUNDS);
+        tree_remove_vm(tree, c.vm);
+    }
+    vm_registry_close(c.reg);
 }
 
 /* A repository with BASES bases of VERSIONS versions each. */
@@ -254,6 +328,7 @@ int main(void)
 
     test_remove_across_threads(tree);
     test_placeholders_not_served(repo);
+    test_add_during_snapshots(tree, tmp);
 
     tree_destroy(tree);
     repo_close(repo);
