@@ -520,6 +520,8 @@ static uint64_t all_blocks(uint64_t size)
     return size % SUM_BLOCK || n > MAX_SUMMED_BLOCKS ? 0 : n == 64 ? ~0ull : (1ull << n) - 1;
 }
 
+void *(*cache_check_alloc)(size_t len) = malloc;
+
 /* Reads the blocks in want of a resident chunk (one run: a read's range)
  * and checks those in check against their sums. Returns 0 with *out (the
  * bytes of the run, malloc'd; *out_off is its first byte in the chunk),
@@ -536,7 +538,7 @@ static int verify_blocks(const struct cache_entry *e, uint64_t want, uint64_t ch
         n++;
     /* Sized to the run (one block for a 4 KiB read): a chunk-sized
      * buffer would be an mmap and munmap per read. */
-    char *buf = malloc((size_t)n * SUM_BLOCK);
+    char *buf = cache_check_alloc((size_t)n * SUM_BLOCK);
     if (!buf)
         return -ENOMEM;
     uint64_t sums[MAX_SUMMED_BLOCKS];
@@ -965,7 +967,7 @@ static int verify_resident(struct cache *cache, struct cache_entry *e, uint32_t 
 {
     if (e->size != chunk_size)
         return -EBADMSG;
-    char *buf = malloc(chunk_size);
+    char *buf = cache_check_alloc(chunk_size);
     if (!buf)
         return -ENOMEM;
     int rc = read_full_at(e->pack->fd, buf, chunk_size, (off_t)e->off);
@@ -1064,6 +1066,13 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
                 pthread_cond_broadcast(&s->changed);
                 pthread_mutex_unlock(&s->lock);
                 return CACHE_HIT;
+            }
+            if (rc == -ENOMEM) { /* says nothing about its bytes: they stay */
+                e->state = ENTRY_RESIDENT;
+                e->pins--;
+                pthread_cond_broadcast(&s->changed);
+                pthread_mutex_unlock(&s->lock);
+                return rc;
             }
             /* Its bytes go. Readers of its good blocks may hold pins on
              * them (nobody new pins a BUSY entry): then the copy stays,

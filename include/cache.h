@@ -121,8 +121,9 @@ void cache_close(struct cache *cache);
 void cache_set_limit(struct cache *cache, uint64_t limit);
 
 /* Returns CACHE_HIT or CACHE_MUST_FILL (>= 0), or -ETIMEDOUT when another
- * caller was filling the chunk and deadline_ns (monotonic) passed, or another
- * negative errno. The caller reads only [want_off, want_off + want_len) of a
+ * caller was filling the chunk and deadline_ns (monotonic) passed, -ENOMEM
+ * when there was no memory to check a resident chunk in (it stays, to be
+ * checked by the next acquire), or another negative errno. The caller reads only [want_off, want_off + want_len) of a
  * hit (checked by block, see above); want_len 0 asks for the whole chunk. */
 int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t chunk_size, uint32_t want_off,
                   uint32_t want_len, uint64_t deadline_ns, struct cache_pin *pin);
@@ -170,6 +171,11 @@ const char *cache_dir(const struct cache *cache);
  * file's path, the offset and the length. -ENOENT when not resident. */
 int cache_locate(struct cache *cache, const struct chunk_hash *hash, char *path, size_t path_len, uint64_t *off,
                  uint64_t *len);
+/* For tests: allocates the buffers a resident chunk's bytes are checked in
+ * (malloc); replace it to inject ENOMEM, which fails that acquire with
+ * -ENOMEM and keeps the chunk. Set before the cache is shared between
+ * threads. */
+extern void *(*cache_check_alloc)(size_t len);
 /* Rolls the active pack over beyond bytes instead of 256 MiB (tests). Call
  * before the cache is shared between threads. */
 void cache_set_pack_limit(struct cache *cache, uint64_t bytes);

@@ -124,7 +124,9 @@ struct layer;
  * call per write); a write whose entry cannot be kept there (a full tmpfs)
  * is flushed before it returns, so a takeover never lacks an answered write.
  * A flush drops the entries it made durable, so the file holds at most
- * about twice the entries pending, however long writes go on.
+ * about twice the entries pending, however long writes go on, and its size
+ * follows: once a burst is flushed, the file shrinks back (by the flush,
+ * never by a write).
  * After a reboot the tmpfs is gone, and the promises are as above. Call
  * once at start-up, before any layer is opened; NULL or "" for none. */
 void layer_share_pending(const char *dir);

@@ -825,6 +825,28 @@ static bool shared_append(struct layer *l, const struct entry *e)
     return true;
 }
 
+/* After a burst of writes, the file and its mapping would keep their peak
+ * size for as long as writes keep coming (no flush empties the file then):
+ * when a flush leaves a large one mostly empty, both shrink to twice what
+ * it holds. Lock held; the header names only entries below the new end. */
+static void shared_shrink(struct layer *l)
+{
+    size_t used = SHARED_HEADER + (size_t)l->shared_count * ENTRY_LEN;
+    if (l->shared_map_len <= SHARED_MAP_KEEP || used > l->shared_map_len / 4)
+        return;
+    size_t len = SHARED_MAP_MIN;
+    while (len < 2 * used)
+        len *= 2;
+    void *map = mremap(l->shared_map, l->shared_map_len, len, 0); /* in place */
+    if (map == MAP_FAILED) {
+        log_warn("layer %s: cannot shrink the mapping of its pending file: %s", l->id, strerror(errno));
+        return;
+    }
+    l->shared_map_len = len;
+    if (ftruncate(l->shared_fd, (off_t)len) < 0) /* the next growth allocates again what it needs */
+        log_warn("layer %s: cannot shrink its pending file: %s", l->id, strerror(errno));
+}
+
 /* A flush made the shared file's first taken entries durable; lock held.
  * Empties the file when nothing came meanwhile. Otherwise marks them
  * flushed and, once they are at least as many as those that came after
@@ -849,6 +871,8 @@ static void shared_flushed(struct layer *l, uint64_t taken)
     l->shared_count = later;
     if (!shared_header(l, 0))
         l->shared_count = count; /* the file still names [taken, count), untouched */
+    else
+        shared_shrink(l);
 }
 
 /* Opens (or creates) the shared file of a layer just opened or created.

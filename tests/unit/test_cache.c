@@ -1124,6 +1124,43 @@ static void test_compaction_damage(const char *dir)
     free(data);
 }
 
+/* No memory to check a resident chunk in: the read fails with ENOMEM, and
+ * the chunk stays (no DROP, no fetch): the next read hits it, also after a
+ * restart. */
+static void *no_memory(size_t len)
+{
+    (void)len;
+    return NULL;
+}
+
+static void test_check_no_memory(const char *dir)
+{
+    struct cache *cache = open_cache(dir);
+    unsigned char *a = malloc(CS);
+    struct chunk_hash ha;
+    make_chunk(a, CS, 91, &ha);
+    fill_chunk(cache, &ha, a);
+    struct cache_pin pin;
+    const uint32_t ranges[][2] = {{4096, 4096}, {0, 0}}; /* by block, then whole */
+    for (int r = 0; r < 2; r++) {
+        cache = reopen(cache, dir); /* not checked in this run */
+        cache_check_alloc = no_memory;
+        int rc = cache_acquire(cache, &ha, CS, ranges[r][0], ranges[r][1], now_ns() + LONG_DEADLINE_NS, &pin);
+        cache_check_alloc = malloc;
+        CHECK(rc == -ENOMEM);
+        if (rc >= 0)
+            cache_release(cache, &pin);
+        struct cache_usage u;
+        cache_get_usage(cache, &u);
+        CHECK(u.dropped_damaged == 0 && u.chunks == 1);
+        CHECK(range_hits_with(cache, &ha, ranges[r][0], 4096, a));
+    }
+    cache = reopen(cache, dir);
+    CHECK(range_hits_with(cache, &ha, 8192, 4096, a));
+    free(a);
+    cache_close(cache);
+}
+
 /* Which pages of a file are in the page cache: resident[i] for page i of
  * the first pages pages. -1 when it cannot be told. */
 static int pages_resident(const char *path, size_t pages, unsigned char *resident)
@@ -1244,6 +1281,9 @@ int main(void)
     path_join(sub, sizeof(sub), "%s/churn", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_churn(sub);
+    path_join(sub, sizeof(sub), "%s/no-memory", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_check_no_memory(sub);
 
     path_join(sub, sizeof(sub), "%s/threads", dir);
     CHECK(mkdir(sub, 0755) == 0);
