@@ -1268,12 +1268,13 @@ static int writing_sync(int fd)
 }
 
 /* The shared pending file under a steady stream of writes, where every
- * flush finds one that came during its sync (so none empties the file):
- * it stays small instead of growing by an entry per write, and a server
- * killed after such a run leaves a takeover exactly the written blocks. */
+ * flush finds one that came during its sync (so none empties the file),
+ * after a burst of writes that made it large: it shrinks back and stays
+ * small instead of growing by an entry per write, and a server killed after
+ * such a run leaves a takeover exactly the written blocks. */
 static void test_shared_file_bounded(void)
 {
-    enum { ROUNDS = 5000 };
+    enum { ROUNDS = 5000, BURST = 3000, BURST_FIRST = 600, BURST_SPAN = 1400 };
     char shared[PATH_MAX], pending[PATH_MAX + 32];
     snprintf(shared, sizeof(shared), "%s/shared", dir);
     CHECK(mkdir(shared, 0700) == 0);
@@ -1292,6 +1293,9 @@ static void test_shared_file_bounded(void)
         sync_writes = 0;
         if (layer_open(dir, id, DISK_SIZE, &l) != 0)
             _exit(2);
+        for (int i = 0; i < BURST; i++) /* 96 KiB of entries, unflushed */
+            if (write_blocks(l, NULL, BURST_FIRST + (uint64_t)i % BURST_SPAN, 1) != 0)
+                _exit(3);
         for (int i = 0; i < ROUNDS; i++) {
             if (write_blocks(l, NULL, (uint64_t)i % 256, 1) != 0)
                 _exit(3);
@@ -1319,6 +1323,8 @@ static void test_shared_file_bounded(void)
     uint64_t saved = rng;
     rng = seed;
     uint64_t during = 0;
+    for (int i = 0; i < BURST; i++)
+        write_blocks(NULL, &m, BURST_FIRST + (uint64_t)i % BURST_SPAN, 1);
     for (int i = 0; i < ROUNDS; i++) {
         write_blocks(NULL, &m, (uint64_t)i % 256, 1);
         write_blocks(NULL, &m, 256 + during++ % 256, 1);
