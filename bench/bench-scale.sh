@@ -25,6 +25,10 @@
 #              on), mean of 200, best of 5
 #   vm create  `imgfsctl vm create` of one more VM on a base (it is removed
 #              after each), best of 5
+#   size       of .imgfs/stats: what a read of it prints
+#   CPU a read the server's CPU time (user + system) over 50 reads of
+#              .imgfs/stats, and of .imgfs/metrics, per read: what load on a
+#              shared machine stretches least
 #   RSS        of the daemon (supervisor and server) after all that
 # Each figure is the best of three mounts (the machine may be shared).
 # With BASELINE_BIN_DIR (imgfs binaries of an older build, e.g. before the
@@ -97,8 +101,8 @@ for n in "$SMALL" "$LARGE"; do
 done
 
 # Prints: mount_s lookup_us miss_us stats_ms ls_ms metrics_ms mount_cpu_ms
-#         control_last_us control_missing_us create_ms rss_mib
-FIELDS=11
+#         control_last_us control_missing_us create_ms stats_cpu_ms metrics_cpu_ms stats_kib rss_mib
+FIELDS=14
 measure() { # bin_dir state vm_count
     local t0 rss
     t0=$(date +%s.%N)
@@ -123,7 +127,8 @@ def cpu_ms(pid): # user + system of every thread, living or gone
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 with open(f"/proc/{daemon}/task/{daemon}/children") as f:
-    mount_cpu_ms = cpu_ms(daemon) + sum(cpu_ms(int(p)) for p in f.read().split())
+    servers = [int(p) for p in f.read().split()]
+mount_cpu_ms = cpu_ms(daemon) + sum(cpu_ms(p) for p in servers)
 def mean_stat_us(names):
     best = None
     for _ in range(5):
@@ -149,7 +154,7 @@ def best_ms(fn, rounds):
     return best
 def read_stats():
     with open(mnt + "/.imgfs/stats", "rb") as f:
-        f.read()
+        return len(f.read())
 def read_metrics():
     with open(mnt + "/.imgfs/metrics", "rb") as f:
         f.read()
@@ -179,10 +184,16 @@ def create_ms():
         best = ms if best is None else min(best, ms)
         subprocess.run([imgfsctl, "vm", "rm", mnt, "bench-extra"], check=True, stdout=subprocess.DEVNULL)
     return best
+def cpu_per_read_ms(fn, reads=50):
+    before = sum(cpu_ms(p) for p in servers)
+    for _ in range(reads):
+        fn()
+    return (sum(cpu_ms(p) for p in servers) - before) / reads
 stats_ms = best_ms(read_stats, 10)
 ls_ms = best_ms(ls_l, 5)
 print(f"{mount_s:.3f} {lookup_us:.1f} {miss_us:.1f} {stats_ms:.2f} {ls_ms:.1f} {best_ms(read_metrics, 10):.2f} "
-      f"{mount_cpu_ms:.0f} {control_us(f'vm{n - 1}'):.1f} {control_us('none'):.1f} {create_ms():.1f}")
+      f"{mount_cpu_ms:.0f} {control_us(f'vm{n - 1}'):.1f} {control_us('none'):.1f} {create_ms():.1f} "
+      f"{cpu_per_read_ms(read_stats):.2f} {cpu_per_read_ms(read_metrics):.2f} {read_stats() / 1024:.0f}")
 EOF
     # imgfs is a supervisor and the server it runs (supervisor.h): both count.
     rss=$(for p in "$DAEMON" $(pgrep -P "$DAEMON"); do cat "/proc/$p/status"; done |
@@ -253,5 +264,8 @@ row() { # label field(1-$FIELDS)
     row "control command on the last-made VM (us)" 8
     row "control command on a name that is no VM (us)" 9
     row "imgfsctl vm create of one more VM (ms)" 10
-    row "daemon RSS (MiB)" 11
+    row "server CPU per read of .imgfs/stats (ms)" 11
+    row "server CPU per read of .imgfs/metrics (ms)" 12
+    row "size of .imgfs/stats (KiB)" 13
+    row "daemon RSS (MiB)" 14
 } | save_report scale

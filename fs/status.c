@@ -37,11 +37,12 @@ static void count_residency(struct imgfs *fs, const struct manifest *m, struct r
 }
 
 /* The version's count, walked again only when the cache changed since the
- * last one: on a host with hundreds of versions a stats read costs what it
- * prints, not every chunk of every version. */
-static void base_residency(struct imgfs *fs, struct base_version *v, struct residency *r)
+ * last one (generation: cache_generation() taken before this snapshot's
+ * first walk, so that a change during a walk shows at the next read): on a
+ * host with hundreds of versions a stats read costs what it prints, not
+ * every chunk of every version. */
+static void base_residency(struct imgfs *fs, struct base_version *v, uint64_t generation, struct residency *r)
 {
-    uint64_t generation = cache_generation(fs->cache); /* before the walk: a change during it shows next time */
     pthread_mutex_lock(&v->residency_lock);
     bool known = v->residency_known && v->residency_generation == generation;
     if (known)
@@ -68,13 +69,13 @@ static double hit_rate(const struct fetch_counters *c)
     return all > 0 ? hits / all : 0;
 }
 
-static void add_base_version(struct status_snapshot *s, struct imgfs *fs, const struct node *n)
+static void add_base_version(struct status_snapshot *s, struct imgfs *fs, uint64_t generation, const struct node *n)
 {
     const struct manifest *m = n->version->manifest;
     const struct fetch_counters *c = &n->version->counters;
     const struct prefetch_marks *pm = &n->version->marks;
     struct residency r;
-    base_residency(fs, n->version, &r);
+    base_residency(fs, n->version, generation, &r);
     char title[96], version[24], id[CHUNK_HASH_HEX + 1];
     snprintf(title, sizeof(title), "%s@%" PRIu64, m->name, m->version);
     snprintf(version, sizeof(version), "%" PRIu64, m->version);
@@ -119,11 +120,17 @@ static void add_base_version(struct status_snapshot *s, struct imgfs *fs, const 
                    atomic_load(&pm->misses));
 }
 
+struct version_walk {
+    struct status_snapshot *s;
+    struct imgfs *fs;
+    uint64_t generation;
+};
+
 static int walk_version(void *ctx, const struct node *n)
 {
-    void **args = ctx;
+    struct version_walk *w = ctx;
     if (n->kind == NODE_BASE_FILE)
-        add_base_version(args[0], args[1], n);
+        add_base_version(w->s, w->fs, w->generation, n);
     return 0;
 }
 
@@ -271,8 +278,8 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     status_gauge(s, sec, "zeroed_ahead_bytes", "Bytes that the VMs' layers hold zeroed ahead of their logs' tails.",
                  (double)layer_ahead_host_bytes(), 0);
 
-    void *args[2] = {s, fs};
-    tree_for_each_child(fs->tree, INO_BASES, 0, walk_version, args);
+    struct version_walk walk = {s, fs, cache_generation(fs->cache)};
+    tree_for_each_child(fs->tree, INO_BASES, 0, walk_version, &walk);
     vm_registry_each(fs->vms, add_vm, s);
     if (s->failed) {
         status_snapshot_free(s);

@@ -75,10 +75,12 @@
  *
  * Disk: the log's blocks, plus the zeros ahead of its tail. Those count
  * against the process's 1 GiB (IMGFS_LAYER_AHEAD_HOST_MAX for tests) from
- * when they are written until the layer writes over them or closes, so a
- * host with 2,000 VMs that write holds 1 GiB of them, not 16 MiB a VM; an
- * idle layer keeps its share until it closes.
- * layer_ahead_host_bytes() tells how much is held.
+ * when they are written until the layer writes over them, writes nothing
+ * for 60 s (layer_set_ahead_idle) or closes, so a host with 2,000 VMs that
+ * write holds 1 GiB of them, not 16 MiB a VM, and VMs that stopped writing
+ * leave theirs to the ones that write. An idle layer's log is cut at its
+ * tail, as if it had never zeroed (its times stay); its next small flush
+ * asks for zeros again. layer_ahead_host_bytes() tells how much is held.
  *
  * Promises (what callers and the crash tests rely on):
  *   1. After layer_flush() returns 0, every write and punch that returned
@@ -199,6 +201,9 @@ uint64_t layer_allocated_bytes(const struct layer *layer);
 /* Bytes that all open layers hold zeroed ahead of their tails, as counted
  * against the process's budget (see Disk above). */
 uint64_t layer_ahead_host_bytes(void);
+/* How long (ns) a layer that holds zeros ahead may write nothing before it
+ * gives them back (Disk above): 60 s unless changed (tests). */
+void layer_set_ahead_idle(uint64_t ns);
 
 struct layer_stats {
     uint64_t owned_blocks;

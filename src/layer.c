@@ -87,6 +87,7 @@
 #define AHEAD_MAX (16ull << 20)      /* the log, within these bounds, */
 #define AHEAD_FREE_FACTOR 64         /* and while 64 windows are free, */
 #define AHEAD_HOST_MAX (1ull << 30)  /* and while all layers hold less than this */
+#define AHEAD_IDLE_NS (60ull * 1000000000ull) /* given back by a layer that wrote nothing for this long */
 #define NO_ZEROING UINT64_MAX
 #define OLD_MAP_HEADER_LEN 64
 #define OLD_MAP_MAGIC "imgfs-layer-map 1\n"
@@ -219,6 +220,9 @@ struct layer {
     /* Compaction: guarded by the module's compact_lock. */
     struct layer *compact_next;
     bool compact_queued, compact_stop, compacting;
+    struct layer *holder_next, *holder_prev; /* in ahead_holders, when holding */
+    bool holding;
+    bool idle_queued; /* queued by queue_idle_holders: to give its zeros back */
     _Atomic uint64_t compactions, compact_ns, compact_pause_ns, compact_flush_hold_ns, compact_bytes;
 };
 
@@ -2081,6 +2085,40 @@ static bool ahead_stale(const struct layer *l)
     return counted > held && (held == 0 || counted - held >= ahead_window(l) / 2);
 }
 
+/* How long a layer that holds zeros ahead may write nothing before they go
+ * back (layer_set_ahead_idle). */
+static _Atomic uint64_t ahead_idle = AHEAD_IDLE_NS;
+static uint64_t ahead_idle_ns(void) { return atomic_load(&ahead_idle); }
+
+/* Gives back the zeros ahead of an idle layer's tail: the log is cut at the
+ * tail, where the log of a layer that never zeroed ends (open cuts the
+ * zeros anyway, so a crash on either side of the cut opens the same layer),
+ * and its share of the host's budget goes back. Its next small flush asks
+ * for zeros again. With the compaction claim held (ahead and cur stay) and
+ * swap_lock exclusively, so that no write reserves a block or writes data
+ * meanwhile; a flush writes its record below the tail. The cut moves the
+ * log's times, which are the layer's: they are put back. */
+static void give_back_ahead(struct layer *l)
+{
+    pthread_rwlock_wrlock(&l->swap_lock);
+    uint64_t tail = atomic_load(&l->tail);
+    int fd = l->cur->fd;
+    struct stat before;
+    if (ahead_held(l) > 0 && fstat(fd, &before) == 0 && (uint64_t)before.st_size > tail * BS) {
+        if (ftruncate(fd, (off_t)(tail * BS)) == 0) {
+            atomic_store(&l->ahead, tail);
+            pthread_mutex_lock(&l->lock);
+            struct timespec times[2] = {before.st_atim, before.st_mtim};
+            futimens(fd, times);
+            pthread_mutex_unlock(&l->lock);
+        } else {
+            log_warn("layer %s: cannot give back its zeros ahead: %s", l->id, strerror(errno));
+        }
+    }
+    pthread_rwlock_unlock(&l->swap_lock);
+    ahead_recount(l);
+}
+
 /* What a pass of zero_ahead would prepare now: [max(tail, ahead), tail +
  * window), empty when from >= to. */
 static void ahead_gap(const struct layer *l, uint64_t *from, uint64_t *to)
@@ -2475,6 +2513,103 @@ static int compact(struct layer *l)
     return rc;
 }
 
+/* ---- giving back the zeros of idle layers (compact_lock held) -------------------
+ *
+ * The layers counted for zeros ahead, so that the background threads find
+ * those that stopped writing (give_back_ahead) with no pass over every open
+ * layer. A layer joins when its claim is released holding zeros, and
+ * leaves when it is found holding none, and at close. holders_since is no
+ * later than the last write of any of them (writes only move that later),
+ * so the list is looked at only once the idle time has passed since. */
+static struct layer *ahead_holders;
+static uint64_t holders_since = UINT64_MAX;
+
+static void holder_remove(struct layer *l)
+{
+    if (!l->holding)
+        return;
+    if (l->holder_prev)
+        l->holder_prev->holder_next = l->holder_next;
+    else
+        ahead_holders = l->holder_next;
+    if (l->holder_next)
+        l->holder_next->holder_prev = l->holder_prev;
+    l->holding = false;
+}
+
+/* After l's claim: in the list while it holds zeros ahead. */
+static void holder_note(struct layer *l)
+{
+    if (atomic_load(&l->ahead_counted) == 0 || l->compact_stop) {
+        holder_remove(l);
+        return;
+    }
+    if (!l->holding) {
+        l->holder_prev = NULL;
+        l->holder_next = ahead_holders;
+        if (ahead_holders)
+            ahead_holders->holder_prev = l;
+        ahead_holders = l;
+        l->holding = true;
+    }
+    uint64_t last = atomic_load(&l->last_io_ns);
+    if (last < holders_since)
+        holders_since = last;
+}
+
+static void queue_for_background(struct layer *l)
+{
+    l->compact_next = compact_queue;
+    compact_queue = l;
+    l->compact_queued = true;
+}
+
+/* Queues the holders that wrote nothing for the idle time, once one may
+ * have, and sets holders_since again. */
+static void queue_idle_holders(uint64_t now)
+{
+    uint64_t idle = ahead_idle_ns();
+    if (holders_since == UINT64_MAX || now < holders_since + idle)
+        return;
+    holders_since = UINT64_MAX;
+    for (struct layer *l = ahead_holders, *next; l; l = next) {
+        next = l->holder_next;
+        if (l->compact_queued || l->compacting) /* holder_note sees it again after */
+            continue;
+        uint64_t last = atomic_load(&l->last_io_ns);
+        if (now >= last + idle) {
+            queue_for_background(l);
+            l->idle_queued = true;
+        } else if (last < holders_since) {
+            holders_since = last;
+        }
+    }
+}
+
+void layer_set_ahead_idle(uint64_t ns)
+{
+    pthread_mutex_lock(&compact_lock);
+    atomic_store(&ahead_idle, ns);
+    pthread_cond_broadcast(&compact_cond); /* the background threads wait for the old time */
+    pthread_mutex_unlock(&compact_lock);
+}
+
+/* Waits for compact_cond until a holder may be idle (or a signal). */
+static void wait_for_background(void)
+{
+    if (holders_since == UINT64_MAX) {
+        pthread_cond_wait(&compact_cond, &compact_lock);
+        return;
+    }
+    uint64_t due = holders_since + ahead_idle_ns(), now = now_ns(), wait = due > now ? due - now : 0;
+    struct timespec at;
+    clock_gettime(CLOCK_REALTIME, &at); /* compact_cond's clock */
+    uint64_t ns = (uint64_t)at.tv_nsec + wait % 1000000000ull;
+    at.tv_sec += (time_t)(wait / 1000000000ull + ns / 1000000000ull);
+    at.tv_nsec = (long)(ns % 1000000000ull);
+    pthread_cond_timedwait(&compact_cond, &compact_lock, &at);
+}
+
 /* Marks l as compacting, waiting for a compaction of it under way (only
  * its owner calls this: l cannot be closed meanwhile); false when the layer
  * is closing. compact_lock held. */
@@ -2491,6 +2626,7 @@ static bool compact_claim(struct layer *l)
 static void compact_release(struct layer *l)
 {
     pthread_mutex_lock(&compact_lock);
+    holder_note(l);
     l->compacting = false;
     pthread_cond_broadcast(&compact_cond);
     pthread_mutex_unlock(&compact_lock);
@@ -2516,18 +2652,24 @@ static void *compact_main(void *arg)
     syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_IDLE, 0));
     pthread_mutex_lock(&compact_lock);
     for (;;) {
-        while (!compact_queue)
-            pthread_cond_wait(&compact_cond, &compact_lock);
+        for (queue_idle_holders(now_ns()); !compact_queue; queue_idle_holders(now_ns()))
+            wait_for_background();
         struct layer *l = compact_queue;
         compact_queue = l->compact_next;
         l->compact_queued = false;
+        bool idle = l->idle_queued;
+        l->idle_queued = false;
         /* Never wait here for l: it may be closed meanwhile. A layer that
          * is compacting already needs no second compaction now. */
         if (l->compacting || l->compact_stop)
             continue;
         l->compacting = true;
         pthread_mutex_unlock(&compact_lock);
-        if (wants_zero_ahead(l))
+        if (idle) /* it may have written since it was queued: then it keeps them */
+            idle = now_ns() >= atomic_load(&l->last_io_ns) + ahead_idle_ns();
+        if (idle)
+            give_back_ahead(l);
+        else if (wants_zero_ahead(l))
             zero_ahead(l);
         int rc = wants_compaction(l) ? compact(l) : 0;
         if (rc && rc != -ECANCELED)
@@ -2547,8 +2689,12 @@ static void compact_after_fork(void)
     pthread_mutex_init(&compact_lock, NULL);
     pthread_cond_init(&compact_cond, NULL);
     for (struct layer *q = compact_queue; q; q = q->compact_next)
-        q->compact_queued = false;
+        q->compact_queued = q->idle_queued = false;
     compact_queue = NULL;
+    for (struct layer *h = ahead_holders; h; h = h->holder_next)
+        h->holding = false;
+    ahead_holders = NULL;
+    holders_since = UINT64_MAX;
     compact_threads = 0;
 }
 
@@ -2570,9 +2716,7 @@ static void maybe_background(struct layer *l)
             compact_threads++;
         }
         if (compact_threads > 0) {
-            l->compact_next = compact_queue;
-            compact_queue = l;
-            l->compact_queued = true;
+            queue_for_background(l);
             pthread_cond_broadcast(&compact_cond);
         }
     }
@@ -2583,13 +2727,14 @@ static void compact_cancel(struct layer *l)
 {
     pthread_mutex_lock(&compact_lock);
     l->compact_stop = true;
+    holder_remove(l);
     if (l->compact_queued) {
         for (struct layer **p = &compact_queue; *p; p = &(*p)->compact_next)
             if (*p == l) {
                 *p = l->compact_next;
                 break;
             }
-        l->compact_queued = false;
+        l->compact_queued = l->idle_queued = false;
     }
     while (l->compacting)
         pthread_cond_wait(&compact_cond, &compact_lock);
