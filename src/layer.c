@@ -148,9 +148,11 @@ struct layer {
     struct log_file *files[4]; /* by generation % 4 */
     struct log_file *cur;      /* changes only in phase 2 of compaction */
 
-    /* Writers and punches hold swap_lock shared across their I/O; a flush
-     * holds it exclusively while it closes its record (no I/O), phase 2 of
-     * compaction while it copies the last changes (no sync). */
+    /* Writers and punches hold swap_lock shared across their I/O, and a
+     * flush while it takes the pending entries and reserves its record (no
+     * I/O); a zeroing ahead holds it exclusively while it picks where it
+     * starts, an idle layer's give-back across its cut (one ftruncate),
+     * phase 2 of compaction while it copies the last changes (no sync). */
     pthread_rwlock_t swap_lock;
     /* flush_serial orders flushes (I2) and is held across their I/O, and by
      * phases 2 and 3 of compaction (I6); taken before swap_lock. */
@@ -958,8 +960,8 @@ static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
     pthread_mutex_init(&l->files_lock, NULL);
     pthread_rwlockattr_t attr;
     pthread_rwlockattr_init(&attr);
-    /* A flush or a compaction waits for the writes under way, not for all
-     * that would follow them. */
+    /* A compaction or a zeroing waits for the writes under way, not for
+     * all that would follow them. */
     pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
     pthread_rwlock_init(&l->swap_lock, &attr);
     pthread_rwlockattr_destroy(&attr);
