@@ -18,6 +18,17 @@
 #   stats      a read of .imgfs/stats, best of 10
 #   metrics    a read of .imgfs/metrics (what a Prometheus scrape reads), best of 10
 #   ls -l vms  a listing with a stat of every entry, best of 5
+#   control    a control command that names a VM (trace-stop of a VM that
+#              is not traced: it finds the VM and does nothing else), written
+#              to .imgfs/control as imgfsctl does, on the last-made VM and
+#              on a name that is no VM (what a scan of every VM costs most
+#              on), mean of 200, best of 5
+#   vm create  `imgfsctl vm create` of one more VM on a base (it is removed
+#              after each), best of 5
+#   size       of .imgfs/stats: what a read of it prints
+#   CPU a read the server's CPU time (user + system) over 50 reads of
+#              .imgfs/stats, and of .imgfs/metrics, per read: what load on a
+#              shared machine stretches least
 #   RSS        of the daemon (supervisor and server) after all that
 # Each figure is the best of three mounts (the machine may be shared).
 # With BASELINE_BIN_DIR (imgfs binaries of an older build, e.g. before the
@@ -89,14 +100,16 @@ for n in "$SMALL" "$LARGE"; do
     stop "$WORK/mnt"
 done
 
-# Prints: mount_s lookup_us miss_us stats_ms ls_ms metrics_ms mount_cpu_ms rss_mib
+# Prints: mount_s lookup_us miss_us stats_ms ls_ms metrics_ms mount_cpu_ms
+#         control_last_us control_missing_us create_ms stats_cpu_ms metrics_cpu_ms stats_kib rss_mib
+FIELDS=14
 measure() { # bin_dir state vm_count
     local t0 rss
     t0=$(date +%s.%N)
     start "$1" "$2" "$WORK/mnt"
-    python3 - "$WORK/mnt" "$3" "$t0" "$DAEMON" <<'EOF'
-import os, sys, time
-mnt, n, t0, daemon = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+    python3 - "$WORK/mnt" "$3" "$t0" "$DAEMON" "$1/imgfsctl" <<'EOF'
+import os, subprocess, sys, time
+mnt, n, t0, daemon, imgfsctl = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 deadline = time.time() + 120
 want = n + (n + 9) // 10
 while True:
@@ -114,7 +127,8 @@ def cpu_ms(pid): # user + system of every thread, living or gone
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 with open(f"/proc/{daemon}/task/{daemon}/children") as f:
-    mount_cpu_ms = cpu_ms(daemon) + sum(cpu_ms(int(p)) for p in f.read().split())
+    servers = [int(p) for p in f.read().split()]
+mount_cpu_ms = cpu_ms(daemon) + sum(cpu_ms(p) for p in servers)
 def mean_stat_us(names):
     best = None
     for _ in range(5):
@@ -140,17 +154,46 @@ def best_ms(fn, rounds):
     return best
 def read_stats():
     with open(mnt + "/.imgfs/stats", "rb") as f:
-        f.read()
+        return len(f.read())
 def read_metrics():
     with open(mnt + "/.imgfs/metrics", "rb") as f:
         f.read()
 def ls_l():
     for e in os.scandir(mnt + "/vms"):
         e.stat(follow_symlinks=False)
+def control(name): # what imgfsctl does: write the command, read the answer
+    fd = os.open(mnt + "/.imgfs/control", os.O_RDWR)
+    try:
+        os.write(fd, f"trace-stop\t{name}".encode())
+        os.pread(fd, 4096, 0)
+    except OSError:
+        pass # the answer to a name that is no VM
+    finally:
+        os.close(fd)
+def control_us(name):
+    return best_ms(lambda: [control(name) for _ in range(200)], 5) * 1e3 / 200
+def create():
+    subprocess.run([imgfsctl, "vm", "create", mnt, "bench-extra", "--base", "os0"], check=True,
+                   stdout=subprocess.DEVNULL)
+def create_ms():
+    best = None
+    for _ in range(5):
+        t = time.perf_counter()
+        create()
+        ms = (time.perf_counter() - t) * 1e3
+        best = ms if best is None else min(best, ms)
+        subprocess.run([imgfsctl, "vm", "rm", mnt, "bench-extra"], check=True, stdout=subprocess.DEVNULL)
+    return best
+def cpu_per_read_ms(fn, reads=50):
+    before = sum(cpu_ms(p) for p in servers)
+    for _ in range(reads):
+        fn()
+    return (sum(cpu_ms(p) for p in servers) - before) / reads
 stats_ms = best_ms(read_stats, 10)
 ls_ms = best_ms(ls_l, 5)
 print(f"{mount_s:.3f} {lookup_us:.1f} {miss_us:.1f} {stats_ms:.2f} {ls_ms:.1f} {best_ms(read_metrics, 10):.2f} "
-      f"{mount_cpu_ms:.0f}")
+      f"{mount_cpu_ms:.0f} {control_us(f'vm{n - 1}'):.1f} {control_us('none'):.1f} {create_ms():.1f} "
+      f"{cpu_per_read_ms(read_stats):.2f} {cpu_per_read_ms(read_metrics):.2f} {read_stats() / 1024:.0f}")
 EOF
     # imgfs is a supervisor and the server it runs (supervisor.h): both count.
     rss=$(for p in "$DAEMON" $(pgrep -P "$DAEMON"); do cat "/proc/$p/status"; done |
@@ -183,11 +226,11 @@ for round in 1 2 3; do
 done
 # The best of three mounts, field by field (this machine is shared).
 for key in "${!RUNS[@]}"; do
-    R[$key]=$(echo "${RUNS[$key]}" | tr -s ' \n' ' ' | awk '{ for (i = 1; i <= 8; i++) { m = $i;
-        for (j = i + 8; j <= NF; j += 8) if ($j < m) m = $j; printf "%s ", m } }')
+    R[$key]=$(echo "${RUNS[$key]}" | tr -s ' \n' ' ' | awk -v f=$FIELDS '{ for (i = 1; i <= f; i++) { m = $i;
+        for (j = i + f; j <= NF; j += f) if ($j < m) m = $j; printf "%s ", m } }')
 done
 
-row() { # label field(1-8)
+row() { # label field(1-$FIELDS)
     local line="| $1 |" bin v s l
     for bin in new ${BASELINE_BIN_DIR:+old}; do
         s=$(echo "${R[$bin,$SMALL]}" | cut -d' ' -f"$2")
@@ -218,5 +261,11 @@ row() { # label field(1-8)
     row "read of .imgfs/stats (ms)" 4
     row "ls -l vms (ms)" 5
     row "read of .imgfs/metrics (ms)" 6
-    row "daemon RSS (MiB)" 8
+    row "control command on the last-made VM (us)" 8
+    row "control command on a name that is no VM (us)" 9
+    row "imgfsctl vm create of one more VM (ms)" 10
+    row "server CPU per read of .imgfs/stats (ms)" 11
+    row "server CPU per read of .imgfs/metrics (ms)" 12
+    row "size of .imgfs/stats (KiB)" 13
+    row "daemon RSS (MiB)" 14
 } | save_report scale

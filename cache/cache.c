@@ -115,7 +115,8 @@ enum entry_state {
  *                         (-> ABSENT once its record is dropped and its
  *                         bytes punched out)
  * An entry is counted in resident_* and in its pack's live from the fill or
- * the index load until it is dropped. A pinned or held entry is never
+ * the index load until it is dropped (and in held_bytes too meanwhile,
+ * while a pin set holds it). A pinned or held entry is never
  * evicted, so its pack, and the bytes at its offset, stay. */
 struct cache_entry {
     struct chunk_hash hash;
@@ -143,6 +144,8 @@ struct shard {
     size_t entry_count;
     uint64_t resident_chunks;
     uint64_t resident_bytes;
+    uint64_t held_bytes; /* of the entries counted in resident_* that a pin set holds */
+    uint64_t changes;    /* counts every change of resident_chunks (cache_generation) */
 };
 
 struct cache {
@@ -517,6 +520,8 @@ static uint64_t all_blocks(uint64_t size)
     return size % SUM_BLOCK || n > MAX_SUMMED_BLOCKS ? 0 : n == 64 ? ~0ull : (1ull << n) - 1;
 }
 
+void *(*cache_check_alloc)(size_t len) = malloc;
+
 /* Reads the blocks in want of a resident chunk (one run: a read's range)
  * and checks those in check against their sums. Returns 0 with *out (the
  * bytes of the run, malloc'd; *out_off is its first byte in the chunk),
@@ -533,7 +538,7 @@ static int verify_blocks(const struct cache_entry *e, uint64_t want, uint64_t ch
         n++;
     /* Sized to the run (one block for a 4 KiB read): a chunk-sized
      * buffer would be an mmap and munmap per read. */
-    char *buf = malloc((size_t)n * SUM_BLOCK);
+    char *buf = cache_check_alloc((size_t)n * SUM_BLOCK);
     if (!buf)
         return -ENOMEM;
     uint64_t sums[MAX_SUMMED_BLOCKS];
@@ -570,6 +575,8 @@ static struct pack *drop_resident(struct cache *cache, struct shard *s, struct c
     struct pack *p = e->pack;
     s->resident_chunks--;
     s->resident_bytes -= e->size;
+    s->held_bytes -= e->holds ? e->size : 0;
+    s->changes++;
     atomic_fetch_sub(&cache->used, e->size);
     e->size = 0;
     e->pack = NULL;
@@ -601,6 +608,8 @@ static bool add_loaded(struct cache *cache, const struct chunk_hash *hash, struc
     p->live++;
     s->resident_chunks++;
     s->resident_bytes += len;
+    s->held_bytes += e->holds ? len : 0;
+    s->changes++;
     atomic_fetch_add(&cache->used, len);
     return true;
 }
@@ -958,7 +967,7 @@ static int verify_resident(struct cache *cache, struct cache_entry *e, uint32_t 
 {
     if (e->size != chunk_size)
         return -EBADMSG;
-    char *buf = malloc(chunk_size);
+    char *buf = cache_check_alloc(chunk_size);
     if (!buf)
         return -ENOMEM;
     int rc = read_full_at(e->pack->fd, buf, chunk_size, (off_t)e->off);
@@ -1057,6 +1066,13 @@ int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t c
                 pthread_cond_broadcast(&s->changed);
                 pthread_mutex_unlock(&s->lock);
                 return CACHE_HIT;
+            }
+            if (rc == -ENOMEM) { /* says nothing about its bytes: they stay */
+                e->state = ENTRY_RESIDENT;
+                e->pins--;
+                pthread_cond_broadcast(&s->changed);
+                pthread_mutex_unlock(&s->lock);
+                return rc;
             }
             /* Its bytes go. Readers of its good blocks may hold pins on
              * them (nobody new pins a BUSY entry): then the copy stays,
@@ -1387,6 +1403,8 @@ int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, siz
     e->off = off;
     s->resident_chunks++;
     s->resident_bytes += len;
+    s->held_bytes += e->holds ? len : 0;
+    s->changes++;
     pin_resident(cache, e, pin);
     pthread_cond_broadcast(&s->changed);
     pthread_mutex_unlock(&s->lock);
@@ -1445,6 +1463,28 @@ bool cache_contains(struct cache *cache, const struct chunk_hash *hash)
     return resident;
 }
 
+bool cache_stores(struct cache *cache, const struct chunk_hash *hash)
+{
+    struct shard *s = shard_of(cache, hash);
+    pthread_mutex_lock(&s->lock);
+    struct cache_entry *e = find_entry(s, hash);
+    bool stored = e && e->pack; /* counted in resident_* (drop_resident clears pack) */
+    pthread_mutex_unlock(&s->lock);
+    return stored;
+}
+
+uint64_t cache_generation(struct cache *cache)
+{
+    uint64_t sum = 0; /* of counts that only grow: it changes when one does */
+    for (int i = 0; i < SHARD_COUNT; i++) {
+        struct shard *s = &cache->shards[i];
+        pthread_mutex_lock(&s->lock);
+        sum += s->changes;
+        pthread_mutex_unlock(&s->lock);
+    }
+    return sum;
+}
+
 int cache_prefetch(struct cache *cache, const struct chunk_hash *hash)
 {
     struct shard *s = shard_of(cache, hash);
@@ -1471,10 +1511,13 @@ int cache_hold(struct cache *cache, const struct chunk_hash *hash, bool hold)
     struct cache_entry *e = find_entry(s, hash);
     if (!e && hold)
         e = insert_entry(s, hash);
+    bool was_held = e && e->holds;
     if (e && hold)
         e->holds++;
     else if (e && e->holds)
         e->holds--;
+    if (e && e->pack && was_held != (e->holds > 0)) /* counted resident: held_bytes follows */
+        s->held_bytes += was_held ? -e->size : e->size;
     pthread_mutex_unlock(&s->lock);
     return e || !hold ? 0 : -ENOMEM;
 }
@@ -1487,11 +1530,7 @@ void cache_get_usage(struct cache *cache, struct cache_usage *out)
         pthread_mutex_lock(&s->lock);
         out->chunks += s->resident_chunks;
         out->bytes += s->resident_bytes;
-        /* Held bytes are only needed for status, so they are counted here. */
-        for (size_t b = 0; b < s->bucket_count; b++)
-            for (struct cache_entry *e = s->buckets[b]; e; e = e->next)
-                if (e->holds && e->state == ENTRY_RESIDENT)
-                    out->held_bytes += e->size;
+        out->held_bytes += s->held_bytes;
         pthread_mutex_unlock(&s->lock);
     }
     pthread_mutex_lock(&cache->pack_lock);

@@ -25,6 +25,11 @@
  *   4. Callbacks, cache calls and I/O happen with the engine lock released.
  *   5. demand_active counts the jobs of class FETCH_DEMAND that are neither
  *      DONE nor FAILED; replay and background start only while it is 0.
+ *   6. No waiter's deadline, deadline of a job that holds no slot, or retry
+ *      timer falls before next_due: the dispatcher passes over the jobs
+ *      (expire_locked) only once it is due, so a wake costs the jobs that
+ *      start, not every live one. Whatever sets such a time lowers it
+ *      (note_due).
  */
 #include "fetch.h"
 
@@ -128,6 +133,7 @@ struct fetcher {
     int demand_active;
     pthread_cond_t drained; /* callbacks_pending dropped to 0 */
     int callbacks_pending;  /* demand waiters whose done() has not returned */
+    uint64_t next_due; /* invariant 6; 0: pass at the next wake */
     int in_flight[REPO_MAX_MIRRORS];
     int in_flight_background[REPO_MAX_MIRRORS];
     int transfers;
@@ -256,10 +262,19 @@ static void unlink_job(struct fetcher *f, struct job *job)
     }
 }
 
+/* A deadline or retry time (0 and NO_DEADLINE: none) the dispatcher must
+ * look at: invariant 6. */
+static void note_due(struct fetcher *f, uint64_t when)
+{
+    if (when && when < f->next_due)
+        f->next_due = when;
+}
+
 static void enqueue(struct fetcher *f, struct job *job, bool front)
 {
     int c = job->cls;
     job->state = JOB_QUEUED;
+    note_due(f, job->deadline); /* holds no slot from here on */
     job->qnext = NULL;
     if (!f->queue_head[c]) {
         f->queue_head[c] = f->queue_tail[c] = job;
@@ -449,13 +464,16 @@ static void transfer_failed(struct fetcher *f, struct job *job, int err, struct 
         job->retry_at = job->deadline - 10000000ull;
     job->backoff = job->backoff * 2 > BACKOFF_MAX_NS ? BACKOFF_MAX_NS : job->backoff * 2;
     job->state = JOB_RETRY_WAIT;
+    note_due(f, job->retry_at);
+    note_due(f, job->deadline);
 }
 
 /* ---- the dispatcher ----------------------------------------------------------- */
 
 /* Waiters past their deadline fail; jobs past theirs that hold no slot fail;
  * retry timers that are due put their job back in its queue. Returns when
- * the next of these is due. */
+ * the next of these is due (within a second). A pass over every live job:
+ * the dispatcher makes one only when next_due says one is due. */
 static uint64_t expire_locked(struct fetcher *f, uint64_t now, struct waiter **fired, struct job **dead)
 {
     uint64_t next = now + 1000000000ull;
@@ -648,7 +666,9 @@ static void *dispatch_main(void *arg)
             break;
         }
         uint64_t now = now_ns();
-        uint64_t next = expire_locked(f, now, &fired, &dead);
+        if (now >= f->next_due)
+            f->next_due = expire_locked(f, now, &fired, &dead);
+        uint64_t next = f->next_due;
         struct job *http = start_jobs_locked(f, now);
         pthread_mutex_unlock(&f->lock);
         complete_waiters(f, fired);
@@ -926,11 +946,14 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
                 w->joined = true;
                 w->next = job->waiters;
                 job->waiters = w;
+                note_due(f, w->deadline);
                 if (deadline_ns != NO_DEADLINE && job->deadline && deadline_ns > job->deadline)
                     job->deadline = deadline_ns;
                 else if (deadline_ns != NO_DEADLINE && !job->deadline && cls == FETCH_DEMAND)
                     job->deadline = deadline_ns;
                 raise_class(f, job, cls);
+                if (job->state == JOB_QUEUED || job->state == JOB_RETRY_WAIT)
+                    note_due(f, job->deadline);
             }
             pthread_mutex_unlock(&f->lock);
             wake_dispatcher(f);
@@ -955,6 +978,7 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
                 f->callbacks_pending += w->counted;
                 w->next = NULL;
                 job->waiters = w;
+                note_due(f, w->deadline);
             }
             add_job_locked(f, job);
             pthread_mutex_unlock(&f->lock);

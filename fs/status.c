@@ -21,19 +21,43 @@ struct residency {
     uint64_t resident_bytes;
 };
 
-static void base_residency(struct imgfs *fs, const struct manifest *m, struct residency *r)
+static void count_residency(struct imgfs *fs, const struct manifest *m, struct residency *r)
 {
     memset(r, 0, sizeof(*r));
     for (uint64_t i = 0; i < m->chunk_count; i++) {
         if (chunk_hash_is_null(&m->chunks[i]))
             continue;
         r->stored++;
-        if (cache_contains(fs->cache, &m->chunks[i])) {
+        if (cache_stores(fs->cache, &m->chunks[i])) {
             uint64_t start = i * m->chunk_size;
             r->resident++;
             r->resident_bytes += m->size - start < m->chunk_size ? m->size - start : m->chunk_size;
         }
     }
+}
+
+/* The version's count, walked again only when the cache changed since the
+ * last one (generation: cache_generation() taken before this snapshot's
+ * first walk, so that a change during a walk shows at the next read): on a
+ * host with hundreds of versions a stats read costs what it prints, not
+ * every chunk of every version. */
+static void base_residency(struct imgfs *fs, struct base_version *v, uint64_t generation, struct residency *r)
+{
+    pthread_mutex_lock(&v->residency_lock);
+    bool known = v->residency_known && v->residency_generation == generation;
+    if (known)
+        *r = (struct residency){v->stored_chunks, v->resident_chunks, v->resident_bytes};
+    pthread_mutex_unlock(&v->residency_lock);
+    if (known)
+        return;
+    count_residency(fs, v->manifest, r);
+    pthread_mutex_lock(&v->residency_lock);
+    v->residency_known = true;
+    v->residency_generation = generation;
+    v->stored_chunks = r->stored;
+    v->resident_chunks = r->resident;
+    v->resident_bytes = r->resident_bytes;
+    pthread_mutex_unlock(&v->residency_lock);
 }
 
 /* Reads that found their chunk in the cache (or already on its way), as a
@@ -45,13 +69,13 @@ static double hit_rate(const struct fetch_counters *c)
     return all > 0 ? hits / all : 0;
 }
 
-static void add_base_version(struct status_snapshot *s, struct imgfs *fs, const struct node *n)
+static void add_base_version(struct status_snapshot *s, struct imgfs *fs, uint64_t generation, const struct node *n)
 {
     const struct manifest *m = n->version->manifest;
     const struct fetch_counters *c = &n->version->counters;
     const struct prefetch_marks *pm = &n->version->marks;
     struct residency r;
-    base_residency(fs, m, &r);
+    base_residency(fs, n->version, generation, &r);
     char title[96], version[24], id[CHUNK_HASH_HEX + 1];
     snprintf(title, sizeof(title), "%s@%" PRIu64, m->name, m->version);
     snprintf(version, sizeof(version), "%" PRIu64, m->version);
@@ -96,11 +120,17 @@ static void add_base_version(struct status_snapshot *s, struct imgfs *fs, const 
                    atomic_load(&pm->misses));
 }
 
+struct version_walk {
+    struct status_snapshot *s;
+    struct imgfs *fs;
+    uint64_t generation;
+};
+
 static int walk_version(void *ctx, const struct node *n)
 {
-    void **args = ctx;
+    struct version_walk *w = ctx;
     if (n->kind == NODE_BASE_FILE)
-        add_base_version(args[0], args[1], n);
+        add_base_version(w->s, w->fs, w->generation, n);
     return 0;
 }
 
@@ -248,8 +278,8 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     status_gauge(s, sec, "zeroed_ahead_bytes", "Bytes that the VMs' layers hold zeroed ahead of their logs' tails.",
                  (double)layer_ahead_host_bytes(), 0);
 
-    void *args[2] = {s, fs};
-    tree_for_each_child(fs->tree, INO_BASES, 0, walk_version, args);
+    struct version_walk walk = {s, fs, cache_generation(fs->cache)};
+    tree_for_each_child(fs->tree, INO_BASES, 0, walk_version, &walk);
     vm_registry_each(fs->vms, add_vm, s);
     if (s->failed) {
         status_snapshot_free(s);
@@ -336,7 +366,7 @@ static void base_xattrs(struct imgfs *fs, struct xattrs *x, const struct vm_base
     /* Residency walks every chunk: only when it is the value asked for. */
     struct residency r = {0};
     if (x->wanted && xattr_wants(x, "resident_bytes"))
-        base_residency(fs, m, &r);
+        count_residency(fs, m, &r);
     xattr_put(x, "resident_bytes", "%" PRIu64, r.resident_bytes);
     xattr_put(x, "hit_rate", "%.4f", hit_rate(base->counters));
     xattr_put(x, "fetch_errors", "%" PRIu64,

@@ -204,6 +204,7 @@ void tree_destroy(struct tree *tree)
             free((void *)n->version->marks.brought);
             free((void *)n->version->marks.list_pos);
             manifest_free(n->version->manifest);
+            pthread_mutex_destroy(&n->version->residency_lock);
             free(n->version);
         }
         free(n);
@@ -274,6 +275,7 @@ static int publish_version(struct tree *tree, struct manifest *m, bool latest)
     v->view.manifest = m;
     v->view.counters = &v->counters;
     v->view.marks = &v->marks;
+    pthread_mutex_init(&v->residency_lock, NULL);
     pthread_rwlock_wrlock(&tree->lock);
     struct node *n = add_node(tree, INO_BASES, NODE_BASE_FILE, file);
     if (n)
@@ -285,6 +287,7 @@ static int publish_version(struct tree *tree, struct manifest *m, bool latest)
         snprintf(l->link_target, sizeof(l->link_target), "%s", file);
     pthread_rwlock_unlock(&tree->lock);
     if (!n) {
+        pthread_mutex_destroy(&v->residency_lock);
         free(v);
         return -ENOMEM;
     }

@@ -107,7 +107,7 @@ struct cache_usage {
     uint64_t dropped_damaged; /* chunks that failed verification on first use */
     uint64_t limit;           /* 0 when unlimited */
     uint64_t evictions;
-    uint64_t held_bytes;      /* resident bytes that pre-copy pinned */
+    uint64_t held_bytes;      /* stored bytes that pre-copy pinned (a running count, no walk) */
 };
 
 int cache_open(const char *dir, struct cache **out, char *err, size_t errlen);
@@ -121,8 +121,9 @@ void cache_close(struct cache *cache);
 void cache_set_limit(struct cache *cache, uint64_t limit);
 
 /* Returns CACHE_HIT or CACHE_MUST_FILL (>= 0), or -ETIMEDOUT when another
- * caller was filling the chunk and deadline_ns (monotonic) passed, or another
- * negative errno. The caller reads only [want_off, want_off + want_len) of a
+ * caller was filling the chunk and deadline_ns (monotonic) passed, -ENOMEM
+ * when there was no memory to check a resident chunk in (it stays, to be
+ * checked by the next acquire), or another negative errno. The caller reads only [want_off, want_off + want_len) of a
  * hit (checked by block, see above); want_len 0 asks for the whole chunk. */
 int cache_acquire(struct cache *cache, const struct chunk_hash *hash, uint32_t chunk_size, uint32_t want_off,
                   uint32_t want_len, uint64_t deadline_ns, struct cache_pin *pin);
@@ -147,6 +148,13 @@ static inline const char *cache_pin_bytes(const struct cache_pin *pin, uint64_t 
 }
 
 bool cache_contains(struct cache *cache, const struct chunk_hash *hash);
+/* Whether the cache stores the chunk: from its fill (or the index load)
+ * until it is dropped, also while a reader checks it or compaction moves it
+ * (when cache_contains says no). This is what cache_get_usage counts. */
+bool cache_stores(struct cache *cache, const struct chunk_hash *hash);
+/* A number that changes whenever a chunk starts or stops being stored:
+ * what was counted with cache_stores() stays true while it is the same. */
+uint64_t cache_generation(struct cache *cache);
 /* Readahead of a resident chunk: starts reading its bytes from the pack into
  * the page cache (POSIX_FADV_WILLNEED) and returns without waiting or
  * checking them; the reader's cache_acquire() checks them, from memory by
@@ -163,6 +171,11 @@ const char *cache_dir(const struct cache *cache);
  * file's path, the offset and the length. -ENOENT when not resident. */
 int cache_locate(struct cache *cache, const struct chunk_hash *hash, char *path, size_t path_len, uint64_t *off,
                  uint64_t *len);
+/* For tests: allocates the buffers a resident chunk's bytes are checked in
+ * (malloc); replace it to inject ENOMEM, which fails that acquire with
+ * -ENOMEM and keeps the chunk. Set before the cache is shared between
+ * threads. */
+extern void *(*cache_check_alloc)(size_t len);
 /* Rolls the active pack over beyond bytes instead of 256 MiB (tests). Call
  * before the cache is shared between threads. */
 void cache_set_pack_limit(struct cache *cache, uint64_t bytes);

@@ -37,7 +37,10 @@
  * window allocated (fallocate) instead of written: zeros would double what
  * its flushes write, and its writes could not go with O_DIRECT without
  * extending the file. Writes of guests that use O_DIRECT go there with O_DIRECT
- * (layer_write_through), so a flush then writes only its record. Page-cache
+ * (layer_write_through), so a flush then writes only its record, itself with
+ * O_DIRECT into those blocks (zeros written ahead with O_DIRECT go into
+ * blocks allocated first, so that they never hold the guest's writes behind
+ * the file's lock). Page-cache
  * and O_DIRECT writes to a log take turns, never both at once, so that no
  * cached page of a block written through keeps its old bytes.
  *
@@ -75,10 +78,12 @@
  *
  * Disk: the log's blocks, plus the zeros ahead of its tail. Those count
  * against the process's 1 GiB (IMGFS_LAYER_AHEAD_HOST_MAX for tests) from
- * when they are written until the layer writes over them or closes, so a
- * host with 2,000 VMs that write holds 1 GiB of them, not 16 MiB a VM; an
- * idle layer keeps its share until it closes.
- * layer_ahead_host_bytes() tells how much is held.
+ * when they are written until the layer writes over them, writes nothing
+ * for 60 s (layer_set_ahead_idle) or closes, so a host with 2,000 VMs that
+ * write holds 1 GiB of them, not 16 MiB a VM, and VMs that stopped writing
+ * leave theirs to the ones that write. An idle layer's log is cut at its
+ * tail, as if it had never zeroed (its times stay); its next small flush
+ * asks for zeros again. layer_ahead_host_bytes() tells how much is held.
  *
  * Promises (what callers and the crash tests rely on):
  *   1. After layer_flush() returns 0, every write and punch that returned
@@ -93,7 +98,9 @@
  * Threads: layer_owns(), layer_extent_at() and layer_read() may run from any
  * thread at any time. layer_write() and layer_punch() may run concurrently
  * with each other on disjoint block ranges; the caller orders writes whose
- * blocks overlap. layer_flush() may run concurrently with all of them.
+ * blocks overlap. layer_flush() may run concurrently with all of them, and
+ * waits for none under way: a write that returns after it was called goes
+ * in the next flush.
  */
 #ifndef IMGFS_LAYER_H
 #define IMGFS_LAYER_H
@@ -122,7 +129,9 @@ struct layer;
  * call per write); a write whose entry cannot be kept there (a full tmpfs)
  * is flushed before it returns, so a takeover never lacks an answered write.
  * A flush drops the entries it made durable, so the file holds at most
- * about twice the entries pending, however long writes go on.
+ * about twice the entries pending, however long writes go on, and its size
+ * follows: once a burst is flushed, the file shrinks back (by the flush,
+ * never by a write).
  * After a reboot the tmpfs is gone, and the promises are as above. Call
  * once at start-up, before any layer is opened; NULL or "" for none. */
 void layer_share_pending(const char *dir);
@@ -197,6 +206,9 @@ uint64_t layer_allocated_bytes(const struct layer *layer);
 /* Bytes that all open layers hold zeroed ahead of their tails, as counted
  * against the process's budget (see Disk above). */
 uint64_t layer_ahead_host_bytes(void);
+/* How long (ns) a layer that holds zeros ahead may write nothing before it
+ * gives them back (Disk above): 60 s unless changed (tests). */
+void layer_set_ahead_idle(uint64_t ns);
 
 struct layer_stats {
     uint64_t owned_blocks;

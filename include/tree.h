@@ -75,6 +75,14 @@ struct base_version {
     struct fetch_counters counters;
     struct prefetch_marks marks;
     struct vm_base view; /* {manifest, &counters, &marks}, what VM disks read through */
+    /* What status last counted of it in the cache (fs/status.c), good while
+     * cache_generation() is still residency_generation, so that a stats
+     * read walks a version's chunks only when the cache changed. Guarded by
+     * residency_lock, which is never held across the walk. */
+    pthread_mutex_t residency_lock;
+    bool residency_known;
+    uint64_t residency_generation;
+    uint64_t stored_chunks, resident_chunks, resident_bytes;
 };
 
 struct node {

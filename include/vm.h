@@ -112,6 +112,7 @@ struct vm {
 
     struct chunk_trace *trace; /* recording, or NULL; guarded by chain_lock */
     struct vm_snapshot *removed_snapshots; /* freed with the VM; guarded by registry->lock */
+    struct vm *by_name_next; /* in the registry's name index; guarded by registry->lock */
 
     unsigned open_count;
     bool deleted;

@@ -14,9 +14,12 @@
  *       only the data of the last valid record needs its checksums checked
  *       at open.
  *   I3. Every entry names data reserved before its record's position was
- *       reserved: 1 <= loc and loc + count <= next of its record. And a
- *       flush closes its record with no write under way, so every block
- *       before a record's next is named by that record or an earlier one.
+ *       reserved: 1 <= loc and loc + count <= next of its record. A flush
+ *       does not wait for the writes under way: one that reserved its
+ *       blocks before the record's and returns after the flush took the
+ *       pending entries goes in a later record. So the data of the pending
+ *       entries, and only theirs, may lie below record_at and yet be in no
+ *       closed record (closed_below).
  *   I4. A slot in the index goes from NONE to ZERO or DATA, and never back
  *       to NONE. Index nodes are never freed before layer_close().
  *   I5. A slot names its file by generation; the file of a generation stays
@@ -87,6 +90,7 @@
 #define AHEAD_MAX (16ull << 20)      /* the log, within these bounds, */
 #define AHEAD_FREE_FACTOR 64         /* and while 64 windows are free, */
 #define AHEAD_HOST_MAX (1ull << 30)  /* and while all layers hold less than this */
+#define AHEAD_IDLE_NS (60ull * 1000000000ull) /* given back by a layer that wrote nothing for this long */
 #define NO_ZEROING UINT64_MAX
 #define OLD_MAP_HEADER_LEN 64
 #define OLD_MAP_MAGIC "imgfs-layer-map 1\n"
@@ -155,6 +159,9 @@ struct layer {
     pthread_mutex_t lock;
     _Atomic uint64_t tail; /* next free log block */
     uint64_t record_at;    /* where the next record goes */
+    /* record_at's block is zeroed ahead (a flush may write it with
+     * O_DIRECT: put_record); guarded by flush_serial. */
+    bool record_zeroed;
     uint64_t seq;          /* its sequence number */
     uint64_t file_id;
     struct entry *pending;
@@ -219,6 +226,9 @@ struct layer {
     /* Compaction: guarded by the module's compact_lock. */
     struct layer *compact_next;
     bool compact_queued, compact_stop, compacting;
+    struct layer *holder_next, *holder_prev; /* in ahead_holders, when holding */
+    bool holding;
+    bool idle_queued; /* queued by queue_idle_holders: to give its zeros back */
     _Atomic uint64_t compactions, compact_ns, compact_pause_ns, compact_flush_hold_ns, compact_bytes;
 };
 
@@ -821,6 +831,28 @@ static bool shared_append(struct layer *l, const struct entry *e)
     return true;
 }
 
+/* After a burst of writes, the file and its mapping would keep their peak
+ * size for as long as writes keep coming (no flush empties the file then):
+ * when a flush leaves a large one mostly empty, both shrink to twice what
+ * it holds. Lock held; the header names only entries below the new end. */
+static void shared_shrink(struct layer *l)
+{
+    size_t used = SHARED_HEADER + (size_t)l->shared_count * ENTRY_LEN;
+    if (l->shared_map_len <= SHARED_MAP_KEEP || used > l->shared_map_len / 4)
+        return;
+    size_t len = SHARED_MAP_MIN;
+    while (len < 2 * used)
+        len *= 2;
+    void *map = mremap(l->shared_map, l->shared_map_len, len, 0); /* in place */
+    if (map == MAP_FAILED) {
+        log_warn("layer %s: cannot shrink the mapping of its pending file: %s", l->id, strerror(errno));
+        return;
+    }
+    l->shared_map_len = len;
+    if (ftruncate(l->shared_fd, (off_t)len) < 0) /* the next growth allocates again what it needs */
+        log_warn("layer %s: cannot shrink its pending file: %s", l->id, strerror(errno));
+}
+
 /* A flush made the shared file's first taken entries durable; lock held.
  * Empties the file when nothing came meanwhile. Otherwise marks them
  * flushed and, once they are at least as many as those that came after
@@ -845,6 +877,8 @@ static void shared_flushed(struct layer *l, uint64_t taken)
     l->shared_count = later;
     if (!shared_header(l, 0))
         l->shared_count = count; /* the file still names [taken, count), untouched */
+    else
+        shared_shrink(l);
 }
 
 /* Opens (or creates) the shared file of a layer just opened or created.
@@ -1706,8 +1740,6 @@ static int put_direct(struct layer *l, struct log_file *f, const void *buf, size
         atomic_store(&l->no_direct, true);
         return -EOPNOTSUPP;
     }
-    if (!rc)
-        atomic_fetch_add(&l->through_blocks, len / BS);
     return rc;
 }
 
@@ -1727,7 +1759,8 @@ static int write_blocks(struct layer *l, const void *buf, size_t len, uint64_t o
     int rc = l->broken ? -EIO : -EOPNOTSUPP;
     if (rc == -EOPNOTSUPP && through && len % BS == 0 &&
         (l->through_everywhere || loc + count <= atomic_load(&l->ahead)))
-        rc = put_direct(l, f, buf, len, loc * BS);
+        if ((rc = put_direct(l, f, buf, len, loc * BS)) == 0)
+            atomic_fetch_add(&l->through_blocks, len / BS);
     if (rc == -EOPNOTSUPP)
         rc = put_cached(l, f->fd, buf, len, loc * BS);
     struct entry e = {block, (uint32_t)count, ENTRY_DATA, loc, rc ? 0 : XXH3_64bits(buf, len)};
@@ -1774,9 +1807,21 @@ struct dead_runs {
     size_t n, cap;
 };
 
+/* The first log block of cur that may hold data of no closed record:
+ * record_at, or the data of a pending entry below it (I3). A write still
+ * under way has no slot yet, so no caller sees its blocks. lock held. */
+static uint64_t closed_below(const struct layer *l)
+{
+    uint64_t below = l->record_at;
+    for (size_t i = 0; i < l->npending; i++)
+        if (l->pending[i].kind == ENTRY_DATA && l->pending[i].loc < below)
+            below = l->pending[i].loc;
+    return below;
+}
+
 /* Notes the log data of [first, first+count) that is in records already
- * closed (loc < record_at), in runs. lock held. */
-static void note_dead(struct layer *l, uint64_t first, uint64_t count, struct dead_runs *d)
+ * closed (below closed_below(), given as below), in runs. lock held. */
+static void note_dead(struct layer *l, uint64_t first, uint64_t count, uint64_t below, struct dead_runs *d)
 {
     unsigned gen = l->cur->gen;
     for (uint64_t b = first; b < first + count;) {
@@ -1786,7 +1831,7 @@ static void note_dead(struct layer *l, uint64_t first, uint64_t count, struct de
             continue;
         }
         b++;
-        if (SLOT_GEN(s) != gen || SLOT_LOC(s) >= l->record_at)
+        if (SLOT_GEN(s) != gen || SLOT_LOC(s) >= below)
             continue;
         struct entry *last = d->n ? &d->runs[d->n - 1] : NULL;
         if (last && last->loc + last->count == SLOT_LOC(s) && last->count < MAX_ENTRY_BLOCKS) {
@@ -1809,6 +1854,7 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
     unsigned gen = l->cur->gen;
     atomic_fetch_add(&l->changes, 1);
     pthread_mutex_lock(&l->lock);
+    uint64_t below = closed_below(l); /* the punch adds no data entry */
     for (uint64_t b = first; b < first + count && !rc;) {
         uint64_t n = first + count - b < MAX_ENTRY_BLOCKS ? first + count - b : MAX_ENTRY_BLOCKS;
         struct entry e = {.block = b, .count = (uint32_t)n, .kind = ENTRY_ZERO};
@@ -1817,7 +1863,7 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
             rc = append_entry(&l->pending, &l->npending, &l->pending_cap, &e);
         if (!rc) {
             shared_append(l, &e); /* the punch flushes before it returns */
-            note_dead(l, b, n, &dead);
+            note_dead(l, b, n, below, &dead);
         }
         if (!rc)
             rc = zero_range(l, b, n);
@@ -1826,8 +1872,8 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
     pthread_mutex_unlock(&l->lock);
     pthread_rwlock_unlock(&l->swap_lock);
     /* The dead data is named by records before the one this punch goes in
-     * (record_at was not yet reserved when it was noted, and a flush closes
-     * its record with no write under way). Once the punch is durable, no
+     * (closed ones, or the one a flush under way writes: flush_serial puts
+     * the punch's after it). Once the punch is durable, no
      * replay can need those bytes (I2: only the last record's data is
      * checked), so the space can go back to the file system. */
     if (!rc)
@@ -1843,12 +1889,41 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
     return rc;
 }
 
+/* Writes a flush's record at at, its continuation blocks at cont
+ * (write_record). With O_DIRECT when direct (the guest writes through and
+ * the blocks are zeroed ahead): then the record waits for none of the
+ * O_DIRECT writes under way, as a page-cache write would (they take turns,
+ * and ext4 holds a buffered write until the direct ones end), and the
+ * fdatasync after it has nothing to write back. */
+static int put_record(struct layer *l, struct log_file *f, bool direct, const struct entry *entries, size_t n,
+                      uint64_t seq, uint64_t at, uint64_t next, uint64_t cont)
+{
+    size_t cb = cont_blocks_for(n);
+    uint8_t *buf = direct ? (uint8_t *)bounce_for((1 + cb) * BS) : NULL; /* aligned */
+    int rc = -EOPNOTSUPP;
+    if (buf) {
+        encode_record(buf, entries, n, seq, l->file_id, next, cont);
+        rc = cb ? put_direct(l, f, buf + BS, cb * BS, cont * BS) : 0;
+        if (!rc)
+            rc = put_direct(l, f, buf, BS, at * BS);
+    }
+    if (rc == -EOPNOTSUPP) {
+        write_turn_enter(l, false);
+        rc = write_record(f->fd, entries, n, seq, l->file_id, at, next, cont);
+        write_turn_leave(l);
+    }
+    return rc;
+}
+
 int layer_flush(struct layer *l)
 {
     pthread_mutex_lock(&l->flush_serial);
-    /* With no write under way, the record closes over every block reserved
-     * so far: data before record_at is all named by closed records. */
-    pthread_rwlock_wrlock(&l->swap_lock);
+    /* Shared, as a write takes it: a zeroing ahead, which takes it
+     * exclusively to choose where it starts, then sees the blocks this
+     * reserves. The writes under way are not waited for: the record holds
+     * the writes that returned (their entries are pending), and the others
+     * go in a later one (I3). */
+    pthread_rwlock_rdlock(&l->swap_lock);
     pthread_mutex_lock(&l->lock);
     int rc = l->broken;
     struct entry *entries = l->pending;
@@ -1867,14 +1942,19 @@ int layer_flush(struct layer *l)
         l->record_at = next;
         l->seq = seq + 1;
     }
-    int fd = l->cur->fd; /* cur changes only with flush_serial held */
+    struct log_file *f = l->cur; /* cur changes only with flush_serial held */
+    int fd = f->fd;
     pthread_mutex_unlock(&l->lock);
     pthread_rwlock_unlock(&l->swap_lock);
     if (!rc && n > 0) {
         wait_for_zeroing(l, next + 1);
-        write_turn_enter(l, false); /* a record goes through the page cache */
-        rc = write_record(fd, entries, n, seq, l->file_id, at, next, cont);
-        write_turn_leave(l);
+        /* Blocks reserved below ahead are zeroed (the tail is never below
+         * where a zeroing started): at's was when the last flush took it. */
+        bool zeroed = next + 1 <= atomic_load(&l->ahead);
+        bool direct = atomic_load(&l->writes_through) && (l->through_everywhere || (l->record_zeroed && zeroed));
+        rc = put_record(l, f, direct, entries, n, seq, at, next, cont);
+        if (!rc)
+            l->record_zeroed = zeroed;
         if (rc) {
             /* Nothing was promised yet: put the entries back in front of
              * those that came meanwhile, and write the record here again. */
@@ -2057,6 +2137,40 @@ static bool ahead_stale(const struct layer *l)
     return counted > held && (held == 0 || counted - held >= ahead_window(l) / 2);
 }
 
+/* How long a layer that holds zeros ahead may write nothing before they go
+ * back (layer_set_ahead_idle). */
+static _Atomic uint64_t ahead_idle = AHEAD_IDLE_NS;
+static uint64_t ahead_idle_ns(void) { return atomic_load(&ahead_idle); }
+
+/* Gives back the zeros ahead of an idle layer's tail: the log is cut at the
+ * tail, where the log of a layer that never zeroed ends (open cuts the
+ * zeros anyway, so a crash on either side of the cut opens the same layer),
+ * and its share of the host's budget goes back. Its next small flush asks
+ * for zeros again. With the compaction claim held (ahead and cur stay) and
+ * swap_lock exclusively, so that no write reserves a block or writes data
+ * meanwhile; a flush writes its record below the tail. The cut moves the
+ * log's times, which are the layer's: they are put back. */
+static void give_back_ahead(struct layer *l)
+{
+    pthread_rwlock_wrlock(&l->swap_lock);
+    uint64_t tail = atomic_load(&l->tail);
+    int fd = l->cur->fd;
+    struct stat before;
+    if (ahead_held(l) > 0 && fstat(fd, &before) == 0 && (uint64_t)before.st_size > tail * BS) {
+        if (ftruncate(fd, (off_t)(tail * BS)) == 0) {
+            atomic_store(&l->ahead, tail);
+            pthread_mutex_lock(&l->lock);
+            struct timespec times[2] = {before.st_atim, before.st_mtim};
+            futimens(fd, times);
+            pthread_mutex_unlock(&l->lock);
+        } else {
+            log_warn("layer %s: cannot give back its zeros ahead: %s", l->id, strerror(errno));
+        }
+    }
+    pthread_rwlock_unlock(&l->swap_lock);
+    ahead_recount(l);
+}
+
 /* What a pass of zero_ahead would prepare now: [max(tail, ahead), tail +
  * window), empty when from >= to. */
 static void ahead_gap(const struct layer *l, uint64_t *from, uint64_t *to)
@@ -2102,6 +2216,13 @@ static int write_zeros(struct layer *l, int fd, uint64_t from, uint64_t to)
     pthread_once(&once, zero_piece_make);
     bool direct = zero_piece && atomic_load(&l->writes_through) && !atomic_load(&l->no_direct);
     int dfd = direct ? direct_fd(l->cur) : -1;
+    /* Allocated first, so that the zeros overwrite blocks inside the file:
+     * an O_DIRECT write that allocates or extends holds the inode lock
+     * across its device write (ext4), and every guest write waits meanwhile
+     * (one each 256 KiB piece); one that overwrites shares it. Best effort:
+     * the zeros are written anyway. */
+    if (dfd >= 0)
+        fallocate(fd, 0, (off_t)(from * BS), (off_t)((to - from) * BS));
     for (uint64_t b = from; b < to; b += ZERO_PIECE / BS) {
         size_t len = (size_t)((to - b < ZERO_PIECE / BS ? to - b : ZERO_PIECE / BS) * BS);
         ssize_t n = -1;
@@ -2378,6 +2499,7 @@ static int compact(struct layer *l)
         l->cur = fresh;
         l->file_id = b.file_id;
         l->record_at = b.record_at;
+        l->record_zeroed = false; /* the new file has no zeros ahead */
         l->seq = b.seq;
         /* Every pending write is in the new file's records, which are
          * durable before any flush can return again (phase 3). */
@@ -2451,6 +2573,103 @@ static int compact(struct layer *l)
     return rc;
 }
 
+/* ---- giving back the zeros of idle layers (compact_lock held) -------------------
+ *
+ * The layers counted for zeros ahead, so that the background threads find
+ * those that stopped writing (give_back_ahead) with no pass over every open
+ * layer. A layer joins when its claim is released holding zeros, and
+ * leaves when it is found holding none, and at close. holders_since is no
+ * later than the last write of any of them (writes only move that later),
+ * so the list is looked at only once the idle time has passed since. */
+static struct layer *ahead_holders;
+static uint64_t holders_since = UINT64_MAX;
+
+static void holder_remove(struct layer *l)
+{
+    if (!l->holding)
+        return;
+    if (l->holder_prev)
+        l->holder_prev->holder_next = l->holder_next;
+    else
+        ahead_holders = l->holder_next;
+    if (l->holder_next)
+        l->holder_next->holder_prev = l->holder_prev;
+    l->holding = false;
+}
+
+/* After l's claim: in the list while it holds zeros ahead. */
+static void holder_note(struct layer *l)
+{
+    if (atomic_load(&l->ahead_counted) == 0 || l->compact_stop) {
+        holder_remove(l);
+        return;
+    }
+    if (!l->holding) {
+        l->holder_prev = NULL;
+        l->holder_next = ahead_holders;
+        if (ahead_holders)
+            ahead_holders->holder_prev = l;
+        ahead_holders = l;
+        l->holding = true;
+    }
+    uint64_t last = atomic_load(&l->last_io_ns);
+    if (last < holders_since)
+        holders_since = last;
+}
+
+static void queue_for_background(struct layer *l)
+{
+    l->compact_next = compact_queue;
+    compact_queue = l;
+    l->compact_queued = true;
+}
+
+/* Queues the holders that wrote nothing for the idle time, once one may
+ * have, and sets holders_since again. */
+static void queue_idle_holders(uint64_t now)
+{
+    uint64_t idle = ahead_idle_ns();
+    if (holders_since == UINT64_MAX || now < holders_since + idle)
+        return;
+    holders_since = UINT64_MAX;
+    for (struct layer *l = ahead_holders, *next; l; l = next) {
+        next = l->holder_next;
+        if (l->compact_queued || l->compacting) /* holder_note sees it again after */
+            continue;
+        uint64_t last = atomic_load(&l->last_io_ns);
+        if (now >= last + idle) {
+            queue_for_background(l);
+            l->idle_queued = true;
+        } else if (last < holders_since) {
+            holders_since = last;
+        }
+    }
+}
+
+void layer_set_ahead_idle(uint64_t ns)
+{
+    pthread_mutex_lock(&compact_lock);
+    atomic_store(&ahead_idle, ns);
+    pthread_cond_broadcast(&compact_cond); /* the background threads wait for the old time */
+    pthread_mutex_unlock(&compact_lock);
+}
+
+/* Waits for compact_cond until a holder may be idle (or a signal). */
+static void wait_for_background(void)
+{
+    if (holders_since == UINT64_MAX) {
+        pthread_cond_wait(&compact_cond, &compact_lock);
+        return;
+    }
+    uint64_t due = holders_since + ahead_idle_ns(), now = now_ns(), wait = due > now ? due - now : 0;
+    struct timespec at;
+    clock_gettime(CLOCK_REALTIME, &at); /* compact_cond's clock */
+    uint64_t ns = (uint64_t)at.tv_nsec + wait % 1000000000ull;
+    at.tv_sec += (time_t)(wait / 1000000000ull + ns / 1000000000ull);
+    at.tv_nsec = (long)(ns % 1000000000ull);
+    pthread_cond_timedwait(&compact_cond, &compact_lock, &at);
+}
+
 /* Marks l as compacting, waiting for a compaction of it under way (only
  * its owner calls this: l cannot be closed meanwhile); false when the layer
  * is closing. compact_lock held. */
@@ -2467,6 +2686,7 @@ static bool compact_claim(struct layer *l)
 static void compact_release(struct layer *l)
 {
     pthread_mutex_lock(&compact_lock);
+    holder_note(l);
     l->compacting = false;
     pthread_cond_broadcast(&compact_cond);
     pthread_mutex_unlock(&compact_lock);
@@ -2492,18 +2712,24 @@ static void *compact_main(void *arg)
     syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_IDLE, 0));
     pthread_mutex_lock(&compact_lock);
     for (;;) {
-        while (!compact_queue)
-            pthread_cond_wait(&compact_cond, &compact_lock);
+        for (queue_idle_holders(now_ns()); !compact_queue; queue_idle_holders(now_ns()))
+            wait_for_background();
         struct layer *l = compact_queue;
         compact_queue = l->compact_next;
         l->compact_queued = false;
+        bool idle = l->idle_queued;
+        l->idle_queued = false;
         /* Never wait here for l: it may be closed meanwhile. A layer that
          * is compacting already needs no second compaction now. */
         if (l->compacting || l->compact_stop)
             continue;
         l->compacting = true;
         pthread_mutex_unlock(&compact_lock);
-        if (wants_zero_ahead(l))
+        if (idle) /* it may have written since it was queued: then it keeps them */
+            idle = now_ns() >= atomic_load(&l->last_io_ns) + ahead_idle_ns();
+        if (idle)
+            give_back_ahead(l);
+        else if (wants_zero_ahead(l))
             zero_ahead(l);
         int rc = wants_compaction(l) ? compact(l) : 0;
         if (rc && rc != -ECANCELED)
@@ -2523,8 +2749,12 @@ static void compact_after_fork(void)
     pthread_mutex_init(&compact_lock, NULL);
     pthread_cond_init(&compact_cond, NULL);
     for (struct layer *q = compact_queue; q; q = q->compact_next)
-        q->compact_queued = false;
+        q->compact_queued = q->idle_queued = false;
     compact_queue = NULL;
+    for (struct layer *h = ahead_holders; h; h = h->holder_next)
+        h->holding = false;
+    ahead_holders = NULL;
+    holders_since = UINT64_MAX;
     compact_threads = 0;
 }
 
@@ -2546,9 +2776,7 @@ static void maybe_background(struct layer *l)
             compact_threads++;
         }
         if (compact_threads > 0) {
-            l->compact_next = compact_queue;
-            compact_queue = l;
-            l->compact_queued = true;
+            queue_for_background(l);
             pthread_cond_broadcast(&compact_cond);
         }
     }
@@ -2559,13 +2787,14 @@ static void compact_cancel(struct layer *l)
 {
     pthread_mutex_lock(&compact_lock);
     l->compact_stop = true;
+    holder_remove(l);
     if (l->compact_queued) {
         for (struct layer **p = &compact_queue; *p; p = &(*p)->compact_next)
             if (*p == l) {
                 *p = l->compact_next;
                 break;
             }
-        l->compact_queued = false;
+        l->compact_queued = l->idle_queued = false;
     }
     while (l->compacting)
         pthread_cond_wait(&compact_cond, &compact_lock);

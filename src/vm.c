@@ -32,8 +32,14 @@ struct vm_registry {
     /* Everything below is guarded by lock. VMs are never freed before
      * vm_registry_close(): removed ones are marked deleted. */
     pthread_mutex_t lock;
-    struct vm **vms;
+    struct vm **vms; /* every VM loaded or made since the mount, removed ones too */
     size_t vm_count;
+    /* The VMs that are not removed, by name: a chained hash table of
+     * vm_slots (a power of two, or 0) heads linked through by_name_next, so
+     * that finding one of N VMs costs the same as finding one of 10. */
+    struct vm **by_name;
+    size_t vm_slots;
+    size_t live_vm_count;
     /* The open layers by ID: a chained hash table of layer_slots (a power
      * of two, or 0) heads, so that loading N disks costs N, not N^2. */
     struct layer_ref **layers;
@@ -46,14 +52,20 @@ struct vm_registry {
     char errors[2048];
 };
 
+/* The slot of key in a table of nslots (a power of two) chains. */
+static size_t slot_of(const char *key, size_t nslots)
+{
+    uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
+    for (const unsigned char *p = (const unsigned char *)key; *p; p++)
+        h = (h ^ *p) * 0x100000001b3ull;
+    return (size_t)(h ^ h >> 29) & (nslots - 1);
+}
+
 /* ---- layer table (registry->lock held) ------------------------------------- */
 
 static struct layer_ref **layer_chain(struct layer_ref **slots, size_t nslots, const char *id)
 {
-    uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
-    for (const unsigned char *p = (const unsigned char *)id; *p; p++)
-        h = (h ^ *p) * 0x100000001b3ull;
-    return &slots[(h ^ h >> 29) & (nslots - 1)];
+    return &slots[slot_of(id, nslots)];
 }
 
 static struct layer_ref *find_layer_ref(struct vm_registry *reg, const char *id)
@@ -466,14 +478,64 @@ fail:
     return rc ? rc : -EBADMSG;
 }
 
+/* ---- the VMs by name (registry->lock held) ---------------------------------------- */
+
+static void index_vm(struct vm_registry *reg, struct vm *vm)
+{
+    struct vm **at = &reg->by_name[slot_of(vm->name, reg->vm_slots)];
+    vm->by_name_next = *at;
+    *at = vm;
+}
+
+/* Adds vm to the registry and its name index; nothing changes on -ENOMEM. */
 static int add_vm(struct vm_registry *reg, struct vm *vm)
 {
+    if (reg->live_vm_count + 1 > reg->vm_slots) {
+        size_t slots = reg->vm_slots ? reg->vm_slots * 2 : 64;
+        struct vm **grown = calloc(slots, sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        struct vm **old = reg->by_name;
+        size_t old_slots = reg->vm_slots;
+        reg->by_name = grown;
+        reg->vm_slots = slots;
+        for (size_t i = 0; i < old_slots; i++)
+            for (struct vm *v = old[i], *next; v; v = next) {
+                next = v->by_name_next;
+                index_vm(reg, v);
+            }
+        free(old);
+    }
     struct vm **grown = realloc(reg->vms, (reg->vm_count + 1) * sizeof(*grown));
     if (!grown)
         return -ENOMEM;
     reg->vms = grown;
     reg->vms[reg->vm_count++] = vm;
+    index_vm(reg, vm);
+    reg->live_vm_count++;
     return 0;
+}
+
+/* Takes a removed VM out of the name index (it stays in vms until the
+ * registry closes: tree nodes may still point at it). */
+static void unindex_vm(struct vm_registry *reg, struct vm *vm)
+{
+    for (struct vm **at = &reg->by_name[slot_of(vm->name, reg->vm_slots)]; *at; at = &(*at)->by_name_next)
+        if (*at == vm) {
+            *at = vm->by_name_next;
+            reg->live_vm_count--;
+            return;
+        }
+}
+
+static struct vm *find_locked(struct vm_registry *reg, const char *name)
+{
+    if (!reg->vm_slots)
+        return NULL;
+    for (struct vm *vm = reg->by_name[slot_of(name, reg->vm_slots)]; vm; vm = vm->by_name_next)
+        if (strcmp(vm->name, name) == 0)
+            return vm;
+    return NULL;
 }
 
 int vm_registry_open(const char *state_dir, vm_base_lookup_fn lookup, void *lookup_ctx,
@@ -558,6 +620,7 @@ void vm_registry_close(struct vm_registry *reg)
             free(r);
         }
     free(reg->vms);
+    free(reg->by_name);
     free(reg->layers);
     free(reg->kept);
     pthread_mutex_destroy(&reg->lock);
@@ -585,14 +648,6 @@ static bool name_taken(struct vm_registry *reg, const char *name)
 {
     char path[PATH_MAX];
     return conf_path(reg, name, path, sizeof(path)) != 0 || access(path, F_OK) == 0;
-}
-
-static struct vm *find_locked(struct vm_registry *reg, const char *name)
-{
-    for (size_t i = 0; i < reg->vm_count; i++)
-        if (!reg->vms[i]->deleted && strcmp(reg->vms[i]->name, name) == 0)
-            return reg->vms[i];
-    return NULL;
 }
 
 struct vm *vm_find(struct vm_registry *reg, const char *name)
@@ -861,6 +916,7 @@ int vm_remove(struct vm_registry *reg, struct vm *vm, char *err, size_t errlen)
     }
     pthread_mutex_unlock(&vm->attr_lock);
     if (!rc) {
+        unindex_vm(reg, vm);
         pthread_rwlock_wrlock(&vm->chain_lock);
         put_disk(reg, &vm->live);
         for (unsigned s = 0; s < vm->snapshot_count; s++)

@@ -36,7 +36,17 @@ STORED=$(stored_bytes_of "$REPO/bases/deb/1.manifest")
 mount_imgfs "$URL" "$M"
 [ "$(stat_value "$M" daemon repository_kind)" = http ] || fail "mount is not using the HTTP repository"
 [ "$(stat -L -c %s "$M/bases/deb.raw")" -eq $SIZE ] || fail "base size over HTTP is wrong"
+[ "$(stat_value "$M" "base deb@1" chunks_resident)" = "0/$NONZERO" ] ||
+    fail "an empty cache shows $(stat_value "$M" "base deb@1" chunks_resident) chunks resident"
 cmp "$M/bases/deb.raw" "$T/img.raw" || fail "base read over HTTP differs from the source image"
+# Written behind the replies: the count follows the cache, not the stats read before.
+for _ in $(seq 100); do
+    [ "$(stat_value "$M" "base deb@1" chunks_resident)" = "$NONZERO/$NONZERO" ] && break
+    sleep 0.1
+done
+[ "$(stat_value "$M" "base deb@1" chunks_resident)" = "$NONZERO/$NONZERO" ] ||
+    fail "after the whole base was read, stats show $(stat_value "$M" "base deb@1" chunks_resident) chunks resident"
+ok "stats count the chunks the cache got since they were last read"
 qemu-img compare -f raw -F raw "$M/bases/deb.raw" "$T/img.raw" > "$T/qcmp" ||
     { cat "$T/qcmp"; fail "qemu-img compare finds a difference over HTTP"; }
 ok "$SIZE-byte mixed image over HTTP is identical (cmp, qemu-img compare)"

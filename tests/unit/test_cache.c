@@ -701,6 +701,78 @@ static void test_evict_pins(const char *dir)
     free(data);
 }
 
+/* ---- running counts: held bytes and the generation --------------------------- */
+
+static uint64_t held_bytes(struct cache *cache)
+{
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    return u.held_bytes;
+}
+
+/* held_bytes follows holds and storage without a walk, and the generation
+ * changes exactly when what is stored does: fills, evictions and drops, not
+ * holds or hits. */
+static void test_running_counts(const char *dir)
+{
+    struct cache *cache = open_cache(dir);
+    unsigned char *a = malloc(CS), *b = malloc(CS), *data = malloc(CS);
+    struct chunk_hash ha, hb, h;
+    make_chunk(a, CS, 1100, &ha);
+    make_chunk(b, CS, 1101, &hb);
+    uint64_t gen = cache_generation(cache);
+    CHECK(cache_hold(cache, &ha, true) == 0); /* held before it is stored: nothing counts yet */
+    CHECK(held_bytes(cache) == 0 && !cache_stores(cache, &ha) && cache_generation(cache) == gen);
+    fill_chunk(cache, &ha, a);
+    CHECK(held_bytes(cache) == CS && cache_stores(cache, &ha));
+    CHECK(cache_generation(cache) != gen);
+    gen = cache_generation(cache);
+    fill_chunk(cache, &hb, b);
+    CHECK(held_bytes(cache) == CS && cache_generation(cache) != gen);
+    gen = cache_generation(cache);
+    CHECK(cache_hold(cache, &hb, true) == 0 && cache_hold(cache, &hb, true) == 0); /* holds nest */
+    CHECK(held_bytes(cache) == 2 * CS);
+    CHECK(cache_hold(cache, &hb, false) == 0 && held_bytes(cache) == 2 * CS);
+    CHECK(cache_hold(cache, &hb, false) == 0 && held_bytes(cache) == CS);
+    CHECK(cache_hold(cache, &hb, false) == 0 && held_bytes(cache) == CS); /* not held: no change */
+    CHECK(hits_with(cache, &ha, a) && hits_with(cache, &hb, b));
+    CHECK(cache_generation(cache) == gen); /* holds and hits store nothing */
+
+    /* Holds live in memory (pre-copy loads them again); storage survives. */
+    cache = reopen(cache, dir);
+    gen = cache_generation(cache);
+    CHECK(held_bytes(cache) == 0 && cache_stores(cache, &ha) && cache_stores(cache, &hb));
+    CHECK(cache_hold(cache, &ha, true) == 0 && held_bytes(cache) == CS);
+
+    /* A held chunk found damaged is dropped: it stops counting. */
+    struct where wa = locate(cache, &ha);
+    CHECK(flip_byte_in_file(wa.path, (off_t)(wa.off + CS / 3)) == 0);
+    struct cache_pin pin = {.entry = NULL, .fd = -1};
+    CHECK(cache_acquire(cache, &ha, CS, 0, 0, now_ns() + LONG_DEADLINE_NS, &pin) == CACHE_MUST_FILL);
+    CHECK(held_bytes(cache) == 0 && !cache_stores(cache, &ha) && cache_generation(cache) != gen);
+    CHECK(cache_fill(cache, &pin, a, CS) == 0); /* filled again, still held */
+    cache_release(cache, &pin);
+    CHECK(held_bytes(cache) == CS && cache_stores(cache, &ha));
+
+    /* Evictions change the generation; held chunks stay and keep counting. */
+    cache_set_limit(cache, 6 * CS);
+    gen = cache_generation(cache);
+    for (unsigned i = 0; i < 12; i++) {
+        make_chunk(data, CS, 1200 + i, &h);
+        fill_chunk(cache, &h, data);
+    }
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.evictions > 0 && cache_generation(cache) != gen);
+    CHECK(!cache_stores(cache, &hb)); /* the oldest unheld one went */
+    CHECK(cache_stores(cache, &ha) && u.held_bytes == CS);
+    CHECK(cache_hold(cache, &ha, false) == 0 && held_bytes(cache) == 0);
+    cache_close(cache);
+    free(a);
+    free(b);
+    free(data);
+}
+
 /* ---- compaction ------------------------------------------------------------- */
 
 /* A full pack kept alive by a hot chunk (and a pinned one) while everything
@@ -1052,6 +1124,43 @@ static void test_compaction_damage(const char *dir)
     free(data);
 }
 
+/* No memory to check a resident chunk in: the read fails with ENOMEM, and
+ * the chunk stays (no DROP, no fetch): the next read hits it, also after a
+ * restart. */
+static void *no_memory(size_t len)
+{
+    (void)len;
+    return NULL;
+}
+
+static void test_check_no_memory(const char *dir)
+{
+    struct cache *cache = open_cache(dir);
+    unsigned char *a = malloc(CS);
+    struct chunk_hash ha;
+    make_chunk(a, CS, 91, &ha);
+    fill_chunk(cache, &ha, a);
+    struct cache_pin pin;
+    const uint32_t ranges[][2] = {{4096, 4096}, {0, 0}}; /* by block, then whole */
+    for (int r = 0; r < 2; r++) {
+        cache = reopen(cache, dir); /* not checked in this run */
+        cache_check_alloc = no_memory;
+        int rc = cache_acquire(cache, &ha, CS, ranges[r][0], ranges[r][1], now_ns() + LONG_DEADLINE_NS, &pin);
+        cache_check_alloc = malloc;
+        CHECK(rc == -ENOMEM);
+        if (rc >= 0)
+            cache_release(cache, &pin);
+        struct cache_usage u;
+        cache_get_usage(cache, &u);
+        CHECK(u.dropped_damaged == 0 && u.chunks == 1);
+        CHECK(range_hits_with(cache, &ha, ranges[r][0], 4096, a));
+    }
+    cache = reopen(cache, dir);
+    CHECK(range_hits_with(cache, &ha, 8192, 4096, a));
+    free(a);
+    cache_close(cache);
+}
+
 /* Which pages of a file are in the page cache: resident[i] for page i of
  * the first pages pages. -1 when it cannot be told. */
 static int pages_resident(const char *path, size_t pages, unsigned char *resident)
@@ -1151,6 +1260,9 @@ int main(void)
     path_join(sub, sizeof(sub), "%s/evict", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_evict_pins(sub);
+    path_join(sub, sizeof(sub), "%s/counts", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_running_counts(sub);
     path_join(sub, sizeof(sub), "%s/compact", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_compaction(sub);
@@ -1169,6 +1281,9 @@ int main(void)
     path_join(sub, sizeof(sub), "%s/churn", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_churn(sub);
+    path_join(sub, sizeof(sub), "%s/no-memory", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_check_no_memory(sub);
 
     path_join(sub, sizeof(sub), "%s/threads", dir);
     CHECK(mkdir(sub, 0755) == 0);

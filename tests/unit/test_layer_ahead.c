@@ -2,8 +2,9 @@
  * a budget of two windows, two layers that flush little get their zeros and
  * a third gets none while they hold them; once one closes, the third gets
  * its own; a compaction gives a layer's share back, and so does writing
- * over the zeros. The count never goes over the budget and is 0 once all
- * close.
+ * over the zeros, and so does a layer that writes nothing for the idle
+ * time (layer_set_ahead_idle). The count never goes over the budget and
+ * is 0 once all close.
  *
  * Zeroing runs on a background thread: the test waits (up to 60 s) for
  * what must happen, and, for what must not, watches for 2 s, during which
@@ -91,6 +92,7 @@ int main(void)
         return 0;
     }
     setenv("IMGFS_LAYER_AHEAD_HOST_MAX", "8M", 1); /* two windows of 4 MiB */
+    layer_set_ahead_idle(3600ull * 1000000000ull); /* nothing is idle until the end */
 
     struct layer *a, *b, *c;
     CHECK(layer_create(dir, DISK_SIZE, &a) == 0);
@@ -174,6 +176,43 @@ int main(void)
     }
     free(aligned);
     layer_close(e);
+    CHECK(layer_ahead_host_bytes() == 0);
+
+    /* A layer that wrote nothing for the idle time gives its zeros back
+     * while it stays open: its log is cut at its tail, with its times kept,
+     * and what it wrote reads back, also after a reopen; it gets zeros
+     * again when it writes and flushes little again. */
+    struct layer *g;
+    CHECK(layer_create(dir, DISK_SIZE, &g) == 0);
+    char path[512];
+    struct stat flushed_st, cut_st;
+    snprintf(path, sizeof(path), "%s/%s.log", dir, layer_id(g));
+    small_flush(g, 30);
+    CHECK(stat(path, &flushed_st) == 0); /* the write's time, or the zeroing's if it came first */
+    CHECK(wait_for(zeroed, g));
+    CHECK(layer_ahead_host_bytes() == WINDOW);
+    layer_set_ahead_idle(0); /* wakes the background threads, which find g idle */
+    CHECK(wait_for(nothing_held, g));
+    CHECK(stat(path, &cut_st) == 0);
+    CHECK((uint64_t)cut_st.st_size < WINDOW && cut_st.st_size > 0);
+    CHECK(cut_st.st_mtim.tv_sec < flushed_st.st_mtim.tv_sec || /* not the cut's own time */
+          (cut_st.st_mtim.tv_sec == flushed_st.st_mtim.tv_sec && cut_st.st_mtim.tv_nsec <= flushed_st.st_mtim.tv_nsec));
+    memset(want, 30, sizeof(want));
+    CHECK(layer_read(g, buf, sizeof(buf), 30 * sizeof(buf)) == 0 && memcmp(buf, want, sizeof(buf)) == 0);
+    char id[LAYER_ID_LEN + 1];
+    snprintf(id, sizeof(id), "%s", layer_id(g));
+    layer_close(g);
+    CHECK(layer_open(dir, id, DISK_SIZE, &g) == 0);
+    CHECK(g && layer_read(g, buf, sizeof(buf), 30 * sizeof(buf)) == 0 && memcmp(buf, want, sizeof(buf)) == 0);
+    layer_set_ahead_idle(3600ull * 1000000000ull);
+    if (g) {
+        small_flush(g, 32);
+        CHECK(wait_for(zeroed, g));
+        CHECK(layer_ahead_host_bytes() == WINDOW);
+        memset(want, 32, sizeof(want));
+        CHECK(layer_read(g, buf, sizeof(buf), 32 * sizeof(buf)) == 0 && memcmp(buf, want, sizeof(buf)) == 0);
+    }
+    layer_close(g);
     CHECK(layer_ahead_host_bytes() == 0);
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);

@@ -86,6 +86,130 @@ static void test_size_across_threads(const char *state)
     vm_registry_close(r.reg);
 }
 
+static struct vm *create_blank(struct vm_registry *reg, const char *name)
+{
+    char err[256];
+    struct vm *vm = NULL;
+    if (vm_create(reg, name, NULL, 0, DISK_SIZE, &vm, err, sizeof(err)) != 0)
+        fprintf(stderr, "vm_create %s: %s\n", name, err);
+    return vm;
+}
+
+/* The name index: every VM is found by its name and only by it, past the
+ * index's growth (64 slots, then doubling), after removals, after a name is
+ * made again, and after the registry reopens from the state directory. */
+#define INDEX_VMS 300
+
+static void test_find_by_name(const char *state)
+{
+    char err[256], name[32];
+    struct vm_registry *reg;
+    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
+    if (!reg)
+        return;
+    struct vm *made[INDEX_VMS] = {0};
+    for (int i = 0; i < INDEX_VMS; i++) {
+        snprintf(name, sizeof(name), "find%d", i);
+        made[i] = create_blank(reg, name);
+        CHECK(made[i] != NULL);
+    }
+    int found = 0;
+    for (int i = 0; i < INDEX_VMS; i++) {
+        snprintf(name, sizeof(name), "find%d", i);
+        found += vm_find(reg, name) == made[i] && made[i];
+    }
+    CHECK(found == INDEX_VMS);
+    CHECK(vm_find(reg, "find") == NULL);
+    CHECK(vm_find(reg, "find3000") == NULL);
+    CHECK(vm_find(reg, "") == NULL);
+    /* Every third goes; the others stay found. */
+    for (int i = 0; i < INDEX_VMS; i += 3)
+        CHECK(made[i] && vm_remove(reg, made[i], err, sizeof(err)) == 0);
+    int gone = 0, kept = 0;
+    for (int i = 0; i < INDEX_VMS; i++) {
+        snprintf(name, sizeof(name), "find%d", i);
+        struct vm *vm = vm_find(reg, name);
+        if (i % 3 == 0)
+            gone += vm == NULL;
+        else
+            kept += vm == made[i];
+    }
+    CHECK(gone == (INDEX_VMS + 2) / 3);
+    CHECK(kept == INDEX_VMS - (INDEX_VMS + 2) / 3);
+    /* A removed name can be made again: the new VM is the one found. */
+    struct vm *again = create_blank(reg, "find0");
+    CHECK(again != NULL && again != made[0]);
+    CHECK(vm_find(reg, "find0") == again);
+    struct vm *dup = NULL;
+    CHECK(vm_create(reg, "find1", NULL, 0, DISK_SIZE, &dup, err, sizeof(err)) == -EEXIST);
+    vm_registry_close(reg);
+
+    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
+    if (!reg)
+        return;
+    int reloaded = 0;
+    for (int i = 0; i < INDEX_VMS; i++) {
+        snprintf(name, sizeof(name), "find%d", i);
+        struct vm *vm = vm_find(reg, name);
+        reloaded += (i == 0 || i % 3 != 0) ? vm && strcmp(vm_name(vm), name) == 0 : vm == NULL;
+    }
+    CHECK(reloaded == INDEX_VMS);
+    vm_registry_close(reg);
+}
+
+/* Finds on two threads while a third makes and removes VMs, which grows
+ * the index under them: a VM that exists throughout is always found, and a
+ * removed one never. */
+#define CHURN_VMS 200
+
+struct find_race {
+    struct vm_registry *reg;
+    struct vm *stable;
+    atomic_bool done;
+    int misses;      /* finds of the stable VM that returned something else */
+    int ghost_found; /* finds of a removed VM that found one */
+};
+
+static void *race_find(void *arg)
+{
+    struct find_race *r = arg;
+    while (!atomic_load(&r->done)) {
+        if (vm_find(r->reg, "stable") != r->stable)
+            r->misses++;
+        if (vm_find(r->reg, "ghost") != NULL)
+            r->ghost_found++;
+    }
+    return NULL;
+}
+
+static void test_find_during_churn(const char *state)
+{
+    char err[256], name[32];
+    struct find_race r = {0};
+    CHECK(vm_registry_open(state, no_base, NULL, &r.reg, err, sizeof(err)) == 0);
+    if (!r.reg)
+        return;
+    r.stable = create_blank(r.reg, "stable");
+    struct vm *ghost = create_blank(r.reg, "ghost");
+    CHECK(r.stable && ghost && vm_remove(r.reg, ghost, err, sizeof(err)) == 0);
+    pthread_t threads[2];
+    for (int t = 0; t < 2; t++)
+        CHECK(pthread_create(&threads[t], NULL, race_find, &r) == 0);
+    for (int i = 0; i < CHURN_VMS; i++) {
+        snprintf(name, sizeof(name), "churn%d", i);
+        struct vm *vm = create_blank(r.reg, name);
+        CHECK(vm != NULL);
+        if (vm && i % 2)
+            CHECK(vm_remove(r.reg, vm, err, sizeof(err)) == 0);
+    }
+    atomic_store(&r.done, true);
+    for (int t = 0; t < 2; t++)
+        pthread_join(threads[t], NULL);
+    CHECK(r.misses == 0);
+    CHECK(r.ghost_found == 0);
+    vm_registry_close(r.reg);
+}
+
 /* A write in flight (past its size check, waiting for its blocks) while an
  * ftruncate shrinks the blank disk under it: it fails as any write past the
  * end does, with ENOSPC (vm.h). */
@@ -140,6 +264,14 @@ int main(void)
     }
     test_size_across_threads(state);
     test_shrink_under_write(state);
+    remove_tree(state);
+    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
+        return 1;
+    test_find_by_name(state);
+    remove_tree(state);
+    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
+        return 1;
+    test_find_during_churn(state);
     remove_tree(state);
     return check_summary();
 }
