@@ -24,10 +24,12 @@ def events(lines):
     """(time, tid of the process or None, prev tid, state, next tid, stack) per switch."""
     cur = None
     for line in lines:
-        if line[:1] not in (' ', '\t') and line.strip():
+        # A switch's line starts with its pid (padded with spaces when short),
+        # the lines of its stack with a tab.
+        m = re.match(r'\s*(\d+)/(\d+)\s+(\d+\.\d+):\s+sched:sched_switch:(.*)', line)
+        if m or (line[:1] not in (' ', '\t') and line.strip()):
             if cur:
                 yield cur
-            m = re.match(r'\s*(\d+)/(\d+)\s+(\d+\.\d+):\s+sched:sched_switch:(.*)', line)
             s = m and SWITCH.search(m.group(4))
             cur = (float(m.group(3)), int(m.group(1)), int(s.group(1)), s.group(2)[0],
                    int(s.group(3)), []) if s else None

@@ -37,7 +37,10 @@
  * window allocated (fallocate) instead of written: zeros would double what
  * its flushes write, and its writes could not go with O_DIRECT without
  * extending the file. Writes of guests that use O_DIRECT go there with O_DIRECT
- * (layer_write_through), so a flush then writes only its record. Page-cache
+ * (layer_write_through), so a flush then writes only its record, itself with
+ * O_DIRECT into those blocks (zeros written ahead with O_DIRECT go into
+ * blocks allocated first, so that they never hold the guest's writes behind
+ * the file's lock). Page-cache
  * and O_DIRECT writes to a log take turns, never both at once, so that no
  * cached page of a block written through keeps its old bytes.
  *
@@ -95,7 +98,9 @@
  * Threads: layer_owns(), layer_extent_at() and layer_read() may run from any
  * thread at any time. layer_write() and layer_punch() may run concurrently
  * with each other on disjoint block ranges; the caller orders writes whose
- * blocks overlap. layer_flush() may run concurrently with all of them.
+ * blocks overlap. layer_flush() may run concurrently with all of them, and
+ * waits for none under way: a write that returns after it was called may
+ * go in the next flush instead.
  */
 #ifndef IMGFS_LAYER_H
 #define IMGFS_LAYER_H

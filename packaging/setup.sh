@@ -108,7 +108,9 @@ run_tests() {
     step "concurrency tests under ThreadSanitizer"
     build_dir build-tsan -DIMGFS_SANITIZE=thread
     run_ctest build-tsan -L concurrency
-    step "fuzzing every parser of outside input (libFuzzer, ${IMGFS_FUZZ_SECONDS:-30} s each)"
+    # One seed for every harness, printed: IMGFS_FUZZ_SEED=N replays the stage.
+    export IMGFS_FUZZ_SEED=${IMGFS_FUZZ_SEED:-$(($(od -An -N4 -tu4 /dev/urandom) % 4294967295 + 1))}
+    step "fuzzing every parser of outside input (libFuzzer, ${IMGFS_FUZZ_SECONDS:-30} s each, seed $IMGFS_FUZZ_SEED: IMGFS_FUZZ_SEED=$IMGFS_FUZZ_SEED packaging/setup.sh test replays it)"
     CC=clang build_dir build-fuzz -DIMGFS_FUZZ=ON -DIMGFS_FUZZ_SECONDS="${IMGFS_FUZZ_SECONDS:-30}"
     run_ctest build-fuzz -L fuzz
 }

@@ -14,9 +14,13 @@
  *       only the data of the last valid record needs its checksums checked
  *       at open.
  *   I3. Every entry names data reserved before its record's position was
- *       reserved: 1 <= loc and loc + count <= next of its record. And a
- *       flush closes its record with no write under way, so every block
- *       before a record's next is named by that record or an earlier one.
+ *       reserved: 1 <= loc and loc + count <= next of its record. A flush
+ *       does not wait for the writes under way: one that reserved its
+ *       blocks before the record's and returns after the flush took the
+ *       pending entries goes in a later record. So the data of the pending
+ *       entries, and only theirs (with those of a record being written,
+ *       which go back to pending if it fails), may lie below record_at and
+ *       yet be in no closed record (closed_below).
  *   I4. A slot in the index goes from NONE to ZERO or DATA, and never back
  *       to NONE. Index nodes are never freed before layer_close().
  *   I5. A slot names its file by generation; the file of a generation stays
@@ -144,9 +148,11 @@ struct layer {
     struct log_file *files[4]; /* by generation % 4 */
     struct log_file *cur;      /* changes only in phase 2 of compaction */
 
-    /* Writers and punches hold swap_lock shared across their I/O; a flush
-     * holds it exclusively while it closes its record (no I/O), phase 2 of
-     * compaction while it copies the last changes (no sync). */
+    /* Writers and punches hold swap_lock shared across their I/O, and a
+     * flush while it takes the pending entries and reserves its record (no
+     * I/O); a zeroing ahead holds it exclusively while it picks where it
+     * starts, an idle layer's give-back across its cut (one ftruncate),
+     * phase 2 of compaction while it copies the last changes (no sync). */
     pthread_rwlock_t swap_lock;
     /* flush_serial orders flushes (I2) and is held across their I/O, and by
      * phases 2 and 3 of compaction (I6); taken before swap_lock. */
@@ -156,6 +162,13 @@ struct layer {
     pthread_mutex_t lock;
     _Atomic uint64_t tail; /* next free log block */
     uint64_t record_at;    /* where the next record goes */
+    /* record_at's block is zeroed ahead (a flush may write it with
+     * O_DIRECT: put_record); guarded by flush_serial. */
+    bool record_zeroed;
+    /* The lowest log block of data that a flush took the entries of and has
+     * not yet written its record for (UINT64_MAX: none): should that write
+     * fail, the entries go back to pending (closed_below). Guarded by lock. */
+    uint64_t flush_taken_below;
     uint64_t seq;          /* its sequence number */
     uint64_t file_id;
     struct entry *pending;
@@ -940,14 +953,15 @@ static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
     l->dir = strdup(dir);
     l->size = size;
     l->shared_fd = -1;
+    l->flush_taken_below = UINT64_MAX;
     l->blocks = (size + BS - 1) / BS;
     l->top_len = (size_t)((l->blocks + MID_SPAN - 1) / MID_SPAN) + 1;
     l->top = calloc(l->top_len, sizeof(*l->top));
     pthread_mutex_init(&l->files_lock, NULL);
     pthread_rwlockattr_t attr;
     pthread_rwlockattr_init(&attr);
-    /* A flush or a compaction waits for the writes under way, not for all
-     * that would follow them. */
+    /* A compaction or a zeroing waits for the writes under way, not for
+     * all that would follow them. */
     pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
     pthread_rwlock_init(&l->swap_lock, &attr);
     pthread_rwlockattr_destroy(&attr);
@@ -1734,8 +1748,6 @@ static int put_direct(struct layer *l, struct log_file *f, const void *buf, size
         atomic_store(&l->no_direct, true);
         return -EOPNOTSUPP;
     }
-    if (!rc)
-        atomic_fetch_add(&l->through_blocks, len / BS);
     return rc;
 }
 
@@ -1755,7 +1767,8 @@ static int write_blocks(struct layer *l, const void *buf, size_t len, uint64_t o
     int rc = l->broken ? -EIO : -EOPNOTSUPP;
     if (rc == -EOPNOTSUPP && through && len % BS == 0 &&
         (l->through_everywhere || loc + count <= atomic_load(&l->ahead)))
-        rc = put_direct(l, f, buf, len, loc * BS);
+        if ((rc = put_direct(l, f, buf, len, loc * BS)) == 0)
+            atomic_fetch_add(&l->through_blocks, len / BS);
     if (rc == -EOPNOTSUPP)
         rc = put_cached(l, f->fd, buf, len, loc * BS);
     struct entry e = {block, (uint32_t)count, ENTRY_DATA, loc, rc ? 0 : XXH3_64bits(buf, len)};
@@ -1802,9 +1815,23 @@ struct dead_runs {
     size_t n, cap;
 };
 
+/* The first log block of cur that may hold data of no closed record:
+ * record_at, or the data of a pending entry below it (I3), or that of an
+ * entry a flush under way took, which goes back to pending if its record
+ * cannot be written. A write still under way has no slot yet, so no caller
+ * sees its blocks. lock held. */
+static uint64_t closed_below(const struct layer *l)
+{
+    uint64_t below = l->record_at < l->flush_taken_below ? l->record_at : l->flush_taken_below;
+    for (size_t i = 0; i < l->npending; i++)
+        if (l->pending[i].kind == ENTRY_DATA && l->pending[i].loc < below)
+            below = l->pending[i].loc;
+    return below;
+}
+
 /* Notes the log data of [first, first+count) that is in records already
- * closed (loc < record_at), in runs. lock held. */
-static void note_dead(struct layer *l, uint64_t first, uint64_t count, struct dead_runs *d)
+ * closed (below closed_below(), given as below), in runs. lock held. */
+static void note_dead(struct layer *l, uint64_t first, uint64_t count, uint64_t below, struct dead_runs *d)
 {
     unsigned gen = l->cur->gen;
     for (uint64_t b = first; b < first + count;) {
@@ -1814,7 +1841,7 @@ static void note_dead(struct layer *l, uint64_t first, uint64_t count, struct de
             continue;
         }
         b++;
-        if (SLOT_GEN(s) != gen || SLOT_LOC(s) >= l->record_at)
+        if (SLOT_GEN(s) != gen || SLOT_LOC(s) >= below)
             continue;
         struct entry *last = d->n ? &d->runs[d->n - 1] : NULL;
         if (last && last->loc + last->count == SLOT_LOC(s) && last->count < MAX_ENTRY_BLOCKS) {
@@ -1837,6 +1864,7 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
     unsigned gen = l->cur->gen;
     atomic_fetch_add(&l->changes, 1);
     pthread_mutex_lock(&l->lock);
+    uint64_t below = closed_below(l); /* the punch adds no data entry */
     for (uint64_t b = first; b < first + count && !rc;) {
         uint64_t n = first + count - b < MAX_ENTRY_BLOCKS ? first + count - b : MAX_ENTRY_BLOCKS;
         struct entry e = {.block = b, .count = (uint32_t)n, .kind = ENTRY_ZERO};
@@ -1845,7 +1873,7 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
             rc = append_entry(&l->pending, &l->npending, &l->pending_cap, &e);
         if (!rc) {
             shared_append(l, &e); /* the punch flushes before it returns */
-            note_dead(l, b, n, &dead);
+            note_dead(l, b, n, below, &dead);
         }
         if (!rc)
             rc = zero_range(l, b, n);
@@ -1854,8 +1882,9 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
     pthread_mutex_unlock(&l->lock);
     pthread_rwlock_unlock(&l->swap_lock);
     /* The dead data is named by records before the one this punch goes in
-     * (record_at was not yet reserved when it was noted, and a flush closes
-     * its record with no write under way). Once the punch is durable, no
+     * (closed ones, or the one a flush under way wrote: flush_serial puts
+     * the punch's after it; not one it may yet fail to write, whose
+     * entries would come back into the punch's). Once the punch is durable, no
      * replay can need those bytes (I2: only the last record's data is
      * checked), so the space can go back to the file system. */
     if (!rc)
@@ -1871,12 +1900,41 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
     return rc;
 }
 
+/* Writes a flush's record at at, its continuation blocks at cont
+ * (write_record). With O_DIRECT when direct (the guest writes through and
+ * the blocks are zeroed ahead): then the record waits for none of the
+ * O_DIRECT writes under way, as a page-cache write would (they take turns,
+ * and ext4 holds a buffered write until the direct ones end), and the
+ * fdatasync after it has nothing to write back. */
+static int put_record(struct layer *l, struct log_file *f, bool direct, const struct entry *entries, size_t n,
+                      uint64_t seq, uint64_t at, uint64_t next, uint64_t cont)
+{
+    size_t cb = cont_blocks_for(n);
+    uint8_t *buf = direct ? (uint8_t *)bounce_for((1 + cb) * BS) : NULL; /* aligned */
+    int rc = -EOPNOTSUPP;
+    if (buf) {
+        encode_record(buf, entries, n, seq, l->file_id, next, cont);
+        rc = cb ? put_direct(l, f, buf + BS, cb * BS, cont * BS) : 0;
+        if (!rc)
+            rc = put_direct(l, f, buf, BS, at * BS);
+    }
+    if (rc == -EOPNOTSUPP) {
+        write_turn_enter(l, false);
+        rc = write_record(f->fd, entries, n, seq, l->file_id, at, next, cont);
+        write_turn_leave(l);
+    }
+    return rc;
+}
+
 int layer_flush(struct layer *l)
 {
     pthread_mutex_lock(&l->flush_serial);
-    /* With no write under way, the record closes over every block reserved
-     * so far: data before record_at is all named by closed records. */
-    pthread_rwlock_wrlock(&l->swap_lock);
+    /* Shared, as a write takes it: a zeroing ahead, which takes it
+     * exclusively to choose where it starts, then sees the blocks this
+     * reserves. The writes under way are not waited for: the record holds
+     * the writes that returned (their entries are pending), and the others
+     * go in a later one (I3). */
+    pthread_rwlock_rdlock(&l->swap_lock);
     pthread_mutex_lock(&l->lock);
     int rc = l->broken;
     struct entry *entries = l->pending;
@@ -1887,6 +1945,9 @@ int layer_flush(struct layer *l)
         l->pending = NULL;
         l->npending = l->pending_cap = 0;
         l->pending_bytes = 0;
+        for (size_t i = 0; i < n; i++)
+            if (entries[i].kind == ENTRY_DATA && entries[i].loc < l->flush_taken_below)
+                l->flush_taken_below = entries[i].loc;
         /* Continuation blocks and the next record's block come after all
          * data reserved so far (I3). */
         size_t cb = cont_blocks_for(n);
@@ -1895,18 +1956,28 @@ int layer_flush(struct layer *l)
         l->record_at = next;
         l->seq = seq + 1;
     }
-    int fd = l->cur->fd; /* cur changes only with flush_serial held */
+    struct log_file *f = l->cur; /* cur changes only with flush_serial held */
+    int fd = f->fd;
     pthread_mutex_unlock(&l->lock);
     pthread_rwlock_unlock(&l->swap_lock);
     if (!rc && n > 0) {
         wait_for_zeroing(l, next + 1);
-        write_turn_enter(l, false); /* a record goes through the page cache */
-        rc = write_record(fd, entries, n, seq, l->file_id, at, next, cont);
-        write_turn_leave(l);
+        /* Blocks reserved below ahead are zeroed (the tail is never below
+         * where a zeroing started): at's was when the last flush took it. */
+        bool zeroed = next + 1 <= atomic_load(&l->ahead);
+        bool direct = atomic_load(&l->writes_through) && (l->through_everywhere || (l->record_zeroed && zeroed));
+        rc = put_record(l, f, direct, entries, n, seq, at, next, cont);
+        if (!rc) {
+            l->record_zeroed = zeroed;
+            pthread_mutex_lock(&l->lock);
+            l->flush_taken_below = UINT64_MAX; /* their record is written */
+            pthread_mutex_unlock(&l->lock);
+        }
         if (rc) {
             /* Nothing was promised yet: put the entries back in front of
              * those that came meanwhile, and write the record here again. */
             pthread_mutex_lock(&l->lock);
+            l->flush_taken_below = UINT64_MAX; /* pending again (or the layer broken) */
             int grown = 0;
             size_t cap = n;
             for (size_t i = 0; i < l->npending && !grown; i++)
@@ -2164,6 +2235,13 @@ static int write_zeros(struct layer *l, int fd, uint64_t from, uint64_t to)
     pthread_once(&once, zero_piece_make);
     bool direct = zero_piece && atomic_load(&l->writes_through) && !atomic_load(&l->no_direct);
     int dfd = direct ? direct_fd(l->cur) : -1;
+    /* Allocated first, so that the zeros overwrite blocks inside the file:
+     * an O_DIRECT write that allocates or extends holds the inode lock
+     * across its device write (ext4), and every guest write waits meanwhile
+     * (one each 256 KiB piece); one that overwrites shares it. Best effort:
+     * the zeros are written anyway. */
+    if (dfd >= 0)
+        fallocate(fd, 0, (off_t)(from * BS), (off_t)((to - from) * BS));
     for (uint64_t b = from; b < to; b += ZERO_PIECE / BS) {
         size_t len = (size_t)((to - b < ZERO_PIECE / BS ? to - b : ZERO_PIECE / BS) * BS);
         ssize_t n = -1;
@@ -2440,6 +2518,7 @@ static int compact(struct layer *l)
         l->cur = fresh;
         l->file_id = b.file_id;
         l->record_at = b.record_at;
+        l->record_zeroed = false; /* the new file has no zeros ahead */
         l->seq = b.seq;
         /* Every pending write is in the new file's records, which are
          * durable before any flush can return again (phase 3). */

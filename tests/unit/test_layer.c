@@ -676,6 +676,232 @@ static void test_write_kinds_apart(void)
     unsetenv("IMGFS_LAYER_THROUGH");
 }
 
+/* ---- a flush does not wait for the writes under way ------------------------- */
+
+/* The hook holds the write of a block whose bytes start with HELD_BYTE
+ * (once armed) until the test lets it go. */
+#define HELD_BYTE 0xb7
+static pthread_mutex_t held_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t held_cv;
+static bool hold_armed, hold_in, hold_release; /* guarded by held_mu */
+
+static ssize_t holding_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    if (len == BS && ((const unsigned char *)buf)[0] == HELD_BYTE) {
+        pthread_mutex_lock(&held_mu);
+        if (hold_armed) {
+            hold_armed = false;
+            hold_in = true;
+            pthread_cond_broadcast(&held_cv);
+            /* The bound only keeps a failing run from hanging. */
+            uint64_t deadline = now_ns() + 30000000000ull;
+            while (!hold_release && cond_wait_until(&held_cv, &held_mu, deadline) == 0)
+                ;
+            hold_in = false;
+        }
+        pthread_mutex_unlock(&held_mu);
+    }
+    return pwrite(fd, buf, len, off);
+}
+
+struct held_op {
+    struct layer *layer;
+    bool through, flush; /* a write of block 1, or a flush */
+    _Atomic bool done;
+    int rc;
+};
+
+static void *held_op_main(void *arg)
+{
+    struct held_op *op = arg;
+    if (op->flush) {
+        op->rc = layer_flush(op->layer);
+    } else {
+        unsigned char *buf;
+        CHECK(posix_memalign((void **)&buf, BS, BS) == 0);
+        memset(buf, HELD_BYTE, BS);
+        op->rc = op->through ? layer_write_through(op->layer, buf, BS, BS) : layer_write(op->layer, buf, BS, BS);
+        free(buf);
+    }
+    pthread_mutex_lock(&held_mu);
+    atomic_store(&op->done, true);
+    pthread_cond_broadcast(&held_cv);
+    pthread_mutex_unlock(&held_mu);
+    return NULL;
+}
+
+/* Waits (bounded, so that a failing run ends) until *flag or op->done. */
+static void held_wait(bool *flag, struct held_op *op)
+{
+    uint64_t deadline = now_ns() + 30000000000ull;
+    pthread_mutex_lock(&held_mu);
+    while (!(flag ? *flag : atomic_load(&op->done)) && cond_wait_until(&held_cv, &held_mu, deadline) == 0)
+        ;
+    pthread_mutex_unlock(&held_mu);
+}
+
+/* Writes block 1 and, while that write is under way (held in its pwrite),
+ * flushes: the flush must return before the write does. */
+static void flush_over_held_write(struct layer *l, bool through_write)
+{
+    pthread_mutex_lock(&held_mu);
+    hold_armed = true;
+    hold_release = false;
+    pthread_mutex_unlock(&held_mu);
+    struct held_op writer = {.layer = l, .through = through_write}, flusher = {.layer = l, .flush = true};
+    pthread_t tw, tf;
+    pthread_create(&tw, NULL, held_op_main, &writer);
+    held_wait(&hold_in, NULL);
+    CHECK(hold_in);
+    pthread_create(&tf, NULL, held_op_main, &flusher);
+    held_wait(NULL, &flusher);
+    CHECK(atomic_load(&flusher.done)); /* it did not wait for the write */
+    CHECK(!atomic_load(&writer.done));
+    pthread_mutex_lock(&held_mu);
+    hold_release = true;
+    pthread_cond_broadcast(&held_cv);
+    pthread_mutex_unlock(&held_mu);
+    pthread_join(tw, NULL);
+    pthread_join(tf, NULL);
+    CHECK(writer.rc == 0 && flusher.rc == 0);
+}
+
+static bool block_is(struct layer *l, uint64_t b, unsigned char byte)
+{
+    unsigned char buf[BS];
+    return layer_owns(l, b) && layer_read(l, buf, BS, b * BS) == 0 && buf[0] == byte && buf[BS - 1] == byte;
+}
+
+/* A write that was under way while a flush wrote its record goes in a later
+ * record: the flush keeps what returned before it, a crash before the next
+ * flush loses only that write, and a punch of it (its data below that
+ * record, its entry in the punch's record) frees nothing that the punch's
+ * record needs at open. */
+static void test_flush_passes_writes_under_way(bool through_writes)
+{
+    if (through_writes && !dir_has_o_direct()) {
+        printf("flush over a write under way: %s has no O_DIRECT, through writes not tested\n", dir);
+        return;
+    }
+    if (through_writes)
+        setenv("IMGFS_LAYER_THROUGH", "all", 1); /* records with O_DIRECT too */
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    layer_syscalls.pwrite = holding_pwrite;
+    unsigned char *buf;
+    CHECK(posix_memalign((void **)&buf, BS, BS) == 0);
+    memset(buf, 0x11, BS);
+    CHECK((through_writes ? layer_write_through(l, buf, BS, 0) : layer_write(l, buf, BS, 0)) == 0);
+    flush_over_held_write(l, through_writes);
+    l = reopen(l); /* a crash before the next flush */
+    CHECK(block_is(l, 0, 0x11));
+    CHECK(!layer_owns(l, 1));
+
+    memset(buf, 0x22, BS);
+    CHECK((through_writes ? layer_write_through(l, buf, BS, 2 * BS) : layer_write(l, buf, BS, 2 * BS)) == 0);
+    flush_over_held_write(l, through_writes);
+    CHECK(block_is(l, 1, HELD_BYTE));
+    CHECK(layer_punch(l, 1, 1) == 0);
+    l = reopen(l);
+    CHECK(block_is(l, 0, 0x11) && block_is(l, 2, 0x22));
+    unsigned char zeros[BS] = {0}, got[BS];
+    CHECK(layer_owns(l, 1) && layer_read(l, got, BS, BS) == 0 && memcmp(got, zeros, BS) == 0);
+    layer_syscalls.pwrite = real_pwrite_saved;
+    free(buf);
+    close_and_remove(l);
+    unsetenv("IMGFS_LAYER_THROUGH");
+}
+
+/* ---- a punch beside a flush whose record fails -------------------------------- */
+
+/* The hook holds the first record write (once armed) until the test lets it
+ * go, and then fails it with ENOSPC. */
+static bool record_hold_armed, record_held, record_release; /* guarded by held_mu */
+
+static ssize_t failing_record_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    const unsigned char *p = buf;
+    if (len == BS && p[0] == 0x72 && p[1] == 0x45 && p[2] == 0x43 && p[3] == 0x31) { /* "rEC1" */
+        pthread_mutex_lock(&held_mu);
+        bool hold = record_hold_armed;
+        if (hold) {
+            record_hold_armed = false;
+            record_held = true;
+            pthread_cond_broadcast(&held_cv);
+            uint64_t deadline = now_ns() + 30000000000ull; /* only so that a failing run ends */
+            while (!record_release && cond_wait_until(&held_cv, &held_mu, deadline) == 0)
+                ;
+        }
+        pthread_mutex_unlock(&held_mu);
+        if (hold) {
+            errno = ENOSPC;
+            return -1;
+        }
+    }
+    return real_pwrite_saved(fd, buf, len, off);
+}
+
+struct punch_op {
+    struct layer *layer;
+    uint64_t block;
+    int rc;
+};
+
+static void *punch_op_main(void *arg)
+{
+    struct punch_op *op = arg;
+    op->rc = layer_punch(op->layer, op->block, 1);
+    return NULL;
+}
+
+/* A flush takes the pending entries and its record write fails, so they go
+ * back and the next flush records them; a punch that came in between must
+ * not give their data back to the file system, since they are then in the
+ * last record, whose data open checks: else open drops that whole record,
+ * with the punch and the writes it returned for. */
+static void test_punch_beside_failed_flush(void)
+{
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    unsigned char buf[BS];
+    memset(buf, 0x55, BS);
+    CHECK(layer_write(l, buf, BS, 5 * BS) == 0);
+    memset(buf, 0x66, BS);
+    CHECK(layer_write(l, buf, BS, 6 * BS) == 0);
+    pthread_mutex_lock(&held_mu);
+    record_hold_armed = true;
+    record_held = record_release = false;
+    pthread_mutex_unlock(&held_mu);
+    layer_syscalls.pwrite = failing_record_pwrite;
+    struct held_op flusher = {.layer = l, .flush = true};
+    pthread_t tf, tp;
+    pthread_create(&tf, NULL, held_op_main, &flusher);
+    held_wait(&record_held, NULL);
+    CHECK(record_held);
+    /* The punch marks block 5 zero (and notes its dead data) under the
+     * layer's lock, then waits for the flush held above. */
+    struct punch_op puncher = {.layer = l, .block = 5};
+    pthread_create(&tp, NULL, punch_op_main, &puncher);
+    unsigned char zeros[BS] = {0}, got[BS];
+    for (uint64_t until = now_ns() + 30000000000ull; now_ns() < until; usleep(1000))
+        if (layer_read(l, got, BS, 5 * BS) == 0 && memcmp(got, zeros, BS) == 0)
+            break;
+    CHECK(memcmp(got, zeros, BS) == 0);
+    pthread_mutex_lock(&held_mu);
+    record_release = true;
+    pthread_cond_broadcast(&held_cv);
+    pthread_mutex_unlock(&held_mu);
+    pthread_join(tf, NULL);
+    pthread_join(tp, NULL);
+    layer_syscalls.pwrite = real_pwrite_saved;
+    CHECK(flusher.rc == -ENOSPC);
+    CHECK(puncher.rc == 0); /* its flush recorded the writes and the punch */
+    l = reopen(l);
+    CHECK(block_is(l, 6, 0x66));
+    CHECK(layer_owns(l, 5) && layer_read(l, got, BS, 5 * BS) == 0 && memcmp(got, zeros, BS) == 0);
+    close_and_remove(l);
+}
+
 /* ---- crashes and faults ------------------------------------------------------- */
 
 static int kill_at = -1; /* SIGKILL the process at this pwrite (counting from 0) */
@@ -1440,6 +1666,7 @@ int main(void)
     real_pwrite_saved = layer_syscalls.pwrite;
     real_fallocate_saved = layer_syscalls.fallocate;
     cond_init_monotonic(&sync_cv);
+    cond_init_monotonic(&held_cv);
     test_basics();
     test_torn_record();
     test_convert_old();
@@ -1447,6 +1674,9 @@ int main(void)
     test_parallel_compaction();
     test_write_through();
     test_write_kinds_apart();
+    test_flush_passes_writes_under_way(false);
+    test_flush_passes_writes_under_way(true);
+    test_punch_beside_failed_flush();
     /* The crash tests fork: no zeroing thread may run in the parent (a
      * child of a threaded process must not start threads of its own). */
     setenv("IMGFS_LAYER_ZERO_AHEAD", "0", 1);
