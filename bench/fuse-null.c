@@ -3,6 +3,11 @@
  * disk in vm_cache=direct; with --base, opened read-only through the page
  * cache like an imgfs base file (keep_cache, the kernel's readahead of up to
  * 1 MiB, as fs/ops.c asks for), the passthrough of bench-cold-read.sh.
+ * With --kernel (and a BACKING), read-only too, but READ never reaches this
+ * server: the open hands BACKING to the kernel (FUSE_PASSTHROUGH, Linux 6.9,
+ * CONFIG_FUSE_PASSTHROUGH; root), which reads it itself, as if the reader
+ * had opened BACKING. What FUSE does at best when no request comes to the
+ * server; an open fails (EIO) where the kernel has no passthrough.
  *
  * Without BACKING (null mode, bench-vm.sh's "FUSE null"): WRITE, FSYNC
  * and FLUSH are answered at once and READ returns zeros. Nothing is stored:
@@ -26,7 +31,7 @@
  * BACKING must be at least SIZE bytes (bench-vm.sh gives it a preallocated
  * copy of the base, as the local file is).
  *
- * usage: fuse-null [--base] MOUNTPOINT SIZE THREADS [BACKING]  (as root; stops on unmount)
+ * usage: fuse-null [--base|--kernel] MOUNTPOINT SIZE THREADS [BACKING]  (as root; stops on unmount)
  * THREADS workers each block in read(2) on the one /dev/fuse descriptor; in
  * passthrough mode a worker also waits for its pwrite or fdatasync, so
  * THREADS bounds the writes the device sees at once. */
@@ -41,6 +46,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -53,7 +59,22 @@ static int backing_direct_fd = -1; /* BACKING with O_DIRECT, or -1 where it has 
 static size_t max_write;           /* the largest WRITE, from init: a bounce buffer's size */
 enum { ALIGN = 4096 };             /* O_DIRECT alignment of memory, offset and length */
 static _Thread_local uint32_t open_flags; /* added to the next open reply */
-static int base_mode;                     /* --base: served like an imgfs base file */
+static int base_mode;                     /* --base or --kernel: read-only, like an imgfs base file */
+static int kernel_mode;                   /* --kernel: the kernel reads BACKING (FUSE_PASSTHROUGH) */
+static int fuse_fd = -1;
+static int backing_id = -1;               /* --kernel: BACKING registered with the kernel */
+static pthread_mutex_t backing_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Linux 6.9's passthrough interface, newer than the <linux/fuse.h> of
+ * libfuse 3.14's systems (protocol 7.38). */
+#define PASSTHROUGH_INIT_FLAG2 (1u << 5) /* FUSE_PASSTHROUGH >> 32, in fuse_init_out.flags2 */
+#define PASSTHROUGH_OPEN_FLAG (1u << 7)  /* FOPEN_PASSTHROUGH */
+struct passthrough_backing_map {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+#define PASSTHROUGH_BACKING_OPEN _IOW(229, 1, struct passthrough_backing_map) /* FUSE_DEV_IOC_BACKING_OPEN */
 
 static void fill_stat(fuse_ino_t ino, struct stat *st)
 {
@@ -91,7 +112,27 @@ static void null_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
             fuse_reply_err(req, EROFS);
             return;
         }
-        fi->keep_cache = 1;
+        if (kernel_mode) {
+            /* Registered once, at the first open: INIT has enabled
+             * passthrough by then. keep_cache would ask for FUSE's own page
+             * cache, which a passthrough file does not use (the open fails). */
+            pthread_mutex_lock(&backing_lock);
+            if (backing_id < 0) {
+                struct passthrough_backing_map map = {.fd = backing_fd};
+                backing_id = ioctl(fuse_fd, PASSTHROUGH_BACKING_OPEN, &map);
+                if (backing_id < 0)
+                    fprintf(stderr, "fuse-null: the kernel refuses passthrough: %s\n", strerror(errno));
+            }
+            int id = backing_id;
+            pthread_mutex_unlock(&backing_lock);
+            if (id < 0) {
+                fuse_reply_err(req, EIO);
+                return;
+            }
+            open_flags = PASSTHROUGH_OPEN_FLAG;
+        } else {
+            fi->keep_cache = 1;
+        }
     } else {
         fi->direct_io = 1;
         open_flags = FOPEN_PARALLEL_DIRECT_WRITES;
@@ -184,9 +225,20 @@ static const struct fuse_lowlevel_ops ops = {
 static ssize_t hook_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
     (void)userdata;
-    if (open_flags && count == 2 && iov[1].iov_len == sizeof(struct fuse_open_out))
-        ((struct fuse_open_out *)iov[1].iov_base)->open_flags |= open_flags;
+    if (open_flags && count == 2 && iov[1].iov_len == sizeof(struct fuse_open_out)) {
+        struct fuse_open_out *out = iov[1].iov_base;
+        out->open_flags |= open_flags;
+        if (open_flags & PASSTHROUGH_OPEN_FLAG)
+            out->padding = (uint32_t)backing_id; /* backing_id in protocol 7.40 */
+    }
     open_flags = 0;
+    if (kernel_mode && count == 2 && iov[1].iov_len == sizeof(struct fuse_init_out)) {
+        struct fuse_init_out *out = iov[1].iov_base; /* the INIT reply: ask for passthrough */
+        out->flags2 |= PASSTHROUGH_INIT_FLAG2;
+        out->unused[0] = 1; /* max_stack_depth in 7.40: BACKING is on a plain file system */
+        if (out->minor < 40)
+            out->minor = 40;
+    }
     return writev(fd, iov, count);
 }
 
@@ -213,26 +265,32 @@ static void *worker(void *arg)
 
 int main(int argc, char **argv)
 {
-    if (argc > 1 && strcmp(argv[1], "--base") == 0) {
+    if (argc > 1 && (strcmp(argv[1], "--base") == 0 || strcmp(argv[1], "--kernel") == 0)) {
         base_mode = 1;
+        kernel_mode = strcmp(argv[1], "--kernel") == 0;
         argv[1] = argv[0];
         argv++, argc--;
     }
     if ((argc != 4 && argc != 5) || (disk_size = strtoll(argv[2], NULL, 10)) <= 0 || atoi(argv[3]) <= 0) {
-        fprintf(stderr, "usage: fuse-null [--base] MOUNTPOINT SIZE THREADS [BACKING]\n");
+        fprintf(stderr, "usage: fuse-null [--base|--kernel] MOUNTPOINT SIZE THREADS [BACKING]\n");
+        return 2;
+    }
+    if (kernel_mode && argc != 5) {
+        fprintf(stderr, "fuse-null: --kernel needs a BACKING file\n");
         return 2;
     }
     if (argc == 5) {
-        if ((backing_fd = open(argv[4], O_RDWR | O_CLOEXEC)) < 0) {
+        if ((backing_fd = open(argv[4], (base_mode ? O_RDONLY : O_RDWR) | O_CLOEXEC)) < 0) {
             fprintf(stderr, "fuse-null: cannot open %s: %s\n", argv[4], strerror(errno));
             return 1;
         }
-        backing_direct_fd = open(argv[4], O_RDWR | O_DIRECT | O_CLOEXEC); /* -1 (EINVAL) on tmpfs */
+        if (!base_mode) /* writes only */
+            backing_direct_fd = open(argv[4], O_RDWR | O_DIRECT | O_CLOEXEC); /* -1 (EINVAL) on tmpfs */
     }
     char *fuse_argv[] = {argv[0], NULL};
     struct fuse_args args = FUSE_ARGS_INIT(1, fuse_argv);
     se = fuse_session_new(&args, &ops, sizeof(ops), NULL);
-    int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+    int fd = fuse_fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
     char opts[128];
     snprintf(opts, sizeof(opts), "fd=%d,rootmode=40000,user_id=0,group_id=0,allow_other", fd);
     if (!se || fd < 0 || mount("fuse-null", argv[1], "fuse.fuse-null", MS_NOSUID | MS_NODEV, opts) != 0) {

@@ -263,7 +263,12 @@ int owner_dir_create(const char *parent, char *path, size_t len, struct owner_lo
             rc = -ENAMETOOLONG;
             break;
         }
-        if (linkat(AT_FDCWD, proc, AT_FDCWD, lock_path, AT_SYMLINK_FOLLOW) < 0) {
+        /* Through /proc, or without it with AT_EMPTY_PATH (which needs
+         * CAP_DAC_READ_SEARCH). */
+        int linked = linkat(AT_FDCWD, proc, AT_FDCWD, lock_path, AT_SYMLINK_FOLLOW);
+        if (linked < 0 && errno == ENOENT)
+            linked = linkat(fd, "", AT_FDCWD, lock_path, AT_EMPTY_PATH);
+        if (linked < 0) {
             rc = errno == EEXIST && attempt < 16 ? 0 : -errno;
             continue;
         }

@@ -30,7 +30,10 @@
  * A read of part of a chunk (cache_acquire's range) is checked by block
  * instead: each 4 KiB block it covers against the sum stored with it when
  * the verified chunk was written, once per run. A random 4 KiB read of a
- * cached base after a reboot then reads 4 KiB, not the whole chunk. A sum
+ * cached base after a reboot then reads 4 KiB, not the whole chunk; the
+ * first sum read from a pack in a run starts reading its whole sums file
+ * (1/512 of the pack) into the page cache, so that such reads do not each
+ * wait for their sums page before their block. A sum
  * that is unknown (a pack of an older build) or does not match never fails
  * or serves anything by itself: the whole chunk is checked against its hash
  * and decides (dropped, or its sums written anew). Before the bytes of a

@@ -99,8 +99,8 @@
  * thread at any time. layer_write() and layer_punch() may run concurrently
  * with each other on disjoint block ranges; the caller orders writes whose
  * blocks overlap. layer_flush() may run concurrently with all of them, and
- * waits for none under way: a write that returns after it was called goes
- * in the next flush.
+ * waits for none under way: a write that returns after it was called may
+ * go in the next flush instead.
  */
 #ifndef IMGFS_LAYER_H
 #define IMGFS_LAYER_H

@@ -26,7 +26,10 @@
  *                             mount time; imgfsctl restart re-reads them)
  *
  * The supervisor reads no FUSE request, opens no repository and holds no
- * lock of its own beyond the owner locks; it is the one process of a mount
+ * lock of its own beyond the owner locks (owner.h: those of the state and
+ * cache directories, and that of its directory in /dev/shm, where the
+ * layers keep their pending entries for a takeover, removed at exit or by
+ * the next supervisor once the lock is free); it is the one process of a mount
  * that has nothing to crash on. A server is started with PR_SET_PDEATHSIG
  * SIGKILL, so killing the supervisor takes the whole mount down as killing
  * the daemon did before (the next mount replaces the dead one).

@@ -18,8 +18,9 @@
  *       does not wait for the writes under way: one that reserved its
  *       blocks before the record's and returns after the flush took the
  *       pending entries goes in a later record. So the data of the pending
- *       entries, and only theirs, may lie below record_at and yet be in no
- *       closed record (closed_below).
+ *       entries, and only theirs (with those of a record being written,
+ *       which go back to pending if it fails), may lie below record_at and
+ *       yet be in no closed record (closed_below).
  *   I4. A slot in the index goes from NONE to ZERO or DATA, and never back
  *       to NONE. Index nodes are never freed before layer_close().
  *   I5. A slot names its file by generation; the file of a generation stays
@@ -147,9 +148,11 @@ struct layer {
     struct log_file *files[4]; /* by generation % 4 */
     struct log_file *cur;      /* changes only in phase 2 of compaction */
 
-    /* Writers and punches hold swap_lock shared across their I/O; a flush
-     * holds it exclusively while it closes its record (no I/O), phase 2 of
-     * compaction while it copies the last changes (no sync). */
+    /* Writers and punches hold swap_lock shared across their I/O, and a
+     * flush while it takes the pending entries and reserves its record (no
+     * I/O); a zeroing ahead holds it exclusively while it picks where it
+     * starts, an idle layer's give-back across its cut (one ftruncate),
+     * phase 2 of compaction while it copies the last changes (no sync). */
     pthread_rwlock_t swap_lock;
     /* flush_serial orders flushes (I2) and is held across their I/O, and by
      * phases 2 and 3 of compaction (I6); taken before swap_lock. */
@@ -162,6 +165,10 @@ struct layer {
     /* record_at's block is zeroed ahead (a flush may write it with
      * O_DIRECT: put_record); guarded by flush_serial. */
     bool record_zeroed;
+    /* The lowest log block of data that a flush took the entries of and has
+     * not yet written its record for (UINT64_MAX: none): should that write
+     * fail, the entries go back to pending (closed_below). Guarded by lock. */
+    uint64_t flush_taken_below;
     uint64_t seq;          /* its sequence number */
     uint64_t file_id;
     struct entry *pending;
@@ -946,14 +953,15 @@ static struct layer *layer_alloc(const char *dir, const char *id, uint64_t size)
     l->dir = strdup(dir);
     l->size = size;
     l->shared_fd = -1;
+    l->flush_taken_below = UINT64_MAX;
     l->blocks = (size + BS - 1) / BS;
     l->top_len = (size_t)((l->blocks + MID_SPAN - 1) / MID_SPAN) + 1;
     l->top = calloc(l->top_len, sizeof(*l->top));
     pthread_mutex_init(&l->files_lock, NULL);
     pthread_rwlockattr_t attr;
     pthread_rwlockattr_init(&attr);
-    /* A flush or a compaction waits for the writes under way, not for all
-     * that would follow them. */
+    /* A compaction or a zeroing waits for the writes under way, not for
+     * all that would follow them. */
     pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
     pthread_rwlock_init(&l->swap_lock, &attr);
     pthread_rwlockattr_destroy(&attr);
@@ -1808,11 +1816,13 @@ struct dead_runs {
 };
 
 /* The first log block of cur that may hold data of no closed record:
- * record_at, or the data of a pending entry below it (I3). A write still
- * under way has no slot yet, so no caller sees its blocks. lock held. */
+ * record_at, or the data of a pending entry below it (I3), or that of an
+ * entry a flush under way took, which goes back to pending if its record
+ * cannot be written. A write still under way has no slot yet, so no caller
+ * sees its blocks. lock held. */
 static uint64_t closed_below(const struct layer *l)
 {
-    uint64_t below = l->record_at;
+    uint64_t below = l->record_at < l->flush_taken_below ? l->record_at : l->flush_taken_below;
     for (size_t i = 0; i < l->npending; i++)
         if (l->pending[i].kind == ENTRY_DATA && l->pending[i].loc < below)
             below = l->pending[i].loc;
@@ -1872,8 +1882,9 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
     pthread_mutex_unlock(&l->lock);
     pthread_rwlock_unlock(&l->swap_lock);
     /* The dead data is named by records before the one this punch goes in
-     * (closed ones, or the one a flush under way writes: flush_serial puts
-     * the punch's after it). Once the punch is durable, no
+     * (closed ones, or the one a flush under way wrote: flush_serial puts
+     * the punch's after it; not one it may yet fail to write, whose
+     * entries would come back into the punch's). Once the punch is durable, no
      * replay can need those bytes (I2: only the last record's data is
      * checked), so the space can go back to the file system. */
     if (!rc)
@@ -1934,6 +1945,9 @@ int layer_flush(struct layer *l)
         l->pending = NULL;
         l->npending = l->pending_cap = 0;
         l->pending_bytes = 0;
+        for (size_t i = 0; i < n; i++)
+            if (entries[i].kind == ENTRY_DATA && entries[i].loc < l->flush_taken_below)
+                l->flush_taken_below = entries[i].loc;
         /* Continuation blocks and the next record's block come after all
          * data reserved so far (I3). */
         size_t cb = cont_blocks_for(n);
@@ -1953,12 +1967,17 @@ int layer_flush(struct layer *l)
         bool zeroed = next + 1 <= atomic_load(&l->ahead);
         bool direct = atomic_load(&l->writes_through) && (l->through_everywhere || (l->record_zeroed && zeroed));
         rc = put_record(l, f, direct, entries, n, seq, at, next, cont);
-        if (!rc)
+        if (!rc) {
             l->record_zeroed = zeroed;
+            pthread_mutex_lock(&l->lock);
+            l->flush_taken_below = UINT64_MAX; /* their record is written */
+            pthread_mutex_unlock(&l->lock);
+        }
         if (rc) {
             /* Nothing was promised yet: put the entries back in front of
              * those that came meanwhile, and write the record here again. */
             pthread_mutex_lock(&l->lock);
+            l->flush_taken_below = UINT64_MAX; /* pending again (or the layer broken) */
             int grown = 0;
             size_t cap = n;
             for (size_t i = 0; i < l->npending && !grown; i++)

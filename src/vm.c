@@ -1479,8 +1479,14 @@ int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t le
     range_lock_acquire(&vm->write_ranges, &held, first, last);
     pthread_rwlock_rdlock(&vm->write_lock);
     pthread_rwlock_rdlock(&vm->chain_lock);
+    /* An ftruncate of a blank disk may have shrunk it since vm_size above
+     * (live.size changes only under write_lock): past its end is nothing. */
+    uint64_t blocks = (vm->live.size + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE;
+    if (last > blocks)
+        last = blocks;
     struct layer *top = vm->live.layers[vm->live.depth - 1];
-    rc = layer_punch(top, first, last - first); /* owned and empty: reads as zeros */
+    if (first < last)
+        rc = layer_punch(top, first, last - first); /* owned and empty: reads as zeros */
     pthread_rwlock_unlock(&vm->chain_lock);
     pthread_rwlock_unlock(&vm->write_lock);
     range_lock_release(&vm->write_ranges, &held);

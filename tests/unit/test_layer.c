@@ -812,6 +812,96 @@ static void test_flush_passes_writes_under_way(bool through_writes)
     unsetenv("IMGFS_LAYER_THROUGH");
 }
 
+/* ---- a punch beside a flush whose record fails -------------------------------- */
+
+/* The hook holds the first record write (once armed) until the test lets it
+ * go, and then fails it with ENOSPC. */
+static bool record_hold_armed, record_held, record_release; /* guarded by held_mu */
+
+static ssize_t failing_record_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    const unsigned char *p = buf;
+    if (len == BS && p[0] == 0x72 && p[1] == 0x45 && p[2] == 0x43 && p[3] == 0x31) { /* "rEC1" */
+        pthread_mutex_lock(&held_mu);
+        bool hold = record_hold_armed;
+        if (hold) {
+            record_hold_armed = false;
+            record_held = true;
+            pthread_cond_broadcast(&held_cv);
+            uint64_t deadline = now_ns() + 30000000000ull; /* only so that a failing run ends */
+            while (!record_release && cond_wait_until(&held_cv, &held_mu, deadline) == 0)
+                ;
+        }
+        pthread_mutex_unlock(&held_mu);
+        if (hold) {
+            errno = ENOSPC;
+            return -1;
+        }
+    }
+    return real_pwrite_saved(fd, buf, len, off);
+}
+
+struct punch_op {
+    struct layer *layer;
+    uint64_t block;
+    int rc;
+};
+
+static void *punch_op_main(void *arg)
+{
+    struct punch_op *op = arg;
+    op->rc = layer_punch(op->layer, op->block, 1);
+    return NULL;
+}
+
+/* A flush takes the pending entries and its record write fails, so they go
+ * back and the next flush records them; a punch that came in between must
+ * not give their data back to the file system, since they are then in the
+ * last record, whose data open checks: else open drops that whole record,
+ * with the punch and the writes it returned for. */
+static void test_punch_beside_failed_flush(void)
+{
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    unsigned char buf[BS];
+    memset(buf, 0x55, BS);
+    CHECK(layer_write(l, buf, BS, 5 * BS) == 0);
+    memset(buf, 0x66, BS);
+    CHECK(layer_write(l, buf, BS, 6 * BS) == 0);
+    pthread_mutex_lock(&held_mu);
+    record_hold_armed = true;
+    record_held = record_release = false;
+    pthread_mutex_unlock(&held_mu);
+    layer_syscalls.pwrite = failing_record_pwrite;
+    struct held_op flusher = {.layer = l, .flush = true};
+    pthread_t tf, tp;
+    pthread_create(&tf, NULL, held_op_main, &flusher);
+    held_wait(&record_held, NULL);
+    CHECK(record_held);
+    /* The punch marks block 5 zero (and notes its dead data) under the
+     * layer's lock, then waits for the flush held above. */
+    struct punch_op puncher = {.layer = l, .block = 5};
+    pthread_create(&tp, NULL, punch_op_main, &puncher);
+    unsigned char zeros[BS] = {0}, got[BS];
+    for (uint64_t until = now_ns() + 30000000000ull; now_ns() < until; usleep(1000))
+        if (layer_read(l, got, BS, 5 * BS) == 0 && memcmp(got, zeros, BS) == 0)
+            break;
+    CHECK(memcmp(got, zeros, BS) == 0);
+    pthread_mutex_lock(&held_mu);
+    record_release = true;
+    pthread_cond_broadcast(&held_cv);
+    pthread_mutex_unlock(&held_mu);
+    pthread_join(tf, NULL);
+    pthread_join(tp, NULL);
+    layer_syscalls.pwrite = real_pwrite_saved;
+    CHECK(flusher.rc == -ENOSPC);
+    CHECK(puncher.rc == 0); /* its flush recorded the writes and the punch */
+    l = reopen(l);
+    CHECK(block_is(l, 6, 0x66));
+    CHECK(layer_owns(l, 5) && layer_read(l, got, BS, 5 * BS) == 0 && memcmp(got, zeros, BS) == 0);
+    close_and_remove(l);
+}
+
 /* ---- crashes and faults ------------------------------------------------------- */
 
 static int kill_at = -1; /* SIGKILL the process at this pwrite (counting from 0) */
@@ -1586,6 +1676,7 @@ int main(void)
     test_write_kinds_apart();
     test_flush_passes_writes_under_way(false);
     test_flush_passes_writes_under_way(true);
+    test_punch_beside_failed_flush();
     /* The crash tests fork: no zeroing thread may run in the parent (a
      * child of a threaded process must not start threads of its own). */
     setenv("IMGFS_LAYER_ZERO_AHEAD", "0", 1);
