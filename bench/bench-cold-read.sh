@@ -321,7 +321,7 @@ if [[ " $CASES " == *" cached "* ]]; then
             label="cached$(build_label "$BIN")"
             CACHED_ROWS+=("| $label, run $run | $local_s s ($(mbps "$local_s") MB/s) | $qcow_s s ($(mbps "$qcow_s") MB/s) | $pass_s s ($(mbps "$pass_s") MB/s) | $s s ($(mbps "$s") MB/s) | **$(ratio "$local_s" "$s")x** | **$(ratio "$qcow_s" "$s")x** | **$(ratio "$pass_s" "$s")x** | $(ratio "$local_s" "$pass_s")x | $kernel_s s ($(mbps "$kernel_s") MB/s) | $(ratio "$local_s" "$kernel_s")x |")
             CACHED_RAND_ROWS+=("| $label, run $run | $local_iops | $qcow_iops | $pass_iops | $iops | **$(ratio "$iops" "$local_iops")x** | **$(ratio "$iops" "$qcow_iops")x** | **$(ratio "$iops" "$pass_iops")x** | $(ratio "$pass_iops" "$local_iops")x | $kernel_iops | $(ratio "$kernel_iops" "$local_iops")x |")
-            # Per build, one line per round: the four ratios of the summary.
+            # Per build, one line per round: the six ratios of the summary.
             echo "$label $(ratio "$local_s" "$s") $(ratio "$qcow_s" "$s") $(ratio "$pass_s" "$s") $(ratio "$iops" "$local_iops") $(ratio "$iops" "$qcow_iops") $(ratio "$iops" "$pass_iops")" >>"$WORK/ratios"
             log "$label: sequential local $local_s s, qcowmount $qcow_s s, pass $pass_s s, imgfs $s s; random 4K: local $local_iops, qcowmount $qcow_iops, pass $pass_iops, imgfs $iops IOPS"
         done
