@@ -230,12 +230,14 @@ int layer_compact(struct layer *layer);
 /* For tests: the system calls that write and sync layer files. Replace them
  * to inject faults (a short write, EIO, ENOSPC, or a kill at a chosen step).
  * fallocate is the one that makes room in the shared pending file
- * (layer_share_pending), and shared_pwrite writes that file's header. */
+ * (layer_share_pending), shared_pwrite writes that file's header, and
+ * ftruncate cuts the log of an idle layer that gives back its zeros. */
 struct layer_syscalls {
     ssize_t (*pwrite)(int fd, const void *buf, size_t len, off_t off);
     int (*fdatasync)(int fd);
     int (*fallocate)(int fd, int mode, off_t off, off_t len);
     ssize_t (*shared_pwrite)(int fd, const void *buf, size_t len, off_t off);
+    int (*ftruncate)(int fd, off_t len);
 };
 extern struct layer_syscalls layer_syscalls;
 

@@ -158,7 +158,8 @@ struct layer {
      * phases 2 and 3 of compaction (I6); taken before swap_lock. */
     pthread_mutex_t flush_serial;
     /* lock guards the index updates, pending, the record position and the
-     * compaction change list; held briefly, never across I/O. */
+     * compaction change list; held briefly, never across I/O but the one
+     * ftruncate of an idle layer's give-back (give_back_ahead). */
     pthread_mutex_t lock;
     _Atomic uint64_t tail; /* next free log block */
     uint64_t record_at;    /* where the next record goes */
@@ -253,7 +254,11 @@ static int real_fallocate(int fd, int mode, off_t off, off_t len)
 {
     return fallocate(fd, mode, off, len);
 }
-struct layer_syscalls layer_syscalls = {real_pwrite, real_fdatasync, real_fallocate, real_pwrite};
+static int real_ftruncate(int fd, off_t len)
+{
+    return ftruncate(fd, len);
+}
+struct layer_syscalls layer_syscalls = {real_pwrite, real_fdatasync, real_fallocate, real_pwrite, real_ftruncate};
 
 static int put_at(int fd, const void *buf, size_t len, uint64_t off)
 {
@@ -2169,24 +2174,28 @@ static uint64_t ahead_idle_ns(void) { return atomic_load(&ahead_idle); }
  * for zeros again. With the compaction claim held (ahead and cur stay) and
  * swap_lock exclusively, so that no write reserves a block or writes data
  * meanwhile; a flush writes its record below the tail. The cut moves the
- * log's times, which are the layer's: they are put back. */
+ * log's times, which are the layer's: they are put back, with lock held
+ * from the fstat on, so that a layer_set_times (which takes only lock)
+ * comes before the fstat or after the times are back, never lost between
+ * (lock across one ftruncate of a few MiB of zeros: stat and utimensat of
+ * this layer wait for it, nothing else that takes lock runs meanwhile). */
 static void give_back_ahead(struct layer *l)
 {
     pthread_rwlock_wrlock(&l->swap_lock);
+    pthread_mutex_lock(&l->lock);
     uint64_t tail = atomic_load(&l->tail);
     int fd = l->cur->fd;
     struct stat before;
     if (ahead_held(l) > 0 && fstat(fd, &before) == 0 && (uint64_t)before.st_size > tail * BS) {
-        if (ftruncate(fd, (off_t)(tail * BS)) == 0) {
+        if (layer_syscalls.ftruncate(fd, (off_t)(tail * BS)) == 0) {
             atomic_store(&l->ahead, tail);
-            pthread_mutex_lock(&l->lock);
             struct timespec times[2] = {before.st_atim, before.st_mtim};
             futimens(fd, times);
-            pthread_mutex_unlock(&l->lock);
         } else {
             log_warn("layer %s: cannot give back its zeros ahead: %s", l->id, strerror(errno));
         }
     }
+    pthread_mutex_unlock(&l->lock);
     pthread_rwlock_unlock(&l->swap_lock);
     ahead_recount(l);
 }

@@ -3,8 +3,8 @@
  * a third gets none while they hold them; once one closes, the third gets
  * its own; a compaction gives a layer's share back, and so does writing
  * over the zeros, and so does a layer that writes nothing for the idle
- * time (layer_set_ahead_idle). The count never goes over the budget and
- * is 0 once all close.
+ * time (layer_set_ahead_idle), keeping times set while it cuts its log.
+ * The count never goes over the budget and is 0 once all close.
  *
  * Zeroing runs on a background thread: the test waits (up to 60 s) for
  * what must happen, and, for what must not, watches for 2 s, during which
@@ -13,6 +13,8 @@
  * zeroing runs (not tmpfs): the test is skipped on one. */
 #include <fcntl.h>
 #include <linux/magic.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,6 +62,23 @@ static void small_flush(struct layer *l, unsigned seed)
     memset(buf, (int)seed, sizeof(buf));
     CHECK(layer_write(l, buf, sizeof(buf), (uint64_t)seed * sizeof(buf)) == 0);
     CHECK(layer_flush(l) == 0);
+}
+
+/* A layer_set_times of a layer from another thread while its log is cut
+ * (the give-back of its zeros): the cut waits (at most 2 s: a sound layer
+ * holds the touch back until its times are back) for the touch. */
+static _Atomic(struct layer *) touched;
+static _Atomic bool touch_due, touch_done;
+static const struct timespec touch_times[2] = {{1000000000, 0}, {1000000000, 0}};
+static int (*real_ftruncate_saved)(int fd, off_t len);
+static int touching_ftruncate(int fd, off_t len)
+{
+    if (atomic_exchange(&touched, NULL)) {
+        atomic_store(&touch_due, true);
+        for (uint64_t end = now_ms() + 2000; !atomic_load(&touch_done) && now_ms() < end;)
+            sleep_ms(5);
+    }
+    return real_ftruncate_saved(fd, len);
 }
 
 static bool zeroed(const struct layer *l) { return log_size(l) >= WINDOW; }
@@ -213,6 +232,32 @@ int main(void)
         CHECK(layer_read(g, buf, sizeof(buf), 32 * sizeof(buf)) == 0 && memcmp(buf, want, sizeof(buf)) == 0);
     }
     layer_close(g);
+    CHECK(layer_ahead_host_bytes() == 0);
+
+    /* Times set while an idle layer gives its zeros back are kept: the
+     * give-back puts back only the times its cut moved. */
+    struct layer *t;
+    CHECK(layer_create(dir, DISK_SIZE, &t) == 0);
+    small_flush(t, 34);
+    CHECK(wait_for(zeroed, t));
+    real_ftruncate_saved = layer_syscalls.ftruncate;
+    layer_syscalls.ftruncate = touching_ftruncate;
+    atomic_store(&touched, t);
+    layer_set_ahead_idle(0);
+    for (uint64_t end = now_ms() + 60000; !atomic_load(&touch_due) && now_ms() < end;)
+        sleep_ms(5);
+    CHECK(atomic_load(&touch_due)); /* the cut came */
+    CHECK(layer_set_times(t, touch_times) == 0);
+    atomic_store(&touch_done, true);
+    CHECK(wait_for(nothing_held, t));
+    layer_set_ahead_idle(3600ull * 1000000000ull);
+    layer_syscalls.ftruncate = real_ftruncate_saved;
+    struct timespec at, mt;
+    CHECK(layer_get_times(t, &at, &mt) == 0);
+    if (mt.tv_sec != touch_times[1].tv_sec)
+        fprintf(stderr, "the times set during the give-back were lost: mtime %lld\n", (long long)mt.tv_sec);
+    CHECK(mt.tv_sec == touch_times[1].tv_sec && at.tv_sec == touch_times[0].tv_sec);
+    layer_close(t);
     CHECK(layer_ahead_host_bytes() == 0);
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
