@@ -1104,21 +1104,17 @@ static bool chain_has(const struct disk *disk, const struct layer *layer)
 }
 
 /* True when a VM other than owner (live or in a snapshot) reads through
- * layer: a clone made from the snapshot whose top it is. Removed VMs have
- * empty chains. Caller holds registry->lock. */
+ * layer: a clone made from the snapshot whose top it is. The layer table
+ * counts every chain of every VM that holds a layer (refs; removed VMs and
+ * snapshots hold none), so that is more chains than owner's own: no pass
+ * over every VM. Caller holds registry->lock. */
 static bool used_by_others(struct vm_registry *reg, const struct vm *owner, const struct layer *layer)
 {
-    for (size_t i = 0; i < reg->vm_count; i++) {
-        const struct vm *other = reg->vms[i];
-        if (other == owner)
-            continue;
-        if (chain_has(&other->live, layer))
-            return true;
-        for (unsigned s = 0; s < other->snapshot_count; s++)
-            if (chain_has(&other->snapshots[s]->disk, layer))
-                return true;
-    }
-    return false;
+    const struct layer_ref *ref = find_layer_ref(reg, layer_id(layer));
+    unsigned own = chain_has(&owner->live, layer);
+    for (unsigned s = 0; s < owner->snapshot_count; s++)
+        own += chain_has(&owner->snapshots[s]->disk, layer);
+    return ref && ref->refs > own;
 }
 
 /* Caller holds registry->lock. */

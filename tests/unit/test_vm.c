@@ -262,6 +262,44 @@ static void test_shrink_under_write(const char *state, bool discard)
     vm_registry_close(reg);
 }
 
+/* A snapshot is the origin of a clone exactly while a VM other than its
+ * own reads through its top layer, whether the VM's own later snapshots
+ * and live disk share that layer or not; an implicit snapshot (a clone of
+ * the live VM) goes with its last clone. */
+static void test_clone_origins(const char *state)
+{
+    char err[256];
+    struct vm_registry *reg;
+    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
+    if (!reg)
+        return;
+    struct vm *a = create_blank(reg, "origin"), *c = NULL, *d = NULL;
+    CHECK(a && vm_snapshot(reg, a, "s1", err, sizeof(err)) == 0);
+    CHECK(a && vm_snapshot(reg, a, "s2", err, sizeof(err)) == 0);
+    CHECK(a && vm_snapshot(reg, a, "s3", err, sizeof(err)) == 0);
+    CHECK(a && vm_clone(reg, a, "s1", "from-s1", &c, err, sizeof(err)) == 0);
+    if (!a || !c) {
+        vm_registry_close(reg);
+        return;
+    }
+    /* s2's top is in a's live chain and in s3's: a's own, so it may go. */
+    CHECK(vm_remove_snapshot(reg, a, "s2", err, sizeof(err)) == 0);
+    CHECK(vm_remove_snapshot(reg, a, "s1", err, sizeof(err)) == -EBUSY);
+    CHECK(vm_remove(reg, c, err, sizeof(err)) == 0);
+    CHECK(vm_remove_snapshot(reg, a, "s1", err, sizeof(err)) == 0);
+    /* A clone of the live VM: its implicit snapshot stays while it lives. */
+    CHECK(vm_clone(reg, a, NULL, "from-live", &d, err, sizeof(err)) == 0);
+    static struct vm_snapshot *snaps[VM_MAX_SNAPSHOTS];
+    CHECK(vm_snapshot_list(a, snaps) == 2);
+    char implicit[65];
+    snprintf(implicit, sizeof(implicit), "%s", vm_snapshot_list(a, snaps) == 2 ? vm_snapshot_name(snaps[1]) : "");
+    CHECK(vm_remove_snapshot(reg, a, implicit, err, sizeof(err)) == -EBUSY);
+    CHECK(d && vm_remove(reg, d, err, sizeof(err)) == 0);
+    CHECK(vm_snapshot_list(a, snaps) == 1); /* s3 stays, the implicit one went with its clone */
+    CHECK(vm_remove_snapshot(reg, a, "s3", err, sizeof(err)) == 0 && vm_snapshot_list(a, snaps) == 0);
+    vm_registry_close(reg);
+}
+
 int main(void)
 {
     char state[] = "/tmp/imgfs-vm-test.XXXXXX";
@@ -280,6 +318,10 @@ int main(void)
     if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
         return 1;
     test_find_during_churn(state);
+    remove_tree(state);
+    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
+        return 1;
+    test_clone_origins(state);
     remove_tree(state);
     return check_summary();
 }
