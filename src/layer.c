@@ -163,8 +163,8 @@ struct layer {
     pthread_mutex_t lock;
     _Atomic uint64_t tail; /* next free log block */
     uint64_t record_at;    /* where the next record goes */
-    /* record_at's block is zeroed ahead (a flush may write it with
-     * O_DIRECT: put_record); guarded by flush_serial. */
+    /* record_at's block is zeroed (or allocated) ahead: a flush may write
+     * it with O_DIRECT (put_record). Guarded by flush_serial. */
     bool record_zeroed;
     /* The lowest log block of data that a flush took the entries of and has
      * not yet written its record for (UINT64_MAX: none): should that write
@@ -1967,8 +1967,9 @@ int layer_flush(struct layer *l)
     pthread_rwlock_unlock(&l->swap_lock);
     if (!rc && n > 0) {
         wait_for_zeroing(l, next + 1);
-        /* Blocks reserved below ahead are zeroed (the tail is never below
-         * where a zeroing started): at's was when the last flush took it. */
+        /* Blocks reserved below ahead are zeroed, or allocated for large
+         * flushes (the tail is never below where a zeroing started): at's
+         * was when the last flush took it. */
         bool zeroed = next + 1 <= atomic_load(&l->ahead);
         bool direct = atomic_load(&l->writes_through) && (l->through_everywhere || (l->record_zeroed && zeroed));
         rc = put_record(l, f, direct, entries, n, seq, at, next, cont);
