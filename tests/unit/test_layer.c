@@ -1669,6 +1669,74 @@ static void test_shared_header_fails_at_switch(void)
     model_free(&m);
 }
 
+/* A server killed after a flush that passed a write under way (held in its
+ * pwrite): a takeover keeps the write the flush recorded and, when the one
+ * under way returned before the kill, that one too (its entry came into the
+ * shared file after the flush took its own); when it had not returned,
+ * nothing of it. */
+static void test_takeover_after_flush_passed_write(bool write_returned)
+{
+    char shared[PATH_MAX];
+    snprintf(shared, sizeof(shared), "%s/shared", dir);
+    CHECK(mkdir(shared, 0700) == 0);
+    layer_share_pending(shared);
+    char id[LAYER_ID_LEN + 1] = "";
+    int ids[2];
+    CHECK(pipe(ids) == 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        struct layer *l;
+        if (layer_create(dir, DISK_SIZE, &l) != 0 || write(ids[1], layer_id(l), LAYER_ID_LEN) != LAYER_ID_LEN)
+            _exit(2);
+        unsigned char buf[BS];
+        memset(buf, 0x11, BS);
+        if (layer_write(l, buf, BS, 0) != 0)
+            _exit(3);
+        layer_syscalls.pwrite = holding_pwrite;
+        hold_armed = true;
+        hold_release = false;
+        struct held_op writer = {.layer = l};
+        pthread_t tw;
+        if (pthread_create(&tw, NULL, held_op_main, &writer) != 0)
+            _exit(4);
+        held_wait(&hold_in, NULL);
+        if (!hold_in || layer_flush(l) != 0 || atomic_load(&writer.done))
+            _exit(5);
+        if (write_returned) {
+            pthread_mutex_lock(&held_mu);
+            hold_release = true;
+            pthread_cond_broadcast(&held_cv);
+            pthread_mutex_unlock(&held_mu);
+            pthread_join(tw, NULL);
+            if (writer.rc != 0)
+                _exit(6);
+        }
+        kill(getpid(), SIGKILL);
+        _exit(0);
+    }
+    close(ids[1]);
+    CHECK(read(ids[0], id, LAYER_ID_LEN) == LAYER_ID_LEN);
+    close(ids[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    if (!WIFSIGNALED(status))
+        fprintf(stderr, "takeover after a flush over a write under way: the child exited %d\n", WEXITSTATUS(status));
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    struct layer *l = NULL;
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    if (l) {
+        CHECK(block_is(l, 0, 0x11));
+        CHECK(write_returned ? block_is(l, 1, HELD_BYTE) : !layer_owns(l, 1));
+        layer_close(l);
+    }
+    layer_remove(dir, id);
+    layer_share_pending(NULL);
+    char pending[PATH_MAX + 32];
+    snprintf(pending, sizeof(pending), "%s/%s.pending", shared, id);
+    unlink(pending);
+    CHECK(rmdir(shared) == 0);
+}
+
 static void test_faults(void)
 {
     layer_syscalls.pwrite = hooked_pwrite;
@@ -1756,6 +1824,8 @@ int main(void)
     test_kill_after_switch(false);
     test_takeover_acknowledged(false);
     test_takeover_acknowledged(true);
+    test_takeover_after_flush_passed_write(false);
+    test_takeover_after_flush_passed_write(true);
     test_shared_file_bounded();
     test_shared_moves_killed();
     test_shared_header_fails(false);
