@@ -187,9 +187,10 @@ struct layer {
     uint8_t *shared_map;
     size_t shared_map_len;
     bool shared_failing; /* the last append failed (logged once, not per write) */
-    /* The file's header is not known to be ours (a reset of a file just
-     * opened failed): no entry goes in, so the writes flush before they
-     * return, until a flush's reset succeeds. */
+    /* The file's header is not known to name this log (a reset failed of
+     * a file just opened, or at a compaction's switch): no entry goes in,
+     * so the writes flush before they return, until a flush's reset
+     * succeeds. */
     bool shared_stale;
 
     /* Zeroing ahead (zero_ahead): log blocks [tail, ahead) of cur are
@@ -2537,8 +2538,11 @@ static int compact(struct layer *l)
         l->npending = l->pending_cap = 0;
         l->pending_bytes = 0;
         /* The shared file now names the new file: a takeover finishes the
-         * switch (finish_switch) and keeps the writes that follow it. */
-        shared_reset(l);
+         * switch (finish_switch) and keeps the writes that follow it. If
+         * its header cannot say so, it still names the old file, where a
+         * takeover would drop them: they flush, until a reset succeeds. */
+        if (!shared_reset(l))
+            l->shared_stale = true;
         atomic_store(&l->tail, b.next);
         atomic_store(&l->kicked, b.next);
         atomic_store(&l->ahead, 0); /* nothing is zeroed in the new file */

@@ -1608,6 +1608,67 @@ static void test_shared_header_fails(bool at_create)
     model_free(&m);
 }
 
+/* The shared file's header cannot be written when a compaction switches
+ * the layer to its new log (its reset there fails): the file still names
+ * the old log, where a takeover would not apply the writes that follow.
+ * Those must then flush before they return; a server killed after one
+ * leaves a takeover every write that returned. */
+static void test_shared_header_fails_at_switch(void)
+{
+    char shared[PATH_MAX];
+    snprintf(shared, sizeof(shared), "%s/shared", dir);
+    CHECK(mkdir(shared, 0700) == 0);
+    layer_share_pending(shared);
+    char id[LAYER_ID_LEN + 1] = "";
+    uint64_t seed = next_rand();
+    int ids[2];
+    CHECK(pipe(ids) == 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        rng = seed;
+        struct layer *l;
+        if (layer_create(dir, DISK_SIZE, &l) != 0 || write(ids[1], layer_id(l), LAYER_ID_LEN) != LAYER_ID_LEN)
+            _exit(2);
+        if (write_blocks(l, NULL, 0, 1) != 0 || layer_flush(l) != 0 || write_blocks(l, NULL, 0, 1) != 0 ||
+            write_blocks(l, NULL, 1, 1) != 0)
+            _exit(3);
+        layer_syscalls.shared_pwrite = failing_shared_pwrite;
+        if (layer_compact(l) != 0)
+            _exit(4);
+        layer_syscalls.shared_pwrite = real_pwrite_saved;
+        if (write_blocks(l, NULL, 2, 1) != 0) /* answered after the switch */
+            _exit(3);
+        kill(getpid(), SIGKILL);
+        _exit(0);
+    }
+    close(ids[1]);
+    CHECK(read(ids[0], id, LAYER_ID_LEN) == LAYER_ID_LEN);
+    close(ids[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    struct model m;
+    model_init(&m);
+    uint64_t saved = rng;
+    rng = seed;
+    write_blocks(NULL, &m, 0, 1);
+    write_blocks(NULL, &m, 0, 1);
+    write_blocks(NULL, &m, 1, 1);
+    write_blocks(NULL, &m, 2, 1);
+    rng = saved;
+    struct layer *l = NULL;
+    CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
+    CHECK(l && matches(l, &m));
+    layer_close(l);
+    layer_remove(dir, id);
+    layer_share_pending(NULL);
+    char pending[PATH_MAX + 32];
+    snprintf(pending, sizeof(pending), "%s/%s.pending", shared, id);
+    unlink(pending);
+    CHECK(rmdir(shared) == 0);
+    model_free(&m);
+}
+
 static void test_faults(void)
 {
     layer_syscalls.pwrite = hooked_pwrite;
@@ -1699,6 +1760,7 @@ int main(void)
     test_shared_moves_killed();
     test_shared_header_fails(false);
     test_shared_header_fails(true);
+    test_shared_header_fails_at_switch();
     test_faults();
     CHECK(count_entries(dir) == 0);
     remove_tree(dir);
