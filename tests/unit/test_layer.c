@@ -1669,11 +1669,31 @@ static void test_shared_header_fails_at_switch(void)
     model_free(&m);
 }
 
-/* A server killed after a flush that passed a write under way (held in its
- * pwrite): a takeover keeps the write the flush recorded and, when the one
- * under way returned before the kill, that one too (its entry came into the
- * shared file after the flush took its own); when it had not returned,
- * nothing of it. */
+/* The write of a block whose bytes start with HELD_BYTE runs a whole flush
+ * of flush_in_write from inside its pwrite (its blocks are reserved, its
+ * entry not yet made: a write under way), in the same thread, so that the
+ * crash tests need no thread of their own (the layer's swap_lock is then
+ * taken shared twice, with no zeroing or compaction to wait on it); then,
+ * with kill_in_write, the process dies before the write is done. */
+static struct layer *flush_in_write;
+static bool kill_in_write;
+static ssize_t flushing_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    struct layer *l = flush_in_write;
+    if (l && len == BS && ((const unsigned char *)buf)[0] == HELD_BYTE) {
+        flush_in_write = NULL;
+        if (layer_flush(l) != 0)
+            _exit(5);
+        if (kill_in_write)
+            kill(getpid(), SIGKILL);
+    }
+    return real_pwrite_saved(fd, buf, len, off);
+}
+
+/* A server killed after a flush that passed a write under way: a takeover
+ * keeps the write the flush recorded and, when the one under way returned
+ * before the kill, that one too (its entry came into the shared file after
+ * the flush took its own); when it had not returned, nothing of it. */
 static void test_takeover_after_flush_passed_write(bool write_returned)
 {
     char shared[PATH_MAX];
@@ -1692,25 +1712,12 @@ static void test_takeover_after_flush_passed_write(bool write_returned)
         memset(buf, 0x11, BS);
         if (layer_write(l, buf, BS, 0) != 0)
             _exit(3);
-        layer_syscalls.pwrite = holding_pwrite;
-        hold_armed = true;
-        hold_release = false;
-        struct held_op writer = {.layer = l};
-        pthread_t tw;
-        if (pthread_create(&tw, NULL, held_op_main, &writer) != 0)
-            _exit(4);
-        held_wait(&hold_in, NULL);
-        if (!hold_in || layer_flush(l) != 0 || atomic_load(&writer.done))
-            _exit(5);
-        if (write_returned) {
-            pthread_mutex_lock(&held_mu);
-            hold_release = true;
-            pthread_cond_broadcast(&held_cv);
-            pthread_mutex_unlock(&held_mu);
-            pthread_join(tw, NULL);
-            if (writer.rc != 0)
-                _exit(6);
-        }
+        layer_syscalls.pwrite = flushing_pwrite;
+        flush_in_write = l;
+        kill_in_write = !write_returned;
+        memset(buf, HELD_BYTE, BS);
+        if (layer_write(l, buf, BS, BS) != 0 || flush_in_write)
+            _exit(6);
         kill(getpid(), SIGKILL);
         _exit(0);
     }
