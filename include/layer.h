@@ -99,8 +99,10 @@
  * thread at any time. layer_write() and layer_punch() may run concurrently
  * with each other on disjoint block ranges; the caller orders writes whose
  * blocks overlap. layer_flush() may run concurrently with all of them, and
- * waits for none under way: a write that returns after it was called may
- * go in the next flush instead.
+ * does not wait for the writes under way (a write that returns after it was
+ * called may go in the next flush instead), except behind a zeroing pass,
+ * an idle layer's give-back or a compaction's switch that is waiting for
+ * them: those take the layer exclusively.
  */
 #ifndef IMGFS_LAYER_H
 #define IMGFS_LAYER_H
