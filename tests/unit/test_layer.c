@@ -1143,6 +1143,45 @@ static void test_writes_during_compaction_syncs(void)
     layer_syscalls.fdatasync = real_fdatasync_saved;
 }
 
+/* The crash tests' shared pending directory (a stand-in for the
+ * supervisor's tmpfs one): made and handed to the layers, then emptied of
+ * the layers' sharing and removed. */
+static void share_pending_in_test_dir(char *shared, size_t len)
+{
+    snprintf(shared, len, "%s/shared", dir);
+    CHECK(mkdir(shared, 0700) == 0);
+    layer_share_pending(shared);
+}
+
+static void stop_sharing_pending(const char *shared)
+{
+    layer_share_pending(NULL);
+    CHECK(rmdir(shared) == 0);
+}
+
+/* In a forked child: a new layer, whose ID goes to the parent through fd. */
+static struct layer *child_creates_layer(int fd)
+{
+    struct layer *l;
+    if (layer_create(dir, DISK_SIZE, &l) != 0 || write(fd, layer_id(l), LAYER_ID_LEN) != LAYER_ID_LEN)
+        _exit(2);
+    return l;
+}
+
+/* In the parent: the child's layer ID (child_creates_layer), then the
+ * child's end, which must be the SIGKILL it sent itself. */
+static void wait_killed_child(pid_t pid, int ids[2], char id[LAYER_ID_LEN + 1])
+{
+    close(ids[1]);
+    CHECK(read(ids[0], id, LAYER_ID_LEN) == LAYER_ID_LEN);
+    close(ids[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    if (!WIFSIGNALED(status))
+        fprintf(stderr, "a crash test's child exited %d instead of being killed\n", WEXITSTATUS(status));
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+}
+
 /* A server killed after a compaction's switch, before its rename: a
  * takeover (the shared pending file still there) finishes the switch and
  * keeps the unflushed writes; after a reboot (no shared file) ID.log opens
@@ -1150,9 +1189,7 @@ static void test_writes_during_compaction_syncs(void)
 static void test_kill_after_switch(bool takeover)
 {
     char shared[PATH_MAX], pending[PATH_MAX + 32], newlog[PATH_MAX + 8];
-    snprintf(shared, sizeof(shared), "%s/shared", dir);
-    CHECK(mkdir(shared, 0700) == 0);
-    layer_share_pending(shared);
+    share_pending_in_test_dir(shared, sizeof(shared));
     layer_syscalls.fdatasync = hooked_fdatasync;
     struct layer *l;
     CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
@@ -1203,8 +1240,7 @@ static void test_kill_after_switch(bool takeover)
     CHECK(l && matches(l, takeover ? &all : &flushed));
     layer_close(l);
     layer_remove(dir, id);
-    layer_share_pending(NULL);
-    CHECK(rmdir(shared) == 0);
+    stop_sharing_pending(shared);
     model_free(&flushed);
     model_free(&all);
     layer_syscalls.fdatasync = real_fdatasync_saved;
@@ -1279,9 +1315,7 @@ static void test_takeover_acknowledged(bool full_tmpfs)
 {
     enum { WRITES = 200, FLUSH_AFTER = 140 };
     char shared[PATH_MAX];
-    snprintf(shared, sizeof(shared), "%s/shared", dir);
-    CHECK(mkdir(shared, 0700) == 0);
-    layer_share_pending(shared);
+    share_pending_in_test_dir(shared, sizeof(shared));
     layer_syscalls.pwrite = hooked_pwrite;
     if (full_tmpfs)
         layer_syscalls.fallocate = small_fallocate;
@@ -1332,8 +1366,7 @@ static void test_takeover_acknowledged(bool full_tmpfs)
     kill_at = -1;
     layer_syscalls.pwrite = real_pwrite_saved;
     layer_syscalls.fallocate = real_fallocate_saved;
-    layer_share_pending(NULL);
-    CHECK(rmdir(shared) == 0);
+    stop_sharing_pending(shared);
     model_free(&all);
 }
 
@@ -1366,9 +1399,7 @@ static void test_shared_file_bounded(void)
 {
     enum { ROUNDS = 5000, BURST = 3000, BURST_FIRST = 600, BURST_SPAN = 1400 };
     char shared[PATH_MAX], pending[PATH_MAX + 32];
-    snprintf(shared, sizeof(shared), "%s/shared", dir);
-    CHECK(mkdir(shared, 0700) == 0);
-    layer_share_pending(shared);
+    share_pending_in_test_dir(shared, sizeof(shared));
     layer_syscalls.fdatasync = writing_sync;
     struct layer *l;
     CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
@@ -1435,8 +1466,7 @@ static void test_shared_file_bounded(void)
     CHECK(l && matches(l, &m));
     layer_close(l);
     layer_remove(dir, id);
-    layer_share_pending(NULL);
-    CHECK(rmdir(shared) == 0);
+    stop_sharing_pending(shared);
     model_free(&m);
 }
 
@@ -1455,9 +1485,7 @@ static void test_shared_moves_killed(void)
 {
     enum { ROUNDS = 6 };
     char shared[PATH_MAX];
-    snprintf(shared, sizeof(shared), "%s/shared", dir);
-    CHECK(mkdir(shared, 0700) == 0);
-    layer_share_pending(shared);
+    share_pending_in_test_dir(shared, sizeof(shared));
     layer_syscalls.fdatasync = writing_sync;
     layer_syscalls.pwrite = kill_before_pwrite;
     layer_syscalls.shared_pwrite = kill_before_pwrite; /* the header updates too */
@@ -1518,8 +1546,7 @@ static void test_shared_moves_killed(void)
     layer_syscalls.pwrite = real_pwrite_saved;
     layer_syscalls.shared_pwrite = real_pwrite_saved;
     layer_syscalls.fdatasync = real_fdatasync_saved;
-    layer_share_pending(NULL);
-    CHECK(rmdir(shared) == 0);
+    stop_sharing_pending(shared);
 }
 
 /* The shared file's header cannot be written (layer_syscalls.shared_pwrite
@@ -1549,9 +1576,7 @@ static int two_writes_sync(int fd)
 static void test_shared_header_fails(bool at_create)
 {
     char shared[PATH_MAX];
-    snprintf(shared, sizeof(shared), "%s/shared", dir);
-    CHECK(mkdir(shared, 0700) == 0);
-    layer_share_pending(shared);
+    share_pending_in_test_dir(shared, sizeof(shared));
     char id[LAYER_ID_LEN + 1] = "";
     uint64_t seed = next_rand();
     int ids[2];
@@ -1559,11 +1584,9 @@ static void test_shared_header_fails(bool at_create)
     pid_t pid = fork();
     if (pid == 0) {
         rng = seed;
-        struct layer *l;
         if (at_create)
             layer_syscalls.shared_pwrite = failing_shared_pwrite;
-        if (layer_create(dir, DISK_SIZE, &l) != 0 || write(ids[1], layer_id(l), LAYER_ID_LEN) != LAYER_ID_LEN)
-            _exit(2);
+        struct layer *l = child_creates_layer(ids[1]);
         if (write_blocks(l, NULL, 0, 1) != 0)
             _exit(3);
         if (!at_create) { /* the file: {1, 3} after this flush */
@@ -1582,12 +1605,7 @@ static void test_shared_header_fails(bool at_create)
         kill(getpid(), SIGKILL);
         _exit(0);
     }
-    close(ids[1]);
-    CHECK(read(ids[0], id, LAYER_ID_LEN) == LAYER_ID_LEN);
-    close(ids[0]);
-    int status;
-    waitpid(pid, &status, 0);
-    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    wait_killed_child(pid, ids, id);
     struct model m;
     model_init(&m);
     uint64_t saved = rng;
@@ -1616,9 +1634,7 @@ static void test_shared_header_fails(bool at_create)
 static void test_shared_header_fails_at_switch(void)
 {
     char shared[PATH_MAX];
-    snprintf(shared, sizeof(shared), "%s/shared", dir);
-    CHECK(mkdir(shared, 0700) == 0);
-    layer_share_pending(shared);
+    share_pending_in_test_dir(shared, sizeof(shared));
     char id[LAYER_ID_LEN + 1] = "";
     uint64_t seed = next_rand();
     int ids[2];
@@ -1626,9 +1642,7 @@ static void test_shared_header_fails_at_switch(void)
     pid_t pid = fork();
     if (pid == 0) {
         rng = seed;
-        struct layer *l;
-        if (layer_create(dir, DISK_SIZE, &l) != 0 || write(ids[1], layer_id(l), LAYER_ID_LEN) != LAYER_ID_LEN)
-            _exit(2);
+        struct layer *l = child_creates_layer(ids[1]);
         if (write_blocks(l, NULL, 0, 1) != 0 || layer_flush(l) != 0 || write_blocks(l, NULL, 0, 1) != 0 ||
             write_blocks(l, NULL, 1, 1) != 0)
             _exit(3);
@@ -1641,12 +1655,7 @@ static void test_shared_header_fails_at_switch(void)
         kill(getpid(), SIGKILL);
         _exit(0);
     }
-    close(ids[1]);
-    CHECK(read(ids[0], id, LAYER_ID_LEN) == LAYER_ID_LEN);
-    close(ids[0]);
-    int status;
-    waitpid(pid, &status, 0);
-    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    wait_killed_child(pid, ids, id);
     struct model m;
     model_init(&m);
     uint64_t saved = rng;
@@ -1697,17 +1706,13 @@ static ssize_t flushing_pwrite(int fd, const void *buf, size_t len, off_t off)
 static void test_takeover_after_flush_passed_write(bool write_returned)
 {
     char shared[PATH_MAX];
-    snprintf(shared, sizeof(shared), "%s/shared", dir);
-    CHECK(mkdir(shared, 0700) == 0);
-    layer_share_pending(shared);
+    share_pending_in_test_dir(shared, sizeof(shared));
     char id[LAYER_ID_LEN + 1] = "";
     int ids[2];
     CHECK(pipe(ids) == 0);
     pid_t pid = fork();
     if (pid == 0) {
-        struct layer *l;
-        if (layer_create(dir, DISK_SIZE, &l) != 0 || write(ids[1], layer_id(l), LAYER_ID_LEN) != LAYER_ID_LEN)
-            _exit(2);
+        struct layer *l = child_creates_layer(ids[1]);
         unsigned char buf[BS];
         memset(buf, 0x11, BS);
         if (layer_write(l, buf, BS, 0) != 0)
@@ -1721,14 +1726,7 @@ static void test_takeover_after_flush_passed_write(bool write_returned)
         kill(getpid(), SIGKILL);
         _exit(0);
     }
-    close(ids[1]);
-    CHECK(read(ids[0], id, LAYER_ID_LEN) == LAYER_ID_LEN);
-    close(ids[0]);
-    int status;
-    waitpid(pid, &status, 0);
-    if (!WIFSIGNALED(status))
-        fprintf(stderr, "takeover after a flush over a write under way: the child exited %d\n", WEXITSTATUS(status));
-    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    wait_killed_child(pid, ids, id);
     struct layer *l = NULL;
     CHECK(layer_open(dir, id, DISK_SIZE, &l) == 0);
     if (l) {
