@@ -210,6 +210,9 @@ typedef void (*vm_write_done_fn)(void *arg, int result);
 #define VM_WRITE_THROUGH 1u
 int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off,
                    unsigned flags, vm_write_done_fn done, void *arg);
+/* Makes [off, off + len) read as zeros. What is past the disk's end, also
+ * what vm_resize_blank put there while the discard ran, is left alone and
+ * is no error (as a punch past a local file's end). */
 int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len);
 int vm_flush(struct vm *vm);
 uint64_t vm_layer_bytes(struct vm *vm);

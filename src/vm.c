@@ -1326,6 +1326,11 @@ static int write_locked(struct vm *vm, const struct held_chunks *held, const cha
     return rc;
 }
 
+/* write_held's flag (beside vm.h's) for a discard's partial edge blocks:
+ * what a shrink put past the disk's end since the discard began is not
+ * written, and is no error, as a local file's punch past its end. */
+#define WRITE_CUT_AT_END (1u << 31)
+
 /* Writes with the edge chunks in hand: takes the locks, writes, releases
  * the chunks (and notes them as read by the guest). */
 static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks *chunks, const char *buf,
@@ -1339,10 +1344,15 @@ static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks
     pthread_rwlock_rdlock(&vm->write_lock);
     pthread_rwlock_rdlock(&vm->chain_lock);
     /* Checked again: an ftruncate of a blank disk may have shrunk it since
-     * write_fits (live.size changes only under write_lock). */
+     * write_fits (live.size changes only under write_lock). A discard's
+     * edge is cut at the new end instead (nothing past it to zero). */
     int rc = -ENOSPC;
+    if ((flags & WRITE_CUT_AT_END) && off < vm->live.size && len > vm->live.size - off)
+        len = (size_t)(vm->live.size - off);
     if (off < vm->live.size && len <= vm->live.size - off)
         rc = write_locked(vm, chunks, buf, len, off, flags & VM_WRITE_THROUGH);
+    else if (flags & WRITE_CUT_AT_END)
+        rc = 0;
     pthread_rwlock_unlock(&vm->chain_lock);
     pthread_rwlock_unlock(&vm->write_lock);
     range_lock_release(&vm->write_ranges, &held);
@@ -1450,6 +1460,16 @@ int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size
     return rc;
 }
 
+/* Zeroes [off, off + len) of a discard's partial edge block by a write, cut
+ * at the disk's end as it is when the write takes its locks. */
+static int zero_edge(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len)
+{
+    static const char zeros[LAYER_BLOCK_SIZE];
+    struct held_chunks chunks;
+    int rc = hold_edge_chunks(vm, fetcher, off, (size_t)len, &chunks);
+    return rc ? rc : write_held(vm, fetcher, &chunks, zeros, (size_t)len, off, WRITE_CUT_AT_END);
+}
+
 int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len)
 {
     uint64_t size = vm_size(vm);
@@ -1457,7 +1477,6 @@ int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t le
         return 0;
     if (len > size - off)
         len = size - off;
-    static const char zeros[LAYER_BLOCK_SIZE];
     uint64_t end = off + len;
     uint64_t first = (off + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE;
     uint64_t last = end == size ? (end + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE : end / LAYER_BLOCK_SIZE;
@@ -1465,10 +1484,10 @@ int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t le
     /* Partial blocks at the edges are zeroed by ordinary writes. */
     uint64_t head_end = first * LAYER_BLOCK_SIZE < end ? first * LAYER_BLOCK_SIZE : end;
     if (off < head_end)
-        rc = vm_write(vm, fetcher, zeros, (size_t)(head_end - off), off);
+        rc = zero_edge(vm, fetcher, off, head_end - off);
     uint64_t tail_start = last * LAYER_BLOCK_SIZE;
     if (!rc && tail_start < end && tail_start >= head_end && last >= first)
-        rc = vm_write(vm, fetcher, zeros, (size_t)(end - tail_start), tail_start);
+        rc = zero_edge(vm, fetcher, tail_start, end - tail_start);
     if (rc || last <= first)
         return rc;
     struct range_held held;
