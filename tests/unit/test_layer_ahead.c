@@ -4,6 +4,7 @@
  * its own; a compaction gives a layer's share back, and so does writing
  * over the zeros, and so does a layer that writes nothing for the idle
  * time (layer_set_ahead_idle), keeping times set while it cuts its log.
+ * Times set while zeros are written are kept too.
  * The count never goes over the budget and is 0 once all close.
  *
  * Zeroing runs on a background thread: the test waits (up to 60 s) for
@@ -11,6 +12,7 @@
  * the thread has long since had its turn; a slower machine could let a
  * broken budget pass, never fail a sound one. Needs a file system where
  * zeroing runs (not tmpfs): the test is skipped on one. */
+#include <errno.h>
 #include <fcntl.h>
 #include <linux/magic.h>
 #include <stdatomic.h>
@@ -81,7 +83,33 @@ static int touching_ftruncate(int fd, off_t len)
     return real_ftruncate_saved(fd, len);
 }
 
+/* The zeros' writes, for the two tests of a zeroing under way: the first
+ * one sets the times of zeroing_touched first (as a utimensat between the
+ * pass's start and its writes), and with zeroing_fails every one after the
+ * first fails with ENOSPC (a disk that fills up during the pass). */
+static _Atomic(struct layer *) zeroing_touched;
+static _Atomic bool zeroing_fails, zeroing_failed;
+static _Atomic unsigned zero_writes;
+static ssize_t (*real_zero_pwrite_saved)(int fd, const void *buf, size_t len, off_t off);
+static ssize_t hooked_zero_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    struct layer *t = atomic_exchange(&zeroing_touched, NULL);
+    if (t)
+        CHECK(layer_set_times(t, touch_times) == 0);
+    if (atomic_fetch_add(&zero_writes, 1) > 0 && atomic_load(&zeroing_fails)) {
+        atomic_store(&zeroing_failed, true);
+        errno = ENOSPC;
+        return -1;
+    }
+    return real_zero_pwrite_saved(fd, buf, len, off);
+}
+
 static bool zeroed(const struct layer *l) { return log_size(l) >= WINDOW; }
+static bool has_touch_times(const struct layer *l)
+{
+    struct timespec at, mt;
+    return layer_get_times(l, &at, &mt) == 0 && mt.tv_sec == touch_times[1].tv_sec && at.tv_sec == touch_times[0].tv_sec;
+}
 /* Past 2 MiB of data and its record, a window more: allocated ahead. */
 static bool allocated_ahead(const struct layer *l) { return log_size(l) >= (2 << 20) + WINDOW; }
 static bool nothing_held(const struct layer *l) { return (void)l, layer_ahead_host_bytes() == 0; }
@@ -259,6 +287,27 @@ int main(void)
     CHECK(mt.tv_sec == touch_times[1].tv_sec && at.tv_sec == touch_times[0].tv_sec);
     layer_close(t);
     CHECK(layer_ahead_host_bytes() == 0);
+
+    /* Times set between a zeroing's start and its writes stay once it is
+     * done: it puts back those, not the ones it saw at its start. */
+    real_zero_pwrite_saved = layer_syscalls.zero_pwrite;
+    layer_syscalls.zero_pwrite = hooked_zero_pwrite;
+    struct layer *u;
+    CHECK(layer_create(dir, DISK_SIZE, &u) == 0);
+    atomic_store(&zeroing_touched, u);
+    small_flush(u, 36);
+    CHECK(wait_for(zeroed, u));
+    CHECK(atomic_load(&zeroing_touched) == NULL); /* the touch came */
+    /* The pass ends (synced, times put back) some time after its last
+     * write: the times are looked at until then, and after. */
+    bool kept = wait_for(has_touch_times, u);
+    sleep_ms(500);
+    CHECK(layer_get_times(u, &at, &mt) == 0);
+    if (!kept || mt.tv_sec != touch_times[1].tv_sec)
+        fprintf(stderr, "the times set during the zeroing were lost: mtime %lld\n", (long long)mt.tv_sec);
+    CHECK(kept && mt.tv_sec == touch_times[1].tv_sec && at.tv_sec == touch_times[0].tv_sec);
+    layer_close(u);
+
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
     CHECK(system(cmd) == 0);
