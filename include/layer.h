@@ -83,9 +83,11 @@
  * write holds 1 GiB of them, not 16 MiB a VM, and VMs that stopped writing
  * leave theirs to the ones that write. An idle layer's log is cut at its
  * tail, as if it had never zeroed (its times stay); its next small flush
- * asks for zeros again. Times set while zeros are written stay, as do those the zeros moved
- * (put back), unless a write or punch came since. layer_ahead_host_bytes()
- * tells how much is held.
+ * asks for zeros again. A zeroing that fails (a full disk) cuts the log
+ * the same way past what it had before, at once, and zeroes no more.
+ * Times set while zeros are written stay, as do those the zeros moved
+ * (put back), unless a write or punch came since.
+ * layer_ahead_host_bytes() tells how much is held.
  *
  * Promises (what callers and the crash tests rely on):
  *   1. After layer_flush() returns 0, every write and punch that returned
@@ -235,7 +237,8 @@ int layer_compact(struct layer *layer);
  * to inject faults (a short write, EIO, ENOSPC, or a kill at a chosen step).
  * fallocate is the one that makes room in the shared pending file
  * (layer_share_pending), shared_pwrite writes that file's header, and
- * ftruncate cuts the log of an idle layer that gives back its zeros, and zero_pwrite writes the zeros
+ * ftruncate cuts the log of an idle layer that gives back its zeros (and
+ * of one whose zeroing ahead failed), and zero_pwrite writes the zeros
  * ahead (on the background thread). */
 struct layer_syscalls {
     ssize_t (*pwrite)(int fd, const void *buf, size_t len, off_t off);

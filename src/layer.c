@@ -2283,6 +2283,18 @@ static int write_zeros(struct layer *l, int fd, uint64_t from, uint64_t to)
     return 0;
 }
 
+/* Cuts cur's log after its tail and the zeros it has ahead, for a zeroing
+ * pass that failed. swap_lock held exclusively (no write under way: every
+ * block a write reserved is below the tail) and lock. */
+static void cut_past_ahead(struct layer *l, int fd)
+{
+    uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
+    uint64_t keep = (ahead > tail ? ahead : tail) * BS;
+    struct stat st;
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size > keep && layer_syscalls.ftruncate(fd, (off_t)keep) != 0)
+        log_warn("layer %s: cannot give back what a failed zeroing ahead allocated: %s", l->id, strerror(errno));
+}
+
 /* Prepares the gap (ahead_gap) of cur, zeroed or allocated, and syncs it.
  * Runs with the compaction claim held, so cur does not change. Writes and
  * flushes that reserve blocks in that range meanwhile wait for it
@@ -2361,11 +2373,17 @@ static void zero_ahead(struct layer *l)
     atomic_store(&l->zeroing_from, NO_ZEROING);
     pthread_cond_broadcast(&l->zero_done);
     pthread_mutex_unlock(&l->zero_lock);
-    /* Then put back the times these writes moved (those of the pass's start,
-     * or of a layer_set_times during it), unless a guest write (it moved the
-     * tail) or a punch came since they were set: then the times are theirs. */
+    /* Then, with no write under way: a pass that failed gives back what
+     * it allocated or wrote past the zeros it had (a crash would cut it at
+     * open anyway: see give_back_ahead), which would else stay until the
+     * layer is opened again, on a disk that is full, most likely. */
     pthread_rwlock_wrlock(&l->swap_lock);
     pthread_mutex_lock(&l->lock);
+    if (!synced)
+        cut_past_ahead(l, fd);
+    /* And put back the times these writes moved (those of the pass's start,
+     * or of a layer_set_times during it), unless a guest write (it moved the
+     * tail) or a punch came since they were set: then the times are theirs. */
     if (have_times && atomic_load(&l->tail) == l->keep_tail && atomic_load(&l->changes) == l->keep_changes)
         futimens(fd, l->keep_times);
     pthread_mutex_unlock(&l->lock);

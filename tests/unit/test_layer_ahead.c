@@ -4,7 +4,8 @@
  * its own; a compaction gives a layer's share back, and so does writing
  * over the zeros, and so does a layer that writes nothing for the idle
  * time (layer_set_ahead_idle), keeping times set while it cuts its log.
- * Times set while zeros are written are kept too.
+ * Times set while zeros are written are kept too, and a zeroing that fails
+ * after it extended the log gives that space back at once.
  * The count never goes over the budget and is 0 once all close.
  *
  * Zeroing runs on a background thread: the test waits (up to 60 s) for
@@ -109,6 +110,11 @@ static bool has_touch_times(const struct layer *l)
 {
     struct timespec at, mt;
     return layer_get_times(l, &at, &mt) == 0 && mt.tv_sec == touch_times[1].tv_sec && at.tv_sec == touch_times[0].tv_sec;
+}
+/* A failed zeroing gave back what it wrote: the log is the small flush's. */
+static bool zeroing_given_back(const struct layer *l)
+{
+    return atomic_load(&zeroing_failed) && log_size(l) < 64 * 1024;
 }
 /* Past 2 MiB of data and its record, a window more: allocated ahead. */
 static bool allocated_ahead(const struct layer *l) { return log_size(l) >= (2 << 20) + WINDOW; }
@@ -308,6 +314,27 @@ int main(void)
     CHECK(kept && mt.tv_sec == touch_times[1].tv_sec && at.tv_sec == touch_times[0].tv_sec);
     layer_close(u);
 
+    /* A zeroing whose writes fail after the first (a disk filling up) gives
+     * back what it wrote at once, not when the layer is opened again, and
+     * counts nothing; what was written reads back, and writes go on. */
+    struct layer *v;
+    CHECK(layer_create(dir, DISK_SIZE, &v) == 0);
+    atomic_store(&zero_writes, 0);
+    atomic_store(&zeroing_fails, true);
+    small_flush(v, 38);
+    if (!wait_for(zeroing_given_back, v))
+        fprintf(stderr, "a failed zeroing kept its space: the log has %llu bytes\n", (unsigned long long)log_size(v));
+    CHECK(zeroing_given_back(v));
+    CHECK(layer_ahead_host_bytes() == 0);
+    atomic_store(&zeroing_fails, false);
+    layer_syscalls.zero_pwrite = real_zero_pwrite_saved;
+    memset(want, 38, sizeof(want));
+    CHECK(layer_read(v, buf, sizeof(buf), 38 * sizeof(buf)) == 0 && memcmp(buf, want, sizeof(buf)) == 0);
+    small_flush(v, 39);
+    memset(want, 39, sizeof(want));
+    CHECK(layer_read(v, buf, sizeof(buf), 39 * sizeof(buf)) == 0 && memcmp(buf, want, sizeof(buf)) == 0);
+    layer_close(v);
+    CHECK(layer_ahead_host_bytes() == 0);
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
     CHECK(system(cmd) == 0);
