@@ -203,7 +203,9 @@ int vm_import(struct vm_registry *reg, int fd, const char *name, bool (*stop)(vo
  * the bytes to the device before the write completes: layer_write_through).
  * A disk does not grow: a write that does not fit inside it fails with
  * -ENOSPC, also one already under way when vm_resize_blank shrinks the
- * disk under it. */
+ * disk under it. A base chunk a copy-up needs that cannot be had fails it
+ * with -EIO, or -ENOMEM when the daemon had no memory for it (fetch.h),
+ * before any of it is written. */
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off);
 typedef void (*vm_write_done_fn)(void *arg, int result);
 #define VM_WRITE_PENDING 1

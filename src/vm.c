@@ -1291,12 +1291,13 @@ static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off
     const struct vm_base *base = vm->live.base;
     for (int k = 0; k < held->count; k++) {
         held->index[k] = wanted[k];
-        if (fetch_get(fetcher, &base->manifest->chunks[wanted[k]], base->manifest->chunk_size, FETCH_DEMAND,
-                      base->counters, &held->refs[k]) != 0) {
+        int rc = fetch_get(fetcher, &base->manifest->chunks[wanted[k]], base->manifest->chunk_size, FETCH_DEMAND,
+                           base->counters, &held->refs[k]);
+        if (rc) {
             for (int i = 0; i < k; i++)
                 fetch_ref_release(fetcher, &held->refs[i]);
             held->count = 0;
-            return -EIO;
+            return rc; /* -ENOMEM or -EIO, before anything is written */
         }
     }
     return 0;
@@ -1390,7 +1391,7 @@ struct write_op {
     struct fetcher *fetcher;
     struct held_chunks chunks;
     atomic_int pending;
-    atomic_bool failed;
+    atomic_int err; /* fetch_note_error */
     uint64_t off;
     size_t len;
     unsigned flags;
@@ -1401,18 +1402,19 @@ struct write_op {
 
 static int write_op_finish(struct write_op *op)
 {
-    if (!atomic_load(&op->failed))
+    int err = atomic_load(&op->err);
+    if (!err)
         return write_held(op->vm, op->fetcher, &op->chunks, op->buf, op->len, op->off, op->flags);
     for (int k = 0; k < op->chunks.count; k++)
         fetch_ref_release(op->fetcher, &op->chunks.refs[k]);
-    return -EIO;
+    return err; /* nothing was written */
 }
 
 static void write_chunk_done(void *arg, int err)
 {
     struct write_op *op = arg;
     if (err)
-        atomic_store(&op->failed, true);
+        fetch_note_error(&op->err, err);
     if (atomic_fetch_sub(&op->pending, 1) == 1) {
         int rc = write_op_finish(op);
         op->done(op->arg, rc);
@@ -1439,7 +1441,7 @@ int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size
         .vm = vm, .fetcher = fetcher, .off = off, .len = len, .flags = flags, .done = done, .arg = arg};
     memcpy(op->buf, buf, len);
     atomic_init(&op->pending, 1 + count);
-    atomic_init(&op->failed, false);
+    atomic_init(&op->err, 0);
     op->chunks.count = count;
     const struct vm_base *base = vm->live.base;
     uint64_t deadline = fetch_deadline(fetcher);
@@ -1449,7 +1451,7 @@ int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size
                              deadline, base->counters, &op->chunks.refs[k], write_chunk_done, op);
         if (rc != FETCH_PENDING) {
             if (rc < 0)
-                atomic_store(&op->failed, true);
+                fetch_note_error(&op->err, rc);
             atomic_fetch_sub(&op->pending, 1);
         }
     }
