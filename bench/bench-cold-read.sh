@@ -41,16 +41,13 @@
 #   IMGFS_BIN_DIR  where imgfs and imgfsctl are (default <repo>/build)
 # Output: a Markdown report on stdout, also in bench/results/cold-read-<date>.md.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_SIZE=${BENCH_SIZE:-256M}
 CASES=${BENCH_CASES:-local http 100mbit rtt50 cached}
 REPEAT=${BENCH_REPEAT:-1}
 BASELINE_BIN_DIR=${BASELINE_BIN_DIR:-}
-BENCH_NAME=bench-cold-read
-. "$SCRIPT_DIR/lib.sh"
 
 if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
     sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'

@@ -1,5 +1,6 @@
-# bench/lib.sh: helpers shared by the benchmark scripts. Set BENCH_NAME
-# (the prefix of messages) before sourcing it.
+# bench/lib.sh: helpers shared by the benchmark scripts, sourced first
+# (after "set -uo pipefail"). It sets SCRIPT_DIR (bench/), SRC_DIR (the
+# source tree) and BENCH_NAME (the script's name, the prefix of messages).
 #
 #   log MSG / die MSG            progress on stderr / an error and exit 1
 #   require_root WHY             die unless root
@@ -30,6 +31,10 @@
 #                                nginx serving ROOT on LISTEN inside $NS, its
 #                                files in DIR, access log DIR/access.log in
 #                                LOG_FORMAT; waits for CHECK_URL; sets NGINX_PID
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SRC_DIR=$(dirname "$SCRIPT_DIR")
+BENCH_NAME=$(basename "$0" .sh)
 
 log() { printf '[%s %s] %s\n' "$BENCH_NAME" "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '%s: %s\n' "$BENCH_NAME" "$*" >&2; exit 1; }
