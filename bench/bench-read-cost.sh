@@ -175,8 +175,21 @@ if [ "$STRACE" = 1 ]; then
 fi
 LOAD_END=$(cut -d" " -f1-3 /proc/loadavg)
 
+# A table of ROW[target,KIND,round], a row per round and target: its title
+# and the header of its four columns after "target | round".
+round_table() {
+    local title=$1 columns=$2 kind=$3 t round
+    echo "$title"
+    echo
+    echo "| target | round | $columns |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for t in "${TARGETS[@]}"; do echo "| $t | $round | ${ROW[$t,$kind,$round]} |"; done
+    done
+}
+
 report() {
-    local t round what
+    local t
     echo "# imgfs: what one read of a cached base costs the server after a reboot, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "- $(nproc) CPUs, kernel $(uname -r), work dir on $(findmnt -no FSTYPE -T "$WORK") ($DEV); $(fio --version)"
@@ -184,21 +197,11 @@ report() {
     echo "- load average at start: $LOAD_START, at end: $LOAD_END"
     echo "- $((SIZE >> 20)) MiB random base, fully cached, page cache dropped before each run, a fresh mount each"
     echo
-    echo "Random 4 KiB O_DIRECT reads (fio libaio, iodepth $IODEPTH, $READS reads a run), per read:"
+    round_table "Random 4 KiB O_DIRECT reads (fio libaio, iodepth $IODEPTH, $READS reads a run), per read:" \
+        "reads/s | server CPU us/read | context switches/read | disk reads/read" random
     echo
-    echo "| target | round | reads/s | server CPU us/read | context switches/read | disk reads/read |"
-    echo "|---|---:|---:|---:|---:|---:|"
-    for ((round = 1; round <= ROUNDS; round++)); do
-        for t in "${TARGETS[@]}"; do echo "| $t | $round | ${ROW[$t,random,$round]} |"; done
-    done
-    echo
-    echo "Sequential cat of the whole base, per MiB:"
-    echo
-    echo "| target | round | MiB/s | server CPU us/MiB | context switches/MiB | disk reads/MiB |"
-    echo "|---|---:|---:|---:|---:|---:|"
-    for ((round = 1; round <= ROUNDS; round++)); do
-        for t in "${TARGETS[@]}"; do echo "| $t | $round | ${ROW[$t,sequential,$round]} |"; done
-    done
+    round_table "Sequential cat of the whole base, per MiB:" \
+        "MiB/s | server CPU us/MiB | context switches/MiB | disk reads/MiB" sequential
     if [ "$STRACE" = 1 ]; then
         echo
         echo "| target | system calls/random read (strace -c -f) | by call |"
