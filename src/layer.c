@@ -266,8 +266,8 @@ static int real_ftruncate(int fd, off_t len)
 {
     return ftruncate(fd, len);
 }
-struct layer_syscalls layer_syscalls = {real_pwrite, real_fdatasync, real_fallocate, real_pwrite, real_ftruncate,
-                                        real_pwrite};
+struct layer_syscalls layer_syscalls = {real_pwrite,    real_fdatasync, real_fallocate, real_pwrite,
+                                        real_ftruncate, real_pwrite,    real_fallocate};
 
 static int put_at(int fd, const void *buf, size_t len, uint64_t off)
 {
@@ -2307,7 +2307,7 @@ static int write_zeros(struct layer *l, int fd, uint64_t from, uint64_t to)
 }
 
 /* Cuts cur's log after its tail and the zeros it has ahead, for a zeroing
- * pass that failed. swap_lock held exclusively (no write under way: every
+ * pass or an allocation ahead that failed. swap_lock held exclusively (no write under way: every
  * block a write reserved is below the tail) and lock. */
 static void cut_past_ahead(struct layer *l, int fd)
 {
@@ -2802,11 +2802,18 @@ static void allocate_ahead(struct layer *l, uint64_t bytes)
         uint64_t ahead = atomic_load(&l->ahead);
         uint64_t from = tail > ahead ? tail : ahead, to = tail + window;
         if (from < to && ahead_reserve(l, to - from)) {
-            if (fallocate(l->cur->fd, 0, (off_t)(from * BS), (off_t)((to - from) * BS)) == 0) {
+            if (layer_syscalls.ahead_fallocate(l->cur->fd, 0, (off_t)(from * BS), (off_t)((to - from) * BS)) == 0) {
                 atomic_store(&l->ahead, to);
             } else {
                 atomic_store(&l->no_zeroing, true); /* a full disk, most likely: stop trying */
                 ahead_release(l, to - from);
+                /* What it allocated before it failed (ext4 keeps that, and
+                 * the size with it) goes back now, not at the next open. */
+                pthread_rwlock_wrlock(&l->swap_lock);
+                pthread_mutex_lock(&l->lock);
+                cut_past_ahead(l, l->cur->fd);
+                pthread_mutex_unlock(&l->lock);
+                pthread_rwlock_unlock(&l->swap_lock);
             }
         }
     }
