@@ -30,7 +30,7 @@ no_args_but_help "$@"
 BUILDS=${BENCH_BUILDS:-this=$SRC_DIR/build}
 VMS=${BENCH_VMS:-40}
 IDLE=${BENCH_IDLE:-75}
-[[ $VMS =~ ^[1-9][0-9]*$ ]] || die "BENCH_VMS=$VMS is not a positive count."
+require_count "$VMS" BENCH_VMS
 [[ $IDLE =~ ^[1-9][0-9]*$ ]] || die "BENCH_IDLE=$IDLE is not a number of seconds."
 require_root "FUSE mounts"
 require_tools python3 du

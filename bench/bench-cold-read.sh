@@ -64,7 +64,7 @@ SIZE_BYTES=$(to_bytes "$BENCH_SIZE" BENCH_SIZE)
 for c in $CASES; do
     case $c in local | http | 100mbit | rtt50 | cached) ;; *) die "unknown case $c in BENCH_CASES." ;; esac
 done
-[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT=$REPEAT is not a positive count."
+require_count "$REPEAT" BENCH_REPEAT
 [ -z "$BASELINE_BIN_DIR" ] || require_imgfs "$BASELINE_BIN_DIR"
 [[ " $CASES " != *" cached "* ]] || require_tools qemu-img qcowmount fio cc pkg-config
 

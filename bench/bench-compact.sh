@@ -39,7 +39,7 @@ ROUNDS=${BENCH_ROUNDS:-3}
 RUNTIME=${BENCH_TIME:-30}
 REGION=${BENCH_REGION:-128M}
 to_bytes "$REGION" BENCH_REGION >/dev/null
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
+require_count "$ROUNDS" BENCH_ROUNDS
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "BENCH_TIME=$RUNTIME is not a number of seconds."
 
 require_root "FUSE mounts"

@@ -30,7 +30,7 @@ no_args_but_help "$@"
 BUILDS=${BENCH_BUILDS:-this=$SRC_DIR/build}
 COUNTS=(${BENCH_JOBS:-2000 20000})
 ROUNDS=${BENCH_ROUNDS:-3}
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
+require_count "$ROUNDS" BENCH_ROUNDS
 MAX=0
 for n in "${COUNTS[@]}"; do
     [[ $n =~ ^[1-9][0-9]*$ ]] || die "BENCH_JOBS entry '$n' is not a positive count."

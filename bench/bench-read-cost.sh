@@ -40,9 +40,9 @@ SIZE=$(to_bytes "${BENCH_SIZE:-256M}" BENCH_SIZE)
 READS=${BENCH_READS:-16384}
 IODEPTH=${BENCH_IODEPTH:-16}
 STRACE=${BENCH_STRACE:-1}
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
-[[ $READS =~ ^[1-9][0-9]*$ ]] || die "BENCH_READS=$READS is not a positive count."
-[[ $IODEPTH =~ ^[1-9][0-9]*$ ]] || die "BENCH_IODEPTH=$IODEPTH is not a positive count."
+require_count "$ROUNDS" BENCH_ROUNDS
+require_count "$READS" BENCH_READS
+require_count "$IODEPTH" BENCH_IODEPTH
 [ "$SIZE" -ge $((16 << 20)) ] || die "BENCH_SIZE must be at least 16M."
 
 require_root "FUSE mounts"

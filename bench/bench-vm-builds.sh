@@ -36,7 +36,7 @@ ROWS=(${BENCH_ROWS:-fresh16:1 seq:1 written16:1 fresh1:0 written1:0})
 ROUNDS=${BENCH_ROUNDS:-3}
 RUNTIME=${BENCH_TIME:-6}
 BASE_SIZE=$(to_bytes "${BENCH_BASE_SIZE:-2G}" BENCH_BASE_SIZE)
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
+require_count "$ROUNDS" BENCH_ROUNDS
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "BENCH_TIME=$RUNTIME is not a number of seconds."
 [ "$BASE_SIZE" -ge $((1 << 30)) ] || die "BENCH_BASE_SIZE must be at least 1G (the rows write 0-1 GiB)."
 for r in "${ROWS[@]}"; do

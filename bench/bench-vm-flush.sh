@@ -49,9 +49,9 @@ IODEPTH=${BENCH_IODEPTH:-16}
 BS=${BENCH_BS:-4k}
 PERF=${BENCH_PERF:-0}
 OFFCPU=${BENCH_OFFCPU:-0}
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
+require_count "$ROUNDS" BENCH_ROUNDS
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "BENCH_TIME=$RUNTIME is not a number of seconds."
-[[ $IODEPTH =~ ^[1-9][0-9]*$ ]] || die "BENCH_IODEPTH=$IODEPTH is not a positive count."
+require_count "$IODEPTH" BENCH_IODEPTH
 case $BS in
 4k) FIO_RW=(--rw=randwrite --bs=4k --randrepeat=0 --time_based --runtime="$RUNTIME") UNIT=writes/s ;;
 1M) FIO_RW=(--rw=write --bs=1M --end_fsync=1) UNIT=MiB/s ;;

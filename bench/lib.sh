@@ -12,6 +12,8 @@
 #   no_args_but_help "$@"        --help prints the script's header comment
 #                                (up to its "set -uo" line); any other argument dies
 #   to_bytes SIZE WHAT           512M, 1G, ... to bytes (WHAT names it in errors)
+#   require_count VALUE WHAT     die unless VALUE is a positive count (WHAT: the
+#                                variable it came from, for the message)
 #   stop_pid PID                 TERM, wait up to 10 s, then KILL, and reap
 #   unmount_path PATH            unmount a FUSE mount, lazily if it is busy
 #   wait_mounted PATH SECONDS    until PATH is a mount point (status 1 if never)
@@ -69,6 +71,8 @@ parse_builds() {
         NAMES+=("${b%%=*}")
     done
 }
+
+require_count() { [[ $1 =~ ^[1-9][0-9]*$ ]] || die "$2=$1 is not a positive count."; }
 
 to_bytes() {
     local v=${1^^} m=1
