@@ -2346,10 +2346,12 @@ static void zero_ahead(struct layer *l)
         /* The times to put back, known before any zero is written. */
         pthread_mutex_lock(&l->lock);
         have_times = fstat(fd, &before) == 0;
-        l->keep_times[0] = before.st_atim;
-        l->keep_times[1] = before.st_mtim;
-        l->keep_tail = atomic_load(&l->tail);
-        l->keep_changes = atomic_load(&l->changes);
+        if (have_times) {
+            l->keep_times[0] = before.st_atim;
+            l->keep_times[1] = before.st_mtim;
+            l->keep_tail = atomic_load(&l->tail);
+            l->keep_changes = atomic_load(&l->changes);
+        }
         pthread_mutex_unlock(&l->lock);
     }
     pthread_rwlock_unlock(&l->swap_lock);
