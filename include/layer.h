@@ -85,7 +85,12 @@
  * write holds 1 GiB of them, not 16 MiB a VM, and VMs that stopped writing
  * leave theirs to the ones that write. An idle layer's log is cut at its
  * tail, as if it had never zeroed (its times stay); its next small flush
- * asks for zeros again. layer_ahead_host_bytes() tells how much is held.
+ * asks for zeros again. A zeroing or allocation ahead that fails (a full
+ * disk) cuts the log the same way past what it had before, at once, and
+ * the layer prepares no more.
+ * Times set while zeros are written stay, as do those the zeros moved
+ * (put back), unless a write or punch came since.
+ * layer_ahead_host_bytes() tells how much is held.
  *
  * Promises (what callers and the crash tests rely on):
  *   1. After layer_flush() returns 0, every write and punch that returned
@@ -252,14 +257,16 @@ int layer_compact(struct layer *layer);
  * their directory (and syncs them) goes through here, so that a test can
  * inject faults (a short write, EIO, ENOSPC, or a kill at a chosen step) or
  * model a power loss (tests/unit/test_layer_power.c). pwrite writes data,
- * records, headers and zeros ahead, O_DIRECT or not; fallocate makes room
- * in the shared pending file (layer_share_pending), punches the space of
- * dead data and allocates ahead; shared_pwrite writes the shared file's
- * header, and ftruncate cuts the log (at open, and of an idle layer that
- * gives back its zeros). open is every open of a layer's file (creating
- * ones with O_CREAT), rename, unlink and fsync_dir (util.h) every change
- * and sync of the layer directory. The shared pending file, in a tmpfs
- * that no power loss keeps, is otherwise opened, cut and mapped directly;
+ * records and headers, O_DIRECT or not; fallocate makes room in the shared
+ * pending file (layer_share_pending) and punches the space of dead data;
+ * shared_pwrite writes the shared file's header, and ftruncate cuts the
+ * log (at open, of an idle layer that gives back its zeros, and of one
+ * whose zeroing or allocation ahead failed); zero_pwrite writes the zeros
+ * ahead (on the background thread) and ahead_fallocate allocates the log
+ * ahead (in a flush). open is every open of a layer's file (creating ones
+ * with O_CREAT), rename, unlink and fsync_dir (util.h) every change and
+ * sync of the layer directory. The shared pending file, in a tmpfs that no
+ * power loss keeps, is otherwise opened, cut and mapped directly;
  * sync_file_range (a writeback hint) and futimens (times) are direct too. */
 struct layer_syscalls {
     ssize_t (*pwrite)(int fd, const void *buf, size_t len, off_t off);
@@ -267,6 +274,8 @@ struct layer_syscalls {
     int (*fallocate)(int fd, int mode, off_t off, off_t len);
     ssize_t (*shared_pwrite)(int fd, const void *buf, size_t len, off_t off);
     int (*ftruncate)(int fd, off_t len);
+    ssize_t (*zero_pwrite)(int fd, const void *buf, size_t len, off_t off);
+    int (*ahead_fallocate)(int fd, int mode, off_t off, off_t len);
     int (*open)(const char *path, int flags, mode_t mode);
     int (*rename)(const char *from, const char *to);
     int (*unlink)(const char *path);

@@ -406,18 +406,27 @@ static unsigned char *copy_of(const void *p, size_t n)
     return c;
 }
 
-static ssize_t m_pwrite(int fd, const void *buf, size_t len, off_t off)
+static ssize_t model_pwrite(ssize_t (*fn)(int, const void *, size_t, off_t), int fd, const void *buf, size_t len,
+                            off_t off)
 {
     pthread_mutex_lock(&pm.lock);
     struct mfile *f = pm.armed ? file_of_fd(fd) : NULL;
     bool rec = f && step();
-    ssize_t n = real.pwrite(fd, buf, len, off);
+    ssize_t n = fn(fd, buf, len, off);
     int e = errno;
     if (rec && n > 0)
         record(f, (struct op){OP_WRITE, (uint64_t)off, (uint64_t)n, copy_of(buf, (size_t)n)});
     pthread_mutex_unlock(&pm.lock);
     errno = e;
     return n;
+}
+static ssize_t m_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    return model_pwrite(real.pwrite, fd, buf, len, off);
+}
+static ssize_t m_zero_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    return model_pwrite(real.zero_pwrite, fd, buf, len, off);
 }
 
 /* The real file's bytes, compared with the model's (pm.errors). */
@@ -469,12 +478,12 @@ static int m_fdatasync(int fd)
     return rc;
 }
 
-static int m_fallocate(int fd, int mode, off_t off, off_t len)
+static int model_fallocate(int (*fn)(int, int, off_t, off_t), int fd, int mode, off_t off, off_t len)
 {
     pthread_mutex_lock(&pm.lock);
     struct mfile *f = pm.armed ? file_of_fd(fd) : NULL;
     bool rec = f && step();
-    int rc = real.fallocate(fd, mode, off, len);
+    int rc = fn(fd, mode, off, len);
     int e = errno;
     if (rec && rc == 0) {
         if (mode & FALLOC_FL_PUNCH_HOLE)
@@ -485,6 +494,14 @@ static int m_fallocate(int fd, int mode, off_t off, off_t len)
     pthread_mutex_unlock(&pm.lock);
     errno = e;
     return rc;
+}
+static int m_fallocate(int fd, int mode, off_t off, off_t len)
+{
+    return model_fallocate(real.fallocate, fd, mode, off, len);
+}
+static int m_ahead_fallocate(int fd, int mode, off_t off, off_t len)
+{
+    return model_fallocate(real.ahead_fallocate, fd, mode, off, len);
 }
 
 static int m_ftruncate(int fd, off_t len)
@@ -938,6 +955,8 @@ int main(void)
     layer_syscalls.pwrite = m_pwrite;
     layer_syscalls.fdatasync = m_fdatasync;
     layer_syscalls.fallocate = m_fallocate;
+    layer_syscalls.zero_pwrite = m_zero_pwrite;
+    layer_syscalls.ahead_fallocate = m_ahead_fallocate;
     layer_syscalls.ftruncate = m_ftruncate;
     layer_syscalls.open = m_open;
     layer_syscalls.rename = m_rename;
