@@ -189,14 +189,16 @@ static void worker_loop(struct server *s);
 #define RECV_ALIGN 4096u
 #define RECV_DATA_AT (sizeof(struct fuse_in_header) + sizeof(struct fuse_write_in))
 #if FUSE_MAJOR_VERSION == 3 && FUSE_MINOR_VERSION == 14
-#define RECV_SIZE (257u * 4096u)
+#define RECV_KNOWN 1 /* libfuse's size: FUSE_MAX_MAX_PAGES pages of the machine's page size and 4 KiB */
 #else
-#define RECV_SIZE 0u
+#define RECV_KNOWN 0
 #endif
 static void *recv_buffer(void **base)
 {
     *base = NULL;
-    if (RECV_SIZE == 0 || RECV_DATA_AT > RECV_ALIGN || posix_memalign(base, RECV_ALIGN, RECV_SIZE + RECV_ALIGN) != 0)
+    long page = sysconf(_SC_PAGESIZE); /* 64 KiB on some arm64 and ppc64le kernels: not a constant 4 KiB */
+    size_t size = page > 0 ? 256u * (size_t)page + 4096u : 0;
+    if (!RECV_KNOWN || !size || RECV_DATA_AT > RECV_ALIGN || posix_memalign(base, RECV_ALIGN, size + RECV_ALIGN) != 0)
         return *base = NULL;
     return (char *)*base + RECV_ALIGN - RECV_DATA_AT;
 }
