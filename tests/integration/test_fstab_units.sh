@@ -31,6 +31,11 @@ grep -q '^Options=.*_netdev' "$remote_unit" || fail "the HTTP mount lacks _netde
 ok "fstab.example: local -> local-fs.target, HTTP (_netdev) -> remote-fs.target, both Before=libvirtd.service"
 
 cp "$SRC/packaging/systemd/var-lib-libvirt-images.mount" "$T/"
+# verify runs man for the unit's Documentation=: it must find this build's
+# page, whether or not a package installed one.
+mkdir -p "$T/man/man8"
+ln -s "${IMGFS_BUILD_DIR:?}/man/imgfs.8" "$T/man/man8/imgfs.8"
+export MANPATH=$T/man
 systemd-analyze verify "$T/var-lib-libvirt-images.mount" > "$T/verify.out" 2>&1 || { cat "$T/verify.out"; fail "the example mount unit does not verify"; }
 grep -q '^Before=libvirtd.service' "$T/var-lib-libvirt-images.mount" || fail "the example unit is not ordered before libvirtd"
 ok "the example mount unit verifies"
