@@ -25,7 +25,9 @@
 #              also run "kernel": fuse-null.c --kernel, the local raw file
 #              read by the kernel itself through FUSE passthrough (Linux
 #              6.9; n/a where the kernel refuses it), what FUSE does when no
-#              read goes to its server
+#              read goes to its server; and "imgfs base_passthrough": this
+#              build with -o base_passthrough over a cache filled by imgfsctl
+#              precopy, the kernel reading the version's checked flat file
 # Ratio = the tool's time / imgfs's time (above 1: imgfs is faster).
 # Also: requests per MiB (nginx access log), and the latency of one
 # uncached 4 KiB read (O_DIRECT) against one GET of its chunk with curl.
@@ -215,42 +217,74 @@ rand_iops() {
         die "fio on $1 failed."
 }
 
-# imgfs_cached: fills a cache with the whole base, then mounts afresh over it
-# and reads the base with the page cache dropped, then mounts afresh again
-# for random reads; prints "SECONDS IOPS".
+# imgfs_cached [pt]: fills a cache with the whole base, then mounts afresh
+# over it and reads the base with the page cache dropped, then mounts afresh
+# again for random reads; prints "SECONDS IOPS". With pt: -o
+# base_passthrough, the cache filled and pinned by imgfsctl precopy (a flat
+# file is kept only for a held version), and each timed read waits until
+# the new daemon has checked the flat file (the check reads it, so the page
+# cache is dropped after it).
 imgfs_cached() {
-    local mnt=$WORK/mnt cache=$WORK/cache state=$WORK/state pid t0 t1
+    local mnt=$WORK/mnt cache=$WORK/cache state=$WORK/state pid t0 t1 opts="prefetch=none" pt=${1:-}
+    [ -n "$pt" ] && opts="$opts,base_passthrough"
     rm -rf "$cache" "$state"
     mkdir -p "$mnt" "$cache" "$state"
-    "$BIN/imgfs" "$WORK/www/repo" "$mnt" -f -o "cache=$cache,state=$state,prefetch=none" 2>"$WORK/imgfs.log" &
+    "$BIN/imgfs" "$WORK/www/repo" "$mnt" -f -o "cache=$cache,state=$state,$opts" 2>"$WORK/imgfs.log" &
     pid=$!
     wait_mounted "$mnt" 20 || die "imgfs did not mount: $(tail -n 2 "$WORK/imgfs.log")"
     MOUNTS+=("$mnt")
-    cat "$mnt/bases/$NAME.raw" >/dev/null || die "imgfs read failed."
+    if [ -n "$pt" ]; then
+        "$BIN/imgfsctl" precopy "$mnt" $NAME >/dev/null || die "imgfsctl precopy failed."
+        flat_ready "$mnt"
+    else
+        cat "$mnt/bases/$NAME.raw" >/dev/null || die "imgfs read failed."
+    fi
     fusermount3 -u "$mnt"
     stop_pid "$pid"
     host_warm "$cache"/packs/* # as warm on the host as the other targets' files
-    "$BIN/imgfs" "$WORK/www/repo" "$mnt" -f -o "cache=$cache,state=$state,prefetch=none" 2>>"$WORK/imgfs.log" &
+    [ -z "$pt" ] || host_warm "$cache"/flat/*
+    "$BIN/imgfs" "$WORK/www/repo" "$mnt" -f -o "cache=$cache,state=$state,$opts" 2>>"$WORK/imgfs.log" &
     pid=$!
     wait_mounted "$mnt" 20 || die "imgfs did not mount again."
+    [ -z "$pt" ] || flat_ready "$mnt"
     drop
     t0=$(date +%s%N)
     cat "$mnt/bases/$NAME.raw" >/dev/null || die "imgfs read of the cached base failed."
     t1=$(date +%s%N)
     [ "$(awk '$1 == "requests" { print $2; exit }' "$mnt/.imgfs/stats")" = 0 ] ||
         die "the cached read fetched chunks: the cache did not hold the base."
+    [ -z "$pt" ] || passed_through "$mnt"
     fusermount3 -u "$mnt"
     stop_pid "$pid"
-    "$BIN/imgfs" "$WORK/www/repo" "$mnt" -f -o "cache=$cache,state=$state,prefetch=none" 2>>"$WORK/imgfs.log" &
+    "$BIN/imgfs" "$WORK/www/repo" "$mnt" -f -o "cache=$cache,state=$state,$opts" 2>>"$WORK/imgfs.log" &
     pid=$!
     wait_mounted "$mnt" 20 || die "imgfs did not mount a third time."
+    [ -z "$pt" ] || flat_ready "$mnt"
     local iops
     iops=$(rand_iops "$mnt/bases/$NAME.raw")
     [ "$(awk '$1 == "requests" { print $2; exit }' "$mnt/.imgfs/stats")" = 0 ] ||
         die "the cached random read fetched chunks."
+    [ -z "$pt" ] || passed_through "$mnt"
     fusermount3 -u "$mnt"
     stop_pid "$pid"
     echo "$(seconds "$t0" "$t1") $iops"
+}
+
+# flat_ready MNT: waits (60 s at most) until the base's flat file is ready.
+flat_ready() {
+    local i
+    for i in $(seq 600); do
+        awk -v s="[base $NAME@1]" '/^\[/ { in_s = ($0 == s) } in_s && $1 == "flat_file" && $2 == "ready" { ok = 1 } END { exit !ok }' \
+            "$1/.imgfs/stats" && return 0
+        sleep 0.1
+    done
+    die "the flat file of $NAME@1 did not get ready: $(tail -n 2 "$WORK/imgfs.log")"
+}
+
+# passed_through MNT: dies unless the daemon served no READ of the base.
+passed_through() {
+    awk -v s="[base $NAME@1]" '/^\[/ { in_s = ($0 == s) } in_s && $1 == "reads" { r = $2 } END { exit r != 0 }' \
+        "$1/.imgfs/stats" || die "the base_passthrough read reached the daemon: $(grep -A3 passthrough "$1/.imgfs/stats")"
 }
 
 # drop_caches empties this VM's page cache, not the cache that its disk has
@@ -298,6 +332,7 @@ if [[ " $CASES " == *" cached "* ]]; then
     mbps() { [ "$1" = n/a ] && echo n/a || awk -v m=$MIB -v t="$1" 'BEGIN { printf "%.0f", m * 1.048576 / t }'; }
     ratio() { [ "$1" = n/a ] || [ "$2" = n/a ] && echo n/a || awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
     : >"$WORK/ratios"
+    : >"$WORK/vs-local"
     for ((run = 1; run <= REPEAT; run++)); do
         # One local and one qcowmount figure per run for every build, and the
         # builds in turn first, so that neither always follows the other.
@@ -324,7 +359,20 @@ if [[ " $CASES " == *" cached "* ]]; then
             # Per build, one line per round: the six ratios of the summary.
             echo "$label $(ratio "$local_s" "$s") $(ratio "$qcow_s" "$s") $(ratio "$pass_s" "$s") $(ratio "$iops" "$local_iops") $(ratio "$iops" "$qcow_iops") $(ratio "$iops" "$pass_iops")" >>"$WORK/ratios"
             log "$label: sequential local $local_s s, qcowmount $qcow_s s, pass $pass_s s, imgfs $s s; random 4K: local $local_iops, qcowmount $qcow_iops, pass $pass_iops, imgfs $iops IOPS"
+            [ "$BIN" = "$IMGFS_BIN_DIR" ] && imgfs_s=$s imgfs_iops=$iops
         done
+        # This build again with -o base_passthrough (the kernel reads the
+        # flat file), before or after the rest in turn.
+        BIN=$IMGFS_BIN_DIR
+        read -r pt_s pt_iops <<<"$(imgfs_cached pt)"
+        label="cached, base_passthrough"
+        CACHED_ROWS+=("| $label, run $run | $local_s s ($(mbps "$local_s") MB/s) | $qcow_s s ($(mbps "$qcow_s") MB/s) | $pass_s s ($(mbps "$pass_s") MB/s) | $pt_s s ($(mbps "$pt_s") MB/s) | **$(ratio "$local_s" "$pt_s")x** | **$(ratio "$qcow_s" "$pt_s")x** | **$(ratio "$pass_s" "$pt_s")x** | $(ratio "$local_s" "$pass_s")x | $kernel_s s ($(mbps "$kernel_s") MB/s) | $(ratio "$local_s" "$kernel_s")x |")
+        CACHED_RAND_ROWS+=("| $label, run $run | $local_iops | $qcow_iops | $pass_iops | $pt_iops | **$(ratio "$pt_iops" "$local_iops")x** | **$(ratio "$pt_iops" "$qcow_iops")x** | **$(ratio "$pt_iops" "$pass_iops")x** | $(ratio "$pass_iops" "$local_iops")x | $kernel_iops | $(ratio "$kernel_iops" "$local_iops")x |")
+        echo "$label $(ratio "$local_s" "$pt_s") $(ratio "$qcow_s" "$pt_s") $(ratio "$pass_s" "$pt_s") $(ratio "$pt_iops" "$local_iops") $(ratio "$pt_iops" "$qcow_iops") $(ratio "$pt_iops" "$pass_iops")" >>"$WORK/ratios"
+        log "$label: imgfs $pt_s s; random 4K: imgfs $pt_iops IOPS"
+        # Every target's ratio to the local file in this round (local time /
+        # its time; its IOPS / local IOPS).
+        echo "$(ratio "$local_s" "$qcow_s") $(ratio "$local_s" "$pass_s") $(ratio "$local_s" "$kernel_s") $(ratio "$local_s" "$imgfs_s") $(ratio "$local_s" "$pt_s") $(ratio "$qcow_iops" "$local_iops") $(ratio "$pass_iops" "$local_iops") $(ratio "$kernel_iops" "$local_iops") $(ratio "$imgfs_iops" "$local_iops") $(ratio "$pt_iops" "$local_iops")" >>"$WORK/vs-local"
     done
     BIN=$IMGFS_BIN_DIR
 fi
@@ -409,6 +457,22 @@ for line in open(sys.argv[1]):
 for label, runs in rows.items():
     cols = ["%.2fx (%.2f-%.2f)" % (statistics.median(c), min(c), max(c)) for c in zip(*runs)]
     print("| %s | %d | %s |" % (label, len(runs), " | ".join(cols)))
+PY
+        echo
+        echo "Every target against the local raw file: median (range) over the rounds of local time / its time"
+        echo "(sequential) and its IOPS / local IOPS (random 4 KiB); above 1: faster than the local file."
+        echo
+        echo "| read | rounds | qcowmount | pass | kernel (fuse-null) | imgfs | imgfs base_passthrough |"
+        echo "|---|---:|---:|---:|---:|---:|---:|"
+        python3 - "$WORK/vs-local" <<'PY'
+import statistics, sys
+runs = [line.split() for line in open(sys.argv[1]) if line.strip()]
+def cell(vals):
+    vals = [float(v) for v in vals if v != "n/a"]
+    return "%.2fx (%.2f-%.2f)" % (statistics.median(vals), min(vals), max(vals)) if vals else "n/a"
+for name, lo in (("sequential 1 MiB (cat)", 0), ("random 4 KiB", 5)):
+    cols = [cell([r[lo + i] for r in runs]) for i in range(5)]
+    print("| %s | %d | %s |" % (name, len(runs), " | ".join(cols)))
 PY
     fi
 } | save_report cold-read

@@ -18,7 +18,12 @@
 # BENCH_OFFCPU=1 where its threads spent their time (perf sched_switch
 # record and bench/offcpu.py: on a CPU, runnable, D, S, and the top stacks).
 # Then the ratios to the passthrough (and to the first build), median and
-# range over the rounds.
+# range over the rounds. BENCH_BS=1M runs bench-vm.sh's 1 MiB row instead:
+# fio libaio 1 MiB sequential writes of 0-1 GiB (a fill, not time based, with
+# an fsync at the end), reported in MiB/s. Every job also reports the MiB the
+# device under the work directory wrote meanwhile (its /sys/block/DEV/stat:
+# the data, the logs' records, zeros written ahead, the journal and whatever
+# else the host wrote then).
 #
 # Run as root. Environment:
 #   BENCH_BUILDS   "NAME=DIR ..." (default "this=<repo>/build")
@@ -26,6 +31,7 @@
 #   BENCH_TIME     seconds per fio job (default 6)
 #   BENCH_FSYNCS   fsync intervals (default "32 0")
 #   BENCH_IODEPTH  fio's --iodepth (default 16)
+#   BENCH_BS       4k (default) or 1M (the sequential fill above)
 #   BENCH_PERF=1 / BENCH_OFFCPU=1  the per-write costs / off-CPU times above
 #   BENCH_DIR      parent of the work directory (default /var/tmp)
 #   BENCH_KEEP=1   keep the work directory (daemon logs, fio JSON, perf data)
@@ -43,11 +49,17 @@ ROUNDS=${BENCH_ROUNDS:-5}
 RUNTIME=${BENCH_TIME:-6}
 FSYNCS=(${BENCH_FSYNCS:-32 0})
 IODEPTH=${BENCH_IODEPTH:-16}
+BS=${BENCH_BS:-4k}
 PERF=${BENCH_PERF:-0}
 OFFCPU=${BENCH_OFFCPU:-0}
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "BENCH_TIME=$RUNTIME is not a number of seconds."
 [[ $IODEPTH =~ ^[1-9][0-9]*$ ]] || die "BENCH_IODEPTH=$IODEPTH is not a positive count."
+case $BS in
+4k) FIO_RW=(--rw=randwrite --bs=4k --randrepeat=0 --time_based --runtime="$RUNTIME") UNIT=writes/s ;;
+1M) FIO_RW=(--rw=write --bs=1M --end_fsync=1) UNIT=MiB/s ;;
+*) die "BENCH_BS=$BS is neither 4k nor 1M." ;;
+esac
 for f in "${FSYNCS[@]}"; do [[ $f =~ ^[0-9]+$ ]] || die "BENCH_FSYNCS entry '$f' is not a count."; done
 
 require_root "FUSE mounts"
@@ -78,10 +90,14 @@ server_pid() { # the serving process of target $1
     [ "$1" = pass ] && { echo "$PASS_PID"; return; }
     awk '/^\[/ { d = ($0 == "[daemon]"); next } d && $1 == "pid" { print $2; exit }' "$WORK/mnt-$1/.imgfs/stats"
 }
+# Sectors written by the device that holds the work directory (its whole disk).
+DEV=$(lsblk -no PKNAME "$(findmnt -no SOURCE -T "$WORK")" 2>/dev/null | head -n 1)
+[ -n "$DEV" ] || DEV=$(basename "$(findmnt -no SOURCE -T "$WORK")")
+dev_written() { awk '{ print $7 }' "/sys/block/$DEV/stat" 2>/dev/null || echo 0; }
 drop_cache() { python3 -c 'import os, sys
 fd = os.open(sys.argv[1], os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$1"; }
 
-# job TARGET FSYNC NAME: one fio job; prints "writes/s write_us fsync_us [cpu_us csw] [offcpu...]"
+# job TARGET FSYNC NAME: one fio job; prints "rate write_us fsync_us device_MiB [cpu_us csw] [offcpu...]"
 VMS=0
 job() {
     local t=$1 f=$2 name=$3 disk pid perf_pid= off_pid= out=$WORK/fio-$3.json
@@ -104,23 +120,30 @@ job() {
         off_pid=$!
     fi
     sleep 0.2
-    fio --name="$name" --filename="$disk" --rw=randwrite --bs=4k --direct=1 --ioengine=libaio --iodepth="$IODEPTH" \
-        --offset=0 --size=1G --randrepeat=0 --fsync="$f" --time_based --runtime="$RUNTIME" --output-format=json \
+    local dev_before
+    dev_before=$(dev_written)
+    fio --name="$name" --filename="$disk" "${FIO_RW[@]}" --direct=1 --ioengine=libaio --iodepth="$IODEPTH" \
+        --offset=0 --size=1G --fsync="$f" --output-format=json \
         --output="$out" >/dev/null 2>"$WORK/fio-$name.err"
-    local res
-    res=$(python3 - "$out" <<'PY' || echo "0 0 0"
+    local res dev_mib=$((($(dev_written) - dev_before) / 2048))
+    res=$(python3 - "$out" "$BS" <<'PY' || echo "0 0 0 0 0"
 import json, sys
 text = open(sys.argv[1]).read()
 job = json.loads(text[text.index("{"):])["jobs"][0]
 w, s = job["write"], job.get("sync", {})
-print(round(w["iops"]), round(w["clat_ns"]["mean"] / 1000), round(s.get("lat_ns", {}).get("mean", 0) / 1000))
+rate = w["bw_bytes"] / 1048576 if sys.argv[2] == "1M" else w["iops"]
+print(round(rate), round(w["clat_ns"]["mean"] / 1000), round(s.get("lat_ns", {}).get("mean", 0) / 1000),
+      w["total_ios"], job["job_runtime"] / 1000)
 PY
 )
+    local ios
+    read -r _ _ _ ios _ <<<"$res"
+    res="$(cut -d' ' -f1-3 <<<"$res") $dev_mib"
     if [ -n "$perf_pid" ]; then
         kill -INT "$perf_pid"
         wait "$perf_pid"
-        res+=" $(awk -F, -v n="${res%% *}" -v t="$RUNTIME" '$3 == "task-clock" { c = $1 } $3 == "context-switches" { s = $1 }
-            END { if (n > 0) printf "%.1f %.2f", c * 1000 / (n * t), s / (n * t); else print "- -" }' "$WORK/perf-$name.csv")"
+        res+=" $(awk -F, -v n="$ios" '$3 == "task-clock" { c = $1 } $3 == "context-switches" { s = $1 }
+            END { if (n > 0) printf "%.1f %.2f", c * 1000 / n, s / n; else print "- -" }' "$WORK/perf-$name.csv")"
     fi
     if [ -n "$off_pid" ]; then
         wait "$off_pid"
@@ -145,23 +168,27 @@ done
 LOAD_END=$(cut -d" " -f1-3 /proc/loadavg)
 
 report() {
-    echo "# imgfs: O_DIRECT 4 KiB random writes, flush path and write path, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    if [ "$BS" = 1M ]; then
+        echo "# imgfs: O_DIRECT 1 MiB sequential writes of 0-1 GiB, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    else
+        echo "# imgfs: O_DIRECT 4 KiB random writes, flush path and write path, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    fi
     echo
     echo "- $(nproc) CPUs, kernel $(uname -r), work dir on $(findmnt -no FSTYPE -T "$WORK"); $(fio --version)"
     echo "- builds: $BUILDS; pass: bench/fuse-null.c passthrough onto a written 1 GiB file"
     echo "- load average at start: $LOAD_START, at end: $LOAD_END"
-    echo "- fio libaio 4 KiB randwrite, direct=1, iodepth $IODEPTH, ${RUNTIME} s a job, a new blank VM per imgfs job"
+    echo "- fio libaio ${FIO_RW[*]}, direct=1, iodepth $IODEPTH, a new blank VM per imgfs job; device: $DEV"
     echo
-    echo "| fsync every | round | target | writes/s | write latency, us | fsync latency, us |$([ "$PERF" = 1 ] && echo " CPU us/write | context switches/write |")$([ "$OFFCPU" = 1 ] && echo " off-CPU (offcpu.py) |")"
-    echo "|---:|---:|---|---:|---:|---:|$([ "$PERF" = 1 ] && echo "---:|---:|")$([ "$OFFCPU" = 1 ] && echo "---|")"
+    echo "| fsync every | round | target | $UNIT | write latency, us | fsync latency, us | device MiB written |$([ "$PERF" = 1 ] && echo " CPU us/write | context switches/write |")$([ "$OFFCPU" = 1 ] && echo " off-CPU (offcpu.py) |")"
+    echo "|---:|---:|---|---:|---:|---:|---:|$([ "$PERF" = 1 ] && echo "---:|---:|")$([ "$OFFCPU" = 1 ] && echo "---|")"
     local f round t
     for f in "${FSYNCS[@]}"; do
         for ((round = 1; round <= ROUNDS; round++)); do
             for t in "${TARGETS[@]}"; do
                 read -r -a v <<<"${R[$t,$f,$round]}"
-                local line="| $f | $round | $t | ${v[0]} | ${v[1]} | ${v[2]} |"
-                [ "$PERF" = 1 ] && line+=" ${v[3]:-} | ${v[4]:-} |"
-                [ "$OFFCPU" = 1 ] && line+=" ${v[*]:$([ "$PERF" = 1 ] && echo 5 || echo 3)} |"
+                local line="| $f | $round | $t | ${v[0]} | ${v[1]} | ${v[2]} | ${v[3]} |"
+                [ "$PERF" = 1 ] && line+=" ${v[4]:-} | ${v[5]:-} |"
+                [ "$OFFCPU" = 1 ] && line+=" ${v[*]:$([ "$PERF" = 1 ] && echo 6 || echo 4)} |"
                 echo "$line"
             done
         done

@@ -156,6 +156,9 @@ struct cache {
     atomic_uint_fast64_t clock;    /* LRU clock; starts above every record time */
     atomic_uint_fast64_t evictions;
     atomic_uint_fast64_t dropped_damaged;
+    atomic_uint_fast64_t charged; /* cache_charge()'s bytes, also counted in used */
+    uint64_t (*reclaim)(void *ctx, uint64_t want); /* set before use */
+    void *reclaim_ctx;
     /* One eviction pass at a time. Held across its punches and record
      * writes, and across a compaction's copies (at most 1/16 of a pack):
      * a fill that must evict waits for them; a read never takes it. */
@@ -1227,10 +1230,42 @@ static int reserve(struct cache *cache, uint64_t len)
         if (attempt == 2)
             return -ENOSPC;
         uint64_t low = cache->limit / 10 * 9;
+        uint64_t target = low > len ? low - len : 0;
+        if (cache->reclaim && atomic_load(&cache->charged)) { /* charged space gives way first */
+            used = atomic_load(&cache->used);
+            if (used > target)
+                cache->reclaim(cache->reclaim_ctx, used - target);
+            if (atomic_load(&cache->used) + len <= cache->limit)
+                continue;
+        }
         pthread_mutex_lock(&cache->evict_lock);
         evict_to(cache, low > len ? low - len : 0);
         pthread_mutex_unlock(&cache->evict_lock);
     }
+}
+
+int cache_charge(struct cache *cache, uint64_t len)
+{
+    uint64_t room = cache->limit / 10 * 9;
+    uint64_t used = atomic_load(&cache->used);
+    do {
+        if (cache->limit && used + len > room)
+            return -ENOSPC;
+    } while (!atomic_compare_exchange_weak(&cache->used, &used, used + len));
+    atomic_fetch_add(&cache->charged, len);
+    return 0;
+}
+
+void cache_uncharge(struct cache *cache, uint64_t len)
+{
+    atomic_fetch_sub(&cache->charged, len);
+    atomic_fetch_sub(&cache->used, len);
+}
+
+void cache_set_reclaim(struct cache *cache, uint64_t (*reclaim)(void *ctx, uint64_t want), void *ctx)
+{
+    cache->reclaim = reclaim;
+    cache->reclaim_ctx = ctx;
 }
 
 void cache_set_limit(struct cache *cache, uint64_t limit)
@@ -1378,8 +1413,11 @@ int cache_fill(struct cache *cache, struct cache_pin *pin, const void *data, siz
     if (!rc) {
         rc = store(cache, &e->hash, data, len, NULL, &pack, &off);
         if (rc == -ENOSPC || rc == -EDQUOT) {
-            /* The cache's file system is full: make room and retry once. */
+            /* The cache's file system is full: make room (flat files
+             * first) and retry once. */
             uint64_t used = atomic_load(&cache->used);
+            if (cache->reclaim && atomic_load(&cache->charged))
+                cache->reclaim(cache->reclaim_ctx, used / 10);
             pthread_mutex_lock(&cache->evict_lock);
             evict_to(cache, used - used / 10);
             pthread_mutex_unlock(&cache->evict_lock);
@@ -1473,6 +1511,16 @@ bool cache_stores(struct cache *cache, const struct chunk_hash *hash)
     return stored;
 }
 
+bool cache_stores_held(struct cache *cache, const struct chunk_hash *hash)
+{
+    struct shard *s = shard_of(cache, hash);
+    pthread_mutex_lock(&s->lock);
+    struct cache_entry *e = find_entry(s, hash);
+    bool held = e && e->pack && e->holds;
+    pthread_mutex_unlock(&s->lock);
+    return held;
+}
+
 uint64_t cache_generation(struct cache *cache)
 {
     uint64_t sum = 0; /* of counts that only grow: it changes when one does */
@@ -1533,6 +1581,7 @@ void cache_get_usage(struct cache *cache, struct cache_usage *out)
         out->held_bytes += s->held_bytes;
         pthread_mutex_unlock(&s->lock);
     }
+    out->charged_bytes = atomic_load(&cache->charged);
     pthread_mutex_lock(&cache->pack_lock);
     out->packs = cache->pack_count;
     pthread_mutex_unlock(&cache->pack_lock);

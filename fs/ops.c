@@ -183,8 +183,11 @@ static void note_negotiated(struct takeover *t, const struct fuse_conn_info *con
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
     struct imgfs *fs = userdata;
-    if (init_from_takeover(fs->takeover, conn))
+    if (init_from_takeover(fs->takeover, conn)) {
+        if (fs->passthrough)
+            passthrough_init_done(fs->passthrough);
         return;
+    }
     /* Only VM files are ever written through the page cache (bases and
      * snapshots refuse writers, status files are direct), so the writeback
      * cache concerns VM disks alone. */
@@ -205,6 +208,10 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
      * and readahead with it. */
     conn->max_background = 64;
     conn->congestion_threshold = 48;
+    if (fs->passthrough) {
+        passthrough_negotiate(fs->passthrough, (conn->want & FUSE_CAP_WRITEBACK_CACHE) != 0);
+        passthrough_init_done(fs->passthrough);
+    }
     note_negotiated(fs->takeover, conn);
 }
 
@@ -786,6 +793,8 @@ void fs_restore_open_handles(struct imgfs *fs)
         if (!n)
             continue;
         files++;
+        if (n->kind == NODE_BASE_FILE && fs->passthrough)
+            passthrough_restore(fs->passthrough, n->version, atomic_load(&fs->takeover->handles[i].backing_id));
         if (is_vm_node(n))
             vm_open_taken_over(n->vm, n->snapshot);
         if (n->kind == NODE_VM_FILE) {
@@ -822,8 +831,17 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
                                 &n->version->marks);
         if (n->kind == NODE_VM_SNAPSHOT)
             vm_open(n->vm, n->snapshot); /* cannot fail for a snapshot */
-        fi->keep_cache = 1; /* these bytes never change */
-        fuse_reply_open(req, fi);
+        int backing = n->kind == NODE_BASE_FILE && fs->passthrough && fs->takeover
+                          ? passthrough_open(fs->passthrough, n->version, fi->fh)
+                          : 0;
+        if (backing)
+            serve_set_open_backing(backing); /* the kernel refuses keep_cache with it */
+        else
+            fi->keep_cache = 1; /* these bytes never change */
+        if (fuse_reply_open(req, fi) != 0 && backing) { /* the open never reached the caller */
+            passthrough_release(fs->passthrough, n->version, fi->fh);
+            takeover_handle_release(fs->takeover, fi->fh, n->ino);
+        }
         return;
     case NODE_VM_FILE: {
         int rc = open_vm_disk(fs, n, fi);
@@ -1163,8 +1181,11 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     struct node *n = tree_get(fs->tree, ino);
     if (n && (n->kind == NODE_STATUS_FILE || n->kind == NODE_CONTROL_FILE))
         text_read(req, fi->fh, size, off);
-    else if (n && (n->kind == NODE_BASE_FILE || is_vm_node(n)))
+    else if (n && (n->kind == NODE_BASE_FILE || is_vm_node(n))) {
+        if (n->kind == NODE_BASE_FILE)
+            atomic_fetch_add_explicit(&n->version->pt.reads, 1, memory_order_relaxed);
         read_image(req, fs, n, size, off);
+    }
     else
         fuse_reply_err(req, EBADF);
 }
@@ -1322,6 +1343,10 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     } else if (n && (is_vm_node(n) || n->kind == NODE_BASE_FILE)) {
         /* A handle that is not in the table (given before a takeover whose
          * table it did not reach) was not counted either. */
+        struct imgfs *fs = fs_of(req);
+        if (n->kind == NODE_BASE_FILE && fs->passthrough && fs->takeover && fi->fh && fi->fh <= TAKEOVER_MAX_HANDLES &&
+            atomic_load(&fs->takeover->handles[fi->fh - 1].ino) == ino)
+            passthrough_release(fs->passthrough, n->version, fi->fh);
         bool counted = !fs_of(req)->takeover || takeover_handle_release(fs_of(req)->takeover, fi->fh, ino);
         if (counted && is_vm_node(n))
             vm_close(n->vm, n->snapshot);

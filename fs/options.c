@@ -29,6 +29,7 @@ struct raw_options {
     char *mirrors[8];
     int mirror_count;
     int offline;
+    int base_passthrough;
     char *vm_cache;
     char *trust;
     int insecure;
@@ -67,6 +68,7 @@ static const struct fuse_opt option_spec[] = {
     OPT("stall_timeout=%s", stall_timeout),
     OPT("proxy=%s", proxy),
     OPT("offline", offline),
+    OPT("base_passthrough", base_passthrough),
     OPT("vm_cache=%s", vm_cache),
     OPT("trust=%s", trust),
     OPT("insecure", insecure),
@@ -198,6 +200,11 @@ static void print_help(void)
            "                      bytes/s (e.g. 2M), one chunk at a time (default off)\n"
            "  -o offline          mount even if the repository is unreachable, serving\n"
            "                      what is cached (index and manifests are kept in the cache)\n"
+           "  -o base_passthrough the kernel reads base files of versions wholly held in\n"
+           "                      the cache (imgfsctl precopy) by itself, from a flat copy\n"
+           "                      checked when built and at each start (FUSE passthrough,\n"
+           "                      Linux 6.9+, root); bytes changed on disk after that check\n"
+           "                      are not caught. Default off\n"
            "  -o vm_cache=direct|writeback  how VM disks use the host page cache.\n"
            "                      direct (default): every read and write reaches imgfs\n"
            "                      as it is, and the guest does its own caching.\n"
@@ -480,6 +487,7 @@ int mount_options_parse_served(int argc, char **argv, const char *mountpoint, st
         goto out;
     }
     opts->offline = raw.offline;
+    opts->base_passthrough = raw.base_passthrough;
     if (!raw.vm_cache || strcmp(raw.vm_cache, "direct") == 0) {
         opts->vm_writeback = false;
     } else if (strcmp(raw.vm_cache, "writeback") == 0) {

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -44,14 +45,67 @@ bool serve_request_is_resent(void) { return request_resent; }
  * one struct fuse_open_out; a create reply the header, struct fuse_entry_out
  * and struct fuse_open_out. */
 static _Thread_local uint32_t open_flags_to_add;
+static _Thread_local int open_backing_id;       /* > 0: the next open reply passes through */
+static _Thread_local bool init_wants_passthrough; /* the next reply is INIT's: ask for it */
 
 void serve_add_open_flags(uint32_t flags) { open_flags_to_add |= flags; }
+
+#define PASSTHROUGH_INIT_FLAG2 (1u << 5) /* FUSE_PASSTHROUGH >> 32, in fuse_init_out.flags2 */
+#define PASSTHROUGH_OPEN_FLAG (1u << 7)  /* FOPEN_PASSTHROUGH */
+struct backing_map {                     /* struct fuse_backing_map */
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+#define IOC_BACKING_OPEN _IOW(229, 1, struct backing_map) /* FUSE_DEV_IOC_BACKING_OPEN */
+#define IOC_BACKING_CLOSE _IOW(229, 2, uint32_t)          /* FUSE_DEV_IOC_BACKING_CLOSE */
+
+void serve_amend_init_passthrough(void) { init_wants_passthrough = true; }
+
+void serve_set_open_backing(int id)
+{
+    open_backing_id = id;
+    open_flags_to_add |= PASSTHROUGH_OPEN_FLAG;
+}
+
+int serve_backing_open(int fuse_fd, int fd)
+{
+    struct backing_map map = {.fd = fd};
+    int id = ioctl(fuse_fd, IOC_BACKING_OPEN, &map);
+    return id > 0 ? id : id == 0 ? -EPROTO : -errno;
+}
+
+int serve_backing_close(int fuse_fd, int id)
+{
+    uint32_t value = (uint32_t)id;
+    return ioctl(fuse_fd, IOC_BACKING_CLOSE, &value) == 0 ? 0 : -errno;
+}
+
+/* INIT's reply, when op_init asked (its thread's next reply): passthrough
+ * with a stack depth of 1. max_stack_depth is the first word after flags2
+ * (unused[0] in the 7.38 layout). */
+static void amend_init_reply(struct iovec *iov, int count)
+{
+    if (count != 2 || iov[0].iov_len != sizeof(struct fuse_out_header) || iov[1].iov_len != sizeof(struct fuse_init_out))
+        return;
+    struct fuse_init_out out;
+    memcpy(&out, iov[1].iov_base, sizeof(out));
+    out.flags2 |= PASSTHROUGH_INIT_FLAG2;
+    out.unused[0] = 1;
+    memcpy(iov[1].iov_base, &out, sizeof(out));
+}
 
 static ssize_t hook_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
     (void)userdata;
     uint32_t add = open_flags_to_add;
+    int backing_id = open_backing_id;
     open_flags_to_add = 0;
+    open_backing_id = 0;
+    if (init_wants_passthrough) {
+        init_wants_passthrough = false;
+        amend_init_reply(iov, count);
+    }
     if (add && count == 2 && iov[0].iov_len == sizeof(struct fuse_out_header)) {
         size_t at = iov[1].iov_len == sizeof(struct fuse_open_out) ? 0
                     : iov[1].iov_len == sizeof(struct fuse_entry_out) + sizeof(struct fuse_open_out)
@@ -61,6 +115,8 @@ static ssize_t hook_writev(int fd, struct iovec *iov, int count, void *userdata)
             struct fuse_open_out out;
             memcpy(&out, (char *)iov[1].iov_base + at, sizeof(out));
             out.open_flags |= add;
+            if (backing_id > 0)
+                out.padding = (uint32_t)backing_id; /* backing_id in protocol 7.40 */
             memcpy((char *)iov[1].iov_base + at, &out, sizeof(out));
         }
     }

@@ -118,6 +118,43 @@ static void add_base_version(struct status_snapshot *s, struct imgfs *fs, uint64
                    atomic_load(&pm->hits));
     status_counter(s, sec, "prefetch_misses", "Guest reads that fetched while a prefetch list was known.",
                    atomic_load(&pm->misses));
+    status_counter(s, sec, "reads", "READ requests of the base file that the daemon served (not passthrough).",
+                   atomic_load(&n->version->pt.reads));
+    if (fs->passthrough) {
+        static const char *const flat_names[] = {"none", "building", "unchecked", "checking", "ready"};
+        status_text(s, sec, STATUS_TEXT, "flat_file", "%s", flat_names[passthrough_flat_state(fs->passthrough, n->version)]);
+        pthread_mutex_lock(&n->version->pt.lock);
+        uint32_t pt_opens = n->version->pt.pt_opens, normal_opens = n->version->pt.cached_opens;
+        pthread_mutex_unlock(&n->version->pt.lock);
+        status_gauge(s, sec, "passthrough_open", "Opens of the base file read by the kernel (FUSE passthrough).",
+                     pt_opens, 0);
+        status_gauge(s, sec, "normal_open", "Opens of the base file read through the daemon.", normal_opens, 0);
+        status_counter(s, sec, "passthrough_opens", "Opens given to the kernel's passthrough since the server started.",
+                       atomic_load(&n->version->pt.pt_total));
+    }
+}
+
+static void add_passthrough(struct status_snapshot *s, struct imgfs *fs)
+{
+    if (!fs->passthrough)
+        return;
+    static const char *const states[] = {"off", "waiting", "unavailable", "active"};
+    struct passthrough_status ps;
+    passthrough_get_status(fs->passthrough, &ps);
+    struct status_section *sec = status_add_section(s, "passthrough", NULL);
+    status_text(s, sec, STATUS_INFO, "state", "%s", states[ps.state]);
+    status_text(s, sec, STATUS_INFO, "kernel_offers", "%s", ps.kernel_offers ? "yes" : "no");
+    status_text(s, sec, STATUS_INFO, "negotiated", "%s", ps.negotiated ? "yes" : "no");
+    status_text(s, sec, STATUS_TEXT, "why_not", "%s", ps.why[0] ? ps.why : "none");
+    status_gauge(s, sec, "open_files", "Base files open with FUSE passthrough.", ps.opens, 0);
+    status_counter(s, sec, "opens", "Opens given to the kernel's passthrough.", ps.opens_total);
+    status_gauge(s, sec, "flat_files", "Flat files of base versions in the cache.", (double)ps.flat.files, 0);
+    status_gauge(s, sec, "flat_ready", "Flat files checked in this run, which opens may use.", (double)ps.flat.ready, 0);
+    status_gauge(s, sec, "flat_bytes", "Bytes of flat files counted against the cache limit.", (double)ps.flat.bytes, 0);
+    status_counter(s, sec, "flat_built", "Flat files built.", ps.flat.built);
+    status_counter(s, sec, "flat_checked", "Flat files found at start that passed their check.", ps.flat.checked);
+    status_counter(s, sec, "flat_rejected", "Flat files removed because they failed their check.", ps.flat.rejected);
+    status_counter(s, sec, "flat_reclaimed", "Flat files removed to make room for chunks.", ps.flat.reclaimed);
 }
 
 struct version_walk {
@@ -217,6 +254,8 @@ int status_snapshot_take(struct imgfs *fs, struct status_snapshot *s)
     status_gauge(s, sec, "open_files", "Open pack and index files.", (double)usage.open_fds, 0);
     status_counter(s, sec, "damaged_dropped", "Cached chunks dropped because they failed verification.",
                    usage.dropped_damaged);
+
+    add_passthrough(s, fs);
 
     sec = status_add_section(s, "fetch", NULL);
     status_counter(s, sec, "requests", "Chunk requests to the repository.", totals.requests);

@@ -14,6 +14,10 @@
 #endif
 #define INIT_FLAG_EXT (1u << 30)       /* FUSE_INIT_EXT: flags2 is valid */
 #define INIT_FLAG2_HAS_RESEND (1u << 7) /* FUSE_HAS_RESEND is 1 << 39 */
+#define INIT_FLAG2_PASSTHROUGH (1u << 5) /* FUSE_PASSTHROUGH is 1 << 37 */
+
+/* Adding the passthrough word used padding: the layout did not change. */
+_Static_assert(offsetof(struct takeover, inode_count) == 2776, "struct takeover's layout 1 moved");
 
 struct takeover *takeover_create(int *fd)
 {
@@ -52,19 +56,31 @@ struct takeover *takeover_attach(int fd)
     return t;
 }
 
-bool takeover_init_has_resend(const void *bytes, size_t len)
+/* The flags2 word of an INIT request of protocol 7.minor or later with
+ * FUSE_INIT_EXT, or 0. */
+static uint32_t init_flags2(const void *bytes, size_t len, uint32_t minor)
 {
     struct fuse_in_header in;
     struct {
         uint32_t major, minor, max_readahead, flags, flags2;
     } init = {0};
-    if (len < sizeof(in) + 16)
-        return false;
+    if (len < sizeof(in) + sizeof(init))
+        return 0;
     memcpy(&in, bytes, sizeof(in));
-    memcpy(&init, (const char *)bytes + sizeof(in), len - sizeof(in) < sizeof(init) ? len - sizeof(in) : sizeof(init));
-    if (in.opcode != FUSE_INIT || init.major != 7 || init.minor < 40 || len < sizeof(in) + sizeof(init))
-        return false;
-    return (init.flags & INIT_FLAG_EXT) && (init.flags2 & INIT_FLAG2_HAS_RESEND);
+    memcpy(&init, (const char *)bytes + sizeof(in), sizeof(init));
+    if (in.opcode != FUSE_INIT || init.major != 7 || init.minor < minor || !(init.flags & INIT_FLAG_EXT))
+        return 0;
+    return init.flags2;
+}
+
+bool takeover_init_has_resend(const void *bytes, size_t len)
+{
+    return (init_flags2(bytes, len, 40) & INIT_FLAG2_HAS_RESEND) != 0;
+}
+
+bool takeover_init_has_passthrough(const void *bytes, size_t len)
+{
+    return (init_flags2(bytes, len, 40) & INIT_FLAG2_PASSTHROUGH) != 0;
 }
 
 void takeover_note_request(struct takeover *t, const void *bytes, size_t len)
@@ -87,10 +103,23 @@ uint64_t takeover_handle_open(struct takeover *t, uint64_t ino, bool vm_disk)
         if (atomic_load_explicit(&t->handles[i].ino, memory_order_relaxed) == 0 &&
             atomic_compare_exchange_strong(&t->handles[i].ino, &expected, ino)) {
             atomic_store_explicit(&t->handles[i].vm_disk, vm_disk, memory_order_relaxed);
+            atomic_store_explicit(&t->handles[i].backing_id, 0, memory_order_relaxed);
             return i + 1;
         }
     }
     return 0;
+}
+
+void takeover_handle_set_backing(struct takeover *t, uint64_t fh, uint32_t backing_id)
+{
+    if (fh && fh <= TAKEOVER_MAX_HANDLES)
+        atomic_store_explicit(&t->handles[fh - 1].backing_id, backing_id, memory_order_relaxed);
+}
+
+uint32_t takeover_handle_backing(struct takeover *t, uint64_t fh)
+{
+    return fh && fh <= TAKEOVER_MAX_HANDLES ? atomic_load_explicit(&t->handles[fh - 1].backing_id, memory_order_relaxed)
+                                            : 0;
 }
 
 bool takeover_handle_release(struct takeover *t, uint64_t fh, uint64_t ino)

@@ -205,6 +205,7 @@ void tree_destroy(struct tree *tree)
             free((void *)n->version->marks.list_pos);
             manifest_free(n->version->manifest);
             pthread_mutex_destroy(&n->version->residency_lock);
+            passthrough_version_destroy(&n->version->pt);
             free(n->version);
         }
         free(n);
@@ -276,6 +277,7 @@ static int publish_version(struct tree *tree, struct manifest *m, bool latest)
     v->view.counters = &v->counters;
     v->view.marks = &v->marks;
     pthread_mutex_init(&v->residency_lock, NULL);
+    passthrough_version_init(&v->pt);
     pthread_rwlock_wrlock(&tree->lock);
     struct node *n = add_node(tree, INO_BASES, NODE_BASE_FILE, file);
     if (n)
@@ -288,6 +290,7 @@ static int publish_version(struct tree *tree, struct manifest *m, bool latest)
     pthread_rwlock_unlock(&tree->lock);
     if (!n) {
         pthread_mutex_destroy(&v->residency_lock);
+        passthrough_version_destroy(&v->pt);
         free(v);
         return -ENOMEM;
     }

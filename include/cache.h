@@ -8,6 +8,10 @@
  *                          (DROP), each sealed with a checksum
  *   packs/NNNNNNNN.sums    an xxh3-64 of each 4 KiB block of the pack
  *                          (8 bytes per block, 0 = unknown)
+ *   flat/                  flat copies of whole base versions (flat.h): not
+ *                          touched here, but their bytes count against the
+ *                          limit (cache_charge) and give way first when a
+ *                          fill needs room (cache_set_reclaim)
  *   meta/, pins, imgfs.lock  other modules' files, never touched here
  *
  * Why packs: a cold read stores thousands of chunks, and one file per chunk
@@ -111,16 +115,18 @@ struct cache_usage {
     uint64_t limit;           /* 0 when unlimited */
     uint64_t evictions;
     uint64_t held_bytes;      /* stored bytes that pre-copy pinned (a running count, no walk) */
+    uint64_t charged_bytes;   /* other modules' bytes counted against the limit (cache_charge) */
 };
 
 int cache_open(const char *dir, struct cache **out, char *err, size_t errlen);
 void cache_close(struct cache *cache);
 
 /* Caps the bytes the cache may hold (0: no cap). When a fill would go over
- * it, the least recently used chunks that nobody has pinned are removed
- * until 90% of the cap is used (hysteresis); a fill that still does not fit
- * fails with -ENOSPC. A full file system (ENOSPC on write) also evicts and
- * retries once. Call before the cache is shared between threads. */
+ * it, charged space (flat files, cache_charge below) goes first, then the
+ * least recently used chunks that nobody has pinned are removed until 90%
+ * of the cap is used (hysteresis); a fill that still does not fit fails
+ * with -ENOSPC. A full file system (ENOSPC on write) also reclaims, evicts
+ * and retries once. Call before the cache is shared between threads. */
 void cache_set_limit(struct cache *cache, uint64_t limit);
 
 /* Returns CACHE_HIT or CACHE_MUST_FILL (>= 0), or -ETIMEDOUT when another
@@ -150,7 +156,23 @@ static inline const char *cache_pin_bytes(const struct cache_pin *pin, uint64_t 
                : NULL;
 }
 
+/* Space another module keeps in the cache directory (flat.h's flat files)
+ * counts against the limit like chunks do, but wins no room from them:
+ * cache_charge() counts len bytes only when they fit under 90% of the limit
+ * with nothing evicted (-ENOSPC otherwise; always 0 with no limit), and
+ * cache_uncharge() gives them back. When a fill needs room, the reclaim
+ * function (set once, before the cache is shared between threads) is asked
+ * for want bytes first, before any chunk is evicted; it removes what it
+ * can, uncharges it and returns the bytes it freed. It is called with no
+ * cache lock held, on the thread of the fill, and must not fill. */
+int cache_charge(struct cache *cache, uint64_t len);
+void cache_uncharge(struct cache *cache, uint64_t len);
+void cache_set_reclaim(struct cache *cache, uint64_t (*reclaim)(void *ctx, uint64_t want), void *ctx);
+
 bool cache_contains(struct cache *cache, const struct chunk_hash *hash);
+/* Whether the chunk is stored (as cache_stores) and held by a pre-copy pin
+ * set (cache_hold). */
+bool cache_stores_held(struct cache *cache, const struct chunk_hash *hash);
 /* Whether the cache stores the chunk: from its fill (or the index load)
  * until it is dropped, also while a reader checks it or compaction moves it
  * (when cache_contains says no). This is what cache_get_usage counts. */

@@ -3,7 +3,9 @@
  * Base version files are served read-only from pinned chunks in the cache packs with
  * zero-copy replies (splice from the pack file), and with keep_cache so
  * that the kernel page cache keeps their pages across opens: the bytes of a
- * version never change. Status files are rendered when opened and served
+ * version never change. With -o base_passthrough, an open of a version
+ * wholly held in the cache may instead be handed to the kernel, which reads
+ * the version's checked flat file itself (passthrough.h). Status files are rendered when opened and served
  * with direct_io, so `cat` always sees a fresh, complete snapshot.
  *
  * Contract: struct imgfs is created by the daemon before the session starts
@@ -23,6 +25,7 @@
 #include "fetch.h"
 #include "prefetch.h"
 #include "options.h"
+#include "passthrough.h"
 #include "repo.h"
 #include "takeover.h"
 #include "status.h"
@@ -38,6 +41,7 @@ struct imgfs {
     struct vm_registry *vms;
     struct prefetcher *prefetcher;
     struct trust *trust; /* what the repository is checked against (trust.h) */
+    struct passthrough *passthrough; /* base files read by the kernel (passthrough.h) */
     int tree_error; /* set while VM nodes are added at start-up */
     double started;    /* now_seconds() at mount */
     time_t mounted_at; /* wall clock at mount, for directory times */

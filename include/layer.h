@@ -33,10 +33,12 @@
  * the layers of the process: see Disk), so that a flush writes data over
  * allocated blocks: its fdatasync() writes the data and flushes the device,
  * with no journal commit of new blocks and size. Open cuts those zeros.
- * A guest that writes with O_DIRECT and flushes more than that gets the
- * window allocated (fallocate) instead of written: zeros would double what
- * its flushes write, and its writes could not go with O_DIRECT without
- * extending the file. Writes of guests that use O_DIRECT go there with O_DIRECT
+ * A guest that writes with O_DIRECT and flushes more than that gets the log
+ * allocated (fallocate) instead of written, by its flushes themselves, just
+ * before their fdatasync: three flushes' worth past the tail (192 MiB at
+ * most) once less than two are left. Zeros would double what its flushes
+ * write, and its writes could not go with O_DIRECT without extending the
+ * file. Writes of guests that use O_DIRECT go there with O_DIRECT
  * (layer_write_through), so a flush then writes only its record, itself with
  * O_DIRECT into those blocks (zeros written ahead with O_DIRECT go into
  * blocks allocated first, so that they never hold the guest's writes behind
@@ -102,7 +104,9 @@
  * does not wait for the writes under way (a write that returns after it was
  * called may go in the next flush instead), except behind a zeroing pass,
  * an idle layer's give-back or a compaction's switch that is waiting for
- * them: those take the layer exclusively.
+ * them: those take the layer exclusively; and a large flush of a guest
+ * that writes with O_DIRECT, when it allocates ahead, waits (in the file
+ * system) for the O_DIRECT writes under way.
  */
 #ifndef IMGFS_LAYER_H
 #define IMGFS_LAYER_H

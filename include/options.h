@@ -43,6 +43,7 @@ struct mount_options {
     char *prefetch;    /* malloc'd: "none", "boot" (default) or a list name */
     uint64_t prefetch_ahead; /* bytes of list replay may lead the guest by, 0: no bound */
     bool offline;
+    bool base_passthrough; /* -o base_passthrough (passthrough.h) */
     bool vm_writeback;  /* VM disks use the kernel's writeback cache; else direct I/O */
     char *trust_file;   /* malloc'd, absolute, or NULL: nothing is verified */
     bool insecure;      /* an http(s) repository without trust_file was asked for */

@@ -61,6 +61,32 @@ int serve_attach(struct fuse_session *se, int fd);
  * it sends first clears them. Call just before replying. */
 void serve_add_open_flags(uint32_t flags);
 
+/* FUSE passthrough (Linux 6.9, CONFIG_FUSE_PASSTHROUGH), newer than the
+ * <linux/fuse.h> of libfuse 3.14's systems (protocol 7.38), which has no API
+ * for it: the replies are amended on their way out.
+ *
+ * serve_amend_init_passthrough(): the INIT reply that the calling thread
+ * sends next (call it in op_init) asks for FUSE_PASSTHROUGH (flags2 bit 5)
+ * with max_stack_depth 1 (the backing files are on a plain file system).
+ * The kernel grants it unless the reply also asks for the writeback cache,
+ * which it refuses passthrough with.
+ *
+ * serve_backing_open() registers fd with the connection
+ * (FUSE_DEV_IOC_BACKING_OPEN; needs CAP_SYS_ADMIN and a granted INIT):
+ * the backing id (> 0), or -errno. The id belongs to the connection, not to
+ * this process: it outlives a takeover until serve_backing_close().
+ *
+ * serve_set_open_backing(id): the open reply the calling thread sends next
+ * carries FOPEN_PASSTHROUGH and backing id (as serve_add_open_flags). The
+ * kernel then reads and mmaps that file itself: READ never reaches the
+ * server. It refuses (the open fails with EIO) FOPEN_KEEP_CACHE with it, a
+ * passthrough open of an inode that is open without passthrough or the
+ * other way round, and two different backing files (ids) for one inode. */
+void serve_amend_init_passthrough(void);
+int serve_backing_open(int fuse_fd, int fd);
+int serve_backing_close(int fuse_fd, int id);
+void serve_set_open_backing(int id);
+
 struct server *serve_create(struct fuse_session *se, struct takeover *t, unsigned threads);
 int serve_run(struct server *s);
 void serve_stop(struct server *s);

@@ -123,7 +123,12 @@ struct takeover_handle {
      * in that moment may see the previous holder's value, which only
      * changes the names it logs. */
     _Atomic uint32_t vm_disk;
-    uint32_t unused;
+    /* A base file opened with FUSE passthrough: the backing id its open
+     * reply carried (serve.h), 0 otherwise. Set by the server that took the
+     * slot, right after the open's mode is decided and before the reply;
+     * a new server rebuilds each base's passthrough opens and the id they
+     * share from it (passthrough.h). Was an unused word (layout 1). */
+    _Atomic uint32_t backing_id;
 };
 
 struct takeover {
@@ -150,6 +155,10 @@ struct takeover {
     uint32_t negotiated; /* the values below are set */
     uint32_t want, max_write, max_readahead, max_background, congestion_threshold, time_gran;
     uint32_t has_resend; /* the kernel offered FUSE_HAS_RESEND */
+    /* The first server's INIT reply asked for FUSE_PASSTHROUGH, which the
+     * kernel offered (passthrough.h). In what was padding before
+     * inode_count, so layout 1 is unchanged (0 from an older server). */
+    uint32_t passthrough;
     /* Node ids. */
     uint64_t inode_count;
     struct takeover_inode inodes[TAKEOVER_MAX_INODES]; /* inodes[ino - 1] */
@@ -168,9 +177,17 @@ void takeover_note_request(struct takeover *t, const void *bytes, size_t len);
 /* Whether an INIT request offers FUSE_NOTIFY_RESEND. */
 bool takeover_init_has_resend(const void *bytes, size_t len);
 
+/* Whether an INIT request offers FUSE_PASSTHROUGH (Linux 6.9+ built with
+ * CONFIG_FUSE_PASSTHROUGH). */
+bool takeover_init_has_passthrough(const void *bytes, size_t len);
+
 /* Takes a handle slot for ino; returns the file handle (slot + 1), or 0
  * when the table is full. */
 uint64_t takeover_handle_open(struct takeover *t, uint64_t ino, bool vm_disk);
+/* Records the backing id of fh's passthrough open (0: none). */
+void takeover_handle_set_backing(struct takeover *t, uint64_t fh, uint32_t backing_id);
+/* The backing id recorded for fh (0 when none or fh is not a slot). */
+uint32_t takeover_handle_backing(struct takeover *t, uint64_t fh);
 /* Frees the slot of fh if it holds ino; returns whether it did. */
 bool takeover_handle_release(struct takeover *t, uint64_t fh, uint64_t ino);
 

@@ -42,6 +42,7 @@
 
 #include "fetch.h"
 #include "manifest.h"
+#include "passthrough.h"
 #include "repo.h"
 #include "prefetch.h"
 #include "takeover.h"
@@ -83,6 +84,7 @@ struct base_version {
     bool residency_known;
     uint64_t residency_generation;
     uint64_t stored_chunks, resident_chunks, resident_bytes;
+    struct passthrough_version pt; /* its opens with and without FUSE passthrough */
 };
 
 struct node {

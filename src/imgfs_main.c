@@ -172,6 +172,7 @@ static int setup(struct imgfs *fs, const struct mount_options *opts)
 
 static void teardown(struct imgfs *fs)
 {
+    passthrough_destroy(fs->passthrough); /* its thread uses the cache and the tree */
     prefetcher_destroy(fs->prefetcher); /* its jobs use everything below */
     vm_registry_close(fs->vms);
     tree_destroy(fs->tree);
@@ -307,6 +308,12 @@ static int serve_main(int argc, char **argv, const char *env_text)
         fs.mounted_at = (time_t)fs.takeover->started;
     if (setup(&fs, &opts) != 0)
         goto out;
+    char err[512];
+    if (passthrough_create(opts.base_passthrough, fs.cache, fs.tree, fs.takeover, env.fuse_fd, &fs.passthrough, err,
+                           sizeof(err)) != 0) {
+        fprintf(stderr, "imgfs: %s\n", err);
+        goto out;
+    }
     fs_restore_open_handles(&fs);
 
     supervisor_add_fsname(&opts);
@@ -325,6 +332,8 @@ static int serve_main(int argc, char **argv, const char *env_text)
         serve_destroy(server);
         goto out_session;
     }
+    if (passthrough_start(fs.passthrough) != 0)
+        log_warn("base_passthrough: cannot start its thread; base files are read through the daemon");
     atomic_store(&fs.takeover->server_pid, getpid());
     log_info("serving %s (pid %d%s)", opts.mountpoint, (int)getpid(), fs.takeover_server ? ", a takeover" : "");
 

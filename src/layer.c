@@ -89,6 +89,7 @@
 #define AHEAD_FLUSH_MAX (1ull << 20) /* a flush of at most this much data is small */
 #define AHEAD_MIN (4ull << 20)       /* zeroed ahead of the tail: a quarter of */
 #define AHEAD_MAX (16ull << 20)      /* the log, within these bounds, */
+#define AHEAD_ALLOC_MAX (192ull << 20) /* allocated ahead by a large flush (allocate_ahead) */
 #define AHEAD_FREE_FACTOR 64         /* and while 64 windows are free, */
 #define AHEAD_HOST_MAX (1ull << 30)  /* and while all layers hold less than this */
 #define AHEAD_IDLE_NS (60ull * 1000000000ull) /* given back by a layer that wrote nothing for this long */
@@ -1322,6 +1323,7 @@ done:
 }
 
 static void maybe_background(struct layer *l);
+static void allocate_ahead(struct layer *l, uint64_t bytes);
 
 /* A takeover after a server died between a compaction's switch and its
  * rename: the shared pending file (in a tmpfs, so the page cache is the one
@@ -2005,6 +2007,8 @@ int layer_flush(struct layer *l)
             pthread_mutex_unlock(&l->flush_serial);
             return rc;
         }
+        if (bytes > AHEAD_FLUSH_MAX && atomic_load(&l->writes_through))
+            allocate_ahead(l, bytes); /* made durable by the sync below */
         rc = sync_fd(fd);
         if (rc) {
             /* What reached the disk is unknown: refuse further writes rather
@@ -2210,13 +2214,32 @@ static void ahead_gap(const struct layer *l, uint64_t *from, uint64_t *to)
     *to = tail + ahead_window(l);
 }
 
-static bool wants_zero_ahead(const struct layer *l)
+static bool ahead_enabled(void)
 {
     const char *env = getenv("IMGFS_LAYER_ZERO_AHEAD"); /* read each time: tests switch it */
+    return !env || strcmp(env, "0") != 0;
+}
+
+/* Whether the log's file system gains from blocks prepared ahead and has
+ * room for them (the window's worth, blocks): not on tmpfs (no journal),
+ * which stops the layer's zeroing; false too while space is short, since
+ * blocks held ahead must never be what fills a disk. */
+static bool ahead_fits(struct layer *l, uint64_t window)
+{
+    struct statfs fs;
+    if (fstatfs(l->cur->fd, &fs) != 0 || fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC) {
+        atomic_store(&l->no_zeroing, true);
+        return false;
+    }
+    return (uint64_t)fs.f_bavail * fs.f_bsize >= AHEAD_FREE_FACTOR * window * BS;
+}
+
+static bool wants_zero_ahead(const struct layer *l)
+{
     /* A guest writing through with large flushes gets its blocks allocated
-     * ahead instead (zero_ahead). */
-    bool asks = atomic_load(&l->small_flushes) || atomic_load(&l->writes_through);
-    if ((env && strcmp(env, "0") == 0) || !asks || atomic_load(&l->no_zeroing) || atomic_load(&l->broken))
+     * ahead by its flushes instead (allocate_ahead). */
+    if (!ahead_enabled() || !atomic_load(&l->small_flushes) || atomic_load(&l->no_zeroing) ||
+        atomic_load(&l->broken))
         return false;
     return atomic_load(&l->ahead) < atomic_load(&l->tail) + ahead_window(l) / 2;
 }
@@ -2282,14 +2305,7 @@ static int write_zeros(struct layer *l, int fd, uint64_t from, uint64_t to)
  * (zeroing_from). */
 static void zero_ahead(struct layer *l)
 {
-    /* Not where it buys nothing (no journal: tmpfs), nor where the space
-     * may soon be short: zeros held ahead must never be what fills a disk. */
-    struct statfs fs;
-    if (fstatfs(l->cur->fd, &fs) != 0 || fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC) {
-        atomic_store(&l->no_zeroing, true);
-        return;
-    }
-    if ((uint64_t)fs.f_bavail * fs.f_bsize < AHEAD_FREE_FACTOR * ahead_window(l) * BS)
+    if (!ahead_fits(l, ahead_window(l)))
         return;
     ahead_recount(l);
     /* A full budget is seen without the write lock, which would first wait
@@ -2316,16 +2332,8 @@ static void zero_ahead(struct layer *l)
     struct stat before;
     bool have_times = fstat(fd, &before) == 0;
     /* The system calls themselves, not layer_syscalls: these bytes are in
-     * no durability step that a fault test aims at. A guest that writes
-     * through in large flushes gets the blocks allocated, not written:
-     * zeros written ahead would double what its flushes write, and without
-     * either its O_DIRECT writes would extend the file, which ext4 runs one
-     * at a time (1 MiB O_DIRECT writes with 32 MiB flushes went through the
-     * page cache, at 0.35-0.80x of a FUSE passthrough). Its writes then
-     * convert the extents they fill, which their flush makes durable. */
-    bool allocate = !atomic_load(&l->small_flushes);
-    int rc = allocate ? (fallocate(fd, 0, (off_t)(from * BS), (off_t)((to - from) * BS)) == 0 ? 0 : -errno)
-                      : write_zeros(l, fd, from, to);
+     * no durability step that a fault test aims at. */
+    int rc = write_zeros(l, fd, from, to);
     bool synced = !rc && fdatasync(fd) == 0;
     if (!rc && !synced) {
         /* The error was reported to this sync and is gone for the next
@@ -2723,6 +2731,56 @@ static void compact_release(struct layer *l)
     l->compacting = false;
     pthread_cond_broadcast(&compact_cond);
     pthread_mutex_unlock(&compact_lock);
+}
+
+/* A guest that writes through (O_DIRECT) and flushes more than
+ * AHEAD_FLUSH_MAX: its flush, which wrote bytes of data, allocates the log
+ * ahead of the tail (fallocate, mode 0) for the next ones, three flushes'
+ * worth (AHEAD_ALLOC_MAX at most) once less than two are left, so that
+ * their O_DIRECT writes and records land in allocated, unwritten blocks
+ * inside the file's size (ext4 runs an O_DIRECT write that extends the file
+ * one at a time, under its inode lock; one inside it shares the lock).
+ * Zeros would double what those flushes write; without either, the writes
+ * would go through the page cache and be written back inside the next
+ * fsync (1 MiB O_DIRECT writes with 32 MiB flushes ran at 0.35-0.80x of a
+ * FUSE passthrough). The writes convert the extents they fill; the caller's
+ * fdatasync, which follows, makes the allocation durable with its record,
+ * so it needs no sync of its own. Here, not in the background thread: the
+ * guest's queue is drained at its fsync most of the time, and fallocate
+ * waits for every O_DIRECT write under way (ext4), as a background pass
+ * would too (its swap_lock), while holding back the new ones. With the
+ * compaction claim, if it is free (the flush waits for no compaction),
+ * since ahead changes only under it; the budget, free-space and tmpfs rules
+ * are those of the zeros. Called with flush_serial held. */
+static void allocate_ahead(struct layer *l, uint64_t bytes)
+{
+    uint64_t tail = atomic_load(&l->tail), want = (bytes + BS - 1) / BS;
+    uint64_t window = 3 * want < AHEAD_ALLOC_MAX / BS ? 3 * want : AHEAD_ALLOC_MAX / BS;
+    if (atomic_load(&l->ahead) >= tail + 2 * window / 3 || !ahead_enabled() || atomic_load(&l->no_zeroing) ||
+        atomic_load(&l->no_direct))
+        return;
+    pthread_mutex_lock(&compact_lock);
+    bool claimed = !l->compacting && !l->compact_stop;
+    if (claimed)
+        l->compacting = true;
+    pthread_mutex_unlock(&compact_lock);
+    if (!claimed)
+        return;
+    if (ahead_fits(l, window)) {
+        ahead_recount(l);
+        tail = atomic_load(&l->tail);
+        uint64_t ahead = atomic_load(&l->ahead);
+        uint64_t from = tail > ahead ? tail : ahead, to = tail + window;
+        if (from < to && ahead_reserve(l, to - from)) {
+            if (fallocate(l->cur->fd, 0, (off_t)(from * BS), (off_t)((to - from) * BS)) == 0) {
+                atomic_store(&l->ahead, to);
+            } else {
+                atomic_store(&l->no_zeroing, true); /* a full disk, most likely: stop trying */
+                ahead_release(l, to - from);
+            }
+        }
+    }
+    compact_release(l);
 }
 
 int layer_compact(struct layer *l)

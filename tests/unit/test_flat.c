@@ -1,0 +1,297 @@
+/* Unit tests for flat.c: a flat file built from cached chunks holds the
+ * version's bytes (zero chunks as holes, the last chunk cut at the size);
+ * one found at open is not handed out before it is checked, and a damaged
+ * one is rejected and removed; a build with a chunk missing leaves nothing;
+ * a kill -9 in the middle of a build leaves no file that is used; flat files
+ * count against the cache limit and give way first when a fill needs room. */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cache.h"
+#include "check.h"
+#include "flat.h"
+#include "manifest.h"
+#include "test_files.h"
+#include "util.h"
+
+#define CS (64u * 1024)
+#define CHUNKS 6
+#define SIZE ((uint64_t)(CHUNKS - 1) * CS + 1000) /* the last chunk is cut */
+#define DEADLINE (now_ns() + 60ull * 1000000000ull)
+
+static unsigned char chunk_bytes[CHUNKS][CS]; /* chunk 2 is all zeros */
+
+static struct cache *open_cache(const char *dir)
+{
+    struct cache *c = NULL;
+    char err[256] = "";
+    if (cache_open(dir, &c, err, sizeof(err)) != 0) {
+        fprintf(stderr, "cache_open: %s\n", err);
+        exit(1);
+    }
+    return c;
+}
+
+static struct flat_store *open_flat(struct cache *cache)
+{
+    struct flat_store *f = NULL;
+    char err[256] = "";
+    if (flat_open(cache, &f, err, sizeof(err)) != 0) {
+        fprintf(stderr, "flat_open: %s\n", err);
+        exit(1);
+    }
+    return f;
+}
+
+/* A manifest of CHUNKS chunks whose chunk 2 is a zero chunk. */
+static struct manifest *make_manifest(void)
+{
+    struct manifest *m = manifest_new(CHUNKS);
+    snprintf(m->name, sizeof(m->name), "deb");
+    m->version = 3;
+    m->size = SIZE;
+    m->chunk_size = CS;
+    for (int i = 0; i < CHUNKS; i++) {
+        if (i == 2)
+            continue;
+        for (size_t j = 0; j < CS; j++)
+            chunk_bytes[i][j] = (unsigned char)(rand() & 0xff);
+        if (i == CHUNKS - 1) /* zero-padded past the size */
+            memset(chunk_bytes[i] + (SIZE - (uint64_t)i * CS), 0, CS - (SIZE - (uint64_t)i * CS));
+        chunk_hash_compute(chunk_bytes[i], CS, &m->chunks[i]);
+    }
+    chunk_hash_compute("deb@3", 5, &m->id);
+    return m;
+}
+
+static void fill(struct cache *cache, const struct manifest *m, int i, bool hold)
+{
+    struct cache_pin pin;
+    if (cache_acquire(cache, &m->chunks[i], CS, 0, 0, DEADLINE, &pin) == CACHE_MUST_FILL)
+        CHECK(cache_fill(cache, &pin, chunk_bytes[i], CS) == 0);
+    cache_release(cache, &pin);
+    if (hold)
+        CHECK(cache_hold(cache, &m->chunks[i], true) == 0);
+}
+
+static void flat_path(const char *dir, const char *suffix, char *out)
+{
+    CHECK(path_join(out, PATH_MAX, "%s/flat/deb@3%s", dir, suffix) == 0);
+}
+
+/* Whether fd holds exactly the version's bytes. */
+static bool holds_version(int fd)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (uint64_t)st.st_size != SIZE)
+        return false;
+    static unsigned char buf[CS];
+    for (int i = 0; i < CHUNKS; i++) {
+        size_t len = i == CHUNKS - 1 ? SIZE - (uint64_t)i * CS : CS;
+        if (read_full_at(fd, buf, len, (off_t)i * CS) != 0 || memcmp(buf, chunk_bytes[i], len) != 0)
+            return false;
+    }
+    return true;
+}
+
+static void flip_byte(const char *path, off_t off)
+{
+    int fd = open(path, O_RDWR);
+    unsigned char b = 0;
+    CHECK(fd >= 0 && pread(fd, &b, 1, off) == 1);
+    b ^= 0x40;
+    CHECK(pwrite(fd, &b, 1, off) == 1);
+    close(fd);
+}
+
+static void test_build_check_reject(const char *dir)
+{
+    struct cache *cache = open_cache(dir);
+    struct flat_store *f = open_flat(cache);
+    struct manifest *m = make_manifest();
+    for (int i = 0; i < CHUNKS; i++)
+        if (i != 2 && i != 4)
+            fill(cache, m, i, false);
+    /* Chunk 4 is missing: no file, no charge, nothing left behind. */
+    CHECK(flat_build(f, m) == -ENOENT);
+    CHECK(flat_state_of(f, m) == FLAT_NONE);
+    char flat_dir[PATH_MAX], raw[PATH_MAX];
+    CHECK(path_join(flat_dir, sizeof(flat_dir), "%s/flat", dir) == 0);
+    CHECK(count_entries(flat_dir) == 0);
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.charged_bytes == 0);
+
+    fill(cache, m, 4, false);
+    CHECK(flat_build(f, m) == 0);
+    CHECK(flat_state_of(f, m) == FLAT_READY);
+    CHECK(flat_build(f, m) == -EALREADY);
+    int fd = flat_open_ready(f, m);
+    CHECK(fd >= 0 && holds_version(fd));
+    struct stat st;
+    CHECK(fd >= 0 && fstat(fd, &st) == 0 && (uint64_t)st.st_blocks * 512 < SIZE); /* chunk 2 is a hole */
+    if (fd >= 0)
+        close(fd);
+    cache_get_usage(cache, &u);
+    CHECK(u.charged_bytes >= 4 * CS);
+
+    /* At the next start the file is not handed out before its check. */
+    flat_close(f);
+    f = open_flat(cache);
+    CHECK(flat_state_of(f, m) == FLAT_UNCHECKED);
+    CHECK(flat_open_ready(f, m) == -ENOENT);
+    CHECK(flat_check(f, m) == 0);
+    CHECK(flat_state_of(f, m) == FLAT_READY);
+    fd = flat_open_ready(f, m);
+    CHECK(fd >= 0);
+    if (fd >= 0)
+        close(fd);
+
+    /* Damaged while no daemon ran: rejected at the check and removed. */
+    flat_close(f);
+    flat_path(dir, ".raw", raw);
+    flip_byte(raw, 3 * CS + 17);
+    f = open_flat(cache);
+    CHECK(flat_check(f, m) == -EBADMSG);
+    CHECK(flat_state_of(f, m) == FLAT_NONE);
+    CHECK(flat_open_ready(f, m) == -ENOENT);
+    CHECK(access(raw, F_OK) != 0);
+    struct flat_usage fu;
+    flat_get_usage(f, &fu);
+    CHECK(fu.rejected == 1 && fu.files == 0);
+    cache_get_usage(cache, &u);
+    CHECK(u.charged_bytes == 0);
+
+    /* A byte of a zero chunk (a hole) written is caught too. */
+    CHECK(flat_build(f, m) == 0);
+    flat_close(f);
+    flip_byte(raw, 2 * CS + 5);
+    f = open_flat(cache);
+    CHECK(flat_check(f, m) == -EBADMSG);
+
+    /* Removal gives the charge back. */
+    CHECK(flat_build(f, m) == 0);
+    flat_remove(f, m);
+    CHECK(flat_state_of(f, m) == FLAT_NONE && access(raw, F_OK) != 0);
+    cache_get_usage(cache, &u);
+    CHECK(u.charged_bytes == 0);
+    flat_close(f);
+    cache_close(cache);
+    manifest_free(m);
+}
+
+/* A child builds with a delay after each chunk and is killed once its
+ * .tmp file exists: the next open leaves no file, and nothing is READY. */
+static void test_kill_during_build(const char *dir)
+{
+    struct cache *cache = open_cache(dir);
+    struct manifest *m = make_manifest();
+    for (int i = 0; i < CHUNKS; i++)
+        if (i != 2)
+            fill(cache, m, i, false);
+    cache_close(cache);
+    char tmp[PATH_MAX], raw[PATH_MAX];
+    flat_path(dir, ".tmp", tmp);
+    flat_path(dir, ".raw", raw);
+    pid_t child = fork();
+    if (child == 0) {
+        struct cache *c = open_cache(dir);
+        struct flat_store *f = open_flat(c);
+        flat_build_delay_ms = 200;
+        flat_build(f, m);
+        _exit(0);
+    }
+    bool seen = false;
+    for (int i = 0; i < 500 && !seen; i++) {
+        seen = access(tmp, F_OK) == 0;
+        if (!seen)
+            usleep(10000);
+    }
+    CHECK(seen);
+    usleep(250000); /* a chunk or two in */
+    kill(child, SIGKILL);
+    int status;
+    waitpid(child, &status, 0);
+    CHECK(WIFSIGNALED(status));
+    CHECK(access(raw, F_OK) != 0); /* never renamed */
+    cache = open_cache(dir);
+    struct flat_store *f = open_flat(cache);
+    CHECK(access(tmp, F_OK) != 0); /* removed at open */
+    CHECK(flat_state_of(f, m) == FLAT_NONE);
+    CHECK(flat_open_ready(f, m) == -ENOENT);
+    flat_build_delay_ms = 0;
+    CHECK(flat_build(f, m) == 0); /* and a build starts over */
+    flat_close(f);
+    cache_close(cache);
+    manifest_free(m);
+}
+
+/* Flat files fit only into free room and go before any chunk. */
+static void test_limit(const char *dir)
+{
+    struct cache *cache = open_cache(dir);
+    cache_set_limit(cache, 10 * CS);
+    struct flat_store *f = open_flat(cache);
+    struct manifest *m = make_manifest();
+    for (int i = 0; i < CHUNKS; i++)
+        if (i != 2)
+            fill(cache, m, i, true);
+    CHECK(flat_build(f, m) == -ENOSPC); /* 5 chunks + about 4 in the file > 90% of 10 */
+    for (int i = 0; i < CHUNKS; i++)
+        if (i != 2 && i != 0)
+            CHECK(cache_hold(cache, &m->chunks[i], false) == 0);
+    cache_set_limit(cache, 16 * CS);
+    CHECK(flat_build(f, m) == 0);
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    uint64_t evictions = u.evictions;
+    /* Fills that need room: the flat file goes first, then chunks. */
+    static unsigned char more[CS];
+    for (unsigned k = 0; k < 8; k++) { /* about 9 + 8 > 16 */
+        struct chunk_hash h;
+        memset(more, (int)(k + 1), sizeof(more));
+        more[0] = 0x7f;
+        chunk_hash_compute(more, CS, &h);
+        struct cache_pin pin;
+        if (cache_acquire(cache, &h, CS, 0, 0, DEADLINE, &pin) == CACHE_MUST_FILL)
+            CHECK(cache_fill(cache, &pin, more, CS) == 0);
+        cache_release(cache, &pin);
+    }
+    cache_get_usage(cache, &u);
+    CHECK(u.evictions == evictions); /* the flat file's room was enough */
+    struct flat_usage fu;
+    flat_get_usage(f, &fu);
+    CHECK(fu.reclaimed == 1 && fu.files == 0);
+    CHECK(flat_state_of(f, m) == FLAT_NONE);
+    cache_get_usage(cache, &u);
+    CHECK(u.charged_bytes == 0);
+    flat_close(f);
+    cache_close(cache);
+    manifest_free(m);
+}
+
+int main(void)
+{
+    char dir[] = "/tmp/imgfs-test-flat-XXXXXX";
+    if (!mkdtemp(dir))
+        return 1;
+    char sub[PATH_MAX];
+    void (*tests[])(const char *) = {test_build_check_reject, test_kill_during_build, test_limit};
+    for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
+        if (path_join(sub, sizeof(sub), "%s/%zu", dir, i) != 0 || mkdir(sub, 0700) != 0)
+            return 1;
+        tests[i](sub);
+    }
+    remove_tree(dir);
+    return check_summary();
+}
