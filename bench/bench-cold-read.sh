@@ -246,14 +246,23 @@ imgfs_cached() {
     "$BIN/imgfs" "$WORK/www/repo" "$mnt" -f -o "cache=$cache,state=$state,$opts" 2>>"$WORK/imgfs.log" &
     pid=$!
     wait_mounted "$mnt" 20 || die "imgfs did not mount again."
-    [ -z "$pt" ] || flat_ready "$mnt"
+    local flat_before=n/a
+    if [ -n "$pt" ]; then
+        flat_ready "$mnt"
+        flat_before=$(timed_cat "$cache/flat/$NAME@1.raw") # the same file read directly, just before
+    fi
     drop
     t0=$(date +%s%N)
     cat "$mnt/bases/$NAME.raw" >/dev/null || die "imgfs read of the cached base failed."
     t1=$(date +%s%N)
     [ "$(awk '$1 == "requests" { print $2; exit }' "$mnt/.imgfs/stats")" = 0 ] ||
         die "the cached read fetched chunks: the cache did not hold the base."
-    [ -z "$pt" ] || passed_through "$mnt"
+    local flat_s=n/a
+    if [ -n "$pt" ]; then
+        passed_through "$mnt"
+        flat_s=$(timed_cat "$cache/flat/$NAME@1.raw") # and just after: the mean of the two
+        flat_s=$(awk -v a="$flat_before" -v b="$flat_s" 'BEGIN { printf "%.3f", (a + b) / 2 }')
+    fi
     fusermount3 -u "$mnt"
     stop_pid "$pid"
     "$BIN/imgfs" "$WORK/www/repo" "$mnt" -f -o "cache=$cache,state=$state,$opts" 2>>"$WORK/imgfs.log" &
@@ -267,7 +276,7 @@ imgfs_cached() {
     [ -z "$pt" ] || passed_through "$mnt"
     fusermount3 -u "$mnt"
     stop_pid "$pid"
-    echo "$(seconds "$t0" "$t1") $iops"
+    echo "$(seconds "$t0" "$t1") $iops $flat_s"
 }
 
 # flat_ready MNT: waits (60 s at most) until the base's flat file is ready.
@@ -333,6 +342,7 @@ if [[ " $CASES " == *" cached "* ]]; then
     ratio() { [ "$1" = n/a ] || [ "$2" = n/a ] && echo n/a || awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
     : >"$WORK/ratios"
     : >"$WORK/vs-local"
+    : >"$WORK/vs-flat"
     for ((run = 1; run <= REPEAT; run++)); do
         # One local and one qcowmount figure per run for every build, and the
         # builds in turn first, so that neither always follows the other.
@@ -352,7 +362,7 @@ if [[ " $CASES " == *" cached "* ]]; then
         order=("${BUILDS[@]}")
         ((run % 2 == 0 && ${#BUILDS[@]} == 2)) && order=("${BUILDS[1]}" "${BUILDS[0]}")
         for BIN in "${order[@]}"; do
-            read -r s iops <<<"$(imgfs_cached)"
+            read -r s iops _ <<<"$(imgfs_cached)"
             label="cached$(build_label "$BIN")"
             CACHED_ROWS+=("| $label, run $run | $local_s s ($(mbps "$local_s") MB/s) | $qcow_s s ($(mbps "$qcow_s") MB/s) | $pass_s s ($(mbps "$pass_s") MB/s) | $s s ($(mbps "$s") MB/s) | **$(ratio "$local_s" "$s")x** | **$(ratio "$qcow_s" "$s")x** | **$(ratio "$pass_s" "$s")x** | $(ratio "$local_s" "$pass_s")x | $kernel_s s ($(mbps "$kernel_s") MB/s) | $(ratio "$local_s" "$kernel_s")x |")
             CACHED_RAND_ROWS+=("| $label, run $run | $local_iops | $qcow_iops | $pass_iops | $iops | **$(ratio "$iops" "$local_iops")x** | **$(ratio "$iops" "$qcow_iops")x** | **$(ratio "$iops" "$pass_iops")x** | $(ratio "$pass_iops" "$local_iops")x | $kernel_iops | $(ratio "$kernel_iops" "$local_iops")x |")
@@ -364,12 +374,13 @@ if [[ " $CASES " == *" cached "* ]]; then
         # This build again with -o base_passthrough (the kernel reads the
         # flat file), before or after the rest in turn.
         BIN=$IMGFS_BIN_DIR
-        read -r pt_s pt_iops <<<"$(imgfs_cached pt)"
+        read -r pt_s pt_iops flat_s <<<"$(imgfs_cached pt)"
         label="cached, base_passthrough"
         CACHED_ROWS+=("| $label, run $run | $local_s s ($(mbps "$local_s") MB/s) | $qcow_s s ($(mbps "$qcow_s") MB/s) | $pass_s s ($(mbps "$pass_s") MB/s) | $pt_s s ($(mbps "$pt_s") MB/s) | **$(ratio "$local_s" "$pt_s")x** | **$(ratio "$qcow_s" "$pt_s")x** | **$(ratio "$pass_s" "$pt_s")x** | $(ratio "$local_s" "$pass_s")x | $kernel_s s ($(mbps "$kernel_s") MB/s) | $(ratio "$local_s" "$kernel_s")x |")
         CACHED_RAND_ROWS+=("| $label, run $run | $local_iops | $qcow_iops | $pass_iops | $pt_iops | **$(ratio "$pt_iops" "$local_iops")x** | **$(ratio "$pt_iops" "$qcow_iops")x** | **$(ratio "$pt_iops" "$pass_iops")x** | $(ratio "$pass_iops" "$local_iops")x | $kernel_iops | $(ratio "$kernel_iops" "$local_iops")x |")
         echo "$label $(ratio "$local_s" "$pt_s") $(ratio "$qcow_s" "$pt_s") $(ratio "$pass_s" "$pt_s") $(ratio "$pt_iops" "$local_iops") $(ratio "$pt_iops" "$qcow_iops") $(ratio "$pt_iops" "$pass_iops")" >>"$WORK/ratios"
-        log "$label: imgfs $pt_s s; random 4K: imgfs $pt_iops IOPS"
+        log "$label: imgfs $pt_s s (its flat file read directly just before and after: $flat_s s on average); random 4K: imgfs $pt_iops IOPS"
+        echo "$(ratio "$flat_s" "$pt_s")" >>"$WORK/vs-flat"
         # Every target's ratio to the local file in this round (local time /
         # its time; its IOPS / local IOPS).
         echo "$(ratio "$local_s" "$qcow_s") $(ratio "$local_s" "$pass_s") $(ratio "$local_s" "$kernel_s") $(ratio "$local_s" "$imgfs_s") $(ratio "$local_s" "$pt_s") $(ratio "$qcow_iops" "$local_iops") $(ratio "$pass_iops" "$local_iops") $(ratio "$kernel_iops" "$local_iops") $(ratio "$imgfs_iops" "$local_iops") $(ratio "$pt_iops" "$local_iops")" >>"$WORK/vs-local"
@@ -473,6 +484,15 @@ def cell(vals):
 for name, lo in (("sequential 1 MiB (cat)", 0), ("random 4 KiB", 5)):
     cols = [cell([r[lo + i] for r in runs]) for i in range(5)]
     print("| %s | %d | %s |" % (name, len(runs), " | ".join(cols)))
+PY
+        echo
+        python3 - "$WORK/vs-flat" <<'PY'
+import statistics, sys
+v = [float(l) for l in open(sys.argv[1]) if l.strip() and l.strip() != "n/a"]
+if v:
+    print("imgfs base_passthrough's sequential read against a cat of its flat file itself just before and after"
+          " it (mean flat file time / passthrough time): median %.2fx (%.2f-%.2f) over %d rounds."
+          % (statistics.median(v), min(v), max(v), len(v)))
 PY
     fi
 } | save_report cold-read

@@ -213,6 +213,18 @@ stat_value() {
         END { if (!found) exit 1 }' "$1/.imgfs/stats" || fail "no '$3' in section [$2] of $1/.imgfs/stats"
 }
 
+# new_server MNT OLD: waits until a serving process other than pid OLD
+# answers on MNT (after a kill or imgfsctl restart) and prints its pid.
+new_server() {
+    local pid
+    for _ in $(seq 600); do
+        pid=$(stat_value "$1" daemon pid)
+        [ "$pid" != "$2" ] && { echo "$pid"; return 0; }
+        sleep 0.1
+    done
+    fail "no new serving process after pid $2"
+}
+
 # wait_stat MNT SECTION KEY VALUE [SECONDS]: waits (default 120 s: the
 # bound only ends a run that fails, so it is generous for a loaded machine)
 # until the stat reads VALUE, and fails if it never does.

@@ -75,16 +75,6 @@ random_reads "$FILE" || fail "cold random 4 KiB reads through passthrough differ
 [ "$(stat_value "$M" passthrough opens)" -ge $((opens + 3)) ] || fail "the opens were not passthrough opens"
 ok "cold sequential and random reads through passthrough are the image's bytes, with no READ in the daemon"
 
-# new_server OLD: waits until a serving process other than OLD answers.
-new_server() {
-    local pid
-    for _ in $(seq 600); do
-        pid=$(stat_value "$M" daemon pid)
-        [ "$pid" != "$1" ] && { echo "$pid"; return 0; }
-        sleep 0.1
-    done
-    fail "no new serving process after pid $1"
-}
 
 # A reader holds the base open with passthrough: reads half, waits for
 # $T/go, reads the rest, compares everything.
@@ -113,7 +103,7 @@ PY
     [ "$(stat_value "$M" passthrough open_files)" = 1 ] || fail "the reader's open is not a passthrough open"
     old=$(stat_value "$M" daemon pid)
     if [ $step = kill ]; then kill -9 "$old"; else "$IMGFSCTL" restart "$M" > /dev/null; fi
-    new_server "$old" > /dev/null
+    new_server "$M" "$old" > /dev/null
     [ "$(stat_value "$M" passthrough open_files)" = 1 ] || fail "$step: the new server does not count the open file"
     [ "$(stat_value "$M" passthrough negotiated)" = yes ] || fail "$step: the new server does not know passthrough"
     # Another open of the same inode must pass through too (the kernel
@@ -170,7 +160,7 @@ sleep 0.5
 [ -e "$T/cache/flat/b@1.tmp" ] || fail "no .tmp file while building"
 old=$(stat_value "$M" daemon pid)
 kill -9 "$old"
-new_server "$old" > /dev/null
+new_server "$M" "$old" > /dev/null
 [ ! -e "$FLAT" ] || fail "a flat file after a kill -9 in the middle of its build"
 before=$(reads)
 same "$FILE" "$IMG" "a read after the killed build differs"

@@ -30,18 +30,11 @@ wait_console() {
     done
     fail "the guest's console never showed '$1'"
 }
-new_server() {
-    for _ in $(seq 600); do
-        [ "$(stat_value "$M" daemon pid)" != "$1" ] && return 0
-        sleep 0.1
-    done
-    fail "no new serving process after pid $1"
-}
 
 wait_console "EXT4-fs \(vda[0-9]\): mounted"
 old=$(stat_value "$M" daemon pid)
 kill -9 "$old"
-new_server "$old"
+new_server "$M" "$old" > /dev/null
 ok "kill -9 of pid $old while the guest mounted its root filesystem: taken over"
 
 wait_console "systemd\[1\]|Welcome to"

@@ -36,17 +36,6 @@ progress_after() {
     fail "the client did no $1 blocks in 60 s (at $(ops))"
 }
 
-# new_server OLD: waits until a serving process other than OLD answers.
-new_server() {
-    local pid
-    for _ in $(seq 600); do
-        pid=$(stat_value "$M" daemon pid)
-        [ "$pid" != "$1" ] && { echo "$pid"; return 0; }
-        sleep 0.1
-    done
-    fail "no new serving process after pid $1"
-}
-
 takeovers=0
 for step in kill kill restart kill restart kill; do
     progress_after 40
@@ -56,7 +45,7 @@ for step in kill kill restart kill restart kill; do
     else
         "$IMGFSCTL" restart "$M" > "$T/restart.out" || fail "imgfsctl restart failed"
     fi
-    new=$(new_server "$old")
+    new=$(new_server "$M" "$old")
     takeovers=$((takeovers + 1))
     ok "$step: pid $old replaced by $new at block $(ops)"
 done
@@ -81,7 +70,7 @@ dd if="$T/piece" of="$M/vms/v.raw" bs=65536 seek=5 oflag=direct conv=notrunc sta
     fail "the unflushed write failed"
 old=$(stat_value "$M" daemon pid)
 kill -9 "$old"
-new_server "$old" > /dev/null
+new_server "$M" "$old" > /dev/null
 cmp "$T/piece" <(dd if="$M/vms/v.raw" bs=65536 skip=5 count=1 iflag=direct status=none) ||
     fail "a write answered before the kill but not flushed is lost after the takeover"
 ok "a write answered but not flushed before a kill -9 is there after the takeover"
