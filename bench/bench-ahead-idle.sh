@@ -23,17 +23,14 @@
 #   BENCH_KEEP=1  keep the work directory
 # Output: Markdown on stdout, also written to bench/results/ahead-idle-<date>.md.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
-BENCH_NAME=bench-ahead-idle
-. "$SCRIPT_DIR/lib.sh"
 no_args_but_help "$@"
 
 BUILDS=${BENCH_BUILDS:-this=$SRC_DIR/build}
 VMS=${BENCH_VMS:-40}
 IDLE=${BENCH_IDLE:-75}
-[[ $VMS =~ ^[1-9][0-9]*$ ]] || die "BENCH_VMS=$VMS is not a positive count."
+require_count "$VMS" BENCH_VMS
 [[ $IDLE =~ ^[1-9][0-9]*$ ]] || die "BENCH_IDLE=$IDLE is not a number of seconds."
 require_root "FUSE mounts"
 require_tools python3 du

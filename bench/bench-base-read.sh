@@ -26,17 +26,13 @@
 # Output: a Markdown report on stdout, also written to
 # bench/results/base-read-<date>.md. Progress goes to stderr.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_SIZE=${BENCH_SIZE:-1G}
 SEQ_TIME=${BENCH_SEQ_TIME:-5}
 RAND_TIME=${BENCH_RAND_TIME:-10}
 NAME=base
-
-BENCH_NAME=bench-base-read
-. "$SCRIPT_DIR/lib.sh"
 
 require_root "FUSE mounts with allow_other"
 require_tools fio qemu-img

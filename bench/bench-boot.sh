@@ -65,9 +65,8 @@
 # Output: Markdown on stdout, also written to bench/results/boot-<date>.md.
 # Progress goes to stderr. Takes about 18 minutes with the defaults.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 IMGFS=$IMGFS_BIN_DIR/imgfs
 IMGFSCTL=$IMGFS_BIN_DIR/imgfsctl
@@ -84,9 +83,6 @@ IP_ROOT=10.214.0.1
 IP_NS=10.214.0.2
 PORT=8080
 URL=http://$IP_NS:$PORT
-
-BENCH_NAME=bench-boot
-. "$SCRIPT_DIR/lib.sh"
 
 require_root "network namespace, tc and FUSE"
 require_tools nginx curl ip tc nsenter fusermount3 mountpoint awk qemu-img qemu-system-x86_64

@@ -43,16 +43,13 @@
 #   IMGFS_BIN_DIR  where imgfs and imgfsctl are (default <repo>/build)
 # Output: a Markdown report on stdout, also in bench/results/cold-read-<date>.md.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_SIZE=${BENCH_SIZE:-256M}
 CASES=${BENCH_CASES:-local http 100mbit rtt50 cached}
 REPEAT=${BENCH_REPEAT:-1}
 BASELINE_BIN_DIR=${BASELINE_BIN_DIR:-}
-BENCH_NAME=bench-cold-read
-. "$SCRIPT_DIR/lib.sh"
 
 if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
     sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -67,7 +64,7 @@ SIZE_BYTES=$(to_bytes "$BENCH_SIZE" BENCH_SIZE)
 for c in $CASES; do
     case $c in local | http | 100mbit | rtt50 | cached) ;; *) die "unknown case $c in BENCH_CASES." ;; esac
 done
-[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT=$REPEAT is not a positive count."
+require_count "$REPEAT" BENCH_REPEAT
 [ -z "$BASELINE_BIN_DIR" ] || require_imgfs "$BASELINE_BIN_DIR"
 [[ " $CASES " != *" cached "* ]] || require_tools qemu-img qcowmount fio cc pkg-config
 

@@ -30,11 +30,8 @@
 #   BENCH_KEEP=1   keep the work directory (daemon logs, fio JSON)
 # Output: Markdown on stdout, also written to bench/results/compact-<date>.md.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
-BENCH_NAME=bench-compact
-. "$SCRIPT_DIR/lib.sh"
 no_args_but_help "$@"
 
 BUILDS=${BENCH_BUILDS:-this=$SRC_DIR/build}
@@ -42,7 +39,7 @@ ROUNDS=${BENCH_ROUNDS:-3}
 RUNTIME=${BENCH_TIME:-30}
 REGION=${BENCH_REGION:-128M}
 to_bytes "$REGION" BENCH_REGION >/dev/null
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
+require_count "$ROUNDS" BENCH_ROUNDS
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "BENCH_TIME=$RUNTIME is not a number of seconds."
 
 require_root "FUSE mounts"

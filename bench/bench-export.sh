@@ -22,12 +22,9 @@
 #   BENCH_DIR, BENCH_KEEP=1 as in bench/lib.sh
 # Output: a Markdown report on stdout, also in bench/results/export-<date>.md.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
-BENCH_NAME=bench-export
-. "$SCRIPT_DIR/lib.sh"
 
 no_args_but_help "$@"
 [ -n "${BASELINE_BIN_DIR:-}" ] || die "set BASELINE_BIN_DIR to the build to compare with (see --help)."

@@ -23,17 +23,14 @@
 #   BENCH_KEEP=1  keep the work directory
 # Output: Markdown on stdout, also written to bench/results/fetch-jobs-<date>.md.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
-BENCH_NAME=bench-fetch-jobs
-. "$SCRIPT_DIR/lib.sh"
 no_args_but_help "$@"
 
 BUILDS=${BENCH_BUILDS:-this=$SRC_DIR/build}
 COUNTS=(${BENCH_JOBS:-2000 20000})
 ROUNDS=${BENCH_ROUNDS:-3}
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
+require_count "$ROUNDS" BENCH_ROUNDS
 MAX=0
 for n in "${COUNTS[@]}"; do
     [[ $n =~ ^[1-9][0-9]*$ ]] || die "BENCH_JOBS entry '$n' is not a positive count."

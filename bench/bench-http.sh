@@ -41,9 +41,8 @@
 # Output: a Markdown report on stdout, also written to
 # bench/results/http-<date>.md. Progress goes to stderr.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_RATES=${BENCH_RATES:-100}
 RTT_MS=${BENCH_RTT_MS:-0}
@@ -56,9 +55,6 @@ IP_ROOT=10.213.0.1
 IP_NS=10.213.0.2
 PORT=8080
 BASE_URL=http://$IP_NS:$PORT
-
-BENCH_NAME=bench-http
-. "$SCRIPT_DIR/lib.sh"
 
 require_root "network namespace, tc and FUSE"
 require_tools nginx curl ip tc nsenter fusermount3 mountpoint awk

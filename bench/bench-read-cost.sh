@@ -30,11 +30,8 @@
 #   BENCH_KEEP=1   keep the work directory
 # Output: Markdown on stdout, also written to bench/results/read-cost-<date>.md.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
-BENCH_NAME=bench-read-cost
-. "$SCRIPT_DIR/lib.sh"
 no_args_but_help "$@"
 
 BUILDS=${BENCH_BUILDS:-this=$SRC_DIR/build}
@@ -43,9 +40,9 @@ SIZE=$(to_bytes "${BENCH_SIZE:-256M}" BENCH_SIZE)
 READS=${BENCH_READS:-16384}
 IODEPTH=${BENCH_IODEPTH:-16}
 STRACE=${BENCH_STRACE:-1}
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
-[[ $READS =~ ^[1-9][0-9]*$ ]] || die "BENCH_READS=$READS is not a positive count."
-[[ $IODEPTH =~ ^[1-9][0-9]*$ ]] || die "BENCH_IODEPTH=$IODEPTH is not a positive count."
+require_count "$ROUNDS" BENCH_ROUNDS
+require_count "$READS" BENCH_READS
+require_count "$IODEPTH" BENCH_IODEPTH
 [ "$SIZE" -ge $((16 << 20)) ] || die "BENCH_SIZE must be at least 16M."
 
 require_root "FUSE mounts"
@@ -178,8 +175,21 @@ if [ "$STRACE" = 1 ]; then
 fi
 LOAD_END=$(cut -d" " -f1-3 /proc/loadavg)
 
+# A table of ROW[target,KIND,round], a row per round and target: its title
+# and the header of its four columns after "target | round".
+round_table() {
+    local title=$1 columns=$2 kind=$3 t round
+    echo "$title"
+    echo
+    echo "| target | round | $columns |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for t in "${TARGETS[@]}"; do echo "| $t | $round | ${ROW[$t,$kind,$round]} |"; done
+    done
+}
+
 report() {
-    local t round what
+    local t
     echo "# imgfs: what one read of a cached base costs the server after a reboot, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "- $(nproc) CPUs, kernel $(uname -r), work dir on $(findmnt -no FSTYPE -T "$WORK") ($DEV); $(fio --version)"
@@ -187,21 +197,11 @@ report() {
     echo "- load average at start: $LOAD_START, at end: $LOAD_END"
     echo "- $((SIZE >> 20)) MiB random base, fully cached, page cache dropped before each run, a fresh mount each"
     echo
-    echo "Random 4 KiB O_DIRECT reads (fio libaio, iodepth $IODEPTH, $READS reads a run), per read:"
+    round_table "Random 4 KiB O_DIRECT reads (fio libaio, iodepth $IODEPTH, $READS reads a run), per read:" \
+        "reads/s | server CPU us/read | context switches/read | disk reads/read" random
     echo
-    echo "| target | round | reads/s | server CPU us/read | context switches/read | disk reads/read |"
-    echo "|---|---:|---:|---:|---:|---:|"
-    for ((round = 1; round <= ROUNDS; round++)); do
-        for t in "${TARGETS[@]}"; do echo "| $t | $round | ${ROW[$t,random,$round]} |"; done
-    done
-    echo
-    echo "Sequential cat of the whole base, per MiB:"
-    echo
-    echo "| target | round | MiB/s | server CPU us/MiB | context switches/MiB | disk reads/MiB |"
-    echo "|---|---:|---:|---:|---:|---:|"
-    for ((round = 1; round <= ROUNDS; round++)); do
-        for t in "${TARGETS[@]}"; do echo "| $t | $round | ${ROW[$t,sequential,$round]} |"; done
-    done
+    round_table "Sequential cat of the whole base, per MiB:" \
+        "MiB/s | server CPU us/MiB | context switches/MiB | disk reads/MiB" sequential
     if [ "$STRACE" = 1 ]; then
         echo
         echo "| target | system calls/random read (strace -c -f) | by call |"

@@ -44,12 +44,9 @@
 # Output: a Markdown report on stdout, also written to
 # bench/results/scale-<date>.md. Progress goes to stderr.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
-BENCH_NAME=bench-scale
-. "$SCRIPT_DIR/lib.sh"
 
 no_args_but_help "$@"
 

@@ -30,11 +30,7 @@
 #                   (default <repo>/build)
 # Output: Markdown on stdout, also written to bench/results/takeover-<date>.md.
 set -uo pipefail
-
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
-BENCH_NAME=bench-takeover
-. "$SCRIPT_DIR/lib.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
 no_args_but_help "$@"
 KILLS=${BENCH_KILLS:-20}

@@ -35,9 +35,8 @@
 # leaves the HTTP cases out, for more local rounds in the same time).
 # Output: a Markdown report on stdout and in bench/results/trust-<date>.md.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_SIZE=${BENCH_SIZE:-256M}
 BENCH_RATE=${BENCH_RATE:-100}
@@ -49,8 +48,6 @@ IP_ROOT=10.214.0.1
 IP_NS=10.214.0.2
 URL=http://$IP_NS:8080
 
-BENCH_NAME=bench-trust
-. "$SCRIPT_DIR/lib.sh"
 require_root "network namespace, tc, FUSE and drop_caches"
 require_tools nginx curl ip tc nsenter fusermount3 mountpoint awk
 require_imgfs "$IMGFS_BIN_DIR"

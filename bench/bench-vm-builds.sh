@@ -27,11 +27,8 @@
 #   BENCH_KEEP=1    keep the work directory (daemon logs, fio JSON)
 # Output: Markdown on stdout, also written to bench/results/vm-builds-<date>.md.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
-BENCH_NAME=bench-vm-builds
-. "$SCRIPT_DIR/lib.sh"
 no_args_but_help "$@"
 
 BUILDS=${BENCH_BUILDS:-this=$SRC_DIR/build}
@@ -39,7 +36,7 @@ ROWS=(${BENCH_ROWS:-fresh16:1 seq:1 written16:1 fresh1:0 written1:0})
 ROUNDS=${BENCH_ROUNDS:-3}
 RUNTIME=${BENCH_TIME:-6}
 BASE_SIZE=$(to_bytes "${BENCH_BASE_SIZE:-2G}" BENCH_BASE_SIZE)
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
+require_count "$ROUNDS" BENCH_ROUNDS
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "BENCH_TIME=$RUNTIME is not a number of seconds."
 [ "$BASE_SIZE" -ge $((1 << 30)) ] || die "BENCH_BASE_SIZE must be at least 1G (the rows write 0-1 GiB)."
 for r in "${ROWS[@]}"; do

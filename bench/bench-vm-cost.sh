@@ -29,11 +29,8 @@
 #   BENCH_KEEP=1   keep the work directory
 # Output: Markdown on stdout, also written to bench/results/vm-cost-<date>.md.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
-BENCH_NAME=bench-vm-cost
-. "$SCRIPT_DIR/lib.sh"
 no_args_but_help "$@"
 
 BUILDS=${BENCH_BUILDS:-this=$SRC_DIR/build}
@@ -42,10 +39,10 @@ WRITES=${BENCH_WRITES:-20000}
 DIRECT=${BENCH_DIRECT:-0}
 IODEPTH=${BENCH_IODEPTH:-1}
 STRACE=${BENCH_STRACE:-1}
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
-[[ $WRITES =~ ^[1-9][0-9]*$ ]] || die "BENCH_WRITES=$WRITES is not a positive count."
+require_count "$ROUNDS" BENCH_ROUNDS
+require_count "$WRITES" BENCH_WRITES
 [[ $DIRECT =~ ^[01]$ ]] || die "BENCH_DIRECT=$DIRECT is not 0 or 1."
-[[ $IODEPTH =~ ^[1-9][0-9]*$ ]] || die "BENCH_IODEPTH=$IODEPTH is not a positive count."
+require_count "$IODEPTH" BENCH_IODEPTH
 
 require_root "FUSE mounts"
 require_tools fio perf strace python3 fusermount3

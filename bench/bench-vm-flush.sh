@@ -37,11 +37,8 @@
 #   BENCH_KEEP=1   keep the work directory (daemon logs, fio JSON, perf data)
 # Output: Markdown on stdout, also written to bench/results/vm-flush-<date>.md.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
-BENCH_NAME=bench-vm-flush
-. "$SCRIPT_DIR/lib.sh"
 no_args_but_help "$@"
 
 BUILDS=${BENCH_BUILDS:-this=$SRC_DIR/build}
@@ -52,9 +49,9 @@ IODEPTH=${BENCH_IODEPTH:-16}
 BS=${BENCH_BS:-4k}
 PERF=${BENCH_PERF:-0}
 OFFCPU=${BENCH_OFFCPU:-0}
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS=$ROUNDS is not a positive count."
+require_count "$ROUNDS" BENCH_ROUNDS
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "BENCH_TIME=$RUNTIME is not a number of seconds."
-[[ $IODEPTH =~ ^[1-9][0-9]*$ ]] || die "BENCH_IODEPTH=$IODEPTH is not a positive count."
+require_count "$IODEPTH" BENCH_IODEPTH
 case $BS in
 4k) FIO_RW=(--rw=randwrite --bs=4k --randrepeat=0 --time_based --runtime="$RUNTIME") UNIT=writes/s ;;
 1M) FIO_RW=(--rw=write --bs=1M --end_fsync=1) UNIT=MiB/s ;;

@@ -63,9 +63,8 @@
 # Output: Markdown on stdout, also written to bench/results/vm-<date>.md.
 # Progress goes to stderr; fio logs are in the work directory.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 RUNTIME=${BENCH_TIME:-10}
 CREATES=${BENCH_CREATES:-50}
@@ -83,9 +82,6 @@ GiB=$((1024 * 1024 * 1024))
 BASE_SIZE=$((2 * GiB))
 IMGFS=$IMGFS_BIN_DIR/imgfs
 IMGFSCTL=$IMGFS_BIN_DIR/imgfsctl
-
-BENCH_NAME=bench-vm
-. "$SCRIPT_DIR/lib.sh"
 
 require_root "FUSE mounts"
 require_tools fio qemu-img qemu-storage-daemon python3 fusermount3 cc pkg-config

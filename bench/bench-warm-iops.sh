@@ -18,14 +18,11 @@
 #   BENCH_DIR, BENCH_KEEP=1 as in bench/lib.sh
 # Output: a Markdown report on stdout, also in bench/results/warm-iops-<date>.md.
 set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SRC_DIR=$(dirname "$SCRIPT_DIR")
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_SIZE=${BENCH_SIZE:-256M}
 TIME=${BENCH_TIME:-8}
-BENCH_NAME=bench-warm-iops
-. "$SCRIPT_DIR/lib.sh"
 
 if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
     sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'

@@ -1,5 +1,6 @@
-# bench/lib.sh: helpers shared by the benchmark scripts. Set BENCH_NAME
-# (the prefix of messages) before sourcing it.
+# bench/lib.sh: helpers shared by the benchmark scripts, sourced first
+# (after "set -uo pipefail"). It sets SCRIPT_DIR (bench/), SRC_DIR (the
+# source tree) and BENCH_NAME (the script's name, the prefix of messages).
 #
 #   log MSG / die MSG            progress on stderr / an error and exit 1
 #   require_root WHY             die unless root
@@ -11,6 +12,8 @@
 #   no_args_but_help "$@"        --help prints the script's header comment
 #                                (up to its "set -uo" line); any other argument dies
 #   to_bytes SIZE WHAT           512M, 1G, ... to bytes (WHAT names it in errors)
+#   require_count VALUE WHAT     die unless VALUE is a positive count (WHAT: the
+#                                variable it came from, for the message)
 #   stop_pid PID                 TERM, wait up to 10 s, then KILL, and reap
 #   unmount_path PATH            unmount a FUSE mount, lazily if it is busy
 #   wait_mounted PATH SECONDS    until PATH is a mount point (status 1 if never)
@@ -30,6 +33,10 @@
 #                                nginx serving ROOT on LISTEN inside $NS, its
 #                                files in DIR, access log DIR/access.log in
 #                                LOG_FORMAT; waits for CHECK_URL; sets NGINX_PID
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SRC_DIR=$(dirname "$SCRIPT_DIR")
+BENCH_NAME=$(basename "$0" .sh)
 
 log() { printf '[%s %s] %s\n' "$BENCH_NAME" "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '%s: %s\n' "$BENCH_NAME" "$*" >&2; exit 1; }
@@ -64,6 +71,8 @@ parse_builds() {
         NAMES+=("${b%%=*}")
     done
 }
+
+require_count() { [[ $1 =~ ^[1-9][0-9]*$ ]] || die "$2=$1 is not a positive count."; }
 
 to_bytes() {
     local v=${1^^} m=1

@@ -353,7 +353,7 @@ static void release_slot(struct fetcher *f, struct job *job)
 
 /* Completes every waiter with err (adds them to *fired) and marks the job
  * FAILED; the caller cleans it up with finish_failed() after unlocking. */
-static void fail_job_locked(struct fetcher *f, struct job *job, struct waiter **fired, struct job **dead)
+static void fail_job_locked(struct fetcher *f, struct job *job, int err, struct waiter **fired, struct job **dead)
 {
     if (job->state == JOB_QUEUED)
         dequeue(f, job);
@@ -362,7 +362,7 @@ static void fail_job_locked(struct fetcher *f, struct job *job, struct waiter **
     while (job->waiters) {
         struct waiter *w = job->waiters;
         job->waiters = w->next;
-        w->err = -EIO;
+        w->err = err;
         w->next = *fired;
         *fired = w;
     }
@@ -437,7 +437,7 @@ static void transfer_failed(struct fetcher *f, struct job *job, int err, struct 
     if (err == -EFBIG || (err == -ENOENT && f->missing_is_final)) {
         /* Too large to be a chunk; or a backend (a local directory) where
          * the file will not appear by waiting. */
-        fail_job_locked(f, job, fired, dead);
+        fail_job_locked(f, job, -EIO, fired, dead);
         return;
     }
     if (job->tried < mirrors) {
@@ -450,7 +450,7 @@ static void transfer_failed(struct fetcher *f, struct job *job, int err, struct 
         return;
     }
     if (job->deadline && now + 10000000ull >= job->deadline) {
-        fail_job_locked(f, job, fired, dead);
+        fail_job_locked(f, job, -EIO, fired, dead);
         return;
     }
     job->tried = 0;
@@ -495,7 +495,7 @@ static uint64_t expire_locked(struct fetcher *f, uint64_t now, struct waiter **f
         }
         bool holds_slot = job->state == JOB_TRANSFER || job->state == JOB_VERIFY;
         if (!holds_slot && job->deadline && job->deadline <= now) {
-            fail_job_locked(f, job, fired, dead);
+            fail_job_locked(f, job, -EIO, fired, dead);
             continue;
         }
         if (!holds_slot && job->deadline && job->deadline < next)
@@ -734,7 +734,7 @@ static void verify_and_complete(struct fetcher *f, struct job *job)
         pthread_mutex_lock(&f->lock);
         /* Each mirror once more, then it is bad everywhere. */
         if (rc == -ENOMEM || ++job->verify_attempts > repo_mirror_count(f->repo)) {
-            fail_job_locked(f, job, &fired, &dead);
+            fail_job_locked(f, job, rc == -ENOMEM ? -ENOMEM : -EIO, &fired, &dead);
         } else {
             job->mirror = -1;
             job->retry = true;
@@ -903,7 +903,7 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
         }
         if (rc < 0 && rc != -ETIMEDOUT) {
             note_error(f, hash, strerror(-rc));
-            return -EIO;
+            return rc == -ENOMEM ? -ENOMEM : -EIO; /* the cache kept the chunk */
         }
         pthread_mutex_lock(&f->lock);
         if (f->stop || start_threads_locked(f) != 0) {
@@ -934,7 +934,7 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
             pthread_mutex_unlock(&f->lock);
             if (rc == CACHE_MUST_FILL)
                 cache_abandon(f->cache, &pin);
-            return -EIO;
+            return -ENOMEM;
         }
         if (w)
             *w = *tmpl;
@@ -969,7 +969,7 @@ static int request(struct fetcher *f, const struct chunk_hash *hash, uint32_t ch
                 pthread_mutex_unlock(&f->lock);
                 cache_abandon(f->cache, &pin);
                 free(w);
-                return -EIO;
+                return -ENOMEM;
             }
             job->deadline = deadline_ns != NO_DEADLINE ? deadline_ns : 0;
             if (w) {
@@ -1062,11 +1062,11 @@ int fetch_get(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_s
         while (!s.done)
             pthread_cond_wait(&s.cond, &s.lock);
         pthread_mutex_unlock(&s.lock);
-        rc = s.err ? -EIO : 0;
+        rc = s.err;
     }
     pthread_mutex_destroy(&s.lock);
     pthread_cond_destroy(&s.cond);
-    return rc < 0 ? -EIO : 0;
+    return rc == -ENOMEM ? -ENOMEM : rc < 0 ? -EIO : 0;
 }
 
 void fetch_yield_to_demand(struct fetcher *f, const atomic_bool *stop)
@@ -1156,7 +1156,7 @@ void fetcher_shutdown(struct fetcher *f)
             continue;
         if (job->state == JOB_TRANSFER && job->easy)
             curl_multi_remove_handle(f->multi, job->easy);
-        fail_job_locked(f, job, &fired, &dead);
+        fail_job_locked(f, job, -EIO, &fired, &dead);
     }
     f->work_head = f->work_tail = NULL;
     pthread_mutex_unlock(&f->lock);

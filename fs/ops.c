@@ -956,7 +956,7 @@ struct image_read {
     uint64_t first;     /* index of the first base chunk of the range */
     size_t count;       /* base chunks in the range */
     atomic_int pending; /* chunk requests outstanding, plus one while submitting */
-    atomic_bool failed;
+    atomic_int err;     /* fetch_note_error */
     uint8_t *wanted;         /* per chunk: the reply needs it */
     bool reads_base;         /* some of the range is the base's (data or zero chunks) */
     struct fetch_ref refs[]; /* per chunk: what the engine gave */
@@ -1047,7 +1047,9 @@ static void read_reply(struct image_read *op)
     struct reply_bufs r;
     /* Worst case: every 4 KiB block from a different place, plus zero runs. */
     size_t size = (size_t)(op->end - op->start);
-    int rc = atomic_load(&op->failed) ? -EIO : bufs_init(&r, (size / 4096 + 2) * 2 + size / sizeof(zero_block) + 2);
+    int rc = atomic_load(&op->err);
+    if (!rc)
+        rc = bufs_init(&r, (size / 4096 + 2) * 2 + size / sizeof(zero_block) + 2);
     if (rc) {
         fuse_reply_err(op->req, rc == -ENOMEM ? ENOMEM : EIO);
         return;
@@ -1070,7 +1072,7 @@ static void read_finish(struct image_read *op)
     for (size_t k = 0; k < op->count; k++) {
         if (!op->wanted[k])
             continue;
-        if (!atomic_load(&op->failed))
+        if (!atomic_load(&op->err))
             prefetch_note_read(op->base->marks, op->first + k, op->refs[k].hit);
         fetch_ref_release(op->fs->fetcher, &op->refs[k]);
     }
@@ -1087,7 +1089,7 @@ static void read_chunk_done(void *arg, int err)
 {
     struct image_read *op = arg;
     if (err)
-        atomic_store(&op->failed, true);
+        fetch_note_error(&op->err, err);
     read_put(op);
 }
 
@@ -1135,7 +1137,7 @@ static void read_image(fuse_req_t req, struct imgfs *fs, struct node *n, size_t 
                                    read_chunk_done, op);
         if (rc != FETCH_PENDING) {
             if (rc < 0)
-                atomic_store(&op->failed, true);
+                fetch_note_error(&op->err, rc);
             atomic_fetch_sub(&op->pending, 1);
         }
     }

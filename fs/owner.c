@@ -319,6 +319,52 @@ static bool owner_is_dead(int parent_fd, const char *name, int fd)
            held.st_ino == named.st_ino;
 }
 
+/* Whether a file under dir_fd is open by no process, in any PID namespace:
+ * a write lease is granted only then (and given back at once). SIGURG, not
+ * SIGIO (whose default ends the process), for an open that would break it
+ * in the instant it is held. */
+static bool file_unopened(int dir_fd, const char *name)
+{
+    int fd = openat(dir_fd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT;
+    bool unopened = fcntl(fd, F_SETSIG, SIGURG) == 0 && fcntl(fd, F_SETLEASE, F_WRLCK) == 0;
+    if (unopened)
+        fcntl(fd, F_SETLEASE, F_UNLCK);
+    close(fd);
+    return unopened;
+}
+
+/* Whether parent/name is the directory of an older imgfs (imgfs-PID: no
+ * lock beside it) whose supervisor is gone: no process has its pid here
+ * (the supervisor lives through its servers' takeovers), and none, of any
+ * PID namespace, has a file in it open (a server keeps its layers' pending
+ * files open and mapped). What it cannot tell apart: a supervisor of
+ * another PID namespace, sharing this /dev/shm, between a crashed server
+ * and the next. */
+static bool old_owner_is_gone(int parent_fd, const char *name)
+{
+    char *end;
+    errno = 0;
+    long pid = strncmp(name, "imgfs-", 6) == 0 && name[6] >= '1' && name[6] <= '9' ? strtol(name + 6, &end, 10) : 0;
+    if (pid <= 0 || pid > INT32_MAX || errno || *end || kill((pid_t)pid, 0) == 0 || errno != ESRCH)
+        return false;
+    int fd = openat(parent_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    DIR *d = fd < 0 ? NULL : fdopendir(fd);
+    if (!d) {
+        if (fd >= 0)
+            close(fd);
+        return false;
+    }
+    bool gone = true;
+    struct dirent *e;
+    while (gone && (e = readdir(d)))
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
+            gone = file_unopened(fd, e->d_name);
+    closedir(d);
+    return gone;
+}
+
 void owner_dir_sweep(const char *parent)
 {
     int parent_fd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -333,6 +379,12 @@ void owner_dir_sweep(const char *parent)
     struct dirent *e;
     while ((e = readdir(d))) {
         size_t n = strlen(e->d_name);
+        if (old_owner_is_gone(parent_fd, e->d_name)) {
+            int rc = remove_tree(parent_fd, e->d_name);
+            if (rc)
+                log_warn("cannot remove %s/%s of a dead imgfs supervisor: %s", parent, e->d_name, strerror(-rc));
+            continue;
+        }
         if (n <= prefix + suffix || strncmp(e->d_name, OWNER_DIR_PREFIX, prefix) != 0 ||
             strcmp(e->d_name + n - suffix, OWNER_DIR_LOCK) != 0)
             continue;

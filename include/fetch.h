@@ -51,6 +51,7 @@
 #ifndef IMGFS_FETCH_H
 #define IMGFS_FETCH_H
 
+#include <errno.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -128,8 +129,12 @@ typedef void (*fetch_done_fn)(void *arg, int err);
 
 /* Asks for one chunk. Returns 0 with *ref filled (cached, or in memory
  * already), FETCH_PENDING when done(arg, err) will be called exactly once
- * later from an engine thread (with *ref filled when err is 0), or -EIO.
- * *ref must stay valid until then. counters may be NULL. */
+ * later from an engine thread (with *ref filled when err is 0), or an
+ * error. *ref must stay valid until then. counters may be NULL. An error
+ * is -EIO, or -ENOMEM when the daemon had no memory for the request or to
+ * check the chunk (nothing is lost: the chunk stays cached, a job is
+ * abandoned whole), so that a reader or writer can answer ENOMEM as a
+ * local file would. */
 int fetch_start(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
                 uint64_t deadline_ns, struct fetch_counters *counters, struct fetch_ref *ref, fetch_done_fn done,
                 void *arg);
@@ -139,9 +144,20 @@ int fetch_start(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk
 int fetch_start_range(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, uint32_t want_off,
                       uint32_t want_len, enum fetch_class cls, uint64_t deadline_ns, struct fetch_counters *counters,
                       struct fetch_ref *ref, fetch_done_fn done, void *arg);
-/* The same, waiting for the answer. Returns 0 or -EIO. */
+/* The same, waiting for the answer. Returns 0, -ENOMEM or -EIO. */
 int fetch_get(struct fetcher *f, const struct chunk_hash *hash, uint32_t chunk_size, enum fetch_class cls,
               struct fetch_counters *counters, struct fetch_ref *ref);
+/* Notes the error err of one of the requests of a read or write in *all
+ * (0 until one fails): -EIO, whatever came before or after, else -ENOMEM. */
+static inline void fetch_note_error(atomic_int *all, int err)
+{
+    int none = 0;
+    if (err != -ENOMEM)
+        atomic_store(all, -EIO);
+    else
+        atomic_compare_exchange_strong(all, &none, -ENOMEM);
+}
+
 /* Readahead: brings a chunk into the cache in the demand class, with nobody
  * waiting for it; does nothing when it is under way. A cached chunk is only
  * read ahead into the page cache (cache_prefetch), not checked: its reader

@@ -85,7 +85,12 @@
  * write holds 1 GiB of them, not 16 MiB a VM, and VMs that stopped writing
  * leave theirs to the ones that write. An idle layer's log is cut at its
  * tail, as if it had never zeroed (its times stay); its next small flush
- * asks for zeros again. layer_ahead_host_bytes() tells how much is held.
+ * asks for zeros again. A zeroing or allocation ahead that fails (a full
+ * disk) cuts the log the same way past what it had before, at once, and
+ * the layer prepares no more.
+ * Times set while zeros are written stay, as do those the zeros moved
+ * (put back), unless a write or punch came since.
+ * layer_ahead_host_bytes() tells how much is held.
  *
  * Promises (what callers and the crash tests rely on):
  *   1. After layer_flush() returns 0, every write and punch that returned
@@ -237,13 +242,18 @@ int layer_compact(struct layer *layer);
  * to inject faults (a short write, EIO, ENOSPC, or a kill at a chosen step).
  * fallocate is the one that makes room in the shared pending file
  * (layer_share_pending), shared_pwrite writes that file's header, and
- * ftruncate cuts the log of an idle layer that gives back its zeros. */
+ * ftruncate cuts the log of an idle layer that gives back its zeros (and
+ * of one whose zeroing or allocation ahead failed), zero_pwrite writes the
+ * zeros ahead (on the background thread) and ahead_fallocate allocates
+ * the log ahead (in a flush). */
 struct layer_syscalls {
     ssize_t (*pwrite)(int fd, const void *buf, size_t len, off_t off);
     int (*fdatasync)(int fd);
     int (*fallocate)(int fd, int mode, off_t off, off_t len);
     ssize_t (*shared_pwrite)(int fd, const void *buf, size_t len, off_t off);
     int (*ftruncate)(int fd, off_t len);
+    ssize_t (*zero_pwrite)(int fd, const void *buf, size_t len, off_t off);
+    int (*ahead_fallocate)(int fd, int mode, off_t off, off_t len);
 };
 extern struct layer_syscalls layer_syscalls;
 

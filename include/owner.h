@@ -54,8 +54,16 @@ void owner_unlock(struct owner_lock *lock);
  * Contract: owner_dir_create() returns 0 with path (len bytes) set and the
  * lock held, or -errno. owner_dir_remove() empties and removes the
  * directory, then the lock file, and drops the lock; it returns 0 or -errno
- * of the first failure. Names older imgfs versions used (imgfs-PID) are not
- * touched. */
+ * of the first failure. owner_dir_sweep() also removes the directories
+ * older imgfs versions made, PARENT/imgfs-PID with no lock, once their
+ * owner is gone as far as can be seen: no process has that pid here (a
+ * supervisor lives through its servers' takeovers), and no process of any
+ * PID namespace has a file in it open (a write lease is granted; servers
+ * keep their pending files open). One that a supervisor of another PID
+ * namespace sharing PARENT holds between two of its servers looks the
+ * same, and goes: the writes its crashed server answered and did not flush
+ * are then lost, as without a takeover (what an fsync returned for stays:
+ * layer.h promise 1). */
 int owner_dir_create(const char *parent, char *path, size_t len, struct owner_lock *lock);
 int owner_dir_remove(const char *path, struct owner_lock *lock);
 void owner_dir_sweep(const char *parent);

@@ -203,13 +203,23 @@ int vm_import(struct vm_registry *reg, int fd, const char *name, bool (*stop)(vo
  * the bytes to the device before the write completes: layer_write_through).
  * A disk does not grow: a write that does not fit inside it fails with
  * -ENOSPC, also one already under way when vm_resize_blank shrinks the
- * disk under it. */
+ * disk under it. A base chunk a copy-up needs that cannot be had fails it
+ * with -EIO, or -ENOMEM when the daemon had no memory for it (fetch.h),
+ * before any of it is written. A write is up to three layer writes (a
+ * partial block at each edge, the whole blocks between), each done whole
+ * or not at all; one that fails after another was done (-ENOMEM for the
+ * layer's index, -EIO) leaves the blocks of those done with their new
+ * bytes and the others with their old ones, as a disk's failed write of
+ * several sectors may. */
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off);
 typedef void (*vm_write_done_fn)(void *arg, int result);
 #define VM_WRITE_PENDING 1
 #define VM_WRITE_THROUGH 1u
 int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off,
                    unsigned flags, vm_write_done_fn done, void *arg);
+/* Makes [off, off + len) read as zeros. What is past the disk's end, also
+ * what vm_resize_blank put there while the discard ran, is left alone and
+ * is no error (as a punch past a local file's end). */
 int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len);
 int vm_flush(struct vm *vm);
 uint64_t vm_layer_bytes(struct vm *vm);

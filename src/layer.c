@@ -201,9 +201,9 @@ struct layer {
      * held exclusively, and a write or flush that reserved blocks reaching
      * it waits on zero_done (zero_lock) before writing them. ahead and
      * zeroing_from change only in the thread that holds the compaction
-     * claim, or at compaction's switch. changes counts punches and
-     * layer_set_times(), so that zeroing puts back the times it moved only
-     * when nothing else moved them. */
+     * claim, or at compaction's switch. changes counts punches, so that
+     * zeroing puts back the times it moved only when no guest write (it
+     * moves the tail) or punch moved them since they were last known. */
     _Atomic uint64_t ahead;
     _Atomic uint64_t zeroing_from;
     _Atomic bool small_flushes; /* the last flush with data had little */
@@ -221,6 +221,12 @@ struct layer {
     unsigned turn_waiting[2];  /* writes waiting for their turn, by kind */
     _Atomic bool writes_through; /* the last write was a layer_write_through() */
     _Atomic uint64_t changes;
+    /* The times a zeroing pass puts back (zero_ahead): the file's when it
+     * began, with what layer_set_times() set since (which zeros written
+     * after it would move again), and the tail and changes when they were
+     * last set. Guarded by lock. */
+    struct timespec keep_times[2];
+    uint64_t keep_tail, keep_changes;
     pthread_mutex_t zero_lock;
     pthread_cond_t zero_done;
 
@@ -260,7 +266,8 @@ static int real_ftruncate(int fd, off_t len)
 {
     return ftruncate(fd, len);
 }
-struct layer_syscalls layer_syscalls = {real_pwrite, real_fdatasync, real_fallocate, real_pwrite, real_ftruncate};
+struct layer_syscalls layer_syscalls = {real_pwrite,    real_fdatasync, real_fallocate, real_pwrite,
+                                        real_ftruncate, real_pwrite,    real_fallocate};
 
 static int put_at(int fd, const void *buf, size_t len, uint64_t off)
 {
@@ -2281,7 +2288,7 @@ static int write_zeros(struct layer *l, int fd, uint64_t from, uint64_t to)
         ssize_t n = -1;
         if (dfd >= 0) {
             write_turn_enter(l, true); /* a flush may write its record meanwhile */
-            n = pwrite(dfd, zero_piece, len, (off_t)(b * BS));
+            n = layer_syscalls.zero_pwrite(dfd, zero_piece, len, (off_t)(b * BS));
             bool refused = n < 0 && errno == EINVAL;
             write_turn_leave(l);
             if (refused)
@@ -2290,13 +2297,25 @@ static int write_zeros(struct layer *l, int fd, uint64_t from, uint64_t to)
         if (n < 0 && dfd < 0) {
             static const char zeros[ZERO_PIECE];
             write_turn_enter(l, false);
-            n = pwrite(fd, zeros, len, (off_t)(b * BS));
+            n = layer_syscalls.zero_pwrite(fd, zeros, len, (off_t)(b * BS));
             write_turn_leave(l);
         }
         if (n != (ssize_t)len)
             return -EIO;
     }
     return 0;
+}
+
+/* Cuts cur's log after its tail and the zeros it has ahead, for a zeroing
+ * pass or an allocation ahead that failed. swap_lock held exclusively (no write under way: every
+ * block a write reserved is below the tail) and lock. */
+static void cut_past_ahead(struct layer *l, int fd)
+{
+    uint64_t tail = atomic_load(&l->tail), ahead = atomic_load(&l->ahead);
+    uint64_t keep = (ahead > tail ? ahead : tail) * BS;
+    struct stat st;
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size > keep && layer_syscalls.ftruncate(fd, (off_t)keep) != 0)
+        log_warn("layer %s: cannot give back what a failed zeroing ahead allocated: %s", l->id, strerror(errno));
 }
 
 /* Prepares the gap (ahead_gap) of cur, zeroed or allocated, and syncs it.
@@ -2317,20 +2336,29 @@ static void zero_ahead(struct layer *l)
         return;
     pthread_rwlock_wrlock(&l->swap_lock);
     ahead_gap(l, &from, &to); /* writes hold swap_lock: the tail stays */
-    uint64_t tail = atomic_load(&l->tail);
-    uint64_t changes = atomic_load(&l->changes);
     int fd = l->cur->fd;
     if (from < to && !ahead_reserve(l, to - from))
         to = from; /* the host holds enough zeros ahead */
-    if (from < to)
+    struct stat before;
+    bool have_times = false;
+    if (from < to) {
         atomic_store(&l->zeroing_from, from);
+        /* The times to put back, known before any zero is written. */
+        pthread_mutex_lock(&l->lock);
+        have_times = fstat(fd, &before) == 0;
+        if (have_times) {
+            l->keep_times[0] = before.st_atim;
+            l->keep_times[1] = before.st_mtim;
+            l->keep_tail = atomic_load(&l->tail);
+            l->keep_changes = atomic_load(&l->changes);
+        }
+        pthread_mutex_unlock(&l->lock);
+    }
     pthread_rwlock_unlock(&l->swap_lock);
     if (from >= to)
         return;
     /* Guest writes wait for this once they reach it: not at idle priority. */
     syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_BE, 4));
-    struct stat before;
-    bool have_times = fstat(fd, &before) == 0;
     /* The system calls themselves, not layer_syscalls: these bytes are in
      * no durability step that a fault test aims at. */
     int rc = write_zeros(l, fd, from, to);
@@ -2355,15 +2383,19 @@ static void zero_ahead(struct layer *l)
     atomic_store(&l->zeroing_from, NO_ZEROING);
     pthread_cond_broadcast(&l->zero_done);
     pthread_mutex_unlock(&l->zero_lock);
-    /* Then put back the times these writes moved, unless a guest write
-     * (it moved the tail), a punch or a utimensat came meanwhile: then the
-     * times are theirs. */
+    /* Then, with no write under way: a pass that failed gives back what
+     * it allocated or wrote past the zeros it had (a crash would cut it at
+     * open anyway: see give_back_ahead), which would else stay until the
+     * layer is opened again, on a disk that is full, most likely. */
     pthread_rwlock_wrlock(&l->swap_lock);
     pthread_mutex_lock(&l->lock);
-    if (have_times && atomic_load(&l->tail) == tail && atomic_load(&l->changes) == changes) {
-        struct timespec times[2] = {before.st_atim, before.st_mtim};
-        futimens(fd, times);
-    }
+    if (!synced)
+        cut_past_ahead(l, fd);
+    /* And put back the times these writes moved (those of the pass's start,
+     * or of a layer_set_times during it), unless a guest write (it moved the
+     * tail) or a punch came since they were set: then the times are theirs. */
+    if (have_times && atomic_load(&l->tail) == l->keep_tail && atomic_load(&l->changes) == l->keep_changes)
+        futimens(fd, l->keep_times);
     pthread_mutex_unlock(&l->lock);
     pthread_rwlock_unlock(&l->swap_lock);
 }
@@ -2772,11 +2804,18 @@ static void allocate_ahead(struct layer *l, uint64_t bytes)
         uint64_t ahead = atomic_load(&l->ahead);
         uint64_t from = tail > ahead ? tail : ahead, to = tail + window;
         if (from < to && ahead_reserve(l, to - from)) {
-            if (fallocate(l->cur->fd, 0, (off_t)(from * BS), (off_t)((to - from) * BS)) == 0) {
+            if (layer_syscalls.ahead_fallocate(l->cur->fd, 0, (off_t)(from * BS), (off_t)((to - from) * BS)) == 0) {
                 atomic_store(&l->ahead, to);
             } else {
                 atomic_store(&l->no_zeroing, true); /* a full disk, most likely: stop trying */
                 ahead_release(l, to - from);
+                /* What it allocated before it failed (ext4 keeps that, and
+                 * the size with it) goes back now, not at the next open. */
+                pthread_rwlock_wrlock(&l->swap_lock);
+                pthread_mutex_lock(&l->lock);
+                cut_past_ahead(l, l->cur->fd);
+                pthread_mutex_unlock(&l->lock);
+                pthread_rwlock_unlock(&l->swap_lock);
             }
         }
     }
@@ -2913,8 +2952,19 @@ int layer_get_times(const struct layer *layer, struct timespec *atime, struct ti
 int layer_set_times(struct layer *layer, const struct timespec times[2])
 {
     pthread_mutex_lock(&layer->lock); /* cur changes under it */
-    atomic_fetch_add(&layer->changes, 1);
     int rc = futimens(layer->cur->fd, times) < 0 ? -errno : 0;
+    /* What a zeroing pass under way puts back: these times (UTIME_NOW as
+     * the file took it; a zero written meanwhile moves it to about now
+     * too), as of this tail. */
+    struct stat st;
+    if (!rc && fstat(layer->cur->fd, &st) == 0) {
+        const struct timespec now[2] = {st.st_atim, st.st_mtim};
+        for (int i = 0; i < 2; i++)
+            if (times[i].tv_nsec != UTIME_OMIT)
+                layer->keep_times[i] = times[i].tv_nsec == UTIME_NOW ? now[i] : times[i];
+        layer->keep_tail = atomic_load(&layer->tail);
+        layer->keep_changes = atomic_load(&layer->changes);
+    }
     pthread_mutex_unlock(&layer->lock);
     return rc;
 }

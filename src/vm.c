@@ -1291,12 +1291,13 @@ static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off
     const struct vm_base *base = vm->live.base;
     for (int k = 0; k < held->count; k++) {
         held->index[k] = wanted[k];
-        if (fetch_get(fetcher, &base->manifest->chunks[wanted[k]], base->manifest->chunk_size, FETCH_DEMAND,
-                      base->counters, &held->refs[k]) != 0) {
+        int rc = fetch_get(fetcher, &base->manifest->chunks[wanted[k]], base->manifest->chunk_size, FETCH_DEMAND,
+                           base->counters, &held->refs[k]);
+        if (rc) {
             for (int i = 0; i < k; i++)
                 fetch_ref_release(fetcher, &held->refs[i]);
             held->count = 0;
-            return -EIO;
+            return rc; /* -ENOMEM or -EIO, before anything is written */
         }
     }
     return 0;
@@ -1326,6 +1327,11 @@ static int write_locked(struct vm *vm, const struct held_chunks *held, const cha
     return rc;
 }
 
+/* write_held's flag (beside vm.h's) for a discard's partial edge blocks:
+ * what a shrink put past the disk's end since the discard began is not
+ * written, and is no error, as a local file's punch past its end. */
+#define WRITE_CUT_AT_END (1u << 31)
+
 /* Writes with the edge chunks in hand: takes the locks, writes, releases
  * the chunks (and notes them as read by the guest). */
 static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks *chunks, const char *buf,
@@ -1339,10 +1345,15 @@ static int write_held(struct vm *vm, struct fetcher *fetcher, struct held_chunks
     pthread_rwlock_rdlock(&vm->write_lock);
     pthread_rwlock_rdlock(&vm->chain_lock);
     /* Checked again: an ftruncate of a blank disk may have shrunk it since
-     * write_fits (live.size changes only under write_lock). */
+     * write_fits (live.size changes only under write_lock). A discard's
+     * edge is cut at the new end instead (nothing past it to zero). */
     int rc = -ENOSPC;
+    if ((flags & WRITE_CUT_AT_END) && off < vm->live.size && len > vm->live.size - off)
+        len = (size_t)(vm->live.size - off);
     if (off < vm->live.size && len <= vm->live.size - off)
         rc = write_locked(vm, chunks, buf, len, off, flags & VM_WRITE_THROUGH);
+    else if (flags & WRITE_CUT_AT_END)
+        rc = 0;
     pthread_rwlock_unlock(&vm->chain_lock);
     pthread_rwlock_unlock(&vm->write_lock);
     range_lock_release(&vm->write_ranges, &held);
@@ -1380,7 +1391,7 @@ struct write_op {
     struct fetcher *fetcher;
     struct held_chunks chunks;
     atomic_int pending;
-    atomic_bool failed;
+    atomic_int err; /* fetch_note_error */
     uint64_t off;
     size_t len;
     unsigned flags;
@@ -1391,18 +1402,19 @@ struct write_op {
 
 static int write_op_finish(struct write_op *op)
 {
-    if (!atomic_load(&op->failed))
+    int err = atomic_load(&op->err);
+    if (!err)
         return write_held(op->vm, op->fetcher, &op->chunks, op->buf, op->len, op->off, op->flags);
     for (int k = 0; k < op->chunks.count; k++)
         fetch_ref_release(op->fetcher, &op->chunks.refs[k]);
-    return -EIO;
+    return err; /* nothing was written */
 }
 
 static void write_chunk_done(void *arg, int err)
 {
     struct write_op *op = arg;
     if (err)
-        atomic_store(&op->failed, true);
+        fetch_note_error(&op->err, err);
     if (atomic_fetch_sub(&op->pending, 1) == 1) {
         int rc = write_op_finish(op);
         op->done(op->arg, rc);
@@ -1429,7 +1441,7 @@ int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size
         .vm = vm, .fetcher = fetcher, .off = off, .len = len, .flags = flags, .done = done, .arg = arg};
     memcpy(op->buf, buf, len);
     atomic_init(&op->pending, 1 + count);
-    atomic_init(&op->failed, false);
+    atomic_init(&op->err, 0);
     op->chunks.count = count;
     const struct vm_base *base = vm->live.base;
     uint64_t deadline = fetch_deadline(fetcher);
@@ -1439,7 +1451,7 @@ int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size
                              deadline, base->counters, &op->chunks.refs[k], write_chunk_done, op);
         if (rc != FETCH_PENDING) {
             if (rc < 0)
-                atomic_store(&op->failed, true);
+                fetch_note_error(&op->err, rc);
             atomic_fetch_sub(&op->pending, 1);
         }
     }
@@ -1450,6 +1462,16 @@ int vm_write_start(struct vm *vm, struct fetcher *fetcher, const char *buf, size
     return rc;
 }
 
+/* Zeroes [off, off + len) of a discard's partial edge block by a write, cut
+ * at the disk's end as it is when the write takes its locks. */
+static int zero_edge(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len)
+{
+    static const char zeros[LAYER_BLOCK_SIZE];
+    struct held_chunks chunks;
+    int rc = hold_edge_chunks(vm, fetcher, off, (size_t)len, &chunks);
+    return rc ? rc : write_held(vm, fetcher, &chunks, zeros, (size_t)len, off, WRITE_CUT_AT_END);
+}
+
 int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t len)
 {
     uint64_t size = vm_size(vm);
@@ -1457,7 +1479,6 @@ int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t le
         return 0;
     if (len > size - off)
         len = size - off;
-    static const char zeros[LAYER_BLOCK_SIZE];
     uint64_t end = off + len;
     uint64_t first = (off + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE;
     uint64_t last = end == size ? (end + LAYER_BLOCK_SIZE - 1) / LAYER_BLOCK_SIZE : end / LAYER_BLOCK_SIZE;
@@ -1465,10 +1486,10 @@ int vm_discard(struct vm *vm, struct fetcher *fetcher, uint64_t off, uint64_t le
     /* Partial blocks at the edges are zeroed by ordinary writes. */
     uint64_t head_end = first * LAYER_BLOCK_SIZE < end ? first * LAYER_BLOCK_SIZE : end;
     if (off < head_end)
-        rc = vm_write(vm, fetcher, zeros, (size_t)(head_end - off), off);
+        rc = zero_edge(vm, fetcher, off, head_end - off);
     uint64_t tail_start = last * LAYER_BLOCK_SIZE;
     if (!rc && tail_start < end && tail_start >= head_end && last >= first)
-        rc = vm_write(vm, fetcher, zeros, (size_t)(end - tail_start), tail_start);
+        rc = zero_edge(vm, fetcher, tail_start, end - tail_start);
     if (rc || last <= first)
         return rc;
     struct range_held held;

@@ -8,7 +8,8 @@
  *   - a chunk missing from the repository fails at once (a directory does
  *     not grow it), a corrupted one fails after one more try, and neither
  *     is ever served;
- *   - fetcher_shutdown() fails nothing that finished and refuses new work.
+ *   - fetcher_shutdown() fails nothing that finished and refuses new work;
+ *   - no memory to check a cached chunk fails with -ENOMEM and keeps it.
  * Also run under ThreadSanitizer (label "concurrency"): every CHECK runs on
  * the main thread; worker threads only record results. */
 #include <errno.h>
@@ -93,6 +94,13 @@ static void async_done(void *arg, int err)
     w->errors += err != 0;
     pthread_cond_signal(&w->cond);
     pthread_mutex_unlock(&w->lock);
+}
+
+/* cache_check_alloc with no memory. */
+static void *no_memory(size_t len)
+{
+    (void)len;
+    return NULL;
 }
 
 int main(void)
@@ -212,6 +220,33 @@ int main(void)
     }
     cache_close(cache2);
 
+    fetcher_destroy(f);
+    cache_close(cache);
+
+    /* No memory to check a cached chunk in (a restart: none is checked in
+     * this run): the request fails with -ENOMEM, not -EIO, whole or for a
+     * block, fetches nothing and keeps the chunk, which the next request
+     * with memory hits. */
+    cache = NULL, f = NULL;
+    CHECK(cache_open(cache_dir, &cache, err, sizeof(err)) == 0);
+    CHECK(cache && fetcher_create(cache, repo, &opts, &f) == 0);
+    if (f) {
+        fetcher_get_totals(f, &before);
+        cache_check_alloc = no_memory;
+        int whole = fetch_get(f, &hashes[0], CS, FETCH_DEMAND, NULL, &ref);
+        struct async_wait none = {.calls = 0};
+        int block = fetch_start_range(f, &hashes[0], CS, 4096, 4096, FETCH_DEMAND, fetch_deadline(f), NULL, &ref,
+                                      async_done, &none);
+        cache_check_alloc = malloc;
+        if (whole != -ENOMEM || block != -ENOMEM)
+            fprintf(stderr, "without memory to check a cached chunk: %d and %d\n", whole, block);
+        CHECK(whole == -ENOMEM && block == -ENOMEM && none.calls == 0);
+        CHECK(fetch_get(f, &hashes[0], CS, FETCH_DEMAND, NULL, &ref) == 0);
+        CHECK(ref.hit && fetch_ref_read(&ref, got, CS, 0) == 0 && memcmp(got, chunks[0], CS) == 0);
+        fetch_ref_release(f, &ref);
+        fetcher_get_totals(f, &after);
+        CHECK(after.requests == before.requests);
+    }
     fetcher_destroy(f);
     cache_close(cache);
     repo_close(repo);

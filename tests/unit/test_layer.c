@@ -1303,27 +1303,27 @@ static bool takeover_keeps_acked(const char *id, int acks, pid_t pid, const uint
     return killed;
 }
 
-/* A server killed at every write of a run of writes with a flush in the
- * middle (at each write's data, each of the flush's record blocks, torn):
- * with the shared pending file, the layer that a takeover opens shows
- * exactly the writes that had returned, each with its new bytes, and none
- * of the one under way. The run appends more entries than the shared
- * file's first mapping holds before the flush empties it; with full_tmpfs
- * that mapping cannot grow, and the writes whose entries it cannot take
- * must be durable when they return. */
-static void test_takeover_acknowledged(bool full_tmpfs)
+static struct layer *sync_writer; /* writing_sync (below) */
+static uint64_t sync_writes;
+static int sync_acks = -1; /* a pipe told of each of those writes, or -1 */
+
+/* A run of writes for kill_at_every_write: what the child does, given the
+ * pipe it tells each write that returned on (0, or the status it exits
+ * with), and the writes it makes, in their order, into m and order (how
+ * many). With acks_in_sync, the writes made in flushes' syncs
+ * (writing_sync) are told on the pipe too. */
+struct killed_run {
+    int (*writes)(struct layer *l, int acks);
+    size_t (*expected)(struct model *m, uint64_t *order);
+    bool acks_in_sync;
+};
+
+/* Runs r in a child killed at its k-th pwrite, for k = 0, 1, ... until a
+ * run is not killed (k was past its last write), each on an empty layer:
+ * a takeover keeps exactly the writes that had returned
+ * (takeover_keeps_acked). Returns how many runs were killed. */
+static int kill_at_every_write(const struct killed_run *r, uint64_t *order)
 {
-    enum { WRITES = 200, FLUSH_AFTER = 140 };
-    char shared[PATH_MAX];
-    share_pending_in_test_dir(shared, sizeof(shared));
-    layer_syscalls.pwrite = hooked_pwrite;
-    if (full_tmpfs)
-        layer_syscalls.fallocate = small_fallocate;
-    struct model all;
-    model_init(&all);
-    uint64_t order[WRITES];
-    for (uint64_t i = 0; i < WRITES; i++)
-        order[i] = i;
     int kills = 0;
     for (int k = 0;; k++) {
         struct layer *l;
@@ -1337,45 +1337,84 @@ static void test_takeover_acknowledged(bool full_tmpfs)
         if (pid == 0) {
             close(acks[0]);
             rng = seed;
+            if (r->acks_in_sync) {
+                sync_writes = 0;
+                sync_acks = acks[1];
+            }
             if (layer_open(dir, id, DISK_SIZE, &l) != 0)
                 _exit(2);
             pwrites = 0;
             kill_at = k;
-            for (uint64_t i = 0; i < WRITES; i++) {
-                if (i == FLUSH_AFTER && layer_flush(l) != 0)
-                    _exit(4);
-                if (write_blocks(l, NULL, i, 1) != 0 || write(acks[1], "w", 1) != 1)
-                    _exit(5);
-            }
-            _exit(0); /* k was past the last write */
+            _exit(r->writes(l, acks[1]));
         }
         close(acks[1]);
+        struct model m;
+        model_init(&m);
         uint64_t saved = rng;
         rng = seed;
-        memset(all.owned, 0, BLOCKS);
-        for (uint64_t i = 0; i < WRITES; i++)
-            write_blocks(NULL, &all, i, 1);
+        size_t n = r->expected(&m, order);
         rng = saved;
-        if (!takeover_keeps_acked(id, acks[0], pid, order, WRITES, &all, k))
-            break; /* every write was covered */
+        bool killed = takeover_keeps_acked(id, acks[0], pid, order, n, &m, k);
+        model_free(&m);
+        if (!killed)
+            break;
         kills++;
     }
-    CHECK(kills > WRITES);
+    kill_at = -1;
+    return kills;
+}
+
+/* A server killed at every write of a run of writes with a flush in the
+ * middle (at each write's data, each of the flush's record blocks, torn):
+ * with the shared pending file, the layer that a takeover opens shows
+ * exactly the writes that had returned, each with its new bytes, and none
+ * of the one under way. The run appends more entries than the shared
+ * file's first mapping holds before the flush empties it; with full_tmpfs
+ * that mapping cannot grow, and the writes whose entries it cannot take
+ * must be durable when they return. */
+enum { ACKED_WRITES = 200, ACKED_FLUSH_AFTER = 140 };
+
+static int acked_writes(struct layer *l, int acks)
+{
+    for (uint64_t i = 0; i < ACKED_WRITES; i++) {
+        if (i == ACKED_FLUSH_AFTER && layer_flush(l) != 0)
+            return 4;
+        if (write_blocks(l, NULL, i, 1) != 0 || write(acks, "w", 1) != 1)
+            return 5;
+    }
+    return 0;
+}
+
+static size_t acked_expected(struct model *m, uint64_t *order)
+{
+    for (uint64_t i = 0; i < ACKED_WRITES; i++) {
+        order[i] = i;
+        write_blocks(NULL, m, i, 1);
+    }
+    return ACKED_WRITES;
+}
+
+static void test_takeover_acknowledged(bool full_tmpfs)
+{
+    char shared[PATH_MAX];
+    share_pending_in_test_dir(shared, sizeof(shared));
+    layer_syscalls.pwrite = hooked_pwrite;
+    if (full_tmpfs)
+        layer_syscalls.fallocate = small_fallocate;
+    uint64_t order[ACKED_WRITES];
+    const struct killed_run run = {acked_writes, acked_expected, false};
+    int kills = kill_at_every_write(&run, order);
+    CHECK(kills > ACKED_WRITES);
     printf("takeover%s: killed at %d different writes, each time exactly the returned writes kept\n",
            full_tmpfs ? " (a full tmpfs)" : "", kills);
-    kill_at = -1;
     layer_syscalls.pwrite = real_pwrite_saved;
     layer_syscalls.fallocate = real_fallocate_saved;
     stop_sharing_pending(shared);
-    model_free(&all);
 }
 
 /* A write in every flush's sync (a guest that keeps writing while it
  * flushes): the layer that sync_writer names gets one more block, taken
- * from sync_writes, each time its log is synced. */
-static struct layer *sync_writer;
-static uint64_t sync_writes;
-static int sync_acks = -1; /* a pipe told of each of those writes, or -1 */
+ * from sync_writes, each time its log is synced (sync_acks: above). */
 static int writing_sync(int fd)
 {
     struct layer *l = sync_writer;
@@ -1481,67 +1520,46 @@ static ssize_t kill_before_pwrite(int fd, const void *buf, size_t len, off_t off
     return pwrite(fd, buf, len, off);
 }
 
+enum { MOVES_ROUNDS = 6 };
+
+static int moves_writes(struct layer *l, int acks)
+{
+    for (int i = 0; i < MOVES_ROUNDS; i++) {
+        if (write_blocks(l, NULL, (uint64_t)i, 1) != 0 || write(acks, "w", 1) != 1)
+            return 3;
+        sync_writer = l;
+        int rc = layer_flush(l);
+        sync_writer = NULL;
+        if (rc != 0)
+            return 4;
+    }
+    return 0;
+}
+
+/* The writes in order: block i, then block 256 + i in the flush's sync. */
+static size_t moves_expected(struct model *m, uint64_t *order)
+{
+    for (int i = 0; i < MOVES_ROUNDS; i++) {
+        order[2 * i] = (uint64_t)i;
+        order[2 * i + 1] = 256 + (uint64_t)i;
+        write_blocks(NULL, m, order[2 * i], 1);
+        write_blocks(NULL, m, order[2 * i + 1], 1);
+    }
+    return 2 * MOVES_ROUNDS;
+}
+
 static void test_shared_moves_killed(void)
 {
-    enum { ROUNDS = 6 };
     char shared[PATH_MAX];
     share_pending_in_test_dir(shared, sizeof(shared));
     layer_syscalls.fdatasync = writing_sync;
     layer_syscalls.pwrite = kill_before_pwrite;
     layer_syscalls.shared_pwrite = kill_before_pwrite; /* the header updates too */
-    int kills = 0;
-    for (int k = 0;; k++) {
-        struct layer *l;
-        char id[LAYER_ID_LEN + 1];
-        if (!empty_layer(id))
-            break;
-        uint64_t seed = next_rand();
-        int acks[2];
-        CHECK(pipe(acks) == 0);
-        pid_t pid = fork();
-        if (pid == 0) {
-            close(acks[0]);
-            rng = seed;
-            sync_writes = 0;
-            sync_acks = acks[1];
-            if (layer_open(dir, id, DISK_SIZE, &l) != 0)
-                _exit(2);
-            pwrites = 0;
-            kill_at = k;
-            for (int i = 0; i < ROUNDS; i++) {
-                if (write_blocks(l, NULL, (uint64_t)i, 1) != 0 || write(acks[1], "w", 1) != 1)
-                    _exit(3);
-                sync_writer = l;
-                int rc = layer_flush(l);
-                sync_writer = NULL;
-                if (rc != 0)
-                    _exit(4);
-            }
-            _exit(0); /* k was past the last write */
-        }
-        close(acks[1]);
-        /* The writes in order: block i, then block 256 + i in the flush's sync. */
-        struct model m;
-        model_init(&m);
-        uint64_t saved = rng;
-        rng = seed;
-        uint64_t order[2 * ROUNDS];
-        for (int i = 0; i < ROUNDS; i++) {
-            order[2 * i] = (uint64_t)i;
-            order[2 * i + 1] = 256 + (uint64_t)i;
-            write_blocks(NULL, &m, order[2 * i], 1);
-            write_blocks(NULL, &m, order[2 * i + 1], 1);
-        }
-        rng = saved;
-        bool killed = takeover_keeps_acked(id, acks[0], pid, order, 2 * ROUNDS, &m, k);
-        model_free(&m);
-        if (!killed)
-            break;
-        kills++;
-    }
-    CHECK(kills > 4 * ROUNDS); /* each round: two data writes, a record, two headers */
+    uint64_t order[2 * MOVES_ROUNDS];
+    const struct killed_run run = {moves_writes, moves_expected, true};
+    int kills = kill_at_every_write(&run, order);
+    CHECK(kills > 4 * MOVES_ROUNDS); /* each round: two data writes, a record, two headers */
     printf("shared file moves: killed at %d different writes, each time exactly the returned writes kept\n", kills);
-    kill_at = -1;
     sync_acks = -1;
     layer_syscalls.pwrite = real_pwrite_saved;
     layer_syscalls.shared_pwrite = real_pwrite_saved;

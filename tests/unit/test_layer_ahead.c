@@ -4,6 +4,8 @@
  * its own; a compaction gives a layer's share back, and so does writing
  * over the zeros, and so does a layer that writes nothing for the idle
  * time (layer_set_ahead_idle), keeping times set while it cuts its log.
+ * Times set while zeros are written are kept too, and a zeroing that fails
+ * after it extended the log gives that space back at once.
  * The count never goes over the budget and is 0 once all close.
  *
  * Zeroing runs on a background thread: the test waits (up to 60 s) for
@@ -11,6 +13,7 @@
  * the thread has long since had its turn; a slower machine could let a
  * broken budget pass, never fail a sound one. Needs a file system where
  * zeroing runs (not tmpfs): the test is skipped on one. */
+#include <errno.h>
 #include <fcntl.h>
 #include <linux/magic.h>
 #include <stdatomic.h>
@@ -81,7 +84,49 @@ static int touching_ftruncate(int fd, off_t len)
     return real_ftruncate_saved(fd, len);
 }
 
+/* The zeros' writes, for the two tests of a zeroing under way: the first
+ * one sets the times of zeroing_touched first (as a utimensat between the
+ * pass's start and its writes), and with zeroing_fails every one after the
+ * first fails with ENOSPC (a disk that fills up during the pass). */
+static _Atomic(struct layer *) zeroing_touched;
+static _Atomic bool zeroing_fails, zeroing_failed, touch_failed; /* (no CHECK off the main thread) */
+static _Atomic unsigned zero_writes;
+static ssize_t (*real_zero_pwrite_saved)(int fd, const void *buf, size_t len, off_t off);
+static ssize_t hooked_zero_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    struct layer *t = atomic_exchange(&zeroing_touched, NULL);
+    if (t && layer_set_times(t, touch_times) != 0)
+        atomic_store(&touch_failed, true);
+    if (atomic_fetch_add(&zero_writes, 1) > 0 && atomic_load(&zeroing_fails)) {
+        atomic_store(&zeroing_failed, true);
+        errno = ENOSPC;
+        return -1;
+    }
+    return real_zero_pwrite_saved(fd, buf, len, off);
+}
+
+/* An allocation ahead that gets half its space and fails (ENOSPC): ext4
+ * keeps what it allocated, and the size with it. */
+static _Atomic bool allocation_failed;
+static int half_fallocate(int fd, int mode, off_t off, off_t len)
+{
+    int rc = fallocate(fd, mode, off, len / 2);
+    atomic_store(&allocation_failed, true);
+    errno = rc == 0 ? ENOSPC : errno;
+    return -1;
+}
+
 static bool zeroed(const struct layer *l) { return log_size(l) >= WINDOW; }
+static bool has_touch_times(const struct layer *l)
+{
+    struct timespec at, mt;
+    return layer_get_times(l, &at, &mt) == 0 && mt.tv_sec == touch_times[1].tv_sec && at.tv_sec == touch_times[0].tv_sec;
+}
+/* A failed zeroing gave back what it wrote: the log is the small flush's. */
+static bool zeroing_given_back(const struct layer *l)
+{
+    return atomic_load(&zeroing_failed) && log_size(l) < 64 * 1024;
+}
 static bool nothing_held(const struct layer *l) { return (void)l, layer_ahead_host_bytes() == 0; }
 
 /* Waits for cond(l) up to 60 s; checks the budget all along. */
@@ -204,6 +249,35 @@ int main(void)
     layer_close(e);
     CHECK(layer_ahead_host_bytes() == 0);
 
+    /* The same layer's allocation ahead failing half way (a disk filling
+     * up): the flush gives back what it got at once, and the layer reads
+     * and writes on. */
+    struct layer *h;
+    CHECK(layer_create(dir, DISK_SIZE, &h) == 0);
+    aligned = NULL;
+    CHECK(posix_memalign(&aligned, BS, 2 << 20) == 0);
+    if (aligned) {
+        int (*real_ahead_fallocate)(int, int, off_t, off_t) = layer_syscalls.ahead_fallocate;
+        layer_syscalls.ahead_fallocate = half_fallocate;
+        memset(aligned, 24, 2 << 20);
+        CHECK(layer_write_through(h, aligned, 2 << 20, 0) == 0);
+        CHECK(layer_flush(h) == 0);
+        layer_syscalls.ahead_fallocate = real_ahead_fallocate;
+        CHECK(atomic_load(&allocation_failed));
+        if (log_size(h) >= (3 << 20))
+            fprintf(stderr, "a failed allocation ahead kept its space: the log has %llu bytes\n",
+                    (unsigned long long)log_size(h));
+        CHECK(log_size(h) < (3 << 20) && layer_ahead_host_bytes() == 0);
+        char *back = malloc(2 << 20);
+        CHECK(back && layer_read(h, back, 2 << 20, 0) == 0 && memcmp(back, aligned, 2 << 20) == 0);
+        CHECK(layer_write_through(h, aligned, 2 << 20, 2 << 20) == 0 && layer_flush(h) == 0);
+        CHECK(back && layer_read(h, back, 2 << 20, 2 << 20) == 0 && memcmp(back, aligned, 2 << 20) == 0);
+        free(back);
+    }
+    free(aligned);
+    layer_close(h);
+    CHECK(layer_ahead_host_bytes() == 0);
+
     /* A layer that wrote nothing for the idle time gives its zeros back
      * while it stays open: its log is cut at its tail, with its times kept,
      * and what it wrote reads back, also after a reopen; it gets zeros
@@ -265,6 +339,48 @@ int main(void)
         fprintf(stderr, "the times set during the give-back were lost: mtime %lld\n", (long long)mt.tv_sec);
     CHECK(mt.tv_sec == touch_times[1].tv_sec && at.tv_sec == touch_times[0].tv_sec);
     layer_close(t);
+    CHECK(layer_ahead_host_bytes() == 0);
+
+    /* Times set between a zeroing's start and its writes stay once it is
+     * done: it puts back those, not the ones it saw at its start. */
+    real_zero_pwrite_saved = layer_syscalls.zero_pwrite;
+    layer_syscalls.zero_pwrite = hooked_zero_pwrite;
+    struct layer *u;
+    CHECK(layer_create(dir, DISK_SIZE, &u) == 0);
+    atomic_store(&zeroing_touched, u);
+    small_flush(u, 36);
+    CHECK(wait_for(zeroed, u));
+    CHECK(atomic_load(&zeroing_touched) == NULL && !atomic_load(&touch_failed)); /* the touch came */
+    /* The pass ends (synced, times put back) some time after its last
+     * write: the times are looked at until then, and after. */
+    bool kept = wait_for(has_touch_times, u);
+    sleep_ms(500);
+    CHECK(layer_get_times(u, &at, &mt) == 0);
+    if (!kept || mt.tv_sec != touch_times[1].tv_sec)
+        fprintf(stderr, "the times set during the zeroing were lost: mtime %lld\n", (long long)mt.tv_sec);
+    CHECK(kept && mt.tv_sec == touch_times[1].tv_sec && at.tv_sec == touch_times[0].tv_sec);
+    layer_close(u);
+
+    /* A zeroing whose writes fail after the first (a disk filling up) gives
+     * back what it wrote at once, not when the layer is opened again, and
+     * counts nothing; what was written reads back, and writes go on. */
+    struct layer *v;
+    CHECK(layer_create(dir, DISK_SIZE, &v) == 0);
+    atomic_store(&zero_writes, 0);
+    atomic_store(&zeroing_fails, true);
+    small_flush(v, 38);
+    if (!wait_for(zeroing_given_back, v))
+        fprintf(stderr, "a failed zeroing kept its space: the log has %llu bytes\n", (unsigned long long)log_size(v));
+    CHECK(zeroing_given_back(v));
+    CHECK(layer_ahead_host_bytes() == 0);
+    atomic_store(&zeroing_fails, false);
+    layer_syscalls.zero_pwrite = real_zero_pwrite_saved;
+    memset(want, 38, sizeof(want));
+    CHECK(layer_read(v, buf, sizeof(buf), 38 * sizeof(buf)) == 0 && memcmp(buf, want, sizeof(buf)) == 0);
+    small_flush(v, 39);
+    memset(want, 39, sizeof(want));
+    CHECK(layer_read(v, buf, sizeof(buf), 39 * sizeof(buf)) == 0 && memcmp(buf, want, sizeof(buf)) == 0);
+    layer_close(v);
     CHECK(layer_ahead_host_bytes() == 0);
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);

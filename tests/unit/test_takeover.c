@@ -1,12 +1,13 @@
 /* Unit tests of the pieces of takeover that need no mount: the INIT offer
  * parser, the handle table, the owner lock and its refusal sentence, and
  * the mountinfo path unescaping, and the directory that lives as long as
- * its owner. */
+ * its owner (and those older versions left). */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fuse.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -326,6 +327,65 @@ static void test_owner_dir(void)
     CHECK(rmdir(parent) == 0, "%s is not empty after the owners removed theirs", parent);
 }
 
+/* Makes parent/imgfs-PID as older versions did, with one pending file
+ * (left open read-write in *held when hold). */
+static void old_owner_dir(const char *parent, long pid, bool hold, int *held, char *path, size_t len)
+{
+    snprintf(path, len, "%s/imgfs-%ld", parent, pid);
+    char file[400];
+    snprintf(file, sizeof(file), "%s/0123456789abcdef.pending", path);
+    int fd = mkdir(path, 0700) == 0 ? open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0600) : -1;
+    CHECK(fd >= 0, "cannot make %s: %s", file, strerror(errno));
+    if (hold)
+        *held = fd;
+    else if (fd >= 0)
+        close(fd);
+}
+
+/* Directories of older versions (imgfs-PID, no lock): the sweep removes one
+ * whose pid is gone and whose files nobody has open, and keeps one whose
+ * pid lives (a supervisor, also between its servers) or whose file a
+ * process has open (a server, seen from any PID namespace), and names that
+ * only look alike. */
+static void test_old_owner_dirs(void)
+{
+    char parent[] = "/dev/shm/test_takeover_old.XXXXXX";
+    CHECK(mkdtemp(parent) != NULL, "mkdtemp: %s", strerror(errno));
+    pid_t child = fork();
+    if (child == 0)
+        _exit(0);
+    CHECK(child > 0 && waitpid(child, NULL, 0) == child, "fork");
+    pid_t gone = child; /* reaped: no process has its pid (for now) */
+    char dead[300], live[300], open_dead[300], lookalike[300];
+    int held = -1;
+    old_owner_dir(parent, gone, false, NULL, dead, sizeof(dead));
+    old_owner_dir(parent, getpid(), false, NULL, live, sizeof(live));
+    snprintf(lookalike, sizeof(lookalike), "%s/imgfs-%ldx", parent, (long)gone);
+    CHECK(mkdir(lookalike, 0700) == 0, "mkdir %s", lookalike);
+    /* The same dead pid's directory again, under another parent name: a
+     * file in it is open, as a live server of another namespace keeps it. */
+    char parent2[] = "/dev/shm/test_takeover_old2.XXXXXX";
+    CHECK(mkdtemp(parent2) != NULL, "mkdtemp: %s", strerror(errno));
+    old_owner_dir(parent2, gone, true, &held, open_dead, sizeof(open_dead));
+    if (kill(gone, 0) == 0) {
+        printf("owner_dir: skipped the old directories (pid %ld was reused at once)\n", (long)gone);
+    } else {
+        owner_dir_sweep(parent);
+        owner_dir_sweep(parent2);
+        CHECK(!exists(dead), "an old dead owner's directory %s was kept", dead);
+        CHECK(exists(live), "an old directory of a live pid %s was removed", live);
+        CHECK(exists(open_dead), "an old directory with a file open %s was removed", open_dead);
+        CHECK(exists(lookalike), "%s is no imgfs directory, and was removed", lookalike);
+    }
+    if (held >= 0)
+        close(held);
+    owner_dir_sweep(parent2); /* nobody has it open now */
+    CHECK(!exists(open_dead), "an old dead owner's directory %s was kept once closed", open_dead);
+    char cmd[700];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s %s", parent, parent2);
+    CHECK(system(cmd) == 0, "rm");
+}
+
 int main(void)
 {
     test_init_offer();
@@ -334,6 +394,7 @@ int main(void)
     test_owner_lock();
     test_unescape();
     test_owner_dir();
+    test_old_owner_dirs();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;

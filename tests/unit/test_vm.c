@@ -214,9 +214,15 @@ static void test_find_during_churn(const char *state)
 /* A write in flight (past its size check, waiting for its blocks) while an
  * ftruncate shrinks the blank disk under it: it fails as any write past the
  * end does, with ENOSPC (vm.h). */
+enum shrunk_op {
+    SHRUNK_WRITE,
+    SHRUNK_DISCARD,      /* a discard of the last two blocks instead */
+    SHRUNK_DISCARD_EDGES /* one of a block's length at 512 into them: two partial edges */
+};
+
 struct shrink_race {
     struct vm *vm;
-    bool discard; /* a discard of the last two blocks instead */
+    enum shrunk_op op;
     int write_rc;
 };
 
@@ -224,25 +230,31 @@ static void *write_last_block(void *arg)
 {
     struct shrink_race *r = arg;
     static const char block[4096] = {2};
-    r->write_rc = r->discard ? vm_discard(r->vm, NULL, DISK_SIZE - 2 * sizeof(block), 2 * sizeof(block))
-                             : vm_write(r->vm, NULL, block, sizeof(block), DISK_SIZE - sizeof(block));
+    uint64_t two = 2 * sizeof(block);
+    r->write_rc = r->op == SHRUNK_DISCARD         ? vm_discard(r->vm, NULL, DISK_SIZE - two, two)
+                  : r->op == SHRUNK_DISCARD_EDGES ? vm_discard(r->vm, NULL, DISK_SIZE - two + 512, sizeof(block))
+                                                  : vm_write(r->vm, NULL, block, sizeof(block), DISK_SIZE - sizeof(block));
     return NULL;
 }
 
 /* The same with a discard under way: past the new end it discards
- * nothing, as a discard past the end does (not EINVAL from the layer). */
-static void test_shrink_under_write(const char *state, bool discard)
+ * nothing, as a discard past the end does (not EINVAL from the layer),
+ * whether its blocks are whole or its partial edge blocks are zeroed by
+ * writes (not ENOSPC from them). */
+static void test_shrink_under_write(const char *state, enum shrunk_op op)
 {
+    static const char *const names[] = {"shrunk", "shrunk-discard", "shrunk-discard-edges"};
+    bool discard = op != SHRUNK_WRITE;
     char err[256];
     struct vm_registry *reg = NULL;
     struct vm *vm = NULL;
     CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
     if (!reg)
         return;
-    CHECK(vm_create_empty(reg, discard ? "shrunk-discard" : "shrunk", 0600, 0, 0, &vm, err, sizeof(err)) == 0);
+    CHECK(vm_create_empty(reg, names[op], 0600, 0, 0, &vm, err, sizeof(err)) == 0);
     CHECK(vm && vm_resize_blank(reg, vm, DISK_SIZE, err, sizeof(err)) == 0);
     if (vm) {
-        struct shrink_race r = {.vm = vm, .discard = discard};
+        struct shrink_race r = {.vm = vm, .op = op};
         struct range_held all;
         range_lock_acquire(&vm->write_ranges, &all, 0, UINT64_MAX); /* the write waits here */
         pthread_t writer;
@@ -308,8 +320,9 @@ int main(void)
         return 1;
     }
     test_size_across_threads(state);
-    test_shrink_under_write(state, false);
-    test_shrink_under_write(state, true);
+    test_shrink_under_write(state, SHRUNK_WRITE);
+    test_shrink_under_write(state, SHRUNK_DISCARD);
+    test_shrink_under_write(state, SHRUNK_DISCARD_EDGES);
     remove_tree(state);
     if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
         return 1;
