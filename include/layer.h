@@ -98,6 +98,21 @@
  *   2. After a crash, each block not flushed shows either its new bytes or
  *      its old ones; an unflushed write never changes any other block.
  *   3. layer_open() after a crash needs no repair step from anyone.
+ * "A power loss" is taken as: every change to a file since its last
+ * fdatasync() (pwrite, O_DIRECT or not, hole punch, size change) may be
+ * lost, kept or torn at 512-byte sectors, in any combination; creations,
+ * renames and unlinks in the directory since its last fsync() are kept as
+ * a prefix (ext4's journal order), and neither kind is durable otherwise.
+ * The argument: a flush writes its record after its data and syncs both
+ * once; a record is valid only when its magic, sequence number, file id,
+ * checksum and entries' bounds are, so a torn or lost record ends the
+ * replay, and the last valid one's data is checked against its hashes (a
+ * record after it was written only once it was synced: I2 in layer.c);
+ * data is only ever appended, never overwritten in place, so an unflushed
+ * write can only be lost; a compaction's file is synced before it is
+ * renamed over ID.log and the directory synced before a flush returns
+ * again. tests/unit/test_layer_power.c checks this against a model of
+ * such power cuts (its header says what the model does not simulate).
  *
  * A flush whose fdatasync() fails leaves the layer refusing writes (-EIO)
  * until it is opened again: what reached the disk is then unknown.
@@ -238,14 +253,21 @@ void layer_stats(const struct layer *layer, struct layer_stats *out);
  * its own when dead space grows). */
 int layer_compact(struct layer *layer);
 
-/* For tests: the system calls that write and sync layer files. Replace them
- * to inject faults (a short write, EIO, ENOSPC, or a kill at a chosen step).
- * fallocate is the one that makes room in the shared pending file
- * (layer_share_pending), shared_pwrite writes that file's header, and
- * ftruncate cuts the log of an idle layer that gives back its zeros (and
- * of one whose zeroing or allocation ahead failed), zero_pwrite writes the
- * zeros ahead (on the background thread) and ahead_fallocate allocates
- * the log ahead (in a flush). */
+/* For tests: every system call by which layer.c changes a layer's files or
+ * their directory (and syncs them) goes through here, so that a test can
+ * inject faults (a short write, EIO, ENOSPC, or a kill at a chosen step) or
+ * model a power loss (tests/unit/test_layer_power.c). pwrite writes data,
+ * records and headers, O_DIRECT or not; fallocate makes room in the shared
+ * pending file (layer_share_pending) and punches the space of dead data;
+ * shared_pwrite writes the shared file's header, and ftruncate cuts the
+ * log (at open, of an idle layer that gives back its zeros, and of one
+ * whose zeroing or allocation ahead failed); zero_pwrite writes the zeros
+ * ahead (on the background thread) and ahead_fallocate allocates the log
+ * ahead (in a flush). open is every open of a layer's file (creating ones
+ * with O_CREAT), rename, unlink and fsync_dir (util.h) every change and
+ * sync of the layer directory. The shared pending file, in a tmpfs that no
+ * power loss keeps, is otherwise opened, cut and mapped directly;
+ * sync_file_range (a writeback hint) and futimens (times) are direct too. */
 struct layer_syscalls {
     ssize_t (*pwrite)(int fd, const void *buf, size_t len, off_t off);
     int (*fdatasync)(int fd);
@@ -254,6 +276,10 @@ struct layer_syscalls {
     int (*ftruncate)(int fd, off_t len);
     ssize_t (*zero_pwrite)(int fd, const void *buf, size_t len, off_t off);
     int (*ahead_fallocate)(int fd, int mode, off_t off, off_t len);
+    int (*open)(const char *path, int flags, mode_t mode);
+    int (*rename)(const char *from, const char *to);
+    int (*unlink)(const char *path);
+    int (*fsync_dir)(const char *dir);
 };
 extern struct layer_syscalls layer_syscalls;
 
