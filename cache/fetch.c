@@ -98,8 +98,11 @@ struct job {
     int xfer_mirror;
     uint64_t xfer_deadline; /* the deadline when the transfer started */
     uint64_t xfer_started;
-    /* Links: table bucket, class or work queue, failure list, every job. */
-    struct job *hnext, *qnext, *dnext;
+    /* Links: table bucket, class or work queue, failure list, every job.
+     * qprev is the one before it in its class queue (NULL at the head and
+     * outside the queue): a job leaves the middle of a queue (raised to a
+     * higher class, failed at its deadline) without a walk along it. */
+    struct job *hnext, *qnext, *qprev, *dnext;
     struct job *anext, *aprev;
 };
 
@@ -275,34 +278,36 @@ static void enqueue(struct fetcher *f, struct job *job, bool front)
     int c = job->cls;
     job->state = JOB_QUEUED;
     note_due(f, job->deadline); /* holds no slot from here on */
-    job->qnext = NULL;
+    job->qnext = job->qprev = NULL;
     if (!f->queue_head[c]) {
         f->queue_head[c] = f->queue_tail[c] = job;
     } else if (front) {
         job->qnext = f->queue_head[c];
+        f->queue_head[c]->qprev = job;
         f->queue_head[c] = job;
     } else {
+        job->qprev = f->queue_tail[c];
         f->queue_tail[c]->qnext = job;
         f->queue_tail[c] = job;
     }
 }
 
+/* Takes job out of its class queue; nothing when it is not in it (a new
+ * job is JOB_QUEUED before it is queued). */
 static void dequeue(struct fetcher *f, struct job *job)
 {
     int c = job->cls;
-    struct job *prev = NULL;
-    for (struct job *j = f->queue_head[c]; j; prev = j, j = j->qnext) {
-        if (j != job)
-            continue;
-        if (prev)
-            prev->qnext = j->qnext;
-        else
-            f->queue_head[c] = j->qnext;
-        if (f->queue_tail[c] == j)
-            f->queue_tail[c] = prev;
-        j->qnext = NULL;
+    if (job->qprev)
+        job->qprev->qnext = job->qnext;
+    else if (f->queue_head[c] == job)
+        f->queue_head[c] = job->qnext;
+    else
         return;
-    }
+    if (job->qnext)
+        job->qnext->qprev = job->qprev;
+    else
+        f->queue_tail[c] = job->qprev;
+    job->qnext = job->qprev = NULL;
 }
 
 static void push_work(struct fetcher *f, struct job *job)

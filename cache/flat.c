@@ -172,6 +172,12 @@ enum flat_state flat_state_of(struct flat_store *store, const struct manifest *m
     return state;
 }
 
+static void test_delay(void)
+{
+    struct timespec ts = {flat_build_delay_ms / 1000, (long)(flat_build_delay_ms % 1000) * 1000000};
+    nanosleep(&ts, NULL);
+}
+
 /* Whether name's build or check should stop: removed meanwhile. */
 static bool is_doomed(struct flat_store *store, const char *name)
 {
@@ -223,6 +229,8 @@ static int compare_file(struct flat_store *store, int fd, const struct manifest 
             log_warn("flat file %s: chunk %" PRIu64 " does not match the manifest", name, i);
         if (!rc && is_doomed(store, name))
             rc = -ECANCELED;
+        if (!rc && flat_build_delay_ms)
+            test_delay();
     }
     free(buf);
     return rc;
@@ -330,10 +338,8 @@ int flat_build(struct flat_store *store, const struct manifest *m)
         if (chunk_hash_is_null(&m->chunks[i]))
             continue;
         rc = is_doomed(store, name) ? -ECANCELED : copy_chunk(store, fd, m, i, buf);
-        if (!rc && flat_build_delay_ms) {
-            struct timespec ts = {flat_build_delay_ms / 1000, (long)(flat_build_delay_ms % 1000) * 1000000};
-            nanosleep(&ts, NULL);
-        }
+        if (!rc && flat_build_delay_ms)
+            test_delay();
     }
     free(buf);
     if (!rc)

@@ -40,7 +40,8 @@ static void maybe_refresh(struct imgfs *fs)
 static bool is_vm_node(const struct node *n) { return n->kind == NODE_VM_FILE || n->kind == NODE_VM_SNAPSHOT; }
 
 /* Status files are never cached: their size is the size of what the
- * caller's own open handle will read (see status_file_size). */
+ * caller's own open handle will read, or of the last read (see
+ * status_file_size). */
 static double attr_timeout(const struct node *n)
 {
     if (n->kind == NODE_STATUS_FILE)
@@ -414,7 +415,12 @@ done:
  *
  * A status file's size in stat is the length of the text that the calling
  * thread's newest open handle of it holds (read_file() opens, fstats, then
- * reads exactly st_size bytes), or of a fresh rendering when it has none. */
+ * reads exactly st_size bytes); for a thread with none, the length of the
+ * file's newest rendering (the last open's), so that `ls -l` shows the size
+ * of the last read. A stat renders only a file that was never rendered: the
+ * LOOKUP and GETATTR before every open used to render it twice more, and at
+ * thousands of VMs a rendering is most of a read's cost. The reader does not
+ * need the size: status files are direct_io, read until a short read. */
 
 struct open_text {
     uint64_t id;
@@ -436,6 +442,21 @@ static struct open_text *open_texts; /* guarded by open_texts_lock */
 /* Ids start from this server's pid, so that a handle a previous server
  * gave (before a takeover) never names a text of this one. */
 static uint64_t next_text_id;        /* guarded by open_texts_lock */
+/* The length of each status file's newest rendering, by inode, once it
+ * has one. Guarded by open_texts_lock. */
+static size_t status_lens[INO_FIRST_DYNAMIC];
+static bool status_rendered[INO_FIRST_DYNAMIC];
+
+/* Remembers len as the newest rendering of status file ino. */
+static void note_status_len(fuse_ino_t ino, size_t len)
+{
+    if (ino >= INO_FIRST_DYNAMIC)
+        return;
+    pthread_mutex_lock(&open_texts_lock);
+    status_lens[ino] = len;
+    status_rendered[ino] = true;
+    pthread_mutex_unlock(&open_texts_lock);
+}
 
 /* Takes ownership of text; returns the handle id, or 0 when out of memory. */
 static uint64_t text_open(fuse_ino_t ino, pid_t pid, char *text, size_t len)
@@ -477,10 +498,14 @@ static off_t status_file_size(fuse_req_t req, const struct node *n)
     for (struct open_text *t = open_texts; t && !found; t = t->next) /* newest first */
         if (t->ino == n->ino && t->pid == pid)
             found = true, len = t->len;
+    if (!found && n->ino < INO_FIRST_DYNAMIC && status_rendered[n->ino])
+        found = true, len = status_lens[n->ino];
     pthread_mutex_unlock(&open_texts_lock);
     char *text;
-    if (!found && status_render_file(fs_of(req), n->ino, &text, &len) == 0)
+    if (!found && status_render_file(fs_of(req), n->ino, &text, &len) == 0) {
         free(text);
+        note_status_len(n->ino, len);
+    }
     return (off_t)len;
 }
 
@@ -685,6 +710,8 @@ static void open_text_file(fuse_req_t req, struct imgfs *fs, const struct node *
     if (n->kind == NODE_STATUS_FILE) {
         maybe_refresh(fs);
         rc = status_render_file(fs, n->ino, &text, &len);
+        if (!rc)
+            note_status_len(n->ino, len);
     } else if (fuse_req_ctx(req)->uid != 0) {
         rc = -EACCES; /* commands change VMs: root only, with or without default_permissions */
     } else {

@@ -112,8 +112,9 @@ void flat_stop(struct flat_store *store);
 
 void flat_get_usage(struct flat_store *store, struct flat_usage *out);
 
-/* For tests (crash tests of a build): sleeps this many milliseconds after
- * each chunk a build writes. Read from IMGFS_TEST_FLAT_DELAY_MS at open. */
+/* For tests (a kill in the middle of a build, opens during a check): sleeps
+ * this many milliseconds after each chunk a build writes or a build or
+ * check compares. Read from IMGFS_TEST_FLAT_DELAY_MS at open. */
 extern unsigned flat_build_delay_ms;
 
 #endif

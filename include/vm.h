@@ -86,6 +86,12 @@ struct vm_snapshot {
     struct vm_snapshot *next_removed;
 };
 
+/* A link in one of the registry's tables by name (vm.c). */
+struct name_link {
+    const char *name;
+    struct name_link *next;
+};
+
 struct vm {
     char name[65];
     char base_name[65];
@@ -112,7 +118,7 @@ struct vm {
 
     struct chunk_trace *trace; /* recording, or NULL; guarded by chain_lock */
     struct vm_snapshot *removed_snapshots; /* freed with the VM; guarded by registry->lock */
-    struct vm *by_name_next; /* in the registry's name index; guarded by registry->lock */
+    struct name_link by_name; /* in the registry's name index; guarded by registry->lock */
 
     unsigned open_count;
     bool deleted;

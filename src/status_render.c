@@ -20,12 +20,73 @@ struct text {
     bool failed;
 };
 
+/* Room for n more bytes and a NUL; false (and failed) when out of memory. */
+static bool text_reserve(struct text *t, size_t n)
+{
+    if (t->failed)
+        return false;
+    if (t->data && t->len + n < t->cap)
+        return true;
+    size_t cap = t->cap ? t->cap * 2 : 4096;
+    while (cap < t->len + n + 1)
+        cap *= 2;
+    char *grown = realloc(t->data, cap);
+    if (!grown) {
+        t->failed = true;
+        return false;
+    }
+    t->data = grown;
+    t->cap = cap;
+    return true;
+}
+
+/* The renderers put their fixed words, keys and whole numbers with these,
+ * not one printf a piece: a status file at thousands of VMs is a hundred
+ * thousand pieces, and printf's setup cost more than the bytes. */
+static void text_put(struct text *t, const char *s, size_t n)
+{
+    if (!text_reserve(t, n))
+        return;
+    memcpy(t->data + t->len, s, n);
+    t->len += n;
+    t->data[t->len] = '\0';
+}
+
+static void text_str(struct text *t, const char *s) { text_put(t, s, strlen(s)); }
+
+/* s, then spaces up to width (printf's "%-WIDTHs"). */
+static void text_padded(struct text *t, const char *s, size_t width)
+{
+    static const char spaces[] = "                                ";
+    size_t n = strlen(s);
+    text_put(t, s, n);
+    for (size_t pad = n < width ? width - n : 0; pad > 0;) {
+        size_t k = pad < sizeof(spaces) - 1 ? pad : sizeof(spaces) - 1;
+        text_put(t, spaces, k);
+        pad -= k;
+    }
+}
+
+/* "%" PRId64 of v. */
+static void text_int(struct text *t, int64_t v)
+{
+    char buf[24];
+    char *p = buf + sizeof(buf);
+    uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
+    do
+        *--p = (char)('0' + u % 10);
+    while ((u /= 10) != 0);
+    if (v < 0)
+        *--p = '-';
+    text_put(t, p, (size_t)(buf + sizeof(buf) - p));
+}
+
 static void text_printf(struct text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 __attribute__((format(printf, 2, 0))) static void text_vprintf(struct text *t, const char *fmt, va_list ap)
 {
-    if (t->failed)
-        return;
     for (;;) {
+        if (t->failed)
+            return;
         va_list copy;
         va_copy(copy, ap);
         int n = vsnprintf(t->data ? t->data + t->len : NULL, t->data ? t->cap - t->len : 0, fmt, copy);
@@ -38,16 +99,7 @@ __attribute__((format(printf, 2, 0))) static void text_vprintf(struct text *t, c
             t->len += (size_t)n;
             return;
         }
-        size_t cap = t->cap ? t->cap * 2 : 4096;
-        while (cap < t->len + (size_t)n + 1)
-            cap *= 2;
-        char *grown = realloc(t->data, cap);
-        if (!grown) {
-            t->failed = true;
-            return;
-        }
-        t->data = grown;
-        t->cap = cap;
+        text_reserve(t, (size_t)n);
     }
 }
 
@@ -73,6 +125,15 @@ static int text_finish(struct text *t, bool failed, char **out, size_t *len)
 
 /* ---- building a snapshot ----------------------------------------------------------- */
 
+/* src into dst[cap], cut to fit (snprintf's "%s" without its setup: a
+ * snapshot at thousands of VMs names tens of thousands of fields). */
+static void copy_cut(char *dst, size_t cap, const char *src)
+{
+    size_t n = strnlen(src, cap - 1);
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
 struct status_section *status_add_section(struct status_snapshot *s, const char *kind, const char *title)
 {
     if (s->count == s->cap) {
@@ -87,8 +148,8 @@ struct status_section *status_add_section(struct status_snapshot *s, const char 
     }
     struct status_section *sec = &s->sections[s->count++];
     memset(sec, 0, sizeof(*sec));
-    snprintf(sec->kind, sizeof(sec->kind), "%s", kind);
-    snprintf(sec->title, sizeof(sec->title), "%s", title ? title : "");
+    copy_cut(sec->kind, sizeof(sec->kind), kind);
+    copy_cut(sec->title, sizeof(sec->title), title ? title : "");
     return sec;
 }
 
@@ -101,10 +162,8 @@ void status_add_label(struct status_snapshot *s, struct status_section *sec, con
         return;
     }
     struct status_label *l = &sec->labels[sec->label_count++];
-    snprintf(l->name, sizeof(l->name), "%s", name);
-    size_t n = strnlen(value, sizeof(l->value) - 1); /* a longer value is cut */
-    memcpy(l->value, value, n);
-    l->value[n] = '\0';
+    copy_cut(l->name, sizeof(l->name), name);
+    copy_cut(l->value, sizeof(l->value), value); /* a longer value is cut */
 }
 
 static struct status_field *add_field(struct status_snapshot *s, struct status_section *sec, const char *key,
@@ -124,7 +183,7 @@ static struct status_field *add_field(struct status_snapshot *s, struct status_s
     }
     struct status_field *f = &sec->fields[sec->field_count++];
     memset(f, 0, sizeof(*f));
-    snprintf(f->key, sizeof(f->key), "%s", key);
+    copy_cut(f->key, sizeof(f->key), key);
     f->type = type;
     return f;
 }
@@ -180,16 +239,22 @@ static bool is_numeric(const struct status_field *f) { return f->type == STATUS_
 
 /* ---- rendering ------------------------------------------------------------------------ */
 
-/* "%.*f" of v. A whole number shown with no decimals (most of a status
- * file: tens of thousands on a host with thousands of VMs) is the same text
- * printed as an integer, without %f's multiprecision arithmetic; within
- * 2^53 every such double is exactly its int64_t. -0 keeps its sign. */
+/* "%.*f" of v. A whole number (most of a status file: tens of thousands on
+ * a host with thousands of VMs, durations of 0 among them) is the same text
+ * printed as an integer and, with decimals, a point and that many zeros,
+ * without %f's multiprecision arithmetic; within 2^53 every such double is
+ * exactly its int64_t. -0 keeps its sign. */
 static void text_number(struct text *t, int decimals, double v)
 {
-    if (decimals == 0 && fabs(v) <= 9007199254740992.0 && v == (double)(int64_t)v && !(v == 0 && signbit(v)))
-        text_printf(t, "%" PRId64, (int64_t)v);
-    else
+    static const char zeros[] = ".0000000000000000";
+    if (decimals >= 0 && (size_t)decimals < sizeof(zeros) - 1 && fabs(v) <= 9007199254740992.0 &&
+        v == (double)(int64_t)v && !(v == 0 && signbit(v))) {
+        text_int(t, (int64_t)v);
+        if (decimals)
+            text_put(t, zeros, (size_t)decimals + 1);
+    } else {
         text_printf(t, "%.*f", decimals, v);
+    }
 }
 
 static void print_number(struct text *t, const struct status_field *f) { text_number(t, f->decimals, f->number); }
@@ -200,15 +265,22 @@ int status_render_stats(const struct status_snapshot *s, char **out, size_t *len
     text_printf(&t, "# imgfs %s status; sizes in bytes\n", IMGFS_VERSION);
     for (size_t i = 0; i < s->count; i++) {
         const struct status_section *sec = &s->sections[i];
-        text_printf(&t, "%s[%s%s%s]\n", i ? "\n" : "", sec->kind, sec->title[0] ? " " : "", sec->title);
+        text_str(&t, i ? "\n[" : "[");
+        text_str(&t, sec->kind);
+        if (sec->title[0]) {
+            text_put(&t, " ", 1);
+            text_str(&t, sec->title);
+        }
+        text_put(&t, "]\n", 2);
         for (size_t j = 0; j < sec->field_count; j++) {
             const struct status_field *f = &sec->fields[j];
-            text_printf(&t, "%-17s ", f->key);
+            text_padded(&t, f->key, 17);
+            text_put(&t, " ", 1);
             if (is_numeric(f))
                 print_number(&t, f);
             else
-                text_printf(&t, "%s", f->text ? f->text : "");
-            text_printf(&t, "\n");
+                text_str(&t, f->text ? f->text : "");
+            text_put(&t, "\n", 1);
         }
     }
     return text_finish(&t, s->failed, out, len);
@@ -216,30 +288,32 @@ int status_render_stats(const struct status_snapshot *s, char **out, size_t *len
 
 static void json_string(struct text *t, const char *str)
 {
-    text_printf(t, "\"");
+    text_put(t, "\"", 1);
     for (const unsigned char *p = (const unsigned char *)str; *p; p++) {
-        size_t plain = 0; /* a run that needs no escape: one printf, not one a byte */
+        size_t plain = 0; /* a run that needs no escape: one copy, not one a byte */
         while (p[plain] && p[plain] != '"' && p[plain] != '\\' && p[plain] >= 0x20)
             plain++;
         if (plain) {
-            text_printf(t, "%.*s", (int)plain, (const char *)p);
+            text_put(t, (const char *)p, plain);
             p += plain - 1;
         } else if (*p == '"' || *p == '\\') {
-            text_printf(t, "\\%c", *p);
+            char escaped[2] = {'\\', (char)*p};
+            text_put(t, escaped, 2);
         } else {
             text_printf(t, "\\u%04x", *p);
         }
     }
-    text_printf(t, "\"");
+    text_put(t, "\"", 1);
 }
 
 static void json_fields(struct text *t, const struct status_section *sec, const char *indent)
 {
     bool first = true;
     for (size_t k = 0; k < sec->label_count; k++) {
-        text_printf(t, "%s\n%s", first ? "" : ",", indent);
+        text_str(t, first ? "\n" : ",\n");
+        text_str(t, indent);
         json_string(t, sec->labels[k].name);
-        text_printf(t, ": ");
+        text_str(t, ": ");
         json_string(t, sec->labels[k].value);
         first = false;
     }
@@ -252,13 +326,14 @@ static void json_fields(struct text *t, const struct status_section *sec, const 
             duplicate |= strcmp(sec->labels[k].name, f->key) == 0;
         if (duplicate)
             continue;
-        text_printf(t, "%s\n%s", first ? "" : ",", indent);
+        text_str(t, first ? "\n" : ",\n");
+        text_str(t, indent);
         json_string(t, f->key);
-        text_printf(t, ": ");
+        text_str(t, ": ");
         if (is_numeric(f) && isfinite(f->number))
             print_number(t, f);
         else if (is_numeric(f))
-            text_printf(t, "null");
+            text_str(t, "null");
         else
             json_string(t, f->text ? f->text : "");
         first = false;
@@ -319,33 +394,33 @@ int status_render_json(const struct status_snapshot *s, char **out, size_t *len)
     if (kind_links_build(s, &kinds) != 0)
         return -ENOMEM;
     struct text t = {0};
-    text_printf(&t, "{\n  \"imgfs_version\": ");
+    text_str(&t, "{\n  \"imgfs_version\": ");
     json_string(&t, IMGFS_VERSION);
     for (size_t i = 0; i < s->count; i++) {
         const struct status_section *sec = &s->sections[i];
         if (kinds.first[i] < i)
             continue; /* its kind's object is written */
-        text_printf(&t, ",\n  ");
+        text_str(&t, ",\n  ");
         json_string(&t, sec->kind);
-        text_printf(&t, ": {");
+        text_str(&t, ": {");
         if (!sec->title[0]) {
             json_fields(&t, sec, "    ");
-            text_printf(&t, "\n  }");
+            text_str(&t, "\n  }");
             continue;
         }
         bool first = true;
         for (size_t j = i; j < s->count; j = kinds.next[j]) {
             const struct status_section *same = &s->sections[j];
-            text_printf(&t, "%s\n    ", first ? "" : ",");
+            text_str(&t, first ? "\n    " : ",\n    ");
             json_string(&t, same->title);
-            text_printf(&t, ": {");
+            text_str(&t, ": {");
             json_fields(&t, same, "      ");
-            text_printf(&t, "\n    }");
+            text_str(&t, "\n    }");
             first = false;
         }
-        text_printf(&t, "\n  }");
+        text_str(&t, "\n  }");
     }
-    text_printf(&t, "\n}\n");
+    text_str(&t, "\n}\n");
     kind_links_free(&kinds);
     return text_finish(&t, s->failed, out, len);
 }
@@ -367,12 +442,13 @@ static void label_value(struct text *t, const char *v)
     for (const char *p = v; *p; p++) {
         size_t plain = strcspn(p, "\\\"\n"); /* one printf a run, not one a byte */
         if (plain) {
-            text_printf(t, "%.*s", (int)plain, p);
+            text_put(t, p, plain);
             p += plain - 1;
         } else if (*p == '\n') {
-            text_printf(t, "\\n");
+            text_str(t, "\\n");
         } else {
-            text_printf(t, "\\%c", *p);
+            text_put(t, "\\", 1);
+            text_put(t, p, 1);
         }
     }
 }
@@ -382,22 +458,26 @@ static void metric_labels(struct text *t, const struct status_section *sec, bool
 {
     bool any = false;
     for (size_t k = 0; k < sec->label_count; k++) {
-        text_printf(t, "%s%s=\"", any ? "," : "{", sec->labels[k].name);
+        text_str(t, any ? "," : "{");
+        text_str(t, sec->labels[k].name);
+        text_put(t, "=\"", 2);
         label_value(t, sec->labels[k].value);
-        text_printf(t, "\"");
+        text_str(t, "\"");
         any = true;
     }
     for (size_t j = 0; with_info && j < sec->field_count; j++) {
         const struct status_field *f = &sec->fields[j];
         if (f->type != STATUS_INFO)
             continue;
-        text_printf(t, "%s%s=\"", any ? "," : "{", f->key);
+        text_str(t, any ? "," : "{");
+        text_str(t, f->key);
+        text_put(t, "=\"", 2);
         label_value(t, f->text ? f->text : "");
-        text_printf(t, "\"");
+        text_str(t, "\"");
         any = true;
     }
     if (any)
-        text_printf(t, "}");
+        text_str(t, "}");
 }
 
 static bool section_has_info(const struct status_section *sec)
@@ -422,9 +502,11 @@ int status_render_metrics(const struct status_snapshot *s, char **out, size_t *l
             text_printf(&t, "# HELP imgfs_%s_info Identity of each %s section (value 1).\n# TYPE imgfs_%s_info gauge\n",
                         sec->kind, sec->kind, sec->kind);
             for (size_t j = i; j < s->count; j = kinds.next[j]) {
-                text_printf(&t, "imgfs_%s_info", sec->kind);
+                text_str(&t, "imgfs_");
+                text_str(&t, sec->kind);
+                text_str(&t, "_info");
                 metric_labels(&t, &s->sections[j], true);
-                text_printf(&t, " 1\n");
+                text_str(&t, " 1\n");
             }
         }
         for (size_t f = 0; f < sec->field_count; f++) {
@@ -451,14 +533,14 @@ int status_render_metrics(const struct status_snapshot *s, char **out, size_t *l
                     const struct status_field *v = &same->fields[q];
                     if (v->type != field->type || strcmp(v->key, field->key) != 0)
                         continue;
-                    text_printf(&t, "%s", name);
+                    text_str(&t, name);
                     metric_labels(&t, same, false);
-                    text_printf(&t, " ");
+                    text_str(&t, " ");
                     if (isfinite(v->number))
                         text_number(&t, v->decimals, v->number);
                     else
-                        text_printf(&t, "NaN");
-                    text_printf(&t, "\n");
+                        text_str(&t, "NaN");
+                    text_str(&t, "\n");
                 }
             }
         }

@@ -17,11 +17,24 @@
 #define STATE_MARKER "imgfs-state 1\n"
 #define VM_CONF_MAX (1u << 20)
 
+/* A chained hash table by name: nslots (a power of two, or 0) heads of
+ * chains linked through the entries' name_link, grown to keep the chains
+ * short, so that finding one of N entries costs the same as one of 10. The
+ * VMs by name and the open layers by ID. */
+struct name_table {
+    struct name_link **slots;
+    size_t nslots;
+    size_t count;
+};
+
+/* The entry of type that holds link as its member. */
+#define LINK_OWNER(link, type, member) ((type *)(void *)((char *)(link) - offsetof(type, member)))
+
 /* A layer shared by the disks that reference it. */
 struct layer_ref {
     struct layer *layer;
     unsigned refs;
-    struct layer_ref *next; /* in its chain of the layer table */
+    struct name_link link; /* in the layer table, by layer_id() */
 };
 
 struct vm_registry {
@@ -34,17 +47,8 @@ struct vm_registry {
     pthread_mutex_t lock;
     struct vm **vms; /* every VM loaded or made since the mount, removed ones too */
     size_t vm_count;
-    /* The VMs that are not removed, by name: a chained hash table of
-     * vm_slots (a power of two, or 0) heads linked through by_name_next, so
-     * that finding one of N VMs costs the same as finding one of 10. */
-    struct vm **by_name;
-    size_t vm_slots;
-    size_t live_vm_count;
-    /* The open layers by ID: a chained hash table of layer_slots (a power
-     * of two, or 0) heads, so that loading N disks costs N, not N^2. */
-    struct layer_ref **layers;
-    size_t layer_slots;
-    size_t layer_count;
+    struct name_table by_name; /* the VMs that are not removed */
+    struct name_table layers;  /* the open layers by ID (loading N disks costs N, not N^2) */
     /* Layers named by VM files that did not load: never deleted, since the
      * VM comes back once its base does. */
     char (*kept)[LAYER_ID_LEN + 1];
@@ -61,49 +65,71 @@ static size_t slot_of(const char *key, size_t nslots)
     return (size_t)(h ^ h >> 29) & (nslots - 1);
 }
 
-/* ---- layer table (registry->lock held) ------------------------------------- */
-
-static struct layer_ref **layer_chain(struct layer_ref **slots, size_t nslots, const char *id)
+static struct name_link *table_find(const struct name_table *t, const char *name)
 {
-    return &slots[slot_of(id, nslots)];
+    if (!t->nslots)
+        return NULL;
+    for (struct name_link *l = t->slots[slot_of(name, t->nslots)]; l; l = l->next)
+        if (strcmp(l->name, name) == 0)
+            return l;
+    return NULL;
 }
+
+/* Adds link (its name set); nothing changes on -ENOMEM. */
+static int table_add(struct name_table *t, struct name_link *link)
+{
+    if (t->count + 1 > t->nslots) {
+        size_t nslots = t->nslots ? t->nslots * 2 : 64;
+        struct name_link **grown = calloc(nslots, sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        for (size_t i = 0; i < t->nslots; i++)
+            for (struct name_link *l = t->slots[i], *next; l; l = next) {
+                next = l->next;
+                struct name_link **at = &grown[slot_of(l->name, nslots)];
+                l->next = *at;
+                *at = l;
+            }
+        free(t->slots);
+        t->slots = grown;
+        t->nslots = nslots;
+    }
+    struct name_link **at = &t->slots[slot_of(link->name, t->nslots)];
+    link->next = *at;
+    *at = link;
+    t->count++;
+    return 0;
+}
+
+static void table_remove(struct name_table *t, struct name_link *link)
+{
+    for (struct name_link **at = &t->slots[slot_of(link->name, t->nslots)]; *at; at = &(*at)->next)
+        if (*at == link) {
+            *at = link->next;
+            t->count--;
+            return;
+        }
+}
+
+/* ---- layer table (registry->lock held) ------------------------------------- */
 
 static struct layer_ref *find_layer_ref(struct vm_registry *reg, const char *id)
 {
-    if (!reg->layer_slots)
-        return NULL;
-    for (struct layer_ref *r = *layer_chain(reg->layers, reg->layer_slots, id); r; r = r->next)
-        if (strcmp(layer_id(r->layer), id) == 0)
-            return r;
-    return NULL;
+    struct name_link *l = table_find(&reg->layers, id);
+    return l ? LINK_OWNER(l, struct layer_ref, link) : NULL;
 }
 
 /* Adds layer to the table with no refs. */
 static int track_layer(struct vm_registry *reg, struct layer *layer, struct layer_ref **out)
 {
-    if (reg->layer_count + 1 > reg->layer_slots) {
-        size_t slots = reg->layer_slots ? reg->layer_slots * 2 : 64;
-        struct layer_ref **grown = calloc(slots, sizeof(*grown));
-        if (!grown)
-            return -ENOMEM;
-        for (size_t i = 0; i < reg->layer_slots; i++)
-            for (struct layer_ref *r = reg->layers[i], *next; r; r = next) {
-                next = r->next;
-                struct layer_ref **at = layer_chain(grown, slots, layer_id(r->layer));
-                r->next = *at;
-                *at = r;
-            }
-        free(reg->layers);
-        reg->layers = grown;
-        reg->layer_slots = slots;
-    }
     struct layer_ref *ref = malloc(sizeof(*ref));
     if (!ref)
         return -ENOMEM;
-    struct layer_ref **at = layer_chain(reg->layers, reg->layer_slots, layer_id(layer));
-    *ref = (struct layer_ref){layer, 0, *at};
-    *at = ref;
-    reg->layer_count++;
+    *ref = (struct layer_ref){.layer = layer, .link.name = layer_id(layer)};
+    if (table_add(&reg->layers, &ref->link) != 0) {
+        free(ref);
+        return -ENOMEM;
+    }
     *out = ref;
     return 0;
 }
@@ -111,14 +137,8 @@ static int track_layer(struct vm_registry *reg, struct layer *layer, struct laye
 /* Takes ref out of the table and frees it (not its layer). */
 static void untrack_layer(struct vm_registry *reg, struct layer_ref *ref)
 {
-    for (struct layer_ref **at = layer_chain(reg->layers, reg->layer_slots, layer_id(ref->layer)); *at;
-         at = &(*at)->next)
-        if (*at == ref) {
-            *at = ref->next;
-            reg->layer_count--;
-            free(ref);
-            return;
-        }
+    table_remove(&reg->layers, &ref->link);
+    free(ref);
 }
 
 /* Returns the shared layer ID (opening it if needed) with one more ref. */
@@ -480,62 +500,28 @@ fail:
 
 /* ---- the VMs by name (registry->lock held) ---------------------------------------- */
 
-static void index_vm(struct vm_registry *reg, struct vm *vm)
-{
-    struct vm **at = &reg->by_name[slot_of(vm->name, reg->vm_slots)];
-    vm->by_name_next = *at;
-    *at = vm;
-}
-
 /* Adds vm to the registry and its name index; nothing changes on -ENOMEM. */
 static int add_vm(struct vm_registry *reg, struct vm *vm)
 {
-    if (reg->live_vm_count + 1 > reg->vm_slots) {
-        size_t slots = reg->vm_slots ? reg->vm_slots * 2 : 64;
-        struct vm **grown = calloc(slots, sizeof(*grown));
-        if (!grown)
-            return -ENOMEM;
-        struct vm **old = reg->by_name;
-        size_t old_slots = reg->vm_slots;
-        reg->by_name = grown;
-        reg->vm_slots = slots;
-        for (size_t i = 0; i < old_slots; i++)
-            for (struct vm *v = old[i], *next; v; v = next) {
-                next = v->by_name_next;
-                index_vm(reg, v);
-            }
-        free(old);
-    }
     struct vm **grown = realloc(reg->vms, (reg->vm_count + 1) * sizeof(*grown));
     if (!grown)
         return -ENOMEM;
     reg->vms = grown;
+    vm->by_name.name = vm->name;
+    if (table_add(&reg->by_name, &vm->by_name) != 0)
+        return -ENOMEM;
     reg->vms[reg->vm_count++] = vm;
-    index_vm(reg, vm);
-    reg->live_vm_count++;
     return 0;
 }
 
 /* Takes a removed VM out of the name index (it stays in vms until the
  * registry closes: tree nodes may still point at it). */
-static void unindex_vm(struct vm_registry *reg, struct vm *vm)
-{
-    for (struct vm **at = &reg->by_name[slot_of(vm->name, reg->vm_slots)]; *at; at = &(*at)->by_name_next)
-        if (*at == vm) {
-            *at = vm->by_name_next;
-            reg->live_vm_count--;
-            return;
-        }
-}
+static void unindex_vm(struct vm_registry *reg, struct vm *vm) { table_remove(&reg->by_name, &vm->by_name); }
 
 static struct vm *find_locked(struct vm_registry *reg, const char *name)
 {
-    if (!reg->vm_slots)
-        return NULL;
-    for (struct vm *vm = reg->by_name[slot_of(name, reg->vm_slots)]; vm; vm = vm->by_name_next)
-        if (strcmp(vm->name, name) == 0)
-            return vm;
-    return NULL;
+    struct name_link *l = table_find(&reg->by_name, name);
+    return l ? LINK_OWNER(l, struct vm, by_name) : NULL;
 }
 
 int vm_registry_open(const char *state_dir, vm_base_lookup_fn lookup, void *lookup_ctx,
@@ -612,16 +598,17 @@ void vm_registry_close(struct vm_registry *reg)
         return;
     for (size_t i = 0; i < reg->vm_count; i++)
         vm_free(reg->vms[i]);
-    for (size_t i = 0; i < reg->layer_slots; i++)
-        for (struct layer_ref *r = reg->layers[i], *next; r; r = next) {
-            next = r->next;
+    for (size_t i = 0; i < reg->layers.nslots; i++)
+        for (struct name_link *l = reg->layers.slots[i], *next; l; l = next) {
+            next = l->next;
+            struct layer_ref *r = LINK_OWNER(l, struct layer_ref, link);
             layer_flush(r->layer);
             layer_close(r->layer);
             free(r);
         }
     free(reg->vms);
-    free(reg->by_name);
-    free(reg->layers);
+    free(reg->by_name.slots);
+    free(reg->layers.slots);
     free(reg->kept);
     pthread_mutex_destroy(&reg->lock);
     free(reg);

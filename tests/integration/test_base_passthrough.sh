@@ -98,6 +98,7 @@ while not os.path.exists(sys.argv[4]):
 check(size // 2, size)
 PY
     reader=$!
+    at_exit "kill $reader 2>/dev/null"
     for _ in $(seq 200); do [ -e "$T/half" ] && break; sleep 0.05; done
     [ -e "$T/half" ] || fail "the reader did not get half way"
     [ "$(stat_value "$M" passthrough open_files)" = 1 ] || fail "the reader's open is not a passthrough open"
@@ -134,17 +135,28 @@ log=${DAEMON_LOG[$M]}
 umount_imgfs "$M"
 check_daemon_log "$log"
 
-# Damaged while no daemon ran: a byte of a data block and one of a hole.
+# Damaged while no daemon ran: a byte near the end (the check reaches it last).
 python3 - "$FLAT" <<'PY'
 import os, sys
 fd = os.open(sys.argv[1], os.O_RDWR)
-b = os.pread(fd, 1, 4096 * 3 + 5)
-os.pwrite(fd, bytes([b[0] ^ 0x20]), 4096 * 3 + 5)
+at = os.fstat(fd).st_size - 100
+b = os.pread(fd, 1, at)
+os.pwrite(fd, bytes([b[0] ^ 0x20]), at)
 PY
+# The check is slowed down so that reads come while it runs: they must not
+# get the file before it is checked.
+export IMGFS_TEST_FLAT_DELAY_MS=100
 mount_imgfs "$T/repo" "$M" base_passthrough
+unset IMGFS_TEST_FLAT_DELAY_MS
+wait_stat "$M" "base b@1" flat_file checking 60
+drop_caches
+before=$(reads)
+same "$FILE" "$IMG" "a read while the damaged flat file was being checked differs"
+random_reads "$FILE" || fail "random reads while the damaged flat file was being checked differ"
+[ "$(reads)" -gt "$before" ] || fail "a base was passed through before its flat file was checked"
 wait_stat "$M" passthrough flat_rejected 1 60
+drop_caches
 same "$FILE" "$IMG" "a read after the damaged flat file was found differs"
-random_reads "$FILE" || fail "random reads after the damaged flat file was found differ"
 grep -q "flat file b@1: fails its check" "${DAEMON_LOG[$M]}" || fail "the rejection is not in the log"
 wait_stat "$M" "base b@1" flat_file ready 60 # rebuilt from the cache
 same "$FLAT" "$IMG" "the rebuilt flat file is not the image"

@@ -35,6 +35,45 @@ done
 [ "$(grep -c . <<<"$("$IMGFSCTL" status "$M")")" -gt 8 ] || fail "imgfsctl status printed (almost) nothing"
 ok "status files report their size; imgfsctl status prints a summary"
 
+# One snapshot per open: a status file read in 100-byte pieces, with a VM
+# created between two of them, is the text of the open (its fstat size, no
+# new VM); the next read shows the VM. A stat that opens nothing shows the
+# size of the file's last read, not a fresh rendering (a stat renders no
+# status file that was ever read: the LOOKUP and GETATTR of every open
+# rendered it twice more), and a read after the stat is fresh again.
+cat > "$T/pieces.py" <<'PY'
+import os, subprocess, sys
+path, imgfsctl, mnt, vm = sys.argv[1:]
+fd = os.open(path, os.O_RDONLY)
+size = os.fstat(fd).st_size
+data = os.read(fd, 100)
+subprocess.run([imgfsctl, "vm", "create", mnt, vm, "--base", "mon"], check=True, stdout=subprocess.DEVNULL)
+while True:
+    piece = os.read(fd, 100)
+    if not piece:
+        break
+    data += piece
+assert os.fstat(fd).st_size == size, (os.fstat(fd).st_size, size)
+os.close(fd)
+assert len(data) == size and vm.encode() not in data, (len(data), size)
+with open(path, "rb") as f:
+    fresh = f.read()
+assert vm.encode() in fresh, path + " does not show the new VM"
+subprocess.run([imgfsctl, "vm", "create", mnt, vm + "-2", "--base", "mon"], check=True, stdout=subprocess.DEVNULL)
+print(len(fresh))
+PY
+for f in stats metrics status.json; do
+    last=$(python3 "$T/pieces.py" "$M/.imgfs/$f" "$IMGFSCTL" "$M" "piece-$f") ||
+        fail ".imgfs/$f: a read in pieces is not one snapshot"
+    [ "$(stat -c %s "$M/.imgfs/$f")" = "$last" ] ||
+        fail ".imgfs/$f: stat shows $(stat -c %s "$M/.imgfs/$f") bytes, not the $last of its last read"
+    grep -q "piece-$f-2" "$M/.imgfs/$f" || fail ".imgfs/$f: a read after a stat does not show the newest VM"
+    [ "$(stat -c %s "$M/.imgfs/$f")" -gt "$last" ] || fail ".imgfs/$f: stat does not show the size of the newest read"
+    "$IMGFSCTL" vm rm "$M" "piece-$f" > /dev/null && "$IMGFSCTL" vm rm "$M" "piece-$f-2" > /dev/null ||
+        fail "vm rm piece-$f failed"
+done
+ok "a status file read in pieces is one snapshot; stat shows the size of the last read without rendering"
+
 # The human view: one number or word per value, still.
 [ "$(stat_value "$M" "base mon@1" resident_chunks)" -gt 0 ] || fail "no resident chunks in stats"
 requests=$(stat_value "$M" fetch requests)
