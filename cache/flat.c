@@ -152,6 +152,7 @@ void flat_close(struct flat_store *store)
 {
     if (!store)
         return;
+    cache_set_reclaim(store->cache, NULL, NULL); /* the cache outlives the store */
     for (size_t i = 0; i < store->count; i++)
         cache_uncharge(store->cache, store->entries[i].charged);
     pthread_mutex_destroy(&store->lock);

@@ -831,14 +831,15 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
                                 &n->version->marks);
         if (n->kind == NODE_VM_SNAPSHOT)
             vm_open(n->vm, n->snapshot); /* cannot fail for a snapshot */
-        int backing = n->kind == NODE_BASE_FILE && fs->passthrough && fs->takeover
-                          ? passthrough_open(fs->passthrough, n->version, fi->fh)
-                          : 0;
+        bool counted = n->kind == NODE_BASE_FILE && fs->passthrough && fs->takeover;
+        int backing = counted ? passthrough_open(fs->passthrough, n->version, fi->fh) : 0;
         if (backing)
             serve_set_open_backing(backing); /* the kernel refuses keep_cache with it */
         else
             fi->keep_cache = 1; /* these bytes never change */
-        if (fuse_reply_open(req, fi) != 0 && backing) { /* the open never reached the caller */
+        /* An open that never reached the caller gets no RELEASE: a normal
+         * one left counted would keep its version from passing through. */
+        if (fuse_reply_open(req, fi) != 0 && counted) {
             passthrough_release(fs->passthrough, n->version, fi->fh);
             takeover_handle_release(fs->takeover, fi->fh, n->ino);
         }
