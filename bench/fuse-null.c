@@ -52,6 +52,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "../include/fuse_passthrough_abi.h" /* Linux 6.9's passthrough interface */
+
 static struct fuse_session *se;
 static off_t disk_size;
 static int backing_fd = -1;        /* passthrough mode: BACKING, buffered */
@@ -64,17 +66,6 @@ static int kernel_mode;                   /* --kernel: the kernel reads BACKING 
 static int fuse_fd = -1;
 static int backing_id = -1;               /* --kernel: BACKING registered with the kernel */
 static pthread_mutex_t backing_lock = PTHREAD_MUTEX_INITIALIZER;
-
-/* Linux 6.9's passthrough interface, newer than the <linux/fuse.h> of
- * libfuse 3.14's systems (protocol 7.38). */
-#define PASSTHROUGH_INIT_FLAG2 (1u << 5) /* FUSE_PASSTHROUGH >> 32, in fuse_init_out.flags2 */
-#define PASSTHROUGH_OPEN_FLAG (1u << 7)  /* FOPEN_PASSTHROUGH */
-struct passthrough_backing_map {
-    int32_t fd;
-    uint32_t flags;
-    uint64_t padding;
-};
-#define PASSTHROUGH_BACKING_OPEN _IOW(229, 1, struct passthrough_backing_map) /* FUSE_DEV_IOC_BACKING_OPEN */
 
 static void fill_stat(fuse_ino_t ino, struct stat *st)
 {

@@ -8,10 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "fuse_passthrough_abi.h"
 #include "util.h"
 
 struct server {
@@ -50,16 +50,6 @@ static _Thread_local bool init_wants_passthrough; /* the next reply is INIT's: a
 
 void serve_add_open_flags(uint32_t flags) { open_flags_to_add |= flags; }
 
-#define PASSTHROUGH_INIT_FLAG2 (1u << 5) /* FUSE_PASSTHROUGH >> 32, in fuse_init_out.flags2 */
-#define PASSTHROUGH_OPEN_FLAG (1u << 7)  /* FOPEN_PASSTHROUGH */
-struct backing_map {                     /* struct fuse_backing_map */
-    int32_t fd;
-    uint32_t flags;
-    uint64_t padding;
-};
-#define IOC_BACKING_OPEN _IOW(229, 1, struct backing_map) /* FUSE_DEV_IOC_BACKING_OPEN */
-#define IOC_BACKING_CLOSE _IOW(229, 2, uint32_t)          /* FUSE_DEV_IOC_BACKING_CLOSE */
-
 void serve_amend_init_passthrough(void) { init_wants_passthrough = true; }
 
 void serve_set_open_backing(int id)
@@ -70,15 +60,15 @@ void serve_set_open_backing(int id)
 
 int serve_backing_open(int fuse_fd, int fd)
 {
-    struct backing_map map = {.fd = fd};
-    int id = ioctl(fuse_fd, IOC_BACKING_OPEN, &map);
+    struct passthrough_backing_map map = {.fd = fd};
+    int id = ioctl(fuse_fd, PASSTHROUGH_BACKING_OPEN, &map);
     return id > 0 ? id : id == 0 ? -EPROTO : -errno;
 }
 
 int serve_backing_close(int fuse_fd, int id)
 {
     uint32_t value = (uint32_t)id;
-    return ioctl(fuse_fd, IOC_BACKING_CLOSE, &value) == 0 ? 0 : -errno;
+    return ioctl(fuse_fd, PASSTHROUGH_BACKING_CLOSE, &value) == 0 ? 0 : -errno;
 }
 
 /* INIT's reply, when op_init asked (its thread's next reply): passthrough
