@@ -28,6 +28,8 @@
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
+no_args_but_help "$@"
+
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_SIZE=${BENCH_SIZE:-1G}
 SEQ_TIME=${BENCH_SEQ_TIME:-5}

@@ -45,17 +45,14 @@
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
+no_args_but_help "$@"
+
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_SIZE=${BENCH_SIZE:-256M}
 CASES=${BENCH_CASES:-local http 100mbit rtt50 cached}
 REPEAT=${BENCH_REPEAT:-1}
 BASELINE_BIN_DIR=${BASELINE_BIN_DIR:-}
 
-if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
-    sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    exit 0
-fi
-[ $# -eq 0 ] || die "takes no arguments (see --help)."
 require_root "FUSE mounts, a network namespace and tc"
 require_tools nginx curl ip tc nsenter python3 fusermount3 xargs
 require_imgfs "$IMGFS_BIN_DIR"

@@ -43,6 +43,8 @@
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
+no_args_but_help "$@"
+
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_RATES=${BENCH_RATES:-100}
 RTT_MS=${BENCH_RTT_MS:-0}

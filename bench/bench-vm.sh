@@ -65,6 +65,8 @@
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
+no_args_but_help "$@"
+
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 RUNTIME=${BENCH_TIME:-10}
 CREATES=${BENCH_CREATES:-50}

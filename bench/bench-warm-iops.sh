@@ -20,15 +20,12 @@
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # SCRIPT_DIR, SRC_DIR, BENCH_NAME and the helpers
 
+no_args_but_help "$@"
+
 IMGFS_BIN_DIR=${IMGFS_BIN_DIR:-$SRC_DIR/build}
 BENCH_SIZE=${BENCH_SIZE:-256M}
 TIME=${BENCH_TIME:-8}
 
-if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
-    sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    exit 0
-fi
-[ $# -eq 0 ] || die "takes no arguments (see --help)."
 [ -n "${BASELINE_BIN_DIR:-}" ] || die "set BASELINE_BIN_DIR to the build to compare with (see --help)."
 require_root "FUSE mounts"
 require_tools fio fusermount3

@@ -9,8 +9,13 @@
 #   parse_builds "NAME=DIR ..."  for runs that compare builds: NAMES in order and
 #                                BIN[NAME]=DIR (declare -A BIN first); dies on a
 #                                bad entry or a DIR without the binaries
-#   no_args_but_help "$@"        --help prints the script's header comment
-#                                (up to its "set -uo" line); any other argument dies
+#   usage                        the script's header comment (what it measures,
+#                                its environment and defaults), on stdout
+#   no_args_but_help "$@"        -h or --help prints the usage and exits 0, before
+#                                the script does anything; any other argument
+#                                prints it to stderr and exits 2 (bad_argument)
+#   help_option "$@"             the same for a script that takes plain arguments:
+#                                only options (-...) are handled
 #   to_bytes SIZE WHAT           512M, 1G, ... to bytes (WHAT names it in errors)
 #   require_count VALUE WHAT     die unless VALUE is a positive count (WHAT: the
 #                                variable it came from, for the message)
@@ -41,15 +46,25 @@ BENCH_NAME=$(basename "$0" .sh)
 log() { printf '[%s %s] %s\n' "$BENCH_NAME" "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '%s: %s\n' "$BENCH_NAME" "$*" >&2; exit 1; }
 
-no_args_but_help() {
+# Every bench script's header comment is its usage: lines 2 up to its first
+# "set -" line.
+usage() { sed -n '2,/^set -/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+bad_argument() {
+    { printf '%s: unexpected argument '\''%s'\''.\n\n' "$BENCH_NAME" "$1"; usage; } >&2
+    exit 2
+}
+help_option() {
     case ${1:-} in
     -h | --help)
-        sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+        usage
         exit 0
         ;;
-    "") ;;
-    *) die "unexpected argument '$1' (see --help)." ;;
+    -*) bad_argument "$1" ;;
     esac
+}
+no_args_but_help() {
+    help_option "$@"
+    [ $# -eq 0 ] || bad_argument "$1"
 }
 require_root() { [ "$(id -u)" -eq 0 ] || die "must run as root ($1)."; }
 require_tools() {

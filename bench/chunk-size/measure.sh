@@ -20,6 +20,9 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 TOP=$(cd "$HERE/../.." && pwd)
+. "$HERE/../lib.sh" # usage, help_option and bad_argument
+help_option "$@"
+[ $# -le 1 ] || bad_argument "$2"
 OUT_DIR=${OUT_DIR:-$HERE}
 TIMEOUT=${BOOT_TIMEOUT:-300}
 die() { echo "measure: error: $*" >&2; exit 1; }
