@@ -5,30 +5,30 @@
 
 make_image "$T/img.raw" 2000000
 "$IMGFSCTL" publish "$T/img.raw" "$T/repo" --name good > /dev/null
-mkdir -p "$T/mnt" "$T/cache" "$T/notrepo" "$T/emptydir"
+mkdir -p "$T/mnt" "$T/cache" "$T/state" "$T/notrepo" "$T/emptydir"
 echo hello > "$T/notrepo/file"
 
 # --- imgfs ---
 expect_error "imgfs without arguments" "$IMGFS"
-expect_error "imgfs with a missing repository" "$IMGFS" "$T/nope" "$T/mnt" -f -o cache="$T/cache"
-expect_error "imgfs with a directory that is not a repository" "$IMGFS" "$T/notrepo" "$T/mnt" -f -o cache="$T/cache"
-expect_error "imgfs with a missing cache directory" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/nocache"
-expect_error "imgfs with a missing mount point" "$IMGFS" "$T/repo" "$T/nomnt" -f -o cache="$T/cache"
-expect_error "imgfs with an unknown option" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/cache",bogus_option=1
-expect_error "imgfs with a bad timeout" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/cache",timeout=soon
-expect_error "imgfs with a bad vm_cache mode" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/cache",vm_cache=sometimes
-expect_error "imgfs with a bad prefetch_ahead" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/cache",prefetch_ahead=far
-expect_error "imgfs with an unreachable http repository" "$IMGFS" http://127.0.0.1:9/repo "$T/mnt" -f -o cache="$T/cache"
+expect_error "imgfs with a missing repository" "$IMGFS" "$T/nope" "$T/mnt" -f -o cache="$T/cache",state="$T/state"
+expect_error "imgfs with a directory that is not a repository" "$IMGFS" "$T/notrepo" "$T/mnt" -f -o cache="$T/cache",state="$T/state"
+expect_error "imgfs with a missing cache directory" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/nocache",state="$T/state"
+expect_error "imgfs with a missing mount point" "$IMGFS" "$T/repo" "$T/nomnt" -f -o cache="$T/cache",state="$T/state"
+expect_error "imgfs with an unknown option" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/cache",state="$T/state",bogus_option=1
+expect_error "imgfs with a bad timeout" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/cache",state="$T/state",timeout=soon
+expect_error "imgfs with a bad vm_cache mode" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/cache",state="$T/state",vm_cache=sometimes
+expect_error "imgfs with a bad prefetch_ahead" "$IMGFS" "$T/repo" "$T/mnt" -f -o cache="$T/cache",state="$T/state",prefetch_ahead=far
+expect_error "imgfs with an unreachable http repository" "$IMGFS" http://127.0.0.1:9/repo "$T/mnt" -f -o cache="$T/cache",state="$T/state"
 mountpoint -q "$T/mnt" && fail "a failed imgfs left a mount behind"
 grep -q 'cache=DIR' <<<"$("$IMGFS" --help)" || fail "imgfs --help does not document cache=" # no pipe: grep -q would SIGPIPE imgfs
 ok "imgfs --help documents its options"
 
 cp -a "$T/repo" "$T/badindex"
 printf 'imgfs-index 1\n../evil 1\n' > "$T/badindex/index"
-expect_error "imgfs with a hostile name in the index" "$IMGFS" "$T/badindex" "$T/mnt" -f -o cache="$T/cache"
+expect_error "imgfs with a hostile name in the index" "$IMGFS" "$T/badindex" "$T/mnt" -f -o cache="$T/cache",state="$T/state"
 cp -a "$T/repo" "$T/garbage"
 head -c 5000 /dev/urandom > "$T/garbage/index"
-expect_error "imgfs with a garbage index" "$IMGFS" "$T/garbage" "$T/mnt" -f -o cache="$T/cache"
+expect_error "imgfs with a garbage index" "$IMGFS" "$T/garbage" "$T/mnt" -f -o cache="$T/cache",state="$T/state"
 
 # --- imgfsctl publish ---
 expect_error "publish of a missing image" "$IMGFSCTL" publish "$T/missing.raw" "$T/repo" --name a

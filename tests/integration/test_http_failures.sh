@@ -261,12 +261,15 @@ cmp "$M/bases/x.raw" "$T/img.raw" || fail "filling the cache: wrong data"
 umount_imgfs "$M"
 nginx_stop www1
 nginx_stop www2
-mkdir -p "$T/mnt2"
-expect_error "mount of an unreachable repository" "$IMGFS" "$URL2" "$T/mnt2" -f -o "cache=$T/cache,insecure"
+# Each with a state directory of its own: the default, /var/lib/imgfs, is
+# the machine's, and another daemon holding it (a test running beside this
+# one) makes the mount fail on that instead.
+mkdir -p "$T/mnt2" "$T/state2"
+expect_error "mount of an unreachable repository" "$IMGFS" "$URL2" "$T/mnt2" -f -o "cache=$T/cache,state=$T/state2,insecure"
 grep -qi 'reach\|connect' "$(ls -t "$T"/stderr.* | head -n 1)" || fail "the error does not say the repository cannot be reached"
 mountpoint -q "$T/mnt2" && fail "$T/mnt2 is mounted after a failed mount"
 expect_error "mount of a repository that never answers" \
-    "$IMGFS" "${BLACKHOLE_URL[hole]}/repo" "$T/mnt2" -f -o "cache=$T/cache,stall_timeout=3,insecure"
+    "$IMGFS" "${BLACKHOLE_URL[hole]}/repo" "$T/mnt2" -f -o "cache=$T/cache,state=$T/state2,stall_timeout=3,insecure"
 mount_imgfs "$URL2" "$M" "offline,timeout=3"
 timeout 5 ls "$M/bases" > "$T/ls" || fail "ls bases hung offline"
 grep -qx 'x@1.raw' "$T/ls" && grep -qx 'x.raw' "$T/ls" || { cat "$T/ls"; fail "offline ls bases misses x.raw or x@1.raw"; }

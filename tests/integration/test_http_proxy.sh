@@ -12,7 +12,7 @@ nginx_start proxy "$T/empty" "location / { proxy_pass ${NGINX_URL[origin]}; }"
 
 # repo.invalid never resolves: without the proxy the mount must fail.
 expect_error "mount of an unresolvable repository without a proxy" \
-    "$IMGFS" http://repo.invalid/ "$T/mnt" -f -o cache="$T/cache",connect_timeout=2,insecure
+    "$IMGFS" http://repo.invalid/ "$T/mnt" -f -o cache="$T/cache",state="$T/state",connect_timeout=2,insecure
 mount_imgfs http://repo.invalid/ "$T/mnt" "proxy=${NGINX_URL[proxy]}"
 cmp "$T/mnt/bases/p.raw" "$T/img.raw" || fail "base read through the proxy differs"
 through=$(nginx_requests proxy /chunks/)
