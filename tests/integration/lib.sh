@@ -237,6 +237,21 @@ wait_stat() {
     fail "[$2] $3 is $(stat_value "$1" "$2" "$3"), not $4, after ${5:-120} s"
 }
 
+# WAIT_SECONDS: the bound of wait_for. Like wait_stat's, it only ends a run
+# that fails, so it is generous for a loaded machine (a sanitizer build
+# beside other tests at a load of 20).
+WAIT_SECONDS=120
+# wait_for WHAT CONDITION: evaluates the shell CONDITION every 0.1 s until it
+# holds; fails with WHAT when it does not within WAIT_SECONDS. CONDITION is
+# evaluated in here: it may use the caller's variables, not its "$1".
+wait_for() {
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    until eval "$2"; do
+        [ "$SECONDS" -lt "$deadline" ] || fail "$1 (waited $WAIT_SECONDS s)"
+        sleep 0.1
+    done
+}
+
 # expect_error DESCRIPTION CMD...: the command must fail with a non-zero exit
 # and one clear line on stderr, within 30 s.
 expect_error() {

@@ -61,8 +61,8 @@ was_interrupted() {
 last_error() { ls -t "$T"/stderr.* | head -n 1; }
 # wait_log TEXT: the daemon's log says TEXT (the step under test has begun).
 wait_log() {
-    for _ in $(seq 1 400); do grep -q "$1" "$LOG" && return 0; sleep 0.05; done
-    fail "the daemon's log never said '$1'"
+    local text=$1
+    wait_for "the daemon's log never said '$text'" 'grep -q "$text" "$LOG"'
 }
 
 # --- an export stuck on a FIFO whose reader never reads ------------------------------------------
@@ -137,11 +137,7 @@ mount_imgfs "${STALL_URL[web]}/repo" "$M2" "state=$T/state2,timeout=60,stall_tim
 touch "$FLAG"
 "$IMGFSCTL" vm import "$M" "$M2/bases/a.raw" --name hung 2> "$T/hung.err" &
 hung=$!
-for _ in $(seq 1 400); do # the import's read waits on the mirror
-    [ $(($(stat_value "$M2" fetch in_flight) + $(stat_value "$M2" fetch queued))) -ge 1 ] && break
-    sleep 0.05
-done
-[ $(($(stat_value "$M2" fetch in_flight) + $(stat_value "$M2" fetch queued))) -ge 1 ] || fail "the import never read its file"
+wait_for "the import never read its file" '[ $(($(stat_value "$M2" fetch in_flight) + $(stat_value "$M2" fetch queued))) -ge 1 ]'
 answers_meanwhile "an import reads a file whose reads hang"
 rm "$FLAG"
 status=0; wait $hung || status=$?

@@ -50,11 +50,10 @@ mount_imgfs "$URL" "$M" "state=$T/state,refresh=0.2" "$T/c2"
 # Index requests 1 and 2 are the set-up of the supervisor's and the server's
 # trees (each reads manifests right after); from the fourth on they are the
 # server's refreshes, which come after all of that.
-for _ in $(seq 100); do [ "$(nginx_requests www /repo/index)" -ge 4 ] && break; sleep 0.1; done
+wait_for "the server's trees were not set up" '[ "$(nginx_requests www /repo/index)" -ge 4 ]'
 first=$(nginx_requests www /repo/bases/x/)
 index0=$(nginx_requests www /repo/index)
-for _ in $(seq 300); do [ "$(nginx_requests www /repo/index)" -ge $((index0 + 10)) ] && break; sleep 0.1; done
-[ "$(nginx_requests www /repo/index)" -ge $((index0 + 10)) ] || fail "fewer than 10 refreshes in 30 s"
+wait_for "fewer than 10 refreshes" '[ "$(nginx_requests www /repo/index)" -ge $((index0 + 10)) ]'
 manifests=$(($(nginx_requests www /repo/bases/x/) - first))
 [ "$first" -le 20 ] || fail "$first manifest requests for one refresh of an index claiming 3000 versions"
 [ "$manifests" -eq 0 ] || fail "$manifests manifest requests over 10 more refreshes: missing versions are re-fetched"

@@ -40,12 +40,7 @@ mount_imgfs "$URL" "$M"
     fail "an empty cache shows $(stat_value "$M" "base deb@1" chunks_resident) chunks resident"
 cmp "$M/bases/deb.raw" "$T/img.raw" || fail "base read over HTTP differs from the source image"
 # Written behind the replies: the count follows the cache, not the stats read before.
-for _ in $(seq 100); do
-    [ "$(stat_value "$M" "base deb@1" chunks_resident)" = "$NONZERO/$NONZERO" ] && break
-    sleep 0.1
-done
-[ "$(stat_value "$M" "base deb@1" chunks_resident)" = "$NONZERO/$NONZERO" ] ||
-    fail "after the whole base was read, stats show $(stat_value "$M" "base deb@1" chunks_resident) chunks resident"
+wait_stat "$M" "base deb@1" chunks_resident "$NONZERO/$NONZERO"
 ok "stats count the chunks the cache got since they were last read"
 qemu-img compare -f raw -F raw "$M/bases/deb.raw" "$T/img.raw" > "$T/qcmp" ||
     { cat "$T/qcmp"; fail "qemu-img compare finds a difference over HTTP"; }

@@ -192,16 +192,12 @@ touch "$FLAG"
 "$IMGFSCTL" vm import "$M" "$M2/bases/s.raw" --name stalled 2> "$T/stalled.err" &
 stalled=$!
 at_exit "kill -9 $stalled 2>/dev/null"
-for _ in $(seq 1 400); do # the stream has begun, and the rest of the file waits on the mirror
-    [ -n "$(staged)" ] && [ "$(staged | awk '{print $2}')" != 0 ] &&
-        [ $(($(stat_value "$M2" fetch in_flight) + $(stat_value "$M2" fetch queued))) -ge 1 ] && break
-    sleep 0.05
-done
-[ -n "$(staged)" ] || fail "the stalled import never reached the daemon"
+# The stream has begun, and the rest of the file waits on the mirror.
+wait_for "the stalled import never reached the daemon" '[ -n "$(staged)" ] && [ "$(staged | awk "{print \$2}")" != 0 ] &&
+    [ $(($(stat_value "$M2" fetch in_flight) + $(stat_value "$M2" fetch queued))) -ge 1 ]'
 kill -STOP $stalled
 rm "$FLAG"
-for _ in $(seq 1 400); do [ "$(awk '{print $3}' /proc/$stalled/stat)" = T ] && break; sleep 0.05; done
-[ "$(awk '{print $3}' /proc/$stalled/stat)" = T ] || fail "imgfsctl did not stop"
+wait_for "imgfsctl did not stop" '[ "$(awk "{print \$3}" /proc/$stalled/stat)" = T ]'
 got=$(staged | awk '{print $2}')
 [ "$got" -gt 0 ] && [ "$got" -lt $((32 * 1048576)) ] || fail "the stopped stream had staged $got bytes: not mid-stream"
 timeout 20 "$IMGFSCTL" vm create "$M" beside --size 1M || fail "vm create hung or failed beside a stopped import"
@@ -211,8 +207,7 @@ same "$M/vms/beside2.raw" "$M/vms/v.raw" "the import beside a stopped one differ
 ok "imgfsctl stopped mid-stream ($got of $((32 * 1048576)) bytes staged): vm create, vm export and another import answer"
 kill -9 $stalled
 wait $stalled 2>/dev/null || true
-for _ in $(seq 1 200); do [ -z "$(staged)" ] && break; sleep 0.05; done
-[ -z "$(staged)" ] || fail "the killed import's staged file stayed: $(staged)"
+wait_for "the killed import's staged file stayed" '[ -z "$(staged)" ]'
 [ ! -e "$M/vms/stalled.raw" ] && [ ! -e "$STATE/vms/stalled.vm" ] || fail "the killed import made a VM"
 "$IMGFSCTL" vm rm "$M" beside
 "$IMGFSCTL" vm rm "$M" beside2

@@ -138,7 +138,7 @@ printf one | dd of="$V/web.raw" bs=4096 seek=1 conv=notrunc status=none
 exec 7<"$V/web@s2.raw"
 expect_error "removing an open snapshot" "$IMGFSCTL" vm rm "$M" web@s2
 exec 7<&-
-for _ in $(seq 1 100); do [ "$(stat_value "$M" "vm web" open)" = 0 ] && break; sleep 0.05; done
+wait_stat "$M" "vm web" open 0
 rm "$V/web@s2.raw" || fail "rm of the closed snapshot web@s2 failed"
 expect_error "removing a snapshot that does not exist" "$IMGFSCTL" vm rm "$M" web@nope
 ok "vm rm VM@SNAP and rm remove snapshots; an open one is refused"

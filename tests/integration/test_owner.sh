@@ -33,8 +33,7 @@ ok "the first mount still serves"
 
 # SIGHUP: a log line, no unmount.
 kill -HUP "$pid"
-for _ in $(seq 100); do grep -q "SIGHUP ignored" "$log" && break; sleep 0.1; done
-grep -q "SIGHUP ignored" "$log" || fail "no log line for SIGHUP"
+wait_for "no log line for SIGHUP" 'grep -q "SIGHUP ignored" "$log"'
 mountpoint -q "$M" && cmp "$M/bases/b.raw" "$T/img.raw" || fail "SIGHUP unmounted"
 ok "SIGHUP is logged and ignored"
 
@@ -42,8 +41,7 @@ ok "SIGHUP is logged and ignored"
 "$IMGFSCTL" vm create "$M" v --base b > /dev/null
 exec 3<> "$M/vms/v.raw"
 kill -TERM "$pid"
-for _ in $(seq 100); do grep -q "refused: 1 VM disk(s) open (v)" "$log" && break; sleep 0.1; done
-grep -q "refused: 1 VM disk(s) open (v)" "$log" || { cat "$log"; fail "no refusal logged for SIGTERM"; }
+wait_for "no refusal logged for SIGTERM" 'grep -q "refused: 1 VM disk(s) open (v)" "$log"'
 echo hello | dd of=/dev/fd/3 bs=4096 conv=sync,notrunc status=none || fail "the open disk broke after SIGTERM"
 dd if="$M/vms/v.raw" bs=5 count=1 status=none | grep -q hello || fail "the write through the open disk is not there"
 ok "SIGTERM with a VM disk open is refused and the disk keeps working"
@@ -53,8 +51,7 @@ wait_stat "$M" "vm v" open 0
 
 # ... and with no disk open it unmounts, and the daemon exits 0.
 kill -TERM "$pid"
-for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$pid" 2>/dev/null && fail "SIGTERM with no disk open did not end the daemon"
+wait_for "SIGTERM with no disk open did not end the daemon" '! kill -0 "$pid" 2>/dev/null'
 wait "$pid" || fail "imgfs exited with status $? after SIGTERM"
 unset "DAEMON_PID[$M]"
 mountpoint -q "$M" && fail "still mounted after SIGTERM"
@@ -68,14 +65,12 @@ server=$(stat_value "$M" daemon pid)
 # Killing the supervisor takes its server with it (PR_SET_PDEATHSIG).
 kill -9 "$pid"
 wait "$pid" 2>/dev/null || true
-for _ in $(seq 100); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$server" 2>/dev/null && fail "the server outlived its supervisor's kill -9"
+wait_for "the server outlived its supervisor's kill -9" '! kill -0 "$server" 2>/dev/null'
 unset "DAEMON_PID[$M]"
 stat "$M" > /dev/null 2> "$T/stat.err" && fail "the mount still answers after kill -9"
 grep -q "Transport endpoint is not connected" "$T/stat.err" || { cat "$T/stat.err"; fail "no dead mount after kill -9"; }
 mount_imgfs "$T/repo" "$M"
-for _ in $(seq 50); do grep -q "held a dead FUSE mount" "${DAEMON_LOG[$M]}" && break; sleep 0.1; done
-grep -q "held a dead FUSE mount" "${DAEMON_LOG[$M]}" || { cat "${DAEMON_LOG[$M]}"; fail "the dead mount was not reported"; }
+wait_for "the dead mount was not reported" 'grep -q "held a dead FUSE mount" "${DAEMON_LOG[$M]}"'
 cmp "$M/vms/v.raw" <(dd if="$M/vms/v.raw" bs=1M status=none) || fail "cannot read the VM disk after the new mount"
 dd if="$M/vms/v.raw" bs=5 count=1 status=none | grep -q hello || fail "the VM disk lost its data"
 [ "$(grep -c " $M " /proc/self/mountinfo)" = 1 ] || fail "the dead mount is still stacked under the new one"

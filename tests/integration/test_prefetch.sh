@@ -99,11 +99,7 @@ rm -rf "$T/cache"
 mount_imgfs "$T/repo" "$T/mnt" "state=$T/state"
 "$IMGFSCTL" precopy "$T/mnt" b@1 --rate 4M > "$T/precopy1.out" 2>&1 &
 pc=$!
-for _ in $(seq 1 100); do
-    n=$(cache_index "$T/cache" | wc -l)
-    [ "$n" -ge 10 ] && break
-    sleep 0.05
-done
+wait_for "the pre-copy cached no 10 chunks" '[ "$(cache_index "$T/cache" | wc -l)" -ge 10 ]'
 kill -9 "${DAEMON_PID[$T/mnt]}"
 wait "$pc" 2>/dev/null || true
 fusermount3 -uz "$T/mnt"

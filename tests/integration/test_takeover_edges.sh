@@ -29,11 +29,7 @@ slow_read() {
     before=$(stat_value "$M" fetch requests)
     dd if="$M/bases/d@1.raw" of="$out" bs=4096 count=1 skip=$((index * CHUNK / 4096)) iflag=direct status=none &
     local reader=$!
-    for _ in $(seq 200); do
-        [ "$(stat_value "$M" fetch requests)" -gt "$before" ] && break
-        sleep 0.05
-    done
-    [ "$(stat_value "$M" fetch requests)" -gt "$before" ] || fail "the read of chunk $index did not start fetching"
+    wait_for "the read of chunk $index did not start fetching" '[ "$(stat_value "$M" fetch requests)" -gt "$before" ]'
     local old
     old=$(stat_value "$M" daemon pid)
     if [ "$how" = kill ]; then
@@ -56,11 +52,7 @@ slow_read 9 restart
 # A pre-copy cannot continue in a new process: imgfsctl says so.
 "$IMGFSCTL" precopy "$M" d --rate 64K > "$T/precopy.out" 2> "$T/precopy.err" &
 copier=$!
-for _ in $(seq 200); do
-    resident=$(stat_value "$M" "base d@1" chunks_resident)
-    [ "${resident%/*}" -ge 4 ] && break
-    sleep 0.1
-done
+wait_for "the pre-copy cached no 4 chunks" '[ "$(stat_value "$M" "base d@1" chunks_resident | cut -d/ -f1)" -ge 4 ]'
 kill -0 "$copier" 2>/dev/null || fail "test precondition: the pre-copy ended before the kill"
 kill -9 "$(stat_value "$M" daemon pid)"
 status=0
@@ -74,7 +66,7 @@ ok "a pre-copy cut by a takeover fails at imgfsctl: $(head -n 1 "$T/precopy.err"
 exec 4<> "$M/.imgfs/control"
 old=$(stat_value "$M" daemon pid)
 kill -9 "$old"
-for _ in $(seq 100); do [ "$(stat_value "$M" daemon pid)" != "$old" ] && break; sleep 0.1; done
+new_server "$M" "$old" > /dev/null
 if printf 'vm-create\tstale\t-\t1048576\n' >&4 2> "$T/stale.err"; then
     fail "a control handle of the dead process was accepted"
 fi
@@ -89,8 +81,7 @@ cp "$T/repo/index" "$T/index.good"
 printf 'garbage\n' > "$T/repo/index"
 old=$(stat_value "$M" daemon pid)
 kill -9 "$old"
-for _ in $(seq 100); do [ "$(stat_value "$M" daemon pid)" != "$old" ] && break; sleep 0.1; done
-[ "$(stat_value "$M" daemon pid)" != "$old" ] || fail "no new server after a kill -9 with a malformed index"
+new_server "$M" "$old" > /dev/null
 [ -e "$M/bases/d.raw" ] || fail "bases/d.raw is gone after a takeover with a malformed index"
 dd if="$M/bases/d.raw" of="$T/first" bs=$CHUNK count=1 status=none || fail "cannot read bases/d.raw"
 cmp "$T/first" <(head -c $CHUNK "$T/img.raw") || fail "wrong bytes after a takeover with a malformed index"
@@ -116,7 +107,7 @@ exec 3< "$M/vms/v.raw"
 wait_stat "$M" "base d@1" prefetch_list 8/64
 old=$(stat_value "$M" daemon pid)
 kill -9 "$old"
-for _ in $(seq 100); do [ "$(stat_value "$M" daemon pid)" != "$old" ] && break; sleep 0.1; done
+new_server "$M" "$old" > /dev/null
 # The new process replays for the disk opened before it started ...
 wait_stat "$M" "base d@1" prefetch_started yes
 wait_stat "$M" "base d@1" prefetch_list 8/64
@@ -146,8 +137,7 @@ printf '#!/bin/sh\nkill -SEGV $$\n' > "$T/bin/imgfs.new"
 chmod +x "$T/bin/imgfs.new"
 mv "$T/bin/imgfs.new" "$T/bin/imgfs"
 expect_error "imgfsctl restart onto a binary that crashes at start-up" "$IMGFSCTL" restart "$M"
-for _ in $(seq 300); do kill -0 "$sup" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$sup" 2>/dev/null && fail "the supervisor did not give up on a crashing binary within 30 s"
+wait_for "the supervisor did not give up on a crashing binary" '! kill -0 "$sup" 2>/dev/null'
 status=0
 wait "$sup" || status=$?
 unset "DAEMON_PID[$M]"

@@ -162,8 +162,7 @@ same "$V/a.raw" "$T/sh.a" "VM a changed by a refused vm rm"
 kill $holder
 wait $holder 2>/dev/null || true
 # Closing is asynchronous in FUSE (RELEASE); [vm a] open shows when it landed.
-for _ in $(seq 1 100); do [ "$(stat_value "$M" "vm a" open)" -eq 0 ] && break; sleep 0.05; done
-[ "$(stat_value "$M" "vm a" open)" -eq 0 ] || fail "[vm a] open stays above 0 after the reader exited"
+wait_stat "$M" "vm a" open 0
 
 "$IMGFSCTL" vm rm "$M" a || fail "vm rm of a closed VM failed"
 [ ! -e "$V/a.raw" ] && [ ! -e "$V/a@s1.raw" ] && [ ! -e "$V/$implicit" ] || fail "a's files still shown after vm rm"
