@@ -24,13 +24,20 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# wait_http URL: waits up to 10 s for anything to answer HTTP at URL.
+# HTTP_WAIT_SECONDS: how long a server just started may take to answer.
+# Like lib.sh's WAIT_SECONDS it only ends a run that fails (the wait ends as
+# soon as the server answers, or when it exits), so it is generous for a
+# loaded machine, where a 10 s limit made a slow start a failed test.
+HTTP_WAIT_SECONDS=60
+# wait_http URL [PID]: waits up to HTTP_WAIT_SECONDS for anything to answer
+# HTTP at URL; returns 1 then, or at once when process PID has exited.
 wait_http() {
-    for _ in $(seq 1 100); do
-        curl -s -o /dev/null --max-time 1 "$1" && return 0
+    local deadline=$((SECONDS + HTTP_WAIT_SECONDS))
+    until curl -s -o /dev/null --max-time 5 "$1"; do
+        [ -z "${2:-}" ] || kill -0 "$2" 2>/dev/null || return 1
+        [ "$SECONDS" -lt "$deadline" ] || return 1
         sleep 0.1
     done
-    return 1
 }
 
 _nginx_write_conf() { # NAME ROOT PORT EXTRA
@@ -71,7 +78,7 @@ _nginx_run() { # NAME: starts nginx with its config, waits until it answers
     local pid=$!
     DAEMON_PID["nginx:$name"]=$pid
     DAEMON_LOG["nginx:$name"]=$dir/error.log
-    if ! wait_http "${NGINX_URL[$name]}/imgfs-test-ping"; then
+    if ! wait_http "${NGINX_URL[$name]}/imgfs-test-ping" "$pid"; then
         kill -0 "$pid" 2>/dev/null && kill "$pid"
         return 1
     fi
@@ -136,10 +143,13 @@ while True:
     c, _ = s.accept()
     held.append(c)   # keep it open, never answer
 PY
-    DAEMON_PID["blackhole:$name"]=$!
-    for _ in $(seq 1 100); do
-        python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()' "$port" \
-            2>/dev/null && break
+    local pid=$!
+    DAEMON_PID["blackhole:$name"]=$pid
+    local deadline=$((SECONDS + HTTP_WAIT_SECONDS))
+    until python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 5).close()' "$port" \
+        2>/dev/null; do
+        kill -0 "$pid" 2>/dev/null || { cat "$T/blackhole-$name.log" >&2; fail "blackhole $name exited before it listened"; }
+        [ "$SECONDS" -lt "$deadline" ] || fail "blackhole $name did not accept connections within $HTTP_WAIT_SECONDS s"
         sleep 0.1
     done
     BLACKHOLE_URL[$name]=http://127.0.0.1:$port
@@ -149,7 +159,7 @@ PY
 # ROOT that, while FLAGFILE exists, accepts every request and answers none
 # (each waits until the file is gone, then is answered). Sets
 # STALL_URL[NAME]; registered as stall:NAME.
-declare -A STALL_URL
+declare -A STALL_URL STALL_PORT
 stall_server_start() {
     local name=$1 root=$2 flag=$3 port
     port=$(free_port)
@@ -170,6 +180,8 @@ server.request_queue_size = 256
 server.serve_forever()
 PY
     DAEMON_PID["stall:$name"]=$!
+    STALL_PORT[$name]=$port
     STALL_URL[$name]=http://127.0.0.1:$port
-    wait_http "${STALL_URL[$name]}/" || fail "stall server $name did not start"
+    wait_http "${STALL_URL[$name]}/" "${DAEMON_PID["stall:$name"]}" ||
+        { cat "$T/stall-$name.log" >&2; fail "stall server $name did not start"; }
 }
