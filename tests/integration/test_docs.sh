@@ -107,7 +107,12 @@ run_status() { # PAGE CMD...: records the exit status of CMD for PAGE
 }
 run_status imgfs.8 "$IMGFS" --help
 run_status imgfs.8 "$IMGFS" "$T" "$T" -o no_such_option
-run_status imgfs.8 "$IMGFS" "$T/none" "$T"
+# A state and a cache directory of its own: the defaults (/var/lib/imgfs,
+# /var/cache/imgfs) are the machine's, and this mount attempt would hold the
+# state for a moment (a test mounting beside this one then fails on 'the
+# state directory is in use').
+mkdir -p "$T/docs-state" "$T/docs-cache"
+run_status imgfs.8 "$IMGFS" "$T/none" "$T" -o "state=$T/docs-state,cache=$T/docs-cache"
 run_status imgfsctl.8 "$IMGFSCTL" --help
 run_status imgfsctl.8 "$IMGFSCTL" no-such-subcommand
 run_status imgfsctl.8 "$IMGFSCTL" vm create
