@@ -143,7 +143,20 @@ for cut in 20 $((esize / 2)) $((esize - 1)); do
     no_trace "$before" "an export truncated to $cut bytes"
 done
 cp "$OUT/v.exp" "$OUT/flip.exp"
-printf '\xff' | dd of="$OUT/flip.exp" bs=1 seek=$((esize / 3)) conv=notrunc status=none
+# The byte at esize/3 is replaced by its complement, so it always changes
+# (writing a fixed value leaves the export intact where the byte already
+# has it).
+python3 - "$OUT/flip.exp" $((esize / 3)) <<'PY'
+import sys
+path, at = sys.argv[1], int(sys.argv[2])
+with open(path, "r+b") as f:
+    f.seek(at)
+    b = f.read(1)[0]
+    f.seek(at)
+    f.write(bytes([b ^ 0xFF]))
+PY
+cmp -s "$OUT/v.exp" "$OUT/flip.exp" && fail "test precondition: the garbled export equals the good one"
+[ "$(cmp -l "$OUT/v.exp" "$OUT/flip.exp" | wc -l)" -eq 1 ] || fail "test precondition: the garble changed more than one byte"
 expect_error "an export with a garbled byte" "$IMGFSCTL" vm import "$M" "$OUT/flip.exp" --name bad
 grep -q 'not a complete imgfs export' "$(ls -t "$T"/stderr.* | head -n 1)" || fail "the garbled export: not said why"
 no_trace "$before" "a garbled export"
