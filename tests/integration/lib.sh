@@ -252,13 +252,18 @@ wait_for() {
     done
 }
 
+# EXPECT_ERROR_SECONDS: the bound of expect_error. It only catches a command
+# that hangs (a failing command normally ends at once, or after a timeout the
+# test gave it, such as a stall_timeout=3 mount), so it is generous for a
+# sanitizer build on a loaded machine.
+EXPECT_ERROR_SECONDS=120
 # expect_error DESCRIPTION CMD...: the command must fail with a non-zero exit
-# and one clear line on stderr, within 30 s.
+# and one clear line on stderr, within EXPECT_ERROR_SECONDS.
 expect_error() {
     local what=$1; shift
     local err="$T/stderr.$RANDOM"
     local status=0
-    timeout 30 "$@" >/dev/null 2>"$err" || status=$?
+    timeout $EXPECT_ERROR_SECONDS "$@" >/dev/null 2>"$err" || status=$?
     [ "$status" -eq 0 ] && fail "$what: succeeded but should have failed"
     [ "$status" -eq 124 ] && fail "$what: hung (timeout)"
     [ -s "$err" ] || fail "$what: failed without an error message"
