@@ -3,23 +3,34 @@
 # and imgfsctl restart: the read completes with the right bytes); while a
 # pre-copy runs (imgfsctl precopy fails with a sentence that says why); with
 # prefetch replay of an open disk under way (it resumes in the new process);
-# and
-# with an upgrade to a binary that crashes at start-up (the supervisor backs
-# off, gives up with one log line and ends the mount).
+# and with an upgrade to a binary that crashes at start-up (the supervisor
+# backs off, gives up with one log line and ends the mount).
+# The read and the pre-copy are held waiting by the test (their chunks come
+# through a server that answers nothing while a flag file exists), not by a
+# slow rate, so the takeover lands while they wait however slow the machine.
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/nginx.sh"
 
 CHUNK=131072
 head -c $((64 * CHUNK)) /dev/urandom > "$T/img.raw"
 "$IMGFSCTL" publish "$T/img.raw" "$T/repo" --name d > /dev/null
-# Two slow chunks (index 7 and 9): 128 KiB at 16 KiB/s is about 8 s each.
+# Three held chunks (index 7, 9 and 63): nginx takes them from a server that
+# answers nothing while $HOLD exists, and then sends them at 16 KiB/s (about
+# 8 s each), so a transfer is also under way, not only a request.
 chunk_hash() { awk -v i="$1" '/^chunks / { n = NR } n && NR == n + 1 + i { print; exit }' "$T/repo/bases/d/1.manifest"; }
-slow1=$(chunk_hash 7) slow2=$(chunk_hash 9)
-[[ $slow1 =~ ^[0-9a-f]{32}$ && $slow2 =~ ^[0-9a-f]{32}$ ]] || fail "cannot read chunk hashes from the manifest"
-nginx_start web "$T/repo" "location = /chunks/${slow1:0:2}/$slow1 { limit_rate 16k; }
-    location = /chunks/${slow2:0:2}/$slow2 { limit_rate 16k; }"
+slow1=$(chunk_hash 7) slow2=$(chunk_hash 9) held=$(chunk_hash 63)
+[[ $slow1 =~ ^[0-9a-f]{32}$ && $slow2 =~ ^[0-9a-f]{32}$ && $held =~ ^[0-9a-f]{32}$ ]] ||
+    fail "cannot read chunk hashes from the manifest"
+HOLD=$T/hold
+stall_server_start hold "$T/repo" "$HOLD"
+through_hold() { # HASH: an nginx location that takes the chunk from the holding server
+    echo "location = /chunks/${1:0:2}/$1 { limit_rate 16k; proxy_pass ${STALL_URL[hold]}; proxy_read_timeout 3600s; }"
+}
+nginx_start web "$T/repo" "$(through_hold "$slow1") $(through_hold "$slow2") $(through_hold "$held")"
 M=$T/mnt
-mount_imgfs "${NGINX_URL[web]}" "$M" "timeout=120"
+# Deadlines beyond the test: the held fetches wait for as long as the test
+# holds them (a run that fails is ended by ctest's timeout).
+mount_imgfs "${NGINX_URL[web]}" "$M" "timeout=3600,stall_timeout=3600"
 
 # slow_read INDEX HOW: reads chunk INDEX (uncached, slow) and replaces the
 # serving process with HOW (kill or restart) while the read waits.
@@ -27,6 +38,7 @@ slow_read() {
     local index=$1 how=$2 out="$T/read.$1"
     local before
     before=$(stat_value "$M" fetch requests)
+    touch "$HOLD"
     dd if="$M/bases/d@1.raw" of="$out" bs=4096 count=1 skip=$((index * CHUNK / 4096)) iflag=direct status=none &
     local reader=$!
     wait_for "the read of chunk $index did not start fetching" '[ "$(stat_value "$M" fetch requests)" -gt "$before" ]'
@@ -38,7 +50,8 @@ slow_read() {
         "$IMGFSCTL" restart "$M" > /dev/null &
         local restarter=$!
     fi
-    kill -0 "$reader" 2>/dev/null || fail "test precondition: the slow read ended before the $how"
+    kill -0 "$reader" 2>/dev/null || fail "the held read ended before the $how (and before the chunk could come)"
+    rm -f "$HOLD" # the chunk comes, slowly
     wait "$reader" || fail "the read waiting on the slow repository failed across a $how"
     cmp "$out" <(dd if="$T/img.raw" bs=4096 count=1 skip=$((index * CHUNK / 4096)) status=none) ||
         fail "the read across a $how returned wrong bytes"
@@ -49,14 +62,19 @@ slow_read() {
 slow_read 7 kill
 slow_read 9 restart
 
-# A pre-copy cannot continue in a new process: imgfsctl says so.
-"$IMGFSCTL" precopy "$M" d --rate 64K > "$T/precopy.out" 2> "$T/precopy.err" &
+# A pre-copy cannot continue in a new process: imgfsctl says so. It is held
+# on chunk 63, the last, and has every other when the daemon is killed.
+touch "$HOLD"
+"$IMGFSCTL" precopy "$M" d > "$T/precopy.out" 2> "$T/precopy.err" &
 copier=$!
-wait_for "the pre-copy cached no 4 chunks" '[ "$(stat_value "$M" "base d@1" chunks_resident | cut -d/ -f1)" -ge 4 ]'
-kill -0 "$copier" 2>/dev/null || fail "test precondition: the pre-copy ended before the kill"
+wait_for "the pre-copy did not cache every chunk but the held one" \
+    '[ "$(stat_value "$M" "base d@1" chunks_resident)" = 63/64 ] || ! kill -0 "$copier" 2>/dev/null'
+kill -0 "$copier" 2>/dev/null ||
+    fail "the pre-copy ended although chunk 63 was held: $(cat "$T/precopy.out" "$T/precopy.err")"
 kill -9 "$(stat_value "$M" daemon pid)"
 status=0
 wait "$copier" || status=$?
+rm -f "$HOLD"
 [ "$status" -ne 0 ] || fail "imgfsctl precopy succeeded although its daemon was killed"
 grep -qE "replaced|does not survive" "$T/precopy.err" || { cat "$T/precopy.err"; fail "no clear error from imgfsctl precopy"; }
 ok "a pre-copy cut by a takeover fails at imgfsctl: $(head -n 1 "$T/precopy.err")"
