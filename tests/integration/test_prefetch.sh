@@ -94,16 +94,29 @@ expect_error "a tampered list" "$IMGFSCTL" list publish "$T/repo" b@1 boot "$T/t
 expect_error "list publish into a URL" "$IMGFSCTL" list publish http://127.0.0.1:9/ b@1 boot "$T/boot.list"
 [ ! -e "$T/repo/bases/b/2.lists/boot" ] || fail "a refused list was stored"
 
-# Pre-copy: kill -9 of the daemon half-way, then resume.
+# Pre-copy: kill -9 of the daemon half-way, then resume. The test holds the
+# pre-copy half-way, whatever the machine's speed: chunk 128's file in the
+# repository is replaced by a FIFO that nobody writes, so reading it blocks
+# until the daemon is killed (it used --rate 4M, and a machine that stalled
+# the test for 8 s let the pre-copy finish first).
 rm -rf "$T/cache"
+held=$(awk '/^chunks / { n = NR } n && NR == n + 1 + 128 { print; exit }' "$T/repo/bases/b/1.manifest")
+[[ $held =~ ^[0-9a-f]{32}$ ]] || fail "cannot read chunk 128's hash from the manifest"
+held_file=$T/repo/chunks/${held:0:2}/$held
+mv "$held_file" "$T/held.chunk"
+mkfifo "$held_file"
+at_exit "rm -f '$held_file'" # a FIFO left behind would hold a later read
 mount_imgfs "$T/repo" "$T/mnt" "state=$T/state"
-"$IMGFSCTL" precopy "$T/mnt" b@1 --rate 4M > "$T/precopy1.out" 2>&1 &
+"$IMGFSCTL" precopy "$T/mnt" b@1 > "$T/precopy1.out" 2>&1 &
 pc=$!
-wait_for "the pre-copy cached no 10 chunks" '[ "$(cache_index "$T/cache" | wc -l)" -ge 10 ]'
+wait_for "the pre-copy cached no 10 chunks" '[ "$(cache_index "$T/cache" | wc -l)" -ge 10 ] || ! kill -0 "$pc" 2>/dev/null'
+kill -0 "$pc" 2>/dev/null || fail "the pre-copy ended although chunk 128 was held: $(cat "$T/precopy1.out")"
 kill -9 "${DAEMON_PID[$T/mnt]}"
 wait "$pc" 2>/dev/null || true
 fusermount3 -uz "$T/mnt"
 unset "DAEMON_PID[$T/mnt]"
+rm "$held_file"
+mv "$T/held.chunk" "$held_file"
 before=$(cache_index "$T/cache" | wc -l)
 [ "$before" -ge 10 ] && [ "$before" -lt 256 ] || fail "kill -9 did not land in the middle of the pre-copy ($before chunks)"
 [ -f "$T/cache/pins/b@1" ] || fail "pin set not recorded before the pre-copy started"
@@ -144,13 +157,10 @@ umount_imgfs "$T/mnt"
 rm -rf "$T/cache"
 mount_imgfs "$T/repo" "$T/mnt" "state=$T/state,background=16M"
 exec 3< "$T/mnt/bases/b@1.raw"
-for _ in $(seq 1 300); do
-    resident=$(stat_value "$T/mnt" "base b@1" chunks_resident)
-    [ "${resident%/*}" = "${resident#*/}" ] && break
-    sleep 0.1
-done
+all_resident() { resident=$(stat_value "$T/mnt" "base b@1" chunks_resident); [ "${resident%/*}" = "${resident#*/}" ]; }
+# 32 MiB at 16M takes 2 s; the bound only ends a run that fails.
+wait_for "background fill did not complete" all_resident
 exec 3<&-
-[ "${resident%/*}" = "${resident#*/}" ] || fail "background fill did not complete: $resident"
 [ "$(stat_value "$T/mnt" "base b@1" cache_misses)" -eq 0 ] || fail "background fill counted as guest misses"
 [ "$(stat_value "$T/mnt" cache pinned_bytes)" -eq 0 ] || fail "background fill pinned chunks"
 cmp "$T/mnt/bases/b@1.raw" <(cat "$T/mnt/bases/b@1.raw") || fail "base unreadable after background fill"
