@@ -14,7 +14,8 @@ ok "8 threads x 400 random reads, all bytes correct"
 # Single flight: many readers of the same cold chunks at the same time.
 head -c $((16 * 1048576)) /dev/urandom > "$T/b.raw" # all chunks distinct
 "$IMGFSCTL" publish "$T/b.raw" "$T/repo" --name b --chunk-size 64K > /dev/null
-sleep 2.1
+# The mount re-reads a local repository's index at most every 2 s.
+wait_for "base b never appeared in the mount" '[ -e "$T/mnt/bases/b@1.raw" ]'
 before=$(stat_value "$T/mnt" fetch requests)
 resident_before=$(stat_value "$T/mnt" "base b@1" chunks_resident)
 resident_before=${resident_before%/*} # chunks shared with base c are cached already

@@ -66,8 +66,8 @@ printf 'changed' | dd of="$T/mixed2.raw" bs=1 seek=$((5 * MIB)) conv=notrunc sta
 grep -q 'published mixed@2' "$T/out" || fail "second publish is not version 2"
 grep -Eq 'chunks +1 new' "$T/out" || { cat "$T/out"; fail "a one-chunk change stored more than one chunk"; }
 ok "a new version stores only the changed chunk"
-sleep 2.1 # the mount re-reads a local repository's index at most every 2 s
-[ "$(readlink "$M/bases/mixed.raw")" = "mixed@2.raw" ] || fail "bases/mixed.raw does not point at version 2"
+# The mount re-reads a local repository's index at most every 2 s.
+wait_for "bases/mixed.raw does not point at version 2" '[ "$(readlink "$M/bases/mixed.raw")" = "mixed@2.raw" ]'
 check_same "$M/bases/mixed.raw" "$T/mixed2.raw"
 check_same "$M/bases/mixed@1.raw" "$T/mixed.raw"
 
