@@ -51,12 +51,8 @@ for want in 24 96; do
     have=$(cache_index "$T/cache" | wc -l)
     [ "$have" -lt "$N" ] || fail "kill -9 came after the fills ($have of $N chunks cached)"
     kill -9 "$old"
-    for _ in $(seq 1 600); do
-        pid=$(stat_value "$M" daemon pid 2>/dev/null || true)
-        [ -n "$pid" ] && [ "$pid" != "$old" ] && break
-        sleep 0.05
-    done
-    [ "$pid" != "$old" ] || fail "no server took over after the kill -9"
+    wait_for "no server took over after the kill -9" \
+        'pid=$(stat_value "$M" daemon pid 2>/dev/null || true); [ -n "$pid" ] && [ "$pid" != "$old" ]'
     killed=$((killed + 1))
     ok "server killed (-9) with $have of $N chunks in the cache; pid $pid took over"
 done

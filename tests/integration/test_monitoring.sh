@@ -132,7 +132,7 @@ SRC=${IMGFS_SOURCE_DIR:-$(cd "$(dirname "$0")/../.." && pwd)}
 port=$(free_port)
 socat TCP-LISTEN:"$port",bind=127.0.0.1,reuseaddr,fork EXEC:"$SRC/packaging/imgfs-metrics-http $M" 2>"$T/socat.err" &
 DAEMON_PID[socat]=$!
-for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
+wait_for "the metrics endpoint never answered: $T/socat.err" 'curl -s -o /dev/null --max-time 5 "http://127.0.0.1:$port/"'
 curl -sf "http://127.0.0.1:$port/metrics" > "$T/scraped" || fail "no scrape answer: $(cat "$T/socat.err")"
 /usr/bin/python3 -c '
 import sys

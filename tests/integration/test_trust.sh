@@ -209,7 +209,7 @@ tmount "$URL" "$M" "trust=$T/trust12,refresh=1" "$T/c13"
 wait_stat "$M" trust index_sequence 3
 "$IMGFSCTL" publish "$T/img.raw" "$REPO" --name x --level 0 --key "$T/k2" > /dev/null
 wait_stat "$M" trust index_sequence 4
-for _ in $(seq 100); do [ -e "$M/bases/x@3.raw" ] && break; sleep 0.1; done
+wait_for "x@3 (signed by the new key) never appeared" '[ -e "$M/bases/x@3.raw" ]'
 cmp "$M/bases/x@3.raw" "$T/img.raw" || fail "x@3 (signed by the new key) does not read"
 [ "$(stat_value "$M" trust index_refusals)" = 0 ] || fail "a host trusting both keys refused something"
 umount_imgfs "$M"
