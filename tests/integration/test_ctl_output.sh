@@ -42,11 +42,11 @@ leftovers() { { ls -A "$OUT" | grep -E '\.tmp\.'; ls -A "$T/state" | grep -vE '^
 N=0
 answers_meanwhile() {
     N=$((N + 1))
-    timeout 20 "$IMGFSCTL" vm create "$M" during$N --size 16M || fail "vm create hung or failed while $1"
-    timeout 20 "$IMGFSCTL" vm export "$M" during$N "$OUT/during$N.exp" || fail "another export hung or failed while $1"
-    timeout 20 ls "$M/vms" | grep -q "^during$N.raw$" || fail "ls of vms/ hung or misses during$N while $1"
-    timeout 20 cat "$M/.imgfs/stats" | grep -q '^\[vm v\]' || fail "cat .imgfs/stats hung while $1"
-    timeout 20 dd if=/dev/zero of="$M/vms/v.raw" bs=4096 count=1 seek=4000 conv=notrunc status=none ||
+    timeout 60 "$IMGFSCTL" vm create "$M" during$N --size 16M || fail "vm create hung or failed while $1"
+    timeout 60 "$IMGFSCTL" vm export "$M" during$N "$OUT/during$N.exp" || fail "another export hung or failed while $1"
+    timeout 60 ls "$M/vms" | grep -q "^during$N.raw$" || fail "ls of vms/ hung or misses during$N while $1"
+    timeout 60 cat "$M/.imgfs/stats" | grep -q '^\[vm v\]' || fail "cat .imgfs/stats hung while $1"
+    timeout 60 dd if=/dev/zero of="$M/vms/v.raw" bs=4096 count=1 seek=4000 conv=notrunc status=none ||
         fail "a write to the VM hung while $1"
     ok "vm create, vm export, ls, cat .imgfs/stats and a VM write answer while $1"
 }
@@ -160,7 +160,7 @@ expect_error "an export with no room to stage it" "$IMGFSCTL" vm export "$M3" bi
 grep -q 'has no room to stage it' "$(last_error)" || fail "the export does not say that the state directory is full"
 [ "$(df --output=used -B1 "$SMALL" | tail -n 1)" -lt $((9 * 1048576)) ] || fail "the failed staging kept its space"
 [ -z "$(leftovers)" ] || fail "files left behind: $(leftovers)"
-timeout 20 "$IMGFSCTL" vm create "$M3" after --size 1M || fail "the mount does not take commands after a failed staging"
+timeout 60 "$IMGFSCTL" vm create "$M3" after --size 1M || fail "the mount does not take commands after a failed staging"
 ok "a failed staging frees its space and leaves nothing; the mount goes on"
 umount_imgfs "$M3"
 

@@ -15,7 +15,7 @@ cat > "$T/fstab" <<EOT
 # imgfs test fstab
 $IMGFS#$T/repo  $T/mnt  fuse  allow_other,nodev,nosuid,config=none,cache=$T/cache,state=$T/state,timeout=10,nofail,x-systemd.before=libvirtd.service  0  0
 EOT
-timeout 30 mount -T "$T/fstab" "$T/mnt" || fail "mount -T fstab failed"
+timeout 120 mount -T "$T/fstab" "$T/mnt" || fail "mount -T fstab failed"
 mountpoint -q "$T/mnt" || fail "nothing mounted at $T/mnt"
 grep " $T/mnt fuse.imgfs " /proc/mounts > /dev/null || fail "/proc/mounts does not show type fuse.imgfs"
 grep " $T/mnt fuse.imgfs [^ ]*nosuid,nodev" /proc/mounts > /dev/null || fail "nodev,nosuid are not applied"
@@ -33,8 +33,7 @@ su nobody -s /bin/sh -c "cat '$T/mnt/bases/fs.raw'" > "$T/as-nobody" || fail "us
 cmp "$T/as-nobody" "$T/img.raw" || fail "user nobody got wrong data"
 ok "base identical, also for another user (allow_other)"
 umount "$T/mnt" || fail "umount failed"
-for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-kill -0 "$pid" 2>/dev/null && fail "daemon still running after umount"
+wait_for "daemon still running after umount" '! kill -0 "$pid" 2>/dev/null'
 kill -0 "$server" 2>/dev/null && fail "server still running after umount"
 ok "umount stopped the daemon"
 finish

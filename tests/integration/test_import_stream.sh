@@ -101,9 +101,9 @@ ok "an old imgfsctl's vm-import PATH gets: $(echo "$answer" | tail -n 1)"
 
 # --- what imgfsctl refuses to read ----------------------------------------------------------------
 mkfifo "$OUT/fifo"
-timeout 20 "$IMGFSCTL" vm import "$M" "$OUT/fifo" --name fromfifo 2> "$T/fifo.err" &
+timeout 60 "$IMGFSCTL" vm import "$M" "$OUT/fifo" --name fromfifo 2> "$T/fifo.err" &
 fifo_pid=$!
-timeout 20 "$IMGFSCTL" vm create "$M" during --size 1M || fail "vm create beside a FIFO import failed"
+timeout 60 "$IMGFSCTL" vm create "$M" during --size 1M || fail "vm create beside a FIFO import failed"
 status=0; wait $fifo_pid || status=$?
 [ $status -ne 124 ] || fail "vm import of a FIFO hung"
 [ $status -ne 0 ] || fail "vm import of a FIFO succeeded"
@@ -184,7 +184,7 @@ expect_error "an import with no room for it in the state directory" "$IMGFSCTL" 
 grep -q 'importing this .* export needs twice that' "$(ls -t "$T"/stderr.* | head -n 1)" || fail "no room: not said why"
 grep -q 'vm-import-stream' "${DAEMON_LOG[$M3]}" && fail "the import with no room was staged"
 [ -z "$(ls -A "$SMALL/state/vms")" ] || fail "the import with no room left a VM"
-timeout 20 "$IMGFSCTL" vm create "$M3" after --size 1M || fail "the mount takes no command after a refused import"
+timeout 60 "$IMGFSCTL" vm create "$M3" after --size 1M || fail "the mount takes no command after a refused import"
 ok "an import with no room in the state directory is refused before anything is sent"
 umount_imgfs "$M3"
 before=$(what_is_there)
@@ -213,9 +213,9 @@ rm "$FLAG"
 wait_for "imgfsctl did not stop" '[ "$(awk "{print \$3}" /proc/$stalled/stat)" = T ]'
 got=$(staged | awk '{print $2}')
 [ "$got" -gt 0 ] && [ "$got" -lt $((32 * 1048576)) ] || fail "the stopped stream had staged $got bytes: not mid-stream"
-timeout 20 "$IMGFSCTL" vm create "$M" beside --size 1M || fail "vm create hung or failed beside a stopped import"
-timeout 20 "$IMGFSCTL" vm export "$M" v "$OUT/beside.exp" || fail "vm export hung or failed beside a stopped import"
-timeout 20 "$IMGFSCTL" vm import "$M" "$OUT/v.exp" --name beside2 || fail "a second import hung or failed beside a stopped one"
+timeout 60 "$IMGFSCTL" vm create "$M" beside --size 1M || fail "vm create hung or failed beside a stopped import"
+timeout 60 "$IMGFSCTL" vm export "$M" v "$OUT/beside.exp" || fail "vm export hung or failed beside a stopped import"
+timeout 60 "$IMGFSCTL" vm import "$M" "$OUT/v.exp" --name beside2 || fail "a second import hung or failed beside a stopped one"
 same "$M/vms/beside2.raw" "$M/vms/v.raw" "the import beside a stopped one differs"
 ok "imgfsctl stopped mid-stream ($got of $((32 * 1048576)) bytes staged): vm create, vm export and another import answer"
 kill -9 $stalled
@@ -225,7 +225,7 @@ wait_for "the killed import's staged file stayed" '[ -z "$(staged)" ]'
 "$IMGFSCTL" vm rm "$M" beside
 "$IMGFSCTL" vm rm "$M" beside2
 no_trace "$before" "the killed import"
-timeout 20 "$IMGFSCTL" vm create "$M" after --size 1M || fail "the mount takes no command after the killed import"
+timeout 60 "$IMGFSCTL" vm create "$M" after --size 1M || fail "the mount takes no command after the killed import"
 ok "SIGKILLed mid-stream, the import leaves no VM and no staged file, and the daemon goes on"
 umount_imgfs "$M2"
 

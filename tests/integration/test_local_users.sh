@@ -55,9 +55,9 @@ ok "vm import keeps rw bits only: no setuid/setgid bit and no owner from the fil
 # --- a FIFO to vm import ------------------------------------------------------------------
 mkfifo "$T/fifo"
 start=$(date +%s)
-timeout 20 "$IMGFSCTL" vm import "$M" "$T/fifo" --name fromfifo > /dev/null 2> "$T/fifo.err" &
+timeout 60 "$IMGFSCTL" vm import "$M" "$T/fifo" --name fromfifo > /dev/null 2> "$T/fifo.err" &
 import_pid=$!
-timeout 20 "$IMGFSCTL" vm create "$M" during --size 16M > /dev/null || fail "vm create beside a FIFO import failed"
+timeout 60 "$IMGFSCTL" vm create "$M" during --size 16M > /dev/null || fail "vm create beside a FIFO import failed"
 status=0
 wait $import_pid || status=$?
 [ $status -ne 124 ] || fail "vm import of a FIFO hung"

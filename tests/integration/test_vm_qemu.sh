@@ -120,20 +120,16 @@ qemu-system-x86_64 -accel tcg -nodefaults -display none -S -monitor none -serial
     -drive file="$Q",format=raw,if=virtio,cache=none > "$T/qemu.log" 2>&1 < /dev/null &
 QEMU=$!
 QEMU_PIDS+=("$QEMU")
-for _ in $(seq 1 300); do
-    refuses_writers && break
-    kill -0 "$QEMU" 2>/dev/null || { cat "$T/qemu.log" >&2; fail "qemu-system-x86_64 exited early"; }
-    sleep 0.1
-done
-refuses_writers || { cat /proc/locks >&2; fail "qemu-system-x86_64 took no write lock on the VM disk within 30 s"; }
+wait_for "qemu-system-x86_64 took no write lock on the VM disk" \
+    'refuses_writers || { kill -0 "$QEMU" 2>/dev/null || { cat "$T/qemu.log" >&2; fail "qemu-system-x86_64 exited early"; }; false; }'
 ok "qemu-system-x86_64 holds the VM disk: $(grep -c " $lock_id " /proc/locks) lock(s) in /proc/locks"
 status=0
-timeout 30 qemu-io -f raw -c 'write -P 0xee 0 4k' "$Q" > "$T/lock.out" 2>&1 || status=$?
+timeout 120 qemu-io -f raw -c 'write -P 0xee 0 4k' "$Q" > "$T/lock.out" 2>&1 || status=$?
 [ "$status" -ne 0 ] && [ "$status" -ne 124 ] || { cat "$T/lock.out" >&2; fail "a second writer opened the disk while qemu held it (exit $status)"; }
 grep -q 'Failed to get "write" lock' "$T/lock.out" || { cat "$T/lock.out" >&2; fail "second writer failed, but not with a lock error"; }
 ok "a second qemu-io writer is refused: $(head -n 1 "$T/lock.out" | sed 's/.*: //')"
 status=0
-timeout 30 qemu-system-x86_64 -accel tcg -nodefaults -display none -S -monitor none -serial none \
+timeout 120 qemu-system-x86_64 -accel tcg -nodefaults -display none -S -monitor none -serial none \
     -drive file="$Q",format=raw,if=virtio,cache=none > "$T/qemu2.log" 2>&1 < /dev/null || status=$?
 [ "$status" -ne 0 ] && [ "$status" -ne 124 ] && grep -q 'Failed to get "write" lock' "$T/qemu2.log" ||
     { cat "$T/qemu2.log" >&2; fail "a second qemu-system-x86_64 on the same disk: exit $status, want a lock error"; }

@@ -23,7 +23,7 @@ refuse() {
     local pattern=$1 what=$2
     shift 2
     local err=$T/refuse.err status=0
-    timeout 30 "$@" > /dev/null 2> "$err" || status=$?
+    timeout 120 "$@" > /dev/null 2> "$err" || status=$?
     [ "$status" -eq 0 ] && fail "$what: succeeded but should have failed"
     [ "$status" -eq 124 ] && fail "$what: hung (timeout)"
     grep -qiE 'segmentation|sanitizer|abort|core dumped' "$err" && { cat "$err" >&2; fail "$what: crashed"; }

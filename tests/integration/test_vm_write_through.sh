@@ -142,15 +142,11 @@ writer synced > "$T/synced2.out" || { cat "$T/synced2.out"; fail "O_DIRECT write
 cp "$T/shadow" "$T/synced"
 writer unsynced > "$T/unsynced.out" 2>&1 &
 w=$!
-for _ in $(seq 1 600); do
-    grep -q '^READY' "$T/unsynced.out" 2>/dev/null && break
-    kill -0 $w 2>/dev/null || { cat "$T/unsynced.out"; fail "the unsynced writer stopped early"; }
-    sleep 0.05
-done
-grep -q '^READY' "$T/unsynced.out" || fail "the unsynced writer did not get ready in 30 s"
+wait_for "the unsynced writer did not get ready" \
+    'grep -q "^READY" "$T/unsynced.out" 2>/dev/null || { kill -0 $w 2>/dev/null || { cat "$T/unsynced.out"; fail "the unsynced writer stopped early"; }; false; }'
 kill9
 status=0
-timeout 30 tail --pid=$w -f /dev/null || fail "the writer hung after the daemon was killed"
+timeout 120 tail --pid=$w -f /dev/null || fail "the writer hung after the daemon was killed"
 wait $w || status=$?
 [ "$status" -eq 3 ] || { cat "$T/unsynced.out"; fail "the writer should have stopped on a failed write (status $status)"; }
 mount_imgfs "$T/repo" "$M" "state=$S"
