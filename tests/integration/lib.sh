@@ -257,6 +257,24 @@ wait_for() {
 # test gave it, such as a stall_timeout=3 mount), so it is generous for a
 # sanitizer build on a loaded machine.
 EXPECT_ERROR_SECONDS=120
+# bounded SECONDS CMD...: runs CMD and returns its status, or 124 when it
+# has not ended after SECONDS. For commands on a mount: unlike timeout(1)
+# it also ends the wait for a command stuck in a FUSE request, which no
+# signal ends (O_DIRECT reads wait in D state); such a command is left to
+# the cleanup, whose end of the daemon ends the request. The bound only
+# catches a hang, so callers make it generous.
+bounded() {
+    local secs=$1
+    shift
+    "$@" &
+    local pid=$! deadline=$((SECONDS + secs))
+    while kill -0 "$pid" 2>/dev/null; do
+        [ "$SECONDS" -lt "$deadline" ] || { kill -9 "$pid" 2>/dev/null; return 124; }
+        sleep 0.05
+    done
+    wait "$pid"
+}
+
 # expect_error DESCRIPTION CMD...: the command must fail with a non-zero exit
 # and one clear line on stderr, within EXPECT_ERROR_SECONDS.
 expect_error() {

@@ -28,9 +28,9 @@ cp "$T/index.good" "$REPO/index"
 mount_imgfs "$REPO" "$M" "state=$T/state,refresh=1"
 printf 'imgfs-index 1\nx 18446744073709551615\n' > "$REPO/index"
 wait_for "the hostile index is not reported" 'grep -q "refresh_error .*malformed" "$M/.imgfs/stats"'
-timeout 60 ls "$M/bases" > /dev/null || fail "ls bases hangs after a hostile index"
-timeout 60 ls "$M/bases/nosuch.raw" 2> /dev/null && fail "a lookup of a missing name succeeded"
-timeout 60 cmp "$M/bases/x@1.raw" "$T/img.raw" || fail "x@1 does not read after a hostile index"
+bounded 60 ls "$M/bases" > /dev/null || fail "ls bases hangs after a hostile index"
+bounded 60 ls "$M/bases/nosuch.raw" 2> /dev/null && fail "a lookup of a missing name succeeded"
+bounded 60 cmp "$M/bases/x@1.raw" "$T/img.raw" || fail "x@1 does not read after a hostile index"
 umount_imgfs "$M"
 ok "the huge latest: refused at mount; while mounted the mount answers and unmount completes"
 
@@ -53,7 +53,7 @@ wait_for "fewer than 10 refreshes" '[ "$(nginx_requests www /repo/index)" -ge $(
 manifests=$(($(nginx_requests www /repo/bases/x/) - first))
 [ "$first" -le 20 ] || fail "$first manifest requests for one refresh of an index claiming 3000 versions"
 [ "$manifests" -eq 0 ] || fail "$manifests manifest requests over 10 more refreshes: missing versions are re-fetched"
-timeout 60 cmp "$M/bases/x.raw" "$T/img.raw" 2>/dev/null || timeout 60 cmp "$M/bases/x@1.raw" "$T/img.raw" ||
+bounded 60 cmp "$M/bases/x.raw" "$T/img.raw" 2>/dev/null || bounded 60 cmp "$M/bases/x@1.raw" "$T/img.raw" ||
     fail "x@1 does not read"
 umount_imgfs "$M"
 ok "an index claiming 3000 versions: $first manifest requests at mount, none over the next 10 refreshes"

@@ -44,7 +44,7 @@ fresh_cache() { rm -rf "$T/cache"; }
 # check is that the mount serves it, not how fast.
 read_chunk_eventually() {
     local mnt=$1 idx=$2 out=$3
-    wait_for "chunk $idx of $mnt never read" 'timeout $HANG_SECONDS dd if="$mnt/bases/x.raw" of="$out" bs=$CS skip="$idx" count=1 iflag=direct status=none 2> "$T/eventually.err"'
+    wait_for "chunk $idx of $mnt never read" 'bounded $HANG_SECONDS dd if="$mnt/bases/x.raw" of="$out" bs=$CS skip="$idx" count=1 iflag=direct status=none 2> "$T/eventually.err"'
 }
 # A failed "never hang" check is recorded and the test goes on, so that one
 # product bug does not hide the others; the test still fails at the end.
@@ -60,7 +60,7 @@ HANG_SECONDS=120
 expect_eio() {
     local what=$1 mnt=$2 idx=$3 start status=0
     start=$(date +%s.%N)
-    timeout $HANG_SECONDS dd if="$mnt/bases/x.raw" of="$T/eio.out" bs=$CS skip="$idx" count=1 iflag=direct status=none \
+    bounded $HANG_SECONDS dd if="$mnt/bases/x.raw" of="$T/eio.out" bs=$CS skip="$idx" count=1 iflag=direct status=none \
         2> "$T/eio.err" || status=$?
     local took
     took=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
@@ -85,7 +85,7 @@ umount_imgfs "$M"
 mount_imgfs "$URL1" "$M" "timeout=3"
 nginx_stop www1
 # A cached read that waited for the repository would fail at the deadline.
-timeout $HANG_SECONDS dd if="$M/bases/x.raw" of="$T/half2" bs=$MiB count=8 iflag=direct status=none ||
+bounded $HANG_SECONDS dd if="$M/bases/x.raw" of="$T/half2" bs=$MiB count=8 iflag=direct status=none ||
     fail "cached first half did not read with nginx down"
 cmp "$T/half" "$T/half2" || fail "cached first half differs with nginx down"
 ok "cached half reads with nginx stopped"
@@ -120,10 +120,10 @@ reader=$!
 wait_for "the read never went to the dead mirror" '[ "$(stat_value "$M" "mirror 1" requests)" -ge 1 ]'
 hung_ls=0 hung_stats=0 hung_read=0
 for round in 1 2 3; do
-    timeout 60 ls "$M/bases" > "$T/ls" || hung_ls=$round
+    bounded 60 ls "$M/bases" > "$T/ls" || hung_ls=$round
     [ $hung_ls -ne 0 ] || grep -qx 'x@1.raw' "$T/ls" || fail "ls bases misses x@1.raw"
-    timeout 60 cat "$M/.imgfs/stats" > "$T/stats" || hung_stats=$round
-    timeout 60 dd if="$M/bases/x.raw" of="$T/c3" bs=$MiB skip=3 count=1 iflag=direct status=none || hung_read=$round
+    bounded 60 cat "$M/.imgfs/stats" > "$T/stats" || hung_stats=$round
+    bounded 60 dd if="$M/bases/x.raw" of="$T/c3" bs=$MiB skip=3 count=1 iflag=direct status=none || hung_read=$round
     [ $hung_read -ne 0 ] || cmp "$T/c3" <(dd if="$T/img.raw" bs=$MiB skip=3 count=1 status=none) ||
         fail "cached range differs while a read is blocked"
     [ $((hung_ls + hung_stats + hung_read)) -eq 0 ] || break
@@ -149,7 +149,7 @@ cmp "$T/c110" <(src_chunk 110) || fail "the blocked read returned wrong bytes"
 [ "$(stat_value "$M" "mirror 1" errors)" -ge 1 ] || fail "dead mirror errors not counted"
 ok "the blocked read completed with the right bytes once nginx was back"
 # An uncached chunk reads without a remount.
-timeout $HANG_SECONDS dd if="$M/bases/x.raw" of="$T/c111" bs=$CS skip=111 count=1 iflag=direct status=none 2> "$T/c111.err" ||
+bounded $HANG_SECONDS dd if="$M/bases/x.raw" of="$T/c111" bs=$CS skip=111 count=1 iflag=direct status=none 2> "$T/c111.err" ||
     fail "uncached chunk fails after nginx came back: $(cat "$T/c111.err")"
 cmp "$T/c111" <(src_chunk 111) || fail "chunk 111 is wrong after nginx came back"
 ok "with nginx back an uncached chunk reads right, without a remount"
@@ -282,9 +282,9 @@ blackhole_start hole
 expect_error "mount of a repository that never answers" \
     "$IMGFS" "${BLACKHOLE_URL[hole]}/repo" "$T/mnt2" -f -o "cache=$T/cache,state=$T/state2,stall_timeout=3,insecure"
 mount_imgfs "$URL2" "$M" "offline,timeout=3"
-timeout 60 ls "$M/bases" > "$T/ls" || fail "ls bases hung offline"
+bounded 60 ls "$M/bases" > "$T/ls" || fail "ls bases hung offline"
 grep -qx 'x@1.raw' "$T/ls" && grep -qx 'x.raw' "$T/ls" || { cat "$T/ls"; fail "offline ls bases misses x.raw or x@1.raw"; }
-timeout $HANG_SECONDS cmp "$M/bases/x.raw" "$T/img.raw" || fail "offline mount does not serve the cached base"
+bounded $HANG_SECONDS cmp "$M/bases/x.raw" "$T/img.raw" || fail "offline mount does not serve the cached base"
 [ "$(stat_value "$M" fetch requests)" -eq 0 ] || fail "offline read of a fully cached base made requests"
 ok "offline mount with a filled cache: ls bases works and the whole base reads from the cache"
 umount_imgfs "$M"

@@ -112,15 +112,15 @@ start_writes stuck
 wait_for "not all 64 reads reached the fetch engine" '[ "$(waiting)" -ge 64 ]'
 ok "64 uncached reads wait on a mirror that never answers ($(stat_value "$M" fetch in_flight) transfers in flight, the rest queued)"
 
-timeout 60 ls "$M/bases" > "$T/ls" || fail "ls bases did not answer while 64 reads waited"
+bounded 60 ls "$M/bases" > "$T/ls" || fail "ls bases did not answer while 64 reads waited"
 grep -qx 'b.raw' "$T/ls" || fail "ls bases misses b.raw"
 ok "ls bases answers"
-timeout 60 cat "$M/.imgfs/stats" > "$T/stats" || fail "cat .imgfs/stats did not answer while 64 reads waited"
+bounded 60 cat "$M/.imgfs/stats" > "$T/stats" || fail "cat .imgfs/stats did not answer while 64 reads waited"
 grep -q '^\[fetch\]' "$T/stats" || fail "stats has no [fetch] section"
 ok "cat .imgfs/stats answers"
-timeout 60 "$IMGFSCTL" vm create "$M" v5 --base b > /dev/null || fail "imgfsctl vm create did not answer while 64 reads waited"
+bounded 60 "$IMGFSCTL" vm create "$M" v5 --base b > /dev/null || fail "imgfsctl vm create did not answer while 64 reads waited"
 ok "imgfsctl vm create answers"
-timeout 60 dd if="$M/bases/b.raw" of="$T/b.out" bs=$CS skip=5 count=1 iflag=direct status=none ||
+bounded 60 dd if="$M/bases/b.raw" of="$T/b.out" bs=$CS skip=5 count=1 iflag=direct status=none ||
     fail "a cached read of base b did not answer while 64 reads waited"
 cmp "$T/b.out" <(dd if="$T/b.raw" bs=$CS skip=5 count=1 status=none) || fail "cached read of b differs"
 ok "a cached read of another base answers"
