@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "test_files.h"
@@ -312,6 +313,80 @@ static void test_clone_origins(const char *state)
     vm_registry_close(reg);
 }
 
+/* vm_remove looks only at the VMs that own layers of the removed VM's
+ * chains for implicit snapshots left without a clone, and must find them
+ * all: an origin two clones up (its layer deep in the chain, not the top of
+ * the snapshot cloned), after the registry reopened, and an implicit
+ * snapshot left unused by a VM file removed while no daemon ran (the first
+ * removal after opening looks at every VM). Unrelated clones keep theirs. */
+static unsigned snapshots_of(struct vm *vm)
+{
+    static struct vm_snapshot *snaps[VM_MAX_SNAPSHOTS];
+    return vm ? vm_snapshot_list(vm, snaps) : 0;
+}
+
+static void test_implicit_shared_chains(const char *state)
+{
+    char err[256], name[32];
+    struct vm_registry *reg;
+    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
+    if (!reg)
+        return;
+    struct vm *other[20], *o0c = NULL, *a = create_blank(reg, "a"), *b = NULL, *c = NULL, *d = NULL;
+    for (int i = 0; i < 20; i++) {
+        snprintf(name, sizeof(name), "other%d", i);
+        other[i] = create_blank(reg, name);
+        CHECK(other[i] != NULL);
+    }
+    CHECK(other[0] && vm_clone(reg, other[0], NULL, "other0-clone", &o0c, err, sizeof(err)) == 0);
+    /* a -> b (live clone: implicit on a), b@bs -> c, c -> d (implicit on c). */
+    CHECK(a && vm_clone(reg, a, NULL, "b", &b, err, sizeof(err)) == 0);
+    CHECK(b && vm_snapshot(reg, b, "bs", err, sizeof(err)) == 0);
+    CHECK(b && vm_clone(reg, b, "bs", "c", &c, err, sizeof(err)) == 0);
+    CHECK(c && vm_clone(reg, c, NULL, "d", &d, err, sizeof(err)) == 0);
+    if (!a || !b || !c || !d || !o0c) {
+        vm_registry_close(reg);
+        return;
+    }
+    CHECK(snapshots_of(a) == 1 && snapshots_of(c) == 1);
+    CHECK(vm_remove(reg, other[1], err, sizeof(err)) == 0); /* the sweep after opening */
+    CHECK(vm_remove(reg, b, err, sizeof(err)) == 0);
+    CHECK(snapshots_of(a) == 1); /* c and d still read through it */
+    CHECK(vm_remove(reg, d, err, sizeof(err)) == 0);
+    CHECK(snapshots_of(c) == 0 && snapshots_of(a) == 1);
+    CHECK(vm_remove(reg, c, err, sizeof(err)) == 0);
+    CHECK(snapshots_of(a) == 0); /* a's layer was c's bottom one */
+    CHECK(snapshots_of(other[0]) == 1);
+
+    /* Owners known from the VM files after a reopen. */
+    struct vm *a2 = create_blank(reg, "a2"), *b2 = NULL, *a3 = create_blank(reg, "a3"), *b3 = NULL;
+    CHECK(a2 && vm_clone(reg, a2, NULL, "b2", &b2, err, sizeof(err)) == 0);
+    CHECK(a3 && vm_clone(reg, a3, NULL, "b3", &b3, err, sizeof(err)) == 0);
+    vm_registry_close(reg);
+    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
+    if (!reg)
+        return;
+    CHECK(vm_remove(reg, vm_find(reg, "other2"), err, sizeof(err)) == 0);
+    CHECK(snapshots_of(vm_find(reg, "a2")) == 1 && snapshots_of(vm_find(reg, "a3")) == 1);
+    CHECK(vm_remove(reg, vm_find(reg, "b2"), err, sizeof(err)) == 0);
+    CHECK(snapshots_of(vm_find(reg, "a2")) == 0);
+
+    /* b3's VM file goes while no daemon runs: a3's implicit snapshot has no
+     * clone, and the first removal after opening, of any VM, drops it. */
+    vm_registry_close(reg);
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/vms/b3.vm", state);
+    CHECK(unlink(path) == 0);
+    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
+    if (!reg)
+        return;
+    CHECK(snapshots_of(vm_find(reg, "a3")) == 1);
+    CHECK(vm_remove(reg, vm_find(reg, "other3"), err, sizeof(err)) == 0);
+    CHECK(snapshots_of(vm_find(reg, "a3")) == 0);
+    CHECK(snapshots_of(vm_find(reg, "other0")) == 1);
+    vm_registry_close(reg);
+}
+
 int main(void)
 {
     char state[] = "/tmp/imgfs-vm-test.XXXXXX";
@@ -335,6 +410,10 @@ int main(void)
     if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
         return 1;
     test_clone_origins(state);
+    remove_tree(state);
+    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
+        return 1;
+    test_implicit_shared_chains(state);
     remove_tree(state);
     return check_summary();
 }
