@@ -1299,6 +1299,20 @@ static struct disk below_top(const struct disk *live)
     return below;
 }
 
+/* Reads block (block_len bytes: the disk's short last one may be less)
+ * as the live disk has it, into out: from the top layer if it owns it,
+ * else from below, the base through held. Copy-up's first half. */
+static int read_for_copy_up(struct vm *vm, const struct held_chunks *held, uint64_t block, char *out,
+                            size_t block_len)
+{
+    struct layer *top = vm->live.layers[vm->live.depth - 1];
+    uint64_t start = block * LAYER_BLOCK_SIZE;
+    struct disk below = below_top(&vm->live);
+    struct base_source src = {held_read, (void *)held};
+    return layer_owns(top, block) ? layer_read(top, out, block_len, start)
+                                  : disk_read(&below, &src, out, block_len, start);
+}
+
 /* Writes one partial block through copy-up, reading what is below from
  * held. write_lock held shared, and the block's range in write_ranges. */
 static int write_partial(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off,
@@ -1309,10 +1323,7 @@ static int write_partial(struct vm *vm, const struct held_chunks *held, const ch
     uint64_t start = block * LAYER_BLOCK_SIZE;
     size_t block_len = vm->live.size - start < LAYER_BLOCK_SIZE ? (size_t)(vm->live.size - start) : LAYER_BLOCK_SIZE;
     char tmp[LAYER_BLOCK_SIZE];
-    struct disk below = below_top(&vm->live);
-    struct base_source src = {held_read, (void *)held};
-    int rc = layer_owns(top, block) ? layer_read(top, tmp, block_len, start)
-                                    : disk_read(&below, &src, tmp, block_len, start);
+    int rc = read_for_copy_up(vm, held, block, tmp, block_len);
     if (rc)
         return rc;
     memcpy(tmp + (off - start), buf, len);
@@ -1369,27 +1380,38 @@ static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off
     return 0;
 }
 
-/* The writes themselves, with the locks held and no network. */
+/* The writes themselves, with the locks held and no network: always one
+ * layer write, which is done whole or not at all (layer.h), so that a
+ * failed write changed no block. One that spans several blocks with a
+ * partial one at an edge is copied with its edge blocks, copied up, into
+ * one buffer of the whole blocks it touches. */
 static int write_locked(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off,
                         bool through)
 {
     struct layer *top = vm->live.layers[vm->live.depth - 1];
-    uint64_t end = off + len;
-    int rc = 0;
-    while (off < end && !rc) {
-        uint64_t in_block = off % LAYER_BLOCK_SIZE;
-        uint64_t whole = in_block == 0 ? (end - off) / LAYER_BLOCK_SIZE * LAYER_BLOCK_SIZE : 0;
-        if (whole == 0 && in_block == 0 && end == vm->live.size)
-            whole = end - off; /* the short last block of the disk */
-        if (whole > 0) {
-            rc = through ? layer_write_through(top, buf, (size_t)whole, off) : layer_write(top, buf, (size_t)whole, off);
-        } else {
-            whole = LAYER_BLOCK_SIZE - in_block < end - off ? LAYER_BLOCK_SIZE - in_block : end - off;
-            rc = write_partial(vm, held, buf, (size_t)whole, off, through);
-        }
-        buf += whole;
-        off += whole;
+    uint64_t end = off + len, size = vm->live.size;
+    uint64_t first = off / LAYER_BLOCK_SIZE, last = (end - 1) / LAYER_BLOCK_SIZE;
+    /* The short last block of the disk is whole when the write reaches the end. */
+    bool head = off % LAYER_BLOCK_SIZE != 0, tail = end % LAYER_BLOCK_SIZE != 0 && end != size;
+    if (!head && !tail)
+        return through ? layer_write_through(top, buf, len, off) : layer_write(top, buf, len, off);
+    if (first == last)
+        return write_partial(vm, held, buf, len, off, through);
+    uint64_t start = first * LAYER_BLOCK_SIZE;
+    uint64_t stop = (last + 1) * LAYER_BLOCK_SIZE < size ? (last + 1) * LAYER_BLOCK_SIZE : size;
+    char *blocks = malloc((size_t)(stop - start));
+    if (!blocks)
+        return -ENOMEM; /* nothing written */
+    int rc = head ? read_for_copy_up(vm, held, first, blocks, LAYER_BLOCK_SIZE) : 0;
+    uint64_t last_start = last * LAYER_BLOCK_SIZE;
+    if (!rc && tail)
+        rc = read_for_copy_up(vm, held, last, blocks + (last_start - start), (size_t)(stop - last_start));
+    if (!rc) {
+        memcpy(blocks + (off - start), buf, len);
+        rc = through ? layer_write_through(top, blocks, (size_t)(stop - start), start)
+                     : layer_write(top, blocks, (size_t)(stop - start), start);
     }
+    free(blocks);
     return rc;
 }
 

@@ -387,6 +387,65 @@ static void test_implicit_shared_chains(const char *state)
     vm_registry_close(reg);
 }
 
+/* A write that spans several blocks with partial ones at its edges (three
+ * pieces: copy-up of each edge, the whole blocks between) whose data write
+ * fails for the blocks between (ENOMEM injected through layer_syscalls)
+ * fails whole: no block changed, none of the edge blocks either. */
+static ssize_t (*real_pwrite_saved)(int fd, const void *buf, size_t len, off_t off);
+static atomic_bool fail_big_pwrites;
+static ssize_t failing_big_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    if (atomic_load(&fail_big_pwrites) && len > 4096) {
+        errno = ENOMEM;
+        return -1;
+    }
+    return real_pwrite_saved(fd, buf, len, off);
+}
+
+static int no_base_read(void *ctx, const struct vm_base *base, uint64_t index, void *buf, size_t len, uint64_t off)
+{
+    (void)ctx, (void)base, (void)index, (void)buf, (void)len, (void)off;
+    return -EIO;
+}
+
+static bool disk_reads(struct vm *vm, const char *want, size_t len)
+{
+    static char got[6 * 4096];
+    struct base_source src = {no_base_read, NULL};
+    const struct disk *disk = vm_read_begin(vm, NULL, NULL);
+    int rc = disk_read(disk, &src, got, len, 0);
+    vm_read_end(vm);
+    return rc == 0 && memcmp(got, want, len) == 0;
+}
+
+static void test_failed_write_changes_nothing(const char *state)
+{
+    char err[256];
+    struct vm_registry *reg;
+    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
+    if (!reg)
+        return;
+    struct vm *vm = create_blank(reg, "torn");
+    static char old[6 * 4096], new[6 * 4096];
+    memset(old, 'o', sizeof(old));
+    memset(new, 'n', sizeof(new));
+    CHECK(vm && vm_write(vm, NULL, old, sizeof(old), 0) == 0);
+    real_pwrite_saved = layer_syscalls.pwrite;
+    layer_syscalls.pwrite = failing_big_pwrite;
+    atomic_store(&fail_big_pwrites, true);
+    /* 512 into block 0 to 512 into block 4: blocks 0 and 4 partial. */
+    int rc = vm ? vm_write(vm, NULL, new, 4 * 4096, 512) : 0;
+    atomic_store(&fail_big_pwrites, false);
+    layer_syscalls.pwrite = real_pwrite_saved;
+    CHECK(rc == -ENOMEM);
+    CHECK(vm && disk_reads(vm, old, sizeof(old)));
+    /* And the same write, once it can be done, is done whole. */
+    CHECK(vm && vm_write(vm, NULL, new, 4 * 4096, 512) == 0);
+    memcpy(old + 512, new, 4 * 4096);
+    CHECK(vm && disk_reads(vm, old, sizeof(old)));
+    vm_registry_close(reg);
+}
+
 int main(void)
 {
     char state[] = "/tmp/imgfs-vm-test.XXXXXX";
@@ -414,6 +473,10 @@ int main(void)
     if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
         return 1;
     test_implicit_shared_chains(state);
+    remove_tree(state);
+    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
+        return 1;
+    test_failed_write_changes_nothing(state);
     remove_tree(state);
     return check_summary();
 }
