@@ -319,6 +319,15 @@ static void test_clone_origins(const char *state)
  * the snapshot cloned), after the registry reopened, and an implicit
  * snapshot left unused by a VM file removed while no daemon ran (the first
  * removal after opening looks at every VM). Unrelated clones keep theirs. */
+/* The registry of state, or NULL (a check failed). */
+static struct vm_registry *open_registry(const char *state)
+{
+    char err[256];
+    struct vm_registry *reg = NULL;
+    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
+    return reg;
+}
+
 static unsigned snapshots_of(struct vm *vm)
 {
     static struct vm_snapshot *snaps[VM_MAX_SNAPSHOTS];
@@ -328,8 +337,7 @@ static unsigned snapshots_of(struct vm *vm)
 static void test_implicit_shared_chains(const char *state)
 {
     char err[256], name[32];
-    struct vm_registry *reg;
-    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
+    struct vm_registry *reg = open_registry(state);
     if (!reg)
         return;
     struct vm *other[20], *o0c = NULL, *a = create_blank(reg, "a"), *b = NULL, *c = NULL, *d = NULL;
@@ -363,8 +371,7 @@ static void test_implicit_shared_chains(const char *state)
     CHECK(a2 && vm_clone(reg, a2, NULL, "b2", &b2, err, sizeof(err)) == 0);
     CHECK(a3 && vm_clone(reg, a3, NULL, "b3", &b3, err, sizeof(err)) == 0);
     vm_registry_close(reg);
-    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
-    if (!reg)
+    if (!(reg = open_registry(state)))
         return;
     CHECK(vm_remove(reg, vm_find(reg, "other2"), err, sizeof(err)) == 0);
     CHECK(snapshots_of(vm_find(reg, "a2")) == 1 && snapshots_of(vm_find(reg, "a3")) == 1);
@@ -377,8 +384,7 @@ static void test_implicit_shared_chains(const char *state)
     char path[4096];
     snprintf(path, sizeof(path), "%s/vms/b3.vm", state);
     CHECK(unlink(path) == 0);
-    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
-    if (!reg)
+    if (!(reg = open_registry(state)))
         return;
     CHECK(snapshots_of(vm_find(reg, "a3")) == 1);
     CHECK(vm_remove(reg, vm_find(reg, "other3"), err, sizeof(err)) == 0);
@@ -420,9 +426,7 @@ static bool disk_reads(struct vm *vm, const char *want, size_t len)
 
 static void test_failed_write_changes_nothing(const char *state)
 {
-    char err[256];
-    struct vm_registry *reg;
-    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
+    struct vm_registry *reg = open_registry(state);
     if (!reg)
         return;
     struct vm *vm = create_blank(reg, "torn");
@@ -446,37 +450,34 @@ static void test_failed_write_changes_nothing(const char *state)
     vm_registry_close(reg);
 }
 
-int main(void)
+/* Runs test in a state directory of its own, made and removed here. */
+static int in_fresh_state(void (*test)(const char *state))
 {
     char state[] = "/tmp/imgfs-vm-test.XXXXXX";
     if (!mkdtemp(state)) {
         fprintf(stderr, "mkdtemp: %s\n", strerror(errno));
-        return 1;
+        return -1;
     }
+    test(state);
+    remove_tree(state);
+    return 0;
+}
+
+static void test_shrinks(const char *state)
+{
     test_size_across_threads(state);
     test_shrink_under_write(state, SHRUNK_WRITE);
     test_shrink_under_write(state, SHRUNK_DISCARD);
     test_shrink_under_write(state, SHRUNK_DISCARD_EDGES);
-    remove_tree(state);
-    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
-        return 1;
-    test_find_by_name(state);
-    remove_tree(state);
-    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
-        return 1;
-    test_find_during_churn(state);
-    remove_tree(state);
-    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
-        return 1;
-    test_clone_origins(state);
-    remove_tree(state);
-    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
-        return 1;
-    test_implicit_shared_chains(state);
-    remove_tree(state);
-    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
-        return 1;
-    test_failed_write_changes_nothing(state);
-    remove_tree(state);
+}
+
+int main(void)
+{
+    void (*const tests[])(const char *) = {test_shrinks, test_find_by_name, test_find_during_churn,
+                                           test_clone_origins, test_implicit_shared_chains,
+                                           test_failed_write_changes_nothing};
+    for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++)
+        if (in_fresh_state(tests[i]) != 0)
+            return 1;
     return check_summary();
 }
