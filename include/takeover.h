@@ -188,7 +188,8 @@ uint64_t takeover_handle_open(struct takeover *t, uint64_t ino, bool vm_disk);
 void takeover_handle_set_backing(struct takeover *t, uint64_t fh, uint32_t backing_id);
 /* The backing id recorded for fh (0 when none or fh is not a slot). */
 uint32_t takeover_handle_backing(struct takeover *t, uint64_t fh);
-/* Frees the slot of fh if it holds ino; returns whether it did. */
+/* Frees the slot of fh if it holds ino, its backing id zeroed first;
+ * returns whether it did. */
 bool takeover_handle_release(struct takeover *t, uint64_t fh, uint64_t ino);
 
 /* Writes FUSE_NOTIFY_RESEND to the connection. 0 or a negative errno. */
