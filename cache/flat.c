@@ -16,13 +16,17 @@
 #include "util.h"
 
 unsigned flat_build_delay_ms;
+void (*flat_test_hook)(enum flat_test_point point, const char *name);
 
 struct flat_entry {
     char name[96];         /* NAME@V */
     struct chunk_hash id;  /* the manifest it was built or checked against (READY) */
     uint64_t charged;      /* bytes charged to the cache for it */
     enum flat_state state; /* never FLAT_NONE while listed */
-    bool doomed;           /* removed while building or checking: the worker removes the file */
+    /* Being removed: by the worker when building or checking, else by the
+     * remover, which drops the entry only once the file is unlinked (stats
+     * never show no file while one is still on disk). */
+    bool doomed;
 };
 
 struct flat_store {
@@ -84,6 +88,8 @@ static uint64_t drop(struct flat_store *store, struct flat_entry *e)
 static void unlink_file(struct flat_store *store, const char *name, const char *suffix)
 {
     char path[PATH_MAX];
+    if (flat_test_hook && strcmp(suffix, ".raw") == 0)
+        flat_test_hook(FLAT_TEST_UNLINK, name);
     if (file_path(store, name, suffix, path) == 0 && unlink(path) != 0 && errno != ENOENT)
         log_warn("flat file %s%s: cannot remove it: %s", name, suffix, strerror(errno));
 }
@@ -228,6 +234,8 @@ static int compare_file(struct flat_store *store, int fd, const struct manifest 
         }
         if (rc == -EBADMSG)
             log_warn("flat file %s: chunk %" PRIu64 " does not match the manifest", name, i);
+        if (!rc && flat_test_hook)
+            flat_test_hook(FLAT_TEST_COMPARED, name);
         if (!rc && is_doomed(store, name))
             rc = -ECANCELED;
         if (!rc && flat_build_delay_ms)
@@ -261,15 +269,27 @@ static int copy_chunk(struct flat_store *store, int fd, const struct manifest *m
     return rc;
 }
 
-/* Ends a build or check of name: READY with id when ok, else its files go.
- * Returns rc, or -ECANCELED when it was doomed meanwhile. */
+/* Drops name's entry (its files are gone) and gives its charge back. */
+static uint64_t drop_named(struct flat_store *store, const char *name)
+{
+    pthread_mutex_lock(&store->lock);
+    struct flat_entry *e = find(store, name);
+    uint64_t charged = e ? drop(store, e) : 0;
+    pthread_mutex_unlock(&store->lock);
+    cache_uncharge(store->cache, charged);
+    return charged;
+}
+
+/* Ends a build or check of name: READY with id when ok, else its files go
+ * (the .raw too: while the entry is BUILDING no one else's file has its
+ * name), and then its entry. Returns rc, or -ECANCELED when it was doomed
+ * meanwhile. */
 static int finish(struct flat_store *store, const char *name, const struct manifest *m, int rc, bool checking)
 {
     pthread_mutex_lock(&store->lock);
     struct flat_entry *e = find(store, name);
     if (!rc && (!e || e->doomed))
         rc = -ECANCELED;
-    uint64_t uncharge = 0;
     if (rc == -ECANCELED && checking && e && !e->doomed) {
         e->state = FLAT_UNCHECKED; /* flat_stop(): checked by the next run */
         pthread_mutex_unlock(&store->lock);
@@ -282,20 +302,15 @@ static int finish(struct flat_store *store, const char *name, const struct manif
             store->checked++;
         else
             store->built++;
-    } else {
-        if (e)
-            uncharge = drop(store, e);
-        if (checking && rc == -EBADMSG)
-            store->rejected++;
+    } else if (checking && rc == -EBADMSG) {
+        store->rejected++;
     }
     pthread_mutex_unlock(&store->lock);
     if (rc) {
         unlink_file(store, name, ".tmp");
-        if (checking || rc == -ECANCELED)
-            unlink_file(store, name, ".raw");
+        unlink_file(store, name, ".raw");
+        drop_named(store, name);
     }
-    if (uncharge)
-        cache_uncharge(store->cache, uncharge);
     return rc;
 }
 
@@ -358,8 +373,6 @@ int flat_build(struct flat_store *store, const struct manifest *m)
     if (rc && rc != -ECANCELED && rc != -ENOENT)
         log_warn("flat file %s: build failed: %s", name, strerror(-rc));
     rc = finish(store, name, m, rc, false);
-    if (rc && rc != -ECANCELED)
-        unlink_file(store, name, ".raw");
     if (!rc)
         log_info("flat file %s: built and checked (%" PRIu64 " bytes)", name, m->size);
     return rc;
@@ -406,21 +419,20 @@ int flat_open_ready(struct flat_store *store, const struct manifest *m)
 }
 
 /* Removes e (caller holds lock, released here): a file being built or
- * checked is doomed and removed by its worker. */
+ * checked is doomed and removed by its worker; any other is doomed, its
+ * file unlinked, and only then its entry dropped. Returns the charge given
+ * back (0 when a worker or another remover gives it). */
 static uint64_t remove_locked(struct flat_store *store, struct flat_entry *e)
 {
-    if (e->state == FLAT_BUILDING || e->state == FLAT_CHECKING) {
-        e->doomed = true;
-        pthread_mutex_unlock(&store->lock);
-        return 0;
-    }
+    bool busy = e->doomed || e->state == FLAT_BUILDING || e->state == FLAT_CHECKING;
+    e->doomed = true;
     char name[96];
     snprintf(name, sizeof(name), "%s", e->name);
-    uint64_t charged = drop(store, e);
     pthread_mutex_unlock(&store->lock);
+    if (busy)
+        return 0;
     unlink_file(store, name, ".raw");
-    cache_uncharge(store->cache, charged);
-    return charged;
+    return drop_named(store, name);
 }
 
 void flat_remove(struct flat_store *store, const struct manifest *m)
@@ -493,7 +505,7 @@ void flat_get_usage(struct flat_store *store, struct flat_usage *out)
     pthread_mutex_lock(&store->lock);
     for (size_t i = 0; i < store->count; i++) {
         out->files++;
-        out->ready += store->entries[i].state == FLAT_READY;
+        out->ready += store->entries[i].state == FLAT_READY && !store->entries[i].doomed;
         out->bytes += store->entries[i].charged;
     }
     out->built = store->built;

@@ -117,4 +117,10 @@ void flat_get_usage(struct flat_store *store, struct flat_usage *out);
  * check compares. Read from IMGFS_TEST_FLAT_DELAY_MS at open. */
 extern unsigned flat_build_delay_ms;
 
+/* For tests (what another thread sees at a given moment): when set, called
+ * with no lock held after each chunk a build or check compares and just
+ * before a flat file (.raw) is unlinked. */
+enum flat_test_point { FLAT_TEST_COMPARED, FLAT_TEST_UNLINK };
+extern void (*flat_test_hook)(enum flat_test_point point, const char *name);
+
 #endif

@@ -280,13 +280,68 @@ static void test_limit(const char *dir)
     manifest_free(m);
 }
 
+/* What stats show when a flat file is unlinked: it is still listed (a
+ * removal drops the entry only after the unlink), and it is handed out no
+ * more. */
+static struct flat_store *seen_store;
+static int seen_unlinks, seen_listed;
+
+static void on_unlink(enum flat_test_point point, const char *name)
+{
+    (void)name;
+    if (point != FLAT_TEST_UNLINK)
+        return;
+    struct flat_usage fu;
+    flat_get_usage(seen_store, &fu);
+    seen_unlinks++;
+    seen_listed += fu.files == 1 && fu.ready == 0;
+}
+
+static void test_unlinked_before_dropped(const char *dir)
+{
+    struct cache *cache = open_cache(dir);
+    struct flat_store *f = open_flat(cache);
+    struct manifest *m = make_manifest();
+    for (int i = 0; i < CHUNKS; i++)
+        if (i != 2)
+            fill(cache, m, i, false);
+    char raw[PATH_MAX];
+    flat_path(dir, ".raw", raw);
+    seen_store = f;
+    flat_test_hook = on_unlink;
+    /* flat_remove, flat_reclaim and a failed check each unlink first. */
+    CHECK(flat_build(f, m) == 0);
+    flat_remove(f, m);
+    CHECK(seen_unlinks == 1 && seen_listed == 1);
+    CHECK(flat_build(f, m) == 0);
+    CHECK(flat_reclaim(f, 1) > 0);
+    CHECK(seen_unlinks == 2 && seen_listed == 2);
+    CHECK(flat_build(f, m) == 0);
+    flat_test_hook = NULL;
+    flat_close(f);
+    flip_byte(raw, 5);
+    f = open_flat(cache);
+    seen_store = f;
+    flat_test_hook = on_unlink;
+    CHECK(flat_check(f, m) == -EBADMSG);
+    CHECK(seen_unlinks >= 3 && seen_listed == seen_unlinks);
+    flat_test_hook = NULL;
+    struct flat_usage fu;
+    flat_get_usage(f, &fu);
+    CHECK(fu.files == 0 && access(raw, F_OK) != 0);
+    flat_close(f);
+    cache_close(cache);
+    manifest_free(m);
+}
+
 int main(void)
 {
     char dir[] = "/tmp/imgfs-test-flat-XXXXXX";
     if (!mkdtemp(dir))
         return 1;
     char sub[PATH_MAX];
-    void (*tests[])(const char *) = {test_build_check_reject, test_kill_during_build, test_limit};
+    void (*tests[])(const char *) = {test_build_check_reject, test_kill_during_build, test_limit,
+                                         test_unlinked_before_dropped};
     for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
         if (path_join(sub, sizeof(sub), "%s/%zu", dir, i) != 0 || mkdir(sub, 0700) != 0)
             return 1;
