@@ -464,30 +464,41 @@ void flat_prune(struct flat_store *store, bool (*keep)(void *ctx, const char *na
     }
 }
 
+/* The order in which reclaim takes files: unchecked ones first (their room
+ * comes back at once), then builds and checks under way (doomed: theirs
+ * comes back when they stop), and READY ones, which serve opens, last. */
+static int reclaim_rank(const struct flat_entry *e)
+{
+    switch (e->state) {
+    case FLAT_UNCHECKED:
+        return 0;
+    case FLAT_BUILDING:
+    case FLAT_CHECKING:
+        return 1;
+    default:
+        return 2;
+    }
+}
+
 uint64_t flat_reclaim(void *arg, uint64_t want)
 {
     struct flat_store *store = arg;
     uint64_t freed = 0;
-    for (int pass = 0; pass < 2 && freed < want; pass++) {
-        for (;;) {
-            pthread_mutex_lock(&store->lock);
-            struct flat_entry *e = NULL;
-            for (size_t i = 0; i < store->count && !e; i++) {
-                struct flat_entry *c = &store->entries[i];
-                if (!c->doomed && (pass == 1 || c->state != FLAT_READY))
-                    e = c;
-            }
-            if (!e || freed >= want) {
-                pthread_mutex_unlock(&store->lock);
-                break;
-            }
-            store->reclaimed++;
-            log_info("flat file %s: removed to make room in the cache", e->name);
-            uint64_t got = remove_locked(store, e);
-            freed += got;
-            if (!got)
-                break; /* a build or check stops and gives its room back */
+    while (freed < want) { /* each round dooms one entry: it ends */
+        pthread_mutex_lock(&store->lock);
+        struct flat_entry *e = NULL;
+        for (size_t i = 0; i < store->count; i++) {
+            struct flat_entry *c = &store->entries[i];
+            if (!c->doomed && (!e || reclaim_rank(c) < reclaim_rank(e)))
+                e = c;
         }
+        if (!e) {
+            pthread_mutex_unlock(&store->lock);
+            break;
+        }
+        store->reclaimed++;
+        log_info("flat file %s: removed to make room in the cache", e->name);
+        freed += remove_locked(store, e);
     }
     return freed;
 }

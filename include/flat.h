@@ -102,8 +102,10 @@ void flat_remove(struct flat_store *store, const struct manifest *m);
  * longer has). */
 void flat_prune(struct flat_store *store, bool (*keep)(void *ctx, const char *name), void *ctx);
 
-/* The cache's reclaim function (cache_set_reclaim): removes files, those
- * that are not READY first, until want bytes are uncharged; returns them. */
+/* The cache's reclaim function (cache_set_reclaim): removes files until
+ * want bytes are uncharged, and returns them: every UNCHECKED file before
+ * any build or check under way (stopped; its room comes back when it ends),
+ * and those before any READY file. */
 uint64_t flat_reclaim(void *store, uint64_t want);
 
 /* Makes a build or check under way end soon (-ECANCELED; a file being

@@ -334,6 +334,79 @@ static void test_unlinked_before_dropped(const char *dir)
     manifest_free(m);
 }
 
+/* m's chunks under another version (and manifest id). */
+static struct manifest *another_version(const struct manifest *m, uint64_t version, const char *id)
+{
+    struct manifest *c = manifest_new(m->chunk_count);
+    snprintf(c->name, sizeof(c->name), "%s", m->name);
+    c->version = version;
+    c->size = m->size;
+    c->chunk_size = m->chunk_size;
+    memcpy(c->chunks, m->chunks, m->chunk_count * sizeof(*m->chunks));
+    chunk_hash_compute(id, strlen(id), &c->id);
+    return c;
+}
+
+/* Reclaim takes every unchecked file before any READY one, whatever the
+ * order of the store's entries and though a check is under way. */
+static struct flat_store *rank_store;
+static struct manifest *rank_checking;
+static int rank_step; /* 1: stop U's check; 2: reclaim during X's check */
+
+static void on_compared(enum flat_test_point point, const char *name)
+{
+    char want[96];
+    if (point != FLAT_TEST_COMPARED)
+        return;
+    snprintf(want, sizeof(want), "%s@%llu", rank_checking->name, (unsigned long long)rank_checking->version);
+    if (strcmp(name, want) != 0)
+        return;
+    if (rank_step == 1)
+        flat_stop(rank_store); /* U's check ends: U is UNCHECKED again */
+    else if (rank_step == 2)
+        CHECK(flat_reclaim(rank_store, 1) > 0);
+    rank_step = 0;
+}
+
+static void test_reclaim_unchecked_first(const char *dir)
+{
+    struct cache *cache = open_cache(dir);
+    struct flat_store *f = open_flat(cache);
+    struct manifest *m = make_manifest();
+    for (int i = 0; i < CHUNKS; i++)
+        if (i != 2)
+            fill(cache, m, i, false);
+    /* Entries X, R, U in that order, all READY. */
+    struct manifest *x = another_version(m, 1, "x"), *r = another_version(m, 2, "r"), *u = another_version(m, 3, "u");
+    CHECK(flat_build(f, x) == 0 && flat_build(f, r) == 0 && flat_build(f, u) == 0);
+    /* U checked against another manifest, the check stopped: UNCHECKED. */
+    struct manifest *u2 = another_version(m, 3, "u2"), *x2 = another_version(m, 1, "x2");
+    rank_store = f;
+    flat_test_hook = on_compared;
+    rank_checking = u2;
+    rank_step = 1;
+    CHECK(flat_check(f, u2) == -ECANCELED);
+    CHECK(flat_state_of(f, u) == FLAT_UNCHECKED);
+    /* A reclaim while X is being checked takes U, not R. */
+    rank_checking = x2;
+    rank_step = 2;
+    CHECK(flat_check(f, x2) == -ECANCELED);
+    flat_test_hook = NULL;
+    CHECK(flat_state_of(f, u) == FLAT_NONE);
+    CHECK(flat_state_of(f, r) == FLAT_READY);
+    struct flat_usage fu;
+    flat_get_usage(f, &fu);
+    CHECK(fu.reclaimed == 1);
+    flat_close(f);
+    cache_close(cache);
+    manifest_free(m);
+    manifest_free(x);
+    manifest_free(x2);
+    manifest_free(r);
+    manifest_free(u);
+    manifest_free(u2);
+}
+
 int main(void)
 {
     char dir[] = "/tmp/imgfs-test-flat-XXXXXX";
@@ -341,7 +414,7 @@ int main(void)
         return 1;
     char sub[PATH_MAX];
     void (*tests[])(const char *) = {test_build_check_reject, test_kill_during_build, test_limit,
-                                         test_unlinked_before_dropped};
+                                         test_unlinked_before_dropped, test_reclaim_unchecked_first};
     for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
         if (path_join(sub, sizeof(sub), "%s/%zu", dir, i) != 0 || mkdir(sub, 0700) != 0)
             return 1;
