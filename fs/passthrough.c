@@ -56,7 +56,9 @@ int passthrough_create(bool wanted, struct cache *cache, struct tree *tree, stru
     pthread_mutex_init(&pt->lock, NULL);
     cond_init_monotonic(&pt->wake);
     if (wanted) {
-        int rc = flat_open(cache, &pt->flat, err, errlen);
+        /* The supervisor's /dev/shm directory lives as long as the mount:
+         * what an earlier server of it checked is recorded there. */
+        int rc = flat_open(cache, t ? t->layer_dir : NULL, &pt->flat, err, errlen);
         if (rc) {
             passthrough_destroy(pt);
             return rc;
