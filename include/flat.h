@@ -35,7 +35,9 @@
  * checked) only when the record's manifest id is m's and every field of
  * the identity is the file's now; any other is checked in full. A write, a
  * truncate, a touch, a chmod or a file put in its place changes its ctime
- * at least. The record is removed before its file.
+ * at least, except a change within the same tick of the file system's
+ * clock (a few ms) as the recorded ctime. The record is removed before its
+ * file.
  *
  * What this catches and what it does not. Caught: a file torn by a crash
  * before its rename (never renamed), and any change to a file's bytes made
