@@ -155,7 +155,7 @@ static void add_passthrough(struct status_snapshot *s, struct imgfs *fs)
     status_counter(s, sec, "flat_checked", "Flat files found at start that passed their check, read in full.",
                    ps.flat.checked);
     status_counter(s, sec, "flat_trusted",
-                   "Flat files found at start unchanged since an earlier server of this mount checked them, not read again.",
+                   "Flat files found at start as an earlier server of this mount checked them, not read again.",
                    ps.flat.trusted);
     status_counter(s, sec, "flat_rejected", "Flat files removed because they failed their check.", ps.flat.rejected);
     status_counter(s, sec, "flat_reclaimed", "Flat files removed to make room for chunks.", ps.flat.reclaimed);
