@@ -89,6 +89,16 @@ static void fill(struct cache *cache, const struct manifest *m, int i, bool hold
         CHECK(cache_hold(cache, &m->chunks[i], true) == 0);
 }
 
+/* A manifest (make_manifest) whose every stored chunk is in the cache. */
+static struct manifest *make_cached_manifest(struct cache *cache)
+{
+    struct manifest *m = make_manifest();
+    for (int i = 0; i < CHUNKS; i++)
+        if (i != 2)
+            fill(cache, m, i, false);
+    return m;
+}
+
 static void flat_path(const char *dir, const char *suffix, char *out)
 {
     CHECK(path_join(out, PATH_MAX, "%s/flat/deb@3%s", dir, suffix) == 0);
@@ -200,10 +210,7 @@ static void test_build_check_reject(const char *dir)
 static void test_kill_during_build(const char *dir)
 {
     struct cache *cache = open_cache(dir);
-    struct manifest *m = make_manifest();
-    for (int i = 0; i < CHUNKS; i++)
-        if (i != 2)
-            fill(cache, m, i, false);
+    struct manifest *m = make_cached_manifest(cache);
     cache_close(cache);
     char tmp[PATH_MAX], raw[PATH_MAX];
     flat_path(dir, ".tmp", tmp);
@@ -306,10 +313,7 @@ static void test_unlinked_before_dropped(const char *dir)
 {
     struct cache *cache = open_cache(dir);
     struct flat_store *f = open_flat(cache);
-    struct manifest *m = make_manifest();
-    for (int i = 0; i < CHUNKS; i++)
-        if (i != 2)
-            fill(cache, m, i, false);
+    struct manifest *m = make_cached_manifest(cache);
     char raw[PATH_MAX];
     flat_path(dir, ".raw", raw);
     seen_store = f;
@@ -377,10 +381,7 @@ static void test_reclaim_unchecked_first(const char *dir)
 {
     struct cache *cache = open_cache(dir);
     struct flat_store *f = open_flat(cache);
-    struct manifest *m = make_manifest();
-    for (int i = 0; i < CHUNKS; i++)
-        if (i != 2)
-            fill(cache, m, i, false);
+    struct manifest *m = make_cached_manifest(cache);
     /* Entries X, R, U in that order, all READY. */
     struct manifest *x = another_version(m, 1, "x"), *r = another_version(m, 2, "r"), *u = another_version(m, 3, "u");
     CHECK(flat_build(f, x) == 0 && flat_build(f, r) == 0 && flat_build(f, u) == 0);
@@ -404,12 +405,9 @@ static void test_reclaim_unchecked_first(const char *dir)
     CHECK(fu.reclaimed == 1);
     flat_close(f);
     cache_close(cache);
-    manifest_free(m);
-    manifest_free(x);
-    manifest_free(x2);
-    manifest_free(r);
-    manifest_free(u);
-    manifest_free(u2);
+    struct manifest *all[] = {m, x, x2, r, u, u2};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        manifest_free(all[i]);
 }
 
 /* Checks across the servers of one mount: a file recorded as checked and
@@ -479,10 +477,7 @@ static int check_as_new_server(struct cache *cache, const char *shm, const struc
 static void test_trust_across_servers(const char *dir)
 {
     struct cache *cache = open_cache(dir);
-    struct manifest *m = make_manifest();
-    for (int i = 0; i < CHUNKS; i++)
-        if (i != 2)
-            fill(cache, m, i, false);
+    struct manifest *m = make_cached_manifest(cache);
     char shm[PATH_MAX], shm2[PATH_MAX], raw[PATH_MAX], record[PATH_MAX], probe[PATH_MAX], copy[PATH_MAX];
     CHECK(path_join(shm, sizeof(shm), "%s/shm", dir) == 0 && mkdir(shm, 0700) == 0);
     CHECK(path_join(shm2, sizeof(shm2), "%s/shm2", dir) == 0 && mkdir(shm2, 0700) == 0);
