@@ -67,6 +67,39 @@ static bool record_sound(const struct pack_record *r)
            (r->kind == RECORD_ADD || r->kind == RECORD_DROP) && r->len > 0 && r->off % PACK_ALIGN == 0;
 }
 
+/* ---- system calls --------------------------------------------------------- */
+
+static int real_open(const char *path, int flags, mode_t mode) { return open(path, flags, mode); }
+
+struct cache_syscalls cache_syscalls = {
+    .open = real_open,
+    .pwrite = pwrite,
+    .write = write,
+    .fallocate = fallocate,
+    .ftruncate = ftruncate,
+    .fdatasync = fdatasync,
+    .unlink = unlink,
+};
+
+/* write_full_at through cache_syscalls. */
+static int put_at(int fd, const void *buf, size_t len, uint64_t off)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = cache_syscalls.pwrite(fd, p, len, (off_t)off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -EIO;
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
 /* ---- packs ------------------------------------------------------------------- */
 
 /* A pack: packs/NNNNNNNN.pack holds chunk bytes, packs/NNNNNNNN.idx is its
@@ -265,13 +298,14 @@ static int pack_open(struct cache *cache, uint32_t id, bool create, struct pack 
     p->sums_fd = -1;
     int flags = O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0);
     /* The index first: a pack file without one is a leftover and removed. */
-    p->idx_fd = open(idx, O_RDWR | O_APPEND | flags, 0600);
-    p->fd = p->idx_fd < 0 ? -1 : open(pack, O_RDWR | flags, 0600);
-    if (p->fd >= 0 && (p->sums_fd = open(sums, O_RDWR | O_CLOEXEC | O_CREAT | (create ? O_TRUNC : 0), 0600)) < 0) {
+    p->idx_fd = cache_syscalls.open(idx, O_RDWR | O_APPEND | flags, 0600);
+    p->fd = p->idx_fd < 0 ? -1 : cache_syscalls.open(pack, O_RDWR | flags, 0600);
+    if (p->fd >= 0 &&
+        (p->sums_fd = cache_syscalls.open(sums, O_RDWR | O_CLOEXEC | O_CREAT | (create ? O_TRUNC : 0), 0600)) < 0) {
         int rc = -errno;
         if (create) {
-            unlink(pack);
-            unlink(idx);
+            cache_syscalls.unlink(pack);
+            cache_syscalls.unlink(idx);
         }
         pack_free(p);
         return rc;
@@ -279,7 +313,7 @@ static int pack_open(struct cache *cache, uint32_t id, bool create, struct pack 
     if (p->fd < 0) {
         int rc = -errno;
         if (create && p->idx_fd >= 0)
-            unlink(idx);
+            cache_syscalls.unlink(idx);
         pack_free(p);
         return rc;
     }
@@ -293,11 +327,11 @@ static void pack_remove(struct cache *cache, struct pack *p)
     atomic_fetch_sub(&cache->used, atomic_load(&p->idx_bytes) + atomic_load(&p->sums_bytes));
     char path[PATH_MAX];
     pack_path(cache, p->id, "pack", path, sizeof(path));
-    unlink(path);
+    cache_syscalls.unlink(path);
     pack_path(cache, p->id, "idx", path, sizeof(path));
-    unlink(path);
+    cache_syscalls.unlink(path);
     pack_path(cache, p->id, "sums", path, sizeof(path));
-    unlink(path);
+    cache_syscalls.unlink(path);
     pack_free(p);
 }
 
@@ -379,7 +413,7 @@ static int append_record(struct cache *cache, struct pack *p, enum record_kind k
     memcpy(r.magic, RECORD_MAGIC, 4);
     memcpy(r.hash, hash->bytes, sizeof(r.hash));
     record_seal(&r);
-    ssize_t n = write(p->idx_fd, &r, sizeof(r));
+    ssize_t n = cache_syscalls.write(p->idx_fd, &r, sizeof(r));
     if (n == (ssize_t)sizeof(r)) {
         atomic_fetch_add(&p->idx_bytes, sizeof(r));
         if (!reserved)
@@ -394,7 +428,7 @@ static int append_record(struct cache *cache, struct pack *p, enum record_kind k
 static void punch(struct pack *p, uint64_t off, uint64_t len)
 {
     uint64_t span = (len + PACK_ALIGN - 1) / PACK_ALIGN * PACK_ALIGN;
-    fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)span);
+    cache_syscalls.fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)span);
 }
 
 /* ---- block sums ---------------------------------------------------------------
@@ -460,7 +494,7 @@ static int write_sums(struct pack *p, uint64_t off, const struct chunk_hash *chu
         size_t n = sums_batch(blocks - done);
         for (size_t i = 0; i < n; i++)
             sums[i] = block_sum(chunk, done + i, data + (done + i) * SUM_BLOCK);
-        int rc = write_full_at(p->sums_fd, sums, n * sizeof(*sums), (off_t)sum_pos(off, done));
+        int rc = put_at(p->sums_fd, sums, n * sizeof(*sums), sum_pos(off, done));
         if (rc)
             return rc;
         done += n;
@@ -499,7 +533,7 @@ static int copy_sums(struct pack *from, uint64_t from_off, struct pack *to, uint
         size_t n = sums_batch(blocks - done);
         rc = read_sums(from, from_off, done, n, sums);
         if (!rc)
-            rc = write_full_at(to->sums_fd, sums, n * sizeof(*sums), (off_t)sum_pos(to_off, done));
+            rc = put_at(to->sums_fd, sums, n * sizeof(*sums), sum_pos(to_off, done));
         done += n;
     }
     return rc;
@@ -640,7 +674,7 @@ static int load_pack(struct cache *cache, struct pack *p)
             break;
         if (n != (ssize_t)sizeof(r) || !record_sound(&r)) {
             log_warn("cache: pack %08x: index cut at a damaged record (byte %lld)", p->id, (long long)at);
-            if (ftruncate(p->idx_fd, at) < 0)
+            if (cache_syscalls.ftruncate(p->idx_fd, at) < 0)
                 return -errno;
             break;
         }
@@ -697,10 +731,11 @@ static int load_packs(struct cache *cache)
         if (id + 1 > cache->next_id)
             cache->next_id = id + 1;
         if (strcmp(ext, "idx") != 0) {
-            char idx[PATH_MAX];
+            char idx[PATH_MAX], leftover[PATH_MAX];
             pack_path(cache, id, "idx", idx, sizeof(idx));
+            pack_path(cache, id, ext, leftover, sizeof(leftover));
             if ((strcmp(ext, "pack") == 0 || strcmp(ext, "sums") == 0) && access(idx, F_OK) < 0 && errno == ENOENT)
-                unlinkat(dirfd(d), de->d_name, 0); /* no index: nothing in it counts */
+                cache_syscalls.unlink(leftover); /* no index: nothing in it counts */
             continue;
         }
         if (count == cap) {
@@ -723,7 +758,7 @@ static int load_packs(struct cache *cache)
         rc = pack_open(cache, ids[i], false, &p);
         if (rc == -ENOENT) { /* an index without its pack */
             pack_path(cache, ids[i], "idx", path, sizeof(path));
-            unlink(path);
+            cache_syscalls.unlink(path);
             rc = 0;
             continue;
         }
@@ -1289,7 +1324,7 @@ static int store(struct cache *cache, const struct chunk_hash *hash, const void 
     int rc = pack_alloc(cache, len, pack, off);
     if (rc)
         return rc;
-    rc = write_full_at((*pack)->fd, data, len, (off_t)*off);
+    rc = put_at((*pack)->fd, data, len, *off);
     /* Sums come from verified bytes only: a fill's. A moved chunk keeps
      * its sums, since its bytes were read again for the move unchecked. */
     if (!rc) {

@@ -81,6 +81,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "hash.h"
 
@@ -204,5 +205,27 @@ extern void *(*cache_check_alloc)(size_t len);
 /* Rolls the active pack over beyond bytes instead of 256 MiB (tests). Call
  * before the cache is shared between threads. */
 void cache_set_pack_limit(struct cache *cache, uint64_t bytes);
+
+/* For tests: every system call by which cache.c changes the files under
+ * packs/ or that directory (and syncs them) goes through here, so that a
+ * test can inject faults or model a power loss
+ * (tests/unit/test_cache_power.c). open is every open of a pack's file
+ * (creating ones with O_CREAT); pwrite writes chunk bytes and block sums;
+ * write appends index records (the descriptor is O_APPEND); fallocate
+ * punches the space of dropped chunks; ftruncate cuts an index log at a
+ * torn record; fdatasync syncs a pack's file; unlink removes a pack's file.
+ * Not through here: the marker file (util.h's write_file_atomic), mkdir of
+ * packs/, and the one-time import of the old layout (copy_file_range).
+ * Defaults to the real calls; set before cache_open(). */
+struct cache_syscalls {
+    int (*open)(const char *path, int flags, mode_t mode);
+    ssize_t (*pwrite)(int fd, const void *buf, size_t len, off_t off);
+    ssize_t (*write)(int fd, const void *buf, size_t len);
+    int (*fallocate)(int fd, int mode, off_t off, off_t len);
+    int (*ftruncate)(int fd, off_t len);
+    int (*fdatasync)(int fd);
+    int (*unlink)(const char *path);
+};
+extern struct cache_syscalls cache_syscalls;
 
 #endif
