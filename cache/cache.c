@@ -623,19 +623,26 @@ static struct pack *drop_resident(struct cache *cache, struct shard *s, struct c
     return p;
 }
 
-/* Records an entry found on disk at open (single-threaded). Returns false
- * when the chunk is already known from an earlier record. */
-static bool add_loaded(struct cache *cache, const struct chunk_hash *hash, struct pack *p, uint64_t off,
-                       uint64_t len, uint64_t when, int *rc)
+/* Records an entry found on disk at open (single-threaded). When an
+ * earlier record already brought the chunk in, this later copy wins and
+ * the older one is dropped (a DROP record, then its blocks): the older one
+ * is the one a power cut may have left behind, punched by an eviction
+ * whose DROP record it lost, or moved by a compaction; the later one was
+ * written after it. Keeping the older one would punch good bytes with no
+ * record, and the verification would then drop the older one too. */
+static int add_loaded(struct cache *cache, const struct chunk_hash *hash, struct pack *p, uint64_t off,
+                      uint64_t len, uint64_t when)
 {
     struct shard *s = shard_of(cache, hash);
     struct cache_entry *e = find_entry(s, hash);
-    if (e && e->state == ENTRY_RESIDENT)
-        return false;
-    if (!e && !(e = insert_entry(s, hash))) {
-        *rc = -ENOMEM;
-        return false;
+    if (e && e->state == ENTRY_RESIDENT) {
+        struct pack *older = e->pack;
+        discard_bytes(cache, e);
+        drop_resident(cache, s, e);
+        older->live--; /* an emptied pack goes at the end of load_packs() */
     }
+    if (!e && !(e = insert_entry(s, hash)))
+        return -ENOMEM;
     e->state = ENTRY_RESIDENT;
     e->size = len;
     e->pack = p;
@@ -648,7 +655,7 @@ static bool add_loaded(struct cache *cache, const struct chunk_hash *hash, struc
     s->held_bytes += e->holds ? len : 0;
     s->changes++;
     atomic_fetch_add(&cache->used, len);
-    return true;
+    return 0;
 }
 
 /* ---- opening: the index logs, and the old layout ---------------------------- */
@@ -694,11 +701,8 @@ static int load_pack(struct cache *cache, struct pack *p)
         }
         if (r.off + r.len > pack_size)
             continue;
-        if (!add_loaded(cache, &hash, p, r.off, r.len, r.time, &rc)) {
-            if (rc)
-                return rc;
-            punch(p, r.off, r.len); /* a second copy: keep the first */
-        }
+        if ((rc = add_loaded(cache, &hash, p, r.off, r.len, r.time)) != 0)
+            return rc;
     }
     return 0;
 }
@@ -756,8 +760,10 @@ static int load_packs(struct cache *cache)
     for (size_t i = 0; i < count && !rc; i++) {
         struct pack *p;
         rc = pack_open(cache, ids[i], false, &p);
-        if (rc == -ENOENT) { /* an index without its pack */
+        if (rc == -ENOENT) { /* an index without its pack, maybe with its sums: both go */
             pack_path(cache, ids[i], "idx", path, sizeof(path));
+            cache_syscalls.unlink(path);
+            pack_path(cache, ids[i], "sums", path, sizeof(path));
             cache_syscalls.unlink(path);
             rc = 0;
             continue;
@@ -819,8 +825,7 @@ static int import_file(struct cache *cache, int dirfd, const char *name, const s
         return rc;
     }
     p->live--; /* add_loaded counts it again */
-    add_loaded(cache, hash, p, off, len, (uint64_t)st->st_mtime, &rc);
-    return rc;
+    return add_loaded(cache, hash, p, off, len, (uint64_t)st->st_mtime);
 }
 
 /* The old layout (imgfs-cache 1): one file per chunk under chunks/XY/. Each
@@ -1351,8 +1356,8 @@ static int store(struct cache *cache, const struct chunk_hash *hash, const void 
  *
  * Crash safety: a moved chunk's ADD record in the active pack is written
  * before the DROP record in the old one. A crash in between leaves two
- * copies of correct bytes; cache_open keeps the first (the older pack) and
- * punches the other. Pinned chunks are skipped (their pack stays until a
+ * copies of correct bytes; cache_open keeps the later one (add_loaded) and
+ * drops the other. Pinned chunks are skipped (their pack stays until a
  * later pass). Caller holds evict_lock. */
 static void compact_sparse_pack(struct cache *cache)
 {
@@ -1617,6 +1622,7 @@ void cache_get_usage(struct cache *cache, struct cache_usage *out)
         pthread_mutex_unlock(&s->lock);
     }
     out->charged_bytes = atomic_load(&cache->charged);
+    out->used = atomic_load(&cache->used);
     pthread_mutex_lock(&cache->pack_lock);
     out->packs = cache->pack_count;
     pthread_mutex_unlock(&cache->pack_lock);

@@ -117,6 +117,8 @@ struct cache_usage {
     uint64_t evictions;
     uint64_t held_bytes;      /* stored bytes that pre-copy pinned (a running count, no walk) */
     uint64_t charged_bytes;   /* other modules' bytes counted against the limit (cache_charge) */
+    uint64_t used;            /* what counts against the limit: chunks (and fills in progress),
+                               * index logs, sums files (in whole 4 KiB blocks) and charged bytes */
 };
 
 int cache_open(const char *dir, struct cache **out, char *err, size_t errlen);
