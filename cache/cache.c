@@ -79,6 +79,7 @@ struct cache_syscalls cache_syscalls = {
     .ftruncate = ftruncate,
     .fdatasync = fdatasync,
     .unlink = unlink,
+    .fsync_dir = fsync_dir,
 };
 
 /* write_full_at through cache_syscalls. */
@@ -599,10 +600,16 @@ static int verify_blocks(const struct cache_entry *e, uint64_t want, uint64_t ch
 /* Forgets the on-disk copy of a resident entry: a DROP record so that a
  * restart does not bring it back, then its blocks. No lock held (the entry
  * is BUSY); the caller then calls drop_resident() and pack_unref(). */
+static void discard_copy(struct cache *cache, struct pack *p, const struct chunk_hash *hash, uint64_t off,
+                         uint64_t size)
+{
+    append_record(cache, p, RECORD_DROP, hash, off, size, 0, false);
+    punch(p, off, size);
+}
+
 static void discard_bytes(struct cache *cache, struct cache_entry *e)
 {
-    append_record(cache, e->pack, RECORD_DROP, &e->hash, e->off, e->size, 0, false);
-    punch(e->pack, e->off, e->size);
+    discard_copy(cache, e->pack, &e->hash, e->off, e->size);
 }
 
 /* Forgets the on-disk copy of an entry that was counted as resident (shard
@@ -623,19 +630,40 @@ static struct pack *drop_resident(struct cache *cache, struct shard *s, struct c
     return p;
 }
 
+/* Whether the copy of a chunk at (p, off) holds its bytes. */
+static bool copy_sound(struct pack *p, const struct chunk_hash *hash, uint64_t off, uint64_t len)
+{
+    char *buf = malloc(len);
+    struct chunk_hash got;
+    bool sound = buf && read_full_at(p->fd, buf, len, (off_t)off) == 0;
+    if (sound) {
+        chunk_hash_compute(buf, len, &got);
+        sound = chunk_hash_equal(&got, hash);
+    }
+    free(buf);
+    return sound;
+}
+
 /* Records an entry found on disk at open (single-threaded). When an
- * earlier record already brought the chunk in, this later copy wins and
- * the older one is dropped (a DROP record, then its blocks): the older one
- * is the one a power cut may have left behind, punched by an eviction
- * whose DROP record it lost, or moved by a compaction; the later one was
- * written after it. Keeping the older one would punch good bytes with no
- * record, and the verification would then drop the older one too. */
+ * earlier record already brought the chunk in, there are two copies, and
+ * one goes (a DROP record, then its blocks): this later one wins unless
+ * its bytes are wrong and the older one's right (both are read and checked
+ * then: this happens only after a crash). After a power cut the older one
+ * may be the copy that an eviction punched but whose DROP record was lost,
+ * before the chunk was filled again: keeping it would punch the good
+ * refill with no record, and the verification would drop the punched one
+ * too. Or the later one is a compaction's copy that the cut lost before
+ * its sync, when the older is the good one. */
 static int add_loaded(struct cache *cache, const struct chunk_hash *hash, struct pack *p, uint64_t off,
                       uint64_t len, uint64_t when)
 {
     struct shard *s = shard_of(cache, hash);
     struct cache_entry *e = find_entry(s, hash);
     if (e && e->state == ENTRY_RESIDENT) {
+        if (!copy_sound(p, hash, off, len) && copy_sound(e->pack, hash, e->off, e->size)) {
+            discard_copy(cache, p, hash, off, len);
+            return 0;
+        }
         struct pack *older = e->pack;
         discard_bytes(cache, e);
         drop_resident(cache, s, e);
@@ -660,6 +688,12 @@ static int add_loaded(struct cache *cache, const struct chunk_hash *hash, struct
 
 /* ---- opening: the index logs, and the old layout ---------------------------- */
 
+static int by_offset(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 /* Replays one pack's index log. A torn or garbled record ends the log (it
  * is cut there, so later appends line up); a record that points past the
  * end of the pack file is ignored (its bytes never made it). */
@@ -670,19 +704,47 @@ static int load_pack(struct cache *cache, struct pack *p)
         return -errno;
     uint64_t pack_size = (uint64_t)st.st_size;
     p->end = (pack_size + PACK_ALIGN - 1) / PACK_ALIGN * PACK_ALIGN;
+    /* The log is cut first and its DROP records gathered, then it is
+     * replayed: an ADD record whose chunk a DROP record anywhere in the log
+     * removes (offsets in a pack are never reused) never counts, so that
+     * the DROP that add_loaded() gives a losing later copy holds. The replay
+     * may append DROP records (add_loaded), counted as they are written. */
     struct pack_record r;
-    off_t at = 0;
-    int rc = 0;
-    for (;; at += sizeof(r)) {
-        ssize_t n = pread(p->idx_fd, &r, sizeof(r), at);
+    off_t idx_end = 0;
+    uint64_t *drops = NULL;
+    size_t ndrops = 0, cap = 0;
+    for (;; idx_end += sizeof(r)) {
+        ssize_t n = pread(p->idx_fd, &r, sizeof(r), idx_end);
         if (n < 0)
             return -errno;
         if (n == 0)
             break;
         if (n != (ssize_t)sizeof(r) || !record_sound(&r)) {
-            log_warn("cache: pack %08x: index cut at a damaged record (byte %lld)", p->id, (long long)at);
-            if (cache_syscalls.ftruncate(p->idx_fd, at) < 0)
+            log_warn("cache: pack %08x: index cut at a damaged record (byte %lld)", p->id, (long long)idx_end);
+            if (cache_syscalls.ftruncate(p->idx_fd, idx_end) < 0) {
+                free(drops);
                 return -errno;
+            }
+            break;
+        }
+        if (r.kind == RECORD_DROP) {
+            if (ndrops == cap) {
+                uint64_t *more = realloc(drops, (cap = cap ? cap * 2 : 64) * sizeof(*drops));
+                if (!more) {
+                    free(drops);
+                    return -ENOMEM;
+                }
+                drops = more;
+            }
+            drops[ndrops++] = r.off;
+        }
+    }
+    if (ndrops)
+        qsort(drops, ndrops, sizeof(*drops), by_offset);
+    int rc = 0;
+    for (off_t at = 0; at < idx_end && !rc; at += sizeof(r)) {
+        if (pread(p->idx_fd, &r, sizeof(r), at) != (ssize_t)sizeof(r)) {
+            rc = -EIO;
             break;
         }
         atomic_fetch_add(&p->idx_bytes, sizeof(r));
@@ -699,12 +761,12 @@ static int load_pack(struct cache *cache, struct pack *p)
             }
             continue;
         }
-        if (r.off + r.len > pack_size)
+        if (r.off + r.len > pack_size || (ndrops && bsearch(&r.off, drops, ndrops, sizeof(*drops), by_offset)))
             continue;
-        if ((rc = add_loaded(cache, &hash, p, r.off, r.len, r.time)) != 0)
-            return rc;
+        rc = add_loaded(cache, &hash, p, r.off, r.len, r.time);
     }
-    return 0;
+    free(drops);
+    return rc;
 }
 
 static int by_id(const void *a, const void *b)
@@ -1354,11 +1416,38 @@ static int store(struct cache *cache, const struct chunk_hash *hash, const void 
  * at most 1/16 of its length has its chunks copied into the active pack and
  * goes: at most one pack per pass, and at most 1/16 of a pack copied.
  *
- * Crash safety: a moved chunk's ADD record in the active pack is written
- * before the DROP record in the old one. A crash in between leaves two
- * copies of correct bytes; cache_open keeps the later one (add_loaded) and
- * drops the other. Pinned chunks are skipped (their pack stays until a
- * later pass). Caller holds evict_lock. */
+ * Crash safety: the moved chunks' copies (bytes, sums, ADD records) are
+ * written first, and the entries point at them; then their packs and
+ * packs/ are synced, and only then do the old copies get their DROP
+ * records and punches. Without the sync a power cut could keep the drops
+ * and lose the copies of chunks that had long been on disk (the one sync
+ * of the cache: once per compaction, at most once per eviction pass). A
+ * crash before the drops leaves two copies of correct bytes; cache_open
+ * keeps the later one (add_loaded) and drops the other; a failed sync
+ * leaves them so too, until the next open. Pinned chunks are skipped
+ * (their pack stays until a later pass). Caller holds evict_lock. */
+
+/* An old copy of a moved chunk, dropped once its new copy is synced. */
+struct moved_copy {
+    struct chunk_hash hash;
+    uint64_t off, size;
+};
+
+/* Syncs the packs the copies went to (each kept by a live count of ours)
+ * and the directory that names them. */
+static int sync_copies(struct cache *cache, struct pack **dests, size_t count)
+{
+    int rc = 0;
+    for (size_t i = 0; i < count && !rc; i++)
+        if (cache_syscalls.fdatasync(dests[i]->fd) < 0 || cache_syscalls.fdatasync(dests[i]->sums_fd) < 0 ||
+            cache_syscalls.fdatasync(dests[i]->idx_fd) < 0)
+            rc = -errno;
+    char dir[PATH_MAX];
+    if (!rc && (rc = path_join(dir, sizeof(dir), "%s/packs", cache->dir)) == 0)
+        rc = cache_syscalls.fsync_dir(dir);
+    return rc;
+}
+
 static void compact_sparse_pack(struct cache *cache)
 {
     pthread_mutex_lock(&cache->pack_lock);
@@ -1388,12 +1477,16 @@ static void compact_sparse_pack(struct cache *cache)
         return;
     char *buf = NULL;
     size_t buf_len = 0;
+    struct moved_copy *olds = NULL;
+    size_t nolds = 0, cap_olds = 0;
+    struct pack *dests[8]; /* the active pack rolls over at most a few times in 1/16 of a pack */
+    size_t ndests = 0;
     for (int i = 0; i < SHARD_COUNT; i++) {
         struct shard *s = &cache->shards[i];
         pthread_mutex_lock(&s->lock);
         for (size_t b = 0; b < s->bucket_count; b++) {
             for (struct cache_entry *e = s->buckets[b]; e; e = e->next) {
-                if (e->state != ENTRY_RESIDENT || e->pack != victim || e->pins)
+                if (e->state != ENTRY_RESIDENT || e->pack != victim || e->pins || ndests == 8)
                     continue;
                 e->state = ENTRY_BUSY; /* readers wait while it moves */
                 pthread_mutex_unlock(&s->lock);
@@ -1408,6 +1501,15 @@ static void compact_sparse_pack(struct cache *cache)
                         buf_len = e->size;
                     }
                 }
+                if (!rc && nolds == cap_olds) {
+                    size_t grown_cap = cap_olds ? cap_olds * 2 : 64;
+                    struct moved_copy *grown = realloc(olds, grown_cap * sizeof(*grown));
+                    rc = grown ? 0 : -ENOMEM;
+                    if (grown) {
+                        olds = grown;
+                        cap_olds = grown_cap;
+                    }
+                }
                 if (!rc)
                     rc = read_full_at(victim->fd, buf, e->size, (off_t)e->off);
                 atomic_fetch_add(&cache->used, e->size + sizeof(struct pack_record));
@@ -1420,8 +1522,13 @@ static void compact_sparse_pack(struct cache *cache)
                     pthread_cond_broadcast(&s->changed);
                     continue; /* it stays where it is */
                 }
-                discard_bytes(cache, e);
-                atomic_fetch_sub(&cache->used, e->size); /* the old copy's bytes */
+                olds[nolds++] = (struct moved_copy){e->hash, e->off, e->size};
+                if (ndests == 0 || dests[ndests - 1] != to) {
+                    pthread_mutex_lock(&cache->pack_lock);
+                    to->live++; /* kept until it is synced */
+                    pthread_mutex_unlock(&cache->pack_lock);
+                    dests[ndests++] = to;
+                }
                 pthread_mutex_lock(&s->lock);
                 e->pack = to;
                 e->off = off;
@@ -1430,14 +1537,23 @@ static void compact_sparse_pack(struct cache *cache)
                 e->verified_blocks = 0;
                 e->state = ENTRY_RESIDENT;
                 pthread_cond_broadcast(&s->changed);
-                pthread_mutex_unlock(&s->lock);
-                pack_unref(cache, victim); /* a chunk fewer in it */
-                pthread_mutex_lock(&s->lock);
             }
         }
         pthread_mutex_unlock(&s->lock);
     }
     free(buf);
+    int rc = nolds ? sync_copies(cache, dests, ndests) : 0;
+    if (rc)
+        log_warn("cache: cannot sync the chunks moved out of pack %08x: %s (it stays until the next open)", victim->id,
+                 strerror(-rc));
+    for (size_t i = 0; i < nolds && !rc; i++) {
+        discard_copy(cache, victim, &olds[i].hash, olds[i].off, olds[i].size);
+        atomic_fetch_sub(&cache->used, olds[i].size); /* the old copy's bytes */
+        pack_unref(cache, victim); /* a chunk fewer in it */
+    }
+    free(olds);
+    for (size_t i = 0; i < ndests; i++)
+        pack_unref(cache, dests[i]);
     pack_unref(cache, victim); /* removes it when nothing pinned stayed */
 }
 

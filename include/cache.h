@@ -215,7 +215,8 @@ void cache_set_pack_limit(struct cache *cache, uint64_t bytes);
  * (creating ones with O_CREAT); pwrite writes chunk bytes and block sums;
  * write appends index records (the descriptor is O_APPEND); fallocate
  * punches the space of dropped chunks; ftruncate cuts an index log at a
- * torn record; fdatasync syncs a pack's file; unlink removes a pack's file.
+ * torn record; fdatasync syncs a pack's file; unlink removes a pack's file;
+ * fsync_dir (util.h) syncs packs/.
  * Not through here: the marker file (util.h's write_file_atomic), mkdir of
  * packs/, and the one-time import of the old layout (copy_file_range).
  * Defaults to the real calls; set before cache_open(). */
@@ -227,6 +228,7 @@ struct cache_syscalls {
     int (*ftruncate)(int fd, off_t len);
     int (*fdatasync)(int fd);
     int (*unlink)(const char *path);
+    int (*fsync_dir)(const char *dir);
 };
 extern struct cache_syscalls cache_syscalls;
 

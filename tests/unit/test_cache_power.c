@@ -106,6 +106,10 @@ static int m_fdatasync(int fd)
 {
     return power_fdatasync(real.fdatasync, fd);
 }
+static int m_fsync_dir(const char *dir)
+{
+    return power_fsync_dir(real.fsync_dir, dir);
+}
 static int m_unlink(const char *path)
 {
     trace("unlink %s", strrchr(path, '/') + 1);
@@ -463,6 +467,7 @@ static void check_after_cut(void)
         known[id].durable = hit; /* what survived is on disk now */
         known[id].pending = false;
     }
+    check_files(); /* the checks' drops and sums are counted too */
     struct cache_usage before, after;
     cache_get_usage(cache, &before);
     if (before.chunks != hit_count || before.bytes != hit_count * CS)
@@ -494,6 +499,7 @@ static bool run_iteration(uint64_t seed)
         if (power_cut_done()) {
             cuts_in_open++; /* checked by the next epoch's open */
         } else {
+            power_set_cut_at(0); /* the check is not cut */
             if (epoch > 0)
                 check_after_cut();
             /* The disk as the check left it is where the next cut starts. */
@@ -560,6 +566,7 @@ int main(void)
     cache_syscalls.ftruncate = m_ftruncate;
     cache_syscalls.fdatasync = m_fdatasync;
     cache_syscalls.unlink = m_unlink;
+    cache_syscalls.fsync_dir = m_fsync_dir;
 
     int failed = 0;
     for (int i = 0; i < iterations && failed < 3; i++) {
