@@ -1245,6 +1245,98 @@ static void test_sums_read_ahead(const char *dir)
     cache_close(cache);
 }
 
+/* ---- what a power cut leaves ------------------------------------------------ */
+
+static int copy_file(const char *from, const char *to)
+{
+    char *data = NULL;
+    size_t len = 0;
+    int rc = read_file(from, 1 << 20, &data, &len);
+    if (!rc)
+        rc = write_file_atomic(to, data, len);
+    free(data);
+    return rc;
+}
+
+/* A cut lost an eviction's DROP record but kept its punch, and the chunk
+ * was filled again in a later pack: the later copy (good) wins, the
+ * punched one gets its DROP record, and nothing is refetched. */
+static void test_refill_after_lost_drop(const char *dir)
+{
+    unsigned char *x = malloc(CS), *y = malloc(CS);
+    struct chunk_hash hx, hy;
+    make_chunk(x, CS, 9001, &hx);
+    make_chunk(y, CS, 9002, &hy);
+    struct cache *cache = open_cache(dir);
+    fill_chunk(cache, &hx, x);
+    fill_chunk(cache, &hy, y); /* keeps the first pack alive (held below) */
+    struct where first = locate(cache, &hx);
+    char idx[PATH_MAX], saved[PATH_MAX];
+    snprintf(idx, sizeof(idx), "%.*s.idx", (int)(strlen(first.path) - 5), first.path);
+    path_join(saved, sizeof(saved), "%s/saved.idx", dir);
+    cache = reopen(cache, dir);
+    CHECK(copy_file(idx, saved) == 0);
+    CHECK(cache_hold(cache, &hy, true) == 0);
+    cache_set_limit(cache, 1); /* evicts x: a DROP record and a punch */
+    CHECK(!cache_stores(cache, &hx));
+    cache_set_limit(cache, 0);
+    fill_chunk(cache, &hx, x); /* into this run's pack */
+    struct where second = locate(cache, &hx);
+    CHECK(strcmp(second.path, first.path) != 0);
+    cache_close(cache);
+    CHECK(copy_file(saved, idx) == 0); /* the cut lost the DROP record */
+    unlink(saved);
+    cache = open_cache(dir);
+    CHECK(hits_with(cache, &hx, x));
+    struct where now = locate(cache, &hx);
+    CHECK(strcmp(now.path, second.path) == 0 && now.off == second.off);
+    CHECK(hits_with(cache, &hy, y));
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.chunks == 2);
+    cache = reopen(cache, dir); /* the punched copy stays dropped */
+    CHECK(hits_with(cache, &hx, x));
+    cache_get_usage(cache, &u);
+    CHECK(u.chunks == 2);
+    cache_close(cache);
+    free(x);
+    free(y);
+}
+
+/* A cut kept the unlink of a pack file but lost those of its index log
+ * and sums: both go at open, and nothing stays uncounted. */
+static void test_pack_lost_with_sums(const char *dir)
+{
+    unsigned char *x = malloc(CS);
+    struct chunk_hash hx;
+    make_chunk(x, CS, 9003, &hx);
+    struct cache *cache = open_cache(dir);
+    fill_chunk(cache, &hx, x);
+    struct where w = locate(cache, &hx);
+    cache_close(cache);
+    CHECK(unlink(w.path) == 0);
+    cache = open_cache(dir);
+    CHECK(!cache_stores(cache, &hx));
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.packs == 0 && u.used == 0);
+    char packs[PATH_MAX];
+    path_join(packs, sizeof(packs), "%s/packs", dir);
+    DIR *d = opendir(packs);
+    struct dirent *de;
+    int left = 0;
+    while (d && (de = readdir(d)))
+        if (de->d_name[0] != '.') {
+            fprintf(stderr, "left in packs/: %s\n", de->d_name);
+            left++;
+        }
+    if (d)
+        closedir(d);
+    CHECK(left == 0);
+    cache_close(cache);
+    free(x);
+}
+
 int main(void)
 {
     log_set_level(LOG_LEVEL_ERROR); /* the damage tests log warnings on purpose */
@@ -1284,6 +1376,13 @@ int main(void)
     path_join(sub, sizeof(sub), "%s/no-memory", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_check_no_memory(sub);
+
+    path_join(sub, sizeof(sub), "%s/lost-drop", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_refill_after_lost_drop(sub);
+    path_join(sub, sizeof(sub), "%s/lost-pack", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_pack_lost_with_sums(sub);
 
     path_join(sub, sizeof(sub), "%s/threads", dir);
     CHECK(mkdir(sub, 0755) == 0);
