@@ -25,9 +25,9 @@
  * cache_open() starts a new active pack, so a restarted daemon never
  * appends to a pack that a dead one was writing. A chunk's ADD record is
  * appended only once its bytes are written, so after a kill -9 no record
- * points at a half-written chunk. Nothing is fsync'd (the cache can always
- * be refilled); instead every chunk is checked against its hash the first
- * time this process uses it, so bytes damaged by a crash, power loss or
+ * points at a half-written chunk. No fill is fsync'd (the cache can always
+ * be refilled; see "Power loss" below); instead every chunk is checked
+ * against its hash the first time this process uses it, so bytes damaged by a crash, power loss or
  * bit rot are dropped (a DROP record) and fetched again, never served. A
  * torn or garbled record ends a pack's log at open.
  *
@@ -42,6 +42,21 @@
  * or serves anything by itself: the whole chunk is checked against its hash
  * and decides (dropped, or its sums written anew). Before the bytes of a
  * damaged chunk go, its drop waits for readers of blocks checked earlier.
+ *
+ * Power loss. An insert is durable once the kernel has written back (its
+ * own writeback, a sync(1), a clean shutdown) the chunk's bytes in its
+ * pack, its ADD record in the pack's index log, and the names in packs/. A
+ * power cut never loses a durable chunk that was not evicted or dropped
+ * since, never makes the cache serve wrong bytes (the check on first use),
+ * and leaves nothing on disk uncounted. What that takes: a compaction syncs
+ * the copies it made (their packs and packs/) before it drops the
+ * originals, the cache's only sync; at open, of two copies of one chunk
+ * the later wins unless its bytes are wrong and the older's right (a cut
+ * may lose an eviction's DROP record but keep its punch, before the chunk
+ * is filled again elsewhere; or lose a compaction's copy before its sync),
+ * and the loser gets a DROP record; a pack whose .pack a cut lost goes
+ * with its .idx and .sums. tests/unit/test_cache_power.c checks this
+ * against a model of what a cut may leave (tests/unit/power_model.h).
  *
  * Eviction is per chunk: its DROP record is written and its blocks are
  * punched out of the pack (fallocate PUNCH_HOLE), so the disk space goes
