@@ -27,9 +27,10 @@
  * appended only once its bytes are written, so after a kill -9 no record
  * points at a half-written chunk. No fill is fsync'd (the cache can always
  * be refilled; see "Power loss" below); instead every chunk is checked
- * against its hash the first time this process uses it, so bytes damaged by a crash, power loss or
- * bit rot are dropped (a DROP record) and fetched again, never served. A
- * torn or garbled record ends a pack's log at open.
+ * against its hash the first time this process uses it, so bytes damaged
+ * by a crash, power loss or bit rot are dropped (a DROP record) and
+ * fetched again, never served. A torn or garbled record ends a pack's log
+ * at open.
  *
  * A read of part of a chunk (cache_acquire's range) is checked by block
  * instead: each 4 KiB block it covers against the sum stored with it when
