@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -80,7 +81,7 @@ static struct {
     int errors; /* the model out of step with the real files */
 } pm = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
-static void *xrealloc(void *p, size_t n)
+void *power_xrealloc(void *p, size_t n)
 {
     void *q = realloc(p, n ? n : 1);
     if (!q) {
@@ -97,7 +98,7 @@ static void buf_reserve(unsigned char **buf, uint64_t *cap, uint64_t need)
     uint64_t n = *cap ? *cap : 65536;
     while (n < need)
         n *= 2;
-    *buf = xrealloc(*buf, n);
+    *buf = power_xrealloc(*buf, n);
     memset(*buf + *cap, 0, n - *cap);
     *cap = n;
 }
@@ -156,7 +157,7 @@ static size_t file_new(dev_t dev, ino_t ino)
     for (size_t i = 0; i < pm.nfiles; i++)
         if (pm.files[i].live && pm.files[i].dev == dev && pm.files[i].ino == ino)
             pm.files[i].live = false; /* its number reused: the old one is unlinked */
-    pm.files = xrealloc(pm.files, (pm.nfiles + 1) * sizeof(*pm.files));
+    pm.files = power_xrealloc(pm.files, (pm.nfiles + 1) * sizeof(*pm.files));
     pm.files[pm.nfiles] = (struct mfile){.dev = dev, .ino = ino, .live = true};
     return pm.nfiles++;
 }
@@ -176,7 +177,7 @@ static void record(struct mfile *f, struct op o)
 {
     if (f->nops == f->capops) {
         f->capops = f->capops ? 2 * f->capops : 16;
-        f->ops = xrealloc(f->ops, f->capops * sizeof(*f->ops));
+        f->ops = power_xrealloc(f->ops, f->capops * sizeof(*f->ops));
     }
     apply_op(&f->cur, &f->cap, &f->len, &o);
     f->ops[f->nops++] = o;
@@ -237,7 +238,7 @@ static void dir_record(struct dirop d)
 {
     if (pm.ndops == pm.capdops) {
         pm.capdops = pm.capdops ? 2 * pm.capdops : 16;
-        pm.dops = xrealloc(pm.dops, pm.capdops * sizeof(*pm.dops));
+        pm.dops = power_xrealloc(pm.dops, pm.capdops * sizeof(*pm.dops));
     }
     ns_apply(pm.cur_ns, &pm.ncur, &d);
     pm.dops[pm.ndops++] = d;
@@ -330,7 +331,7 @@ static bool step(void)
 
 static unsigned char *copy_of(const void *p, size_t n)
 {
-    unsigned char *c = xrealloc(NULL, n);
+    unsigned char *c = power_xrealloc(NULL, n);
     memcpy(c, p, n);
     return c;
 }
@@ -378,7 +379,7 @@ static void self_check(int fd, const struct mfile *f)
             close(rfd);
         return;
     }
-    unsigned char *b = xrealloc(NULL, (size_t)st.st_size + 1);
+    unsigned char *b = power_xrealloc(NULL, (size_t)st.st_size + 1);
     bool same = (uint64_t)st.st_size == f->len && pread(rfd, b, (size_t)st.st_size, 0) == st.st_size &&
                 (f->len == 0 || memcmp(b, f->cur, f->len) == 0);
     if (!same) {
@@ -666,4 +667,29 @@ void power_on(const char *dir, const char *cut_dir)
         perror(cut_dir);
         abort();
     }
+}
+
+int power_run(const char *name, const char *seed_var, const char *iter_var, bool (*run)(uint64_t seed))
+{
+    uint64_t seed = 0;
+    const char *env = getenv(seed_var);
+    if (env && *env)
+        seed = strtoull(env, NULL, 10);
+    else if (getrandom(&seed, sizeof(seed), 0) != sizeof(seed))
+        seed = (uint64_t)getpid() * 0x9e3779b97f4a7c15ull;
+    seed %= 1000000000000ull;
+    const char *it = getenv(iter_var);
+    int iterations = it && *it ? atoi(it) : 200;
+    printf("%s: seed %" PRIu64 ", %d iterations (replay: %s=%" PRIu64 " ctest -R unit.%s; iteration k runs seed %" PRIu64
+           "+k)\n",
+           name, seed, iterations, seed_var, seed, name, seed);
+    fflush(stdout);
+    int failed = 0;
+    for (int i = 0; i < iterations && failed < 3; i++) {
+        if (!run(seed + (uint64_t)i)) {
+            fprintf(stderr, "failed: replay with %s=%" PRIu64 " %s=1\n", seed_var, seed + (uint64_t)i, iter_var);
+            failed++;
+        }
+    }
+    return failed;
 }

@@ -60,8 +60,18 @@
 #define IMGFS_TEST_POWER_MODEL_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+
+/* Runs iterations of run(seed + k), k = 0, 1, ..., stopping after 3 that
+ * fail (each failure prints how to replay it). The seed is env var
+ * seed_var (decimal), or a random one; the count is iter_var, or 200.
+ * Prints both first, as name's. Returns the number of failed iterations. */
+int power_run(const char *name, const char *seed_var, const char *iter_var, bool (*run)(uint64_t seed));
+
+/* realloc, or abort. */
+void *power_xrealloc(void *p, size_t n);
 
 /* The tests' random numbers: every choice, the model's too, comes from the seed. */
 void power_seed(uint64_t seed);

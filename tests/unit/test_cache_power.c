@@ -43,7 +43,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -288,7 +287,7 @@ static void writeback(void)
     struct dirent *de;
     while (d && (de = readdir(d)) && n < 256)
         if (de->d_name[0] != '.' && power_below(2))
-            snprintf(names[n++], NAME_LEN, "%s", de->d_name);
+            snprintf(names[n++], NAME_LEN, "%.63s", de->d_name);
     if (d)
         closedir(d);
     bool dir = power_below(2);
@@ -394,7 +393,7 @@ static void check_files(void)
         if (de->d_name[0] == '.')
             continue;
         unsigned id;
-        char ext[8], tail, name[PATH_MAX];
+        char ext[8], tail, name[NAME_LEN];
         if (sscanf(de->d_name, "%8x.%4[a-z]%c", &id, ext, &tail) != 2 || strlen(de->d_name) < 12 ||
             (strcmp(ext, "pack") && strcmp(ext, "idx") && strcmp(ext, "sums"))) {
             fail("a stray file %s", de->d_name);
@@ -528,21 +527,8 @@ static bool run_iteration(uint64_t seed)
 
 int main(void)
 {
-    uint64_t seed = 0;
-    const char *env = getenv("IMGFS_CACHE_POWER_SEED");
-    if (env && *env)
-        seed = strtoull(env, NULL, 10);
-    else if (getrandom(&seed, sizeof(seed), 0) != sizeof(seed))
-        seed = (uint64_t)getpid() * 0x9e3779b97f4a7c15ull;
-    seed %= 1000000000000ull;
-    const char *it = getenv("IMGFS_CACHE_POWER_ITERATIONS");
-    int iterations = it && *it ? atoi(it) : 200;
     tracing = getenv("IMGFS_CACHE_POWER_TRACE") && atoi(getenv("IMGFS_CACHE_POWER_TRACE"));
     log_set_level(LOG_LEVEL_ERROR); /* not every damaged chunk nor every torn log */
-    printf("test_cache_power: seed %" PRIu64 ", %d iterations (replay: IMGFS_CACHE_POWER_SEED=%" PRIu64
-           " ctest -R unit.test_cache_power; iteration k runs seed %" PRIu64 "+k)\n",
-           seed, iterations, seed, seed);
-    fflush(stdout);
     make_chunks();
 
     snprintf(base, sizeof(base), "/tmp/imgfs-test-cache-power-XXXXXX");
@@ -568,16 +554,7 @@ int main(void)
     cache_syscalls.unlink = m_unlink;
     cache_syscalls.fsync_dir = m_fsync_dir;
 
-    int failed = 0;
-    for (int i = 0; i < iterations && failed < 3; i++) {
-        bool ok = run_iteration(seed + (uint64_t)i);
-        CHECK(ok);
-        if (!ok) {
-            fprintf(stderr, "failed: replay with IMGFS_CACHE_POWER_SEED=%" PRIu64 " IMGFS_CACHE_POWER_ITERATIONS=1\n",
-                    seed + (uint64_t)i);
-            failed++;
-        }
-    }
+    CHECK(power_run("test_cache_power", "IMGFS_CACHE_POWER_SEED", "IMGFS_CACHE_POWER_ITERATIONS", run_iteration) == 0);
     CHECK(power_errors() == 0);
     printf("cuts: %" PRIu64 " at a system call (%" PRIu64 " of them in an open), %" PRIu64
            " after the workload; hits %" PRIu64 ", fills %" PRIu64 ", durable chunks found after a cut %" PRIu64 "\n",

@@ -37,7 +37,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/random.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -100,15 +99,6 @@ static uint64_t below(uint64_t n)
 {
     return power_below(n);
 }
-static void *xrealloc(void *p, size_t n)
-{
-    void *q = realloc(p, n ? n : 1);
-    if (!q) {
-        perror("realloc");
-        abort();
-    }
-    return q;
-}
 static uint64_t blocks_new, blocks_old; /* after a cut: blocks showing a write not flushed, or an older value */
 
 
@@ -146,7 +136,7 @@ static void oracle_written(struct oracle *o, uint64_t b, uint64_t tag)
 {
     if (o->nsince[b] == o->capsince[b]) {
         o->capsince[b] = o->capsince[b] ? 2 * o->capsince[b] : 8;
-        o->since[b] = xrealloc(o->since[b], o->capsince[b] * sizeof(uint64_t));
+        o->since[b] = power_xrealloc(o->since[b], o->capsince[b] * sizeof(uint64_t));
     }
     o->since[b][o->nsince[b]++] = tag;
 }
@@ -353,21 +343,7 @@ int main(void)
     setenv("IMGFS_LAYER_ZERO_AHEAD", "0", 1);
     setenv("IMGFS_LAYER_COMPACT_MIN", "1G", 1); /* compactions only when asked */
     setenv("IMGFS_LAYER_THROUGH", "all", 1);    /* write-through with O_DIRECT, records too */
-    uint64_t seed = 0;
-    const char *env = getenv("IMGFS_POWER_SEED");
-    if (env && *env) {
-        seed = strtoull(env, NULL, 10);
-    } else if (getrandom(&seed, sizeof(seed), 0) != sizeof(seed)) {
-        seed = (uint64_t)getpid() * 0x9e3779b97f4a7c15ull;
-    }
-    seed %= 1000000000000ull;
-    const char *it = getenv("IMGFS_POWER_ITERATIONS");
-    int iterations = it && *it ? atoi(it) : 200;
     log_set_level(LOG_LEVEL_ERROR); /* not every compaction, nor every record a cut tore */
-    printf("test_layer_power: seed %" PRIu64 ", %d iterations (replay: IMGFS_POWER_SEED=%" PRIu64
-           " ctest -R unit.test_layer_power; iteration k runs seed %" PRIu64 "+k)\n",
-           seed, iterations, seed, seed);
-    fflush(stdout);
 
     char base[] = "/tmp/imgfs-test-power-XXXXXX";
     if (!mkdtemp(base)) {
@@ -395,16 +371,7 @@ int main(void)
     layer_syscalls.unlink = m_unlink;
     layer_syscalls.fsync_dir = m_fsync_dir;
 
-    int failed = 0;
-    for (int i = 0; i < iterations && failed < 3; i++) {
-        bool ok = run_iteration(seed + (uint64_t)i);
-        CHECK(ok);
-        if (!ok) {
-            fprintf(stderr, "failed: replay with IMGFS_POWER_SEED=%" PRIu64 " IMGFS_POWER_ITERATIONS=1\n",
-                    seed + (uint64_t)i);
-            failed++;
-        }
-    }
+    CHECK(power_run("test_layer_power", "IMGFS_POWER_SEED", "IMGFS_POWER_ITERATIONS", run_iteration) == 0);
     CHECK(power_errors() == 0);
     printf("cuts: %" PRIu64 " at a system call, %" PRIu64 " after the workload; blocks that showed the last write, "
            "not flushed: %" PRIu64 ", an older value: %" PRIu64 "\n",
