@@ -1303,6 +1303,48 @@ static void test_refill_after_lost_drop(const char *dir)
     free(y);
 }
 
+/* Two copies again, but the later one's bytes are wrong (a compaction's
+ * copy that a cut lost before its sync) and the older one's right (the
+ * cut lost the drop and the punch): the older one is kept. */
+static void test_later_copy_damaged(const char *dir)
+{
+    unsigned char *x = malloc(CS), *y = malloc(CS);
+    struct chunk_hash hx, hy;
+    make_chunk(x, CS, 9011, &hx);
+    make_chunk(y, CS, 9012, &hy);
+    struct cache *cache = open_cache(dir);
+    fill_chunk(cache, &hx, x);
+    fill_chunk(cache, &hy, y);
+    struct where first = locate(cache, &hx);
+    char idx[PATH_MAX], saved_idx[PATH_MAX], saved_pack[PATH_MAX];
+    snprintf(idx, sizeof(idx), "%.*s.idx", (int)(strlen(first.path) - 5), first.path);
+    path_join(saved_idx, sizeof(saved_idx), "%s/saved.idx", dir);
+    path_join(saved_pack, sizeof(saved_pack), "%s/saved.pack", dir);
+    cache = reopen(cache, dir);
+    CHECK(copy_file(idx, saved_idx) == 0 && copy_file(first.path, saved_pack) == 0);
+    CHECK(cache_hold(cache, &hy, true) == 0);
+    cache_set_limit(cache, 1);
+    CHECK(!cache_stores(cache, &hx));
+    cache_set_limit(cache, 0);
+    fill_chunk(cache, &hx, x);
+    struct where second = locate(cache, &hx);
+    cache_close(cache);
+    CHECK(copy_file(saved_idx, idx) == 0 && copy_file(saved_pack, first.path) == 0);
+    CHECK(flip_byte_in_file(second.path, (off_t)second.off + 100) == 0);
+    unlink(saved_idx);
+    unlink(saved_pack);
+    cache = open_cache(dir);
+    struct where now = locate(cache, &hx);
+    CHECK(strcmp(now.path, first.path) == 0 && now.off == first.off);
+    CHECK(hits_with(cache, &hx, x));
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.chunks == 2 && u.dropped_damaged == 0);
+    cache_close(cache);
+    free(x);
+    free(y);
+}
+
 /* A cut kept the unlink of a pack file but lost those of its index log
  * and sums: both go at open, and nothing stays uncounted. */
 static void test_pack_lost_with_sums(const char *dir)
@@ -1370,6 +1412,9 @@ int main(void)
     path_join(sub, sizeof(sub), "%s/lost-drop", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_refill_after_lost_drop(sub);
+    path_join(sub, sizeof(sub), "%s/later-damaged", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_later_copy_damaged(sub);
     path_join(sub, sizeof(sub), "%s/lost-pack", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_pack_lost_with_sums(sub);
