@@ -597,9 +597,8 @@ static int verify_blocks(const struct cache_entry *e, uint64_t want, uint64_t ch
     return 0;
 }
 
-/* Forgets the on-disk copy of a resident entry: a DROP record so that a
- * restart does not bring it back, then its blocks. No lock held (the entry
- * is BUSY); the caller then calls drop_resident() and pack_unref(). */
+/* Forgets the copy of a chunk at (p, off): a DROP record so that a restart
+ * does not bring it back, then its blocks. */
 static void discard_copy(struct cache *cache, struct pack *p, const struct chunk_hash *hash, uint64_t off,
                          uint64_t size)
 {
@@ -607,6 +606,8 @@ static void discard_copy(struct cache *cache, struct pack *p, const struct chunk
     punch(p, off, size);
 }
 
+/* Forgets the on-disk copy of a resident entry. No lock held (the entry is
+ * BUSY); the caller then calls drop_resident() and pack_unref(). */
 static void discard_bytes(struct cache *cache, struct cache_entry *e)
 {
     discard_copy(cache, e->pack, &e->hash, e->off, e->size);
