@@ -25,6 +25,8 @@
 #              on), mean of 200, best of 5
 #   vm create  `imgfsctl vm create` of one more VM on a base (it is removed
 #              after each), best of 5
+#   vm rm      `imgfsctl vm rm` of that VM, best of 5 (what goes with it is
+#              decided from the VMs that share its layers, or from all)
 #   size       of .imgfs/stats: what a read of it prints
 #   CPU a read the server's CPU time (user + system) over 50 reads of
 #              .imgfs/stats, and of .imgfs/metrics, per read: what load on a
@@ -98,8 +100,8 @@ for n in "$SMALL" "$LARGE"; do
 done
 
 # Prints: mount_s lookup_us miss_us stats_ms ls_ms metrics_ms mount_cpu_ms
-#         control_last_us control_missing_us create_ms stats_cpu_ms metrics_cpu_ms stats_kib rss_mib
-FIELDS=14
+#         control_last_us control_missing_us create_ms stats_cpu_ms metrics_cpu_ms stats_kib rm_ms rss_mib
+FIELDS=15
 measure() { # bin_dir state vm_count
     local t0 rss
     t0=$(date +%s.%N)
@@ -172,14 +174,19 @@ def control_us(name):
 def create():
     subprocess.run([imgfsctl, "vm", "create", mnt, "bench-extra", "--base", "os0"], check=True,
                    stdout=subprocess.DEVNULL)
+rm_best = None
 def create_ms():
+    global rm_best
     best = None
     for _ in range(5):
         t = time.perf_counter()
         create()
         ms = (time.perf_counter() - t) * 1e3
         best = ms if best is None else min(best, ms)
+        t = time.perf_counter()
         subprocess.run([imgfsctl, "vm", "rm", mnt, "bench-extra"], check=True, stdout=subprocess.DEVNULL)
+        ms = (time.perf_counter() - t) * 1e3
+        rm_best = ms if rm_best is None else min(rm_best, ms)
     return best
 def cpu_per_read_ms(fn, reads=50):
     before = sum(cpu_ms(p) for p in servers)
@@ -190,7 +197,7 @@ stats_ms = best_ms(read_stats, 10)
 ls_ms = best_ms(ls_l, 5)
 print(f"{mount_s:.3f} {lookup_us:.1f} {miss_us:.1f} {stats_ms:.2f} {ls_ms:.1f} {best_ms(read_metrics, 10):.2f} "
       f"{mount_cpu_ms:.0f} {control_us(f'vm{n - 1}'):.1f} {control_us('none'):.1f} {create_ms():.1f} "
-      f"{cpu_per_read_ms(read_stats):.2f} {cpu_per_read_ms(read_metrics):.2f} {read_stats() / 1024:.0f}")
+      f"{cpu_per_read_ms(read_stats):.2f} {cpu_per_read_ms(read_metrics):.2f} {read_stats() / 1024:.0f} {rm_best:.1f}")
 EOF
     # imgfs is a supervisor and the server it runs (supervisor.h): both count.
     rss=$(for p in "$DAEMON" $(pgrep -P "$DAEMON"); do cat "/proc/$p/status"; done |
@@ -261,8 +268,9 @@ row() { # label field(1-$FIELDS)
     row "control command on the last-made VM (us)" 8
     row "control command on a name that is no VM (us)" 9
     row "imgfsctl vm create of one more VM (ms)" 10
+    row "imgfsctl vm rm of that VM (ms)" 14
     row "server CPU per read of .imgfs/stats (ms)" 11
     row "server CPU per read of .imgfs/metrics (ms)" 12
     row "size of .imgfs/stats (KiB)" 13
-    row "daemon RSS (MiB)" 14
+    row "daemon RSS (MiB)" 15
 } | save_report scale

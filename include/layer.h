@@ -227,7 +227,16 @@ int layer_set_times(struct layer *layer, const struct timespec times[2]);
 /* Blocks the layer owns. */
 uint64_t layer_owned_blocks(const struct layer *layer);
 /* Bytes of space the layer's files use on disk, not counting what is
- * zeroed ahead of the tail. */
+ * zeroed ahead of the tail. The answer is kept until the layer's change
+ * counter moves (status reads it for every layer of every VM: one fstat
+ * per layer and change, not per read). The rule: whatever changes the
+ * current log's size, allocation or tail, or which file is current, bumps
+ * the counter after the change, success or not. The sites: a write (the
+ * tail, the data), a flush (its record's blocks), a punch (its holes), the
+ * switch of a compaction (the new file), the cut of an idle layer's zeros
+ * (give_back_ahead), and every zeroing or allocation ahead (zero_ahead,
+ * allocate_ahead: once at its end, which covers the cut of a failed one). A call that runs during a change answers with the state
+ * before or after it, and the next call after the change asks again. */
 uint64_t layer_allocated_bytes(const struct layer *layer);
 /* Bytes that all open layers hold zeroed ahead of their tails, as counted
  * against the process's budget (see Disk above). */

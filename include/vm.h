@@ -211,12 +211,13 @@ int vm_import(struct vm_registry *reg, int fd, const char *name, bool (*stop)(vo
  * -ENOSPC, also one already under way when vm_resize_blank shrinks the
  * disk under it. A base chunk a copy-up needs that cannot be had fails it
  * with -EIO, or -ENOMEM when the daemon had no memory for it (fetch.h),
- * before any of it is written. A write is up to three layer writes (a
- * partial block at each edge, the whole blocks between), each done whole
- * or not at all; one that fails after another was done (-ENOMEM for the
- * layer's index, -EIO) leaves the blocks of those done with their new
- * bytes and the others with their old ones, as a disk's failed write of
- * several sectors may. */
+ * before any of it is written. A write is one layer write (the partial
+ * blocks at its edges copied up into one buffer with the whole blocks
+ * between), done whole or not at all: one that fails (-ENOMEM for that
+ * buffer or the layer's index, -EIO, -ENOSPC) changed no block, so no
+ * failure is reported for a write that changed some of its blocks. (A
+ * flush inside the layer write that fails, -EIO, leaves the layer refusing
+ * writes: layer.h.) */
 int vm_write(struct vm *vm, struct fetcher *fetcher, const char *buf, size_t len, uint64_t off);
 typedef void (*vm_write_done_fn)(void *arg, int result);
 #define VM_WRITE_PENDING 1

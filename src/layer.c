@@ -221,6 +221,12 @@ struct layer {
     unsigned turn_waiting[2];  /* writes waiting for their turn, by kind */
     _Atomic bool writes_through; /* the last write was a layer_write_through() */
     _Atomic uint64_t changes;
+    /* space_changes moves after every change of what layer_allocated_bytes
+     * reads (layer.h: the rule and its sites); space_bytes is its answer
+     * when space_changes was space_seen (space_known), guarded by lock. */
+    _Atomic uint64_t space_changes;
+    uint64_t space_seen, space_bytes;
+    bool space_known;
     /* The times a zeroing pass puts back (zero_ahead): the file's when it
      * began, with what layer_set_times() set since (which zeros written
      * after it would move again), and the tail and changes when they were
@@ -709,6 +715,10 @@ static void builder_free(struct builder *b)
 /* ---- paths ---------------------------------------------------------------------- */
 
 enum layer_file_kind { PATH_LOG, PATH_NEW, PATH_TMP, PATH_OLD_DATA, PATH_OLD_MAP };
+/* cur's size, allocation or tail changed (after the change: see
+ * layer_allocated_bytes). */
+static void space_changed(struct layer *l) { atomic_fetch_add(&l->space_changes, 1); }
+
 static int layer_path(const char *dir, const char *id, enum layer_file_kind kind, char *out)
 {
     static const char *const suffix[] = {".log", ".log.new", ".log.tmp", ".data", ".map"};
@@ -1490,20 +1500,33 @@ uint64_t layer_owned_blocks(const struct layer *l)
     return atomic_load(&l->owned);
 }
 
-uint64_t layer_allocated_bytes(const struct layer *l)
+uint64_t layer_allocated_bytes(const struct layer *cl)
 {
+    struct layer *l = (struct layer *)cl; /* the cached answer is not the layer's state */
+    /* Read before the fstat: a change during it moves the counter past
+     * what is cached, and the next call asks again. */
+    uint64_t seen = atomic_load(&l->space_changes);
+    pthread_mutex_lock(&l->lock); /* cur changes under it */
+    if (l->space_known && l->space_seen == seen) {
+        uint64_t bytes = l->space_bytes;
+        pthread_mutex_unlock(&l->lock);
+        return bytes;
+    }
     struct stat st;
-    pthread_mutex_lock((pthread_mutex_t *)&l->lock); /* cur changes under it */
     int rc = fstat(l->cur->fd, &st);
-    uint64_t tail = atomic_load(&l->tail) * BS;
-    pthread_mutex_unlock((pthread_mutex_t *)&l->lock);
-    if (rc != 0)
-        return 0;
-    /* Not what is zeroed ahead of the tail, nor the next record's block
-     * (zeroed too, then): they hold nothing yet, as before zeroing. */
-    uint64_t used = (uint64_t)st.st_blocks * 512;
-    uint64_t ahead = (uint64_t)st.st_size > tail ? (uint64_t)st.st_size - tail + BS : 0;
-    return used > ahead ? used - ahead : 0;
+    uint64_t tail = atomic_load(&l->tail) * BS, bytes = 0;
+    if (rc == 0) {
+        /* Not what is zeroed ahead of the tail, nor the next record's block
+         * (zeroed too, then): they hold nothing yet, as before zeroing. */
+        uint64_t used = (uint64_t)st.st_blocks * 512;
+        uint64_t ahead = (uint64_t)st.st_size > tail ? (uint64_t)st.st_size - tail + BS : 0;
+        bytes = used > ahead ? used - ahead : 0;
+        l->space_known = true;
+        l->space_seen = seen;
+        l->space_bytes = bytes;
+    }
+    pthread_mutex_unlock(&l->lock);
+    return bytes;
 }
 
 void layer_stats(const struct layer *l, struct layer_stats *out)
@@ -1791,6 +1814,7 @@ static int write_blocks(struct layer *l, const void *buf, size_t len, uint64_t o
             atomic_fetch_add(&l->through_blocks, len / BS);
     if (rc == -EOPNOTSUPP)
         rc = put_cached(l, f->fd, buf, len, loc * BS);
+    space_changed(l); /* the tail moved, and the log grew (or failed to) */
     struct entry e = {block, (uint32_t)count, ENTRY_DATA, loc, rc ? 0 : XXH3_64bits(buf, len)};
     bool flush_now = false;
     if (!rc) {
@@ -1915,6 +1939,7 @@ int layer_punch(struct layer *l, uint64_t first, uint64_t count)
             layer_syscalls.fallocate(l->cur->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(dead.runs[i].loc * BS),
                       (off_t)((uint64_t)dead.runs[i].count * BS)); /* only space: failure loses nothing */
         pthread_rwlock_unlock(&l->swap_lock);
+        space_changed(l);
     }
     free(dead.runs);
     return rc;
@@ -1988,6 +2013,7 @@ int layer_flush(struct layer *l)
         bool zeroed = next + 1 <= atomic_load(&l->ahead);
         bool direct = atomic_load(&l->writes_through) && (l->through_everywhere || (l->record_zeroed && zeroed));
         rc = put_record(l, f, direct, entries, n, seq, at, next, cont);
+        space_changed(l); /* the record's blocks, past the old tail */
         if (!rc) {
             l->record_zeroed = zeroed;
             pthread_mutex_lock(&l->lock);
@@ -2206,6 +2232,7 @@ static void give_back_ahead(struct layer *l)
     if (ahead_held(l) > 0 && fstat(fd, &before) == 0 && (uint64_t)before.st_size > tail * BS) {
         if (layer_syscalls.ftruncate(fd, (off_t)(tail * BS)) == 0) {
             atomic_store(&l->ahead, tail);
+            space_changed(l);
             struct timespec times[2] = {before.st_atim, before.st_mtim};
             futimens(fd, times);
         } else {
@@ -2404,6 +2431,7 @@ static void zero_ahead(struct layer *l)
         futimens(fd, l->keep_times);
     pthread_mutex_unlock(&l->lock);
     pthread_rwlock_unlock(&l->swap_lock);
+    space_changed(l); /* the zeros, or what a failed pass gave back */
 }
 
 /* Copies the current state of blocks [first, first+count) into b. Without
@@ -2592,6 +2620,7 @@ static int compact(struct layer *l)
         atomic_store(&l->tail, b.next);
         atomic_store(&l->kicked, b.next);
         atomic_store(&l->ahead, 0); /* nothing is zeroed in the new file */
+        space_changed(l);
         pthread_mutex_unlock(&l->lock);
     }
     pthread_mutex_lock(&l->lock);
@@ -2823,6 +2852,7 @@ static void allocate_ahead(struct layer *l, uint64_t bytes)
                 pthread_mutex_unlock(&l->lock);
                 pthread_rwlock_unlock(&l->swap_lock);
             }
+            space_changed(l); /* the space allocated, or what a failure gave back */
         }
     }
     compact_release(l);

@@ -34,6 +34,13 @@ struct name_table {
 struct layer_ref {
     struct layer *layer;
     unsigned refs;
+    /* The VM that wrote the layer: it was made as that VM's live top, or
+     * loaded as the top of its live disk or of one of its snapshots. The
+     * snapshot that freezes a layer is always its owner's (a snapshot
+     * freezes its VM's own top), so the VMs whose implicit snapshots a
+     * removal may leave unused are the owners of the removed chains'
+     * layers (vm_remove). NULL until set; may be a removed VM. */
+    struct vm *owner;
     struct name_link link; /* in the layer table, by layer_id() */
 };
 
@@ -53,6 +60,11 @@ struct vm_registry {
      * VM comes back once its base does. */
     char (*kept)[LAYER_ID_LEN + 1];
     size_t kept_count;
+    /* An implicit snapshot may be left without a clone by something other
+     * than the removal at hand (a crash before its VM file was saved, as
+     * the registry opens; a save that failed), so the next vm_remove looks
+     * at every VM, as one with no owners to go by would. */
+    bool implicit_sweep;
     char errors[2048];
 };
 
@@ -162,7 +174,8 @@ static int get_layer(struct vm_registry *reg, const char *id, uint64_t size, str
     return 0;
 }
 
-static int new_layer(struct vm_registry *reg, uint64_t size, struct layer **out)
+/* Makes a layer for owner's live top (see layer_ref.owner). */
+static int new_layer(struct vm_registry *reg, struct vm *owner, uint64_t size, struct layer **out)
 {
     struct layer *layer;
     struct layer_ref *ref;
@@ -175,8 +188,19 @@ static int new_layer(struct vm_registry *reg, uint64_t size, struct layer **out)
         return err;
     }
     ref->refs = 1;
+    ref->owner = owner;
     *out = layer;
     return 0;
+}
+
+/* Records vm as the owner of the tops of its chains (loaded from its file). */
+static void own_tops(struct vm_registry *reg, struct vm *vm)
+{
+    find_layer_ref(reg, layer_id(vm->live.layers[vm->live.depth - 1]))->owner = vm;
+    for (unsigned s = 0; s < vm->snapshot_count; s++) {
+        const struct disk *d = &vm->snapshots[s]->disk;
+        find_layer_ref(reg, layer_id(d->layers[d->depth - 1]))->owner = vm;
+    }
 }
 
 static bool is_kept(const struct vm_registry *reg, const char *id)
@@ -584,8 +608,11 @@ int vm_registry_open(const char *state_dir, vm_base_lookup_fn lookup, void *look
             log_error("%s", why);
             size_t used = strlen(reg->errors);
             snprintf(reg->errors + used, sizeof(reg->errors) - used, "%s%s", used ? "; " : "", why);
+        } else {
+            own_tops(reg, vm);
         }
     }
+    reg->implicit_sweep = true;
     pthread_mutex_unlock(&reg->lock);
     closedir(d);
     *out = reg;
@@ -702,7 +729,7 @@ static int create_disk(struct vm_registry *reg, const char *name, const struct v
         vm->base_id = base->manifest->id;
         vm->live.base = base;
     }
-    rc = new_layer(reg, size, &vm->live.layers[0]);
+    rc = new_layer(reg, vm, size, &vm->live.layers[0]);
     if (rc) {
         snprintf(err, errlen, "cannot create a layer for VM %s: %s", name, strerror(-rc));
         goto out;
@@ -760,7 +787,7 @@ static int snapshot_locked(struct vm_registry *reg, struct vm *vm, const char *s
     struct layer *fresh = NULL;
     int rc = layer_flush(top);
     if (!rc)
-        rc = new_layer(reg, vm->live.size, &fresh);
+        rc = new_layer(reg, vm, vm->live.size, &fresh);
     struct timespec times[2];
     /* A snapshot changes no byte of the disk: its time carries over. */
     if (!rc && layer_get_times(top, &times[0], &times[1]) == 0)
@@ -853,7 +880,7 @@ int vm_clone(struct vm_registry *reg, struct vm *src, const char *snap, const ch
     vm->live = s->disk;
     for (unsigned i = 0; i < vm->live.depth; i++)
         find_layer_ref(reg, layer_id(vm->live.layers[i]))->refs++;
-    rc = new_layer(reg, vm->live.size, &vm->live.layers[vm->live.depth]);
+    rc = new_layer(reg, vm, vm->live.size, &vm->live.layers[vm->live.depth]);
     if (!rc) {
         vm->live.depth++;
         rc = save_vm(reg, vm);
@@ -876,7 +903,43 @@ out:
     return rc;
 }
 
-static void drop_unused_implicit(struct vm_registry *reg);
+static void drop_unused_implicit(struct vm_registry *reg, struct vm *const *vms, size_t count);
+
+/* The owners of the layers of vm's chains other than vm itself, each once:
+ * the VMs whose implicit snapshots vm's removal may leave without a clone.
+ * Their order does not matter: dropping one VM's implicit snapshot leaves
+ * every layer below it in that VM's live chain, so it frees no other
+ * VM's snapshot. NULL with *count 0 when none; -ENOMEM. Caller holds
+ * registry->lock. */
+static int sharing_vms(struct vm_registry *reg, struct vm *vm, struct vm ***out, size_t *count)
+{
+    struct vm **found = NULL;
+    size_t n = 0, cap = 0;
+    for (unsigned s = 0; s <= vm->snapshot_count; s++) {
+        const struct disk *d = s < vm->snapshot_count ? &vm->snapshots[s]->disk : &vm->live;
+        for (unsigned i = 0; i < d->depth; i++) {
+            struct vm *owner = find_layer_ref(reg, layer_id(d->layers[i]))->owner;
+            size_t k = 0;
+            while (k < n && found[k] != owner)
+                k++;
+            if (!owner || owner == vm || k < n)
+                continue;
+            if (n == cap) {
+                cap = cap ? cap * 2 : 8;
+                struct vm **grown = realloc(found, cap * sizeof(*grown));
+                if (!grown) {
+                    free(found);
+                    return -ENOMEM;
+                }
+                found = grown;
+            }
+            found[n++] = owner;
+        }
+    }
+    *out = found;
+    *count = n;
+    return 0;
+}
 
 int vm_remove(struct vm_registry *reg, struct vm *vm, char *err, size_t errlen)
 {
@@ -903,13 +966,25 @@ int vm_remove(struct vm_registry *reg, struct vm *vm, char *err, size_t errlen)
     }
     pthread_mutex_unlock(&vm->attr_lock);
     if (!rc) {
+        /* Found before the refs go (a layer nothing else holds leaves the
+         * table); with no memory for them, every VM is looked at. */
+        struct vm **sharing = NULL;
+        size_t count = 0;
+        if (!reg->implicit_sweep && sharing_vms(reg, vm, &sharing, &count) != 0)
+            reg->implicit_sweep = true;
         unindex_vm(reg, vm);
         pthread_rwlock_wrlock(&vm->chain_lock);
         put_disk(reg, &vm->live);
         for (unsigned s = 0; s < vm->snapshot_count; s++)
             put_disk(reg, &vm->snapshots[s]->disk);
         pthread_rwlock_unlock(&vm->chain_lock);
-        drop_unused_implicit(reg);
+        if (reg->implicit_sweep) {
+            reg->implicit_sweep = false;
+            drop_unused_implicit(reg, reg->vms, reg->vm_count);
+        } else {
+            drop_unused_implicit(reg, sharing, count);
+        }
+        free(sharing);
     }
     pthread_mutex_unlock(&reg->lock);
     return rc;
@@ -1057,7 +1132,7 @@ int vm_resize_blank(struct vm_registry *reg, struct vm *vm, uint64_t size, char 
         goto out;
     }
     /* A layer has the size of its disk: an empty one is simply replaced. */
-    rc = new_layer(reg, size, &fresh);
+    rc = new_layer(reg, vm, size, &fresh);
     if (rc) {
         snprintf(err, errlen, "cannot create a layer for VM %s: %s", vm->name, strerror(-rc));
         goto out;
@@ -1154,19 +1229,23 @@ int vm_remove_snapshot(struct vm_registry *reg, struct vm *vm, const char *snap,
     return rc;
 }
 
-/* Implicit snapshots that no clone uses any more go (registry->lock held). */
-static void drop_unused_implicit(struct vm_registry *reg)
+/* Implicit snapshots of vms[0..count) that no clone uses any more go; one
+ * that cannot (its VM file not saved) makes the next removal look at every
+ * VM (registry->lock held). */
+static void drop_unused_implicit(struct vm_registry *reg, struct vm *const *vms, size_t count)
 {
-    for (size_t i = 0; i < reg->vm_count; i++) {
-        struct vm *vm = reg->vms[i];
+    for (size_t i = 0; i < count; i++) {
+        struct vm *vm = vms[i];
         if (vm->live.depth == 0)
             continue; /* removed: its chains are empty */
         for (unsigned k = vm->snapshot_count; k-- > 0;) {
             struct vm_snapshot *s = vm->snapshots[k];
             char err[256];
             if (s->implicit && !used_by_others(reg, vm, s->disk.layers[s->disk.depth - 1]) &&
-                remove_snapshot_locked(reg, vm, s, err, sizeof(err)) != 0)
+                remove_snapshot_locked(reg, vm, s, err, sizeof(err)) != 0) {
                 log_warn("implicit snapshot %s@%s stays: %s", vm->name, s->name, err);
+                reg->implicit_sweep = true;
+            }
         }
     }
 }
@@ -1220,6 +1299,20 @@ static struct disk below_top(const struct disk *live)
     return below;
 }
 
+/* Reads block (block_len bytes: the disk's short last one may be less)
+ * as the live disk has it, into out: from the top layer if it owns it,
+ * else from below, the base through held. Copy-up's first half. */
+static int read_for_copy_up(struct vm *vm, const struct held_chunks *held, uint64_t block, char *out,
+                            size_t block_len)
+{
+    struct layer *top = vm->live.layers[vm->live.depth - 1];
+    uint64_t start = block * LAYER_BLOCK_SIZE;
+    struct disk below = below_top(&vm->live);
+    struct base_source src = {held_read, (void *)held};
+    return layer_owns(top, block) ? layer_read(top, out, block_len, start)
+                                  : disk_read(&below, &src, out, block_len, start);
+}
+
 /* Writes one partial block through copy-up, reading what is below from
  * held. write_lock held shared, and the block's range in write_ranges. */
 static int write_partial(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off,
@@ -1230,10 +1323,7 @@ static int write_partial(struct vm *vm, const struct held_chunks *held, const ch
     uint64_t start = block * LAYER_BLOCK_SIZE;
     size_t block_len = vm->live.size - start < LAYER_BLOCK_SIZE ? (size_t)(vm->live.size - start) : LAYER_BLOCK_SIZE;
     char tmp[LAYER_BLOCK_SIZE];
-    struct disk below = below_top(&vm->live);
-    struct base_source src = {held_read, (void *)held};
-    int rc = layer_owns(top, block) ? layer_read(top, tmp, block_len, start)
-                                    : disk_read(&below, &src, tmp, block_len, start);
+    int rc = read_for_copy_up(vm, held, block, tmp, block_len);
     if (rc)
         return rc;
     memcpy(tmp + (off - start), buf, len);
@@ -1290,27 +1380,38 @@ static int hold_edge_chunks(struct vm *vm, struct fetcher *fetcher, uint64_t off
     return 0;
 }
 
-/* The writes themselves, with the locks held and no network. */
+/* The writes themselves, with the locks held and no network: always one
+ * layer write, which is done whole or not at all (layer.h), so that a
+ * failed write changed no block. One that spans several blocks with a
+ * partial one at an edge is copied with its edge blocks, copied up, into
+ * one buffer of the whole blocks it touches. */
 static int write_locked(struct vm *vm, const struct held_chunks *held, const char *buf, size_t len, uint64_t off,
                         bool through)
 {
     struct layer *top = vm->live.layers[vm->live.depth - 1];
-    uint64_t end = off + len;
-    int rc = 0;
-    while (off < end && !rc) {
-        uint64_t in_block = off % LAYER_BLOCK_SIZE;
-        uint64_t whole = in_block == 0 ? (end - off) / LAYER_BLOCK_SIZE * LAYER_BLOCK_SIZE : 0;
-        if (whole == 0 && in_block == 0 && end == vm->live.size)
-            whole = end - off; /* the short last block of the disk */
-        if (whole > 0) {
-            rc = through ? layer_write_through(top, buf, (size_t)whole, off) : layer_write(top, buf, (size_t)whole, off);
-        } else {
-            whole = LAYER_BLOCK_SIZE - in_block < end - off ? LAYER_BLOCK_SIZE - in_block : end - off;
-            rc = write_partial(vm, held, buf, (size_t)whole, off, through);
-        }
-        buf += whole;
-        off += whole;
+    uint64_t end = off + len, size = vm->live.size;
+    uint64_t first = off / LAYER_BLOCK_SIZE, last = (end - 1) / LAYER_BLOCK_SIZE;
+    /* The short last block of the disk is whole when the write reaches the end. */
+    bool head = off % LAYER_BLOCK_SIZE != 0, tail = end % LAYER_BLOCK_SIZE != 0 && end != size;
+    if (!head && !tail)
+        return through ? layer_write_through(top, buf, len, off) : layer_write(top, buf, len, off);
+    if (first == last)
+        return write_partial(vm, held, buf, len, off, through);
+    uint64_t start = first * LAYER_BLOCK_SIZE;
+    uint64_t stop = (last + 1) * LAYER_BLOCK_SIZE < size ? (last + 1) * LAYER_BLOCK_SIZE : size;
+    char *blocks = malloc((size_t)(stop - start));
+    if (!blocks)
+        return -ENOMEM; /* nothing written */
+    int rc = head ? read_for_copy_up(vm, held, first, blocks, LAYER_BLOCK_SIZE) : 0;
+    uint64_t last_start = last * LAYER_BLOCK_SIZE;
+    if (!rc && tail)
+        rc = read_for_copy_up(vm, held, last, blocks + (last_start - start), (size_t)(stop - last_start));
+    if (!rc) {
+        memcpy(blocks + (off - start), buf, len);
+        rc = through ? layer_write_through(top, blocks, (size_t)(stop - start), start)
+                     : layer_write(top, blocks, (size_t)(stop - start), start);
     }
+    free(blocks);
     return rc;
 }
 

@@ -1806,6 +1806,82 @@ static void test_faults(void)
     model_free(&flushed);
 }
 
+/* ---- the allocated bytes kept between changes -------------------------------------- */
+
+/* What layer_allocated_bytes would answer asked afresh: the log's space
+ * less what lies past the tail (layer.h). */
+static uint64_t allocated_now(const struct layer *l)
+{
+    struct stat st;
+    struct layer_stats ls;
+    layer_stats(l, &ls);
+    if (stat(log_path(layer_id(l)), &st) != 0)
+        return UINT64_MAX;
+    uint64_t tail = (ls.log_blocks + 1) * BS, used = (uint64_t)st.st_blocks * 512;
+    uint64_t ahead = (uint64_t)st.st_size > tail ? (uint64_t)st.st_size - tail + BS : 0;
+    return used > ahead ? used - ahead : 0;
+}
+
+/* The kept answer is asked (so it is kept) before each change, and must be
+ * the fresh one after it; the two differ, or the step shows nothing. */
+static bool follows(const struct layer *l, uint64_t before)
+{
+    uint64_t kept = layer_allocated_bytes(l), now = allocated_now(l);
+    if (kept != now || now == before)
+        fprintf(stderr, "allocated bytes: kept %" PRIu64 ", now %" PRIu64 ", before the change %" PRIu64 "\n", kept,
+                now, before);
+    return kept == now && now != before;
+}
+
+/* A punch flushes (which moves the counter) before it gives the dead
+ * data's space back: the answer is kept from inside that fallocate. */
+static struct layer *follow_layer;
+static uint64_t follow_before = UINT64_MAX;
+static int priming_fallocate(int fd, int mode, off_t off, off_t len)
+{
+    if (follow_before == UINT64_MAX && (mode & FALLOC_FL_PUNCH_HOLE))
+        follow_before = layer_allocated_bytes(follow_layer);
+    return real_fallocate_saved(fd, mode, off, len);
+}
+
+/* Each kind of change moves the counter behind layer_allocated_bytes: a
+ * write (kept pending: the shared file holds its entry, so it does not
+ * flush), a flush, a punch of flushed data, a compaction. Without any one
+ * of the counter's moves, the step after it reads the answer kept from
+ * before. (Zeros and space prepared ahead of the tail, and their give-back,
+ * move the counter too, but leave the answer as it was: it does not count
+ * what lies past the tail.) */
+static void test_allocated_bytes_follow(void)
+{
+    char shared[PATH_MAX];
+    setenv("IMGFS_LAYER_ZERO_AHEAD", "0", 1); /* nothing in the background */
+    share_pending_in_test_dir(shared, sizeof(shared));
+    struct layer *l;
+    CHECK(layer_create(dir, DISK_SIZE, &l) == 0);
+    struct model m;
+    model_init(&m);
+    uint64_t before = layer_allocated_bytes(l);
+    CHECK(write_blocks(l, &m, 0, 64) == 0);
+    CHECK(follows(l, before));
+    before = layer_allocated_bytes(l);
+    CHECK(layer_flush(l) == 0);
+    CHECK(follows(l, before));
+    CHECK(write_blocks(l, &m, 64, 64) == 0 && layer_flush(l) == 0);
+    follow_layer = l;
+    layer_syscalls.fallocate = priming_fallocate;
+    CHECK(punch_blocks(l, &m, 0, 32) == 0);
+    layer_syscalls.fallocate = real_fallocate_saved;
+    CHECK(follow_before != UINT64_MAX && follows(l, follow_before));
+    before = layer_allocated_bytes(l);
+    CHECK(layer_compact(l) == 0);
+    CHECK(follows(l, before));
+    CHECK(matches(l, &m));
+    close_and_remove(l);
+    stop_sharing_pending(shared);
+    unsetenv("IMGFS_LAYER_ZERO_AHEAD");
+    model_free(&m);
+}
+
 int main(void)
 {
     snprintf(dir, sizeof(dir), "/tmp/imgfs-test-layer-XXXXXX");
@@ -1829,6 +1905,7 @@ int main(void)
     test_flush_passes_writes_under_way(false);
     test_flush_passes_writes_under_way(true);
     test_punch_beside_failed_flush();
+    test_allocated_bytes_follow();
     /* The crash tests fork: no zeroing thread may run in the parent (a
      * child of a threaded process must not start threads of its own). */
     setenv("IMGFS_LAYER_ZERO_AHEAD", "0", 1);

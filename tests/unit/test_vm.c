@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "test_files.h"
@@ -312,29 +313,171 @@ static void test_clone_origins(const char *state)
     vm_registry_close(reg);
 }
 
-int main(void)
+/* vm_remove looks only at the VMs that own layers of the removed VM's
+ * chains for implicit snapshots left without a clone, and must find them
+ * all: an origin two clones up (its layer deep in the chain, not the top of
+ * the snapshot cloned), after the registry reopened, and an implicit
+ * snapshot left unused by a VM file removed while no daemon ran (the first
+ * removal after opening looks at every VM). Unrelated clones keep theirs. */
+/* The registry of state, or NULL (a check failed). */
+static struct vm_registry *open_registry(const char *state)
+{
+    char err[256];
+    struct vm_registry *reg = NULL;
+    CHECK(vm_registry_open(state, no_base, NULL, &reg, err, sizeof(err)) == 0);
+    return reg;
+}
+
+static unsigned snapshots_of(struct vm *vm)
+{
+    static struct vm_snapshot *snaps[VM_MAX_SNAPSHOTS];
+    return vm ? vm_snapshot_list(vm, snaps) : 0;
+}
+
+static void test_implicit_shared_chains(const char *state)
+{
+    char err[256], name[32];
+    struct vm_registry *reg = open_registry(state);
+    if (!reg)
+        return;
+    struct vm *other[20], *o0c = NULL, *a = create_blank(reg, "a"), *b = NULL, *c = NULL, *d = NULL;
+    for (int i = 0; i < 20; i++) {
+        snprintf(name, sizeof(name), "other%d", i);
+        other[i] = create_blank(reg, name);
+        CHECK(other[i] != NULL);
+    }
+    CHECK(other[0] && vm_clone(reg, other[0], NULL, "other0-clone", &o0c, err, sizeof(err)) == 0);
+    /* a -> b (live clone: implicit on a), b@bs -> c, c -> d (implicit on c). */
+    CHECK(a && vm_clone(reg, a, NULL, "b", &b, err, sizeof(err)) == 0);
+    CHECK(b && vm_snapshot(reg, b, "bs", err, sizeof(err)) == 0);
+    CHECK(b && vm_clone(reg, b, "bs", "c", &c, err, sizeof(err)) == 0);
+    CHECK(c && vm_clone(reg, c, NULL, "d", &d, err, sizeof(err)) == 0);
+    if (!a || !b || !c || !d || !o0c) {
+        vm_registry_close(reg);
+        return;
+    }
+    CHECK(snapshots_of(a) == 1 && snapshots_of(c) == 1);
+    CHECK(vm_remove(reg, other[1], err, sizeof(err)) == 0); /* the sweep after opening */
+    CHECK(vm_remove(reg, b, err, sizeof(err)) == 0);
+    CHECK(snapshots_of(a) == 1); /* c and d still read through it */
+    CHECK(vm_remove(reg, d, err, sizeof(err)) == 0);
+    CHECK(snapshots_of(c) == 0 && snapshots_of(a) == 1);
+    CHECK(vm_remove(reg, c, err, sizeof(err)) == 0);
+    CHECK(snapshots_of(a) == 0); /* a's layer was c's bottom one */
+    CHECK(snapshots_of(other[0]) == 1);
+
+    /* Owners known from the VM files after a reopen. */
+    struct vm *a2 = create_blank(reg, "a2"), *b2 = NULL, *a3 = create_blank(reg, "a3"), *b3 = NULL;
+    CHECK(a2 && vm_clone(reg, a2, NULL, "b2", &b2, err, sizeof(err)) == 0);
+    CHECK(a3 && vm_clone(reg, a3, NULL, "b3", &b3, err, sizeof(err)) == 0);
+    vm_registry_close(reg);
+    if (!(reg = open_registry(state)))
+        return;
+    CHECK(vm_remove(reg, vm_find(reg, "other2"), err, sizeof(err)) == 0);
+    CHECK(snapshots_of(vm_find(reg, "a2")) == 1 && snapshots_of(vm_find(reg, "a3")) == 1);
+    CHECK(vm_remove(reg, vm_find(reg, "b2"), err, sizeof(err)) == 0);
+    CHECK(snapshots_of(vm_find(reg, "a2")) == 0);
+
+    /* b3's VM file goes while no daemon runs: a3's implicit snapshot has no
+     * clone, and the first removal after opening, of any VM, drops it. */
+    vm_registry_close(reg);
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/vms/b3.vm", state);
+    CHECK(unlink(path) == 0);
+    if (!(reg = open_registry(state)))
+        return;
+    CHECK(snapshots_of(vm_find(reg, "a3")) == 1);
+    CHECK(vm_remove(reg, vm_find(reg, "other3"), err, sizeof(err)) == 0);
+    CHECK(snapshots_of(vm_find(reg, "a3")) == 0);
+    CHECK(snapshots_of(vm_find(reg, "other0")) == 1);
+    vm_registry_close(reg);
+}
+
+/* A write that spans several blocks with partial ones at its edges (three
+ * pieces: copy-up of each edge, the whole blocks between) whose data write
+ * fails for the blocks between (ENOMEM injected through layer_syscalls)
+ * fails whole: no block changed, none of the edge blocks either. */
+static ssize_t (*real_pwrite_saved)(int fd, const void *buf, size_t len, off_t off);
+static atomic_bool fail_big_pwrites;
+static ssize_t failing_big_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    if (atomic_load(&fail_big_pwrites) && len > 4096) {
+        errno = ENOMEM;
+        return -1;
+    }
+    return real_pwrite_saved(fd, buf, len, off);
+}
+
+static int no_base_read(void *ctx, const struct vm_base *base, uint64_t index, void *buf, size_t len, uint64_t off)
+{
+    (void)ctx, (void)base, (void)index, (void)buf, (void)len, (void)off;
+    return -EIO;
+}
+
+static bool disk_reads(struct vm *vm, const char *want, size_t len)
+{
+    static char got[6 * 4096];
+    struct base_source src = {no_base_read, NULL};
+    const struct disk *disk = vm_read_begin(vm, NULL, NULL);
+    int rc = disk_read(disk, &src, got, len, 0);
+    vm_read_end(vm);
+    return rc == 0 && memcmp(got, want, len) == 0;
+}
+
+static void test_failed_write_changes_nothing(const char *state)
+{
+    struct vm_registry *reg = open_registry(state);
+    if (!reg)
+        return;
+    struct vm *vm = create_blank(reg, "torn");
+    static char old[6 * 4096], new[6 * 4096];
+    memset(old, 'o', sizeof(old));
+    memset(new, 'n', sizeof(new));
+    CHECK(vm && vm_write(vm, NULL, old, sizeof(old), 0) == 0);
+    real_pwrite_saved = layer_syscalls.pwrite;
+    layer_syscalls.pwrite = failing_big_pwrite;
+    atomic_store(&fail_big_pwrites, true);
+    /* 512 into block 0 to 512 into block 4: blocks 0 and 4 partial. */
+    int rc = vm ? vm_write(vm, NULL, new, 4 * 4096, 512) : 0;
+    atomic_store(&fail_big_pwrites, false);
+    layer_syscalls.pwrite = real_pwrite_saved;
+    CHECK(rc == -ENOMEM);
+    CHECK(vm && disk_reads(vm, old, sizeof(old)));
+    /* And the same write, once it can be done, is done whole. */
+    CHECK(vm && vm_write(vm, NULL, new, 4 * 4096, 512) == 0);
+    memcpy(old + 512, new, 4 * 4096);
+    CHECK(vm && disk_reads(vm, old, sizeof(old)));
+    vm_registry_close(reg);
+}
+
+/* Runs test in a state directory of its own, made and removed here. */
+static int in_fresh_state(void (*test)(const char *state))
 {
     char state[] = "/tmp/imgfs-vm-test.XXXXXX";
     if (!mkdtemp(state)) {
         fprintf(stderr, "mkdtemp: %s\n", strerror(errno));
-        return 1;
+        return -1;
     }
+    test(state);
+    remove_tree(state);
+    return 0;
+}
+
+static void test_shrinks(const char *state)
+{
     test_size_across_threads(state);
     test_shrink_under_write(state, SHRUNK_WRITE);
     test_shrink_under_write(state, SHRUNK_DISCARD);
     test_shrink_under_write(state, SHRUNK_DISCARD_EDGES);
-    remove_tree(state);
-    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
-        return 1;
-    test_find_by_name(state);
-    remove_tree(state);
-    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
-        return 1;
-    test_find_during_churn(state);
-    remove_tree(state);
-    if (!mkdtemp(strcpy(state, "/tmp/imgfs-vm-test.XXXXXX")))
-        return 1;
-    test_clone_origins(state);
-    remove_tree(state);
+}
+
+int main(void)
+{
+    void (*const tests[])(const char *) = {test_shrinks, test_find_by_name, test_find_during_churn,
+                                           test_clone_origins, test_implicit_shared_chains,
+                                           test_failed_write_changes_nothing};
+    for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++)
+        if (in_fresh_state(tests[i]) != 0)
+            return 1;
     return check_summary();
 }
