@@ -1258,6 +1258,37 @@ static int copy_file(const char *from, const char *to)
     return rc;
 }
 
+/* Two copies of chunk x on disk, as a cut can leave them: x and y are
+ * filled into one pack, whose files are saved; x is evicted (y, held,
+ * keeps the pack) and filled again into a later pack; the cache is closed.
+ * Putting a saved file back is the cut losing what came after it. */
+struct two_copies {
+    struct where first, second; /* of x */
+    char idx[PATH_MAX], saved_idx[PATH_MAX], saved_pack[PATH_MAX];
+};
+
+static void make_two_copies(const char *dir, const unsigned char *x, const struct chunk_hash *hx,
+                            const unsigned char *y, const struct chunk_hash *hy, struct two_copies *t)
+{
+    struct cache *cache = open_cache(dir);
+    fill_chunk(cache, hx, x);
+    fill_chunk(cache, hy, y);
+    t->first = locate(cache, hx);
+    snprintf(t->idx, sizeof(t->idx), "%.*s.idx", (int)(strlen(t->first.path) - 5), t->first.path);
+    path_join(t->saved_idx, sizeof(t->saved_idx), "%s/saved.idx", dir);
+    path_join(t->saved_pack, sizeof(t->saved_pack), "%s/saved.pack", dir);
+    cache = reopen(cache, dir);
+    CHECK(copy_file(t->idx, t->saved_idx) == 0 && copy_file(t->first.path, t->saved_pack) == 0);
+    CHECK(cache_hold(cache, hy, true) == 0);
+    cache_set_limit(cache, 1); /* evicts x: a DROP record and a punch */
+    CHECK(!cache_stores(cache, hx));
+    cache_set_limit(cache, 0);
+    fill_chunk(cache, hx, x); /* into this run's pack */
+    t->second = locate(cache, hx);
+    CHECK(strcmp(t->second.path, t->first.path) != 0);
+    cache_close(cache);
+}
+
 /* A cut lost an eviction's DROP record but kept its punch, and the chunk
  * was filled again in a later pack: the later copy (good) wins, the
  * punched one gets its DROP record, and nothing is refetched. */
@@ -1267,29 +1298,13 @@ static void test_refill_after_lost_drop(const char *dir)
     struct chunk_hash hx, hy;
     make_chunk(x, CS, 9001, &hx);
     make_chunk(y, CS, 9002, &hy);
+    struct two_copies t;
+    make_two_copies(dir, x, &hx, y, &hy, &t);
+    CHECK(copy_file(t.saved_idx, t.idx) == 0); /* the cut lost the DROP record */
     struct cache *cache = open_cache(dir);
-    fill_chunk(cache, &hx, x);
-    fill_chunk(cache, &hy, y); /* keeps the first pack alive (held below) */
-    struct where first = locate(cache, &hx);
-    char idx[PATH_MAX], saved[PATH_MAX];
-    snprintf(idx, sizeof(idx), "%.*s.idx", (int)(strlen(first.path) - 5), first.path);
-    path_join(saved, sizeof(saved), "%s/saved.idx", dir);
-    cache = reopen(cache, dir);
-    CHECK(copy_file(idx, saved) == 0);
-    CHECK(cache_hold(cache, &hy, true) == 0);
-    cache_set_limit(cache, 1); /* evicts x: a DROP record and a punch */
-    CHECK(!cache_stores(cache, &hx));
-    cache_set_limit(cache, 0);
-    fill_chunk(cache, &hx, x); /* into this run's pack */
-    struct where second = locate(cache, &hx);
-    CHECK(strcmp(second.path, first.path) != 0);
-    cache_close(cache);
-    CHECK(copy_file(saved, idx) == 0); /* the cut lost the DROP record */
-    unlink(saved);
-    cache = open_cache(dir);
     CHECK(hits_with(cache, &hx, x));
     struct where now = locate(cache, &hx);
-    CHECK(strcmp(now.path, second.path) == 0 && now.off == second.off);
+    CHECK(strcmp(now.path, t.second.path) == 0 && now.off == t.second.off);
     CHECK(hits_with(cache, &hy, y));
     struct cache_usage u;
     cache_get_usage(cache, &u);
@@ -1299,6 +1314,8 @@ static void test_refill_after_lost_drop(const char *dir)
     cache_get_usage(cache, &u);
     CHECK(u.chunks == 2);
     cache_close(cache);
+    unlink(t.saved_idx);
+    unlink(t.saved_pack);
     free(x);
     free(y);
 }
@@ -1312,35 +1329,20 @@ static void test_later_copy_damaged(const char *dir)
     struct chunk_hash hx, hy;
     make_chunk(x, CS, 9011, &hx);
     make_chunk(y, CS, 9012, &hy);
+    struct two_copies t;
+    make_two_copies(dir, x, &hx, y, &hy, &t);
+    CHECK(copy_file(t.saved_idx, t.idx) == 0 && copy_file(t.saved_pack, t.first.path) == 0);
+    CHECK(flip_byte_in_file(t.second.path, (off_t)t.second.off + 100) == 0);
     struct cache *cache = open_cache(dir);
-    fill_chunk(cache, &hx, x);
-    fill_chunk(cache, &hy, y);
-    struct where first = locate(cache, &hx);
-    char idx[PATH_MAX], saved_idx[PATH_MAX], saved_pack[PATH_MAX];
-    snprintf(idx, sizeof(idx), "%.*s.idx", (int)(strlen(first.path) - 5), first.path);
-    path_join(saved_idx, sizeof(saved_idx), "%s/saved.idx", dir);
-    path_join(saved_pack, sizeof(saved_pack), "%s/saved.pack", dir);
-    cache = reopen(cache, dir);
-    CHECK(copy_file(idx, saved_idx) == 0 && copy_file(first.path, saved_pack) == 0);
-    CHECK(cache_hold(cache, &hy, true) == 0);
-    cache_set_limit(cache, 1);
-    CHECK(!cache_stores(cache, &hx));
-    cache_set_limit(cache, 0);
-    fill_chunk(cache, &hx, x);
-    struct where second = locate(cache, &hx);
-    cache_close(cache);
-    CHECK(copy_file(saved_idx, idx) == 0 && copy_file(saved_pack, first.path) == 0);
-    CHECK(flip_byte_in_file(second.path, (off_t)second.off + 100) == 0);
-    unlink(saved_idx);
-    unlink(saved_pack);
-    cache = open_cache(dir);
     struct where now = locate(cache, &hx);
-    CHECK(strcmp(now.path, first.path) == 0 && now.off == first.off);
+    CHECK(strcmp(now.path, t.first.path) == 0 && now.off == t.first.off);
     CHECK(hits_with(cache, &hx, x));
     struct cache_usage u;
     cache_get_usage(cache, &u);
     CHECK(u.chunks == 2 && u.dropped_damaged == 0);
     cache_close(cache);
+    unlink(t.saved_idx);
+    unlink(t.saved_pack);
     free(x);
     free(y);
 }
