@@ -16,22 +16,35 @@
 #include "util.h"
 
 unsigned flat_build_delay_ms;
+void (*flat_test_hook)(enum flat_test_point point, const char *name);
 
 struct flat_entry {
     char name[96];         /* NAME@V */
     struct chunk_hash id;  /* the manifest it was built or checked against (READY) */
     uint64_t charged;      /* bytes charged to the cache for it */
     enum flat_state state; /* never FLAT_NONE while listed */
-    bool doomed;           /* removed while building or checking: the worker removes the file */
+    /* Being removed: by the worker when building or checking, else by the
+     * remover, which drops the entry only once the file is unlinked (stats
+     * never show no file while one is still on disk). */
+    bool doomed;
+};
+
+/* What tells one flat file's bytes from any other's: a write changes mtime
+ * and ctime, a chmod, link or rename ctime, a file put in its place the
+ * inode (and ctime: an inode number used again is a new inode). */
+struct flat_identity {
+    uint64_t dev, ino, size;
+    int64_t mtime_s, mtime_ns, ctime_s, ctime_ns;
 };
 
 struct flat_store {
     struct cache *cache;
     char dir[PATH_MAX];
-    pthread_mutex_t lock; /* guards entries, count and the counters below */
+    char trust_dir[PATH_MAX]; /* "" when checks are not recorded */
+    pthread_mutex_t lock;     /* guards entries, count and the counters below */
     struct flat_entry *entries;
     size_t count, cap;
-    uint64_t built, checked, rejected, reclaimed;
+    uint64_t built, checked, trusted, rejected, reclaimed;
     bool stopping; /* flat_stop(): a build or check under way ends */
 };
 
@@ -81,14 +94,106 @@ static uint64_t drop(struct flat_store *store, struct flat_entry *e)
     return charged;
 }
 
+static void identity_of(const struct stat *st, struct flat_identity *out)
+{
+    *out = (struct flat_identity){
+        .dev = (uint64_t)st->st_dev,
+        .ino = (uint64_t)st->st_ino,
+        .size = (uint64_t)st->st_size,
+        .mtime_s = (int64_t)st->st_mtim.tv_sec,
+        .mtime_ns = (int64_t)st->st_mtim.tv_nsec,
+        .ctime_s = (int64_t)st->st_ctim.tv_sec,
+        .ctime_ns = (int64_t)st->st_ctim.tv_nsec,
+    };
+}
+
+static int identity_of_fd(int fd, struct flat_identity *out)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return -errno;
+    identity_of(&st, out);
+    return 0;
+}
+
+static bool identity_equal(const struct flat_identity *a, const struct flat_identity *b)
+{
+    return a->dev == b->dev && a->ino == b->ino && a->size == b->size && a->mtime_s == b->mtime_s &&
+           a->mtime_ns == b->mtime_ns && a->ctime_s == b->ctime_s && a->ctime_ns == b->ctime_ns;
+}
+
+/* The records of passed checks (flat.h, "Takeover"): TRUST_DIR/NAME@V.flat,
+ * one line "imgfs-flat-checked 1 NAME@V MANIFEST-ID DEV INO SIZE MTIME_S
+ * MTIME_NS CTIME_S CTIME_NS". */
+#define TRUST_MAGIC "imgfs-flat-checked 1"
+
+static int trust_path(const struct flat_store *store, const char *name, char *out)
+{
+    return path_join(out, PATH_MAX, "%s/%s.flat", store->trust_dir, name);
+}
+
+/* Records that name's file, with identity ident, passed its check against
+ * the manifest id. A record that cannot be written only costs the next
+ * server a full check. */
+static void trust_record(struct flat_store *store, const char *name, const struct chunk_hash *id,
+                         const struct flat_identity *ident)
+{
+    if (!store->trust_dir[0])
+        return;
+    char path[PATH_MAX], hex[CHUNK_HASH_HEX + 1], line[512];
+    chunk_hash_to_hex(id, hex);
+    int len = snprintf(line, sizeof(line),
+                       TRUST_MAGIC " %s %s %" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRId64 " %" PRId64 " %" PRId64
+                                   " %" PRId64 "\n",
+                       name, hex, ident->dev, ident->ino, ident->size, ident->mtime_s, ident->mtime_ns, ident->ctime_s,
+                       ident->ctime_ns);
+    int rc = len > 0 && (size_t)len < sizeof(line) ? trust_path(store, name, path) : -ENAMETOOLONG;
+    if (!rc)
+        rc = write_file_atomic_mode(path, line, (size_t)len, 0600);
+    if (rc)
+        log_warn("flat file %s: cannot record its check in %s: %s; a takeover checks it again", name,
+                 store->trust_dir, strerror(-rc));
+}
+
+/* Whether this mount's record of name says it passed its check against id
+ * with exactly the identity ident. */
+static bool trust_matches(struct flat_store *store, const char *name, const struct chunk_hash *id,
+                          const struct flat_identity *ident)
+{
+    char path[PATH_MAX], *data = NULL;
+    size_t len;
+    if (!store->trust_dir[0] || trust_path(store, name, path) != 0 || read_file(path, 512, &data, &len) != 0)
+        return false;
+    char magic[32], version[8], got_name[96], hex[CHUNK_HASH_HEX + 2], end;
+    struct flat_identity rec;
+    struct chunk_hash got_id;
+    bool ok = sscanf(data,
+                     "%31s %7s %95s %33s %" SCNu64 " %" SCNu64 " %" SCNu64 " %" SCNd64 " %" SCNd64 " %" SCNd64
+                     " %" SCNd64 "%c",
+                     magic, version, got_name, hex, &rec.dev, &rec.ino, &rec.size, &rec.mtime_s, &rec.mtime_ns,
+                     &rec.ctime_s, &rec.ctime_ns, &end) == 12 &&
+              end == '\n' && strcmp(magic, "imgfs-flat-checked") == 0 && strcmp(version, "1") == 0 &&
+              strcmp(got_name, name) == 0 && chunk_hash_from_hex(hex, &got_id) == 0 &&
+              chunk_hash_equal(&got_id, id) && identity_equal(&rec, ident);
+    free(data);
+    return ok;
+}
+
 static void unlink_file(struct flat_store *store, const char *name, const char *suffix)
 {
     char path[PATH_MAX];
+    if (strcmp(suffix, ".raw") == 0) {
+        /* The record goes first: it never outlives its file. */
+        if (store->trust_dir[0] && trust_path(store, name, path) == 0 && unlink(path) != 0 && errno != ENOENT)
+            log_warn("flat file %s: cannot remove its record of a check: %s", name, strerror(errno));
+        if (flat_test_hook)
+            flat_test_hook(FLAT_TEST_UNLINK, name);
+    }
     if (file_path(store, name, suffix, path) == 0 && unlink(path) != 0 && errno != ENOENT)
         log_warn("flat file %s%s: cannot remove it: %s", name, suffix, strerror(errno));
 }
 
-int flat_open(struct cache *cache, struct flat_store **out, char *err, size_t errlen)
+int flat_open(struct cache *cache, const char *trust_dir, struct flat_store **out, char *err, size_t errlen)
 {
     struct flat_store *store = calloc(1, sizeof(*store));
     if (!store) {
@@ -101,6 +206,8 @@ int flat_open(struct cache *cache, struct flat_store **out, char *err, size_t er
     if (delay)
         flat_build_delay_ms = (unsigned)atoi(delay);
     int rc = path_join(store->dir, sizeof(store->dir), "%s/flat", cache_dir(cache));
+    if (!rc && trust_dir && trust_dir[0])
+        rc = path_join(store->trust_dir, sizeof(store->trust_dir), "%s", trust_dir);
     if (!rc && mkdir(store->dir, 0700) != 0 && errno != EEXIST)
         rc = -errno;
     DIR *d = rc ? NULL : opendir(store->dir);
@@ -198,18 +305,21 @@ static size_t chunk_len(const struct manifest *m, uint64_t i)
 }
 
 /* Reads fd in full and compares every chunk with m: 0 or -EBADMSG (or
- * -errno; -ECANCELED when name was removed meanwhile). */
-static int compare_file(struct flat_store *store, int fd, const struct manifest *m, const char *name)
+ * -errno; -ECANCELED when name was removed meanwhile). A file whose
+ * identity is not the same after the reads as before them changed while
+ * being read: -EBADMSG too, whatever the bytes read. *seen is the identity
+ * the bytes compared belong to. */
+static int compare_file(struct flat_store *store, int fd, const struct manifest *m, const char *name,
+                        struct flat_identity *seen)
 {
-    struct stat st;
-    if (fstat(fd, &st) != 0)
-        return -errno;
-    if ((uint64_t)st.st_size != m->size)
+    int rc = identity_of_fd(fd, seen);
+    if (rc)
+        return rc;
+    if (seen->size != m->size)
         return -EBADMSG;
     char *buf = malloc(m->chunk_size);
     if (!buf)
         return -ENOMEM;
-    int rc = 0;
     for (uint64_t i = 0; i < m->chunk_count && !rc; i++) {
         size_t len = chunk_len(m, i);
         memset(buf + len, 0, m->chunk_size - len); /* the last chunk is zero-padded */
@@ -228,12 +338,21 @@ static int compare_file(struct flat_store *store, int fd, const struct manifest 
         }
         if (rc == -EBADMSG)
             log_warn("flat file %s: chunk %" PRIu64 " does not match the manifest", name, i);
+        if (!rc && flat_test_hook)
+            flat_test_hook(FLAT_TEST_COMPARED, name);
         if (!rc && is_doomed(store, name))
             rc = -ECANCELED;
         if (!rc && flat_build_delay_ms)
             test_delay();
     }
     free(buf);
+    struct flat_identity after;
+    if (!rc)
+        rc = identity_of_fd(fd, &after);
+    if (!rc && !identity_equal(seen, &after)) {
+        log_warn("flat file %s: changed while it was being checked", name);
+        rc = -EBADMSG;
+    }
     return rc;
 }
 
@@ -261,15 +380,28 @@ static int copy_chunk(struct flat_store *store, int fd, const struct manifest *m
     return rc;
 }
 
-/* Ends a build or check of name: READY with id when ok, else its files go.
- * Returns rc, or -ECANCELED when it was doomed meanwhile. */
-static int finish(struct flat_store *store, const char *name, const struct manifest *m, int rc, bool checking)
+/* Drops name's entry (its files are gone) and gives its charge back. */
+static uint64_t drop_named(struct flat_store *store, const char *name)
+{
+    pthread_mutex_lock(&store->lock);
+    struct flat_entry *e = find(store, name);
+    uint64_t charged = e ? drop(store, e) : 0;
+    pthread_mutex_unlock(&store->lock);
+    cache_uncharge(store->cache, charged);
+    return charged;
+}
+
+/* Ends a build or check of name: READY with id when ok, else its files go
+ * (the .raw too: while the entry is BUILDING no one else's file has its
+ * name), and then its entry. Returns rc, or -ECANCELED when it was doomed
+ * meanwhile. */
+static int finish(struct flat_store *store, const char *name, const struct manifest *m, int rc, bool checking,
+                  bool trusted)
 {
     pthread_mutex_lock(&store->lock);
     struct flat_entry *e = find(store, name);
     if (!rc && (!e || e->doomed))
         rc = -ECANCELED;
-    uint64_t uncharge = 0;
     if (rc == -ECANCELED && checking && e && !e->doomed) {
         e->state = FLAT_UNCHECKED; /* flat_stop(): checked by the next run */
         pthread_mutex_unlock(&store->lock);
@@ -278,24 +410,21 @@ static int finish(struct flat_store *store, const char *name, const struct manif
     if (!rc) {
         e->state = FLAT_READY;
         e->id = m->id;
-        if (checking)
+        if (trusted)
+            store->trusted++;
+        else if (checking)
             store->checked++;
         else
             store->built++;
-    } else {
-        if (e)
-            uncharge = drop(store, e);
-        if (checking && rc == -EBADMSG)
-            store->rejected++;
+    } else if (checking && rc == -EBADMSG) {
+        store->rejected++;
     }
     pthread_mutex_unlock(&store->lock);
     if (rc) {
         unlink_file(store, name, ".tmp");
-        if (checking || rc == -ECANCELED)
-            unlink_file(store, name, ".raw");
+        unlink_file(store, name, ".raw");
+        drop_named(store, name);
     }
-    if (uncharge)
-        cache_uncharge(store->cache, uncharge);
     return rc;
 }
 
@@ -343,23 +472,27 @@ int flat_build(struct flat_store *store, const struct manifest *m)
             test_delay();
     }
     free(buf);
+    struct flat_identity ident;
     if (!rc)
-        rc = compare_file(store, fd, m, name);
+        rc = compare_file(store, fd, m, name, &ident);
     if (!rc && fdatasync(fd) != 0)
         rc = -errno;
-    if (fd >= 0)
-        close(fd);
     /* Renamed only once whole, checked and durable; the rename itself is
-     * made durable before the file is handed out. */
+     * made durable before the file is handed out. The file is recorded as
+     * checked as it is after the rename, which changes its ctime. */
     if (!rc && rename(tmp, final) != 0)
         rc = -errno;
     if (!rc)
         rc = fsync_dir(store->dir);
+    if (!rc)
+        rc = identity_of_fd(fd, &ident);
+    if (fd >= 0)
+        close(fd);
     if (rc && rc != -ECANCELED && rc != -ENOENT)
         log_warn("flat file %s: build failed: %s", name, strerror(-rc));
-    rc = finish(store, name, m, rc, false);
-    if (rc && rc != -ECANCELED)
-        unlink_file(store, name, ".raw");
+    if (!rc)
+        trust_record(store, name, &m->id, &ident);
+    rc = finish(store, name, m, rc, false, false);
     if (!rc)
         log_info("flat file %s: built and checked (%" PRIu64 " bytes)", name, m->size);
     return rc;
@@ -382,15 +515,25 @@ int flat_check(struct flat_store *store, const struct manifest *m)
     int fd = rc ? -1 : open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     if (!rc && fd < 0)
         rc = errno == ENOENT ? -EBADMSG : -errno;
+    /* Checked against m by an earlier server of this mount and not changed
+     * since: taken as it is. */
+    struct flat_identity ident;
     if (!rc)
-        rc = compare_file(store, fd, m, name);
+        rc = identity_of_fd(fd, &ident);
+    bool trusted = !rc && trust_matches(store, name, &m->id, &ident);
+    if (!rc && !trusted)
+        rc = compare_file(store, fd, m, name, &ident);
     if (fd >= 0)
         close(fd);
     if (rc == -EBADMSG)
         log_warn("flat file %s: fails its check against the manifest: removed, reads go through the cache", name);
-    else if (!rc)
+    else if (trusted)
+        log_info("flat file %s: unchanged since this mount's last check of it, not read again", name);
+    else if (!rc) {
         log_info("flat file %s: checked", name);
-    return finish(store, name, m, rc, true);
+        trust_record(store, name, &m->id, &ident);
+    }
+    return finish(store, name, m, rc, true, trusted);
 }
 
 int flat_open_ready(struct flat_store *store, const struct manifest *m)
@@ -406,21 +549,20 @@ int flat_open_ready(struct flat_store *store, const struct manifest *m)
 }
 
 /* Removes e (caller holds lock, released here): a file being built or
- * checked is doomed and removed by its worker. */
+ * checked is doomed and removed by its worker; any other is doomed, its
+ * file unlinked, and only then its entry dropped. Returns the charge given
+ * back (0 when a worker or another remover gives it). */
 static uint64_t remove_locked(struct flat_store *store, struct flat_entry *e)
 {
-    if (e->state == FLAT_BUILDING || e->state == FLAT_CHECKING) {
-        e->doomed = true;
-        pthread_mutex_unlock(&store->lock);
-        return 0;
-    }
+    bool busy = e->doomed || e->state == FLAT_BUILDING || e->state == FLAT_CHECKING;
+    e->doomed = true;
     char name[96];
     snprintf(name, sizeof(name), "%s", e->name);
-    uint64_t charged = drop(store, e);
     pthread_mutex_unlock(&store->lock);
+    if (busy)
+        return 0;
     unlink_file(store, name, ".raw");
-    cache_uncharge(store->cache, charged);
-    return charged;
+    return drop_named(store, name);
 }
 
 void flat_remove(struct flat_store *store, const struct manifest *m)
@@ -452,30 +594,41 @@ void flat_prune(struct flat_store *store, bool (*keep)(void *ctx, const char *na
     }
 }
 
+/* The order in which reclaim takes files: unchecked ones first (their room
+ * comes back at once), then builds and checks under way (doomed: theirs
+ * comes back when they stop), and READY ones, which serve opens, last. */
+static int reclaim_rank(const struct flat_entry *e)
+{
+    switch (e->state) {
+    case FLAT_UNCHECKED:
+        return 0;
+    case FLAT_BUILDING:
+    case FLAT_CHECKING:
+        return 1;
+    default:
+        return 2;
+    }
+}
+
 uint64_t flat_reclaim(void *arg, uint64_t want)
 {
     struct flat_store *store = arg;
     uint64_t freed = 0;
-    for (int pass = 0; pass < 2 && freed < want; pass++) {
-        for (;;) {
-            pthread_mutex_lock(&store->lock);
-            struct flat_entry *e = NULL;
-            for (size_t i = 0; i < store->count && !e; i++) {
-                struct flat_entry *c = &store->entries[i];
-                if (!c->doomed && (pass == 1 || c->state != FLAT_READY))
-                    e = c;
-            }
-            if (!e || freed >= want) {
-                pthread_mutex_unlock(&store->lock);
-                break;
-            }
-            store->reclaimed++;
-            log_info("flat file %s: removed to make room in the cache", e->name);
-            uint64_t got = remove_locked(store, e);
-            freed += got;
-            if (!got)
-                break; /* a build or check stops and gives its room back */
+    while (freed < want) { /* each round dooms one entry: it ends */
+        pthread_mutex_lock(&store->lock);
+        struct flat_entry *e = NULL;
+        for (size_t i = 0; i < store->count; i++) {
+            struct flat_entry *c = &store->entries[i];
+            if (!c->doomed && (!e || reclaim_rank(c) < reclaim_rank(e)))
+                e = c;
         }
+        if (!e) {
+            pthread_mutex_unlock(&store->lock);
+            break;
+        }
+        store->reclaimed++;
+        log_info("flat file %s: removed to make room in the cache", e->name);
+        freed += remove_locked(store, e);
     }
     return freed;
 }
@@ -493,11 +646,12 @@ void flat_get_usage(struct flat_store *store, struct flat_usage *out)
     pthread_mutex_lock(&store->lock);
     for (size_t i = 0; i < store->count; i++) {
         out->files++;
-        out->ready += store->entries[i].state == FLAT_READY;
+        out->ready += store->entries[i].state == FLAT_READY && !store->entries[i].doomed;
         out->bytes += store->entries[i].charged;
     }
     out->built = store->built;
     out->checked = store->checked;
+    out->trusted = store->trusted;
     out->rejected = store->rejected;
     out->reclaimed = store->reclaimed;
     pthread_mutex_unlock(&store->lock);

@@ -56,7 +56,9 @@ int passthrough_create(bool wanted, struct cache *cache, struct tree *tree, stru
     pthread_mutex_init(&pt->lock, NULL);
     cond_init_monotonic(&pt->wake);
     if (wanted) {
-        int rc = flat_open(cache, &pt->flat, err, errlen);
+        /* The supervisor's /dev/shm directory lives as long as the mount:
+         * what an earlier server of it checked is recorded there. */
+        int rc = flat_open(cache, t ? t->layer_dir : NULL, &pt->flat, err, errlen);
         if (rc) {
             passthrough_destroy(pt);
             return rc;
@@ -341,11 +343,12 @@ void passthrough_release(struct passthrough *pt, struct base_version *v, uint64_
     pthread_mutex_lock(&pv->lock);
     if (id && pv->pt_opens) {
         atomic_fetch_sub(&pt->opens, 1);
+        /* Every released slot drops its id before the slot is freed: a
+         * server killed in between must not restore it with an id that is
+         * closed here, or later by the last release, and reused; as a normal
+         * open, the resent RELEASE undoes it. */
+        takeover_handle_set_backing(pt->t, fh, 0);
         if (--pv->pt_opens == 0) {
-            /* A server killed before this handle's slot is freed must not
-             * restore it with the id closed here: as a normal open, the
-             * resent RELEASE undoes it. */
-            takeover_handle_set_backing(pt->t, fh, 0);
             int rc = serve_backing_close(pt->fuse_fd, pv->backing_id);
             if (rc)
                 log_warn("bases/%s@%" PRIu64 ".raw: closing backing id %d failed: %s", v->manifest->name,

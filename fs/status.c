@@ -152,7 +152,11 @@ static void add_passthrough(struct status_snapshot *s, struct imgfs *fs)
     status_gauge(s, sec, "flat_ready", "Flat files checked in this run, which opens may use.", (double)ps.flat.ready, 0);
     status_gauge(s, sec, "flat_bytes", "Bytes of flat files counted against the cache limit.", (double)ps.flat.bytes, 0);
     status_counter(s, sec, "flat_built", "Flat files built.", ps.flat.built);
-    status_counter(s, sec, "flat_checked", "Flat files found at start that passed their check.", ps.flat.checked);
+    status_counter(s, sec, "flat_checked", "Flat files found at start that passed their check, read in full.",
+                   ps.flat.checked);
+    status_counter(s, sec, "flat_trusted",
+                   "Flat files found at start as an earlier server of this mount checked them, not read again.",
+                   ps.flat.trusted);
     status_counter(s, sec, "flat_rejected", "Flat files removed because they failed their check.", ps.flat.rejected);
     status_counter(s, sec, "flat_reclaimed", "Flat files removed to make room for chunks.", ps.flat.reclaimed);
 }

@@ -200,7 +200,8 @@ static bool plan_restart(struct supervisor *s, int status, double *delay)
 
 /* The layers' pending entries live in /dev/shm for exactly as long as this
  * supervisor (owner.h, owner_dir_create); directories left by supervisors
- * that were killed (kill -9 leaves them behind) go first. */
+ * that were killed (kill -9 leaves them behind) go first. So do the records
+ * of flat files checked (flat.h): a new mount has none and checks in full. */
 static void make_layer_dir(struct supervisor *s)
 {
     owner_dir_sweep("/dev/shm");

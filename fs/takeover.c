@@ -126,8 +126,15 @@ bool takeover_handle_release(struct takeover *t, uint64_t fh, uint64_t ino)
 {
     if (fh == 0 || fh > TAKEOVER_MAX_HANDLES)
         return false;
+    struct takeover_handle *h = &t->handles[fh - 1];
+    /* The id goes before the slot does: a slot seen free (or taken by the
+     * next open, before it sets its own) never carries a stale id that a
+     * new server would restore. The slot is ours while it holds ino. */
+    if (atomic_load(&h->ino) != ino)
+        return false;
+    atomic_store(&h->backing_id, 0);
     uint64_t expected = ino;
-    return atomic_compare_exchange_strong(&t->handles[fh - 1].ino, &expected, 0);
+    return atomic_compare_exchange_strong(&h->ino, &expected, 0);
 }
 
 int takeover_notify_resend(int fuse_fd)

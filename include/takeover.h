@@ -67,6 +67,9 @@
  * /dev/shm/imgfs-layers-RANDOM, which lives as long as the supervisor:
  * owner_dir_create() in owner.h; layer_share_pending() in layer.h), and the
  * next server takes them over with the data they name, which is in the page cache.
+ * The same directory holds what servers of the mount checked of the flat
+ * files of -o base_passthrough (flat.h, "Takeover"), so that a new server
+ * does not read again a file that has not changed since.
  *
  * Kernels without FUSE_NOTIFY_RESEND: a request a dead server held would
  * hang, so after a crash the supervisor ends the mount as before (the
@@ -147,7 +150,8 @@ struct takeover {
      * with other ones (a changed config file) refuses to serve. */
     char state_dir[1024], cache_dir[1024];
     /* A tmpfs directory of the supervisor's for the layers' pending
-     * entries (layer_share_pending() in layer.h), "" when there is none. */
+     * entries (layer_share_pending() in layer.h) and the records of flat
+     * files checked (NAME@V.flat, flat.h), "" when there is none. */
     char layer_dir[128];
     /* Written by the first server that read INIT. */
     uint32_t init_len;
@@ -188,7 +192,8 @@ uint64_t takeover_handle_open(struct takeover *t, uint64_t ino, bool vm_disk);
 void takeover_handle_set_backing(struct takeover *t, uint64_t fh, uint32_t backing_id);
 /* The backing id recorded for fh (0 when none or fh is not a slot). */
 uint32_t takeover_handle_backing(struct takeover *t, uint64_t fh);
-/* Frees the slot of fh if it holds ino; returns whether it did. */
+/* Frees the slot of fh if it holds ino, its backing id zeroed first;
+ * returns whether it did. */
 bool takeover_handle_release(struct takeover *t, uint64_t fh, uint64_t ino);
 
 /* Writes FUSE_NOTIFY_RESEND to the connection. 0 or a negative errno. */

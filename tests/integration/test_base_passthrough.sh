@@ -7,7 +7,12 @@
 #  - a file held open with passthrough keeps reading right across imgfsctl
 #    restart and kill -9 of the server; more opens of it during that pass
 #    through too, and its release is handled by the new server;
+#  - a takeover trusts the flat file that the last server of the mount
+#    checked (flat_trusted, not read again); one touched between two
+#    servers is read in full again, and one damaged after its check is not
+#    trusted by the next server (rejected, rebuilt);
 #  - unpin removes the flat file (and opens are served by the daemon again);
+#  - a fresh mount checks the flat file in full;
 #  - a flat file damaged while the daemon was down is rejected by the check
 #    at start and never handed to the kernel (reads stay right);
 #  - a kill -9 in the middle of a build leaves no flat file that is used;
@@ -118,8 +123,47 @@ PY
     ok "$step: a base held open with passthrough reads right across it; its release reached the new server"
 done
 # Opens after the last release register the flat file afresh.
+wait_stat "$M" "base b@1" flat_file ready
 same "$FILE" "$IMG" "an open after the takeovers differs"
 [ "$(reads)" = 0 ] || fail "an open after the takeovers was not passthrough"
+
+# The server that took over last found the flat file as the one before had
+# checked it: taken without reading it.
+[ "$(stat_value "$M" passthrough flat_trusted)" = 1 ] || fail "a takeover did not trust the unchanged flat file"
+[ "$(stat_value "$M" passthrough flat_checked)" = 0 ] || fail "a takeover read the unchanged flat file again"
+grep -q "flat file b@1: unchanged since this mount's last check of it, not read again" "${DAEMON_LOG[$M]}" ||
+    fail "the trusted flat file is not in the log"
+ok "a takeover trusts the flat file the last server checked: flat_trusted 1, flat_checked 0"
+
+# Touched between two servers: the next one reads it in full.
+touch "$FLAT"
+old=$(stat_value "$M" daemon pid)
+"$IMGFSCTL" restart "$M" > /dev/null
+new_server "$M" "$old" > /dev/null
+wait_stat "$M" "base b@1" flat_file ready
+[ "$(stat_value "$M" passthrough flat_checked)" = 1 ] || fail "a flat file touched between servers was not checked again"
+[ "$(stat_value "$M" passthrough flat_trusted)" = 0 ] || fail "a flat file touched between servers was trusted"
+ok "a flat file touched between two servers is read in full again"
+
+# Damaged after its check while a server runs (not caught by that server,
+# see flat.h), then a kill -9: the next server does not trust it.
+python3 - "$FLAT" <<'PY2'
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+at = os.fstat(fd).st_size // 2
+b = os.pread(fd, 1, at)
+os.pwrite(fd, bytes([b[0] ^ 0x08]), at)
+PY2
+old=$(stat_value "$M" daemon pid)
+kill -9 "$old"
+new_server "$M" "$old" > /dev/null
+wait_stat "$M" passthrough flat_rejected 1
+[ "$(stat_value "$M" passthrough flat_trusted)" = 0 ] || fail "a flat file damaged after its check was trusted"
+wait_stat "$M" "base b@1" flat_file ready # rebuilt from the cache
+same "$FLAT" "$IMG" "the flat file rebuilt after the takeover is not the image"
+drop_caches
+same "$FILE" "$IMG" "a read after the damaged flat file was found differs"
+ok "a flat file damaged after its check is not trusted by the next server: rejected and rebuilt"
 
 "$IMGFSCTL" unpin "$M" b > /dev/null
 wait_stat "$M" passthrough flat_files 0 30
@@ -131,6 +175,16 @@ ok "unpin removes the flat file; the daemon serves the base again"
 
 "$IMGFSCTL" precopy "$M" b > /dev/null
 wait_stat "$M" "base b@1" flat_file ready 60
+log=${DAEMON_LOG[$M]}
+umount_imgfs "$M"
+check_daemon_log "$log"
+
+# A fresh mount has no record of earlier checks: the file is read in full.
+mount_imgfs "$T/repo" "$M" base_passthrough
+wait_stat "$M" "base b@1" flat_file ready
+[ "$(stat_value "$M" passthrough flat_checked)" = 1 ] || fail "a fresh mount did not check the flat file in full"
+[ "$(stat_value "$M" passthrough flat_trusted)" = 0 ] || fail "a fresh mount trusted the flat file"
+ok "a fresh mount checks the flat file in full"
 log=${DAEMON_LOG[$M]}
 umount_imgfs "$M"
 check_daemon_log "$log"

@@ -19,7 +19,9 @@
 #include <unistd.h>
 
 #include "owner.h"
+#include "passthrough.h"
 #include "takeover.h"
+#include "tree.h"
 
 static int failures;
 #define CHECK(cond, ...)                                                                                               \
@@ -386,10 +388,54 @@ static void test_old_owner_dirs(void)
     CHECK(system(cmd) == 0, "rm");
 }
 
+/* A released slot carries no backing id: a server killed after the slot is
+ * freed, or after the next open took it but before that open set its own
+ * id, must not leave a new server a stale id to restore (passthrough.h). */
+static void test_released_slot_has_no_backing(void)
+{
+    int fd;
+    struct takeover *t = takeover_create(&fd);
+    if (!t)
+        return;
+    uint64_t a = takeover_handle_open(t, 21, false);
+    takeover_handle_set_backing(t, a, 9);
+    CHECK(takeover_handle_release(t, a, 21), "the release frees the slot");
+    CHECK(atomic_load(&t->handles[a - 1].backing_id) == 0, "a freed slot keeps backing id %u",
+          (unsigned)atomic_load(&t->handles[a - 1].backing_id));
+    uint64_t b = takeover_handle_open(t, 22, false);
+    takeover_handle_set_backing(t, b, 9);
+    CHECK(!takeover_handle_release(t, b, 21) && takeover_handle_backing(t, b) == 9,
+          "a release naming another inode leaves the slot as it is");
+
+    /* Two passthrough opens share one id: releasing one clears its slot
+     * before the slot is freed, though the id stays open for the other. */
+    struct passthrough *pt = NULL;
+    char err[200];
+    CHECK(passthrough_create(false, NULL, NULL, t, -1, &pt, err, sizeof(err)) == 0, "passthrough_create: %s", err);
+    struct manifest m = {.name = "b", .version = 1};
+    struct base_version v = {.manifest = &m};
+    passthrough_version_init(&v.pt);
+    uint64_t h1 = takeover_handle_open(t, 30, false), h2 = takeover_handle_open(t, 30, false);
+    takeover_handle_set_backing(t, h1, 5);
+    takeover_handle_set_backing(t, h2, 5);
+    passthrough_restore(pt, &v, 5);
+    passthrough_restore(pt, &v, 5);
+    passthrough_release(pt, &v, h1);
+    CHECK(takeover_handle_backing(t, h1) == 0, "a released passthrough open keeps backing id %u in its slot",
+          takeover_handle_backing(t, h1));
+    CHECK(v.pt.pt_opens == 1 && v.pt.backing_id == 5, "the other open keeps the id (%u opens, id %d)",
+          v.pt.pt_opens, v.pt.backing_id);
+    CHECK(takeover_handle_backing(t, h2) == 5, "the other open's slot keeps its id");
+    passthrough_version_destroy(&v.pt);
+    passthrough_destroy(pt);
+    close(fd);
+}
+
 int main(void)
 {
     test_init_offer();
     test_handles();
+    test_released_slot_has_no_backing();
     test_handles_across_threads();
     test_owner_lock();
     test_unescape();
