@@ -67,6 +67,40 @@ static bool record_sound(const struct pack_record *r)
            (r->kind == RECORD_ADD || r->kind == RECORD_DROP) && r->len > 0 && r->off % PACK_ALIGN == 0;
 }
 
+/* ---- system calls --------------------------------------------------------- */
+
+static int real_open(const char *path, int flags, mode_t mode) { return open(path, flags, mode); }
+
+struct cache_syscalls cache_syscalls = {
+    .open = real_open,
+    .pwrite = pwrite,
+    .write = write,
+    .fallocate = fallocate,
+    .ftruncate = ftruncate,
+    .fdatasync = fdatasync,
+    .unlink = unlink,
+    .fsync_dir = fsync_dir,
+};
+
+/* write_full_at through cache_syscalls. */
+static int put_at(int fd, const void *buf, size_t len, uint64_t off)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = cache_syscalls.pwrite(fd, p, len, (off_t)off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -EIO;
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
 /* ---- packs ------------------------------------------------------------------- */
 
 /* A pack: packs/NNNNNNNN.pack holds chunk bytes, packs/NNNNNNNN.idx is its
@@ -265,13 +299,14 @@ static int pack_open(struct cache *cache, uint32_t id, bool create, struct pack 
     p->sums_fd = -1;
     int flags = O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0);
     /* The index first: a pack file without one is a leftover and removed. */
-    p->idx_fd = open(idx, O_RDWR | O_APPEND | flags, 0600);
-    p->fd = p->idx_fd < 0 ? -1 : open(pack, O_RDWR | flags, 0600);
-    if (p->fd >= 0 && (p->sums_fd = open(sums, O_RDWR | O_CLOEXEC | O_CREAT | (create ? O_TRUNC : 0), 0600)) < 0) {
+    p->idx_fd = cache_syscalls.open(idx, O_RDWR | O_APPEND | flags, 0600);
+    p->fd = p->idx_fd < 0 ? -1 : cache_syscalls.open(pack, O_RDWR | flags, 0600);
+    if (p->fd >= 0 &&
+        (p->sums_fd = cache_syscalls.open(sums, O_RDWR | O_CLOEXEC | O_CREAT | (create ? O_TRUNC : 0), 0600)) < 0) {
         int rc = -errno;
         if (create) {
-            unlink(pack);
-            unlink(idx);
+            cache_syscalls.unlink(pack);
+            cache_syscalls.unlink(idx);
         }
         pack_free(p);
         return rc;
@@ -279,7 +314,7 @@ static int pack_open(struct cache *cache, uint32_t id, bool create, struct pack 
     if (p->fd < 0) {
         int rc = -errno;
         if (create && p->idx_fd >= 0)
-            unlink(idx);
+            cache_syscalls.unlink(idx);
         pack_free(p);
         return rc;
     }
@@ -293,11 +328,11 @@ static void pack_remove(struct cache *cache, struct pack *p)
     atomic_fetch_sub(&cache->used, atomic_load(&p->idx_bytes) + atomic_load(&p->sums_bytes));
     char path[PATH_MAX];
     pack_path(cache, p->id, "pack", path, sizeof(path));
-    unlink(path);
+    cache_syscalls.unlink(path);
     pack_path(cache, p->id, "idx", path, sizeof(path));
-    unlink(path);
+    cache_syscalls.unlink(path);
     pack_path(cache, p->id, "sums", path, sizeof(path));
-    unlink(path);
+    cache_syscalls.unlink(path);
     pack_free(p);
 }
 
@@ -379,7 +414,7 @@ static int append_record(struct cache *cache, struct pack *p, enum record_kind k
     memcpy(r.magic, RECORD_MAGIC, 4);
     memcpy(r.hash, hash->bytes, sizeof(r.hash));
     record_seal(&r);
-    ssize_t n = write(p->idx_fd, &r, sizeof(r));
+    ssize_t n = cache_syscalls.write(p->idx_fd, &r, sizeof(r));
     if (n == (ssize_t)sizeof(r)) {
         atomic_fetch_add(&p->idx_bytes, sizeof(r));
         if (!reserved)
@@ -394,7 +429,7 @@ static int append_record(struct cache *cache, struct pack *p, enum record_kind k
 static void punch(struct pack *p, uint64_t off, uint64_t len)
 {
     uint64_t span = (len + PACK_ALIGN - 1) / PACK_ALIGN * PACK_ALIGN;
-    fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)span);
+    cache_syscalls.fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)span);
 }
 
 /* ---- block sums ---------------------------------------------------------------
@@ -460,7 +495,7 @@ static int write_sums(struct pack *p, uint64_t off, const struct chunk_hash *chu
         size_t n = sums_batch(blocks - done);
         for (size_t i = 0; i < n; i++)
             sums[i] = block_sum(chunk, done + i, data + (done + i) * SUM_BLOCK);
-        int rc = write_full_at(p->sums_fd, sums, n * sizeof(*sums), (off_t)sum_pos(off, done));
+        int rc = put_at(p->sums_fd, sums, n * sizeof(*sums), sum_pos(off, done));
         if (rc)
             return rc;
         done += n;
@@ -499,7 +534,7 @@ static int copy_sums(struct pack *from, uint64_t from_off, struct pack *to, uint
         size_t n = sums_batch(blocks - done);
         rc = read_sums(from, from_off, done, n, sums);
         if (!rc)
-            rc = write_full_at(to->sums_fd, sums, n * sizeof(*sums), (off_t)sum_pos(to_off, done));
+            rc = put_at(to->sums_fd, sums, n * sizeof(*sums), sum_pos(to_off, done));
         done += n;
     }
     return rc;
@@ -562,13 +597,20 @@ static int verify_blocks(const struct cache_entry *e, uint64_t want, uint64_t ch
     return 0;
 }
 
-/* Forgets the on-disk copy of a resident entry: a DROP record so that a
- * restart does not bring it back, then its blocks. No lock held (the entry
- * is BUSY); the caller then calls drop_resident() and pack_unref(). */
+/* Forgets the copy of a chunk at (p, off): a DROP record so that a restart
+ * does not bring it back, then its blocks. */
+static void discard_copy(struct cache *cache, struct pack *p, const struct chunk_hash *hash, uint64_t off,
+                         uint64_t size)
+{
+    append_record(cache, p, RECORD_DROP, hash, off, size, 0, false);
+    punch(p, off, size);
+}
+
+/* Forgets the on-disk copy of a resident entry. No lock held (the entry is
+ * BUSY); the caller then calls drop_resident() and pack_unref(). */
 static void discard_bytes(struct cache *cache, struct cache_entry *e)
 {
-    append_record(cache, e->pack, RECORD_DROP, &e->hash, e->off, e->size, 0, false);
-    punch(e->pack, e->off, e->size);
+    discard_copy(cache, e->pack, &e->hash, e->off, e->size);
 }
 
 /* Forgets the on-disk copy of an entry that was counted as resident (shard
@@ -589,19 +631,47 @@ static struct pack *drop_resident(struct cache *cache, struct shard *s, struct c
     return p;
 }
 
-/* Records an entry found on disk at open (single-threaded). Returns false
- * when the chunk is already known from an earlier record. */
-static bool add_loaded(struct cache *cache, const struct chunk_hash *hash, struct pack *p, uint64_t off,
-                       uint64_t len, uint64_t when, int *rc)
+/* Whether the copy of a chunk at (p, off) holds its bytes. */
+static bool copy_sound(struct pack *p, const struct chunk_hash *hash, uint64_t off, uint64_t len)
+{
+    char *buf = malloc(len);
+    struct chunk_hash got;
+    bool sound = buf && read_full_at(p->fd, buf, len, (off_t)off) == 0;
+    if (sound) {
+        chunk_hash_compute(buf, len, &got);
+        sound = chunk_hash_equal(&got, hash);
+    }
+    free(buf);
+    return sound;
+}
+
+/* Records an entry found on disk at open (single-threaded). When an
+ * earlier record already brought the chunk in, there are two copies, and
+ * one goes (a DROP record, then its blocks): this later one wins unless
+ * its bytes are wrong and the older one's right (both are read and checked
+ * then: this happens only after a crash). After a power cut the older one
+ * may be the copy that an eviction punched but whose DROP record was lost,
+ * before the chunk was filled again: keeping it would punch the good
+ * refill with no record, and the verification would drop the punched one
+ * too. Or the later one is a compaction's copy that the cut lost before
+ * its sync, when the older is the good one. */
+static int add_loaded(struct cache *cache, const struct chunk_hash *hash, struct pack *p, uint64_t off,
+                      uint64_t len, uint64_t when)
 {
     struct shard *s = shard_of(cache, hash);
     struct cache_entry *e = find_entry(s, hash);
-    if (e && e->state == ENTRY_RESIDENT)
-        return false;
-    if (!e && !(e = insert_entry(s, hash))) {
-        *rc = -ENOMEM;
-        return false;
+    if (e && e->state == ENTRY_RESIDENT) {
+        if (!copy_sound(p, hash, off, len) && copy_sound(e->pack, hash, e->off, e->size)) {
+            discard_copy(cache, p, hash, off, len);
+            return 0;
+        }
+        struct pack *older = e->pack;
+        discard_bytes(cache, e);
+        drop_resident(cache, s, e);
+        older->live--; /* an emptied pack goes at the end of load_packs() */
     }
+    if (!e && !(e = insert_entry(s, hash)))
+        return -ENOMEM;
     e->state = ENTRY_RESIDENT;
     e->size = len;
     e->pack = p;
@@ -614,10 +684,16 @@ static bool add_loaded(struct cache *cache, const struct chunk_hash *hash, struc
     s->held_bytes += e->holds ? len : 0;
     s->changes++;
     atomic_fetch_add(&cache->used, len);
-    return true;
+    return 0;
 }
 
 /* ---- opening: the index logs, and the old layout ---------------------------- */
+
+static int by_offset(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
 
 /* Replays one pack's index log. A torn or garbled record ends the log (it
  * is cut there, so later appends line up); a record that points past the
@@ -629,19 +705,47 @@ static int load_pack(struct cache *cache, struct pack *p)
         return -errno;
     uint64_t pack_size = (uint64_t)st.st_size;
     p->end = (pack_size + PACK_ALIGN - 1) / PACK_ALIGN * PACK_ALIGN;
+    /* The log is cut first and its DROP records gathered, then it is
+     * replayed: an ADD record whose chunk a DROP record anywhere in the log
+     * removes (offsets in a pack are never reused) never counts, so that
+     * the DROP that add_loaded() gives a losing later copy holds. The replay
+     * may append DROP records (add_loaded), counted as they are written. */
     struct pack_record r;
-    off_t at = 0;
-    int rc = 0;
-    for (;; at += sizeof(r)) {
-        ssize_t n = pread(p->idx_fd, &r, sizeof(r), at);
+    off_t idx_end = 0;
+    uint64_t *drops = NULL;
+    size_t ndrops = 0, cap = 0;
+    for (;; idx_end += sizeof(r)) {
+        ssize_t n = pread(p->idx_fd, &r, sizeof(r), idx_end);
         if (n < 0)
             return -errno;
         if (n == 0)
             break;
         if (n != (ssize_t)sizeof(r) || !record_sound(&r)) {
-            log_warn("cache: pack %08x: index cut at a damaged record (byte %lld)", p->id, (long long)at);
-            if (ftruncate(p->idx_fd, at) < 0)
+            log_warn("cache: pack %08x: index cut at a damaged record (byte %lld)", p->id, (long long)idx_end);
+            if (cache_syscalls.ftruncate(p->idx_fd, idx_end) < 0) {
+                free(drops);
                 return -errno;
+            }
+            break;
+        }
+        if (r.kind == RECORD_DROP) {
+            if (ndrops == cap) {
+                uint64_t *more = realloc(drops, (cap = cap ? cap * 2 : 64) * sizeof(*drops));
+                if (!more) {
+                    free(drops);
+                    return -ENOMEM;
+                }
+                drops = more;
+            }
+            drops[ndrops++] = r.off;
+        }
+    }
+    if (ndrops)
+        qsort(drops, ndrops, sizeof(*drops), by_offset);
+    int rc = 0;
+    for (off_t at = 0; at < idx_end && !rc; at += sizeof(r)) {
+        if (pread(p->idx_fd, &r, sizeof(r), at) != (ssize_t)sizeof(r)) {
+            rc = -EIO;
             break;
         }
         atomic_fetch_add(&p->idx_bytes, sizeof(r));
@@ -658,15 +762,12 @@ static int load_pack(struct cache *cache, struct pack *p)
             }
             continue;
         }
-        if (r.off + r.len > pack_size)
+        if (r.off + r.len > pack_size || (ndrops && bsearch(&r.off, drops, ndrops, sizeof(*drops), by_offset)))
             continue;
-        if (!add_loaded(cache, &hash, p, r.off, r.len, r.time, &rc)) {
-            if (rc)
-                return rc;
-            punch(p, r.off, r.len); /* a second copy: keep the first */
-        }
+        rc = add_loaded(cache, &hash, p, r.off, r.len, r.time);
     }
-    return 0;
+    free(drops);
+    return rc;
 }
 
 static int by_id(const void *a, const void *b)
@@ -697,10 +798,11 @@ static int load_packs(struct cache *cache)
         if (id + 1 > cache->next_id)
             cache->next_id = id + 1;
         if (strcmp(ext, "idx") != 0) {
-            char idx[PATH_MAX];
+            char idx[PATH_MAX], leftover[PATH_MAX];
             pack_path(cache, id, "idx", idx, sizeof(idx));
+            pack_path(cache, id, ext, leftover, sizeof(leftover));
             if ((strcmp(ext, "pack") == 0 || strcmp(ext, "sums") == 0) && access(idx, F_OK) < 0 && errno == ENOENT)
-                unlinkat(dirfd(d), de->d_name, 0); /* no index: nothing in it counts */
+                cache_syscalls.unlink(leftover); /* no index: nothing in it counts */
             continue;
         }
         if (count == cap) {
@@ -721,9 +823,11 @@ static int load_packs(struct cache *cache)
     for (size_t i = 0; i < count && !rc; i++) {
         struct pack *p;
         rc = pack_open(cache, ids[i], false, &p);
-        if (rc == -ENOENT) { /* an index without its pack */
+        if (rc == -ENOENT) { /* an index without its pack, maybe with its sums: both go */
             pack_path(cache, ids[i], "idx", path, sizeof(path));
-            unlink(path);
+            cache_syscalls.unlink(path);
+            pack_path(cache, ids[i], "sums", path, sizeof(path));
+            cache_syscalls.unlink(path);
             rc = 0;
             continue;
         }
@@ -784,8 +888,7 @@ static int import_file(struct cache *cache, int dirfd, const char *name, const s
         return rc;
     }
     p->live--; /* add_loaded counts it again */
-    add_loaded(cache, hash, p, off, len, (uint64_t)st->st_mtime, &rc);
-    return rc;
+    return add_loaded(cache, hash, p, off, len, (uint64_t)st->st_mtime);
 }
 
 /* The old layout (imgfs-cache 1): one file per chunk under chunks/XY/. Each
@@ -1289,7 +1392,7 @@ static int store(struct cache *cache, const struct chunk_hash *hash, const void 
     int rc = pack_alloc(cache, len, pack, off);
     if (rc)
         return rc;
-    rc = write_full_at((*pack)->fd, data, len, (off_t)*off);
+    rc = put_at((*pack)->fd, data, len, *off);
     /* Sums come from verified bytes only: a fill's. A moved chunk keeps
      * its sums, since its bytes were read again for the move unchecked. */
     if (!rc) {
@@ -1314,11 +1417,38 @@ static int store(struct cache *cache, const struct chunk_hash *hash, const void 
  * at most 1/16 of its length has its chunks copied into the active pack and
  * goes: at most one pack per pass, and at most 1/16 of a pack copied.
  *
- * Crash safety: a moved chunk's ADD record in the active pack is written
- * before the DROP record in the old one. A crash in between leaves two
- * copies of correct bytes; cache_open keeps the first (the older pack) and
- * punches the other. Pinned chunks are skipped (their pack stays until a
- * later pass). Caller holds evict_lock. */
+ * Crash safety: the moved chunks' copies (bytes, sums, ADD records) are
+ * written first, and the entries point at them; then their packs and
+ * packs/ are synced, and only then do the old copies get their DROP
+ * records and punches. Without the sync a power cut could keep the drops
+ * and lose the copies of chunks that had long been on disk (the one sync
+ * of the cache: once per compaction, at most once per eviction pass). A
+ * crash before the drops leaves two copies of correct bytes; cache_open
+ * keeps the later one (add_loaded) and drops the other; a failed sync
+ * leaves them so too, until the next open. Pinned chunks are skipped
+ * (their pack stays until a later pass). Caller holds evict_lock. */
+
+/* An old copy of a moved chunk, dropped once its new copy is synced. */
+struct moved_copy {
+    struct chunk_hash hash;
+    uint64_t off, size;
+};
+
+/* Syncs the packs the copies went to (each kept by a live count of ours)
+ * and the directory that names them. */
+static int sync_copies(struct cache *cache, struct pack **dests, size_t count)
+{
+    int rc = 0;
+    for (size_t i = 0; i < count && !rc; i++)
+        if (cache_syscalls.fdatasync(dests[i]->fd) < 0 || cache_syscalls.fdatasync(dests[i]->sums_fd) < 0 ||
+            cache_syscalls.fdatasync(dests[i]->idx_fd) < 0)
+            rc = -errno;
+    char dir[PATH_MAX];
+    if (!rc && (rc = path_join(dir, sizeof(dir), "%s/packs", cache->dir)) == 0)
+        rc = cache_syscalls.fsync_dir(dir);
+    return rc;
+}
+
 static void compact_sparse_pack(struct cache *cache)
 {
     pthread_mutex_lock(&cache->pack_lock);
@@ -1348,12 +1478,16 @@ static void compact_sparse_pack(struct cache *cache)
         return;
     char *buf = NULL;
     size_t buf_len = 0;
+    struct moved_copy *olds = NULL;
+    size_t nolds = 0, cap_olds = 0;
+    struct pack *dests[8]; /* the active pack rolls over at most a few times in 1/16 of a pack */
+    size_t ndests = 0;
     for (int i = 0; i < SHARD_COUNT; i++) {
         struct shard *s = &cache->shards[i];
         pthread_mutex_lock(&s->lock);
         for (size_t b = 0; b < s->bucket_count; b++) {
             for (struct cache_entry *e = s->buckets[b]; e; e = e->next) {
-                if (e->state != ENTRY_RESIDENT || e->pack != victim || e->pins)
+                if (e->state != ENTRY_RESIDENT || e->pack != victim || e->pins || ndests == 8)
                     continue;
                 e->state = ENTRY_BUSY; /* readers wait while it moves */
                 pthread_mutex_unlock(&s->lock);
@@ -1368,6 +1502,15 @@ static void compact_sparse_pack(struct cache *cache)
                         buf_len = e->size;
                     }
                 }
+                if (!rc && nolds == cap_olds) {
+                    size_t grown_cap = cap_olds ? cap_olds * 2 : 64;
+                    struct moved_copy *grown = realloc(olds, grown_cap * sizeof(*grown));
+                    rc = grown ? 0 : -ENOMEM;
+                    if (grown) {
+                        olds = grown;
+                        cap_olds = grown_cap;
+                    }
+                }
                 if (!rc)
                     rc = read_full_at(victim->fd, buf, e->size, (off_t)e->off);
                 atomic_fetch_add(&cache->used, e->size + sizeof(struct pack_record));
@@ -1380,8 +1523,13 @@ static void compact_sparse_pack(struct cache *cache)
                     pthread_cond_broadcast(&s->changed);
                     continue; /* it stays where it is */
                 }
-                discard_bytes(cache, e);
-                atomic_fetch_sub(&cache->used, e->size); /* the old copy's bytes */
+                olds[nolds++] = (struct moved_copy){e->hash, e->off, e->size};
+                if (ndests == 0 || dests[ndests - 1] != to) {
+                    pthread_mutex_lock(&cache->pack_lock);
+                    to->live++; /* kept until it is synced */
+                    pthread_mutex_unlock(&cache->pack_lock);
+                    dests[ndests++] = to;
+                }
                 pthread_mutex_lock(&s->lock);
                 e->pack = to;
                 e->off = off;
@@ -1390,14 +1538,23 @@ static void compact_sparse_pack(struct cache *cache)
                 e->verified_blocks = 0;
                 e->state = ENTRY_RESIDENT;
                 pthread_cond_broadcast(&s->changed);
-                pthread_mutex_unlock(&s->lock);
-                pack_unref(cache, victim); /* a chunk fewer in it */
-                pthread_mutex_lock(&s->lock);
             }
         }
         pthread_mutex_unlock(&s->lock);
     }
     free(buf);
+    int rc = nolds ? sync_copies(cache, dests, ndests) : 0;
+    if (rc)
+        log_warn("cache: cannot sync the chunks moved out of pack %08x: %s (it stays until the next open)", victim->id,
+                 strerror(-rc));
+    for (size_t i = 0; i < nolds && !rc; i++) {
+        discard_copy(cache, victim, &olds[i].hash, olds[i].off, olds[i].size);
+        atomic_fetch_sub(&cache->used, olds[i].size); /* the old copy's bytes */
+        pack_unref(cache, victim); /* a chunk fewer in it */
+    }
+    free(olds);
+    for (size_t i = 0; i < ndests; i++)
+        pack_unref(cache, dests[i]);
     pack_unref(cache, victim); /* removes it when nothing pinned stayed */
 }
 
@@ -1582,6 +1739,7 @@ void cache_get_usage(struct cache *cache, struct cache_usage *out)
         pthread_mutex_unlock(&s->lock);
     }
     out->charged_bytes = atomic_load(&cache->charged);
+    out->used = atomic_load(&cache->used);
     pthread_mutex_lock(&cache->pack_lock);
     out->packs = cache->pack_count;
     pthread_mutex_unlock(&cache->pack_lock);

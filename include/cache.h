@@ -25,11 +25,12 @@
  * cache_open() starts a new active pack, so a restarted daemon never
  * appends to a pack that a dead one was writing. A chunk's ADD record is
  * appended only once its bytes are written, so after a kill -9 no record
- * points at a half-written chunk. Nothing is fsync'd (the cache can always
- * be refilled); instead every chunk is checked against its hash the first
- * time this process uses it, so bytes damaged by a crash, power loss or
- * bit rot are dropped (a DROP record) and fetched again, never served. A
- * torn or garbled record ends a pack's log at open.
+ * points at a half-written chunk. No fill is fsync'd (the cache can always
+ * be refilled; see "Power loss" below); instead every chunk is checked
+ * against its hash the first time this process uses it, so bytes damaged
+ * by a crash, power loss or bit rot are dropped (a DROP record) and
+ * fetched again, never served. A torn or garbled record ends a pack's log
+ * at open.
  *
  * A read of part of a chunk (cache_acquire's range) is checked by block
  * instead: each 4 KiB block it covers against the sum stored with it when
@@ -42,6 +43,21 @@
  * or serves anything by itself: the whole chunk is checked against its hash
  * and decides (dropped, or its sums written anew). Before the bytes of a
  * damaged chunk go, its drop waits for readers of blocks checked earlier.
+ *
+ * Power loss. An insert is durable once the kernel has written back (its
+ * own writeback, a sync(1), a clean shutdown) the chunk's bytes in its
+ * pack, its ADD record in the pack's index log, and the names in packs/. A
+ * power cut never loses a durable chunk that was not evicted or dropped
+ * since, never makes the cache serve wrong bytes (the check on first use),
+ * and leaves nothing on disk uncounted. What that takes: a compaction syncs
+ * the copies it made (their packs and packs/) before it drops the
+ * originals, the cache's only sync; at open, of two copies of one chunk
+ * the later wins unless its bytes are wrong and the older's right (a cut
+ * may lose an eviction's DROP record but keep its punch, before the chunk
+ * is filled again elsewhere; or lose a compaction's copy before its sync),
+ * and the loser gets a DROP record; a pack whose .pack a cut lost goes
+ * with its .idx and .sums. tests/unit/test_cache_power.c checks this
+ * against a model of what a cut may leave (tests/unit/power_model.h).
  *
  * Eviction is per chunk: its DROP record is written and its blocks are
  * punched out of the pack (fallocate PUNCH_HOLE), so the disk space goes
@@ -81,6 +97,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "hash.h"
 
@@ -116,6 +133,8 @@ struct cache_usage {
     uint64_t evictions;
     uint64_t held_bytes;      /* stored bytes that pre-copy pinned (a running count, no walk) */
     uint64_t charged_bytes;   /* other modules' bytes counted against the limit (cache_charge) */
+    uint64_t used;            /* what counts against the limit: chunks (and fills in progress),
+                               * index logs, sums files (in whole 4 KiB blocks) and charged bytes */
 };
 
 int cache_open(const char *dir, struct cache **out, char *err, size_t errlen);
@@ -204,5 +223,29 @@ extern void *(*cache_check_alloc)(size_t len);
 /* Rolls the active pack over beyond bytes instead of 256 MiB (tests). Call
  * before the cache is shared between threads. */
 void cache_set_pack_limit(struct cache *cache, uint64_t bytes);
+
+/* For tests: every system call by which cache.c changes the files under
+ * packs/ or that directory (and syncs them) goes through here, so that a
+ * test can inject faults or model a power loss
+ * (tests/unit/test_cache_power.c). open is every open of a pack's file
+ * (creating ones with O_CREAT); pwrite writes chunk bytes and block sums;
+ * write appends index records (the descriptor is O_APPEND); fallocate
+ * punches the space of dropped chunks; ftruncate cuts an index log at a
+ * torn record; fdatasync syncs a pack's file; unlink removes a pack's file;
+ * fsync_dir (util.h) syncs packs/.
+ * Not through here: the marker file (util.h's write_file_atomic), mkdir of
+ * packs/, and the one-time import of the old layout (copy_file_range).
+ * Defaults to the real calls; set before cache_open(). */
+struct cache_syscalls {
+    int (*open)(const char *path, int flags, mode_t mode);
+    ssize_t (*pwrite)(int fd, const void *buf, size_t len, off_t off);
+    ssize_t (*write)(int fd, const void *buf, size_t len);
+    int (*fallocate)(int fd, int mode, off_t off, off_t len);
+    int (*ftruncate)(int fd, off_t len);
+    int (*fdatasync)(int fd);
+    int (*unlink)(const char *path);
+    int (*fsync_dir)(const char *dir);
+};
+extern struct cache_syscalls cache_syscalls;
 
 #endif

@@ -1245,6 +1245,132 @@ static void test_sums_read_ahead(const char *dir)
     cache_close(cache);
 }
 
+/* ---- what a power cut leaves ------------------------------------------------ */
+
+static int copy_file(const char *from, const char *to)
+{
+    char *data = NULL;
+    size_t len = 0;
+    int rc = read_file(from, 1 << 20, &data, &len);
+    if (!rc)
+        rc = write_file_atomic(to, data, len);
+    free(data);
+    return rc;
+}
+
+/* Two copies of chunk x on disk, as a cut can leave them: x and y are
+ * filled into one pack, whose files are saved; x is evicted (y, held,
+ * keeps the pack) and filled again into a later pack; the cache is closed.
+ * Putting a saved file back is the cut losing what came after it. */
+struct two_copies {
+    struct where first, second; /* of x */
+    char idx[PATH_MAX], saved_idx[PATH_MAX], saved_pack[PATH_MAX];
+};
+
+static void make_two_copies(const char *dir, const unsigned char *x, const struct chunk_hash *hx,
+                            const unsigned char *y, const struct chunk_hash *hy, struct two_copies *t)
+{
+    struct cache *cache = open_cache(dir);
+    fill_chunk(cache, hx, x);
+    fill_chunk(cache, hy, y);
+    t->first = locate(cache, hx);
+    snprintf(t->idx, sizeof(t->idx), "%.*s.idx", (int)(strlen(t->first.path) - 5), t->first.path);
+    path_join(t->saved_idx, sizeof(t->saved_idx), "%s/saved.idx", dir);
+    path_join(t->saved_pack, sizeof(t->saved_pack), "%s/saved.pack", dir);
+    cache = reopen(cache, dir);
+    CHECK(copy_file(t->idx, t->saved_idx) == 0 && copy_file(t->first.path, t->saved_pack) == 0);
+    CHECK(cache_hold(cache, hy, true) == 0);
+    cache_set_limit(cache, 1); /* evicts x: a DROP record and a punch */
+    CHECK(!cache_stores(cache, hx));
+    cache_set_limit(cache, 0);
+    fill_chunk(cache, hx, x); /* into this run's pack */
+    t->second = locate(cache, hx);
+    CHECK(strcmp(t->second.path, t->first.path) != 0);
+    cache_close(cache);
+}
+
+/* A cut lost an eviction's DROP record but kept its punch, and the chunk
+ * was filled again in a later pack: the later copy (good) wins, the
+ * punched one gets its DROP record, and nothing is refetched. */
+static void test_refill_after_lost_drop(const char *dir)
+{
+    unsigned char *x = malloc(CS), *y = malloc(CS);
+    struct chunk_hash hx, hy;
+    make_chunk(x, CS, 9001, &hx);
+    make_chunk(y, CS, 9002, &hy);
+    struct two_copies t;
+    make_two_copies(dir, x, &hx, y, &hy, &t);
+    CHECK(copy_file(t.saved_idx, t.idx) == 0); /* the cut lost the DROP record */
+    struct cache *cache = open_cache(dir);
+    CHECK(hits_with(cache, &hx, x));
+    struct where now = locate(cache, &hx);
+    CHECK(strcmp(now.path, t.second.path) == 0 && now.off == t.second.off);
+    CHECK(hits_with(cache, &hy, y));
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.chunks == 2);
+    cache = reopen(cache, dir); /* the punched copy stays dropped */
+    CHECK(hits_with(cache, &hx, x));
+    cache_get_usage(cache, &u);
+    CHECK(u.chunks == 2);
+    cache_close(cache);
+    unlink(t.saved_idx);
+    unlink(t.saved_pack);
+    free(x);
+    free(y);
+}
+
+/* Two copies again, but the later one's bytes are wrong (a compaction's
+ * copy that a cut lost before its sync) and the older one's right (the
+ * cut lost the drop and the punch): the older one is kept. */
+static void test_later_copy_damaged(const char *dir)
+{
+    unsigned char *x = malloc(CS), *y = malloc(CS);
+    struct chunk_hash hx, hy;
+    make_chunk(x, CS, 9011, &hx);
+    make_chunk(y, CS, 9012, &hy);
+    struct two_copies t;
+    make_two_copies(dir, x, &hx, y, &hy, &t);
+    CHECK(copy_file(t.saved_idx, t.idx) == 0 && copy_file(t.saved_pack, t.first.path) == 0);
+    CHECK(flip_byte_in_file(t.second.path, (off_t)t.second.off + 100) == 0);
+    struct cache *cache = open_cache(dir);
+    struct where now = locate(cache, &hx);
+    CHECK(strcmp(now.path, t.first.path) == 0 && now.off == t.first.off);
+    CHECK(hits_with(cache, &hx, x));
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.chunks == 2 && u.dropped_damaged == 0);
+    cache_close(cache);
+    unlink(t.saved_idx);
+    unlink(t.saved_pack);
+    free(x);
+    free(y);
+}
+
+/* A cut kept the unlink of a pack file but lost those of its index log
+ * and sums: both go at open, and nothing stays uncounted. */
+static void test_pack_lost_with_sums(const char *dir)
+{
+    unsigned char *x = malloc(CS);
+    struct chunk_hash hx;
+    make_chunk(x, CS, 9003, &hx);
+    struct cache *cache = open_cache(dir);
+    fill_chunk(cache, &hx, x);
+    struct where w = locate(cache, &hx);
+    cache_close(cache);
+    CHECK(unlink(w.path) == 0);
+    cache = open_cache(dir);
+    CHECK(!cache_stores(cache, &hx));
+    struct cache_usage u;
+    cache_get_usage(cache, &u);
+    CHECK(u.packs == 0 && u.used == 0);
+    char packs[PATH_MAX];
+    path_join(packs, sizeof(packs), "%s/packs", dir);
+    CHECK(count_entries(packs) == 0); /* main's cache.c left 00000000.sums */
+    cache_close(cache);
+    free(x);
+}
+
 int main(void)
 {
     log_set_level(LOG_LEVEL_ERROR); /* the damage tests log warnings on purpose */
@@ -1284,6 +1410,16 @@ int main(void)
     path_join(sub, sizeof(sub), "%s/no-memory", dir);
     CHECK(mkdir(sub, 0755) == 0);
     test_check_no_memory(sub);
+
+    path_join(sub, sizeof(sub), "%s/lost-drop", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_refill_after_lost_drop(sub);
+    path_join(sub, sizeof(sub), "%s/later-damaged", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_later_copy_damaged(sub);
+    path_join(sub, sizeof(sub), "%s/lost-pack", dir);
+    CHECK(mkdir(sub, 0755) == 0);
+    test_pack_lost_with_sums(sub);
 
     path_join(sub, sizeof(sub), "%s/threads", dir);
     CHECK(mkdir(sub, 0755) == 0);
