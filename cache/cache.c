@@ -122,6 +122,7 @@ struct pack {
     atomic_uint_fast64_t sums_bytes;
     uint64_t scan_bytes; /* compact_sparse_pack()'s count of its live bytes; under evict_lock */
     atomic_bool sums_read_ahead; /* read_sums() asked for the whole sums file in this run */
+    bool synced_at_open; /* add_loaded() made it durable before punching an older copy (open only) */
     struct pack *next;
 };
 
@@ -655,13 +656,29 @@ static bool copy_sound(struct pack *p, const struct chunk_hash *hash, uint64_t o
  * refill with no record, and the verification would drop the punched one
  * too. Or the later one is a compaction's copy that the cut lost before
  * its sync, when the older is the good one. */
+static int sync_copies(struct cache *cache, struct pack **dests, size_t count);
+
 static int add_loaded(struct cache *cache, const struct chunk_hash *hash, struct pack *p, uint64_t off,
                       uint64_t len, uint64_t when)
 {
     struct shard *s = shard_of(cache, hash);
     struct cache_entry *e = find_entry(s, hash);
     if (e && e->state == ENTRY_RESIDENT) {
-        if (!copy_sound(p, hash, off, len) && copy_sound(e->pack, hash, e->off, e->size)) {
+        bool later_wins = copy_sound(p, hash, off, len) || !copy_sound(e->pack, hash, e->off, e->size);
+        /* The later copy may be sound only in the page cache (a compaction
+         * killed before its sync): it is made durable before the older one
+         * is punched, or a power cut could keep the punch and lose both. */
+        if (later_wins && !p->synced_at_open) {
+            int rc = sync_copies(cache, &p, 1);
+            if (rc) {
+                log_warn("cache: pack %08x: cannot sync it (%s): the older copy of a chunk stays", p->id,
+                         strerror(-rc));
+                later_wins = false;
+            } else {
+                p->synced_at_open = true;
+            }
+        }
+        if (!later_wins) {
             discard_copy(cache, p, hash, off, len);
             return 0;
         }
@@ -716,8 +733,11 @@ static int load_pack(struct cache *cache, struct pack *p)
     size_t ndrops = 0, cap = 0;
     for (;; idx_end += sizeof(r)) {
         ssize_t n = pread(p->idx_fd, &r, sizeof(r), idx_end);
-        if (n < 0)
-            return -errno;
+        if (n < 0) {
+            int e = errno;
+            free(drops);
+            return -e;
+        }
         if (n == 0)
             break;
         if (n != (ssize_t)sizeof(r) || !record_sound(&r)) {

@@ -49,13 +49,17 @@
  * pack, its ADD record in the pack's index log, and the names in packs/. A
  * power cut never loses a durable chunk that was not evicted or dropped
  * since, never makes the cache serve wrong bytes (the check on first use),
- * and leaves nothing on disk uncounted. What that takes: a compaction syncs
+ * and leaves no file on disk uncounted (inside a pack, blocks whose DROP
+ * record a cut kept but whose punch it lost stay allocated, uncounted,
+ * until the pack goes). What that takes: a compaction syncs
  * the copies it made (their packs and packs/) before it drops the
  * originals, the cache's only sync; at open, of two copies of one chunk
  * the later wins unless its bytes are wrong and the older's right (a cut
  * may lose an eviction's DROP record but keep its punch, before the chunk
  * is filled again elsewhere; or lose a compaction's copy before its sync),
- * and the loser gets a DROP record; a pack whose .pack a cut lost goes
+ * and the loser gets a DROP record, once the winner's pack is synced (its
+ * soundness may have been read from the page cache after a kill -9; when
+ * that sync fails the older copy stays); a pack whose .pack a cut lost goes
  * with its .idx and .sums. tests/unit/test_cache_power.c checks this
  * against a model of what a cut may leave (tests/unit/power_model.h).
  *

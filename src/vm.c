@@ -897,6 +897,10 @@ int vm_clone(struct vm_registry *reg, struct vm *src, const char *snap, const ch
         vm = NULL;
     }
 out:
+    /* A clone that failed after freezing the live VM leaves that implicit
+     * snapshot without a clone: the next removal looks at every VM. */
+    if (rc && snap == implicit)
+        reg->implicit_sweep = true;
     pthread_mutex_unlock(&reg->lock);
     if (!rc)
         *out = vm;

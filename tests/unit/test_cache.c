@@ -1289,9 +1289,42 @@ static void make_two_copies(const char *dir, const unsigned char *x, const struc
     cache_close(cache);
 }
 
+/* Whether open made anything durable before its first punch. */
+static struct cache_syscalls real_syscalls;
+static bool synced, punched, punched_after_sync;
+
+static int tracing_fdatasync(int fd)
+{
+    synced = true;
+    return real_syscalls.fdatasync(fd);
+}
+
+static int tracing_fallocate(int fd, int mode, off_t off, off_t len)
+{
+    if ((mode & FALLOC_FL_PUNCH_HOLE) && !punched) {
+        punched = true;
+        punched_after_sync = synced;
+    }
+    return real_syscalls.fallocate(fd, mode, off, len);
+}
+
+/* Opens the cache in dir, tracing the order of its syncs and punches. */
+static struct cache *open_cache_traced(const char *dir)
+{
+    real_syscalls = cache_syscalls;
+    synced = punched = punched_after_sync = false;
+    cache_syscalls.fdatasync = tracing_fdatasync;
+    cache_syscalls.fallocate = tracing_fallocate;
+    struct cache *cache = open_cache(dir);
+    cache_syscalls = real_syscalls;
+    return cache;
+}
+
 /* A cut lost an eviction's DROP record but kept its punch, and the chunk
  * was filled again in a later pack: the later copy (good) wins, the
- * punched one gets its DROP record, and nothing is refetched. */
+ * punched one gets its DROP record, and nothing is refetched. The later
+ * copy may be sound only in the page cache (after a kill -9): it is made
+ * durable before the older one is punched. */
 static void test_refill_after_lost_drop(const char *dir)
 {
     unsigned char *x = malloc(CS), *y = malloc(CS);
@@ -1301,7 +1334,8 @@ static void test_refill_after_lost_drop(const char *dir)
     struct two_copies t;
     make_two_copies(dir, x, &hx, y, &hy, &t);
     CHECK(copy_file(t.saved_idx, t.idx) == 0); /* the cut lost the DROP record */
-    struct cache *cache = open_cache(dir);
+    struct cache *cache = open_cache_traced(dir);
+    CHECK(punched && punched_after_sync);
     CHECK(hits_with(cache, &hx, x));
     struct where now = locate(cache, &hx);
     CHECK(strcmp(now.path, t.second.path) == 0 && now.off == t.second.off);

@@ -393,6 +393,52 @@ static void test_implicit_shared_chains(const char *state)
     vm_registry_close(reg);
 }
 
+/* layer_syscalls.open that fails every call after the first opens_left. */
+static int (*real_open_saved)(const char *, int, mode_t);
+static int opens_seen, opens_left = -1;
+
+static int counting_open(const char *path, int flags, mode_t mode)
+{
+    opens_seen++;
+    if (opens_left >= 0 && opens_left-- == 0) {
+        opens_left = 0;
+        errno = EIO;
+        return -1;
+    }
+    return real_open_saved(path, flags, mode);
+}
+
+/* A clone of a live VM that fails after freezing it (here the clone's own
+ * layer cannot be created) leaves the implicit snapshot without a clone;
+ * the next removal of any VM drops it. */
+static void test_failed_clone_drops_implicit(const char *state)
+{
+    char err[256];
+    struct vm_registry *reg = open_registry(state);
+    if (!reg)
+        return;
+    struct vm *a = create_blank(reg, "a"), *other = create_blank(reg, "other"), *spare = create_blank(reg, "spare");
+    struct vm *b = NULL;
+    CHECK(a && other && spare);
+    if (!a || !other || !spare) {
+        vm_registry_close(reg);
+        return;
+    }
+    CHECK(vm_remove(reg, spare, err, sizeof(err)) == 0); /* the sweep after opening */
+    real_open_saved = layer_syscalls.open;
+    layer_syscalls.open = counting_open;
+    opens_seen = 0;
+    CHECK(vm_snapshot(reg, other, "s", err, sizeof(err)) == 0); /* what a freeze opens */
+    opens_left = opens_seen;
+    CHECK(vm_clone(reg, a, NULL, "b", &b, err, sizeof(err)) != 0 && !b);
+    layer_syscalls.open = real_open_saved;
+    opens_left = -1;
+    CHECK(snapshots_of(a) == 1);
+    CHECK(vm_remove(reg, other, err, sizeof(err)) == 0);
+    CHECK(snapshots_of(a) == 0);
+    vm_registry_close(reg);
+}
+
 /* A write that spans several blocks with partial ones at its edges (three
  * pieces: copy-up of each edge, the whole blocks between) whose data write
  * fails for the blocks between (ENOMEM injected through layer_syscalls)
@@ -475,7 +521,7 @@ int main(void)
 {
     void (*const tests[])(const char *) = {test_shrinks, test_find_by_name, test_find_during_churn,
                                            test_clone_origins, test_implicit_shared_chains,
-                                           test_failed_write_changes_nothing};
+                                           test_failed_write_changes_nothing, test_failed_clone_drops_implicit};
     for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++)
         if (in_fresh_state(tests[i]) != 0)
             return 1;
