@@ -628,7 +628,12 @@ uint64_t flat_reclaim(void *arg, uint64_t want)
         }
         store->reclaimed++;
         log_info("flat file %s: removed to make room in the cache", e->name);
-        freed += remove_locked(store, e);
+        /* A doomed build or check gives its charge back when its worker
+         * stops: it counts now, so that no READY file goes for room that
+         * is already on its way. */
+        uint64_t charged = e->charged;
+        uint64_t got = remove_locked(store, e);
+        freed += got ? got : charged;
     }
     return freed;
 }

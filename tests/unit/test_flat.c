@@ -403,9 +403,24 @@ static void test_reclaim_unchecked_first(const char *dir)
     struct flat_usage fu;
     flat_get_usage(f, &fu);
     CHECK(fu.reclaimed == 1);
+    /* With nothing unchecked (a new store, whose X and R are checked), a
+     * reclaim during Y's check dooms Y, whose charge comes back when the
+     * check stops: no READY file goes. */
+    flat_close(f);
+    rank_store = f = open_flat(cache);
+    CHECK(flat_check(f, x) == 0 && flat_check(f, r) == 0);
+    struct manifest *y = another_version(m, 4, "y"), *y2 = another_version(m, 4, "y2");
+    CHECK(flat_build(f, y) == 0);
+    flat_test_hook = on_compared;
+    rank_checking = y2;
+    rank_step = 2;
+    CHECK(flat_check(f, y2) == -ECANCELED);
+    flat_test_hook = NULL;
+    CHECK(flat_state_of(f, y2) == FLAT_NONE);
+    CHECK(flat_state_of(f, x) == FLAT_READY && flat_state_of(f, r) == FLAT_READY);
     flat_close(f);
     cache_close(cache);
-    struct manifest *all[] = {m, x, x2, r, u, u2};
+    struct manifest *all[] = {m, x, x2, r, u, u2, y, y2};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         manifest_free(all[i]);
 }
