@@ -85,20 +85,7 @@ struct cache_syscalls cache_syscalls = {
 /* write_full_at through cache_syscalls. */
 static int put_at(int fd, const void *buf, size_t len, uint64_t off)
 {
-    const char *p = buf;
-    while (len > 0) {
-        ssize_t n = cache_syscalls.pwrite(fd, p, len, (off_t)off);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -errno;
-        if (n == 0)
-            return -EIO;
-        p += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
-    }
-    return 0;
+    return write_full_at_by(cache_syscalls.pwrite, fd, buf, len, (off_t)off);
 }
 
 /* ---- packs ------------------------------------------------------------------- */

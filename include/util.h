@@ -45,6 +45,10 @@ bool name_is_valid(const char *name);
 /* Full read/write loops that retry on EINTR and short transfers. */
 int read_full_at(int fd, void *buf, size_t len, off_t off);
 int write_full_at(int fd, const void *buf, size_t len, off_t off);
+/* write_full_at through write_at (a test's fault-injecting pwrite); a
+ * write of 0 bytes is -EIO. */
+int write_full_at_by(ssize_t (*write_at)(int fd, const void *buf, size_t len, off_t off), int fd, const void *buf,
+                     size_t len, off_t off);
 int write_full(int fd, const void *buf, size_t len);
 
 /* Reads a whole (small) file into a malloc'd, NUL-terminated buffer.

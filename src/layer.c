@@ -282,20 +282,7 @@ struct layer_syscalls layer_syscalls = {real_pwrite,    real_fdatasync, real_fal
 
 static int put_at(int fd, const void *buf, size_t len, uint64_t off)
 {
-    const char *p = buf;
-    while (len > 0) {
-        ssize_t n = layer_syscalls.pwrite(fd, p, len, (off_t)off);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -errno;
-        if (n == 0)
-            return -EIO;
-        p += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
-    }
-    return 0;
+    return write_full_at_by(layer_syscalls.pwrite, fd, buf, len, (off_t)off);
 }
 
 /* A layer's times are those of its file (layer_get_times); a file that

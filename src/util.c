@@ -157,21 +157,28 @@ int read_full_at(int fd, void *buf, size_t len, off_t off)
     return 0;
 }
 
-int write_full_at(int fd, const void *buf, size_t len, off_t off)
+int write_full_at_by(ssize_t (*write_at)(int fd, const void *buf, size_t len, off_t off), int fd, const void *buf,
+                     size_t len, off_t off)
 {
     const char *p = buf;
     while (len > 0) {
-        ssize_t n = pwrite(fd, p, len, off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
+        ssize_t n = write_at(fd, p, len, off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
             return -errno;
-        }
+        if (n == 0)
+            return -EIO;
         p += n;
         len -= (size_t)n;
         off += n;
     }
     return 0;
+}
+
+int write_full_at(int fd, const void *buf, size_t len, off_t off)
+{
+    return write_full_at_by(pwrite, fd, buf, len, off);
 }
 
 int write_full(int fd, const void *buf, size_t len)
